@@ -1,0 +1,62 @@
+# Deckard: two commands do all the set-up on a fresh Debian 12 machine (root, apt reachable).
+#   make up    install what is missing, build the default desktop image, run the all-in-one farm
+#   make test  install what is missing and run the whole test suite (lint, types, layers, tests)
+# Both are idempotent: stamps under .cache/ make the second run fast.
+
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+STAMPS := .cache/stamps
+APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmisc python3-venv
+HOME_DIR ?= /var/lib/deckard
+PYTEST_ARGS ?=
+
+.PHONY: up down test lint unit integration e2e bench deps clean-cache
+
+up: deps
+	ln -sf $(CURDIR)/$(VENV)/bin/deckard /usr/local/bin/deckard
+	$(VENV)/bin/deckard up --home $(HOME_DIR)
+
+down:
+	$(VENV)/bin/deckard down --home $(HOME_DIR)
+
+deps: $(STAMPS)/apt $(STAMPS)/venv
+
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		echo "installing system packages: $(APT_PACKAGES)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+lint: deps
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: deps lint
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+unit: deps
+	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
+
+integration: deps
+	$(VENV)/bin/pytest -ra tests/integration $(PYTEST_ARGS)
+
+e2e: deps
+	$(VENV)/bin/pytest -ra tests/e2e $(PYTEST_ARGS)
+
+bench: deps
+	$(VENV)/bin/python bench/time_to_desktop.py
+
+clean-cache:
+	rm -rf .cache

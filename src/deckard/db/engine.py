@@ -1,0 +1,105 @@
+"""The farm database: an async engine, the notification bus, and migrations applied at start.
+
+SQLite (aiosqlite) is the default for a single-node farm; PostgreSQL (psycopg 3) for a farm of nodes.  Both run
+the same SQLAlchemy Core statements; the few dialect differences (``RETURNING`` is on both; SQLite needs
+``BEGIN IMMEDIATE`` to serialise writers) are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from deckard.db.notify import Bus, PgBus
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def sync_url(url: str) -> str:
+    return url.replace("sqlite+aiosqlite", "sqlite").replace("postgresql+psycopg_async", "postgresql+psycopg")
+
+
+def async_url(url: str) -> str:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.split(":///", 1)[1]
+    return url
+
+
+def libpq_url(url: str) -> str:
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest revision (blocking; run once at start)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", sync_url(async_url(url)).replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+class Database:
+    """What every layer above gets: ``begin()`` for a transaction, ``bus`` for notifications."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = async_url(url)
+        self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
+        kwargs: dict[str, object] = {}
+        if self.dialect == "postgresql":
+            kwargs = {"pool_size": pool_size, "max_overflow": 20, "pool_pre_ping": True}
+        else:
+            kwargs = {"connect_args": {"timeout": 30}}
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+            _sqlite_setup(self.engine)
+        self.bus: Bus = PgBus(libpq_url(self.url)) if self.dialect == "postgresql" else Bus()
+
+    @property
+    def shared_across_processes(self) -> bool:
+        """Whether notifications reach other processes (else waiters must poll)."""
+        return self.dialect == "postgresql"
+
+    async def start(self, *, run_migrations: bool = True) -> None:
+        if run_migrations:
+            await asyncio.to_thread(migrate, self.url)
+        await self.bus.start()
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+
+def _sqlite_setup(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: object, _record: object) -> None:
+        # autocommit off at the driver level so SQLAlchemy's BEGIN (made IMMEDIATE below) takes the write lock
+        dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+        cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

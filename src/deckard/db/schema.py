@@ -1,0 +1,206 @@
+"""Tables of the farm database (SQLAlchemy Core), named after QVD's where users of the field know them.
+
+QVD keeps a desktop in two tables (``vms`` for what the admin asked for, ``vm_runtimes`` for what nodes
+report); Deckard keeps both halves in ``desktops`` and documents which columns are desired state (written by
+API/broker) and which are observed state (written only by the owning node).  Migrations live in
+``db/migrations`` and are applied at start.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+TS = sa.DateTime(timezone=True)
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("login", sa.String(64), nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=True),  # NULL: only external auth plugins can log in
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("tenant_id", "login", name="uq_users_tenant_login"),
+)
+
+administrators = sa.Table(
+    "administrators",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name", name="uq_administrators_tenant_name"),
+)
+
+admin_tokens = sa.Table(
+    "admin_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("admin_id", sa.ForeignKey("administrators.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex of the secret
+    sa.Column("kind", sa.String(16), nullable=False),  # session | api
+    sa.Column("name", sa.String(64), nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("expires_at", TS, nullable=True),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+osfs = sa.Table(
+    "osfs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("memory_mib", sa.Integer, nullable=False, server_default="512"),
+    sa.Column("cpus", sa.Float, nullable=False, server_default="1"),
+    sa.Column("keep_overlay", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("driver", sa.String(16), nullable=False, server_default="container"),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name", name="uq_osfs_tenant_name"),
+)
+
+disk_images = sa.Table(
+    "disk_images",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("osf_id", sa.ForeignKey("osfs.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),  # relative to the storage root's images/ (or absolute)
+    sa.Column("digest", sa.String(64), nullable=False, server_default=""),
+    sa.Column("size", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("state", sa.String(16), nullable=False, server_default="new"),
+    sa.Column("status_message", sa.Text, nullable=False, server_default=""),
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("osf_id", "version", name="uq_disk_images_osf_version"),
+)
+
+image_tags = sa.Table(
+    "image_tags",
+    metadata,
+    sa.Column("osf_id", sa.ForeignKey("osfs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag", sa.String(64), primary_key=True),
+    sa.Column("image_id", sa.ForeignKey("disk_images.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("address", sa.String(64), nullable=False, server_default=""),
+    sa.Column("broker_url", sa.String(128), nullable=False, server_default=""),
+    sa.Column("state", sa.String(16), nullable=False, server_default="stopped"),
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cmd", sa.String(16), nullable=True),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("started_at", TS, nullable=True),
+    sa.Column("heartbeat_at", TS, nullable=True),
+    sa.Column("mem_total_mib", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("mem_free_mib", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cpus", sa.Float, nullable=False, server_default="0"),
+    sa.Column("load", sa.Float, nullable=False, server_default="0"),
+    sa.Column("desktops_running", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+desktops = sa.Table(
+    "desktops",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # desired state (admin): what the desktop is
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("user_id", sa.ForeignKey("users.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("osf_id", sa.ForeignKey("osfs.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("tag", sa.String(64), nullable=False, server_default="default"),
+    sa.Column("ip", sa.String(45), nullable=False, unique=True),
+    sa.Column("mac", sa.String(17), nullable=False),
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+    # desired state (API/broker): the command and where it runs
+    sa.Column("cmd", sa.String(16), nullable=True),
+    sa.Column("cmd_at", TS, nullable=True),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True, index=True),
+    # observed state (owning node)
+    sa.Column("state", sa.String(16), nullable=False, server_default="stopped", index=True),
+    sa.Column("state_at", TS, nullable=True),
+    sa.Column("image_id", sa.ForeignKey("disk_images.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("agent_token", sa.String(64), nullable=True),
+    sa.Column("agent_ok_at", TS, nullable=True),
+    sa.Column("failure_reason", sa.Text, nullable=True),
+    sa.Column("started_at", TS, nullable=True),
+    sa.Column("start_guest_ms", sa.Float, nullable=True),  # last start: claim → guest launched
+    sa.Column("start_agent_ms", sa.Float, nullable=True),  # last start: guest launched → agent answering
+    sa.Column("expire_soft_at", TS, nullable=True),
+    sa.Column("expire_hard_at", TS, nullable=True),
+    # user connection (broker)
+    sa.Column("user_state", sa.String(16), nullable=False, server_default="disconnected"),
+    sa.Column("user_state_at", TS, nullable=True),
+    sa.Column("session_id", sa.String(32), nullable=True),  # the tunnel that owns the display; takeover replaces it
+    sa.Column("session_node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True),
+    sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
+)
+
+connections = sa.Table(
+    "connections",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("desktop_id", sa.ForeignKey("desktops.id", ondelete="CASCADE"), nullable=True, index=True),
+    sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True),
+    sa.Column("login", sa.String(130), nullable=False, server_default=""),
+    sa.Column("broker_node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("source", sa.String(64), nullable=False, server_default=""),
+    sa.Column("protocol", sa.String(16), nullable=False, server_default="qvd"),
+    sa.Column("started_at", TS, nullable=False, index=True),
+    sa.Column("connected_at", TS, nullable=True),
+    sa.Column("ended_at", TS, nullable=True),
+    sa.Column("result", sa.String(32), nullable=False, server_default="open"),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    # per-phase timings in milliseconds (time-to-desktop is a first-class metric)
+    sa.Column("t_auth_ms", sa.Float, nullable=True),
+    sa.Column("t_claim_ms", sa.Float, nullable=True),
+    sa.Column("t_start_ms", sa.Float, nullable=True),
+    sa.Column("t_agent_ms", sa.Float, nullable=True),
+    sa.Column("t_display_ms", sa.Float, nullable=True),
+    sa.Column("t_total_ms", sa.Float, nullable=True),
+    sa.Column("bytes_in", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("bytes_out", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+config = sa.Table(
+    "config",
+    metadata,
+    sa.Column("tenant_id", sa.Integer, primary_key=True),  # 0 = global row
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)

@@ -1,0 +1,83 @@
+"""The driver interface: how a node starts, stops and inspects one kind of guest.
+
+Drivers know the operating system (LXC, QEMU, nothing at all) and never the database: the node daemon
+turns a desktop row into a :class:`GuestSpec` and hands it over.  The interface stays small on purpose
+(start, stop, kill, inspect, list) so that the container, VM and fake drivers fit beside each other,
+in the way httpx keeps one transport method with a mock beside it.
+
+Every method is idempotent: stopping a guest that is gone, or killing one twice, is not an error.
+``kill`` also removes everything a start left on the host (overlay, cgroups, veth), so a node that
+was killed with ``-9`` converges by calling ``list`` and ``kill`` on what it no longer wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+AGENT_PORT = 3030
+"""TCP port of the guest agent (deckard-vma) inside every desktop."""
+
+DISPLAY_PORT = 5900
+"""TCP port of the desktop's VNC server (Xvnc display :0) inside every desktop."""
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything a driver needs to start one desktop; built by the node from the database."""
+
+    desktop_id: int
+    guest_name: str  # unique on this machine: names the container, its cgroups and its veth
+    image_id: int  # disk image id: basefs/<image_id> is the unpacked read-only base
+    image_path: Path  # the disk image tarball in the storage root
+    ip: str  # fixed IP of the desktop on the bridge
+    prefix_len: int  # of the desktop network
+    gateway: str  # the node's address on the bridge
+    mac: str  # derived from the IP (54:52:00 + last three octets)
+    bridge: str
+    memory_mib: int
+    cpus: float
+    user_login: str
+    user_uid: int
+    home_dir: Path  # on the host, bind-mounted on /home/<user_login> and kept across starts
+    agent_token: str
+    keep_overlay: bool = False  # OSF persistence policy; the overlay is discarded at start otherwise
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """What a driver observes of one guest it manages."""
+
+    guest_name: str
+    running: bool
+    pid: int | None = None
+    ip: str | None = None
+    memory_bytes: int | None = None
+
+
+class Driver(Protocol):
+    """One kind of guest.  All methods are coroutines; blocking work runs in subprocesses or threads."""
+
+    name: str
+
+    async def start(self, spec: GuestSpec) -> GuestInfo:
+        """Start the guest; return when its init (the agent) has been launched.  Raises DriverError."""
+        ...
+
+    async def stop(self, guest_name: str, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGPWR/shutdown), then kill after ``timeout``; always cleans up."""
+        ...
+
+    async def kill(self, guest_name: str) -> None:
+        """Kill at once and clean up everything the start created on the host."""
+        ...
+
+    async def inspect(self, guest_name: str) -> GuestInfo | None:
+        """Observe one guest; None when it does not exist."""
+        ...
+
+    async def list(self) -> list[GuestInfo]:
+        """Every guest this driver manages for this farm (including half-started leftovers)."""
+        ...

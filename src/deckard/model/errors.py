@@ -1,0 +1,78 @@
+"""The one error hierarchy of Deckard.
+
+::
+
+    DeckardError                 code            HTTP (mapped only by api/ and broker/)
+     ├── BadInput                bad_input       400 / 422
+     ├── Unauthenticated         unauthenticated 401
+     ├── PermissionDenied        forbidden       403
+     ├── NotFound                not_found       404
+     ├── Conflict                conflict        409
+     │    └── InvalidTransition  invalid_transition
+     ├── Unavailable             unavailable     503 (retryable)
+     └── DriverError             driver_error    500 on the node; becomes a desktop's failure reason
+
+Each error carries a stable ``code`` (a subclass may refine it, e.g. ``desktop_running``) and a message
+that says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DeckardError(Exception):
+    code = "error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class BadInput(DeckardError):
+    code = "bad_input"
+    status = 422
+
+
+class Unauthenticated(DeckardError):
+    code = "unauthenticated"
+    status = 401
+
+
+class PermissionDenied(DeckardError):
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(DeckardError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(DeckardError):
+    code = "conflict"
+    status = 409
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+class Unavailable(DeckardError):
+    code = "unavailable"
+    status = 503
+
+
+class DriverError(DeckardError):
+    code = "driver_error"
+    status = 500

@@ -1,0 +1,302 @@
+"""The node daemon (QVD's HKD): register, heartbeat, claim commands, run desktops, watch their agents.
+
+It is a level-based reconciler (controller-runtime's contract): every pass re-reads what the database wants
+for this node and acts until the guests match, so a pass is safe to repeat after a crash.  It wakes on
+notifications for its own channel; with SQLite (no cross-process notifications) a short poll stands in.
+
+Convergence after ``kill -9``: guests live on without the daemon (LXC daemonises them).  At start the daemon
+adopts the guests whose desktop is ``running`` here and whose agent answers, and kills every other guest of
+this farm, so no container, overlay, veth or cgroup is left behind and no desktop stays ``starting``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import structlog
+
+from deckard.client.agent import AgentClient
+from deckard.db.engine import Database
+from deckard.drivers.base import Driver, GuestSpec
+from deckard.model.entities import Desktop, uid_for_user
+from deckard.model.errors import DeckardError
+from deckard.model.network import gateway_of, prefix_len
+from deckard.node.host import read_host_figures
+from deckard.runtime.paths import FarmPaths
+from deckard.runtime.settings import Settings
+from deckard.services import node_ops
+from deckard.services.events import node_channel
+
+log = structlog.get_logger()
+
+
+@dataclass
+class _AgentHealth:
+    failures: int = 0
+
+
+class NodeDaemon:
+    def __init__(self, db: Database, settings: Settings, driver: Driver, *, broker_url: str = "") -> None:
+        self.db = db
+        self.settings = settings
+        self.cfg = settings.node
+        self.paths: FarmPaths = settings.paths
+        self.driver = driver
+        self.broker_url = broker_url
+        self.node_id: int | None = None
+        self.network = settings.network.range
+        self.gateway = gateway_of(self.network)
+        self._work: dict[int, asyncio.Task[None]] = {}  # desktop id → start/stop in progress
+        self._health: dict[int, _AgentHealth] = {}
+        self._start_slots = asyncio.Semaphore(self.cfg.max_parallel_starts)
+        self.ready = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    async def register(self) -> int:
+        h = read_host_figures()
+        self.node_id = await node_ops.register_node(
+            self.db, self.cfg.name, self.gateway, self.broker_url, cpus=h.cpus, mem_total_mib=h.mem_total_mib,
+            mem_free_mib=h.mem_free_mib,
+        )
+        return self.node_id
+
+    async def run(self, stop: asyncio.Event, *, stop_desktops: bool = True) -> None:
+        node_id = self.node_id if self.node_id is not None else await self.register()
+        structlog.contextvars.bind_contextvars(node=self.cfg.name)
+        await self.converge()
+        await node_ops.set_node_state(self.db, node_id, "running")
+        log.info("node.running", node_id=node_id, driver=self.driver.name)
+        self.ready.set()
+        loops = [
+            asyncio.create_task(self._heartbeat_loop(stop), name="heartbeat"),
+            asyncio.create_task(self._command_loop(stop), name="commands"),
+            asyncio.create_task(self._agent_loop(stop), name="agents"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            await node_ops.set_node_state(self.db, node_id, "stopping")
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if stop_desktops:
+                await self.stop_all()
+            else:
+                await asyncio.gather(*self._work.values(), return_exceptions=True)
+            await node_ops.set_node_state(self.db, node_id, "stopped")
+            log.info("node.stopped", node_id=node_id)
+
+    async def stop_all(self) -> None:
+        """Clean node stop (QVD's ``stopping``): every desktop of this node is stopped."""
+        assert self.node_id is not None
+        for task in list(self._work.values()):
+            task.cancel()
+        await asyncio.gather(*self._work.values(), return_exceptions=True)
+        desks = await node_ops.desktops_on_node(self.db, self.node_id)
+        await asyncio.gather(*(self._stop(d.id, reason=None) for d in desks if d.state != "stopped"),
+                             return_exceptions=True)
+
+    # ---- convergence -----------------------------------------------------------------------------------
+    def _desktop_of_guest(self, guest_name: str) -> int | None:
+        prefix = self.paths.guest_prefix()
+        rest = guest_name[len(prefix):] if guest_name.startswith(prefix) else ""
+        return int(rest) if rest.isdigit() else None
+
+    async def converge(self) -> None:
+        """Make this machine's guests match the database after a restart or a crash."""
+        assert self.node_id is not None
+        guests = {g.guest_name: g for g in await self.driver.list()}
+        keep: set[str] = set()
+        for desk in await node_ops.desktops_on_node(self.db, self.node_id):
+            name = self.paths.guest_name(desk.id)
+            guest = guests.get(name)
+            if desk.state == "running" and guest is not None and guest.running and desk.agent_token:
+                try:
+                    await AgentClient(desk.ip, desk.agent_token).ping()
+                    keep.add(name)
+                    log.info("node.adopted", desktop_id=desk.id)
+                    continue
+                except DeckardError:
+                    pass
+            if desk.state in ("running", "stopping", "zombie"):
+                await self.driver.kill(name)
+                await node_ops.mark_stopped(self.db, self.node_id, desk.id,
+                                            reason="the node restarted and the desktop could not be kept")
+            elif desk.state == "starting":
+                await self.driver.kill(name)
+                await node_ops.mark_failed(self.db, self.node_id, desk.id,
+                                           "the node restarted while the desktop was starting: start it again")
+        for name in guests.keys() - keep:
+            log.info("node.orphan_killed", guest=name)
+            await self.driver.kill(name)
+
+    # ---- loops -----------------------------------------------------------------------------------------
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        assert self.node_id is not None
+        while not stop.is_set():
+            try:
+                h = read_host_figures()
+                running = sum(1 for g in await self.driver.list() if g.running)
+                await node_ops.heartbeat(self.db, self.node_id, mem_free_mib=h.mem_free_mib, load=h.load,
+                                         running=running)
+            except Exception as e:  # database down: keep trying; the guests go on
+                log.warning("node.heartbeat_failed", error=str(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.heartbeat_s)
+
+    async def _command_loop(self, stop: asyncio.Event) -> None:
+        assert self.node_id is not None
+        poll = self.cfg.poll_s if not self.db.shared_across_processes else 5.0
+        async with self.db.bus.subscribe(node_channel(self.node_id)) as sub:
+            while not stop.is_set():
+                try:
+                    await self.reconcile_once()
+                except Exception as e:
+                    log.warning("node.reconcile_failed", error=str(e))
+                    poll_now = 1.0
+                else:
+                    poll_now = poll
+                await sub.wait(poll_now)
+
+    async def reconcile_once(self) -> None:
+        assert self.node_id is not None
+        for desktop_id in await node_ops.claim_stops(self.db, self.node_id):
+            self._spawn(desktop_id, self._stop_claimed(desktop_id))
+        for desktop_id in await node_ops.claim_starts(self.db, self.node_id):
+            self._spawn(desktop_id, self._start(desktop_id))
+
+    def _spawn(self, desktop_id: int, work: Awaitable[None]) -> None:
+        previous = self._work.get(desktop_id)
+
+        async def run() -> None:
+            if previous is not None and not previous.done():
+                previous.cancel()  # a stop overtakes a start still in progress
+                await asyncio.gather(previous, return_exceptions=True)
+            await work
+
+        task = asyncio.create_task(run(), name=f"desktop-{desktop_id}")
+        self._work[desktop_id] = task
+        task.add_done_callback(lambda t: self._work.pop(desktop_id, None) if self._work.get(desktop_id) is t
+                               else None)
+
+    # ---- one desktop -----------------------------------------------------------------------------------
+    async def _start(self, desktop_id: int) -> None:
+        assert self.node_id is not None
+        name = self.paths.guest_name(desktop_id)
+        bound = log.bind(desktop_id=desktop_id)
+        t0 = time.monotonic()
+        try:
+            async with self._start_slots:
+                facts = await node_ops.start_facts(self.db, desktop_id)
+                desk = facts.desktop
+                if not desk.agent_token:
+                    raise DeckardError("the desktop has no agent token (claimed twice?)", code="no_token")
+                spec = GuestSpec(
+                    desktop_id=desktop_id, guest_name=name, image_id=facts.image_id, image_path=facts.image_path,
+                    ip=desk.ip, prefix_len=prefix_len(self.network), gateway=self.gateway, mac=desk.mac,
+                    bridge=self.settings.network.bridge, memory_mib=facts.memory_mib, cpus=facts.cpus,
+                    user_login=facts.user_login, user_uid=uid_for_user(desk.user_id),
+                    home_dir=self.paths.user_home(facts.tenant, facts.user_login),
+                    agent_token=desk.agent_token, keep_overlay=facts.keep_overlay,
+                )
+                await self.driver.start(spec)
+                t1 = time.monotonic()
+                await self._wait_for_agent(desk)
+                t2 = time.monotonic()
+            self._health[desktop_id] = _AgentHealth()
+            ok = await node_ops.mark_running(self.db, self.node_id, desktop_id, image_id=facts.image_id,
+                                             guest_ms=(t1 - t0) * 1000, agent_ms=(t2 - t1) * 1000)
+            bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000),
+                       kept=ok)
+        except asyncio.CancelledError:
+            await self.driver.kill(name)
+            raise
+        except Exception as e:
+            reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+            bound.warning("desktop.start_failed", reason=reason)
+            with contextlib.suppress(Exception):
+                await self.driver.kill(name)
+            await node_ops.mark_failed(self.db, self.node_id, desktop_id, reason)
+
+    async def _wait_for_agent(self, desk: Desktop) -> None:
+        assert desk.agent_token
+        agent = AgentClient(desk.ip, desk.agent_token, timeout=1.0)
+        deadline = time.monotonic() + self.cfg.start_timeout
+        delay = 0.02
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                await agent.ping()
+                return
+            except DeckardError as e:
+                last = e.message
+            guest = await self.driver.inspect(self.paths.guest_name(desk.id))
+            if guest is None or not guest.running:
+                raise DeckardError("the desktop's guest exited during start (see the node log)",
+                                   code="guest_exited")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+        raise DeckardError(f"the desktop's agent did not answer within {self.cfg.start_timeout:.0f} s ({last})",
+                           code="agent_timeout")
+
+    async def _stop_claimed(self, desktop_id: int) -> None:
+        await self._stop(desktop_id, reason=None)
+
+    async def _stop(self, desktop_id: int, *, reason: str | None, graceful: bool = True) -> None:
+        assert self.node_id is not None
+        name = self.paths.guest_name(desktop_id)
+        try:
+            if graceful:
+                desk = next((d for d in await node_ops.desktops_on_node(self.db, self.node_id)
+                             if d.id == desktop_id), None)
+                if desk is not None and desk.agent_token:
+                    with contextlib.suppress(DeckardError):
+                        await AgentClient(desk.ip, desk.agent_token, timeout=1.0).poweroff()
+                await self.driver.stop(name, timeout=5.0)
+            else:
+                await self.driver.kill(name)
+        finally:
+            self._health.pop(desktop_id, None)
+            await node_ops.mark_stopped(self.db, self.node_id, desktop_id, reason=reason)
+            log.info("desktop.stopped", desktop_id=desktop_id, reason=reason)
+
+    async def _agent_loop(self, stop: asyncio.Event) -> None:
+        """Ping the agent of every running desktop; stop those whose guest or agent died."""
+        assert self.node_id is not None
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.agent_check_s)
+            if stop.is_set():
+                return
+            try:
+                desks = [d for d in await node_ops.desktops_on_node(self.db, self.node_id)
+                         if d.state == "running" and d.id not in self._work]
+                await asyncio.gather(*(self._check_agent(d) for d in desks))
+            except Exception as e:
+                log.warning("node.agent_check_failed", error=str(e))
+
+    async def _check_agent(self, desk: Desktop) -> None:
+        assert self.node_id is not None
+        health = self._health.setdefault(desk.id, _AgentHealth())
+        guest = await self.driver.inspect(self.paths.guest_name(desk.id))
+        if guest is None or not guest.running:
+            self._spawn(desk.id, self._stop(desk.id, reason="the desktop was shut down from inside",
+                                            graceful=False))
+            return
+        try:
+            assert desk.agent_token
+            await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()
+            health.failures = 0
+            await node_ops.agent_ok(self.db, self.node_id, desk.id)
+        except DeckardError as e:
+            health.failures += 1
+            log.warning("desktop.agent_silent", desktop_id=desk.id, failures=health.failures, error=e.message)
+            if health.failures >= self.cfg.agent_failures:
+                reason = f"the desktop's agent stopped answering ({e.message}); the desktop was stopped"
+                await node_ops.mark_zombie(self.db, self.node_id, desk.id, reason)
+                self._spawn(desk.id, self._stop(desk.id, reason=reason, graceful=False))
+

@@ -1,0 +1,85 @@
+"""Where a farm keeps its state: one directory per farm, so two farms on one machine never collide.
+
+Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/deckard``)::
+
+    deckard.db            SQLite database (single-node farms)
+    farm.json             farm id and bootstrap facts written by ``deckard up``
+    tls/                  the farm CA and server certificates (ca.pem is what clients trust)
+    storage/              the storage root, shared by all nodes of a farm
+      images/             disk image tarballs
+      basefs/<image id>/  each image unpacked once, read-only
+      overlays/<guest>/   per-desktop writable layer (upper + work)
+      homes/<tenant>/<login>/  persistent user homes
+    run/                  local run state of the node: lxc/ (container configs), pid files, logs
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = Path("/var/lib/deckard")
+
+
+@dataclass(frozen=True)
+class FarmPaths:
+    home: Path
+
+    @property
+    def farm_id(self) -> str:
+        """Short stable id of this farm, used to prefix container, cgroup and interface names."""
+        return hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:6]
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.home / "deckard.db"
+
+    @property
+    def tls(self) -> Path:
+        return self.home / "tls"
+
+    @property
+    def storage(self) -> Path:
+        return self.home / "storage"
+
+    @property
+    def images(self) -> Path:
+        return self.storage / "images"
+
+    @property
+    def basefs(self) -> Path:
+        return self.storage / "basefs"
+
+    @property
+    def overlays(self) -> Path:
+        return self.storage / "overlays"
+
+    @property
+    def homes(self) -> Path:
+        return self.storage / "homes"
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def lxc(self) -> Path:
+        return self.run / "lxc"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    def guest_name(self, desktop_id: int) -> str:
+        return f"dk{self.farm_id}-{desktop_id}"
+
+    def guest_prefix(self) -> str:
+        return f"dk{self.farm_id}-"
+
+    def user_home(self, tenant: str, login: str) -> Path:
+        return self.homes / tenant / login
+
+    def make(self) -> None:
+        for p in (self.home, self.tls, self.images, self.basefs, self.overlays, self.homes, self.lxc, self.logs):
+            p.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,100 @@
+"""TLS material of a farm: a CA made at first start, and server certificates signed by it.
+
+Clients trust ``tls/ca.pem`` explicitly (``deckard connect`` and the CLI profile pin it): there is no
+"accept any certificate" mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None) -> tuple[Path, Path, Path]:
+    """Create (once) the farm CA and a server certificate; return (ca.pem, server.pem, server.key)."""
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    ca_pem, ca_key = tls_dir / "ca.pem", tls_dir / "ca.key"
+    srv_pem, srv_key = tls_dir / "server.pem", tls_dir / "server.key"
+    now = dt.datetime.now(dt.UTC)
+    if not ca_pem.exists() or not ca_key.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Deckard farm CA {socket.gethostname()}")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(ca_key, _key_pem(key))
+        ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        srv_pem.unlink(missing_ok=True)
+    if not srv_pem.exists() or not srv_key.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+        ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+        assert isinstance(ca_private, ec.EllipticCurvePrivateKey)
+        key = ec.generate_private_key(ec.SECP256R1())
+        host = socket.gethostname()
+        sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(host)]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+        for n in extra_names or []:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                sans.append(x509.DNSName(n))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_private, hashes.SHA256())
+        )
+        _write_private(srv_key, _key_pem(key))
+        srv_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ca_pem, srv_pem, srv_key
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def client_context(ca: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

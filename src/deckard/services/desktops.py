@@ -1,0 +1,215 @@
+"""Desktops (QVD's VMs) as the admin and the broker see them: create, list, start, stop, block, delete.
+
+Starting follows ARCHITECTURE.md §2: the node is chosen and the start command written in **one** transaction
+(QVD had them apart, a FIXME), guarded by the observed state so that two requests never both win; then the
+chosen node is notified and claims the command.  Only nodes write observed state (services/node_ops.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import Desktop, utcnow
+from deckard.model.errors import BadInput, Conflict, NotFound
+from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
+from deckard.model.states import DesktopCommand, DesktopState, check_command
+from deckard.services.context import Actor
+from deckard.services.events import DESKTOPS, node_channel
+from deckard.services.placement import choose_node
+from deckard.services.rows import as_dict
+from deckard.services.tenancy import DEFAULT_OSF
+from deckard.services.users import check_login, find_user_id, tenant_filter
+
+d = t.desktops
+
+LIST_COLUMNS = [
+    d.c.id, d.c.tenant_id, d.c.name, d.c.user_id, t.users.c.login.label("user"), d.c.osf_id,
+    t.osfs.c.name.label("osf"), d.c.tag, d.c.ip, d.c.mac, d.c.blocked, d.c.description, d.c.state,
+    d.c.state_at, d.c.cmd, d.c.node_id, t.nodes.c.name.label("node"), d.c.user_state, d.c.image_id,
+    d.c.failure_reason, d.c.started_at, d.c.created_at,
+]
+
+
+def _listing() -> sa.Select[Any]:
+    return (
+        sa.select(*LIST_COLUMNS)
+        .join(t.users, t.users.c.id == d.c.user_id)
+        .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+        .outerjoin(t.nodes, t.nodes.c.id == d.c.node_id)
+    )
+
+
+async def _osf_id(conn: AsyncConnection, tenant_id: int, ref: str | int | None) -> int:
+    ref = DEFAULT_OSF if ref is None else ref
+    cond = t.osfs.c.id == int(ref) if str(ref).isdigit() else t.osfs.c.name == str(ref)
+    row = (await conn.execute(sa.select(t.osfs.c.id).where(cond, t.osfs.c.tenant_id == tenant_id))).first()
+    if not row:
+        raise NotFound(f"no OSF {ref!r}", code="osf_not_found")
+    return int(row.id)
+
+
+async def create_desktop(
+    db: Database, actor: Actor, name: str, user: str | int, *, network: str, osf: str | int | None = None,
+    tag: str = "default", description: str = "",
+) -> dict[str, Any]:
+    check_login(name)  # same rules as logins: it names containers and appears in URLs
+    user_id = await find_user_id(db, actor, user)
+    gateway = gateway_of(network)
+    for _attempt in range(20):
+        try:
+            async with db.begin() as conn:
+                tenant_id = (await conn.execute(
+                    sa.select(t.users.c.tenant_id).where(t.users.c.id == user_id))).scalar_one()
+                osf_id = await _osf_id(conn, tenant_id, osf)
+                taken = await conn.execute(sa.select(d.c.id).where(d.c.tenant_id == tenant_id, d.c.name == name))
+                if taken.first():
+                    raise Conflict(f"a desktop named {name!r} already exists", code="duplicate")
+                used = [r.ip for r in await conn.execute(sa.select(d.c.ip))]
+                ip = first_free_ip(network, gateway, used)
+                res = await conn.execute(
+                    sa.insert(d).values(
+                        tenant_id=tenant_id, name=name, user_id=user_id, osf_id=osf_id, tag=tag, ip=ip,
+                        mac=mac_for_ip(ip), description=description, created_at=utcnow(), state_at=utcnow(),
+                    ).returning(d.c.id)
+                )
+                desktop_id = int(res.scalar_one())
+            break
+        except sa.exc.IntegrityError:
+            continue  # another creator took the same IP between our read and insert: pick again
+    else:
+        raise Conflict("could not allocate an IP address: too many concurrent creations, retry", code="ip_race")
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+    return await get_desktop(db, actor, desktop_id)
+
+
+async def find_desktop_id(db: Database, actor: Actor, ref: str | int) -> int:
+    async with db.connect() as conn:
+        cond = d.c.id == int(ref) if str(ref).isdigit() else d.c.name == str(ref)
+        row = (await conn.execute(sa.select(d.c.id).where(cond, tenant_filter(actor, d.c.tenant_id)))).first()
+    if not row:
+        raise NotFound(f"no desktop {ref!r}", code="desktop_not_found")
+    return int(row.id)
+
+
+async def get_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+    async with db.connect() as conn:
+        q = _listing().where(d.c.id == desktop_id, tenant_filter(actor, d.c.tenant_id))
+        row = (await conn.execute(q)).first()
+    if not row:
+        raise NotFound(f"no desktop with id {desktop_id}", code="desktop_not_found")
+    return as_dict(row)
+
+
+async def list_desktops(db: Database, actor: Actor, *, user_id: int | None = None) -> list[dict[str, Any]]:
+    q = _listing().where(tenant_filter(actor, d.c.tenant_id)).order_by(d.c.id)
+    if user_id is not None:
+        q = q.where(d.c.user_id == user_id)
+    async with db.connect() as conn:
+        return [as_dict(r) for r in await conn.execute(q)]
+
+
+async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:
+    row = (await conn.execute(sa.select(d).where(d.c.id == desktop_id))).first()
+    if not row:
+        raise NotFound(f"no desktop with id {desktop_id}", code="desktop_not_found")
+    return Desktop.from_row(row._mapping)
+
+
+async def delete_desktop(db: Database, actor: Actor, desktop_id: int) -> None:
+    await get_desktop(db, actor, desktop_id)
+    async with db.begin() as conn:
+        res = await conn.execute(
+            sa.delete(d).where(d.c.id == desktop_id, d.c.state.in_(["stopped", "failed"]), d.c.cmd.is_(None))
+        )
+        if res.rowcount == 0:
+            raise Conflict("the desktop is running or busy: stop it first", code="desktop_running")
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+
+
+async def set_blocked(db: Database, actor: Actor, desktop_id: int, blocked: bool) -> dict[str, Any]:
+    await get_desktop(db, actor, desktop_id)
+    async with db.begin() as conn:
+        await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(blocked=blocked))
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+    return await get_desktop(db, actor, desktop_id)
+
+
+async def request_start(db: Database, desktop_id: int, *, allow_running: bool = False) -> int | None:
+    """Place the desktop and write the start command in one transaction; return the node id.
+
+    With ``allow_running`` (the broker), a desktop already starting or running is fine and returns its node.
+    """
+    async with db.begin() as conn:
+        desk = await load_desktop(conn, desktop_id)
+        if desk.blocked:
+            raise Conflict("the desktop is blocked (offline for maintenance): ask your administrator",
+                           code="desktop_blocked")
+        if desk.cmd == DesktopCommand.START or (
+            allow_running and desk.state in (DesktopState.STARTING, DesktopState.RUNNING) and desk.cmd is None
+        ):
+            return desk.node_id
+        if desk.cmd == DesktopCommand.STOP:
+            raise Conflict("the desktop is being stopped: try again in a few seconds", code="desktop_busy")
+        check_command(DesktopCommand.START, DesktopState(desk.state))
+        memory = (await conn.execute(
+            sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
+        node_id = await choose_node(conn, int(memory))
+        res = await conn.execute(
+            sa.update(d)
+            .where(d.c.id == desktop_id, d.c.state == desk.state, d.c.cmd.is_(None), d.c.blocked.is_(False))
+            .values(cmd=DesktopCommand.START.value, cmd_at=utcnow(), node_id=node_id)
+        )
+        if res.rowcount == 0:
+            raise Conflict("the desktop changed while starting it: retry", code="desktop_busy")
+    await db.bus.notify(node_channel(node_id), str(desktop_id))
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+    return node_id
+
+
+async def request_stop(db: Database, desktop_id: int) -> None:
+    async with db.begin() as conn:
+        desk = await load_desktop(conn, desktop_id)
+        if desk.cmd == DesktopCommand.STOP:
+            return
+        if desk.cmd == DesktopCommand.START and desk.state in (DesktopState.STOPPED, DesktopState.FAILED):
+            # not claimed yet: withdraw the command instead of racing the node
+            res = await conn.execute(
+                sa.update(d).where(d.c.id == desktop_id, d.c.cmd == "start", d.c.state == desk.state)
+                .values(cmd=None, cmd_at=None, node_id=None)
+            )
+            if res.rowcount:
+                await db.bus.notify(DESKTOPS, str(desktop_id))
+                return
+        check_command(DesktopCommand.STOP, DesktopState(desk.state))
+        await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(cmd="stop", cmd_at=utcnow()))
+    if desk.node_id is not None:
+        await db.bus.notify(node_channel(desk.node_id), str(desktop_id))
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+
+
+async def start_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+    await get_desktop(db, actor, desktop_id)
+    await request_start(db, desktop_id)
+    return await get_desktop(db, actor, desktop_id)
+
+
+async def stop_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+    await get_desktop(db, actor, desktop_id)
+    await request_stop(db, desktop_id)
+    return await get_desktop(db, actor, desktop_id)
+
+
+def new_agent_token() -> str:
+    return secrets.token_hex(24)
+
+
+def validate_tag(tag: str) -> str:
+    if not tag or len(tag) > 64 or any(c.isspace() for c in tag):
+        raise BadInput(f"invalid tag {tag!r}", code="bad_tag")
+    return tag

@@ -1,0 +1,147 @@
+"""User sessions on desktops, as the broker drives them: list, take over, wait for start, record history.
+
+Takeover without locks: every connect writes a fresh ``session_id`` on the desktop; a tunnel whose id is no
+longer the desktop's closes itself (it hears the change on the ``desktops`` channel).  So "a second connect
+takes over" needs no cross-process signal beyond the notification every write already sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import Desktop, User, utcnow
+from deckard.model.errors import NotFound, PermissionDenied, Unavailable
+from deckard.services.desktops import load_desktop
+from deckard.services.events import DESKTOPS
+
+d = t.desktops
+c = t.connections
+
+
+async def user_desktops(db: Database, user: User) -> list[dict[str, Any]]:
+    """QVD's list_of_vm: ``[{"id","name","state","blocked"}]`` for the user's own desktops."""
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            sa.select(d.c.id, d.c.name, d.c.state, d.c.blocked).where(d.c.user_id == user.id).order_by(d.c.id)
+        )
+        return [{"id": r.id, "name": r.name, "state": r.state, "blocked": 1 if r.blocked else 0} for r in rows]
+
+
+async def desktop_for_user(db: Database, user: User, desktop_id: int) -> Desktop:
+    """The desktop if the user may connect to it: 404 when unknown, 403 when another user's or blocked."""
+    async with db.connect() as conn:
+        try:
+            desk = await load_desktop(conn, desktop_id)
+        except NotFound:
+            raise NotFound(f"there is no desktop with id {desktop_id}", code="desktop_not_found") from None
+    if desk.user_id != user.id:
+        # same answer as QVD: the desktop exists but is not this user's
+        raise PermissionDenied("this desktop belongs to another user", code="not_your_desktop")
+    if desk.blocked:
+        raise PermissionDenied("the desktop is offline for maintenance: ask your administrator",
+                               code="desktop_blocked")
+    return desk
+
+
+async def open_session(db: Database, desk: Desktop, user: User, *, login: str, broker_node_id: int | None,
+                       source: str, protocol: str, auth_ms: float) -> tuple[str, int]:
+    """Take the desktop's display for a new connection; returns (session id, connection history id)."""
+    session_id = secrets.token_hex(8)
+    now = utcnow()
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(d).where(d.c.id == desk.id)
+            .values(user_state="connecting", user_state_at=now, session_id=session_id,
+                    session_node_id=broker_node_id)
+        )
+        res = await conn.execute(
+            sa.insert(c).values(desktop_id=desk.id, user_id=user.id, login=login, broker_node_id=broker_node_id,
+                                source=source, protocol=protocol, started_at=now, t_auth_ms=auth_ms)
+            .returning(c.c.id)
+        )
+        conn_id = int(res.scalar_one())
+    await db.bus.notify(DESKTOPS, str(desk.id))
+    return session_id, conn_id
+
+
+async def session_is_current(db: Database, desktop_id: int, session_id: str) -> bool:
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(d.c.session_id).where(d.c.id == desktop_id))).first()
+    return bool(row and row.session_id == session_id)
+
+
+async def mark_connected(db: Database, desktop_id: int, session_id: str, conn_id: int,
+                         timings: dict[str, float]) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(d).where(d.c.id == desktop_id, d.c.session_id == session_id)
+            .values(user_state="connected", user_state_at=utcnow())
+        )
+        await conn.execute(sa.update(c).where(c.c.id == conn_id).values(connected_at=utcnow(), **timings))
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+
+
+async def close_session(db: Database, desktop_id: int, session_id: str, conn_id: int, *, result: str,
+                        reason: str = "", bytes_in: int = 0, bytes_out: int = 0,
+                        timings: dict[str, float] | None = None) -> None:
+    """Record the end of a connection; the desktop is disconnected only if this session still owns it."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(d).where(d.c.id == desktop_id, d.c.session_id == session_id)
+            .values(user_state="disconnected", user_state_at=utcnow(), session_id=None, session_node_id=None)
+        )
+        await conn.execute(
+            sa.update(c).where(c.c.id == conn_id)
+            .values(ended_at=utcnow(), result=result, reason=reason[:1000], bytes_in=bytes_in,
+                    bytes_out=bytes_out, **(timings or {}))
+        )
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+
+
+@dataclass(frozen=True)
+class Progress:
+    state: str
+    message: str
+
+
+PROGRESS_TEXT = {
+    "stopped": "Desktop is stopped, asking a node to start it",
+    "starting": "Starting desktop",
+    "running": "Desktop is running",
+    "stopping": "Desktop is stopping",
+    "zombie": "Desktop is being cleaned up",
+}
+
+
+async def wait_until_running(db: Database, desktop_id: int, *, timeout: float, poll: float,
+                             on_progress: Any = None) -> Desktop:
+    """Wait on notifications (not sleeps) until the desktop runs; Unavailable with the reason if it fails."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last_state = None
+    async with db.bus.subscribe(DESKTOPS) as sub:
+        while True:
+            async with db.connect() as conn:
+                desk = await load_desktop(conn, desktop_id)
+            if desk.state != last_state:
+                last_state = desk.state
+                if on_progress is not None:
+                    await on_progress(Progress(desk.state, PROGRESS_TEXT.get(desk.state, desk.state)))
+            if desk.state == "running" and desk.cmd is None and desk.agent_token:
+                return desk
+            if desk.state == "failed" and desk.cmd is None:
+                raise Unavailable(f"the desktop failed to start: {desk.failure_reason}", code="start_failed")
+            if desk.state == "stopped" and desk.cmd is None:
+                raise Unavailable("the desktop was stopped while starting", code="start_aborted")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise Unavailable(f"the desktop did not start within {timeout:.0f} s (state {desk.state})",
+                                  code="start_timeout")
+            await sub.wait(min(left, poll))

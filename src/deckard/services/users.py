@@ -1,0 +1,139 @@
+"""Users of desktops: create, list, change password, delete, and password authentication for the broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from deckard.auth.local import hash_password, verify_password_async
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import User, utcnow
+from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
+from deckard.services.context import Actor
+from deckard.services.rows import as_dict
+from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name
+
+LOGIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+LOGIN_SEPARATORS = "@#"  # QVD: user@tenant or user#tenant
+
+
+def check_login(login: str) -> str:
+    if not login or len(login) > 32 or not set(login) <= LOGIN_CHARS or login[0] in ".-":
+        raise BadInput(
+            f"invalid login {login!r}: use 1-32 lowercase letters, digits, '.', '_' or '-'", code="bad_login"
+        )
+    return login
+
+
+def tenant_filter(actor: Actor, column: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+    return sa.true() if actor.all_tenants else column == actor.tenant_id
+
+
+def split_login(full: str) -> tuple[str, str]:
+    """``alice@acme`` → ("alice", "acme"); without a separator the default tenant."""
+    for sep in LOGIN_SEPARATORS:
+        if sep in full:
+            login, tenant = full.rsplit(sep, 1)
+            return login, tenant
+    return full, DEFAULT_TENANT
+
+
+_USER_COLS = [t.users.c.id, t.users.c.tenant_id, t.users.c.login, t.users.c.blocked, t.users.c.description,
+              t.users.c.created_at]
+
+
+async def create_user(db: Database, actor: Actor, login: str, password: str | None, *,
+                      tenant_id: int | None = None, description: str = "") -> dict[str, Any]:
+    check_login(login)
+    if password is not None and len(password) < 4:
+        raise BadInput("the password is too short: use at least 4 characters", code="weak_password")
+    tid = tenant_id if tenant_id is not None else actor.tenant_id
+    pw_hash = hash_password(password) if password is not None else None
+    async with db.begin() as conn:
+        if tid is None:
+            tid = await tenant_id_by_name(conn, DEFAULT_TENANT)
+        exists = await conn.execute(
+            sa.select(t.users.c.id).where(t.users.c.tenant_id == tid, t.users.c.login == login)
+        )
+        if exists.first():
+            raise Conflict(f"a user named {login!r} already exists", code="duplicate")
+        res = await conn.execute(
+            sa.insert(t.users)
+            .values(tenant_id=tid, login=login, password_hash=pw_hash, description=description,
+                    created_at=utcnow())
+            .returning(*_USER_COLS)
+        )
+        return as_dict(res.one())
+
+
+async def list_users(db: Database, actor: Actor) -> list[dict[str, Any]]:
+    async with db.connect() as conn:
+        q = sa.select(*_USER_COLS).where(tenant_filter(actor, t.users.c.tenant_id)).order_by(t.users.c.id)
+        return [as_dict(r) for r in await conn.execute(q)]
+
+
+async def find_user_id(db: Database, actor: Actor, ref: str | int) -> int:
+    """A user by id or login, visible to the actor."""
+    async with db.connect() as conn:
+        cond = t.users.c.id == int(ref) if str(ref).isdigit() else t.users.c.login == str(ref)
+        q = sa.select(t.users.c.id).where(cond, tenant_filter(actor, t.users.c.tenant_id))
+        row = (await conn.execute(q)).first()
+    if not row:
+        raise NotFound(f"no user {ref!r}", code="user_not_found")
+    return int(row.id)
+
+
+async def get_user(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
+    async with db.connect() as conn:
+        q = sa.select(*_USER_COLS).where(t.users.c.id == user_id, tenant_filter(actor, t.users.c.tenant_id))
+        row = (await conn.execute(q)).first()
+    if not row:
+        raise NotFound(f"no user with id {user_id}", code="user_not_found")
+    return as_dict(row)
+
+
+async def update_user(db: Database, actor: Actor, user_id: int, *, password: str | None = None,
+                      blocked: bool | None = None, description: str | None = None) -> dict[str, Any]:
+    await get_user(db, actor, user_id)
+    values: dict[str, Any] = {}
+    if password is not None:
+        values["password_hash"] = hash_password(password)
+    if blocked is not None:
+        values["blocked"] = blocked
+    if description is not None:
+        values["description"] = description
+    if values:
+        async with db.begin() as conn:
+            await conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**values))
+    return await get_user(db, actor, user_id)
+
+
+async def delete_user(db: Database, actor: Actor, user_id: int) -> None:
+    await get_user(db, actor, user_id)
+    async with db.begin() as conn:
+        n = (await conn.execute(
+            sa.select(sa.func.count()).select_from(t.desktops).where(t.desktops.c.user_id == user_id)
+        )).scalar_one()
+        if n:
+            raise Conflict(f"the user still has {n} desktop(s): delete them first", code="has_dependents")
+        await conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))
+
+
+async def authenticate_user(db: Database, full_login: str, password: str) -> User:
+    """Password check for the broker; any failure is the same 401 so logins cannot be probed."""
+    login, tenant = split_login(full_login)
+    async with db.connect() as conn:
+        q = (
+            sa.select(t.users, t.tenants.c.blocked.label("tenant_blocked"))
+            .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
+            .where(t.users.c.login == login, t.tenants.c.name == tenant)
+        )
+        row = (await conn.execute(q)).first()
+    ok = await verify_password_async(row.password_hash if row else None, password)
+    if not row or not ok:
+        raise Unauthenticated("wrong user name or password", code="bad_credentials")
+    if row.blocked or row.tenant_blocked:
+        raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
+    return User.from_row(row._mapping)
