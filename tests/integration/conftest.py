@@ -1,4 +1,7 @@
-"""Integration fixtures: a started Database for each test, on SQLite and on PostgreSQL (``db_url``)."""
+"""Integration fixtures: a started, migrated Database for each test, on SQLite and on PostgreSQL.
+
+``db_url`` (tests/conftest.py) is parametrised over both, so every test that takes ``db`` runs on both.
+"""
 
 from __future__ import annotations
 

@@ -21,8 +21,7 @@ async def _farm(db: Database) -> int:
     await bootstrap_farm(db)
     await users.create_user(db, SYSTEM, "alice", "s3cret!")
     await desktops.create_desktop(db, SYSTEM, "alice-desk", "alice", network=NET)
-    node_id = await node_ops.register_node(db, "n1", "10.250.0.1", "", cpus=2, mem_total_mib=8000,
-                                           mem_free_mib=8000)
+    node_id = await node_ops.register_node(db, "n1", "10.250.0.1", "", cpus=2, mem_total_mib=8000, mem_free_mib=8000)
     await node_ops.set_node_state(db, node_id, "running")
     return node_id
 
@@ -34,8 +33,9 @@ async def test_bootstrap_is_idempotent_and_returns_the_password_once(db: Databas
 
 async def test_desktops_get_distinct_ips_and_macs_from_them(db: Database) -> None:
     await _farm(db)
-    created = await asyncio.gather(*(desktops.create_desktop(db, SYSTEM, f"d{i}", "alice", network=NET)
-                                     for i in range(12)))
+    created = await asyncio.gather(
+        *(desktops.create_desktop(db, SYSTEM, f"d{i}", "alice", network=NET) for i in range(12))
+    )
     ips = {d["ip"] for d in created}
     assert len(ips) == 12
     for d in created:
@@ -47,7 +47,7 @@ async def test_start_is_claimed_exactly_once_by_racing_claimers(db: Database) ->
     desk_id = await desktops.find_desktop_id(db, SYSTEM, "alice-desk")
     assert await desktops.request_start(db, desk_id) == node_id
     claims = await asyncio.gather(*(node_ops.claim_starts(db, node_id) for _ in range(8)))
-    assert sorted(sum(claims, [])) == [desk_id]
+    assert sorted(i for ids in claims for i in ids) == [desk_id]
     row = await desktops.get_desktop(db, SYSTEM, desk_id)
     assert row["state"] == "starting" and row["cmd"] is None
 

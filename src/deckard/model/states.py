@@ -53,8 +53,7 @@ DESKTOP_TRANSITIONS: dict[DesktopState, frozenset[DesktopState]] = {
     DesktopState.STOPPED: frozenset({DesktopState.STARTING}),
     DesktopState.FAILED: frozenset({DesktopState.STARTING, DesktopState.STOPPED}),
     DesktopState.STARTING: frozenset(
-        {DesktopState.RUNNING, DesktopState.FAILED, DesktopState.STOPPING, DesktopState.ZOMBIE,
-         DesktopState.STOPPED}
+        {DesktopState.RUNNING, DesktopState.FAILED, DesktopState.STOPPING, DesktopState.ZOMBIE, DesktopState.STOPPED}
     ),
     DesktopState.RUNNING: frozenset({DesktopState.STOPPING, DesktopState.ZOMBIE, DesktopState.STOPPED}),
     DesktopState.STOPPING: frozenset({DesktopState.STOPPED, DesktopState.ZOMBIE}),

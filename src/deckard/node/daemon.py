@@ -59,7 +59,12 @@ class NodeDaemon:
     async def register(self) -> int:
         h = read_host_figures()
         self.node_id = await node_ops.register_node(
-            self.db, self.cfg.name, self.gateway, self.broker_url, cpus=h.cpus, mem_total_mib=h.mem_total_mib,
+            self.db,
+            self.cfg.name,
+            self.gateway,
+            self.broker_url,
+            cpus=h.cpus,
+            mem_total_mib=h.mem_total_mib,
             mem_free_mib=h.mem_free_mib,
         )
         return self.node_id
@@ -97,13 +102,14 @@ class NodeDaemon:
             task.cancel()
         await asyncio.gather(*self._work.values(), return_exceptions=True)
         desks = await node_ops.desktops_on_node(self.db, self.node_id)
-        await asyncio.gather(*(self._stop(d.id, reason=None) for d in desks if d.state != "stopped"),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self._stop(d.id, reason=None) for d in desks if d.state != "stopped"), return_exceptions=True
+        )
 
     # ---- convergence -----------------------------------------------------------------------------------
     def _desktop_of_guest(self, guest_name: str) -> int | None:
         prefix = self.paths.guest_prefix()
-        rest = guest_name[len(prefix):] if guest_name.startswith(prefix) else ""
+        rest = guest_name[len(prefix) :] if guest_name.startswith(prefix) else ""
         return int(rest) if rest.isdigit() else None
 
     async def converge(self) -> None:
@@ -124,12 +130,14 @@ class NodeDaemon:
                     pass
             if desk.state in ("running", "stopping", "zombie"):
                 await self.driver.kill(name)
-                await node_ops.mark_stopped(self.db, self.node_id, desk.id,
-                                            reason="the node restarted and the desktop could not be kept")
+                await node_ops.mark_stopped(
+                    self.db, self.node_id, desk.id, reason="the node restarted and the desktop could not be kept"
+                )
             elif desk.state == "starting":
                 await self.driver.kill(name)
-                await node_ops.mark_failed(self.db, self.node_id, desk.id,
-                                           "the node restarted while the desktop was starting: start it again")
+                await node_ops.mark_failed(
+                    self.db, self.node_id, desk.id, "the node restarted while the desktop was starting: start it again"
+                )
         for name in guests.keys() - keep:
             log.info("node.orphan_killed", guest=name)
             await self.driver.kill(name)
@@ -141,8 +149,9 @@ class NodeDaemon:
             try:
                 h = read_host_figures()
                 running = sum(1 for g in await self.driver.list() if g.running)
-                await node_ops.heartbeat(self.db, self.node_id, mem_free_mib=h.mem_free_mib, load=h.load,
-                                         running=running)
+                await node_ops.heartbeat(
+                    self.db, self.node_id, mem_free_mib=h.mem_free_mib, load=h.load, running=running
+                )
             except Exception as e:  # database down: keep trying; the guests go on
                 log.warning("node.heartbeat_failed", error=str(e))
             with contextlib.suppress(TimeoutError):
@@ -180,8 +189,7 @@ class NodeDaemon:
 
         task = asyncio.create_task(run(), name=f"desktop-{desktop_id}")
         self._work[desktop_id] = task
-        task.add_done_callback(lambda t: self._work.pop(desktop_id, None) if self._work.get(desktop_id) is t
-                               else None)
+        task.add_done_callback(lambda t: self._work.pop(desktop_id, None) if self._work.get(desktop_id) is t else None)
 
     # ---- one desktop -----------------------------------------------------------------------------------
     async def _start(self, desktop_id: int) -> None:
@@ -196,22 +204,37 @@ class NodeDaemon:
                 if not desk.agent_token:
                     raise DeckardError("the desktop has no agent token (claimed twice?)", code="no_token")
                 spec = GuestSpec(
-                    desktop_id=desktop_id, guest_name=name, image_id=facts.image_id, image_path=facts.image_path,
-                    ip=desk.ip, prefix_len=prefix_len(self.network), gateway=self.gateway, mac=desk.mac,
-                    bridge=self.settings.network.bridge, memory_mib=facts.memory_mib, cpus=facts.cpus,
-                    user_login=facts.user_login, user_uid=uid_for_user(desk.user_id),
+                    desktop_id=desktop_id,
+                    guest_name=name,
+                    image_id=facts.image_id,
+                    image_path=facts.image_path,
+                    ip=desk.ip,
+                    prefix_len=prefix_len(self.network),
+                    gateway=self.gateway,
+                    mac=desk.mac,
+                    bridge=self.settings.network.bridge,
+                    memory_mib=facts.memory_mib,
+                    cpus=facts.cpus,
+                    user_login=facts.user_login,
+                    user_uid=uid_for_user(desk.user_id),
                     home_dir=self.paths.user_home(facts.tenant, facts.user_login),
-                    agent_token=desk.agent_token, keep_overlay=facts.keep_overlay,
+                    agent_token=desk.agent_token,
+                    keep_overlay=facts.keep_overlay,
                 )
                 await self.driver.start(spec)
                 t1 = time.monotonic()
                 await self._wait_for_agent(desk)
                 t2 = time.monotonic()
             self._health[desktop_id] = _AgentHealth()
-            ok = await node_ops.mark_running(self.db, self.node_id, desktop_id, image_id=facts.image_id,
-                                             guest_ms=(t1 - t0) * 1000, agent_ms=(t2 - t1) * 1000)
-            bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000),
-                       kept=ok)
+            ok = await node_ops.mark_running(
+                self.db,
+                self.node_id,
+                desktop_id,
+                image_id=facts.image_id,
+                guest_ms=(t1 - t0) * 1000,
+                agent_ms=(t2 - t1) * 1000,
+            )
+            bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000), kept=ok)
         except asyncio.CancelledError:
             await self.driver.kill(name)
             raise
@@ -236,12 +259,12 @@ class NodeDaemon:
                 last = e.message
             guest = await self.driver.inspect(self.paths.guest_name(desk.id))
             if guest is None or not guest.running:
-                raise DeckardError("the desktop's guest exited during start (see the node log)",
-                                   code="guest_exited")
+                raise DeckardError("the desktop's guest exited during start (see the node log)", code="guest_exited")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.25)
-        raise DeckardError(f"the desktop's agent did not answer within {self.cfg.start_timeout:.0f} s ({last})",
-                           code="agent_timeout")
+        raise DeckardError(
+            f"the desktop's agent did not answer within {self.cfg.start_timeout:.0f} s ({last})", code="agent_timeout"
+        )
 
     async def _stop_claimed(self, desktop_id: int) -> None:
         await self._stop(desktop_id, reason=None)
@@ -251,8 +274,9 @@ class NodeDaemon:
         name = self.paths.guest_name(desktop_id)
         try:
             if graceful:
-                desk = next((d for d in await node_ops.desktops_on_node(self.db, self.node_id)
-                             if d.id == desktop_id), None)
+                desk = next(
+                    (d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.id == desktop_id), None
+                )
                 if desk is not None and desk.agent_token:
                     with contextlib.suppress(DeckardError):
                         await AgentClient(desk.ip, desk.agent_token, timeout=1.0).poweroff()
@@ -273,8 +297,11 @@ class NodeDaemon:
             if stop.is_set():
                 return
             try:
-                desks = [d for d in await node_ops.desktops_on_node(self.db, self.node_id)
-                         if d.state == "running" and d.id not in self._work]
+                desks = [
+                    d
+                    for d in await node_ops.desktops_on_node(self.db, self.node_id)
+                    if d.state == "running" and d.id not in self._work
+                ]
                 await asyncio.gather(*(self._check_agent(d) for d in desks))
             except Exception as e:
                 log.warning("node.agent_check_failed", error=str(e))
@@ -284,8 +311,7 @@ class NodeDaemon:
         health = self._health.setdefault(desk.id, _AgentHealth())
         guest = await self.driver.inspect(self.paths.guest_name(desk.id))
         if guest is None or not guest.running:
-            self._spawn(desk.id, self._stop(desk.id, reason="the desktop was shut down from inside",
-                                            graceful=False))
+            self._spawn(desk.id, self._stop(desk.id, reason="the desktop was shut down from inside", graceful=False))
             return
         try:
             assert desk.agent_token
@@ -299,4 +325,3 @@ class NodeDaemon:
                 reason = f"the desktop's agent stopped answering ({e.message}); the desktop was stopped"
                 await node_ops.mark_zombie(self.db, self.node_id, desk.id, reason)
                 self._spawn(desk.id, self._stop(desk.id, reason=reason, graceful=False))
-

@@ -29,10 +29,28 @@ from deckard.services.users import check_login, find_user_id, tenant_filter
 d = t.desktops
 
 LIST_COLUMNS = [
-    d.c.id, d.c.tenant_id, d.c.name, d.c.user_id, t.users.c.login.label("user"), d.c.osf_id,
-    t.osfs.c.name.label("osf"), d.c.tag, d.c.ip, d.c.mac, d.c.blocked, d.c.description, d.c.state,
-    d.c.state_at, d.c.cmd, d.c.node_id, t.nodes.c.name.label("node"), d.c.user_state, d.c.image_id,
-    d.c.failure_reason, d.c.started_at, d.c.created_at,
+    d.c.id,
+    d.c.tenant_id,
+    d.c.name,
+    d.c.user_id,
+    t.users.c.login.label("user"),
+    d.c.osf_id,
+    t.osfs.c.name.label("osf"),
+    d.c.tag,
+    d.c.ip,
+    d.c.mac,
+    d.c.blocked,
+    d.c.description,
+    d.c.state,
+    d.c.state_at,
+    d.c.cmd,
+    d.c.node_id,
+    t.nodes.c.name.label("node"),
+    d.c.user_state,
+    d.c.image_id,
+    d.c.failure_reason,
+    d.c.started_at,
+    d.c.created_at,
 ]
 
 
@@ -55,8 +73,15 @@ async def _osf_id(conn: AsyncConnection, tenant_id: int, ref: str | int | None) 
 
 
 async def create_desktop(
-    db: Database, actor: Actor, name: str, user: str | int, *, network: str, osf: str | int | None = None,
-    tag: str = "default", description: str = "",
+    db: Database,
+    actor: Actor,
+    name: str,
+    user: str | int,
+    *,
+    network: str,
+    osf: str | int | None = None,
+    tag: str = "default",
+    description: str = "",
 ) -> dict[str, Any]:
     check_login(name)  # same rules as logins: it names containers and appears in URLs
     user_id = await find_user_id(db, actor, user)
@@ -64,8 +89,9 @@ async def create_desktop(
     for _attempt in range(20):
         try:
             async with db.begin() as conn:
-                tenant_id = (await conn.execute(
-                    sa.select(t.users.c.tenant_id).where(t.users.c.id == user_id))).scalar_one()
+                tenant_id = (
+                    await conn.execute(sa.select(t.users.c.tenant_id).where(t.users.c.id == user_id))
+                ).scalar_one()
                 osf_id = await _osf_id(conn, tenant_id, osf)
                 taken = await conn.execute(sa.select(d.c.id).where(d.c.tenant_id == tenant_id, d.c.name == name))
                 if taken.first():
@@ -73,10 +99,20 @@ async def create_desktop(
                 used = [r.ip for r in await conn.execute(sa.select(d.c.ip))]
                 ip = first_free_ip(network, gateway, used)
                 res = await conn.execute(
-                    sa.insert(d).values(
-                        tenant_id=tenant_id, name=name, user_id=user_id, osf_id=osf_id, tag=tag, ip=ip,
-                        mac=mac_for_ip(ip), description=description, created_at=utcnow(), state_at=utcnow(),
-                    ).returning(d.c.id)
+                    sa.insert(d)
+                    .values(
+                        tenant_id=tenant_id,
+                        name=name,
+                        user_id=user_id,
+                        osf_id=osf_id,
+                        tag=tag,
+                        ip=ip,
+                        mac=mac_for_ip(ip),
+                        description=description,
+                        created_at=utcnow(),
+                        state_at=utcnow(),
+                    )
+                    .returning(d.c.id)
                 )
                 desktop_id = int(res.scalar_one())
             break
@@ -148,8 +184,9 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
     async with db.begin() as conn:
         desk = await load_desktop(conn, desktop_id)
         if desk.blocked:
-            raise Conflict("the desktop is blocked (offline for maintenance): ask your administrator",
-                           code="desktop_blocked")
+            raise Conflict(
+                "the desktop is blocked (offline for maintenance): ask your administrator", code="desktop_blocked"
+            )
         if desk.cmd == DesktopCommand.START or (
             allow_running and desk.state in (DesktopState.STARTING, DesktopState.RUNNING) and desk.cmd is None
         ):
@@ -157,8 +194,7 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
         if desk.cmd == DesktopCommand.STOP:
             raise Conflict("the desktop is being stopped: try again in a few seconds", code="desktop_busy")
         check_command(DesktopCommand.START, DesktopState(desk.state))
-        memory = (await conn.execute(
-            sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
+        memory = (await conn.execute(sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
         node_id = await choose_node(conn, int(memory))
         res = await conn.execute(
             sa.update(d)
@@ -180,7 +216,8 @@ async def request_stop(db: Database, desktop_id: int) -> None:
         if desk.cmd == DesktopCommand.START and desk.state in (DesktopState.STOPPED, DesktopState.FAILED):
             # not claimed yet: withdraw the command instead of racing the node
             res = await conn.execute(
-                sa.update(d).where(d.c.id == desktop_id, d.c.cmd == "start", d.c.state == desk.state)
+                sa.update(d)
+                .where(d.c.id == desktop_id, d.c.cmd == "start", d.c.state == desk.state)
                 .values(cmd=None, cmd_at=None, node_id=None)
             )
             if res.rowcount:

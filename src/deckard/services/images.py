@@ -26,16 +26,23 @@ i = t.disk_images
 
 async def move_tag(conn: AsyncConnection, osf_id: int, tag: str, image_id: int) -> None:
     res = await conn.execute(
-        sa.update(t.image_tags).where(t.image_tags.c.osf_id == osf_id, t.image_tags.c.tag == tag)
+        sa.update(t.image_tags)
+        .where(t.image_tags.c.osf_id == osf_id, t.image_tags.c.tag == tag)
         .values(image_id=image_id, updated_at=utcnow())
     )
     if res.rowcount == 0:
-        await conn.execute(sa.insert(t.image_tags).values(osf_id=osf_id, tag=tag, image_id=image_id,
-                                                          updated_at=utcnow()))
+        await conn.execute(
+            sa.insert(t.image_tags).values(osf_id=osf_id, tag=tag, image_id=image_id, updated_at=utcnow())
+        )
 
 
 async def register_image(
-    db: Database, path: Path, *, version: str, digest: str = "", tags: tuple[str, ...] = ("default", "head"),
+    db: Database,
+    path: Path,
+    *,
+    version: str,
+    digest: str = "",
+    tags: tuple[str, ...] = ("default", "head"),
     osf_id: int | None = None,
 ) -> dict[str, Any]:
     """Register (idempotently, by OSF + version) a ready image file and point ``tags`` at it."""
@@ -48,10 +55,17 @@ async def register_image(
             await conn.execute(sa.update(i).where(i.c.id == image_id).values(path=str(path), state="published"))
         else:
             res = await conn.execute(
-                sa.insert(i).values(
-                    osf_id=osf_id, version=version, path=str(path), digest=digest,
-                    size=path.stat().st_size if path.exists() else 0, state="published", created_at=utcnow(),
-                ).returning(i.c.id)
+                sa.insert(i)
+                .values(
+                    osf_id=osf_id,
+                    version=version,
+                    path=str(path),
+                    digest=digest,
+                    size=path.stat().st_size if path.exists() else 0,
+                    state="published",
+                    created_at=utcnow(),
+                )
+                .returning(i.c.id)
             )
             image_id = int(res.scalar_one())
         for tag in tags:
@@ -78,8 +92,11 @@ async def resolve_image(conn: AsyncConnection, osf_id: int, tag: str) -> tuple[i
 
 async def list_images(db: Database, actor: Actor) -> list[dict[str, Any]]:
     tags = (
-        sa.select(sa.func.group_concat(t.image_tags.c.tag) if db.dialect == "sqlite"
-                  else sa.func.string_agg(t.image_tags.c.tag, ","))
+        sa.select(
+            sa.func.group_concat(t.image_tags.c.tag)
+            if db.dialect == "sqlite"
+            else sa.func.string_agg(t.image_tags.c.tag, ",")
+        )
         .where(t.image_tags.c.image_id == i.c.id)
         .scalar_subquery()
     )

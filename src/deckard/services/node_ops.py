@@ -25,12 +25,21 @@ d = t.desktops
 n = t.nodes
 
 
-async def register_node(db: Database, name: str, address: str, broker_url: str, *, cpus: float,
-                        mem_total_mib: int, mem_free_mib: int) -> int:
+async def register_node(
+    db: Database, name: str, address: str, broker_url: str, *, cpus: float, mem_total_mib: int, mem_free_mib: int
+) -> int:
     now = utcnow()
     values: dict[str, Any] = dict(
-        address=address, broker_url=broker_url, state="starting", pid=os.getpid(), started_at=now,
-        heartbeat_at=now, cpus=cpus, mem_total_mib=mem_total_mib, mem_free_mib=mem_free_mib, cmd=None,
+        address=address,
+        broker_url=broker_url,
+        state="starting",
+        pid=os.getpid(),
+        started_at=now,
+        heartbeat_at=now,
+        cpus=cpus,
+        mem_total_mib=mem_total_mib,
+        mem_free_mib=mem_free_mib,
+        cmd=None,
     )
     async with db.begin() as conn:
         row = (await conn.execute(sa.select(n.c.id).where(n.c.name == name))).first()
@@ -49,7 +58,8 @@ async def set_node_state(db: Database, node_id: int, state: str) -> None:
 async def heartbeat(db: Database, node_id: int, *, mem_free_mib: int, load: float, running: int) -> None:
     async with db.begin() as conn:
         await conn.execute(
-            sa.update(n).where(n.c.id == node_id)
+            sa.update(n)
+            .where(n.c.id == node_id)
             .values(heartbeat_at=utcnow(), mem_free_mib=mem_free_mib, load=load, desktops_running=running)
         )
 
@@ -85,8 +95,9 @@ async def claim_stops(db: Database, node_id: int) -> list[int]:
     return ids
 
 
-async def _set(db: Database, node_id: int, desktop_id: int, values: dict[str, Any], *,
-               expect: str | None = None) -> bool:
+async def _set(
+    db: Database, node_id: int, desktop_id: int, values: dict[str, Any], *, expect: str | None = None
+) -> bool:
     q = sa.update(d).where(d.c.id == desktop_id, d.c.node_id == node_id)
     if expect is not None:
         q = q.where(d.c.state == expect)
@@ -96,24 +107,39 @@ async def _set(db: Database, node_id: int, desktop_id: int, values: dict[str, An
     return bool(res.rowcount)
 
 
-async def mark_running(db: Database, node_id: int, desktop_id: int, *, image_id: int, guest_ms: float,
-                       agent_ms: float) -> bool:
+async def mark_running(
+    db: Database, node_id: int, desktop_id: int, *, image_id: int, guest_ms: float, agent_ms: float
+) -> bool:
     now = utcnow()
-    values = dict(state="running", started_at=now, agent_ok_at=now, image_id=image_id, start_guest_ms=guest_ms,
-                  start_agent_ms=agent_ms)
+    values = dict(
+        state="running",
+        started_at=now,
+        agent_ok_at=now,
+        image_id=image_id,
+        start_guest_ms=guest_ms,
+        start_agent_ms=agent_ms,
+    )
     return await _set(db, node_id, desktop_id, values, expect="starting")
 
 
 async def mark_failed(db: Database, node_id: int, desktop_id: int, reason: str) -> bool:
     """The start failed: the desktop leaves the node (any node may try it again) with the reason kept."""
-    values = dict(state="failed", failure_reason=reason[:2000], node_id=None, cmd=None, agent_token=None,
-                  user_state="disconnected", session_id=None)
+    values = dict(
+        state="failed",
+        failure_reason=reason[:2000],
+        node_id=None,
+        cmd=None,
+        agent_token=None,
+        user_state="disconnected",
+        session_id=None,
+    )
     return await _set(db, node_id, desktop_id, values)
 
 
 async def mark_stopped(db: Database, node_id: int, desktop_id: int, *, reason: str | None = None) -> bool:
-    values: dict[str, Any] = dict(state="stopped", node_id=None, agent_token=None, user_state="disconnected",
-                                  session_id=None, started_at=None)
+    values: dict[str, Any] = dict(
+        state="stopped", node_id=None, agent_token=None, user_state="disconnected", session_id=None, started_at=None
+    )
     if reason is not None:
         values["failure_reason"] = reason
     # a pending stop is done; a pending start (admin asked again) is kept only if it targets this node
@@ -154,13 +180,23 @@ class StartFacts:
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
     async with db.connect() as conn:
-        row = (await conn.execute(
-            sa.select(d, t.users.c.login, t.osfs.c.memory_mib, t.osfs.c.cpus, t.osfs.c.keep_overlay)
-            .join(t.users, t.users.c.id == d.c.user_id)
-            .join(t.osfs, t.osfs.c.id == d.c.osf_id)
-            .where(d.c.id == desktop_id)
-        )).one()
+        row = (
+            await conn.execute(
+                sa.select(d, t.users.c.login, t.osfs.c.memory_mib, t.osfs.c.cpus, t.osfs.c.keep_overlay)
+                .join(t.users, t.users.c.id == d.c.user_id)
+                .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+                .where(d.c.id == desktop_id)
+            )
+        ).one()
         desk = Desktop.from_row(row._mapping)
         image_id, image_path = await resolve_image(conn, desk.osf_id, desk.tag)
-        return StartFacts(desk, row.login, await tenant_name(conn, desk.tenant_id), row.memory_mib, row.cpus,
-                          row.keep_overlay, image_id, image_path)
+        return StartFacts(
+            desk,
+            row.login,
+            await tenant_name(conn, desk.tenant_id),
+            row.memory_mib,
+            row.cpus,
+            row.keep_overlay,
+            image_id,
+            image_path,
+        )

@@ -26,11 +26,19 @@ async def node_loads(conn: AsyncConnection) -> list[NodeLoad]:
     out = []
     for r in rows:
         hb = aware(r.heartbeat_at)
-        out.append(NodeLoad(
-            node_id=r.id, name=r.name, state=r.state, blocked=r.blocked,
-            fresh=hb is not None and now - hb < HEARTBEAT_STALE,
-            mem_free_mib=r.mem_free_mib, cpus=r.cpus, load=r.load, desktops=int(r.n),
-        ))
+        out.append(
+            NodeLoad(
+                node_id=r.id,
+                name=r.name,
+                state=r.state,
+                blocked=r.blocked,
+                fresh=hb is not None and now - hb < HEARTBEAT_STALE,
+                mem_free_mib=r.mem_free_mib,
+                cpus=r.cpus,
+                load=r.load,
+                desktops=int(r.n),
+            )
+        )
     return out
 
 

@@ -45,25 +45,42 @@ async def desktop_for_user(db: Database, user: User, desktop_id: int) -> Desktop
         # same answer as QVD: the desktop exists but is not this user's
         raise PermissionDenied("this desktop belongs to another user", code="not_your_desktop")
     if desk.blocked:
-        raise PermissionDenied("the desktop is offline for maintenance: ask your administrator",
-                               code="desktop_blocked")
+        raise PermissionDenied("the desktop is offline for maintenance: ask your administrator", code="desktop_blocked")
     return desk
 
 
-async def open_session(db: Database, desk: Desktop, user: User, *, login: str, broker_node_id: int | None,
-                       source: str, protocol: str, auth_ms: float) -> tuple[str, int]:
+async def open_session(
+    db: Database,
+    desk: Desktop,
+    user: User,
+    *,
+    login: str,
+    broker_node_id: int | None,
+    source: str,
+    protocol: str,
+    auth_ms: float,
+) -> tuple[str, int]:
     """Take the desktop's display for a new connection; returns (session id, connection history id)."""
     session_id = secrets.token_hex(8)
     now = utcnow()
     async with db.begin() as conn:
         await conn.execute(
-            sa.update(d).where(d.c.id == desk.id)
-            .values(user_state="connecting", user_state_at=now, session_id=session_id,
-                    session_node_id=broker_node_id)
+            sa.update(d)
+            .where(d.c.id == desk.id)
+            .values(user_state="connecting", user_state_at=now, session_id=session_id, session_node_id=broker_node_id)
         )
         res = await conn.execute(
-            sa.insert(c).values(desktop_id=desk.id, user_id=user.id, login=login, broker_node_id=broker_node_id,
-                                source=source, protocol=protocol, started_at=now, t_auth_ms=auth_ms)
+            sa.insert(c)
+            .values(
+                desktop_id=desk.id,
+                user_id=user.id,
+                login=login,
+                broker_node_id=broker_node_id,
+                source=source,
+                protocol=protocol,
+                started_at=now,
+                t_auth_ms=auth_ms,
+            )
             .returning(c.c.id)
         )
         conn_id = int(res.scalar_one())
@@ -77,30 +94,49 @@ async def session_is_current(db: Database, desktop_id: int, session_id: str) -> 
     return bool(row and row.session_id == session_id)
 
 
-async def mark_connected(db: Database, desktop_id: int, session_id: str, conn_id: int,
-                         timings: dict[str, float]) -> None:
+async def mark_connected(
+    db: Database, desktop_id: int, session_id: str, conn_id: int, timings: dict[str, float]
+) -> None:
     async with db.begin() as conn:
         await conn.execute(
-            sa.update(d).where(d.c.id == desktop_id, d.c.session_id == session_id)
+            sa.update(d)
+            .where(d.c.id == desktop_id, d.c.session_id == session_id)
             .values(user_state="connected", user_state_at=utcnow())
         )
         await conn.execute(sa.update(c).where(c.c.id == conn_id).values(connected_at=utcnow(), **timings))
     await db.bus.notify(DESKTOPS, str(desktop_id))
 
 
-async def close_session(db: Database, desktop_id: int, session_id: str, conn_id: int, *, result: str,
-                        reason: str = "", bytes_in: int = 0, bytes_out: int = 0,
-                        timings: dict[str, float] | None = None) -> None:
+async def close_session(
+    db: Database,
+    desktop_id: int,
+    session_id: str,
+    conn_id: int,
+    *,
+    result: str,
+    reason: str = "",
+    bytes_in: int = 0,
+    bytes_out: int = 0,
+    timings: dict[str, float] | None = None,
+) -> None:
     """Record the end of a connection; the desktop is disconnected only if this session still owns it."""
     async with db.begin() as conn:
         await conn.execute(
-            sa.update(d).where(d.c.id == desktop_id, d.c.session_id == session_id)
+            sa.update(d)
+            .where(d.c.id == desktop_id, d.c.session_id == session_id)
             .values(user_state="disconnected", user_state_at=utcnow(), session_id=None, session_node_id=None)
         )
         await conn.execute(
-            sa.update(c).where(c.c.id == conn_id)
-            .values(ended_at=utcnow(), result=result, reason=reason[:1000], bytes_in=bytes_in,
-                    bytes_out=bytes_out, **(timings or {}))
+            sa.update(c)
+            .where(c.c.id == conn_id)
+            .values(
+                ended_at=utcnow(),
+                result=result,
+                reason=reason[:1000],
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                **(timings or {}),
+            )
         )
     await db.bus.notify(DESKTOPS, str(desktop_id))
 
@@ -120,8 +156,9 @@ PROGRESS_TEXT = {
 }
 
 
-async def wait_until_running(db: Database, desktop_id: int, *, timeout: float, poll: float,
-                             on_progress: Any = None) -> Desktop:
+async def wait_until_running(
+    db: Database, desktop_id: int, *, timeout: float, poll: float, on_progress: Any = None
+) -> Desktop:
     """Wait on notifications (not sleeps) until the desktop runs; Unavailable with the reason if it fails."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -142,6 +179,7 @@ async def wait_until_running(db: Database, desktop_id: int, *, timeout: float, p
                 raise Unavailable("the desktop was stopped while starting", code="start_aborted")
             left = deadline - loop.time()
             if left <= 0:
-                raise Unavailable(f"the desktop did not start within {timeout:.0f} s (state {desk.state})",
-                                  code="start_timeout")
+                raise Unavailable(
+                    f"the desktop did not start within {timeout:.0f} s (state {desk.state})", code="start_timeout"
+                )
             await sub.wait(min(left, poll))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,29 +41,33 @@ def split_login(full: str) -> tuple[str, str]:
     return full, DEFAULT_TENANT
 
 
-_USER_COLS = [t.users.c.id, t.users.c.tenant_id, t.users.c.login, t.users.c.blocked, t.users.c.description,
-              t.users.c.created_at]
+_USER_COLS = [
+    t.users.c.id,
+    t.users.c.tenant_id,
+    t.users.c.login,
+    t.users.c.blocked,
+    t.users.c.description,
+    t.users.c.created_at,
+]
 
 
-async def create_user(db: Database, actor: Actor, login: str, password: str | None, *,
-                      tenant_id: int | None = None, description: str = "") -> dict[str, Any]:
+async def create_user(
+    db: Database, actor: Actor, login: str, password: str | None, *, tenant_id: int | None = None, description: str = ""
+) -> dict[str, Any]:
     check_login(login)
     if password is not None and len(password) < 4:
         raise BadInput("the password is too short: use at least 4 characters", code="weak_password")
     tid = tenant_id if tenant_id is not None else actor.tenant_id
-    pw_hash = hash_password(password) if password is not None else None
+    pw_hash = await asyncio.to_thread(hash_password, password) if password is not None else None
     async with db.begin() as conn:
         if tid is None:
             tid = await tenant_id_by_name(conn, DEFAULT_TENANT)
-        exists = await conn.execute(
-            sa.select(t.users.c.id).where(t.users.c.tenant_id == tid, t.users.c.login == login)
-        )
+        exists = await conn.execute(sa.select(t.users.c.id).where(t.users.c.tenant_id == tid, t.users.c.login == login))
         if exists.first():
             raise Conflict(f"a user named {login!r} already exists", code="duplicate")
         res = await conn.execute(
             sa.insert(t.users)
-            .values(tenant_id=tid, login=login, password_hash=pw_hash, description=description,
-                    created_at=utcnow())
+            .values(tenant_id=tid, login=login, password_hash=pw_hash, description=description, created_at=utcnow())
             .returning(*_USER_COLS)
         )
         return as_dict(res.one())
@@ -94,12 +99,19 @@ async def get_user(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
     return as_dict(row)
 
 
-async def update_user(db: Database, actor: Actor, user_id: int, *, password: str | None = None,
-                      blocked: bool | None = None, description: str | None = None) -> dict[str, Any]:
+async def update_user(
+    db: Database,
+    actor: Actor,
+    user_id: int,
+    *,
+    password: str | None = None,
+    blocked: bool | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
     await get_user(db, actor, user_id)
     values: dict[str, Any] = {}
     if password is not None:
-        values["password_hash"] = hash_password(password)
+        values["password_hash"] = await asyncio.to_thread(hash_password, password)
     if blocked is not None:
         values["blocked"] = blocked
     if description is not None:
@@ -113,9 +125,11 @@ async def update_user(db: Database, actor: Actor, user_id: int, *, password: str
 async def delete_user(db: Database, actor: Actor, user_id: int) -> None:
     await get_user(db, actor, user_id)
     async with db.begin() as conn:
-        n = (await conn.execute(
-            sa.select(sa.func.count()).select_from(t.desktops).where(t.desktops.c.user_id == user_id)
-        )).scalar_one()
+        n = (
+            await conn.execute(
+                sa.select(sa.func.count()).select_from(t.desktops).where(t.desktops.c.user_id == user_id)
+            )
+        ).scalar_one()
         if n:
             raise Conflict(f"the user still has {n} desktop(s): delete them first", code="has_dependents")
         await conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))

@@ -1,0 +1,163 @@
+"""Time to desktop, idle desktop memory and 20 desktops at once on one node (issue: single-node farm).
+
+Runs a real all-in-one farm (``deckard.testing.FarmProcess``: its own home, ports, bridge), then:
+
+1. time to desktop: for a *stopped* desktop, connect request → first RFB byte through the broker, N times,
+   with the phases the broker records (auth, claim, container start, agent ready, display ready);
+2. memory of an idle desktop: the whole container's memory cgroup (usage and RSS) after the display is up;
+3. 20 desktops started and connected at once on one node: wall time, all framebuffers non-blank, memory.
+
+Usage: ``.venv/bin/python bench/time_to_desktop.py [--runs 10] [--desktops 20]`` (root; LXC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from deckard.client import broker as qvd
+from deckard.client.rfb import grab_framebuffer, is_blank
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.runtime.paths import FarmPaths
+from deckard.testing import FarmProcess, wait_for
+
+PASSWORD = "bench-pass"
+PHASES = ["t_auth_ms", "t_claim_ms", "t_start_ms", "t_agent_ms", "t_display_ms", "t_total_ms"]
+
+
+def cgroup_memory(guest: str) -> tuple[int, int]:
+    base = Path("/sys/fs/cgroup/memory") / f"lxc.payload.{guest}"
+    usage = int((base / "memory.usage_in_bytes").read_text())
+    stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
+    return usage, int(stat.get("total_rss", 0)) + int(stat.get("total_mapped_file", 0))
+
+
+def desktop(farm: FarmProcess, name: str) -> dict:
+    rows = farm.json("desktop", "list")
+    assert isinstance(rows, list)
+    return next(r for r in rows if r["name"] == name)
+
+
+def wait_state(farm: FarmProcess, name: str, state: str) -> None:
+    wait_for(lambda: (d := desktop(farm, name))["state"] == state and d["cmd"] is None, 60, 0.1, state)
+
+
+async def first_byte(farm: FarmProcess, login: str, desktop_id: int) -> float:
+    t0 = time.perf_counter()
+    reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id)
+    await reader.readexactly(1)
+    elapsed = time.perf_counter() - t0
+    writer.close()
+    return elapsed
+
+
+async def last_connection(farm: FarmProcess) -> dict:
+    db = Database(farm.sqlite_url)
+    await db.start(run_migrations=False)
+    try:
+        async with db.connect() as conn:
+            row = (await conn.execute(sa.select(t.connections).order_by(t.connections.c.id.desc()).limit(1))).one()
+            return dict(row._mapping)
+    finally:
+        await db.close()
+
+
+async def see(farm: FarmProcess, login: str, desktop_id: int) -> bool:
+    reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id)
+    try:
+        _w, _h, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 60)
+        return not is_blank(pixels)
+    finally:
+        writer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--desktops", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    farm = FarmProcess()
+    results: dict[str, object] = {
+        "machine": f"{platform.node()} {platform.machine()} "
+        f"{platform.processor() or ''} cpus={__import__('os').cpu_count()}"
+    }
+    try:
+        farm.up()
+        farm.deckard("user", "add", "bench", "--password", PASSWORD)
+        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
+        desk_id = desktop(farm, "bench-desk")["id"]
+        asyncio.run(see(farm, "bench", desk_id))  # warm-up: unpacks the image once
+        totals, phases = [], {p: [] for p in PHASES}
+        for _ in range(args.runs):
+            farm.deckard("desktop", "stop", "bench-desk")
+            wait_state(farm, "bench-desk", "stopped")
+            totals.append(asyncio.run(first_byte(farm, "bench", desk_id)))
+            row = asyncio.run(last_connection(farm))
+            for p in PHASES:
+                if row.get(p) is not None:
+                    phases[p].append(row[p])
+        results["time_to_desktop_s"] = {
+            "median": statistics.median(totals),
+            "min": min(totals),
+            "max": max(totals),
+            "runs": len(totals),
+        }
+        results["phases_median_ms"] = {p: round(statistics.median(v), 1) for p, v in phases.items() if v}
+
+        asyncio.run(see(farm, "bench", desk_id))
+        time.sleep(5)  # let the desktop go idle
+        usage, rss = cgroup_memory(FarmPaths(farm.home).guest_name(desk_id))
+        results["idle_desktop_memory_mib"] = {"cgroup_usage": round(usage / 2**20, 1), "rss": round(rss / 2**20, 1)}
+
+        n = args.desktops
+        for i in range(n):
+            farm.deckard("user", "add", f"u{i}", "--password", PASSWORD)
+            farm.deckard("desktop", "add", f"d{i}", "--user", f"u{i}")
+        ids = {f"u{i}": desktop(farm, f"d{i}")["id"] for i in range(n)}
+
+        async def all_at_once() -> list[bool]:
+            return await asyncio.gather(*(see(farm, login, did) for login, did in ids.items()))
+
+        t0 = time.perf_counter()
+        seen = asyncio.run(all_at_once())
+        wall = time.perf_counter() - t0
+        guests = [FarmPaths(farm.home).guest_name(did) for did in ids.values()]
+        mem = [cgroup_memory(g) for g in guests]
+        results["many_desktops"] = {
+            "desktops": n,
+            "all_visible": all(seen),
+            "visible": sum(seen),
+            "wall_s": round(wall, 2),
+            "total_usage_mib": round(sum(u for u, _ in mem) / 2**20, 1),
+            "mean_usage_mib": round(statistics.mean(u for u, _ in mem) / 2**20, 1),
+        }
+    finally:
+        farm.close()
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    ttd = results["time_to_desktop_s"]
+    assert isinstance(ttd, dict)
+    print(f"machine: {results['machine']}")
+    print(
+        f"time to desktop (stopped → first RFB byte): median {ttd['median']:.3f} s "
+        f"(min {ttd['min']:.3f}, max {ttd['max']:.3f}, {ttd['runs']} runs)  target ≤ 1.5 s"
+    )
+    print(f"phases (median ms): {results['phases_median_ms']}")
+    print(f"idle desktop memory: {results['idle_desktop_memory_mib']}  target ≤ 120 MiB")
+    print(f"{args.desktops} desktops at once: {results['many_desktops']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The admin REST API (QVD's qvd-api): one FastAPI app, all routes under ``/api/v1``, one module per resource.
+
+The app holds no state of its own: the ``Database`` and ``Settings`` it is given live on ``app.state`` and
+reach routes through ``api/deps.py``.  The caller starts and closes the database (lifespan is off), so the
+lead process can share one ``Database`` between the API and the node daemon.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+import deckard
+from deckard.api.access_log import install_access_log
+from deckard.api.errors import install_error_handlers
+from deckard.api.routes import auth, desktops, health, images, nodes, users
+from deckard.db.engine import Database
+from deckard.runtime.settings import Settings
+
+PREFIX = "/api/v1"
+
+
+def create_app(db: Database, settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="Deckard admin API",
+        version=deckard.__version__,
+        description=(
+            "Administer a Deckard farm: users, desktops, nodes, images.  Authenticate with "
+            "`POST /api/v1/auth/login` and send `Authorization: Bearer <token>`.  "
+            "Errors always have the shape "
+            '`{"error": {"code", "message", "details"?}}` with a stable `code`.'
+        ),
+        openapi_url=f"{PREFIX}/openapi.json",
+        docs_url=f"{PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.db = db
+    app.state.settings = settings
+    install_error_handlers(app)
+    install_access_log(app)
+    api = APIRouter(prefix=PREFIX)
+    for module in (health, auth, users, desktops, nodes, images):
+        api.include_router(module.router)
+    app.include_router(api)
+    return app

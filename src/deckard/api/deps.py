@@ -1,0 +1,49 @@
+"""What a route needs from the request: the farm's ``Database`` and ``Settings`` (from ``app.state``) and the
+``Actor`` its bearer token stands for.  Routes declare these as parameters; services do the authorization.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from deckard.db.engine import Database
+from deckard.model.errors import Unauthenticated
+from deckard.runtime.settings import Settings
+from deckard.services.admins import actor_for_token
+from deckard.services.context import Actor
+
+# auto_error off: a missing token must leave in our envelope (401 unauthenticated), not FastAPI's 403
+_bearer = HTTPBearer(auto_error=False, description="A session token from POST /auth/login, or an API token.")
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    if credentials is None or not credentials.credentials:
+        raise Unauthenticated("no token: log in (POST /api/v1/auth/login) and send 'Authorization: Bearer <token>'")
+    return credentials.credentials
+
+
+async def get_actor(
+    request: Request, token: Annotated[str, Depends(get_token)], db: Annotated[Database, Depends(get_db)]
+) -> Actor:
+    actor = await actor_for_token(db, token)
+    request.state.admin = actor.name  # for the request's log line
+    return actor
+
+
+DbDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+TokenDep = Annotated[str, Depends(get_token)]
+ActorDep = Annotated[Actor, Depends(get_actor)]

@@ -1,0 +1,59 @@
+"""Query parameters of ``connect_to_vm`` and ``stop_vm``, checked the way QVD's L7R checks them.
+
+QVD accepts ``id`` plus parameters named ``qvd.client.*`` (the client's settings: geometry, keyboard, ...)
+and ``custom.*``; anything else is refused with 403 so a client cannot smuggle settings that only an
+administrator may set.  A missing ``id`` is 422.  Only ``qvd.client.geometry`` changes what Deckard does
+(it sizes the display); the rest is kept for the agent and for the logs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from deckard.model.errors import BadInput, PermissionDenied
+
+ALLOWED_PARAM = re.compile(r"^(qvd\.client\.|custom\.)")
+GEOMETRY = re.compile(r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
+
+
+@dataclass(frozen=True)
+class ConnectParams:
+    desktop_id: int
+    client: dict[str, str] = field(default_factory=dict)  # every qvd.client.* and custom.* pair, as sent
+
+    @property
+    def geometry(self) -> str | None:
+        return self.client.get("qvd.client.geometry") or None
+
+
+def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
+    """The ``id`` parameter: 422 when missing or not a positive integer."""
+    values = [v for k, v in pairs if k == "id"]
+    if not values or not values[0].strip():
+        raise BadInput("the request has no desktop id: add ?id=N (see list_of_vm)", code="missing_id")
+    if len(values) > 1:
+        raise BadInput("the desktop id is given more than once", code="bad_id")
+    raw = values[0].strip()
+    if not raw.isdigit() or int(raw) <= 0:
+        raise BadInput(f"the desktop id {raw!r} is not a positive integer", code="bad_id")
+    return int(raw)
+
+
+def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:
+    """Check the query of a connect (order as QVD: id 422 first, then unknown names 403, then values)."""
+    desktop_id = parse_desktop_id(pairs)
+    client: dict[str, str] = {}
+    for key, value in pairs:
+        if key == "id":
+            continue
+        if not ALLOWED_PARAM.match(key):
+            raise PermissionDenied(
+                f"parameter {key!r} is not allowed: only id, qvd.client.* and custom.* may be sent",
+                code="forbidden_parameter",
+            )
+        client[key] = value
+    geometry = client.get("qvd.client.geometry")
+    if geometry and not GEOMETRY.match(geometry):
+        raise BadInput(f"qvd.client.geometry {geometry!r} must look like 1024x768", code="bad_geometry")
+    return ConnectParams(desktop_id, client)

@@ -1,0 +1,186 @@
+"""The QVD client protocol's routes (QVD's L7R, ``reference/qvd.md`` §1) over one client connection.
+
+``GET /qvd/ping``, ``/qvd/list_of_vm``, ``/qvd/list_of_applications``, ``/qvd/connect_to_vm`` and
+``/qvd/stop_vm``, in QVD's order of checks and with its status codes, so QVD's own client works unchanged.
+Errors from the services are mapped to HTTP here and nowhere else below the broker: a connect that fails
+after authentication is a ``503`` whose body carries the human reason (``session.py``).
+
+One log line per request (``broker.request``) and one per connect outcome (``broker.connection``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import structlog
+
+from deckard.broker.auth import REALM_CHALLENGE, Basic, parse_authorization
+from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
+from deckard.broker.params import parse_connect_params, parse_desktop_id
+from deckard.broker.session import ConnectRequest, SessionRunner
+from deckard.db.engine import Database
+from deckard.model.entities import User
+from deckard.model.errors import Conflict, DeckardError, Unauthenticated
+from deckard.services.desktops import request_stop
+from deckard.services.sessions import desktop_for_user, user_desktops
+from deckard.services.users import authenticate_user
+
+log = structlog.get_logger("deckard.broker")
+
+FIRST_REQUEST_TIMEOUT = 30.0  # a connection that sends no request is dropped
+KEEPALIVE_TIMEOUT = 300.0  # QVD's client may list, then wait for the user to pick a desktop
+ROUTES = ("/qvd/ping", "/qvd/list_of_vm", "/qvd/list_of_applications", "/qvd/connect_to_vm", "/qvd/stop_vm")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: list[tuple[str, str]]
+    headers: dict[str, str]  # names lower-case; a repeated header keeps its last value
+    received_at: float
+
+    @classmethod
+    def from_h11(cls, req: h11.Request) -> Request:
+        target = urlsplit(req.target.decode("latin-1"))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
+        return cls(
+            req.method.decode("latin-1").upper(),
+            target.path,
+            parse_qsl(target.query, keep_blank_values=True),
+            headers,
+            time.monotonic(),
+        )
+
+    def header_tokens(self, name: str) -> set[str]:
+        return {t.strip().lower() for t in self.headers.get(name, "").split(",") if t.strip()}
+
+
+@dataclass
+class Reply:
+    status: int
+    body: str
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def error_reply(err: DeckardError) -> Reply:
+    """A service error as QVD's client expects it (401 always carries the Basic challenge)."""
+    status = err.status if err.status in (401, 403, 404, 409, 422, 503) else 500
+    headers = (("WWW-Authenticate", REALM_CHALLENGE),) if status == 401 else ()
+    body = err.message if status != 500 else "internal error in the broker"
+    return Reply(status, body, headers=headers)
+
+
+class QvdProtocol:
+    """Serves every request of one client connection, keep-alive included, until close or upgrade."""
+
+    def __init__(self, db: Database, sessions: SessionRunner) -> None:
+        self.db = db
+        self.sessions = sessions
+
+    async def serve(self, front: FrontConnection) -> None:
+        channel = HttpChannel(front)
+        timeout = FIRST_REQUEST_TIMEOUT
+        try:
+            while not front.gone:
+                try:
+                    event = await channel.receive_request(timeout)
+                except BadRequest as e:
+                    channel.reply_bad_request(str(e))
+                    log.info("broker.request", peer=front.peer, status=400, error=str(e))
+                    return
+                except TimeoutError:
+                    return
+                if event is None:
+                    return
+                req = Request.from_h11(event)
+                if req.path == "/qvd/connect_to_vm" and req.method == "GET":
+                    await self._connect(channel, req)
+                else:
+                    reply, login = await self._simple(req)
+                    self._send(channel, req, reply, login)
+                if front.relay is not None or not channel.next_cycle():
+                    return
+                timeout = KEEPALIVE_TIMEOUT
+        finally:
+            if front.relay is None:
+                front.close()
+
+    def _send(self, channel: HttpChannel, req: Request, reply: Reply, login: str = "") -> None:
+        if not channel.front.gone:
+            channel.respond(reply.status, reply.body, headers=reply.headers, content_type=reply.content_type)
+        log.info(
+            "broker.request",
+            peer=channel.front.peer,
+            method=req.method,
+            path=req.path,
+            status=reply.status,
+            login=login or None,
+            ms=round((time.monotonic() - req.received_at) * 1000, 1),
+        )
+
+    async def _authenticate(self, req: Request) -> tuple[User, str]:
+        creds = parse_authorization(req.headers.get("authorization"))
+        if not isinstance(creds, Basic):
+            raise Unauthenticated(
+                "token login is not enabled on this broker: log in with a password", code="token_unsupported"
+            )
+        return await authenticate_user(self.db, creds.login, creds.password), creds.login
+
+    async def _simple(self, req: Request) -> tuple[Reply, str]:
+        """Every route but connect; returns the reply and the login it was made for (for the log)."""
+        if req.path not in ROUTES:
+            return Reply(404, f"no such page: {req.path}"), ""
+        if req.method != "GET":
+            return Reply(405, f"{req.method} is not allowed here: use GET", headers=(("Allow", "GET"),)), ""
+        if req.path == "/qvd/ping":
+            return Reply(200, "I am alive!"), ""
+        login = ""
+        try:
+            user, login = await self._authenticate(req)
+            if req.path == "/qvd/list_of_vm":
+                desktops = [{**d, "is_application": 0} for d in await user_desktops(self.db, user)]
+                return Reply(200, json.dumps(desktops), content_type="application/json"), login
+            if req.path == "/qvd/list_of_applications":
+                return Reply(200, "[]", content_type="application/json"), login  # no application OSFs here
+            return await self._stop(req, user), login
+        except DeckardError as e:
+            return error_reply(e), login
+
+    async def _stop(self, req: Request, user: User) -> Reply:
+        desk = await desktop_for_user(self.db, user, parse_desktop_id(req.query))
+        if desk.state not in ("stopped", "failed", "stopping") or desk.cmd == "start":
+            try:
+                await request_stop(self.db, desk.id)
+            except Conflict as e:
+                return Reply(409, e.message)
+        return Reply(200, "Machine stopped")
+
+    async def _connect(self, channel: HttpChannel, req: Request) -> None:
+        """QVD's checks in QVD's order, then the session flow (which answers 101 or 503 itself)."""
+        login = ""
+        try:
+            if "upgrade" not in req.header_tokens("connection") or "qvd/1.0" not in req.header_tokens("upgrade"):
+                self._send(
+                    channel,
+                    req,
+                    Reply(
+                        426,
+                        "connect_to_vm needs the headers Connection: Upgrade and Upgrade: QVD/1.0",
+                        headers=(("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")),
+                    ),
+                )
+                return
+            user, login = await self._authenticate(req)
+            auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
+            params = parse_connect_params(req.query)
+            desk = await desktop_for_user(self.db, user, params.desktop_id)
+        except DeckardError as e:
+            self._send(channel, req, error_reply(e), login)
+            return
+        await self.sessions.run(channel, ConnectRequest(user, login, params, desk, req.received_at, auth_ms))

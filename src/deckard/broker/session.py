@@ -1,0 +1,286 @@
+"""One ``connect_to_vm`` after authentication: take the desktop, start it, wait, bring up the display, relay.
+
+This is QVD's L7R session flow (``reference/qvd.md`` §1, steps 2-5) with Deckard's differences:
+
+* **takeover without signals**: ``open_session`` writes a fresh session id on the desktop; every session
+  (in this process or another node's broker) watches the ``desktops`` channel and ends itself when the id
+  is no longer its own.  With SQLite the channel does not cross processes, so the watch also polls.
+* **waiting on notifications**: ``wait_until_running`` wakes on the desktop's changes and each state seen
+  becomes a ``102 Processing`` with ``X-QVD-VM-Info``, as QVD's client expects.
+* **a client that leaves does not stop the start**: every wait races the client's connection; if the
+  client goes, the wait is dropped (the node carries on starting the desktop) and the connection is
+  recorded ``aborted``.
+
+Every outcome is written to the connection history with per-phase timings (milliseconds):
+``t_auth_ms`` authentication, ``t_claim_ms`` taking the desktop and placing the start, ``t_start_ms``
+waiting until it runs, ``t_agent_ms`` the node's guest-to-agent time of the start this connect caused,
+``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+from deckard.broker.http import FrontConnection, HttpChannel
+from deckard.broker.params import ConnectParams
+from deckard.broker.tunnel import Tunnel
+from deckard.client.agent import AgentClient
+from deckard.db.engine import Database
+from deckard.model.entities import Desktop, User, uid_for_user
+from deckard.model.errors import DeckardError, Unavailable
+from deckard.runtime.settings import BrokerSettings
+from deckard.services.desktops import load_desktop, request_start
+from deckard.services.events import DESKTOPS
+from deckard.services.sessions import (
+    Progress,
+    close_session,
+    mark_connected,
+    open_session,
+    session_is_current,
+    wait_until_running,
+)
+
+log = structlog.get_logger("deckard.broker")
+
+T = TypeVar("T")
+
+DISPLAY_CONNECT_TIMEOUT = 5.0
+SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
+
+
+class ClientGone(Exception):
+    """The client closed its connection while the broker was still bringing the desktop up."""
+
+
+class SessionLost(Exception):
+    """The desktop's session now belongs to another connection (or ended) while bringing it up."""
+
+
+@dataclass
+class Ports:
+    agent: int
+    display: int
+
+
+@dataclass
+class ConnectRequest:
+    """What the HTTP layer hands over once the user is authenticated and the parameters are valid."""
+
+    user: User
+    login: str  # as the user typed it (with the tenant, if any)
+    params: ConnectParams
+    desktop: Desktop
+    received_at: float  # time.monotonic() when the request arrived
+    auth_ms: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 1)
+
+
+class SessionRunner:
+    """Runs connect flows for one broker; owns nothing but configuration."""
+
+    def __init__(self, db: Database, settings: BrokerSettings, node_id: int | None, poll: float, ports: Ports) -> None:
+        self.db = db
+        self.settings = settings
+        self.node_id = node_id
+        self.poll = poll
+        self.ports = ports
+        self.shutting_down = False
+
+    async def run(self, channel: HttpChannel, req: ConnectRequest) -> None:
+        """Bring the desktop up and relay until either side closes; every outcome is recorded."""
+        front = channel.front
+        desk = req.desktop
+        session_id, conn_id = await open_session(
+            self.db,
+            desk,
+            req.user,
+            login=req.login,
+            broker_node_id=self.node_id,
+            source=front.peer,
+            protocol="qvd",
+            auth_ms=req.auth_ms,
+        )
+        bound = log.bind(desktop_id=desk.id, session=session_id, login=req.login, peer=front.peer)
+        watch = asyncio.create_task(self._watch(desk.id, session_id), name=f"session-watch-{session_id}")
+        result, reason, tunnel = "failed", "", None
+        refusal = None  # the 503 text, sent once the outcome is recorded
+        try:
+            tunnel = await self._bring_up(channel, req, watch)
+            await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
+            early = channel.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")])
+            tunnel.start(early)
+            bound.info("broker.connected", **req.timings)
+            relay_end: set[asyncio.Future[Any]] = {tunnel.done, watch}
+            await asyncio.wait(relay_end, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and not tunnel.done.done():
+                result, reason = watch.result()
+                tunnel.close(reason)
+                await tunnel.done
+            else:
+                result, reason = "closed", tunnel.done.result()
+                if self.shutting_down:
+                    reason = "broker shutting down"
+        except ClientGone:
+            result = "aborted"
+            reason = "broker shutting down" if self.shutting_down else "the client left before the desktop was ready"
+        except SessionLost:
+            result, reason = watch.result()
+            refusal = reason
+        except DeckardError as e:
+            result, reason = "failed", e.message
+            refusal = e.message
+        except Exception as e:  # a bug must still end the connection cleanly and be recorded
+            bound.exception("broker.connect_crashed")
+            result, reason = "failed", f"internal error ({type(e).__name__})"
+            refusal = "internal error in the broker"
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+            if tunnel is not None and result != "closed" and not tunnel.done.done() and not tunnel.front.relay:
+                tunnel.discard()
+        bytes_in = tunnel.bytes_in if tunnel else 0
+        bytes_out = tunnel.bytes_out if tunnel else 0
+        # recorded even when the broker task is being cancelled at shutdown
+        await asyncio.shield(
+            close_session(
+                self.db,
+                desk.id,
+                session_id,
+                conn_id,
+                result=result,
+                reason=reason,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                timings=req.timings,
+            )
+        )
+        bound.info(
+            "broker.connection",
+            result=result,
+            reason=reason,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            **req.timings,
+        )
+        if refusal is not None:
+            self._refuse(channel, refusal)
+
+    def _refuse(self, channel: HttpChannel, reason: str) -> None:
+        if channel.front.gone:
+            return
+        reason = reason.rstrip(".")
+        channel.respond(503, f"The requested desktop is not available: {reason}, retry later.")
+
+    async def _step(self, aw: Awaitable[T], front: FrontConnection, watch: asyncio.Task[Any]) -> T:
+        """Await ``aw`` unless the client leaves or the session is taken over first."""
+        task = asyncio.ensure_future(aw)
+        racers: set[asyncio.Future[Any]] = {task, front.closed, watch}
+        await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if front.closed.done():
+            raise ClientGone
+        raise SessionLost
+
+    async def _bring_up(self, channel: HttpChannel, req: ConnectRequest, watch: asyncio.Task[Any]) -> Tunnel:
+        front = channel.front
+        desk = req.desktop
+        timings = req.timings
+        timings["t_auth_ms"] = req.auth_ms
+
+        async def progress(p: Progress) -> None:
+            if not front.gone:
+                channel.inform(102, [("X-QVD-VM-Info", p.message)])
+
+        t = time.monotonic()
+        await request_start(self.db, desk.id, allow_running=True)
+        timings["t_claim_ms"] = _ms(t)
+
+        t = time.monotonic()
+        running = await self._step(
+            wait_until_running(
+                self.db, desk.id, timeout=self.settings.start_timeout, poll=self.poll, on_progress=progress
+            ),
+            front,
+            watch,
+        )
+        timings["t_start_ms"] = _ms(t)
+        if desk.state != "running" and running.start_agent_ms is not None:
+            timings["t_agent_ms"] = round(running.start_agent_ms, 1)
+
+        await progress(Progress("display", "Waiting for the display to come up"))
+        t = time.monotonic()
+        agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
+        await self._step(
+            agent.x_start(
+                user=req.user.login,
+                uid=uid_for_user(req.user.id),
+                geometry=req.params.geometry,
+                timeout=self.settings.display_timeout,
+            ),
+            front,
+            watch,
+        )
+        timings["t_display_ms"] = _ms(t)
+
+        tunnel = Tunnel(front)
+        try:
+            await self._step(tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT), front, watch)
+        except (OSError, TimeoutError) as e:
+            raise Unavailable(
+                f"cannot connect to the desktop's display at {running.ip}:{self.ports.display} ({e or 'timeout'})",
+                code="display_unreachable",
+            ) from None
+        except BaseException:
+            tunnel.discard()
+            raise
+        if watch.done():
+            tunnel.discard()
+            raise SessionLost
+        timings["t_total_ms"] = _ms(req.received_at)
+        return tunnel
+
+    async def _watch(self, desktop_id: int, session_id: str) -> tuple[str, str]:
+        """Return (result, reason) once this session no longer owns the desktop."""
+        interval = max(self.poll, SHARED_BUS_SAFETY_POLL) if self.db.shared_across_processes else self.poll
+        key = str(desktop_id)
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        async with self.db.bus.subscribe(DESKTOPS) as sub:
+            while True:
+                payload = await sub.wait(interval)
+                if payload not in (None, "", key) and loop.time() - last < interval:
+                    continue
+                last = loop.time()
+                try:
+                    if await session_is_current(self.db, desktop_id, session_id):
+                        continue
+                    async with self.db.connect() as conn:
+                        now = await load_desktop(conn, desktop_id)
+                except asyncio.CancelledError:
+                    raise
+                except DeckardError:
+                    return "ended", "the desktop was deleted"
+                except Exception as e:  # database hiccup: keep the tunnel, look again soon
+                    log.warning("broker.session_watch_failed", desktop_id=desktop_id, error=str(e))
+                    continue
+                if now.session_id is not None:
+                    return "taken_over", "another connection took over this desktop"
+                if now.state == "failed":  # the node clears the session when a start fails
+                    return "failed", f"the desktop failed to start: {now.failure_reason}"
+                return "ended", f"the desktop's session ended (desktop {now.state})"

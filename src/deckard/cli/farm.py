@@ -1,0 +1,457 @@
+"""Commands that run a farm's own processes: ``up``, ``down``, ``node``, ``api`` and ``image build``.
+
+These are the only commands that touch the farm directory and database directly; everything an administrator
+does afterwards goes through the API (``cli/admin.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from deckard.runtime.paths import DEFAULT_HOME, FarmPaths
+from deckard.runtime.settings import Settings, load_settings
+
+console = Console(stderr=True)
+out = Console()
+
+HomeOpt = Annotated[Path, typer.Option("--home", envvar="DECKARD_HOME", help="Farm directory (all its state).")]
+ApiPortOpt = Annotated[int | None, typer.Option("--api-port", help="Admin API port (default 9443).")]
+BrokerPortOpt = Annotated[int | None, typer.Option("--broker-port", help="Broker port (default 8443).")]
+ListenOpt = Annotated[str | None, typer.Option("--listen", help="Address the API and broker listen on.")]
+BridgeOpt = Annotated[str | None, typer.Option("--bridge", help="Bridge for desktops (default deckard0).")]
+NetworkOpt = Annotated[str | None, typer.Option("--network", help="Desktop network (default 10.231.0.0/22).")]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database", envvar="DECKARD_DATABASE_URL", help="Database URL (default: SQLite in the farm directory)."
+    ),
+]
+NodeNameOpt = Annotated[str | None, typer.Option("--node-name", help="Name of this node (default hostname).")]
+DriverOpt = Annotated[str | None, typer.Option("--driver", help="container (LXC) or fake.")]
+
+
+def _settings(
+    home: Path,
+    api_port: int | None = None,
+    broker_port: int | None = None,
+    listen: str | None = None,
+    bridge: str | None = None,
+    network: str | None = None,
+    database: str | None = None,
+    node_name: str | None = None,
+    driver: str | None = None,
+) -> Settings:
+    return load_settings(
+        home,
+        database_url=database,
+        api={k: v for k, v in {"port": api_port, "host": listen}.items() if v is not None} or None,
+        broker={k: v for k, v in {"port": broker_port, "host": listen}.items() if v is not None} or None,
+        network={k: v for k, v in {"bridge": bridge, "range": network}.items() if v is not None} or None,
+        node={k: v for k, v in {"name": node_name, "driver": driver}.items() if v is not None} or None,
+    )
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        _fail(f"{what} runs LXC containers and needs root: run it with sudo")
+
+
+def _public_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+# ---- image ---------------------------------------------------------------------------------------------
+async def _ensure_image(settings: Settings, *, force: bool = False, cache: Path | None = None) -> dict[str, Any]:
+    """Build the default desktop image if it is missing (cached: a second run does not rebuild)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deckard.db.engine import Database
+    from deckard.images.builder import build_image, image_digest
+    from deckard.services.images import register_image
+    from deckard.services.tenancy import bootstrap_farm
+
+    paths = settings.paths
+    paths.make()
+    cache_dir = cache or Path(os.environ.get("DECKARD_IMAGE_CACHE", paths.storage / "cache"))
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("Building desktop image", total=1.0)
+
+        def progress(text: str, fraction: float) -> None:
+            bar.update(task, description=text[:60], completed=fraction)
+
+        path = await build_image(paths.images, cache_dir=cache_dir, progress=progress)
+        bar.update(task, completed=1.0, description="Desktop image ready")
+    db = Database(settings.db_url)
+    await db.start()
+    try:
+        await bootstrap_farm(db)
+        digest = await asyncio.to_thread(image_digest, path)
+        return await register_image(db, path, version=path.name.split(".")[0], digest=digest)
+    finally:
+        await db.close()
+
+
+def image_build(
+    home: HomeOpt = DEFAULT_HOME,
+    cache: Annotated[Path | None, typer.Option(help="Cache of debootstrapped bases.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Build the default desktop image (Debian + Xvnc + a light desktop + the agent) and tag it default/head."""
+    _need_root("image build")
+    image = asyncio.run(_ensure_image(_settings(home), cache=cache))
+    if as_json:
+        out.print_json(json.dumps(image, default=str))
+    else:
+        out.print(f"image {image['id']} ({image['version']}) at {image['path']}, tagged default and head")
+
+
+def image_import(
+    path: Path, home: HomeOpt = DEFAULT_HOME, tag: Annotated[list[str] | None, typer.Option("--tag")] = None
+) -> None:
+    """Register an existing image tarball (e.g. built elsewhere) and tag it (default: default, head)."""
+    from deckard.db.engine import Database
+    from deckard.images.builder import image_digest
+    from deckard.services.images import register_image
+    from deckard.services.tenancy import bootstrap_farm
+
+    if not path.is_file():
+        _fail(f"{path} is not a file")
+
+    async def run() -> dict[str, Any]:
+        settings = _settings(home)
+        settings.paths.make()
+        db = Database(settings.db_url)
+        await db.start()
+        try:
+            await bootstrap_farm(db)
+            digest = await asyncio.to_thread(image_digest, path)
+            return await register_image(
+                db,
+                path.resolve(),
+                version=path.name.split(".")[0],
+                digest=digest,
+                tags=tuple(tag or ("default", "head")),
+            )
+        finally:
+            await db.close()
+
+    image = asyncio.run(run())
+    out.print(f"image {image['id']} ({image['version']}) registered from {image['path']}")
+
+
+# ---- running processes ---------------------------------------------------------------------------------
+async def _serve(
+    settings: Settings, *, with_api: bool, with_node: bool, stop: asyncio.Event, ready_file: Path | None = None
+) -> None:
+    from deckard.api.app import create_app
+    from deckard.api.server import serve_api
+    from deckard.broker.server import Broker
+    from deckard.db.engine import Database
+    from deckard.drivers import load_driver
+    from deckard.drivers.network import ensure_bridge
+    from deckard.model.network import gateway_of, prefix_len
+    from deckard.node.daemon import NodeDaemon
+    from deckard.runtime.tls import ensure_tls, server_context
+    from deckard.services.tenancy import bootstrap_farm
+
+    paths = settings.paths
+    paths.make()
+    _ca, cert, key = ensure_tls(paths.tls)
+    db = Database(settings.db_url)
+    await db.start()
+    tasks: list[asyncio.Task[None]] = []
+    broker: Broker | None = None
+    try:
+        await bootstrap_farm(db)
+        if with_api:
+            app = create_app(db, settings)
+            tasks.append(
+                asyncio.create_task(
+                    serve_api(app, settings.api.host, settings.api.port, str(cert), str(key), stop), name="api"
+                )
+            )
+        if with_node:
+            net = settings.network
+            await ensure_bridge(net.bridge, f"{gateway_of(net.range)}/{prefix_len(net.range)}")
+            driver = load_driver(settings.node.driver, paths)
+            node = NodeDaemon(
+                db,
+                settings,
+                driver,
+                broker_url=(f"https://{_public_host(settings.broker.host)}:{settings.broker.port}"),
+            )
+            node_id = await node.register()
+            broker = Broker(db, settings.broker, server_context(cert, key), node_id=node_id, poll=settings.node.poll_s)
+            await broker.start(settings.broker.host, settings.broker.port)
+            tasks.append(asyncio.create_task(node.run(stop), name="node"))
+            await asyncio.wait_for(node.ready.wait(), 120)
+        if ready_file is not None:
+            ready_file.write_text(str(os.getpid()))
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception():
+                raise t.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        if broker is not None:
+            await broker.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await db.close()
+
+
+def _run_until_signal(settings: Settings, *, with_api: bool, with_node: bool, ready_file: Path | None = None) -> None:
+    from deckard.runtime.logging import setup_logging
+
+    setup_logging(settings.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve(settings, with_api=with_api, with_node=with_node, stop=stop, ready_file=ready_file)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def node_cmd(
+    ctx: typer.Context,
+    home: HomeOpt = DEFAULT_HOME,
+    broker_port: BrokerPortOpt = None,
+    listen: ListenOpt = None,
+    bridge: BridgeOpt = None,
+    network: NetworkOpt = None,
+    database: DbOpt = None,
+    node_name: NodeNameOpt = None,
+    driver: DriverOpt = None,
+) -> None:
+    """Run a node daemon (QVD's HKD) with its broker (L7R) in the foreground; `node list` lists nodes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings(home, None, broker_port, listen, bridge, network, database, node_name, driver)
+    if settings.node.driver == "container":
+        _need_root("deckard node")
+    _run_until_signal(settings, with_api=False, with_node=True)
+
+
+def api_cmd(
+    home: HomeOpt = DEFAULT_HOME,
+    api_port: ApiPortOpt = None,
+    listen: ListenOpt = None,
+    network: NetworkOpt = None,
+    database: DbOpt = None,
+) -> None:
+    """Run the admin API in the foreground."""
+    _run_until_signal(_settings(home, api_port, None, listen, None, network, database), with_api=True, with_node=False)
+
+
+def _pid_file(paths: FarmPaths) -> Path:
+    return paths.run / "deckard-up.pid"
+
+
+def _running_pid(paths: FarmPaths) -> int | None:
+    try:
+        pid = int(_pid_file(paths).read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
+def _first_run_profile(settings: Settings, password: str) -> Path:
+    """Make an API token for the bootstrap admin and write the CLI profile so `deckard user add` just works."""
+    from deckard.client.profile import Profile, save_profile
+    from deckard.db.engine import Database
+    from deckard.services.admins import create_api_token
+
+    async def token() -> str:
+        db = Database(settings.db_url)
+        await db.start()
+        try:
+            return await create_api_token(db, "admin", "cli on " + os.uname().nodename)
+        finally:
+            await db.close()
+
+    paths = settings.paths
+    ca = paths.tls / "ca.pem"
+    url = f"https://{_public_host(settings.api.host)}:{settings.api.port}"
+    profile = Profile(url=url, token=asyncio.run(token()), ca=ca)
+    save_profile(paths.home / "profile.json", profile)
+    user_profile = Path(os.environ.get("DECKARD_PROFILE") or Path.home() / ".config/deckard/profile.json")
+    save_profile(user_profile, profile)
+    shutil.copyfile(ca, user_profile.parent / "ca.pem")
+    return user_profile
+
+
+def up(
+    home: HomeOpt = DEFAULT_HOME,
+    api_port: ApiPortOpt = None,
+    broker_port: BrokerPortOpt = None,
+    listen: ListenOpt = None,
+    bridge: BridgeOpt = None,
+    network: NetworkOpt = None,
+    node_name: NodeNameOpt = None,
+    driver: DriverOpt = None,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached (Ctrl-C stops).")] = False,
+    no_image: Annotated[bool, typer.Option("--no-image", help="Do not build the default image.")] = False,
+) -> None:
+    """Run the all-in-one farm: API + node + broker, SQLite, the default image and an administrator."""
+    from deckard.db.engine import Database
+    from deckard.runtime.tls import ensure_tls
+    from deckard.services.tenancy import bootstrap_farm
+
+    settings = _settings(home, api_port, broker_port, listen, bridge, network, None, node_name, driver)
+    if settings.node.driver == "container":
+        _need_root("deckard up")
+    paths = settings.paths
+    paths.make()
+    pid = _running_pid(paths)
+    if pid is not None and not foreground:
+        _print_addresses(settings, note=f"already running (pid {pid}); stop it with `deckard down`")
+        return
+    ensure_tls(paths.tls)
+
+    async def bootstrap() -> str | None:
+        db = Database(settings.db_url)
+        await db.start()
+        try:
+            return await bootstrap_farm(db)
+        finally:
+            await db.close()
+
+    password = asyncio.run(bootstrap())
+    if not no_image:
+        asyncio.run(_ensure_image(settings))
+    if password is not None:
+        profile_path = _first_run_profile(settings, password)
+        out.print(
+            "\n[bold]Administrator[/bold] (shown once, keep it): "
+            f"name [bold]admin[/bold]  password [bold]{password}[/bold]"
+        )
+        out.print(f"CLI profile written to {profile_path}: `deckard user add …` works on this machine.")
+    if foreground:
+        _pid_file(paths).write_text(str(os.getpid()))
+        _print_addresses(settings, note="running in the foreground; Ctrl-C stops it")
+        _run_until_signal(settings, with_api=True, with_node=True)
+        return
+    log_path = paths.logs / "deckard.log"
+    ready = paths.run / "ready"
+    ready.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "deckard.cli.main", "_serve", "--home", str(home)]
+    for opt, val in (
+        ("--api-port", api_port),
+        ("--broker-port", broker_port),
+        ("--listen", listen),
+        ("--bridge", bridge),
+        ("--network", network),
+        ("--node-name", node_name),
+        ("--driver", driver),
+    ):
+        if val is not None:
+            args += [opt, str(val)]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
+    _pid_file(paths).write_text(str(proc.pid))
+    deadline = time.monotonic() + 120
+    with console.status("Starting the farm (API, node, broker)…"):
+        while not ready.exists():
+            if proc.poll() is not None:
+                _pid_file(paths).unlink(missing_ok=True)
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                _fail("the farm did not start:\n" + "\n".join(tail) + f"\n(full log: {log_path})")
+            if time.monotonic() > deadline:
+                _fail(f"the farm did not become ready within 120 s; see {log_path}")
+            time.sleep(0.1)
+    _print_addresses(
+        settings, note=f"running in the background (pid {proc.pid}, log {log_path}); stop it with `deckard down`"
+    )
+
+
+def serve_hidden(
+    home: HomeOpt = DEFAULT_HOME,
+    api_port: ApiPortOpt = None,
+    broker_port: BrokerPortOpt = None,
+    listen: ListenOpt = None,
+    bridge: BridgeOpt = None,
+    network: NetworkOpt = None,
+    node_name: NodeNameOpt = None,
+    driver: DriverOpt = None,
+) -> None:
+    """(internal) The background process of `deckard up`."""
+    settings = _settings(home, api_port, broker_port, listen, bridge, network, None, node_name, driver)
+    _run_until_signal(settings, with_api=True, with_node=True, ready_file=settings.paths.run / "ready")
+
+
+def _print_addresses(settings: Settings, note: str) -> None:
+    host = _public_host(settings.broker.host)
+    out.print(f"\n[bold green]Deckard farm[/bold green] at {settings.home}: {note}")
+    out.print(
+        f"  broker (users)   https://{host}:{settings.broker.port}   "
+        f"e.g. deckard connect --server {host}:{settings.broker.port} --user NAME"
+    )
+    out.print(f"  admin API        https://{_public_host(settings.api.host)}:{settings.api.port}/api/v1/docs")
+    out.print(f"  farm CA          {settings.paths.tls / 'ca.pem'}")
+
+
+def down(
+    home: HomeOpt = DEFAULT_HOME, timeout: Annotated[float, typer.Option(help="Seconds to wait before killing.")] = 60
+) -> None:
+    """Stop the all-in-one farm started by `deckard up` (its desktops are stopped)."""
+    paths = FarmPaths(home)
+    pid = _running_pid(paths)
+    if pid is None:
+        out.print("the farm is not running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with console.status("Stopping desktops and the farm…"):
+        while _running_pid(paths) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if _running_pid(paths) is not None:
+        os.killpg(pid, signal.SIGKILL)
+    _pid_file(paths).unlink(missing_ok=True)
+    (paths.run / "ready").unlink(missing_ok=True)
+    out.print("the farm is stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("down")(down)
+    node = typer.Typer(help="Run a node daemon (without a sub-command), or list the farm's nodes.")
+    node.callback(invoke_without_command=True)(node_cmd)
+    app.add_typer(node, name="node")
+    app.command("api")(api_cmd)
+    app.command("_serve", hidden=True)(serve_hidden)
+    image = typer.Typer(help="Disk images (QVD's DIs).", no_args_is_help=True)
+    image.command("build")(image_build)
+    image.command("import")(image_import)
+    app.add_typer(image, name="image")

@@ -1,0 +1,112 @@
+"""Client of the guest agent (deckard-vma) that runs inside every desktop, as the broker and the node call it.
+
+The agent answers ``GET /vma/<method>?params`` on the desktop's IP with a per-desktop bearer token and JSON
+replies ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message"}}`` (QVD's VMA SimpleRPC, made
+typed).  Every failure becomes :class:`~deckard.model.errors.Unavailable`, because to the caller a desktop
+whose agent does not answer or refuses is a desktop that is not available right now:
+
+* ``agent_unreachable``: no TCP connection, a timeout, or a reply that is not the agent's JSON;
+* ``agent_error``: the agent answered and said no (bad token, display failed to start, ...).
+
+A fresh ``httpx.AsyncClient`` per call keeps the object stateless (nodes build one per ping and never close
+it); the agent speaks plain HTTP, so the client gets a bare TLS context instead of loading the system CA
+bundle at every call.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+from deckard.model.errors import Unavailable
+
+AGENT_PORT = 3030  # same value as deckard.drivers.base.AGENT_PORT; the client layer may not import drivers
+
+
+class AgentClient:
+    """Typed calls to one desktop's agent."""
+
+    def __init__(self, ip: str, token: str, port: int = AGENT_PORT, timeout: float = 4.0) -> None:
+        self.ip = ip
+        self.port = port
+        self.timeout = timeout
+        self._token = token
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.ip}:{self.port})"
+
+    async def call(
+        self, method: str, params: dict[str, str] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """One RPC; returns the reply object (``ok`` is true) or raises Unavailable."""
+        limit = self.timeout if timeout is None else timeout
+        where = f"{self.ip}:{self.port}"
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://{where}",
+                timeout=httpx.Timeout(limit, connect=min(limit, self.timeout)),
+                trust_env=False,  # a proxy from the environment must never sit between node and guest
+                verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),  # never used: the agent speaks plain HTTP
+            ) as http:
+                resp = await http.get(
+                    f"/vma/{method}", params=params, headers={"Authorization": f"Bearer {self._token}"}
+                )
+        except httpx.TimeoutException:
+            raise Unavailable(
+                f"the desktop agent at {where} did not answer {method} within {limit:g} s",
+                code="agent_unreachable",
+            ) from None
+        except httpx.HTTPError as e:
+            raise Unavailable(
+                f"cannot reach the desktop agent at {where} ({method}): {e or type(e).__name__}",
+                code="agent_unreachable",
+            ) from None
+        try:
+            body = resp.json()
+        except ValueError:
+            raise Unavailable(
+                f"the desktop agent at {where} answered {method} with something that is not JSON"
+                f" (HTTP {resp.status_code})",
+                code="agent_unreachable",
+            ) from None
+        if not isinstance(body, dict):
+            raise Unavailable(
+                f"the desktop agent at {where} sent an unexpected reply to {method}", code="agent_unreachable"
+            )
+        if not body.get("ok") or resp.status_code >= 400:
+            raw_err = body.get("error")
+            err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
+            message = str(err.get("message") or f"HTTP {resp.status_code}")
+            code = str(err.get("code") or "error")
+            raise Unavailable(
+                f"the desktop agent refused {method}: {message} ({code})",
+                code="agent_error",
+                details={"agent_code": code, "http_status": resp.status_code},
+            )
+        return body
+
+    async def ping(self) -> dict[str, Any]:
+        """``{"ok", "version", "x_state"}``: the agent is alive."""
+        return await self.call("ping")
+
+    async def x_state(self) -> str:
+        """The display's state: stopped|starting|provisioning|listening|connected|stopping."""
+        return str((await self.call("x_state")).get("state", "unknown"))
+
+    async def x_start(self, user: str, uid: int, geometry: str | None = None, timeout: float = 15) -> dict[str, Any]:
+        """Provision ``user`` and start the display; returns once it accepts connections."""
+        params = {"user": user, "uid": str(uid)}
+        if geometry:
+            params["geometry"] = geometry
+        return await self.call("x_start", params, timeout=timeout)
+
+    async def x_stop(self) -> dict[str, Any]:
+        return await self.call("x_stop")
+
+    async def poweroff(self) -> dict[str, Any]:
+        return await self.call("poweroff")
+
+    async def expire(self) -> dict[str, Any]:
+        return await self.call("expire")

@@ -1,0 +1,108 @@
+"""A tiny RFB (VNC) client that grabs one full frame: proof that a desktop really shows something.
+
+The end-to-end tests (driver, broker tunnel, browser) need more than "port 5900 is open": an Xvnc with a
+dead session still answers, with a black screen.  This client does the RFB 3.8 handshake (security None),
+asks for the whole framebuffer in raw encoding at 32 bits per pixel, and :func:`is_blank` says whether
+every pixel has the same colour.  It works over any asyncio stream, so it runs directly against a guest
+or through the broker's tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+SECURITY_NONE = 1
+ENCODING_RAW = 0
+BYTES_PER_PIXEL = 4
+
+
+class RFBError(Exception):
+    """The server broke the protocol or refused us."""
+
+
+async def _read_reason(reader: asyncio.StreamReader) -> str:
+    (length,) = struct.unpack(">I", await reader.readexactly(4))
+    return (await reader.readexactly(length)).decode(errors="replace")
+
+
+async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, int, str]:
+    """Version, security None, ClientInit (shared); returns (width, height, desktop name)."""
+    banner = await reader.readexactly(12)
+    if not banner.startswith(b"RFB "):
+        raise RFBError(f"not an RFB server: {banner!r}")
+    minor = int(banner[8:11])
+    version = b"RFB 003.008\n" if minor >= 8 else b"RFB 003.003\n"
+    writer.write(version)
+    await writer.drain()
+    if version == b"RFB 003.008\n":
+        (count,) = struct.unpack(">B", await reader.readexactly(1))
+        if count == 0:
+            raise RFBError(f"server refused the connection: {await _read_reason(reader)}")
+        types = await reader.readexactly(count)
+        if SECURITY_NONE not in types:
+            raise RFBError(f"server does not offer security None (offers {list(types)})")
+        writer.write(bytes([SECURITY_NONE]))
+        await writer.drain()
+        (result,) = struct.unpack(">I", await reader.readexactly(4))
+        if result != 0:
+            raise RFBError(f"security handshake failed: {await _read_reason(reader)}")
+    else:
+        (sec,) = struct.unpack(">I", await reader.readexactly(4))
+        if sec != SECURITY_NONE:
+            raise RFBError(f"server requires security type {sec}")
+    writer.write(b"\x01")  # ClientInit: share the desktop with other viewers
+    await writer.drain()
+    width, height = struct.unpack(">HH", await reader.readexactly(4))
+    await reader.readexactly(16)  # server pixel format: we set our own below
+    name = await _read_reason(reader)
+    return width, height, name
+
+
+async def grab_framebuffer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, int, bytes]:
+    """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX."""
+    width, height, _ = await handshake(reader, writer)
+    # SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits per channel (R<<16 | G<<8 | B)
+    pixel_format = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+    writer.write(b"\x00\x00\x00\x00" + pixel_format)
+    writer.write(struct.pack(">BxHi", 2, 1, ENCODING_RAW))
+    writer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+    await writer.drain()
+    frame = bytearray(width * height * BYTES_PER_PIXEL)
+    covered = 0
+    while covered < width * height:
+        (msg_type,) = struct.unpack(">B", await reader.readexactly(1))
+        if msg_type == 0:  # FramebufferUpdate
+            (nrects,) = struct.unpack(">xH", await reader.readexactly(3))
+            for _ in range(nrects):
+                x, y, w, h, encoding = struct.unpack(">HHHHi", await reader.readexactly(12))
+                if encoding != ENCODING_RAW:
+                    raise RFBError(f"server sent encoding {encoding}, we asked for raw only")
+                data = await reader.readexactly(w * h * BYTES_PER_PIXEL)
+                row = w * BYTES_PER_PIXEL
+                for line in range(h):
+                    start = ((y + line) * width + x) * BYTES_PER_PIXEL
+                    frame[start : start + row] = data[line * row : (line + 1) * row]
+                covered += w * h
+        elif msg_type == 1:  # SetColourMapEntries: not used in true colour, skip it
+            _, _, count = struct.unpack(">BHH", await reader.readexactly(5))
+            await reader.readexactly(count * 6)
+        elif msg_type == 2:  # Bell
+            continue
+        elif msg_type == 3:  # ServerCutText
+            await reader.readexactly(3)
+            await _read_reason(reader)
+        else:
+            raise RFBError(f"unexpected server message type {msg_type}")
+    return width, height, bytes(frame)
+
+
+def is_blank(pixels: bytes) -> bool:
+    """True when every pixel has the same colour (a dead or black desktop); the padding byte is ignored."""
+    if len(pixels) < BYTES_PER_PIXEL:
+        return True
+    for channel in range(3):
+        values = pixels[channel::BYTES_PER_PIXEL]
+        if values.count(values[0]) != len(values):
+            return False
+    return True

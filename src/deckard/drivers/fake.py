@@ -1,0 +1,55 @@
+"""The fake driver: desktops that exist only in memory.
+
+It lets the node, the broker and the API run at scale (thousands of desktops on one laptop) and in
+development without root or LXC, as the ``nothing`` backend does in QVD and the mock driver in incus.
+There is no guest and no agent: a started desktop is a record that ``inspect``/``list`` report as
+running until it is stopped or killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from deckard.drivers.base import GuestInfo, GuestSpec
+from deckard.runtime.paths import FarmPaths
+
+FAKE_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+class FakeDriver:
+    """In-memory guests; every method is idempotent like the real drivers."""
+
+    name = "fake"
+
+    def __init__(self, paths: FarmPaths, *, start_delay: float = 0.0) -> None:
+        self.paths = paths
+        self.start_delay = start_delay  # simulated boot time, for tests of waiting and progress
+        self.guests: dict[str, GuestSpec] = {}
+        self._next_pid = 10_000
+
+    async def start(self, spec: GuestSpec) -> GuestInfo:
+        if spec.guest_name not in self.guests:
+            if self.start_delay:
+                await asyncio.sleep(self.start_delay)
+            self.guests[spec.guest_name] = spec
+            self._next_pid += 1
+        info = await self.inspect(spec.guest_name)
+        assert info is not None
+        return info
+
+    async def stop(self, guest_name: str, timeout: float = 10.0) -> None:
+        self.guests.pop(guest_name, None)
+
+    async def kill(self, guest_name: str) -> None:
+        self.guests.pop(guest_name, None)
+
+    async def inspect(self, guest_name: str) -> GuestInfo | None:
+        spec = self.guests.get(guest_name)
+        if spec is None:
+            return None
+        return GuestInfo(guest_name=guest_name, running=True, ip=spec.ip, memory_bytes=FAKE_MEMORY_BYTES)
+
+    async def list(self) -> list[GuestInfo]:
+        prefix = self.paths.guest_prefix()
+        infos = [await self.inspect(name) for name in sorted(self.guests) if name.startswith(prefix)]
+        return [info for info in infos if info is not None]

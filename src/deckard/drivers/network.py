@@ -1,0 +1,108 @@
+"""The host side of the desktop network: the bridge, desktop veths, port isolation, neighbour entries.
+
+Desktops sit on one Linux bridge with fixed IPs; the node has the gateway address on it, so the broker on
+the host reaches every desktop directly (no NAT, no forwarding).  Desktops must not reach each other:
+each desktop's host-side veth is an *isolated* bridge port, and isolated ports only talk to non-isolated
+ones (the bridge itself, i.e. the host).
+
+Also home of :func:`run_command`, the one way drivers run a host command (asyncio subprocess, output
+captured, a DriverError that quotes the tool's own words on failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from deckard.model.errors import DriverError
+
+log = structlog.get_logger()
+
+IFNAMSIZ = 15  # longest interface name Linux accepts
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_command(args: Sequence[str], *, check: bool = True, timeout: float = 60.0) -> CommandResult:
+    """Run a host command without blocking the event loop; raise DriverError on failure when ``check``."""
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LANG": "C"},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise DriverError(f"{args[0]} did not finish within {timeout:.0f} s", code="command_timeout") from None
+    result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+    if check and result.returncode != 0:
+        words = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise DriverError(
+            f"{' '.join(args[:3])} failed (exit {result.returncode}): {' | '.join(words)}",
+            details={"command": list(args), "stderr": result.stderr[-2000:]},
+        )
+    return result
+
+
+def veth_name(guest_name: str) -> str:
+    """Host-side veth name of a guest: readable when it fits in 15 characters, a hash otherwise."""
+    name = "v" + guest_name.replace("-", "")
+    if len(name) <= IFNAMSIZ:
+        return name
+    return "v" + hashlib.sha256(guest_name.encode()).hexdigest()[: IFNAMSIZ - 1]
+
+
+def link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+async def ensure_bridge(bridge: str, address_cidr: str) -> None:
+    """Create the desktop bridge if missing, give the host its gateway address on it, bring it up."""
+    if len(bridge) > IFNAMSIZ:
+        raise DriverError(f"bridge name {bridge!r} is longer than {IFNAMSIZ} characters", code="bad_bridge")
+    if not link_exists(bridge):
+        await run_command(["ip", "link", "add", "name", bridge, "type", "bridge"])
+        log.info("network.bridge_created", bridge=bridge)
+    await run_command(["ip", "addr", "replace", address_cidr, "dev", bridge])
+    await run_command(["ip", "link", "set", bridge, "up"])
+
+
+async def remove_bridge(bridge: str) -> None:
+    """Delete the bridge (tests); a bridge that is already gone is fine."""
+    if link_exists(bridge):
+        await run_command(["ip", "link", "del", bridge], check=False)
+
+
+async def isolate_port(veth: str) -> None:
+    """Make a bridge port isolated, so it can only talk to the host, not to other desktops."""
+    await run_command(["bridge", "link", "set", "dev", veth, "isolated", "on"])
+
+
+async def port_isolated(veth: str) -> bool:
+    result = await run_command(["bridge", "-d", "link", "show", "dev", veth], check=False)
+    return "isolated on" in result.stdout
+
+
+async def flush_neighbour(ip: str) -> None:
+    """Forget the guest's MAC: a new guest with the same IP would otherwise stall for up to 30 s."""
+    await run_command(["ip", "neigh", "flush", "to", ip], check=False)
+
+
+async def delete_link(name: str) -> None:
+    if link_exists(name):
+        await run_command(["ip", "link", "del", name], check=False)

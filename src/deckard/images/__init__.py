@@ -1,0 +1,1 @@
+"""Disk image building (QVD's DIG): Debian rootfs + display server + desktop + guest agent."""

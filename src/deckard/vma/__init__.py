@@ -1,0 +1,1 @@
+"""The guest agent (QVD's VMA): runs inside every desktop; standard library only, imports nothing from deckard."""

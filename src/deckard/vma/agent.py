@@ -1,0 +1,623 @@
+"""deckard-vma: the guest agent that runs inside every desktop (QVD's VMA).
+
+It is PID 1 of a container, so it also does the little an init must do: set the hostname, make sure the
+pseudo filesystems are mounted, reap every orphan, and power off cleanly on SIGPWR/SIGTERM.  Then it
+serves a small token-authenticated HTTP RPC on port 3030 that the node and the broker call:
+
+    GET|POST /vma/<method>?<params>   Authorization: Bearer <token from /etc/deckard/agent-token>
+    -> {"ok": true, ...} | {"ok": false, "error": {"code": ..., "message": ...}}
+
+    ping, x_state, x_start(user, uid[, geometry]), x_stop, poweroff, expire
+
+X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
+established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
+with a jwm + xterm session, both run as the desktop's user.
+
+The agent uses the standard library only and imports nothing from deckard, so an image needs nothing but
+``python3`` and the file itself (the image builder installs it as /usr/local/sbin/deckard-vma).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import hmac
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+VERSION = "0.1.0"
+DEFAULT_PORT = 3030
+DEFAULT_TOKEN_FILE = "/etc/deckard/agent-token"
+DISPLAY = ":0"
+VNC_PORT = 5900
+X_START_TIMEOUT = 10.0
+DEFAULT_GEOMETRY = "1280x800"
+SESSION_SCRIPT = "/etc/deckard/xsession"
+EXPIRE_HOOK = "/etc/deckard/hooks/expire"
+RUN_DIR = Path("/run/deckard")
+# used when the image carries no /etc/deckard/xsession
+FALLBACK_SESSION = "xsetroot -solid '#2e4a62'; xterm &\nexec jwm\n"
+
+LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+GEOMETRY_RE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
+TCP_ESTABLISHED = "01"
+
+log = logging.getLogger("deckard-vma")
+
+
+class AgentError(Exception):
+    """An RPC failure with a stable code and the HTTP status it maps to."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class Children:
+    """Spawns processes and reaps them; as PID 1 it also reaps every orphan reparented to it.
+
+    The reaper peeks at exited children with ``waitid(WNOWAIT)``: a child we spawned is reaped through its
+    ``Popen`` (so its return code stays correct), anything else is reaped directly.  Spawning holds the
+    lock until the ``Popen`` is registered, so the reaper never mistakes a fast-exiting child for an orphan.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._spawned = threading.Event()
+
+    def spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            proc: subprocess.Popen[bytes] = subprocess.Popen(args, **kwargs)
+            self._procs[proc.pid] = proc
+        self._spawned.set()
+        return proc
+
+    def run(self, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
+        """Run a short command to completion; return (exit code, combined output)."""
+        proc = self.spawn(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        finally:
+            self.forget(proc)
+        return proc.returncode, out.decode(errors="replace").strip()
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._procs.pop(proc.pid, None)
+
+    def reap_forever(self) -> None:
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                self._spawned.wait(1.0)
+                self._spawned.clear()
+                continue
+            except InterruptedError:
+                continue
+            if info is None:
+                continue
+            pid = info.si_pid
+            with self._lock:
+                proc = self._procs.get(pid)
+            if proc is None:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            elif proc.poll() is not None:
+                self.forget(proc)
+            else:
+                # its owner is inside Popen.wait() and will reap it in a moment
+                time.sleep(0.01)
+
+
+def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
+    return proc is not None and proc.poll() is None
+
+
+class XSession:
+    """One user's display: Xvnc plus the desktop session, started and stopped as a unit."""
+
+    def __init__(self, children: Children) -> None:
+        self.children = children
+        self.lock = threading.Lock()
+        self.state = "stopped"
+        self.user: str | None = None
+        self.uid: int | None = None
+        self.xvnc: subprocess.Popen[bytes] | None = None
+        self.session: subprocess.Popen[bytes] | None = None
+
+    # -- state ---------------------------------------------------------------------------------------
+    def current_state(self) -> str:
+        if self.state == "listening" and vnc_connected(VNC_PORT):
+            return "connected"
+        return self.state
+
+    # -- start ---------------------------------------------------------------------------------------
+    def start(self, login: str, uid: int, geometry: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        with self.lock:
+            if self.state == "listening" and self.user == login and _alive(self.xvnc):
+                return {"state": self.current_state(), "user": login, "already": True}
+            if self.state != "stopped":
+                self._stop_locked()
+            self.state = "provisioning"
+            self.user, self.uid = login, uid
+            try:
+                account = provision_user(self.children, login, uid)
+                self.state = "starting"
+                self._launch(account, geometry)
+            except AgentError:
+                self._stop_locked()
+                raise
+            except Exception as exc:
+                self._stop_locked()
+                raise AgentError("x_start_failed", f"could not start the display: {exc}", 500) from exc
+            self.state = "listening"
+            threading.Thread(target=self._watch, args=(self.xvnc, self.session), daemon=True).start()
+        return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
+
+    def _launch(self, account: pwd.struct_passwd, geometry: str) -> None:
+        tmp_x11 = Path("/tmp/.X11-unix")
+        tmp_x11.mkdir(mode=0o1777, exist_ok=True)
+        tmp_x11.chmod(0o1777)
+        # stale lock/socket from a previous Xvnc would make the next one refuse to start
+        for stale in (Path(f"/tmp/.X{DISPLAY[1:]}-lock"), tmp_x11 / f"X{DISPLAY[1:]}"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        env = user_env(account)
+        creds: dict[str, Any] = {
+            "user": account.pw_uid,
+            "group": account.pw_gid,
+            "extra_groups": [],
+            "cwd": account.pw_dir,
+            "env": env,
+            "stdin": subprocess.DEVNULL,
+            "start_new_session": True,
+        }
+        # X clients use the unix socket in the fresh /tmp; VNC viewers come in on VNC_PORT only
+        xvnc_opts = ["-depth", "24", "-desktop", "Deckard", "-AlwaysShared", "-nolisten", "tcp"]
+        with open(RUN_DIR / "xvnc.log", "ab") as xlog:
+            self.xvnc = self.children.spawn(
+                [
+                    "Xvnc",
+                    DISPLAY,
+                    "-rfbport",
+                    str(VNC_PORT),
+                    "-SecurityTypes",
+                    "None",
+                    "-geometry",
+                    geometry,
+                    *xvnc_opts,
+                ],
+                stdout=xlog,
+                stderr=subprocess.STDOUT,
+                **creds,
+            )
+        deadline = time.monotonic() + X_START_TIMEOUT
+        while not port_open("127.0.0.1", VNC_PORT):
+            if not _alive(self.xvnc):
+                raise AgentError("x_start_failed", f"Xvnc exited at start; see {RUN_DIR}/xvnc.log", 500)
+            if time.monotonic() > deadline:
+                raise AgentError("x_timeout", f"Xvnc did not listen on {VNC_PORT} within 10 s", 504)
+            time.sleep(0.02)
+        script = ["/bin/sh", SESSION_SCRIPT] if os.path.exists(SESSION_SCRIPT) else ["/bin/sh", "-c", FALLBACK_SESSION]
+        with open(RUN_DIR / "session.log", "ab") as slog:
+            self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
+
+    def _watch(self, xvnc: subprocess.Popen[bytes] | None, session: subprocess.Popen[bytes] | None) -> None:
+        """Logging out (the session exits) or an Xvnc crash ends the whole display."""
+        while _alive(xvnc) and _alive(session):
+            time.sleep(0.5)
+        with self.lock:
+            if self.xvnc is xvnc and self.state == "listening":
+                log.info("display ended (xvnc alive=%s, session alive=%s)", _alive(xvnc), _alive(session))
+                self._stop_locked()
+
+    # -- stop ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        with self.lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self.state == "stopped" and self.xvnc is None:
+            return
+        self.state = "stopping"
+        for proc in (self.session, self.xvnc):
+            if _alive(proc):
+                assert proc is not None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        if self.uid is not None and self.uid != os.getuid():
+            kill_user_processes(self.uid, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and (_alive(self.xvnc) or _alive(self.session)):
+            time.sleep(0.05)
+        for proc in (self.session, self.xvnc):
+            if _alive(proc):
+                assert proc is not None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if self.uid is not None and self.uid != os.getuid():
+            kill_user_processes(self.uid, signal.SIGKILL)
+        for proc in (self.session, self.xvnc):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2.0)
+                self.children.forget(proc)
+        self.xvnc = self.session = None
+        self.user = self.uid = None
+        self.state = "stopped"
+
+    # -- expire --------------------------------------------------------------------------------------
+    def expire(self) -> str:
+        if os.access(EXPIRE_HOOK, os.X_OK):
+            self.children.spawn([EXPIRE_HOOK, self.user or ""], stdin=subprocess.DEVNULL)
+            return "hook"
+        if self.state == "listening" and self.user is not None:
+            account = pwd.getpwnam(self.user)
+            self.children.spawn(
+                [
+                    "xmessage",
+                    "-center",
+                    "-timeout",
+                    "300",
+                    "Your desktop has expired: save your work and log out.",
+                ],
+                user=account.pw_uid,
+                group=account.pw_gid,
+                extra_groups=[],
+                env=user_env(account),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            return "xmessage"
+        return "none"
+
+
+# -- user accounts --------------------------------------------------------------------------------
+def provision_user(children: Children, login: str, uid: int) -> pwd.struct_passwd:
+    """Create the account with a fixed uid/gid if missing; give it its (bind-mounted) home on first use."""
+    try:
+        account = pwd.getpwnam(login)
+    except KeyError:
+        home = f"/home/{login}"
+        rc, out = children.run(["groupadd", "-f", "-g", str(uid), login])
+        if rc != 0:
+            raise AgentError("provision_failed", f"groupadd {login} failed: {out}", 500) from None
+        rc, out = children.run(["useradd", "-M", "-u", str(uid), "-g", str(uid), "-d", home, "-s", "/bin/bash", login])
+        if rc != 0:
+            raise AgentError("provision_failed", f"useradd {login} failed: {out}", 500) from None
+        account = pwd.getpwnam(login)
+    if account.pw_uid != uid:
+        raise AgentError("user_conflict", f"user {login} exists with uid {account.pw_uid}, not {uid}", 409)
+    home_path = Path(account.pw_dir)
+    home_path.mkdir(parents=True, exist_ok=True)
+    if not any(home_path.iterdir()):
+        # first use of this home: give the user the image's default dotfiles
+        skel = Path("/etc/skel")
+        if skel.is_dir():
+            shutil.copytree(skel, home_path, dirs_exist_ok=True, symlinks=True)
+        for root, dirs, files in os.walk(home_path):
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+    st = home_path.stat()
+    if (st.st_uid, st.st_gid) != (account.pw_uid, account.pw_gid):
+        os.chown(home_path, account.pw_uid, account.pw_gid)
+        home_path.chmod(0o750)
+    return account
+
+
+def user_env(account: pwd.struct_passwd) -> dict[str, str]:
+    # LANG=C: jwm/twm give up under C.UTF-8 when the image has few fonts
+    return {
+        "HOME": account.pw_dir,
+        "USER": account.pw_name,
+        "LOGNAME": account.pw_name,
+        "SHELL": account.pw_shell or "/bin/sh",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "DISPLAY": DISPLAY,
+        "LANG": "C",
+    }
+
+
+def kill_user_processes(uid: int, sig: int) -> None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            os.kill(int(entry), sig)
+                        break
+        except (OSError, ValueError):
+            continue
+
+
+# -- network probes --------------------------------------------------------------------------------
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def vnc_connected(port: int) -> bool:
+    """True when a TCP connection to ``port`` is established (read from /proc/net/tcp and tcp6)."""
+    want = f"{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[1].rsplit(":", 1)[1] == want and fields[3] == TCP_ESTABLISHED:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+# -- init duties -----------------------------------------------------------------------------------
+def _mounted() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f}
+
+
+def setup_init() -> None:
+    """Do what an init would before serving: hostname, pseudo filesystems, loopback.  Best effort."""
+    if not os.path.exists("/proc/self/mountinfo"):
+        _mount("proc", "/proc", "proc", "nosuid,nodev,noexec")
+    mounted = _mounted()
+    # LXC normally mounts all of these (lxc.mount.auto, autodev, mount entries); fill in what is missing
+    wanted = [
+        ("sysfs", "/sys", "sysfs", "ro,nosuid,nodev,noexec"),
+        ("devpts", "/dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ("tmpfs", "/dev/shm", "tmpfs", "mode=1777,nosuid,nodev"),
+        ("tmpfs", "/tmp", "tmpfs", "mode=1777,nosuid,nodev"),
+        ("tmpfs", "/run", "tmpfs", "mode=755,nosuid,nodev"),
+    ]
+    for source, target, fstype, opts in wanted:
+        if target not in mounted:
+            Path(target).mkdir(parents=True, exist_ok=True)
+            _mount(source, target, fstype, opts)
+    try:
+        hostname = Path("/etc/hostname").read_text().strip()
+        if hostname and hostname != socket.gethostname():
+            socket.sethostname(hostname)
+    except OSError as exc:
+        log.info("hostname not set (%s): keeping %s", exc, socket.gethostname())
+    _loopback_up()
+
+
+def _mount(source: str, target: str, fstype: str, options: str) -> None:
+    flags = 0
+    data = []
+    named = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8}
+    for opt in options.split(","):
+        if opt in named:
+            flags |= named[opt]
+        else:
+            data.append(opt)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(source.encode(), target.encode(), fstype.encode(), flags, ",".join(data).encode() or None)
+    if rc != 0:
+        log.warning("mount %s on %s failed: %s", fstype, target, os.strerror(ctypes.get_errno()))
+
+
+def _loopback_up() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sh14x", b"lo", 0)
+        try:
+            flags = struct.unpack("16sh14x", fcntl.ioctl(s, siocgifflags, req))[1]
+            if not flags & iff_up:
+                fcntl.ioctl(s, siocsifflags, struct.pack("16sh14x", b"lo", flags | iff_up))
+        except OSError as exc:
+            log.warning("loopback not brought up: %s", exc)
+
+
+# -- HTTP RPC --------------------------------------------------------------------------------------
+class Agent:
+    """The RPC methods; one instance per process."""
+
+    def __init__(self, token: str | None, is_init: bool) -> None:
+        self.token = token
+        self.is_init = is_init
+        self.children = Children()
+        self.x = XSession(self.children)
+        self.server: ThreadingHTTPServer | None = None
+        self._powering_off = threading.Event()
+
+    def call(self, method: str, params: dict[str, str]) -> dict[str, Any]:
+        handler = getattr(self, f"rpc_{method}", None)
+        if handler is None or not re.fullmatch(r"[a-z_]+", method):
+            raise AgentError("unknown_method", f"no such method: {method}", 404)
+        result: dict[str, Any] = handler(params)
+        return result
+
+    def rpc_ping(self, params: dict[str, str]) -> dict[str, Any]:
+        return {"version": VERSION, "x_state": self.x.current_state()}
+
+    def rpc_x_state(self, params: dict[str, str]) -> dict[str, Any]:
+        return {"state": self.x.current_state(), "user": self.x.user}
+
+    def rpc_x_start(self, params: dict[str, str]) -> dict[str, Any]:
+        login = params.get("user", "")
+        if not LOGIN_RE.match(login):
+            raise AgentError("bad_input", "user must be a login name (lowercase letters, digits, _.-)")
+        try:
+            uid = int(params.get("uid", ""))
+        except ValueError:
+            raise AgentError("bad_input", "uid must be an integer") from None
+        if not 1000 <= uid < 65534:
+            raise AgentError("bad_input", "uid must be between 1000 and 65533")
+        geometry = params.get("geometry", DEFAULT_GEOMETRY)
+        if not GEOMETRY_RE.match(geometry):
+            raise AgentError("bad_input", "geometry must look like 1280x800")
+        return self.x.start(login, uid, geometry)
+
+    def rpc_x_stop(self, params: dict[str, str]) -> dict[str, Any]:
+        self.x.stop()
+        return {"state": self.x.current_state()}
+
+    def rpc_expire(self, params: dict[str, str]) -> dict[str, Any]:
+        return {"notified": self.x.expire()}
+
+    def rpc_poweroff(self, params: dict[str, str]) -> dict[str, Any]:
+        # answer first: the caller must learn that the poweroff was accepted before the agent goes away
+        threading.Timer(0.1, self.poweroff).start()
+        return {"state": "stopping"}
+
+    def poweroff(self) -> None:
+        if self._powering_off.is_set():
+            return
+        self._powering_off.set()
+        log.info("powering off")
+        self.x.stop()
+        if self.is_init and os.getpid() == 1:
+            # as PID 1 of the container: every process left is ours to end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGTERM)
+            time.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGKILL)
+            os.sync()
+        if self.server is not None:
+            self.server.shutdown()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = f"deckard-vma/{VERSION}"
+    agent: Agent  # set on the subclass made by serve()
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        t0 = time.monotonic()
+        url = urlsplit(self.path)
+        params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        status, body = 200, {}
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if not self._authorized():
+                raise AgentError("unauthenticated", "missing or wrong agent token", 401)
+            if raw and self.headers.get_content_type() == "application/json":
+                params.update({k: str(v) for k, v in json.loads(raw).items()})
+            elif raw:
+                params.update({k: v[-1] for k, v in parse_qs(raw.decode()).items()})
+            if not url.path.startswith("/vma/"):
+                raise AgentError("not_found", "RPC paths are /vma/<method>", 404)
+            body = {"ok": True, **self.agent.call(url.path[5:], params)}
+        except AgentError as exc:
+            status, body = exc.status, {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:
+            log.exception("internal error")
+            status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        log.info(
+            "%s %s %s %d %.1fms",
+            self.client_address[0],
+            self.command,
+            url.path,
+            status,
+            (time.monotonic() - t0) * 1000,
+        )
+
+    def _authorized(self) -> bool:
+        token = self.agent.token
+        header = self.headers.get("Authorization", "")
+        if not token or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request is written by _handle
+
+
+def read_token(path: str) -> str | None:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        log.error("cannot read the agent token %s: %s; every call will be refused", path, exc)
+        return None
+    return token or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deckard-vma", description="Deckard guest agent")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--bind", default="0.0.0.0")
+    parser.add_argument("--token-file", default=DEFAULT_TOKEN_FILE)
+    parser.add_argument("--no-init", action="store_true", help="run as a normal process (tests on the host)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s deckard-vma %(message)s")
+
+    is_init = not args.no_init
+    if is_init:
+        # LXC starts init with an almost empty environment; useradd and friends live in sbin
+        os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        setup_init()
+    agent = Agent(read_token(args.token_file), is_init)
+    if os.getpid() == 1:
+        threading.Thread(target=agent.children.reap_forever, daemon=True, name="reaper").start()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d", signum)
+        threading.Thread(target=agent.poweroff, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
+        signal.signal(sig, on_signal)
+
+    handler = type("BoundHandler", (Handler,), {"agent": agent})
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer((args.bind, args.port), handler)
+    server.daemon_threads = True
+    agent.server = server
+    log.info("listening on %s:%d (version %s, init=%s)", args.bind, server.server_address[1], VERSION, is_init)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The issue's scenario, run as a new user would: `deckard up`, add a user and a desktop, connect, see it.
+
+Everything is real: the farm runs in its own process with its own home, ports, bridge and network; desktops
+are LXC containers started from the default image; the client goes through the TLS broker with QVD's protocol
+and reads the framebuffer with an RFB handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from deckard.client import broker as qvd
+from deckard.client.rfb import grab_framebuffer, is_blank
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.errors import PermissionDenied, Unauthenticated, Unavailable
+from deckard.services.images import register_image
+from deckard.testing import FarmProcess, wait_for
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "s3cret!"
+
+
+def _desktop(farm: FarmProcess, name: str) -> dict:
+    rows = farm.json("desktop", "list")
+    assert isinstance(rows, list)
+    return next(r for r in rows if r["name"] == name)
+
+
+async def _see_desktop(farm: FarmProcess, login: str, desktop_id: int) -> list[str]:
+    progress: list[str] = []
+    reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id, on_progress=progress.append)
+    try:
+        width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 30)
+        assert width > 0 and height > 0
+        assert not is_blank(pixels), "the desktop framebuffer is blank"
+    finally:
+        writer.close()
+    return progress
+
+
+def _wait_state(farm: FarmProcess, name: str, state: str, timeout: float = 60) -> dict:
+    return wait_for(
+        lambda: (d := _desktop(farm, name))["state"] == state and d["cmd"] is None and d,
+        timeout,
+        0.3,
+        f"{name} to be {state}",
+    )  # type: ignore[return-value]
+
+
+def test_up_prints_credentials_and_addresses(farm: FarmProcess) -> None:
+    assert "password" in farm.up_output
+    assert f"127.0.0.1:{farm.broker_port}" in farm.up_output
+    # a second `up` is idempotent: it reports the running farm and does not rebuild or re-bootstrap
+    again = farm.up()
+    assert "already running" in again and "password" not in again
+
+
+def test_user_connects_to_a_real_desktop_whose_home_persists(farm: FarmProcess) -> None:
+    farm.deckard("user", "add", "alice", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "alice-desk", "--user", "alice")
+    desk = _desktop(farm, "alice-desk")
+    assert desk["state"] == "stopped"
+
+    progress = asyncio.run(_see_desktop(farm, "alice", desk["id"]))
+    assert any("Starting" in p or "starting" in p for p in progress), progress
+    running = _wait_state(farm, "alice-desk", "running", 10)
+    assert running["user_state"] in ("connected", "disconnected")
+
+    assert farm.attach(desk["id"], "echo kept > ~/kept.txt", user="alice").returncode == 0
+    assert farm.attach(desk["id"], "echo gone > /usr/gone.txt").returncode == 0
+
+    farm.deckard("desktop", "stop", "alice-desk")
+    _wait_state(farm, "alice-desk", "stopped")
+    assert not farm.guests()
+
+    asyncio.run(_see_desktop(farm, "alice", desk["id"]))
+    assert farm.attach(desk["id"], "cat ~/kept.txt", user="alice").stdout.strip() == "kept"
+    assert farm.attach(desk["id"], "test -e /usr/gone.txt").returncode != 0
+
+
+def test_broker_refuses_bad_credentials_and_other_users_desktops(farm: FarmProcess) -> None:
+    farm.deckard("user", "add", "mallory", "--password", PASSWORD)
+    alice_desk = _desktop(farm, "alice-desk")
+    with pytest.raises(Unauthenticated):
+        asyncio.run(qvd.list_desktops(farm.broker, "alice", "wrong", farm.ca))
+    with pytest.raises(PermissionDenied):
+        asyncio.run(qvd.connect(farm.broker, "mallory", PASSWORD, farm.ca, alice_desk["id"]))
+
+
+def test_desktop_whose_image_is_missing_fails_with_a_clear_reason(farm: FarmProcess, tmp_path: Path) -> None:
+    ghost = tmp_path / "ghost.tar"
+    ghost.write_bytes(b"")
+
+    async def register() -> None:
+        db = Database(farm.sqlite_url)
+        await db.start()
+        try:
+            await register_image(db, ghost, version="ghost", tags=("ghost",))
+        finally:
+            await db.close()
+
+    asyncio.run(register())
+    ghost.unlink()
+    farm.deckard("user", "add", "gina", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "gina-desk", "--user", "gina", "--tag", "ghost")
+    desk = _desktop(farm, "gina-desk")
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as e:
+        asyncio.run(qvd.connect(farm.broker, "gina", PASSWORD, farm.ca, desk["id"]))
+    assert time.monotonic() - started < 30
+    assert "ghost.tar" in e.value.message
+    failed = _desktop(farm, "gina-desk")
+    assert failed["state"] == "failed" and "ghost.tar" in failed["failure_reason"]
+
+
+def test_node_killed_with_sigkill_converges_on_restart(farm: FarmProcess) -> None:
+    desk = _desktop(farm, "alice-desk")
+    if desk["state"] != "running":
+        farm.deckard("desktop", "start", "alice-desk")
+        _wait_state(farm, "alice-desk", "running")
+    farm.deckard("user", "add", "kim", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "kim-desk", "--user", "kim")
+    farm.deckard("desktop", "start", "kim-desk")  # may still be starting when the node dies
+    time.sleep(0.3)
+    pid = farm.pid()
+    assert pid
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    farm.up()
+
+    # no desktop stuck in starting/stopping; every guest left belongs to a running desktop
+    def settled() -> bool:
+        rows = farm.json("desktop", "list")
+        assert isinstance(rows, list)
+        return all(r["state"] in ("running", "stopped", "failed") and r["cmd"] is None for r in rows)
+
+    wait_for(settled, 60, 0.5, "desktops to settle after the node restart")
+    rows = farm.json("desktop", "list")
+    assert isinstance(rows, list)
+    running_guests = set(farm.guests())
+    from deckard.runtime.paths import FarmPaths
+
+    paths = FarmPaths(farm.home)
+    assert running_guests == {paths.guest_name(r["id"]) for r in rows if r["state"] == "running"}
+    # the adopted desktop still serves its display
+    asyncio.run(_see_desktop(farm, "alice", desk["id"]))
+
+
+async def _connections(farm: FarmProcess) -> list[dict]:
+    db = Database(farm.sqlite_url)
+    await db.start(run_migrations=False)
+    try:
+        async with db.connect() as conn:
+            rows = await conn.execute(sa.select(t.connections).order_by(t.connections.c.id))
+            return [dict(r._mapping) for r in rows]
+    finally:
+        await db.close()
+
+
+def test_connections_are_recorded_with_phase_timings(farm: FarmProcess) -> None:
+    rows = asyncio.run(_connections(farm))
+    ok = [r for r in rows if r["t_total_ms"] is not None and r["connected_at"] is not None]
+    assert ok, rows
+    assert all(r["t_auth_ms"] is not None for r in ok)
+    assert any(r["result"] in ("failed", "start_failed", "error") or r["reason"] for r in rows)

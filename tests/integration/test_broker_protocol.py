@@ -1,0 +1,567 @@
+"""The broker speaks QVD's client protocol over TLS, against a real database and a fake node and guest.
+
+What is real: the Broker on 127.0.0.1 with the farm's TLS, the database (fixture ``db``), the services, the
+agent client.  What is faked, because it is the layer below the one under test: the node daemon (a loop that
+claims starts and marks them running or failed) and the guest (an HTTP agent on ``<desktop ip>:3030`` and a
+VNC-like display on ``<desktop ip>:5900``).  Each test puts its desktops on its own ``127.x.y.0/24`` network:
+all of 127/8 is loopback on Linux, so fake guests bind their desktop's real address and ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+import sqlalchemy as sa
+
+from deckard.broker.server import Broker
+from deckard.client import broker as broker_client
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import uid_for_user
+from deckard.model.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
+from deckard.runtime.settings import BrokerSettings
+from deckard.runtime.tls import client_context, ensure_tls, server_context
+from deckard.services import node_ops
+from deckard.services.context import SYSTEM
+from deckard.services.desktops import create_desktop, set_blocked
+from deckard.services.images import register_image
+from deckard.services.tenancy import bootstrap_farm
+from deckard.services.users import create_user, update_user
+
+RFB_BANNER = b"RFB 003.008\n"
+QVD_PARAMS = (
+    "qvd.client.os=linux&qvd.client.keyboard=pc105%2Fes&qvd.client.link=adsl&qvd.client.geometry=1024x768"
+    "&qvd.client.fullscreen=&qvd.client.nxagent.extra_args=&qvd.client.printing.enabled=1"
+    "&qvd.client.usb.enabled=0&qvd.client.usb.implementation=USBIP&qvd.client.audio.compression.enable=1"
+    "&qvd.client.audio.redirect.enable=0&qvd.client.audio.redirect.server=&qvd.client.audio.redirect.port="
+)
+
+
+# ---------------------------------------------------------------- the fake guest and node
+
+
+class FakeGuest:
+    """A desktop's agent (HTTP, bearer token) and display (sends the RFB banner, then echoes)."""
+
+    def __init__(self, ip: str, token: str) -> None:
+        self.ip = ip
+        self.token = token
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.display_conns: list[asyncio.StreamWriter] = []
+        self._agent: asyncio.Server | None = None
+        self._display: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._agent = await asyncio.start_server(self._serve_agent, self.ip, 3030, reuse_address=True)
+
+    async def close(self) -> None:
+        for w in self.display_conns:
+            w.close()
+        for srv in (self._agent, self._display):
+            if srv is not None:
+                srv.close()
+
+    async def _serve_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            target = head.split(" ")[1]
+            url = urlsplit(target)
+            params = dict(parse_qsl(url.query))
+            method = url.path.removeprefix("/vma/")
+            auth = [ln for ln in head.split("\r\n") if ln.lower().startswith("authorization:")]
+            if not auth or auth[0].split(":", 1)[1].strip() != f"Bearer {self.token}":
+                status, body = 401, {"ok": False, "error": {"code": "bad_token", "message": "bad token"}}
+            else:
+                self.calls.append((method, params))
+                status, body = 200, {"ok": True}
+                if method == "x_start" and self._display is None:
+                    self._display = await asyncio.start_server(self._serve_display, self.ip, 5900, reuse_address=True)
+                elif method == "ping":
+                    body = {"ok": True, "version": "test", "x_state": "stopped"}
+            data = json.dumps(body).encode()
+            writer.write(
+                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+                "\r\nConnection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def _serve_display(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.display_conns.append(writer)
+        writer.write(RFB_BANNER)
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+@dataclass
+class FakeNode:
+    """Claims start commands like ``deckard node`` and reports them running (or failed) after a delay."""
+
+    db: Database
+    image_id: int
+    delay: float = 0.0
+    fail_reason: str | None = None
+    node_id: int = 0
+    guests: dict[int, FakeGuest] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def run(self) -> None:
+        self.node_id = await node_ops.register_node(
+            self.db, "fake-node", "127.0.0.1", "", cpus=4, mem_total_mib=16384, mem_free_mib=16384
+        )
+        await node_ops.set_node_state(self.db, self.node_id, "running")
+        loop = asyncio.get_running_loop()
+        beat = 0.0
+        while True:
+            if loop.time() - beat > 1:
+                await node_ops.heartbeat(self.db, self.node_id, mem_free_mib=16384, load=0.0, running=0)
+                beat = loop.time()
+            for desktop_id in await node_ops.claim_starts(self.db, self.node_id):
+                task = asyncio.create_task(self._start(desktop_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(0.05)
+
+    async def _start(self, desktop_id: int) -> None:
+        await asyncio.sleep(self.delay)
+        if self.fail_reason:
+            await node_ops.mark_failed(self.db, self.node_id, desktop_id, self.fail_reason)
+            return
+        desk = (await node_ops.start_facts(self.db, desktop_id)).desktop
+        assert desk.agent_token
+        old = self.guests.pop(desktop_id, None)
+        if old:
+            await old.close()
+        guest = FakeGuest(desk.ip, desk.agent_token)
+        await guest.start()
+        self.guests[desktop_id] = guest
+        await node_ops.mark_running(
+            self.db, self.node_id, desktop_id, image_id=self.image_id, guest_ms=12.0, agent_ms=34.0
+        )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for g in self.guests.values():
+            await g.close()
+
+
+@dataclass
+class Farm:
+    db: Database
+    broker: Broker
+    node: FakeNode
+    ca: Path
+    alice_desk: dict[str, Any]
+    bob_desk: dict[str, Any]
+    alice_id: int
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.broker.port}"
+
+    async def connection_rows(self, desktop_id: int) -> list[Any]:
+        async with self.db.connect() as conn:
+            q = sa.select(t.connections).where(t.connections.c.desktop_id == desktop_id).order_by(t.connections.c.id)
+            return list(await conn.execute(q))
+
+    async def desktop_row(self, desktop_id: int) -> Any:
+        async with self.db.connect() as conn:
+            return (await conn.execute(sa.select(t.desktops).where(t.desktops.c.id == desktop_id))).one()
+
+    async def wait_for(self, what: str, check: Any, timeout: float = 10.0) -> Any:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            value = await check()
+            if value:
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def farm(db: Database, tmp_path: Path) -> AsyncIterator[Farm]:
+    await bootstrap_farm(db)
+    alice = await create_user(db, SYSTEM, "alice", "pw-alice")
+    await create_user(db, SYSTEM, "bob", "pw-bob")
+    network = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/24"
+    alice_desk = await create_desktop(db, SYSTEM, "alice-desk", "alice", network=network)
+    bob_desk = await create_desktop(db, SYSTEM, "bob-desk", "bob", network=network)
+    image = tmp_path / "image.tar"
+    image.write_bytes(b"")
+    image_id = int((await register_image(db, image, version="test"))["id"])
+    ca, cert, key = ensure_tls(tmp_path / "tls")
+    node = FakeNode(db, image_id)
+    node_task = asyncio.create_task(node.run())
+    await asyncio.sleep(0.1)
+    broker = Broker(
+        db, BrokerSettings(start_timeout=10, display_timeout=5), server_context(cert, key), node_id=None, poll=0.1
+    )
+    await broker.start("127.0.0.1", 0)
+    try:
+        yield Farm(db, broker, node, ca, alice_desk, bob_desk, int(alice["id"]))
+    finally:
+        await broker.close()
+        node_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await node_task
+        await node.close()
+
+
+# ---------------------------------------------------------------- a raw client, byte for byte like QVD's
+
+
+def basic(login: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+
+
+class RawClient:
+    """Writes requests exactly as given and reads replies head by head (no Host unless the test adds one)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, farm: Farm) -> RawClient:
+        ctx = client_context(farm.ca)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", farm.broker.port, ssl=ctx, server_hostname="127.0.0.1"
+        )
+        return cls(reader, writer)
+
+    def send(self, target: str, headers: dict[str, str] | None = None, method: str = "GET") -> None:
+        lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def head(self) -> tuple[str, dict[str, str]]:
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 15)
+        lines = raw.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        return lines[0], headers
+
+    async def response(self) -> tuple[int, dict[str, str], bytes, list[str]]:
+        """The final response, with the X-QVD-VM-Info of every 102 before it."""
+        infos = []
+        while True:
+            status_line, headers = await self.head()
+            assert status_line.startswith("HTTP/1.1 "), status_line
+            status = int(status_line.split()[1])
+            if status == 102:
+                assert status_line == "HTTP/1.1 102 Processing"
+                infos.append(headers["x-qvd-vm-info"])
+                continue
+            break
+        body = b""
+        if status != 101:
+            assert "chunked" not in headers.get("transfer-encoding", "")
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        return status, headers, body, infos
+
+    async def request(
+        self, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> tuple[int, dict[str, str], bytes, list[str]]:
+        self.send(target, headers, method)
+        return await self.response()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+ALICE = {"Authorization": basic("alice", "pw-alice")}
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "QVD/1.0"}
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 10) -> bool:
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return True
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_ping_answers_i_am_alive_without_credentials_or_host(farm: Farm) -> None:
+    c = await RawClient.open(farm)
+    status, headers, body, _ = await c.request("/qvd/ping")
+    assert (status, body) == (200, b"I am alive!")
+    assert headers["content-length"] == "11"
+    await c.close()
+
+
+async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_both_ways(farm: Farm) -> None:
+    """As QVD's own client: no Host header, ``list_of_vm?``, then connect on the same TLS connection."""
+    farm.node.delay = 0.3  # slow enough for the broker to see the desktop starting
+    c = await RawClient.open(farm)
+    status, headers, body, _ = await c.request(
+        "/qvd/list_of_vm?", {**ALICE, "Accept": "application/json", "User-Agent": "QVD::HTTPC/0.01 (linux)"}
+    )
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
+    desktops = json.loads(body)
+    assert [(d["id"], d["name"], d["state"], d["blocked"]) for d in desktops] == [
+        (farm.alice_desk["id"], "alice-desk", "stopped", 0)
+    ]
+    desk_id = farm.alice_desk["id"]
+    status, headers, _, infos = await c.request(f"/qvd/connect_to_vm?id={desk_id}&{QVD_PARAMS}", {**ALICE, **UPGRADE})
+    assert status == 101
+    assert headers["connection"].lower() == "upgrade" and headers["upgrade"] == "QVD/1.0"
+    assert infos[-1] == "Waiting for the display to come up"
+    assert any("start" in i.lower() for i in infos[:-1])
+    assert await asyncio.wait_for(c.reader.readexactly(len(RFB_BANNER)), 5) == RFB_BANNER
+    c.writer.write(b"hello desktop")
+    assert await asyncio.wait_for(c.reader.readexactly(13), 5) == b"hello desktop"
+
+    guest = farm.node.guests[desk_id]
+    method, params = guest.calls[-1]
+    assert method == "x_start"
+    assert params == {"user": "alice", "uid": str(uid_for_user(farm.alice_id)), "geometry": "1024x768"}
+    assert (await farm.desktop_row(desk_id)).user_state == "connected"
+
+    await c.close()
+
+    async def ended() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows if rows and rows[-1].ended_at is not None else None
+
+    rows = await farm.wait_for("the connection to be recorded", ended)
+    row = rows[-1]
+    assert row.result == "closed"
+    assert row.login == "alice" and row.protocol == "qvd" and row.source == "127.0.0.1"
+    assert (row.bytes_in, row.bytes_out) == (13, len(RFB_BANNER) + 13)
+    for name in ("t_auth_ms", "t_claim_ms", "t_start_ms", "t_display_ms", "t_total_ms"):
+        assert getattr(row, name) is not None and getattr(row, name) >= 0, name
+    assert row.t_agent_ms == 34.0
+    assert row.t_total_ms >= row.t_start_ms
+    desk = await farm.desktop_row(desk_id)
+    assert (desk.state, desk.user_state) == ("running", "disconnected")
+
+
+async def test_client_module_lists_and_connects_with_progress(farm: Farm) -> None:
+    desktops = await broker_client.list_desktops(farm.server, "alice", "pw-alice", farm.ca)
+    chosen = broker_client.resolve_desktop(desktops, None)
+    assert chosen["name"] == "alice-desk"
+    progress: list[str] = []
+    reader, writer = await broker_client.connect(
+        farm.server, "alice", "pw-alice", farm.ca, chosen["id"], progress.append
+    )
+    assert await asyncio.wait_for(reader.readexactly(len(RFB_BANNER)), 5) == RFB_BANNER
+    assert progress[-1] == "Waiting for the display to come up"
+    writer.close()
+
+
+async def test_client_module_raises_deckard_errors_with_the_brokers_message(farm: Farm) -> None:
+    with pytest.raises(Unauthenticated, match="wrong user name or password"):
+        await broker_client.list_desktops(farm.server, "alice", "nope", farm.ca)
+    with pytest.raises(NotFound):
+        await broker_client.connect(farm.server, "alice", "pw-alice", farm.ca, 999999)
+    with pytest.raises(PermissionDenied):
+        await broker_client.connect(farm.server, "alice", "pw-alice", farm.ca, farm.bob_desk["id"])
+
+
+async def test_wrong_password_is_401_with_the_basic_challenge(farm: Farm) -> None:
+    c = await RawClient.open(farm)
+    status, headers, _, _ = await c.request("/qvd/list_of_vm?", {"Authorization": basic("alice", "bad")})
+    assert status == 401
+    assert headers["www-authenticate"] == 'Basic realm="QVD"'
+    status, headers, _, _ = await c.request(f"/qvd/connect_to_vm?id={farm.alice_desk['id']}", UPGRADE)
+    assert status == 401 and headers["www-authenticate"] == 'Basic realm="QVD"'
+    await c.close()
+
+
+async def test_blocked_user_is_401(farm: Farm) -> None:
+    await update_user(farm.db, SYSTEM, farm.alice_id, blocked=True)
+    c = await RawClient.open(farm)
+    status, _, body, _ = await c.request("/qvd/list_of_vm?", ALICE)
+    assert status == 401 and b"blocked" in body
+    await c.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "status", "text"),
+    [
+        ("id=999999", {**ALICE, **UPGRADE}, 404, "no desktop"),
+        ("id=BOB", {**ALICE, **UPGRADE}, 403, "another user"),
+        ("id=ALICE", ALICE, 426, "Upgrade"),
+        ("qvd.client.os=linux", {**ALICE, **UPGRADE}, 422, "no desktop id"),
+        ("id=ALICE&qvd.client.os=linux&vm.network=x", {**ALICE, **UPGRADE}, 403, "vm.network"),
+        ("id=ALICE&qvd.client.geometry=huge", {**ALICE, **UPGRADE}, 422, "1024x768"),
+    ],
+    ids=[
+        "unknown-desktop-404",
+        "other-users-desktop-403",
+        "no-upgrade-426",
+        "missing-id-422",
+        "unknown-parameter-403",
+        "bad-geometry-422",
+    ],
+)
+async def test_connect_checks_refuse_before_any_session(
+    farm: Farm, query: str, headers: dict[str, str], status: int, text: str
+) -> None:
+    query = query.replace("BOB", str(farm.bob_desk["id"])).replace("ALICE", str(farm.alice_desk["id"]))
+    c = await RawClient.open(farm)
+    got, _, body, infos = await c.request(f"/qvd/connect_to_vm?{query}", headers)
+    assert (got, infos) == (status, [])
+    assert text in body.decode()
+    # the connection stays usable (keep-alive) and nothing was started or recorded
+    assert (await c.request("/qvd/ping"))[0] == 200
+    await c.close()
+    assert await farm.connection_rows(farm.alice_desk["id"]) == []
+    assert (await farm.desktop_row(farm.alice_desk["id"])).cmd is None
+
+
+async def test_blocked_desktop_is_403_offline_for_maintenance(farm: Farm) -> None:
+    await set_blocked(farm.db, SYSTEM, farm.alice_desk["id"], True)
+    c = await RawClient.open(farm)
+    status, _, body, _ = await c.request(f"/qvd/connect_to_vm?id={farm.alice_desk['id']}", {**ALICE, **UPGRADE})
+    assert status == 403 and b"maintenance" in body
+    listed = json.loads((await c.request("/qvd/list_of_vm?", ALICE))[2])
+    assert listed[0]["blocked"] == 1
+    await c.close()
+
+
+async def test_unknown_path_is_404_and_wrong_method_is_405(farm: Farm) -> None:
+    c = await RawClient.open(farm)
+    assert (await c.request("/nothing/here"))[0] == 404
+    status, headers, _, _ = await c.request("/qvd/list_of_vm", ALICE, method="POST")
+    assert status == 405 and headers["allow"] == "GET"
+    await c.close()
+
+
+async def test_garbage_instead_of_http_gets_400_and_the_connection_closes(farm: Farm) -> None:
+    c = await RawClient.open(farm)
+    c.writer.write(b"\x16\x03\x01\x02\x00garbage that is not http\r\n\r\n")
+    status_line, _ = await c.head()
+    assert status_line == "HTTP/1.1 400 Bad Request"
+    assert await closed_by_peer(c.reader)
+    c2 = await RawClient.open(farm)
+    c2.writer.write(b"HELLO THERE\r\n\r\n")
+    assert (await c2.head())[0] == "HTTP/1.1 400 Bad Request"
+    await c.close()
+    await c2.close()
+
+
+async def test_tls_handshake_failure_just_closes_and_the_broker_keeps_serving(farm: Farm) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", farm.broker.port)
+    writer.write(b"GET /qvd/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 15) == b""
+    writer.close()
+    c = await RawClient.open(farm)
+    assert (await c.request("/qvd/ping"))[0] == 200
+    await c.close()
+
+
+async def test_a_second_connect_takes_over_and_closes_the_first_tunnel(farm: Farm) -> None:
+    desk_id = farm.alice_desk["id"]
+    first = await RawClient.open(farm)
+    assert (await first.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    assert await first.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
+    second = await RawClient.open(farm)
+    assert (await second.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    assert await second.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
+    assert await closed_by_peer(first.reader)
+    second.writer.write(b"still here")
+    assert await second.reader.readexactly(10) == b"still here"
+
+    async def first_recorded() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows if rows[0].ended_at is not None else None
+
+    rows = await farm.wait_for("the first connection to end", first_recorded)
+    assert rows[0].result == "taken_over"
+    assert "took over" in rows[0].reason
+    assert rows[1].ended_at is None
+    assert (await farm.desktop_row(desk_id)).user_state == "connected"
+    await second.close()
+    await first.close()
+
+
+async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start_goes_on(farm: Farm) -> None:
+    farm.node.delay = 1.0
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    c.send(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
+    status_line, _ = await c.head()
+    assert status_line == "HTTP/1.1 102 Processing"
+    c.writer.transport.abort()  # the user closed the client window
+
+    async def aborted() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows if rows and rows[-1].ended_at is not None else None
+
+    rows = await farm.wait_for("the connection to be recorded", aborted)
+    assert rows[-1].result == "aborted"
+    assert (await farm.desktop_row(desk_id)).user_state == "disconnected"
+
+    async def running() -> bool:
+        return bool((await farm.desktop_row(desk_id)).state == "running")
+
+    await farm.wait_for("the desktop to run anyway", running)
+    assert (await farm.desktop_row(desk_id)).user_state == "disconnected"
+
+
+async def test_failed_start_is_503_with_the_nodes_reason(farm: Farm) -> None:
+    farm.node.fail_reason = "the image is corrupt: rebuild it"
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    status, _, body, infos = await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
+    assert status == 503
+    text = body.decode()
+    assert text.startswith("The requested desktop is not available: ")
+    assert "the image is corrupt: rebuild it" in text and text.endswith(", retry later.")
+    assert infos
+    rows = await farm.connection_rows(desk_id)
+    assert rows[-1].result == "failed" and "image is corrupt" in rows[-1].reason
+    assert (await farm.desktop_row(desk_id)).user_state == "disconnected"
+    await c.close()
+    with pytest.raises(Unavailable, match="image is corrupt"):
+        await broker_client.connect(farm.server, "alice", "pw-alice", farm.ca, desk_id)
+
+
+async def test_stop_vm_asks_the_node_to_stop(farm: Farm) -> None:
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await c.close()
+    c = await RawClient.open(farm)
+    status, _, body, _ = await c.request(f"/qvd/stop_vm?id={desk_id}", ALICE)
+    assert (status, body) == (200, b"Machine stopped")
+    assert (await farm.desktop_row(desk_id)).cmd == "stop"
+    assert (await c.request(f"/qvd/stop_vm?id={farm.bob_desk['id']}", ALICE))[0] == 403
+    assert (await c.request("/qvd/stop_vm", ALICE))[0] == 422
+    await c.close()
+
+
+async def test_closing_the_broker_closes_tunnels_and_records_them(farm: Farm) -> None:
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    assert await c.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
+    await farm.broker.close()
+    assert await closed_by_peer(c.reader)
+    rows = await farm.connection_rows(desk_id)
+    assert (rows[-1].result, rows[-1].reason) == ("closed", "broker shutting down")
+    await c.close()

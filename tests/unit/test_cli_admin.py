@@ -1,0 +1,357 @@
+"""The admin CLI against a test double of ``ApiClient``: what it prints (tables, ``--json``), how it reports
+errors (``error [code]: message`` on stderr, exit 1; usage errors exit 2), and the client pieces it rides on
+(profile file, error envelope → exception)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from deckard.cli import admin, desktops, session
+from deckard.client.api import ApiClient
+from deckard.client.profile import Profile, load_profile, save_profile
+from deckard.model.errors import Conflict, DeckardError, NotFound, Unauthenticated, Unavailable
+
+runner = CliRunner()
+
+
+class FakeApi:
+    """In-memory stand-in for ApiClient with the same method names and error behaviour."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, dict[str, Any]] = {}
+        self.desktops: dict[str, dict[str, Any]] = {}
+        self.passwords: dict[str, str] = {}
+        self.closed = False
+        self.polls = 0
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _user(self, ref: str) -> dict[str, Any]:
+        for u in self.users.values():
+            if ref in (u["login"], str(u["id"])):
+                return u
+        raise NotFound(f"no user {ref!r}", code="user_not_found")
+
+    def _desk(self, ref: str | int) -> dict[str, Any]:
+        for d in self.desktops.values():
+            if str(ref) in (d["name"], str(d["id"])):
+                return d
+        raise NotFound(f"no desktop {ref!r}", code="desktop_not_found")
+
+    def create_user(self, login: str, password: str | None, description: str = "") -> dict[str, Any]:
+        if login in self.users:
+            raise Conflict(f"a user named {login!r} already exists", code="duplicate")
+        self.passwords[login] = password or ""
+        self.users[login] = {
+            "id": len(self.users) + 1,
+            "tenant_id": 1,
+            "login": login,
+            "blocked": False,
+            "description": description,
+            "created_at": "2024-05-01T10:00:00.123456+00:00",
+        }
+        return self.users[login]
+
+    def list_users(self) -> list[dict[str, Any]]:
+        return list(self.users.values())
+
+    def get_user(self, ref: str) -> dict[str, Any]:
+        return self._user(ref)
+
+    def set_user_password(self, ref: str, password: str) -> dict[str, Any]:
+        user = self._user(ref)
+        self.passwords[user["login"]] = password
+        return user
+
+    def block_user(self, ref: str) -> dict[str, Any]:
+        self._user(ref)["blocked"] = True
+        return self._user(ref)
+
+    def delete_user(self, ref: str) -> None:
+        del self.users[self._user(ref)["login"]]
+
+    def create_desktop(
+        self, name: str, user: str, *, osf: str | None = None, tag: str = "default", description: str = ""
+    ) -> dict[str, Any]:
+        self._user(user)
+        n = len(self.desktops) + 1
+        self.desktops[name] = {
+            "id": n,
+            "name": name,
+            "user": user,
+            "osf": osf or "default",
+            "tag": tag,
+            "ip": f"10.231.0.{10 + n}",
+            "state": "stopped",
+            "cmd": None,
+            "node": None,
+            "blocked": False,
+            "user_state": "disconnected",
+            "failure_reason": None,
+        }
+        return self.desktops[name]
+
+    def list_desktops(self, user: str | None = None) -> list[dict[str, Any]]:
+        return [d for d in self.desktops.values() if user is None or d["user"] == user]
+
+    def get_desktop(self, ref: str | int) -> dict[str, Any]:
+        desk = self._desk(ref)
+        if desk["cmd"] == "start":
+            self.polls += 1
+            if self.polls >= 2:  # the node claims and finishes the start on the second look
+                desk.update(state="running", cmd=None)
+        return dict(desk)
+
+    def start_desktop(self, ref: str) -> dict[str, Any]:
+        desk = self._desk(ref)
+        if desk["blocked"]:
+            raise Conflict("the desktop is blocked", code="desktop_blocked")
+        desk.update(cmd="start", node="n1")
+        return dict(desk)
+
+    def delete_desktop(self, ref: str) -> None:
+        desk = self._desk(ref)
+        if desk["state"] != "stopped":
+            raise Conflict("the desktop is running or busy: stop it first", code="desktop_running")
+        del self.desktops[desk["name"]]
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": 1,
+                "name": "n1",
+                "address": "10.231.0.1",
+                "state": "running",
+                "blocked": False,
+                "desktops_running": 0,
+                "mem_free_mib": 900,
+                "mem_total_mib": 1000,
+                "load": 0.5,
+                "heartbeat_at": "2024-05-01T10:00:00+00:00",
+            }
+        ]
+
+    def list_images(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": 1,
+                "osf": "default",
+                "version": "v1",
+                "state": "published",
+                "tags": ["default", "head"],
+                "size": 5,
+                "blocked": False,
+                "created_at": "2024-05-01T10:00:00+00:00",
+            }
+        ]
+
+    def list_osfs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": 1,
+                "name": "default",
+                "memory_mib": 1024,
+                "cpus": 1.0,
+                "driver": "container",
+                "keep_overlay": False,
+                "description": "",
+            }
+        ]
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
+    fake = FakeApi()
+    monkeypatch.setattr(session, "open_client", lambda profile: fake)
+    monkeypatch.delenv("DECKARD_PASSWORD", raising=False)
+    return fake
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    admin.register(app)
+    return app
+
+
+def test_user_add_takes_the_password_from_the_environment_and_confirms(cli: typer.Typer, api: FakeApi) -> None:
+    res = runner.invoke(cli, ["user", "add", "alice", "-d", "first"], env={"DECKARD_PASSWORD": "s3cret"})
+    assert res.exit_code == 0, res.output
+    assert "user 'alice' created (id 1)" in res.stdout
+    assert api.passwords["alice"] == "s3cret" and api.users["alice"]["description"] == "first"
+    assert api.closed
+
+
+def test_user_add_prompts_for_the_password_twice_when_not_given(cli: typer.Typer, api: FakeApi) -> None:
+    res = runner.invoke(cli, ["user", "add", "bob"], input="pw1234\npw1234\n")
+    assert res.exit_code == 0, res.output
+    assert api.passwords["bob"] == "pw1234"
+    assert "pw1234" not in res.stdout  # hidden input
+
+
+def test_user_list_prints_a_table_and_json_prints_every_field(cli: typer.Typer, api: FakeApi) -> None:
+    api.create_user("alice", "pw", "first user")
+    api.create_user("bob", "pw")
+    table = runner.invoke(cli, ["user", "list"])
+    assert table.exit_code == 0
+    assert "LOGIN" in table.stdout and "alice" in table.stdout and "bob" in table.stdout
+    assert "2024-05-01 10:00:00" in table.stdout  # timestamps shortened for people
+    as_json = runner.invoke(cli, ["user", "list", "--json"])
+    rows = json.loads(as_json.stdout)
+    assert [r["login"] for r in rows] == ["alice", "bob"]
+    assert rows[0]["created_at"] == "2024-05-01T10:00:00.123456+00:00"  # untouched for scripts
+
+
+def test_an_api_error_prints_its_code_in_red_on_stderr_and_exits_1(cli: typer.Typer, api: FakeApi) -> None:
+    api.create_user("alice", "pw")
+    res = runner.invoke(cli, ["user", "add", "alice", "--password", "pw"])
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    assert "error [duplicate]: a user named 'alice' already exists" in res.stderr
+    missing = runner.invoke(cli, ["user", "show", "nobody"])
+    assert missing.exit_code == 1 and "error [user_not_found]" in missing.stderr
+    assert api.closed  # the client is closed on the error path too
+
+
+def test_a_usage_error_exits_2(cli: typer.Typer, api: FakeApi) -> None:
+    assert runner.invoke(cli, ["desktop", "add", "d1"]).exit_code == 2  # --user is required
+
+
+def test_user_passwd_block_and_delete(cli: typer.Typer, api: FakeApi) -> None:
+    api.create_user("alice", "old")
+    assert runner.invoke(cli, ["user", "passwd", "alice"], input="new-pw\nnew-pw\n").exit_code == 0
+    assert api.passwords["alice"] == "new-pw"
+    blocked = runner.invoke(cli, ["user", "block", "alice", "--json"])
+    assert json.loads(blocked.stdout)["blocked"] is True
+    deleted = runner.invoke(cli, ["user", "delete", "alice"])
+    assert deleted.exit_code == 0 and "user 'alice' deleted" in deleted.stdout
+    assert api.users == {}
+
+
+def test_desktop_add_list_and_show(cli: typer.Typer, api: FakeApi) -> None:
+    api.create_user("alice", "pw")
+    res = runner.invoke(cli, ["desktop", "add", "alice-1", "--user", "alice", "--tag", "head"])
+    assert res.exit_code == 0 and "desktop 'alice-1' created (id 1, ip 10.231.0.11)" in res.stdout
+    listed = runner.invoke(cli, ["desktop", "list", "--user", "alice"])
+    assert "alice-1" in listed.stdout and "10.231.0.11" in listed.stdout
+    assert runner.invoke(cli, ["desktop", "list", "--user", "bob", "--json"]).stdout.strip() == "[]"
+    shown = runner.invoke(cli, ["desktop", "show", "1"])
+    assert "alice-1" in shown.stdout and "head" in shown.stdout
+
+
+def test_desktop_start_shows_the_state_after_asking(cli: typer.Typer, api: FakeApi) -> None:
+    api.create_user("alice", "pw")
+    api.create_desktop("alice-1", "alice")
+    res = runner.invoke(cli, ["desktop", "start", "alice-1"])
+    assert res.exit_code == 0
+    assert res.stdout.strip() == "desktop 'alice-1' (id 1): stopped, start requested, node n1"
+
+
+def test_desktop_start_wait_follows_the_desktop_until_it_runs(
+    cli: typer.Typer, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(desktops, "POLL_S", 0)
+    api.create_user("alice", "pw")
+    api.create_desktop("alice-1", "alice")
+    res = runner.invoke(cli, ["desktop", "start", "alice-1", "--wait", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["state"] == "running"
+
+
+def test_deleting_a_running_desktop_reports_desktop_running(cli: typer.Typer, api: FakeApi) -> None:
+    api.create_user("alice", "pw")
+    api.create_desktop("alice-1", "alice")["state"] = "running"
+    res = runner.invoke(cli, ["desktop", "delete", "alice-1"])
+    assert res.exit_code == 1 and "error [desktop_running]" in res.stderr
+    assert "alice-1" in api.desktops
+
+
+def test_node_image_and_osf_lists(cli: typer.Typer, api: FakeApi) -> None:
+    nodes = runner.invoke(cli, ["node", "list"])
+    assert nodes.exit_code == 0 and "n1" in nodes.stdout and "running" in nodes.stdout
+    images = runner.invoke(cli, ["image", "list"])
+    assert "default,head" in images.stdout
+    osfs = runner.invoke(cli, ["osf", "list", "--json"])
+    assert json.loads(osfs.stdout)[0]["memory_mib"] == 1024
+
+
+def test_admin_nouns_join_the_groups_the_farm_commands_already_made(api: FakeApi) -> None:
+    app = typer.Typer()
+    image = typer.Typer()
+    image.command("build")(lambda: None)
+    app.add_typer(image, name="image")
+    admin.register(app)
+    assert sum(1 for g in app.registered_groups if g.name == "image") == 1
+    assert {c.name for c in image.registered_commands} == {"build", "list"}
+    assert runner.invoke(app, ["node", "list"]).exit_code == 0
+
+
+def test_a_missing_profile_says_to_run_deckard_up(cli: typer.Typer, tmp_path: Path) -> None:
+    res = runner.invoke(cli, ["user", "list", "--profile", str(tmp_path / "none.json")])
+    assert res.exit_code == 1
+    assert "error [no_profile]" in res.stderr and "deckard up" in res.stderr
+
+
+def test_a_profile_is_saved_private_and_loads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "cfg" / "profile.json"
+    profile = Profile("https://127.0.0.1:9443", "dk_secret", tmp_path / "ca.pem")
+    save_profile(path, profile)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_profile(path) == profile
+    monkeypatch.setenv("DECKARD_PROFILE", str(path))
+    assert load_profile() == profile
+    path.write_text("{}")
+    with pytest.raises(Unauthenticated) as e:
+        load_profile(path)
+    assert e.value.code == "bad_profile"
+
+
+def _client(handler: Any) -> ApiClient:
+    return ApiClient("https://farm.test", "dk_t", None, transport=httpx.MockTransport(handler))
+
+
+@pytest.mark.parametrize(
+    "status,cls", [(401, Unauthenticated), (404, NotFound), (409, Conflict), (503, Unavailable), (500, DeckardError)]
+)
+def test_the_client_rebuilds_the_servers_error_from_the_envelope(status: int, cls: type[DeckardError]) -> None:
+    body = {"error": {"code": "some_code", "message": "what to do", "details": {"k": 1}}}
+    client = _client(lambda request: httpx.Response(status, json=body))
+    with pytest.raises(cls) as e:
+        client.get_desktop("x")
+    assert type(e.value) is cls
+    assert (e.value.code, e.value.message, e.value.details, e.value.status) == (
+        "some_code",
+        "what to do",
+        {"k": 1},
+        status,
+    )
+
+
+def test_the_client_sends_its_token_and_quotes_path_segments() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": 1})
+
+    _client(handler).get_desktop("a/b?c")
+    assert seen[0].headers["authorization"] == "Bearer dk_t"
+    assert seen[0].url.raw_path == b"/api/v1/desktops/a%2Fb%3Fc"
+
+
+def test_an_unreachable_api_is_unavailable_api_unreachable(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(Unavailable) as e:
+        _client(handler).list_users()
+    assert e.value.code == "api_unreachable" and "https://farm.test" in e.value.message

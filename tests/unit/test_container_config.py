@@ -1,0 +1,151 @@
+"""The LXC config the container driver writes for a desktop: limits, identity, mounts and isolation.
+
+Rendering is pure, so every promise of the config is checked here without root; the e2e tests check that
+LXC honours it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deckard.drivers import load_driver
+from deckard.drivers.base import GuestSpec
+from deckard.drivers.container import ContainerDriver, render_config, render_up_hook
+from deckard.drivers.fake import FakeDriver
+from deckard.drivers.network import IFNAMSIZ, veth_name
+from deckard.model.errors import BadInput, DriverError
+from deckard.runtime.paths import FarmPaths
+
+
+def make_spec(**overrides: object) -> GuestSpec:
+    values: dict = dict(
+        desktop_id=42,
+        guest_name="dkabc123-42",
+        image_id=7,
+        image_path=Path("/srv/images/desktop.tar.zst"),
+        ip="10.0.0.42",
+        prefix_len=16,
+        gateway="10.0.0.1",
+        mac="54:52:00:00:00:2a",
+        bridge="deckard0",
+        memory_mib=768,
+        cpus=1.5,
+        user_login="alice",
+        user_uid=10001,
+        home_dir=Path("/srv/homes/t1/alice"),
+        agent_token="tok",
+    )
+    values.update(overrides)
+    return GuestSpec(**values)
+
+
+def config_of(spec: GuestSpec) -> dict[str, list[str]]:
+    text = render_config(
+        spec,
+        basefs=Path("/srv/basefs/7"),
+        upper=Path("/srv/overlays/dkabc123-42/upper"),
+        lxc_dir=Path("/run/deckard/lxc/dkabc123-42"),
+        up_hook=Path("/run/deckard/lxc/dkabc123-42/net-up"),
+    )
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" = ")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_limits_come_from_the_osf() -> None:
+    cfg = config_of(make_spec())
+    assert cfg["lxc.cgroup.memory.limit_in_bytes"] == [str(768 * 1024 * 1024)]
+    assert cfg["lxc.cgroup.cpu.cfs_period_us"] == ["100000"]
+    assert cfg["lxc.cgroup.cpu.cfs_quota_us"] == ["150000"]
+    assert int(cfg["lxc.cgroup.pids.max"][0]) > 0
+    # cgroup v1 keys only: this host ignores lxc.cgroup2.*
+    assert not [key for key in cfg if key.startswith("lxc.cgroup2.")]
+
+
+def test_identity_network_and_isolation_hook() -> None:
+    cfg = config_of(make_spec())
+    assert cfg["lxc.uts.name"] == ["dkabc123-42"]
+    assert cfg["lxc.net.0.type"] == ["veth"]
+    assert cfg["lxc.net.0.link"] == ["deckard0"]
+    assert cfg["lxc.net.0.hwaddr"] == ["54:52:00:00:00:2a"]
+    assert cfg["lxc.net.0.ipv4.address"] == ["10.0.0.42/16"]
+    assert cfg["lxc.net.0.ipv4.gateway"] == ["10.0.0.1"]
+    assert cfg["lxc.net.0.veth.pair"] == [veth_name("dkabc123-42")]
+    assert cfg["lxc.net.0.script.up"] == ["/run/deckard/lxc/dkabc123-42/net-up"]
+    hook = render_up_hook()
+    assert hook.startswith("#!/bin/sh\n") and 'link set dev "${LXC_NET_PEER:-$6}" isolated on' in hook
+
+
+def test_rootfs_is_an_overlay_with_the_agent_as_init() -> None:
+    cfg = config_of(make_spec())
+    assert cfg["lxc.rootfs.path"] == ["overlay:/srv/basefs/7:/srv/overlays/dkabc123-42/upper"]
+    assert cfg["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma"]
+    assert cfg["lxc.apparmor.profile"] == ["unconfined"]
+
+
+def test_home_is_bind_mounted_and_tmp_is_fresh() -> None:
+    mounts = config_of(make_spec())["lxc.mount.entry"]
+    assert "/srv/homes/t1/alice home/alice none bind,create=dir 0 0" in mounts
+    assert any(m.startswith("tmpfs tmp tmpfs ") for m in mounts)
+    assert any(m.startswith("tmpfs run tmpfs ") for m in mounts)
+    assert any(m.startswith("tmpfs dev/shm tmpfs ") for m in mounts)
+
+
+def test_capabilities_dropped_keep_what_useradd_and_su_need() -> None:
+    dropped = set(config_of(make_spec())["lxc.cap.drop"][0].split())
+    assert {"sys_admin", "sys_module", "net_admin", "sys_rawio", "sys_time"} <= dropped
+    assert not dropped & {"setuid", "setgid", "chown", "dac_override", "fowner", "kill"}
+
+
+def test_devices_are_a_whitelist() -> None:
+    cfg = config_of(make_spec())
+    assert cfg["lxc.cgroup.devices.deny"] == ["a"]
+    assert "c 136:* rwm" in cfg["lxc.cgroup.devices.allow"]
+
+
+def test_veth_names_fit_linux_and_are_stable() -> None:
+    assert veth_name("dkabc123-42") == "vdkabc12342"
+    long = veth_name("dkabc123-1234567890")
+    assert len(long) == IFNAMSIZ and long == veth_name("dkabc123-1234567890")
+    assert long != veth_name("dkabc123-1234567891")
+
+
+async def test_missing_image_is_a_clear_driver_error(tmp_path: Path) -> None:
+    driver = ContainerDriver(FarmPaths(tmp_path))
+    with pytest.raises(DriverError) as err:
+        await driver.ensure_basefs(7, tmp_path / "gone.tar.zst")
+    assert err.value.code == "image_missing"
+    assert str(tmp_path / "gone.tar.zst") in err.value.message and "rebuild" in err.value.message
+
+
+async def test_unknown_guests_are_absent_not_errors(tmp_path: Path) -> None:
+    driver = ContainerDriver(FarmPaths(tmp_path))
+    assert await driver.inspect("dkabc123-1") is None
+    assert await driver.list() == []
+    await driver.kill("dkabc123-1")  # idempotent on nothing
+
+
+async def test_fake_driver_reflects_starts_and_stops(tmp_path: Path) -> None:
+    paths = FarmPaths(tmp_path)
+    driver = load_driver("fake", paths)
+    assert isinstance(driver, FakeDriver)
+    spec = make_spec(guest_name=paths.guest_name(1))
+    info = await driver.start(spec)
+    assert info.running and info.ip == spec.ip
+    assert await driver.start(spec) == info
+    assert [g.guest_name for g in await driver.list()] == [spec.guest_name]
+    await driver.stop(spec.guest_name)
+    await driver.kill(spec.guest_name)
+    assert await driver.inspect(spec.guest_name) is None and await driver.list() == []
+
+
+def test_load_driver_by_name(tmp_path: Path) -> None:
+    assert load_driver("container", FarmPaths(tmp_path)).name == "container"
+    with pytest.raises(BadInput) as err:
+        load_driver("hyperv", FarmPaths(tmp_path))
+    assert err.value.code == "unknown_driver"

@@ -1,0 +1,169 @@
+"""The guest agent's RPC surface, run on the host with ``--no-init`` (no X is started here).
+
+The agent runs as a real subprocess on 127.0.0.1 and a free port, exactly as inside a desktop minus the
+init duties, so these tests exercise its HTTP server, token check and error envelope for real.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deckard.vma import agent as vma
+
+TOKEN = "s3cret-agent-token"
+
+
+def agent_command(port: int, token_file: Path) -> list[str]:
+    args = ["--no-init", "--bind", "127.0.0.1", "--port", str(port), "--token-file", str(token_file)]
+    return [sys.executable, vma.__file__, *args]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def agent_url(tmp_path: Path) -> Iterator[str]:
+    token_file = tmp_path / "agent-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    port = _free_port()
+    proc = subprocess.Popen(
+        agent_command(port, token_file),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "agent exited"
+            assert time.monotonic() < deadline, "agent did not listen within 10 s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def call(url: str, token: str | None = TOKEN, method: str = "GET", body: bytes | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, headers=headers, method=method, data=body)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def test_calls_without_the_token_are_refused(agent_url: str) -> None:
+    for token in (None, "wrong-token", ""):
+        status, body = call(f"{agent_url}/vma/ping", token=token)
+        assert status == 401
+        assert body == {"ok": False, "error": {"code": "unauthenticated", "message": "missing or wrong agent token"}}
+
+
+def test_ping_answers_version_and_display_state(agent_url: str) -> None:
+    status, body = call(f"{agent_url}/vma/ping")
+    assert status == 200
+    assert body == {"ok": True, "version": vma.VERSION, "x_state": "stopped"}
+
+
+def test_x_state_is_stopped_before_any_start(agent_url: str) -> None:
+    status, body = call(f"{agent_url}/vma/x_state", method="POST")
+    assert (status, body["ok"], body["state"]) == (200, True, "stopped")
+
+
+def test_unknown_method_is_404_with_a_stable_code(agent_url: str) -> None:
+    for path in ("/vma/nope", "/vma/__init__", "/other"):
+        status, body = call(f"{agent_url}{path}")
+        assert status == 404
+        assert body["ok"] is False and body["error"]["code"] in ("unknown_method", "not_found")
+
+
+def test_x_start_rejects_bad_input_before_touching_the_system(agent_url: str) -> None:
+    cases = {
+        "user=Root&uid=10001": "user must be",
+        "user=alice&uid=abc": "uid must be an integer",
+        "user=alice&uid=0": "uid must be between",
+        "user=alice&uid=10001&geometry=huge": "geometry",
+    }
+    for query, message in cases.items():
+        status, body = call(f"{agent_url}/vma/x_start?{query}")
+        assert status == 400 and body["error"]["code"] == "bad_input"
+        assert message in body["error"]["message"]
+    status, body = call(f"{agent_url}/vma/x_start", method="POST", body=json.dumps({"user": "Bad!"}).encode())
+    assert status == 400 and body["error"]["code"] == "bad_input"
+
+
+def test_poweroff_answers_then_the_agent_exits(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    port = _free_port()
+    proc = subprocess.Popen(
+        agent_command(port, token_file),
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(500):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.02)
+        status, body = call(f"http://127.0.0.1:{port}/vma/poweroff")
+        assert (status, body) == (200, {"ok": True, "state": "stopping"})
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_vnc_connected_reads_established_connections(tmp_path: Path) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    try:
+        assert vma.vnc_connected(port) is False
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        assert vma.vnc_connected(port) is True
+        client.close()
+        conn.close()
+    finally:
+        server.close()
+
+
+def test_agent_uses_the_standard_library_only() -> None:
+    """An image needs nothing but python3: every import of the agent must be in the standard library."""
+    tree = ast.parse(Path(vma.__file__).read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module.split(".")[0])
+    assert modules - set(sys.stdlib_module_names) == set()
