@@ -73,7 +73,7 @@ async def last_connection(farm: FarmProcess) -> dict:
 async def see(farm: FarmProcess, login: str, desktop_id: int) -> bool:
     reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id)
     try:
-        _w, _h, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 60)
+        _w, _h, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=15), 60)
         return not is_blank(pixels)
     finally:
         writer.close()

@@ -140,7 +140,7 @@ async def grab_desktop(ip: str, timeout: float = 10.0) -> tuple[int, int, bytes]
     while True:
         reader, writer = await asyncio.open_connection(ip, DISPLAY_PORT)
         try:
-            width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 5.0)
+            width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=10), 15.0)
         finally:
             writer.close()
         if not is_blank(pixels) or time.monotonic() > deadline:

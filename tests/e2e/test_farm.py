@@ -39,7 +39,7 @@ async def _see_desktop(farm: FarmProcess, login: str, desktop_id: int) -> list[s
     progress: list[str] = []
     reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id, on_progress=progress.append)
     try:
-        width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 30)
+        width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=15), 30)
         assert width > 0 and height > 0
         assert not is_blank(pixels), "the desktop framebuffer is blank"
     finally:

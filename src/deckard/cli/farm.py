@@ -279,12 +279,16 @@ def _pid_file(paths: FarmPaths) -> Path:
 
 
 def _running_pid(paths: FarmPaths) -> int | None:
+    """The pid of this farm's background process, if it is alive (not a zombie, and really ours)."""
     try:
         pid = int(_pid_file(paths).read_text())
-        os.kill(pid, 0)
-        return pid
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
+    if stat.rsplit(")", 1)[1].split()[0] == "Z" or b"deckard" not in cmdline:
+        return None
+    return pid
 
 
 def _first_run_profile(settings: Settings, password: str) -> Path:

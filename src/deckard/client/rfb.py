@@ -59,14 +59,29 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     return width, height, name
 
 
-async def grab_framebuffer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, int, bytes]:
-    """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX."""
+async def grab_framebuffer(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, until_drawn: float = 0.0
+) -> tuple[int, int, bytes]:
+    """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX.
+
+    With ``until_drawn`` > 0, ask for fresh frames for up to that many seconds until the screen is not one
+    flat colour: a session draws its windows a moment after the display starts listening.
+    """
     width, height, _ = await handshake(reader, writer)
     # SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits per channel (R<<16 | G<<8 | B)
     pixel_format = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
     writer.write(b"\x00\x00\x00\x00" + pixel_format)
     writer.write(struct.pack(">BxHi", 2, 1, ENCODING_RAW))
-    writer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+    deadline = asyncio.get_running_loop().time() + until_drawn
+    while True:
+        frame = await _read_frame(reader, writer, width, height)
+        if not is_blank(frame) or asyncio.get_running_loop().time() >= deadline:
+            return width, height, frame
+        await asyncio.sleep(0.2)
+
+
+async def _read_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, width: int, height: int) -> bytes:
+    writer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))  # non-incremental: the whole screen
     await writer.drain()
     frame = bytearray(width * height * BYTES_PER_PIXEL)
     covered = 0
@@ -94,7 +109,7 @@ async def grab_framebuffer(reader: asyncio.StreamReader, writer: asyncio.StreamW
             await _read_reason(reader)
         else:
             raise RFBError(f"unexpected server message type {msg_type}")
-    return width, height, bytes(frame)
+    return bytes(frame)
 
 
 def is_blank(pixels: bytes) -> bool:
