@@ -24,36 +24,20 @@ from urllib.parse import quote
 import httpx
 
 from deckard.model.errors import (
-    BadInput,
-    Conflict,
     DeckardError,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
     Unavailable,
+    error_class_for_status,
 )
 from deckard.runtime.tls import client_context
 
 API_PREFIX = "/api/v1"
-
-_ERROR_CLASSES: dict[int, type[DeckardError]] = {
-    400: BadInput,
-    401: Unauthenticated,
-    403: PermissionDenied,
-    404: NotFound,
-    409: Conflict,
-    422: BadInput,
-    502: Unavailable,
-    503: Unavailable,
-    504: Unavailable,
-}
 
 Row = dict[str, Any]
 
 
 def error_from_response(response: httpx.Response) -> DeckardError:
     """Rebuild the server's exception from its error envelope (or describe a response that has none)."""
-    cls = _ERROR_CLASSES.get(response.status_code, DeckardError)
+    cls = error_class_for_status(response.status_code)
     try:
         body = response.json()["error"]
         code, message, details = str(body["code"]), str(body["message"]), body.get("details")

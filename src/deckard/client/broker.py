@@ -26,12 +26,10 @@ from urllib.parse import urlencode
 
 from deckard.model.errors import (
     BadInput,
-    Conflict,
     DeckardError,
     NotFound,
-    PermissionDenied,
-    Unauthenticated,
     Unavailable,
+    error_class_for_status,
 )
 from deckard.runtime.tls import client_context
 
@@ -41,18 +39,6 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
 
 ProgressCallback = Callable[[str], Awaitable[None] | None]
-
-_ERRORS: dict[int, type[DeckardError]] = {
-    400: BadInput,
-    401: Unauthenticated,
-    403: PermissionDenied,
-    404: NotFound,
-    409: Conflict,
-    422: BadInput,
-    502: Unavailable,
-    503: Unavailable,
-    504: Unavailable,
-}
 
 
 def split_server(server: str) -> tuple[str, int]:
@@ -89,7 +75,7 @@ class Response:
 
 
 def error_for(resp: Response) -> DeckardError:
-    cls = _ERRORS.get(resp.status, DeckardError)
+    cls = error_class_for_status(resp.status)
     message = resp.text or f"the broker answered {resp.status} {resp.reason}"
     err = cls(message, code=f"http_{resp.status}")
     err.details = {"status": resp.status}

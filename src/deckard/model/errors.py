@@ -76,3 +76,21 @@ class Unavailable(DeckardError):
 class DriverError(DeckardError):
     code = "driver_error"
     status = 500
+
+
+_BY_STATUS: dict[int, type[DeckardError]] = {
+    400: BadInput,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    422: BadInput,
+    502: Unavailable,
+    503: Unavailable,
+    504: Unavailable,
+}
+
+
+def error_class_for_status(status: int) -> type[DeckardError]:
+    """The error a client raises for an HTTP status from the API or the broker (the inverse of ``.status``)."""
+    return _BY_STATUS.get(status, DeckardError)
