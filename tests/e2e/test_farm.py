@@ -172,3 +172,62 @@ def test_connections_are_recorded_with_phase_timings(farm: FarmProcess) -> None:
     assert ok, rows
     assert all(r["t_auth_ms"] is not None for r in ok)
     assert any(r["result"] in ("failed", "start_failed", "error") or r["reason"] for r in rows)
+
+
+def test_deckard_connect_serves_the_desktop_on_a_local_port(farm: FarmProcess) -> None:
+    """The README's tour: `deckard connect … --listen 127.0.0.1:PORT`, then any VNC client on that port."""
+    import subprocess
+    import sys
+
+    from deckard.testing import free_port
+
+    farm.deckard("user", "add", "carol", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "carol-desk", "--user", "carol")
+    port = free_port()
+    env = farm.env | {"DECKARD_PASSWORD": PASSWORD}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deckard.cli.main",
+            "connect",
+            "--server",
+            farm.broker,
+            "--user",
+            "carol",
+            "--desktop",
+            "carol-desk",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-viewer",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Desktop ready" in line or "Error" in line:
+                break
+        assert any("Desktop ready" in ln for ln in lines), lines
+        assert any("Starting desktop" in ln for ln in lines), lines
+
+        async def view() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                _w, _h, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=15), 30)
+                assert not is_blank(pixels)
+            finally:
+                writer.close()
+
+        asyncio.run(view())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -19,6 +19,7 @@ import getpass
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,8 @@ class LocalDesktop:
             if tunnel is None:
                 console.print("A viewer connected: opening a new tunnel (it takes the display over)")
                 tunnel = await self.open_tunnel()
-        except DeckardError as e:
-            err_console.print(f"[red]Cannot open the desktop:[/red] {e.message}")
+        except (DeckardError, OSError) as e:
+            err_console.print(f"[red]Cannot open the desktop:[/red] {getattr(e, 'message', e)}")
             local_w.close()
             return
         remote_r, remote_w = tunnel
@@ -140,19 +141,23 @@ async def _connect(
         raise
     local = LocalDesktop(server, user, password, ca, int(chosen["id"]))
     try:
-        listener = await asyncio.start_server(local.handle_viewer, host, port)
+        # bind now to fail fast on a busy port; viewers are accepted only once the desktop is ready, so an
+        # early viewer waits in the backlog instead of taking the display over from the first tunnel
+        sock = socket.create_server((host, port))
     except OSError as e:
         await conn.close()
         if e.errno == errno.EADDRINUSE:
             raise ConnectError(f"{host}:{port} is already in use: choose another with --listen {host}:PORT") from e
         raise ConnectError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    console.print(f"Connecting to desktop [bold]{chosen['name']}[/bold] (id {chosen['id']}) at {server}")
+    try:
+        local.ready = await conn.connect(user, password, local.desktop_id, on_progress=_progress)
+    except BaseException:
+        sock.close()
+        await conn.close()
+        raise
+    listener = await asyncio.start_server(local.handle_viewer, sock=sock)
     async with listener:
-        console.print(f"Connecting to desktop [bold]{chosen['name']}[/bold] (id {chosen['id']}) at {server}")
-        try:
-            local.ready = await conn.connect(user, password, local.desktop_id, on_progress=_progress)
-        except BaseException:
-            await conn.close()
-            raise
         console.print(f"[green]Desktop ready on {host}:{port}[/green] — open it with any VNC viewer")
         vncviewer = shutil.which("vncviewer")
         if viewer and vncviewer and os.environ.get("DISPLAY"):

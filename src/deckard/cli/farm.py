@@ -68,6 +68,15 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _quiet_logs() -> None:
+    """One-shot commands show progress bars and results, not the info lines of the layers below."""
+    import logging
+
+    from deckard.runtime.logging import setup_logging
+
+    setup_logging("console", logging.WARNING)
+
+
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
         _fail(f"{what} runs LXC containers and needs root: run it with sudo")
@@ -122,6 +131,7 @@ def image_build(
 ) -> None:
     """Build the default desktop image (Debian + Xvnc + a light desktop + the agent) and tag it default/head."""
     _need_root("image build")
+    _quiet_logs()
     image = asyncio.run(_ensure_image(_settings(home), cache=cache))
     if as_json:
         out.print_json(json.dumps(image, default=str))
@@ -336,6 +346,7 @@ def up(
     settings = _settings(home, api_port, broker_port, listen, bridge, network, None, node_name, driver)
     if settings.node.driver == "container":
         _need_root("deckard up")
+    _quiet_logs()
     paths = settings.paths
     paths.make()
     pid = _running_pid(paths)
