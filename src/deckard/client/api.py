@@ -96,7 +96,8 @@ class ApiClient:
             response = self._http.request(method, path, json=json, params=params, headers=headers)
         except httpx.TransportError as e:
             raise Unavailable(
-                f"cannot reach the Deckard API at {self.url}: {e or type(e).__name__} (is the farm running? `deckard up` starts it)",
+                f"cannot reach the Deckard API at {self.url}: {e or type(e).__name__} "
+                "(is the farm running? `deckard up` starts it)",
                 code="api_unreachable",
             ) from e
         if response.status_code >= 400:
