@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -231,3 +232,23 @@ def test_deckard_connect_serves_the_desktop_on_a_local_port(farm: FarmProcess) -
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_desktops_cannot_open_connections_to_the_node(farm: FarmProcess) -> None:
+    """A desktop reaches nothing on its node (API, broker, other services): the node only talks to it."""
+    from deckard.model.network import gateway_of
+
+    desk = _desktop(farm, "alice-desk")
+    if desk["state"] != "running":
+        farm.deckard("desktop", "start", "alice-desk")
+        _wait_state(farm, "alice-desk", "running")
+    gateway = gateway_of(farm.network)
+    with socket.create_server((gateway, 0)) as service:  # a node service listening on the desktop network
+        port = service.getsockname()[1]
+        probe = (
+            "import socket,sys\n"
+            f"try: socket.create_connection(('{gateway}', {port}), 2); print('open')\n"
+            "except OSError as e: print('blocked', e)\n"
+        )
+        out = farm.attach(desk["id"], f'python3 -c "{probe}"')
+    assert "blocked" in out.stdout, out
