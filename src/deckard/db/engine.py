@@ -44,7 +44,7 @@ def migrate(url: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", sync_url(async_url(url)).replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    command.upgrade(cfg, "heads")  # feature branches of the schema may each add a head
 
 
 class Database:

@@ -98,6 +98,10 @@ disk_images = sa.Table(
     sa.Column("status_message", sa.Text, nullable=False, server_default=""),
     sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", TS, nullable=False),
+    sa.Column("expire_soft_s", sa.Integer, nullable=True),  # at publish: soft expiry of desktops on the old image
+    sa.Column("expire_hard_s", sa.Integer, nullable=True),
+    sa.Column("uploaded_bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("published_at", TS, nullable=True),
     sa.UniqueConstraint("osf_id", "version", name="uq_disk_images_osf_version"),
 )
 
@@ -162,6 +166,7 @@ desktops = sa.Table(
     sa.Column("start_agent_ms", sa.Float, nullable=True),  # last start: guest launched → agent answering
     sa.Column("expire_soft_at", TS, nullable=True),
     sa.Column("expire_hard_at", TS, nullable=True),
+    sa.Column("expire_notified_at", TS, nullable=True),  # the agent ran the soft-expiry notice
     # user connection (broker)
     sa.Column("user_state", sa.String(16), nullable=False, server_default="disconnected"),
     sa.Column("user_state_at", TS, nullable=True),
@@ -203,4 +208,83 @@ config = sa.Table(
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
+)
+
+
+# ---- admin plane: roles and ACLs (QVD: roles, acl_role_relations, role_role_relations) ----------------------
+
+roles = sa.Table(
+    "roles",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("fixed", sa.Boolean, nullable=False, server_default=sa.false()),  # predefined: not editable
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name", name="uq_roles_tenant_name"),
+)
+
+role_acls = sa.Table(
+    "role_acls",
+    metadata,
+    sa.Column("role_id", sa.ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("acl", sa.String(128), primary_key=True),  # an ACL name or a pattern (desktop.*, *.see)
+    sa.Column("positive", sa.Boolean, nullable=False, server_default=sa.true()),
+)
+
+role_inherits = sa.Table(
+    "role_inherits",
+    metadata,
+    sa.Column("role_id", sa.ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("parent_id", sa.ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
+)
+
+admin_roles = sa.Table(
+    "admin_roles",
+    metadata,
+    sa.Column("admin_id", sa.ForeignKey("administrators.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("role_id", sa.ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
+)
+
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),  # "admin:<tenant>/<name>" or "source:<address>"
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("first_at", TS, nullable=False),
+    sa.Column("locked_until", TS, nullable=True),
+)
+
+# ---- audit: every administrator action, hash-chained so tampering shows -------------------------------------
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", TS, nullable=False, index=True),
+    sa.Column("admin_id", sa.Integer, nullable=True),
+    sa.Column("admin_name", sa.String(64), nullable=False, server_default=""),
+    sa.Column("tenant_id", sa.Integer, nullable=True, index=True),
+    sa.Column("action", sa.String(128), nullable=False),  # e.g. desktop.start
+    sa.Column("object_type", sa.String(32), nullable=False, server_default=""),
+    sa.Column("object_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("arguments", sa.Text, nullable=False, server_default="{}"),  # JSON, secrets masked
+    sa.Column("result", sa.String(16), nullable=False),  # ok | failed
+    sa.Column("status", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error_code", sa.String(64), nullable=False, server_default=""),
+    sa.Column("source", sa.String(64), nullable=False, server_default=""),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+# ---- custom properties on objects (QVD: *_properties) -------------------------------------------------------
+
+properties = sa.Table(
+    "properties",
+    metadata,
+    sa.Column("object_type", sa.String(32), primary_key=True),  # user | desktop | osf | image | node
+    sa.Column("object_id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
 )

@@ -1,30 +1,77 @@
-"""What a use case needs from its caller: the database and who is acting.
+"""Who is acting, and what they may do: the actor every use case receives.
 
-The admin plane (next issue) widens ``Actor`` with roles and ACLs; the services check it, never the UI.
+Authorization lives in services (never only in the UI or the API): a use case calls ``require`` before it acts
+and ``visible`` on what it returns.  An actor confined to a tenant sees other tenants' objects as missing
+(404), so it never learns they exist.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from deckard.db.engine import Database
+from deckard.model.acls import ACLS, GATED_FIELDS
+from deckard.model.errors import PermissionDenied
 
 
 @dataclass(frozen=True)
 class Actor:
-    """Who performs an action: an administrator (API/CLI), a user (broker) or the system (node)."""
+    """An administrator (API/CLI), a user (broker) or the system (node, bootstrap)."""
 
     kind: str  # admin | user | system
     id: int | None
-    tenant_id: int | None  # None: all tenants (system, superadmin)
+    tenant_id: int | None  # None: every tenant (system, supertenant administrators)
     name: str = ""
+    acls: frozenset[str] = field(default=ACLS)
+    source: str = ""  # client address, for the audit log
 
     @property
     def all_tenants(self) -> bool:
         return self.tenant_id is None
 
+    def can(self, acl: str) -> bool:
+        return acl in self.acls
+
 
 SYSTEM = Actor("system", None, None, "system")
+
+
+def require(actor: Actor, *acls: str) -> None:
+    """Refuse unless the actor holds every ACL named (stable code ``forbidden_action``)."""
+    missing = [a for a in acls if a not in actor.acls]
+    if missing:
+        raise PermissionDenied(
+            f"you are not allowed to do this (missing ACL {', '.join(missing)}): ask an administrator with the "
+            "right role",
+            code="forbidden_action",
+            details={"missing": missing},
+        )
+
+
+def hidden_fields(actor: Actor, obj: str) -> frozenset[str]:
+    return frozenset(f for f in GATED_FIELDS.get(obj, ()) if f"{obj}.see.{f}" not in actor.acls)
+
+
+def visible(actor: Actor, obj: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The row without the fields the actor may not see."""
+    hidden = hidden_fields(actor, obj)
+    return {k: v for k, v in row.items() if k not in hidden} if hidden else row
+
+
+def visible_rows(actor: Actor, obj: str, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [visible(actor, obj, r) for r in rows]
+
+
+def require_fields(actor: Actor, obj: str, fields: Iterable[str], *, what: str = "filter") -> None:
+    """Filtering or sorting on a hidden field is refused (``forbidden_filter``), not silently ignored."""
+    bad = sorted(set(fields) & hidden_fields(actor, obj))
+    if bad:
+        raise PermissionDenied(
+            f"you may not {what} on {', '.join(bad)} (missing ACL {', '.join(f'{obj}.see.{f}' for f in bad)})",
+            code=f"forbidden_{what}",
+        )
 
 
 @dataclass(frozen=True)
