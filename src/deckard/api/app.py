@@ -12,7 +12,24 @@ from fastapi import APIRouter, FastAPI
 import deckard
 from deckard.api.access_log import install_access_log
 from deckard.api.errors import install_error_handlers
-from deckard.api.routes import auth, desktops, health, images, nodes, users
+from deckard.api.routes import (
+    admins,
+    audit,
+    auth,
+    config,
+    connections,
+    desktops,
+    events,
+    health,
+    images,
+    nodes,
+    osfs,
+    properties,
+    roles,
+    stats,
+    tenants,
+    users,
+)
 from deckard.db.engine import Database
 from deckard.runtime.settings import Settings
 
@@ -38,7 +55,8 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     install_error_handlers(app)
     install_access_log(app)
     api = APIRouter(prefix=PREFIX)
-    for module in (health, auth, users, desktops, nodes, images):
+    modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
+    for module in (*modules, audit, connections, stats, events):
         api.include_router(module.router)
     app.include_router(api)
     return app

@@ -10,7 +10,20 @@ from __future__ import annotations
 
 import typer
 
-from deckard.cli import desktops, images, nodes, users
+from deckard.cli import (
+    admins,
+    audit,
+    config,
+    connections,
+    desktops,
+    images,
+    nodes,
+    properties,
+    roles,
+    stats,
+    tenants,
+    users,
+)
 
 
 def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:
@@ -28,3 +41,15 @@ def register(app: typer.Typer) -> None:
     app.add_typer(images.osf_app, name="osf")
     images.add_image_commands(_group(app, "image", "Disk images (QVD's DIs)."))
     nodes.add_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))
+    for noun, module in (
+        ("tenant", tenants),
+        ("admin", admins),
+        ("role", roles),
+        ("audit", audit),
+        ("config", config),
+        ("property", properties),
+        ("connection", connections),
+        ("stats", stats),
+    ):
+        if module.app.registered_commands or module.app.registered_groups:
+            app.add_typer(module.app, name=noun)

@@ -1,0 +1,7 @@
+"""``deckard role …`` (filled in by the admin-plane work)."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="role commands.", no_args_is_help=True)
