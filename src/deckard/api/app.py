@@ -20,6 +20,7 @@ from deckard.api.routes import (
     connections,
     desktops,
     events,
+    farm,
     health,
     images,
     nodes,
@@ -56,7 +57,7 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     install_access_log(app)
     api = APIRouter(prefix=PREFIX)
     modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
-    for module in (*modules, audit, connections, stats, events):
+    for module in (*modules, farm, audit, connections, stats, events):
         api.include_router(module.router)
     app.include_router(api)
     return app

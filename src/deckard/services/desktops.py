@@ -1,13 +1,22 @@
-"""Desktops (QVD's VMs) as the admin and the broker see them: create, list, start, stop, block, delete.
+"""Desktops (QVD's VMs) as the admin and the broker see them: create, list, update, start, stop, disconnect,
+block, reset, delete.
 
 Starting follows ARCHITECTURE.md §2: the node is chosen and the start command written in **one** transaction
 (QVD had them apart, a FIXME), guarded by the observed state so that two requests never both win; then the
 chosen node is notified and claims the command.  Only nodes write observed state (services/node_ops.py).
+
+Every admin use case here takes an ``Actor`` and checks its ACL first (``desktop.<action>``); answers pass
+through ``visible`` so gated fields never leave the service.  The broker's entry points (``request_start``,
+``request_stop``) take no actor: the user was authorized by owning the desktop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,8 +28,9 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound
 from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
 from deckard.model.states import DesktopCommand, DesktopState, check_command
-from deckard.services.context import Actor
-from deckard.services.events import DESKTOPS, node_channel
+from deckard.services.context import Actor, require, require_fields, visible, visible_rows
+from deckard.services.events import DESKTOPS, node_channel, publish
+from deckard.services.listing import ListQuery, run_list
 from deckard.services.placement import choose_node
 from deckard.services.rows import as_dict
 from deckard.services.tenancy import DEFAULT_OSF
@@ -50,8 +60,16 @@ LIST_COLUMNS = [
     d.c.image_id,
     d.c.failure_reason,
     d.c.started_at,
+    d.c.expire_soft_at,
+    d.c.expire_hard_at,
     d.c.created_at,
 ]
+
+# list field name → the column a filter or sort uses (labels resolved to their base column, so indexes apply)
+FIELDS: dict[str, sa.ColumnElement[Any]] = {
+    (c.name if isinstance(c, sa.Label) else c.key): (c.element if isinstance(c, sa.Label) else c)
+    for c in LIST_COLUMNS
+}
 
 
 def _listing() -> sa.Select[Any]:
