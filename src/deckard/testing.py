@@ -176,3 +176,181 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.1, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ---- a farm of many nodes on one throwaway PostgreSQL (chaos tests, benchmarks, demos) -------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@dataclass
+class PgCluster:
+    """A throwaway PostgreSQL 15 cluster run as the ``postgres`` user (it refuses root), restartable at will."""
+
+    listen: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="deckard-pg-")))
+
+    def _pg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["runuser", "-u", "postgres", "--", *args], check=check, capture_output=True)
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    def init(self) -> PgCluster:
+        shutil.chown(self.base, "postgres", "postgres")
+        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        with open(self.data / "pg_hba.conf", "a") as hba:  # nodes in network namespaces connect from afar
+            hba.write("host all all 0.0.0.0/0 trust\n")
+        self.start()
+        return self
+
+    def start(self) -> None:
+        opts = (
+            f"-h {self.listen} -p {self.port} -k {self.base} -c fsync=off -c full_page_writes=off "
+            "-c max_connections=400 -c synchronous_commit=off"
+        )
+        log = str(self.base / "log")
+        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", log, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def url(self, database: str = "postgres", host: str | None = None) -> str:
+        return f"postgresql+psycopg://postgres@{host or self.listen}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@{self.listen}:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def close(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+async def seed_farm(url: str, *, users: int = 1, desktops: int = 0, memory_mib: int = 64) -> list[int]:
+    """Schema, default tenant/OSF/image (a fake one) and ``desktops`` desktops spread over ``users`` users."""
+    import sqlalchemy as sa
+
+    from deckard.db import schema as t
+    from deckard.db.engine import Database
+    from deckard.model.entities import utcnow
+    from deckard.model.network import mac_for_ip
+    from deckard.services.images import register_image
+    from deckard.services.tenancy import bootstrap_farm
+
+    db = Database(url)
+    await db.start()
+    try:
+        await bootstrap_farm(db)
+        await register_image(db, Path("/nonexistent/fake-image.tar"), version="fake-1")
+        async with db.begin() as conn:
+            tenant_id = (await conn.execute(sa.select(t.tenants.c.id).limit(1))).scalar_one()
+            osf_id = (await conn.execute(sa.select(t.osfs.c.id).limit(1))).scalar_one()
+            await conn.execute(sa.update(t.osfs).values(memory_mib=memory_mib))
+            now = utcnow()
+            user_ids = []
+            for u in range(users):
+                res = await conn.execute(
+                    sa.insert(t.users)
+                    .values(tenant_id=tenant_id, login=f"u{u}", created_at=now)
+                    .returning(t.users.c.id)
+                )
+                user_ids.append(int(res.scalar_one()))
+            rows = []
+            for k in range(desktops):
+                ip = f"10.{100 + k // 65536}.{(k // 256) % 256}.{k % 256}"
+                rows.append(
+                    dict(
+                        tenant_id=tenant_id,
+                        name=f"d{k}",
+                        user_id=user_ids[k % users],
+                        osf_id=osf_id,
+                        ip=ip,
+                        mac=mac_for_ip(ip),
+                        created_at=now,
+                    )
+                )
+            for i in range(0, len(rows), 2000):
+                await conn.execute(sa.insert(t.desktops), rows[i : i + 2000])
+            ids = [int(r.id) for r in await conn.execute(sa.select(t.desktops.c.id).order_by(t.desktops.c.id))]
+        return ids
+    finally:
+        await db.close()
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    run_dir: Path
+
+
+@dataclass
+class MultiNodeFarm:
+    """N ``deckard node --driver fake`` processes on one PostgreSQL and one storage root (the farm home).
+
+    Each node has its own name, run directory and broker port, and its own process group so ``kill -9`` of
+    the group is what a crash looks like.  ``prefix`` (a command such as ``nsenter --net=…``) runs a node
+    inside a network namespace the caller created.
+    """
+
+    database_url: str
+    home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="deckard-nodes-")))
+    lost_after: float = 10.0
+    nodes: dict[str, NodeProcess] = field(default_factory=dict)
+
+    def start_node(
+        self,
+        name: str,
+        *,
+        prefix: list[str] | None = None,
+        database_url: str | None = None,
+        fake_start_delay: float = 0.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> NodeProcess:
+        run_dir = self.home / "nodes" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.home / f"{name}.log"
+        args = [*(prefix or []), sys.executable, "-m", "deckard.cli.main", "node", "--home", str(self.home)]
+        args += ["--node-name", name, "--driver", "fake", "--run-dir", str(run_dir)]
+        args += ["--database", database_url or self.database_url, "--broker-port", str(free_port())]
+        args += ["--listen", "127.0.0.1", "--lost-after", str(self.lost_after)]
+        if fake_start_delay:
+            args += ["--fake-start-delay", str(fake_start_delay)]
+        env = dict(os.environ, DECKARD_LOG_FORMAT="json", **(extra_env or {}))
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(
+                args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+            )
+        node = NodeProcess(name, proc, log, run_dir)
+        self.nodes[name] = node
+        return node
+
+    def kill(self, name: str) -> None:
+        """``kill -9`` the node's whole process group: a crash, not a shutdown."""
+        proc = self.nodes[name].proc
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.proc.poll() is None:
+                try:
+                    os.killpg(node.proc.pid, 15)
+                    node.proc.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    with_kill = node.proc.pid
+                    try:
+                        os.killpg(with_kill, 9)
+                    except ProcessLookupError:
+                        pass
+        shutil.rmtree(self.home, ignore_errors=True)

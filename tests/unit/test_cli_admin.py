@@ -291,7 +291,7 @@ def test_admin_nouns_join_the_groups_the_farm_commands_already_made(api: FakeApi
     app.add_typer(image, name="image")
     admin.register(app)
     assert sum(1 for g in app.registered_groups if g.name == "image") == 1
-    assert {c.name for c in image.registered_commands} == {"build", "list"}
+    assert {"build", "list"} <= {c.name for c in image.registered_commands}
     assert runner.invoke(app, ["node", "list"]).exit_code == 0
 
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI
 
 import deckard
 from deckard.api.access_log import install_access_log
+from deckard.api.audit_log import install_audit_log
 from deckard.api.errors import install_error_handlers
 from deckard.api.routes import (
     admins,
@@ -55,6 +56,7 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_access_log(app)
+    install_audit_log(app)
     api = APIRouter(prefix=PREFIX)
     modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
     for module in (*modules, farm, audit, connections, stats, events):

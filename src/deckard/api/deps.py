@@ -40,6 +40,7 @@ async def get_actor(
 ) -> Actor:
     actor = await actor_for_token(db, token)
     request.state.admin = actor.name  # for the request's log line
+    request.state.actor = actor  # for the audit record (api/audit_log.py)
     return actor
 
 
@@ -47,3 +48,11 @@ DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TokenDep = Annotated[str, Depends(get_token)]
 ActorDep = Annotated[Actor, Depends(get_actor)]
+
+
+def list_pairs(request: Request) -> list[tuple[str, str]]:
+    """The query string as (key, value) pairs, for ``services.listing.parse_list_query``."""
+    return list(request.query_params.multi_items())
+
+
+ListPairsDep = Annotated[list[tuple[str, str]], Depends(list_pairs)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -63,6 +64,11 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
+async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
+    # the database refused a value the schema let through (e.g. a NUL byte in text on PostgreSQL)
+    return error_response(422, "bad_input", "a value in the request cannot be stored (control characters?)")
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("api.unexpected_error", path=request.url.path, method=request.method, exc_info=exc)
     return error_response(500, "internal", "internal error: the server log has the details")
@@ -72,4 +78,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DeckardError, _deckard_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sqlalchemy.exc.DataError, _data_error)
     app.add_exception_handler(Exception, _unexpected_error)

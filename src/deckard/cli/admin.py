@@ -17,7 +17,9 @@ from deckard.cli import (
     connections,
     desktops,
     images,
+    login,
     nodes,
+    placement,
     properties,
     roles,
     stats,
@@ -36,11 +38,15 @@ def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:
 
 
 def register(app: typer.Typer) -> None:
+    app.command("login")(login.login)
+    app.add_typer(roles.acl_app, name="acl")
     app.add_typer(users.app, name="user")
     app.add_typer(desktops.app, name="desktop")
     app.add_typer(images.osf_app, name="osf")
     images.add_image_commands(_group(app, "image", "Disk images (QVD's DIs)."))
     nodes.add_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))
+    placement.add_node_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))
+    placement.add_desktop_commands(_group(app, "desktop", "Desktops (QVD's VMs)."))
     for noun, module in (
         ("tenant", tenants),
         ("admin", admins),

@@ -1,7 +1,58 @@
-"""``deckard config …`` (filled in by the admin-plane work)."""
+"""``deckard config get|set|reset``: layered configuration (default → global → tenant), every key documented."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(help="config commands.", no_args_is_help=True)
+from deckard.cli import session
+from deckard.cli.output import print_done, print_rows
+from deckard.cli.session import JsonOpt, ProfileOpt
+
+app = typer.Typer(
+    help="Farm configuration: effective values, where they come from, set and reset.", no_args_is_help=True
+)
+
+COLUMNS = ("key", "value", "source", "default", "per_tenant", "description")
+TenantOpt = Annotated[str | None, typer.Option("--tenant", "-t", help="A tenant's layer (per-tenant keys).")]
+
+
+@app.command("get")
+def get(
+    key: Annotated[str | None, typer.Argument(help="One key; all keys when omitted.")] = None,
+    tenant: TenantOpt = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Show effective values, their default and source (default, global or tenant)."""
+    with session.api(profile) as api:
+        rows = [api.get_config(key, tenant)] if key else api.list_config(tenant)
+    print_rows(rows, COLUMNS, as_json=as_json)
+
+
+@app.command("set")
+def set_(
+    key: Annotated[str, typer.Argument(help="The key, e.g. tenancy.multi.")],
+    value: Annotated[str, typer.Argument(help="The value (checked against the key's type).")],
+    tenant: TenantOpt = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Set a key globally or, with --tenant, for one tenant."""
+    with session.api(profile) as api:
+        row = api.set_config(key, value, tenant)
+    print_done(f"{row['key']} = {row['value']!r} ({row['source']})", row, as_json=as_json)
+
+
+@app.command("reset")
+def reset(
+    key: Annotated[str, typer.Argument(help="The key.")],
+    tenant: TenantOpt = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Reset a key: the layer below shows through again."""
+    with session.api(profile) as api:
+        row = api.reset_config(key, tenant)
+    print_done(f"{row['key']} reset: now {row['value']!r} ({row['source']})", row, as_json=as_json)

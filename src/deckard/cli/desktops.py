@@ -1,5 +1,9 @@
 """``deckard desktop ...``: desktops (QVD's VMs).  Start and stop only *ask*: a node carries the command out,
-so these commands print the state the desktop is in right after asking (``--wait`` follows it to the end)."""
+so these commands print the state the desktop is in right after asking (``--wait`` follows it to the end).
+
+Action verbs take one name (the single-object endpoint, with ``--wait`` for start/stop), several names, or
+``--filter`` (the bulk endpoint, one result line per desktop): ``deckard desktop start --filter osf=web``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,18 @@ from typing import Annotated, Any
 import typer
 
 from deckard.cli import session
-from deckard.cli.output import print_done, print_object, print_rows
+from deckard.cli.filters import (
+    FieldsOpt,
+    FilterOpt,
+    PageOpt,
+    PerPageOpt,
+    SortOpt,
+    fetch_list,
+    list_params,
+    print_page,
+    run_bulk,
+)
+from deckard.cli.output import print_done, print_object
 from deckard.cli.session import ERROR_EXIT, JsonOpt, ProfileOpt, report
 from deckard.model.errors import Unavailable
 
@@ -20,6 +35,7 @@ SETTLED = {"start": ("running", "failed", "blocked"), "stop": ("stopped", "faile
 POLL_S = 0.5
 
 DesktopArg = Annotated[str, typer.Argument(help="Name or id of the desktop.")]
+DesktopsArg = Annotated[list[str] | None, typer.Argument(help="Names or ids (or use --filter).")]
 WaitOpt = Annotated[
     float, typer.Option("--wait", metavar="SECONDS", help="Wait up to SECONDS for the command to complete.")
 ]
@@ -50,6 +66,25 @@ def _follow(api: Any, desk: dict[str, Any], command: str, wait: float) -> dict[s
     return dict(desk)
 
 
+def _act(
+    action: str,
+    refs: list[str] | None,
+    filters: list[str] | None,
+    *,
+    wait: float = 0,
+    as_json: bool,
+    profile: Any,
+) -> None:
+    with session.api(profile) as api:
+        if refs and len(refs) == 1 and not filters:
+            desk = getattr(api, f"{action}_desktop")(refs[0])
+            if wait > 0 and action in SETTLED:
+                desk = _follow(api, desk, action, wait)
+            print_done(describe(desk), desk, as_json=as_json)
+            return
+        run_bulk(api, "desktops", action, refs, filters, lambda r: api.get_desktop(r)["id"], as_json=as_json)
+
+
 @app.command("add")
 def add(
     name: Annotated[str, typer.Argument(help="Name of the new desktop.")],
@@ -63,19 +98,29 @@ def add(
     """Create a desktop for a user (its IP address is allocated now)."""
     with session.api(profile) as api:
         desk = api.create_desktop(name, user, osf=osf, tag=tag, description=description)
-    print_done(f"desktop {desk['name']!r} created (id {desk['id']}, ip {desk['ip']})", desk, as_json=as_json)
+    print_done(f"desktop {desk['name']!r} created (id {desk['id']}, ip {desk.get('ip')})", desk, as_json=as_json)
 
 
 @app.command("list")
 def list_(
     user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's.")] = None,
+    filters: FilterOpt = None,
+    sort: SortOpt = None,
+    page: PageOpt = None,
+    per_page: PerPageOpt = None,
+    fields: FieldsOpt = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """List desktops."""
+    """List desktops (``--filter state=running --sort -created_at``)."""
+    params = list_params(filters, sort, page, per_page, fields)
     with session.api(profile) as api:
-        rows = api.list_desktops(user=user)
-    print_rows(rows, COLUMNS, as_json=as_json)
+        if not params:
+            rows = api.list_desktops(user=user)
+            result = {"items": rows, "total": len(rows)}
+        else:
+            result = fetch_list(api, "desktops", [*params, *([("user", user)] if user is not None else [])])
+    print_page(result, COLUMNS, fields, as_json=as_json)
 
 
 @app.command("show")
@@ -86,45 +131,72 @@ def show(desktop: DesktopArg, as_json: JsonOpt = False, profile: ProfileOpt = No
     print_object(row, as_json=as_json)
 
 
-@app.command("start")
-def start(desktop: DesktopArg, wait: WaitOpt = 0, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Start a desktop on the least-loaded node."""
+@app.command("update")
+def update(
+    desktop: DesktopArg,
+    name: Annotated[str | None, typer.Option("--name", help="New name.")] = None,
+    description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Image tag (only while stopped).")] = None,
+    osf: Annotated[str | None, typer.Option("--osf", help="OSF name or id (only while stopped).")] = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Rename a desktop or change its description, tag or OSF."""
+    asked = {"name": name, "description": description, "tag": tag, "osf": osf}
+    changes = {k: v for k, v in asked.items() if v is not None}
     with session.api(profile) as api:
-        desk = api.start_desktop(desktop)
-        if wait > 0:
-            desk = _follow(api, desk, "start", wait)
-    print_done(describe(desk), desk, as_json=as_json)
+        desk = api.update_desktop(desktop, **changes)
+    print_done(f"desktop {desk['name']!r} updated", desk, as_json=as_json)
+
+
+@app.command("start")
+def start(
+    desktops: DesktopsArg = None,
+    filters: FilterOpt = None,
+    wait: WaitOpt = 0,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Start desktops on the least-loaded nodes."""
+    _act("start", desktops, filters, wait=wait, as_json=as_json, profile=profile)
 
 
 @app.command("stop")
-def stop(desktop: DesktopArg, wait: WaitOpt = 0, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Stop a desktop."""
-    with session.api(profile) as api:
-        desk = api.stop_desktop(desktop)
-        if wait > 0:
-            desk = _follow(api, desk, "stop", wait)
-    print_done(describe(desk), desk, as_json=as_json)
+def stop(
+    desktops: DesktopsArg = None,
+    filters: FilterOpt = None,
+    wait: WaitOpt = 0,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Stop desktops."""
+    _act("stop", desktops, filters, wait=wait, as_json=as_json, profile=profile)
 
 
-@app.command("block")
-def block(desktop: DesktopArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Block a desktop: nobody may start it (maintenance)."""
-    with session.api(profile) as api:
-        desk = api.block_desktop(desktop)
-    print_done(describe(desk), desk, as_json=as_json)
+def _simple_action(verb: str, doc: str) -> None:
+    def command(
+        desktops: DesktopsArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
+    ) -> None:
+        _act(verb, desktops, filters, as_json=as_json, profile=profile)
+
+    command.__doc__ = doc
+    app.command(verb)(command)
 
 
-@app.command("unblock")
-def unblock(desktop: DesktopArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Unblock a desktop."""
-    with session.api(profile) as api:
-        desk = api.unblock_desktop(desktop)
-    print_done(describe(desk), desk, as_json=as_json)
+_simple_action("disconnect", "Disconnect the user from desktops (their display connection closes).")
+_simple_action("block", "Block desktops: nobody may start them (maintenance).")
+_simple_action("unblock", "Unblock desktops.")
+_simple_action("reset", "Discard stopped desktops' overlays: their next start is a clean image.")
 
 
 @app.command("delete")
-def delete(desktop: DesktopArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Delete a stopped desktop (its user's home is kept)."""
+def delete(
+    desktops: DesktopsArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
+) -> None:
+    """Delete stopped desktops (their users' homes are kept)."""
     with session.api(profile) as api:
-        api.delete_desktop(desktop)
-    print_done(f"desktop {desktop!r} deleted", as_json=as_json)
+        if desktops and len(desktops) == 1 and not filters:
+            api.delete_desktop(desktops[0])
+            print_done(f"desktop {desktops[0]!r} deleted", as_json=as_json)
+            return
+        run_bulk(api, "desktops", "delete", desktops, filters, lambda r: api.get_desktop(r)["id"], as_json=as_json)

@@ -40,6 +40,17 @@ DbOpt = Annotated[
 ]
 NodeNameOpt = Annotated[str | None, typer.Option("--node-name", help="Name of this node (default hostname).")]
 DriverOpt = Annotated[str | None, typer.Option("--driver", help="container (LXC) or fake.")]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--run-dir", help="This node's own run directory (several nodes on one machine).")
+]
+FencingOpt = Annotated[str | None, typer.Option("--fencing", help="Fencing agent for lost nodes: local or command.")]
+FenceCmdOpt = Annotated[
+    str | None, typer.Option("--fence-command", help="With --fencing command: HOOK run as `HOOK name address pid`.")
+]
+LostAfterOpt = Annotated[
+    float | None, typer.Option("--lost-after", help="Seconds without heartbeat before a node is fenced (10).")
+]
+FakeDelayOpt = Annotated[float | None, typer.Option("--fake-start-delay", help="Fake driver: simulated boot seconds.")]
 
 
 def _settings(
@@ -52,14 +63,16 @@ def _settings(
     database: str | None = None,
     node_name: str | None = None,
     driver: str | None = None,
+    **node_extra: Any,
 ) -> Settings:
+    node_values = {"name": node_name, "driver": driver, **node_extra}
     return load_settings(
         home,
         database_url=database,
         api={k: v for k, v in {"port": api_port, "host": listen}.items() if v is not None} or None,
         broker={k: v for k, v in {"port": broker_port, "host": listen}.items() if v is not None} or None,
         network={k: v for k, v in {"bridge": bridge, "range": network}.items() if v is not None} or None,
-        node={k: v for k, v in {"name": node_name, "driver": driver}.items() if v is not None} or None,
+        node={k: v for k, v in node_values.items() if v is not None} or None,
     )
 
 
@@ -206,8 +219,11 @@ async def _serve(
             )
         if with_node:
             net = settings.network
-            await ensure_bridge(net.bridge, f"{gateway_of(net.range)}/{prefix_len(net.range)}")
+            if settings.node.driver != "fake":  # fake desktops need no bridge (and no root)
+                await ensure_bridge(net.bridge, f"{gateway_of(net.range)}/{prefix_len(net.range)}")
             driver = load_driver(settings.node.driver, paths)
+            if settings.node.fake_start_delay and hasattr(driver, "start_delay"):
+                driver.start_delay = settings.node.fake_start_delay
             node = NodeDaemon(
                 db,
                 settings,
@@ -263,11 +279,31 @@ def node_cmd(
     database: DbOpt = None,
     node_name: NodeNameOpt = None,
     driver: DriverOpt = None,
+    run_dir: RunDirOpt = None,
+    fencing: FencingOpt = None,
+    fence_command: FenceCmdOpt = None,
+    lost_after: LostAfterOpt = None,
+    fake_start_delay: FakeDelayOpt = None,
 ) -> None:
     """Run a node daemon (QVD's HKD) with its broker (L7R) in the foreground; `node list` lists nodes."""
     if ctx.invoked_subcommand is not None:
         return
-    settings = _settings(home, None, broker_port, listen, bridge, network, database, node_name, driver)
+    settings = _settings(
+        home,
+        None,
+        broker_port,
+        listen,
+        bridge,
+        network,
+        database,
+        node_name,
+        driver,
+        run_dir=run_dir,
+        fencing=fencing,
+        fence_command=fence_command,
+        lost_after_s=lost_after,
+        fake_start_delay=fake_start_delay,
+    )
     if settings.node.driver == "container":
         _need_root("deckard node")
     _run_until_signal(settings, with_api=False, with_node=True)
@@ -337,6 +373,9 @@ def up(
     driver: DriverOpt = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached (Ctrl-C stops).")] = False,
     no_image: Annotated[bool, typer.Option("--no-image", help="Do not build the default image.")] = False,
+    nodes: Annotated[
+        int, typer.Option("--nodes", min=1, help="Demo farm: start this many nodes (extra ones as `deckard node`).")
+    ] = 1,
 ) -> None:
     """Run the all-in-one farm: API + node + broker, SQLite, the default image and an administrator."""
     from deckard.db.engine import Database
@@ -406,9 +445,34 @@ def up(
             if time.monotonic() > deadline:
                 _fail(f"the farm did not become ready within 120 s; see {log_path}")
             time.sleep(0.1)
+    for i in range(2, nodes + 1):
+        _start_extra_node(settings, home, i, driver)
     _print_addresses(
         settings, note=f"running in the background (pid {proc.pid}, log {log_path}); stop it with `deckard down`"
     )
+
+
+def _extra_node_pids(paths: FarmPaths) -> list[Path]:
+    return sorted((paths.run / "nodes").glob("*.pid")) if (paths.run / "nodes").is_dir() else []
+
+
+def _start_extra_node(settings: Settings, home: Path, index: int, driver: str | None) -> None:
+    """A demo farm's node number ``index``: own name, run directory and broker port, same database."""
+    paths = settings.paths
+    run_dir = paths.run / "nodes" / f"node-{index}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{settings.node.name}-{index}"
+    args = [sys.executable, "-m", "deckard.cli.main", "node", "--home", str(home), "--node-name", name]
+    args += ["--run-dir", str(run_dir), "--broker-port", str(settings.broker.port + index - 1)]
+    args += ["--bridge", settings.network.bridge, "--network", settings.network.range]
+    if driver is not None:
+        args += ["--driver", driver]
+    if settings.database_url:
+        args += ["--database", settings.database_url]
+    with open(paths.logs / f"{name}.log", "ab") as logf:
+        proc = subprocess.Popen(args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
+    (paths.run / "nodes" / f"node-{index}.pid").write_text(str(proc.pid))
+    out.print(f"node {name} started (pid {proc.pid}, broker port {settings.broker.port + index - 1})")
 
 
 def serve_hidden(
@@ -442,6 +506,12 @@ def down(
 ) -> None:
     """Stop the all-in-one farm started by `deckard up` (its desktops are stopped)."""
     paths = FarmPaths(home)
+    for pid_path in _extra_node_pids(paths):  # demo farm nodes first: they stop their own desktops
+        try:
+            os.kill(int(pid_path.read_text()), signal.SIGTERM)
+        except (ValueError, ProcessLookupError):
+            pass
+        pid_path.unlink(missing_ok=True)
     pid = _running_pid(paths)
     if pid is None:
         out.print("the farm is not running")

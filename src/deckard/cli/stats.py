@@ -1,7 +1,50 @@
-"""``deckard stats …`` (filled in by the admin-plane work)."""
+"""``deckard stats``: the dashboard's figures on a terminal (or ``--json`` for monitoring scripts)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
-app = typer.Typer(help="stats commands.", no_args_is_help=True)
+from deckard.cli import session
+from deckard.cli.output import print_json, print_rows
+from deckard.cli.session import JsonOpt, ProfileOpt
+
+app = typer.Typer(help="Farm statistics: counts, connected users, time-to-desktop, busiest nodes, expiry.")
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+@app.callback(invoke_without_command=True)
+def main(ctx: typer.Context, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
+    """Farm statistics (``deckard stats`` is ``deckard stats show``)."""
+    if ctx.invoked_subcommand is None:
+        show(as_json, profile)
+
+
+@app.command("show")
+def show(as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
+    """Show the farm's statistics."""
+    with session.api(profile) as api:
+        s = api.stats()
+    if as_json:
+        print_json(s)
+        return
+    desk, users, nodes = s["desktops"], s["users"], s["nodes"]
+    states = ", ".join(f"{k} {v}" for k, v in sorted(desk["by_state"].items())) or "none"
+    typer.echo(f"desktops: {desk['total']} ({states}), {desk['blocked']} blocked")
+    typer.echo(f"users:    {users['total']}, {users['connected']} connected, {users['blocked']} blocked")
+    node_states = ", ".join(f"{k} {v}" for k, v in sorted(nodes["by_state"].items())) or "none"
+    typer.echo(f"nodes:    {nodes['total']} ({node_states}), {nodes['blocked']} blocked")
+    day = s["time_to_desktop_ms"]["last_24h"]
+    typer.echo(
+        f"time to desktop (24 h, {day['count']} connections): "
+        f"p50 {_ms(day['p50'])}, p90 {_ms(day['p90'])}, p99 {_ms(day['p99'])}"
+    )
+    if s["busiest_nodes"]:
+        print_rows(s["busiest_nodes"], ("name", "state", "desktops", "load"), as_json=False)
+    if s["near_expiry"]:
+        typer.echo("desktops near expiry:")
+        print_rows(s["near_expiry"], ("id", "name", "state", "expire_soft_at", "expire_hard_at"), as_json=False)

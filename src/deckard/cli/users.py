@@ -1,13 +1,28 @@
-"""``deckard user ...``: the people who log in to desktops (QVD's users)."""
+"""``deckard user ...``: the people who log in to desktops (QVD's users).
+
+``block``, ``unblock`` and ``delete`` take one login (single endpoint), several, or ``--filter`` (bulk endpoint,
+one result line per user).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from deckard.cli import session
-from deckard.cli.output import print_done, print_object, print_rows
+from deckard.cli.filters import (
+    FieldsOpt,
+    FilterOpt,
+    PageOpt,
+    PerPageOpt,
+    SortOpt,
+    fetch_list,
+    list_params,
+    print_page,
+    run_bulk,
+)
+from deckard.cli.output import print_done, print_object
 from deckard.cli.session import JsonOpt, ProfileOpt
 
 app = typer.Typer(help="Users who log in to desktops.", no_args_is_help=True)
@@ -15,6 +30,7 @@ app = typer.Typer(help="Users who log in to desktops.", no_args_is_help=True)
 COLUMNS = ("id", "login", "blocked", "description", "created_at")
 
 NameArg = Annotated[str, typer.Argument(help="Login or id of the user.")]
+NamesArg = Annotated[list[str] | None, typer.Argument(help="Logins or ids (or use --filter).")]
 PasswordOpt = Annotated[
     str,
     typer.Option(
@@ -44,11 +60,24 @@ def add(
 
 
 @app.command("list")
-def list_(as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """List users."""
+def list_(
+    filters: FilterOpt = None,
+    sort: SortOpt = None,
+    page: PageOpt = None,
+    per_page: PerPageOpt = None,
+    fields: FieldsOpt = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """List users (``--filter blocked=true --sort login``)."""
+    params = list_params(filters, sort, page, per_page, fields)
     with session.api(profile) as api:
-        rows = api.list_users()
-    print_rows(rows, COLUMNS, as_json=as_json)
+        if not params:
+            rows = api.list_users()
+            result = {"items": rows, "total": len(rows)}
+        else:
+            result = fetch_list(api, "users", params)
+    print_page(result, COLUMNS, fields, as_json=as_json)
 
 
 @app.command("show")
@@ -67,25 +96,51 @@ def passwd(user: NameArg, password: PasswordOpt, as_json: JsonOpt = False, profi
     print_done(f"password of user {row['login']!r} changed", row, as_json=as_json)
 
 
-@app.command("block")
-def block(user: NameArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Block a user: they cannot log in until unblocked."""
+@app.command("update")
+def update(
+    user: NameArg,
+    description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Change a user's description."""
     with session.api(profile) as api:
-        row = api.block_user(user)
-    print_done(f"user {row['login']!r} blocked", row, as_json=as_json)
+        row = api.update_user(user, description=description)
+    print_done(f"user {row['login']!r} updated", row, as_json=as_json)
+
+
+def _act(action: str, users: list[str] | None, filters: list[str] | None, *, as_json: bool, profile: Any) -> None:
+    with session.api(profile) as api:
+        if users and len(users) == 1 and not filters:
+            if action == "delete":
+                api.delete_user(users[0])
+                print_done(f"user {users[0]!r} deleted", as_json=as_json)
+            else:
+                row = getattr(api, f"{action}_user")(users[0])
+                print_done(f"user {row['login']!r} {action}ed", row, as_json=as_json)
+            return
+        run_bulk(api, "users", action, users, filters, lambda r: api.get_user(r)["id"], as_json=as_json)
+
+
+@app.command("block")
+def block(
+    users: NamesArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
+) -> None:
+    """Block users: they cannot log in until unblocked."""
+    _act("block", users, filters, as_json=as_json, profile=profile)
 
 
 @app.command("unblock")
-def unblock(user: NameArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Unblock a user."""
-    with session.api(profile) as api:
-        row = api.unblock_user(user)
-    print_done(f"user {row['login']!r} unblocked", row, as_json=as_json)
+def unblock(
+    users: NamesArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
+) -> None:
+    """Unblock users."""
+    _act("unblock", users, filters, as_json=as_json, profile=profile)
 
 
 @app.command("delete")
-def delete(user: NameArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Delete a user (their desktops must be deleted first)."""
-    with session.api(profile) as api:
-        api.delete_user(user)
-    print_done(f"user {user!r} deleted", as_json=as_json)
+def delete(
+    users: NamesArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
+) -> None:
+    """Delete users (their desktops must be deleted first)."""
+    _act("delete", users, filters, as_json=as_json, profile=profile)

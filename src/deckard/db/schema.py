@@ -133,6 +133,12 @@ nodes = sa.Table(
     sa.Column("load", sa.Float, nullable=False, server_default="0"),
     sa.Column("desktops_running", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", TS, nullable=False),
+    # farm (0006): what the node can run, where its guests live on its machine, and why it was declared lost
+    sa.Column("driver", sa.String(16), nullable=False, server_default="container"),
+    sa.Column("run_dir", sa.Text, nullable=False, server_default=""),
+    sa.Column("boot_id", sa.String(64), nullable=False, server_default=""),  # which machine boot ``pid`` is on
+    sa.Column("lost_at", TS, nullable=True),
+    sa.Column("lost_reason", sa.Text, nullable=True),
 )
 
 desktops = sa.Table(
@@ -172,6 +178,9 @@ desktops = sa.Table(
     sa.Column("user_state_at", TS, nullable=True),
     sa.Column("session_id", sa.String(32), nullable=True),  # the tunnel that owns the display; takeover replaces it
     sa.Column("session_node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True),
+    # placement (0006): desktops of one group are spread over nodes (anti-affinity) or packed (affinity)
+    sa.Column("placement_group", sa.String(64), nullable=True),
+    sa.Column("placement_policy", sa.String(16), nullable=True),  # spread | pack
     sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
 )
 
@@ -288,3 +297,12 @@ properties = sa.Table(
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+# ---- indexes for admin lists: a filtered, sorted page of 20,000 desktops (bench/api_scale.py) ----------------
+
+sa.Index("ix_desktops_name", desktops.c.name)
+sa.Index("ix_desktops_created_at", desktops.c.created_at)
+sa.Index("ix_desktops_state_name", desktops.c.state, desktops.c.name)
+sa.Index("ix_desktops_osf_state_name", desktops.c.osf_id, desktops.c.state, desktops.c.name)
+sa.Index("ix_users_login", users.c.login)
+sa.Index("ix_connections_user_started", connections.c.user_id, connections.c.started_at)

@@ -3,7 +3,9 @@
 It lets the node, the broker and the API run at scale (thousands of desktops on one laptop) and in
 development without root or LXC, as the ``nothing`` backend does in QVD and the mock driver in incus.
 There is no guest and no agent: a started desktop is a record that ``inspect``/``list`` report as
-running until it is stopped or killed.
+running until it is stopped or killed.  ``has_agent = False`` tells the node to skip the agent wait and pings
+(the start path completes as soon as the record exists), and the node's death (``kill -9``) takes its fake
+guests with it, as fencing expects of a real node.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class FakeDriver:
     """In-memory guests; every method is idempotent like the real drivers."""
 
     name = "fake"
+    has_agent = False  # no guest agent: the node does not wait for one nor ping it
 
     def __init__(self, paths: FarmPaths, *, start_delay: float = 0.0) -> None:
         self.paths = paths

@@ -7,6 +7,11 @@ notifications for its own channel; with SQLite (no cross-process notifications) 
 Convergence after ``kill -9``: guests live on without the daemon (LXC daemonises them).  At start the daemon
 adopts the guests whose desktop is ``running`` here and whose agent answers, and kills every other guest of
 this farm, so no container, overlay, veth or cgroup is left behind and no desktop stays ``starting``.
+
+Farm safety (docs/farm.md): a node that cannot write its heartbeat for ``self_fence_after_s`` kills its own
+guests (self-fencing: by then the others are about to fence it and restart its desktops elsewhere), and a node
+whose heartbeat finds its row ``lost`` kills its guests and registers again — it never resurrects a desktop that
+moved.  Every node also runs the cluster monitor (node/cluster.py) that fences and releases silent nodes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from deckard.drivers.base import Driver, GuestSpec
 from deckard.model.entities import Desktop, uid_for_user
 from deckard.model.errors import DeckardError
 from deckard.model.network import gateway_of, prefix_len
+from deckard.node.cluster import ClusterMonitor
+from deckard.node.expiry import run_expiry_loop
+from deckard.node.fencing import boot_id, load_fencing
 from deckard.node.host import read_host_figures
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
@@ -54,6 +62,11 @@ class NodeDaemon:
         self._health: dict[int, _AgentHealth] = {}
         self._start_slots = asyncio.Semaphore(self.cfg.max_parallel_starts)
         self.ready = asyncio.Event()
+        self._hb_ok_at = time.monotonic()  # last heartbeat the database accepted
+        self._hb_ok_since = time.monotonic()  # start of the current run of accepted heartbeats
+        self._fenced = False  # we killed our guests (self-fencing): reconcile with the database before acting
+        self._stop_event: asyncio.Event | None = None
+        self.has_agent = getattr(driver, "has_agent", True)  # the fake driver has no guest agent to wait for
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def register(self) -> int:
@@ -66,7 +79,11 @@ class NodeDaemon:
             cpus=h.cpus,
             mem_total_mib=h.mem_total_mib,
             mem_free_mib=h.mem_free_mib,
+            driver=self.driver.name,
+            run_dir=str(self.paths.node_run_dir),
+            boot_id=boot_id(),
         )
+        self._hb_ok_at = self._hb_ok_since = time.monotonic()
         return self.node_id
 
     async def run(self, stop: asyncio.Event, *, stop_desktops: bool = True) -> None:
@@ -76,10 +93,20 @@ class NodeDaemon:
         await node_ops.set_node_state(self.db, node_id, "running")
         log.info("node.running", node_id=node_id, driver=self.driver.name)
         self.ready.set()
+        self._stop_event = stop
+        monitor = ClusterMonitor(
+            self.db,
+            node_id,
+            load_fencing(self.cfg.fencing, self.paths, self.cfg.fence_command),
+            period_s=self.cfg.monitor_s,
+            lost_after_s=self.cfg.lost_after_s,
+        )
         loops = [
+            asyncio.create_task(monitor.run(stop, self._may_judge), name="cluster-monitor"),
             asyncio.create_task(self._heartbeat_loop(stop), name="heartbeat"),
             asyncio.create_task(self._command_loop(stop), name="commands"),
             asyncio.create_task(self._agent_loop(stop), name="agents"),
+            asyncio.create_task(run_expiry_loop(self.db, node_id, stop), name="expiry"),
         ]
         try:
             await stop.wait()
@@ -122,7 +149,8 @@ class NodeDaemon:
             guest = guests.get(name)
             if desk.state == "running" and guest is not None and guest.running and desk.agent_token:
                 try:
-                    await AgentClient(desk.ip, desk.agent_token).ping()
+                    if self.has_agent:
+                        await AgentClient(desk.ip, desk.agent_token).ping()
                     keep.add(name)
                     log.info("node.adopted", desktop_id=desk.id)
                     continue
@@ -143,19 +171,67 @@ class NodeDaemon:
             await self.driver.kill(name)
 
     # ---- loops -----------------------------------------------------------------------------------------
+    def _may_judge(self) -> bool:
+        """Judge other nodes only after our own heartbeats have worked for a whole ``lost_after_s``."""
+        now = time.monotonic()
+        healthy = now - self._hb_ok_at < self.cfg.heartbeat_s * 2 + 1
+        return healthy and not self._fenced and now - self._hb_ok_since >= self.cfg.lost_after_s
+
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         assert self.node_id is not None
         while not stop.is_set():
             try:
                 h = read_host_figures()
                 running = sum(1 for g in await self.driver.list() if g.running)
-                await node_ops.heartbeat(
-                    self.db, self.node_id, mem_free_mib=h.mem_free_mib, load=h.load, running=running
+                live = await asyncio.wait_for(
+                    node_ops.heartbeat(
+                        self.db, self.node_id, mem_free_mib=h.mem_free_mib, load=h.load, running=running
+                    ),
+                    max(self.cfg.heartbeat_s, 1.0),
                 )
-            except Exception as e:  # database down: keep trying; the guests go on
-                log.warning("node.heartbeat_failed", error=str(e))
+                now = time.monotonic()
+                if now - self._hb_ok_at > self.cfg.heartbeat_s * 2 + 1:
+                    self._hb_ok_since = now
+                self._hb_ok_at = now
+                if not live:
+                    await self._declared_lost()
+                elif self._fenced:
+                    log.warning("node.unfenced", reason="the database is back and this node was not declared lost")
+                    await self.converge()
+                    self._fenced = False
+            except Exception as e:  # database down: keep trying; the guests go on until we must self-fence
+                log.warning("node.heartbeat_failed", error=str(e) or type(e).__name__)
+                if not self._fenced and time.monotonic() - self._hb_ok_at > self.cfg.self_fence_after_s:
+                    await self._self_fence()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.cfg.heartbeat_s)
+
+    async def _kill_all_guests(self) -> None:
+        work = list(self._work.values())
+        for task in work:
+            task.cancel()
+        if work:  # their database writes may hang while the database is away: do not wait for them
+            await asyncio.wait(work, timeout=2.0)
+        for guest in await self.driver.list():
+            with contextlib.suppress(Exception):
+                await self.driver.kill(guest.guest_name)
+        self._health.clear()
+
+    async def _self_fence(self) -> None:
+        """We cannot reach the database: the others will declare us lost and restart our desktops. Kill ours."""
+        self._fenced = True
+        log.error("node.self_fenced", after_s=round(time.monotonic() - self._hb_ok_at, 1))
+        await self._kill_all_guests()
+
+    async def _declared_lost(self) -> None:
+        """Another node fenced us: our desktops may run elsewhere now.  Kill every guest, register again."""
+        log.error("node.declared_lost", reason="the heartbeat found this node's row lost; re-registering")
+        self._fenced = True
+        await self._kill_all_guests()
+        await self.register()
+        await self.converge()  # desktops still assigned to us (fencing had failed) are stopped, never resumed
+        await node_ops.set_node_state(self.db, self.node_id or 0, "running")
+        self._fenced = False
 
     async def _command_loop(self, stop: asyncio.Event) -> None:
         assert self.node_id is not None
@@ -173,10 +249,35 @@ class NodeDaemon:
 
     async def reconcile_once(self) -> None:
         assert self.node_id is not None
+        if self._fenced:
+            return  # no new guest while we may have been declared lost
+        node_cmd = await node_ops.claim_node_command(self.db, self.node_id)
+        if node_cmd == "stop" and self._stop_event is not None:
+            log.info("node.stop_requested")
+            self._stop_event.set()
+            return
+        if node_cmd == "drain":
+            await self._notify_drain()
         for desktop_id in await node_ops.claim_stops(self.db, self.node_id):
             self._spawn(desktop_id, self._stop_claimed(desktop_id))
         for desktop_id in await node_ops.claim_starts(self.db, self.node_id):
             self._spawn(desktop_id, self._start(desktop_id))
+
+    async def _notify_drain(self) -> None:
+        """Drain: tell the users of our running desktops (the agent's ``expire`` hook) that they should leave."""
+        assert self.node_id is not None
+        desks = [d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.state == "running"]
+        if not self.has_agent:
+            log.info("node.drain_notified", desktops=len(desks))
+            return
+
+        async def expire(desk: Desktop) -> None:
+            if desk.agent_token:
+                with contextlib.suppress(DeckardError):
+                    await AgentClient(desk.ip, desk.agent_token, timeout=2.0).expire()
+
+        await asyncio.gather(*(expire(d) for d in desks))
+        log.info("node.drain_notified", desktops=len(desks))
 
     def _spawn(self, desktop_id: int, work: Awaitable[None]) -> None:
         previous = self._work.get(desktop_id)
@@ -223,7 +324,8 @@ class NodeDaemon:
                 )
                 await self.driver.start(spec)
                 t1 = time.monotonic()
-                await self._wait_for_agent(desk)
+                if self.has_agent:
+                    await self._wait_for_agent(desk)
                 t2 = time.monotonic()
             self._health[desktop_id] = _AgentHealth()
             ok = await node_ops.mark_running(
@@ -277,7 +379,7 @@ class NodeDaemon:
                 desk = next(
                     (d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.id == desktop_id), None
                 )
-                if desk is not None and desk.agent_token:
+                if desk is not None and desk.agent_token and self.has_agent:
                     with contextlib.suppress(DeckardError):
                         await AgentClient(desk.ip, desk.agent_token, timeout=1.0).poweroff()
                 await self.driver.stop(name, timeout=5.0)
@@ -315,7 +417,8 @@ class NodeDaemon:
             return
         try:
             assert desk.agent_token
-            await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()
+            if self.has_agent:
+                await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()
             health.failures = 0
             await node_ops.agent_ok(self.db, self.node_id, desk.id)
         except DeckardError as e:

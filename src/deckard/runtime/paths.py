@@ -11,6 +11,10 @@ Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/de
       overlays/<guest>/   per-desktop writable layer (upper + work)
       homes/<tenant>/<login>/  persistent user homes
     run/                  local run state of the node: lxc/ (container configs), pid files, logs
+
+Several nodes may run on one machine (a demo farm, the chaos tests): each then gets its own run directory
+(``node_run``, ``--run-dir``) so its LXC directory is its own and no node lists or kills another node's guests.
+The all-in-one farm keeps ``<home>/run/lxc``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ DEFAULT_HOME = Path("/var/lib/deckard")
 @dataclass(frozen=True)
 class FarmPaths:
     home: Path
+    node_run: Path | None = None  # this node's own run directory when several nodes share the farm home
 
     @property
     def farm_id(self) -> str:
@@ -64,8 +69,13 @@ class FarmPaths:
         return self.home / "run"
 
     @property
+    def node_run_dir(self) -> Path:
+        """Local run state of this node (its guests' LXC directory is under it)."""
+        return self.node_run or self.run
+
+    @property
     def lxc(self) -> Path:
-        return self.run / "lxc"
+        return self.node_run_dir / "lxc"
 
     @property
     def logs(self) -> Path:

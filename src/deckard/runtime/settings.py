@@ -45,6 +45,13 @@ class NodeSettings(BaseModel):
     agent_failures: int = 3  # consecutive failed pings before a running desktop is declared dead
     start_timeout: float = 45.0  # guest start → agent answering
     max_parallel_starts: int = 10
+    run_dir: Path | None = None  # own run directory (several nodes on one machine); default <home>/run
+    lost_after_s: float = 10.0  # a heartbeat older than this and the node is fenced and declared lost
+    self_fence_after_s: float = 6.0  # no heartbeat written for this long: kill our own guests (< lost_after_s)
+    monitor_s: float = 1.0  # cluster monitor period (plus up to 50 % jitter)
+    fencing: str = "local"  # local | command
+    fence_command: str = ""  # with fencing=command: run as `COMMAND name address pid`, exit 0 = fenced
+    fake_start_delay: float = 0.0  # fake driver: simulated boot time
 
 
 class Settings(BaseSettings):
@@ -60,7 +67,7 @@ class Settings(BaseSettings):
 
     @property
     def paths(self) -> FarmPaths:
-        return FarmPaths(self.home)
+        return FarmPaths(self.home, self.node.run_dir)
 
     @property
     def db_url(self) -> str:

@@ -2,12 +2,15 @@
 lookup that turns a bearer token back into the ``Actor`` every admin service receives.
 
 Only the SHA-256 of a token is stored (``admin_tokens.token_hash``): a leaked database does not leak working
-tokens, and a 256-bit random secret needs no slow hash.  QVD bound its sessions to the client IP and kept them
+tokens, and a 256-bit random secret needs no slow hash.  Repeated failed logins lock the account and the
+source address (``login_failures``, thresholds from config ``auth.lockout.*``).  Administrator CRUD (gated by
+``admin.*`` ACLs, confined to the actor's tenant) is at the end.  QVD bound its sessions to the client IP and kept them
 in a cookie; Deckard's tokens are bearer tokens so the CLI, scripts and the web UI use the same path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import secrets
@@ -15,13 +18,26 @@ from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.auth.local import hash_password, verify_password_async
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
-from deckard.model.errors import NotFound, Unauthenticated
-from deckard.services.context import Actor
+from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
+from deckard.services.context import Actor, require, visible
+from deckard.services.events import publish
+from deckard.services.listing import ListQuery, run_list
+from deckard.services.roles import (
+    SUPERTENANT,
+    SUPERTENANT_ID,
+    acls_of_admin,
+    acls_of_roles,
+    check_assignable,
+    find_role_ids,
+)
+from deckard.services.rows import as_dict
+from deckard.services.tenancy import DEFAULT_TENANT
 
 TOKEN_PREFIX = "dk_"
 SESSION = "session"
@@ -43,15 +59,37 @@ def _decoy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 
-async def _admin_row(db: Database, name: str, tenant: str) -> sa.Row[*tuple[Any, ...]] | None:
+class LoginLocked(Unauthenticated):
+    """Too many failed logins: 429, with when the lock ends (``details.locked_until``)."""
+
+    code = "login_locked"
+    status = 429
+
+
+def _lookup_order(tenant: str | None) -> list[str]:
+    # without a tenant: the supertenant's administrators first, then the default tenant's (monotenant farms)
+    return [tenant] if tenant is not None else [SUPERTENANT, DEFAULT_TENANT]
+
+
+async def _admin_row(db: Database, name: str, tenant: str | None) -> sa.Row[*tuple[Any, ...]] | None:
     a = t.administrators
-    q = (
-        sa.select(a.c.id, a.c.tenant_id, a.c.password_hash, a.c.blocked, t.tenants.c.blocked.label("tenant_blocked"))
-        .join(t.tenants, t.tenants.c.id == a.c.tenant_id)
-        .where(a.c.name == name, t.tenants.c.name == tenant)
-    )
     async with db.connect() as conn:
-        return (await conn.execute(q)).first()
+        for tenant_name in _lookup_order(tenant):
+            q = (
+                sa.select(
+                    a.c.id,
+                    a.c.tenant_id,
+                    a.c.password_hash,
+                    a.c.blocked,
+                    t.tenants.c.blocked.label("tenant_blocked"),
+                )
+                .join(t.tenants, t.tenants.c.id == a.c.tenant_id)
+                .where(a.c.name == name, t.tenants.c.name == tenant_name)
+            )
+            row = (await conn.execute(q)).first()
+            if row is not None:
+                return row
+    return None
 
 
 async def _store_token(db: Database, admin_id: int, kind: str, name: str, expires_at: dt.datetime | None) -> str:
@@ -70,20 +108,98 @@ async def _store_token(db: Database, admin_id: int, kind: str, name: str, expire
     return token
 
 
+# ---- lockout: QVD had none; N failures within a window lock the account *and* the source address ----------
+
+
+def _lock_keys(name: str, tenant: str | None, source: str) -> list[str]:
+    keys = [f"admin:{tenant or ''}/{name}"[:200]]
+    if source:
+        keys.append(f"source:{source}"[:200])
+    return keys
+
+
+async def _check_not_locked(db: Database, keys: list[str]) -> None:
+    lf = t.login_failures
+    now = utcnow()
+    async with db.connect() as conn:
+        rows = (await conn.execute(sa.select(lf.c.key, lf.c.locked_until).where(lf.c.key.in_(keys)))).all()
+    ends = [aware(r.locked_until) or now for r in rows if r.locked_until is not None]
+    until = max(ends, default=None)
+    if until is not None and until > now:
+        raise LoginLocked(
+            f"too many failed logins: this account or address is locked until {until.isoformat(timespec='seconds')}"
+            " (wait, or ask another administrator to check the audit log)",
+            details={"locked_until": until.isoformat(), "retry_after_s": int((until - now).total_seconds()) + 1},
+        )
+
+
+async def _record_failure(db: Database, keys: list[str]) -> dt.datetime | None:
+    """Count a failure under each key; returns the lock's end when this failure locked something."""
+    from deckard.services.config import read_config
+
+    lf = t.login_failures
+    now = utcnow()
+    locked: dt.datetime | None = None
+    async with db.begin() as conn:
+        limit = int(await read_config(conn, "auth.lockout.failures", None))
+        window = dt.timedelta(seconds=int(await read_config(conn, "auth.lockout.window_s", None)))
+        duration = dt.timedelta(seconds=int(await read_config(conn, "auth.lockout.duration_s", None)))
+        for key in keys:
+            row = (await conn.execute(sa.select(lf).where(lf.c.key == key))).first()
+            if row is None or (aware(row.first_at) or now) + window < now:
+                failures, first_at = 1, now
+                await conn.execute(sa.delete(lf).where(lf.c.key == key))
+                await conn.execute(sa.insert(lf).values(key=key, failures=1, first_at=now))
+            else:
+                failures, first_at = int(row.failures) + 1, aware(row.first_at) or now
+            until = now + duration if failures >= limit and duration.total_seconds() > 0 else None
+            if until is not None:
+                locked = until
+                failures, first_at = 0, now  # the lock starts a new count
+            await conn.execute(
+                sa.update(lf).where(lf.c.key == key).values(failures=failures, first_at=first_at, locked_until=until)
+                if until is not None
+                else sa.update(lf).where(lf.c.key == key).values(failures=failures, first_at=first_at)
+            )
+    return locked
+
+
+async def _clear_failures(db: Database, key: str) -> None:
+    async with db.begin() as conn:
+        await conn.execute(sa.delete(t.login_failures).where(t.login_failures.c.key == key))
+
+
 async def login_admin(
-    db: Database, name: str, password: str, tenant: str = "default", hours: float = 12
+    db: Database,
+    name: str,
+    password: str,
+    tenant: str | None = None,
+    hours: float = 12,
+    *,
+    source: str = "",
 ) -> tuple[str, dt.datetime]:
-    """Check an administrator's password and open a session; every failure is the same 401."""
+    """Check an administrator's password and open a session; every failure is the same 401, and repeated
+    failures lock the account and the source address for a while (429 ``login_locked``)."""
+    keys = _lock_keys(name, tenant, source)
+    await _check_not_locked(db, keys)
     row = await _admin_row(db, name, tenant)
     ok = await verify_password_async(row.password_hash if row else _decoy_hash(), password)
     if row is None or not ok or row.blocked or row.tenant_blocked:
+        until = await _record_failure(db, keys)
+        if until is not None:
+            raise LoginLocked(
+                f"too many failed logins: this account and address are locked until "
+                f"{until.isoformat(timespec='seconds')}",
+                details={"locked_until": until.isoformat(), "retry_after_s": int((until - utcnow()).total_seconds())},
+            )
         raise Unauthenticated("wrong administrator name, tenant or password", code="bad_credentials")
+    await _clear_failures(db, keys[0])
     expires_at = utcnow() + dt.timedelta(hours=hours)
     token = await _store_token(db, int(row.id), SESSION, "", expires_at)
     return token, expires_at
 
 
-async def create_api_token(db: Database, admin_name: str, token_name: str, tenant: str = "default") -> str:
+async def create_api_token(db: Database, admin_name: str, token_name: str, tenant: str | None = None) -> str:
     """A token that does not expire (until revoked), for scripts and the CLI profile ``deckard up`` writes."""
     row = await _admin_row(db, admin_name, tenant)
     if row is None:
@@ -92,7 +208,9 @@ async def create_api_token(db: Database, admin_name: str, token_name: str, tenan
 
 
 async def actor_for_token(db: Database, token: str) -> Actor:
-    """The administrator a bearer token stands for; 401 ``bad_token`` or ``session_expired`` otherwise."""
+    """The administrator a bearer token stands for, with the ACLs of their roles (``services/roles.py``);
+    401 ``bad_token`` or ``session_expired`` otherwise.  Supertenant administrators act on every tenant
+    (``tenant_id`` None), all others on their own tenant only."""
     a, tok = t.administrators, t.admin_tokens
     q = (
         sa.select(
@@ -110,12 +228,14 @@ async def actor_for_token(db: Database, token: str) -> Actor:
     )
     async with db.connect() as conn:
         row = (await conn.execute(q)).first()
-    if row is None or row.revoked or row.blocked or row.tenant_blocked:
-        raise Unauthenticated("the token is not valid: log in again", code="bad_token")
-    expires_at = aware(row.expires_at)
-    if expires_at is not None and expires_at <= utcnow():
-        raise Unauthenticated("the session has expired: log in again", code="session_expired")
-    return Actor("admin", int(row.id), int(row.tenant_id), str(row.name))
+        if row is None or row.revoked or row.blocked or row.tenant_blocked:
+            raise Unauthenticated("the token is not valid: log in again", code="bad_token")
+        expires_at = aware(row.expires_at)
+        if expires_at is not None and expires_at <= utcnow():
+            raise Unauthenticated("the session has expired: log in again", code="session_expired")
+        acls = await acls_of_admin(conn, int(row.id), int(row.tenant_id))
+    tenant_id = None if int(row.tenant_id) == SUPERTENANT_ID else int(row.tenant_id)
+    return Actor("admin", int(row.id), tenant_id, str(row.name), acls)
 
 
 async def revoke_token(db: Database, token: str) -> None:
@@ -124,3 +244,168 @@ async def revoke_token(db: Database, token: str) -> None:
         await conn.execute(
             sa.update(t.admin_tokens).where(t.admin_tokens.c.token_hash == token_hash(token)).values(revoked=True)
         )
+
+
+# ---- administrators CRUD ------------------------------------------------------------------------------------
+
+ADMIN_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    "id": t.administrators.c.id,
+    "tenant_id": t.administrators.c.tenant_id,
+    "name": t.administrators.c.name,
+    "blocked": t.administrators.c.blocked,
+    "created_at": t.administrators.c.created_at,
+}
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _admins_visible(actor: Actor) -> sa.ColumnElement[bool]:
+    return sa.true() if actor.all_tenants else t.administrators.c.tenant_id == actor.tenant_id
+
+
+async def _with_roles(conn: AsyncConnection, actor: Actor, row: dict[str, Any]) -> dict[str, Any]:
+    q = (
+        sa.select(t.roles.c.name)
+        .join(t.admin_roles, t.admin_roles.c.role_id == t.roles.c.id)
+        .where(t.admin_roles.c.admin_id == row["id"])
+        .order_by(t.roles.c.name)
+    )
+    out = dict(row)
+    out["roles"] = [str(r.name) for r in await conn.execute(q)]
+    return visible(actor, "admin", out)
+
+
+async def _find_admin(conn: AsyncConnection, actor: Actor, ref: str | int) -> dict[str, Any]:
+    ref_s = str(ref)
+    cond = t.administrators.c.id == int(ref_s) if ref_s.isdigit() else t.administrators.c.name == ref_s
+    q = sa.select(*(c.label(k) for k, c in ADMIN_COLUMNS.items())).where(cond, _admins_visible(actor))
+    row = (await conn.execute(q.order_by(t.administrators.c.id).limit(1))).first()
+    if not row:
+        raise NotFound(f"no administrator {ref!r}", code="admin_not_found")
+    return as_dict(row)
+
+
+async def list_admins(db: Database, actor: Actor, q: ListQuery) -> tuple[list[dict[str, Any]], int]:
+    require(actor, "admin.see")
+    async with db.connect() as conn:
+        select = sa.select(*(c.label(k) for k, c in ADMIN_COLUMNS.items())).where(_admins_visible(actor))
+        rows, total = await run_list(conn, select, q, ADMIN_COLUMNS, t.administrators.c.id)
+        return [await _with_roles(conn, actor, r) for r in rows], total
+
+
+async def get_admin(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
+    async with db.connect() as conn:
+        row = await _find_admin(conn, actor, ref)
+        require(actor, "admin.see")
+        return await _with_roles(conn, actor, row)
+
+
+async def _assign_roles(conn: AsyncConnection, actor: Actor, admin_id: int, tenant_id: int, roles: list[str]) -> None:
+    role_ids = await find_role_ids(conn, actor, roles)
+    rq = sa.select(t.roles.c.id, t.roles.c.name, t.roles.c.tenant_id, t.roles.c.fixed).where(t.roles.c.id.in_(role_ids))
+    for r in await conn.execute(rq):
+        if int(r.tenant_id) != tenant_id and not (int(r.tenant_id) == SUPERTENANT_ID and r.fixed):
+            raise BadInput(f"role {r.name!r} belongs to another tenant than the administrator", code="bad_role")
+    check_assignable(actor, await acls_of_roles(conn, role_ids, supertenant=tenant_id == SUPERTENANT_ID))
+    await conn.execute(sa.delete(t.admin_roles).where(t.admin_roles.c.admin_id == admin_id))
+    if role_ids:
+        await conn.execute(
+            sa.insert(t.admin_roles), [{"admin_id": admin_id, "role_id": r} for r in dict.fromkeys(role_ids)]
+        )
+
+
+def _check_password(password: str) -> None:
+    if len(password) < 8:
+        raise BadInput("the password is too short: use at least 8 characters", code="weak_password")
+
+
+async def create_admin(
+    db: Database,
+    actor: Actor,
+    name: str,
+    password: str,
+    *,
+    tenant: str | None = None,
+    roles: list[str] | None = None,
+) -> dict[str, Any]:
+    from deckard.services.tenants import resolve_tenant_for_create
+
+    require(actor, "admin.create")
+    if roles:
+        require(actor, "admin.update.roles")
+    if not name or len(name) > 64 or not set(name) <= NAME_CHARS:
+        raise BadInput(
+            f"invalid administrator name {name!r}: use lowercase letters, digits, '.', '_' or '-'", code="bad_name"
+        )
+    _check_password(password)
+    pw_hash = await asyncio.to_thread(hash_password, password)
+    async with db.begin() as conn:
+        tenant_id = await resolve_tenant_for_create(conn, actor, tenant)
+        a = t.administrators
+        if (await conn.execute(sa.select(a.c.id).where(a.c.tenant_id == tenant_id, a.c.name == name))).first():
+            raise Conflict(f"an administrator named {name!r} already exists", code="duplicate")
+        res = await conn.execute(
+            sa.insert(a)
+            .values(tenant_id=tenant_id, name=name, password_hash=pw_hash, created_at=utcnow())
+            .returning(a.c.id)
+        )
+        admin_id = int(res.scalar_one())
+        await _assign_roles(conn, actor, admin_id, tenant_id, roles or [])
+        out = await _with_roles(conn, actor, await _find_admin(conn, actor, admin_id))
+    await publish(db, "created", "admin", admin_id, tenant_id)
+    return out
+
+
+async def update_admin(
+    db: Database,
+    actor: Actor,
+    ref: str | int,
+    *,
+    password: str | None = None,
+    blocked: bool | None = None,
+    roles: list[str] | None = None,
+) -> dict[str, Any]:
+    """Change an administrator's password (``admin.update.password``, or one's own), blocked flag
+    (``admin.update``) or roles (``admin.update.roles``; the list replaces the old one)."""
+    async with db.connect() as conn:
+        row = await _find_admin(conn, actor, ref)
+    admin_id, tenant_id = int(row["id"]), int(row["tenant_id"])
+    values: dict[str, Any] = {}
+    if password is not None:
+        if admin_id != actor.id:
+            require(actor, "admin.update.password")
+        _check_password(password)
+        values["password_hash"] = await asyncio.to_thread(hash_password, password)
+    if blocked is not None:
+        require(actor, "admin.update")
+        if admin_id == actor.id and blocked:
+            raise Conflict("you cannot block yourself", code="admin_self")
+        values["blocked"] = blocked
+    if roles is not None:
+        require(actor, "admin.update.roles")
+        if admin_id == actor.id:
+            raise Conflict("you cannot change your own roles: ask another administrator", code="admin_self")
+    async with db.begin() as conn:
+        if values:
+            await conn.execute(sa.update(t.administrators).where(t.administrators.c.id == admin_id).values(**values))
+        if roles is not None:
+            await _assign_roles(conn, actor, admin_id, tenant_id, roles)
+        if password is not None or blocked:
+            # a new password or a block ends the administrator's open sessions
+            await conn.execute(
+                sa.update(t.admin_tokens)
+                .where(t.admin_tokens.c.admin_id == admin_id, t.admin_tokens.c.kind == SESSION)
+                .values(revoked=True)
+            )
+        out = await _with_roles(conn, actor, await _find_admin(conn, actor, admin_id))
+    await publish(db, "updated", "admin", admin_id, tenant_id)
+    return out
+
+
+async def delete_admin(db: Database, actor: Actor, ref: str | int) -> None:
+    async with db.begin() as conn:
+        row = await _find_admin(conn, actor, ref)
+        require(actor, "admin.delete")
+        if row["id"] == actor.id:
+            raise Conflict("you cannot delete yourself: ask another administrator", code="admin_self")
+        await conn.execute(sa.delete(t.administrators).where(t.administrators.c.id == row["id"]))
+    await publish(db, "deleted", "admin", row["id"], row["tenant_id"])

@@ -13,10 +13,10 @@ through ``visible`` so gated fields never leave the service.  The broker's entry
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import shutil
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound
 from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
 from deckard.model.states import DesktopCommand, DesktopState, check_command
+from deckard.runtime.paths import FarmPaths
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
 from deckard.services.events import DESKTOPS, node_channel, publish
 from deckard.services.listing import ListQuery, run_list
@@ -67,8 +68,7 @@ LIST_COLUMNS = [
 
 # list field name → the column a filter or sort uses (labels resolved to their base column, so indexes apply)
 FIELDS: dict[str, sa.ColumnElement[Any]] = {
-    (c.name if isinstance(c, sa.Label) else c.key): (c.element if isinstance(c, sa.Label) else c)
-    for c in LIST_COLUMNS
+    (c.name if isinstance(c, sa.Label) else c.key): (c.element if isinstance(c, sa.Label) else c) for c in LIST_COLUMNS
 }
 
 
@@ -101,6 +101,7 @@ async def create_desktop(
     tag: str = "default",
     description: str = "",
 ) -> dict[str, Any]:
+    require(actor, "desktop.create")
     check_login(name)  # same rules as logins: it names containers and appears in URLs
     user_id = await find_user_id(db, actor, user)
     gateway = gateway_of(network)
@@ -139,6 +140,7 @@ async def create_desktop(
     else:
         raise Conflict("could not allocate an IP address: too many concurrent creations, retry", code="ip_race")
     await db.bus.notify(DESKTOPS, str(desktop_id))
+    await publish(db, "created", "desktop", desktop_id, tenant_id, name=name)
     return await get_desktop(db, actor, desktop_id)
 
 
@@ -151,7 +153,7 @@ async def find_desktop_id(db: Database, actor: Actor, ref: str | int) -> int:
     return int(row.id)
 
 
-async def get_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+async def _row(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
     async with db.connect() as conn:
         q = _listing().where(d.c.id == desktop_id, tenant_filter(actor, d.c.tenant_id))
         row = (await conn.execute(q)).first()
@@ -160,12 +162,31 @@ async def get_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, 
     return as_dict(row)
 
 
-async def list_desktops(db: Database, actor: Actor, *, user_id: int | None = None) -> list[dict[str, Any]]:
-    q = _listing().where(tenant_filter(actor, d.c.tenant_id)).order_by(d.c.id)
+async def get_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+    require(actor, "desktop.see")
+    return visible(actor, "desktop", await _row(db, actor, desktop_id))
+
+
+def desktop_scope(actor: Actor) -> sa.Select[Any]:
+    """The desktops an actor may see, as the base of a list or a bulk action's filter."""
+    return _listing().where(tenant_filter(actor, d.c.tenant_id))
+
+
+async def list_desktops(
+    db: Database, actor: Actor, q: ListQuery | None = None, *, user_id: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of desktops and the total matching ``q`` (filters and sorts on hidden fields are refused)."""
+    require(actor, "desktop.see")
+    q = q or ListQuery(per_page=10**9)
+    require_fields(actor, "desktop", q.named_fields)
+    if q.fields and "id" not in q.fields:
+        q = dataclasses.replace(q, fields=[*q.fields, "id"])  # answers always carry the id
+    base = desktop_scope(actor)
     if user_id is not None:
-        q = q.where(d.c.user_id == user_id)
+        base = base.where(d.c.user_id == user_id)
     async with db.connect() as conn:
-        return [as_dict(r) for r in await conn.execute(q)]
+        rows, total = await run_list(conn, base, q, FIELDS, d.c.id)
+    return visible_rows(actor, "desktop", rows), total
 
 
 async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:
@@ -176,7 +197,8 @@ async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:
 
 
 async def delete_desktop(db: Database, actor: Actor, desktop_id: int) -> None:
-    await get_desktop(db, actor, desktop_id)
+    require(actor, "desktop.delete")
+    row = await _row(db, actor, desktop_id)
     async with db.begin() as conn:
         res = await conn.execute(
             sa.delete(d).where(d.c.id == desktop_id, d.c.state.in_(["stopped", "failed"]), d.c.cmd.is_(None))
@@ -184,14 +206,89 @@ async def delete_desktop(db: Database, actor: Actor, desktop_id: int) -> None:
         if res.rowcount == 0:
             raise Conflict("the desktop is running or busy: stop it first", code="desktop_running")
     await db.bus.notify(DESKTOPS, str(desktop_id))
+    await publish(db, "deleted", "desktop", desktop_id, row["tenant_id"], name=row["name"])
+
+
+async def _changed(db: Database, actor: Actor, desktop_id: int, **data: Any) -> dict[str, Any]:
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+    row = await _row(db, actor, desktop_id)
+    await publish(db, "updated", "desktop", desktop_id, row["tenant_id"], **data)
+    return visible(actor, "desktop", row)
 
 
 async def set_blocked(db: Database, actor: Actor, desktop_id: int, blocked: bool) -> dict[str, Any]:
-    await get_desktop(db, actor, desktop_id)
+    require(actor, "desktop.block")
+    await _row(db, actor, desktop_id)
     async with db.begin() as conn:
         await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(blocked=blocked))
-    await db.bus.notify(DESKTOPS, str(desktop_id))
-    return await get_desktop(db, actor, desktop_id)
+    return await _changed(db, actor, desktop_id, blocked=blocked)
+
+
+async def update_desktop(
+    db: Database,
+    actor: Actor,
+    desktop_id: int,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    tag: str | None = None,
+    osf: str | int | None = None,
+) -> dict[str, Any]:
+    """Rename, describe, retag or move to another OSF; tag and OSF only while stopped (they pick the image)."""
+    require(actor, "desktop.update")
+    row = await _row(db, actor, desktop_id)
+    values: dict[str, Any] = {}
+    if name is not None and name != row["name"]:
+        values["name"] = check_login(name)
+    if description is not None:
+        values["description"] = description
+    if tag is not None:
+        values["tag"] = validate_tag(tag)
+    async with db.begin() as conn:
+        if osf is not None:
+            values["osf_id"] = await _osf_id(conn, int(row["tenant_id"]), osf)
+        if not values:
+            return visible(actor, "desktop", row)
+        cond = [d.c.id == desktop_id]
+        if "tag" in values or "osf_id" in values:
+            cond += [d.c.state.in_(["stopped", "failed"]), d.c.cmd.is_(None)]
+        if "name" in values:
+            taken = await conn.execute(
+                sa.select(d.c.id).where(d.c.tenant_id == row["tenant_id"], d.c.name == values["name"])
+            )
+            if taken.first():
+                raise Conflict(f"a desktop named {values['name']!r} already exists", code="duplicate")
+        res = await conn.execute(sa.update(d).where(*cond).values(**values))
+        if res.rowcount == 0:
+            raise Conflict("the OSF or tag of a running desktop cannot change: stop it first", code="desktop_running")
+    return await _changed(db, actor, desktop_id, fields=sorted(values))
+
+
+async def disconnect_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+    """Drop the user's display session: clearing ``session_id`` makes its tunnel close itself."""
+    require(actor, "desktop.disconnect")
+    await _row(db, actor, desktop_id)
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(d)
+            .where(d.c.id == desktop_id)
+            .values(session_id=None, session_node_id=None, user_state="disconnected", user_state_at=utcnow())
+        )
+    return await _changed(db, actor, desktop_id, user_state="disconnected")
+
+
+async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: FarmPaths) -> dict[str, Any]:
+    """Discard the desktop's writable layer (``overlays/<guest>``) so its next start is a clean image.
+
+    Only a stopped desktop: the overlay of a running one is in use (409 ``desktop_running``, stop it first).
+    The storage root is shared by all nodes (ARCHITECTURE.md §5), so the API removes it directly.
+    """
+    require(actor, "desktop.reset")
+    row = await _row(db, actor, desktop_id)
+    if row["state"] not in ("stopped", "failed") or row["cmd"] is not None:
+        raise Conflict("the desktop is running or busy: stop it before resetting it", code="desktop_running")
+    await asyncio.to_thread(shutil.rmtree, paths.overlays / paths.guest_name(desktop_id), True)
+    return await _changed(db, actor, desktop_id, reset=True)
 
 
 async def request_start(db: Database, desktop_id: int, *, allow_running: bool = False) -> int | None:
@@ -213,7 +310,7 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
             raise Conflict("the desktop is being stopped: try again in a few seconds", code="desktop_busy")
         check_command(DesktopCommand.START, DesktopState(desk.state))
         memory = (await conn.execute(sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
-        node_id = await choose_node(conn, int(memory))
+        node_id = await choose_node(conn, int(memory), desktop_id=desktop_id)
         res = await conn.execute(
             sa.update(d)
             .where(d.c.id == desktop_id, d.c.state == desk.state, d.c.cmd.is_(None), d.c.blocked.is_(False))
@@ -249,15 +346,29 @@ async def request_stop(db: Database, desktop_id: int) -> None:
 
 
 async def start_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
-    await get_desktop(db, actor, desktop_id)
+    require(actor, "desktop.start")
+    await _row(db, actor, desktop_id)
     await request_start(db, desktop_id)
     return await get_desktop(db, actor, desktop_id)
 
 
 async def stop_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
-    await get_desktop(db, actor, desktop_id)
+    require(actor, "desktop.stop")
+    await _row(db, actor, desktop_id)
     await request_stop(db, desktop_id)
     return await get_desktop(db, actor, desktop_id)
+
+
+async def notify_desktops(db: Database, desktop_ids: Iterable[int]) -> None:
+    """One ``DESKTOPS`` notification for many desktops: a comma-separated id list, chunked under PG's limit."""
+    chunk: list[str] = []
+    for desktop_id in desktop_ids:
+        chunk.append(str(desktop_id))
+        if len(chunk) >= 500:
+            await db.bus.notify(DESKTOPS, ",".join(chunk))
+            chunk = []
+    if chunk:
+        await db.bus.notify(DESKTOPS, ",".join(chunk))
 
 
 def new_agent_token() -> str:

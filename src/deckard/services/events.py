@@ -20,8 +20,9 @@ def node_channel(node_id: int) -> str:
     return f"node.{node_id}"
 
 
-async def publish(db: Database, kind: str, obj: str, obj_id: int | str | None, tenant_id: int | None,
-                  **data: Any) -> None:
+async def publish(
+    db: Database, kind: str, obj: str, obj_id: int | str | None, tenant_id: int | None, **data: Any
+) -> None:
     """Tell event-stream listeners that something changed (after the transaction committed)."""
     event = {"type": kind, "object": obj, "id": obj_id, "tenant_id": tenant_id, **data}
     await db.bus.notify(EVENTS, json.dumps(event, default=str)[:7000])

@@ -1,11 +1,18 @@
-"""Disk images (QVD's DIs) and their tags: register an image file under an OSF and move tags onto it.
+"""Disk images (QVD's DIs) and their tags: the life of an image and which image a desktop starts from.
 
-A tag points at exactly one image per OSF; moving a tag is a single upsert, so it is atomic.  The builder
-registers its result tagged ``default`` and ``head``.
+An image goes ``new → building|uploading → ready → published → retired`` (``failed`` with the reason), by the
+table in ``model/states.py``; every change is a guarded ``UPDATE … WHERE state = old`` so two requests never
+both win.  Content arrives through ``services/image_files.py`` (upload, import) or the builder (driven by the
+API, since services may not import the builder).
+
+A tag points at exactly one image per OSF (primary key ``(osf_id, tag)``); moving a tag is one upsert, and
+publishing moves all its tags *and* gives the desktops still on the old image their expiry deadlines in one
+transaction (``services/expiry.py``), so no desktop sees a half-published image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +22,29 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
-from deckard.model.errors import NotFound
-from deckard.services.context import Actor
-from deckard.services.rows import as_dict
-from deckard.services.tenancy import DEFAULT_TENANT, ensure_default_osf, tenant_id_by_name
+from deckard.model.errors import BadInput, Conflict, InvalidTransition, NotFound
+from deckard.model.states import IMAGE_TRANSITIONS, ImageState
+from deckard.services.context import Actor, require, require_fields, visible, visible_rows
+from deckard.services.events import publish
+from deckard.services.expiry import expiry_defaults, set_expiry_for_tags
+from deckard.services.listing import ListQuery, run_list
+from deckard.services.osfs import find_osf_id
+from deckard.services.rows import as_dict, unique_or_conflict
+from deckard.services.tenancy import DEFAULT_OSF, DEFAULT_TENANT, ensure_default_osf, tenant_id_by_name
 from deckard.services.users import tenant_filter
 
 i = t.disk_images
+SOURCES = ("upload", "import", "build")
+ACTIVE_DESKTOP_STATES = ("starting", "running", "stopping", "zombie")
+
+COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    **{c.key: c for c in i.c},
+    "osf": t.osfs.c.name,
+    "tenant_id": t.osfs.c.tenant_id,
+}
 
 
+# ---- tags and the image a desktop starts from -----------------------------------------------------------
 async def move_tag(conn: AsyncConnection, osf_id: int, tag: str, image_id: int) -> None:
     res = await conn.execute(
         sa.update(t.image_tags)
@@ -64,6 +85,7 @@ async def register_image(
                     size=path.stat().st_size if path.exists() else 0,
                     state="published",
                     created_at=utcnow(),
+                    published_at=utcnow(),
                 )
                 .returning(i.c.id)
             )
@@ -77,7 +99,7 @@ async def register_image(
 async def resolve_image(conn: AsyncConnection, osf_id: int, tag: str) -> tuple[int, Path]:
     """The image a desktop of this OSF and tag starts from; NotFound says what to do."""
     q = (
-        sa.select(i.c.id, i.c.path)
+        sa.select(i.c.id, i.c.path, i.c.blocked)
         .join(t.image_tags, t.image_tags.c.image_id == i.c.id)
         .where(t.image_tags.c.osf_id == osf_id, t.image_tags.c.tag == tag)
     )
@@ -87,33 +109,314 @@ async def resolve_image(conn: AsyncConnection, osf_id: int, tag: str) -> tuple[i
             f"no disk image is tagged {tag!r} for this desktop's OSF: build one with `deckard image build`",
             code="image_not_found",
         )
+    if row.blocked:
+        raise Conflict(
+            f"the disk image tagged {tag!r} is blocked: unblock it or move the tag to another image",
+            code="image_blocked",
+        )
     return int(row.id), Path(row.path)
 
 
-async def list_images(db: Database, actor: Actor) -> list[dict[str, Any]]:
-    tags = (
-        sa.select(
-            sa.func.group_concat(t.image_tags.c.tag)
-            if db.dialect == "sqlite"
-            else sa.func.string_agg(t.image_tags.c.tag, ",")
-        )
-        .where(t.image_tags.c.image_id == i.c.id)
-        .scalar_subquery()
+def validate_tag(tag: str) -> str:
+    if not tag or len(tag) > 64 or any(c.isspace() or c in "/,?#" for c in tag):
+        raise BadInput(f"invalid tag {tag!r}: 1-64 characters, no spaces, '/', ',', '?' or '#'", code="bad_tag")
+    return tag
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def _select(dialect: str) -> sa.Select[Any]:
+    agg = (
+        sa.func.group_concat(t.image_tags.c.tag) if dialect == "sqlite" else sa.func.string_agg(t.image_tags.c.tag, ",")
     )
+    tags = sa.select(agg).where(t.image_tags.c.image_id == i.c.id).scalar_subquery()
+    return sa.select(i, t.osfs.c.name.label("osf"), t.osfs.c.tenant_id.label("tenant_id"), tags.label("tags")).join(
+        t.osfs, t.osfs.c.id == i.c.osf_id
+    )
+
+
+def _with_tags(row: dict[str, Any]) -> dict[str, Any]:
+    raw = row.get("tags")
+    if "tags" in row:
+        row["tags"] = sorted(raw.split(",")) if raw else []
+    return row
+
+
+async def list_images(db: Database, actor: Actor, q: ListQuery | None = None) -> tuple[list[dict[str, Any]], int]:
+    require(actor, "image.see")
+    q = q or ListQuery()
+    require_fields(actor, "image", q.named_fields)
+    async with db.connect() as conn:
+        base = _select(db.dialect).where(tenant_filter(actor, t.osfs.c.tenant_id))
+        rows, total = await run_list(conn, base, q, COLUMNS, i.c.id)
+    return visible_rows(actor, "image", [_with_tags(r) for r in rows]), total
+
+
+async def _image(conn: AsyncConnection, actor: Actor, image_id: int) -> sa.Row[Any]:
     q = (
-        sa.select(i, t.osfs.c.name.label("osf"), tags.label("tags"))
+        sa.select(i, t.osfs.c.tenant_id)
         .join(t.osfs, t.osfs.c.id == i.c.osf_id)
-        .where(tenant_filter(actor, t.osfs.c.tenant_id))
-        .order_by(i.c.id)
+        .where(i.c.id == image_id, tenant_filter(actor, t.osfs.c.tenant_id))
     )
-    async with db.connect() as conn:
-        rows = [as_dict(r) for r in await conn.execute(q)]
-    for r in rows:
-        r["tags"] = sorted((r["tags"] or "").split(",")) if r["tags"] else []
-    return rows
+    row = (await conn.execute(q)).first()
+    if row is None:
+        raise NotFound(f"no disk image with id {image_id}: `deckard image list` shows them", code="image_not_found")
+    return row
 
 
-async def list_osfs(db: Database, actor: Actor) -> list[dict[str, Any]]:
+async def get_image(db: Database, actor: Actor, image_id: int) -> dict[str, Any]:
+    require(actor, "image.see")
     async with db.connect() as conn:
-        q = sa.select(t.osfs).where(tenant_filter(actor, t.osfs.c.tenant_id)).order_by(t.osfs.c.id)
-        return [as_dict(r) for r in await conn.execute(q)]
+        await _image(conn, actor, image_id)
+        row = (await conn.execute(_select(db.dialect).where(i.c.id == image_id))).one()
+    return visible(actor, "image", _with_tags(as_dict(row)))
+
+
+# ---- state changes ------------------------------------------------------------------------------------
+def check_image_transition(old: str, new: ImageState) -> None:
+    if new not in IMAGE_TRANSITIONS.get(ImageState(old), frozenset()):
+        raise InvalidTransition(
+            f"a disk image cannot go from {old} to {new}", code="bad_image_state", details={"state": old}
+        )
+
+
+async def set_image_state(
+    db: Database, image_id: int, old: str, new: ImageState, *, message: str = "", **values: Any
+) -> None:
+    """Move an image from ``old`` to ``new`` (guarded: InvalidTransition if it changed meanwhile)."""
+    check_image_transition(old, new)
+    async with db.begin() as conn:
+        res = await conn.execute(
+            sa.update(i)
+            .where(i.c.id == image_id, i.c.state == old)
+            .values(state=new.value, status_message=message, **values)
+        )
+        if res.rowcount == 0:
+            raise InvalidTransition("the disk image changed meanwhile: retry", code="image_busy")
+        tenant_id = await _tenant_of(conn, image_id)
+    await publish(db, "state", "image", image_id, tenant_id, state=new.value, status_message=message)
+
+
+async def _tenant_of(conn: AsyncConnection, image_id: int) -> int:
+    q = sa.select(t.osfs.c.tenant_id).join(i, i.c.osf_id == t.osfs.c.id).where(i.c.id == image_id)
+    return int((await conn.execute(q)).scalar_one())
+
+
+async def report_progress(db: Database, image_id: int, message: str) -> None:
+    """Progress of a build or an import, shown as ``status_message`` (``"42% unpacking"``)."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(i)
+            .where(i.c.id == image_id, i.c.state.in_(["building", "uploading"]))
+            .values(status_message=message[:500])
+        )
+
+
+async def fail_image(db: Database, image_id: int, reason: str) -> None:
+    """The build, upload or import failed: state ``failed`` with the reason (from whatever state it was in)."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(i)
+            .where(i.c.id == image_id, i.c.state.in_(["new", "building", "uploading"]))
+            .values(state="failed", status_message=reason[:2000])
+        )
+        tenant_id = await _tenant_of(conn, image_id)
+    await publish(db, "state", "image", image_id, tenant_id, state="failed", status_message=reason[:500])
+
+
+async def finish_image(db: Database, image_id: int, path: Path, *, digest: str, size: int) -> None:
+    """The content is complete and verified: state ``ready``."""
+    async with db.connect() as conn:
+        old = (await conn.execute(sa.select(i.c.state).where(i.c.id == image_id))).scalar_one()
+    await set_image_state(
+        db, image_id, old, ImageState.READY, message="", path=str(path), digest=digest, size=size, uploaded_bytes=size
+    )
+
+
+async def create_image(
+    db: Database, actor: Actor, version: str, *, osf: str | int | None = None, source: str = "upload"
+) -> dict[str, Any]:
+    """A new image row under an OSF (state ``new``); its content comes from ``source`` next."""
+    require(actor, "image.create")
+    if source not in SOURCES:
+        raise BadInput(f"unknown source {source!r}; use one of {', '.join(SOURCES)}", code="bad_source")
+    if not version or len(version) > 64 or any(c.isspace() or c == "/" for c in version):
+        raise BadInput(f"invalid version {version!r}: 1-64 characters, no spaces or '/'", code="bad_version")
+    with unique_or_conflict(f"this OSF already has an image with version {version!r}"):
+        async with db.begin() as conn:
+            osf_id = await find_osf_id(conn, actor, DEFAULT_OSF if osf is None else osf)
+            res = await conn.execute(
+                sa.insert(i)
+                .values(
+                    osf_id=osf_id,
+                    version=version,
+                    path="",
+                    state="new",
+                    status_message=f"waiting for its content ({source})",
+                    created_at=utcnow(),
+                )
+                .returning(i.c.id)
+            )
+            image_id = int(res.scalar_one())
+            tenant_id = await _tenant_of(conn, image_id)
+    await publish(db, "created", "image", image_id, tenant_id, version=version)
+    return await get_image(db, actor, image_id)
+
+
+async def start_build(db: Database, actor: Actor, image_id: int) -> dict[str, Any]:
+    """``new → building``; the caller (the API) runs the builder and reports progress and the outcome."""
+    require(actor, "image.build")
+    async with db.connect() as conn:
+        row = await _image(conn, actor, image_id)
+    await set_image_state(db, image_id, row.state, ImageState.BUILDING, message="0% queued")
+    return await get_image(db, actor, image_id)
+
+
+async def publish_image(
+    db: Database,
+    actor: Actor,
+    image_id: int,
+    tags: Sequence[str] = ("default", "head"),
+    *,
+    expire_soft_s: int | None = None,
+    expire_hard_s: int | None = None,
+) -> dict[str, Any]:
+    """Publish: move ``tags`` onto the image and set expiry on desktops still on the old one, atomically."""
+    require(actor, "image.publish")
+    tags = [validate_tag(tag) for tag in dict.fromkeys(tags)]
+    for value in (expire_soft_s, expire_hard_s):
+        if value is not None and not 0 <= value <= 10 * 365 * 86400:
+            raise BadInput("expiry delays are seconds between 0 and ten years", code="bad_expiry")
+    async with db.connect() as conn:
+        row = await _image(conn, actor, image_id)
+    if row.blocked:
+        raise Conflict("the disk image is blocked: unblock it before publishing it", code="image_blocked")
+    if row.state != ImageState.PUBLISHED:
+        check_image_transition(row.state, ImageState.PUBLISHED)
+    default_soft, default_hard = await expiry_defaults(db, int(row.tenant_id))
+    soft = (
+        expire_soft_s
+        if expire_soft_s is not None
+        else row.expire_soft_s
+        if row.expire_soft_s is not None
+        else default_soft
+    )
+    hard = (
+        expire_hard_s
+        if expire_hard_s is not None
+        else row.expire_hard_s
+        if row.expire_hard_s is not None
+        else default_hard
+    )
+    async with db.begin() as conn:
+        res = await conn.execute(
+            sa.update(i)
+            .where(i.c.id == image_id, i.c.state == row.state, i.c.blocked.is_(False))
+            .values(state="published", published_at=utcnow(), status_message="", expire_soft_s=soft, expire_hard_s=hard)
+        )
+        if res.rowcount == 0:
+            raise InvalidTransition("the disk image changed meanwhile: retry", code="image_busy")
+        for tag in tags:
+            await move_tag(conn, int(row.osf_id), tag, image_id)
+        expiring = await set_expiry_for_tags(conn, int(row.osf_id), tags, image_id, soft_s=soft, hard_s=hard)
+    await publish(db, "state", "image", image_id, int(row.tenant_id), state="published", tags=tags)
+    for desktop_id in expiring:
+        await publish(db, "updated", "desktop", desktop_id, int(row.tenant_id), expiring=True)
+    out = await get_image(db, actor, image_id)
+    out["expiring_desktops"] = expiring
+    return out
+
+
+async def retire_image(db: Database, actor: Actor, image_id: int) -> dict[str, Any]:
+    """``ready|published → retired``: refused while a tag points at it (move the tag first)."""
+    require(actor, "image.update")
+    async with db.connect() as conn:
+        row = await _image(conn, actor, image_id)
+        await _refuse_if_tagged(conn, image_id, "retire")
+    await set_image_state(db, image_id, row.state, ImageState.RETIRED)
+    return await get_image(db, actor, image_id)
+
+
+async def _refuse_if_tagged(conn: AsyncConnection, image_id: int, what: str) -> None:
+    tags = sorted(
+        r.tag for r in await conn.execute(sa.select(t.image_tags.c.tag).where(t.image_tags.c.image_id == image_id))
+    )
+    if tags:
+        raise Conflict(
+            f"cannot {what} the image: tags {', '.join(tags)} point at it; move them to another image first",
+            code="image_tagged",
+            details={"tags": tags},
+        )
+
+
+async def tag_image(db: Database, actor: Actor, image_id: int, tag: str) -> dict[str, Any]:
+    """Point ``tag`` at this image (moving it from another image of the OSF in one upsert)."""
+    require(actor, "image.tag")
+    validate_tag(tag)
+    async with db.begin() as conn:
+        row = await _image(conn, actor, image_id)
+        if row.state not in (ImageState.READY, ImageState.PUBLISHED):
+            raise InvalidTransition(
+                f"only a ready or published image can be tagged (this one is {row.state})", code="bad_image_state"
+            )
+        await move_tag(conn, int(row.osf_id), tag, image_id)
+    await publish(db, "updated", "image", image_id, int(row.tenant_id), tag=tag)
+    return await get_image(db, actor, image_id)
+
+
+async def untag_image(db: Database, actor: Actor, image_id: int, tag: str) -> dict[str, Any]:
+    require(actor, "image.tag")
+    async with db.begin() as conn:
+        row = await _image(conn, actor, image_id)
+        res = await conn.execute(
+            sa.delete(t.image_tags).where(t.image_tags.c.image_id == image_id, t.image_tags.c.tag == tag)
+        )
+        if res.rowcount == 0:
+            raise NotFound(f"the image has no tag {tag!r}", code="tag_not_found")
+    await publish(db, "updated", "image", image_id, int(row.tenant_id), untagged=tag)
+    return await get_image(db, actor, image_id)
+
+
+async def set_image_blocked(db: Database, actor: Actor, image_id: int, blocked: bool) -> dict[str, Any]:
+    """A blocked image is never started from nor published (QVD's ``dis.blocked``)."""
+    require(actor, "image.block")
+    async with db.begin() as conn:
+        row = await _image(conn, actor, image_id)
+        await conn.execute(sa.update(i).where(i.c.id == image_id).values(blocked=blocked))
+    await publish(db, "updated", "image", image_id, int(row.tenant_id), blocked=blocked)
+    return await get_image(db, actor, image_id)
+
+
+async def delete_image(db: Database, actor: Actor, image_id: int, *, images_dir: Path) -> None:
+    """Delete the row and its file; refused while tagged (``image_tagged``) or in use (``image_in_use``)."""
+    require(actor, "image.delete")
+    async with db.begin() as conn:
+        row = await _image(conn, actor, image_id)
+        await _refuse_if_tagged(conn, image_id, "delete")
+        users = (
+            await conn.execute(
+                sa.select(sa.func.count()).where(
+                    t.desktops.c.image_id == image_id, t.desktops.c.state.in_(ACTIVE_DESKTOP_STATES)
+                )
+            )
+        ).scalar_one()
+        if users:
+            raise Conflict(
+                f"{users} desktop(s) are running this image: stop them first",
+                code="image_in_use",
+                details={"desktops": int(users)},
+            )
+        shared = (
+            (
+                await conn.execute(sa.select(sa.func.count()).where(i.c.path == row.path, i.c.id != image_id))
+            ).scalar_one()
+            if row.path
+            else 1
+        )
+        await conn.execute(sa.delete(i).where(i.c.id == image_id))
+    # only files inside the image store are ours to remove (a built image may be shared by versions)
+    candidates = [images_dir / f"{image_id}.partial"]
+    if row.path and not shared and Path(row.path).resolve().parent == images_dir.resolve():
+        candidates.append(Path(row.path))
+    for path in candidates:
+        path.unlink(missing_ok=True)
+    await publish(db, "deleted", "image", image_id, int(row.tenant_id))

@@ -26,10 +26,25 @@ n = t.nodes
 
 
 async def register_node(
-    db: Database, name: str, address: str, broker_url: str, *, cpus: float, mem_total_mib: int, mem_free_mib: int
+    db: Database,
+    name: str,
+    address: str,
+    broker_url: str,
+    *,
+    cpus: float,
+    mem_total_mib: int,
+    mem_free_mib: int,
+    driver: str = "container",
+    run_dir: str = "",
+    boot_id: str = "",
 ) -> int:
     now = utcnow()
     values: dict[str, Any] = dict(
+        driver=driver,
+        run_dir=run_dir,
+        boot_id=boot_id,
+        lost_at=None,
+        lost_reason=None,
         address=address,
         broker_url=broker_url,
         state="starting",
@@ -50,18 +65,34 @@ async def register_node(
         return int(res.scalar_one())
 
 
-async def set_node_state(db: Database, node_id: int, state: str) -> None:
+async def set_node_state(db: Database, node_id: int, state: str) -> bool:
+    """Only ``register_node`` brings a ``lost`` node back: a fenced node must not look live again."""
     async with db.begin() as conn:
-        await conn.execute(sa.update(n).where(n.c.id == node_id).values(state=state, heartbeat_at=utcnow()))
+        res = await conn.execute(
+            sa.update(n).where(n.c.id == node_id, n.c.state != "lost").values(state=state, heartbeat_at=utcnow())
+        )
+        return bool(res.rowcount)
 
 
-async def heartbeat(db: Database, node_id: int, *, mem_free_mib: int, load: float, running: int) -> None:
+async def heartbeat(db: Database, node_id: int, *, mem_free_mib: int, load: float, running: int) -> bool:
+    """Record a heartbeat; False when the row is ``lost`` (another node fenced this one: it must not go on)."""
     async with db.begin() as conn:
-        await conn.execute(
+        res = await conn.execute(
             sa.update(n)
-            .where(n.c.id == node_id)
+            .where(n.c.id == node_id, n.c.state != "lost")
             .values(heartbeat_at=utcnow(), mem_free_mib=mem_free_mib, load=load, desktops_running=running)
         )
+        return bool(res.rowcount)
+
+
+async def claim_node_command(db: Database, node_id: int) -> str | None:
+    """Claim this node's pending command (``stop`` | ``drain``) exactly once."""
+    async with db.begin() as conn:
+        cmd = (await conn.execute(sa.select(n.c.cmd).where(n.c.id == node_id))).scalar_one_or_none()
+        if cmd is None:
+            return None
+        res = await conn.execute(sa.update(n).where(n.c.id == node_id, n.c.cmd == cmd).values(cmd=None))
+        return str(cmd) if res.rowcount else None
 
 
 async def claim_starts(db: Database, node_id: int) -> list[int]:
@@ -118,6 +149,7 @@ async def mark_running(
         image_id=image_id,
         start_guest_ms=guest_ms,
         start_agent_ms=agent_ms,
+        **dict.fromkeys(("expire_soft_at", "expire_hard_at", "expire_notified_at")),  # a fresh start: no expiry
     )
     return await _set(db, node_id, desktop_id, values, expect="starting")
 

@@ -1,15 +1,23 @@
 """Nodes (QVD's hosts) as administrators see them: read straight from the ``nodes`` table the node daemons
-keep up to date (registration, heartbeat, load), so the admin plane never asks a node anything."""
+keep up to date (registration, heartbeat, load), so the admin plane never asks a node anything.
+
+Blocking a node is desired state like any other: placement skips blocked nodes (``model/placement.py``), the
+desktops already running there stay.  Nodes belong to no tenant; ``node.see`` decides who sees them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.services.context import Actor
+from deckard.model.errors import NotFound
+from deckard.services.context import Actor, require, require_fields, visible, visible_rows
+from deckard.services.events import publish
+from deckard.services.listing import ListQuery, run_list
 from deckard.services.rows import as_dict
 
 n = t.nodes
@@ -22,6 +30,7 @@ NODE_COLUMNS = [
     n.c.state,
     n.c.blocked,
     n.c.cmd,
+    n.c.pid,
     n.c.started_at,
     n.c.heartbeat_at,
     n.c.mem_total_mib,
@@ -31,10 +40,45 @@ NODE_COLUMNS = [
     n.c.desktops_running,
     n.c.created_at,
 ]
+FIELDS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in NODE_COLUMNS}
 
 
-async def list_nodes(db: Database, actor: Actor) -> list[dict[str, Any]]:
-    """Every node of the farm; nodes belong to no tenant (ACLs on who may see them come with roles)."""
-    del actor  # authorization point: the next issue checks the actor's ACLs here
+async def list_nodes(db: Database, actor: Actor, q: ListQuery | None = None) -> tuple[list[dict[str, Any]], int]:
+    """A page of the farm's nodes and the total matching ``q``."""
+    require(actor, "node.see")
+    q = q or ListQuery(per_page=10**9)
+    require_fields(actor, "node", q.named_fields)
+    if q.fields and "id" not in q.fields:
+        q = dataclasses.replace(q, fields=[*q.fields, "id"])  # answers always carry the id
     async with db.connect() as conn:
-        return [as_dict(r) for r in await conn.execute(sa.select(*NODE_COLUMNS).order_by(n.c.id))]
+        rows, total = await run_list(conn, sa.select(*NODE_COLUMNS), q, FIELDS, n.c.id)
+    return visible_rows(actor, "node", rows), total
+
+
+async def find_node_id(db: Database, actor: Actor, ref: str | int) -> int:
+    require(actor, "node.see")
+    cond = n.c.id == int(ref) if str(ref).isdigit() else n.c.name == str(ref)
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(n.c.id).where(cond))).first()
+    if not row:
+        raise NotFound(f"no node {ref!r}", code="node_not_found")
+    return int(row.id)
+
+
+async def get_node(db: Database, actor: Actor, node_id: int) -> dict[str, Any]:
+    require(actor, "node.see")
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(*NODE_COLUMNS).where(n.c.id == node_id))).first()
+    if not row:
+        raise NotFound(f"no node with id {node_id}", code="node_not_found")
+    return visible(actor, "node", as_dict(row))
+
+
+async def set_node_blocked(db: Database, actor: Actor, node_id: int, blocked: bool) -> dict[str, Any]:
+    """Block (no new desktops are placed there) or unblock a node."""
+    require(actor, "node.block")
+    await get_node(db, actor, node_id)
+    async with db.begin() as conn:
+        await conn.execute(sa.update(n).where(n.c.id == node_id).values(blocked=blocked))
+    await publish(db, "updated", "node", node_id, None, blocked=blocked)
+    return await get_node(db, actor, node_id)

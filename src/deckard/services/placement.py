@@ -1,53 +1,120 @@
-"""Placement as a use case: read live node figures and let the model rank them (QVD's load balancer)."""
+"""Placement as a use case: read live node figures and the desktop's needs, let the model rank the nodes.
+
+``choose_node`` runs inside the transaction that writes the start command (services/desktops.request_start), so
+host assignment and command are one atomic write (QVD's FIXME).  ``explain_desktop`` runs the same ranking for an
+administrator and returns every node with its score or the filter that excluded it.
+
+Farm-wide knobs live in the database config table (global rows) so every API process and broker agree:
+``placement.placer`` (default ``qvd``), ``placement.reserve`` (``largest`` | ``none`` | a fraction such as
+``0.1``), ``node.lost_after_s`` (how stale a heartbeat makes a node unusable, default 10).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
+from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
-from deckard.model.errors import Unavailable
-from deckard.model.placement import Candidate, NodeLoad, rank_nodes
+from deckard.model.errors import BadInput, NotFound, Unavailable
+from deckard.model.placement import POLICIES, SPREAD, Candidate, NodeLoad, Request, Reserve, rank_nodes
+from deckard.services.context import Actor, require
 
-HEARTBEAT_STALE = dt.timedelta(seconds=15)
+LOST_AFTER_S = 10.0
+HEARTBEAT_STALE = dt.timedelta(seconds=LOST_AFTER_S)
+
+d = t.desktops
 
 
-async def node_loads(conn: AsyncConnection) -> list[NodeLoad]:
-    running = (
-        sa.select(sa.func.count())
-        .where(t.desktops.c.node_id == t.nodes.c.id, t.desktops.c.state != "stopped")
-        .scalar_subquery()
+async def config_value(conn: AsyncConnection, key: str, default: str) -> str:
+    row = (
+        await conn.execute(sa.select(t.config.c.value).where(t.config.c.tenant_id == 0, t.config.c.key == key))
+    ).first()
+    return str(row.value) if row else default
+
+
+def parse_reserve(value: str, *, released: bool) -> Reserve:
+    if value in ("largest", "none"):
+        return Reserve(mode=value, released=released)
+    try:
+        return Reserve(mode="fraction", fraction=float(value), released=released)
+    except ValueError:
+        return Reserve(mode="largest", released=released)
+
+
+async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list[NodeLoad]:
+    """Every node with its live figures, the memory its desktops hold and (for ``group``) its group members."""
+    busy = d.c.state != "stopped"
+    per_node = (
+        sa.select(
+            d.c.node_id,
+            sa.func.count().label("n"),
+            sa.func.coalesce(sa.func.sum(t.osfs.c.memory_mib), 0).label("mib"),
+            sa.func.count().filter(d.c.placement_group == group).label("g") if group else sa.literal(0).label("g"),
+        )
+        .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+        .where(d.c.node_id.is_not(None), busy)
+        .group_by(d.c.node_id)
     )
-    rows = await conn.execute(sa.select(t.nodes, running.label("n")))
+    usage = {r.node_id: r for r in await conn.execute(per_node)}
+    stale = float(await config_value(conn, "node.lost_after_s", str(LOST_AFTER_S)))
     now = utcnow()
     out = []
-    for r in rows:
+    for r in await conn.execute(sa.select(t.nodes)):
         hb = aware(r.heartbeat_at)
+        u = usage.get(r.id)
         out.append(
             NodeLoad(
                 node_id=r.id,
                 name=r.name,
                 state=r.state,
                 blocked=r.blocked,
-                fresh=hb is not None and now - hb < HEARTBEAT_STALE,
+                fresh=hb is not None and (now - hb).total_seconds() < stale,
                 mem_free_mib=r.mem_free_mib,
                 cpus=r.cpus,
                 load=r.load,
-                desktops=int(r.n),
+                desktops=int(u.n) if u else 0,
+                driver=r.driver,
+                committed_mib=int(u.mib) if u else 0,
+                groups={group: int(u.g)} if (group and u) else {},
             )
         )
     return out
 
 
+async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
+    loads = await node_loads(conn, group=req.group)
+    released = any(n.state == "lost" for n in loads)
+    reserve = parse_reserve(await config_value(conn, "placement.reserve", "largest"), released=released)
+    placer = await config_value(conn, "placement.placer", "qvd")
+    return rank_nodes(loads, req, reserve=reserve, placer=placer)
+
+
+async def desktop_request(conn: AsyncConnection, desktop_id: int) -> Request:
+    row = (
+        await conn.execute(
+            sa.select(t.osfs.c.memory_mib, t.osfs.c.driver, d.c.placement_group, d.c.placement_policy)
+            .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+            .where(d.c.id == desktop_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"desktop {desktop_id} not found", code="not_found")
+    return Request(int(row.memory_mib), driver=row.driver, group=row.placement_group, policy=row.placement_policy)
+
+
 async def explain(conn: AsyncConnection, memory_mib: int) -> list[Candidate]:
-    return rank_nodes(await node_loads(conn), memory_mib)
+    return await _rank(conn, Request(memory_mib))
 
 
-async def choose_node(conn: AsyncConnection, memory_mib: int) -> int:
-    ranked = await explain(conn, memory_mib)
+async def choose_node(conn: AsyncConnection, memory_mib: int, *, desktop_id: int | None = None) -> int:
+    """The best node for a start, or Unavailable saying why every node was refused."""
+    req = await desktop_request(conn, desktop_id) if desktop_id is not None else Request(memory_mib)
+    ranked = await _rank(conn, req)
     if not ranked:
         raise Unavailable("no node has registered: start `deckard node` (or `deckard up`)", code="no_node")
     best = ranked[0]
@@ -55,3 +122,70 @@ async def choose_node(conn: AsyncConnection, memory_mib: int) -> int:
         why = "; ".join(f"{c.node.name}: {c.excluded_by}" for c in ranked)
         raise Unavailable(f"no node can take this desktop now ({why})", code="no_node")
     return best.node.node_id
+
+
+def candidate_row(c: Candidate) -> dict[str, Any]:
+    n = c.node
+    return {
+        "node_id": n.node_id,
+        "node": n.name,
+        "eligible": c.score is not None,
+        "score": round(c.score, 1) if c.score is not None else None,
+        "excluded_by": c.excluded_by,
+        "state": n.state,
+        "blocked": n.blocked,
+        "mem_free_mib": n.mem_free_mib,
+        "committed_mib": n.committed_mib,
+        "desktops": n.desktops,
+        "load": n.load,
+        "cpus": n.cpus,
+    }
+
+
+async def set_placement_group(
+    db: Database, actor: Actor, desktop_id: int, group: str | None, policy: str | None
+) -> dict[str, Any]:
+    """Name the desktop's placement group (``spread``: anti-affinity, ``pack``: affinity); None clears it."""
+    require(actor, "desktop.update")
+    if policy is not None and policy not in POLICIES:
+        raise BadInput(f"unknown placement policy {policy!r}; choose one of: {', '.join(POLICIES)}", code="bad_policy")
+    if group is not None and not (0 < len(group) <= 64):
+        raise BadInput("a placement group name has 1 to 64 characters", code="bad_group")
+    async with db.begin() as conn:
+        q = sa.update(d).where(d.c.id == desktop_id)
+        if actor.tenant_id is not None:
+            q = q.where(d.c.tenant_id == actor.tenant_id)
+        res = await conn.execute(
+            q.values(placement_group=group, placement_policy=(policy or SPREAD) if group else None)
+        )
+        if res.rowcount == 0:
+            raise NotFound(f"desktop {desktop_id} not found", code="not_found")
+    return {
+        "desktop_id": desktop_id,
+        "placement_group": group,
+        "placement_policy": (policy or SPREAD) if group else None,
+    }
+
+
+async def explain_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
+    """Where a start of this desktop would go now: every node, its score or the filter that excluded it."""
+    require(actor, "desktop.see", "node.see")
+    async with db.connect() as conn:
+        q = sa.select(d.c.id, d.c.name, d.c.tenant_id, d.c.state, d.c.node_id).where(d.c.id == desktop_id)
+        row = (await conn.execute(q)).first()
+        if row is None or (actor.tenant_id is not None and row.tenant_id != actor.tenant_id):
+            raise NotFound(f"desktop {desktop_id} not found", code="not_found")
+        req = await desktop_request(conn, desktop_id)
+        ranked = await _rank(conn, req)
+    chosen = ranked[0].node.name if ranked and ranked[0].score is not None else None
+    return {
+        "desktop_id": row.id,
+        "desktop": row.name,
+        "state": row.state,
+        "node_id": row.node_id,
+        "memory_mib": req.memory_mib,
+        "placement_group": req.group,
+        "placement_policy": req.policy,
+        "would_choose": chosen,
+        "nodes": [candidate_row(c) for c in ranked],
+    }

@@ -1,4 +1,9 @@
-"""Tenants and the bootstrap of a new farm: the default tenant, OSF and first administrator."""
+"""Tenants and the bootstrap of a new farm: the supertenant ``*`` and ``default`` tenant, the default OSF, the
+predefined roles and the first administrator (Root, in the supertenant).
+
+Bootstrap runs at every start and is idempotent, so a farm created before roles existed is brought up to date:
+its first administrator moves to the supertenant and gets Root (otherwise nobody could administer it).
+"""
 
 from __future__ import annotations
 
@@ -55,17 +60,29 @@ async def ensure_default_osf(conn: AsyncConnection, tenant_id: int) -> int:
 
 
 async def bootstrap_farm(db: Database, admin_name: str = "admin") -> str | None:
-    """Create the default tenant, OSF and the first administrator; return its password the first time only."""
+    """Create the tenants, default OSF, roles and the first administrator; return its password the first time."""
+    from deckard.services.roles import ensure_predefined_roles, ensure_supertenant
+
     async with db.begin() as conn:
         tenant_id = await ensure_default_tenant(conn)
+        super_id = await ensure_supertenant(conn)
         await ensure_default_osf(conn, tenant_id)
+        roles = await ensure_predefined_roles(conn, super_id)
         exists = (await conn.execute(sa.select(sa.func.count()).select_from(t.administrators))).scalar_one()
         if exists:
+            assigned = (await conn.execute(sa.select(sa.func.count()).select_from(t.admin_roles))).scalar_one()
+            if not assigned:  # a farm from before roles: its first administrator becomes Root
+                a = t.administrators
+                row = (await conn.execute(sa.select(a.c.id).where(a.c.name == admin_name).order_by(a.c.id))).first()
+                if row:
+                    await conn.execute(sa.update(a).where(a.c.id == row.id).values(tenant_id=super_id))
+                    await conn.execute(sa.insert(t.admin_roles).values(admin_id=row.id, role_id=roles["Root"]))
             return None
         password = secrets.token_urlsafe(12)
-        await conn.execute(
-            sa.insert(t.administrators).values(
-                tenant_id=tenant_id, name=admin_name, password_hash=hash_password(password), created_at=utcnow()
-            )
+        res = await conn.execute(
+            sa.insert(t.administrators)
+            .values(tenant_id=super_id, name=admin_name, password_hash=hash_password(password), created_at=utcnow())
+            .returning(t.administrators.c.id)
         )
+        await conn.execute(sa.insert(t.admin_roles).values(admin_id=res.scalar_one(), role_id=roles["Root"]))
         return password

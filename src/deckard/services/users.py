@@ -1,8 +1,13 @@
-"""Users of desktops: create, list, change password, delete, and password authentication for the broker."""
+"""Users of desktops: create, list, change password, block, delete, and password authentication for the broker.
+
+Admin use cases check the actor's ACL first (``user.<action>``; a password change needs ``user.update.password``,
+blocking ``user.block``) and publish ``created``/``updated``/``deleted`` on the event stream after committing.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import sqlalchemy as sa
@@ -12,7 +17,9 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
-from deckard.services.context import Actor
+from deckard.services.context import Actor, require, require_fields, visible, visible_rows
+from deckard.services.events import publish
+from deckard.services.listing import ListQuery, run_list
 from deckard.services.rows import as_dict
 from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name
 
@@ -49,11 +56,13 @@ _USER_COLS = [
     t.users.c.description,
     t.users.c.created_at,
 ]
+FIELDS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in _USER_COLS}
 
 
 async def create_user(
     db: Database, actor: Actor, login: str, password: str | None, *, tenant_id: int | None = None, description: str = ""
 ) -> dict[str, Any]:
+    require(actor, "user.create")
     check_login(login)
     if password is not None and len(password) < 4:
         raise BadInput("the password is too short: use at least 4 characters", code="weak_password")
@@ -70,13 +79,25 @@ async def create_user(
             .values(tenant_id=tid, login=login, password_hash=pw_hash, description=description, created_at=utcnow())
             .returning(*_USER_COLS)
         )
-        return as_dict(res.one())
+        row = as_dict(res.one())
+    await publish(db, "created", "user", row["id"], row["tenant_id"], login=login)
+    return visible(actor, "user", row)
 
 
-async def list_users(db: Database, actor: Actor) -> list[dict[str, Any]]:
+def user_scope(actor: Actor) -> sa.Select[Any]:
+    return sa.select(*_USER_COLS).where(tenant_filter(actor, t.users.c.tenant_id))
+
+
+async def list_users(db: Database, actor: Actor, q: ListQuery | None = None) -> tuple[list[dict[str, Any]], int]:
+    """A page of users and the total matching ``q``."""
+    require(actor, "user.see")
+    q = q or ListQuery(per_page=10**9)
+    require_fields(actor, "user", q.named_fields)
+    if q.fields and "id" not in q.fields:
+        q = dataclasses.replace(q, fields=[*q.fields, "id"])  # answers always carry the id
     async with db.connect() as conn:
-        q = sa.select(*_USER_COLS).where(tenant_filter(actor, t.users.c.tenant_id)).order_by(t.users.c.id)
-        return [as_dict(r) for r in await conn.execute(q)]
+        rows, total = await run_list(conn, user_scope(actor), q, FIELDS, t.users.c.id)
+    return visible_rows(actor, "user", rows), total
 
 
 async def find_user_id(db: Database, actor: Actor, ref: str | int) -> int:
@@ -90,13 +111,18 @@ async def find_user_id(db: Database, actor: Actor, ref: str | int) -> int:
     return int(row.id)
 
 
-async def get_user(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
+async def _row(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
     async with db.connect() as conn:
         q = sa.select(*_USER_COLS).where(t.users.c.id == user_id, tenant_filter(actor, t.users.c.tenant_id))
         row = (await conn.execute(q)).first()
     if not row:
         raise NotFound(f"no user with id {user_id}", code="user_not_found")
     return as_dict(row)
+
+
+async def get_user(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
+    require(actor, "user.see")
+    return visible(actor, "user", await _row(db, actor, user_id))
 
 
 async def update_user(
@@ -108,9 +134,17 @@ async def update_user(
     blocked: bool | None = None,
     description: str | None = None,
 ) -> dict[str, Any]:
-    await get_user(db, actor, user_id)
+    if password is not None:
+        require(actor, "user.update.password")
+    if blocked is not None:
+        require(actor, "user.block")
+    if description is not None:
+        require(actor, "user.update")
+    row = await _row(db, actor, user_id)
     values: dict[str, Any] = {}
     if password is not None:
+        if len(password) < 4:
+            raise BadInput("the password is too short: use at least 4 characters", code="weak_password")
         values["password_hash"] = await asyncio.to_thread(hash_password, password)
     if blocked is not None:
         values["blocked"] = blocked
@@ -119,11 +153,14 @@ async def update_user(
     if values:
         async with db.begin() as conn:
             await conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**values))
-    return await get_user(db, actor, user_id)
+        changed = sorted("password" if k == "password_hash" else k for k in values)
+        await publish(db, "updated", "user", user_id, row["tenant_id"], fields=changed)
+    return visible(actor, "user", await _row(db, actor, user_id))
 
 
 async def delete_user(db: Database, actor: Actor, user_id: int) -> None:
-    await get_user(db, actor, user_id)
+    require(actor, "user.delete")
+    row = await _row(db, actor, user_id)
     async with db.begin() as conn:
         n = (
             await conn.execute(
@@ -133,6 +170,7 @@ async def delete_user(db: Database, actor: Actor, user_id: int) -> None:
         if n:
             raise Conflict(f"the user still has {n} desktop(s): delete them first", code="has_dependents")
         await conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))
+    await publish(db, "deleted", "user", user_id, row["tenant_id"], login=row["login"])
 
 
 async def authenticate_user(db: Database, full_login: str, password: str) -> User:

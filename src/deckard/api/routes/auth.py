@@ -1,14 +1,18 @@
-"""Administrator sessions: log in with a password for a bearer token, log out, ask who the token is."""
+"""Administrator sessions: log in with a password for a bearer token, log out, ask who the token is.
+
+Repeated failed logins answer 429 ``login_locked`` with ``details.locked_until``; every attempt is audited by
+``api/audit_log.py`` like any other non-GET request.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep, TokenDep
-from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.envelope import ERROR_RESPONSES, ErrorEnvelope
 from deckard.services import admins
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
@@ -17,7 +21,12 @@ router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
 class LoginRequest(BaseModel):
     name: str = Field(min_length=1, max_length=64, description="Administrator name.")
     password: str = Field(min_length=1, max_length=1024)
-    tenant: str = Field(default="default", min_length=1, max_length=64)
+    tenant: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="The administrator's tenant; omitted: the supertenant's administrators, then `default`'s.",
+    )
 
 
 class LoginResponse(BaseModel):
@@ -30,12 +39,19 @@ class WhoAmI(BaseModel):
     id: int | None
     name: str
     tenant_id: int | None
+    acls: list[str]
 
 
-@router.post("/login", response_model=LoginResponse, summary="Log in and get a session token")
-async def login(body: LoginRequest, db: DbDep, settings: SettingsDep) -> LoginResponse:
+@router.post(
+    "/login",
+    response_model=LoginResponse,
+    summary="Log in and get a session token",
+    responses={429: {"model": ErrorEnvelope, "description": "Too many failed logins (`login_locked`)."}},
+)
+async def login(body: LoginRequest, request: Request, db: DbDep, settings: SettingsDep) -> LoginResponse:
+    source = request.client.host if request.client else ""
     token, expires_at = await admins.login_admin(
-        db, body.name, body.password, tenant=body.tenant, hours=settings.api.session_hours
+        db, body.name, body.password, tenant=body.tenant, hours=settings.api.session_hours, source=source
     )
     return LoginResponse(token=token, expires_at=expires_at)
 
@@ -53,4 +69,4 @@ async def logout(_actor: ActorDep, token: TokenDep, db: DbDep) -> Response:
 
 @router.get("/whoami", response_model=WhoAmI, summary="The administrator this token stands for")
 async def whoami(actor: ActorDep) -> WhoAmI:
-    return WhoAmI(kind=actor.kind, id=actor.id, name=actor.name, tenant_id=actor.tenant_id)
+    return WhoAmI(kind=actor.kind, id=actor.id, name=actor.name, tenant_id=actor.tenant_id, acls=sorted(actor.acls))

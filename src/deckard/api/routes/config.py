@@ -1,7 +1,57 @@
-"""Routes for config (filled in by the admin-plane work)."""
+"""Layered configuration (``/config``): effective values with their default and source, set, reset.
+
+``tenant`` (query or body) picks a tenant's layer for per-tenant keys; without it a supertenant administrator
+works on the global layer and a tenant administrator on their own tenant's.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
 
-router = APIRouter(prefix="/config", tags=["config"])
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from deckard.api.deps import ActorDep, DbDep
+from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.services import config
+
+router = APIRouter(prefix="/config", tags=["config"], responses=ERROR_RESPONSES)
+
+Value = bool | int | float | str
+
+
+class ConfigEntry(BaseModel):
+    key: str
+    value: Value
+    default: Value
+    source: str = Field(description="Where the value comes from: `default`, `global` or `tenant`.")
+    type: str
+    per_tenant: bool
+    description: str
+
+
+class ConfigSet(BaseModel):
+    value: Value = Field(description="Checked against the key's type; text such as `true` or `30` is accepted.")
+    tenant: str | None = Field(default=None, max_length=64)
+
+
+@router.get("", response_model=Page[ConfigEntry], summary="Every key with its effective value")
+async def list_config(actor: ActorDep, db: DbDep, tenant: str | None = None) -> Page[ConfigEntry]:
+    rows = await config.list_config(db, actor, tenant=tenant)
+    return Page[ConfigEntry](items=[ConfigEntry.model_validate(r) for r in rows], total=len(rows))
+
+
+@router.get("/{key}", response_model=ConfigEntry, summary="One key's effective value")
+async def get_config(key: str, actor: ActorDep, db: DbDep, tenant: str | None = None) -> ConfigEntry:
+    return ConfigEntry.model_validate((await config.list_config(db, actor, key, tenant))[0])
+
+
+@router.put("/{key}", response_model=ConfigEntry, summary="Set a key (globally or for a tenant)")
+async def set_config(key: str, body: ConfigSet, actor: ActorDep, db: DbDep) -> ConfigEntry:
+    return ConfigEntry.model_validate(await config.set_config(db, actor, key, body.value, body.tenant))
+
+
+@router.delete("/{key}", response_model=ConfigEntry, summary="Reset a key to the layer below")
+async def reset_config(key: str, actor: ActorDep, db: DbDep, tenant: str | None = None) -> ConfigEntry:
+    entry: dict[str, Any] = await config.reset_config(db, actor, key, tenant)
+    return ConfigEntry.model_validate(entry)

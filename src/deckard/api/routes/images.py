@@ -1,52 +1,229 @@
-"""Disk images (QVD's DIs, ``/images``) and OSFs (operating system flavours, ``/osfs``); read-only for now
-(images are registered by ``deckard image build``)."""
+"""Disk images (QVD's DIs, ``/images``): create, send content (upload, import, build), publish, tag, retire,
+block, delete.  The rules live in ``services/images.py``; this module maps HTTP onto them.
+
+The build runs here rather than in services because services may not import the builder (layers in
+ARCHITECTURE.md §3): the route moves the image to ``building`` and runs ``images.builder.build_image`` in a
+background task that reports ``"NN% phase"`` into ``status_message`` and ends ``ready`` or ``failed``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+import structlog
+from fastapi import APIRouter, Request, Response, status
+from pydantic import BaseModel, Field
 
-from deckard.api.deps import ActorDep, DbDep
-from deckard.api.envelope import ERROR_RESPONSES, Page, page
-from deckard.services import images
+from deckard.api.deps import ActorDep, DbDep, SettingsDep
+from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.db.engine import Database
+from deckard.images import builder
+from deckard.model.errors import DeckardError
+from deckard.runtime.settings import Settings
+from deckard.services import image_files, images
+from deckard.services.listing import parse_list_query
 
-router = APIRouter(tags=["images"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/images", tags=["images"], responses=ERROR_RESPONSES)
+log = structlog.get_logger()
 
 
 class Image(BaseModel):
-    id: int
-    osf_id: int
-    osf: str
-    version: str
-    path: str
-    digest: str
-    size: int
-    state: str
-    status_message: str
-    blocked: bool
-    tags: list[str]
-    created_at: dt.datetime
+    """A disk image; ``path`` and ``digest`` need ``image.see.path`` / ``image.see.digest``."""
+
+    id: int | None = None
+    osf_id: int | None = None
+    osf: str | None = None
+    tenant_id: int | None = None
+    version: str | None = None
+    path: str | None = None
+    digest: str | None = None
+    size: int | None = None
+    state: str | None = Field(default=None, description="new, building, uploading, ready, published, retired, failed")
+    status_message: str | None = Field(default=None, description="Progress (`42% uploading`) or why it failed.")
+    blocked: bool | None = None
+    tags: list[str] | None = None
+    uploaded_bytes: int | None = Field(default=None, description="Bytes received so far: resume an upload here.")
+    expire_soft_s: int | None = None
+    expire_hard_s: int | None = None
+    published_at: dt.datetime | None = None
+    created_at: dt.datetime | None = None
+    expiring_desktops: list[int] | None = Field(
+        default=None, description="After publish: the running desktops given expiry deadlines."
+    )
 
 
-class Osf(BaseModel):
-    id: int
-    tenant_id: int
-    name: str
-    memory_mib: int
-    cpus: float
-    keep_overlay: bool
-    driver: str
-    description: str
-    created_at: dt.datetime
+class ImageCreate(BaseModel):
+    version: str = Field(min_length=1, max_length=64)
+    osf: str | None = Field(default=None, max_length=64, description="OSF id or name; the default OSF if omitted.")
+    source: str = Field(default="upload", description="upload, import or build.")
+    path: str | None = Field(default=None, max_length=4096, description="With source=import: start it at once.")
 
 
-@router.get("/images", response_model=Page[Image], summary="List disk images and their tags")
-async def list_images(actor: ActorDep, db: DbDep) -> Page[Image]:
-    return page([Image.model_validate(r) for r in await images.list_images(db, actor)])
+class ImageImport(BaseModel):
+    path: str = Field(min_length=1, max_length=4096, description="Absolute path of a tarball on the API host.")
 
 
-@router.get("/osfs", response_model=Page[Osf], summary="List OSFs (operating system flavours)")
-async def list_osfs(actor: ActorDep, db: DbDep) -> Page[Osf]:
-    return page([Osf.model_validate(r) for r in await images.list_osfs(db, actor)])
+class ImagePublish(BaseModel):
+    tags: list[str] = Field(default_factory=lambda: ["default", "head"], max_length=32)
+    expire_soft_s: int | None = Field(default=None, ge=0, le=10 * 365 * 86400)
+    expire_hard_s: int | None = Field(default=None, ge=0, le=10 * 365 * 86400)
+
+
+def _out(row: dict[str, Any]) -> Image:
+    return Image.model_validate(row)
+
+
+def _images_dir(settings: Settings) -> Path:
+    return settings.paths.images
+
+
+LIST_FIELDS = tuple(images.COLUMNS)
+
+
+@router.get("", response_model=Page[Image], response_model_exclude_unset=True, summary="List disk images")
+async def list_images(request: Request, actor: ActorDep, db: DbDep) -> Page[Image]:
+    q = parse_list_query(request.query_params.multi_items(), LIST_FIELDS)
+    rows, total = await images.list_images(db, actor, q)
+    return Page[Image](items=[_out(r) for r in rows], total=total)
+
+
+async def _run_build(db: Database, image_id: int, images_dir: Path, cache_dir: Path) -> None:
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Future[None]] = set()
+
+    def progress(phase: str, fraction: float) -> None:
+        coro = images.report_progress(db, image_id, f"{int(fraction * 100)}% {phase}")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # called from a worker thread of the builder
+            pending.add(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop)))
+        else:
+            pending.add(asyncio.ensure_future(coro))
+
+    try:
+        built = await builder.build_image(images_dir, cache_dir=cache_dir, progress=progress)
+        await asyncio.gather(*pending, return_exceptions=True)
+        path = await asyncio.to_thread(image_files.copy_into_store, built, images_dir, image_id)
+        digest = await asyncio.to_thread(builder.image_digest, path)
+        await images.finish_image(db, image_id, path, digest=digest, size=path.stat().st_size)
+        log.info("image.built", image_id=image_id, path=str(path))
+    except Exception as e:
+        await asyncio.gather(*pending, return_exceptions=True)
+        reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+        log.warning("image.build_failed", image_id=image_id, reason=reason)
+        await images.fail_image(db, image_id, f"build failed: {reason}")
+
+
+def _spawn_build(request: Request, db: Database, image_id: int, settings: Settings) -> None:
+    tasks: set[asyncio.Task[None]] | None = getattr(request.app.state, "image_builds", None)
+    if tasks is None:
+        tasks = request.app.state.image_builds = set()
+    cache = settings.paths.home / "cache" / "images"
+    task = asyncio.create_task(_run_build(db, image_id, _images_dir(settings), cache), name=f"image-build-{image_id}")
+    tasks.add(task)  # keep a reference: an unreferenced task may be collected mid-build
+    task.add_done_callback(tasks.discard)
+
+
+@router.post("", response_model=Image, status_code=status.HTTP_201_CREATED, summary="Create a disk image")
+async def create_image(body: ImageCreate, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
+    row = await images.create_image(db, actor, body.version, osf=body.osf, source=body.source)
+    if body.source == "import" and body.path:
+        row = await image_files.import_image(db, actor, row["id"], Path(body.path), images_dir=_images_dir(settings))
+    elif body.source == "build":
+        row = await images.start_build(db, actor, row["id"])
+        _spawn_build(request, db, row["id"], settings)
+    return _out(row)
+
+
+@router.get("/{image_id}", response_model=Image, response_model_exclude_unset=True, summary="Show a disk image")
+async def get_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
+    return _out(await images.get_image(db, actor, image_id))
+
+
+@router.put(
+    "/{image_id}/content",
+    response_model=Image,
+    response_model_exclude_unset=True,
+    summary="Upload the image's tarball (whole, or in chunks with Content-Range; restartable)",
+    openapi_extra={
+        "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    },
+)
+async def upload_content(image_id: int, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
+    row = await image_files.receive_upload(
+        db,
+        actor,
+        image_id,
+        request.stream(),
+        images_dir=_images_dir(settings),
+        content_range=request.headers.get("content-range"),
+    )
+    return _out(row)
+
+
+@router.post("/{image_id}/import", response_model=Image, summary="Copy a tarball from a path on the API host")
+async def import_image(image_id: int, body: ImageImport, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
+    return _out(await image_files.import_image(db, actor, image_id, Path(body.path), images_dir=_images_dir(settings)))
+
+
+@router.post(
+    "/{image_id}/build",
+    response_model=Image,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Build the image with the image builder (in the background; progress in status_message)",
+)
+async def build_image(image_id: int, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
+    row = await images.start_build(db, actor, image_id)
+    _spawn_build(request, db, image_id, settings)
+    return _out(row)
+
+
+@router.post(
+    "/{image_id}/publish",
+    response_model=Image,
+    summary="Publish: move tags onto the image and set expiry on desktops running the old one",
+)
+async def publish_image(image_id: int, body: ImagePublish, actor: ActorDep, db: DbDep) -> Image:
+    row = await images.publish_image(
+        db, actor, image_id, body.tags, expire_soft_s=body.expire_soft_s, expire_hard_s=body.expire_hard_s
+    )
+    return _out(row)
+
+
+@router.post("/{image_id}/retire", response_model=Image, summary="Retire the image (no tag may point at it)")
+async def retire_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
+    return _out(await images.retire_image(db, actor, image_id))
+
+
+@router.put("/{image_id}/tags/{tag}", response_model=Image, summary="Point a tag at this image (moves it)")
+async def tag_image(image_id: int, tag: str, actor: ActorDep, db: DbDep) -> Image:
+    return _out(await images.tag_image(db, actor, image_id, tag))
+
+
+@router.delete("/{image_id}/tags/{tag}", response_model=Image, summary="Remove a tag from this image")
+async def untag_image(image_id: int, tag: str, actor: ActorDep, db: DbDep) -> Image:
+    return _out(await images.untag_image(db, actor, image_id, tag))
+
+
+@router.post("/{image_id}/block", response_model=Image, summary="Block the image: no desktop starts from it")
+async def block_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
+    return _out(await images.set_image_blocked(db, actor, image_id, True))
+
+
+@router.post("/{image_id}/unblock", response_model=Image, summary="Unblock the image")
+async def unblock_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
+    return _out(await images.set_image_blocked(db, actor, image_id, False))
+
+
+@router.delete(
+    "/{image_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete the image and its file (409 while tagged or in use)",
+)
+async def delete_image(image_id: int, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Response:
+    await images.delete_image(db, actor, image_id, images_dir=_images_dir(settings))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,224 @@
+"""Bulk actions: one request acts on many desktops or users and answers per item.
+
+``{"ok": [ids], "failed": {"<id>": {"code", "message"}}}``: one item failing never hides the others' result.
+The targets are either ids or a list filter (the same syntax as ``GET /desktops``), so "start every desktop of
+OSF web" is one call.
+
+Starting is the action that must scale (a classroom at 9:00): it places every desktop from **one** read of the
+node loads (each choice updates the in-memory figures, so the load spreads), writes the commands with one
+guarded ``UPDATE … WHERE id IN (…) AND state IN ('stopped','failed') AND cmd IS NULL RETURNING id`` per node
+and chunk, and notifies each node once.  A desktop the guard misses changed meanwhile and is reported as
+``desktop_busy``.  The other actions run the single-item use case per desktop (same checks, same events).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import utcnow
+from deckard.model.errors import BadInput, DeckardError
+from deckard.model.placement import NodeLoad, rank_nodes
+from deckard.model.states import DesktopCommand, DesktopState, check_command
+from deckard.runtime.paths import FarmPaths
+from deckard.services import desktops, users
+from deckard.services.context import Actor, require, require_fields
+from deckard.services.events import node_channel
+from deckard.services.listing import ListQuery, apply_query
+from deckard.services.placement import node_loads
+
+d = t.desktops
+CHUNK = 500  # ids per statement: far below SQLite's and PostgreSQL's parameter limits
+
+DESKTOP_ACTIONS = ("start", "stop", "block", "unblock", "disconnect", "reset", "delete")
+USER_ACTIONS = ("block", "unblock", "delete")
+_DESKTOP_ACL = {"unblock": "desktop.block"}
+_USER_ACL = {"unblock": "user.block"}
+
+
+@dataclasses.dataclass
+class BulkResult:
+    ok: list[int] = dataclasses.field(default_factory=list)
+    failed: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+    def fail(self, obj_id: int | str, code: str, message: str) -> None:
+        self.failed[str(obj_id)] = {"code": code, "message": message}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": sorted(self.ok), "failed": self.failed}
+
+
+def _chunks(ids: Sequence[int]) -> list[Sequence[int]]:
+    return [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
+
+
+async def _targets(
+    db: Database,
+    scope: sa.Select[Any],
+    key: sa.ColumnElement[Any],
+    fields: dict[str, sa.ColumnElement[Any]],
+    ids: list[int] | None,
+    q: ListQuery | None,
+    result: BulkResult,
+    what: str,
+) -> list[int]:
+    """The ids the actor may act on; asked-for ids that do not exist (or are not theirs) fail as not found."""
+    if (ids is None) == (q is None):
+        raise BadInput('give either "ids" or "filter"', code="bad_bulk")
+    found: list[int] = []
+    async with db.connect() as conn:
+        if ids is not None:
+            wanted = list(dict.fromkeys(ids))
+            seen: set[int] = set()
+            for chunk in _chunks(wanted):
+                seen.update(int(r[0]) for r in await conn.execute(scope.with_only_columns(key).where(key.in_(chunk))))
+            for i in wanted:
+                if i in seen:
+                    found.append(i)
+                else:
+                    result.fail(i, f"{what}_not_found", f"no {what} with id {i}")
+        else:
+            assert q is not None
+            page, _count = apply_query(scope, dataclasses.replace(q, page=1, per_page=10**9), fields, key)
+            found = [int(r.id) for r in await conn.execute(page)]
+    return found
+
+
+async def _each(ids: list[int], result: BulkResult, act: Callable[[int], Awaitable[Any]]) -> None:
+    for obj_id in ids:
+        try:
+            await act(obj_id)
+        except DeckardError as e:
+            result.fail(obj_id, e.code, e.message)
+        else:
+            result.ok.append(obj_id)
+
+
+async def bulk_desktops(
+    db: Database,
+    actor: Actor,
+    action: str,
+    *,
+    ids: list[int] | None = None,
+    q: ListQuery | None = None,
+    paths: FarmPaths | None = None,
+) -> dict[str, Any]:
+    """Apply ``action`` to the desktops named by ``ids`` or matching ``q``; the per-item outcome."""
+    if action not in DESKTOP_ACTIONS:
+        raise BadInput(f"unknown action {action!r}; use one of {', '.join(DESKTOP_ACTIONS)}", code="bad_action")
+    require(actor, "desktop.see", _DESKTOP_ACL.get(action, f"desktop.{action}"))
+    if q is not None:
+        require_fields(actor, "desktop", q.named_fields)
+    result = BulkResult()
+    targets = await _targets(db, desktops.desktop_scope(actor), d.c.id, desktops.FIELDS, ids, q, result, "desktop")
+    if action == "start":
+        await _start_many(db, targets, result)
+        return result.as_dict()
+    acts: dict[str, Callable[[int], Awaitable[Any]]] = {
+        "stop": lambda i: desktops.stop_desktop(db, actor, i),
+        "block": lambda i: desktops.set_blocked(db, actor, i, True),
+        "unblock": lambda i: desktops.set_blocked(db, actor, i, False),
+        "disconnect": lambda i: desktops.disconnect_desktop(db, actor, i),
+        "delete": lambda i: desktops.delete_desktop(db, actor, i),
+    }
+    if action == "reset":
+        if paths is None:
+            raise BadInput("reset needs the farm's storage paths", code="bad_action")
+        farm_paths = paths
+        acts["reset"] = lambda i: desktops.reset_desktop(db, actor, i, farm_paths)
+    await _each(targets, result, acts[action])
+    return result.as_dict()
+
+
+def _refusal(state: str, cmd: str | None, blocked: bool) -> tuple[str, str] | None:
+    """Why a desktop cannot be asked to start (None: it can, or it already was)."""
+    if blocked:
+        return "desktop_blocked", "the desktop is blocked: unblock it first"
+    if cmd == DesktopCommand.STOP:
+        return "desktop_busy", "the desktop is being stopped: try again in a few seconds"
+    if cmd == DesktopCommand.START:
+        return None
+    try:
+        check_command(DesktopCommand.START, DesktopState(state))
+    except DeckardError as e:
+        return e.code, e.message
+    return None
+
+
+async def _start_many(db: Database, ids: list[int], result: BulkResult) -> None:
+    by_node: dict[int, list[int]] = {}
+    async with db.begin() as conn:
+        loads = {n.node_id: n for n in await node_loads(conn)}
+        rows: list[sa.Row[Any]] = []
+        for chunk in _chunks(ids):
+            q = (
+                sa.select(d.c.id, d.c.state, d.c.cmd, d.c.blocked, t.osfs.c.memory_mib)
+                .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+                .where(d.c.id.in_(chunk))
+            )
+            rows.extend(await conn.execute(q))
+        for r in sorted(rows, key=lambda r: int(r.id)):
+            refusal = _refusal(r.state, r.cmd, r.blocked)
+            if refusal:
+                result.fail(r.id, *refusal)
+                continue
+            if r.cmd == DesktopCommand.START:
+                result.ok.append(int(r.id))  # already asked: starting twice is the same request
+                continue
+            ranked = rank_nodes(list(loads.values()), int(r.memory_mib))
+            if not ranked or ranked[0].score is None:
+                why = "; ".join(f"{c.node.name}: {c.excluded_by}" for c in ranked) or "no node has registered"
+                result.fail(r.id, "no_node", f"no node can take this desktop now ({why})")
+                continue
+            best: NodeLoad = ranked[0].node
+            loads[best.node_id] = dataclasses.replace(
+                best, desktops=best.desktops + 1, mem_free_mib=best.mem_free_mib - int(r.memory_mib)
+            )
+            by_node.setdefault(best.node_id, []).append(int(r.id))
+        now = utcnow()
+        for node_id, node_ids in by_node.items():
+            for chunk in _chunks(node_ids):
+                res = await conn.execute(
+                    sa.update(d)
+                    .where(
+                        d.c.id.in_(chunk),
+                        d.c.state.in_(["stopped", "failed"]),
+                        d.c.cmd.is_(None),
+                        d.c.blocked.is_(False),
+                    )
+                    .values(cmd=DesktopCommand.START.value, cmd_at=now, node_id=node_id)
+                    .returning(d.c.id)
+                )
+                done = {int(x) for x in res.scalars()}
+                result.ok.extend(done)
+                for i in chunk:
+                    if i not in done:
+                        result.fail(i, "desktop_busy", "the desktop changed while starting it: retry")
+    for node_id in by_node:
+        await db.bus.notify(node_channel(node_id), "")
+    await desktops.notify_desktops(db, result.ok)
+
+
+async def bulk_users(
+    db: Database, actor: Actor, action: str, *, ids: list[int] | None = None, q: ListQuery | None = None
+) -> dict[str, Any]:
+    """Block, unblock or delete the users named by ``ids`` or matching ``q``; the per-item outcome."""
+    if action not in USER_ACTIONS:
+        raise BadInput(f"unknown action {action!r}; use one of {', '.join(USER_ACTIONS)}", code="bad_action")
+    require(actor, "user.see", _USER_ACL.get(action, f"user.{action}"))
+    if q is not None:
+        require_fields(actor, "user", q.named_fields)
+    result = BulkResult()
+    targets = await _targets(db, users.user_scope(actor), t.users.c.id, users.FIELDS, ids, q, result, "user")
+    acts: dict[str, Callable[[int], Awaitable[Any]]] = {
+        "block": lambda i: users.update_user(db, actor, i, blocked=True),
+        "unblock": lambda i: users.update_user(db, actor, i, blocked=False),
+        "delete": lambda i: users.delete_user(db, actor, i),
+    }
+    await _each(targets, result, acts[action])
+    return result.as_dict()

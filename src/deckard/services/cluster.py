@@ -1,0 +1,167 @@
+"""Lost nodes (QVD's ClusterMonitor, done right): fence first, then release the desktops, exactly once.
+
+Every node runs the monitor; the database decides which one acts.  The order is what keeps a desktop from ever
+running on two nodes:
+
+1. ``declare_lost``: ``UPDATE nodes SET state='lost' WHERE id=? AND state IN (live) AND heartbeat_at < cutoff
+   RETURNING …`` — one monitor wins, the others see zero rows.  From now on the lost node's heartbeat UPDATE
+   finds ``lost`` and that node kills its guests and re-registers (node/daemon.py).
+2. The winner runs the fencing agent (node/fencing.py: kill the process group and guests, or an IPMI-style hook).
+3. Only if fencing succeeded, ``release_desktops`` stops every desktop of the node in the database (stopped,
+   ``node_id`` NULL, user disconnected, the reason kept) so the next connect starts it elsewhere.  If fencing
+   fails the desktops stay assigned to the lost node — unavailable, never twice — and the next pass retries.
+
+QVD tests ``user_cmd = NULL`` (never true) and notifies a channel nobody listens on; here every release
+notifies ``DESKTOPS`` (brokers waiting on a start wake up) and the test suite checks the outcome.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import utcnow
+from deckard.services.events import DESKTOPS
+
+n = t.nodes
+d = t.desktops
+
+LIVE_STATES = ("starting", "running", "stopping")
+
+
+@dataclass(frozen=True)
+class LostNode:
+    """What a fencing agent needs to know about the node it must fence."""
+
+    node_id: int
+    name: str
+    address: str
+    pid: int | None
+    run_dir: str
+    boot_id: str
+    driver: str
+
+
+Fence = Callable[[LostNode], Awaitable[bool]]
+
+
+def _lost(r: Any) -> LostNode:
+    m = r._mapping
+    return LostNode(
+        int(m["id"]),
+        str(m["name"]),
+        str(m["address"]),
+        int(m["pid"]) if m["pid"] is not None else None,
+        str(m["run_dir"]),
+        str(m["boot_id"]),
+        str(m["driver"]),
+    )
+
+
+_COLS = (n.c.id, n.c.name, n.c.address, n.c.pid, n.c.run_dir, n.c.boot_id, n.c.driver)
+
+
+async def stale_nodes(db: Database, me: int, lost_after_s: float) -> list[int]:
+    cutoff = utcnow() - dt.timedelta(seconds=lost_after_s)
+    async with db.connect() as conn:
+        q = sa.select(n.c.id).where(n.c.id != me, n.c.state.in_(LIVE_STATES), n.c.heartbeat_at < cutoff)
+        return [int(r.id) for r in await conn.execute(q)]
+
+
+async def declare_lost(db: Database, node_id: int, lost_after_s: float) -> LostNode | None:
+    """Atomically mark one stale node lost; None when another monitor won or the node heartbeated meanwhile."""
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=lost_after_s)
+    async with db.begin() as conn:
+        res = await conn.execute(
+            sa.update(n)
+            .where(n.c.id == node_id, n.c.state.in_(LIVE_STATES), n.c.heartbeat_at < cutoff)
+            .values(
+                state="lost",
+                lost_at=now,
+                lost_reason=f"no heartbeat for {lost_after_s:.0f} s: being fenced",
+                cmd=None,
+            )
+            .returning(*_COLS)
+        )
+        row = res.first()
+    return _lost(row) if row is not None else None
+
+
+async def unfenced_lost_nodes(db: Database, me: int) -> list[LostNode]:
+    """Lost nodes that still hold desktops: fencing failed (or the fencer died); try again."""
+    held = sa.exists().where(d.c.node_id == n.c.id)
+    async with db.connect() as conn:
+        rows = await conn.execute(sa.select(*_COLS).where(n.c.id != me, n.c.state == "lost", held))
+        return [_lost(r) for r in rows]
+
+
+async def release_desktops(db: Database, node: LostNode) -> list[int]:
+    """After fencing: every desktop of the node is stopped and free to start on another node."""
+    reason = f"the node {node.name} was lost and fenced; the desktop was stopped and starts on another node"
+    async with db.begin() as conn:
+        res = await conn.execute(
+            sa.update(d)
+            .where(d.c.node_id == node.node_id)
+            .values(
+                state="stopped",
+                state_at=utcnow(),
+                node_id=None,
+                cmd=None,
+                agent_token=None,
+                started_at=None,
+                user_state="disconnected",
+                user_state_at=utcnow(),
+                session_id=None,
+                session_node_id=None,
+                failure_reason=reason,
+            )
+            .returning(d.c.id)
+        )
+        ids = [int(r.id) for r in res]
+        await conn.execute(
+            sa.update(n)
+            .where(n.c.id == node.node_id, n.c.state == "lost")
+            .values(lost_reason=f"fenced; {len(ids)} desktop(s) released", desktops_running=0)
+        )
+    for chunk in range(0, len(ids), 500):
+        await db.bus.notify(DESKTOPS, ",".join(str(i) for i in ids[chunk : chunk + 500]))
+    return ids
+
+
+async def record_fence_failure(db: Database, node: LostNode, why: str) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(n)
+            .where(n.c.id == node.node_id, n.c.state == "lost")
+            .values(lost_reason=f"fencing failed ({why}); its desktops stay assigned until it is fenced")
+        )
+
+
+async def handle_lost_nodes(db: Database, me: int, lost_after_s: float, fence: Fence) -> dict[int, list[int]]:
+    """One monitor pass: fence and release every node that went silent; return node id → released desktops."""
+    todo: dict[int, LostNode] = {}
+    for node_id in await stale_nodes(db, me, lost_after_s):
+        lost = await declare_lost(db, node_id, lost_after_s)
+        if lost is not None:
+            todo[lost.node_id] = lost
+    for lost in await unfenced_lost_nodes(db, me):
+        todo.setdefault(lost.node_id, lost)
+    released: dict[int, list[int]] = {}
+    for lost in todo.values():
+        try:
+            ok = await fence(lost)
+        except Exception as e:  # an agent that crashes has not fenced
+            ok = False
+            await record_fence_failure(db, lost, f"{type(e).__name__}: {e}")
+        if ok:
+            released[lost.node_id] = await release_desktops(db, lost)
+        else:
+            await record_fence_failure(db, lost, "the fencing agent did not confirm")
+    return released

@@ -1,0 +1,95 @@
+"""Node maintenance as desired state: drain, evacuate and stop a node without talking to it.
+
+The admin plane never calls a node (ARCHITECTURE.md §2): each action writes the database and notifies the node's
+channel; the node carries it out.
+
+* **drain**: ``blocked`` (placement skips it) and ``cmd='drain'``: the node sends every running desktop's agent
+  the ``expire`` notice ("please save and log out"); the desktops keep running until their users leave.
+* **evacuate**: ``blocked`` and a ``stop`` command on every desktop of the node; each restarts on another node at
+  its user's next connect.
+* **stop**: ``cmd='stop'``: the node stops its desktops cleanly and exits (QVD's ``host_runtimes.cmd``).
+
+A rolling restart is drain → (wait or evacuate) → stop → start the daemon again → unblock, one node at a time
+(docs/farm.md).  A node daemon that restarts without ``stop`` adopts its running guests (converge), so desktops
+that need not move are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import utcnow
+from deckard.model.errors import Conflict, NotFound
+from deckard.services.context import Actor, require
+from deckard.services.events import DESKTOPS, node_channel, publish
+
+n = t.nodes
+d = t.desktops
+
+
+async def _node(db: Database, ref: str | int) -> Any:
+    cond = n.c.id == int(ref) if str(ref).isdigit() else n.c.name == str(ref)
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(n.c.id, n.c.name, n.c.state).where(cond))).first()
+    if row is None:
+        raise NotFound(f"node {ref!r} not found", code="not_found")
+    return row
+
+
+async def drain_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
+    """Block the node and ask it to tell the users of its running desktops to leave."""
+    require(actor, "node.block")
+    node = await _node(db, ref)
+    if node.state != "running":
+        raise Conflict(f"node {node.name} is {node.state}: only a running node can be drained", code="node_not_running")
+    async with db.begin() as conn:
+        await conn.execute(sa.update(n).where(n.c.id == node.id).values(blocked=True, cmd="drain"))
+        running = (
+            await conn.execute(sa.select(sa.func.count()).where(d.c.node_id == node.id, d.c.state == "running"))
+        ).scalar_one()
+    await db.bus.notify(node_channel(node.id), "drain")
+    await publish(db, "updated", "node", node.id, None, blocked=True, drain=True)
+    return {"node_id": node.id, "node": node.name, "blocked": True, "notified_desktops": int(running)}
+
+
+async def evacuate_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
+    """Block the node and stop every desktop on it; they start on other nodes at the next connect."""
+    require(actor, "node.block")
+    node = await _node(db, ref)
+    async with db.begin() as conn:
+        await conn.execute(sa.update(n).where(n.c.id == node.id).values(blocked=True))
+        res = await conn.execute(
+            sa.update(d)
+            .where(d.c.node_id == node.id, d.c.state.in_(["starting", "running"]), d.c.cmd.is_not(sa.literal("stop")))
+            .values(cmd="stop", cmd_at=utcnow())
+            .returning(d.c.id)
+        )
+        ids = [int(r.id) for r in res]
+        # a start not yet claimed is simply withdrawn: it will be placed elsewhere
+        await conn.execute(
+            sa.update(d)
+            .where(d.c.node_id == node.id, d.c.cmd == "start", d.c.state.in_(["stopped", "failed"]))
+            .values(cmd=None, node_id=None)
+        )
+    await db.bus.notify(node_channel(node.id), "evacuate")
+    for i in range(0, len(ids), 500):
+        await db.bus.notify(DESKTOPS, ",".join(str(x) for x in ids[i : i + 500]))
+    await publish(db, "updated", "node", node.id, None, blocked=True, evacuate=len(ids))
+    return {"node_id": node.id, "node": node.name, "blocked": True, "stopping_desktops": ids}
+
+
+async def stop_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
+    """Ask the node daemon to stop its desktops cleanly and exit."""
+    require(actor, "node.stop")
+    node = await _node(db, ref)
+    if node.state not in ("starting", "running"):
+        raise Conflict(f"node {node.name} is {node.state}: it is not running", code="node_not_running")
+    async with db.begin() as conn:
+        await conn.execute(sa.update(n).where(n.c.id == node.id).values(cmd="stop"))
+    await db.bus.notify(node_channel(node.id), "stop")
+    await publish(db, "updated", "node", node.id, None, cmd="stop")
+    return {"node_id": node.id, "node": node.name, "cmd": "stop"}
