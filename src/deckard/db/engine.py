@@ -55,7 +55,20 @@ class Database:
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         kwargs: dict[str, object] = {}
         if self.dialect == "postgresql":
-            kwargs = {"pool_size": pool_size, "max_overflow": 20, "pool_pre_ping": True}
+            # a node cut off in the middle of a transaction must not hold its row locks until TCP gives up
+            # (hours): the server ends such sessions, and nobody waits on a lock for ever
+            options = "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=10000"
+            kwargs = {
+                "pool_size": pool_size,
+                "max_overflow": 20,
+                "pool_pre_ping": True,
+                "connect_args": {
+                    "options": options,
+                    "keepalives_idle": 5,
+                    "keepalives_interval": 2,
+                    "keepalives_count": 3,
+                },
+            }
         else:
             kwargs = {"connect_args": {"timeout": 30}}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)

@@ -60,7 +60,20 @@ async def ensure_default_osf(conn: AsyncConnection, tenant_id: int) -> int:
 
 
 async def bootstrap_farm(db: Database, admin_name: str = "admin") -> str | None:
-    """Create the tenants, default OSF, roles and the first administrator; return its password the first time."""
+    """Create the tenants, default OSF, roles and the first administrator; return its password the first time.
+
+    Several nodes of a new farm may bootstrap at once: the loser of an insert race retries and finds the rows.
+    """
+    for attempt in range(5):
+        try:
+            return await _bootstrap_once(db, admin_name)
+        except sa.exc.IntegrityError:
+            if attempt == 4:
+                raise
+    return None
+
+
+async def _bootstrap_once(db: Database, admin_name: str) -> str | None:
     from deckard.services.roles import ensure_predefined_roles, ensure_supertenant
 
     async with db.begin() as conn:
