@@ -11,7 +11,7 @@ APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmi
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 
-.PHONY: up down test lint unit integration e2e bench deps clean-cache
+.PHONY: up down test lint unit integration e2e chaos bench deps clean-cache
 
 up: deps
 	ln -sf $(CURDIR)/$(VENV)/bin/deckard /usr/local/bin/deckard
@@ -55,8 +55,13 @@ integration: deps
 e2e: deps
 	$(VENV)/bin/pytest -ra tests/e2e $(PYTEST_ARGS)
 
+chaos: deps
+	$(VENV)/bin/pytest -ra tests/chaos $(PYTEST_ARGS)
+
 bench: deps
 	$(VENV)/bin/python bench/time_to_desktop.py
+	$(VENV)/bin/python bench/api_scale.py
+	$(VENV)/bin/python bench/farm_scale.py
 
 clean-cache:
 	rm -rf .cache

@@ -47,7 +47,9 @@ class FakeApi:
                 return d
         raise NotFound(f"no desktop {ref!r}", code="desktop_not_found")
 
-    def create_user(self, login: str, password: str | None, description: str = "") -> dict[str, Any]:
+    def create_user(
+        self, login: str, password: str | None, description: str = "", tenant: str | None = None
+    ) -> dict[str, Any]:
         if login in self.users:
             raise Conflict(f"a user named {login!r} already exists", code="duplicate")
         self.passwords[login] = password or ""

@@ -50,12 +50,13 @@ def add(
     login: Annotated[str, typer.Argument(help="Login of the new user.")],
     password: PasswordOpt,
     description: Annotated[str, typer.Option("--description", "-d")] = "",
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Tenant (supertenant admins only).")] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
     """Create a user."""
     with session.api(profile) as api:
-        user = api.create_user(login, password, description=description)
+        user = api.create_user(login, password, description=description, tenant=tenant)
     print_done(f"user {user['login']!r} created (id {user['id']})", user, as_json=as_json)
 
 

@@ -163,10 +163,11 @@ class ApiClient:
         out: Row = self._request("GET", f"/users/{_seg(user)}")
         return out
 
-    def create_user(self, login: str, password: str | None, description: str = "") -> Row:
-        out: Row = self._request(
-            "POST", "/users", json={"login": login, "password": password, "description": description}
-        )
+    def create_user(self, login: str, password: str | None, description: str = "", tenant: str | None = None) -> Row:
+        body = {"login": login, "password": password, "description": description}
+        if tenant is not None:
+            body["tenant"] = tenant
+        out: Row = self._request("POST", "/users", json=body)
         return out
 
     def update_user(

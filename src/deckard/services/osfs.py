@@ -46,9 +46,12 @@ def check_osf_fields(values: Mapping[str, Any]) -> None:
 
 
 async def find_osf_id(conn: AsyncConnection, actor: Actor, ref: str | int) -> int:
-    """An OSF by id or name among those the actor may see (NotFound ``osf_not_found`` otherwise)."""
-    cond = o.c.id == int(ref) if str(ref).isdigit() else o.c.name == str(ref)
+    """An OSF by id, name, or ``name@tenant`` among those the actor may see (NotFound ``osf_not_found``)."""
+    name, _, tenant = str(ref).partition("@")
+    cond = o.c.id == int(ref) if str(ref).isdigit() else o.c.name == name
     q = sa.select(o.c.id).where(cond, tenant_filter(actor, o.c.tenant_id)).order_by(o.c.id)
+    if tenant:
+        q = q.join(t.tenants, t.tenants.c.id == o.c.tenant_id).where(t.tenants.c.name == tenant)
     row = (await conn.execute(q)).first()
     if not row:
         raise NotFound(f"no OSF {ref!r}: `deckard osf list` shows them", code="osf_not_found")

@@ -60,8 +60,18 @@ FIELDS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in _USER_COLS}
 
 
 async def create_user(
-    db: Database, actor: Actor, login: str, password: str | None, *, tenant_id: int | None = None, description: str = ""
+    db: Database,
+    actor: Actor,
+    login: str,
+    password: str | None,
+    *,
+    tenant_id: int | None = None,
+    tenant: str | int | None = None,
+    description: str = "",
 ) -> dict[str, Any]:
+    """Create a user; ``tenant`` (name or id) is where a supertenant administrator puts it (default: default)."""
+    from deckard.services.tenants import resolve_tenant_for_create
+
     require(actor, "user.create")
     check_login(login)
     if password is not None and len(password) < 4:
@@ -69,7 +79,9 @@ async def create_user(
     tid = tenant_id if tenant_id is not None else actor.tenant_id
     pw_hash = await asyncio.to_thread(hash_password, password) if password is not None else None
     async with db.begin() as conn:
-        if tid is None:
+        if tenant is not None or (tid is None and actor.kind == "admin"):
+            tid = await resolve_tenant_for_create(conn, actor, tenant)
+        elif tid is None:
             tid = await tenant_id_by_name(conn, DEFAULT_TENANT)
         exists = await conn.execute(sa.select(t.users.c.id).where(t.users.c.tenant_id == tid, t.users.c.login == login))
         if exists.first():

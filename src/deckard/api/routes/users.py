@@ -36,6 +36,9 @@ class UserCreate(BaseModel):
         default=None, max_length=1024, description="Omit for users who only log in through external auth plugins."
     )
     description: str = Field(default="", max_length=4096)
+    tenant: str | None = Field(
+        default=None, max_length=64, description="Tenant name or id (supertenant administrators; default: default)."
+    )
 
 
 class UserUpdate(BaseModel):
@@ -61,7 +64,9 @@ async def list_users(actor: ActorDep, db: DbDep, q: UserQuery) -> Page[User]:
     summary="Create a user",
 )
 async def create_user(body: UserCreate, actor: ActorDep, db: DbDep) -> User:
-    row = await users.create_user(db, actor, body.login, body.password, description=body.description)
+    row = await users.create_user(
+        db, actor, body.login, body.password, tenant=body.tenant, description=body.description
+    )
     return User.model_validate(row)
 
 
