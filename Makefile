@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
-APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmisc python3-venv
+APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmisc python3-venv chromium
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 
@@ -20,7 +20,7 @@ up: deps
 down:
 	$(VENV)/bin/deckard down --home $(HOME_DIR)
 
-deps: $(STAMPS)/apt $(STAMPS)/venv
+deps: $(STAMPS)/apt $(STAMPS)/venv $(STAMPS)/web
 
 $(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
@@ -35,6 +35,13 @@ $(STAMPS)/venv: pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+# browser assets (noVNC, charts) come from npm at build time and are served by the API: no CDN at run time
+$(STAMPS)/web: web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/*)
+	@mkdir -p $(STAMPS)
+	@command -v npm >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm)
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	@touch $@
 
 lint: deps

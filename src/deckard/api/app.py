@@ -26,6 +26,7 @@ from deckard.api.routes import (
     images,
     nodes,
     osfs,
+    portal,
     properties,
     roles,
     stats,
@@ -34,6 +35,7 @@ from deckard.api.routes import (
 )
 from deckard.db.engine import Database
 from deckard.runtime.settings import Settings
+from deckard.web import mount_web
 
 PREFIX = "/api/v1"
 
@@ -62,4 +64,6 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     for module in (*modules, farm, audit, connections, stats, events):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(portal.router)  # /portal/* and /api/v1/desktops/{id}/spy-ticket
+    mount_web(app)
     return app

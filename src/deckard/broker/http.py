@@ -271,8 +271,15 @@ class HttpChannel:
     def switch_protocols(self, headers: Iterable[tuple[str, str]]) -> bytes:
         """Send ``101`` and leave HTTP; returns the client bytes that already followed the request."""
         self.inform(101, headers)
+        return self.leave()
+
+    def leave(self) -> bytes:
+        """Leave HTTP after a ``101`` written by someone else (the WebSocket handshake); returns the bytes
+        the client sent after its request."""
         trailing, _closed = self.h11.trailing_data
-        return trailing + bytes(self._pending) + self.front.take_buffered()
+        data = trailing + bytes(self._pending) + self.front.take_buffered()
+        self._pending.clear()
+        return data
 
     def next_cycle(self) -> bool:
         """After a reply: True to read another request on this connection (keep-alive)."""

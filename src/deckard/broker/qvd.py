@@ -6,6 +6,7 @@ Errors from the services are mapped to HTTP here and nowhere else below the brok
 after authentication is a ``503`` whose body carries the human reason (``session.py``).
 
 One log line per request (``broker.request``) and one per connect outcome (``broker.connection``).
+A connect that asks for ``Upgrade: websocket`` (the browser portal) goes to ``websocket.py`` instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from deckard.broker.auth import REALM_CHALLENGE, Basic, parse_authorization
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.params import parse_connect_params, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
+from deckard.broker.websocket import WebSocketConnect, is_websocket
 from deckard.db.engine import Database
 from deckard.model.entities import User
 from deckard.model.errors import Conflict, DeckardError, Unauthenticated
@@ -43,6 +45,7 @@ class Request:
     query: list[tuple[str, str]]
     headers: dict[str, str]  # names lower-case; a repeated header keeps its last value
     received_at: float
+    target: str = "/"  # as sent (path and query), for the WebSocket handshake
 
     @classmethod
     def from_h11(cls, req: h11.Request) -> Request:
@@ -54,6 +57,7 @@ class Request:
             parse_qsl(target.query, keep_blank_values=True),
             headers,
             time.monotonic(),
+            req.target.decode("latin-1"),
         )
 
     def header_tokens(self, name: str) -> set[str]:
@@ -82,6 +86,7 @@ class QvdProtocol:
     def __init__(self, db: Database, sessions: SessionRunner) -> None:
         self.db = db
         self.sessions = sessions
+        self.websocket = WebSocketConnect(db, sessions)
 
     async def serve(self, front: FrontConnection) -> None:
         channel = HttpChannel(front)
@@ -99,7 +104,9 @@ class QvdProtocol:
                 if event is None:
                     return
                 req = Request.from_h11(event)
-                if req.path == "/qvd/connect_to_vm" and req.method == "GET":
+                if is_websocket(req):
+                    await self.websocket.serve(channel, req)
+                elif req.path == "/qvd/connect_to_vm" and req.method == "GET":
                     await self._connect(channel, req)
                 else:
                     reply, login = await self._simple(req)

@@ -15,6 +15,10 @@ Every outcome is written to the connection history with per-phase timings (milli
 ``t_auth_ms`` authentication, ``t_claim_ms`` taking the desktop and placing the start, ``t_start_ms``
 waiting until it runs, ``t_agent_ms`` the node's guest-to-agent time of the start this connect caused,
 ``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.
+
+The flow does not know which protocol the client speaks: a :class:`ClientSide` says how progress, the switch
+to the relay and a refusal look on the wire (QVD: ``102``/``101``/``503``; WebSocket: text frames, the relay,
+a close frame, see ``websocket.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import contextlib
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -82,6 +86,44 @@ class ConnectRequest:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class ClientSide(Protocol):
+    """What the connect flow needs from the client's protocol."""
+
+    front: FrontConnection
+    protocol: str  # recorded in the connection history
+
+    def progress(self, message: str) -> None: ...
+    def new_tunnel(self) -> Tunnel: ...
+    def switch(self) -> bytes: ...  # leave the handshake; returns client bytes that already followed it
+    def refuse(self, reason: str) -> None: ...
+
+
+class QvdClient:
+    """QVD's L7R client: ``102 Processing`` + ``X-QVD-VM-Info``, then ``101`` or ``503``."""
+
+    protocol = "qvd"
+
+    def __init__(self, channel: HttpChannel) -> None:
+        self.channel = channel
+        self.front = channel.front
+
+    def progress(self, message: str) -> None:
+        if not self.front.gone:
+            self.channel.inform(102, [("X-QVD-VM-Info", message)])
+
+    def new_tunnel(self) -> Tunnel:
+        return Tunnel(self.front)
+
+    def switch(self) -> bytes:
+        return self.channel.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")])
+
+    def refuse(self, reason: str) -> None:
+        if self.front.gone:
+            return
+        reason = reason.rstrip(".")
+        self.channel.respond(503, f"The requested desktop is not available: {reason}, retry later.")
+
+
 def _ms(since: float) -> float:
     return round((time.monotonic() - since) * 1000, 1)
 
@@ -97,9 +139,11 @@ class SessionRunner:
         self.ports = ports
         self.shutting_down = False
 
-    async def run(self, channel: HttpChannel, req: ConnectRequest) -> None:
+    async def run(self, client: ClientSide | HttpChannel, req: ConnectRequest) -> None:
         """Bring the desktop up and relay until either side closes; every outcome is recorded."""
-        front = channel.front
+        if isinstance(client, HttpChannel):
+            client = QvdClient(client)
+        front = client.front
         desk = req.desktop
         session_id, conn_id = await open_session(
             self.db,
@@ -108,7 +152,7 @@ class SessionRunner:
             login=req.login,
             broker_node_id=self.node_id,
             source=front.peer,
-            protocol="qvd",
+            protocol=client.protocol,
             auth_ms=req.auth_ms,
         )
         bound = log.bind(desktop_id=desk.id, session=session_id, login=req.login, peer=front.peer)
@@ -116,10 +160,9 @@ class SessionRunner:
         result, reason, tunnel = "failed", "", None
         refusal = None  # the 503 text, sent once the outcome is recorded
         try:
-            tunnel = await self._bring_up(channel, req, watch)
+            tunnel = await self._bring_up(client, req, watch)
             await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
-            early = channel.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")])
-            tunnel.start(early)
+            tunnel.start(client.switch())
             bound.info("broker.connected", **req.timings)
             relay_end: set[asyncio.Future[Any]] = {tunnel.done, watch}
             await asyncio.wait(relay_end, return_when=asyncio.FIRST_COMPLETED)
@@ -175,13 +218,7 @@ class SessionRunner:
             **req.timings,
         )
         if refusal is not None:
-            self._refuse(channel, refusal)
-
-    def _refuse(self, channel: HttpChannel, reason: str) -> None:
-        if channel.front.gone:
-            return
-        reason = reason.rstrip(".")
-        channel.respond(503, f"The requested desktop is not available: {reason}, retry later.")
+            client.refuse(refusal)
 
     async def _step(self, aw: Awaitable[T], front: FrontConnection, watch: asyncio.Task[Any]) -> T:
         """Await ``aw`` unless the client leaves or the session is taken over first."""
@@ -197,15 +234,14 @@ class SessionRunner:
             raise ClientGone
         raise SessionLost
 
-    async def _bring_up(self, channel: HttpChannel, req: ConnectRequest, watch: asyncio.Task[Any]) -> Tunnel:
-        front = channel.front
+    async def _bring_up(self, client: ClientSide, req: ConnectRequest, watch: asyncio.Task[Any]) -> Tunnel:
+        front = client.front
         desk = req.desktop
         timings = req.timings
         timings["t_auth_ms"] = req.auth_ms
 
         async def progress(p: Progress) -> None:
-            if not front.gone:
-                channel.inform(102, [("X-QVD-VM-Info", p.message)])
+            client.progress(p.message)
 
         t = time.monotonic()
         await request_start(self.db, desk.id, allow_running=True)
@@ -238,7 +274,7 @@ class SessionRunner:
         )
         timings["t_display_ms"] = _ms(t)
 
-        tunnel = Tunnel(front)
+        tunnel = client.new_tunnel()
         try:
             await self._step(tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT), front, watch)
         except (OSError, TimeoutError) as e:
@@ -255,6 +291,13 @@ class SessionRunner:
         timings["t_total_ms"] = _ms(req.received_at)
         return tunnel
 
+    async def _still_ours(self, desktop_id: int, session_id: str) -> Desktop | None:
+        """None while the session owns the desktop, else the desktop as it is now."""
+        if await session_is_current(self.db, desktop_id, session_id):
+            return None
+        async with self.db.connect() as conn:
+            return await load_desktop(conn, desktop_id)
+
     async def _watch(self, desktop_id: int, session_id: str) -> tuple[str, str]:
         """Return (result, reason) once this session no longer owns the desktop."""
         interval = max(self.poll, SHARED_BUS_SAFETY_POLL) if self.db.shared_across_processes else self.poll
@@ -268,10 +311,10 @@ class SessionRunner:
                     continue
                 last = loop.time()
                 try:
-                    if await session_is_current(self.db, desktop_id, session_id):
+                    # shielded: a cancel in the middle of a query would leave SQLite's write lock held
+                    now = await asyncio.shield(self._still_ours(desktop_id, session_id))
+                    if now is None:
                         continue
-                    async with self.db.connect() as conn:
-                        now = await load_desktop(conn, desktop_id)
                 except asyncio.CancelledError:
                     raise
                 except DeckardError:

@@ -102,6 +102,10 @@ class AgentClient:
             params["geometry"] = geometry
         return await self.call("x_start", params, timeout=timeout)
 
+    async def spy_notice(self, admin: str, interactive: bool = False) -> dict[str, Any]:
+        """Tell the desktop's user that an administrator is watching (a banner on their display)."""
+        return await self.call("spy_notice", {"admin": admin, "interactive": "1" if interactive else "0"})
+
     async def x_stop(self) -> dict[str, Any]:
         return await self.call("x_stop")
 

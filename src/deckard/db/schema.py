@@ -301,6 +301,23 @@ properties = sa.Table(
 # ---- indexes for admin lists: a filtered, sorted page of 20,000 desktops (bench/api_scale.py) ----------------
 
 sa.Index("ix_desktops_name", desktops.c.name)
+# ---- portal (0007): user sessions of the browser portal and one-time broker tickets ------------------------
+
+tickets = sa.Table(
+    "tickets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex of the secret
+    sa.Column("kind", sa.String(16), nullable=False),  # portal (user session) | connect | spy
+    sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True),
+    sa.Column("admin_id", sa.ForeignKey("administrators.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("desktop_id", sa.ForeignKey("desktops.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("interactive", sa.Boolean, nullable=False, server_default=sa.false()),  # spy may send input
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("expires_at", TS, nullable=False, index=True),
+    sa.Column("used_at", TS, nullable=True),  # connect/spy tickets: redeemed (single use)
+)
+
 sa.Index("ix_desktops_created_at", desktops.c.created_at)
 sa.Index("ix_desktops_state_name", desktops.c.state, desktops.c.name)
 sa.Index("ix_desktops_osf_state_name", desktops.c.osf_id, desktops.c.state, desktops.c.name)

@@ -7,7 +7,7 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
     GET|POST /vma/<method>?<params>   Authorization: Bearer <token from /etc/deckard/agent-token>
     -> {"ok": true, ...} | {"ok": false, "error": {"code": ..., "message": ...}}
 
-    ping, x_state, x_start(user, uid[, geometry]), x_stop, poweroff, expire
+    ping, x_state, x_start(user, uid[, geometry]), x_stop, poweroff, expire, spy_notice(admin[, interactive])
 
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
 established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
@@ -272,6 +272,25 @@ class XSession:
         self.user = self.uid = None
         self.state = "stopped"
 
+    # -- notices -------------------------------------------------------------------------------------
+    def notify(self, text: str, timeout: int = 60) -> str:
+        """A banner at the top of the user's display (xmessage), if the display is up."""
+        if self.state != "listening" or self.user is None or not shutil.which("xmessage"):
+            return "none"
+        account = pwd.getpwnam(self.user)
+        self.children.spawn(
+            ["xmessage", "-geometry", "+0+0", "-bg", "#ffd54f", "-timeout", str(timeout), "-buttons", "OK", text],
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            env=user_env(account),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        return "xmessage"
+
     # -- expire --------------------------------------------------------------------------------------
     def expire(self) -> str:
         if os.access(EXPIRE_HOOK, os.X_OK):
@@ -489,6 +508,12 @@ class Agent:
 
     def rpc_expire(self, params: dict[str, str]) -> dict[str, Any]:
         return {"notified": self.x.expire()}
+
+    def rpc_spy_notice(self, params: dict[str, str]) -> dict[str, Any]:
+        """An administrator started watching: the user must be able to see it (a banner on their display)."""
+        admin = re.sub(r"[^A-Za-z0-9_.@-]", "", params.get("admin", ""))[:64] or "an administrator"
+        mode = "and may control it" if params.get("interactive") == "1" else "(view only)"
+        return {"notified": self.x.notify(f"Your desktop is being watched by {admin} {mode}.", timeout=60)}
 
     def rpc_poweroff(self, params: dict[str, str]) -> dict[str, Any]:
         # answer first: the caller must learn that the poweroff was accepted before the agent goes away

@@ -1,0 +1,227 @@
+"""The user portal's API (``/portal``) and the administrators' spy ticket (``/api/v1/desktops/{id}/spy-ticket``).
+
+Users are not administrators: they log in with the password the broker checks (``user`` or ``user@tenant``)
+and get a portal token that reaches only their own desktops.  To open a desktop the page asks for a one-time
+ticket and hands it to the broker's WebSocket (``broker/websocket.py``): the browser never sends the password
+to the broker, and the ticket is useless 30 seconds later or once used.
+
+Where the broker is: the ``broker_url`` a running node registered (the desktop's own node first); when it names
+a loopback or wildcard address (an all-in-one farm) the request's host is used instead, so a browser on another
+machine gets an address it can reach.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Path, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from deckard.api.deps import ActorDep, DbDep, SettingsDep
+from deckard.api.envelope import ERROR_RESPONSES
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.acls import ACLS
+from deckard.model.entities import User
+from deckard.model.errors import Conflict, Unauthenticated
+from deckard.runtime.settings import Settings
+from deckard.services import tickets
+from deckard.services.context import Actor
+from deckard.services.desktops import request_stop, reset_desktop
+from deckard.services.sessions import desktop_for_user
+
+router = APIRouter(tags=["portal"], responses=ERROR_RESPONSES)
+# the /portal routes are the users' API, not the administrators': they stay out of the admin OpenAPI document
+# (whose contract tests assume admin tokens and tenant-scoped objects); docs/portal.md describes them
+users_router = APIRouter(prefix="/portal", tags=["portal"], include_in_schema=False)
+_bearer = HTTPBearer(auto_error=False, description="A portal token from POST /portal/login.")
+
+
+async def get_user(
+    request: Request, db: DbDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> User:
+    if credentials is None or not credentials.credentials:
+        raise Unauthenticated("log in to the portal first (POST /portal/login)", code="no_credentials")
+    user = await tickets.user_for_token(db, credentials.credentials)
+    request.state.admin = f"user:{user.login}"  # for the request's log line
+    return user
+
+
+UserDep = Annotated[User, Depends(get_user)]
+DesktopId = Annotated[int, Path(ge=1, le=2_147_483_647, description="The desktop's id.")]  # a database integer
+
+
+class PortalLogin(BaseModel):
+    login: str = Field(min_length=1, max_length=130, description="`user` or `user@tenant`.")
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class PortalSession(BaseModel):
+    token: str = Field(description="Send as 'Authorization: Bearer <token>' to /portal/*.")
+    login: str
+    expires_at: dt.datetime
+
+
+class PortalDesktop(BaseModel):
+    id: int
+    name: str
+    state: str
+    cmd: str | None
+    blocked: bool
+    user_state: str
+    failure_reason: str | None = None
+
+
+class ConnectTicket(BaseModel):
+    ticket: str = Field(description="One-time secret, valid 30 s: put it in the broker WebSocket URL.")
+    broker_ws_url: str = Field(description="Open this URL (with the ticket already in it) as a WebSocket.")
+    expires_at: dt.datetime
+
+
+class SpyTicketRequest(BaseModel):
+    interactive: bool = Field(default=False, description="Allow keyboard and mouse (ACL desktop.spy.interactive).")
+
+
+def _is_local(host: str) -> bool:
+    if host in ("", "localhost", "0.0.0.0", "::"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def broker_ws_base(db: Database, settings: Settings, request: Request, desktop_id: int) -> str:
+    """``wss://host:port`` of a broker the browser can reach (see the module docstring)."""
+    n, d = t.nodes, t.desktops
+    q = (
+        sa.select(n.c.broker_url)
+        .select_from(n.outerjoin(d, sa.and_(d.c.node_id == n.c.id, d.c.id == desktop_id)))
+        .where(n.c.state == "running", n.c.broker_url != "")
+        .order_by(d.c.id.is_(None), n.c.id)
+        .limit(1)
+    )
+    async with db.connect() as conn:
+        url = (await conn.execute(q)).scalar_one_or_none()
+    req_host = request.url.hostname or "127.0.0.1"
+    if url:
+        parts = urlsplit(url if "//" in url else f"https://{url}")
+        host = parts.hostname or req_host
+        port = parts.port or settings.broker.port
+        if _is_local(host):
+            host = req_host
+    else:
+        host, port = req_host, settings.broker.port
+    if ":" in host:
+        host = f"[{host}]"
+    return f"wss://{host}:{port}"
+
+
+@users_router.post("/login", response_model=PortalSession, summary="Log a user in to the portal")
+async def portal_login(body: PortalLogin, db: DbDep) -> PortalSession:
+    token, _user, expires = await tickets.login_user(db, body.login, body.password)
+    return PortalSession(token=token, login=body.login, expires_at=expires)
+
+
+@users_router.post(
+    "/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Log out",
+)
+async def portal_logout(
+    db: DbDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Response:
+    if credentials is not None and credentials.credentials:
+        await tickets.logout_user(db, credentials.credentials)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@users_router.get(
+    "/desktops",
+    response_model=list[PortalDesktop],
+    summary="The user's desktops and their states",
+)
+async def portal_desktops(user: UserDep, db: DbDep) -> list[PortalDesktop]:
+    d = t.desktops
+    q = (
+        sa.select(d.c.id, d.c.name, d.c.state, d.c.cmd, d.c.blocked, d.c.user_state, d.c.failure_reason)
+        .where(d.c.user_id == user.id)
+        .order_by(d.c.name)
+    )
+    async with db.connect() as conn:
+        rows = (await conn.execute(q)).mappings().all()
+    return [PortalDesktop.model_validate(dict(r)) for r in rows]
+
+
+@users_router.post(
+    "/desktops/{desktop_id}/ticket",
+    response_model=ConnectTicket,
+    summary="A one-time connect ticket",
+)
+async def portal_ticket(
+    desktop_id: DesktopId, user: UserDep, db: DbDep, settings: SettingsDep, request: Request
+) -> ConnectTicket:
+    ticket, expires = await tickets.issue_connect_ticket(db, user, desktop_id)
+    base = await broker_ws_base(db, settings, request, desktop_id)
+    return ConnectTicket(
+        ticket=ticket, broker_ws_url=f"{base}/ws/connect?id={desktop_id}&ticket={ticket}", expires_at=expires
+    )
+
+
+@users_router.post("/desktops/{desktop_id}/stop", response_model=PortalDesktop, summary="Stop my desktop")
+async def portal_stop(desktop_id: DesktopId, user: UserDep, db: DbDep) -> PortalDesktop:
+    await desktop_for_user(db, user, desktop_id)
+    await request_stop(db, desktop_id)
+    return await _one(db, user, desktop_id)
+
+
+@users_router.post(
+    "/desktops/{desktop_id}/reset",
+    response_model=PortalDesktop,
+    summary="Reset my desktop to a clean image (stopped desktops only)",
+)
+async def portal_reset(desktop_id: DesktopId, user: UserDep, db: DbDep, settings: SettingsDep) -> PortalDesktop:
+    desk = await desktop_for_user(db, user, desktop_id)
+    if desk.state not in ("stopped", "failed") or desk.cmd is not None:
+        raise Conflict(
+            "your desktop is running: stop it first, then reset it (your home directory is kept)",
+            code="desktop_running",
+        )
+    # the user acts on their own desktop only: an actor confined to it with just the reset ACL
+    actor = Actor("user", user.id, user.tenant_id, user.login, frozenset({"desktop.reset"} & ACLS))
+    await reset_desktop(db, actor, desktop_id, settings.paths)
+    return await _one(db, user, desktop_id)
+
+
+router.include_router(users_router)
+
+
+async def _one(db: Database, user: User, desktop_id: int) -> PortalDesktop:
+    rows = await portal_desktops(user, db)
+    return next(r for r in rows if r.id == desktop_id)
+
+
+@router.post(
+    "/api/v1/desktops/{desktop_id}/spy-ticket",
+    response_model=ConnectTicket,
+    tags=["desktops"],
+    summary="A one-time ticket to watch a running desktop (ACL desktop.spy; interactive: desktop.spy.interactive)",
+)
+async def spy_ticket(
+    desktop_id: DesktopId,
+    actor: ActorDep,
+    db: DbDep,
+    settings: SettingsDep,
+    request: Request,
+    body: SpyTicketRequest | None = None,
+) -> ConnectTicket:
+    interactive = body.interactive if body else False
+    ticket, expires = await tickets.issue_spy_ticket(db, actor, desktop_id, interactive=interactive)
+    base = await broker_ws_base(db, settings, request, desktop_id)
+    return ConnectTicket(ticket=ticket, broker_ws_url=f"{base}/ws/connect?ticket={ticket}", expires_at=expires)

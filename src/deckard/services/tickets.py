@@ -1,0 +1,194 @@
+"""Portal sessions and one-time connect tickets: how a browser proves who it is to the broker.
+
+A browser cannot put an ``Authorization`` header on a WebSocket, and a password must not travel in a URL.  So
+the portal API (which the user logged in to) hands out a **ticket**: a random secret naming one desktop, valid
+for ``TICKET_TTL`` seconds and redeemable **once**; the page puts it in the broker's WebSocket URL.  A copied
+or logged URL is useless a moment later.  Administrators get ``spy`` tickets the same way (ACL ``desktop.spy``,
+``desktop.spy.interactive`` for input).
+
+Portal logins are kept in the same table (kind ``portal``) rather than in ``admin_tokens``, whose rows belong
+to administrators and carry ACLs; a user's token gives access to their own desktops only.  As for admin
+tokens, only the SHA-256 of a secret is stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import User, aware, utcnow
+from deckard.model.errors import Conflict, Unauthenticated
+from deckard.services.context import Actor, require
+from deckard.services.desktops import get_desktop
+from deckard.services.sessions import desktop_for_user
+from deckard.services.users import authenticate_user
+
+PORTAL = "portal"
+CONNECT = "connect"
+SPY = "spy"
+TICKET_TTL = 30.0  # seconds between issuing a ticket and the browser opening its WebSocket
+PORTAL_TTL = 8 * 3600.0  # a portal login lasts a working day
+TICKET_PREFIX = "dkt_"
+
+tk = t.tickets
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A redeemed ticket: what the broker may do with the connection that presented it."""
+
+    kind: str  # connect | spy
+    desktop_id: int
+    user: User  # the desktop's owner (connect: the user connecting)
+    admin_id: int | None = None
+    admin_name: str = ""
+    interactive: bool = False
+
+    @property
+    def spy(self) -> bool:
+        return self.kind == SPY
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def _store(
+    db: Database,
+    kind: str,
+    ttl: float,
+    *,
+    user_id: int | None = None,
+    admin_id: int | None = None,
+    desktop_id: int | None = None,
+    interactive: bool = False,
+) -> tuple[str, dt.datetime]:
+    secret = TICKET_PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
+    expires = now + dt.timedelta(seconds=ttl)
+    async with db.begin() as conn:
+        # old rows go when new ones come: no sweeper needed, the table stays small
+        await conn.execute(sa.delete(tk).where(tk.c.expires_at < now - dt.timedelta(hours=1)))
+        await conn.execute(
+            sa.insert(tk).values(
+                token_hash=_hash(secret),
+                kind=kind,
+                user_id=user_id,
+                admin_id=admin_id,
+                desktop_id=desktop_id,
+                interactive=interactive,
+                created_at=now,
+                expires_at=expires,
+            )
+        )
+    return secret, expires
+
+
+async def _user(conn: AsyncConnection, user_id: int) -> User:
+    q = (
+        sa.select(t.users, t.tenants.c.blocked.label("tenant_blocked"))
+        .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
+        .where(t.users.c.id == user_id)
+    )
+    row = (await conn.execute(q)).first()
+    if row is None or row.blocked or row.tenant_blocked:
+        raise Unauthenticated("this user is blocked or no longer exists: log in again", code="user_blocked")
+    return User.from_row(row._mapping)
+
+
+# ---- portal sessions ---------------------------------------------------------------------------------------
+
+
+async def login_user(db: Database, login: str, password: str) -> tuple[str, User, dt.datetime]:
+    """Password login to the portal (same check as the broker's Basic auth) → (token, user, expiry)."""
+    user = await authenticate_user(db, login, password)
+    token, expires = await _store(db, PORTAL, PORTAL_TTL, user_id=user.id)
+    return token, user, expires
+
+
+async def user_for_token(db: Database, token: str) -> User:
+    """The user a portal token stands for; 401 when unknown, expired or the user is blocked."""
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(tk).where(tk.c.token_hash == _hash(token), tk.c.kind == PORTAL))).first()
+        if row is None or row.user_id is None:
+            raise Unauthenticated("you are not logged in: log in again", code="bad_token")
+        expires = aware(row.expires_at)
+        if expires is None or expires <= utcnow():
+            raise Unauthenticated("your session has expired: log in again", code="session_expired")
+        return await _user(conn, int(row.user_id))
+
+
+async def logout_user(db: Database, token: str) -> None:
+    async with db.begin() as conn:
+        await conn.execute(sa.delete(tk).where(tk.c.token_hash == _hash(token), tk.c.kind == PORTAL))
+
+
+# ---- one-time tickets --------------------------------------------------------------------------------------
+
+
+async def issue_connect_ticket(db: Database, user: User, desktop_id: int) -> tuple[str, dt.datetime]:
+    """A ticket for the user's own desktop (404/403 as the broker would answer for a connect)."""
+    desk = await desktop_for_user(db, user, desktop_id)
+    return await _store(db, CONNECT, TICKET_TTL, user_id=user.id, desktop_id=desk.id)
+
+
+async def issue_spy_ticket(
+    db: Database, actor: Actor, desktop_id: int, *, interactive: bool = False
+) -> tuple[str, dt.datetime]:
+    """A ticket to watch a running desktop; needs ``desktop.spy`` (and ``desktop.spy.interactive`` for input)."""
+    require(actor, "desktop.spy", *(["desktop.spy.interactive"] if interactive else []))
+    row = await get_desktop(db, actor, desktop_id)  # 404 outside the actor's tenant
+    if row.get("state") != "running":
+        raise Conflict("only a running desktop can be watched: it is " + str(row.get("state")), code="not_running")
+    return await _store(
+        db,
+        SPY,
+        TICKET_TTL,
+        user_id=int(row["user_id"]),
+        admin_id=actor.id,
+        desktop_id=desktop_id,
+        interactive=interactive,
+    )
+
+
+async def redeem_ticket(db: Database, secret: str) -> Ticket:
+    """Use a ticket up: 401 ``bad_ticket`` if unknown, expired or already used (the same answer for each)."""
+    bad = Unauthenticated("the connect ticket is not valid (expired or already used): connect again", code="bad_ticket")
+    if not secret.startswith(TICKET_PREFIX):
+        raise bad
+    now = utcnow()
+    async with db.begin() as conn:
+        row = (
+            await conn.execute(sa.select(tk).where(tk.c.token_hash == _hash(secret), tk.c.kind.in_((CONNECT, SPY))))
+        ).first()
+        expires = aware(row.expires_at) if row is not None else None
+        if row is None or row.used_at is not None or expires is None or expires <= now or row.desktop_id is None:
+            raise bad
+        # the guarded update is what makes a ticket single-use when two connects race with it
+        res = await conn.execute(sa.update(tk).where(tk.c.id == row.id, tk.c.used_at.is_(None)).values(used_at=now))
+        if res.rowcount != 1:
+            raise bad
+        user = await _user(conn, int(row.user_id))
+        admin_name = ""
+        if row.admin_id is not None:
+            admin_name = str(
+                (
+                    await conn.execute(sa.select(t.administrators.c.name).where(t.administrators.c.id == row.admin_id))
+                ).scalar_one_or_none()
+                or ""
+            )
+    return Ticket(
+        kind=str(row.kind),
+        desktop_id=int(row.desktop_id),
+        user=user,
+        admin_id=int(row.admin_id) if row.admin_id is not None else None,
+        admin_name=admin_name,
+        interactive=bool(row.interactive),
+    )

@@ -1,0 +1,150 @@
+"""The browser client end to end: a user logs in to the portal, clicks Connect, and sees their desktop.
+
+Everything is real: the farm (``deckard up``, LXC desktop from the default image), the API serving the portal,
+the broker's WebSocket, noVNC bundled from npm, Debian's Chromium driven by Playwright.  The farm CA is made at
+first start, so the browser context ignores certificate errors (the only shortcut).  Screenshots are kept in
+``docs/screenshots/`` for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deckard.testing import FarmProcess
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+DIST = Path(__file__).resolve().parents[2] / "src" / "deckard" / "web" / "static" / "dist"
+PASSWORD = "portal-pw1"
+
+# variance of the canvas and the share of light pixels (xterm's window on the dark session background)
+CANVAS_STATS = """() => {
+  const c = document.querySelector('#screen-canvas canvas');
+  if (!c || !c.width) return null;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, sum = 0, sq = 0, light = 0;
+  for (let i = 0; i < d.length; i += 4 * 7) {
+    const y = 0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2];
+    n++; sum += y; sq += y * y; if (y > 200) light++;
+  }
+  const mean = sum / n;
+  return {width: c.width, height: c.height, variance: sq / n - mean * mean, light: light / n};
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's Chromium is not installed (apt-get install chromium; `make test` does it)")
+    if not (DIST / "portal.js").exists():
+        pytest.skip("the web assets are not built (cd web && npm ci && npm run build; `make` does it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed in the venv")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _admin_password(farm: FarmProcess) -> str:
+    m = re.search(r"password\s+(\S+)", farm.up_output)
+    assert m, "deckard up printed no admin password"
+    return m.group(1)
+
+
+def _canvas_stats(page: Any, timeout: float = 30) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    stats: dict[str, float] | None = None
+    while time.monotonic() < deadline:
+        stats = page.evaluate(CANVAS_STATS)
+        if stats and stats["variance"] > 50 and stats["light"] > 0.01:
+            return stats
+        page.wait_for_timeout(300)
+    raise AssertionError(f"the desktop never showed a window: {stats}")
+
+
+def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser: Any) -> None:
+    farm.deckard("user", "add", "paula", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "paula-desk", "--user", "paula")
+    desk = next(d for d in farm.json("desktop", "list") if d["name"] == "paula-desk")  # type: ignore[union-attr]
+    base = f"https://127.0.0.1:{farm.api_port}"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    page = ctx.new_page()
+    page.goto(base + "/")
+    page.get_by_label("User name").fill("paula")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_role("button", name="Connect to paula-desk").click()
+    page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
+    stats = _canvas_stats(page)
+    assert stats["width"] >= 640 and stats["height"] >= 400
+    page.screenshot(path=str(SHOTS / "portal-desktop.png"))
+    timing = page.evaluate("window.deckardTiming")
+    print("portal click → first frame (cold start):", round(timing["firstFrame"] - timing["click"]), "ms")
+
+    # the administrator watches the same desktop, view-only, while the user stays connected
+    admin = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    spy = admin.new_page()
+    resp = spy.request.post(
+        base + "/api/v1/auth/login", data=json.dumps({"name": "admin", "password": _admin_password(farm)}),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert resp.ok, resp.text()
+    token = resp.json()["token"]
+    spy.goto(base + "/static/dist/spy.css")  # same origin, to set sessionStorage before the page loads
+    spy.evaluate("t => sessionStorage.setItem('deckard.admin.token', t)", token)
+    spy.goto(f"{base}/admin/spy?desktop={desk['id']}")
+    try:
+        spy.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
+    except Exception:
+        spy.screenshot(path=str(SHOTS / "spy-failed.png"))
+        raise AssertionError("the spy never drew a frame: " + spy.locator("#progress-text").inner_text()) from None
+    _canvas_stats(spy)
+    assert "View only" in spy.locator("#banner").inner_text()
+    spy.screenshot(path=str(SHOTS / "spy.png"))
+    row = next(d for d in farm.json("desktop", "list") if d["name"] == "paula-desk")  # type: ignore[union-attr]
+    assert row["user_state"] == "connected", "the spy must not take the user's session"
+    admin.close()
+
+    page.get_by_role("button", name="Disconnect").click()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "portal-list.png"))
+    ctx.close()
+
+
+def test_portal_fits_a_phone_screen(farm: FarmProcess, browser: Any) -> None:
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 375, "height": 740}, is_mobile=True)
+    page = ctx.new_page()
+    page.goto(f"https://127.0.0.1:{farm.api_port}/")
+    page.get_by_label("User name").fill("nobody")
+    page.get_by_label("Password").fill("wrong")
+    page.keyboard.press("Enter")
+    page.get_by_role("alert").filter(has_text="wrong").wait_for()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the page scrolls sideways on a phone ({width}px)"
+    page.screenshot(path=str(SHOTS / "portal-phone.png"))
+    ctx.close()

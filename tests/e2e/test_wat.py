@@ -1,0 +1,285 @@
+"""The web admin tool (WAT) driven in Debian's Chromium by Playwright over a real API (SQLite, TLS, in-process).
+
+Covers: login, creating a user and a desktop through the UI, lists, a bulk action with per-item results, live
+updates from the event stream, the ACL-aware UI of a Read-only administrator, and the screenshots of each main
+page (``docs/screenshots/wat-*.png``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "docs" / "screenshots"
+DIST = ROOT / "src" / "deckard" / "web" / "static" / "dist"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _unavailable() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return "Chromium is not installed at /usr/bin/chromium (apt-get install chromium; `make deps` does it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install -e '.[dev]')"
+    if not (DIST / "admin.js").exists():
+        return "the web assets are not built (cd web && npm ci && npm run build; `make` does it)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
+
+
+@dataclass
+class Api:
+    url: str
+    password: str
+    verify: Any
+
+    def http(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url + "/api/v1", verify=self.verify, headers=headers, trust_env=False)
+
+    def token(self, name: str = "admin", password: str | None = None) -> str:
+        with self.http() as c:
+            r = c.post("/auth/login", json={"name": name, "password": password or self.password})
+            r.raise_for_status()
+            return str(r.json()["token"])
+
+
+class ApiThread:
+    """``deckard.api.server.ApiServer`` over SQLite on its own event loop in a thread."""
+
+    def __init__(self, home: Path, prepare: Any = None) -> None:
+        self.home = home
+        self.prepare = prepare  # optional ``async (db) -> None`` run after bootstrap, before serving (bench)
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:
+            self.error = e
+            self.ready.set()
+
+    async def _main(self) -> None:
+        from deckard.api.app import create_app
+        from deckard.api.server import ApiServer
+        from deckard.db.engine import Database
+        from deckard.runtime.settings import Settings
+        from deckard.runtime.tls import client_context, ensure_tls
+        from deckard.services.tenancy import bootstrap_farm
+
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        db = Database(f"sqlite+aiosqlite:///{self.home / 'deckard.db'}")
+        await db.start()
+        try:
+            password = await bootstrap_farm(db)
+            if self.prepare:
+                await self.prepare(db)
+            ca, cert, key = ensure_tls(self.home / "tls")
+            server = ApiServer(create_app(db, Settings(home=self.home)), "127.0.0.1", 0, cert, key)
+            task = asyncio.create_task(server.run(self.stop))
+            await asyncio.wait_for(server.started.wait(), 10)
+            self.api = Api(f"https://127.0.0.1:{server.port}", str(password), client_context(ca))
+            self.ready.set()
+            await task
+        finally:
+            await db.close()
+
+    def __enter__(self) -> Api:
+        self.thread.start()
+        self.ready.wait(30)
+        if self.error:
+            raise self.error
+        return self.api
+
+    def __exit__(self, *exc: object) -> None:
+        if self.loop and self.stop:
+            self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with ApiThread(tmp_path_factory.mktemp("wat")) as a:
+        yield a
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    pg = ctx.new_page()
+    pg.set_default_timeout(10_000)
+    pg.on("console", lambda m: m.type in ("error", "warning") and print("console:", m.type, m.text))
+    pg.on("pageerror", lambda e: print("pageerror:", e))
+    try:
+        yield pg
+    finally:
+        ctx.close()
+
+
+def login(page: Any, api: Api, name: str = "admin", password: str | None = None) -> None:
+    page.goto(api.url + "/admin")
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Password").fill(password or api.password)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_selector("header.top")
+    assert page.evaluate("sessionStorage.getItem('deckard.admin.token')").startswith("dk_")
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"wat-{name}.png"), full_page=True)
+
+
+def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, api: Api) -> None:
+    login(page, api)
+    page.wait_for_function("document.body.dataset.dashboard === 'drawn'")
+    assert page.locator(".count").count() >= 4
+    assert page.locator("#chart-live canvas").count() == 1 and page.locator("#chart-ttd canvas").count() == 1
+    shot(page, "dashboard")
+
+    # a user through the create form
+    page.goto(api.url + "/admin#/users/new")
+    page.get_by_label("login").fill("alice")
+    page.get_by_label("password").fill("Alice-secret-42")
+    page.get_by_label("description").fill("made in the WAT")
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_selector("h1:has-text('user alice')")
+    page.goto(api.url + "/admin#/users")
+    page.wait_for_selector("table.list tbody tr td a:has-text('alice')")
+    shot(page, "users")
+
+    # two desktops through the UI
+    for name in ("web1", "web2"):
+        page.goto(api.url + "/admin#/desktops/new")
+        page.get_by_label("name", exact=True).fill(name)
+        page.get_by_label("User (login)").fill("alice")
+        page.get_by_role("button", name="Create").click()
+        page.wait_for_selector(f"h1:has-text('desktop {name}')")
+    page.goto(api.url + "/admin#/desktops")
+    rows = page.locator("table.list tbody tr")
+    page.wait_for_selector("table.list tbody tr td a:has-text('web2')")
+    assert rows.count() == 2
+    assert page.locator(".total").inner_text() == "2 in total"
+
+    # filter by column, then clear it
+    page.get_by_label("Filter name").fill("web2")
+    page.get_by_label("Filter name").press("Enter")
+    page.wait_for_function("document.querySelectorAll('table.list tbody tr').length === 1")
+    page.get_by_label("Filter name").fill("")
+    page.get_by_label("Filter name").press("Enter")
+    page.wait_for_function("document.querySelectorAll('table.list tbody tr').length === 2")
+
+    # bulk start of both: no node in this farm, so each one fails with no_node, shown per item
+    page.get_by_label("Select all rows on this page").check()
+    page.locator("button.bulk[data-action='start']").click()
+    page.wait_for_selector(".bulk-results h3")
+    results = page.locator(".bulk-results li")
+    assert results.count() == 2
+    for i in range(2):
+        assert "no_node" in results.nth(i).inner_text()
+    assert "0 ok, 2 failed" in page.locator(".bulk-results h3").inner_text()
+    shot(page, "desktops")
+
+    # live update: blocking web1 through the API changes its row without a reload
+    token = page.evaluate("sessionStorage.getItem('deckard.admin.token')")
+    with api.http(token) as c:
+        c.post("/desktops/web1/block").raise_for_status()
+    page.wait_for_selector("table.list tbody tr:has(a:has-text('web1')) .s-blocked")
+
+    # role editor, audit log with the chain check, config editor
+    page.goto(api.url + "/admin#/roles")
+    page.locator("table.list a", has_text="Operator").click()
+    page.wait_for_selector(".acl-tree li.acl", state="attached")
+    assert page.locator(".acl-tree li.acl.on").count() > 0
+    shot(page, "roles")
+
+    page.goto(api.url + "/admin#/audit")
+    page.wait_for_selector("table.list tbody tr td")
+    page.get_by_role("button", name="Verify chain").click()
+    page.wait_for_selector(".verify-result.ok")
+    shot(page, "audit")
+
+    page.goto(api.url + "/admin#/config")
+    row = page.locator("tr[data-key='ui.page_size']")
+    row.get_by_label("Value of ui.page_size").fill("40")
+    row.get_by_role("button", name="Set", exact=True).click()
+    page.wait_for_selector("tr[data-key='ui.page_size'] .src-global")
+    shot(page, "config")
+
+
+def test_read_only_administrator_is_not_offered_forbidden_actions(page: Any, api: Api) -> None:
+    with api.http(api.token()) as c:
+        r = c.post("/admins", json={"name": "viewer", "password": "Viewer-secret-42", "roles": ["Read-only"]})
+        assert r.status_code == 201, r.text
+        c.post("/users", json={"login": "carol", "password": "Carol-secret-42"})
+        c.post("/desktops", json={"name": "ro1", "user": "carol"})
+    login(page, api, "viewer", "Viewer-secret-42")
+    menu = page.locator("#menu").inner_text()
+    assert "Desktops" in menu and "Audit log" not in menu and "Tenants" not in menu
+    for what in ("desktops", "users", "roles", "admins"):
+        page.goto(api.url + f"/admin#/{what}")
+        page.wait_for_selector("table.list tbody tr td")
+        assert page.locator("a.create").count() == 0, what
+        assert page.locator("button.bulk").count() == 0, what
+        assert page.locator("table.list input[type=checkbox]").count() == 0, what
+    page.goto(api.url + "/admin#/desktops")
+    page.locator("table.list a", has_text="ro1").click()
+    page.wait_for_selector("dl.props")
+    assert page.get_by_role("button", name="Delete").count() == 0
+    assert page.get_by_role("button", name="Start").count() == 0
+    assert page.locator("form[aria-label=Edit]").count() == 0
+    assert page.locator("a:has-text('Spy')").count() == 0  # Read-only has no desktop.spy
+
+
+def test_phone_width_collapses_the_menu(browser: Any, api: Api) -> None:
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 390, "height": 800})
+    try:
+        page = ctx.new_page()
+        login(page, api)
+        assert not page.locator("#menu").is_visible()
+        page.get_by_role("button", name="Menu").click()
+        assert page.locator("#menu").is_visible()
+        page.locator("#menu a", has_text="Desktops").click()
+        page.wait_for_selector("table.list tbody tr td")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 400, width
+        shot(page, "phone")
+    finally:
+        ctx.close()

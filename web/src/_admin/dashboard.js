@@ -1,0 +1,152 @@
+// Dashboard: /stats counts + uPlot charts.  The over-time series is kept client-side (sessionStorage), fed by
+// /stats every 10 s and, debounced, after events; time-to-desktop percentiles come from /stats hourly buckets.
+import uPlot from "uplot";
+import { get } from "./api.js";
+import { h, clear, fmt, errText } from "./dom.js";
+import { onEvent } from "./session.js";
+
+const SERIES_KEY = "deckard.admin.series";
+const MAX_POINTS = 720;
+
+function loadSeries() {
+  try {
+    return JSON.parse(sessionStorage.getItem(SERIES_KEY)) || [];
+  } catch {
+    return [];
+  }
+}
+
+function chartSize(el) {
+  const w = Math.max(260, Math.min(el.clientWidth || 600, 900) - 8);
+  return { width: w, height: 200 };
+}
+
+function expiryClass(d) {
+  const at = Math.min(...[d.expire_soft_at, d.expire_hard_at].filter(Boolean).map((x) => Date.parse(x)));
+  const left = at - Date.now();
+  return left < 3600e3 ? "exp-red" : left < 6 * 3600e3 ? "exp-amber" : "exp-green";
+}
+
+export function dashboard(root) {
+  performance.mark("wat:dashboard:start");
+  const counts = h("div.counts");
+  const live = h("div.chart", { id: "chart-live", role: "img", "aria-label": "Running desktops, connected users and running nodes over time" });
+  const ttd = h("div.chart", { id: "chart-ttd", role: "img", "aria-label": "Time to desktop percentiles per hour" });
+  const busiest = h("div");
+  const expiry = h("div");
+  const blocked = h("div");
+  clear(
+    root,
+    h("h1", "Dashboard"),
+    counts,
+    h("div.grid", h("section.card", h("h2", "Activity"), live), h("section.card", h("h2", "Time to desktop (ms)"), ttd)),
+    h("div.grid", h("section.card", h("h2", "Busiest nodes"), busiest), h("section.card", h("h2", "Desktops near expiry"), expiry), h("section.card", h("h2", "Blocked"), blocked)),
+  );
+
+  const series = loadSeries();
+  let plotLive = null, plotTtd = null;
+  const drawn = new Set();
+  const markDrawn = (u) => {
+    if (drawn.size === 2 || drawn.has(u)) return;
+    drawn.add(u);
+    if (drawn.size === 2) {
+      performance.mark("wat:dashboard:drawn");
+      document.body.dataset.dashboard = "drawn";
+    }
+  };
+
+  function liveData() {
+    return [series.map((p) => p.t), series.map((p) => p.running), series.map((p) => p.connected), series.map((p) => p.nodes)];
+  }
+
+  function render(s) {
+    const st = s.desktops.by_state || {};
+    const nodesRunning = (s.nodes.by_state || {}).running || 0;
+    const card = (label, value, sub) => h("div.count", h("span.value", String(value)), h("span.label", label), sub ? h("span.sub", sub) : "");
+    clear(
+      counts,
+      card("desktops", s.desktops.total, Object.entries(st).map(([k, v]) => `${v} ${k}`).join(" · ")),
+      card("running desktops", st.running || 0),
+      card("users", s.users.total, `${s.users.connected} connected`),
+      card("nodes", s.nodes.total, `${nodesRunning} running`),
+      card("time to desktop p50 (24 h)", s.time_to_desktop_ms.last_24h.p50 == null ? "—" : `${s.time_to_desktop_ms.last_24h.p50} ms`, `${s.time_to_desktop_ms.last_24h.count} connections`),
+    );
+    series.push({ t: Date.parse(s.at) / 1000, running: st.running || 0, connected: s.users.connected || 0, nodes: nodesRunning });
+    while (series.length > MAX_POINTS) series.shift();
+    sessionStorage.setItem(SERIES_KEY, JSON.stringify(series));
+
+    const hourly = s.time_to_desktop_ms.hourly || [];
+    const ttdData = [hourly.map((b) => Date.parse(b.hour) / 1000), hourly.map((b) => b.p50), hourly.map((b) => b.p90), hourly.map((b) => b.p99)];
+    if (!plotLive) {
+      const pts = { show: true, size: 5 };
+      plotLive = new uPlot(
+        { ...chartSize(live), series: [{}, { label: "running desktops", stroke: "#2a7ae2", points: pts }, { label: "connected users", stroke: "#1b9e4b", points: pts }, { label: "running nodes", stroke: "#b35c00", points: pts }], axes: [{}, { label: "count" }], scales: { y: { range: (u, mn, mx) => [0, Math.max(1, mx)] } }, hooks: { draw: [markDrawn] } },
+        liveData(),
+        live,
+      );
+      plotTtd = new uPlot(
+        { ...chartSize(ttd), series: [{}, { label: "p50", stroke: "#2a7ae2", points: { show: true } }, { label: "p90", stroke: "#d08700", points: { show: true } }, { label: "p99", stroke: "#c62828", points: { show: true } }], axes: [{}, { label: "ms" }], scales: { y: { range: (u, mn, mx) => [0, Math.max(100, mx ?? 0)] } }, hooks: { draw: [markDrawn] } },
+        ttdData,
+        ttd,
+      );
+    } else {
+      plotLive.setData(liveData());
+      plotTtd.setData(ttdData);
+    }
+
+    clear(
+      busiest,
+      s.busiest_nodes.length
+        ? h("table.mini", h("thead", h("tr", h("th", "node"), h("th", "desktops"), h("th", "load"), h("th", "state"))), h("tbody", s.busiest_nodes.map((n) => h("tr", h("td", h("a", { href: `#/nodes/${n.id}` }, n.name)), h("td", n.desktops), h("td", fmt(n.load)), h("td", h(`span.badge.s-${n.state}`, n.state))))))
+        : h("p.muted", "No nodes."),
+    );
+    clear(
+      expiry,
+      s.near_expiry.length
+        ? h("ul.expiry", s.near_expiry.map((d) => h(`li.${expiryClass(d)}`, h("a", { href: `#/desktops/${d.id}` }, d.name), ` ${d.state} — soft ${fmt(d.expire_soft_at) || "—"}, hard ${fmt(d.expire_hard_at) || "—"}`)))
+        : h("p.muted", "No desktop expires within 24 h."),
+    );
+    clear(
+      blocked,
+      h(
+        "ul.blocked",
+        h("li", h("a", { href: "#/desktops?blocked=true" }, `${s.desktops.blocked} desktops`)),
+        h("li", h("a", { href: "#/users?blocked=true" }, `${s.users.blocked} users`)),
+        h("li", h("a", { href: "#/nodes?blocked=true" }, `${s.nodes.blocked} nodes`)),
+      ),
+    );
+  }
+
+  let busy = false;
+  async function refresh() {
+    if (busy) return;
+    busy = true;
+    try {
+      render(await get("/stats"));
+    } catch (e) {
+      clear(counts, h("p.error", errText(e)));
+    } finally {
+      busy = false;
+    }
+  }
+  refresh();
+  const timer = setInterval(refresh, 10000);
+  let debounce = null;
+  const off = onEvent((ev) => {
+    if (ev.type === "state" || ev.object === "desktop" || ev.object === "node" || ev.object === "user") {
+      clearTimeout(debounce);
+      debounce = setTimeout(refresh, 2000);
+    }
+  });
+  const onResize = () => {
+    if (plotLive) plotLive.setSize(chartSize(live));
+    if (plotTtd) plotTtd.setSize(chartSize(ttd));
+  };
+  window.addEventListener("resize", onResize);
+  return () => {
+    clearInterval(timer);
+    clearTimeout(debounce);
+    off();
+    window.removeEventListener("resize", onResize);
+  };
+}
