@@ -19,8 +19,6 @@ import ipaddress
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,47 +38,19 @@ from deckard.model.errors import Unavailable
 from deckard.model.network import mac_for_ip
 from deckard.runtime.tls import ensure_tls
 from deckard.services.tenancy import bootstrap_farm
-from deckard.testing import free_port
+from deckard.testing import PgCluster, free_port
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 QUERY = [("osf", "web"), ("state", "stopped"), ("sort", "-created_at"), ("per_page", "50")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
 def pg_cluster() -> Iterator[str]:
-    """A throwaway cluster; yields the URL of a fresh database in it."""
-    base = Path(tempfile.mkdtemp(prefix="deckard-bench-pg-"))
-    data = base / "data"
-    shutil.chown(base, "postgres", "postgres")
-    port = _free_port()
-    run = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*run, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off -c full_page_writes=off -c max_connections=300"
-    subprocess.run(
-        [*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
+    """A throwaway cluster (deckard.testing.PgCluster); yields the URL of a fresh database in it."""
+    cluster = PgCluster().init()
     try:
-        subprocess.run(
-            [*run, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "bench"],
-            check=True,
-            capture_output=True,
-        )
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/bench"
+        yield cluster.create_database("bench")
     finally:
-        subprocess.run([*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        cluster.close()
 
 
 async def fill(db: Database, n_users: int, n_desktops: int) -> int:

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from deckard.testing import PG_BIN, PgCluster
 
 
 def pg_unavailable_reason() -> str | None:
@@ -41,46 +31,21 @@ def pg_unavailable_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[str]:
-    """A PostgreSQL cluster on 127.0.0.1 for the whole session; yields a libpq URL prefix."""
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster on 127.0.0.1 for the whole session."""
     reason = pg_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    base = Path(tempfile.mkdtemp(prefix="deckard-pg-"))
-    data = base / "data"
-    shutil.chown(base, "postgres", "postgres")
-    port = _free_port()
-    run = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*run, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off -c full_page_writes=off -c max_connections=300"
-    subprocess.run(
-        [*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
+    cluster = PgCluster().init()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        yield cluster
     finally:
-        subprocess.run([*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def new_pg_database(cluster: str) -> str:
-    import psycopg
-
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(cluster.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"{cluster}/{name}"
+        cluster.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'deckard.db'}"
-    cluster = request.getfixturevalue("pg_cluster")
-    return new_pg_database(cluster)
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database("t_" + uuid.uuid4().hex[:12])

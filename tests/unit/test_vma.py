@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from deckard.testing import free_port
 from deckard.vma import agent as vma
 
 TOKEN = "s3cret-agent-token"
@@ -29,18 +30,12 @@ def agent_command(port: int, token_file: Path) -> list[str]:
     return [sys.executable, vma.__file__, *args]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def agent_url(tmp_path: Path) -> Iterator[str]:
     token_file = tmp_path / "agent-token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         agent_command(port, token_file),
         stderr=subprocess.PIPE,
@@ -121,7 +116,7 @@ def test_x_start_rejects_bad_input_before_touching_the_system(agent_url: str) ->
 def test_poweroff_answers_then_the_agent_exits(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         agent_command(port, token_file),
         stderr=subprocess.DEVNULL,
