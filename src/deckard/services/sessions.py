@@ -156,6 +156,11 @@ PROGRESS_TEXT = {
 }
 
 
+async def _read_desktop(db: Database, desktop_id: int) -> Desktop:
+    async with db.connect() as conn:
+        return await load_desktop(conn, desktop_id)
+
+
 async def wait_until_running(
     db: Database, desktop_id: int, *, timeout: float, poll: float, on_progress: Any = None
 ) -> Desktop:
@@ -165,8 +170,8 @@ async def wait_until_running(
     last_state = None
     async with db.bus.subscribe(DESKTOPS) as sub:
         while True:
-            async with db.connect() as conn:
-                desk = await load_desktop(conn, desktop_id)
+            # shielded: a waiter cancelled mid-read (the client left) must not strand SQLite's write lock
+            desk = await asyncio.shield(_read_desktop(db, desktop_id))
             if desk.state != last_state:
                 last_state = desk.state
                 if on_progress is not None:
