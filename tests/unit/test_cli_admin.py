@@ -66,6 +66,13 @@ class FakeApi:
     def list_users(self) -> list[dict[str, Any]]:
         return list(self.users.values())
 
+    def list_all(self, path: str, params: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """The CLI's list commands read every row through here, as through ApiClient.list_all."""
+        query = dict(params or [])
+        if path == "/desktops":
+            return self.list_desktops(user=query.get("user"))
+        return {"/users": self.list_users, "/nodes": self.list_nodes}[path]()
+
     def get_user(self, ref: str) -> dict[str, Any]:
         return self._user(ref)
 

@@ -115,11 +115,7 @@ def list_(
     """List desktops (``--filter state=running --sort -created_at``)."""
     params = list_params(filters, sort, page, per_page, fields)
     with session.api(profile) as api:
-        if not params:
-            rows = api.list_desktops(user=user)
-            result = {"items": rows, "total": len(rows)}
-        else:
-            result = fetch_list(api, "desktops", [*params, *([("user", user)] if user is not None else [])])
+        result = fetch_list(api, "desktops", [*params, *([("user", user)] if user is not None else [])])
     print_page(result, COLUMNS, fields, as_json=as_json)
 
 

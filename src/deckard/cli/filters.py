@@ -51,18 +51,12 @@ def list_params(
 
 
 def fetch_list(api: Any, resource: str, params: list[tuple[str, str]]) -> dict[str, Any]:
-    """One page when the caller asked for one (``--page``/``--per-page``), otherwise every row, page by page."""
+    """One page when the caller asked for one (``--page``/``--per-page``), otherwise every row."""
     if any(k in ("page", "per_page") for k, _ in params):
         page: dict[str, Any] = api.list_page(resource, params)
         return page
-    items: list[dict[str, Any]] = []
-    number = 1
-    while True:
-        got = api.list_page(resource, [*params, ("page", str(number)), ("per_page", "1000")])
-        items.extend(got["items"])
-        if not got["items"] or len(items) >= got["total"]:
-            return {"items": items, "total": got["total"]}
-        number += 1
+    rows: list[dict[str, Any]] = api.list_all("/" + resource, params)
+    return {"items": rows, "total": len(rows)}
 
 
 def print_page(page: dict[str, Any], columns: tuple[str, ...], fields: str | None, *, as_json: bool) -> None:

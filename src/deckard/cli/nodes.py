@@ -42,11 +42,7 @@ def list_(
     """List nodes, their state, load and last heartbeat."""
     params = list_params(filters, sort, page, per_page, fields)
     with session.api(profile) as api:
-        if not params:
-            rows = api.list_nodes()
-            result = {"items": rows, "total": len(rows)}
-        else:
-            result = fetch_list(api, "nodes", params)
+        result = fetch_list(api, "nodes", params)
     print_page(result, COLUMNS, fields, as_json=as_json)
 
 

@@ -73,11 +73,7 @@ def list_(
     """List users (``--filter blocked=true --sort login``)."""
     params = list_params(filters, sort, page, per_page, fields)
     with session.api(profile) as api:
-        if not params:
-            rows = api.list_users()
-            result = {"items": rows, "total": len(rows)}
-        else:
-            result = fetch_list(api, "users", params)
+        result = fetch_list(api, "users", params)
     print_page(result, COLUMNS, fields, as_json=as_json)
 
 

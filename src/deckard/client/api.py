@@ -120,7 +120,7 @@ class ApiClient:
         items: list[Row] = self._request("GET", path, params=params)["items"]
         return items
 
-    def _all(self, path: str, params: list[tuple[str, str]] | None = None) -> list[Row]:
+    def list_all(self, path: str, params: list[tuple[str, str]] | None = None) -> list[Row]:
         """Every row of a paged list (``{items, total}``), fetched 1,000 at a time."""
         items: list[Row] = []
         page = 1
@@ -157,7 +157,7 @@ class ApiClient:
 
     # users
     def list_users(self, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        return self._all("/users", params)
+        return self.list_all("/users", params)
 
     def get_user(self, user: str | int) -> Row:
         out: Row = self._request("GET", f"/users/{_seg(user)}")
@@ -197,7 +197,7 @@ class ApiClient:
 
     # desktops
     def list_desktops(self, user: str | int | None = None, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        return self._all("/desktops", [*(params or []), *([("user", str(user))] if user is not None else [])])
+        return self.list_all("/desktops", [*(params or []), *([("user", str(user))] if user is not None else [])])
 
     def create_desktop(
         self, name: str, user: str | int, *, osf: str | int | None = None, tag: str = "default", description: str = ""
@@ -273,7 +273,7 @@ class ApiClient:
 
     # nodes, images, OSFs
     def list_nodes(self, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        return self._all("/nodes", params)
+        return self.list_all("/nodes", params)
 
     # farm: placement and node maintenance
     def explain_desktop(self, desktop: str | int) -> Row:

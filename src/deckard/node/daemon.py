@@ -134,11 +134,6 @@ class NodeDaemon:
         )
 
     # ---- convergence -----------------------------------------------------------------------------------
-    def _desktop_of_guest(self, guest_name: str) -> int | None:
-        prefix = self.paths.guest_prefix()
-        rest = guest_name[len(prefix) :] if guest_name.startswith(prefix) else ""
-        return int(rest) if rest.isdigit() else None
-
     async def converge(self) -> None:
         """Make this machine's guests match the database after a restart or a crash."""
         assert self.node_id is not None

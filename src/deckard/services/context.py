@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deckard.db.engine import Database
 from deckard.model.acls import ACLS, GATED_FIELDS
 from deckard.model.errors import PermissionDenied
 
@@ -72,8 +71,3 @@ def require_fields(actor: Actor, obj: str, fields: Iterable[str], *, what: str =
             f"you may not {what} on {', '.join(bad)} (missing ACL {', '.join(f'{obj}.see.{f}' for f in bad)})",
             code=f"forbidden_{what}",
         )
-
-
-@dataclass(frozen=True)
-class Services:
-    db: Database

@@ -25,12 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound
+from deckard.model.errors import Conflict, NotFound
 from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
 from deckard.model.states import DesktopCommand, DesktopState, check_command
 from deckard.runtime.paths import FarmPaths
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
 from deckard.services.events import DESKTOPS, node_channel, publish
+from deckard.services.images import validate_tag
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.placement import choose_node
 from deckard.services.rows import as_dict
@@ -103,6 +104,7 @@ async def create_desktop(
 ) -> dict[str, Any]:
     require(actor, "desktop.create")
     check_login(name)  # same rules as logins: it names containers and appears in URLs
+    validate_tag(tag)  # a desktop's tag names an image tag: the same rules
     user_id = await find_user_id(db, actor, user)
     gateway = gateway_of(network)
     for _attempt in range(20):
@@ -373,9 +375,3 @@ async def notify_desktops(db: Database, desktop_ids: Iterable[int]) -> None:
 
 def new_agent_token() -> str:
     return secrets.token_hex(24)
-
-
-def validate_tag(tag: str) -> str:
-    if not tag or len(tag) > 64 or any(c.isspace() for c in tag):
-        raise BadInput(f"invalid tag {tag!r}", code="bad_tag")
-    return tag

@@ -130,7 +130,6 @@ async def list_desktops(
     summary="Create a desktop (its IP address is allocated here)",
 )
 async def create_desktop(body: DesktopCreate, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Desktop:
-    desktops.validate_tag(body.tag)
     row = await desktops.create_desktop(
         db,
         actor,
