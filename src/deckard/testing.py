@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deckard.runtime.paths import FarmPaths
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -51,6 +53,7 @@ class FarmProcess:
     bridge: str = field(default_factory=lambda: f"dke{os.getpid() % 100000}")
     network: str = field(default_factory=lambda: f"10.214.{os.getpid() % 250}.0/24")
     extra_env: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1  # `deckard up --nodes N`: the all-in-one process plus nodes 2..N (own run dirs and brokers)
     up_output: str = ""
 
     @property
@@ -112,10 +115,29 @@ class FarmProcess:
             "--network",
             self.network,
             "--node-name",
-            f"node-{self.home.name}",
+            self.node_name(1),
+            "--nodes",
+            str(self.nodes),
         )
         self.up_output = proc.stdout + proc.stderr
         return self.up_output
+
+    def node_name(self, index: int) -> str:
+        """Name of node ``index`` (1 is the all-in-one process); its broker listens on broker_port + index - 1."""
+        return f"node-{self.home.name}" + (f"-{index}" if index > 1 else "")
+
+    def node_paths(self) -> list[FarmPaths]:
+        """Each node's view of the farm home (extra nodes have their own run directory, so their own guests)."""
+        extra = [FarmPaths(self.home, self.home / "run" / "nodes" / f"node-{i}") for i in range(2, self.nodes + 1)]
+        return [FarmPaths(self.home), *extra]
+
+    def guest_of(self, desktop_id: int) -> tuple[Path, str]:
+        """The LXC directory and name of the desktop's guest, on whichever node runs it."""
+        for paths in self.node_paths():
+            if (paths.lxc / paths.guest_name(desktop_id)).exists():
+                return paths.lxc, paths.guest_name(desktop_id)
+        paths = self.node_paths()[0]
+        return paths.lxc, paths.guest_name(desktop_id)
 
     def pid(self) -> int | None:
         try:
@@ -126,8 +148,9 @@ class FarmProcess:
     def json(self, *args: str) -> object:
         return json.loads(self.deckard(*args, "--json").stdout)
 
-    def guests(self) -> list[str]:
-        lxc = self.home / "run" / "lxc"
+    def guests(self, lxc: Path | None = None) -> list[str]:
+        """Guests LXC knows in one node's directory (default: the all-in-one node's)."""
+        lxc = lxc or self.home / "run" / "lxc"
         if not lxc.exists():
             return []
         out = subprocess.run(["lxc-ls", "-P", str(lxc), "-1"], capture_output=True, text=True)
@@ -135,12 +158,27 @@ class FarmProcess:
 
     def attach(self, desktop_id: int, command: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a shell command inside a desktop (root, or as ``user``) with lxc-attach."""
-        from deckard.runtime.paths import FarmPaths
-
-        name = FarmPaths(self.home).guest_name(desktop_id)
-        cmd = ["lxc-attach", "-n", name, "-P", str(self.home / "run" / "lxc"), "--clear-env", "--"]
+        lxc, name = self.guest_of(desktop_id)
+        cmd = ["lxc-attach", "-n", name, "-P", str(lxc), "--clear-env", "--"]
         cmd += ["su", "-", user, "-c", command] if user else ["sh", "-c", command]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+    def diagnostics(self, desktop_id: int | None = None, lines: int = 40) -> str:
+        """The tail of the farm's log and, for a desktop, of its agent, Xvnc and session logs (for failures)."""
+        parts = []
+        log_file = self.home / "logs" / "deckard.log"
+        if log_file.exists():
+            parts.append("--- deckard.log\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:]))
+        if desktop_id is not None:
+            lxc, name = self.guest_of(desktop_id)
+            console = lxc / name / "console.log"
+            if console.exists():  # the agent (PID 1) logs to the console
+                tail = console.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- agent console (desktop {desktop_id})\n" + "\n".join(tail))
+            for name in ("xvnc.log", "session.log"):
+                out = self.attach(desktop_id, f"tail -n {lines} /run/deckard/{name} 2>&1")
+                parts.append(f"--- {name} (desktop {desktop_id})\n{out.stdout}{out.stderr}")
+        return "\n".join(parts)
 
     def close(self) -> None:
         """Stop the farm and remove everything it made, whatever state it is in."""
@@ -154,16 +192,18 @@ class FarmProcess:
                 os.killpg(pid, 9)
             except (ProcessLookupError, PermissionError):
                 pass
-        lxc = self.home / "run" / "lxc"
-        for name in self.guests():
-            subprocess.run(["lxc-stop", "-k", "-n", name, "-P", str(lxc)], capture_output=True)
         import asyncio
 
         from deckard.drivers.container import remove_cgroups
-        from deckard.drivers.network import remove_bridge
+        from deckard.drivers.network import delete_link, remove_bridge, veth_name
 
-        for name in self.guests():
+        guests = [(paths.lxc, name) for paths in self.node_paths() for name in self.guests(paths.lxc)]
+        for lxc, name in guests:
+            subprocess.run(["lxc-stop", "-k", "-n", name, "-P", str(lxc)], capture_output=True)
+        kill_processes_mentioning(str(self.home))  # extra nodes, even one whose pid file is gone
+        for _lxc, name in guests:
             remove_cgroups(name)
+            asyncio.run(delete_link(veth_name(name)))
         asyncio.run(remove_bridge(self.bridge))
         shutil.rmtree(self.home, ignore_errors=True)
 

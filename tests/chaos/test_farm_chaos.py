@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.services import node_ops
+from deckard.services import maintenance, node_ops
+from deckard.services.context import SYSTEM
 from deckard.services.desktops import request_start
 from deckard.testing import MultiNodeFarm, PgCluster, seed_farm
 
@@ -85,7 +86,6 @@ async def test_kill_9_node_running_desktops_every_desktop_restartable_elsewhere_
         node_ids = await _start_farm(farm, ["n1", "n2", "n3"], db)
         await _start_all(db, ids)
         await _wait(lambda: _all_running(db, ids), 20, "desktops running")
-        victim = max(node_ids, key=lambda n: sum(1 for r in [] if r))  # any node with desktops
         by_node: dict[int, list[int]] = {}
         for r in await _desktops(db):
             by_node.setdefault(r.node_id, []).append(r.id)
@@ -101,12 +101,13 @@ async def test_kill_9_node_running_desktops_every_desktop_restartable_elsewhere_
         await _wait(released, 15, "the lost node's desktops released")
         detect = time.monotonic() - t0
         assert (await _nodes(db))[victim][1] == "lost"
+        reasons = {r.id: r.failure_reason or "" for r in await _desktops(db) if r.id in moved}
+        assert all(f"node {victim} was lost and fenced" in why for why in reasons.values()), reasons
         for desktop_id in moved:
             assert await request_start(db, desktop_id) != node_ids[victim]
         await _wait(lambda: _all_running(db, ids), 15 - detect, "desktops running again on other nodes")
         rows = await _desktops(db)
         assert {r.node_id for r in rows} <= {nid for n, nid in node_ids.items() if n != victim}
-        assert all("lost" in (r.failure_reason or "") for r in rows if r.id in moved) or True
     finally:
         await db.close()
 
@@ -274,3 +275,35 @@ async def test_node_cut_off_from_the_database_self_fences_and_the_others_take_ov
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)  # noqa: ASYNC221 - cleanup must not be cancelled
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # noqa: ASYNC221 - cleanup must not be cancelled
+
+
+async def test_rolling_restart_keeps_every_desktop_running_where_it_is(farm: MultiNodeFarm) -> None:
+    """``deckard node restart --all``: each daemon re-executes itself in turn and adopts its guests."""
+    ids = await seed_farm(farm.database_url, users=2, desktops=6)
+    db = Database(farm.database_url)
+    await db.start(run_migrations=False)
+    try:
+        node_ids = await _start_farm(farm, ["n1", "n2"], db)
+        await _start_all(db, ids)
+        await _wait(lambda: _all_running(db, ids), 20, "desktops running")
+        before = {r.id: (r.node_id, r.state_at, r.agent_token) for r in await _desktops(db)}
+        assert {nid for nid, _, _ in before.values()} == set(node_ids.values()), "both nodes run desktops"
+        for name, node_id in node_ids.items():
+            async with db.connect() as conn:
+                old = (await conn.execute(sa.select(t.nodes).where(t.nodes.c.id == node_id))).one()
+            await maintenance.restart_node(db, SYSTEM, name)
+
+            async def back(node_id: int = node_id, old: sa.Row = old) -> bool:  # type: ignore[type-arg]
+                async with db.connect() as conn:
+                    row = (await conn.execute(sa.select(t.nodes).where(t.nodes.c.id == node_id))).one()
+                return row.state == "running" and row.started_at != old.started_at
+
+            await _wait(back, 20, f"node {name} back after its restart")
+            assert farm.nodes[name].proc.poll() is None, "the daemon re-executes itself: same process"
+            log = farm.nodes[name].log.read_text()
+            assert log.count('"node.adopted"') >= sum(1 for nid, _, _ in before.values() if nid == node_id)
+        after = {r.id: (r.node_id, r.state_at, r.agent_token) for r in await _desktops(db)}
+        assert after == before, "no desktop was stopped, moved or restarted"
+        assert await _all_running(db, ids)
+    finally:
+        await db.close()

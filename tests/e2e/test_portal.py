@@ -99,8 +99,12 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
     page.get_by_role("button", name="Connect to paula-desk").click()
-    page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
-    stats = _canvas_stats(page)
+    try:
+        page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
+        stats = _canvas_stats(page)
+    except Exception as e:
+        page.screenshot(path="/tmp/deckard-portal-failed.png")
+        raise AssertionError(f"{e}\n{farm.diagnostics(desk['id'])}") from None
     assert stats["width"] >= 640 and stats["height"] >= 400
     page.screenshot(path=str(SHOTS / "portal-desktop.png"))
     timing = page.evaluate("window.deckardTiming")
@@ -122,7 +126,8 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
         spy.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
     except Exception:
         spy.screenshot(path=str(SHOTS / "spy-failed.png"))
-        raise AssertionError("the spy never drew a frame: " + spy.locator("#progress-text").inner_text()) from None
+        text = spy.locator("#progress-text").inner_text()
+        raise AssertionError(f"the spy never drew a frame: {text}\n{farm.diagnostics(desk['id'])}") from None
     _canvas_stats(spy)
     assert "View only" in spy.locator("#banner").inner_text()
     spy.screenshot(path=str(SHOTS / "spy.png"))

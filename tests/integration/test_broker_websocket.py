@@ -279,7 +279,7 @@ async def test_portal_api_login_list_ticket_stop_and_reset(farm: Farm, tmp_path:
         assert res.status_code == 200
         body = res.json()
         assert body["broker_ws_url"].startswith("wss://portal.test:") and body["ticket"] in body["broker_ws_url"]
-        overlay = Settings(home=tmp_path).paths.overlays / Settings(home=tmp_path).paths.guest_name(desk_id)
+        overlay = Settings(home=tmp_path).paths.overlay(desk_id)
         overlay.mkdir(parents=True)
         (overlay / "junk").write_text("x")
         res = await http.post(f"/portal/desktops/{desk_id}/reset", headers=auth)

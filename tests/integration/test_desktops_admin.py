@@ -52,7 +52,7 @@ async def test_reset_discards_the_overlay_of_a_stopped_desktop_and_refuses_a_run
 ) -> None:
     api, (desk,) = await _desktops(farm, 1)
     paths = FarmPaths(tmp_path)
-    overlay = paths.overlays / paths.guest_name(desk["id"])
+    overlay = paths.overlay(desk["id"])
     (overlay / "upper").mkdir(parents=True)
     (overlay / "upper" / "junk").write_text("x")
     await call(api.reset_desktop, desk["name"])

@@ -149,3 +149,14 @@ def test_load_driver_by_name(tmp_path: Path) -> None:
     with pytest.raises(BadInput) as err:
         load_driver("hyperv", FarmPaths(tmp_path))
     assert err.value.code == "unknown_driver"
+
+
+def test_nodes_sharing_a_machine_name_their_guests_apart_but_share_overlays(tmp_path: Path) -> None:
+    aio = FarmPaths(tmp_path)
+    same = FarmPaths(tmp_path, tmp_path / "run")  # the all-in-one node registers <home>/run as its run dir
+    n2, n3 = FarmPaths(tmp_path, tmp_path / "n2"), FarmPaths(tmp_path, tmp_path / "n3")
+    names = {p.guest_name(7) for p in (aio, n2, n3)}
+    assert len(names) == 3 and same.guest_name(7) == aio.guest_name(7)
+    assert all(len(veth_name(name)) <= 15 for name in names)
+    assert n2.guest_name(7).startswith(n2.guest_prefix()) and not n2.guest_name(7).startswith(n3.guest_prefix())
+    assert aio.overlay(7) == n2.overlay(7) == n3.overlay(7)  # a kept writable layer follows the desktop

@@ -188,7 +188,13 @@ def image_import(
 
 # ---- running processes ---------------------------------------------------------------------------------
 async def _serve(
-    settings: Settings, *, with_api: bool, with_node: bool, stop: asyncio.Event, ready_file: Path | None = None
+    settings: Settings,
+    *,
+    with_api: bool,
+    with_node: bool,
+    stop: asyncio.Event,
+    ready_file: Path | None = None,
+    restart: asyncio.Event | None = None,
 ) -> None:
     from deckard.api.app import create_app
     from deckard.api.server import serve_api
@@ -229,6 +235,7 @@ async def _serve(
                 settings,
                 driver,
                 broker_url=(f"https://{_public_host(settings.broker.host)}:{settings.broker.port}"),
+                restart=restart,
             )
             node_id = await node.register()
             broker = Broker(db, settings.broker, server_context(cert, key), node_id=node_id, poll=settings.node.poll_s)
@@ -254,12 +261,27 @@ def _run_until_signal(settings: Settings, *, with_api: bool, with_node: bool, re
 
     setup_logging(settings.log_format)
 
+    restart_requested = False
+
     async def main() -> None:
-        stop = asyncio.Event()
+        nonlocal restart_requested
+        stop, restart = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await _serve(settings, with_api=with_api, with_node=with_node, stop=stop, ready_file=ready_file)
+
+        def restart_in_place() -> None:
+            restart.set()
+            stop.set()
+
+        if with_node:  # SIGHUP: restart in place, keeping the desktops (what `deckard node restart` asks for)
+            loop.add_signal_handler(signal.SIGHUP, restart_in_place)
+        try:
+            await _serve(
+                settings, with_api=with_api, with_node=with_node, stop=stop, ready_file=ready_file, restart=restart
+            )
+        finally:
+            restart_requested = restart.is_set()
 
     try:
         import uvloop
@@ -267,6 +289,12 @@ def _run_until_signal(settings: Settings, *, with_api: bool, with_node: bool, re
         uvloop.run(main())
     except ImportError:
         asyncio.run(main())
+    if restart_requested:
+        # the same pid and process group (pid files and fencing stay valid); the new code, if it was upgraded
+        argv = [sys.executable, "-m", "deckard.cli.main", *sys.argv[1:]]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)
 
 
 def node_cmd(
@@ -371,18 +399,19 @@ def up(
     network: NetworkOpt = None,
     node_name: NodeNameOpt = None,
     driver: DriverOpt = None,
+    database: DbOpt = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached (Ctrl-C stops).")] = False,
     no_image: Annotated[bool, typer.Option("--no-image", help="Do not build the default image.")] = False,
     nodes: Annotated[
         int, typer.Option("--nodes", min=1, help="Demo farm: start this many nodes (extra ones as `deckard node`).")
     ] = 1,
 ) -> None:
-    """Run the all-in-one farm: API + node + broker, SQLite, the default image and an administrator."""
+    """Run the all-in-one farm: API + node + broker, SQLite (or --database), the default image and an administrator."""
     from deckard.db.engine import Database
     from deckard.runtime.tls import ensure_tls
     from deckard.services.tenancy import bootstrap_farm
 
-    settings = _settings(home, api_port, broker_port, listen, bridge, network, None, node_name, driver)
+    settings = _settings(home, api_port, broker_port, listen, bridge, network, database, node_name, driver)
     if settings.node.driver == "container":
         _need_root("deckard up")
     _quiet_logs()
@@ -429,6 +458,7 @@ def up(
         ("--network", network),
         ("--node-name", node_name),
         ("--driver", driver),
+        ("--database", database),
     ):
         if val is not None:
             args += [opt, str(val)]
@@ -484,9 +514,10 @@ def serve_hidden(
     network: NetworkOpt = None,
     node_name: NodeNameOpt = None,
     driver: DriverOpt = None,
+    database: DbOpt = None,
 ) -> None:
     """(internal) The background process of `deckard up`."""
-    settings = _settings(home, api_port, broker_port, listen, bridge, network, None, node_name, driver)
+    settings = _settings(home, api_port, broker_port, listen, bridge, network, database, node_name, driver)
     _run_until_signal(settings, with_api=True, with_node=True, ready_file=settings.paths.run / "ready")
 
 

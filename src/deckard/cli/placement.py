@@ -1,4 +1,4 @@
-"""``deckard desktop explain|placement`` and ``deckard node drain|evacuate|stop``: the farm's admin verbs.
+"""``deckard desktop explain|placement`` and ``deckard node drain|evacuate|stop|restart``: the farm's admin verbs.
 
 They join the ``desktop`` and ``node`` groups that other modules own (cli/admin.py's ``_group``), so the nouns
 stay the user's: a desktop is explained, a node is drained.
@@ -6,13 +6,16 @@ stay the user's: a desktop is explained, a node is drained.
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from deckard.cli import session
 from deckard.cli.output import print_done, print_json, print_rows
 from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.model.errors import BadInput, Unavailable
 
 EXPLAIN_COLUMNS = ("node", "eligible", "score", "excluded_by", "desktops", "mem_free_mib", "committed_mib", "load")
 
@@ -74,6 +77,59 @@ def stop(
     _node_action(node, "stop", "asked to stop its desktops and exit", as_json, profile)
 
 
+def restart(
+    node: Annotated[str | None, typer.Argument(help="Node name or id (omit with --all).")] = None,
+    all_nodes: Annotated[bool, typer.Option("--all", help="Every running node, one at a time (rolling).")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each node to come back.")] = 60,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Restart node daemons in place: their desktops keep running and are adopted by the new process."""
+    results: list[dict[str, Any]] = []
+    with session.api(profile) as api:
+        if (node is None) == (not all_nodes):
+            raise BadInput("name one node, or give --all for a rolling restart of every running node")
+        names = [node] if node is not None else [n["name"] for n in api.list_nodes() if n["state"] == "running"]
+        for name in sorted(names) if all_nodes else names:
+            before = api.get_node(name)
+            api.node_action(name, "restart")
+            t0 = time.monotonic()
+            with Console(stderr=True).status(f"Restarting node {name}…"):
+                row = _wait_restarted(api, name, before["started_at"], timeout)
+            took = round(time.monotonic() - t0, 1)
+            results.append({"node": name, "state": row["state"], "seconds": took})
+            if not as_json:
+                typer.echo(f"node {name}: back in {took} s, {row['desktops_running']} desktop(s) kept running")
+    if as_json:
+        print_json(results)
+
+
+def _wait_restarted(api: Any, name: str, started_before: str | None, timeout: float) -> dict[str, Any]:
+    """Until the node registered anew (``started_at`` moved) and is ``running`` again.
+
+    The API may be served by the very process that restarts (``deckard up``): a refused connection means wait.
+    """
+    deadline = time.monotonic() + timeout
+    row: dict[str, Any] = {"state": "restarting"}
+    while True:
+        try:
+            row = api.get_node(name)
+        except Unavailable as e:
+            if e.code != "api_unreachable" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+            continue
+        if row["state"] == "running" and row["started_at"] != started_before:
+            return row
+        if row["state"] == "lost" or time.monotonic() > deadline:
+            raise Unavailable(
+                f"node {name} did not come back ({row['state']}); see its log: once it is declared lost its "
+                "desktops are fenced and start on other nodes",
+                code="node_not_back",
+            )
+        time.sleep(0.3)
+
+
 def add_desktop_commands(group: typer.Typer) -> None:
     group.command("explain")(explain)
     group.command("placement")(placement)
@@ -83,3 +139,4 @@ def add_node_commands(group: typer.Typer) -> None:
     group.command("drain")(drain)
     group.command("evacuate")(evacuate)
     group.command("stop")(stop)
+    group.command("restart")(restart)

@@ -5,9 +5,9 @@ and a config we render ourselves (see :func:`render_config`) says exactly what a
 
 A desktop's root filesystem is an overlay: the image unpacked once per image id under ``basefs/``
 (read-only lower layer, shared by every desktop of that image) and a per-desktop ``upper`` directory under
-``overlays/<guest>`` that is thrown away at every start unless the OSF keeps it.  The user's home is a bind
-mount kept across starts.  The guest agent is the container's init; before start the driver writes its
-token and the hostname into the upper layer.
+``overlays/dk<farm>-<desktop id>`` (the same whichever node runs it) that is thrown away at every start
+unless the OSF keeps it.  The user's home is a bind mount kept across starts.  The guest agent is the
+container's init; before start the driver writes its token and the hostname into the upper layer.
 
 On the host each guest leaves: ``run/lxc/<guest>/`` (config, logs, ``deckard.json`` with what teardown
 needs), its overlay, a veth on the bridge, cgroup directories under every v1 controller, and a neighbour
@@ -186,7 +186,7 @@ class ContainerDriver:
         return info
 
     def _prepare_overlay(self, spec: GuestSpec) -> Path:
-        root = self.paths.overlays / spec.guest_name
+        root = self.paths.overlay(spec.desktop_id)
         if not spec.keep_overlay and root.exists():
             shutil.rmtree(root)
         upper = root / "upper"
@@ -272,8 +272,9 @@ class ContainerDriver:
         if isinstance(meta.get("ip"), str):
             await flush_neighbour(str(meta["ip"]))
         # without the record we cannot know the OSF kept the overlay: leave it, the next start decides
-        if meta.get("keep_overlay") is False:
-            await asyncio.to_thread(shutil.rmtree, self.paths.overlays / guest_name, True)
+        desktop_id = meta.get("desktop_id")
+        if meta.get("keep_overlay") is False and isinstance(desktop_id, int):
+            await asyncio.to_thread(shutil.rmtree, self.paths.overlay(desktop_id), True)
         await asyncio.to_thread(remove_cgroups, guest_name)
         await asyncio.to_thread(shutil.rmtree, lxc_dir, True)
 

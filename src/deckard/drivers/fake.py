@@ -5,12 +5,17 @@ development without root or LXC, as the ``nothing`` backend does in QVD and the 
 There is no guest and no agent: a started desktop is a record that ``inspect``/``list`` report as
 running until it is stopped or killed.  ``has_agent = False`` tells the node to skip the agent wait and pings
 (the start path completes as soon as the record exists), and the node's death (``kill -9``) takes its fake
-guests with it, as fencing expects of a real node.
+guests with it, as fencing expects of a real node.  A restart in place keeps them, as it keeps real guests:
+``handover`` writes them to the node's run directory and the next process's driver takes them back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
 
 from deckard.drivers.base import GuestInfo, GuestSpec
 from deckard.runtime.paths import FarmPaths
@@ -29,6 +34,21 @@ class FakeDriver:
         self.start_delay = start_delay  # simulated boot time, for tests of waiting and progress
         self.guests: dict[str, GuestSpec] = {}
         self._next_pid = 10_000
+        handed = self._handover_file
+        with contextlib.suppress(FileNotFoundError):
+            for g in json.loads(handed.read_text()):
+                g.update(image_path=Path(g["image_path"]), home_dir=Path(g["home_dir"]))
+                self.guests[g["guest_name"]] = GuestSpec(**g)
+            handed.unlink()
+
+    @property
+    def _handover_file(self) -> Path:
+        return self.paths.node_run_dir / "fake-guests.json"
+
+    async def handover(self) -> None:
+        """The daemon restarts in place: leave the guests to the next process (real guests outlive it anyway)."""
+        self.paths.node_run_dir.mkdir(parents=True, exist_ok=True)
+        self._handover_file.write_text(json.dumps([dataclasses.asdict(g) for g in self.guests.values()], default=str))
 
     async def start(self, spec: GuestSpec) -> GuestInfo:
         if spec.guest_name not in self.guests:

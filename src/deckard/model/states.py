@@ -37,6 +37,7 @@ class NodeState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     LOST = "lost"
+    RESTARTING = "restarting"  # the daemon re-executes itself; its guests keep running and are adopted
 
 
 class ImageState(StrEnum):
@@ -77,7 +78,8 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.STOPPED: frozenset({NodeState.STARTING}),
     NodeState.LOST: frozenset({NodeState.STARTING}),
     NodeState.STARTING: frozenset({NodeState.RUNNING, NodeState.STOPPING, NodeState.LOST}),
-    NodeState.RUNNING: frozenset({NodeState.STOPPING, NodeState.LOST}),
+    NodeState.RUNNING: frozenset({NodeState.STOPPING, NodeState.RESTARTING, NodeState.LOST}),
+    NodeState.RESTARTING: frozenset({NodeState.STARTING, NodeState.LOST}),
     NodeState.STOPPING: frozenset({NodeState.STOPPED, NodeState.LOST}),
 }
 

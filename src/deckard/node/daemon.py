@@ -12,6 +12,10 @@ Farm safety (docs/farm.md): a node that cannot write its heartbeat for ``self_fe
 guests (self-fencing: by then the others are about to fence it and restart its desktops elsewhere), and a node
 whose heartbeat finds its row ``lost`` kills its guests and registers again — it never resurrects a desktop that
 moved.  Every node also runs the cluster monitor (node/cluster.py) that fences and releases silent nodes.
+
+Restart in place (``cmd='restart'`` or SIGHUP): the daemon finishes the starts and stops in flight, leaves its
+guests running, marks the node ``restarting`` and sets ``restart``; the process then re-executes itself
+(cli/farm.py) and the new daemon adopts the guests like after a crash, without stopping any desktop.
 """
 
 from __future__ import annotations
@@ -48,8 +52,17 @@ class _AgentHealth:
 
 
 class NodeDaemon:
-    def __init__(self, db: Database, settings: Settings, driver: Driver, *, broker_url: str = "") -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        driver: Driver,
+        *,
+        broker_url: str = "",
+        restart: asyncio.Event | None = None,
+    ) -> None:
         self.db = db
+        self.restart = restart or asyncio.Event()  # set: stop keeping the guests, the process re-executes itself
         self.settings = settings
         self.cfg = settings.node
         self.paths: FarmPaths = settings.paths
@@ -115,12 +128,19 @@ class NodeDaemon:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            if stop_desktops:
+            if stop_desktops and not self.restart.is_set():
                 await self.stop_all()
             else:
                 await asyncio.gather(*self._work.values(), return_exceptions=True)
-            await node_ops.set_node_state(self.db, node_id, "stopped")
-            log.info("node.stopped", node_id=node_id)
+            if self.restart.is_set():  # the heartbeat this writes gives the new process lost_after_s to register
+                handover = getattr(self.driver, "handover", None)  # the fake driver's in-memory guests
+                if handover is not None:
+                    await handover()
+                await node_ops.set_node_state(self.db, node_id, "restarting")
+                log.info("node.restarting", node_id=node_id, kept=len(await self.driver.list()))
+            else:
+                await node_ops.set_node_state(self.db, node_id, "stopped")
+                log.info("node.stopped", node_id=node_id)
 
     async def stop_all(self) -> None:
         """Clean node stop (QVD's ``stopping``): every desktop of this node is stopped."""
@@ -247,8 +267,10 @@ class NodeDaemon:
         if self._fenced:
             return  # no new guest while we may have been declared lost
         node_cmd = await node_ops.claim_node_command(self.db, self.node_id)
-        if node_cmd == "stop" and self._stop_event is not None:
-            log.info("node.stop_requested")
+        if node_cmd in ("stop", "restart") and self._stop_event is not None:
+            log.info(f"node.{node_cmd}_requested")
+            if node_cmd == "restart":
+                self.restart.set()
             self._stop_event.set()
             return
         if node_cmd == "drain":

@@ -8,7 +8,7 @@ Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/de
     storage/              the storage root, shared by all nodes of a farm
       images/             disk image tarballs
       basefs/<image id>/  each image unpacked once, read-only
-      overlays/<guest>/   per-desktop writable layer (upper + work)
+      overlays/dk<farm>-<desktop>/  per-desktop writable layer (upper + work), whichever node runs it
       homes/<tenant>/<login>/  persistent user homes
     run/                  local run state of the node: lxc/ (container configs), pid files, logs
 
@@ -81,11 +81,27 @@ class FarmPaths:
     def logs(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def guest_tag(self) -> str:
+        """Names this node's guests: the farm id, or for a node with its own run directory a hash of both.
+
+        Two nodes on one machine then never share a container, cgroup or veth name, even while a fenced node's
+        leftovers are being removed as its desktop starts on the other one.
+        """
+        if self.node_run is None or self.node_run.resolve() == self.run.resolve():
+            return self.farm_id
+        key = f"{self.home.resolve()}\0{self.node_run.resolve()}"
+        return hashlib.sha256(key.encode()).hexdigest()[:6]
+
     def guest_name(self, desktop_id: int) -> str:
-        return f"dk{self.farm_id}-{desktop_id}"
+        return f"dk{self.guest_tag}-{desktop_id}"
 
     def guest_prefix(self) -> str:
-        return f"dk{self.farm_id}-"
+        return f"dk{self.guest_tag}-"
+
+    def overlay(self, desktop_id: int) -> Path:
+        """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it)."""
+        return self.overlays / f"dk{self.farm_id}-{desktop_id}"
 
     def user_home(self, tenant: str, login: str) -> Path:
         return self.homes / tenant / login

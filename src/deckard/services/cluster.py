@@ -32,7 +32,7 @@ from deckard.services.events import DESKTOPS
 n = t.nodes
 d = t.desktops
 
-LIVE_STATES = ("starting", "running", "stopping")
+LIVE_STATES = ("starting", "running", "stopping", "restarting")  # a restart that never comes back is a loss
 
 
 @dataclass(frozen=True)

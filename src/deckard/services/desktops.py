@@ -280,7 +280,7 @@ async def disconnect_desktop(db: Database, actor: Actor, desktop_id: int) -> dic
 
 
 async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: FarmPaths) -> dict[str, Any]:
-    """Discard the desktop's writable layer (``overlays/<guest>``) so its next start is a clean image.
+    """Discard the desktop's writable layer (``FarmPaths.overlay``) so its next start is a clean image.
 
     Only a stopped desktop: the overlay of a running one is in use (409 ``desktop_running``, stop it first).
     The storage root is shared by all nodes (ARCHITECTURE.md §5), so the API removes it directly.
@@ -289,7 +289,7 @@ async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: Farm
     row = await _row(db, actor, desktop_id)
     if row["state"] not in ("stopped", "failed") or row["cmd"] is not None:
         raise Conflict("the desktop is running or busy: stop it before resetting it", code="desktop_running")
-    await asyncio.to_thread(shutil.rmtree, paths.overlays / paths.guest_name(desktop_id), True)
+    await asyncio.to_thread(shutil.rmtree, paths.overlay(desktop_id), True)
     return await _changed(db, actor, desktop_id, reset=True)
 
 

@@ -9,9 +9,10 @@ channel; the node carries it out.
   its user's next connect.
 * **stop**: ``cmd='stop'``: the node stops its desktops cleanly and exits (QVD's ``host_runtimes.cmd``).
 
-A rolling restart is drain → (wait or evacuate) → stop → start the daemon again → unblock, one node at a time
-(docs/farm.md).  A node daemon that restarts without ``stop`` adopts its running guests (converge), so desktops
-that need not move are untouched.
+* **restart**: ``cmd='restart'``: the node finishes the starts and stops in flight, leaves its guests running,
+  marks itself ``restarting`` and re-executes itself; the new process adopts the guests (converge).  Desktops are
+  not touched; only tunnels through that node's own broker drop (their clients reconnect to the same session).
+  ``deckard node restart --all`` does it one node at a time (a rolling restart, e.g. after an upgrade).
 """
 
 from __future__ import annotations
@@ -84,12 +85,23 @@ async def evacuate_node(db: Database, actor: Actor, ref: str | int) -> dict[str,
 
 async def stop_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
     """Ask the node daemon to stop its desktops cleanly and exit."""
+    return await _node_command(db, actor, ref, "stop", ("starting", "running"))
+
+
+async def restart_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
+    """Ask the node daemon to re-execute itself, keeping its desktops running (they are adopted)."""
+    return await _node_command(db, actor, ref, "restart", ("running",))
+
+
+async def _node_command(
+    db: Database, actor: Actor, ref: str | int, cmd: str, states: tuple[str, ...]
+) -> dict[str, Any]:
     require(actor, "node.stop")
     node = await _node(db, ref)
-    if node.state not in ("starting", "running"):
+    if node.state not in states:
         raise Conflict(f"node {node.name} is {node.state}: it is not running", code="node_not_running")
     async with db.begin() as conn:
-        await conn.execute(sa.update(n).where(n.c.id == node.id).values(cmd="stop"))
-    await db.bus.notify(node_channel(node.id), "stop")
-    await publish(db, "updated", "node", node.id, None, cmd="stop")
-    return {"node_id": node.id, "node": node.name, "cmd": "stop"}
+        await conn.execute(sa.update(n).where(n.c.id == node.id).values(cmd=cmd))
+    await db.bus.notify(node_channel(node.id), cmd)
+    await publish(db, "updated", "node", node.id, None, cmd=cmd)
+    return {"node_id": node.id, "node": node.name, "cmd": cmd}

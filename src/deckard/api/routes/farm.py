@@ -74,3 +74,10 @@ async def evacuate_node(node: str, actor: ActorDep, db: DbDep) -> dict[str, Any]
 @router.post("/nodes/{node}/stop", summary="Stop a node daemon cleanly (its desktops are stopped)")
 async def stop_node(node: str, actor: ActorDep, db: DbDep) -> dict[str, Any]:
     return await maintenance.stop_node(db, actor, node)
+
+
+@router.post(
+    "/nodes/{node}/restart", summary="Restart a node daemon in place (its desktops keep running and are adopted)"
+)
+async def restart_node(node: str, actor: ActorDep, db: DbDep) -> dict[str, Any]:
+    return await maintenance.restart_node(db, actor, node)
