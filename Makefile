@@ -69,6 +69,7 @@ bench: deps
 	$(VENV)/bin/python bench/time_to_desktop.py
 	$(VENV)/bin/python bench/api_scale.py
 	$(VENV)/bin/python bench/farm_scale.py
+	$(VENV)/bin/python bench/farm_failover.py
 
 clean-cache:
 	rm -rf .cache
