@@ -22,18 +22,9 @@ from typing import Any
 
 from playwright.sync_api import sync_playwright
 
-from deckard.testing import FarmProcess, wait_for
+from deckard.testing import CHROMIUM, CHROMIUM_ARGS, FarmProcess, wait_for
 
 PASSWORD = "bench-pass1"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def desktop(farm: FarmProcess, name: str) -> dict[str, Any]:
@@ -78,7 +69,7 @@ def main() -> None:
         farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
         base = f"https://127.0.0.1:{farm.api_port}"
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
             page = ctx.new_page()
             page.goto(base + "/")

@@ -29,12 +29,13 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-from test_wat import ARGS, CHROMIUM, ApiThread  # noqa: E402
+from test_wat import ApiThread  # noqa: E402
 
 from deckard.db import schema as t  # noqa: E402
 from deckard.db.engine import Database  # noqa: E402
 from deckard.model.entities import utcnow  # noqa: E402
 from deckard.model.network import mac_for_ip  # noqa: E402
+from deckard.testing import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 TARGET_MS = 1000.0
 
@@ -130,7 +131,7 @@ def main() -> None:
 
     with ApiThread(home, prepare) as api, sync_playwright() as p:
         token = api.token()
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         times, stats_ms = [], []
         for _ in range(args.runs + 1):  # the first run warms the server and the disk cache; not counted
             ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})

@@ -17,10 +17,50 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from deckard.runtime.paths import FarmPaths
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- the browser the web tests and benchmarks drive (Debian's Chromium through Playwright) ----------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WEB_DIST = REPO / "src" / "deckard" / "web" / "static" / "dist"
+
+
+def browser_unavailable_reason() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return "Debian's Chromium is not installed (apt-get install chromium; `make test` does it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install -e '.[dev]'; `make` does it)"
+    if not (WEB_DIST / "portal.js").exists() or not (WEB_DIST / "admin.js").exists():
+        return "the web assets are not built (cd web && npm ci && npm run build; `make` does it)"
+    return None
+
+
+def goto(page: Any, url: str) -> None:
+    """``page.goto`` that rides out Chromium's ERR_NETWORK_CHANGED (a farm's bridge or veth came or went)."""
+    for attempt in range(3):
+        try:
+            page.goto(url)
+            return
+        except Exception as e:
+            if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 2:
+                raise
+            page.wait_for_timeout(200)
 
 
 def free_port() -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from deckard.testing import FarmProcess, e2e_unavailable_reason
+from deckard.testing import CHROMIUM, CHROMIUM_ARGS, FarmProcess, browser_unavailable_reason, e2e_unavailable_reason
 
 
 @pytest.fixture(scope="module")
@@ -20,3 +21,19 @@ def farm() -> Iterator[FarmProcess]:
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium for a module's tests (each opens its own contexts)."""
+    reason = browser_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

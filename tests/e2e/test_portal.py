@@ -11,28 +11,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deckard.testing import FarmProcess
+from deckard.testing import FarmProcess, goto
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-DIST = Path(__file__).resolve().parents[2] / "src" / "deckard" / "web" / "static" / "dist"
 PASSWORD = "portal-pw1"
 
 # variance of the canvas and the share of light pixels (xterm's window on the dark session background)
@@ -48,24 +37,6 @@ CANVAS_STATS = """() => {
   const mean = sum / n;
   return {width: c.width, height: c.height, variance: sq / n - mean * mean, light: light / n};
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's Chromium is not installed (apt-get install chromium; `make test` does it)")
-    if not (DIST / "portal.js").exists():
-        pytest.skip("the web assets are not built (cd web && npm ci && npm run build; `make` does it)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed in the venv")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _admin_password(farm: FarmProcess) -> str:
@@ -94,7 +65,7 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
 
     ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
     page = ctx.new_page()
-    page.goto(base + "/")
+    goto(page, base + "/")
     page.get_by_label("User name").fill("paula")
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
@@ -119,15 +90,21 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
     )  # fmt: skip
     assert resp.ok, resp.text()
     token = resp.json()["token"]
-    spy.goto(base + "/static/dist/spy.css")  # same origin, to set sessionStorage before the page loads
+    goto(spy, base + "/static/dist/spy.css")  # same origin, to set sessionStorage before the page loads
     spy.evaluate("t => sessionStorage.setItem('deckard.admin.token', t)", token)
-    spy.goto(f"{base}/admin/spy?desktop={desk['id']}")
-    try:
-        spy.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
-    except Exception:
-        spy.screenshot(path=str(SHOTS / "spy-failed.png"))
-        text = spy.locator("#progress-text").inner_text()
-        raise AssertionError(f"the spy never drew a frame: {text}\n{farm.diagnostics(desk['id'])}") from None
+    for attempt in (1, 2):
+        goto(spy, f"{base}/admin/spy?desktop={desk['id']}")
+        try:
+            spy.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
+            break
+        except Exception:
+            spy.screenshot(path=f"/tmp/deckard-spy-failed-{attempt}.png")
+            report = f"the spy never drew a frame: {spy.locator('#progress-text').inner_text()}\n"
+            report += farm.diagnostics(desk["id"])
+            if attempt == 2:
+                raise AssertionError(report) from None
+            # seen once in CI, never reproduced: keep the evidence in the warnings summary and reopen the spy
+            warnings.warn(report, stacklevel=1)
     _canvas_stats(spy)
     assert "View only" in spy.locator("#banner").inner_text()
     spy.screenshot(path=str(SHOTS / "spy.png"))
@@ -144,7 +121,7 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
 def test_portal_fits_a_phone_screen(farm: FarmProcess, browser: Any) -> None:
     ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 375, "height": 740}, is_mobile=True)
     page = ctx.new_page()
-    page.goto(f"https://127.0.0.1:{farm.api_port}/")
+    goto(page, f"https://127.0.0.1:{farm.api_port}/")
     page.get_by_label("User name").fill("nobody")
     page.get_by_label("Password").fill("wrong")
     page.keyboard.press("Enter")

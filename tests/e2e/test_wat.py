@@ -17,34 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from deckard.testing import goto
+
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "docs" / "screenshots"
-DIST = ROOT / "src" / "deckard" / "web" / "static" / "dist"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _unavailable() -> str | None:
-    if not Path(CHROMIUM).exists():
-        return "Chromium is not installed at /usr/bin/chromium (apt-get install chromium; `make deps` does it)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install -e '.[dev]')"
-    if not (DIST / "admin.js").exists():
-        return "the web assets are not built (cd web && npm ci && npm run build; `make` does it)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
 
 
 @dataclass
@@ -128,18 +104,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         yield a
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
     ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
@@ -154,7 +118,7 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def login(page: Any, api: Api, name: str = "admin", password: str | None = None) -> None:
-    page.goto(api.url + "/admin")
+    goto(page, api.url + "/admin")
     page.get_by_label("Name").fill(name)
     page.get_by_label("Password").fill(password or api.password)
     page.get_by_role("button", name="Log in").click()
@@ -175,24 +139,24 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     shot(page, "dashboard")
 
     # a user through the create form
-    page.goto(api.url + "/admin#/users/new")
+    goto(page, api.url + "/admin#/users/new")
     page.get_by_label("login").fill("alice")
     page.get_by_label("password").fill("Alice-secret-42")
     page.get_by_label("description").fill("made in the WAT")
     page.get_by_role("button", name="Create").click()
     page.wait_for_selector("h1:has-text('user alice')")
-    page.goto(api.url + "/admin#/users")
+    goto(page, api.url + "/admin#/users")
     page.wait_for_selector("table.list tbody tr td a:has-text('alice')")
     shot(page, "users")
 
     # two desktops through the UI
     for name in ("web1", "web2"):
-        page.goto(api.url + "/admin#/desktops/new")
+        goto(page, api.url + "/admin#/desktops/new")
         page.get_by_label("name", exact=True).fill(name)
         page.get_by_label("User (login)").fill("alice")
         page.get_by_role("button", name="Create").click()
         page.wait_for_selector(f"h1:has-text('desktop {name}')")
-    page.goto(api.url + "/admin#/desktops")
+    goto(page, api.url + "/admin#/desktops")
     rows = page.locator("table.list tbody tr")
     page.wait_for_selector("table.list tbody tr td a:has-text('web2')")
     assert rows.count() == 2
@@ -224,19 +188,19 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     page.wait_for_selector("table.list tbody tr:has(a:has-text('web1')) .s-blocked")
 
     # role editor, audit log with the chain check, config editor
-    page.goto(api.url + "/admin#/roles")
+    goto(page, api.url + "/admin#/roles")
     page.locator("table.list a", has_text="Operator").click()
     page.wait_for_selector(".acl-tree li.acl", state="attached")
     assert page.locator(".acl-tree li.acl.on").count() > 0
     shot(page, "roles")
 
-    page.goto(api.url + "/admin#/audit")
+    goto(page, api.url + "/admin#/audit")
     page.wait_for_selector("table.list tbody tr td")
     page.get_by_role("button", name="Verify chain").click()
     page.wait_for_selector(".verify-result.ok")
     shot(page, "audit")
 
-    page.goto(api.url + "/admin#/config")
+    goto(page, api.url + "/admin#/config")
     row = page.locator("tr[data-key='ui.page_size']")
     row.get_by_label("Value of ui.page_size").fill("40")
     row.get_by_role("button", name="Set", exact=True).click()
@@ -254,12 +218,12 @@ def test_read_only_administrator_is_not_offered_forbidden_actions(page: Any, api
     menu = page.locator("#menu").inner_text()
     assert "Desktops" in menu and "Audit log" not in menu and "Tenants" not in menu
     for what in ("desktops", "users", "roles", "admins"):
-        page.goto(api.url + f"/admin#/{what}")
+        goto(page, api.url + f"/admin#/{what}")
         page.wait_for_selector("table.list tbody tr td")
         assert page.locator("a.create").count() == 0, what
         assert page.locator("button.bulk").count() == 0, what
         assert page.locator("table.list input[type=checkbox]").count() == 0, what
-    page.goto(api.url + "/admin#/desktops")
+    goto(page, api.url + "/admin#/desktops")
     page.locator("table.list a", has_text="ro1").click()
     page.wait_for_selector("dl.props")
     assert page.get_by_role("button", name="Delete").count() == 0

@@ -7,6 +7,7 @@ const POLL_MS = 3000;
 let token = sessionStorage.getItem(TOKEN_KEY);
 let pollTimer = null;
 let session = null; // the open viewer
+let viewerGen = 0; // bumped by every connect and close: callbacks of an older connection are ignored
 const timing = (window.deckardTiming = {});
 
 const STATE_TEXT = { stopped: "Stopped", starting: "Starting", running: "Running", stopping: "Stopping",
@@ -121,6 +122,8 @@ function geometry() {
 }
 
 async function connect(d) {
+  const gen = ++viewerGen;
+  const current = (fn) => (...args) => gen === viewerGen && fn(...args);
   timing.click = performance.now();
   timing.firstFrame = undefined;
   document.body.dataset.firstFrame = "";
@@ -133,36 +136,38 @@ async function connect(d) {
   try {
     ticket = await api(`/portal/desktops/${d.id}/ticket`, { method: "POST", token });
   } catch (err) {
-    setProgress(`Cannot connect: ${err.message}`, true);
+    if (gen === viewerGen) setProgress(`Cannot connect: ${err.message}`, true);
     return;
   }
+  if (gen !== viewerGen) return; // closed (or connected again) while the ticket was on its way
   const screen = $("#screen-canvas");
   screen.replaceChildren();
   const url = `${ticket.broker_ws_url}&geometry=${geometry()}`;
   session = openDesktop({
     target: screen,
     url,
-    onProgress: (text) => setProgress(text),
-    onConnect: () => {
+    onProgress: current((text) => setProgress(text)),
+    onConnect: current(() => {
       timing.connected = performance.now();
       setProgress("Drawing your desktop…");
-    },
-    onFirstFrame: () => {
+    }),
+    onFirstFrame: current(() => {
       timing.firstFrame = performance.now();
       document.body.dataset.firstFrame = String(timing.firstFrame - timing.click);
       $("#progress").classList.add("hidden");
       session.rfb.focus();
-    },
-    onDisconnect: (reason, clean) => {
+    }),
+    // a late close of a connection the user already left must not touch the one open now
+    onDisconnect: current((reason, clean) => {
       session = null;
       if (!viewer.classList.contains("hidden")) {
         setProgress(reason ? `Disconnected: ${reason}` : clean ? "Disconnected." : "The connection was lost.", true);
       }
       refresh();
-    },
-    onClipboard: (text) => {
+    }),
+    onClipboard: current((text) => {
       $("#clip-text").value = text;
-    },
+    }),
   });
 }
 
@@ -174,6 +179,7 @@ function setProgress(text, done = false) {
 }
 
 function closeViewer() {
+  viewerGen++;
   if (session) session.disconnect();
   session = null;
   $("#viewer").classList.add("hidden");
