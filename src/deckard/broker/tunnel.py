@@ -8,16 +8,73 @@ side stops reading until it drains, so a slow viewer cannot make the broker buff
 Two gotchas from the same page are handled here: the display server speaks first (the RFB banner) and may
 do so before the client has its ``101``, so its early bytes are held until :meth:`Tunnel.start`; and each
 received ``bytes`` object is handed to ``write`` as is, never reused.
+
+A third comes from Xvnc: a viewer whose ``SetEncodings`` has not arrived yet when the screen is resized (by
+another viewer of the same display: the user's resize-to-window while an administrator's spy connects, or a
+second device) is dropped with "Client does not support desktop size".  :class:`ResizeGuard` closes that
+window: the broker sends a ``SetEncodings`` of the two desktop-size pseudo-encodings in the same write as the
+client's ``ClientInit``, so Xvnc reads it right after sending ``ServerInit``; the client's own ``SetEncodings``
+replaces it a round trip later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import cast
 
 from deckard.broker.http import WRITE_HIGH_WATER, FrontConnection
 
 CLOSE_GRACE = 5.0  # seconds a closing side may take to flush before it is aborted
+
+
+# SetEncodings: DesktopSize (-223) and ExtendedDesktopSize (-308) pseudo-encodings
+RESIZE_ENCODINGS = struct.pack("!BxH2i", 2, 2, -223, -308)
+
+
+class ResizeGuard:
+    """Puts :data:`RESIZE_ENCODINGS` right behind the client's ``ClientInit``.
+
+    Only the handshake of Deckard's desktops is understood (RFB 3.7/3.8 with security type None, as Xvnc is
+    run): the server's version and security types are checked, then the client's first 14 bytes (version,
+    choice, ClientInit) counted.  Anything else and the guard steps aside (``done``, nothing injected).
+    """
+
+    CLIENT_INIT_END = 12 + 1 + 1  # version, security type None, ClientInit
+
+    def __init__(self) -> None:
+        self._server = bytearray()
+        self._none_only = False  # the server offered exactly [None] with RFB >= 3.7
+        self._client_seen = 0
+        self.done = False
+
+    def from_server(self, data: bytes) -> None:
+        if self.done or self._none_only:
+            return
+        buf = self._server
+        buf += data[: 14 - len(buf)]
+        if len(buf) < 14:
+            return
+        minor = int(buf[8:11]) if buf[:4] == b"RFB " and buf[8:11].isdigit() else 0
+        self._none_only = minor >= 7 and buf[12] == 1 and buf[13] == 1
+        self.done = not self._none_only
+
+    def from_client(self, data: bytes) -> bytes:
+        """The client's bytes, with :data:`RESIZE_ENCODINGS` inserted after ``ClientInit``."""
+        if self.done:
+            return data
+        start = self._client_seen
+        self._client_seen += len(data)
+        if start <= 12 < self._client_seen and data[12 - start] != 1:  # the client chose another type
+            self.done = True
+            return data
+        if self._client_seen < self.CLIENT_INIT_END:
+            return data
+        self.done = True
+        if not self._none_only:
+            return data
+        cut = self.CLIENT_INIT_END - start
+        return data[:cut] + RESIZE_ENCODINGS + data[cut:]
 
 
 class _DesktopSide(asyncio.Protocol):
@@ -33,6 +90,8 @@ class _DesktopSide(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
+        if not self.tunnel.guard.done:
+            self.tunnel.guard.from_server(data)
         self.tunnel.from_desktop(data)
 
     def eof_received(self) -> bool | None:
@@ -65,6 +124,7 @@ class Tunnel:
         self._started = False
         self._early: list[bytes] = []
         self._desktop_closed = False
+        self.guard = ResizeGuard()
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = loop.create_future()
         self._abort_handle: asyncio.TimerHandle | None = None
@@ -91,6 +151,8 @@ class Tunnel:
     # client → desktop
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if not self.guard.done:
+            data = self.guard.from_client(data)
         dt = self.desktop.transport if self.desktop else None
         if dt is not None and not dt.is_closing():
             dt.write(data)
