@@ -62,7 +62,7 @@ class NodeDaemon:
         restart: asyncio.Event | None = None,
     ) -> None:
         self.db = db
-        self.restart = restart or asyncio.Event()  # set: stop keeping the guests, the process re-executes itself
+        self.restart = restart or asyncio.Event()  # when set, stopping keeps the guests: the process re-executes
         self.settings = settings
         self.cfg = settings.node
         self.paths: FarmPaths = settings.paths
