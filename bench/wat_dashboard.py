@@ -18,11 +18,13 @@ import datetime as dt
 import ipaddress
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -123,6 +125,13 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     home = Path(tempfile.mkdtemp(prefix="deckard-wat-bench-"))
+    try:
+        run(home, args, sync_playwright)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # the 20,000-desktop database is not kept
+
+
+def run(home: Path, args: argparse.Namespace, sync_playwright: Any) -> None:
     t0 = time.monotonic()
 
     async def prepare(db: Database) -> None:
