@@ -73,7 +73,7 @@ def main(n: int) -> None:
             f"({restart_s:.1f} s with the CLI), all {n} still running untouched"
         )
 
-        pid = int((farm.home / "run" / "nodes" / "node-2.pid").read_text())
+        pid = int(farm.node_paths()[0].demo_node_pid(2).read_text())
         os.killpg(pid, 9)
         t0 = time.monotonic()
         wait_for(lambda: all(d["node"] is None for d in rows(api, ids)), 60, 0.1, "desktops released")

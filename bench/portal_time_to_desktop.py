@@ -27,15 +27,9 @@ from deckard.testing import CHROMIUM, CHROMIUM_ARGS, FarmProcess, wait_for
 PASSWORD = "bench-pass1"
 
 
-def desktop(farm: FarmProcess, name: str) -> dict[str, Any]:
-    rows = farm.json("desktop", "list")
-    assert isinstance(rows, list)
-    return next(r for r in rows if r["name"] == name)
-
-
 def wait_stopped(farm: FarmProcess, name: str) -> None:
     wait_for(
-        lambda: (d := desktop(farm, name))["state"] == "stopped" and d["cmd"] is None,
+        lambda: (d := farm.desktop(name))["state"] == "stopped" and d["cmd"] is None,
         90,
         0.3,
         f"{name} to stop",

@@ -40,14 +40,8 @@ def cgroup_memory(guest: str) -> tuple[int, int]:
     return usage, int(stat.get("total_rss", 0)) + int(stat.get("total_mapped_file", 0))
 
 
-def desktop(farm: FarmProcess, name: str) -> dict:
-    rows = farm.json("desktop", "list")
-    assert isinstance(rows, list)
-    return next(r for r in rows if r["name"] == name)
-
-
 def wait_state(farm: FarmProcess, name: str, state: str) -> None:
-    wait_for(lambda: (d := desktop(farm, name))["state"] == state and d["cmd"] is None, 60, 0.1, state)
+    wait_for(lambda: (d := farm.desktop(name))["state"] == state and d["cmd"] is None, 60, 0.1, state)
 
 
 async def first_byte(farm: FarmProcess, login: str, desktop_id: int) -> float:
@@ -95,7 +89,7 @@ def main() -> None:
         farm.up()
         farm.deckard("user", "add", "bench", "--password", PASSWORD)
         farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
-        desk_id = desktop(farm, "bench-desk")["id"]
+        desk_id = farm.desktop("bench-desk")["id"]
         asyncio.run(see(farm, "bench", desk_id))  # warm-up: unpacks the image once
         totals, phases = [], {p: [] for p in PHASES}
         for _ in range(args.runs):
@@ -123,7 +117,7 @@ def main() -> None:
         for i in range(n):
             farm.deckard("user", "add", f"u{i}", "--password", PASSWORD)
             farm.deckard("desktop", "add", f"d{i}", "--user", f"u{i}")
-        ids = {f"u{i}": desktop(farm, f"d{i}")["id"] for i in range(n)}
+        ids = {f"u{i}": farm.desktop(f"d{i}")["id"] for i in range(n)}
 
         async def all_at_once() -> list[bool]:
             return await asyncio.gather(*(see(farm, login, did) for login, did in ids.items()))

@@ -168,8 +168,8 @@ class FarmProcess:
 
     def node_paths(self) -> list[FarmPaths]:
         """Each node's view of the farm home (extra nodes have their own run directory, so their own guests)."""
-        extra = [FarmPaths(self.home, self.home / "run" / "nodes" / f"node-{i}") for i in range(2, self.nodes + 1)]
-        return [FarmPaths(self.home), *extra]
+        paths = FarmPaths(self.home)
+        return [paths, *(paths.demo_node(i) for i in range(2, self.nodes + 1))]
 
     def guest_of(self, desktop_id: int) -> tuple[Path, str]:
         """The LXC directory and name of the desktop's guest, on whichever node runs it."""
@@ -187,6 +187,12 @@ class FarmProcess:
 
     def json(self, *args: str) -> object:
         return json.loads(self.deckard(*args, "--json").stdout)
+
+    def desktop(self, name: str) -> dict[str, Any]:
+        """The desktop's row as `deckard desktop list --json` shows it."""
+        rows = self.json("desktop", "list")
+        assert isinstance(rows, list)
+        return next(r for r in rows if r["name"] == name)
 
     def guests(self, lxc: Path | None = None) -> list[str]:
         """Guests LXC knows in one node's directory (default: the all-in-one node's)."""

@@ -30,12 +30,6 @@ pytestmark = pytest.mark.e2e
 PASSWORD = "s3cret!"
 
 
-def _desktop(farm: FarmProcess, name: str) -> dict:
-    rows = farm.json("desktop", "list")
-    assert isinstance(rows, list)
-    return next(r for r in rows if r["name"] == name)
-
-
 async def _see_desktop(farm: FarmProcess, login: str, desktop_id: int) -> list[str]:
     progress: list[str] = []
     reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id, on_progress=progress.append)
@@ -50,7 +44,7 @@ async def _see_desktop(farm: FarmProcess, login: str, desktop_id: int) -> list[s
 
 def _wait_state(farm: FarmProcess, name: str, state: str, timeout: float = 60) -> dict:
     return wait_for(
-        lambda: (d := _desktop(farm, name))["state"] == state and d["cmd"] is None and d,
+        lambda: (d := farm.desktop(name))["state"] == state and d["cmd"] is None and d,
         timeout,
         0.3,
         f"{name} to be {state}",
@@ -68,7 +62,7 @@ def test_up_prints_credentials_and_addresses(farm: FarmProcess) -> None:
 def test_user_connects_to_a_real_desktop_whose_home_persists(farm: FarmProcess) -> None:
     farm.deckard("user", "add", "alice", "--password", PASSWORD)
     farm.deckard("desktop", "add", "alice-desk", "--user", "alice")
-    desk = _desktop(farm, "alice-desk")
+    desk = farm.desktop("alice-desk")
     assert desk["state"] == "stopped"
 
     progress = asyncio.run(_see_desktop(farm, "alice", desk["id"]))
@@ -90,7 +84,7 @@ def test_user_connects_to_a_real_desktop_whose_home_persists(farm: FarmProcess) 
 
 def test_broker_refuses_bad_credentials_and_other_users_desktops(farm: FarmProcess) -> None:
     farm.deckard("user", "add", "mallory", "--password", PASSWORD)
-    alice_desk = _desktop(farm, "alice-desk")
+    alice_desk = farm.desktop("alice-desk")
     with pytest.raises(Unauthenticated):
         asyncio.run(qvd.list_desktops(farm.broker, "alice", "wrong", farm.ca))
     with pytest.raises(PermissionDenied):
@@ -113,18 +107,18 @@ def test_desktop_whose_image_is_missing_fails_with_a_clear_reason(farm: FarmProc
     ghost.unlink()
     farm.deckard("user", "add", "gina", "--password", PASSWORD)
     farm.deckard("desktop", "add", "gina-desk", "--user", "gina", "--tag", "ghost")
-    desk = _desktop(farm, "gina-desk")
+    desk = farm.desktop("gina-desk")
     started = time.monotonic()
     with pytest.raises(Unavailable) as e:
         asyncio.run(qvd.connect(farm.broker, "gina", PASSWORD, farm.ca, desk["id"]))
     assert time.monotonic() - started < 30
     assert "ghost.tar" in e.value.message
-    failed = _desktop(farm, "gina-desk")
+    failed = farm.desktop("gina-desk")
     assert failed["state"] == "failed" and "ghost.tar" in failed["failure_reason"]
 
 
 def test_node_killed_with_sigkill_converges_on_restart(farm: FarmProcess) -> None:
-    desk = _desktop(farm, "alice-desk")
+    desk = farm.desktop("alice-desk")
     if desk["state"] != "running":
         farm.deckard("desktop", "start", "alice-desk")
         _wait_state(farm, "alice-desk", "running")
@@ -238,7 +232,7 @@ def test_desktops_cannot_open_connections_to_the_node(farm: FarmProcess) -> None
     """A desktop reaches nothing on its node (API, broker, other services): the node only talks to it."""
     from deckard.model.network import gateway_of
 
-    desk = _desktop(farm, "alice-desk")
+    desk = farm.desktop("alice-desk")
     if desk["state"] != "running":
         farm.deckard("desktop", "start", "alice-desk")
         _wait_state(farm, "alice-desk", "running")

@@ -49,10 +49,6 @@ def _node_states(farm: FarmProcess) -> dict[str, str]:
     return {n["name"]: n["state"] for n in farm.json("node", "list")}  # type: ignore[union-attr]
 
 
-def _desktop(farm: FarmProcess, name: str) -> dict:
-    return next(d for d in farm.json("desktop", "list") if d["name"] == name)  # type: ignore[union-attr]
-
-
 def _broker(farm: FarmProcess, node: int) -> str:
     return f"127.0.0.1:{farm.broker_port + node - 1}"
 
@@ -74,7 +70,7 @@ def _start_on(farm: FarmProcess, name: str, node: int) -> dict:
     farm.deckard("node", "block", other)
     try:
         farm.deckard("desktop", "start", name)
-        desk = wait_for(lambda: (d := _desktop(farm, name))["state"] == "running" and d, 90, 0.3, f"{name} running")
+        desk = wait_for(lambda: (d := farm.desktop(name))["state"] == "running" and d, 90, 0.3, f"{name} running")
     finally:
         farm.deckard("node", "unblock", other)
     assert desk["node"] == farm.node_name(node), desk  # type: ignore[index]
@@ -103,7 +99,7 @@ def test_rolling_restart_keeps_every_desktop_running_untouched(farm: FarmProcess
     assert out.count("back in") == 2, out
     assert _node_states(farm) == {farm.node_name(1): "running", farm.node_name(2): "running"}
     for d in desks:
-        now = _desktop(farm, d["name"])
+        now = farm.desktop(d["name"])
         assert (now["state"], now["node"], now["started_at"]) == ("running", d["node"], d["started_at"]), now
         assert _xvnc_pid(farm, d["id"]) == xvnc[d["id"]], "the user's X session was restarted"
         asyncio.run(_see(farm, 1, d["id"]))
@@ -113,12 +109,12 @@ def test_kill_9_of_a_node_moves_its_desktop_elsewhere_with_the_home_intact(farm:
     desk = _start_on(farm, "nina-moves", node=2)
     assert farm.attach(desk["id"], "echo still-here > ~/kept.txt", user="nina").returncode == 0
     _lxc, guest = farm.guest_of(desk["id"])
-    pid = int((farm.home / "run" / "nodes" / "node-2.pid").read_text())
+    pid = int(farm.node_paths()[0].demo_node_pid(2).read_text())
     os.killpg(pid, 9)  # the node daemon and its broker die; its LXC guests live on until fenced
     t0 = time.monotonic()
 
     def released() -> bool:
-        d = _desktop(farm, "nina-moves")
+        d = farm.desktop("nina-moves")
         return d["state"] == "stopped" and d["node"] is None
 
     wait_for(released, 30, 0.3, "the lost node's desktop released")
@@ -130,7 +126,7 @@ def test_kill_9_of_a_node_moves_its_desktop_elsewhere_with_the_home_intact(farm:
     assert not link_exists(veth_name(guest))
 
     asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on node 1
-    moved = _desktop(farm, "nina-moves")
+    moved = farm.desktop("nina-moves")
     assert (moved["state"], moved["node"]) == ("running", farm.node_name(1)), moved
     home = farm.attach(desk["id"], "cat ~/kept.txt", user="nina")
     assert home.stdout.strip() == "still-here", home.stderr

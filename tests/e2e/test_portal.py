@@ -44,6 +44,21 @@ def _admin_password(farm: FarmProcess) -> str:
     return m.group(1)
 
 
+def _user_connects(farm: FarmProcess, browser: Any, login: str, viewport: dict[str, int]) -> tuple[Any, Any, dict]:
+    """A new user with a desktop ``<login>-desk`` logs in to the portal and clicks Connect."""
+    farm.deckard("user", "add", login, "--password", PASSWORD)
+    farm.deckard("desktop", "add", f"{login}-desk", "--user", login)
+    desk = farm.desktop(f"{login}-desk")
+    ctx = browser.new_context(ignore_https_errors=True, viewport=viewport)
+    page = ctx.new_page()
+    goto(page, f"https://127.0.0.1:{farm.api_port}/")
+    page.get_by_label("User name").fill(login)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_role("button", name=f"Connect to {login}-desk").click()
+    return ctx, page, desk
+
+
 def _admin_session(page: Any, farm: FarmProcess) -> None:
     """Log the administrator in and leave the token where the spy page looks for it (this tab's storage)."""
     base = f"https://127.0.0.1:{farm.api_port}"
@@ -68,19 +83,9 @@ def _canvas_stats(page: Any, timeout: float = 30) -> dict[str, float]:
 
 
 def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser: Any) -> None:
-    farm.deckard("user", "add", "paula", "--password", PASSWORD)
-    farm.deckard("desktop", "add", "paula-desk", "--user", "paula")
-    desk = next(d for d in farm.json("desktop", "list") if d["name"] == "paula-desk")  # type: ignore[union-attr]
+    ctx, page, desk = _user_connects(farm, browser, "paula", {"width": 1280, "height": 800})
     base = f"https://127.0.0.1:{farm.api_port}"
     SHOTS.mkdir(parents=True, exist_ok=True)
-
-    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
-    page = ctx.new_page()
-    goto(page, base + "/")
-    page.get_by_label("User name").fill("paula")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    page.get_by_role("button", name="Connect to paula-desk").click()
     try:
         page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
         stats = _canvas_stats(page)
@@ -108,7 +113,7 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
     _canvas_stats(spy)
     assert "View only" in spy.locator("#banner").inner_text()
     spy.screenshot(path=str(SHOTS / "spy.png"))
-    row = next(d for d in farm.json("desktop", "list") if d["name"] == "paula-desk")  # type: ignore[union-attr]
+    row = farm.desktop("paula-desk")
     assert row["user_state"] == "connected", "the spy must not take the user's session"
     admin.close()
 
@@ -134,17 +139,8 @@ def test_portal_fits_a_phone_screen(farm: FarmProcess, browser: Any) -> None:
 
 def test_spies_connecting_while_the_user_resizes_the_display_are_never_dropped(farm: FarmProcess, browser: Any) -> None:
     """Xvnc drops a viewer that is resized before its SetEncodings arrived; the broker's ResizeGuard prevents it."""
-    farm.deckard("user", "add", "rita", "--password", PASSWORD)
-    farm.deckard("desktop", "add", "rita-desk", "--user", "rita")
-    desk = next(d for d in farm.json("desktop", "list") if d["name"] == "rita-desk")  # type: ignore[union-attr]
+    user, page, desk = _user_connects(farm, browser, "rita", {"width": 1200, "height": 760})
     base = f"https://127.0.0.1:{farm.api_port}"
-    user = browser.new_context(ignore_https_errors=True, viewport={"width": 1200, "height": 760})
-    page = user.new_page()
-    goto(page, base + "/")
-    page.get_by_label("User name").fill("rita")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    page.get_by_role("button", name="Connect to rita-desk").click()
     page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
     admin = browser.new_context(ignore_https_errors=True, viewport={"width": 800, "height": 500})
     spies = [admin.new_page() for _ in range(4)]

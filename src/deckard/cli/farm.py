@@ -489,7 +489,7 @@ def _extra_node_pids(paths: FarmPaths) -> list[Path]:
 def _start_extra_node(settings: Settings, home: Path, index: int, driver: str | None) -> None:
     """A demo farm's node number ``index``: own name, run directory and broker port, same database."""
     paths = settings.paths
-    run_dir = paths.run / "nodes" / f"node-{index}"
+    run_dir = paths.demo_node(index).node_run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"{settings.node.name}-{index}"
     args = [sys.executable, "-m", "deckard.cli.main", "node", "--home", str(home), "--node-name", name]
@@ -501,7 +501,7 @@ def _start_extra_node(settings: Settings, home: Path, index: int, driver: str | 
         args += ["--database", settings.database_url]
     with open(paths.logs / f"{name}.log", "ab") as logf:
         proc = subprocess.Popen(args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
-    (paths.run / "nodes" / f"node-{index}.pid").write_text(str(proc.pid))
+    paths.demo_node_pid(index).write_text(str(proc.pid))
     out.print(f"node {name} started (pid {proc.pid}, broker port {settings.broker.port + index - 1})")
 
 

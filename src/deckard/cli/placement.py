@@ -90,7 +90,7 @@ def restart(
         if (node is None) == (not all_nodes):
             raise BadInput("name one node, or give --all for a rolling restart of every running node")
         names = [node] if node is not None else [n["name"] for n in api.list_nodes() if n["state"] == "running"]
-        for name in sorted(names) if all_nodes else names:
+        for name in sorted(names):
             before = api.get_node(name)
             api.node_action(name, "restart")
             t0 = time.monotonic()
@@ -110,10 +110,9 @@ def _wait_restarted(api: Any, name: str, started_before: str | None, timeout: fl
     The API may be served by the very process that restarts (``deckard up``): a refused connection means wait.
     """
     deadline = time.monotonic() + timeout
-    row: dict[str, Any] = {"state": "restarting"}
     while True:
         try:
-            row = api.get_node(name)
+            row: dict[str, Any] = api.get_node(name)
         except Unavailable as e:
             if e.code != "api_unreachable" or time.monotonic() > deadline:
                 raise

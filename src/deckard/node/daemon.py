@@ -99,7 +99,7 @@ class NodeDaemon:
         self._hb_ok_at = self._hb_ok_since = time.monotonic()
         return self.node_id
 
-    async def run(self, stop: asyncio.Event, *, stop_desktops: bool = True) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
         node_id = self.node_id if self.node_id is not None else await self.register()
         structlog.contextvars.bind_contextvars(node=self.cfg.name)
         await self.converge()
@@ -128,17 +128,15 @@ class NodeDaemon:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            if stop_desktops and not self.restart.is_set():
-                await self.stop_all()
-            else:
-                await asyncio.gather(*self._work.values(), return_exceptions=True)
             if self.restart.is_set():  # the heartbeat this writes gives the new process lost_after_s to register
+                await asyncio.gather(*self._work.values(), return_exceptions=True)
                 handover = getattr(self.driver, "handover", None)  # the fake driver's in-memory guests
                 if handover is not None:
                     await handover()
                 await node_ops.set_node_state(self.db, node_id, "restarting")
                 log.info("node.restarting", node_id=node_id, kept=len(await self.driver.list()))
             else:
+                await self.stop_all()
                 await node_ops.set_node_state(self.db, node_id, "stopped")
                 log.info("node.stopped", node_id=node_id)
 

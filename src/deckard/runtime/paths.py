@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 DEFAULT_HOME = Path("/var/lib/deckard")
@@ -31,7 +32,7 @@ class FarmPaths:
     home: Path
     node_run: Path | None = None  # this node's own run directory when several nodes share the farm home
 
-    @property
+    @cached_property  # asked for every guest name: hash and resolve once
     def farm_id(self) -> str:
         """Short stable id of this farm, used to prefix container, cgroup and interface names."""
         return hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:6]
@@ -81,7 +82,7 @@ class FarmPaths:
     def logs(self) -> Path:
         return self.home / "logs"
 
-    @property
+    @cached_property
     def guest_tag(self) -> str:
         """Names this node's guests: the farm id, or for a node with its own run directory a hash of both.
 
@@ -98,6 +99,13 @@ class FarmPaths:
 
     def guest_prefix(self) -> str:
         return f"dk{self.guest_tag}-"
+
+    def demo_node(self, index: int) -> FarmPaths:
+        """Node ``index`` (2, 3, …) of a demo farm (`deckard up --nodes N`): its own run directory here."""
+        return FarmPaths(self.home, self.run / "nodes" / f"node-{index}")
+
+    def demo_node_pid(self, index: int) -> Path:
+        return self.run / "nodes" / f"node-{index}.pid"
 
     def overlay(self, desktop_id: int) -> Path:
         """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it)."""
