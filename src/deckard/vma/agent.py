@@ -275,11 +275,16 @@ class XSession:
     # -- notices -------------------------------------------------------------------------------------
     def notify(self, text: str, timeout: int = 60) -> str:
         """A banner at the top of the user's display (xmessage), if the display is up."""
+        banner = ["-geometry", "+0+0", "-bg", "#ffd54f", "-timeout", str(timeout), "-buttons", "OK", text]
+        return self._xmessage(banner)
+
+    def _xmessage(self, args: list[str]) -> str:
+        """Show ``xmessage ARGS`` on the user's display, as the user; "none" when there is no display."""
         if self.state != "listening" or self.user is None or not shutil.which("xmessage"):
             return "none"
         account = pwd.getpwnam(self.user)
         self.children.spawn(
-            ["xmessage", "-geometry", "+0+0", "-bg", "#ffd54f", "-timeout", str(timeout), "-buttons", "OK", text],
+            ["xmessage", *args],
             user=account.pw_uid,
             group=account.pw_gid,
             extra_groups=[],
@@ -296,27 +301,7 @@ class XSession:
         if os.access(EXPIRE_HOOK, os.X_OK):
             self.children.spawn([EXPIRE_HOOK, self.user or ""], stdin=subprocess.DEVNULL)
             return "hook"
-        if self.state == "listening" and self.user is not None:
-            account = pwd.getpwnam(self.user)
-            self.children.spawn(
-                [
-                    "xmessage",
-                    "-center",
-                    "-timeout",
-                    "300",
-                    "Your desktop has expired: save your work and log out.",
-                ],
-                user=account.pw_uid,
-                group=account.pw_gid,
-                extra_groups=[],
-                env=user_env(account),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            return "xmessage"
-        return "none"
+        return self._xmessage(["-center", "-timeout", "300", "Your desktop has expired: save your work and log out."])
 
 
 # -- user accounts --------------------------------------------------------------------------------
