@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from deckard.client.rfb import grab_framebuffer, is_blank
+from deckard.client.rfb import RFBError, grab_framebuffer, handshake, is_blank
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT, GuestSpec
 from deckard.drivers.container import CGROUP_ROOT, ContainerDriver, memory_stat, remove_cgroups
-from deckard.drivers.network import ensure_bridge, port_isolated, remove_bridge, veth_name
+from deckard.drivers.display import display_password
+from deckard.drivers.network import ensure_bridge, port_isolated, remove_bridge, run_command, veth_name
 from deckard.runtime.paths import FarmPaths
 
 pytestmark = pytest.mark.e2e
@@ -57,10 +59,14 @@ def image_path() -> Path:
 
 
 @pytest.fixture
-def farm(tmp_path: Path) -> FarmPaths:
-    paths = FarmPaths(tmp_path / "farm")
+def farm() -> Iterator[FarmPaths]:
+    # not under pytest's tmp_path: its 0700 parents keep the desktops' unprivileged root from the storage
+    paths = FarmPaths(Path(tempfile.mkdtemp(prefix="deckard-driver-")))
     paths.make()
-    return paths
+    try:
+        yield paths
+    finally:
+        shutil.rmtree(paths.home, ignore_errors=True)
 
 
 @pytest.fixture
@@ -134,13 +140,15 @@ async def wait_for_agent(spec: GuestSpec, timeout: float = 10.0) -> float:
             await asyncio.sleep(0.02)
 
 
-async def grab_desktop(ip: str, timeout: float = 10.0) -> tuple[int, int, bytes]:
+async def grab_desktop(spec: GuestSpec, timeout: float = 10.0) -> tuple[int, int, bytes]:
     """Grab frames until one is not blank (the session draws a moment after Xvnc listens)."""
     deadline = time.monotonic() + timeout
+    password = display_password(spec.agent_token)
     while True:
-        reader, writer = await asyncio.open_connection(ip, DISPLAY_PORT)
+        reader, writer = await asyncio.open_connection(spec.ip, DISPLAY_PORT)
         try:
-            width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=10), 15.0)
+            grab = grab_framebuffer(reader, writer, until_drawn=10, password=password)
+            width, height, pixels = await asyncio.wait_for(grab, 15.0)
         finally:
             writer.close()
         if not is_blank(pixels) or time.monotonic() > deadline:
@@ -193,7 +201,7 @@ async def test_desktop_starts_shows_a_desktop_and_keeps_only_the_home(
     assert reply["state"] == "listening"
     assert (await call_agent(spec, "x_start", user="alice", uid=10001)).get("already") is True
 
-    width, height, pixels = await grab_desktop(spec.ip)
+    width, height, pixels = await grab_desktop(spec)
     assert (width, height) == (1280, 800)
     assert not is_blank(pixels), "the desktop framebuffer is a single colour: the session did not draw"
     await asyncio.sleep(2.0)  # let the session settle before measuring memory
@@ -272,7 +280,7 @@ async def test_agent_switches_users_expires_and_powers_off(
     reply = await call_agent(spec, "x_start", user="bob", uid=10002)
     assert reply["user"] == "bob" and not reply.get("already")
     assert (await call_agent(spec, "x_state"))["user"] == "bob"
-    width, height, pixels = await grab_desktop(spec.ip)
+    width, height, pixels = await grab_desktop(spec)
     assert (width, height) == (1280, 800) and not is_blank(pixels)
     assert (await call_agent(spec, "x_stop"))["state"] == "stopped"
 
@@ -283,3 +291,117 @@ async def test_agent_switches_users_expires_and_powers_off(
         await asyncio.sleep(0.1)
     await driver.kill(spec.guest_name)
     assert leftovers(farm, spec.guest_name) == []
+
+
+# What root inside a desktop tries, run with lxc-attach (which enters with the desktop's own namespaces,
+# capabilities, no_new_privs and seccomp policy).  Each line prints "name result".
+ROOT_PROBE = r"""
+import ctypes, errno, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def res(rc):
+    return "ok" if rc >= 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+print("uid_map", "_".join(open("/proc/self/uid_map").read().split()))
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+for key in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp"):
+    print(key, status[key].strip())
+# name_to_handle_at + open_by_handle_at on the home bind mount: the way out that an outside tester used
+handle = ctypes.create_string_buffer(struct.pack("II", 128, 0) + bytes(128))
+mount_id = ctypes.c_int()
+print("name_to_handle_at", res(libc.syscall(303, -100, b"/home/alice", handle, ctypes.byref(mount_id), 0)))
+fd = os.open("/home", os.O_RDONLY)
+# a handle of inode 2 (the root of an ext4 file system) on the home's mount
+root_handle = ctypes.create_string_buffer(struct.pack("IiII", 8, 1, 2, 0))
+print("open_by_handle_at", res(libc.syscall(304, fd, root_handle, os.O_RDONLY)))
+attr = ctypes.create_string_buffer(struct.pack("IIII", 2, 4, 4, 1) + bytes(112))  # BPF_MAP_CREATE, array
+print("bpf", res(libc.syscall(321, 0, attr, 128)))
+print("perf_event_open", res(libc.syscall(298, ctypes.create_string_buffer(128), 0, -1, -1, 0)))
+print("unshare_user", res(libc.unshare(0x10000000)))
+print("mount", res(libc.mount(b"none", b"/mnt", b"tmpfs", 0, None)))
+print("init_module", res(libc.syscall(175, None, 0, b"")))
+print("kcore_bytes", len(open("/proc/kcore", "rb").read(16)) if os.path.exists("/proc/kcore") else "absent")
+try:
+    open("/proc/sysrq-trigger", "w").write("h")
+    print("sysrq", "ok")
+except OSError as e:
+    print("sysrq", errno.errorcode[e.errno])
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+cmdlines = [open(f"/proc/{p}/cmdline", "rb").read() for p in pids if os.path.exists(f"/proc/{p}/cmdline")]
+marker = ("py" + "test").encode()  # not spelled out: this probe's own command line holds its text
+print("host_processes", sum(marker in c for c in cmdlines))
+print("max_pid_seen", max(pids))
+"""
+
+
+async def test_root_in_a_desktop_cannot_reach_the_host(
+    driver: ContainerDriver, farm: FarmPaths, image_path: Path, bridge: tuple[str, str]
+) -> None:
+    """uid 0 inside is an unprivileged host uid; no open_by_handle_at, BPF, perf, modules, namespaces, mounts."""
+    spec = make_spec(farm, image_path, bridge, 1, "alice", 10001)
+    info = await driver.start(spec)
+    await wait_for_agent(spec)
+    await call_agent(spec, "x_start", user="alice", uid=10001)  # the home exists and is alice's
+
+    # seen from the host: the agent (the desktop's PID 1) runs as the farm's unprivileged base uid
+    host_status = dict(line.split(":", 1) for line in Path(f"/proc/{info.pid}/status").read_text().splitlines())
+    host_uid = int(host_status["Uid"].split()[0])
+    assert host_uid == driver.id_base and host_uid >= 1 << 24, host_uid
+    assert (spec.home_dir.stat().st_uid, spec.home_dir.stat().st_mode & 0o777) == (driver.id_base + 10001, 0o750)
+
+    rc, out = await attach(farm, spec.guest_name, "/usr/bin/python3", "-c", ROOT_PROBE)
+    assert rc == 0, out
+    seen = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    assert seen["uid_map"] == f"0_{driver.id_base}_{1 << 24}", seen
+    # chown fowner kill setgid setuid, nothing else (no dac_read_search, dac_override, bpf, perfmon, ...)
+    assert seen["CapEff"] == seen["CapBnd"] == "00000000000000e9", seen
+    assert (seen["NoNewPrivs"], seen["Seccomp"]) == ("1", "2"), seen
+    for call in ("name_to_handle_at", "open_by_handle_at", "bpf", "perf_event_open", "unshare_user", "mount"):
+        assert seen[call] == "EPERM", (call, seen)
+    assert seen["init_module"] == "EPERM", seen
+    assert seen["kcore_bytes"] in ("0", "absent"), "the host's memory image is masked"
+    assert seen["sysrq"] in ("EROFS", "EACCES", "EPERM", "ENOENT"), seen
+    assert seen["host_processes"] == "0", "the desktop sees its own processes only"
+    assert int(seen["max_pid_seen"]) < 1000, seen
+
+
+async def test_a_desktops_display_needs_the_secret_that_only_the_broker_has(
+    driver: ContainerDriver, farm: FarmPaths, image_path: Path, bridge: tuple[str, str]
+) -> None:
+    """Xvnc offers VNC authentication only; another desktop cannot take the display even with routing allowed."""
+    first = make_spec(farm, image_path, bridge, 1, "alice", 10001)
+    second = make_spec(farm, image_path, bridge, 2, "bob", 10002)
+    await asyncio.gather(driver.start(first), driver.start(second))
+    await asyncio.gather(wait_for_agent(first), wait_for_agent(second))
+    await call_agent(first, "x_start", user="alice", uid=10001)
+
+    # from the node, without the secret or with a wrong one: refused
+    for password in (None, "wrong!!!"):
+        reader, writer = await asyncio.open_connection(first.ip, DISPLAY_PORT)
+        try:
+            with pytest.raises(RFBError, match=r"password|Authentication failure"):
+                await asyncio.wait_for(handshake(reader, writer, password=password), 10)
+        finally:
+            writer.close()
+    width, _height, _pixels = await grab_desktop(first)  # with the secret: the desktop
+    assert width == 1280
+
+    # from the second desktop, with the bridge's isolation lifted so routing would let it through
+    probe = (
+        "import socket,struct,sys\n"
+        "s=socket.create_connection((sys.argv[1],5900),timeout=3)\n"
+        "s.recv(12); s.sendall(b'RFB 003.008\\n')\n"
+        "n=s.recv(1)[0]; types=list(s.recv(n))\n"
+        "s.sendall(b'\\x02'); s.recv(16); s.sendall(bytes(16))\n"
+        "print('types', types, 'result', struct.unpack('!I', s.recv(4))[0])\n"
+    )
+    rc, out = await attach(farm, second.guest_name, "/usr/bin/python3", "-c", probe, first.ip)
+    assert rc != 0 and ("timed out" in out or "refused" in out or "unreachable" in out), out
+    for spec in (first, second):
+        await run_command(["bridge", "link", "set", "dev", veth_name(spec.guest_name), "isolated", "off"])
+    # bridged frames pass the node's packet filter here (br_netfilter): let this pair through it too
+    allow = ["FORWARD", "-s", second.ip, "-d", first.ip, "-j", "ACCEPT"]
+    await run_command(["iptables", "-I", *allow])
+    try:
+        rc, out = await attach(farm, second.guest_name, "/usr/bin/python3", "-c", probe, first.ip)
+    finally:
+        await run_command(["iptables", "-D", *allow], check=False)
+    assert rc == 0 and out.split() == ["types", "[2]", "result", "1"], out

@@ -1,7 +1,8 @@
 """A tiny RFB (VNC) client that grabs one full frame: proof that a desktop really shows something.
 
 The end-to-end tests (driver, broker tunnel, browser) need more than "port 5900 is open": an Xvnc with a
-dead session still answers, with a black screen.  This client does the RFB 3.8 handshake (security None),
+dead session still answers, with a black screen.  This client does the RFB 3.8 handshake (security None
+through the broker, VNC authentication with the desktop's secret when it talks to a desktop directly),
 asks for the whole framebuffer in raw encoding at 32 bits per pixel, and :func:`is_blank` says whether
 every pixel has the same colour.  It works over any asyncio stream, so it runs directly against a guest
 or through the broker's tunnel.
@@ -12,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import struct
 
+from deckard.drivers.display import vnc_auth_response
+
 SECURITY_NONE = 1
+SECURITY_VNC_AUTH = 2
 ENCODING_RAW = 0
 BYTES_PER_PIXEL = 4
 
@@ -26,8 +30,13 @@ async def _read_reason(reader: asyncio.StreamReader) -> str:
     return (await reader.readexactly(length)).decode(errors="replace")
 
 
-async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, int, str]:
-    """Version, security None, ClientInit (shared); returns (width, height, desktop name)."""
+async def handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, password: str | None = None
+) -> tuple[int, int, str]:
+    """Version, security (VNC authentication with ``password``, else None), ClientInit (shared).
+
+    Returns (width, height, desktop name).
+    """
     banner = await reader.readexactly(12)
     if not banner.startswith(b"RFB "):
         raise RFBError(f"not an RFB server: {banner!r}")
@@ -40,9 +49,14 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         if count == 0:
             raise RFBError(f"server refused the connection: {await _read_reason(reader)}")
         types = await reader.readexactly(count)
-        if SECURITY_NONE not in types:
-            raise RFBError(f"server does not offer security None (offers {list(types)})")
-        writer.write(bytes([SECURITY_NONE]))
+        if password is not None and SECURITY_VNC_AUTH in types:
+            writer.write(bytes([SECURITY_VNC_AUTH]))
+            challenge = await reader.readexactly(16)
+            writer.write(vnc_auth_response(password, challenge))
+        elif SECURITY_NONE in types:
+            writer.write(bytes([SECURITY_NONE]))
+        else:
+            raise RFBError(f"server does not offer security None (offers {list(types)}): it needs a password")
         await writer.drain()
         (result,) = struct.unpack(">I", await reader.readexactly(4))
         if result != 0:
@@ -60,14 +74,18 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 
 async def grab_framebuffer(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, until_drawn: float = 0.0
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    until_drawn: float = 0.0,
+    password: str | None = None,
 ) -> tuple[int, int, bytes]:
     """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX.
 
     With ``until_drawn`` > 0, ask for fresh frames for up to that many seconds until the screen is not one
     flat colour: a session draws its windows a moment after the display starts listening.
     """
-    width, height, _ = await handshake(reader, writer)
+    width, height, _ = await handshake(reader, writer, password=password)
     # SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits per channel (R<<16 | G<<8 | B)
     pixel_format = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
     writer.write(b"\x00\x00\x00\x00" + pixel_format)

@@ -7,7 +7,19 @@ A desktop's root filesystem is an overlay: the image unpacked once per image id 
 (read-only lower layer, shared by every desktop of that image) and a per-desktop ``upper`` directory under
 ``overlays/dk<farm>-<desktop id>`` (the same whichever node runs it) that is thrown away at every start
 unless the OSF keeps it.  The user's home is a bind mount kept across starts.  The guest agent is the
-container's init; before start the driver writes its token and the hostname into the upper layer.
+container's init; before start the driver writes its token, the display secret and the hostname into the
+upper layer.
+
+Desktops are unprivileged (``docs/security.md`` says what root in a desktop can and cannot do):
+
+* a user namespace maps the guest's ids 0…2^24 to a range of host ids owned by this farm
+  (:func:`farm_id_base`), so uid 0 inside is an unprivileged host uid.  Since LXC cannot idmap an overlay
+  rootfs here, the unpacked image is shifted once into that range (``basefs/<image id>-u<base>``), and so are
+  the per-desktop layer and the user's home (:func:`shift_tree`);
+* a small capability set (:data:`CAPS_KEEP`), ``no_new_privs`` (no setuid gains), a seccomp deny list
+  (:func:`render_seccomp`: module loading, kexec, ``open_by_handle_at``, BPF, perf, keyrings, new user
+  namespaces, ...), devices limited to the standard character devices, ``/proc`` and ``/sys`` read-only
+  where they reach the host and the leaky ``/proc`` files masked; AppArmor where the kernel has it.
 
 On the host each guest leaves: ``run/lxc/<guest>/`` (config, logs, ``deckard.json`` with what teardown
 needs), its overlay, a veth on the bridge, cgroup directories under every v1 controller, and a neighbour
@@ -22,12 +34,14 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 import structlog
 
 from deckard.drivers.base import GuestInfo, GuestSpec
+from deckard.drivers.display import display_password, vnc_password_file
 from deckard.drivers.network import (
     delete_link,
     flush_neighbour,
@@ -45,11 +59,51 @@ AGENT_PATH = "/usr/local/sbin/deckard-vma"
 PIDS_MAX = 2048
 CFS_PERIOD_US = 100_000
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# A desktop user never needs these; useradd/su/Xvnc keep chown, dac_override, fowner, setuid, setgid, kill.
-CAP_DROP = (
-    "audit_control audit_read mac_admin mac_override mknod net_admin sys_admin sys_boot sys_module "
-    "sys_nice sys_pacct sys_ptrace sys_rawio sys_resource sys_time syslog wake_alarm"
-)
+ID_RANGE = 1 << 24  # guest uids/gids 0 … 2^24-1: room for uid_for_user() of millions of users
+# What root in a desktop keeps (namespaced: it acts on the desktop's own files and processes only): the agent
+# creates the user (chown, fowner), starts the session as that user (setuid, setgid) and ends it (kill).
+CAPS_KEEP = "chown fowner setuid setgid kill"
+# Syscalls a desktop never needs and that reach the kernel's riskiest surface (in the spirit of LXC's and
+# Docker's default profiles); clone3 says ENOSYS so the C library falls back to clone, which is filtered.
+SECCOMP_DENY = [
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "iopl",
+    "ioperm",
+    "swapon",
+    "swapoff",
+    "syslog",
+    "acct",
+    "quotactl",
+    "lookup_dcookie",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "pivot_root",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "setns",
+]
+CLONE_NEWUSER = 0x10000000
+# /proc files that describe the host rather than the desktop: hidden behind /dev/null (files) or a tmpfs
+PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms", "sysrq-trigger")
+PROC_MASKED_DIRS = ("acpi", "scsi", "asound")
 # Devices a desktop may open: the standard character devices, the console and pseudo terminals.
 DEVICES_ALLOW = (
     "c 1:3 rwm",  # null
@@ -64,25 +118,71 @@ DEVICES_ALLOW = (
 )
 
 
-def render_config(spec: GuestSpec, *, basefs: Path, upper: Path, lxc_dir: Path, up_hook: Path) -> str:
+def farm_id_base(farm_id: str) -> int:
+    """The first host id of this farm's desktops: one of 250 ranges of 2^24 ids above the first, by farm id.
+
+    Every node of a farm derives the same base from the farm id, so shifted images and homes in the shared
+    storage mean the same on all of them; two farms on one machine get different ranges (unless their ids
+    collide, 1 in 250), and no range reaches uid 2^32-1.
+    """
+    return (1 + int(farm_id, 16) % 250) * ID_RANGE
+
+
+def render_seccomp() -> str:
+    """LXC's seccomp policy for desktops: a deny list, plus no new user namespaces (clone, unshare)."""
+    lines = ["2", "denylist", "reject_force_umount", "[all]"]
+    lines += [f"{name} errno 1" for name in SECCOMP_DENY]
+    lines += ["clone3 errno 38"]
+    lines += [
+        f"clone errno 1 [0,{CLONE_NEWUSER},SCMP_CMP_MASKED_EQ,{CLONE_NEWUSER}]",
+        f"unshare errno 1 [0,{CLONE_NEWUSER},SCMP_CMP_MASKED_EQ,{CLONE_NEWUSER}]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def apparmor_available() -> bool:
+    return Path("/sys/module/apparmor/parameters/enabled").is_file() and shutil.which("apparmor_parser") is not None
+
+
+def render_config(
+    spec: GuestSpec,
+    *,
+    basefs: Path,
+    upper: Path,
+    lxc_dir: Path,
+    up_hook: Path,
+    id_base: int,
+    seccomp: Path,
+    apparmor: bool = False,
+) -> str:
     """The LXC config of one desktop (pure: everything comes from the arguments)."""
     lines = [
         f"# deckard desktop {spec.desktop_id}: generated, do not edit",
         f"lxc.uts.name = {spec.guest_name}",
         f"lxc.rootfs.path = overlay:{basefs}:{upper}",
         f"lxc.init.cmd = {AGENT_PATH}",
-        "lxc.apparmor.profile = unconfined",
+        f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
+        f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
+        f"lxc.cap.keep = {CAPS_KEEP}",
+        "lxc.no_new_privs = 1",
+        f"lxc.seccomp.profile = {seccomp}",
+        # this kernel has no AppArmor (reference/platform.md): then the namespaces and seccomp above are the wall
+        "lxc.apparmor.profile = generated" if apparmor else "lxc.apparmor.profile = unconfined",
         "lxc.autodev = 1",
         "lxc.pty.max = 64",
         "lxc.tty.max = 0",
         "lxc.signal.halt = SIGPWR",
         "lxc.mount.auto = proc:mixed sys:ro",
+        *(f"lxc.mount.entry = /dev/null proc/{name} none bind,optional 0 0" for name in PROC_MASKED_FILES),
+        *(
+            f"lxc.mount.entry = tmpfs proc/{name} tmpfs ro,nosuid,nodev,noexec,optional 0 0"
+            for name in PROC_MASKED_DIRS
+        ),
         # a fresh /tmp at every start: a persistent overlay would keep a stale /tmp/.X0-lock
         f"lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev,mode=1777,size={max(spec.memory_mib // 2, 64)}m 0 0",
         "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755,size=32m 0 0",
         "lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0",
         f"lxc.mount.entry = {spec.home_dir} home/{spec.user_login} none bind,create=dir 0 0",
-        f"lxc.cap.drop = {CAP_DROP}",
         # cgroup v1 keys: this host keeps every useful controller on v1, where lxc.cgroup2.* is ignored
         f"lxc.cgroup.memory.limit_in_bytes = {spec.memory_mib * 1024 * 1024}",
         f"lxc.cgroup.cpu.cfs_period_us = {CFS_PERIOD_US}",
@@ -120,8 +220,10 @@ class ContainerDriver:
 
     name = "container"
 
-    def __init__(self, paths: FarmPaths) -> None:
+    def __init__(self, paths: FarmPaths, id_base: int | None = None) -> None:
         self.paths = paths
+        self.id_base = id_base if id_base is not None else farm_id_base(paths.farm_id)
+        self.apparmor = apparmor_available()
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _lock(self, guest_name: str) -> asyncio.Lock:
@@ -153,7 +255,9 @@ class ContainerDriver:
     async def _start(self, spec: GuestSpec, basefs: Path) -> GuestInfo:
         lxc_dir = self._lxc_dir(spec.guest_name)
         upper = await asyncio.to_thread(self._prepare_overlay, spec)
-        await asyncio.to_thread(spec.home_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prepare_home, spec.home_dir)
+        for path in (basefs, upper, spec.home_dir):
+            await asyncio.to_thread(ensure_traversable, path, self.paths.home)
         lxc_dir.mkdir(parents=True, exist_ok=True)
         veth = veth_name(spec.guest_name)
         meta = {"desktop_id": spec.desktop_id, "ip": spec.ip, "veth": veth, "keep_overlay": spec.keep_overlay}
@@ -161,8 +265,21 @@ class ContainerDriver:
         up_hook = lxc_dir / "net-up"
         up_hook.write_text(render_up_hook())
         up_hook.chmod(0o755)
+        seccomp = lxc_dir / "seccomp"
+        seccomp.write_text(render_seccomp())
         config = lxc_dir / "config"
-        config.write_text(render_config(spec, basefs=basefs, upper=upper, lxc_dir=lxc_dir, up_hook=up_hook))
+        config.write_text(
+            render_config(
+                spec,
+                basefs=basefs,
+                upper=upper,
+                lxc_dir=lxc_dir,
+                up_hook=up_hook,
+                id_base=self.id_base,
+                seccomp=seccomp,
+                apparmor=self.apparmor,
+            )
+        )
         # an older guest with this IP may still be in the neighbour table with its old MAC
         await flush_neighbour(spec.ip)
         result = await run_command(
@@ -186,26 +303,50 @@ class ContainerDriver:
         return info
 
     def _prepare_overlay(self, spec: GuestSpec) -> Path:
+        """The desktop's upper layer with its secrets and names, owned by the desktop's root."""
         root = self.paths.overlay(spec.desktop_id)
         if not spec.keep_overlay and root.exists():
             shutil.rmtree(root)
         upper = root / "upper"
         (upper / "etc/deckard").mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)
         os.chmod(upper / "etc", 0o755)
         os.chmod(upper / "etc/deckard", 0o755)
-        token = upper / "etc/deckard/agent-token"
-        with contextlib.suppress(FileNotFoundError):
-            token.unlink()
-        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(spec.agent_token + "\n")
+        secrets = {
+            "agent-token": (spec.agent_token + "\n").encode(),
+            "display-passwd": vnc_password_file(display_password(spec.agent_token)),
+        }
+        for name, data in secrets.items():
+            path = upper / "etc/deckard" / name
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
         (upper / "etc/hostname").write_text(spec.guest_name + "\n")
         (upper / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n{spec.ip}\t{spec.guest_name}\n")
+        # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
+        # what the driver wrote (and a kept layer from before user namespaces) belongs to the desktop's ids
+        shift_tree(root, self.id_base)
         return upper
 
+    def _prepare_home(self, home: Path) -> None:
+        """A new home belongs to the desktop's root (the agent hands it to the user); an old one is shifted."""
+        if not home.exists():
+            home.parent.mkdir(parents=True, exist_ok=True)
+            home.mkdir(mode=0o700)
+            os.chown(home, self.id_base, self.id_base)
+            return
+        st = home.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise DriverError(f"the home {home} is not a directory", code="home_invalid")
+        if st.st_uid < ID_RANGE:
+            shift_tree(home, self.id_base)  # a home from before user namespaces, once
+
     async def ensure_basefs(self, image_id: int, image_path: Path) -> Path:
-        """Unpack an image once into ``basefs/<image_id>`` (flock + temp dir + rename); return its path."""
-        target = self.paths.basefs / str(image_id)
+        """Unpack an image once into ``basefs/<image_id>-u<id base>``, shifted into the farm's id range
+        (flock + temp dir + rename); return its path."""
+        target = self.paths.basefs / f"{image_id}-u{self.id_base}"
         if target.is_dir():
             return target
         if not image_path.is_file():
@@ -225,7 +366,12 @@ class ContainerDriver:
                 log.info("container.unpack_image", image_id=image_id, path=str(image_path))
                 await run_command(["tar", "--numeric-owner", "-xf", str(image_path), "-C", str(tmp)], timeout=600)
                 os.chmod(tmp, 0o755)
+                await asyncio.to_thread(shift_tree, tmp, self.id_base)
                 tmp.rename(target)
+                # the same image unpacked by a release before user namespaces is never used again
+                legacy = self.paths.basefs / str(image_id)
+                if legacy.is_dir():
+                    await asyncio.to_thread(shutil.rmtree, legacy, True)
             except BaseException:
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
                 raise
@@ -332,6 +478,50 @@ class ContainerDriver:
         except OSError:
             return ""
         return " | ".join(line.split(" - ", 1)[-1] for line in lines[-3:])
+
+
+# -- ownership -----------------------------------------------------------------------------------------
+def shift_tree(root: Path, id_base: int) -> int:
+    """Move every uid/gid below :data:`ID_RANGE` under ``root`` up by ``id_base``; return how many entries.
+
+    Ids already in a shifted range are left alone, so it is safe to repeat.  ``chown`` clears set-user-id and
+    set-group-id bits, which are put back.  Symlinks are changed themselves, never followed.
+    """
+    changed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            path = dirpath if name == "." else os.path.join(dirpath, name)
+            st = os.lstat(path)
+            uid = st.st_uid + id_base if st.st_uid < ID_RANGE else st.st_uid
+            gid = st.st_gid + id_base if st.st_gid < ID_RANGE else st.st_gid
+            if (uid, gid) == (st.st_uid, st.st_gid):
+                continue
+            os.lchown(path, uid, gid)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+            changed += 1
+    return changed
+
+
+def ensure_traversable(path: Path, farm_home: Path) -> None:
+    """Let the desktop's root (an unprivileged host uid) walk down to ``path``, as LXC requires.
+
+    Directories of the farm get the "others may traverse" bit (never read); a directory above the farm home
+    that lacks it is the operator's to change, and the error says how.
+    """
+    farm_home = farm_home.resolve()
+    for directory in reversed(path.resolve().parents):
+        mode = directory.stat().st_mode
+        if mode & stat.S_IXOTH:
+            continue
+        if directory == farm_home or farm_home in directory.parents:
+            os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
+        else:
+            raise DriverError(
+                f"desktops run as an unprivileged host user that cannot reach {path}: "
+                f"allow traversal with `chmod o+x {directory}` or move the farm home",
+                code="storage_not_traversable",
+            )
 
 
 # -- cgroups -------------------------------------------------------------------------------------------

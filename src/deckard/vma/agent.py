@@ -11,7 +11,9 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
 
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
 established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
-with a jwm + xterm session, both run as the desktop's user.
+with a jwm + xterm session, both run as the desktop's user.  Xvnc requires VNC authentication with the
+desktop's display secret, which the node writes to /etc/deckard/display-passwd and only the broker knows:
+another desktop or process that reaches the port cannot take the display.
 
 The agent uses the standard library only and imports nothing from deckard, so an image needs nothing but
 ``python3`` and the file itself (the image builder installs it as /usr/local/sbin/deckard-vma).
@@ -45,6 +47,7 @@ from urllib.parse import parse_qs, urlsplit
 VERSION = "0.1.0"
 DEFAULT_PORT = 3030
 DEFAULT_TOKEN_FILE = "/etc/deckard/agent-token"
+DISPLAY_SECRET_FILE = "/etc/deckard/display-passwd"
 DISPLAY = ":0"
 VNC_PORT = 5900
 X_START_TIMEOUT = 10.0
@@ -188,12 +191,14 @@ class XSession:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         RUN_DIR.mkdir(parents=True, exist_ok=True)
+        password_file = install_display_secret(account)
         env = user_env(account)
         creds: dict[str, Any] = {
             "user": account.pw_uid,
             "group": account.pw_gid,
             "extra_groups": [],
-            "cwd": account.pw_dir,
+            # Popen changes directory before it drops to the user, and root here may not enter the user's home
+            "cwd": "/",
             "env": env,
             "stdin": subprocess.DEVNULL,
             "start_new_session": True,
@@ -208,7 +213,9 @@ class XSession:
                     "-rfbport",
                     str(VNC_PORT),
                     "-SecurityTypes",
-                    "None",
+                    "VncAuth",
+                    "-PasswordFile",
+                    str(password_file),
                     "-geometry",
                     geometry,
                     *xvnc_opts,
@@ -224,7 +231,8 @@ class XSession:
             if time.monotonic() > deadline:
                 raise AgentError("x_timeout", f"Xvnc did not listen on {VNC_PORT} within 10 s", 504)
             time.sleep(0.02)
-        script = ["/bin/sh", SESSION_SCRIPT] if os.path.exists(SESSION_SCRIPT) else ["/bin/sh", "-c", FALLBACK_SESSION]
+        session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
+        script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
         with open(RUN_DIR / "session.log", "ab") as slog:
             self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
 
@@ -322,19 +330,38 @@ def provision_user(children: Children, login: str, uid: int) -> pwd.struct_passw
         raise AgentError("user_conflict", f"user {login} exists with uid {account.pw_uid}, not {uid}", 409)
     home_path = Path(account.pw_dir)
     home_path.mkdir(parents=True, exist_ok=True)
-    if not any(home_path.iterdir()):
-        # first use of this home: give the user the image's default dotfiles
+    st = home_path.stat()
+    if st.st_uid == 0:
+        # a new home (the node makes it ours): give the user the image's default dotfiles, then the home.
+        # Root here has no DAC override: it may not look into a home the user already owns, and need not.
         skel = Path("/etc/skel")
         if skel.is_dir():
             shutil.copytree(skel, home_path, dirs_exist_ok=True, symlinks=True)
         for root, dirs, files in os.walk(home_path):
             for name in dirs + files:
                 os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
-    st = home_path.stat()
     if (st.st_uid, st.st_gid) != (account.pw_uid, account.pw_gid):
         os.chown(home_path, account.pw_uid, account.pw_gid)
         home_path.chmod(0o750)
     return account
+
+
+def install_display_secret(account: pwd.struct_passwd) -> Path:
+    """Copy the display secret where Xvnc, which runs as the user, can read it; refuse to start without one."""
+    try:
+        data = Path(DISPLAY_SECRET_FILE).read_bytes()
+    except OSError as exc:
+        raise AgentError("no_display_secret", f"cannot read {DISPLAY_SECRET_FILE}: {exc.strerror}", 500) from None
+    if len(data) != 8:
+        raise AgentError("no_display_secret", f"{DISPLAY_SECRET_FILE} is not a VNC password file", 500)
+    target = RUN_DIR / "display-passwd"
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chown(target, account.pw_uid, account.pw_gid)
+    return target
 
 
 def user_env(account: pwd.struct_passwd) -> dict[str, str]:
