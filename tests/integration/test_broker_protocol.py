@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import random
 import ssl
 from collections.abc import AsyncIterator
@@ -25,9 +26,11 @@ import pytest
 import sqlalchemy as sa
 
 from deckard.broker.server import Broker
+from deckard.broker.tunnel import RESIZE_ENCODINGS
 from deckard.client import broker as broker_client
 from deckard.db import schema as t
 from deckard.db.engine import Database
+from deckard.drivers.display import display_password, vnc_auth_response
 from deckard.model.entities import uid_for_user
 from deckard.model.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from deckard.runtime.settings import BrokerSettings
@@ -40,6 +43,11 @@ from deckard.services.tenancy import bootstrap_farm
 from deckard.services.users import create_user, update_user
 
 RFB_BANNER = b"RFB 003.008\n"
+# what a viewer sends after the banner (version, security None, shared ClientInit) and what the broker answers
+VIEWER_HANDSHAKE = RFB_BANNER + b"\x01" + b"\x01"
+BROKER_SECURITY = b"\x01\x01" + b"\x00\x00\x00\x00"
+# the fake display echoes the ClientInit and the broker's SetEncodings that came with it
+DISPLAY_ECHO = b"\x01" + RESIZE_ENCODINGS
 QVD_PARAMS = (
     "qvd.client.os=linux&qvd.client.keyboard=pc105%2Fes&qvd.client.link=adsl&qvd.client.geometry=1024x768"
     "&qvd.client.fullscreen=&qvd.client.nxagent.extra_args=&qvd.client.printing.enabled=1"
@@ -52,13 +60,15 @@ QVD_PARAMS = (
 
 
 class FakeGuest:
-    """A desktop's agent (HTTP, bearer token) and display (sends the RFB banner, then echoes)."""
+    """A desktop's agent (HTTP, bearer token) and display (RFB 3.8 with VNC authentication, like Xvnc in a
+    desktop: the broker must answer with the secret derived from the token; then it echoes)."""
 
     def __init__(self, ip: str, token: str) -> None:
         self.ip = ip
         self.token = token
         self.calls: list[tuple[str, dict[str, str]]] = []
         self.display_conns: list[asyncio.StreamWriter] = []
+        self.auth_failures = 0
         self._agent: asyncio.Server | None = None
         self._display: asyncio.Server | None = None
 
@@ -102,7 +112,17 @@ class FakeGuest:
     async def _serve_display(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.display_conns.append(writer)
         writer.write(RFB_BANNER)
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readexactly(12)
+            writer.write(b"\x01\x02")  # VNC authentication only
+            await reader.readexactly(1)
+            challenge = os.urandom(16)
+            writer.write(challenge)
+            if await reader.readexactly(16) != vnc_auth_response(display_password(self.token), challenge):
+                self.auth_failures += 1
+                writer.write(b"\x00\x00\x00\x01\x00\x00\x00\x0eauthentication")
+                return
+            writer.write(b"\x00\x00\x00\x00")
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
@@ -291,6 +311,14 @@ ALICE = {"Authorization": basic("alice", "pw-alice")}
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "QVD/1.0"}
 
 
+async def viewer_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Do a viewer's RFB handshake through the tunnel; the broker authenticated to the display meanwhile."""
+    assert await asyncio.wait_for(reader.readexactly(len(RFB_BANNER)), 5) == RFB_BANNER
+    writer.write(VIEWER_HANDSHAKE)
+    assert await asyncio.wait_for(reader.readexactly(len(BROKER_SECURITY)), 5) == BROKER_SECURITY
+    assert await asyncio.wait_for(reader.readexactly(len(DISPLAY_ECHO)), 5) == DISPLAY_ECHO
+
+
 async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 10) -> bool:
     try:
         while await asyncio.wait_for(reader.read(65536), timeout):
@@ -330,7 +358,7 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
     assert headers["connection"].lower() == "upgrade" and headers["upgrade"] == "QVD/1.0"
     assert infos[-1] == "Waiting for the display to come up"
     assert any("start" in i.lower() for i in infos[:-1])
-    assert await asyncio.wait_for(c.reader.readexactly(len(RFB_BANNER)), 5) == RFB_BANNER
+    await viewer_handshake(c.reader, c.writer)
     c.writer.write(b"hello desktop")
     assert await asyncio.wait_for(c.reader.readexactly(13), 5) == b"hello desktop"
 
@@ -350,7 +378,8 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
     row = rows[-1]
     assert row.result == "closed"
     assert row.login == "alice" and row.protocol == "qvd" and row.source == "127.0.0.1"
-    assert (row.bytes_in, row.bytes_out) == (13, len(RFB_BANNER) + 13)
+    assert (row.bytes_in, row.bytes_out) == (len(VIEWER_HANDSHAKE) + 13, 12 + len(BROKER_SECURITY) + 13 + 13)
+    assert farm.node.guests[desk_id].auth_failures == 0
     for name in ("t_auth_ms", "t_claim_ms", "t_start_ms", "t_display_ms", "t_total_ms"):
         assert getattr(row, name) is not None and getattr(row, name) >= 0, name
     assert row.t_agent_ms == 34.0
@@ -481,7 +510,7 @@ async def test_a_second_connect_takes_over_and_closes_the_first_tunnel(farm: Far
     assert await first.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
     second = await RawClient.open(farm)
     assert (await second.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
-    assert await second.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
+    await viewer_handshake(second.reader, second.writer)
     assert await closed_by_peer(first.reader)
     second.writer.write(b"still here")
     assert await second.reader.readexactly(10) == b"still here"

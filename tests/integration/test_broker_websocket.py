@@ -21,6 +21,9 @@ from typing import Any
 import httpx
 import pytest
 from test_broker_protocol import (
+    BROKER_SECURITY,
+    DISPLAY_ECHO,
+    VIEWER_HANDSHAKE,
     Farm,
     farm,  # noqa: F401  (the fixture)
 )
@@ -131,6 +134,8 @@ async def test_browser_connects_with_a_ticket_gets_progress_then_vnc_bytes_both_
     assert progress[-1] == "Waiting for the display to come up"
     banner = data if len(data) >= 12 else data + await ws.binary(12 - len(data))
     assert banner == RFB_BANNER
+    ws.send(VIEWER_HANDSHAKE)
+    assert await ws.binary(len(BROKER_SECURITY) + len(DISPLAY_ECHO)) == BROKER_SECURITY + DISPLAY_ECHO
     big = os.urandom(200_000)  # 64-bit length frame, bulk unmasking
     ws.send(b"hello")
     ws.send(big)
@@ -229,7 +234,7 @@ async def test_spy_watches_without_taking_over_and_drops_input_unless_interactiv
     key_event = bytes([4, 1, 0, 0, 0, 0, 0, 0x61])
     fbur = bytes([3, 0, 0, 0, 0, 0, 4, 0, 3, 0])
     spy.send(RFB_BANNER + b"\x01" + b"\x00" + key_event + fbur)
-    assert await spy.binary(12 + 1 + 1 + 10) == RFB_BANNER + b"\x01" + b"\x01" + fbur
+    assert await spy.binary(len(BROKER_SECURITY) + len(DISPLAY_ECHO) + 10) == BROKER_SECURITY + DISPLAY_ECHO + fbur
     guest = farm.node.guests[desk_id]
     notice = ("spy_notice", {"admin": "admin", "interactive": "0"})
 
@@ -239,6 +244,8 @@ async def test_spy_watches_without_taking_over_and_drops_input_unless_interactiv
     await farm.wait_for("the user to be told about the spy", notified)
     row = await farm.desktop_row(desk_id)
     assert row.session_id == session_before and row.user_state == "connected", "the spy must not take over"
+    user_ws.send(VIEWER_HANDSHAKE)
+    assert await user_ws.binary(len(BROKER_SECURITY) + len(DISPLAY_ECHO)) == BROKER_SECURITY + DISPLAY_ECHO
     user_ws.send(b"still mine")
     assert await user_ws.binary(10) == b"still mine"
     await spy.close()

@@ -8,6 +8,10 @@ Why the head is touched before h11 sees it: QVD's own client sends HTTP/1.1 requ
 header, which h11 (rightly, per RFC 9112) refuses.  ``ensure_host`` inserts one into each request head; the
 rest of the framing (keep-alive, ``102`` interim responses, ``101`` + trailing bytes) is h11's.  Replies
 always carry ``Content-Length`` (QVD's client cannot read chunked bodies) and h11 always writes ``HTTP/1.1``.
+
+Why the buffers are small and dropped at close: thousands of idle or slow clients must not hold memory.  Before
+the upgrade a connection buffers at most one request head (``max_request_head``, larger is ``431``) plus a read
+chunk, and a closed connection lets go of everything it buffered at once.
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ from typing import Any, Protocol, cast
 
 import h11
 
-MAX_HEAD = 16 * 1024  # a request head larger than this is refused (QVD's are a few hundred bytes)
+MAX_HEAD = 16 * 1024  # default request head limit (BrokerSettings.max_request_head; QVD's are a few hundred bytes)
 MAX_BODY = 64 * 1024  # the protocol has no request bodies; tolerate small ones, refuse floods
-INBOX_LIMIT = 256 * 1024  # stop reading from a client that sends faster than we parse
+INBOX_LIMIT = 64 * 1024  # stop reading from a client that sends faster than we parse
 WRITE_HIGH_WATER = 1024 * 1024  # large transport buffers keep the relay from stalling on every pause
 HOST_HEADER = b"Host: deckard-broker\r\n"
 
 
 class BadRequest(Exception):
-    """The client did not speak HTTP/1.1: answer 400 and close."""
+    """The client did not speak HTTP/1.1 (or sent too much of it): answer ``status`` and close."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class RelaySide(Protocol):
@@ -67,25 +76,36 @@ def looks_like_http(prefix: bytes | bytearray) -> bool:
 class FrontConnection(asyncio.Protocol):
     """One client connection: buffers bytes for the HTTP phase, then forwards them to a relay."""
 
-    def __init__(self, on_open: Callable[[FrontConnection], None]) -> None:
+    def __init__(self, on_open: Callable[[FrontConnection], None], peer: str = "") -> None:
         self._on_open = on_open
         self.transport: asyncio.Transport | None = None
-        self.peer = ""
+        self.peer = peer
+        self.accepted_at = asyncio.get_running_loop().time()  # pre-login deadlines count from the TCP accept
         self.relay: RelaySide | None = None
         self._inbox = bytearray()
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
         self.eof = False
+        self.authenticated = False  # a request on this connection logged in (or redeemed a ticket)
+        self.on_authenticated: Callable[[FrontConnection], None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def mark_authenticated(self) -> None:
+        """A login succeeded here: the connection leaves its address's pre-login count (``server.py``)."""
+        if not self.authenticated:
+            self.authenticated = True
+            if self.on_authenticated is not None:
+                self.on_authenticated(self)
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self.peer:
+            peer = transport.get_extra_info("peername")
+            self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._on_open(self)
 
     def data_received(self, data: bytes) -> None:
@@ -106,6 +126,7 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
+        self._inbox = bytearray()  # let go of whatever the client left unread, now, not when the task ends
         self._wake.set()
         self._writable.set()
         if not self.closed.done():
@@ -173,10 +194,14 @@ def _reason(status: int) -> bytes:
 class HttpChannel:
     """HTTP/1.1 framing over a front connection: requests in, Content-Length replies and interim 1xx out."""
 
-    def __init__(self, front: FrontConnection) -> None:
+    def __init__(self, front: FrontConnection, max_head: int = MAX_HEAD) -> None:
         self.front = front
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.max_head = max_head
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self._pending = bytearray()  # bytes not yet given to h11 (the head being assembled, or what follows)
+        self._body = 0  # body bytes of the current request (read and dropped)
+        self._request: h11.Request | None = None
+        self.method = b""  # of the request being answered (a reply to HEAD has no body)
 
     async def _fill(self, timeout: float) -> bool:
         data = await self.front.receive(timeout)
@@ -185,32 +210,45 @@ class HttpChannel:
         self._pending += data
         return True
 
+    def _head_too_large(self) -> BadRequest:
+        return BadRequest(
+            f"the request head is larger than {self.max_head} bytes", status=431, code="request_head_too_large"
+        )
+
     def _feed_head(self) -> bool:
         """Give h11 one complete request head (with a Host header); False while incomplete."""
         if not self._pending.strip(b"\r\n"):
+            if len(self._pending) > self.max_head:  # an endless run of blank lines is a head too
+                raise self._head_too_large()
             return False
-        if not looks_like_http(self._pending):
+        if not looks_like_http(self._pending[: self.max_head]):
             raise BadRequest("the request line is not text")
         end = _head_end(self._pending)
         if end < 0:
-            if len(self._pending) > MAX_HEAD:
-                raise BadRequest("the request head is too large")
+            if len(self._pending) > self.max_head:
+                raise self._head_too_large()
             return False
+        if end > self.max_head:
+            raise self._head_too_large()
         head = bytes(self._pending[:end])
         del self._pending[:end]
         self.h11.receive_data(ensure_host(head))
         return True
 
-    async def receive_request(self, timeout: float) -> h11.Request | None:
-        """The next complete request (its body read and dropped); None when the client closed cleanly."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        request: h11.Request | None = None
-        body = 0
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client, for :meth:`next_request` (the sans-IO half, also used by the fuzzer)."""
+        self._pending += data
+
+    def next_request(self) -> h11.Request | type[h11.NEED_DATA] | None:
+        """The next complete request from what was fed (its body read and dropped); ``h11.NEED_DATA`` until
+        one is complete; None when the client ended the connection cleanly.  Raises :class:`BadRequest`."""
         while True:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as e:
+                status = e.error_status_hint if e.error_status_hint == 431 else 400
+                if status == 431:
+                    raise self._head_too_large() from None
                 raise BadRequest(str(e)) from None
             if event is h11.NEED_DATA:
                 if self.h11.their_state is h11.IDLE:
@@ -221,27 +259,47 @@ class HttpChannel:
                     self.h11.receive_data(bytes(self._pending))
                     self._pending.clear()
                     continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError
-                if not await self._fill(left):
-                    if self.h11.their_state is h11.IDLE and not self._pending.strip(b"\r\n"):
-                        return None
-                    raise BadRequest("the connection closed in the middle of a request")
-                continue
+                return h11.NEED_DATA
             if isinstance(event, h11.Request):
-                request = event
+                self._request = event
+                self.method = event.method
+                self._body = 0
             elif isinstance(event, h11.Data):
-                body += len(event.data)
-                if body > MAX_BODY:
-                    raise BadRequest("request bodies are not expected here")
+                self._body += len(event.data)
+                if self._body > MAX_BODY:
+                    raise BadRequest("request bodies are not expected here", status=413, code="body_too_large")
             elif isinstance(event, h11.EndOfMessage):
-                assert request is not None
+                request, self._request = self._request, None
+                if request is None:  # pragma: no cover - h11 never ends a message it did not start
+                    raise BadRequest("a message ended before it began")
                 return request
             elif isinstance(event, h11.ConnectionClosed):
                 return None
             elif event is h11.PAUSED:
                 raise BadRequest("unexpected pipelining state")
+
+    def at_rest(self) -> bool:
+        """No partial request buffered: the client may close here without an error."""
+        return self.h11.their_state is h11.IDLE and not self._pending.strip(b"\r\n")
+
+    async def receive_request(self, timeout: float) -> h11.Request | None:
+        """The next complete request (its body read and dropped); None when the client closed cleanly.
+
+        ``timeout`` bounds the whole request, not each read: a client that sends a byte now and then is cut
+        off all the same."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            event = self.next_request()
+            if event is not h11.NEED_DATA:
+                return cast(h11.Request | None, event)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            if not await self._fill(left):
+                if self.at_rest():
+                    return None
+                raise BadRequest("the connection closed in the middle of a request")
 
     def _send(self, event: Any) -> None:
         data = self.h11.send(event)
@@ -260,7 +318,7 @@ class HttpChannel:
         payload = body.encode() if isinstance(body, str) else body
         hdrs = [("Content-Type", content_type), ("Content-Length", str(len(payload))), *headers]
         self._send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
-        if payload:
+        if payload and self.method != b"HEAD":  # h11 refuses a body after HEAD (found by bench/fuzz.py)
             self._send(h11.Data(data=payload))
         self._send(h11.EndOfMessage())
 
@@ -288,12 +346,13 @@ class HttpChannel:
             return True
         return False
 
-    def reply_bad_request(self, message: str) -> None:
-        """400 written by hand: after a parse error h11 may refuse to frame a reply."""
-        body = f"Bad request: {message}\n".encode()
+    def reply_bad_request(self, message: str, status: int = 400, code: str = "bad_request") -> None:
+        """An error written by hand, then close: after a parse error h11 may refuse to frame a reply."""
+        body = f"{_reason(status).decode() or 'Error'}: {message}\n".encode()
         self.front.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            + f"Content-Length: {len(body)}\r\n".encode()
+            f"HTTP/1.1 {status} {_reason(status).decode()}\r\n".encode()
+            + b"Content-Type: text/plain; charset=utf-8\r\n"
+            + f"Content-Length: {len(body)}\r\nX-Deckard-Error: {code}\r\n".encode()
             + b"Connection: close\r\n\r\n"
             + body
         )

@@ -4,6 +4,10 @@ QVD accepts ``id`` plus parameters named ``qvd.client.*`` (the client's settings
 and ``custom.*``; anything else is refused with 403 so a client cannot smuggle settings that only an
 administrator may set.  A missing ``id`` is 422.  Only ``qvd.client.geometry`` changes what Deckard does
 (it sizes the display); the rest is kept for the agent and for the logs.
+
+Ids are ASCII digits within a signed 64-bit integer: ``str.isdigit`` would let ``²`` (which ``int`` refuses)
+and full-width digits (U+FF11, which ``int`` reads as 1) through, and a larger number overflows the database's
+INTEGER.
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ from deckard.model.errors import BadInput, PermissionDenied
 
 ALLOWED_PARAM = re.compile(r"^(qvd\.client\.|custom\.)")
 GEOMETRY = re.compile(r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
+ASCII_DIGITS = re.compile(r"[0-9]{1,19}")  # no sign, no spaces, no other script's digits
+INT64_MAX = 2**63 - 1
+
+
+def parse_id(raw: str) -> int | None:
+    """A positive id written in ASCII digits within int64, or None (QVD ids are database keys)."""
+    if not ASCII_DIGITS.fullmatch(raw):
+        return None
+    value = int(raw)
+    return value if 0 < value <= INT64_MAX else None
 
 
 @dataclass(frozen=True)
@@ -30,14 +44,16 @@ class ConnectParams:
 def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
     """The ``id`` parameter: 422 when missing or not a positive integer."""
     values = [v for k, v in pairs if k == "id"]
-    if not values or not values[0].strip():
+    if not values or not values[0].strip(" \t"):
         raise BadInput("the request has no desktop id: add ?id=N (see list_of_vm)", code="missing_id")
     if len(values) > 1:
         raise BadInput("the desktop id is given more than once", code="bad_id")
-    raw = values[0].strip()
-    if not raw.isdigit() or int(raw) <= 0:
-        raise BadInput(f"the desktop id {raw!r} is not a positive integer", code="bad_id")
-    return int(raw)
+    raw = values[0].strip(" \t")
+    value = parse_id(raw)
+    if value is None:
+        shown = raw if len(raw) <= 40 else raw[:40] + "…"
+        raise BadInput(f"the desktop id {shown!r} is not a positive integer of at most 19 digits", code="bad_id")
+    return value
 
 
 def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:

@@ -7,10 +7,17 @@ after authentication is a ``503`` whose body carries the human reason (``session
 
 One log line per request (``broker.request``) and one per connect outcome (``broker.connection``).
 A connect that asks for ``Upgrade: websocket`` (the browser portal) goes to ``websocket.py`` instead.
+
+Until a request has authenticated, a connection is on short clocks (``BrokerSettings``): the TLS handshake and
+the first request must be complete ``first_request_timeout`` seconds after the accept, and it may idle
+``idle_timeout`` between requests; after a successful login QVD's client may wait for its user
+(``authenticated_idle_timeout``).  Every error reply names its stable code in ``X-Deckard-Error``; a bug
+is logged with its traceback and answered ``500`` when the connection can still carry a reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -33,8 +40,8 @@ from deckard.services.users import authenticate_user
 
 log = structlog.get_logger("deckard.broker")
 
-FIRST_REQUEST_TIMEOUT = 30.0  # a connection that sends no request is dropped
-KEEPALIVE_TIMEOUT = 300.0  # QVD's client may list, then wait for the user to pick a desktop
+MIN_FIRST_REQUEST_WAIT = 0.5  # seconds left for the first request however long the TLS handshake took
+ERROR_HEADER = "X-Deckard-Error"  # the stable code of every error reply
 ROUTES = ("/qvd/ping", "/qvd/list_of_vm", "/qvd/list_of_applications", "/qvd/connect_to_vm", "/qvd/stop_vm")
 
 
@@ -49,7 +56,11 @@ class Request:
 
     @classmethod
     def from_h11(cls, req: h11.Request) -> Request:
-        target = urlsplit(req.target.decode("latin-1"))
+        """Raises :class:`BadRequest` for a target that is not a URL (``urlsplit`` refuses some)."""
+        try:
+            target = urlsplit(req.target.decode("latin-1"))
+        except ValueError as e:
+            raise BadRequest(f"the request target is not a valid URL: {e}") from None
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
         return cls(
             req.method.decode("latin-1").upper(),
@@ -75,9 +86,17 @@ class Reply:
 def error_reply(err: DeckardError) -> Reply:
     """A service error as QVD's client expects it (401 always carries the Basic challenge)."""
     status = err.status if err.status in (401, 403, 404, 409, 422, 503) else 500
-    headers = (("WWW-Authenticate", REALM_CHALLENGE),) if status == 401 else ()
+    code = err.code if status != 500 else "internal"
+    headers: tuple[tuple[str, str], ...] = ((ERROR_HEADER, code),)
+    if status == 401:
+        headers += (("WWW-Authenticate", REALM_CHALLENGE),)
     body = err.message if status != 500 else "internal error in the broker"
     return Reply(status, body, headers=headers)
+
+
+INTERNAL_ERROR = Reply(
+    500, "internal error in the broker: the broker's log has the details", headers=((ERROR_HEADER, "internal"),)
+)
 
 
 class QvdProtocol:
@@ -86,34 +105,50 @@ class QvdProtocol:
     def __init__(self, db: Database, sessions: SessionRunner) -> None:
         self.db = db
         self.sessions = sessions
+        self.settings = sessions.settings
         self.websocket = WebSocketConnect(db, sessions)
 
     async def serve(self, front: FrontConnection) -> None:
-        channel = HttpChannel(front)
-        timeout = FIRST_REQUEST_TIMEOUT
+        channel = HttpChannel(front, self.settings.max_request_head)
+        loop = asyncio.get_running_loop()
+        first_left = self.settings.first_request_timeout - (loop.time() - front.accepted_at)
+        timeout = max(first_left, MIN_FIRST_REQUEST_WAIT)
         try:
             while not front.gone:
                 try:
                     event = await channel.receive_request(timeout)
+                    if event is None:
+                        return
+                    req = Request.from_h11(event)
                 except BadRequest as e:
-                    channel.reply_bad_request(str(e))
-                    log.info("broker.request", peer=front.peer, status=400, error=str(e))
+                    channel.reply_bad_request(str(e), e.status, e.code)
+                    log.info("broker.request", peer=front.peer, status=e.status, error=e.code)
                     return
                 except TimeoutError:
+                    log.info("broker.idle_timeout", peer=front.peer, authenticated=front.authenticated)
                     return
-                if event is None:
+                try:
+                    if is_websocket(req):
+                        await self.websocket.serve(channel, req)
+                    elif req.path == "/qvd/connect_to_vm" and req.method == "GET":
+                        await self._connect(channel, req)
+                    else:
+                        reply, login = await self._simple(req)
+                        if login:
+                            front.mark_authenticated()
+                        self._send(channel, req, reply, login)
+                except Exception:
+                    log.exception("broker.request_crashed", peer=front.peer, method=req.method, path=req.path)
+                    if front.relay is None and channel.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        try:
+                            self._send(channel, req, INTERNAL_ERROR)
+                        except h11.LocalProtocolError:
+                            front.abort()  # the reply itself cannot be framed: nothing more to say
                     return
-                req = Request.from_h11(event)
-                if is_websocket(req):
-                    await self.websocket.serve(channel, req)
-                elif req.path == "/qvd/connect_to_vm" and req.method == "GET":
-                    await self._connect(channel, req)
-                else:
-                    reply, login = await self._simple(req)
-                    self._send(channel, req, reply, login)
                 if front.relay is not None or not channel.next_cycle():
                     return
-                timeout = KEEPALIVE_TIMEOUT
+                settings = self.settings
+                timeout = settings.authenticated_idle_timeout if front.authenticated else settings.idle_timeout
         finally:
             if front.relay is None:
                 front.close()
@@ -142,9 +177,13 @@ class QvdProtocol:
     async def _simple(self, req: Request) -> tuple[Reply, str]:
         """Every route but connect; returns the reply and the login it was made for (for the log)."""
         if req.path not in ROUTES:
-            return Reply(404, f"no such page: {req.path}"), ""
+            return Reply(404, f"no such page: {req.path}", headers=((ERROR_HEADER, "no_such_page"),)), ""
         if req.method != "GET":
-            return Reply(405, f"{req.method} is not allowed here: use GET", headers=(("Allow", "GET"),)), ""
+            return Reply(
+                405,
+                f"{req.method} is not allowed here: use GET",
+                headers=((ERROR_HEADER, "method_not_allowed"), ("Allow", "GET")),
+            ), ""
         if req.path == "/qvd/ping":
             return Reply(200, "I am alive!"), ""
         login = ""
@@ -165,7 +204,7 @@ class QvdProtocol:
             try:
                 await request_stop(self.db, desk.id)
             except Conflict as e:
-                return Reply(409, e.message)
+                return error_reply(e)
         return Reply(200, "Machine stopped")
 
     async def _connect(self, channel: HttpChannel, req: Request) -> None:
@@ -179,11 +218,12 @@ class QvdProtocol:
                     Reply(
                         426,
                         "connect_to_vm needs the headers Connection: Upgrade and Upgrade: QVD/1.0",
-                        headers=(("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")),
+                        headers=((ERROR_HEADER, "upgrade_required"), ("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")),
                     ),
                 )
                 return
             user, login = await self._authenticate(req)
+            channel.front.mark_authenticated()
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
             params = parse_connect_params(req.query)
             desk = await desktop_for_user(self.db, user, params.desktop_id)

@@ -3,13 +3,30 @@
 The node daemon owns a :class:`Broker` and calls ``start`` and ``close``; everything the broker knows comes
 from the database, so any node's broker can serve any desktop of the farm.  A TLS handshake that fails never
 reaches this code (asyncio drops the connection), which is the wanted behaviour: nothing to answer.
+
+Why the broker accepts sockets itself instead of ``loop.create_server(ssl=...)``: the connection caps must
+act *before* the TLS handshake, when a refused connection costs nothing but a reset.  A server made by
+``create_server`` calls the protocol only after the handshake, so a flood of clients that never finish it
+could not be counted.  Here each accepted socket is counted against two caps (``BrokerSettings``): all open
+connections, and connections from its source address that have not logged in yet (so an office behind one
+NAT is not limited to 64 desktops, while anonymous ones are).  Over a cap, the socket is reset at once.
+
+Why ``malloc_trim``: after a burst of thousands of connections closes, glibc keeps the freed heap in its
+arenas and the process's RSS stays high; giving it back once the burst is over keeps the farm's memory near
+idle (``bench/abuse.py`` measures it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import socket
 import ssl
+import struct
+from collections import Counter
+from collections.abc import Callable
 
 import structlog
 
@@ -22,9 +39,34 @@ from deckard.runtime.settings import BrokerSettings
 
 log = structlog.get_logger("deckard.broker")
 
-TLS_HANDSHAKE_TIMEOUT = 10.0
 CLOSE_GRACE = 3.0  # seconds connections get to close cleanly before they are aborted
 DRAIN_TIMEOUT = 10.0  # seconds ``close`` then waits for them to record their end
+TRIM_AFTER_BURST = 256  # connections closed since the peak before the heap is given back to the system
+TRIM_DELAY = 1.0  # seconds after the burst's closes; more closes in the meantime wait for the same trim
+REFUSAL_LOG_EVERY = 5.0  # seconds between two log lines about refused connections
+RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and keeps no TIME_WAIT
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_freed_memory() -> bool:
+    """Give the heap freed by closed connections back to the system (glibc); False where unavailable."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 class Broker:
@@ -46,28 +88,120 @@ class Broker:
         self.ssl_context = ssl_context
         self.sessions = SessionRunner(db, settings, node_id, poll, Ports(agent_port, display_port))
         self.protocol = QvdProtocol(db, self.sessions)
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._fronts: set[FrontConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self.open_connections = 0
+        self.prelogin: Counter[str] = Counter()  # connections per source address that have not logged in
+        self.refused = 0
+        self._refusals_logged = 0
+        self._last_refusal_log = 0.0
+        self._peak = 0  # most connections open since the last trim
+        self._trim: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
+        if self._listener is None:
             raise RuntimeError("the broker is not listening")
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._listener.getsockname()[1])
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: FrontConnection(self._serve),
-            host,
-            port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.ssl_context else None,
-            reuse_address=True,
-            backlog=1024,
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+        family, _type, _proto, _name, address = infos[0]
+        sock = socket.create_server(address, family=family, backlog=1024)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock), name="broker-accept")
         log.info("broker.listening", host=host, port=self.port, tls=self.ssl_context is not None)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except OSError as e:  # out of file descriptors, or a connection reset in the backlog
+                log.warning("broker.accept_failed", error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            self._admit(conn, address)
+
+    def _admit(self, conn: socket.socket, address: object) -> None:
+        """Count a new connection, or reset it at once when a cap is reached."""
+        peer = str(address[0]) if isinstance(address, tuple) and address else ""
+        settings = self.settings
+        if (
+            self.open_connections >= settings.max_connections
+            or self.prelogin[peer] >= settings.max_connections_per_address
+        ):
+            self._refuse(conn, peer)
+            return
+        self.open_connections += 1
+        self.prelogin[peer] += 1
+        self._peak = max(self._peak, self.open_connections)
+        conn.setblocking(False)
+        front = FrontConnection(self._serve, peer)
+        front.on_authenticated = self._logged_in
+        front.closed.add_done_callback(lambda _f: self._released(front))
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, front), name=f"broker-tls-{peer}")
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _refuse(self, conn: socket.socket, peer: str) -> None:
+        self.refused += 1
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        conn.close()
+        now = asyncio.get_running_loop().time()
+        if now - self._last_refusal_log >= REFUSAL_LOG_EVERY:
+            log.warning(
+                "broker.connections_refused",
+                peer=peer,
+                refused=self.refused - self._refusals_logged,
+                open=self.open_connections,
+                prelogin_from_peer=self.prelogin[peer],
+            )
+            self._last_refusal_log = now
+            self._refusals_logged = self.refused
+
+    async def _handshake(self, conn: socket.socket, front: FrontConnection) -> None:
+        """TLS (bounded by ``first_request_timeout``); then the protocol's ``connection_made`` serves it."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: front,
+                conn,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.settings.first_request_timeout if self.ssl_context else None,
+            )
+        except (OSError, TimeoutError, ssl.SSLError, asyncio.CancelledError):
+            with contextlib.suppress(OSError):
+                conn.close()
+            if not front.closed.done():
+                front.closed.set_result(None)  # never connected: release its place here
+
+    def _logged_in(self, front: FrontConnection) -> None:
+        self._forget_prelogin(front.peer)
+
+    def _forget_prelogin(self, peer: str) -> None:
+        self.prelogin[peer] -= 1
+        if self.prelogin[peer] <= 0:
+            del self.prelogin[peer]
+
+    def _released(self, front: FrontConnection) -> None:
+        self.open_connections -= 1
+        if not front.authenticated:
+            self._forget_prelogin(front.peer)
+        if self._peak - self.open_connections >= TRIM_AFTER_BURST and self._trim is None and self.settings.trim_heap:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim_heap)
+
+    def _trim_heap(self) -> None:
+        self._trim = None
+        self._peak = self.open_connections
+        release_freed_memory()
 
     def _serve(self, front: FrontConnection) -> None:
         self._fronts.add(front)
@@ -89,8 +223,15 @@ class Broker:
 
     async def close(self) -> None:
         """Stop accepting, close every connection and tunnel, and wait for them to record their end."""
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+        for task in list(self._handshakes):
+            task.cancel()
         self.sessions.shutting_down = True
         for front in list(self._fronts):
             if front.relay is not None:
@@ -108,8 +249,10 @@ class Broker:
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+        if self._handshakes:
+            await asyncio.wait(set(self._handshakes), timeout=CLOSE_GRACE)
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
+        self._listener = None
         log.info("broker.closed")

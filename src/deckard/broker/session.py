@@ -37,6 +37,7 @@ from deckard.broker.params import ConnectParams
 from deckard.broker.tunnel import Tunnel
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
+from deckard.drivers.display import display_password
 from deckard.model.entities import Desktop, User, uid_for_user
 from deckard.model.errors import DeckardError, Unavailable
 from deckard.runtime.settings import BrokerSettings
@@ -276,7 +277,8 @@ class SessionRunner:
 
         tunnel = client.new_tunnel()
         try:
-            await self._step(tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT), front, watch)
+            secret = display_password(running.agent_token or "")
+            await self._step(tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret), front, watch)
         except (OSError, TimeoutError) as e:
             raise Unavailable(
                 f"cannot connect to the desktop's display at {running.ip}:{self.ports.display} ({e or 'timeout'})",

@@ -5,84 +5,196 @@ no queue and no ``StreamReader`` per chunk, which is what made the relay fast in
 ("Moving desktop bytes").  Flow control is the transports' own: when one side's write buffer fills, the other
 side stops reading until it drains, so a slow viewer cannot make the broker buffer a desktop's output.
 
-Two gotchas from the same page are handled here: the display server speaks first (the RFB banner) and may
-do so before the client has its ``101``, so its early bytes are held until :meth:`Tunnel.start`; and each
-received ``bytes`` object is handed to ``write`` as is, never reused.
+The broker terminates the RFB handshake on both sides instead of passing it through:
 
-A third comes from Xvnc: a viewer whose ``SetEncodings`` has not arrived yet when the screen is resized (by
-another viewer of the same display: the user's resize-to-window while an administrator's spy connects, or a
-second device) is dropped with "Client does not support desktop size".  :class:`ResizeGuard` closes that
-window: the broker sends a ``SetEncodings`` of the two desktop-size pseudo-encodings in the same write as the
-client's ``ClientInit``, so Xvnc reads it right after sending ``ServerInit``; the client's own ``SetEncodings``
-replaces it a round trip later.
+* :class:`DesktopHandshake` — towards the desktop the broker is the VNC client and answers Xvnc's VNC
+  authentication with the desktop's secret (:mod:`deckard.drivers.display`), so nothing else
+  on the desktop network can take the display, even where routing would let it reach the port.
+* :class:`ClientHandshake` — towards the viewer the broker is the VNC server: it offers security *None*
+  (the user is already authenticated by the broker) and checks every handshake byte.  A client that sends
+  garbage is dropped by the broker; its bytes never reach Xvnc, whose blacklist ("Too many security
+  failures") would otherwise lock the desktop's owner out.
+
+Once the viewer's ``ClientInit`` arrives it is forwarded with a ``SetEncodings`` of the two desktop-size
+pseudo-encodings in the same write: Xvnc drops a viewer whose ``SetEncodings`` has not arrived yet when the
+screen is resized ("Client does not support desktop size"), which happens when another viewer of the same
+display resizes (the user's resize-to-window while an administrator's spy connects); the client's own
+``SetEncodings`` replaces it a round trip later.  From then on the relay copies bytes only.
+
+Each received ``bytes`` object is handed to ``write`` as is, never reused (a uvloop gotcha).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from typing import cast
 
 from deckard.broker.http import WRITE_HIGH_WATER, FrontConnection
+from deckard.client.rfb import SECURITY_NONE, SECURITY_VNC_AUTH
+from deckard.drivers.display import vnc_auth_response
 
 CLOSE_GRACE = 5.0  # seconds a closing side may take to flush before it is aborted
 
-
 # SetEncodings: DesktopSize (-223) and ExtendedDesktopSize (-308) pseudo-encodings
 RESIZE_ENCODINGS = struct.pack("!BxH2i", 2, 2, -223, -308)
+RFB_GREETING = b"RFB 003.008\n"
+_VERSION_RE = re.compile(rb"RFB 003\.(\d{3})\n")
+_MAX_REASON = 4096  # bytes of a refusal reason from the desktop we are willing to read
 
 
-class ResizeGuard:
-    """Puts :data:`RESIZE_ENCODINGS` right behind the client's ``ClientInit``.
+class HandshakeError(ConnectionError):
+    """A side of the RFB handshake broke the protocol or refused; the message says which and why."""
 
-    Only the handshake of Deckard's desktops is understood (RFB 3.7/3.8 with security type None, as Xvnc is
-    run): the server's version and security types are checked, then the client's first 14 bytes (version,
-    choice, ClientInit) counted.  Anything else and the guard steps aside (``done``, nothing injected).
+
+def _u32(value: int) -> bytes:
+    return struct.pack("!I", value)
+
+
+def _failure(reason: str) -> bytes:
+    data = reason.encode()
+    return _u32(1) + _u32(len(data)) + data
+
+
+class DesktopHandshake:
+    """The broker as the RFB 3.8 client of a desktop's Xvnc, up to a successful security result (sans-IO).
+
+    :meth:`feed` takes the desktop's bytes and returns what to send back; ``done`` is set once the desktop
+    waits for ``ClientInit``.  VNC authentication is used when the desktop offers it and we have the secret;
+    security None only when that is all the desktop offers (an image from before display secrets).
     """
 
-    CLIENT_INIT_END = 12 + 1 + 1  # version, security type None, ClientInit
-
-    def __init__(self) -> None:
-        self._server = bytearray()
-        self._none_only = False  # the server offered exactly [None] with RFB >= 3.7
-        self._client_seen = 0
+    def __init__(self, password: str | None) -> None:
+        self._password = password
+        self._buf = bytearray()
+        self._stage = "version"  # version → types → (challenge) → result → (reason) → done
+        self._need = 12
         self.done = False
 
-    def from_server(self, data: bytes) -> None:
-        if self.done or self._none_only:
-            return
-        buf = self._server
-        buf += data[: 14 - len(buf)]
-        if len(buf) < 14:
-            return
-        minor = int(buf[8:11]) if buf[:4] == b"RFB " and buf[8:11].isdigit() else 0
-        self._none_only = minor >= 7 and buf[12] == 1 and buf[13] == 1
-        self.done = not self._none_only
+    def feed(self, data: bytes) -> bytes:
+        """What to send the desktop after ``data``; raises :class:`HandshakeError`."""
+        if self.done and data:
+            raise HandshakeError("the desktop spoke before ClientInit")
+        buf = self._buf
+        buf += data
+        out = bytearray()
+        while len(buf) >= self._need and not self.done:
+            chunk = bytes(buf[: self._need])
+            del buf[: self._need]
+            out += self._step(chunk)
+        if self.done and buf:
+            raise HandshakeError("the desktop spoke before ClientInit")
+        return bytes(out)
 
-    def from_client(self, data: bytes) -> bytes:
-        """The client's bytes, with :data:`RESIZE_ENCODINGS` inserted after ``ClientInit``."""
+    def _step(self, chunk: bytes) -> bytes:
+        stage = self._stage
+        if stage == "version":
+            m = _VERSION_RE.fullmatch(chunk)
+            if m is None or int(m.group(1)) < 8:
+                raise HandshakeError(f"the desktop's display is not an RFB 3.8 server: {chunk!r}")
+            self._stage, self._need = "count", 1
+            return RFB_GREETING
+        if stage == "count":
+            if chunk[0] == 0:
+                self._stage, self._need = "reason_length", 4
+                return b""
+            self._stage, self._need = "types", chunk[0]
+            return b""
+        if stage == "types":
+            if self._password is not None and SECURITY_VNC_AUTH in chunk:
+                self._stage, self._need = "challenge", 16
+                return bytes([SECURITY_VNC_AUTH])
+            if SECURITY_NONE in chunk:
+                self._stage, self._need = "result", 4
+                return bytes([SECURITY_NONE])
+            raise HandshakeError(f"the desktop's display offers no usable security type ({list(chunk)})")
+        if stage == "challenge":
+            assert self._password is not None
+            self._stage, self._need = "result", 4
+            return vnc_auth_response(self._password, chunk)
+        if stage == "result":
+            if chunk == _u32(0):
+                self.done = True
+                return b""
+            self._stage, self._need = "reason_length", 4
+            return b""
+        if stage == "reason_length":
+            length = int.from_bytes(chunk, "big")
+            if length == 0 or length > _MAX_REASON:
+                raise HandshakeError("the desktop's display refused the broker")
+            self._stage, self._need = "reason", length
+            return b""
+        reason = chunk.decode(errors="replace")
+        raise HandshakeError(f"the desktop's display refused the broker: {reason}")
+
+
+class ClientHandshake:
+    """The broker as the RFB server of a viewer, up to its ``ClientInit`` (sans-IO).
+
+    The broker has already sent :data:`RFB_GREETING`.  :meth:`feed` takes the viewer's bytes and returns
+    ``(to_client, to_desktop)``; ``to_desktop`` stays empty until ``ClientInit``, which it carries followed by
+    :data:`RESIZE_ENCODINGS` and whatever the viewer sent after it.  Versions 3.3 to 3.8 are served as RFB
+    says (an unknown minor version is 3.3, a later one 3.8).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._stage = "version"  # version → security → init → done
+        self._minor = 8
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
         if self.done:
-            return data
-        start = self._client_seen
-        self._client_seen += len(data)
-        if start <= 12 < self._client_seen and data[12 - start] != 1:  # the client chose another type
-            self.done = True
-            return data
-        if self._client_seen < self.CLIENT_INIT_END:
-            return data
-        self.done = True
-        if not self._none_only:
-            return data
-        cut = self.CLIENT_INIT_END - start
-        return data[:cut] + RESIZE_ENCODINGS + data[cut:]
+            return b"", data
+        buf = self._buf
+        buf += data
+        to_client = bytearray()
+        while buf and not self.done:
+            if self._stage == "version":
+                if len(buf) < 12:
+                    if not RFB_GREETING.startswith(bytes(buf[:4])):
+                        raise HandshakeError("the client does not speak RFB")
+                    break
+                m = _VERSION_RE.fullmatch(bytes(buf[:12]))
+                del buf[:12]
+                if m is None:
+                    raise HandshakeError("the client does not speak RFB")
+                minor = int(m.group(1))
+                self._minor = 8 if minor >= 8 else 7 if minor == 7 else 3
+                if self._minor == 3:
+                    to_client += _u32(SECURITY_NONE)
+                    self._stage = "init"
+                else:
+                    to_client += bytes([1, SECURITY_NONE])
+                    self._stage = "security"
+            elif self._stage == "security":
+                choice = buf[0]
+                del buf[:1]
+                if choice != SECURITY_NONE:
+                    if self._minor == 8:
+                        to_client += _failure("the broker offers security type None only")
+                    raise HandshakeError(f"the client chose security type {choice}, not None")
+                if self._minor == 8:
+                    to_client += _u32(0)
+                self._stage = "init"
+            else:
+                self.done = True
+                rest = bytes(buf[1:])
+                to_desktop = bytes(buf[:1]) + RESIZE_ENCODINGS + rest
+                buf.clear()
+                return bytes(to_client), to_desktop
+        return bytes(to_client), b""
 
 
 class _DesktopSide(asyncio.Protocol):
     """The connection to the desktop's display server (Xvnc on port 5900)."""
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    def __init__(self, tunnel: Tunnel, password: str | None) -> None:
         self.tunnel = tunnel
         self.transport: asyncio.Transport | None = None
+        self.handshake = DesktopHandshake(password)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
@@ -90,15 +202,29 @@ class _DesktopSide(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
-        if not self.tunnel.guard.done:
-            self.tunnel.guard.from_server(data)
-        self.tunnel.from_desktop(data)
+        if self.handshake.done:
+            self.tunnel.from_desktop(data)
+            return
+        try:
+            reply = self.handshake.feed(data)
+        except HandshakeError as e:
+            if not self.ready.done():
+                self.ready.set_exception(e)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if reply and self.transport is not None:
+            self.transport.write(reply)
+        if self.handshake.done and not self.ready.done():
+            self.ready.set_result(None)
 
     def eof_received(self) -> bool | None:
         self.tunnel.close("desktop closed the connection")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"the display closed during the handshake: {exc or 'EOF'}"))
         self.tunnel.desktop_lost(exc)
 
     def pause_writing(self) -> None:
@@ -124,22 +250,27 @@ class Tunnel:
         self._started = False
         self._early: list[bytes] = []
         self._desktop_closed = False
-        self.guard = ResizeGuard()
+        self.handshake = ClientHandshake()
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = loop.create_future()
         self._abort_handle: asyncio.TimerHandle | None = None
 
-    async def open(self, host: str, port: int, timeout: float) -> None:
-        """Connect to the display server (raises OSError / TimeoutError)."""
+    async def open(self, host: str, port: int, timeout: float, password: str | None = None) -> None:
+        """Connect to the display server and authenticate (raises OSError, including HandshakeError, or
+        TimeoutError)."""
         loop = asyncio.get_running_loop()
-        _transport, self.desktop = await asyncio.wait_for(
-            loop.create_connection(lambda: _DesktopSide(self), host, port), timeout
-        )
+
+        async def connect() -> None:
+            _transport, self.desktop = await loop.create_connection(lambda: _DesktopSide(self, password), host, port)
+            await self.desktop.ready
+
+        await asyncio.wait_for(connect(), timeout)
 
     def start(self, early_from_client: bytes = b"") -> None:
         """Begin relaying: the ``101`` has been written to the client just before."""
         self._started = True
         self.front.relay = self
+        self._to_client(RFB_GREETING)
         if early_from_client:
             self.from_client(early_from_client)
         for chunk in self._early:
@@ -151,8 +282,16 @@ class Tunnel:
     # client → desktop
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if not self.guard.done:
-            data = self.guard.from_client(data)
+        if not self.handshake.done:
+            try:
+                to_client, data = self.handshake.feed(data)
+            except HandshakeError as e:
+                self.close(str(e))
+                return
+            if to_client:
+                self._to_client(to_client)
+            if not data:
+                return
         dt = self.desktop.transport if self.desktop else None
         if dt is not None and not dt.is_closing():
             dt.write(data)

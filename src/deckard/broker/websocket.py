@@ -13,6 +13,12 @@ than half the throughput of frames parsed in the ``Protocol`` with bulk unmaskin
 Before the relay starts the broker sends TEXT frames ``{"progress": "..."}`` (the same messages QVD clients
 get as ``102`` lines); the page shows them and keeps them away from noVNC, which only sees binary frames.
 
+Why client frames are streamed: a frame's header announces its length up to 2^63 bytes; buffering a frame until
+it is complete would let any client make the broker hold that much.  :class:`FrameReader` unmasks a data frame's
+payload chunk by chunk as it arrives (the mask's phase carried across chunk boundaries) and hands it on at
+once, so a connection holds a frame header and at most one control frame (125 bytes).  Text messages are
+capped at ``max_ws_message`` (close ``1009``); a binary message of any size is fine, it never sits in memory.
+
 Spy tickets connect to the same display *without* taking the session over (a second VNC client, Xvnc runs
 ``-AlwaysShared``).  Unless the ticket is interactive, :class:`ViewOnlyFilter` drops every client message
 that would act on the desktop (keys, pointer, clipboard, resize) and keeps the ones a viewer needs.
@@ -34,12 +40,13 @@ import wsproto.events as wse
 from wsproto.utilities import RemoteProtocolError
 
 from deckard.broker.http import FrontConnection, HttpChannel
-from deckard.broker.params import GEOMETRY, ConnectParams
+from deckard.broker.params import GEOMETRY, ConnectParams, parse_id
 from deckard.broker.session import ConnectRequest, SessionRunner
 from deckard.broker.tunnel import Tunnel
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
-from deckard.model.errors import BadInput, DeckardError, PermissionDenied, Unavailable
+from deckard.drivers.display import display_password
+from deckard.model.errors import BadInput, DeckardError, Unavailable
 from deckard.services.desktops import load_desktop
 from deckard.services.sessions import desktop_for_user
 from deckard.services.tickets import Ticket, redeem_ticket
@@ -58,7 +65,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = structlog.get_logger("deckard.broker")
 
 WS_PATHS = ("/qvd/connect_to_vm", "/ws/connect")
-MAX_FRAME = 16 * 1024 * 1024  # a VNC client never sends frames anywhere near this
+MAX_MESSAGE = 256 * 1024  # default cap of a text message (BrokerSettings.max_ws_message)
+MAX_CONTROL = 125  # RFC 6455 §5.5
+MAX_LENGTH = 2**63 - 1  # the most significant bit of a 64-bit length must be 0
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_TOO_BIG, CLOSE_ERROR = 1000, 1002, 1009, 1011
 DISPLAY_CONNECT_TIMEOUT = 5.0
@@ -99,32 +108,181 @@ def close_payload(code: int, reason: str) -> bytes:
     return struct.pack("!H", code) + raw
 
 
+class FrameError(Exception):
+    """The client broke RFC 6455 (or a limit): close the WebSocket with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+Control = tuple[int, bytes]  # (opcode, payload) of a ping, pong or close frame
+
+
+class FrameReader:
+    """Client → broker frames, parsed as bytes arrive (sans-IO; ``feed`` raises :class:`FrameError`).
+
+    ``feed`` returns, in order, data payload chunks (``bytes``: binary, text and continuation frames, unmasked)
+    and complete control frames (``(opcode, payload)``).  After a close frame nothing more is read.
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self.closed = False
+        self._head = bytearray()  # a frame header split across reads
+        self._opcode = -1  # of the frame whose payload is being read; -1 between frames
+        self._fin = False
+        self._key = b""
+        self._offset = 0  # payload bytes of this frame already read: the phase of the mask
+        self._left = 0  # payload bytes of this frame still to come
+        self._control = bytearray()
+        self._message = -1  # opcode of the data message in progress (fragmented); -1 when none
+        self._message_size = 0
+
+    @staticmethod
+    def _header_size(b1: int) -> int:
+        n = b1 & 0x7F
+        return 6 if n < 126 else 8 if n == 126 else 14  # with the 4-byte mask key
+
+    def feed(self, data: bytes) -> list[bytes | Control]:
+        out: list[bytes | Control] = []
+        pos, end = 0, len(data)
+        while pos < end and not self.closed:
+            if self._opcode < 0:
+                head = self._head
+                if not head and end - pos >= 2:
+                    size = self._header_size(data[pos + 1])
+                    if end - pos >= size:
+                        self._begin(data, pos, size, out)
+                        pos += size
+                        left = self._left
+                        if 0 < left <= end - pos and self._opcode < 8:  # a whole data frame: no state to keep
+                            out.append(unmask(data[pos : pos + left], self._key))
+                            pos += left
+                            self._left = 0
+                            self._end(out)
+                        continue
+                need = 2 if len(head) < 2 else self._header_size(head[1])
+                take = min(need - len(head), end - pos)
+                head += data[pos : pos + take]
+                pos += take
+                if len(head) >= 2 and len(head) == self._header_size(head[1]):
+                    self._begin(head, 0, len(head), out)
+                    head.clear()
+                continue
+            take = min(self._left, end - pos)
+            chunk = data if pos == 0 and take == end else data[pos : pos + take]
+            phase = self._offset & 3
+            plain = unmask(chunk, self._key if not phase else self._key[phase:] + self._key[:phase])
+            self._offset += take
+            self._left -= take
+            pos += take
+            if self._opcode >= 8:
+                self._control += plain
+            else:
+                out.append(plain)
+            if not self._left:
+                self._end(out)
+        return out
+
+    def _begin(self, buf: bytes | bytearray, pos: int, size: int, out: list[bytes | Control]) -> None:
+        """A complete frame header at ``buf[pos:pos + size]``: check it, then expect its payload."""
+        b0, b1 = buf[pos], buf[pos + 1]
+        if b0 & 0x70:
+            raise FrameError(CLOSE_PROTOCOL, "reserved bits set without an extension")
+        if not b1 & 0x80:
+            raise FrameError(CLOSE_PROTOCOL, "the client sent an unmasked frame")
+        opcode = b0 & 0x0F
+        fin = bool(b0 & 0x80)
+        length = b1 & 0x7F
+        if length == 126:
+            length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+        elif length == 127:
+            length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            if length > MAX_LENGTH:
+                raise FrameError(CLOSE_PROTOCOL, "frame length out of range")
+        if opcode == OP_BINARY and self._message < 0:  # the common case first: a new binary message
+            self._message, self._message_size = opcode, length
+        elif opcode >= 8:
+            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
+                raise FrameError(CLOSE_PROTOCOL, f"unknown control opcode {opcode}")
+            if not fin or length > MAX_CONTROL:
+                raise FrameError(CLOSE_PROTOCOL, "control frames must be final and at most 125 bytes")
+        elif opcode == OP_CONT:
+            if self._message < 0:
+                raise FrameError(CLOSE_PROTOCOL, "continuation frame without a message to continue")
+            self._message_size += length
+        elif opcode in (OP_TEXT, OP_BINARY):
+            if self._message >= 0:
+                raise FrameError(CLOSE_PROTOCOL, "a new message began before the last one ended")
+            self._message, self._message_size = opcode, length
+        else:
+            raise FrameError(CLOSE_PROTOCOL, f"unknown data opcode {opcode}")
+        if self._message == OP_TEXT and opcode < 8 and self._message_size > self.max_message:
+            raise FrameError(CLOSE_TOO_BIG, f"text message larger than {self.max_message} bytes")
+        self._opcode, self._fin, self._left, self._offset = opcode, fin, length, 0
+        self._key = bytes(buf[pos + size - 4 : pos + size])
+        if not length:
+            self._end(out)
+
+    def _end(self, out: list[bytes | Control]) -> None:
+        """The current frame's payload is complete."""
+        opcode, self._opcode = self._opcode, -1
+        if opcode >= 8:
+            out.append((opcode, bytes(self._control)))
+            self._control.clear()
+            self.closed = opcode == OP_CLOSE
+        elif self._fin:
+            self._message = -1
+
+
 class ViewOnlyFilter:
     """Passes the RFB client messages a viewer needs; drops input (keys, pointer, clipboard, resize).
 
     Client → server only: the handshake (version, security choice, ClientInit forced to *shared*), then
-    SetPixelFormat, SetEncodings, FramebufferUpdateRequest, EnableContinuousUpdates and Fence pass.
+    SetPixelFormat, SetEncodings, FramebufferUpdateRequest, EnableContinuousUpdates and Fence pass.  A dropped
+    message is skipped as it streams by (a clipboard of 2 GiB costs nothing); a passed one is at most
+    ``MAX_KEPT`` bytes (SetEncodings of ``MAX_ENCODINGS``), so the filter never holds more than that.
     """
+
+    MAX_ENCODINGS = 1024  # noVNC sends about 20
+    MAX_KEPT = 4 + 4 * MAX_ENCODINGS
+    PASSED = (0, 2, 3, 150, 248)
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._stage = "version"  # version → security → init → messages
+        self._skip = 0  # bytes of a dropped message still to come
         self.dropped = 0
 
     def feed(self, data: bytes) -> bytes:
-        """Allowed bytes out of ``data``; ValueError on a message this filter cannot size."""
+        """Allowed bytes out of ``data``; ValueError on a message this filter cannot size or will not keep."""
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
         self._buf += data
         out = bytearray()
         buf = self._buf
         while buf:
             n = self._size(buf)
-            if n is None or len(buf) < n:
+            if n is None:
+                break
+            if self._stage == "messages" and buf[0] not in self.PASSED:
+                self.dropped += 1
+                taken = min(n, len(buf))
+                del buf[:taken]
+                self._skip = n - taken
+                if self._skip:
+                    break
+                continue
+            if n > self.MAX_KEPT:
+                raise ValueError(f"RFB client message of {n} bytes is too large")
+            if len(buf) < n:
                 break
             msg = bytes(buf[:n])
             del buf[:n]
-            if self._stage == "messages" and msg[0] not in (0, 2, 3, 150, 248):
-                self.dropped += 1
-                continue
             if self._stage == "init":
                 msg = b"\x01"  # shared: never disconnect the user's own viewer
                 self._stage = "messages"
@@ -135,6 +293,8 @@ class ViewOnlyFilter:
             elif self._stage == "version":
                 self._stage = "security"
             out += msg
+        if self._skip:  # what followed in this chunk belonged to the skipped message
+            buf.clear()
         return bytes(out)
 
     def _size(self, buf: bytearray) -> int | None:
@@ -169,58 +329,32 @@ class ViewOnlyFilter:
 class WsTunnel(Tunnel):
     """A :class:`Tunnel` whose client side speaks WebSocket frames (binary payloads are the VNC bytes)."""
 
-    def __init__(self, front: FrontConnection, view_only: bool = False) -> None:
+    def __init__(self, front: FrontConnection, view_only: bool = False, max_message: int = MAX_MESSAGE) -> None:
         super().__init__(front)
-        self._rx = bytearray()
+        self.reader = FrameReader(max_message)
         self._close_sent = False
         self.filter = ViewOnlyFilter() if view_only else None
 
     # client → desktop
     def from_client(self, data: bytes) -> None:
-        rx = self._rx
-        rx += data
-        off = 0
-        end = len(rx)
+        try:
+            events = self.reader.feed(data)
+        except FrameError as e:
+            self.close(e.reason, e.code)
+            return
         payloads: list[bytes] = []
-        while end - off >= 2:
-            b0, b1 = rx[off], rx[off + 1]
-            length = b1 & 0x7F
-            pos = off + 2
-            if length == 126:
-                if end - pos < 2:
-                    break
-                length = int.from_bytes(rx[pos : pos + 2], "big")
-                pos += 2
-            elif length == 127:
-                if end - pos < 8:
-                    break
-                length = int.from_bytes(rx[pos : pos + 8], "big")
-                pos += 8
-            if not b1 & 0x80:
-                self.close("the client sent an unmasked frame", CLOSE_PROTOCOL)
-                return
-            if length > MAX_FRAME:
-                self.close("frame too large", CLOSE_TOO_BIG)
-                return
-            if end - pos < 4 + length:
-                break
-            key = bytes(rx[pos : pos + 4])
-            pos += 4
-            payload = unmask(memoryview(rx)[pos : pos + length], key)
-            off = pos + length
-            opcode = b0 & 0x0F
-            if opcode in (OP_BINARY, OP_CONT, OP_TEXT):
-                payloads.append(payload)
-            elif opcode == OP_PING:
-                self._send_frame(OP_PONG, payload[:125])
+        for event in events:
+            if isinstance(event, bytes):
+                payloads.append(event)
+                continue
+            opcode, payload = event
+            if opcode == OP_PING:
+                self._send_frame(OP_PONG, payload)
             elif opcode == OP_CLOSE:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
-                del rx[:off]
                 self._forward(payloads)
                 self.close("client closed the connection", code if 1000 <= code < 5000 else CLOSE_NORMAL)
                 return
-        if off:
-            del rx[:off]
         self._forward(payloads)
 
     def _forward(self, payloads: list[bytes]) -> None:
@@ -271,16 +405,17 @@ class WsClient:
 
     protocol = "websocket"
 
-    def __init__(self, channel: HttpChannel) -> None:
+    def __init__(self, channel: HttpChannel, max_message: int = MAX_MESSAGE) -> None:
         self.channel = channel
         self.front = channel.front
+        self.max_message = max_message
 
     def progress(self, message: str) -> None:
         if not self.front.gone:
             send_text(self.front, {"progress": message})
 
     def new_tunnel(self) -> Tunnel:
-        return WsTunnel(self.front)
+        return WsTunnel(self.front, max_message=self.max_message)
 
     def switch(self) -> bytes:
         return self.channel.leave()  # the 101 went out before the flow started
@@ -295,13 +430,16 @@ def handshake(req: Request) -> bytes:
     """wsproto checks the upgrade request and writes the ``101`` (subprotocol ``binary`` when offered)."""
     ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
     lines = [f"GET {req.target} HTTP/1.1", *(f"{k}: {v}" for k, v in req.headers.items())]
-    ws.receive_data(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    for event in ws.events():
-        if isinstance(event, wse.Request):
-            sub = "binary" if "binary" in event.subprotocols else None
-            return ws.send(wse.AcceptConnection(subprotocol=sub))
-        if isinstance(event, wse.RejectConnection):
-            break
+    try:
+        ws.receive_data(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        for event in ws.events():
+            if isinstance(event, wse.Request):
+                sub = "binary" if "binary" in event.subprotocols else None
+                return ws.send(wse.AcceptConnection(subprotocol=sub))
+            if isinstance(event, wse.RejectConnection):
+                break
+    except UnicodeError:  # wsproto decodes Host and the token lists as ASCII/IDNA (found by bench/fuzz.py)
+        pass
     raise BadInput("not a valid WebSocket upgrade request", code="bad_websocket")
 
 
@@ -315,23 +453,26 @@ class WebSocketConnect:
     async def serve(self, channel: HttpChannel, req: Request) -> None:
         t0 = time.monotonic()
         try:
-            tickets = [v for k, v in req.query if k == "ticket"]
-            ticket = await redeem_ticket(self.db, tickets[0] if tickets else "")
+            # bad input is refused before the ticket is looked at: a refused request must not use it up
             ids = [v for k, v in req.query if k == "id"]
-            if ids and ids[0] != str(ticket.desktop_id):
-                raise PermissionDenied("the ticket is for another desktop", code="ticket_mismatch")
+            desktop_id = parse_id(ids[0]) if ids else None
+            if ids and (desktop_id is None or len(ids) > 1):
+                raise BadInput("the desktop id must be one positive integer of at most 19 digits", code="bad_id")
             geometry = next((v for k, v in req.query if k == "geometry"), "")
             if geometry and not GEOMETRY.match(geometry):
-                raise BadInput(f"geometry {geometry!r} must look like 1280x800", code="bad_geometry")
-            desk = None if ticket.spy else await desktop_for_user(self.db, ticket.user, ticket.desktop_id)
+                raise BadInput(f"geometry {geometry[:40]!r} must look like 1280x800", code="bad_geometry")
             response = handshake(req)
+            tickets = [v for k, v in req.query if k == "ticket"]
+            ticket = await redeem_ticket(self.db, tickets[0] if tickets else "", desktop_id)
+            channel.front.mark_authenticated()
+            desk = None if ticket.spy else await desktop_for_user(self.db, ticket.user, ticket.desktop_id)
         except DeckardError as e:
             status = e.status if e.status in (401, 403, 404, 422) else 400
-            channel.respond(status, e.message + "\n")
+            channel.respond(status, e.message + "\n", headers=(("X-Deckard-Error", e.code),))
             log.info("broker.request", peer=channel.front.peer, path=req.path, status=status, error=e.code)
             return
         except RemoteProtocolError as e:
-            channel.respond(400, f"bad WebSocket request: {e}\n")
+            channel.respond(400, f"bad WebSocket request: {e}\n", headers=(("X-Deckard-Error", "bad_websocket"),))
             return
         channel.front.write(response)
         auth_ms = round((time.monotonic() - t0) * 1000, 1)
@@ -342,14 +483,15 @@ class WebSocketConnect:
         params = ConnectParams(desk.id, {"qvd.client.geometry": geometry} if geometry else {})
         login = ticket.user.login
         await self.sessions.run(
-            WsClient(channel), ConnectRequest(ticket.user, login, params, desk, req.received_at, auth_ms)
+            WsClient(channel, self.sessions.settings.max_ws_message),
+            ConnectRequest(ticket.user, login, params, desk, req.received_at, auth_ms),
         )
 
     async def _spy(self, channel: HttpChannel, ticket: Ticket) -> None:
         """Watch the desktop's display as a second, shared VNC client; the session is not touched."""
         front = channel.front
         bound = log.bind(desktop_id=ticket.desktop_id, admin=ticket.admin_name, peer=front.peer)
-        tunnel = WsTunnel(front, view_only=not ticket.interactive)
+        tunnel = WsTunnel(front, view_only=not ticket.interactive, max_message=self.sessions.settings.max_ws_message)
         try:
             async with self.db.connect() as conn:
                 desk = await load_desktop(conn, ticket.desktop_id)
@@ -357,7 +499,8 @@ class WebSocketConnect:
                 raise Unavailable(f"the desktop is not running (it is {desk.state})", code="not_running")
             send_text(front, {"progress": "Connecting to the desktop's display"})
             try:
-                await tunnel.open(desk.ip, self.sessions.ports.display, DISPLAY_CONNECT_TIMEOUT)
+                secret = display_password(desk.agent_token or "")
+                await tunnel.open(desk.ip, self.sessions.ports.display, DISPLAY_CONNECT_TIMEOUT, secret)
             except (OSError, TimeoutError):
                 raise Unavailable(
                     "the desktop has no display yet (the user has not connected)", code="no_display"
@@ -387,4 +530,4 @@ class WebSocketConnect:
         )
 
 
-__all__ = ["ViewOnlyFilter", "WebSocketConnect", "WsTunnel", "is_websocket", "unmask"]
+__all__ = ["FrameError", "FrameReader", "ViewOnlyFilter", "WebSocketConnect", "WsTunnel", "is_websocket", "unmask"]

@@ -9,6 +9,10 @@ or logged URL is useless a moment later.  Administrators get ``spy`` tickets the
 Portal logins are kept in the same table (kind ``portal``) rather than in ``admin_tokens``, whose rows belong
 to administrators and carry ACLs; a user's token gives access to their own desktops only.  As for admin
 tokens, only the SHA-256 of a secret is stored.
+
+Issuing is bounded per user (per administrator for spy tickets): at most ``tickets_per_minute`` in any minute
+and ``max_live_tickets`` issued but not yet used, else 429 ``too_many_tickets`` (``BrokerSettings``).  A ticket
+is spent only when the broker accepts it: one presented for another desktop is refused and stays usable.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, aware, utcnow
-from deckard.model.errors import Conflict, Unauthenticated
+from deckard.model.errors import Conflict, DeckardError, PermissionDenied, Unauthenticated
+from deckard.runtime.settings import BrokerSettings
 from deckard.services.context import Actor, require
 from deckard.services.desktops import get_desktop
 from deckard.services.sessions import desktop_for_user
@@ -37,7 +42,27 @@ TICKET_TTL = 30.0  # seconds between issuing a ticket and the browser opening it
 PORTAL_TTL = 8 * 3600.0  # a portal login lasts a working day
 TICKET_PREFIX = "dkt_"
 
+RATE_WINDOW = 60.0  # seconds over which ``tickets_per_minute`` counts
+_DEFAULTS = BrokerSettings()
+
 tk = t.tickets
+
+
+class TooManyTickets(DeckardError):
+    """A user (or administrator) asked for more tickets than the limits allow: wait and retry."""
+
+    code = "too_many_tickets"
+    status = 429
+
+
+@dataclass(frozen=True)
+class TicketLimits:
+    per_minute: int = _DEFAULTS.tickets_per_minute
+    live: int = _DEFAULTS.max_live_tickets
+
+    @classmethod
+    def from_settings(cls, settings: BrokerSettings) -> TicketLimits:
+        return cls(settings.tickets_per_minute, settings.max_live_tickets)
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,7 @@ async def _store(
     admin_id: int | None = None,
     desktop_id: int | None = None,
     interactive: bool = False,
+    limits: TicketLimits | None = None,
 ) -> tuple[str, dt.datetime]:
     secret = TICKET_PREFIX + secrets.token_urlsafe(32)
     now = utcnow()
@@ -76,6 +102,8 @@ async def _store(
     async with db.begin() as conn:
         # old rows go when new ones come: no sweeper needed, the table stays small
         await conn.execute(sa.delete(tk).where(tk.c.expires_at < now - dt.timedelta(hours=1)))
+        if limits is not None:
+            await _check_limits(conn, kind, limits, now, user_id=user_id, admin_id=admin_id)
         await conn.execute(
             sa.insert(tk).values(
                 token_hash=_hash(secret),
@@ -89,6 +117,40 @@ async def _store(
             )
         )
     return secret, expires
+
+
+async def _check_limits(
+    conn: AsyncConnection,
+    kind: str,
+    limits: TicketLimits,
+    now: dt.datetime,
+    *,
+    user_id: int | None,
+    admin_id: int | None,
+) -> None:
+    """429 when the holder (the administrator of a spy ticket, else the user) is over a ticket limit."""
+    if admin_id is not None:
+        mine = sa.and_(tk.c.kind == kind, tk.c.admin_id == admin_id)
+        lock = sa.select(t.administrators.c.id).where(t.administrators.c.id == admin_id)
+    else:
+        mine = sa.and_(tk.c.kind == kind, tk.c.user_id == user_id, tk.c.admin_id.is_(None))
+        lock = sa.select(t.users.c.id).where(t.users.c.id == user_id)
+    await conn.execute(lock.with_for_update())  # PostgreSQL: concurrent issues for one holder queue here
+    since = now - dt.timedelta(seconds=RATE_WINDOW)
+    recent = (await conn.execute(sa.select(sa.func.count()).where(mine, tk.c.created_at > since))).scalar_one()
+    if recent >= limits.per_minute:
+        raise TooManyTickets(
+            f"more than {limits.per_minute} connect tickets in a minute: wait a minute and connect again",
+            details={"retry_after_s": int(RATE_WINDOW)},
+        )
+    live = (
+        await conn.execute(sa.select(sa.func.count()).where(mine, tk.c.used_at.is_(None), tk.c.expires_at > now))
+    ).scalar_one()
+    if live >= limits.live:
+        raise TooManyTickets(
+            f"{live} connect tickets are already waiting to be used: use one, or wait {TICKET_TTL:g} s",
+            details={"retry_after_s": int(TICKET_TTL)},
+        )
 
 
 async def _user(conn: AsyncConnection, user_id: int) -> User:
@@ -133,14 +195,17 @@ async def logout_user(db: Database, token: str) -> None:
 # ---- one-time tickets --------------------------------------------------------------------------------------
 
 
-async def issue_connect_ticket(db: Database, user: User, desktop_id: int) -> tuple[str, dt.datetime]:
-    """A ticket for the user's own desktop (404/403 as the broker would answer for a connect)."""
+async def issue_connect_ticket(
+    db: Database, user: User, desktop_id: int, *, limits: TicketLimits | None = None
+) -> tuple[str, dt.datetime]:
+    """A ticket for the user's own desktop (404/403 as the broker would answer for a connect; 429
+    ``too_many_tickets`` over the limits, by default ``BrokerSettings``')."""
     desk = await desktop_for_user(db, user, desktop_id)
-    return await _store(db, CONNECT, TICKET_TTL, user_id=user.id, desktop_id=desk.id)
+    return await _store(db, CONNECT, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
 
 
 async def issue_spy_ticket(
-    db: Database, actor: Actor, desktop_id: int, *, interactive: bool = False
+    db: Database, actor: Actor, desktop_id: int, *, interactive: bool = False, limits: TicketLimits | None = None
 ) -> tuple[str, dt.datetime]:
     """A ticket to watch a running desktop; needs ``desktop.spy`` (and ``desktop.spy.interactive`` for input)."""
     require(actor, "desktop.spy", *(["desktop.spy.interactive"] if interactive else []))
@@ -155,11 +220,15 @@ async def issue_spy_ticket(
         admin_id=actor.id,
         desktop_id=desktop_id,
         interactive=interactive,
+        limits=limits or TicketLimits(),
     )
 
 
-async def redeem_ticket(db: Database, secret: str) -> Ticket:
-    """Use a ticket up: 401 ``bad_ticket`` if unknown, expired or already used (the same answer for each)."""
+async def redeem_ticket(db: Database, secret: str, desktop_id: int | None = None) -> Ticket:
+    """Use a ticket up: 401 ``bad_ticket`` if unknown, expired or already used (the same answer for each).
+
+    With ``desktop_id`` (the connect names a desktop), a ticket for another desktop is refused with 403
+    ``ticket_mismatch`` and is *not* used up."""
     bad = Unauthenticated("the connect ticket is not valid (expired or already used): connect again", code="bad_ticket")
     if not secret.startswith(TICKET_PREFIX):
         raise bad
@@ -171,6 +240,8 @@ async def redeem_ticket(db: Database, secret: str) -> Ticket:
         expires = aware(row.expires_at) if row is not None else None
         if row is None or row.used_at is not None or expires is None or expires <= now or row.desktop_id is None:
             raise bad
+        if desktop_id is not None and int(row.desktop_id) != desktop_id:
+            raise PermissionDenied("the ticket is for another desktop", code="ticket_mismatch")
         # the guarded update is what makes a ticket single-use when two connects race with it
         res = await conn.execute(sa.update(tk).where(tk.c.id == row.id, tk.c.used_at.is_(None)).values(used_at=now))
         if res.rowcount != 1:
