@@ -87,7 +87,7 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
     base = f"https://127.0.0.1:{farm.api_port}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:
-        page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
+        page.wait_for_function("() => document.body.dataset.firstFrame", timeout=90_000)
         stats = _canvas_stats(page)
     except Exception as e:
         page.screenshot(path="/tmp/deckard-portal-failed.png")
@@ -105,7 +105,7 @@ def test_user_connects_in_the_portal_and_admin_spies(farm: FarmProcess, browser:
     # ResizeGuard keeps Xvnc from dropping the spy ("Client does not support desktop size"), seen in CI once
     goto(spy, f"{base}/admin/spy?desktop={desk['id']}")
     try:
-        spy.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
+        spy.wait_for_function("() => document.body.dataset.firstFrame", timeout=30_000)
     except Exception:
         spy.screenshot(path="/tmp/deckard-spy-failed.png")
         report = f"the spy never drew a frame: {spy.locator('#progress-text').inner_text()}\n"
@@ -141,7 +141,7 @@ def test_spies_connecting_while_the_user_resizes_the_display_are_never_dropped(f
     """Xvnc drops a viewer that is resized before its SetEncodings arrived; the broker's ResizeGuard prevents it."""
     user, page, desk = _user_connects(farm, browser, "rita", {"width": 1200, "height": 760})
     base = f"https://127.0.0.1:{farm.api_port}"
-    page.wait_for_function("document.body.dataset.firstFrame", timeout=90_000)
+    page.wait_for_function("() => document.body.dataset.firstFrame", timeout=90_000)
     admin = browser.new_context(ignore_https_errors=True, viewport={"width": 800, "height": 500})
     spies = [admin.new_page() for _ in range(4)]
     for spy in spies:
@@ -155,7 +155,7 @@ def test_spies_connecting_while_the_user_resizes_the_display_are_never_dropped(f
             page.wait_for_timeout(150)
         for spy in spies:
             try:
-                spy.wait_for_function("document.body.dataset.firstFrame", timeout=15_000)
+                spy.wait_for_function("() => document.body.dataset.firstFrame", timeout=15_000)
             except Exception:
                 dropped.append(spy.locator("#progress-text").inner_text())
     assert not dropped, f"{len(dropped)} of 16 spies dropped: {dropped}\n{farm.diagnostics(desk['id'])}"

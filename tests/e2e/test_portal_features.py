@@ -206,7 +206,7 @@ def connected(portal: Portal, request: pytest.FixtureRequest) -> Iterator[Portal
             page.get_by_role("button", name="Disconnect").click()
         page.get_by_role("button", name=f"Connect to {DESK}").click()
         try:
-            page.wait_for_function("document.body.dataset.firstFrame", timeout=60_000)
+            page.wait_for_function("() => document.body.dataset.firstFrame", timeout=60_000)
         except Exception:
             raise AssertionError(
                 f"no first frame: {page.locator('#progress-text').inner_text()}\n"
@@ -312,7 +312,7 @@ def test_full_screen_control_enters_and_leaves_full_screen(connected: Portal) ->
     page = connected.page
     button = page.get_by_role("button", name="Full screen")
     button.click()
-    page.wait_for_function("document.fullscreenElement?.id === 'viewer'", timeout=5_000)
+    page.wait_for_function("() => document.fullscreenElement?.id === 'viewer'", timeout=5_000)
     # the whole viewer is full screen: the desktop fills the screen and the toolbar stays there to leave
     screen = page.evaluate("[screen.width, screen.height]")
     rect = page.evaluate("(r => [r.width, r.height])(document.fullscreenElement.getBoundingClientRect())")
@@ -320,7 +320,7 @@ def test_full_screen_control_enters_and_leaves_full_screen(connected: Portal) ->
     _follows(connected, "full screen")
     assert page.get_by_role("toolbar", name="Desktop controls").is_visible()
     button.click()
-    page.wait_for_function("document.fullscreenElement === null", timeout=5_000)
+    page.wait_for_function("() => document.fullscreenElement === null", timeout=5_000)
     assert page.locator("#viewer").is_visible(), "leaving full screen must not close the desktop"
     _follows(connected, "leaving full screen")
 
@@ -366,12 +366,12 @@ def test_a_late_close_of_the_old_connection_does_not_break_a_new_one(portal: Por
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.get_by_role("button", name=f"Connect to {DESK}").click()
-        page.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
+        page.wait_for_function("() => document.body.dataset.firstFrame", timeout=30_000)
         assert held, "the WebSocket was not routed"
         page.get_by_role("button", name="Disconnect").click()
         with page.expect_console_message(lambda m: "Disconnection timed out" in m.text, timeout=10_000):
             page.get_by_role("button", name=f"Connect to {DESK}").click()
-            page.wait_for_function("document.body.dataset.firstFrame", timeout=30_000)
+            page.wait_for_function("() => document.body.dataset.firstFrame", timeout=30_000)
         expect(page.locator("#progress")).to_be_hidden()
         assert not errors, errors
         _wait(portal.row, 10, "user_state connected", lambda r: r["user_state"] == "connected")
@@ -458,6 +458,6 @@ def test_reset_my_desktop_discards_the_writable_layer_and_keeps_home(connected: 
     assert messages and "home" in messages[0], messages
 
     page.get_by_role("button", name=f"Connect to {DESK}").click()
-    page.wait_for_function("document.body.dataset.firstFrame", timeout=60_000)
+    page.wait_for_function("() => document.body.dataset.firstFrame", timeout=60_000)
     assert connected.sh(f"test -e {MARKER} && echo present || echo gone", user=False).strip() == "gone"
     assert connected.sh("cat ~/kept.txt").strip() == "mine"

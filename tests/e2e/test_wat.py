@@ -133,7 +133,7 @@ def shot(page: Any, name: str) -> None:
 
 def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, api: Api) -> None:
     login(page, api)
-    page.wait_for_function("document.body.dataset.dashboard === 'drawn'")
+    page.wait_for_function("() => document.body.dataset.dashboard === 'drawn'")
     assert page.locator(".count").count() >= 4
     assert page.locator("#chart-live canvas").count() == 1 and page.locator("#chart-ttd canvas").count() == 1
     shot(page, "dashboard")
@@ -165,10 +165,10 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     # filter by column, then clear it
     page.get_by_label("Filter name").fill("web2")
     page.get_by_label("Filter name").press("Enter")
-    page.wait_for_function("document.querySelectorAll('table.list tbody tr').length === 1")
+    page.wait_for_function("() => document.querySelectorAll('table.list tbody tr').length === 1")
     page.get_by_label("Filter name").fill("")
     page.get_by_label("Filter name").press("Enter")
-    page.wait_for_function("document.querySelectorAll('table.list tbody tr').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('table.list tbody tr').length === 2")
 
     # bulk start of both: no node in this farm, so each one fails with no_node, shown per item
     page.get_by_label("Select all rows on this page").check()

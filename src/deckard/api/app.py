@@ -7,12 +7,16 @@ lead process can share one ``Database`` between the API and the node daemon.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
+from starlette.types import ASGIApp
 
 import deckard
 from deckard.api.access_log import install_access_log
 from deckard.api.audit_log import install_audit_log
+from deckard.api.docs import install_docs
 from deckard.api.errors import install_error_handlers
+from deckard.api.headers import SecurityHeaders
+from deckard.api.limits import BodyLimit, BodyLimitRule
 from deckard.api.routes import (
     admins,
     audit,
@@ -33,15 +37,36 @@ from deckard.api.routes import (
     tenants,
     users,
 )
+from deckard.api.routes.portal import BrokerOrigins
+from deckard.api.strict import check_path_refs
 from deckard.db.engine import Database
 from deckard.runtime.settings import Settings
 from deckard.web import mount_web
 
 PREFIX = "/api/v1"
+UPLOAD_PATH = rf"{PREFIX}/images/[^/]+/content$"  # PUT: a disk image's tarball, streamed to disk
+
+
+class DeckardApp(FastAPI):
+    """FastAPI with the request front (``api/headers.py``, ``api/limits.py``) outside everything else.
+
+    ``add_middleware`` would put them inside Starlette's error middleware, whose 500 answers would then leave
+    without security headers; wrapping the built stack keeps them first in and last out.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        settings: Settings = self.state.settings
+        limited = BodyLimit(
+            super().build_middleware_stack(),
+            settings.api.max_body_bytes,
+            [BodyLimitRule(UPLOAD_PATH, settings.api.max_upload_bytes)],
+            max_header_bytes=settings.api.max_header_bytes,
+        )
+        return SecurityHeaders(limited, BrokerOrigins(self.state.db, settings))
 
 
 def create_app(db: Database, settings: Settings) -> FastAPI:
-    app = FastAPI(
+    app = DeckardApp(
         title="Deckard admin API",
         version=deckard.__version__,
         description=(
@@ -51,12 +76,14 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
             '`{"error": {"code", "message", "details"?}}` with a stable `code`.'
         ),
         openapi_url=f"{PREFIX}/openapi.json",
-        docs_url=f"{PREFIX}/docs",
+        docs_url=None,  # our own page: api/docs.py
         redoc_url=None,
+        dependencies=[Depends(check_path_refs)],  # every path id, every route (api/strict.py)
     )
     app.state.db = db
     app.state.settings = settings
     install_error_handlers(app)
+    install_docs(app, f"{PREFIX}/docs")
     install_access_log(app)
     install_audit_log(app)
     api = APIRouter(prefix=PREFIX)

@@ -69,6 +69,14 @@ async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "bad_input", "a value in the request cannot be stored (control characters?)")
 
 
+async def _statement_error(request: Request, exc: Exception) -> JSONResponse:
+    # a value the database driver cannot even bind (SQLite: an integer beyond 64 bits); the validation in
+    # api/strict.py and services/listing.py stops these first, this keeps any it misses a 422 and not a 500
+    if isinstance(exc, OverflowError) or isinstance(getattr(exc, "orig", None), OverflowError):
+        return error_response(422, "bad_input", "a number in the request is out of range (at most 64 bits)")
+    return await _unexpected_error(request, exc)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("api.unexpected_error", path=request.url.path, method=request.method, exc_info=exc)
     return error_response(500, "internal", "internal error: the server log has the details")
@@ -79,4 +87,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(sqlalchemy.exc.DataError, _data_error)
+    app.add_exception_handler(sqlalchemy.exc.StatementError, _statement_error)
+    app.add_exception_handler(OverflowError, _statement_error)
     app.add_exception_handler(Exception, _unexpected_error)

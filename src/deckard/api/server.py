@@ -3,6 +3,15 @@
 Uvicorn normally owns the process: it installs its own SIGINT/SIGTERM handlers.  Here the host process owns
 the signals and tells the API to stop by setting an ``asyncio.Event``; the server then stops accepting, lets
 requests in flight finish (bounded), and returns.
+
+Bounded resources (ARCHITECTURE.md §7; limits in ``ApiSettings``): uvicorn's h11 protocol with a cap on the
+request line and headers (``h11_max_incomplete_event_size``), on connections in all (``limit_concurrency``:
+503 beyond it) and on idle keep-alive time.  Uvicorn has neither a deadline for a request's headers (a client
+that connects and then sends nothing, or one byte a minute, holds its connection for ever) nor a cap per
+client address, so ``_BoundedH11`` adds both: a connection that has not sent a complete request head
+``header_timeout_s`` after it opened (or after its previous response) is closed, and an address that already
+holds ``max_connections_per_address`` connections has its new ones closed at once.  Request bodies are capped
+by ``api/limits.py`` inside the app.
 """
 
 from __future__ import annotations
@@ -13,10 +22,90 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from deckard.runtime.settings import ApiSettings
+
+log = structlog.get_logger("deckard.api")
 
 GRACEFUL_SHUTDOWN_S = 5  # seconds requests in flight get once stop is set
+
+
+class _AddressCounts:
+    """Open connections per client address, shared by every connection of one server."""
+
+    def __init__(self, per_address: int) -> None:
+        self.per_address = per_address
+        self.counts: dict[str, int] = {}
+
+    def add(self, address: str) -> bool:
+        n = self.counts.get(address, 0)
+        if n >= self.per_address:
+            return False
+        self.counts[address] = n + 1
+        return True
+
+    def remove(self, address: str) -> None:
+        n = self.counts.get(address, 0) - 1
+        if n > 0:
+            self.counts[address] = n
+        else:
+            self.counts.pop(address, None)
+
+
+def _bounded_h11(limits: ApiSettings) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a request-head deadline and a per-address connection cap."""
+    addresses = _AddressCounts(limits.max_connections_per_address)
+
+    class _BoundedH11(H11Protocol):
+        _address: str | None = None
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            address = self.client[0] if self.client else ""
+            if not addresses.add(address):
+                log.info("api.too_many_connections", address=address, limit=addresses.per_address)
+                transport.abort()  # counted as gone in connection_lost, which abort() brings
+                return
+            self._address = address
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            if self._address is not None:
+                addresses.remove(self._address)
+                self._address = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._address is None:
+                return  # refused above; the transport is closing
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm_head_timer()  # a request head arrived: its body and response are the app's
+            elif self._head_timer is None:
+                self._arm_head_timer()  # bytes of a next request: its head must come in time too
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.cycle is None or self.cycle.response_complete:
+                log.info("api.header_timeout", address=self._address)
+                self.transport.abort()
+
+    return _BoundedH11
 
 
 class _Server(uvicorn.Server):
@@ -49,7 +138,11 @@ class ApiServer:
         certfile: Path | str,
         keyfile: Path | str,
         started: asyncio.Event | None = None,
+        limits: ApiSettings | None = None,
     ) -> None:
+        if limits is None:  # the app's own settings (create_app puts them on app.state)
+            settings = getattr(app.state, "settings", None)
+            limits = settings.api if settings is not None else ApiSettings()
         self.host = host
         self.port = port
         self.started = started or asyncio.Event()
@@ -62,6 +155,10 @@ class ApiServer:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             server_header=False,
             proxy_headers=False,
+            http=_bounded_h11(limits),
+            limit_concurrency=limits.max_connections,
+            timeout_keep_alive=limits.keep_alive_s,
+            h11_max_incomplete_event_size=limits.max_header_bytes,
         )
         self._server = _Server(config, self.started)
 

@@ -8,10 +8,15 @@ global row → tenant row); ``per_tenant`` says whether the last layer applies t
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from deckard.model.errors import BadInput
+from deckard.model.ids import parse_int
+
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class ConfigKey:
     description: str
     per_tenant: bool = False
     minimum: float | None = None
+    maximum: float | None = None  # numeric keys have both bounds (tests/unit/test_config_keys.py checks it)
 
 
 KEYS: dict[str, ConfigKey] = {
@@ -29,10 +35,53 @@ KEYS: dict[str, ConfigKey] = {
     for k in (
         ConfigKey("tenancy.multi", bool, False, "Multi-tenant mode: tenants besides `default` may be created."),
         ConfigKey(
-            "auth.lockout.failures", int, 5, "Failed administrator logins that lock the account and source.", minimum=1
+            "auth.lockout.failures",
+            int,
+            5,
+            "Failed administrator logins from one address to one account before each try waits 2, 4, 8 … seconds.",
+            minimum=1,
+            maximum=1000,
         ),
-        ConfigKey("auth.lockout.window_s", int, 600, "Seconds within which failures are counted.", minimum=1),
-        ConfigKey("auth.lockout.duration_s", int, 300, "Seconds an account or source stays locked.", minimum=0),
+        ConfigKey(
+            "auth.lockout.source_failures",
+            int,
+            100,
+            "Failed administrator logins from one address, to any accounts, before that address is slowed down.",
+            minimum=1,
+            maximum=1_000_000,
+        ),
+        ConfigKey(
+            "auth.lockout.window_s",
+            int,
+            600,
+            "Seconds after the last wait until failures are forgotten.",
+            minimum=1,
+            maximum=7 * 86400,
+        ),
+        ConfigKey(
+            "auth.lockout.max_delay_s",
+            int,
+            900,
+            "Longest wait between two login tries (seconds).",
+            minimum=1,
+            maximum=86400,
+        ),
+        ConfigKey(
+            "image.max_upload_mib",
+            int,
+            16384,
+            "Largest disk image a tenant may upload (MiB); set per tenant by the farm's administrators.",
+            per_tenant=True,
+            minimum=1,
+            maximum=1 << 20,
+        ),
+        ConfigKey(
+            "users.home_on_delete",
+            str,
+            "archive",
+            "What deleting a user does with their home: `archive` (moved to storage/homes-archive) or `delete`.",
+            per_tenant=True,
+        ),
         ConfigKey(
             "image.expire.soft_s",
             int,
@@ -40,6 +89,7 @@ KEYS: dict[str, ConfigKey] = {
             "After publishing a new image on a tag: seconds until desktops on the old one are told to restart.",
             per_tenant=True,
             minimum=0,
+            maximum=10 * 365 * 86400,
         ),
         ConfigKey(
             "image.expire.hard_s",
@@ -48,6 +98,7 @@ KEYS: dict[str, ConfigKey] = {
             "After publishing a new image on a tag: seconds until desktops on the old one are stopped.",
             per_tenant=True,
             minimum=0,
+            maximum=10 * 365 * 86400,
         ),
         ConfigKey(
             "desktop.start_timeout_s",
@@ -56,8 +107,11 @@ KEYS: dict[str, ConfigKey] = {
             "Seconds a desktop may take to start before it fails.",
             per_tenant=True,
             minimum=1,
+            maximum=3600,
         ),
-        ConfigKey("ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1),
+        ConfigKey(
+            "ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1, maximum=1000
+        ),
     )
 }
 
@@ -71,8 +125,25 @@ def config_key(name: str) -> ConfigKey:
         ) from None
 
 
+def _number(key: ConfigKey, raw: Any) -> int | float:
+    """``raw`` (a JSON number or ASCII text) as the key's number type; ``ValueError`` if it is not one."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValueError(raw)
+    if isinstance(raw, str):
+        text = raw.strip()
+        if key.type is int:
+            return parse_int(text, key.name)  # ASCII digits only: no full-width digits, no "1_000"
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(raw)
+        raw = float(text)
+    if isinstance(raw, float) and (not math.isfinite(raw) or (key.type is int and not raw.is_integer())):
+        raise ValueError(raw)
+    return int(raw) if key.type is int else float(raw)
+
+
 def parse_value(key: ConfigKey, raw: Any) -> Any:
-    """A value given as JSON or as CLI text, checked against the key's type (422 ``bad_config_value``)."""
+    """A value given as JSON or as CLI text, checked against the key's type and bounds (422
+    ``bad_config_value``, naming the key and the allowed range)."""
     value: Any = raw
     try:
         if key.type is bool:
@@ -83,19 +154,35 @@ def parse_value(key: ConfigKey, raw: Any) -> Any:
                 value = low in ("1", "true", "yes", "on")
             elif not isinstance(raw, bool):
                 raise ValueError(raw)
-        elif key.type is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(raw)
-            value = int(raw)
-        elif key.type is float:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            value = float(raw)
-        else:
-            if not isinstance(raw, str):
-                raise ValueError(raw)
-    except (TypeError, ValueError):
-        raise BadInput(f"{raw!r} is not a valid {key.type.__name__} for {key.name}", code="bad_config_value") from None
-    if key.minimum is not None and isinstance(value, int | float) and value < key.minimum:
-        raise BadInput(f"{key.name} must be at least {key.minimum:g}", code="bad_config_value")
+        elif key.type in (int, float):
+            value = _number(key, raw)
+        elif not isinstance(raw, str):
+            raise ValueError(raw)
+    except (TypeError, ValueError, BadInput):
+        raise BadInput(
+            f"{str(raw)[:40]!r} is not a valid {key.type.__name__} for {key.name}{_range_text(key)}",
+            code="bad_config_value",
+            details=_range_details(key),
+        ) from None
+    lo = -math.inf if key.minimum is None else key.minimum
+    hi = math.inf if key.maximum is None else key.maximum
+    if key.type in (int, float) and not lo <= value <= hi:
+        raise BadInput(
+            f"{key.name} must be{_range_text(key)}, not {value}", code="bad_config_value", details=_range_details(key)
+        )
     return value
+
+
+def _range_text(key: ConfigKey) -> str:
+    if key.minimum is not None and key.maximum is not None:
+        return f" between {key.minimum:g} and {key.maximum:g}"
+    if key.minimum is not None:
+        return f" at least {key.minimum:g}"
+    if key.maximum is not None:
+        return f" at most {key.maximum:g}"
+    return ""
+
+
+def _range_details(key: ConfigKey) -> dict[str, Any]:
+    bounds = {"minimum": key.minimum, "maximum": key.maximum}
+    return {"key": key.name, **{k: v for k, v in bounds.items() if v is not None}}

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, ListPairsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.strict import Ref, RequestModel
 from deckard.services import admins
 from deckard.services.listing import parse_list_query
 
@@ -27,17 +28,17 @@ class Admin(BaseModel):
     roles: list[str] | None = Field(default=None, description="Role names (needs `admin.see.roles`).")
 
 
-class AdminCreate(BaseModel):
+class AdminCreate(RequestModel):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=8, max_length=1024)
-    tenant: str | None = Field(default=None, max_length=64, description="Supertenant administrators only.")
-    roles: list[str] = Field(default_factory=list, description="Role ids or names.")
+    tenant: Ref | None = Field(default=None, description="Supertenant administrators only.")
+    roles: list[Ref] = Field(default_factory=list, max_length=1000, description="Role ids or names.")
 
 
-class AdminUpdate(BaseModel):
+class AdminUpdate(RequestModel):
     password: str | None = Field(default=None, min_length=8, max_length=1024)
     blocked: bool | None = None
-    roles: list[str] | None = Field(default=None, description="Replaces the administrator's roles.")
+    roles: list[Ref] | None = Field(default=None, max_length=1000, description="Replaces the administrator's roles.")
 
 
 @router.get("", response_model=Page[Admin], summary="List administrators")

@@ -1,6 +1,7 @@
 """Administrator sessions: log in with a password for a bearer token, log out, ask who the token is.
 
-Repeated failed logins answer 429 ``login_locked`` with ``details.locked_until``; every attempt is audited by
+Repeated failed logins from one address make it wait: 429 ``login_locked`` with ``Retry-After`` and
+``details.retry_after_s`` (``services/admins.py`` has the rules); every attempt is audited by
 ``api/audit_log.py`` like any other non-GET request.
 """
 
@@ -9,16 +10,19 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep, TokenDep
 from deckard.api.envelope import ERROR_RESPONSES, ErrorEnvelope
+from deckard.api.errors import error_response
+from deckard.api.strict import RequestModel
 from deckard.services import admins
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(RequestModel):
     name: str = Field(min_length=1, max_length=64, description="Administrator name.")
     password: str = Field(min_length=1, max_length=1024)
     tenant: str | None = Field(
@@ -46,13 +50,22 @@ class WhoAmI(BaseModel):
     "/login",
     response_model=LoginResponse,
     summary="Log in and get a session token",
-    responses={429: {"model": ErrorEnvelope, "description": "Too many failed logins (`login_locked`)."}},
+    responses={
+        429: {
+            "model": ErrorEnvelope,
+            "description": "Too many failed logins from this address (`login_locked`): wait `Retry-After` seconds.",
+        }
+    },
 )
-async def login(body: LoginRequest, request: Request, db: DbDep, settings: SettingsDep) -> LoginResponse:
+async def login(body: LoginRequest, request: Request, db: DbDep, settings: SettingsDep) -> LoginResponse | JSONResponse:
     source = request.client.host if request.client else ""
-    token, expires_at = await admins.login_admin(
-        db, body.name, body.password, tenant=body.tenant, hours=settings.api.session_hours, source=source
-    )
+    try:
+        token, expires_at = await admins.login_admin(
+            db, body.name, body.password, tenant=body.tenant, hours=settings.api.session_hours, source=source
+        )
+    except admins.LoginLocked as e:
+        retry = str(e.details.get("retry_after_s", 1))
+        return error_response(e.status, e.code, e.message, e.details, {"Retry-After": retry})
     return LoginResponse(token=token, expires_at=expires_at)
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.strict import Id, Ref, RequestModel
 from deckard.services import bulk, desktops, users
 from deckard.services.listing import ListQuery, parse_list_query
 
@@ -54,28 +55,28 @@ class Desktop(BaseModel):
     created_at: dt.datetime | None = None
 
 
-class DesktopCreate(BaseModel):
+class DesktopCreate(RequestModel):
     name: str = Field(min_length=1, max_length=64)
-    user: str = Field(min_length=1, max_length=64, description="Owner: user id or login.")
-    osf: str | None = Field(default=None, max_length=64, description="OSF id or name; the default OSF if omitted.")
+    user: Ref = Field(description="Owner: user id or login.")
+    osf: Ref | None = Field(default=None, description="OSF id or name; the default OSF if omitted.")
     tag: str = Field(default="default", min_length=1, max_length=64)
     description: str = Field(default="", max_length=4096)
 
 
-class DesktopUpdate(BaseModel):
+class DesktopUpdate(RequestModel):
     name: str | None = Field(default=None, min_length=1, max_length=64)
     description: str | None = Field(default=None, max_length=4096)
     tag: str | None = Field(default=None, min_length=1, max_length=64, description="Only while stopped.")
-    osf: str | None = Field(default=None, min_length=1, max_length=64, description="Only while stopped.")
+    osf: Ref | None = Field(default=None, description="Only while stopped.")
 
 
 DesktopAction = Literal["start", "stop", "block", "unblock", "disconnect", "reset", "delete"]
 
 
-class BulkRequest(BaseModel):
-    ids: list[int] | None = Field(default=None, max_length=100_000, description="Act on these ids …")
+class BulkRequest(RequestModel):
+    ids: list[Id] | None = Field(default=None, max_length=100_000, description="Act on these ids …")
     filter: dict[str, str | int | float | bool] | None = Field(
-        default=None, description='… or on every object matching a list filter, e.g. `{"osf": "web"}`.'
+        max_length=64, default=None, description='… or on every object matching a list filter, e.g. `{"osf": "web"}`.'
     )
 
 
@@ -115,7 +116,7 @@ async def list_desktops(
     actor: ActorDep,
     db: DbDep,
     q: DesktopQuery,
-    user: str | None = Query(default=None, description="Only this user's desktops (id or login)."),
+    user: Annotated[Ref | None, Query(description="Only this user's desktops (id or login).")] = None,
 ) -> Page[Desktop]:
     user_id = await users.find_user_id(db, actor, user) if user is not None else None
     rows, total = await desktops.list_desktops(db, actor, q, user_id=user_id)

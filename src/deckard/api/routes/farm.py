@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep
 from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.strict import RequestModel
 from deckard.services import desktops, maintenance, placement
 
 router = APIRouter(tags=["farm"], responses=ERROR_RESPONSES)
@@ -25,11 +26,11 @@ class NodeCandidate(BaseModel):
     excluded_by: str | None = Field(description="The filter that excluded the node, in words.")
     state: str
     blocked: bool
-    mem_free_mib: int
-    committed_mib: int
-    desktops: int
-    load: float
-    cpus: float
+    mem_free_mib: int | None = Field(description="Host figures: null for a tenant's administrator.")
+    committed_mib: int | None
+    desktops: int | None
+    load: float | None
+    cpus: float | None
 
 
 class Explanation(BaseModel):
@@ -44,7 +45,7 @@ class Explanation(BaseModel):
     nodes: list[NodeCandidate]
 
 
-class PlacementGroup(BaseModel):
+class PlacementGroup(RequestModel):
     group: str | None = Field(default=None, max_length=64, description="Group name; null leaves any group.")
     policy: str | None = Field(default=None, description="spread (anti-affinity, default) or pack (affinity).")
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.strict import Ref, RequestModel
 from deckard.db.engine import Database
 from deckard.images import builder
 from deckard.model.errors import DeckardError
@@ -55,18 +56,22 @@ class Image(BaseModel):
     )
 
 
-class ImageCreate(BaseModel):
+class ImageCreate(RequestModel):
     version: str = Field(min_length=1, max_length=64)
-    osf: str | None = Field(default=None, max_length=64, description="OSF id or name; the default OSF if omitted.")
+    osf: Ref | None = Field(default=None, description="OSF id or name; the default OSF if omitted.")
     source: str = Field(default="upload", description="upload, import or build.")
     path: str | None = Field(default=None, max_length=4096, description="With source=import: start it at once.")
 
 
-class ImageImport(BaseModel):
-    path: str = Field(min_length=1, max_length=4096, description="Absolute path of a tarball on the API host.")
+class ImageImport(RequestModel):
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Absolute path of a tarball inside the farm's import directories (supertenant only).",
+    )
 
 
-class ImagePublish(BaseModel):
+class ImagePublish(RequestModel):
     tags: list[str] = Field(default_factory=lambda: ["default", "head"], max_length=32)
     expire_soft_s: int | None = Field(default=None, ge=0, le=10 * 365 * 86400)
     expire_hard_s: int | None = Field(default=None, ge=0, le=10 * 365 * 86400)
@@ -81,6 +86,11 @@ def _images_dir(settings: Settings) -> Path:
 
 
 LIST_FIELDS = tuple(images.COLUMNS)
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length", "")
+    return int(raw) if raw.isascii() and raw.isdigit() else None
 
 
 @router.get("", response_model=Page[Image], response_model_exclude_unset=True, summary="List disk images")
@@ -131,7 +141,9 @@ def _spawn_build(request: Request, db: Database, image_id: int, settings: Settin
 async def create_image(body: ImageCreate, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
     row = await images.create_image(db, actor, body.version, osf=body.osf, source=body.source)
     if body.source == "import" and body.path:
-        row = await image_files.import_image(db, actor, row["id"], Path(body.path), images_dir=_images_dir(settings))
+        row = await image_files.import_image(
+            db, actor, row["id"], body.path, images_dir=_images_dir(settings), import_dirs=settings.import_dirs
+        )
     elif body.source == "build":
         row = await images.start_build(db, actor, row["id"])
         _spawn_build(request, db, row["id"], settings)
@@ -148,6 +160,7 @@ async def get_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
     response_model=Image,
     response_model_exclude_unset=True,
     summary="Upload the image's tarball (whole, or in chunks with Content-Range; restartable)",
+    responses={413: {"description": "Larger than the tenant's `image.max_upload_mib` (`upload_too_large`)."}},
     openapi_extra={
         "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     },
@@ -160,13 +173,21 @@ async def upload_content(image_id: int, request: Request, actor: ActorDep, db: D
         request.stream(),
         images_dir=_images_dir(settings),
         content_range=request.headers.get("content-range"),
+        declared_size=_content_length(request),
     )
     return _out(row)
 
 
-@router.post("/{image_id}/import", response_model=Image, summary="Copy a tarball from a path on the API host")
+@router.post(
+    "/{image_id}/import",
+    response_model=Image,
+    summary="Copy a tarball from the farm's import directory (supertenant administrators only)",
+)
 async def import_image(image_id: int, body: ImageImport, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
-    return _out(await image_files.import_image(db, actor, image_id, Path(body.path), images_dir=_images_dir(settings)))
+    row = await image_files.import_image(
+        db, actor, image_id, body.path, images_dir=_images_dir(settings), import_dirs=settings.import_dirs
+    )
+    return _out(row)
 
 
 @router.post(

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.strict import Ref, RequestModel
 from deckard.services import osfs
 from deckard.services.listing import parse_list_query
 
@@ -29,17 +30,17 @@ class Osf(BaseModel):
     created_at: dt.datetime | None = None
 
 
-class OsfCreate(BaseModel):
+class OsfCreate(RequestModel):
     name: str = Field(min_length=1, max_length=64)
     memory_mib: int = Field(default=1024, ge=64, le=1 << 20)
     cpus: float = Field(default=1.0, ge=0.1, le=256)
     keep_overlay: bool = False
     driver: str = Field(default="container", max_length=16)
     description: str = Field(default="", max_length=4096)
-    tenant: str | None = Field(default=None, max_length=64, description="Supertenant only: where to create it.")
+    tenant: Ref | None = Field(default=None, description="Supertenant only: where to create it.")
 
 
-class OsfUpdate(BaseModel):
+class OsfUpdate(RequestModel):
     name: str | None = Field(default=None, min_length=1, max_length=64)
     memory_mib: int | None = Field(default=None, ge=64, le=1 << 20)
     cpus: float | None = Field(default=None, ge=0.1, le=256)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import time
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.strict import RequestModel
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.acls import ACLS
@@ -56,7 +58,7 @@ UserDep = Annotated[User, Depends(get_user)]
 DesktopId = Annotated[int, Path(ge=1, le=2_147_483_647, description="The desktop's id.")]  # a database integer
 
 
-class PortalLogin(BaseModel):
+class PortalLogin(RequestModel):
     login: str = Field(min_length=1, max_length=130, description="`user` or `user@tenant`.")
     password: str = Field(min_length=1, max_length=1024)
 
@@ -83,7 +85,7 @@ class ConnectTicket(BaseModel):
     expires_at: dt.datetime
 
 
-class SpyTicketRequest(BaseModel):
+class SpyTicketRequest(RequestModel):
     interactive: bool = Field(default=False, description="Allow keyboard and mouse (ACL desktop.spy.interactive).")
 
 
@@ -94,6 +96,21 @@ def _is_local(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _broker_origin(url: str | None, req_host: str, default_port: int) -> str:
+    """``wss://host:port`` for a node's registered ``broker_url`` (see the module docstring)."""
+    if url:
+        parts = urlsplit(url if "//" in url else f"https://{url}")
+        host = parts.hostname or req_host
+        port = parts.port or default_port
+        if _is_local(host):
+            host = req_host
+    else:
+        host, port = req_host, default_port
+    if ":" in host:
+        host = f"[{host}]"
+    return f"wss://{host}:{port}"
 
 
 async def broker_ws_base(db: Database, settings: Settings, request: Request, desktop_id: int) -> str:
@@ -108,18 +125,37 @@ async def broker_ws_base(db: Database, settings: Settings, request: Request, des
     )
     async with db.connect() as conn:
         url = (await conn.execute(q)).scalar_one_or_none()
-    req_host = request.url.hostname or "127.0.0.1"
-    if url:
-        parts = urlsplit(url if "//" in url else f"https://{url}")
-        host = parts.hostname or req_host
-        port = parts.port or settings.broker.port
-        if _is_local(host):
-            host = req_host
-    else:
-        host, port = req_host, settings.broker.port
-    if ":" in host:
-        host = f"[{host}]"
-    return f"wss://{host}:{port}"
+    return _broker_origin(url, request.url.hostname or "127.0.0.1", settings.broker.port)
+
+
+class BrokerOrigins:
+    """Every broker origin a page of this farm may open a WebSocket to, for its Content-Security-Policy.
+
+    The nodes' ``broker_url`` list is read at most every ``ttl`` seconds: pages are public, and loading one
+    must not cost a query each time.
+    """
+
+    def __init__(self, db: Database, settings: Settings, ttl: float = 10.0) -> None:
+        self.db = db
+        self.port = settings.broker.port
+        self.ttl = ttl
+        self._urls: list[str] = []
+        self._read_at = -ttl
+
+    async def __call__(self, req_host: str) -> list[str]:
+        now = time.monotonic()
+        if now - self._read_at >= self.ttl:
+            n = t.nodes
+            q = sa.select(n.c.broker_url).where(n.c.state == "running", n.c.broker_url != "").distinct()
+            try:
+                async with self.db.connect() as conn:
+                    self._urls = [str(u) for u in (await conn.execute(q)).scalars()]
+            except (sa.exc.SQLAlchemyError, OSError):
+                pass  # the database is away: the last list (the page itself will say what is wrong)
+            self._read_at = now
+        origins = {_broker_origin(u, req_host, self.port) for u in self._urls}
+        origins.add(_broker_origin(None, req_host, self.port))  # where broker_ws_base points without nodes
+        return sorted(origins)
 
 
 @users_router.post("/login", response_model=PortalSession, summary="Log a user in to the portal")
@@ -167,7 +203,8 @@ async def portal_desktops(user: UserDep, db: DbDep) -> list[PortalDesktop]:
 async def portal_ticket(
     desktop_id: DesktopId, user: UserDep, db: DbDep, settings: SettingsDep, request: Request
 ) -> ConnectTicket:
-    ticket, expires = await tickets.issue_connect_ticket(db, user, desktop_id)
+    limits = tickets.TicketLimits.from_settings(settings.broker)
+    ticket, expires = await tickets.issue_connect_ticket(db, user, desktop_id, limits=limits)
     base = await broker_ws_base(db, settings, request, desktop_id)
     return ConnectTicket(
         ticket=ticket, broker_ws_url=f"{base}/ws/connect?id={desktop_id}&ticket={ticket}", expires_at=expires
@@ -222,6 +259,7 @@ async def spy_ticket(
     body: SpyTicketRequest | None = None,
 ) -> ConnectTicket:
     interactive = body.interactive if body else False
-    ticket, expires = await tickets.issue_spy_ticket(db, actor, desktop_id, interactive=interactive)
+    limits = tickets.TicketLimits.from_settings(settings.broker)
+    ticket, expires = await tickets.issue_spy_ticket(db, actor, desktop_id, interactive=interactive, limits=limits)
     base = await broker_ws_base(db, settings, request, desktop_id)
     return ConnectTicket(ticket=ticket, broker_ws_url=f"{base}/ws/connect?ticket={ticket}", expires_at=expires)

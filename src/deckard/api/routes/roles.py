@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, ListPairsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.strict import Ref, RequestModel
 from deckard.model.acls import ACLS, GATED_FIELDS
 from deckard.services import roles
 from deckard.services.context import require
@@ -25,7 +26,7 @@ router = APIRouter(tags=["roles"], responses=ERROR_RESPONSES)
 RoleId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
-class Grant(BaseModel):
+class Grant(RequestModel):
     acl: str = Field(min_length=1, max_length=128, description="An ACL name or a pattern (`desktop.*`, `*.see`).")
     positive: bool = Field(default=True, description="False: a negative grant, which always wins.")
 
@@ -42,15 +43,15 @@ class Role(BaseModel):
     acls: list[str] = Field(default_factory=list, description="The effective ACLs of the role.")
 
 
-class RoleCreate(BaseModel):
+class RoleCreate(RequestModel):
     name: str = Field(min_length=1, max_length=64)
     description: str = Field(default="", max_length=4096)
     grants: list[Grant] = Field(default_factory=list)
     inherits: list[RoleId] = Field(default_factory=list, description="Ids of roles this role inherits from.")
-    tenant: str | None = Field(default=None, max_length=64, description="Supertenant administrators only.")
+    tenant: Ref | None = Field(default=None, description="Supertenant administrators only.")
 
 
-class RoleUpdate(BaseModel):
+class RoleUpdate(RequestModel):
     name: str | None = Field(default=None, min_length=1, max_length=64)
     description: str | None = Field(default=None, max_length=4096)
     grants: list[Grant] | None = Field(default=None, description="Replaces the role's grants.")

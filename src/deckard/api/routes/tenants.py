@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from deckard.api.deps import ActorDep, DbDep, ListPairsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.strict import RequestModel
 from deckard.services import tenants
 from deckard.services.listing import parse_list_query
 
@@ -26,12 +27,12 @@ class Tenant(BaseModel):
     created_at: dt.datetime
 
 
-class TenantCreate(BaseModel):
+class TenantCreate(RequestModel):
     name: str = Field(min_length=1, max_length=32, description="Lowercase letters, digits, '.', '_', '-'.")
     description: str = Field(default="", max_length=4096)
 
 
-class TenantUpdate(BaseModel):
+class TenantUpdate(RequestModel):
     description: str | None = Field(default=None, max_length=4096)
     blocked: bool | None = Field(default=None, description="A blocked tenant's users and administrators cannot log in.")
 

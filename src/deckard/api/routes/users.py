@@ -12,9 +12,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field
 
-from deckard.api.deps import ActorDep, DbDep
+from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
 from deckard.api.routes.desktops import BulkRequest, BulkResult, bulk_query, list_query
+from deckard.api.strict import Ref, RequestModel
 from deckard.services import bulk, users
 from deckard.services.listing import ListQuery
 
@@ -30,18 +31,18 @@ class User(BaseModel):
     created_at: dt.datetime | None = None
 
 
-class UserCreate(BaseModel):
+class UserCreate(RequestModel):
     login: str = Field(min_length=1, max_length=64)
     password: str | None = Field(
         default=None, max_length=1024, description="Omit for users who only log in through external auth plugins."
     )
     description: str = Field(default="", max_length=4096)
-    tenant: str | None = Field(
-        default=None, max_length=64, description="Tenant name or id (supertenant administrators; default: default)."
+    tenant: Ref | None = Field(
+        default=None, description="Tenant name or id (supertenant administrators; default: default)."
     )
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(RequestModel):
     password: str | None = Field(default=None, min_length=4, max_length=1024)
     blocked: bool | None = None
     description: str | None = Field(default=None, max_length=4096)
@@ -72,9 +73,10 @@ async def create_user(body: UserCreate, actor: ActorDep, db: DbDep) -> User:
 
 @router.post("/bulk/{action}", response_model=BulkResult, summary="Block, unblock or delete many users")
 async def bulk_action(
-    action: Literal["block", "unblock", "delete"], body: BulkRequest, actor: ActorDep, db: DbDep
+    action: Literal["block", "unblock", "delete"], body: BulkRequest, actor: ActorDep, db: DbDep, settings: SettingsDep
 ) -> BulkResult:
-    out = await bulk.bulk_users(db, actor, action, ids=body.ids, q=bulk_query(body, [*users.FIELDS]))
+    q = bulk_query(body, [*users.FIELDS])
+    out = await bulk.bulk_users(db, actor, action, paths=settings.paths, ids=body.ids, q=q)
     return BulkResult.model_validate(out)
 
 
@@ -114,9 +116,9 @@ async def unblock_user(user: str, actor: ActorDep, db: DbDep) -> User:
     "/{user}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    summary="Delete a user (refused while the user has desktops)",
+    summary="Delete a user (refused while the user has desktops); their home is archived or deleted",
 )
-async def delete_user(user: str, actor: ActorDep, db: DbDep) -> Response:
+async def delete_user(user: str, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Response:
     user_id = await users.find_user_id(db, actor, user)
-    await users.delete_user(db, actor, user_id)
+    await users.delete_user(db, actor, user_id, settings.paths)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
