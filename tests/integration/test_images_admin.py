@@ -33,7 +33,9 @@ def rootfs_tar(size: int = 300_000) -> bytes:
 
 
 async def ready_image(api: Any, version: str, tmp_path: Path) -> dict[str, Any]:
-    src = tmp_path / f"{version}.tar.gz"
+    """An image imported by the supertenant's admin from the farm's import directory (``<home>/import``)."""
+    (tmp_path / "import").mkdir(exist_ok=True)
+    src = tmp_path / "import" / f"{version}.tar.gz"
     src.write_bytes(rootfs_tar(1000))
     row = await call(api.create_image, version, source="import", path=str(src))
     assert row["state"] == "ready", row
@@ -111,7 +113,7 @@ async def test_a_file_that_is_not_a_tarball_fails_the_image_with_the_reason(farm
     assert e.value.code == "bad_image_state"  # a failed image stays failed: create another version
 
 
-async def test_import_copies_a_tarball_from_the_api_host(farm: Farm, tmp_path: Path) -> None:
+async def test_import_copies_a_tarball_from_the_import_directory(farm: Farm, tmp_path: Path) -> None:
     api = await farm.admin_client()
     row = await ready_image(api, "imported", tmp_path)
     assert Path(row["path"]).parent == tmp_path / "storage" / "images" and row["uploaded_bytes"] == row["size"]

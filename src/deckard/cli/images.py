@@ -90,7 +90,10 @@ def add_image(
     version: Annotated[str, typer.Argument(help="Version of the new image (unique in its OSF).")],
     osf: Annotated[str | None, typer.Option("--osf", help="OSF name or id (default: the default OSF).")] = None,
     upload: Annotated[Path | None, typer.Option("--upload", help="Upload this local tarball.", exists=True)] = None,
-    import_path: Annotated[str | None, typer.Option("--import", help="Copy this tarball on the API host.")] = None,
+    import_path: Annotated[
+        str | None,
+        typer.Option("--import", help="Copy this tarball from the farm's import directory (supertenant only)."),
+    ] = None,
     build: Annotated[bool, typer.Option("--build", help="Build it with the API host's image builder.")] = False,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,

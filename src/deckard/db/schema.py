@@ -8,6 +8,9 @@ API/broker) and which are observed state (written only by the owning node).  Mig
 
 from __future__ import annotations
 
+import secrets
+from typing import Any
+
 import sqlalchemy as sa
 
 metadata = sa.MetaData(
@@ -21,6 +24,13 @@ metadata = sa.MetaData(
 )
 
 TS = sa.DateTime(timezone=True)
+
+
+def _new_home_key(context: Any) -> str:
+    """``<login>+<random>``: readable by an operator, unique to the account ('+' is never in a login)."""
+    login = str(context.get_current_parameters().get("login") or "user")
+    return f"{login}+{secrets.token_hex(6)}"
+
 
 tenants = sa.Table(
     "tenants",
@@ -42,6 +52,9 @@ users = sa.Table(
     sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", TS, nullable=False),
+    # names the home directory (storage/homes/<tenant>/<home_key>): random per account, so a user created later
+    # with the same login (or, on SQLite, the same recycled id) never gets an older user's home
+    sa.Column("home_key", sa.String(80), nullable=False, default=_new_home_key, server_default=""),
     sa.UniqueConstraint("tenant_id", "login", name="uq_users_tenant_login"),
 )
 

@@ -333,7 +333,7 @@ class NodeDaemon:
                     cpus=facts.cpus,
                     user_login=facts.user_login,
                     user_uid=uid_for_user(desk.user_id),
-                    home_dir=self.paths.user_home(facts.tenant, facts.user_login),
+                    home_dir=self.paths.user_home(facts.tenant, facts.home_key),
                     agent_token=desk.agent_token,
                     keep_overlay=facts.keep_overlay,
                 )

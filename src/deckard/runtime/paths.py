@@ -7,9 +7,11 @@ Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/de
     tls/                  the farm CA and server certificates (ca.pem is what clients trust)
     storage/              the storage root, shared by all nodes of a farm
       images/             disk image tarballs
-      basefs/<image id>/  each image unpacked once, read-only
+      basefs/<image id>-u<id base>/  each image unpacked once per farm id range, read-only
       overlays/dk<farm>-<desktop>/  per-desktop writable layer (upper + work), whichever node runs it
-      homes/<tenant>/<login>/  persistent user homes
+      homes/<tenant>/<home key>/  persistent user homes (``users.home_key``: never reused by a later user)
+      homes-archive/<tenant>/<login>-<user id>-<time>/  homes of deleted users (``users.home_on_delete``)
+    import/               tarballs the farm owner puts here for ``deckard image add --import`` (supertenant only)
     run/                  local run state of the node: lxc/ (container configs), pid files, logs
 
 Several nodes may run on one machine (a demo farm, the chaos tests): each then gets its own run directory
@@ -66,6 +68,14 @@ class FarmPaths:
         return self.storage / "homes"
 
     @property
+    def homes_archive(self) -> Path:
+        return self.storage / "homes-archive"
+
+    @property
+    def import_dir(self) -> Path:
+        return self.home / "import"
+
+    @property
     def run(self) -> Path:
         return self.home / "run"
 
@@ -111,9 +121,13 @@ class FarmPaths:
         """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it)."""
         return self.overlays / f"dk{self.farm_id}-{desktop_id}"
 
-    def user_home(self, tenant: str, login: str) -> Path:
-        return self.homes / tenant / login
+    def user_home(self, tenant: str, home_key: str) -> Path:
+        """A user's home: keyed by ``users.home_key`` (unique per account ever made), never by the login alone."""
+        if not home_key or "/" in home_key or home_key in (".", ".."):
+            raise ValueError(f"bad home key {home_key!r}")
+        return self.homes / tenant / home_key
 
     def make(self) -> None:
         for p in (self.home, self.tls, self.images, self.basefs, self.overlays, self.homes, self.lxc, self.logs):
             p.mkdir(parents=True, exist_ok=True)
+        self.import_dir.mkdir(mode=0o700, exist_ok=True)  # the farm owner's: only root puts files here

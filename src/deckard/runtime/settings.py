@@ -23,12 +23,34 @@ class BrokerSettings(BaseModel):
     port: int = 8443
     start_timeout: float = 60.0  # seconds a connect waits for the desktop to run
     display_timeout: float = 15.0  # seconds for the agent to bring the display up
+    # what one client, or all of them, may hold in the broker (docs/broker-protocol.md, "Limits")
+    max_connections: int = Field(default=4096, ge=1)  # open client connections, all addresses together
+    max_connections_per_address: int = Field(default=64, ge=1)  # from one address, not logged in yet
+    first_request_timeout: float = Field(default=10.0, gt=0)  # accept → TLS handshake + first request head
+    idle_timeout: float = Field(default=15.0, gt=0)  # between requests, until a request has authenticated
+    authenticated_idle_timeout: float = Field(default=300.0, gt=0)  # QVD's client lists, then the user picks
+    max_request_head: int = Field(default=16 * 1024, ge=1024)  # bytes; larger heads get 431
+    max_ws_message: int = Field(default=256 * 1024, ge=1024)  # bytes of a WebSocket text message (binary streams)
+    tickets_per_minute: int = Field(default=30, ge=1)  # one-time WebSocket tickets one user may be issued
+    max_live_tickets: int = Field(default=5, ge=1)  # issued, not yet used and not expired, per user
+    trim_heap: bool = True  # after a burst of closed connections, give the freed heap back (glibc malloc_trim)
 
 
 class ApiSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = 9443
     session_hours: float = 12.0
+    # bounded resources (docs/api.md, "Limits"): what one client, or all of them, can hold
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)  # JSON bodies; refused (413) before they are read
+    max_upload_bytes: int = Field(default=64 << 30, ge=1024)  # one request to PUT /images/{id}/content
+    max_connections: int = Field(default=1024, ge=1)  # all clients; beyond it requests get 503
+    max_connections_per_address: int = Field(default=128, ge=1)  # per client address; beyond it: closed
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a connection must send a request's headers in this
+    keep_alive_s: int = Field(default=5, ge=1)  # an idle connection between requests is closed after this
+    max_header_bytes: int = Field(default=16 << 10, ge=1024)  # request line + headers
+    # directories a supertenant administrator may import image tarballs from (`POST /images/{id}/import`);
+    # unset: <home>/import and the image store; [] disables import by path (uploads still work)
+    image_import_dirs: list[Path] | None = None
 
 
 class NetworkSettings(BaseModel):
@@ -68,6 +90,13 @@ class Settings(BaseSettings):
     @property
     def paths(self) -> FarmPaths:
         return FarmPaths(self.home, self.node.run_dir)
+
+    @property
+    def import_dirs(self) -> tuple[Path, ...]:
+        """Where image imports by path may read from (the farm owner's choice; empty: import is disabled)."""
+        if self.api.image_import_dirs is None:
+            return (self.paths.import_dir, self.paths.images)
+        return tuple(self.api.image_import_dirs)
 
     @property
     def db_url(self) -> str:

@@ -205,7 +205,13 @@ async def _start_many(db: Database, ids: list[int], result: BulkResult) -> None:
 
 
 async def bulk_users(
-    db: Database, actor: Actor, action: str, *, ids: list[int] | None = None, q: ListQuery | None = None
+    db: Database,
+    actor: Actor,
+    action: str,
+    *,
+    paths: FarmPaths,
+    ids: list[int] | None = None,
+    q: ListQuery | None = None,
 ) -> dict[str, Any]:
     """Block, unblock or delete the users named by ``ids`` or matching ``q``; the per-item outcome."""
     if action not in USER_ACTIONS:
@@ -218,7 +224,7 @@ async def bulk_users(
     acts: dict[str, Callable[[int], Awaitable[Any]]] = {
         "block": lambda i: users.update_user(db, actor, i, blocked=True),
         "unblock": lambda i: users.update_user(db, actor, i, blocked=False),
-        "delete": lambda i: users.delete_user(db, actor, i),
+        "delete": lambda i: users.delete_user(db, actor, i, paths),  # archives or deletes the home
     }
     await _each(targets, result, acts[action])
     return result.as_dict()

@@ -18,10 +18,13 @@ from deckard.db.engine import Database
 from deckard.model.config_keys import KEYS, ConfigKey, config_key, parse_value
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput
-from deckard.services.context import Actor, require
+from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.events import publish
 
 GLOBAL = 0  # the global layer's tenant_id
+# limits a tenant lives under, not choices it makes: only supertenant administrators set them, on any layer
+FARM_OWNER_KEYS = frozenset({"image.max_upload_mib"})
+CHOICES = {"users.home_on_delete": ("archive", "delete")}
 
 
 async def _rows(conn: AsyncConnection, tenant_id: int | None, keys: list[str]) -> dict[tuple[int, str], Any]:
@@ -85,6 +88,8 @@ async def list_config(
 
 
 def _layer_for(actor: Actor, key: ConfigKey, tenant_id: int | None) -> int:
+    if key.name in FARM_OWNER_KEYS:
+        require_supertenant(actor, f"change {key.name}")
     if tenant_id is None or tenant_id == GLOBAL:
         if not actor.all_tenants:
             raise BadInput(f"{key.name} can only be set for the whole farm", code="global_config_key")
@@ -100,6 +105,8 @@ async def set_config(
     require(actor, "config.update")
     k = config_key(key)
     parsed = parse_value(k, value)
+    if k.name in CHOICES and parsed not in CHOICES[k.name]:
+        raise BadInput(f"{k.name} is one of {', '.join(CHOICES[k.name])}, not {parsed!r}", code="bad_config_value")
     async with db.begin() as conn:
         layer = _layer_for(actor, k, await _target_tenant(conn, actor, tenant))
         await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == layer, t.config.c.key == key))

@@ -49,6 +49,19 @@ def require(actor: Actor, *acls: str) -> None:
         )
 
 
+def require_supertenant(actor: Actor, what: str) -> None:
+    """Refuse (``supertenant_only``) unless the actor acts for the whole farm, whatever ACLs a role grants.
+
+    Some actions touch what all tenants share (the nodes, the API host's files): a tenant's role may name the
+    ACL, but only the farm's owner (the supertenant's administrators, or the system) may use it.
+    """
+    if not actor.all_tenants:
+        raise PermissionDenied(
+            f"only the farm's administrators (supertenant) may {what}: ask the farm's owner",
+            code="supertenant_only",
+        )
+
+
 def hidden_fields(actor: Actor, obj: str) -> frozenset[str]:
     return frozenset(f for f in GATED_FIELDS.get(obj, ()) if f"{obj}.see.{f}" not in actor.acls)
 

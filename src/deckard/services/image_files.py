@@ -1,5 +1,16 @@
 """The content of a disk image: a rootfs tarball streamed in by upload, or copied from a path on the API host.
 
+Import by path reads the API host's files, so it is the farm owner's tool, not a tenant's: only supertenant
+administrators may use it (refused before any filesystem access), and only from the import directories the farm
+owner configured (``api.image_import_dirs``; by default ``<home>/import`` and the image store).  The path is
+walked from the import directory one component at a time with ``O_NOFOLLOW`` (no symlink, no ``..``, at any
+depth) and must end at a regular file; a path outside, missing or refused all get the same error, so the answer
+tells nothing about what exists on the host.
+
+Uploads are capped per tenant by ``image.max_upload_mib`` (the image's tenant): a declared size over it is
+refused before a byte is written, and a body that grows past it is cut off (413 ``upload_too_large``) and its
+partial file removed.
+
 An upload is written straight to ``<storage>/images/<id>.partial`` as it arrives (never held in memory), so a
 connection that drops leaves every byte that arrived; the client asks ``GET /images/{id}`` for
 ``uploaded_bytes`` and continues with ``Content-Range: bytes START-END/TOTAL`` where START must be exactly that
@@ -15,10 +26,12 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
 import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
+import stat
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import sqlalchemy as sa
@@ -26,9 +39,10 @@ import structlog
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.errors import BadInput, Conflict, InvalidTransition
+from deckard.model.errors import BadInput, Conflict, InvalidTransition, PermissionDenied
 from deckard.model.states import ImageState
-from deckard.services.context import Actor, require
+from deckard.services.config import get_config
+from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.images import (
     fail_image,
     finish_image,
@@ -49,6 +63,13 @@ MAGIC = (  # (offset, bytes, final suffix)
     (0, b"\xfd7zXZ\x00", ".tar.xz"),
     (257, b"ustar", ".tar"),
 )
+
+
+class UploadTooLarge(BadInput):
+    """The upload is larger than its tenant's ``image.max_upload_mib``: 413, and nothing of it is kept."""
+
+    code = "upload_too_large"
+    status = 413
 
 
 def partial_path(images_dir: Path, image_id: int) -> Path:
@@ -148,6 +169,19 @@ async def _begin_uploading(db: Database, image_id: int, what: str) -> None:
         )
 
 
+async def upload_limit(db: Database, tenant_id: int) -> int:
+    """The largest image a tenant may upload, in bytes (``image.max_upload_mib``)."""
+    return int(await get_config(db, "image.max_upload_mib", tenant_id)) << 20
+
+
+def _too_large(limit: int) -> UploadTooLarge:
+    return UploadTooLarge(
+        f"the image is larger than this tenant's upload limit of {limit >> 20} MiB: make it smaller, or ask the "
+        "farm's administrators to raise image.max_upload_mib",
+        details={"limit_mib": limit >> 20},
+    )
+
+
 async def receive_upload(
     db: Database,
     actor: Actor,
@@ -156,11 +190,17 @@ async def receive_upload(
     *,
     images_dir: Path,
     content_range: str | None = None,
+    declared_size: int | None = None,
 ) -> dict[str, Any]:
-    """Append one chunk of the image's tarball (or the whole file without ``content_range``)."""
+    """Append one chunk of the image's tarball (or the whole file without ``content_range``).
+
+    ``declared_size`` is the request's Content-Length, when it has one: checked against the limit up front."""
     require(actor, "image.upload")
-    await get_image(db, actor, image_id)  # 404 for what the actor may not see
+    image = await get_image(db, actor, image_id)  # 404 for what the actor may not see
     span = parse_content_range(content_range)
+    limit = await upload_limit(db, int(image["tenant_id"]))
+    if (span and span[2] > limit) or (not span and declared_size is not None and declared_size > limit):
+        raise _too_large(limit)
     images_dir.mkdir(parents=True, exist_ok=True)
     partial = partial_path(images_dir, image_id)
     await _begin_uploading(db, image_id, "uploading")
@@ -177,14 +217,19 @@ async def receive_upload(
         if not span:
             f.truncate(0)
             received = 0
-        limit = span[1] + 1 if span else None
         last_report = received
+        end = span[1] + 1 if span else None
         try:
             async for chunk in body:
-                if limit is not None and received + len(chunk) > limit:
+                if end is not None and received + len(chunk) > end:
                     f.truncate(start)
                     received = start
                     raise BadInput("the body is longer than its Content-Range says", code="bad_content_range")
+                if received + len(chunk) > limit:
+                    f.truncate(0)
+                    partial.unlink(missing_ok=True)
+                    received = 0
+                    raise _too_large(limit)
                 await asyncio.to_thread(f.write, chunk)
                 received += len(chunk)
                 if received - last_report >= PROGRESS_EVERY:
@@ -203,36 +248,88 @@ async def receive_upload(
     return await get_image(db, actor, image_id)
 
 
-async def import_image(db: Database, actor: Actor, image_id: int, source: Path, *, images_dir: Path) -> dict[str, Any]:
-    """Copy a tarball readable on the API host into the image store (``uploading → ready``)."""
+def _refused(source: str, roots: Sequence[Path]) -> BadInput:
+    # one answer for outside, missing, a symlink, a directory or unreadable: no oracle on the host's files
+    return BadInput(
+        f"{source!r} is not a regular file inside the import directories ({', '.join(map(str, roots))}): copy "
+        "the tarball there (no symlinks) and give its absolute path",
+        code="bad_import_path",
+    )
+
+
+def open_importable(source: str, roots: Sequence[Path]) -> int:
+    """A read-only descriptor of ``source`` if it is a regular file under one of ``roots``, reached from the root
+    without following any symlink; ``bad_import_path`` otherwise (the same error for every reason)."""
+    path = PurePosixPath(source)
+    if not path.is_absolute() or any(part in ("..", ".") for part in path.parts) or "\0" in source:
+        raise _refused(source, roots)
+    for root in roots:
+        real = Path(os.path.realpath(root))
+        for prefix in dict.fromkeys((PurePosixPath(os.path.abspath(root)), PurePosixPath(real))):
+            if path == prefix or not path.is_relative_to(prefix):
+                continue
+            parts = path.relative_to(prefix).parts
+            try:
+                fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                for part in parts[:-1]:
+                    nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    os.close(fd)
+                    fd = nxt
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+                file_fd = os.open(parts[-1], flags, dir_fd=fd)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if stat.S_ISREG(os.fstat(file_fd).st_mode):
+                return file_fd
+            os.close(file_fd)
+    raise _refused(source, roots)
+
+
+async def import_image(
+    db: Database, actor: Actor, image_id: int, source: str, *, images_dir: Path, import_dirs: Sequence[Path]
+) -> dict[str, Any]:
+    """Copy a tarball from the farm's import directories into the image store (``uploading → ready``).
+
+    Supertenant administrators only; refused before the host's filesystem is touched otherwise (after the
+    lookup, so another tenant's image is a 404 like any other)."""
     require(actor, "image.upload")
     await get_image(db, actor, image_id)
-    if not source.is_absolute():
-        raise BadInput(f"give an absolute path on the API host, not {str(source)!r}", code="bad_path")
-    if not source.is_file():
-        raise BadInput(f"{source} is not a file readable on the API host", code="bad_path")
-    images_dir.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(images_dir, image_id)
-    await _begin_uploading(db, image_id, "importing")
-    with partial.open("ab") as f:
-        _lock(f)
-        f.truncate(0)
-        total = source.stat().st_size
-        copied = 0
-        try:
-            with source.open("rb") as src:
+    require_supertenant(actor, "import images from the API host's files (upload the tarball instead)")
+    if not import_dirs:
+        raise PermissionDenied(
+            "importing images by path is disabled on this farm: upload the tarball, or set api.image_import_dirs",
+            code="import_disabled",
+        )
+    src_fd = await asyncio.to_thread(open_importable, source, import_dirs)
+    with os.fdopen(src_fd, "rb") as src:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(images_dir, image_id)
+        if partial.exists() and os.path.samestat(os.fstat(src.fileno()), partial.stat()):
+            raise _refused(source, import_dirs)  # the image's own partial upload: copying it would empty it
+        await _begin_uploading(db, image_id, "importing")
+        with partial.open("ab") as f:
+            _lock(f)
+            f.truncate(0)
+            total = os.fstat(src.fileno()).st_size
+            copied = 0
+            try:
                 while chunk := await asyncio.to_thread(src.read, COPY_CHUNK):
                     await asyncio.to_thread(f.write, chunk)
                     copied += len(chunk)
                     if total:
                         await report_progress(db, image_id, f"{copied * 100 // total}% importing")
-            await asyncio.to_thread(f.flush)
-        except OSError as e:
-            await fail_image(db, image_id, f"could not read {source}: {e.strerror or e}")
-            partial.unlink(missing_ok=True)
-            return await get_image(db, actor, image_id)
-        await _set_uploaded(db, image_id, copied)
-        await _finalize(db, image_id, partial, images_dir)
+                await asyncio.to_thread(f.flush)
+            except OSError as e:
+                await fail_image(db, image_id, f"could not read {source}: {e.strerror or e}")
+                partial.unlink(missing_ok=True)
+                return await get_image(db, actor, image_id)
+            await _set_uploaded(db, image_id, copied)
+            await _finalize(db, image_id, partial, images_dir)
     return await get_image(db, actor, image_id)
 
 

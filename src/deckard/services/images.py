@@ -24,7 +24,7 @@ from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, InvalidTransition, NotFound
 from deckard.model.states import IMAGE_TRANSITIONS, ImageState
-from deckard.services.context import Actor, require, require_fields, visible, visible_rows
+from deckard.services.context import Actor, require, require_fields, require_supertenant, visible, visible_rows
 from deckard.services.events import publish
 from deckard.services.expiry import expiry_defaults, set_expiry_for_tags
 from deckard.services.listing import ListQuery, run_list
@@ -239,6 +239,8 @@ async def create_image(
     require(actor, "image.create")
     if source not in SOURCES:
         raise BadInput(f"unknown source {source!r}; use one of {', '.join(SOURCES)}", code="bad_source")
+    if source == "import":  # refused before a row exists (services/image_files.py says why)
+        require_supertenant(actor, "import images from the API host's files (upload the tarball instead)")
     if not version or len(version) > 64 or any(c.isspace() or c == "/" for c in version):
         raise BadInput(f"invalid version {version!r}: 1-64 characters, no spaces or '/'", code="bad_version")
     with unique_or_conflict(f"this OSF already has an image with version {version!r}"):

@@ -15,6 +15,8 @@ the primary key is always the last sort key, so pages are stable.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.model.errors import BadInput
+from deckard.model.ids import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, parse_int
 
 MAX_PER_PAGE = 1000
 DEFAULT_PER_PAGE = 50
@@ -53,12 +56,9 @@ class ListQuery:
 
 def _int(name: str, raw: str, lo: int, hi: int) -> int:
     try:
-        v = int(raw)
-    except ValueError:
-        raise BadInput(f"{name} must be a whole number, not {raw!r}", code="bad_query") from None
-    if not lo <= v <= hi:
-        raise BadInput(f"{name} must be between {lo} and {hi}", code="bad_query")
-    return v
+        return parse_int(raw, name, lo, hi)
+    except BadInput as e:
+        raise BadInput(e.message, code="bad_query", details=e.details) from None
 
 
 def parse_list_query(params: Iterable[tuple[str, str]], allowed: Iterable[str]) -> ListQuery:
@@ -103,7 +103,8 @@ def parse_list_query(params: Iterable[tuple[str, str]], allowed: Iterable[str]) 
     return ListQuery(filters, sort, page, per_page, fields)
 
 
-def _coerce(column: sa.ColumnElement[Any], raw: str) -> Any:
+def _coerce(column: sa.ColumnElement[Any], name: str, raw: str) -> Any:
+    """``raw`` as the column's type; errors name the filter's field (``name``), never a column or bind name."""
     try:
         kind = column.type.python_type
     except NotImplementedError:
@@ -116,26 +117,46 @@ def _coerce(column: sa.ColumnElement[Any], raw: str) -> Any:
                 return False
             raise ValueError(raw)
         if kind is int:
-            return int(raw)
+            # ASCII digits within the column's type: PostgreSQL refuses to bind a larger value to an INTEGER
+            big = isinstance(column.type, sa.BigInteger)
+            return parse_int(raw, name, *((INT64_MIN, INT64_MAX) if big else (INT32_MIN, INT32_MAX)))
         if kind is float:
-            return float(raw)
+            if not _DECIMAL.fullmatch(raw) or not math.isfinite(value := float(raw)):
+                raise ValueError(raw)
+            return value
         if kind is dt.datetime:
+            if not raw.isascii():
+                raise ValueError(raw)
             t = dt.datetime.fromisoformat(raw)
             return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise BadInput(f"{raw!r} is not a valid {kind.__name__} for {column.key}", code="bad_filter") from None
+    except (ValueError, BadInput):
+        raise BadInput(
+            f"{raw[:40]!r} is not a valid {_KIND_NAMES.get(kind, kind.__name__)} for {name}",
+            code="bad_filter",
+            details={"field": name},
+        ) from None
     return raw
+
+
+_KIND_NAMES = {
+    int: "whole number (ASCII digits, within the field's range)",
+    float: "number",
+    dt.datetime: "ISO 8601 time",
+}
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_BOOL = sa.Boolean()
 
 
 def _condition(column: sa.ColumnElement[Any], f: Filter) -> sa.ColumnElement[bool]:
     if f.op == "null":
-        return column.is_(None) if _coerce(sa.literal(True), f.value) else column.is_not(None)
+        is_null = _coerce(sa.literal(True, _BOOL), f"{f.field}__null", f.value)
+        return column.is_(None) if is_null else column.is_not(None)
     if f.op == "in":
-        return column.in_([_coerce(column, v) for v in f.value.split(",") if v != ""])
+        return column.in_([_coerce(column, f.field, v) for v in f.value.split(",") if v != ""])
     if f.op == "contains":
         escaped = f.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return sa.cast(column, sa.String).ilike(f"%{escaped}%", escape="\\")
-    v = _coerce(column, f.value)
+    v = _coerce(column, f.field, f.value)
     ops = {
         "eq": column.__eq__,
         "ne": column.__ne__,

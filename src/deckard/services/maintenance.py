@@ -13,6 +13,9 @@ channel; the node carries it out.
   marks itself ``restarting`` and re-executes itself; the new process adopts the guests (converge).  Desktops are
   not touched; only tunnels through that node's own broker drop (their clients reconnect to the same session).
   ``deckard node restart --all`` does it one node at a time (a rolling restart, e.g. after an upgrade).
+
+Nodes are shared by every tenant, so each action is for supertenant administrators only, even when a tenant's
+role grants ``node.block`` or ``node.stop`` (``services/nodes.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import Conflict, NotFound
-from deckard.services.context import Actor, require
+from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.events import DESKTOPS, node_channel, publish
 
 n = t.nodes
@@ -44,6 +47,7 @@ async def _node(db: Database, ref: str | int) -> Any:
 async def drain_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
     """Block the node and ask it to tell the users of its running desktops to leave."""
     require(actor, "node.block")
+    require_supertenant(actor, "drain a node")
     node = await _node(db, ref)
     if node.state != "running":
         raise Conflict(f"node {node.name} is {node.state}: only a running node can be drained", code="node_not_running")
@@ -60,6 +64,7 @@ async def drain_node(db: Database, actor: Actor, ref: str | int) -> dict[str, An
 async def evacuate_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
     """Block the node and stop every desktop on it; they start on other nodes at the next connect."""
     require(actor, "node.block")
+    require_supertenant(actor, "evacuate a node")
     node = await _node(db, ref)
     async with db.begin() as conn:
         await conn.execute(sa.update(n).where(n.c.id == node.id).values(blocked=True))
@@ -97,6 +102,7 @@ async def _node_command(
     db: Database, actor: Actor, ref: str | int, cmd: str, states: tuple[str, ...]
 ) -> dict[str, Any]:
     require(actor, "node.stop")
+    require_supertenant(actor, f"{cmd} a node")
     node = await _node(db, ref)
     if node.state not in states:
         raise Conflict(f"node {node.name} is {node.state}: it is not running", code="node_not_running")

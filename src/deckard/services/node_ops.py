@@ -203,6 +203,7 @@ class StartFacts:
     desktop: Desktop
     user_login: str
     tenant: str
+    home_key: str  # names the user's home directory (``FarmPaths.user_home``)
     memory_mib: int
     cpus: float
     keep_overlay: bool
@@ -214,7 +215,9 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
     async with db.connect() as conn:
         row = (
             await conn.execute(
-                sa.select(d, t.users.c.login, t.osfs.c.memory_mib, t.osfs.c.cpus, t.osfs.c.keep_overlay)
+                sa.select(
+                    d, t.users.c.login, t.users.c.home_key, t.osfs.c.memory_mib, t.osfs.c.cpus, t.osfs.c.keep_overlay
+                )
                 .join(t.users, t.users.c.id == d.c.user_id)
                 .join(t.osfs, t.osfs.c.id == d.c.osf_id)
                 .where(d.c.id == desktop_id)
@@ -226,6 +229,7 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             desk,
             row.login,
             await tenant_name(conn, desk.tenant_id),
+            row.home_key,
             row.memory_mib,
             row.cpus,
             row.keep_overlay,

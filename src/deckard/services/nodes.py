@@ -2,7 +2,13 @@
 keep up to date (registration, heartbeat, load), so the admin plane never asks a node anything.
 
 Blocking a node is desired state like any other: placement skips blocked nodes (``model/placement.py``), the
-desktops already running there stay.  Nodes belong to no tenant; ``node.see`` decides who sees them.
+desktops already running there stay.
+
+Nodes belong to no tenant: they are the farm owner's machines, shared by every tenant.  So every node action
+(block, drain, evacuate, stop, restart) is for supertenant administrators only, whatever a tenant's role grants
+(``require_supertenant``), and a tenant's administrator, even with ``node.see`` and ``node.see.*``, sees only
+``TENANT_FIELDS`` — enough to read the node column of their desktops, nothing about the host (its address,
+broker URL, pid, memory, load or how many desktops of other tenants it runs).
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.errors import NotFound
-from deckard.services.context import Actor, require, require_fields, visible, visible_rows
+from deckard.model.errors import NotFound, PermissionDenied
+from deckard.services.context import Actor, require, require_fields, require_supertenant, visible_rows
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.rows import as_dict
@@ -41,6 +47,28 @@ NODE_COLUMNS = [
     n.c.created_at,
 ]
 FIELDS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in NODE_COLUMNS}
+TENANT_FIELDS = ("id", "name", "state", "blocked")  # what a tenant's administrator may know of a shared node
+
+
+def _tenant_view(actor: Actor, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as ``actor`` may see them: host details dropped for anyone confined to a tenant."""
+    if actor.all_tenants:
+        return visible_rows(actor, "node", rows)
+    return [{k: v for k, v in r.items() if k in TENANT_FIELDS} for r in rows]
+
+
+def _check_tenant_query(actor: Actor, q: ListQuery) -> ListQuery:
+    if actor.all_tenants:
+        return q
+    bad = sorted(q.named_fields - set(TENANT_FIELDS))
+    if bad:
+        raise PermissionDenied(
+            f"you may not filter or sort nodes on {', '.join(bad)}: a tenant sees only {', '.join(TENANT_FIELDS)}",
+            code="forbidden_filter",
+        )
+    if q.fields:
+        return dataclasses.replace(q, fields=[f for f in q.fields if f in TENANT_FIELDS])
+    return q
 
 
 async def list_nodes(db: Database, actor: Actor, q: ListQuery | None = None) -> tuple[list[dict[str, Any]], int]:
@@ -48,11 +76,12 @@ async def list_nodes(db: Database, actor: Actor, q: ListQuery | None = None) -> 
     require(actor, "node.see")
     q = q or ListQuery(per_page=10**9)
     require_fields(actor, "node", q.named_fields)
+    q = _check_tenant_query(actor, q)
     if q.fields and "id" not in q.fields:
         q = dataclasses.replace(q, fields=[*q.fields, "id"])  # answers always carry the id
     async with db.connect() as conn:
         rows, total = await run_list(conn, sa.select(*NODE_COLUMNS), q, FIELDS, n.c.id)
-    return visible_rows(actor, "node", rows), total
+    return _tenant_view(actor, rows), total
 
 
 async def find_node_id(db: Database, actor: Actor, ref: str | int) -> int:
@@ -71,12 +100,13 @@ async def get_node(db: Database, actor: Actor, node_id: int) -> dict[str, Any]:
         row = (await conn.execute(sa.select(*NODE_COLUMNS).where(n.c.id == node_id))).first()
     if not row:
         raise NotFound(f"no node with id {node_id}", code="node_not_found")
-    return visible(actor, "node", as_dict(row))
+    return _tenant_view(actor, [as_dict(row)])[0]
 
 
 async def set_node_blocked(db: Database, actor: Actor, node_id: int, blocked: bool) -> dict[str, Any]:
-    """Block (no new desktops are placed there) or unblock a node."""
+    """Block (no new desktops are placed there) or unblock a node: supertenant administrators only."""
     require(actor, "node.block")
+    require_supertenant(actor, "block or unblock a node")
     await get_node(db, actor, node_id)
     async with db.begin() as conn:
         await conn.execute(sa.update(n).where(n.c.id == node_id).values(blocked=blocked))

@@ -187,5 +187,22 @@ async def explain_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[s
         "placement_group": req.group,
         "placement_policy": req.policy,
         "would_choose": chosen,
-        "nodes": [candidate_row(c) for c in ranked],
+        "nodes": [candidate_row(c) if actor.all_tenants else _tenant_candidate(c) for c in ranked],
     }
+
+
+HOST_FIGURES = ("score", "mem_free_mib", "committed_mib", "desktops", "load", "cpus")
+
+
+def _tenant_candidate(c: Candidate) -> dict[str, Any]:
+    """A node as a tenant's administrator may see it in an explanation: whether and roughly why, no host figures
+    (free memory, load and desktop counts would tell them about other tenants' use of the shared node)."""
+    row = candidate_row(c)
+    for key in HOST_FIGURES:
+        row[key] = None
+    why = row["excluded_by"]
+    if isinstance(why, str) and why.startswith("not enough free memory"):
+        row["excluded_by"] = "not enough free memory"
+    elif isinstance(why, str) and why.startswith("would use the"):
+        row["excluded_by"] = "memory kept in reserve for the desktops of a failed node"
+    return row

@@ -2,12 +2,22 @@
 
 Admin use cases check the actor's ACL first (``user.<action>``; a password change needs ``user.update.password``,
 blocking ``user.block``) and publish ``created``/``updated``/``deleted`` on the event stream after committing.
+
+A user's home is theirs alone: it is named by ``users.home_key`` (random per account, db/schema.py), never by the
+login, and deleting the user archives it (``storage/homes-archive/<tenant>/<login>-<id>-<time>``, out of reach of
+every desktop) or deletes it, as ``users.home_on_delete`` says for the user's tenant; the audit log records
+where it went.  A user with desktops is not deleted (409 ``has_dependents``): their desktops go first, so no
+running desktop still has the home mounted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,12 +26,15 @@ from deckard.auth.local import hash_password, verify_password_async
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
+from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated, Unavailable
+from deckard.runtime.paths import FarmPaths
+from deckard.services.audit import append_audit
+from deckard.services.config import read_config
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.rows import as_dict
-from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name
+from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name, tenant_name
 
 LOGIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 LOGIN_SEPARATORS = "@#"  # QVD: user@tenant or user#tenant
@@ -170,19 +183,84 @@ async def update_user(
     return visible(actor, "user", await _row(db, actor, user_id))
 
 
-async def delete_user(db: Database, actor: Actor, user_id: int) -> None:
+HOME_ON_DELETE = ("archive", "delete")
+
+
+def _move_home(home: Path, target: Path) -> bool:
+    """Move the home out of ``homes/`` (False: there was none); one rename when both are on the storage."""
+    if not home.exists() and not home.is_symlink():
+        return False
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.rename(home, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:  # another filesystem: copy, then remove
+            raise
+        shutil.move(str(home), str(target))
+    return True
+
+
+async def delete_user(db: Database, actor: Actor, user_id: int, paths: FarmPaths) -> dict[str, Any]:
+    """Delete a user and archive or delete their home (``users.home_on_delete``); what happened to the home."""
     require(actor, "user.delete")
     row = await _row(db, actor, user_id)
-    async with db.begin() as conn:
-        n = (
-            await conn.execute(
-                sa.select(sa.func.count()).select_from(t.desktops).where(t.desktops.c.user_id == user_id)
-            )
-        ).scalar_one()
-        if n:
-            raise Conflict(f"the user still has {n} desktop(s): delete them first", code="has_dependents")
-        await conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))
-    await publish(db, "deleted", "user", user_id, row["tenant_id"], login=row["login"])
+    login = str(row["login"])
+    moved = False
+    home = target = None
+    mode = "archive"
+    try:
+        async with db.begin() as conn:
+            n = (
+                await conn.execute(
+                    sa.select(sa.func.count()).select_from(t.desktops).where(t.desktops.c.user_id == user_id)
+                )
+            ).scalar_one()
+            if n:
+                raise Conflict(f"the user still has {n} desktop(s): delete them first", code="has_dependents")
+            tenant = await tenant_name(conn, int(row["tenant_id"]))
+            configured = await read_config(conn, "users.home_on_delete", int(row["tenant_id"]))
+            mode = configured if configured in HOME_ON_DELETE else "archive"  # unknown: keep the data
+            key = (await conn.execute(sa.select(t.users.c.home_key).where(t.users.c.id == user_id))).scalar_one()
+            home = paths.user_home(tenant, str(key)) if key else None
+            stamp = utcnow().strftime("%Y%m%dT%H%M%S%fZ")
+            target = paths.homes_archive / tenant / f"{login}-{user_id}-{stamp}"
+            if home is not None:
+                try:
+                    moved = await asyncio.to_thread(_move_home, home, target)
+                except OSError as e:
+                    raise Unavailable(
+                        f"the user's home {home} could not be moved ({e.strerror or e}): nothing was deleted; "
+                        "check the API's access to the storage and retry",
+                        code="home_not_moved",
+                    ) from None
+            await conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))
+    except BaseException:
+        if moved and home is not None and target is not None:  # the user stays: so does their home
+            await asyncio.to_thread(os.rename, target, home)
+        raise
+    if moved and mode == "delete" and target is not None:
+        await asyncio.to_thread(shutil.rmtree, target, True)
+    outcome = {
+        "login": login,
+        "home": str(home) if home is not None else None,
+        "home_existed": moved,
+        "home_on_delete": mode,
+        "archived_to": str(target) if moved and mode == "archive" else None,
+    }
+    await append_audit(
+        db,
+        action=f"user.home.{mode}",
+        result="ok",
+        admin_id=actor.id,
+        admin_name=actor.name,
+        tenant_id=int(row["tenant_id"]),
+        object_type="user",
+        object_id=str(user_id),
+        arguments=outcome,
+        source=actor.source,
+    )
+    await publish(db, "deleted", "user", user_id, row["tenant_id"], login=login)
+    return outcome
 
 
 async def authenticate_user(db: Database, full_login: str, password: str) -> User:
