@@ -66,10 +66,13 @@ chaos: deps
 	$(VENV)/bin/pytest -ra tests/chaos $(PYTEST_ARGS)
 
 bench: deps
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
 	$(VENV)/bin/python bench/time_to_desktop.py
 	$(VENV)/bin/python bench/api_scale.py
 	$(VENV)/bin/python bench/farm_scale.py
 	$(VENV)/bin/python bench/farm_failover.py
+	$(VENV)/bin/python bench/abuse.py
+	$(VENV)/bin/python bench/fuzz.py --cases 1000000
 
 clean-cache:
 	rm -rf .cache
