@@ -91,6 +91,25 @@ def test_broker_refuses_bad_credentials_and_other_users_desktops(farm: FarmProce
         asyncio.run(qvd.connect(farm.broker, "mallory", PASSWORD, farm.ca, alice_desk["id"]))
 
 
+def test_garbage_after_the_101_never_locks_the_owner_out(farm: FarmProcess) -> None:
+    """Xvnc blacklists a source after 5 failed handshakes (all the broker's connections share one): the broker
+    drops a client that does not speak RFB itself, so the owner's next connect still shows the desktop."""
+    desk = farm.desktop("alice-desk")
+
+    async def garbage() -> bytes:
+        reader, writer = await qvd.connect(farm.broker, "alice", PASSWORD, farm.ca, desk["id"])
+        try:
+            writer.write(b"GET / HTTP/1.1\r\n\r\n" * 4)
+            return await asyncio.wait_for(reader.read(), 10)  # the broker's greeting, then it closes
+        finally:
+            writer.close()
+
+    for _ in range(8):
+        assert asyncio.run(garbage()) == b"RFB 003.008\n"
+    asyncio.run(_see_desktop(farm, "alice", desk["id"]))
+    assert "Too many security failures" not in farm.diagnostics(desk["id"], lines=200)
+
+
 def test_desktop_whose_image_is_missing_fails_with_a_clear_reason(farm: FarmProcess, tmp_path: Path) -> None:
     ghost = tmp_path / "ghost.tar"
     ghost.write_bytes(b"")

@@ -69,6 +69,7 @@ class FakeGuest:
         self.calls: list[tuple[str, dict[str, str]]] = []
         self.display_conns: list[asyncio.StreamWriter] = []
         self.auth_failures = 0
+        self.display_bytes = 0  # what reached the display after the broker authenticated
         self._agent: asyncio.Server | None = None
         self._display: asyncio.Server | None = None
 
@@ -124,6 +125,7 @@ class FakeGuest:
                 return
             writer.write(b"\x00\x00\x00\x00")
             while data := await reader.read(65536):
+                self.display_bytes += len(data)
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -500,6 +502,24 @@ async def test_tls_handshake_failure_just_closes_and_the_broker_keeps_serving(fa
     writer.close()
     c = await RawClient.open(farm)
     assert (await c.request("/qvd/ping"))[0] == 200
+    await c.close()
+
+
+async def test_a_client_that_does_not_speak_rfb_is_dropped_before_the_display(farm: Farm) -> None:
+    """Garbage after the 101 never reaches the display server (Xvnc would blacklist the broker's address)."""
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    assert await c.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
+    c.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await closed_by_peer(c.reader)
+    guest = farm.node.guests[desk_id]
+    assert (guest.display_bytes, guest.auth_failures) == (0, 0)
+    await c.close()
+    # the same desktop still works for its owner
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(c.reader, c.writer)
     await c.close()
 
 
