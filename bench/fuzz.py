@@ -46,10 +46,11 @@ from wsproto.utilities import RemoteProtocolError
 
 from deckard.broker import tunnel
 from deckard.broker.auth import parse_authorization
+from deckard.broker.frames import FrameError, FrameReader, unmask
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.params import parse_connect_params, parse_desktop_id
 from deckard.broker.qvd import Request
-from deckard.broker.websocket import FrameError, FrameReader, ViewOnlyFilter, handshake, is_websocket, unmask
+from deckard.broker.websocket import ViewOnlyFilter, handshake, is_websocket
 from deckard.model.errors import DeckardError
 
 EXPECTED: tuple[type[BaseException], ...] = (

@@ -38,7 +38,8 @@ from test_broker_websocket import WsClient, connect_ticket
 
 from deckard.api.app import create_app
 from deckard.broker import qvd, server
-from deckard.broker.websocket import CLOSE_TOO_BIG, FrameError, FrameReader, ViewOnlyFilter, unmask
+from deckard.broker.frames import CLOSE_TOO_BIG, FrameError, FrameReader, unmask
+from deckard.broker.websocket import ViewOnlyFilter
 from deckard.runtime.settings import BrokerSettings, Settings
 from deckard.runtime.tls import client_context
 from deckard.services import tickets

@@ -29,7 +29,8 @@ from test_broker_protocol import (
 )
 
 from deckard.api.app import create_app
-from deckard.broker.websocket import ViewOnlyFilter, unmask
+from deckard.broker.frames import unmask
+from deckard.broker.websocket import ViewOnlyFilter
 from deckard.model.errors import Unauthenticated
 from deckard.runtime.settings import Settings
 from deckard.runtime.tls import client_context
