@@ -240,7 +240,7 @@ class FarmProcess:
                 pass
         import asyncio
 
-        from deckard.drivers.container import remove_cgroups
+        from deckard.drivers.cgroups import remove_cgroups
         from deckard.drivers.network import delete_link, remove_bridge, veth_name
 
         guests = [(paths.lxc, name) for paths in self.node_paths() for name in self.guests(paths.lxc)]

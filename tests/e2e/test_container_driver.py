@@ -21,9 +21,17 @@ import pytest
 
 from deckard.client.rfb import RFBError, grab_framebuffer, handshake, is_blank
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT, GuestSpec
-from deckard.drivers.container import CGROUP_ROOT, ContainerDriver, memory_stat, remove_cgroups
+from deckard.drivers.cgroups import CGROUP_ROOT, memory_stat, remove_cgroups
+from deckard.drivers.container import ContainerDriver
 from deckard.drivers.display import display_password
-from deckard.drivers.network import ensure_bridge, port_isolated, remove_bridge, run_command, veth_name
+from deckard.drivers.network import (
+    ensure_bridge,
+    isolate_port,
+    port_isolated,
+    remove_bridge,
+    run_command,
+    veth_name,
+)
 from deckard.runtime.paths import FarmPaths
 
 pytestmark = pytest.mark.e2e
@@ -384,7 +392,7 @@ async def test_a_desktops_display_needs_the_secret_that_only_the_broker_has(
     width, _height, _pixels = await grab_desktop(first)  # with the secret: the desktop
     assert width == 1280
 
-    # from the second desktop, with the bridge's isolation lifted so routing would let it through
+    # from the second desktop
     probe = (
         "import socket,struct,sys\n"
         "s=socket.create_connection((sys.argv[1],5900),timeout=3)\n"
@@ -393,15 +401,20 @@ async def test_a_desktops_display_needs_the_secret_that_only_the_broker_has(
         "s.sendall(b'\\x02'); s.recv(16); s.sendall(bytes(16))\n"
         "print('types', types, 'result', struct.unpack('!I', s.recv(4))[0])\n"
     )
-    rc, out = await attach(farm, second.guest_name, "/usr/bin/python3", "-c", probe, first.ip)
-    assert rc != 0 and ("timed out" in out or "refused" in out or "unreachable" in out), out
-    for spec in (first, second):
-        await run_command(["bridge", "link", "set", "dev", veth_name(spec.guest_name), "isolated", "off"])
-    # bridged frames pass the node's packet filter here (br_netfilter): let this pair through it too
+    # first with the bridge's isolation lifted and the node's filter letting the pair through (br_netfilter
+    # sends bridged frames through it here): the display answers, but only to VNC authentication, and refuses
+    veths = [veth_name(spec.guest_name) for spec in (first, second)]
     allow = ["FORWARD", "-s", second.ip, "-d", first.ip, "-j", "ACCEPT"]
+    for veth in veths:
+        await run_command(["bridge", "link", "set", "dev", veth, "isolated", "off"])
     await run_command(["iptables", "-I", *allow])
     try:
         rc, out = await attach(farm, second.guest_name, "/usr/bin/python3", "-c", probe, first.ip)
     finally:
         await run_command(["iptables", "-D", *allow], check=False)
+        for veth in veths:
+            await isolate_port(veth)
     assert rc == 0 and out.split() == ["types", "[2]", "result", "1"], out
+    # then as desktops really are: the port cannot even be reached
+    rc, out = await attach(farm, second.guest_name, "/usr/bin/python3", "-c", probe, first.ip)
+    assert rc != 0 and ("timed out" in out or "refused" in out or "unreachable" in out.lower()), out

@@ -14,16 +14,9 @@ import pytest
 
 from deckard.drivers import load_driver
 from deckard.drivers.base import GuestSpec
-from deckard.drivers.container import (
-    ID_RANGE,
-    ContainerDriver,
-    farm_id_base,
-    render_config,
-    render_seccomp,
-    render_up_hook,
-    shift_tree,
-)
+from deckard.drivers.container import ContainerDriver, shift_tree
 from deckard.drivers.fake import FakeDriver
+from deckard.drivers.lxc_config import ID_RANGE, farm_id_base, render_config, render_seccomp, render_up_hook
 from deckard.drivers.network import IFNAMSIZ, veth_name
 from deckard.model.errors import BadInput, DriverError
 from deckard.runtime.paths import FarmPaths

@@ -1,7 +1,7 @@
 """The container driver: one desktop is one LXC container driven by the LXC command-line tools.
 
 Why the CLI and a hand-written config: the Python bindings only import under Debian's own interpreter,
-and a config we render ourselves (see :func:`render_config`) says exactly what a desktop gets.
+and a config we render ourselves (``drivers/lxc_config.py``) says exactly what a desktop gets.
 
 A desktop's root filesystem is an overlay: the image unpacked once per image id under ``basefs/``
 (read-only lower layer, shared by every desktop of that image) and a per-desktop ``upper`` directory under
@@ -13,11 +13,11 @@ upper layer.
 Desktops are unprivileged (``docs/security.md`` says what root in a desktop can and cannot do):
 
 * a user namespace maps the guest's ids 0…2^24 to a range of host ids owned by this farm
-  (:func:`farm_id_base`), so uid 0 inside is an unprivileged host uid.  Since LXC cannot idmap an overlay
+  (``lxc_config.farm_id_base``), so uid 0 inside is an unprivileged host uid.  Since LXC cannot idmap an overlay
   rootfs here, the unpacked image is shifted once into that range (``basefs/<image id>-u<base>``), and so are
   the per-desktop layer and the user's home (:func:`shift_tree`);
-* a small capability set (:data:`CAPS_KEEP`), ``no_new_privs`` (no setuid gains), a seccomp deny list
-  (:func:`render_seccomp`: module loading, kexec, ``open_by_handle_at``, BPF, perf, keyrings, new user
+* a small capability set (``lxc_config.CAPS_KEEP``), ``no_new_privs`` (no setuid gains), a seccomp deny list
+  (``lxc_config.render_seccomp``: module loading, kexec, ``open_by_handle_at``, BPF, perf, keyrings, new user
   namespaces, ...), devices limited to the standard character devices, ``/proc`` and ``/sys`` read-only
   where they reach the host and the leaky ``/proc`` files masked; AppArmor where the kernel has it.
 
@@ -41,7 +41,16 @@ from pathlib import Path
 import structlog
 
 from deckard.drivers.base import GuestInfo, GuestSpec
+from deckard.drivers.cgroups import memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
+from deckard.drivers.lxc_config import (
+    ID_RANGE,
+    apparmor_available,
+    farm_id_base,
+    render_config,
+    render_seccomp,
+    render_up_hook,
+)
 from deckard.drivers.network import (
     delete_link,
     flush_neighbour,
@@ -54,165 +63,6 @@ from deckard.model.errors import DriverError
 from deckard.runtime.paths import FarmPaths
 
 log = structlog.get_logger()
-
-AGENT_PATH = "/usr/local/sbin/deckard-vma"
-PIDS_MAX = 2048
-CFS_PERIOD_US = 100_000
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-ID_RANGE = 1 << 24  # guest uids/gids 0 … 2^24-1: room for uid_for_user() of millions of users
-# What root in a desktop keeps (namespaced: it acts on the desktop's own files and processes only): the agent
-# creates the user (chown, fowner), starts the session as that user (setuid, setgid) and ends it (kill).
-CAPS_KEEP = "chown fowner setuid setgid kill"
-# Syscalls a desktop never needs and that reach the kernel's riskiest surface (in the spirit of LXC's and
-# Docker's default profiles); clone3 says ENOSYS so the C library falls back to clone, which is filtered.
-SECCOMP_DENY = [
-    "kexec_load",
-    "kexec_file_load",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "iopl",
-    "ioperm",
-    "swapon",
-    "swapoff",
-    "syslog",
-    "acct",
-    "quotactl",
-    "lookup_dcookie",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "move_mount",
-    "open_tree",
-    "mount_setattr",
-    "pivot_root",
-    "io_uring_setup",
-    "io_uring_enter",
-    "io_uring_register",
-    "setns",
-]
-CLONE_NEWUSER = 0x10000000
-# /proc files that describe the host rather than the desktop: hidden behind /dev/null (files) or a tmpfs
-PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms", "sysrq-trigger")
-PROC_MASKED_DIRS = ("acpi", "scsi", "asound")
-# Devices a desktop may open: the standard character devices, the console and pseudo terminals.
-DEVICES_ALLOW = (
-    "c 1:3 rwm",  # null
-    "c 1:5 rwm",  # zero
-    "c 1:7 rwm",  # full
-    "c 1:8 rwm",  # random
-    "c 1:9 rwm",  # urandom
-    "c 5:0 rwm",  # tty
-    "c 5:1 rwm",  # console
-    "c 5:2 rwm",  # ptmx
-    "c 136:* rwm",  # pts/*
-)
-
-
-def farm_id_base(farm_id: str) -> int:
-    """The first host id of this farm's desktops: one of 250 ranges of 2^24 ids above the first, by farm id.
-
-    Every node of a farm derives the same base from the farm id, so shifted images and homes in the shared
-    storage mean the same on all of them; two farms on one machine get different ranges (unless their ids
-    collide, 1 in 250), and no range reaches uid 2^32-1.
-    """
-    return (1 + int(farm_id, 16) % 250) * ID_RANGE
-
-
-def render_seccomp() -> str:
-    """LXC's seccomp policy for desktops: a deny list, plus no new user namespaces (clone, unshare)."""
-    lines = ["2", "denylist", "reject_force_umount", "[all]"]
-    lines += [f"{name} errno 1" for name in SECCOMP_DENY]
-    lines += ["clone3 errno 38"]
-    lines += [
-        f"clone errno 1 [0,{CLONE_NEWUSER},SCMP_CMP_MASKED_EQ,{CLONE_NEWUSER}]",
-        f"unshare errno 1 [0,{CLONE_NEWUSER},SCMP_CMP_MASKED_EQ,{CLONE_NEWUSER}]",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def apparmor_available() -> bool:
-    return Path("/sys/module/apparmor/parameters/enabled").is_file() and shutil.which("apparmor_parser") is not None
-
-
-def render_config(
-    spec: GuestSpec,
-    *,
-    basefs: Path,
-    upper: Path,
-    lxc_dir: Path,
-    up_hook: Path,
-    id_base: int,
-    seccomp: Path,
-    apparmor: bool = False,
-) -> str:
-    """The LXC config of one desktop (pure: everything comes from the arguments)."""
-    lines = [
-        f"# deckard desktop {spec.desktop_id}: generated, do not edit",
-        f"lxc.uts.name = {spec.guest_name}",
-        f"lxc.rootfs.path = overlay:{basefs}:{upper}",
-        f"lxc.init.cmd = {AGENT_PATH}",
-        f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
-        f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
-        f"lxc.cap.keep = {CAPS_KEEP}",
-        "lxc.no_new_privs = 1",
-        f"lxc.seccomp.profile = {seccomp}",
-        # this kernel has no AppArmor (reference/platform.md): then the namespaces and seccomp above are the wall
-        "lxc.apparmor.profile = generated" if apparmor else "lxc.apparmor.profile = unconfined",
-        "lxc.autodev = 1",
-        "lxc.pty.max = 64",
-        "lxc.tty.max = 0",
-        "lxc.signal.halt = SIGPWR",
-        "lxc.mount.auto = proc:mixed sys:ro",
-        *(f"lxc.mount.entry = /dev/null proc/{name} none bind,optional 0 0" for name in PROC_MASKED_FILES),
-        *(
-            f"lxc.mount.entry = tmpfs proc/{name} tmpfs ro,nosuid,nodev,noexec,optional 0 0"
-            for name in PROC_MASKED_DIRS
-        ),
-        # a fresh /tmp at every start: a persistent overlay would keep a stale /tmp/.X0-lock
-        f"lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev,mode=1777,size={max(spec.memory_mib // 2, 64)}m 0 0",
-        "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755,size=32m 0 0",
-        "lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0",
-        f"lxc.mount.entry = {spec.home_dir} home/{spec.user_login} none bind,create=dir 0 0",
-        # cgroup v1 keys: this host keeps every useful controller on v1, where lxc.cgroup2.* is ignored
-        f"lxc.cgroup.memory.limit_in_bytes = {spec.memory_mib * 1024 * 1024}",
-        f"lxc.cgroup.cpu.cfs_period_us = {CFS_PERIOD_US}",
-        f"lxc.cgroup.cpu.cfs_quota_us = {max(int(spec.cpus * CFS_PERIOD_US), 1000)}",
-        f"lxc.cgroup.pids.max = {PIDS_MAX}",
-        "lxc.cgroup.devices.deny = a",
-        *(f"lxc.cgroup.devices.allow = {rule}" for rule in DEVICES_ALLOW),
-        "lxc.net.0.type = veth",
-        f"lxc.net.0.link = {spec.bridge}",
-        "lxc.net.0.flags = up",
-        "lxc.net.0.name = eth0",
-        f"lxc.net.0.veth.pair = {veth_name(spec.guest_name)}",
-        f"lxc.net.0.hwaddr = {spec.mac}",
-        f"lxc.net.0.ipv4.address = {spec.ip}/{spec.prefix_len}",
-        f"lxc.net.0.ipv4.gateway = {spec.gateway}",
-        # isolate the bridge port before the guest can send a packet (no window where desktops see each other)
-        f"lxc.net.0.script.up = {up_hook}",
-        f"lxc.log.file = {lxc_dir / 'lxc.log'}",
-        "lxc.log.level = WARN",
-        f"lxc.console.logfile = {lxc_dir / 'console.log'}",
-        "lxc.console.size = 1MB",
-    ]
-    lines += [f"lxc.environment = {key}={value}" for key, value in sorted(spec.env.items())]
-    return "\n".join(lines) + "\n"
-
-
-def render_up_hook() -> str:
-    """LXC runs this on the host once the veth is on the bridge: args are name, net, up, veth, bridge, host veth."""
-    bridge_tool = shutil.which("bridge") or "/usr/sbin/bridge"
-    return f'#!/bin/sh\nexec {bridge_tool} link set dev "${{LXC_NET_PEER:-$6}}" isolated on\n'
 
 
 class ContainerDriver:
@@ -522,64 +372,3 @@ def ensure_traversable(path: Path, farm_home: Path) -> None:
                 f"allow traversal with `chmod o+x {directory}` or move the farm home",
                 code="storage_not_traversable",
             )
-
-
-# -- cgroups -------------------------------------------------------------------------------------------
-def _cgroup_paths(pid: int | str) -> dict[str, str]:
-    """controller -> cgroup path of a process, from /proc/<pid>/cgroup (v1 lines and the v2 ``::`` line)."""
-    out: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            for controller in (controllers or "unified").split(","):
-                out[controller] = path
-    return out
-
-
-def memory_usage(pid: int) -> int | None:
-    """Bytes charged to the guest's memory cgroup (memory.usage_in_bytes: RSS + page cache)."""
-    path = _cgroup_paths(pid).get("memory")
-    if path is None:
-        return None
-    try:
-        return int((CGROUP_ROOT / "memory" / path.lstrip("/") / "memory.usage_in_bytes").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def memory_stat(pid: int) -> dict[str, int]:
-    """The guest's memory.stat (rss, cache, ...), for benchmarks."""
-    path = _cgroup_paths(pid).get("memory")
-    out: dict[str, int] = {}
-    if path is None:
-        return out
-    with contextlib.suppress(OSError):
-        for line in (CGROUP_ROOT / "memory" / path.lstrip("/") / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            out[key] = int(value)
-    return out
-
-
-def remove_cgroups(guest_name: str) -> None:
-    """Remove the cgroup directories LXC leaves behind for a guest under every controller.
-
-    LXC creates them relative to the cgroup of the process that ran lxc-start, or at the hierarchy's root
-    when it may not write there (seen here for memory), so both places are searched.  ``lxc.pivot`` is
-    shared by all guests and only removed when empty.
-    """
-    own = _cgroup_paths("self")
-    names = (f"lxc.payload.{guest_name}", f"lxc.monitor.{guest_name}", "lxc.pivot")
-    if not CGROUP_ROOT.is_dir():
-        return
-    for hierarchy in CGROUP_ROOT.iterdir():
-        controller = hierarchy.name
-        own_rel = own.get(controller) or own.get(f"name={controller}") or "/"
-        for base in {hierarchy, hierarchy / own_rel.lstrip("/")}:
-            for name in names:
-                top = base / name
-                if not top.is_dir():
-                    continue
-                # children first: a cgroup directory can only be removed once it has none
-                for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(dirpath)

@@ -1,0 +1,172 @@
+"""What a desktop container gets, as an LXC config: identity, limits, mounts, network and the walls around it.
+
+Pure: :func:`render_config` and :func:`render_seccomp` turn a :class:`GuestSpec` and a few paths into text, so
+every promise of the config is checked by unit tests without root (``tests/unit/test_container_config.py``) and
+the e2e tests check that LXC honours it.  ``docs/security.md`` says why each wall is there.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from deckard.drivers.base import GuestSpec
+from deckard.drivers.network import veth_name
+
+AGENT_PATH = "/usr/local/sbin/deckard-vma"
+PIDS_MAX = 2048
+CFS_PERIOD_US = 100_000
+ID_RANGE = 1 << 24  # guest uids/gids 0 … 2^24-1: room for uid_for_user() of millions of users
+# What root in a desktop keeps (namespaced: it acts on the desktop's own files and processes only): the agent
+# creates the user (chown, fowner), starts the session as that user (setuid, setgid) and ends it (kill).
+CAPS_KEEP = "chown fowner setuid setgid kill"
+# Syscalls a desktop never needs and that reach the kernel's riskiest surface (in the spirit of LXC's and
+# Docker's default profiles); clone3 says ENOSYS so the C library falls back to clone, which is filtered.
+SECCOMP_DENY = [
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "iopl",
+    "ioperm",
+    "swapon",
+    "swapoff",
+    "syslog",
+    "acct",
+    "quotactl",
+    "lookup_dcookie",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "pivot_root",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "setns",
+]
+CLONE_NEWUSER = 0x10000000
+# /proc files that describe the host rather than the desktop: hidden behind /dev/null (files) or a tmpfs
+PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms", "sysrq-trigger")
+PROC_MASKED_DIRS = ("acpi", "scsi", "asound")
+# Devices a desktop may open: the standard character devices, the console and pseudo terminals.
+DEVICES_ALLOW = (
+    "c 1:3 rwm",  # null
+    "c 1:5 rwm",  # zero
+    "c 1:7 rwm",  # full
+    "c 1:8 rwm",  # random
+    "c 1:9 rwm",  # urandom
+    "c 5:0 rwm",  # tty
+    "c 5:1 rwm",  # console
+    "c 5:2 rwm",  # ptmx
+    "c 136:* rwm",  # pts/*
+)
+
+
+def farm_id_base(farm_id: str) -> int:
+    """The first host id of this farm's desktops: one of 250 ranges of 2^24 ids above the first, by farm id.
+
+    Every node of a farm derives the same base from the farm id, so shifted images and homes in the shared
+    storage mean the same on all of them; two farms on one machine get different ranges (unless their ids
+    collide, 1 in 250), and no range reaches uid 2^32-1.
+    """
+    return (1 + int(farm_id, 16) % 250) * ID_RANGE
+
+
+def render_seccomp() -> str:
+    """LXC's seccomp policy for desktops: a deny list, plus no new user namespaces (clone, unshare)."""
+    lines = ["2", "denylist", "reject_force_umount", "[all]"]
+    lines += [f"{name} errno 1" for name in SECCOMP_DENY]
+    lines += ["clone3 errno 38"]
+    lines += [
+        f"clone errno 1 [0,{CLONE_NEWUSER},SCMP_CMP_MASKED_EQ,{CLONE_NEWUSER}]",
+        f"unshare errno 1 [0,{CLONE_NEWUSER},SCMP_CMP_MASKED_EQ,{CLONE_NEWUSER}]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def apparmor_available() -> bool:
+    return Path("/sys/module/apparmor/parameters/enabled").is_file() and shutil.which("apparmor_parser") is not None
+
+
+def render_config(
+    spec: GuestSpec,
+    *,
+    basefs: Path,
+    upper: Path,
+    lxc_dir: Path,
+    up_hook: Path,
+    id_base: int,
+    seccomp: Path,
+    apparmor: bool = False,
+) -> str:
+    """The LXC config of one desktop (pure: everything comes from the arguments)."""
+    lines = [
+        f"# deckard desktop {spec.desktop_id}: generated, do not edit",
+        f"lxc.uts.name = {spec.guest_name}",
+        f"lxc.rootfs.path = overlay:{basefs}:{upper}",
+        f"lxc.init.cmd = {AGENT_PATH}",
+        f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
+        f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
+        f"lxc.cap.keep = {CAPS_KEEP}",
+        "lxc.no_new_privs = 1",
+        f"lxc.seccomp.profile = {seccomp}",
+        # this kernel has no AppArmor (reference/platform.md): then the namespaces and seccomp above are the wall
+        "lxc.apparmor.profile = generated" if apparmor else "lxc.apparmor.profile = unconfined",
+        "lxc.autodev = 1",
+        "lxc.pty.max = 64",
+        "lxc.tty.max = 0",
+        "lxc.signal.halt = SIGPWR",
+        "lxc.mount.auto = proc:mixed sys:ro",
+        *(f"lxc.mount.entry = /dev/null proc/{name} none bind,optional 0 0" for name in PROC_MASKED_FILES),
+        *(
+            f"lxc.mount.entry = tmpfs proc/{name} tmpfs ro,nosuid,nodev,noexec,optional 0 0"
+            for name in PROC_MASKED_DIRS
+        ),
+        # a fresh /tmp at every start: a persistent overlay would keep a stale /tmp/.X0-lock
+        f"lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev,mode=1777,size={max(spec.memory_mib // 2, 64)}m 0 0",
+        "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755,size=32m 0 0",
+        "lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0",
+        f"lxc.mount.entry = {spec.home_dir} home/{spec.user_login} none bind,create=dir 0 0",
+        # cgroup v1 keys: this host keeps every useful controller on v1, where lxc.cgroup2.* is ignored
+        f"lxc.cgroup.memory.limit_in_bytes = {spec.memory_mib * 1024 * 1024}",
+        f"lxc.cgroup.cpu.cfs_period_us = {CFS_PERIOD_US}",
+        f"lxc.cgroup.cpu.cfs_quota_us = {max(int(spec.cpus * CFS_PERIOD_US), 1000)}",
+        f"lxc.cgroup.pids.max = {PIDS_MAX}",
+        "lxc.cgroup.devices.deny = a",
+        *(f"lxc.cgroup.devices.allow = {rule}" for rule in DEVICES_ALLOW),
+        "lxc.net.0.type = veth",
+        f"lxc.net.0.link = {spec.bridge}",
+        "lxc.net.0.flags = up",
+        "lxc.net.0.name = eth0",
+        f"lxc.net.0.veth.pair = {veth_name(spec.guest_name)}",
+        f"lxc.net.0.hwaddr = {spec.mac}",
+        f"lxc.net.0.ipv4.address = {spec.ip}/{spec.prefix_len}",
+        f"lxc.net.0.ipv4.gateway = {spec.gateway}",
+        # isolate the bridge port before the guest can send a packet (no window where desktops see each other)
+        f"lxc.net.0.script.up = {up_hook}",
+        f"lxc.log.file = {lxc_dir / 'lxc.log'}",
+        "lxc.log.level = WARN",
+        f"lxc.console.logfile = {lxc_dir / 'console.log'}",
+        "lxc.console.size = 1MB",
+    ]
+    lines += [f"lxc.environment = {key}={value}" for key, value in sorted(spec.env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_up_hook() -> str:
+    """LXC runs this on the host once the veth is on the bridge: args are name, net, up, veth, bridge, host veth."""
+    bridge_tool = shutil.which("bridge") or "/usr/sbin/bridge"
+    return f'#!/bin/sh\nexec {bridge_tool} link set dev "${{LXC_NET_PEER:-$6}}" isolated on\n'
