@@ -8,6 +8,7 @@ the same SQLAlchemy Core statements; the few dialect differences (``RETURNING`` 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -84,6 +85,8 @@ class Database:
     async def start(self, *, run_migrations: bool = True) -> None:
         if run_migrations:
             await asyncio.to_thread(migrate, self.url)
+        if self.dialect == "sqlite":
+            _private_sqlite_files(self.url)
         await self.bus.start()
 
     async def close(self) -> None:
@@ -99,6 +102,14 @@ class Database:
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             yield conn
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The database holds password hashes and agent tokens: owner only (SQLite creates it 0644 under umask 022)."""
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        if name and os.path.isfile(name):
+            os.chmod(name, 0o600)
 
 
 def _sqlite_setup(engine: AsyncEngine) -> None:

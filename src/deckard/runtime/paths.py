@@ -22,6 +22,7 @@ The all-in-one farm keeps ``<home>/run/lxc``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -131,3 +132,8 @@ class FarmPaths:
         for p in (self.home, self.tls, self.images, self.basefs, self.overlays, self.homes, self.lxc, self.logs):
             p.mkdir(parents=True, exist_ok=True)
         self.import_dir.mkdir(mode=0o700, exist_ok=True)  # the farm owner's: only root puts files here
+        # others may walk through the home (desktops' unprivileged root must reach the storage) but not list it;
+        # keys and logs are the owner's alone
+        os.chmod(self.home, 0o711)
+        for private in (self.tls, self.logs):
+            os.chmod(private, 0o700)
