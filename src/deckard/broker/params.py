@@ -5,9 +5,9 @@ and ``custom.*``; anything else is refused with 403 so a client cannot smuggle s
 administrator may set.  A missing ``id`` is 422.  Only ``qvd.client.geometry`` changes what Deckard does
 (it sizes the display); the rest is kept for the agent and for the logs.
 
-Ids are ASCII digits within a signed 64-bit integer: ``str.isdigit`` would let ``²`` (which ``int`` refuses)
-and full-width digits (U+FF11, which ``int`` reads as 1) through, and a larger number overflows the database's
-INTEGER.
+Ids are checked by ``model/ids.py``, as the API checks them: ASCII digits within the database's INTEGER
+(``str.isdigit`` would let ``²`` and full-width digits through, and a larger number is a bind error on
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -16,19 +16,10 @@ import re
 from dataclasses import dataclass, field
 
 from deckard.model.errors import BadInput, PermissionDenied
+from deckard.model.ids import ID_MAX, parse_id
 
 ALLOWED_PARAM = re.compile(r"^(qvd\.client\.|custom\.)")
 GEOMETRY = re.compile(r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
-ASCII_DIGITS = re.compile(r"[0-9]{1,19}")  # no sign, no spaces, no other script's digits
-INT64_MAX = 2**63 - 1
-
-
-def parse_id(raw: str) -> int | None:
-    """A positive id written in ASCII digits within int64, or None (QVD ids are database keys)."""
-    if not ASCII_DIGITS.fullmatch(raw):
-        return None
-    value = int(raw)
-    return value if 0 < value <= INT64_MAX else None
 
 
 @dataclass(frozen=True)
@@ -49,11 +40,11 @@ def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
     if len(values) > 1:
         raise BadInput("the desktop id is given more than once", code="bad_id")
     raw = values[0].strip(" \t")
-    value = parse_id(raw)
-    if value is None:
+    try:
+        return parse_id(raw, "the desktop id")
+    except BadInput:
         shown = raw if len(raw) <= 40 else raw[:40] + "…"
-        raise BadInput(f"the desktop id {shown!r} is not a positive integer of at most 19 digits", code="bad_id")
-    return value
+        raise BadInput(f"the desktop id {shown!r} is not ASCII digits between 1 and {ID_MAX}", code="bad_id") from None
 
 
 def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:

@@ -46,7 +46,7 @@ from deckard.broker.frames import (
     frame_header,
 )
 from deckard.broker.http import FrontConnection, HttpChannel
-from deckard.broker.params import GEOMETRY, ConnectParams, parse_id
+from deckard.broker.params import GEOMETRY, ConnectParams, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
 from deckard.broker.tunnel import Tunnel
 from deckard.client.agent import AgentClient
@@ -287,10 +287,7 @@ class WebSocketConnect:
         t0 = time.monotonic()
         try:
             # bad input is refused before the ticket is looked at: a refused request must not use it up
-            ids = [v for k, v in req.query if k == "id"]
-            desktop_id = parse_id(ids[0]) if ids else None
-            if ids and (desktop_id is None or len(ids) > 1):
-                raise BadInput("the desktop id must be one positive integer of at most 19 digits", code="bad_id")
+            desktop_id = parse_desktop_id(req.query) if any(k == "id" for k, _ in req.query) else None
             geometry = next((v for k, v in req.query if k == "geometry"), "")
             if geometry and not GEOMETRY.match(geometry):
                 raise BadInput(f"geometry {geometry[:40]!r} must look like 1280x800", code="bad_geometry")
