@@ -164,6 +164,17 @@ async def grab_desktop(spec: GuestSpec, timeout: float = 10.0) -> tuple[int, int
         await asyncio.sleep(0.2)
 
 
+async def start_two(
+    driver: ContainerDriver, farm: FarmPaths, image: Path, bridge: tuple[str, str]
+) -> tuple[GuestSpec, GuestSpec]:
+    """alice's and bob's desktops on the same bridge, started at once, their agents answering."""
+    first = make_spec(farm, image, bridge, 1, "alice", 10001)
+    second = make_spec(farm, image, bridge, 2, "bob", 10002)
+    await asyncio.gather(driver.start(first), driver.start(second))
+    await asyncio.gather(wait_for_agent(first), wait_for_agent(second))
+    return first, second
+
+
 async def attach(farm: FarmPaths, guest: str, *cmd: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         "lxc-attach",
@@ -255,10 +266,7 @@ async def test_desktops_reach_the_host_but_not_each_other(
     driver: ContainerDriver, farm: FarmPaths, image_path: Path, bridge: tuple[str, str]
 ) -> None:
     """Bridge ports are isolated: a desktop reaches its own services (the probe works), never another desktop."""
-    first = make_spec(farm, image_path, bridge, 1, "alice", 10001)
-    second = make_spec(farm, image_path, bridge, 2, "bob", 10002)
-    await asyncio.gather(driver.start(first), driver.start(second))
-    await asyncio.gather(wait_for_agent(first), wait_for_agent(second))
+    first, second = await start_two(driver, farm, image_path, bridge)
     assert {info.guest_name for info in await driver.list()} == {first.guest_name, second.guest_name}
 
     probe = (
@@ -375,10 +383,7 @@ async def test_a_desktops_display_needs_the_secret_that_only_the_broker_has(
     driver: ContainerDriver, farm: FarmPaths, image_path: Path, bridge: tuple[str, str]
 ) -> None:
     """Xvnc offers VNC authentication only; another desktop cannot take the display even with routing allowed."""
-    first = make_spec(farm, image_path, bridge, 1, "alice", 10001)
-    second = make_spec(farm, image_path, bridge, 2, "bob", 10002)
-    await asyncio.gather(driver.start(first), driver.start(second))
-    await asyncio.gather(wait_for_agent(first), wait_for_agent(second))
+    first, second = await start_two(driver, farm, image_path, bridge)
     await call_agent(first, "x_start", user="alice", uid=10001)
 
     # from the node, without the secret or with a wrong one: refused

@@ -27,6 +27,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from deckard.runtime.limits import AddressCounts
 from deckard.runtime.settings import ApiSettings
 
 log = structlog.get_logger("deckard.api")
@@ -34,31 +35,9 @@ log = structlog.get_logger("deckard.api")
 GRACEFUL_SHUTDOWN_S = 5  # seconds requests in flight get once stop is set
 
 
-class _AddressCounts:
-    """Open connections per client address, shared by every connection of one server."""
-
-    def __init__(self, per_address: int) -> None:
-        self.per_address = per_address
-        self.counts: dict[str, int] = {}
-
-    def add(self, address: str) -> bool:
-        n = self.counts.get(address, 0)
-        if n >= self.per_address:
-            return False
-        self.counts[address] = n + 1
-        return True
-
-    def remove(self, address: str) -> None:
-        n = self.counts.get(address, 0) - 1
-        if n > 0:
-            self.counts[address] = n
-        else:
-            self.counts.pop(address, None)
-
-
 def _bounded_h11(limits: ApiSettings) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a request-head deadline and a per-address connection cap."""
-    addresses = _AddressCounts(limits.max_connections_per_address)
+    addresses = AddressCounts()
 
     class _BoundedH11(H11Protocol):
         _address: str | None = None
@@ -67,8 +46,8 @@ def _bounded_h11(limits: ApiSettings) -> type[H11Protocol]:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             address = self.client[0] if self.client else ""
-            if not addresses.add(address):
-                log.info("api.too_many_connections", address=address, limit=addresses.per_address)
+            if not addresses.add(address, limits.max_connections_per_address):
+                log.info("api.too_many_connections", address=address, limit=limits.max_connections_per_address)
                 transport.abort()  # counted as gone in connection_lost, which abort() brings
                 return
             self._address = address

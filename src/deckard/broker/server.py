@@ -25,7 +25,6 @@ import ctypes.util
 import socket
 import ssl
 import struct
-from collections import Counter
 from collections.abc import Callable
 
 import structlog
@@ -35,6 +34,7 @@ from deckard.broker.qvd import QvdProtocol
 from deckard.broker.session import Ports, SessionRunner
 from deckard.db.engine import Database
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT
+from deckard.runtime.limits import AddressCounts
 from deckard.runtime.settings import BrokerSettings
 
 log = structlog.get_logger("deckard.broker")
@@ -94,7 +94,8 @@ class Broker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes: set[asyncio.Task[None]] = set()
         self.open_connections = 0
-        self.prelogin: Counter[str] = Counter()  # connections per source address that have not logged in
+        # connections per source address that have not logged in
+        self.prelogin = AddressCounts()
         self.refused = 0
         self._refusals_logged = 0
         self._last_refusal_log = 0.0
@@ -133,14 +134,11 @@ class Broker:
         """Count a new connection, or reset it at once when a cap is reached."""
         peer = str(address[0]) if isinstance(address, tuple) and address else ""
         settings = self.settings
-        if (
-            self.open_connections >= settings.max_connections
-            or self.prelogin[peer] >= settings.max_connections_per_address
-        ):
+        full = self.open_connections >= settings.max_connections
+        if full or not self.prelogin.add(peer, settings.max_connections_per_address):
             self._refuse(conn, peer)
             return
         self.open_connections += 1
-        self.prelogin[peer] += 1
         self._peak = max(self._peak, self.open_connections)
         conn.setblocking(False)
         front = FrontConnection(self._serve, peer)
@@ -184,17 +182,12 @@ class Broker:
                 front.closed.set_result(None)  # never connected: release its place here
 
     def _logged_in(self, front: FrontConnection) -> None:
-        self._forget_prelogin(front.peer)
-
-    def _forget_prelogin(self, peer: str) -> None:
-        self.prelogin[peer] -= 1
-        if self.prelogin[peer] <= 0:
-            del self.prelogin[peer]
+        self.prelogin.remove(front.peer)
 
     def _released(self, front: FrontConnection) -> None:
         self.open_connections -= 1
         if not front.authenticated:
-            self._forget_prelogin(front.peer)
+            self.prelogin.remove(front.peer)
         if self._peak - self.open_connections >= TRIM_AFTER_BURST and self._trim is None and self.settings.trim_heap:
             self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim_heap)
 

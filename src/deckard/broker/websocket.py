@@ -120,9 +120,7 @@ class ViewOnlyFilter:
                 msg = b"\x01"  # shared: never disconnect the user's own viewer
                 self._stage = "messages"
             elif self._stage == "security":
-                self._stage = "vncauth" if msg[0] == 2 else "init"
-            elif self._stage == "vncauth":
-                self._stage = "init"
+                self._stage = "init"  # the broker offers security None only (tunnel.ClientHandshake)
             elif self._stage == "version":
                 self._stage = "security"
             out += msg
@@ -135,8 +133,6 @@ class ViewOnlyFilter:
         stage = self._stage
         if stage == "version":
             return 12
-        if stage == "vncauth":
-            return 16
         if stage in ("security", "init"):
             return 1
         kind = buf[0]

@@ -166,6 +166,7 @@ class ContainerDriver:
             "agent-token": (spec.agent_token + "\n").encode(),
             "display-passwd": vnc_password_file(display_password(spec.agent_token)),
         }
+        written = [upper, upper / "etc", upper / "etc/deckard"]
         for name, data in secrets.items():
             path = upper / "etc/deckard" / name
             with contextlib.suppress(FileNotFoundError):
@@ -173,11 +174,18 @@ class ContainerDriver:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            written.append(path)
         (upper / "etc/hostname").write_text(spec.guest_name + "\n")
         (upper / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n{spec.ip}\t{spec.guest_name}\n")
+        written += [upper / "etc/hostname", upper / "etc/hosts"]
         # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
-        # what the driver wrote (and a kept layer from before user namespaces) belongs to the desktop's ids
-        shift_tree(root, self.id_base)
+        # a new layer (or a kept one from before user namespaces) is shifted whole, once; a kept layer only
+        # needs what the driver just wrote, not a walk of everything the user's sessions left in it
+        if root.lstat().st_uid < ID_RANGE:
+            shift_tree(root, self.id_base)
+        else:
+            for path in written:
+                shift_entry(path, self.id_base)
         return upper
 
     def _prepare_home(self, home: Path) -> None:
@@ -340,17 +348,21 @@ def shift_tree(root: Path, id_base: int) -> int:
     changed = 0
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [".", *dirnames, *filenames]:
-            path = dirpath if name == "." else os.path.join(dirpath, name)
-            st = os.lstat(path)
-            uid = st.st_uid + id_base if st.st_uid < ID_RANGE else st.st_uid
-            gid = st.st_gid + id_base if st.st_gid < ID_RANGE else st.st_gid
-            if (uid, gid) == (st.st_uid, st.st_gid):
-                continue
-            os.lchown(path, uid, gid)
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(path, stat.S_IMODE(st.st_mode))
-            changed += 1
+            changed += shift_entry(dirpath if name == "." else os.path.join(dirpath, name), id_base)
     return changed
+
+
+def shift_entry(path: str | Path, id_base: int) -> bool:
+    """:func:`shift_tree` for one entry; True when it changed."""
+    st = os.lstat(path)
+    uid = st.st_uid + id_base if st.st_uid < ID_RANGE else st.st_uid
+    gid = st.st_gid + id_base if st.st_gid < ID_RANGE else st.st_gid
+    if (uid, gid) == (st.st_uid, st.st_gid):
+        return False
+    os.lchown(path, uid, gid)
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    return True
 
 
 def ensure_traversable(path: Path, farm_home: Path) -> None:

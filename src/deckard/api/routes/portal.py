@@ -31,6 +31,7 @@ from deckard.db.engine import Database
 from deckard.model.acls import ACLS
 from deckard.model.entities import User
 from deckard.model.errors import Conflict, Unauthenticated
+from deckard.model.ids import ID_MAX
 from deckard.runtime.settings import Settings
 from deckard.services import tickets
 from deckard.services.context import Actor
@@ -55,7 +56,7 @@ async def get_user(
 
 
 UserDep = Annotated[User, Depends(get_user)]
-DesktopId = Annotated[int, Path(ge=1, le=2_147_483_647, description="The desktop's id.")]  # a database integer
+DesktopId = Annotated[int, Path(ge=1, le=ID_MAX, description="The desktop's id.")]
 
 
 class PortalLogin(RequestModel):

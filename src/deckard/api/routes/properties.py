@@ -8,12 +8,13 @@ from fastapi import APIRouter, Path, Response, status
 
 from deckard.api.deps import ActorDep, DbDep
 from deckard.api.envelope import ERROR_RESPONSES
+from deckard.model.ids import ID_MAX
 from deckard.services import properties
 
 router = APIRouter(prefix="/properties", tags=["properties"], responses=ERROR_RESPONSES)
 
 ObjectType = Literal["user", "desktop", "osf", "image", "node"]
-ObjectId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The object's id.")]
+ObjectId = Annotated[int, Path(ge=1, le=ID_MAX, description="The object's id.")]
 
 
 @router.get("/{object_type}/{id}", response_model=dict[str, str], summary="An object's custom properties")

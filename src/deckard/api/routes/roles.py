@@ -17,13 +17,14 @@ from deckard.api.deps import ActorDep, DbDep, ListPairsDep
 from deckard.api.envelope import ERROR_RESPONSES, Page
 from deckard.api.strict import Ref, RequestModel
 from deckard.model.acls import ACLS, GATED_FIELDS
+from deckard.model.ids import ID_MAX
 from deckard.services import roles
 from deckard.services.context import require
 from deckard.services.listing import parse_list_query
 
 router = APIRouter(tags=["roles"], responses=ERROR_RESPONSES)
 
-RoleId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+RoleId = Annotated[int, Field(ge=0, le=ID_MAX)]
 
 
 class Grant(RequestModel):
