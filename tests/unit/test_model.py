@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,12 +15,25 @@ from deckard.model.network import first_free_ip, gateway_of, mac_for_ip, prefix_
 from deckard.model.placement import NodeLoad, rank_nodes
 from deckard.model.states import (
     COMMAND_ALLOWED_FROM,
+    COMMAND_CLAIMED_AS,
+    DESKTOP_AT_REST,
     DESKTOP_TRANSITIONS,
+    DOC_BEGIN,
+    DOC_END,
+    MACHINES,
+    NODE_COMMAND_ALLOWED_FROM,
+    NODE_TRANSITIONS,
     DesktopCommand,
     DesktopState,
+    Machine,
     check_command,
     check_desktop_transition,
+    render_doc,
+    render_tables,
+    sources,
 )
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "state-machines.md"
 
 
 @pytest.mark.parametrize(("old", "new"), list(itertools.product(DesktopState, DesktopState)))
@@ -39,6 +53,46 @@ def test_commands_are_accepted_only_from_their_states(cmd: DesktopCommand, state
         with pytest.raises(InvalidTransition) as e:
             check_command(cmd, state)
         assert e.value.code == f"cannot_{cmd}"
+
+
+@pytest.mark.parametrize("machine", MACHINES, ids=lambda m: m.title)
+def test_every_state_of_a_machine_has_a_row_in_its_table(machine: Machine) -> None:
+    """A state missing from a table could be left by nobody: a forgotten row."""
+    states = set(type(machine.initial))
+    assert set(machine.transitions) == states
+    assert all(targets <= states for targets in machine.transitions.values())
+    assert all(allowed <= states for allowed in (machine.commands or {}).values())
+
+
+def test_a_claim_moves_the_desktop_exactly_from_the_states_its_command_is_accepted_in() -> None:
+    for cmd, claimed_as in COMMAND_CLAIMED_AS.items():
+        assert sources(DESKTOP_TRANSITIONS, claimed_as) == COMMAND_ALLOWED_FROM[cmd]
+
+
+def test_only_a_desktop_at_rest_may_be_asked_to_start_and_every_running_one_may_come_to_rest() -> None:
+    assert COMMAND_ALLOWED_FROM[DesktopCommand.START] == DESKTOP_AT_REST
+    held = set(DesktopState) - DESKTOP_AT_REST
+    assert all(DesktopState.STOPPED in DESKTOP_TRANSITIONS[s] for s in held)  # fencing can always release
+    assert not DESKTOP_TRANSITIONS[DesktopState.STOPPED] & DESKTOP_AT_REST  # no silent stopped → stopped
+
+
+def test_node_commands_are_accepted_only_in_states_the_node_can_act_from() -> None:
+    assert all(s in NODE_TRANSITIONS for allowed in NODE_COMMAND_ALLOWED_FROM.values() for s in allowed)
+
+
+def test_the_state_machine_doc_is_generated_from_the_tables() -> None:
+    """Fails when a table changed and ``python tools/state_machines_doc.py`` was not run."""
+    text = DOC.read_text()
+    assert render_doc(text) == text
+    assert "stateDiagram-v2" in render_tables() and "| stopped | starting |" in render_tables()
+
+
+def test_regenerating_the_doc_keeps_the_prose_and_is_idempotent() -> None:
+    doc = f"# Title\n\nprose before\n\n{DOC_BEGIN}\nstale\n{DOC_END}\n\nprose after\n"
+    once = render_doc(doc)
+    assert once.startswith("# Title\n\nprose before\n\n") and once.endswith(f"{DOC_END}\n\nprose after\n")
+    assert "stale" not in once and render_doc(once) == once
+    assert render_doc("# Only prose\n").endswith(render_tables() + "\n")
 
 
 def test_mac_is_derived_from_the_ip_like_qvd() -> None:

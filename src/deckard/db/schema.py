@@ -13,6 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from deckard.model.states import DesktopState, ImageState, NodeState, UserState
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(column_0_label)s",
@@ -107,7 +109,7 @@ disk_images = sa.Table(
     sa.Column("path", sa.Text, nullable=False),  # relative to the storage root's images/ (or absolute)
     sa.Column("digest", sa.String(64), nullable=False, server_default=""),
     sa.Column("size", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("state", sa.String(16), nullable=False, server_default="new"),
+    sa.Column("state", sa.String(16), nullable=False, server_default=ImageState.NEW.value),
     sa.Column("status_message", sa.Text, nullable=False, server_default=""),
     sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", TS, nullable=False),
@@ -134,7 +136,7 @@ nodes = sa.Table(
     sa.Column("name", sa.String(64), nullable=False, unique=True),
     sa.Column("address", sa.String(64), nullable=False, server_default=""),
     sa.Column("broker_url", sa.String(128), nullable=False, server_default=""),
-    sa.Column("state", sa.String(16), nullable=False, server_default="stopped"),
+    sa.Column("state", sa.String(16), nullable=False, server_default=NodeState.STOPPED.value),
     sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("cmd", sa.String(16), nullable=True),
     sa.Column("pid", sa.Integer, nullable=True),
@@ -174,7 +176,7 @@ desktops = sa.Table(
     sa.Column("cmd_at", TS, nullable=True),
     sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True, index=True),
     # observed state (owning node)
-    sa.Column("state", sa.String(16), nullable=False, server_default="stopped", index=True),
+    sa.Column("state", sa.String(16), nullable=False, server_default=DesktopState.STOPPED.value, index=True),
     sa.Column("state_at", TS, nullable=True),
     sa.Column("image_id", sa.ForeignKey("disk_images.id", ondelete="SET NULL"), nullable=True),
     sa.Column("agent_token", sa.String(64), nullable=True),
@@ -187,7 +189,7 @@ desktops = sa.Table(
     sa.Column("expire_hard_at", TS, nullable=True),
     sa.Column("expire_notified_at", TS, nullable=True),  # the agent ran the soft-expiry notice
     # user connection (broker)
-    sa.Column("user_state", sa.String(16), nullable=False, server_default="disconnected"),
+    sa.Column("user_state", sa.String(16), nullable=False, server_default=UserState.DISCONNECTED.value),
     sa.Column("user_state_at", TS, nullable=True),
     sa.Column("session_id", sa.String(32), nullable=True),  # the tunnel that owns the display; takeover replaces it
     sa.Column("session_node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True),

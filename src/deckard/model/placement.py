@@ -20,7 +20,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from deckard.model.errors import BadInput
+from deckard.model.errors import pick
+from deckard.model.states import NodeState
 
 SPREAD = "spread"  # anti-affinity: a group's desktops on as many nodes as possible
 PACK = "pack"  # affinity: a group's desktops together
@@ -82,16 +83,16 @@ class Candidate:
 Scorer = Callable[[NodeLoad, Request, Weights, random.Random], float]
 
 
-def _score_qvd(n: NodeLoad, req: Request, w: Weights, rng: random.Random) -> float:
+def _score_qvd(n: NodeLoad, _req: Request, w: Weights, rng: random.Random) -> float:
     free_cpu = max(n.cpus - n.load, 0.0)
     return (w.ram * n.mem_free_mib + w.cpu * free_cpu) / (n.desktops + 1) + rng.uniform(0, w.random)
 
 
-def _score_fewest(n: NodeLoad, req: Request, w: Weights, rng: random.Random) -> float:
+def _score_fewest(n: NodeLoad, _req: Request, _w: Weights, rng: random.Random) -> float:
     return -n.desktops + rng.uniform(0, 0.5)
 
 
-def _score_binpack(n: NodeLoad, req: Request, w: Weights, rng: random.Random) -> float:
+def _score_binpack(n: NodeLoad, _req: Request, _w: Weights, rng: random.Random) -> float:
     return -float(n.mem_free_mib) + rng.uniform(0, 1)  # fill the fullest node first: frees whole nodes
 
 
@@ -100,17 +101,12 @@ PLACERS: dict[str, Scorer] = {"qvd": _score_qvd, "fewest": _score_fewest, "binpa
 
 
 def get_placer(name: str) -> Scorer:
-    try:
-        return PLACERS[name]
-    except KeyError:
-        raise BadInput(
-            f"unknown placer {name!r}; choose one of: {', '.join(sorted(PLACERS))}", code="unknown_placer"
-        ) from None
+    return pick(PLACERS, name, "placer", "unknown_placer")
 
 
 def reserve_share_mib(nodes: Sequence[NodeLoad], reserve: Reserve) -> int:
     """Memory each usable node keeps free so the others can take the desktops of the one that fails."""
-    usable = [n for n in nodes if n.state == "running" and n.fresh and not n.blocked]
+    usable = [n for n in nodes if n.state == NodeState.RUNNING and n.fresh and not n.blocked]
     if reserve.released or reserve.mode == "none" or len(usable) < 2:
         return 0  # a farm of one node has nowhere to fail over to
     if reserve.mode == "fraction":
@@ -120,7 +116,7 @@ def reserve_share_mib(nodes: Sequence[NodeLoad], reserve: Reserve) -> int:
 
 
 def _filter(n: NodeLoad, req: Request, share: int) -> str | None:
-    if n.state != "running":
+    if n.state != NodeState.RUNNING:
         return f"node is {n.state}"
     if not n.fresh:
         return "node heartbeat is stale"
@@ -197,7 +193,7 @@ def best_node(
     w_ram, w_cpu, w_rnd = weights.ram, weights.cpu, weights.random
     best, best_score = None, -1.0
     for n in nodes:  # the same filters as _filter, inlined: this loop is the placement rate
-        if n.state != "running" or not n.fresh or n.blocked or n.mem_free_mib < need:
+        if n.state != NodeState.RUNNING or not n.fresh or n.blocked or n.mem_free_mib < need:
             continue
         if req.driver is not None and n.driver != req.driver and n.driver != "fake":
             continue

@@ -26,10 +26,11 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.entities import utcnow
-from deckard.model.errors import Conflict, NotFound
+from deckard.model.errors import NotFound
+from deckard.model.states import DesktopCommand, DesktopState, NodeCommand
 from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.events import DESKTOPS, node_channel, publish
+from deckard.services.transitions import command_desktops, command_node, withdraw_starts
 
 n = t.nodes
 d = t.desktops
@@ -49,12 +50,12 @@ async def drain_node(db: Database, actor: Actor, ref: str | int) -> dict[str, An
     require(actor, "node.block")
     require_supertenant(actor, "drain a node")
     node = await _node(db, ref)
-    if node.state != "running":
-        raise Conflict(f"node {node.name} is {node.state}: only a running node can be drained", code="node_not_running")
     async with db.begin() as conn:
-        await conn.execute(sa.update(n).where(n.c.id == node.id).values(blocked=True, cmd="drain"))
+        await command_node(conn, node.id, NodeCommand.DRAIN, values={"blocked": True})
         running = (
-            await conn.execute(sa.select(sa.func.count()).where(d.c.node_id == node.id, d.c.state == "running"))
+            await conn.execute(
+                sa.select(sa.func.count()).where(d.c.node_id == node.id, d.c.state == DesktopState.RUNNING)
+            )
         ).scalar_one()
     await db.bus.notify(node_channel(node.id), "drain")
     await publish(db, "updated", "node", node.id, None, blocked=True, drain=True)
@@ -68,19 +69,9 @@ async def evacuate_node(db: Database, actor: Actor, ref: str | int) -> dict[str,
     node = await _node(db, ref)
     async with db.begin() as conn:
         await conn.execute(sa.update(n).where(n.c.id == node.id).values(blocked=True))
-        res = await conn.execute(
-            sa.update(d)
-            .where(d.c.node_id == node.id, d.c.state.in_(["starting", "running"]), d.c.cmd.is_not(sa.literal("stop")))
-            .values(cmd="stop", cmd_at=utcnow())
-            .returning(d.c.id)
-        )
-        ids = [int(r.id) for r in res]
+        ids = await command_desktops(conn, DesktopCommand.STOP, d.c.node_id == node.id)
         # a start not yet claimed is simply withdrawn: it will be placed elsewhere
-        await conn.execute(
-            sa.update(d)
-            .where(d.c.node_id == node.id, d.c.cmd == "start", d.c.state.in_(["stopped", "failed"]))
-            .values(cmd=None, node_id=None)
-        )
+        await withdraw_starts(conn, d.c.node_id == node.id)
     await db.bus.notify(node_channel(node.id), "evacuate")
     for i in range(0, len(ids), 500):
         await db.bus.notify(DESKTOPS, ",".join(str(x) for x in ids[i : i + 500]))
@@ -90,24 +81,20 @@ async def evacuate_node(db: Database, actor: Actor, ref: str | int) -> dict[str,
 
 async def stop_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
     """Ask the node daemon to stop its desktops cleanly and exit."""
-    return await _node_command(db, actor, ref, "stop", ("starting", "running"))
+    return await _node_command(db, actor, ref, NodeCommand.STOP)
 
 
 async def restart_node(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
     """Ask the node daemon to re-execute itself, keeping its desktops running (they are adopted)."""
-    return await _node_command(db, actor, ref, "restart", ("running",))
+    return await _node_command(db, actor, ref, NodeCommand.RESTART)
 
 
-async def _node_command(
-    db: Database, actor: Actor, ref: str | int, cmd: str, states: tuple[str, ...]
-) -> dict[str, Any]:
+async def _node_command(db: Database, actor: Actor, ref: str | int, cmd: NodeCommand) -> dict[str, Any]:
     require(actor, "node.stop")
     require_supertenant(actor, f"{cmd} a node")
     node = await _node(db, ref)
-    if node.state not in states:
-        raise Conflict(f"node {node.name} is {node.state}: it is not running", code="node_not_running")
     async with db.begin() as conn:
-        await conn.execute(sa.update(n).where(n.c.id == node.id).values(cmd=cmd))
-    await db.bus.notify(node_channel(node.id), cmd)
-    await publish(db, "updated", "node", node.id, None, cmd=cmd)
-    return {"node_id": node.id, "node": node.name, "cmd": cmd}
+        await command_node(conn, node.id, cmd)  # node_not_running unless NODE_COMMAND_ALLOWED_FROM says so
+    await db.bus.notify(node_channel(node.id), cmd.value)
+    await publish(db, "updated", "node", node.id, None, cmd=cmd.value)
+    return {"node_id": node.id, "node": node.name, "cmd": cmd.value}

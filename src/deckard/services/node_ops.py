@@ -1,28 +1,50 @@
 """What a node daemon does to the database: register, heartbeat, claim commands, report observed state.
 
 Every write a node makes is guarded by ``node_id = me`` so a node can only change the desktops it owns, and
-every claim is an ``UPDATE … WHERE <expected state> … RETURNING`` so a command is claimed exactly once.
+goes through ``services/transitions.py`` so it follows the tables of ``model/states.py``; every claim is an
+``UPDATE … WHERE cmd=… AND state IN (…) … RETURNING`` so a command is claimed exactly once.
+
+The node acts on what it read a moment ago, so a refused observed-state write is an expected lost race, not a
+bug: a stop claimed while the start was finishing, a desktop released by the monitor that fenced this node, a
+second stop of a desktop already stopped.  ``mark_*`` and ``set_node_state`` then change nothing, log
+``node.transition_refused`` and return False; the daemon goes on with what the database says.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, utcnow
+from deckard.model.errors import Conflict, NotFound
+from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
 from deckard.services.tenancy import tenant_name
+from deckard.services.transitions import claim_commands, transition_desktop, transition_node
 
+log = structlog.get_logger()
 d = t.desktops
 n = t.nodes
+
+
+async def _refused_is_false(write: Awaitable[object], **about: object) -> bool:
+    """Run one observed-state write; a refusal (lost race, see the module docstring) is False, not an error."""
+    try:
+        await write
+    except (NotFound, Conflict) as e:  # Conflict covers InvalidTransition and not_owner
+        log.info("node.transition_refused", code=e.code, reason=e.message, **about)
+        return False
+    return True
 
 
 async def register_node(
@@ -47,7 +69,6 @@ async def register_node(
         lost_reason=None,
         address=address,
         broker_url=broker_url,
-        state="starting",
         pid=os.getpid(),
         started_at=now,
         heartbeat_at=now,
@@ -58,53 +79,58 @@ async def register_node(
     )
     async with db.begin() as conn:
         row = (await conn.execute(sa.select(n.c.id).where(n.c.name == name))).first()
-        if row:
-            await conn.execute(sa.update(n).where(n.c.id == row.id).values(**values))
+        if row:  # every state may go to starting (model/states.py): a lost, stopped or crashed node comes back
+            await transition_node(conn, int(row.id), NodeState.STARTING, values=values)
             return int(row.id)
-        res = await conn.execute(sa.insert(n).values(name=name, created_at=now, **values).returning(n.c.id))
+        res = await conn.execute(
+            sa.insert(n).values(name=name, created_at=now, state=NodeState.STARTING.value, **values).returning(n.c.id)
+        )
         return int(res.scalar_one())
 
 
-async def set_node_state(db: Database, node_id: int, state: str) -> bool:
-    """Only ``register_node`` brings a ``lost`` node back: a fenced node must not look live again."""
-    async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(n).where(n.c.id == node_id, n.c.state != "lost").values(state=state, heartbeat_at=utcnow())
-        )
-        return bool(res.rowcount)
+async def set_node_state(db: Database, node_id: int, state: NodeState | str) -> bool:
+    """Move the node by the table; False when refused.  Only ``register_node`` brings a ``lost`` node back."""
+
+    async def write() -> None:
+        async with db.begin() as conn:
+            await transition_node(conn, node_id, NodeState(state), values={"heartbeat_at": utcnow()})
+
+    return await _refused_is_false(write(), node_id=node_id, to=str(state))
+
+
+def write_heartbeat(conn: sa.Connection, node_id: int, *, mem_free_mib: int, load: float, running: int) -> bool:
+    """Record a heartbeat on a synchronous connection (the node's heartbeat thread, node/heartbeat.py).
+
+    False when the row is ``lost`` (another node fenced this one: it must not go on).
+    """
+    res = conn.execute(
+        sa.update(n)
+        .where(n.c.id == node_id, n.c.state != NodeState.LOST)
+        .values(heartbeat_at=utcnow(), mem_free_mib=mem_free_mib, load=load, desktops_running=running)
+    )
+    return bool(res.rowcount)
 
 
 async def heartbeat(db: Database, node_id: int, *, mem_free_mib: int, load: float, running: int) -> bool:
-    """Record a heartbeat; False when the row is ``lost`` (another node fenced this one: it must not go on)."""
+    """``write_heartbeat`` through the farm's pool (simulated nodes of tests and benchmarks)."""
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(n)
-            .where(n.c.id == node_id, n.c.state != "lost")
-            .values(heartbeat_at=utcnow(), mem_free_mib=mem_free_mib, load=load, desktops_running=running)
-        )
-        return bool(res.rowcount)
+        return await conn.run_sync(write_heartbeat, node_id, mem_free_mib=mem_free_mib, load=load, running=running)
 
 
-async def claim_node_command(db: Database, node_id: int) -> str | None:
-    """Claim this node's pending command (``stop`` | ``drain``) exactly once."""
+async def claim_node_command(db: Database, node_id: int) -> NodeCommand | None:
+    """Claim this node's pending command (``stop`` | ``drain`` | ``restart``) exactly once."""
     async with db.begin() as conn:
         cmd = (await conn.execute(sa.select(n.c.cmd).where(n.c.id == node_id))).scalar_one_or_none()
         if cmd is None:
             return None
         res = await conn.execute(sa.update(n).where(n.c.id == node_id, n.c.cmd == cmd).values(cmd=None))
-        return str(cmd) if res.rowcount else None
+        return NodeCommand(cmd) if res.rowcount else None
 
 
 async def claim_starts(db: Database, node_id: int) -> list[int]:
     """Claim every pending start for this node: stopped|failed + cmd=start → starting, cmd cleared."""
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(d)
-            .where(d.c.node_id == node_id, d.c.cmd == "start", d.c.state.in_(["stopped", "failed"]))
-            .values(state="starting", state_at=utcnow(), cmd=None, failure_reason=None)
-            .returning(d.c.id)
-        )
-        ids = [int(r.id) for r in res]
+        ids = await claim_commands(conn, node_id, DesktopCommand.START, values={"failure_reason": None})
         for desktop_id in ids:  # a fresh agent token at every start
             await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(agent_token=new_agent_token()))
     for desktop_id in ids:
@@ -113,29 +139,25 @@ async def claim_starts(db: Database, node_id: int) -> list[int]:
 
 
 async def claim_stops(db: Database, node_id: int) -> list[int]:
+    """Claim every pending stop for this node: starting|running + cmd=stop → stopping, cmd cleared."""
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(d)
-            .where(d.c.node_id == node_id, d.c.cmd == "stop", d.c.state.in_(["starting", "running"]))
-            .values(state="stopping", state_at=utcnow(), cmd=None)
-            .returning(d.c.id)
-        )
-        ids = [int(r.id) for r in res]
+        ids = await claim_commands(conn, node_id, DesktopCommand.STOP)
     for desktop_id in ids:
         await db.bus.notify(DESKTOPS, str(desktop_id))
     return ids
 
 
-async def _set(
-    db: Database, node_id: int, desktop_id: int, values: dict[str, Any], *, expect: str | None = None
+async def _observe(
+    db: Database, node_id: int, desktop_id: int, to: DesktopState, values: dict[str, Any] | None = None
 ) -> bool:
-    q = sa.update(d).where(d.c.id == desktop_id, d.c.node_id == node_id)
-    if expect is not None:
-        q = q.where(d.c.state == expect)
-    async with db.begin() as conn:
-        res = await conn.execute(q.values(values | {"state_at": utcnow()}))
-    await db.bus.notify(DESKTOPS, str(desktop_id))
-    return bool(res.rowcount)
+    """This node reports an observed state of a desktop it holds; False (nothing changed) when refused."""
+
+    async def write() -> None:
+        async with db.begin() as conn:
+            await transition_desktop(conn, desktop_id, to, node_id=node_id, values=values)
+        await db.bus.notify(DESKTOPS, str(desktop_id))
+
+    return await _refused_is_false(write(), desktop_id=desktop_id, node_id=node_id, to=str(to))
 
 
 async def mark_running(
@@ -143,7 +165,6 @@ async def mark_running(
 ) -> bool:
     now = utcnow()
     values = dict(
-        state="running",
         started_at=now,
         agent_ok_at=now,
         image_id=image_id,
@@ -151,36 +172,22 @@ async def mark_running(
         start_agent_ms=agent_ms,
         **dict.fromkeys(("expire_soft_at", "expire_hard_at", "expire_notified_at")),  # a fresh start: no expiry
     )
-    return await _set(db, node_id, desktop_id, values, expect="starting")
+    return await _observe(db, node_id, desktop_id, DesktopState.RUNNING, values)
 
 
 async def mark_failed(db: Database, node_id: int, desktop_id: int, reason: str) -> bool:
     """The start failed: the desktop leaves the node (any node may try it again) with the reason kept."""
-    values = dict(
-        state="failed",
-        failure_reason=reason[:2000],
-        node_id=None,
-        cmd=None,
-        agent_token=None,
-        user_state="disconnected",
-        session_id=None,
-    )
-    return await _set(db, node_id, desktop_id, values)
+    return await _observe(db, node_id, desktop_id, DesktopState.FAILED, {"failure_reason": reason[:2000]})
 
 
 async def mark_stopped(db: Database, node_id: int, desktop_id: int, *, reason: str | None = None) -> bool:
-    values: dict[str, Any] = dict(
-        state="stopped", node_id=None, agent_token=None, user_state="disconnected", session_id=None, started_at=None
-    )
-    if reason is not None:
-        values["failure_reason"] = reason
-    # a pending stop is done; a pending start (admin asked again) is kept only if it targets this node
-    values["cmd"] = sa.case((d.c.cmd == "start", d.c.cmd), else_=None)
-    return await _set(db, node_id, desktop_id, values)
+    """The guest is gone: the desktop leaves the node; a pending stop is done (no start can be pending here)."""
+    values = {"failure_reason": reason} if reason is not None else {}
+    return await _observe(db, node_id, desktop_id, DesktopState.STOPPED, values)
 
 
 async def mark_zombie(db: Database, node_id: int, desktop_id: int, reason: str) -> bool:
-    return await _set(db, node_id, desktop_id, {"state": "zombie", "failure_reason": reason})
+    return await _observe(db, node_id, desktop_id, DesktopState.ZOMBIE, {"failure_reason": reason})
 
 
 async def agent_ok(db: Database, node_id: int, desktop_id: int) -> None:

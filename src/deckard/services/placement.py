@@ -22,6 +22,7 @@ from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput, NotFound, Unavailable
 from deckard.model.placement import POLICIES, SPREAD, Candidate, NodeLoad, Request, Reserve, rank_nodes
+from deckard.model.states import DesktopState, NodeState
 from deckard.services.context import Actor, require
 
 LOST_AFTER_S = 10.0
@@ -48,7 +49,7 @@ def parse_reserve(value: str, *, released: bool) -> Reserve:
 
 async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list[NodeLoad]:
     """Every node with its live figures, the memory its desktops hold and (for ``group``) its group members."""
-    busy = d.c.state != "stopped"
+    busy = d.c.state != DesktopState.STOPPED
     per_node = (
         sa.select(
             d.c.node_id,
@@ -88,7 +89,7 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
 
 async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
     loads = await node_loads(conn, group=req.group)
-    released = any(n.state == "lost" for n in loads)
+    released = any(n.state == NodeState.LOST for n in loads)
     reserve = parse_reserve(await config_value(conn, "placement.reserve", "largest"), released=released)
     placer = await config_value(conn, "placement.placer", "qvd")
     return rank_nodes(loads, req, reserve=reserve, placer=placer)

@@ -3,6 +3,10 @@
 Takeover without locks: every connect writes a fresh ``session_id`` on the desktop; a tunnel whose id is no
 longer the desktop's closes itself (it hears the change on the ``desktops`` channel).  So "a second connect
 takes over" needs no cross-process signal beyond the notification every write already sends.
+
+``desktops.user_state`` moves by ``USER_TRANSITIONS`` through ``services/transitions.py``, guarded by the
+session id: a connection that was taken over (or whose desktop stopped, which ends its session) changes
+nothing when it reports ``connected`` or closes — an expected race, answered False, not an error.
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, User, utcnow
-from deckard.model.errors import NotFound, PermissionDenied, Unavailable
+from deckard.model.errors import Conflict, InvalidTransition, NotFound, PermissionDenied, Unavailable
+from deckard.model.states import DesktopState, UserState
 from deckard.services.desktops import load_desktop
 from deckard.services.events import DESKTOPS
+from deckard.services.transitions import transition_session
 
 d = t.desktops
 c = t.connections
@@ -64,10 +71,11 @@ async def open_session(
     session_id = secrets.token_hex(8)
     now = utcnow()
     async with db.begin() as conn:
-        await conn.execute(
-            sa.update(d)
-            .where(d.c.id == desk.id)
-            .values(user_state="connecting", user_state_at=now, session_id=session_id, session_node_id=broker_node_id)
+        await transition_session(
+            conn,
+            desk.id,
+            UserState.CONNECTING,
+            values={"user_state_at": now, "session_id": session_id, "session_node_id": broker_node_id},
         )
         res = await conn.execute(
             sa.insert(c)
@@ -94,17 +102,27 @@ async def session_is_current(db: Database, desktop_id: int, session_id: str) -> 
     return bool(row and row.session_id == session_id)
 
 
+async def _session_moved(conn: AsyncConnection, desktop_id: int, session_id: str, to: UserState) -> bool:
+    """Move the user connection while ``session_id`` owns it; False when it no longer does (or the desktop
+    is gone).  A refusal by the table is a bug in the caller and raises ``InvalidTransition``."""
+    try:
+        await transition_session(conn, desktop_id, to, session_id=session_id)
+    except InvalidTransition:
+        raise
+    except (NotFound, Conflict):
+        return False
+    return True
+
+
 async def mark_connected(
     db: Database, desktop_id: int, session_id: str, conn_id: int, timings: dict[str, float]
-) -> None:
+) -> bool:
+    """The display answered: ``connecting → connected``; False when the session was taken over meanwhile."""
     async with db.begin() as conn:
-        await conn.execute(
-            sa.update(d)
-            .where(d.c.id == desktop_id, d.c.session_id == session_id)
-            .values(user_state="connected", user_state_at=utcnow())
-        )
+        moved = await _session_moved(conn, desktop_id, session_id, UserState.CONNECTED)
         await conn.execute(sa.update(c).where(c.c.id == conn_id).values(connected_at=utcnow(), **timings))
     await db.bus.notify(DESKTOPS, str(desktop_id))
+    return moved
 
 
 async def close_session(
@@ -118,14 +136,12 @@ async def close_session(
     bytes_in: int = 0,
     bytes_out: int = 0,
     timings: dict[str, float] | None = None,
-) -> None:
-    """Record the end of a connection; the desktop is disconnected only if this session still owns it."""
+) -> bool:
+    """Record the end of a connection; the desktop is disconnected only if this session still owns it (True)."""
     async with db.begin() as conn:
-        await conn.execute(
-            sa.update(d)
-            .where(d.c.id == desktop_id, d.c.session_id == session_id)
-            .values(user_state="disconnected", user_state_at=utcnow(), session_id=None, session_node_id=None)
-        )
+        moved = await _session_moved(conn, desktop_id, session_id, UserState.DISCONNECTED)
+        if moved:
+            await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(session_id=None, session_node_id=None))
         await conn.execute(
             sa.update(c)
             .where(c.c.id == conn_id)
@@ -139,6 +155,7 @@ async def close_session(
             )
         )
     await db.bus.notify(DESKTOPS, str(desktop_id))
+    return moved
 
 
 @dataclass(frozen=True)
@@ -147,12 +164,12 @@ class Progress:
     message: str
 
 
-PROGRESS_TEXT = {
-    "stopped": "Desktop is stopped, asking a node to start it",
-    "starting": "Starting desktop",
-    "running": "Desktop is running",
-    "stopping": "Desktop is stopping",
-    "zombie": "Desktop is being cleaned up",
+PROGRESS_TEXT: dict[str, str] = {
+    DesktopState.STOPPED: "Desktop is stopped, asking a node to start it",
+    DesktopState.STARTING: "Starting desktop",
+    DesktopState.RUNNING: "Desktop is running",
+    DesktopState.STOPPING: "Desktop is stopping",
+    DesktopState.ZOMBIE: "Desktop is being cleaned up",
 }
 
 
@@ -176,11 +193,11 @@ async def wait_until_running(
                 last_state = desk.state
                 if on_progress is not None:
                     await on_progress(Progress(desk.state, PROGRESS_TEXT.get(desk.state, desk.state)))
-            if desk.state == "running" and desk.cmd is None and desk.agent_token:
+            if desk.state == DesktopState.RUNNING and desk.cmd is None and desk.agent_token:
                 return desk
-            if desk.state == "failed" and desk.cmd is None:
+            if desk.state == DesktopState.FAILED and desk.cmd is None:
                 raise Unavailable(f"the desktop failed to start: {desk.failure_reason}", code="start_failed")
-            if desk.state == "stopped" and desk.cmd is None:
+            if desk.state == DesktopState.STOPPED and desk.cmd is None:
                 raise Unavailable("the desktop was stopped while starting", code="start_aborted")
             left = deadline - loop.time()
             if left <= 0:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
+from deckard.model.states import DesktopState, UserState
 from deckard.services.context import Actor, require
 from deckard.services.users import tenant_filter
 
@@ -61,7 +62,9 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
             )
         ).scalar_one()
         connected = (
-            await conn.execute(sa.select(sa.func.count()).select_from(d).where(mine, d.c.user_state == "connected"))
+            await conn.execute(
+                sa.select(sa.func.count()).select_from(d).where(mine, d.c.user_state == UserState.CONNECTED)
+            )
         ).scalar_one()
         nodes_by_state = {
             r.state: int(r.n)
@@ -77,7 +80,7 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
             {"id": r.id, "name": r.name, "state": r.state, "desktops": int(r.desktops), "load": r.load}
             for r in await conn.execute(
                 sa.select(t.nodes.c.id, t.nodes.c.name, t.nodes.c.state, t.nodes.c.load, running)
-                .outerjoin(d, sa.and_(d.c.node_id == t.nodes.c.id, d.c.state != "stopped", mine))
+                .outerjoin(d, sa.and_(d.c.node_id == t.nodes.c.id, d.c.state != DesktopState.STOPPED, mine))
                 .group_by(t.nodes.c.id, t.nodes.c.name, t.nodes.c.state, t.nodes.c.load)
                 .order_by(running.desc(), t.nodes.c.id)
                 .limit(BUSIEST)

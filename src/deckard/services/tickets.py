@@ -29,6 +29,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, aware, utcnow
 from deckard.model.errors import Conflict, DeckardError, PermissionDenied, Unauthenticated
+from deckard.model.states import DesktopState
 from deckard.runtime.settings import BrokerSettings
 from deckard.services.context import Actor, require
 from deckard.services.desktops import get_desktop
@@ -210,7 +211,7 @@ async def issue_spy_ticket(
     """A ticket to watch a running desktop; needs ``desktop.spy`` (and ``desktop.spy.interactive`` for input)."""
     require(actor, "desktop.spy", *(["desktop.spy.interactive"] if interactive else []))
     row = await get_desktop(db, actor, desktop_id)  # 404 outside the actor's tenant
-    if row.get("state") != "running":
+    if row.get("state") != DesktopState.RUNNING:
         raise Conflict("only a running desktop can be watched: it is " + str(row.get("state")), code="not_running")
     return await _store(
         db,

@@ -1,0 +1,252 @@
+"""The one way a state is written: a transition table of ``model/states.py`` turned into a guarded UPDATE.
+
+Every state write in Deckard is ``UPDATE <table> SET state=:to, … WHERE id=:id AND state IN (<sources>)
+[AND <owner>=:me] RETURNING …``, where ``<sources>`` are the states the table lets go to ``:to``.  The database
+decides: of two writers racing, exactly one matches the row, and a write the table forbids matches nothing.
+When a single-row write matches nothing the row is read again to say why, in this order:
+
+* ``NotFound`` (``<noun>_not_found``): the row is gone;
+* ``Conflict`` (``not_owner``): the row is no longer the caller's — another node holds the desktop, another
+  connection took the display over;
+* ``InvalidTransition`` (``invalid_transition``, details ``from``/``to``): the table does not allow it.
+
+Nothing is changed in any of the three cases; whether a refusal is an error or an expected lost race is the
+caller's decision, and each caller says so (``services/node_ops.py``, ``services/sessions.py``).
+
+Commands (``desktops.cmd``) are desired state with their own guard: a command is written only in the states
+``COMMAND_ALLOWED_FROM`` names and only when no other command is pending; a node claims it with
+``UPDATE … WHERE node_id=:me AND cmd=:cmd AND state IN (…) RETURNING``, so it is claimed once.
+
+A desktop that comes to rest (``DESKTOP_AT_REST``) leaves its node in the same statement: node, command,
+agent token and the user's session are cleared, so "no node, no session" holds for every stopped desktop
+whoever stopped it (the node, or the monitor that fenced a lost node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from deckard.db import schema as t
+from deckard.model.entities import utcnow
+from deckard.model.errors import Conflict, InvalidTransition, NotFound
+from deckard.model.states import (
+    COMMAND_ALLOWED_FROM,
+    COMMAND_CLAIMED_AS,
+    DESKTOP_AT_REST,
+    DESKTOP_TRANSITIONS,
+    IMAGE_TRANSITIONS,
+    NODE_COMMAND_ALLOWED_FROM,
+    NODE_TRANSITIONS,
+    USER_TRANSITIONS,
+    DesktopCommand,
+    DesktopState,
+    ImageState,
+    NodeCommand,
+    NodeState,
+    UserState,
+    check_transition,
+    sources,
+)
+
+S = TypeVar("S", DesktopState, UserState, NodeState, ImageState)
+Where = sa.ColumnElement[bool]
+
+d = t.desktops
+
+
+@dataclass(frozen=True)
+class _Machine(Generic[S]):
+    noun: str  # in messages and in the not-found code
+    code: str
+    table: sa.Table
+    state: sa.Column[Any]
+    stamp: sa.Column[Any] | None  # set to now with every transition
+    transitions: Mapping[S, frozenset[S]]
+
+
+_DESKTOP = _Machine[DesktopState]("desktop", "desktop", d, d.c.state, d.c.state_at, DESKTOP_TRANSITIONS)
+_SESSION = _Machine[UserState]("user connection", "desktop", d, d.c.user_state, d.c.user_state_at, USER_TRANSITIONS)
+_NODE = _Machine[NodeState]("node", "node", t.nodes, t.nodes.c.state, None, NODE_TRANSITIONS)
+_IMAGE = _Machine[ImageState]("disk image", "image", t.disk_images, t.disk_images.c.state, None, IMAGE_TRANSITIONS)
+
+
+async def _move(
+    conn: AsyncConnection, m: _Machine[S], to: S, where: Sequence[Where], values: Mapping[str, Any]
+) -> list[sa.Row[Any]]:
+    allowed = sorted(sources(m.transitions, to))
+    sets: dict[str, Any] = {**values, m.state.key: to.value}
+    if m.stamp is not None:
+        sets.setdefault(m.stamp.key, utcnow())
+    q = sa.update(m.table).where(*where, m.state.in_(allowed)).values(sets).returning(*m.table.c)
+    return list(await conn.execute(q))
+
+
+async def _move_one(
+    conn: AsyncConnection,
+    m: _Machine[S],
+    row_id: int,
+    to: S,
+    guards: Mapping[str, Any],
+    values: Mapping[str, Any],
+    where: Sequence[Where] = (),
+) -> sa.Row[Any]:
+    table: sa.Table = m.table
+    owned = [table.c.id == row_id, *(table.c[k] == v for k, v in guards.items()), *where]
+    rows = await _move(conn, m, to, owned, values)
+    if rows:
+        return rows[0]
+    now = (await conn.execute(sa.select(table).where(table.c.id == row_id))).mappings().first()
+    if now is None:
+        raise NotFound(f"no {m.noun} with id {row_id}", code=f"{m.code}_not_found")
+    for key, want in guards.items():
+        if now[key] != want:
+            raise Conflict(
+                f"the {m.noun} {row_id} is no longer yours ({key} is {now[key]}, not {want}): someone acted first",
+                code="not_owner",
+                details={key: now[key]},
+            )
+    check_transition(m.transitions, type(to)(now[m.state.key]), to, what=m.noun)
+    # the table allows it: the row changed between our UPDATE and this read, or a caller's condition failed
+    raise Conflict(f"the {m.noun} {row_id} changed meanwhile: retry", code="busy")
+
+
+def _at_rest(to: DesktopState, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The columns a transition writes: a desktop coming to rest leaves its node and its user's session."""
+    if to not in DESKTOP_AT_REST:
+        return dict(values or {})
+    now = utcnow()
+    leave = dict(
+        node_id=None,
+        cmd=None,
+        cmd_at=None,
+        agent_token=None,
+        started_at=None,
+        user_state=UserState.DISCONNECTED.value,
+        user_state_at=now,
+        session_id=None,
+        session_node_id=None,
+    )
+    return leave | dict(values or {})
+
+
+# ---- desktops ---------------------------------------------------------------------------------------
+async def transition_desktop(
+    conn: AsyncConnection,
+    desktop_id: int,
+    to: DesktopState,
+    *,
+    node_id: int | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> sa.Row[Any]:
+    """Move one desktop to ``to``; with ``node_id``, only if that node holds it (the node's observed state)."""
+    guards = {"node_id": node_id} if node_id is not None else {}
+    return await _move_one(conn, _DESKTOP, desktop_id, to, guards, _at_rest(to, values))
+
+
+async def transition_desktops(
+    conn: AsyncConnection, to: DesktopState, *where: Where, values: Mapping[str, Any] | None = None
+) -> list[int]:
+    """Move every desktop matching ``where`` whose state may go to ``to``; the ids moved (no error for the rest)."""
+    return [int(r.id) for r in await _move(conn, _DESKTOP, to, where, _at_rest(to, values))]
+
+
+async def command_desktops(
+    conn: AsyncConnection, cmd: DesktopCommand, *where: Where, values: Mapping[str, Any] | None = None
+) -> list[int]:
+    """Write ``cmd`` on the desktops matching ``where`` that may take it now: the ids that got it."""
+    q = (
+        sa.update(d)
+        .where(*where, d.c.state.in_(sorted(COMMAND_ALLOWED_FROM[cmd])), d.c.cmd.is_(None))
+        .values({"cmd": cmd.value, "cmd_at": utcnow(), **(values or {})})
+        .returning(d.c.id)
+    )
+    return [int(x) for x in (await conn.execute(q)).scalars()]
+
+
+async def claim_commands(
+    conn: AsyncConnection, node_id: int, cmd: DesktopCommand, *, values: Mapping[str, Any] | None = None
+) -> list[int]:
+    """The node claims its pending ``cmd`` commands, exactly once: the desktop moves on and the command clears."""
+    to = COMMAND_CLAIMED_AS[cmd]
+    claimed = {"cmd": None, "cmd_at": None, **(values or {})}
+    return await transition_desktops(conn, to, d.c.node_id == node_id, d.c.cmd == cmd.value, values=claimed)
+
+
+async def withdraw_starts(conn: AsyncConnection, *where: Where) -> list[int]:
+    """Take back start commands no node has claimed yet (the desktop stays at rest, without a node)."""
+    q = (
+        sa.update(d)
+        .where(*where, d.c.cmd == DesktopCommand.START.value, d.c.state.in_(sorted(DESKTOP_AT_REST)))
+        .values(cmd=None, cmd_at=None, node_id=None)
+        .returning(d.c.id)
+    )
+    return [int(x) for x in (await conn.execute(q)).scalars()]
+
+
+# ---- user connections (desktops.user_state) ---------------------------------------------------------
+async def transition_session(
+    conn: AsyncConnection,
+    desktop_id: int,
+    to: UserState,
+    *,
+    session_id: str | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> sa.Row[Any]:
+    """Move a desktop's user connection; with ``session_id``, only while that connection owns the display."""
+    guards = {"session_id": session_id} if session_id is not None else {}
+    return await _move_one(conn, _SESSION, desktop_id, to, guards, values or {})
+
+
+# ---- nodes ------------------------------------------------------------------------------------------
+async def transition_node(
+    conn: AsyncConnection, node_id: int, to: NodeState, *, values: Mapping[str, Any] | None = None
+) -> sa.Row[Any]:
+    return await _move_one(conn, _NODE, node_id, to, {}, values or {})
+
+
+async def transition_nodes(
+    conn: AsyncConnection, to: NodeState, *where: Where, values: Mapping[str, Any] | None = None
+) -> list[sa.Row[Any]]:
+    return await _move(conn, _NODE, to, where, values or {})
+
+
+async def command_node(
+    conn: AsyncConnection, node_id: int, cmd: NodeCommand, *, values: Mapping[str, Any] | None = None
+) -> sa.Row[Any]:
+    """Write a node command where its state allows it (``node_not_running`` otherwise)."""
+    n = t.nodes
+    allowed = NODE_COMMAND_ALLOWED_FROM[cmd]
+    q = (
+        sa.update(n)
+        .where(n.c.id == node_id, n.c.state.in_(sorted(allowed)))
+        .values({"cmd": cmd.value, **(values or {})})
+        .returning(*n.c)
+    )
+    row = (await conn.execute(q)).first()
+    if row is not None:
+        return row
+    now = (await conn.execute(sa.select(n.c.name, n.c.state).where(n.c.id == node_id))).first()
+    if now is None:
+        raise NotFound(f"no node with id {node_id}", code="node_not_found")
+    raise InvalidTransition(
+        f"node {now.name} is {now.state}: {cmd} needs it {' or '.join(sorted(allowed))}",
+        code="node_not_running",
+        details={"from": now.state, "cmd": cmd.value},
+    )
+
+
+# ---- disk images ------------------------------------------------------------------------------------
+async def transition_image(
+    conn: AsyncConnection,
+    image_id: int,
+    to: ImageState,
+    *where: Where,
+    values: Mapping[str, Any] | None = None,
+) -> sa.Row[Any]:
+    """Move a disk image; ``where`` adds conditions (not blocked) that the caller checked before."""
+    return await _move_one(conn, _IMAGE, image_id, to, {}, values or {}, where)
