@@ -45,7 +45,7 @@ def migrate(url: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", sync_url(async_url(url)).replace("%", "%%"))
-    command.upgrade(cfg, "heads")  # feature branches of the schema may each add a head
+    command.upgrade(cfg, "head")  # one head: tests/unit/test_migrations.py keeps it so
 
 
 class Database:
@@ -74,7 +74,7 @@ class Database:
             kwargs = {"connect_args": {"timeout": 30}}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
-            _sqlite_setup(self.engine)
+            _sqlite_setup(self.engine.sync_engine, busy_ms=30000, immediate=True)
         self.bus: Bus = PgBus(libpq_url(self.url)) if self.dialect == "postgresql" else Bus()
 
     @property
@@ -112,18 +112,47 @@ def _private_sqlite_files(url: str) -> None:
             os.chmod(name, 0o600)
 
 
-def _sqlite_setup(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def heartbeat_engine(url: str, timeout_s: float) -> sa.Engine:
+    """A synchronous engine of one connection for a node's heartbeat thread (node/heartbeat.py).
+
+    It shares nothing with the farm's pool, and every statement on it gives up after ``timeout_s`` on the
+    database side (SQLite's busy timeout; PostgreSQL's statement and lock timeouts) and on the wire (libpq's
+    connect and TCP user timeouts, keepalives), so the thread that owns it never hangs on a stalled database.
+    On SQLite each statement is its own transaction: the heartbeat is one UPDATE, and a read must not take the
+    write lock the farm's ``BEGIN IMMEDIATE`` takes (readers go on in WAL mode while a writer holds it).
+    """
+    url = sync_url(async_url(url))
+    ms = max(int(timeout_s * 1000), 1)
+    if url.startswith("postgresql"):
+        options = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=5000"
+        connect_args: dict[str, object] = {
+            "options": options,
+            "connect_timeout": max(int(timeout_s + 0.999), 2),  # libpq: whole seconds, 1 means 2
+            "tcp_user_timeout": ms,
+            "keepalives_idle": 1,
+            "keepalives_interval": 1,
+            "keepalives_count": 2,
+        }
+        return sa.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=timeout_s, connect_args=connect_args)
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0, connect_args={"timeout": timeout_s})
+    _sqlite_setup(engine, busy_ms=ms, immediate=False)
+    return engine
+
+
+def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: object, _record: object) -> None:
         # autocommit off at the driver level so SQLAlchemy's BEGIN (made IMMEDIATE below) takes the write lock
         dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
         cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    if immediate:
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,7 +1,30 @@
-"""Fencing agents: make sure a lost node can no longer touch its desktops before they start elsewhere.
+"""Fencing: when a node kills its own guests (``decide``), and the agents that fence a lost node from outside.
 
-Releasing the desktops of a silent node is only safe once that node is *known* to be dead (seed 003: Luna
-"performs fencing on Sparkle's behalf, notifying it when successful").  Agents are registered by name:
+Self-fencing (the node's own decision; pure, so tests state every case): a desktop must never run on two
+nodes, and a healthy desktop must not die because one heartbeat write was slow.  A node holds a *lease* of
+``self_fence_after_s`` from the last heartbeat the database accepted (its ``heartbeat_at``); the others wait
+``lost_after_s`` = lease + margin (settings refuse less) before they declare it lost.  The rule:
+
+1. The database answers and says this node is ``lost``: another node declared it lost and may have released its
+   desktops.  Kill every guest and register again (whatever the size of the farm).
+2. The database answers and the row is live: the database is the judge.  Keep the guests while it holds our
+   lease (a failed or slow write does not matter while the last accepted one is recent), and while no other
+   node could take the desktops over (``peers``: live, heartbeat fresh, same driver).  Kill only when the
+   database shows the lease lapsed *and* a peer exists.
+3. The database does not answer: nobody to ask, so count.  With a peer known from the last answer, kill once
+   ``self_fence_after_s`` has passed since the start of the last accepted heartbeat write; without one (a
+   one-node farm, the all-in-one default) never: no other node can start these desktops.
+
+Why it keeps the safety property: the others act only on a heartbeat older than ``lost_after_s``, and a lost
+node is fenced by their agent before its desktops are released (services/cluster.py).  A cut-off node kills its
+guests when its lease ends, at least the margin before that.  A peer that appears while we are cut off cannot
+release our desktops without fencing us first, so deciding on the last known peer count is safe.  What this
+costs: on a farm of several nodes a database stall longer than the lease still stops the desktops of nodes that
+have a peer (rules 2 and 3 cannot tell a stall from a partition); on one node it never does.
+
+Fencing agents fence a lost node from outside (seed 003: Luna "performs fencing on Sparkle's behalf, notifying
+it when successful").  Releasing the desktops of a silent node is only safe once that node is *known* to be
+dead.  Agents are registered by name:
 
 * ``local`` (default): the lost node ran on this machine (same ``boot_id``): SIGKILL its process group (the
   ``pid`` it registered) and kill the containers in *its* LXC directory.  A node on another machine cannot be
@@ -14,17 +37,65 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from deckard.drivers import load_driver
+from deckard.model.states import NodeState
 from deckard.runtime.paths import FarmPaths
-from deckard.services.cluster import Fence, LostNode
+from deckard.services.cluster import Fence, LeaseView, LostNode
 
 log = structlog.get_logger()
+
+
+class Verdict(enum.StrEnum):
+    KEEP = "keep"  # the guests go on
+    FENCE = "fence"  # kill our guests: another node may take them over
+    LOST = "lost"  # we were declared lost: kill our guests and register again
+
+
+@dataclass(frozen=True)
+class LivenessFacts:
+    """What a node knows after a heartbeat attempt (see ``decide``)."""
+
+    since_ok_s: float  # since the start of the last heartbeat write the database accepted (this node's clock)
+    view: LeaseView | None  # what the database answered just now; None: it did not answer
+    peers_known: int  # nodes that could take over, as the last answer counted them
+    self_fence_after_s: float  # the lease
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+
+
+def decide(facts: LivenessFacts) -> Decision:
+    """Whether this node kills its own guests now: the rule of the module docstring, nothing else."""
+    view = facts.view
+    if view is not None:
+        if view.state is None or view.state == NodeState.LOST:
+            return Decision(Verdict.LOST, "the database says this node was declared lost (or removed)")
+        if view.peers == 0:
+            return Decision(Verdict.KEEP, "no other node could take these desktops over")
+        if view.lease_age_s < facts.self_fence_after_s:
+            return Decision(Verdict.KEEP, f"the database still holds our lease ({view.lease_age_s:.1f} s old)")
+        return Decision(
+            Verdict.FENCE, f"our lease lapsed ({view.lease_age_s:.1f} s) and {view.peers} node(s) may take over"
+        )
+    if facts.peers_known == 0:
+        return Decision(Verdict.KEEP, "the database does not answer, but no other node could take over")
+    if facts.since_ok_s < facts.self_fence_after_s:
+        return Decision(Verdict.KEEP, "the database does not answer yet; the lease still runs")
+    return Decision(
+        Verdict.FENCE,
+        f"no heartbeat accepted for {facts.since_ok_s:.1f} s and {facts.peers_known} node(s) may take over",
+    )
 
 
 def boot_id() -> str:

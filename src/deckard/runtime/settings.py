@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deckard.runtime.paths import DEFAULT_HOME, FarmPaths
@@ -33,7 +33,8 @@ class BrokerSettings(BaseModel):
     max_ws_message: int = Field(default=256 * 1024, ge=1024)  # bytes of a WebSocket text message (binary streams)
     tickets_per_minute: int = Field(default=30, ge=1)  # one-time WebSocket tickets one user may be issued
     max_live_tickets: int = Field(default=5, ge=1)  # issued, not yet used and not expired, per user
-    trim_heap: bool = True  # after a burst of closed connections, give the freed heap back (glibc malloc_trim)
+    # glibc: big buffers mapped and two arenas, and the freed heap given back after a burst of closed connections
+    trim_heap: bool = True
 
 
 class ApiSettings(BaseModel):
@@ -69,11 +70,23 @@ class NodeSettings(BaseModel):
     max_parallel_starts: int = 10
     run_dir: Path | None = None  # own run directory (several nodes on one machine); default <home>/run
     lost_after_s: float = 10.0  # a heartbeat older than this and the node is fenced and declared lost
-    self_fence_after_s: float = 6.0  # no heartbeat written for this long: kill our own guests (< lost_after_s)
+    # a node's lease: no heartbeat accepted for this long and another node could take over: kill our own guests
+    # (node/fencing.py); lost_after_s - self_fence_after_s is the margin the node has to stop them
+    self_fence_after_s: float = 6.0
+    heartbeat_timeout_s: float = Field(default=2.0, gt=0)  # one heartbeat write (or lease read) gives up after this
     monitor_s: float = 1.0  # cluster monitor period (plus up to 50 % jitter)
     fencing: str = "local"  # local | command
     fence_command: str = ""  # with fencing=command: run as `COMMAND name address pid`, exit 0 = fenced
     fake_start_delay: float = 0.0  # fake driver: simulated boot time
+
+    @model_validator(mode="after")
+    def _lease_within_lost_after(self) -> NodeSettings:
+        if self.self_fence_after_s >= self.lost_after_s:
+            raise ValueError(
+                f"node.self_fence_after_s ({self.self_fence_after_s}) must be below node.lost_after_s "
+                f"({self.lost_after_s}): a cut-off node must stop its desktops before the others may restart them"
+            )
+        return self
 
 
 class Settings(BaseSettings):

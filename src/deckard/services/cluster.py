@@ -13,6 +13,9 @@ running on two nodes:
 
 QVD tests ``user_cmd = NULL`` (never true) and notifies a channel nobody listens on; here every release
 notifies ``DESKTOPS`` (brokers waiting on a start wake up) and the test suite checks the outcome.
+
+The other side — when a node kills its *own* guests — is decided by node/fencing.py from the facts
+``read_lease`` reads here: the node's row as the database sees it and how many other nodes could take over.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.entities import utcnow
+from deckard.model.entities import aware, utcnow
+from deckard.model.states import NODE_TRANSITIONS, DesktopState, NodeState, sources
 from deckard.services.events import DESKTOPS
+from deckard.services.transitions import transition_desktops, transition_nodes, withdraw_starts
 
 n = t.nodes
 d = t.desktops
 
-LIVE_STATES = ("starting", "running", "stopping", "restarting")  # a restart that never comes back is a loss
+# every state that may be declared lost (model/states.py): a restart that never comes back is a loss too
+LIVE_STATES = sorted(sources(NODE_TRANSITIONS, NodeState.LOST))
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,44 @@ def _lost(r: Any) -> LostNode:
 
 _COLS = (n.c.id, n.c.name, n.c.address, n.c.pid, n.c.run_dir, n.c.boot_id, n.c.driver)
 
+# a node that will run desktops (again); not one that is stopping
+TAKEOVER_STATES = (NodeState.STARTING, NodeState.RUNNING, NodeState.RESTARTING)
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """What the database says about one node's lease: the facts node/fencing.py decides on.
+
+    ``state`` is None when the row is gone; ``lease_age_s`` is how old its last accepted heartbeat is (the same
+    clock the monitors compare with ``lost_after_s``); ``peers`` counts the other nodes that could take over its
+    desktops: live, heartbeat fresh, same driver.
+    """
+
+    state: str | None
+    lease_age_s: float
+    peers: int
+
+
+def read_lease(conn: sa.Connection, node_id: int, lost_after_s: float) -> LeaseView:
+    """Read one node's lease and its possible successors (synchronous: the heartbeat thread asks)."""
+    now = utcnow()
+    row = conn.execute(sa.select(n.c.state, n.c.heartbeat_at, n.c.driver).where(n.c.id == node_id)).first()
+    if row is None:
+        return LeaseView(None, float("inf"), 0)
+    beat = aware(row.heartbeat_at)
+    age = (now - beat).total_seconds() if beat is not None else float("inf")
+    peers = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(n)
+        .where(
+            n.c.id != node_id,
+            n.c.driver == row.driver,
+            n.c.state.in_(TAKEOVER_STATES),
+            n.c.heartbeat_at >= now - dt.timedelta(seconds=lost_after_s),
+        )
+    ).scalar_one()
+    return LeaseView(str(row.state), max(age, 0.0), int(peers))
+
 
 async def stale_nodes(db: Database, me: int, lost_after_s: float) -> list[int]:
     cutoff = utcnow() - dt.timedelta(seconds=lost_after_s)
@@ -79,55 +123,38 @@ async def declare_lost(db: Database, node_id: int, lost_after_s: float) -> LostN
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=lost_after_s)
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(n)
-            .where(n.c.id == node_id, n.c.state.in_(LIVE_STATES), n.c.heartbeat_at < cutoff)
-            .values(
-                state="lost",
-                lost_at=now,
-                lost_reason=f"no heartbeat for {lost_after_s:.0f} s: being fenced",
-                cmd=None,
-            )
-            .returning(*_COLS)
+        rows = await transition_nodes(
+            conn,
+            NodeState.LOST,
+            n.c.id == node_id,
+            n.c.heartbeat_at < cutoff,
+            values=dict(lost_at=now, lost_reason=f"no heartbeat for {lost_after_s:.0f} s: being fenced", cmd=None),
         )
-        row = res.first()
-    return _lost(row) if row is not None else None
+    return _lost(rows[0]) if rows else None
 
 
 async def unfenced_lost_nodes(db: Database, me: int) -> list[LostNode]:
     """Lost nodes that still hold desktops: fencing failed (or the fencer died); try again."""
     held = sa.exists().where(d.c.node_id == n.c.id)
     async with db.connect() as conn:
-        rows = await conn.execute(sa.select(*_COLS).where(n.c.id != me, n.c.state == "lost", held))
+        rows = await conn.execute(sa.select(*_COLS).where(n.c.id != me, n.c.state == NodeState.LOST, held))
         return [_lost(r) for r in rows]
 
 
 async def release_desktops(db: Database, node: LostNode) -> list[int]:
-    """After fencing: every desktop of the node is stopped and free to start on another node."""
+    """After fencing: every desktop of the node is stopped and free to start on another node.
+
+    Held desktops go to ``stopped`` by the table (leaving the node and their session); starts placed on the
+    node but never claimed are withdrawn, so the next connect places them elsewhere.
+    """
     reason = f"the node {node.name} was lost and fenced; the desktop was stopped and starts on another node"
+    held = d.c.node_id == node.node_id
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(d)
-            .where(d.c.node_id == node.node_id)
-            .values(
-                state="stopped",
-                state_at=utcnow(),
-                node_id=None,
-                cmd=None,
-                agent_token=None,
-                started_at=None,
-                user_state="disconnected",
-                user_state_at=utcnow(),
-                session_id=None,
-                session_node_id=None,
-                failure_reason=reason,
-            )
-            .returning(d.c.id)
-        )
-        ids = [int(r.id) for r in res]
+        ids = await transition_desktops(conn, DesktopState.STOPPED, held, values={"failure_reason": reason})
+        ids += await withdraw_starts(conn, held)
         await conn.execute(
             sa.update(n)
-            .where(n.c.id == node.node_id, n.c.state == "lost")
+            .where(n.c.id == node.node_id, n.c.state == NodeState.LOST)
             .values(lost_reason=f"fenced; {len(ids)} desktop(s) released", desktops_running=0)
         )
     for chunk in range(0, len(ids), 500):
@@ -139,7 +166,7 @@ async def record_fence_failure(db: Database, node: LostNode, why: str) -> None:
     async with db.begin() as conn:
         await conn.execute(
             sa.update(n)
-            .where(n.c.id == node.node_id, n.c.state == "lost")
+            .where(n.c.id == node.node_id, n.c.state == NodeState.LOST)
             .values(lost_reason=f"fencing failed ({why}); its desktops stay assigned until it is fenced")
         )
 
