@@ -2,9 +2,9 @@
 
 Runs a real all-in-one farm (``deckard.testing.FarmProcess``, its own home and ports) with the **fake driver**
 on a loopback desktop network: the API, the node and the broker are the real processes, and the one desktop
-is a stand-in guest served by this script on its desktop address (``127.77.x.11``): an agent that answers
-``x_start`` and a display that speaks RFB 3.8 with VNC authentication (the per-desktop secret, as Xvnc does in
-a real desktop) and then echoes.  Only loopback traffic; every attack is bounded in count and time.
+is the fake driver's guest on its desktop address (``127.77.x.11``): the real agent RPC, and a display that
+speaks RFB 3.8 with VNC authentication (the per-desktop secret, as Xvnc does in a real desktop) and then
+echoes (drivers/fake_guest.py).  Only loopback traffic; every attack is bounded in count and time.
 
 1. idle: the farm's RSS (the ``deckard up`` process tree) after a warm-up connect;
 2. attack, for ``--seconds``: ``--slow`` slow broker connections (half from one address, half spread over
@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import resource
-import sqlite3
 import ssl
 import statistics
 import time
@@ -37,68 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from deckard.client import broker as qvd
-from deckard.drivers.display import display_password, vnc_auth_response
 from deckard.runtime.tls import client_context
 from deckard.testing import FarmProcess, wait_for
 
 PASSWORD = "bench-pass"
 BODY = 200 * 1024 * 1024
 CHUNK = 256 * 1024
-
-
-# ---------------------------------------------------------------- the stand-in guest
-
-
-class StandInGuest:
-    """The desktop's agent (any token: the subject is the broker) and display (RFB 3.8 + VNC auth, echo)."""
-
-    def __init__(self, ip: str, db_path: Path, desktop_id: int) -> None:
-        self.ip, self.db_path, self.desktop_id = ip, db_path, desktop_id
-        self.servers: list[asyncio.Server] = []
-
-    async def start(self) -> None:
-        self.servers = [
-            await asyncio.start_server(self._agent, self.ip, 3030, reuse_address=True),
-            await asyncio.start_server(self._display, self.ip, 5900, reuse_address=True),
-        ]
-
-    async def close(self) -> None:
-        for s in self.servers:
-            s.close()
-
-    async def _agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            body = b'{"ok": true, "state": "listening", "x_state": "listening", "version": "bench"}'
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        writer.close()
-
-    def _secret(self) -> str:
-        with sqlite3.connect(self.db_path) as conn:
-            row = conn.execute("SELECT agent_token FROM desktops WHERE id = ?", (self.desktop_id,)).fetchone()
-        return display_password(row[0] or "")
-
-    async def _display(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            writer.write(b"RFB 003.008\n")
-            await reader.readexactly(12)
-            writer.write(b"\x01\x02")
-            await reader.readexactly(1)
-            challenge = os.urandom(16)
-            writer.write(challenge)
-            if await reader.readexactly(16) != vnc_auth_response(self._secret(), challenge):
-                writer.write(b"\x00\x00\x00\x01\x00\x00\x00\x04auth")
-                return
-            writer.write(b"\x00\x00\x00\x00")
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
 
 
 # ---------------------------------------------------------------- measuring
@@ -249,51 +192,46 @@ def _attack_process(queue: Any, *args: Any) -> None:
     queue.put(asyncio.run(attack(*args)))
 
 
-async def run(farm: FarmProcess, desktop_id: int, ip: str, args: argparse.Namespace) -> dict[str, Any]:
+async def run(farm: FarmProcess, desktop_id: int, args: argparse.Namespace) -> dict[str, Any]:
     pid = farm.pid()
     assert pid, "the farm is not running"
-    guest = StandInGuest(ip, farm.home / "deckard.db", desktop_id)
-    await guest.start()
     out: dict[str, Any] = {}
-    try:
-        await user_connects(farm, desktop_id, 5, 0.1)  # warm-up: the desktop starts, the code paths load
-        await asyncio.sleep(3)
-        out["rss_idle_mb"] = round(tree_rss_mb(pid), 1)
-        out["user_connect_idle_s"] = _summary(await user_connects(farm, desktop_id, 20, 0.05))
+    await user_connects(farm, desktop_id, 5, 0.1)  # warm-up: the desktop starts, the code paths load
+    await asyncio.sleep(3)
+    out["rss_idle_mb"] = round(tree_rss_mb(pid), 1)
+    out["user_connect_idle_s"] = _summary(await user_connects(farm, desktop_id, 20, 0.05))
 
-        host, port = farm.broker.split(":")
-        queue: Any = multiprocessing.get_context("spawn").Queue()
-        attacker = multiprocessing.get_context("spawn").Process(
-            target=_attack_process,
-            args=(queue, (host, int(port)), ("127.0.0.1", farm.api_port), str(farm.ca), args.slow, args.bodies,
-                  args.seconds),
-        )  # fmt: skip
-        attacker.start()
-        peak = 0.0
-        stop = asyncio.Event()
+    host, port = farm.broker.split(":")
+    queue: Any = multiprocessing.get_context("spawn").Queue()
+    attacker = multiprocessing.get_context("spawn").Process(
+        target=_attack_process,
+        args=(queue, (host, int(port)), ("127.0.0.1", farm.api_port), str(farm.ca), args.slow, args.bodies,
+              args.seconds),
+    )  # fmt: skip
+    attacker.start()
+    peak = 0.0
+    stop = asyncio.Event()
 
-        async def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, tree_rss_mb(pid))
-                await asyncio.sleep(0.5)
+    async def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_rss_mb(pid))
+            await asyncio.sleep(0.5)
 
-        sampler = asyncio.create_task(sample())
-        await asyncio.sleep(min(10.0, args.seconds / 3))  # let the attack build up before the user comes
-        times = await user_connects(farm, desktop_id, args.connects, args.pause)
-        out["rss_during_mb"] = round(tree_rss_mb(pid), 1)
-        out.update(await asyncio.to_thread(queue.get))
-        await asyncio.to_thread(attacker.join, 30)
-        stop.set()
-        await sampler
-        out["rss_peak_during_mb"] = round(peak, 1)
-        out["user_connect_under_attack_s"] = _summary(times)
-        await asyncio.sleep(args.settle)
-        out["rss_after_mb"] = round(tree_rss_mb(pid), 1)
-        out["rss_after_minus_idle_mb"] = round(out["rss_after_mb"] - out["rss_idle_mb"], 1)
-        out["user_connect_after_s"] = _summary(await user_connects(farm, desktop_id, 10, 0.05))
-    finally:
-        await guest.close()
+    sampler = asyncio.create_task(sample())
+    await asyncio.sleep(min(10.0, args.seconds / 3))  # let the attack build up before the user comes
+    times = await user_connects(farm, desktop_id, args.connects, args.pause)
+    out["rss_during_mb"] = round(tree_rss_mb(pid), 1)
+    out.update(await asyncio.to_thread(queue.get))
+    await asyncio.to_thread(attacker.join, 30)
+    stop.set()
+    await sampler
+    out["rss_peak_during_mb"] = round(peak, 1)
+    out["user_connect_under_attack_s"] = _summary(times)
+    await asyncio.sleep(args.settle)
+    out["rss_after_mb"] = round(tree_rss_mb(pid), 1)
+    out["rss_after_minus_idle_mb"] = round(out["rss_after_mb"] - out["rss_idle_mb"], 1)
+    out["user_connect_after_s"] = _summary(await user_connects(farm, desktop_id, 10, 0.05))
     return out
 
 
@@ -327,7 +265,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} cpus={os.cpu_count()} python={platform.python_version()}",
-        "driver": "fake (stand-in guest on loopback)",
+        "driver": "fake (guests on loopback)",
         "trim_heap": not args.no_trim,
     }
     try:
@@ -336,7 +274,7 @@ def main() -> None:
         farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
         desk = farm.desktop("bench-desk")
         wait_for(lambda: farm.pid() is not None, 10, what="the farm's pid")
-        results.update(asyncio.run(run(farm, int(desk["id"]), str(desk["ip"]), args)))
+        results.update(asyncio.run(run(farm, int(desk["id"]), args)))
     finally:
         farm.close()
     if args.json:

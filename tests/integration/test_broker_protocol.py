@@ -1,10 +1,11 @@
-"""The broker speaks QVD's client protocol over TLS, against a real database and a fake node and guest.
+"""The broker speaks QVD's client protocol over TLS, against a real database, node daemon and fake guests.
 
 What is real: the Broker on 127.0.0.1 with the farm's TLS, the database (fixture ``db``), the services, the
-agent client.  What is faked, because it is the layer below the one under test: the node daemon (a loop that
-claims starts and marks them running or failed) and the guest (an HTTP agent on ``<desktop ip>:3030`` and a
-VNC-like display on ``<desktop ip>:5900``).  Each test puts its desktops on its own ``127.x.y.0/24`` network:
-all of 127/8 is loopback on Linux, so fake guests bind their desktop's real address and ports.
+agent client, and the node daemon (``deckard.testing.InProcessNode``).  What is faked, because it is the layer
+below the one under test: the guests, which the fake driver serves on their desktop's address (the real agent
+RPC on ``:3030`` and a display with VNC authentication that echoes on ``:5900``; drivers/fake_guest.py).  Each
+test puts its desktops on its own ``127.x.y.0/24`` network: all of 127/8 is loopback on Linux, so fake guests
+bind their desktop's real address and ports.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import random
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -30,17 +29,17 @@ from deckard.broker.tunnel import RESIZE_ENCODINGS
 from deckard.client import broker as broker_client
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.drivers.display import display_password, vnc_auth_response
+from deckard.drivers.fake_guest import FakeGuest
 from deckard.model.entities import uid_for_user
 from deckard.model.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from deckard.runtime.settings import BrokerSettings
 from deckard.runtime.tls import client_context, ensure_tls, server_context
-from deckard.services import node_ops
 from deckard.services.context import SYSTEM
 from deckard.services.desktops import create_desktop, set_blocked
 from deckard.services.images import register_image
 from deckard.services.tenancy import bootstrap_farm
 from deckard.services.users import create_user, update_user
+from deckard.testing import InProcessNode
 
 RFB_BANNER = b"RFB 003.008\n"
 # what a viewer sends after the banner (version, security None, shared ClientInit) and what the broker answers
@@ -56,139 +55,11 @@ QVD_PARAMS = (
 )
 
 
-# ---------------------------------------------------------------- the fake guest and node
-
-
-class FakeGuest:
-    """A desktop's agent (HTTP, bearer token) and display (RFB 3.8 with VNC authentication, like Xvnc in a
-    desktop: the broker must answer with the secret derived from the token; then it echoes)."""
-
-    def __init__(self, ip: str, token: str) -> None:
-        self.ip = ip
-        self.token = token
-        self.calls: list[tuple[str, dict[str, str]]] = []
-        self.display_conns: list[asyncio.StreamWriter] = []
-        self.auth_failures = 0
-        self.display_bytes = 0  # what reached the display after the broker authenticated
-        self._agent: asyncio.Server | None = None
-        self._display: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._agent = await asyncio.start_server(self._serve_agent, self.ip, 3030, reuse_address=True)
-
-    async def close(self) -> None:
-        for w in self.display_conns:
-            w.close()
-        for srv in (self._agent, self._display):
-            if srv is not None:
-                srv.close()
-
-    async def _serve_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            target = head.split(" ")[1]
-            url = urlsplit(target)
-            params = dict(parse_qsl(url.query))
-            method = url.path.removeprefix("/vma/")
-            auth = [ln for ln in head.split("\r\n") if ln.lower().startswith("authorization:")]
-            if not auth or auth[0].split(":", 1)[1].strip() != f"Bearer {self.token}":
-                status, body = 401, {"ok": False, "error": {"code": "bad_token", "message": "bad token"}}
-            else:
-                self.calls.append((method, params))
-                status, body = 200, {"ok": True}
-                if method == "x_start" and self._display is None:
-                    self._display = await asyncio.start_server(self._serve_display, self.ip, 5900, reuse_address=True)
-                elif method == "ping":
-                    body = {"ok": True, "version": "test", "x_state": "stopped"}
-            data = json.dumps(body).encode()
-            writer.write(
-                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
-                "\r\nConnection: close\r\n\r\n".encode()
-                + data
-            )
-            await writer.drain()
-        finally:
-            writer.close()
-
-    async def _serve_display(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.display_conns.append(writer)
-        writer.write(RFB_BANNER)
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readexactly(12)
-            writer.write(b"\x01\x02")  # VNC authentication only
-            await reader.readexactly(1)
-            challenge = os.urandom(16)
-            writer.write(challenge)
-            if await reader.readexactly(16) != vnc_auth_response(display_password(self.token), challenge):
-                self.auth_failures += 1
-                writer.write(b"\x00\x00\x00\x01\x00\x00\x00\x0eauthentication")
-                return
-            writer.write(b"\x00\x00\x00\x00")
-            while data := await reader.read(65536):
-                self.display_bytes += len(data)
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-
-@dataclass
-class FakeNode:
-    """Claims start commands like ``deckard node`` and reports them running (or failed) after a delay."""
-
-    db: Database
-    image_id: int
-    delay: float = 0.0
-    fail_reason: str | None = None
-    node_id: int = 0
-    guests: dict[int, FakeGuest] = field(default_factory=dict)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def run(self) -> None:
-        self.node_id = await node_ops.register_node(
-            self.db, "fake-node", "127.0.0.1", "", cpus=4, mem_total_mib=16384, mem_free_mib=16384
-        )
-        await node_ops.set_node_state(self.db, self.node_id, "running")
-        loop = asyncio.get_running_loop()
-        beat = 0.0
-        while True:
-            if loop.time() - beat > 1:
-                await node_ops.heartbeat(self.db, self.node_id, mem_free_mib=16384, load=0.0, running=0)
-                beat = loop.time()
-            for desktop_id in await node_ops.claim_starts(self.db, self.node_id):
-                task = asyncio.create_task(self._start(desktop_id))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            await asyncio.sleep(0.05)
-
-    async def _start(self, desktop_id: int) -> None:
-        await asyncio.sleep(self.delay)
-        if self.fail_reason:
-            await node_ops.mark_failed(self.db, self.node_id, desktop_id, self.fail_reason)
-            return
-        desk = (await node_ops.start_facts(self.db, desktop_id)).desktop
-        assert desk.agent_token
-        old = self.guests.pop(desktop_id, None)
-        if old:
-            await old.close()
-        guest = FakeGuest(desk.ip, desk.agent_token)
-        await guest.start()
-        self.guests[desktop_id] = guest
-        await node_ops.mark_running(
-            self.db, self.node_id, desktop_id, image_id=self.image_id, guest_ms=12.0, agent_ms=34.0
-        )
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for g in self.guests.values():
-            await g.close()
-
-
 @dataclass
 class Farm:
     db: Database
     broker: Broker
-    node: FakeNode
+    node: InProcessNode
     ca: Path
     alice_desk: dict[str, Any]
     bob_desk: dict[str, Any]
@@ -197,6 +68,9 @@ class Farm:
     @property
     def server(self) -> str:
         return f"127.0.0.1:{self.broker.port}"
+
+    def guest(self, desktop_id: int) -> FakeGuest:
+        return self.node.driver.guest(self.node.settings.paths.guest_name(desktop_id))
 
     async def connection_rows(self, desktop_id: int) -> list[Any]:
         async with self.db.connect() as conn:
@@ -219,31 +93,28 @@ class Farm:
 
 
 @pytest.fixture
-async def farm(db: Database, tmp_path: Path) -> AsyncIterator[Farm]:
+async def farm(db: Database) -> AsyncIterator[Farm]:
     await bootstrap_farm(db)
     alice = await create_user(db, SYSTEM, "alice", "pw-alice")
     await create_user(db, SYSTEM, "bob", "pw-bob")
     network = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/24"
     alice_desk = await create_desktop(db, SYSTEM, "alice-desk", "alice", network=network)
     bob_desk = await create_desktop(db, SYSTEM, "bob-desk", "bob", network=network)
-    image = tmp_path / "image.tar"
+    node = InProcessNode.fake(db, network)
+    home = node.settings.home
+    image = home / "image.tar"
     image.write_bytes(b"")
-    image_id = int((await register_image(db, image, version="test"))["id"])
-    ca, cert, key = ensure_tls(tmp_path / "tls")
-    node = FakeNode(db, image_id)
-    node_task = asyncio.create_task(node.run())
-    await asyncio.sleep(0.1)
+    await register_image(db, image, version="test")
+    ca, cert, key = ensure_tls(home / "tls")
     broker = Broker(
         db, BrokerSettings(start_timeout=10, display_timeout=5), server_context(cert, key), node_id=None, poll=0.1
     )
-    await broker.start("127.0.0.1", 0)
     try:
+        await node.start()
+        await broker.start("127.0.0.1", 0)
         yield Farm(db, broker, node, ca, alice_desk, bob_desk, int(alice["id"]))
     finally:
         await broker.close()
-        node_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await node_task
         await node.close()
 
 
@@ -343,7 +214,7 @@ async def test_ping_answers_i_am_alive_without_credentials_or_host(farm: Farm) -
 
 async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_both_ways(farm: Farm) -> None:
     """As QVD's own client: no Host header, ``list_of_vm?``, then connect on the same TLS connection."""
-    farm.node.delay = 0.3  # slow enough for the broker to see the desktop starting
+    farm.node.driver.start_delay = 0.3  # slow enough for the broker to see the desktop starting
     c = await RawClient.open(farm)
     status, headers, body, _ = await c.request(
         "/qvd/list_of_vm?", {**ALICE, "Accept": "application/json", "User-Agent": "QVD::HTTPC/0.01 (linux)"}
@@ -364,10 +235,9 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
     c.writer.write(b"hello desktop")
     assert await asyncio.wait_for(c.reader.readexactly(13), 5) == b"hello desktop"
 
-    guest = farm.node.guests[desk_id]
-    method, params = guest.calls[-1]
-    assert method == "x_start"
-    assert params == {"user": "alice", "uid": str(uid_for_user(farm.alice_id)), "geometry": "1024x768"}
+    guest = farm.guest(desk_id)
+    x_starts = [params for method, params in guest.calls if method == "x_start"]
+    assert x_starts[-1] == {"user": "alice", "uid": str(uid_for_user(farm.alice_id)), "geometry": "1024x768"}
     assert (await farm.desktop_row(desk_id)).user_state == "connected"
 
     await c.close()
@@ -381,10 +251,10 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
     assert row.result == "closed"
     assert row.login == "alice" and row.protocol == "qvd" and row.source == "127.0.0.1"
     assert (row.bytes_in, row.bytes_out) == (len(VIEWER_HANDSHAKE) + 13, 12 + len(BROKER_SECURITY) + 13 + 13)
-    assert farm.node.guests[desk_id].auth_failures == 0
+    assert farm.guest(desk_id).auth_failures == 0
     for name in ("t_auth_ms", "t_claim_ms", "t_start_ms", "t_display_ms", "t_total_ms"):
         assert getattr(row, name) is not None and getattr(row, name) >= 0, name
-    assert row.t_agent_ms == 34.0
+    assert row.t_agent_ms == round((await farm.desktop_row(desk_id)).start_agent_ms, 1)  # the node's figure
     assert row.t_total_ms >= row.t_start_ms
     desk = await farm.desktop_row(desk_id)
     assert (desk.state, desk.user_state) == ("running", "disconnected")
@@ -513,7 +383,7 @@ async def test_a_client_that_does_not_speak_rfb_is_dropped_before_the_display(fa
     assert await c.reader.readexactly(len(RFB_BANNER)) == RFB_BANNER
     c.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert await closed_by_peer(c.reader)
-    guest = farm.node.guests[desk_id]
+    guest = farm.guest(desk_id)
     assert (guest.display_bytes, guest.auth_failures) == (0, 0)
     await c.close()
     # the same desktop still works for its owner
@@ -549,7 +419,7 @@ async def test_a_second_connect_takes_over_and_closes_the_first_tunnel(farm: Far
 
 
 async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start_goes_on(farm: Farm) -> None:
-    farm.node.delay = 1.0
+    farm.node.driver.start_delay = 1.0
     desk_id = farm.alice_desk["id"]
     c = await RawClient.open(farm)
     c.send(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
@@ -573,7 +443,7 @@ async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start
 
 
 async def test_failed_start_is_503_with_the_nodes_reason(farm: Farm) -> None:
-    farm.node.fail_reason = "the image is corrupt: rebuild it"
+    farm.node.driver.start_error = "the image is corrupt: rebuild it"
     desk_id = farm.alice_desk["id"]
     c = await RawClient.open(farm)
     status, _, body, infos = await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
@@ -590,15 +460,35 @@ async def test_failed_start_is_503_with_the_nodes_reason(farm: Farm) -> None:
         await broker_client.connect(farm.server, "alice", "pw-alice", farm.ca, desk_id)
 
 
+async def test_a_display_that_fails_to_start_is_503_with_the_agents_reason(farm: Farm) -> None:
+    farm.node.driver.x_start_error = "Xvnc exited at start; see /run/deckard/xvnc.log"
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    status, _, body, _ = await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
+    assert status == 503
+    assert "Xvnc exited at start" in body.decode()
+    rows = await farm.connection_rows(desk_id)
+    assert rows[-1].result == "failed" and "Xvnc exited at start" in rows[-1].reason
+    desk = await farm.desktop_row(desk_id)
+    assert (desk.state, desk.user_state) == ("running", "disconnected")  # only the display failed
+    await c.close()
+
+
 async def test_stop_vm_asks_the_node_to_stop(farm: Farm) -> None:
     desk_id = farm.alice_desk["id"]
     c = await RawClient.open(farm)
     assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
     await c.close()
+    guest = farm.guest(desk_id)
     c = await RawClient.open(farm)
     status, _, body, _ = await c.request(f"/qvd/stop_vm?id={desk_id}", ALICE)
     assert (status, body) == (200, b"Machine stopped")
-    assert (await farm.desktop_row(desk_id)).cmd == "stop"
+
+    async def stopped() -> bool:
+        return bool((await farm.desktop_row(desk_id)).state == "stopped")
+
+    await farm.wait_for("the node to stop the desktop", stopped)
+    assert ("poweroff", {}) in guest.calls and not guest.running
     assert (await c.request(f"/qvd/stop_vm?id={farm.bob_desk['id']}", ALICE))[0] == 403
     assert (await c.request("/qvd/stop_vm", ALICE))[0] == 422
     await c.close()

@@ -117,7 +117,7 @@ async def connect_ticket(farm: Farm, login: str = "alice", password: str = "pw-a
 
 
 async def test_browser_connects_with_a_ticket_gets_progress_then_vnc_bytes_both_ways(farm: Farm) -> None:
-    farm.node.delay = 0.3
+    farm.node.driver.start_delay = 0.3
     desk_id = farm.alice_desk["id"]
     ticket = await connect_ticket(farm)
     ws, status, headers = await WsClient.open(farm, f"/qvd/connect_to_vm?id={desk_id}&ticket={ticket}")
@@ -198,7 +198,7 @@ async def test_a_ticket_is_single_use_and_bad_or_expired_ones_get_401_before_the
 
 
 async def test_a_failed_start_closes_the_websocket_with_1011_and_the_reason(farm: Farm) -> None:
-    farm.node.fail_reason = "no space left on the node"
+    farm.node.driver.start_error = "no space left on the node"
     ticket = await connect_ticket(farm)
     ws, status, _ = await WsClient.open(farm, f"/ws/connect?ticket={ticket}")
     assert status == 101
@@ -236,7 +236,7 @@ async def test_spy_watches_without_taking_over_and_drops_input_unless_interactiv
     fbur = bytes([3, 0, 0, 0, 0, 0, 4, 0, 3, 0])
     spy.send(RFB_BANNER + b"\x01" + b"\x00" + key_event + fbur)
     assert await spy.binary(len(BROKER_SECURITY) + len(DISPLAY_ECHO) + 10) == BROKER_SECURITY + DISPLAY_ECHO + fbur
-    guest = farm.node.guests[desk_id]
+    guest = farm.guest(desk_id)
     notice = ("spy_notice", {"admin": "admin", "interactive": "0"})
 
     async def notified() -> bool:

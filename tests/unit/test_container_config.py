@@ -177,7 +177,7 @@ async def test_fake_driver_reflects_starts_and_stops(tmp_path: Path) -> None:
     paths = FarmPaths(tmp_path)
     driver = load_driver("fake", paths)
     assert isinstance(driver, FakeDriver)
-    spec = make_spec(guest_name=paths.guest_name(1))
+    spec = make_spec(guest_name=paths.guest_name(1), ip="127.231.0.42")  # its guests bind loopback addresses
     info = await driver.start(spec)
     assert info.running and info.ip == spec.ip
     assert await driver.start(spec) == info

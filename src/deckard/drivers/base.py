@@ -2,8 +2,8 @@
 
 Drivers know the operating system (LXC, QEMU, nothing at all) and never the database: the node daemon
 turns a desktop row into a :class:`GuestSpec` and hands it over.  The interface stays small on purpose
-(start, stop, kill, inspect, list) so that the container, VM and fake drivers fit beside each other,
-in the way httpx keeps one transport method with a mock beside it.
+(start, stop, kill, inspect, list, and close when the daemon is done) so that the container, VM and fake
+drivers fit beside each other, in the way httpx keeps one transport method with a mock beside it.
 
 Every method is idempotent: stopping a guest that is gone, or killing one twice, is not an error.
 ``kill`` also removes everything a start left on the host (overlay, cgroups, veth), so a node that
@@ -80,4 +80,9 @@ class Driver(Protocol):
 
     async def list(self) -> list[GuestInfo]:
         """Every guest this driver manages for this farm (including half-started leftovers)."""
+        ...
+
+    async def close(self) -> None:
+        """The node daemon is done with the driver (it stops, or restarts in place).  The guests that still run
+        are left to the next daemon: real ones are processes of their own, the fake driver hands its over."""
         ...

@@ -138,7 +138,7 @@ class ContainerDriver:
         if result.returncode != 0:
             raise DriverError(
                 f"lxc-start {spec.guest_name} failed: {self._log_tail(spec.guest_name) or result.stderr.strip()}",
-                code="start_failed",
+                code="guest_start_failed",
             )
         if not await port_isolated(veth):
             # the up hook did not run (an older LXC?): isolate now, before the caller uses the guest
@@ -147,7 +147,7 @@ class ContainerDriver:
         if info is None or not info.running:
             raise DriverError(
                 f"{spec.guest_name} stopped right after start: {self._log_tail(spec.guest_name)}",
-                code="start_failed",
+                code="guest_start_failed",
             )
         log.info("container.started", guest=spec.guest_name, pid=info.pid, ip=spec.ip)
         return info
@@ -295,6 +295,9 @@ class ContainerDriver:
             names.update(n for n in result.stdout.split() if n.startswith(prefix))
         infos = [await self._info(name) for name in sorted(names)]
         return [info for info in infos if info is not None]
+
+    async def close(self) -> None:
+        """Nothing to release: the containers are processes of their own and outlive the daemon."""
 
     async def _state(self, guest_name: str) -> tuple[str, int | None] | None:
         """(STATE, init pid) from lxc-info, or None when LXC does not know the guest."""

@@ -8,14 +8,18 @@ Convergence after ``kill -9``: guests live on without the daemon (LXC daemonises
 adopts the guests whose desktop is ``running`` here and whose agent answers, and kills every other guest of
 this farm, so no container, overlay, veth or cgroup is left behind and no desktop stays ``starting``.
 
-Farm safety (docs/farm.md): a node that cannot write its heartbeat for ``self_fence_after_s`` kills its own
-guests (self-fencing: by then the others are about to fence it and restart its desktops elsewhere), and a node
-whose heartbeat finds its row ``lost`` kills its guests and registers again — it never resurrects a desktop that
-moved.  Every node also runs the cluster monitor (node/cluster.py) that fences and releases silent nodes.
+Farm safety (docs/farm.md): the heartbeat is written by its own thread on its own connection
+(node/heartbeat.py); a node whose lease lapsed while another node could take its desktops over kills its own
+guests (self-fencing, decided by node/fencing.py: never on a one-node farm, never while the database says the
+lease holds), and a node whose row the database shows ``lost`` kills its guests and registers again — it never
+resurrects a desktop that moved.  Every node also runs the cluster monitor (node/cluster.py) that fences and
+releases silent nodes.
 
 Restart in place (``cmd='restart'`` or SIGHUP): the daemon finishes the starts and stops in flight, leaves its
 guests running, marks the node ``restarting`` and sets ``restart``; the process then re-executes itself
-(cli/farm.py) and the new daemon adopts the guests like after a crash, without stopping any desktop.
+(cli/farm.py) and the new daemon adopts the guests like after a crash, without stopping any desktop.  The
+daemon closes its driver last, whether it stops or restarts: that is when the fake driver, whose guests live
+in this process, hands them over to the next one (drivers/fake.py); the daemon itself knows no driver apart.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from deckard.drivers.base import Driver, GuestSpec
 from deckard.model.entities import Desktop, uid_for_user
 from deckard.model.errors import DeckardError
 from deckard.model.network import gateway_of, prefix_len
+from deckard.model.states import DesktopState, NodeCommand, NodeState
 from deckard.node.cluster import ClusterMonitor
 from deckard.node.expiry import run_expiry_loop
-from deckard.node.fencing import boot_id, load_fencing
+from deckard.node.fencing import Verdict, boot_id, load_fencing
+from deckard.node.heartbeat import Beat, Heartbeat
 from deckard.node.host import read_host_figures
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
@@ -75,11 +81,9 @@ class NodeDaemon:
         self._health: dict[int, _AgentHealth] = {}
         self._start_slots = asyncio.Semaphore(self.cfg.max_parallel_starts)
         self.ready = asyncio.Event()
-        self._hb_ok_at = time.monotonic()  # last heartbeat the database accepted
-        self._hb_ok_since = time.monotonic()  # start of the current run of accepted heartbeats
+        self.heartbeat: Heartbeat | None = None  # made at registration, once the node has an id
         self._fenced = False  # we killed our guests (self-fencing): reconcile with the database before acting
         self._stop_event: asyncio.Event | None = None
-        self.has_agent = getattr(driver, "has_agent", True)  # the fake driver has no guest agent to wait for
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def register(self) -> int:
@@ -96,14 +100,16 @@ class NodeDaemon:
             run_dir=str(self.paths.node_run_dir),
             boot_id=boot_id(),
         )
-        self._hb_ok_at = self._hb_ok_since = time.monotonic()
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.db.url, self.node_id, self.cfg)
+        self.heartbeat.renewed()
         return self.node_id
 
     async def run(self, stop: asyncio.Event) -> None:
         node_id = self.node_id if self.node_id is not None else await self.register()
         structlog.contextvars.bind_contextvars(node=self.cfg.name)
         await self.converge()
-        await node_ops.set_node_state(self.db, node_id, "running")
+        await node_ops.set_node_state(self.db, node_id, NodeState.RUNNING)
         log.info("node.running", node_id=node_id, driver=self.driver.name)
         self.ready.set()
         self._stop_event = stop
@@ -124,21 +130,19 @@ class NodeDaemon:
         try:
             await stop.wait()
         finally:
-            await node_ops.set_node_state(self.db, node_id, "stopping")
+            await node_ops.set_node_state(self.db, node_id, NodeState.STOPPING)
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             if self.restart.is_set():  # the heartbeat this writes gives the new process lost_after_s to register
                 await asyncio.gather(*self._work.values(), return_exceptions=True)
-                handover = getattr(self.driver, "handover", None)  # the fake driver's in-memory guests
-                if handover is not None:
-                    await handover()
-                await node_ops.set_node_state(self.db, node_id, "restarting")
+                await node_ops.set_node_state(self.db, node_id, NodeState.RESTARTING)
                 log.info("node.restarting", node_id=node_id, kept=len(await self.driver.list()))
             else:
                 await self.stop_all()
-                await node_ops.set_node_state(self.db, node_id, "stopped")
+                await node_ops.set_node_state(self.db, node_id, NodeState.STOPPED)
                 log.info("node.stopped", node_id=node_id)
+            await self.driver.close()  # the guests still running are the next daemon's
 
     async def stop_all(self) -> None:
         """Clean node stop (QVD's ``stopping``): every desktop of this node is stopped."""
@@ -148,7 +152,7 @@ class NodeDaemon:
         await asyncio.gather(*self._work.values(), return_exceptions=True)
         desks = await node_ops.desktops_on_node(self.db, self.node_id)
         await asyncio.gather(
-            *(self._stop(d.id, reason=None) for d in desks if d.state != "stopped"), return_exceptions=True
+            *(self._stop(d.id, reason=None) for d in desks if d.state != DesktopState.STOPPED), return_exceptions=True
         )
 
     # ---- convergence -----------------------------------------------------------------------------------
@@ -160,21 +164,20 @@ class NodeDaemon:
         for desk in await node_ops.desktops_on_node(self.db, self.node_id):
             name = self.paths.guest_name(desk.id)
             guest = guests.get(name)
-            if desk.state == "running" and guest is not None and guest.running and desk.agent_token:
+            if desk.state == DesktopState.RUNNING and guest is not None and guest.running and desk.agent_token:
                 try:
-                    if self.has_agent:
-                        await AgentClient(desk.ip, desk.agent_token).ping()
+                    await AgentClient(desk.ip, desk.agent_token).ping()
                     keep.add(name)
                     log.info("node.adopted", desktop_id=desk.id)
                     continue
                 except DeckardError:
                     pass
-            if desk.state in ("running", "stopping", "zombie"):
+            if desk.state in (DesktopState.RUNNING, DesktopState.STOPPING, DesktopState.ZOMBIE):
                 await self.driver.kill(name)
                 await node_ops.mark_stopped(
                     self.db, self.node_id, desk.id, reason="the node restarted and the desktop could not be kept"
                 )
-            elif desk.state == "starting":
+            elif desk.state == DesktopState.STARTING:
                 await self.driver.kill(name)
                 await node_ops.mark_failed(
                     self.db, self.node_id, desk.id, "the node restarted while the desktop was starting: start it again"
@@ -186,38 +189,29 @@ class NodeDaemon:
     # ---- loops -----------------------------------------------------------------------------------------
     def _may_judge(self) -> bool:
         """Judge other nodes only after our own heartbeats have worked for a whole ``lost_after_s``."""
-        now = time.monotonic()
-        healthy = now - self._hb_ok_at < self.cfg.heartbeat_s * 2 + 1
-        return healthy and not self._fenced and now - self._hb_ok_since >= self.cfg.lost_after_s
+        hb = self.heartbeat
+        return hb is not None and not self._fenced and hb.healthy_for() >= self.cfg.lost_after_s
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
-        assert self.node_id is not None
-        while not stop.is_set():
-            try:
-                h = read_host_figures()
-                running = sum(1 for g in await self.driver.list() if g.running)
-                live = await asyncio.wait_for(
-                    node_ops.heartbeat(
-                        self.db, self.node_id, mem_free_mib=h.mem_free_mib, load=h.load, running=running
-                    ),
-                    max(self.cfg.heartbeat_s, 1.0),
-                )
-                now = time.monotonic()
-                if now - self._hb_ok_at > self.cfg.heartbeat_s * 2 + 1:
-                    self._hb_ok_since = now
-                self._hb_ok_at = now
-                if not live:
-                    await self._declared_lost()
-                elif self._fenced:
-                    log.warning("node.unfenced", reason="the database is back and this node was not declared lost")
-                    await self.converge()
-                    self._fenced = False
-            except Exception as e:  # database down: keep trying; the guests go on until we must self-fence
-                log.warning("node.heartbeat_failed", error=str(e) or type(e).__name__)
-                if not self._fenced and time.monotonic() - self._hb_ok_at > self.cfg.self_fence_after_s:
-                    await self._self_fence()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.cfg.heartbeat_s)
+        """The heartbeat thread writes (node/heartbeat.py); here we act on its verdicts (node/fencing.py)."""
+        assert self.heartbeat is not None
+
+        async def running() -> int:
+            return sum(1 for g in await self.driver.list() if g.running)
+
+        async def on_beat(beat: Beat) -> None:
+            verdict = beat.decision.verdict
+            if verdict is Verdict.LOST:
+                await self._declared_lost()
+            elif verdict is Verdict.FENCE:
+                if not self._fenced:
+                    await self._self_fence(beat.decision.reason)
+            elif self._fenced and beat.accepted:
+                log.warning("node.unfenced", reason="the database is back and this node was not declared lost")
+                await self.converge()
+                self._fenced = False
+
+        await self.heartbeat.run(stop, running, on_beat)
 
     async def _kill_all_guests(self) -> None:
         work = list(self._work.values())
@@ -230,10 +224,10 @@ class NodeDaemon:
                 await self.driver.kill(guest.guest_name)
         self._health.clear()
 
-    async def _self_fence(self) -> None:
-        """We cannot reach the database: the others will declare us lost and restart our desktops. Kill ours."""
+    async def _self_fence(self, reason: str) -> None:
+        """Our lease ran out and another node may restart our desktops (node/fencing.py): kill ours first."""
         self._fenced = True
-        log.error("node.self_fenced", after_s=round(time.monotonic() - self._hb_ok_at, 1))
+        log.error("node.self_fenced", reason=reason)
         await self._kill_all_guests()
 
     async def _declared_lost(self) -> None:
@@ -243,7 +237,7 @@ class NodeDaemon:
         await self._kill_all_guests()
         await self.register()
         await self.converge()  # desktops still assigned to us (fencing had failed) are stopped, never resumed
-        await node_ops.set_node_state(self.db, self.node_id or 0, "running")
+        await node_ops.set_node_state(self.db, self.node_id or 0, NodeState.RUNNING)
         self._fenced = False
 
     async def _command_loop(self, stop: asyncio.Event) -> None:
@@ -265,13 +259,13 @@ class NodeDaemon:
         if self._fenced:
             return  # no new guest while we may have been declared lost
         node_cmd = await node_ops.claim_node_command(self.db, self.node_id)
-        if node_cmd in ("stop", "restart") and self._stop_event is not None:
+        if node_cmd in (NodeCommand.STOP, NodeCommand.RESTART) and self._stop_event is not None:
             log.info(f"node.{node_cmd}_requested")
-            if node_cmd == "restart":
+            if node_cmd == NodeCommand.RESTART:
                 self.restart.set()
             self._stop_event.set()
             return
-        if node_cmd == "drain":
+        if node_cmd == NodeCommand.DRAIN:
             await self._notify_drain()
         for desktop_id in await node_ops.claim_stops(self.db, self.node_id):
             self._spawn(desktop_id, self._stop_claimed(desktop_id))
@@ -281,10 +275,7 @@ class NodeDaemon:
     async def _notify_drain(self) -> None:
         """Drain: tell the users of our running desktops (the agent's ``expire`` hook) that they should leave."""
         assert self.node_id is not None
-        desks = [d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.state == "running"]
-        if not self.has_agent:
-            log.info("node.drain_notified", desktops=len(desks))
-            return
+        desks = [d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.state == DesktopState.RUNNING]
 
         async def expire(desk: Desktop) -> None:
             if desk.agent_token:
@@ -339,8 +330,7 @@ class NodeDaemon:
                 )
                 await self.driver.start(spec)
                 t1 = time.monotonic()
-                if self.has_agent:
-                    await self._wait_for_agent(desk)
+                await self._wait_for_agent(desk)
                 t2 = time.monotonic()
             self._health[desktop_id] = _AgentHealth()
             ok = await node_ops.mark_running(
@@ -394,7 +384,7 @@ class NodeDaemon:
                 desk = next(
                     (d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.id == desktop_id), None
                 )
-                if desk is not None and desk.agent_token and self.has_agent:
+                if desk is not None and desk.agent_token:
                     with contextlib.suppress(DeckardError):
                         await AgentClient(desk.ip, desk.agent_token, timeout=1.0).poweroff()
                 await self.driver.stop(name, timeout=5.0)
@@ -417,7 +407,7 @@ class NodeDaemon:
                 desks = [
                     d
                     for d in await node_ops.desktops_on_node(self.db, self.node_id)
-                    if d.state == "running" and d.id not in self._work
+                    if d.state == DesktopState.RUNNING and d.id not in self._work
                 ]
                 await asyncio.gather(*(self._check_agent(d) for d in desks))
             except Exception as e:
@@ -432,8 +422,7 @@ class NodeDaemon:
             return
         try:
             assert desk.agent_token
-            if self.has_agent:
-                await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()
+            await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()
             health.failures = 0
             await node_ops.agent_ok(self.db, self.node_id, desk.id)
         except DeckardError as e:

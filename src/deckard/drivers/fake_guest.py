@@ -1,0 +1,234 @@
+"""A fake desktop on loopback: the real guest agent over a pretend X session, and a display that checks VNC auth.
+
+The fake driver (drivers/fake.py) starts one :class:`FakeGuest` per desktop inside the node's process, so the
+node and the broker run their real code paths against it: the node waits for the agent and pings it, the
+broker calls ``x_start`` and authenticates to the display.  The agent is deckard-vma's own RPC code
+(:class:`deckard.vma.agent.Agent` and its HTTP ``Handler``, fed from asyncio streams), with only the X session
+replaced: a protocol change in the agent reaches the fake without anyone copying it.  The display speaks
+RFB 3.8 with VNC authentication against the desktop's display secret (drivers/display.py), as Xvnc does in a
+real desktop, and then echoes what it receives, so a tunnel's bytes can be checked end to end.
+
+Both listen on the desktop's own address, which is why the fake driver wants a loopback desktop network: on
+Linux every address of 127.0.0.0/8 can be bound without configuring anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import socketserver
+from typing import Any, cast
+
+import structlog
+
+from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT, GuestSpec
+from deckard.drivers.display import display_password, vnc_auth_response
+from deckard.vma import agent as vma
+
+log = structlog.get_logger()
+
+RFB_VERSION = b"RFB 003.008\n"
+_NO_SERVER = cast("socketserver.BaseServer", None)  # the handler never looks at its server
+MAX_REQUEST = 64 * 1024  # the agent's RPCs are a line of query string; anything bigger is not the node or the broker
+
+
+class FakeXSession(vma.XSession):
+    """The display's life as the agent sees it; ``x_start`` opens the guest's display port instead of Xvnc."""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        super().__init__(vma.Children())
+        self.guest = guest
+
+    def current_state(self) -> str:
+        if self.state == "listening" and self.guest.viewers:
+            return "connected"
+        return self.state
+
+    def start(self, login: str, uid: int, geometry: str) -> dict[str, Any]:  # noqa: ARG002 (no real screen)
+        with self.lock:
+            if self.state == "listening" and self.user == login:
+                return {"state": self.current_state(), "user": login, "already": True}
+            if self.guest.x_start_error:
+                raise vma.AgentError("x_start_failed", self.guest.x_start_error, 500)
+            try:
+                self.guest.open_display()
+            except OSError as exc:
+                raise vma.AgentError("x_start_failed", f"could not start the display: {exc}", 500) from exc
+            self.state, self.user, self.uid = "listening", login, uid
+        return {"state": "listening", "user": login, "elapsed_ms": 0}
+
+    def stop(self) -> None:
+        with self.lock:
+            self.state, self.user, self.uid = "stopped", None, None
+        self.guest.close_display()
+
+    def notify(self, text: str, timeout: int = 60) -> str:  # noqa: ARG002 (nobody reads a fake banner)
+        return "xmessage" if self.state == "listening" else "none"
+
+    def expire(self) -> str:
+        return self.notify("expired")
+
+
+class FakeAgent(vma.Agent):
+    """deckard-vma's RPC methods on the fake session; it records every call for tests to read."""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        super().__init__(guest.spec.agent_token, is_init=False)
+        self.guest = guest
+        self.x = FakeXSession(guest)
+
+    def call(self, method: str, params: dict[str, str]) -> dict[str, Any]:
+        self.guest.calls.append((method, dict(params)))
+        return super().call(method, params)
+
+    def poweroff(self) -> None:
+        super().poweroff()  # runs on the timer thread of rpc_poweroff, or on the loop for a driver stop
+        with contextlib.suppress(RuntimeError):  # the loop is gone: so is the guest
+            self.guest.loop.call_soon_threadsafe(self.guest.exit)
+
+
+class _BufferedHandler(vma.Handler):
+    """The agent's HTTP handler run over one request already read into memory (no socket of its own)."""
+
+    def setup(self) -> None:
+        self.rfile = io.BytesIO(self.request)
+        self.wfile = io.BytesIO()
+
+    def finish(self) -> None:
+        pass  # the caller reads wfile
+
+
+class FakeGuest:
+    """One desktop's agent and display on ``spec.ip``; ``running`` until it powers off or is killed."""
+
+    def __init__(self, spec: GuestSpec, *, x_start_error: str | None = None) -> None:
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.running = False
+        self.x_start_error = x_start_error  # x_start answers x_start_failed with this message (a broken image)
+        self.calls: list[tuple[str, dict[str, str]]] = []  # every RPC the agent received, in order
+        self.auth_failures = 0  # display connections refused by VNC authentication
+        self.display_bytes = 0  # what reached the display after authentication
+        self.viewers: set[asyncio.StreamWriter] = set()  # authenticated display connections
+        self._display_conns: set[asyncio.StreamWriter] = set()
+        self.agent = FakeAgent(self)
+        self._handler = type("FakeGuestHandler", (_BufferedHandler,), {"agent": self.agent})
+        self._agent_server: asyncio.Server | None = None
+        self._display_sock: socket.socket | None = None  # bound at x_start; served once its server is up
+        self._display_server: asyncio.Server | None = None
+
+    # ---- life ----------------------------------------------------------------------------------------
+    async def boot(self) -> None:
+        """Bring the agent up on the desktop's address; OSError when the address cannot be bound."""
+        self._agent_server = await asyncio.start_server(self._serve_agent, self.spec.ip, AGENT_PORT)
+        self.running = True
+
+    @property
+    def agent_alive(self) -> bool:
+        return self._agent_server is not None
+
+    def kill_agent(self) -> None:
+        """The agent dies and the guest runs on (what the node must detect as a zombie)."""
+        if self._agent_server is not None:
+            self._agent_server.close()
+            self._agent_server = None
+
+    def exit(self) -> None:
+        """The guest ends (powered off from inside, or killed): its agent and display go with it."""
+        self.kill_agent()
+        self.close_display()
+        self.running = False
+
+    def resume_display(self, user: str, uid: int) -> None:
+        """After a hand-over: the display that was up before is up again, for the same user."""
+        self.open_display()
+        self.agent.x.state, self.agent.x.user, self.agent.x.uid = "listening", user, uid
+
+    # ---- display -------------------------------------------------------------------------------------
+    def open_display(self) -> None:
+        if self._display_sock is not None:
+            return
+        # bound here, synchronously, so that the port accepts connections as soon as x_start answers
+        sock = socket.create_server((self.spec.ip, DISPLAY_PORT))
+        sock.setblocking(False)
+        self._display_sock = sock
+        task = self.loop.create_task(asyncio.start_server(self._serve_display, sock=sock))
+        task.add_done_callback(lambda t: self._display_started(sock, t))
+
+    def _display_started(self, sock: socket.socket, task: asyncio.Task[asyncio.Server]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            sock.close()
+            return
+        if self._display_sock is sock:
+            self._display_server = task.result()
+        else:  # closed before it came up
+            task.result().close()
+
+    def close_display(self) -> None:
+        if not _on_loop(self.loop):  # the agent's poweroff runs on a timer thread
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.close_display)
+            return
+        if self._display_server is not None:
+            self._display_server.close()  # one still being created is closed by _display_started
+        self._display_server = self._display_sock = None
+        for conn in list(self._display_conns):
+            conn.close()
+
+    # ---- servers -------------------------------------------------------------------------------------
+    async def _serve_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(v)
+                    for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+                    if k.lower() == b"content-length"
+                ),
+                0,
+            )
+            if len(head) + length <= MAX_REQUEST:
+                body = await reader.readexactly(length) if length else b""
+                handler = self._handler(head + body, writer.get_extra_info("peername"), _NO_SERVER)
+                writer.write(handler.wfile.getvalue())
+                await writer.drain()
+        writer.close()
+
+    async def _serve_display(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._display_conns.add(writer)
+        writer.write(RFB_VERSION)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await self._authenticate_and_echo(reader, writer)
+        self._display_conns.discard(writer)
+        writer.close()
+
+    async def _authenticate_and_echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(12)
+        writer.write(b"\x01\x02")  # one security type: VNC authentication, as Xvnc -SecurityTypes VncAuth
+        await reader.readexactly(1)
+        challenge = os.urandom(16)
+        writer.write(challenge)
+        if await reader.readexactly(16) != vnc_auth_response(display_password(self.spec.agent_token), challenge):
+            self.auth_failures += 1
+            writer.write(b"\x00\x00\x00\x01\x00\x00\x00\x0eauthentication")
+            await writer.drain()
+            return
+        writer.write(b"\x00\x00\x00\x00")
+        self.viewers.add(writer)
+        try:
+            while data := await reader.read(65536):
+                self.display_bytes += len(data)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            self.viewers.discard(writer)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
