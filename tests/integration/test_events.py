@@ -12,9 +12,9 @@ import sqlalchemy as sa
 import test_api
 from test_api import Farm, add_node, call
 
-from deckard.api.routes.events import allowed_event
 from deckard.db import schema as t
 from deckard.services.context import Actor
+from deckard.services.event_stream import allowed_event
 from deckard.services.events import DESKTOPS
 
 farm = test_api.farm  # the real API with TLS, shared with test_api.py
@@ -39,26 +39,26 @@ async def test_the_stream_delivers_created_and_state_events(farm: Farm) -> None:
         assert await asyncio.wait_for(lines.__anext__(), 10) == ": connected"
         desk = await call(api.create_desktop, "desk1", "alice")
         created = await asyncio.wait_for(_next_event(lines, "created"), 10)
-        assert (created["object"], created["id"], created["name"]) == ("desktop", desk["id"], "desk1")
+        assert (created["object"], created["id"], created["name"]) == ("desktop", desk.id, "desk1")
         async with farm.db.begin() as conn:  # what a node writes when the guest runs
-            await conn.execute(sa.update(t.desktops).where(t.desktops.c.id == desk["id"]).values(state="running"))
-        await farm.db.bus.notify(DESKTOPS, str(desk["id"]))
+            await conn.execute(sa.update(t.desktops).where(t.desktops.c.id == desk.id).values(state="running"))
+        await farm.db.bus.notify(DESKTOPS, str(desk.id))
         state = await asyncio.wait_for(_next_event(lines, "state"), 10)
         if state["state"] == "stopped":  # the creation's own notification may come first
             state = await asyncio.wait_for(_next_event(lines, "state"), 10)
-        assert (state["object"], state["id"], state["state"]) == ("desktop", desk["id"], "running")
+        assert (state["object"], state["id"], state["state"]) == ("desktop", desk.id, "running")
 
 
 async def test_a_bulk_start_becomes_state_events(farm: Farm) -> None:
     api = await farm.admin_client()
     await call(api.create_user, "alice", "pw-1234")
-    ids = [(await call(api.create_desktop, f"d{i}", "alice"))["id"] for i in range(3)]
+    ids = [(await call(api.create_desktop, f"d{i}", "alice")).id for i in range(3)]
     await add_node(farm.db)
     async with farm.http(api.token) as http, http.stream("GET", "/events") as r:  # Bearer header this time
         lines = r.aiter_lines()
         assert await asyncio.wait_for(lines.__anext__(), 10) == ": connected"
         out = await call(api.bulk, "desktops", "start", ids=ids)
-        assert sorted(out["ok"]) == ids
+        assert sorted(out.ok) == ids
         seen = set()
         while seen != set(ids):
             ev = await asyncio.wait_for(_next_event(lines, "state"), 10)

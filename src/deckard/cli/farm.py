@@ -1,7 +1,8 @@
 """Commands that run a farm's own processes: ``up``, ``down``, ``node``, ``api`` and ``image build``.
 
 These are the only commands that touch the farm directory and database directly; everything an administrator
-does afterwards goes through the API (``cli/admin.py``).
+does afterwards goes through the API (``cli/admin.py``).  They choose which parts run in a process (the API, a
+node daemon and its broker); how a process runs, stops, drains and restarts in place is ``runtime/process.py``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from deckard.runtime.paths import DEFAULT_HOME, FarmPaths
+from deckard.runtime.process import Parts, Shutdown, run_process
 from deckard.runtime.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from deckard.db.engine import Database
 
 console = Console(stderr=True)
 out = Console()
@@ -99,15 +106,47 @@ def _public_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
+@asynccontextmanager
+async def _farm_db(settings: Settings) -> AsyncIterator[Database]:
+    """The farm's database, started (and migrated) for one command or process and closed after it."""
+    from deckard.db.engine import Database
+
+    db = Database(settings.db_url)
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def _bootstrap(settings: Settings) -> str | None:
+    """Bring the farm's database up to date (tenants, roles, first administrator: its password the first time)."""
+    from deckard.services.tenancy import bootstrap_farm
+
+    async with _farm_db(settings) as db:
+        return await bootstrap_farm(db)
+
+
+async def _register_image(
+    settings: Settings, path: Path, tags: tuple[str, ...] = ("default", "head")
+) -> dict[str, Any]:
+    """Register an image file (version from its name, digest computed) and point ``tags`` at it."""
+    from deckard.runtime.paths import image_digest
+    from deckard.services.images import register_image
+    from deckard.services.tenancy import bootstrap_farm
+
+    async with _farm_db(settings) as db:
+        await bootstrap_farm(db)
+        digest = await asyncio.to_thread(image_digest, path)
+        return await register_image(db, path, version=path.name.split(".")[0], digest=digest, tags=tags)
+
+
 # ---- image ---------------------------------------------------------------------------------------------
-async def _ensure_image(settings: Settings, *, force: bool = False, cache: Path | None = None) -> dict[str, Any]:
+async def _ensure_image(settings: Settings, *, cache: Path | None = None) -> dict[str, Any]:
     """Build the default desktop image if it is missing (cached: a second run does not rebuild)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from deckard.db.engine import Database
-    from deckard.images.builder import build_image, image_digest
-    from deckard.services.images import register_image
-    from deckard.services.tenancy import bootstrap_farm
+    from deckard.images.builder import build_image
 
     paths = settings.paths
     paths.make()
@@ -127,14 +166,7 @@ async def _ensure_image(settings: Settings, *, force: bool = False, cache: Path 
 
         path = await build_image(paths.images, cache_dir=cache_dir, progress=progress)
         bar.update(task, completed=1.0, description="Desktop image ready")
-    db = Database(settings.db_url)
-    await db.start()
-    try:
-        await bootstrap_farm(db)
-        digest = await asyncio.to_thread(image_digest, path)
-        return await register_image(db, path, version=path.name.split(".")[0], digest=digest)
-    finally:
-        await db.close()
+    return await _register_image(settings, path)
 
 
 def image_build(
@@ -156,50 +188,22 @@ def image_import(
     path: Path, home: HomeOpt = DEFAULT_HOME, tag: Annotated[list[str] | None, typer.Option("--tag")] = None
 ) -> None:
     """Register an existing image tarball (e.g. built elsewhere) and tag it (default: default, head)."""
-    from deckard.db.engine import Database
-    from deckard.images.builder import image_digest
-    from deckard.services.images import register_image
-    from deckard.services.tenancy import bootstrap_farm
-
     if not path.is_file():
         _fail(f"{path} is not a file")
-
-    async def run() -> dict[str, Any]:
-        settings = _settings(home)
-        settings.paths.make()
-        db = Database(settings.db_url)
-        await db.start()
-        try:
-            await bootstrap_farm(db)
-            digest = await asyncio.to_thread(image_digest, path)
-            return await register_image(
-                db,
-                path.resolve(),
-                version=path.name.split(".")[0],
-                digest=digest,
-                tags=tuple(tag or ("default", "head")),
-            )
-        finally:
-            await db.close()
-
-    image = asyncio.run(run())
+    settings = _settings(home)
+    settings.paths.make()
+    image = asyncio.run(_register_image(settings, path.resolve(), tuple(tag or ("default", "head"))))
     out.print(f"image {image['id']} ({image['version']}) registered from {image['path']}")
 
 
 # ---- running processes ---------------------------------------------------------------------------------
 async def _serve(
-    settings: Settings,
-    *,
-    with_api: bool,
-    with_node: bool,
-    stop: asyncio.Event,
-    ready_file: Path | None = None,
-    restart: asyncio.Event | None = None,
+    settings: Settings, shutdown: Shutdown, *, with_api: bool, with_node: bool, ready_file: Path | None = None
 ) -> None:
+    """The parts of this process: the API and/or a node daemon with its broker, over one database."""
     from deckard.api.app import create_app
     from deckard.api.server import serve_api
     from deckard.broker.server import Broker
-    from deckard.db.engine import Database
     from deckard.drivers import load_driver
     from deckard.drivers.network import ensure_bridge
     from deckard.model.network import gateway_of, prefix_len
@@ -210,19 +214,11 @@ async def _serve(
     paths = settings.paths
     paths.make()
     _ca, cert, key = ensure_tls(paths.tls)
-    db = Database(settings.db_url)
-    await db.start()
-    tasks: list[asyncio.Task[None]] = []
-    broker: Broker | None = None
-    try:
+    async with _farm_db(settings) as db, Parts(shutdown.stop) as parts:
         await bootstrap_farm(db)
         if with_api:
             app = create_app(db, settings)
-            tasks.append(
-                asyncio.create_task(
-                    serve_api(app, settings.api.host, settings.api.port, str(cert), str(key), stop), name="api"
-                )
-            )
+            parts.run("api", serve_api(app, settings.api.host, settings.api.port, str(cert), str(key), shutdown.stop))
         if with_node:
             net = settings.network
             if settings.node.driver != "fake":  # fake desktops need no bridge (and no root)
@@ -235,25 +231,17 @@ async def _serve(
                 settings,
                 driver,
                 broker_url=(f"https://{_public_host(settings.broker.host)}:{settings.broker.port}"),
-                restart=restart,
+                restart=shutdown.restart,
             )
             node_id = await node.register()
             broker = Broker(db, settings.broker, server_context(cert, key), node_id=node_id, poll=settings.node.poll_s)
             await broker.start(settings.broker.host, settings.broker.port)
-            tasks.append(asyncio.create_task(node.run(stop), name="node"))
+            parts.on_stop(broker.close)
+            parts.run("node", node.run(shutdown.stop))
             await asyncio.wait_for(node.ready.wait(), 120)
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
-        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception():
-                raise t.exception()  # type: ignore[misc]
-    finally:
-        stop.set()
-        if broker is not None:
-            await broker.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await db.close()
+        await parts.wait()
 
 
 def _run_until_signal(settings: Settings, *, with_api: bool, with_node: bool, ready_file: Path | None = None) -> None:
@@ -261,40 +249,12 @@ def _run_until_signal(settings: Settings, *, with_api: bool, with_node: bool, re
 
     setup_logging(settings.log_format)
 
-    restart_requested = False
+    async def main(shutdown: Shutdown) -> None:
+        await _serve(settings, shutdown, with_api=with_api, with_node=with_node, ready_file=ready_file)
 
-    async def main() -> None:
-        nonlocal restart_requested
-        stop, restart = asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-
-        def restart_in_place() -> None:
-            restart.set()
-            stop.set()
-
-        if with_node:  # SIGHUP: restart in place, keeping the desktops (what `deckard node restart` asks for)
-            loop.add_signal_handler(signal.SIGHUP, restart_in_place)
-        try:
-            await _serve(
-                settings, with_api=with_api, with_node=with_node, stop=stop, ready_file=ready_file, restart=restart
-            )
-        finally:
-            restart_requested = restart.is_set()
-
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
-    if restart_requested:
-        # the same pid and process group (pid files and fencing stay valid); the new code, if it was upgraded
-        argv = [sys.executable, "-m", "deckard.cli.main", *sys.argv[1:]]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, argv)
+    # a node restarts in place (SIGHUP, `deckard node restart`) keeping its desktops: the same command runs again
+    restart_argv = [sys.executable, "-m", "deckard.cli.main", *sys.argv[1:]] if with_node else None
+    run_process(main, restart_argv=restart_argv)
 
 
 def node_cmd(
@@ -365,19 +325,14 @@ def _running_pid(paths: FarmPaths) -> int | None:
     return pid
 
 
-def _first_run_profile(settings: Settings, password: str) -> Path:
+def _first_run_profile(settings: Settings) -> Path:
     """Make an API token for the bootstrap admin and write the CLI profile so `deckard user add` just works."""
     from deckard.client.profile import Profile, save_profile
-    from deckard.db.engine import Database
     from deckard.services.admins import create_api_token
 
     async def token() -> str:
-        db = Database(settings.db_url)
-        await db.start()
-        try:
+        async with _farm_db(settings) as db:
             return await create_api_token(db, "admin", "cli on " + os.uname().nodename)
-        finally:
-            await db.close()
 
     paths = settings.paths
     ca = paths.tls / "ca.pem"
@@ -407,9 +362,7 @@ def up(
     ] = 1,
 ) -> None:
     """Run the all-in-one farm: API + node + broker, SQLite (or --database), the default image and an administrator."""
-    from deckard.db.engine import Database
     from deckard.runtime.tls import ensure_tls
-    from deckard.services.tenancy import bootstrap_farm
 
     settings = _settings(home, api_port, broker_port, listen, bridge, network, database, node_name, driver)
     if settings.node.driver == "container":
@@ -422,34 +375,26 @@ def up(
         _print_addresses(settings, note=f"already running (pid {pid}); stop it with `deckard down`")
         return
     ensure_tls(paths.tls)
-
-    async def bootstrap() -> str | None:
-        db = Database(settings.db_url)
-        await db.start()
-        try:
-            return await bootstrap_farm(db)
-        finally:
-            await db.close()
-
-    password = asyncio.run(bootstrap())
+    password = asyncio.run(_bootstrap(settings))
     if not no_image:
         asyncio.run(_ensure_image(settings))
     if password is not None:
-        profile_path = _first_run_profile(settings, password)
+        profile_path = _first_run_profile(settings)
         out.print(
             "\n[bold]Administrator[/bold] (shown once, keep it): "
             f"name [bold]admin[/bold]  password [bold]{password}[/bold]"
         )
         out.print(f"CLI profile written to {profile_path}: `deckard user add …` works on this machine.")
+    ready = paths.run / "ready"
     if foreground:
         _pid_file(paths).write_text(str(os.getpid()))
         _print_addresses(settings, note="running in the foreground; Ctrl-C stops it")
-        _run_until_signal(settings, with_api=True, with_node=True)
+        _run_until_signal(settings, with_api=True, with_node=True, ready_file=ready)
         return
     log_path = paths.logs / "deckard.log"
-    ready = paths.run / "ready"
     ready.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "deckard.cli.main", "_serve", "--home", str(home)]
+    # the background process is this command in the foreground, detached (the image is already there)
+    args = [sys.executable, "-m", "deckard.cli.main", "up", "--foreground", "--no-image", "--home", str(home)]
     for opt, val in (
         ("--api-port", api_port),
         ("--broker-port", broker_port),
@@ -505,22 +450,6 @@ def _start_extra_node(settings: Settings, home: Path, index: int, driver: str | 
     out.print(f"node {name} started (pid {proc.pid}, broker port {settings.broker.port + index - 1})")
 
 
-def serve_hidden(
-    home: HomeOpt = DEFAULT_HOME,
-    api_port: ApiPortOpt = None,
-    broker_port: BrokerPortOpt = None,
-    listen: ListenOpt = None,
-    bridge: BridgeOpt = None,
-    network: NetworkOpt = None,
-    node_name: NodeNameOpt = None,
-    driver: DriverOpt = None,
-    database: DbOpt = None,
-) -> None:
-    """(internal) The background process of `deckard up`."""
-    settings = _settings(home, api_port, broker_port, listen, bridge, network, database, node_name, driver)
-    _run_until_signal(settings, with_api=True, with_node=True, ready_file=settings.paths.run / "ready")
-
-
 def _print_addresses(settings: Settings, note: str) -> None:
     host = _public_host(settings.broker.host)
     out.print(f"\n[bold green]Deckard farm[/bold green] at {settings.home}: {note}")
@@ -566,7 +495,6 @@ def register(app: typer.Typer) -> None:
     node.callback(invoke_without_command=True)(node_cmd)
     app.add_typer(node, name="node")
     app.command("api")(api_cmd)
-    app.command("_serve", hidden=True)(serve_hidden)
     image = typer.Typer(help="Disk images (QVD's DIs).", no_args_is_help=True)
     image.command("build")(image_build)
     image.command("import")(image_import)

@@ -20,6 +20,7 @@ from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput
 from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.events import publish
+from deckard.services.tenant_lookup import find_tenant
 
 GLOBAL = 0  # the global layer's tenant_id
 # limits a tenant lives under, not choices it makes: only supertenant administrators set them, on any layer
@@ -56,8 +57,6 @@ async def get_config(db: Database, key: str, tenant_id: int | None = None) -> An
 
 
 async def _target_tenant(conn: AsyncConnection, actor: Actor, tenant: str | int | None) -> int | None:
-    from deckard.services.tenants import find_tenant
-
     if tenant is None:
         return None if actor.all_tenants else actor.tenant_id
     return int((await find_tenant(conn, actor, tenant))["id"])

@@ -12,7 +12,6 @@ publishing twice does not give a desktop more time.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,34 +21,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, utcnow
+from deckard.model.states import DesktopState
+from deckard.services.config import read_config
 
 d = t.desktops
 
-DEFAULT_SOFT_S = 3600
-DEFAULT_HARD_S = 86400
-SOFT_KEY = "image.expire.soft_s"
-HARD_KEY = "image.expire.hard_s"
-
-
-async def _config_value(db: Database, key: str, tenant_id: int | None, default: int) -> int:
-    # the layered config service lands in parallel work; until then (or if it fails) the built-in default holds
-    try:
-        config: Any = importlib.import_module("deckard.services.config")
-        value: Any = await config.get_config(db, key, tenant_id)
-    except Exception:
-        return default
-    if isinstance(value, dict):
-        value = value.get("value", default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
 
 async def expiry_defaults(db: Database, tenant_id: int | None) -> tuple[int, int]:
-    """Soft and hard expiry delays (seconds) for a tenant: config ``image.expire.soft_s``/``hard_s``."""
-    soft = await _config_value(db, SOFT_KEY, tenant_id, DEFAULT_SOFT_S)
-    hard = await _config_value(db, HARD_KEY, tenant_id, DEFAULT_HARD_S)
+    """Soft and hard expiry delays (seconds) for a tenant: config ``image.expire.soft_s``/``hard_s``.
+
+    Their built-in defaults are the catalogue's (``model/config_keys.py``), the one place they are written.
+    """
+    async with db.connect() as conn:
+        soft = int(await read_config(conn, "image.expire.soft_s", tenant_id))
+        hard = int(await read_config(conn, "image.expire.hard_s", tenant_id))
     return soft, hard
 
 
@@ -77,7 +62,7 @@ async def set_expiry_for_tags(
     cond = sa.and_(
         d.c.osf_id == osf_id,
         d.c.tag.in_(list(tags)),
-        d.c.state == "running",
+        d.c.state == DesktopState.RUNNING,
         sa.or_(d.c.image_id.is_(None), d.c.image_id != image_id),
     )
     ids = [int(r.id) for r in await conn.execute(sa.select(d.c.id).where(cond))]
@@ -98,7 +83,7 @@ async def desktops_to_notify(db: Database, node_id: int, now: dt.datetime | None
     now = now or utcnow()
     q = sa.select(d).where(
         d.c.node_id == node_id,
-        d.c.state == "running",
+        d.c.state == DesktopState.RUNNING,
         d.c.expire_soft_at.is_not(None),
         d.c.expire_soft_at <= now,
         d.c.expire_notified_at.is_(None),
@@ -112,7 +97,7 @@ async def desktops_to_stop(db: Database, node_id: int, now: dt.datetime | None =
     now = now or utcnow()
     q = sa.select(d.c.id).where(
         d.c.node_id == node_id,
-        d.c.state == "running",
+        d.c.state == DesktopState.RUNNING,
         d.c.cmd.is_(None),
         d.c.expire_hard_at.is_not(None),
         d.c.expire_hard_at <= now,

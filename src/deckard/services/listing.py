@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.model.errors import BadInput
 from deckard.model.ids import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, parse_int
+from deckard.services.rows import as_dict
 
 MAX_PER_PAGE = 1000
 DEFAULT_PER_PAGE = 50
@@ -189,8 +190,6 @@ async def run_list(
     columns: Mapping[str, sa.ColumnElement[Any]],
     key: sa.ColumnElement[Any],
 ) -> tuple[list[dict[str, Any]], int]:
-    from deckard.services.rows import as_dict
-
     page, count = apply_query(select, q, columns, key)
     total = int((await conn.execute(count)).scalar_one())
     rows = [as_dict(r) for r in await conn.execute(page)]

@@ -27,6 +27,7 @@ from deckard.services.context import Actor, require
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.rows import as_dict
+from deckard.services.tenant_lookup import resolve_tenant_for_create
 
 SUPERTENANT = "*"
 SUPERTENANT_ID = 0  # QVD's id for the supertenant
@@ -211,12 +212,6 @@ async def _set_inherits(
         )
 
 
-async def _tenant_for_create(conn: AsyncConnection, actor: Actor, tenant: str | None) -> int:
-    from deckard.services.tenants import resolve_tenant_for_create
-
-    return await resolve_tenant_for_create(conn, actor, tenant)
-
-
 async def create_role(
     db: Database,
     actor: Actor,
@@ -230,7 +225,7 @@ async def create_role(
     require(actor, "role.create")
     _check_grants(actor, grants)
     async with db.begin() as conn:
-        tenant_id = await _tenant_for_create(conn, actor, tenant)
+        tenant_id = await resolve_tenant_for_create(conn, actor, tenant)
         dup = await conn.execute(
             sa.select(t.roles.c.id).where(t.roles.c.tenant_id == tenant_id, t.roles.c.name == name)
         )

@@ -17,8 +17,9 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import NotFound
+from deckard.services.roles import ensure_predefined_roles, ensure_supertenant
+from deckard.services.tenant_lookup import DEFAULT_TENANT as DEFAULT_TENANT  # re-exported: callers name it here
 
-DEFAULT_TENANT = "default"
 DEFAULT_OSF = "default"
 
 
@@ -74,8 +75,6 @@ async def bootstrap_farm(db: Database, admin_name: str = "admin") -> str | None:
 
 
 async def _bootstrap_once(db: Database, admin_name: str) -> str | None:
-    from deckard.services.roles import ensure_predefined_roles, ensure_supertenant
-
     async with db.begin() as conn:
         tenant_id = await ensure_default_tenant(conn)
         super_id = await ensure_supertenant(conn)

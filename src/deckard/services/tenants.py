@@ -19,55 +19,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound
+from deckard.model.errors import BadInput, Conflict
 from deckard.services.config import read_config
 from deckard.services.context import Actor, require
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.roles import SUPERTENANT_ID
-from deckard.services.rows import as_dict
-from deckard.services.tenancy import DEFAULT_TENANT, ensure_default_osf
+from deckard.services.tenancy import ensure_default_osf
+from deckard.services.tenant_lookup import DEFAULT_TENANT, TENANT_COLUMNS, find_tenant, tenants_visible
 
 PROTECTED = {"*", DEFAULT_TENANT}
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
-
-LIST_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
-    "id": t.tenants.c.id,
-    "name": t.tenants.c.name,
-    "blocked": t.tenants.c.blocked,
-    "description": t.tenants.c.description,
-    "created_at": t.tenants.c.created_at,
-}
-
-
-def _visible(actor: Actor) -> sa.ColumnElement[bool]:
-    return sa.true() if actor.all_tenants else t.tenants.c.id == actor.tenant_id
-
-
-async def find_tenant(conn: AsyncConnection, actor: Actor, ref: str | int) -> dict[str, Any]:
-    """A tenant by id or name, as the actor may see it (404 ``tenant_not_found`` otherwise)."""
-    ref_s = str(ref)
-    cond = t.tenants.c.id == int(ref_s) if ref_s.isdigit() else t.tenants.c.name == ref_s
-    q = sa.select(*(c.label(k) for k, c in LIST_COLUMNS.items())).where(cond, _visible(actor))
-    row = (await conn.execute(q)).first()
-    if not row:
-        raise NotFound(f"no tenant {ref!r}", code="tenant_not_found")
-    return as_dict(row)
-
-
-async def resolve_tenant_for_create(
-    conn: AsyncConnection, actor: Actor, tenant: str | int | None, *, default: str = DEFAULT_TENANT
-) -> int:
-    """Where a create lands: a confined actor always in their own tenant (naming another is a 404); a
-    supertenant administrator where they say, else ``default``."""
-    if not actor.all_tenants:
-        assert actor.tenant_id is not None
-        if tenant is not None:
-            row = await find_tenant(conn, actor, tenant)
-            return int(row["id"])
-        return actor.tenant_id
-    row = await find_tenant(conn, actor, tenant if tenant is not None else default)
-    return int(row["id"])
+LIST_COLUMNS = TENANT_COLUMNS  # what list filters and sort keys may name, like every listing service
 
 
 async def is_multitenant(conn: AsyncConnection) -> bool:
@@ -77,7 +40,7 @@ async def is_multitenant(conn: AsyncConnection) -> bool:
 async def list_tenants(db: Database, actor: Actor, q: ListQuery) -> tuple[list[dict[str, Any]], int]:
     require(actor, "tenant.see")
     async with db.connect() as conn:
-        select = sa.select(*(c.label(k) for k, c in LIST_COLUMNS.items())).where(_visible(actor))
+        select = sa.select(*(c.label(k) for k, c in LIST_COLUMNS.items())).where(tenants_visible(actor))
         return await run_list(conn, select, q, LIST_COLUMNS, t.tenants.c.id)
 
 

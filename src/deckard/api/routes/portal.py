@@ -7,18 +7,17 @@ to the broker, and the ticket is useless 30 seconds later or once used.
 
 Where the broker is: the ``broker_url`` a running node registered (the desktop's own node first); when it names
 a loopback or wildcard address (an all-in-one farm) the request's host is used instead, so a browser on another
-machine gets an address it can reach.
+machine gets an address it can reach.  The queries and the checks that a desktop is the user's own are
+``services/portal.py``; this module speaks HTTP and turns broker URLs into origins for the request's host.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import time
 from typing import Annotated
 from urllib.parse import urlsplit
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -26,17 +25,11 @@ from pydantic import BaseModel, Field
 from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.strict import RequestModel
-from deckard.db import schema as t
-from deckard.db.engine import Database
-from deckard.model.acls import ACLS
 from deckard.model.entities import User
-from deckard.model.errors import Conflict, Unauthenticated
+from deckard.model.errors import Unauthenticated
 from deckard.model.ids import ID_MAX
 from deckard.runtime.settings import Settings
-from deckard.services import tickets
-from deckard.services.context import Actor
-from deckard.services.desktops import request_stop, reset_desktop
-from deckard.services.sessions import desktop_for_user
+from deckard.services import portal, tickets
 
 router = APIRouter(tags=["portal"], responses=ERROR_RESPONSES)
 # the /portal routes are the users' API, not the administrators': they stay out of the admin OpenAPI document
@@ -114,47 +107,21 @@ def _broker_origin(url: str | None, req_host: str, default_port: int) -> str:
     return f"wss://{host}:{port}"
 
 
-async def broker_ws_base(db: Database, settings: Settings, request: Request, desktop_id: int) -> str:
+async def broker_ws_base(db: DbDep, settings: Settings, request: Request, desktop_id: int) -> str:
     """``wss://host:port`` of a broker the browser can reach (see the module docstring)."""
-    n, d = t.nodes, t.desktops
-    q = (
-        sa.select(n.c.broker_url)
-        .select_from(n.outerjoin(d, sa.and_(d.c.node_id == n.c.id, d.c.id == desktop_id)))
-        .where(n.c.state == "running", n.c.broker_url != "")
-        .order_by(d.c.id.is_(None), n.c.id)
-        .limit(1)
-    )
-    async with db.connect() as conn:
-        url = (await conn.execute(q)).scalar_one_or_none()
+    url = await portal.broker_url_for(db, desktop_id)
     return _broker_origin(url, request.url.hostname or "127.0.0.1", settings.broker.port)
 
 
 class BrokerOrigins:
-    """Every broker origin a page of this farm may open a WebSocket to, for its Content-Security-Policy.
+    """Every broker origin a page of this farm may open a WebSocket to, for its Content-Security-Policy."""
 
-    The nodes' ``broker_url`` list is read at most every ``ttl`` seconds: pages are public, and loading one
-    must not cost a query each time.
-    """
-
-    def __init__(self, db: Database, settings: Settings, ttl: float = 10.0) -> None:
-        self.db = db
+    def __init__(self, db: DbDep, settings: Settings, ttl: float = 10.0) -> None:
+        self.brokers = portal.RunningBrokers(db, ttl)
         self.port = settings.broker.port
-        self.ttl = ttl
-        self._urls: list[str] = []
-        self._read_at = -ttl
 
     async def __call__(self, req_host: str) -> list[str]:
-        now = time.monotonic()
-        if now - self._read_at >= self.ttl:
-            n = t.nodes
-            q = sa.select(n.c.broker_url).where(n.c.state == "running", n.c.broker_url != "").distinct()
-            try:
-                async with self.db.connect() as conn:
-                    self._urls = [str(u) for u in (await conn.execute(q)).scalars()]
-            except (sa.exc.SQLAlchemyError, OSError):
-                pass  # the database is away: the last list (the page itself will say what is wrong)
-            self._read_at = now
-        origins = {_broker_origin(u, req_host, self.port) for u in self._urls}
+        origins = {_broker_origin(u, req_host, self.port) for u in await self.brokers()}
         origins.add(_broker_origin(None, req_host, self.port))  # where broker_ws_base points without nodes
         return sorted(origins)
 
@@ -185,15 +152,7 @@ async def portal_logout(
     summary="The user's desktops and their states",
 )
 async def portal_desktops(user: UserDep, db: DbDep) -> list[PortalDesktop]:
-    d = t.desktops
-    q = (
-        sa.select(d.c.id, d.c.name, d.c.state, d.c.cmd, d.c.blocked, d.c.user_state, d.c.failure_reason)
-        .where(d.c.user_id == user.id)
-        .order_by(d.c.name)
-    )
-    async with db.connect() as conn:
-        rows = (await conn.execute(q)).mappings().all()
-    return [PortalDesktop.model_validate(dict(r)) for r in rows]
+    return [PortalDesktop.model_validate(r) for r in await portal.list_own_desktops(db, user)]
 
 
 @users_router.post(
@@ -214,9 +173,7 @@ async def portal_ticket(
 
 @users_router.post("/desktops/{desktop_id}/stop", response_model=PortalDesktop, summary="Stop my desktop")
 async def portal_stop(desktop_id: DesktopId, user: UserDep, db: DbDep) -> PortalDesktop:
-    await desktop_for_user(db, user, desktop_id)
-    await request_stop(db, desktop_id)
-    return await _one(db, user, desktop_id)
+    return PortalDesktop.model_validate(await portal.stop_own_desktop(db, user, desktop_id))
 
 
 @users_router.post(
@@ -225,24 +182,10 @@ async def portal_stop(desktop_id: DesktopId, user: UserDep, db: DbDep) -> Portal
     summary="Reset my desktop to a clean image (stopped desktops only)",
 )
 async def portal_reset(desktop_id: DesktopId, user: UserDep, db: DbDep, settings: SettingsDep) -> PortalDesktop:
-    desk = await desktop_for_user(db, user, desktop_id)
-    if desk.state not in ("stopped", "failed") or desk.cmd is not None:
-        raise Conflict(
-            "your desktop is running: stop it first, then reset it (your home directory is kept)",
-            code="desktop_running",
-        )
-    # the user acts on their own desktop only: an actor confined to it with just the reset ACL
-    actor = Actor("user", user.id, user.tenant_id, user.login, frozenset({"desktop.reset"} & ACLS))
-    await reset_desktop(db, actor, desktop_id, settings.paths)
-    return await _one(db, user, desktop_id)
+    return PortalDesktop.model_validate(await portal.reset_own_desktop(db, user, desktop_id, settings.paths))
 
 
 router.include_router(users_router)
-
-
-async def _one(db: Database, user: User, desktop_id: int) -> PortalDesktop:
-    rows = await portal_desktops(user, db)
-    return next(r for r in rows if r.id == desktop_id)
 
 
 @router.post(
