@@ -36,6 +36,7 @@ from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import Unavailable
 from deckard.model.network import mac_for_ip
+from deckard.model.schemas import Desktop
 from deckard.runtime.tls import ensure_tls
 from deckard.services.tenancy import bootstrap_farm
 from deckard.testing import PgCluster, free_port
@@ -158,11 +159,11 @@ async def main() -> None:
                 await asyncio.sleep(0.1)
         try:
             await asyncio.to_thread(api.login, "admin", password)
-            page = await asyncio.to_thread(api.list_page, "desktops", QUERY)  # warm up connections and caches
+            page = await asyncio.to_thread(api.list_page, "desktops", Desktop, QUERY)  # warm up connections and caches
             times = []
             for _ in range(args.requests):
                 s = time.perf_counter()
-                page = await asyncio.to_thread(api.list_page, "desktops", QUERY)
+                page = await asyncio.to_thread(api.list_page, "desktops", Desktop, QUERY)
                 times.append((time.perf_counter() - s) * 1000)
             health: list[float] = []
             base = []  # the fixed cost of an authenticated request (TLS, token, access log), for comparison
@@ -198,14 +199,14 @@ async def main() -> None:
         "users": args.users,
         "fill_s": round(fill_s, 2),
         "page_query": "&".join(f"{k}={v}" for k, v in QUERY),
-        "page_total": page["total"],
+        "page_total": page.total,
         "page_median_ms": round(statistics.median(times), 1),
         "page_p90_ms": round(statistics.quantiles(times, n=10)[-1], 1),
         "whoami_median_ms": round(statistics.median(base), 1),
         "health_median_ms": round(statistics.median(health), 1),
         "bulk_start_desktops": len(ids),
-        "bulk_start_ok": len(out["ok"]),
-        "bulk_start_failed": len(out["failed"]),
+        "bulk_start_ok": len(out.ok),
+        "bulk_start_failed": len(out.failed),
         "bulk_start_s": round(bulk_s, 3),
         "targets": {"page_median_ms": 50, "bulk_start_s": 2},
     }

@@ -19,11 +19,11 @@ import json
 import os
 import platform
 import time
-from typing import Any
 
 from deckard.client import broker as qvd
 from deckard.client.api import ApiClient
 from deckard.client.profile import load_profile
+from deckard.model.schemas import Desktop
 from deckard.testing import FarmProcess, PgCluster, wait_for
 
 PASSWORD = "bench-pass"
@@ -36,8 +36,8 @@ async def connect(farm: FarmProcess, desktop_id: int) -> None:
     writer.close()
 
 
-def rows(api: ApiClient, ids: set[int]) -> list[dict[str, Any]]:
-    return [d for d in api.list_desktops() if d["id"] in ids]
+def rows(api: ApiClient, ids: set[int]) -> list[Desktop]:
+    return [d for d in api.list_desktops() if d.id in ids]
 
 
 def main(n: int) -> None:
@@ -48,25 +48,25 @@ def main(n: int) -> None:
         profile = load_profile(farm.home / "cli-profile.json")
         api = ApiClient(profile.url, profile.token, profile.ca)
         n1, n2 = farm.node_name(1), farm.node_name(2)
-        wait_for(lambda: all(x["state"] == "running" for x in api.list_nodes()) and len(api.list_nodes()) == 2, 60)
+        wait_for(lambda: all(x.state == "running" for x in api.list_nodes()) and len(api.list_nodes()) == 2, 60)
         farm.deckard("user", "add", "bench", "--password", PASSWORD)
         ids: set[int] = set()
         api.block_node(n1)  # every desktop on node 2
         for k in range(n):
             farm.deckard("desktop", "add", f"fo{k}", "--user", "bench")
-            ids.add(int(api.get_desktop(f"fo{k}")["id"]))
+            ids.add(int(api.get_desktop(f"fo{k}").id or 0))
             api.start_desktop(f"fo{k}")
-        wait_for(lambda: all(d["state"] == "running" for d in rows(api, ids)), 120, 0.2, "desktops running")
+        wait_for(lambda: all(d.state == "running" for d in rows(api, ids)), 120, 0.2, "desktops running")
         api.unblock_node(n1)
         for desktop_id in sorted(ids):
             asyncio.run(connect(farm, desktop_id))
             farm.attach(desktop_id, "echo kept > ~/kept.txt", user="bench")
-        before = {d["id"]: (d["node"], d["started_at"]) for d in rows(api, ids)}
+        before = {d.id: (d.node, d.started_at) for d in rows(api, ids)}
 
         t0 = time.monotonic()
         back_s = json.loads(farm.deckard("node", "restart", n2, "--json").stdout)[0]["seconds"]
         restart_s = time.monotonic() - t0
-        after = {d["id"]: (d["node"], d["started_at"]) for d in rows(api, ids)}
+        after = {d.id: (d.node, d.started_at) for d in rows(api, ids)}
         assert after == before, "a desktop moved or restarted during the restart in place"
         print(
             f"restart in place of a node with {n} connected desktops: back in {back_s:.1f} s "
@@ -76,11 +76,11 @@ def main(n: int) -> None:
         pid = int(farm.node_paths()[0].demo_node_pid(2).read_text())
         os.killpg(pid, 9)
         t0 = time.monotonic()
-        wait_for(lambda: all(d["node"] is None for d in rows(api, ids)), 60, 0.1, "desktops released")
+        wait_for(lambda: all(d.node is None for d in rows(api, ids)), 60, 0.1, "desktops released")
         released_s = time.monotonic() - t0
         for desktop_id in ids:
             api.start_desktop(desktop_id)
-        wait_for(lambda: all(d["state"] == "running" and d["node"] == n1 for d in rows(api, ids)), 120, 0.1, "moved")
+        wait_for(lambda: all(d.state == "running" and d.node == n1 for d in rows(api, ids)), 120, 0.1, "moved")
         running_s = time.monotonic() - t0
         for desktop_id in sorted(ids):
             asyncio.run(connect(farm, desktop_id))  # the X session (and the account) come with the connect

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import httpx
 import pytest
@@ -20,10 +21,13 @@ from deckard.client.api import ApiClient
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
+from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied, Unauthenticated
 from deckard.runtime.settings import Settings
 from deckard.runtime.tls import client_context, ensure_tls
 from deckard.services.tenancy import bootstrap_farm
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -71,8 +75,8 @@ async def farm(db: Database, tmp_path: Path) -> AsyncIterator[Farm]:
         await asyncio.wait_for(task, 10)  # the server ends by itself once stop is set
 
 
-async def call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """ApiClient is synchronous: run it off the event loop that serves the API."""
+async def call(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """ApiClient is synchronous: run it off the event loop that serves the API (typed: the client's schemas)."""
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
@@ -104,10 +108,10 @@ async def test_health_is_public_and_reports_the_database(farm: Farm) -> None:
 async def test_login_gives_a_token_that_identifies_the_admin(farm: Farm) -> None:
     client = farm.client()
     out = await call(client.login, "admin", farm.password)
-    assert out["token"].startswith("dk_")
-    assert dt.datetime.fromisoformat(out["expires_at"]) > dt.datetime.now(dt.UTC)
+    assert out.token.startswith("dk_")
+    assert out.expires_at > dt.datetime.now(dt.UTC)
     me = await call(client.whoami)
-    assert me["name"] == "admin" and me["kind"] == "admin"
+    assert me.name == "admin" and me.kind == "admin"
 
 
 @pytest.mark.parametrize("name,password", [("admin", "wrong"), ("nobody", "wrong")])
@@ -149,15 +153,17 @@ async def test_an_expired_session_is_401_session_expired(farm: Farm) -> None:
 async def test_user_lifecycle_create_show_change_list_delete(farm: Farm) -> None:
     api = await farm.admin_client()
     alice = await call(api.create_user, "alice", "secret1", "first user")
-    assert alice["login"] == "alice" and alice["blocked"] is False and "password_hash" not in alice
-    assert (await call(api.get_user, "alice"))["id"] == alice["id"]
-    assert (await call(api.get_user, alice["id"]))["login"] == "alice"
-    assert (await call(api.block_user, "alice"))["blocked"] is True
+    assert alice.login == "alice" and alice.blocked is False
+    async with farm.http(api.token) as http:
+        assert "password_hash" not in (await http.get("/users/alice")).json()  # never on the wire
+    assert (await call(api.get_user, "alice")).id == alice.id
+    assert (await call(api.get_user, alice.id)).login == "alice"
+    assert (await call(api.block_user, "alice")).blocked is True
     await call(api.set_user_password, "alice", "secret2")
     async with farm.db.connect() as conn:
         hashed = (await conn.execute(sa.select(t.users.c.password_hash))).scalar_one()
     assert hashed.startswith("$argon2")
-    assert [u["login"] for u in await call(api.list_users)] == ["alice"]
+    assert [u.login for u in await call(api.list_users)] == ["alice"]
     await call(api.delete_user, "alice")
     assert await call(api.list_users) == []
     with pytest.raises(NotFound) as e:
@@ -187,11 +193,11 @@ async def test_desktops_get_distinct_ips_and_can_be_listed_by_user(farm: Farm) -
     await call(api.create_user, "dave", "secret1")
     one = await call(api.create_desktop, "carol-1", "carol")
     two = await call(api.create_desktop, "dave-1", "dave", tag="head")
-    assert one["ip"] != two["ip"] and one["mac"] != two["mac"]
-    assert one["state"] == "stopped" and one["osf"] == "default" and two["tag"] == "head"
-    assert [d["name"] for d in await call(api.list_desktops, user="carol")] == ["carol-1"]
+    assert one.ip != two.ip and one.mac != two.mac
+    assert one.state == "stopped" and one.osf == "default" and two.tag == "head"
+    assert [d.name for d in await call(api.list_desktops, user="carol")] == ["carol-1"]
     assert len(await call(api.list_desktops)) == 2
-    assert (await call(api.get_desktop, "dave-1"))["id"] == two["id"]
+    assert (await call(api.get_desktop, "dave-1")).id == two.id
 
 
 async def test_thirty_concurrent_creates_get_thirty_distinct_ips(farm: Farm) -> None:
@@ -213,13 +219,13 @@ async def test_deleting_a_running_desktop_is_refused_with_409(farm: Farm) -> Non
     await call(api.create_user, "frank", "secret1")
     desk = await call(api.create_desktop, "frank-1", "frank")
     async with farm.db.begin() as conn:
-        await conn.execute(sa.update(t.desktops).where(t.desktops.c.id == desk["id"]).values(state="running"))
+        await conn.execute(sa.update(t.desktops).where(t.desktops.c.id == desk.id).values(state="running"))
     with pytest.raises(Conflict) as e:
         await call(api.delete_desktop, "frank-1")
     assert e.value.code == "desktop_running"
-    assert (await call(api.get_desktop, desk["id"]))["state"] == "running"
+    assert (await call(api.get_desktop, desk.id)).state == "running"
     async with farm.db.begin() as conn:
-        await conn.execute(sa.update(t.desktops).where(t.desktops.c.id == desk["id"]).values(state="stopped"))
+        await conn.execute(sa.update(t.desktops).where(t.desktops.c.id == desk.id).values(state="stopped"))
     await call(api.delete_desktop, "frank-1")
     assert await call(api.list_desktops) == []
 
@@ -240,16 +246,16 @@ async def test_start_places_the_desktop_and_block_prevents_starting(farm: Farm) 
     await call(api.create_user, "gina", "secret1")
     await call(api.create_desktop, "gina-1", "gina")
     started = await call(api.start_desktop, "gina-1")
-    assert started["cmd"] == "start" and started["node_id"] == node_id and started["node"] == "n1"
+    assert started.cmd == "start" and started.node_id == node_id and started.node == "n1"
     stopped = await call(api.stop_desktop, "gina-1")  # not claimed yet: the start is withdrawn
-    assert stopped["cmd"] is None and stopped["state"] == "stopped"
-    assert (await call(api.block_desktop, "gina-1"))["blocked"] is True
-    with pytest.raises(Conflict) as e:
+    assert stopped.cmd is None and stopped.state == "stopped"
+    assert (await call(api.block_desktop, "gina-1")).blocked is True
+    with pytest.raises(PermissionDenied) as e:
         await call(api.start_desktop, "gina-1")
-    assert e.value.code == "desktop_blocked"
-    assert (await call(api.unblock_desktop, "gina-1"))["blocked"] is False
+    assert (e.value.code, e.value.status) == ("desktop_blocked", 403)  # as the broker answers it
+    assert (await call(api.unblock_desktop, "gina-1")).blocked is False
     nodes = await call(api.list_nodes)
-    assert [(n["name"], n["state"]) for n in nodes] == [("n1", "running")]
+    assert [(n.name, n.state) for n in nodes] == [("n1", "running")]
 
 
 async def test_starting_without_any_node_is_503_no_node(farm: Farm) -> None:
@@ -263,7 +269,7 @@ async def test_starting_without_any_node_is_503_no_node(farm: Farm) -> None:
 
 async def test_osfs_and_images_are_listed(farm: Farm) -> None:
     api = await farm.admin_client()
-    assert [o["name"] for o in await call(api.list_osfs)] == ["default"]
+    assert [o.name for o in await call(api.list_osfs)] == ["default"]
     assert await call(api.list_images) == []
 
 

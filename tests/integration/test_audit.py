@@ -21,21 +21,21 @@ farm = test_api.farm  # the real API with TLS, shared with test_api.py
 async def test_actions_are_recorded_with_secrets_masked(farm: Farm) -> None:
     root = await farm.admin_client()
     user = await call(root.create_user, "alice", "alice-password")
-    await call(root.update_user, user["id"], description="front desk")
+    await call(root.update_user, user.id, description="front desk")
     with pytest.raises(DeckardError):
         await call(root.delete_user, 99999)
     page = await call(root.list_audit, {"sort": "id"})
-    records = page["items"]
-    by_action = {r["action"]: r for r in records}
+    records = page.items
+    by_action = {r.action: r for r in records}
     created = by_action["user.create"]
-    assert created["admin_name"] == "admin" and created["result"] == "ok" and created["status"] == 201
-    assert created["arguments"]["login"] == "alice" and created["arguments"]["password"] == "***"
-    assert created["source"] == "127.0.0.1"
-    assert by_action["user.update"]["object_id"] == str(user["id"])
+    assert created.admin_name == "admin" and created.result == "ok" and created.status == 201
+    assert created.arguments["login"] == "alice" and created.arguments["password"] == "***"
+    assert created.source == "127.0.0.1"
+    assert by_action["user.update"].object_id == str(user.id)
     failed = by_action["user.delete"]
-    assert failed["result"] == "failed" and failed["status"] == 404 and failed["error_code"] == "user_not_found"
+    assert failed.result == "failed" and failed.status == 404 and failed.error_code == "user_not_found"
     login = by_action["auth.login"]
-    assert login["arguments"]["password"] == "***" and login["result"] == "ok"
+    assert login.arguments["password"] == "***" and login.result == "ok"
     assert "alice-password" not in str(records) and farm.password not in str(records)
 
 
@@ -43,8 +43,8 @@ async def test_failed_logins_are_audited(farm: Farm) -> None:
     with pytest.raises(DeckardError):
         await call(farm.client().login, "admin", "not-the-password")
     root = await farm.admin_client()
-    failed = (await call(root.list_audit, {"action": "auth.login", "result": "failed"}))["items"]
-    assert failed and failed[0]["admin_name"] == "admin" and failed[0]["error_code"] == "bad_credentials"
+    failed = (await call(root.list_audit, {"action": "auth.login", "result": "failed"})).items
+    assert failed and failed[0].admin_name == "admin" and failed[0].error_code == "bad_credentials"
 
 
 async def test_audit_list_filters_like_every_list(farm: Farm) -> None:
@@ -52,8 +52,8 @@ async def test_audit_list_filters_like_every_list(farm: Farm) -> None:
     for login in ("u1", "u2", "u3"):
         await call(root.create_user, login, "pw-" + login)
     page = await call(root.list_audit, {"action": "user.create", "per_page": "2"})
-    assert page["total"] == 3 and len(page["items"]) == 2
-    assert page["items"][0]["id"] > page["items"][1]["id"]  # newest first
+    assert page.total == 3 and len(page.items) == 2
+    assert page.items[0].id > page.items[1].id  # newest first
 
 
 async def test_verify_is_ok_then_names_the_first_tampered_record(farm: Farm) -> None:
@@ -61,13 +61,13 @@ async def test_verify_is_ok_then_names_the_first_tampered_record(farm: Farm) -> 
     for login in ("u1", "u2", "u3"):
         await call(root.create_user, login, "pw-" + login)
     ok = await call(root.verify_audit)
-    assert ok["ok"] and ok["checked"] >= 4 and ok["first_broken_id"] is None
-    ids = [r["id"] for r in (await call(root.list_audit, {"action": "user.create", "sort": "id"}))["items"]]
+    assert ok.ok and ok.checked >= 4 and ok.first_broken_id is None
+    ids = [r.id for r in (await call(root.list_audit, {"action": "user.create", "sort": "id"})).items]
     async with farm.db.begin() as conn:
         await conn.execute(sa.update(t.audit_log).where(t.audit_log.c.id == ids[1]).values(object_id="forged"))
     broken = await call(root.verify_audit)
-    assert not broken["ok"] and broken["first_broken_id"] == ids[1] and "changed" in broken["reason"]
-    assert broken["checked"] == ids[1] - 1
+    assert not broken.ok and broken.first_broken_id == ids[1] and "changed" in broken.reason
+    assert broken.checked == ids[1] - 1
 
 
 async def test_removing_a_record_breaks_the_chain_at_the_next_one(farm: Farm) -> None:
@@ -85,7 +85,7 @@ async def test_concurrent_appends_keep_one_chain(farm: Farm) -> None:
     assert (await verify_chain(farm.db))["ok"]
 
 
-async def test_the_cli_verify_exits_1_and_names_the_broken_record(farm: Farm, tmp_path: object) -> None:
+async def test_the_cli_verify_exits_1_and_names_the_broken_record(farm: Farm) -> None:
     from typer.testing import CliRunner
 
     from deckard.cli import audit as audit_cli
@@ -93,7 +93,7 @@ async def test_the_cli_verify_exits_1_and_names_the_broken_record(farm: Farm, tm
 
     root = await farm.admin_client()
     await call(root.create_user, "u1", "pw-u1")
-    first = (await call(root.list_audit, {"sort": "id"}))["items"][0]["id"]
+    first = (await call(root.list_audit, {"sort": "id"})).items[0].id
     async with farm.db.begin() as conn:
         await conn.execute(sa.update(t.audit_log).where(t.audit_log.c.id == first).values(result="failed"))
     runner = CliRunner()

@@ -14,10 +14,12 @@ import sqlalchemy as sa
 import test_api
 from test_api import Farm, call
 
+from deckard.client.api import ApiClient
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import Conflict
+from deckard.model.schemas import Image
 
 farm = test_api.farm  # the real API with TLS, shared with test_api.py
 
@@ -32,14 +34,14 @@ def rootfs_tar(size: int = 300_000) -> bytes:
     return buf.getvalue()
 
 
-async def ready_image(api: Any, version: str, tmp_path: Path) -> dict[str, Any]:
+async def ready_image(api: ApiClient, version: str, tmp_path: Path) -> Image:
     """An image imported by the supertenant's admin from the farm's import directory (``<home>/import``)."""
     (tmp_path / "import").mkdir(exist_ok=True)
     src = tmp_path / "import" / f"{version}.tar.gz"
     src.write_bytes(rootfs_tar(1000))
     row = await call(api.create_image, version, source="import", path=str(src))
-    assert row["state"] == "ready", row
-    return dict(row)
+    assert row.state == "ready", row
+    return row
 
 
 async def add_desktop(db: Database, name: str, ip: str, *, image_id: int | None, state: str = "running") -> int:
@@ -84,39 +86,39 @@ async def test_an_upload_in_two_chunks_survives_a_restart_and_ends_ready(farm: F
     api = await farm.admin_client()
     data = rootfs_tar()
     image = await call(api.create_image, "v1")
-    assert image["state"] == "new"
+    assert image.state == "new"
     half = len(data) // 2
-    row = await call(api.upload_image_chunk, image["id"], data[:half], start=0, total=len(data))
-    assert row["state"] == "uploading" and row["uploaded_bytes"] == half
+    row = await call(api.upload_image_chunk, image.id, data[:half], start=0, total=len(data))
+    assert row.state == "uploading" and row.uploaded_bytes == half
     with pytest.raises(Conflict) as e:
-        await call(api.upload_image_chunk, image["id"], data[half + 10 :], start=half + 10, total=len(data))
+        await call(api.upload_image_chunk, image.id, data[half + 10 :], start=half + 10, total=len(data))
     assert e.value.code == "bad_offset" and e.value.details["expected"] == half
-    assert (await call(api.get_image, image["id"]))["uploaded_bytes"] == half
+    assert (await call(api.get_image, image.id)).uploaded_bytes == half
     src = tmp_path / "rootfs.tar.gz"
     src.write_bytes(data)
     seen: list[int] = []
-    row = await call(api.upload_image, image["id"], src, chunk_size=1 << 16, progress=lambda d, _t: seen.append(d))
+    row = await call(api.upload_image, image.id, src, chunk_size=1 << 16, progress=lambda d, _t: seen.append(d))
     assert seen[0] == half  # resumed, not restarted
-    assert row["state"] == "ready" and row["digest"] == hashlib.sha256(data).hexdigest() and row["size"] == len(data)
-    assert Path(row["path"]).read_bytes() == data and Path(row["path"]).name == f"{image['id']}.tar.gz"
-    assert not (tmp_path / "storage" / "images" / f"{image['id']}.partial").exists()
+    assert row.state == "ready" and row.digest == hashlib.sha256(data).hexdigest() and row.size == len(data)
+    assert Path(row.path).read_bytes() == data and Path(row.path).name == f"{image.id}.tar.gz"
+    assert not (tmp_path / "storage" / "images" / f"{image.id}.partial").exists()
 
 
 async def test_a_file_that_is_not_a_tarball_fails_the_image_with_the_reason(farm: Farm) -> None:
     api = await farm.admin_client()
     image = await call(api.create_image, "junk")
     junk = b"this is not a tarball at all" * 100
-    row = await call(api.upload_image_chunk, image["id"], junk, start=0, total=len(junk))
-    assert row["state"] == "failed" and "not a tar archive" in row["status_message"]
+    row = await call(api.upload_image_chunk, image.id, junk, start=0, total=len(junk))
+    assert row.state == "failed" and "not a tar archive" in row.status_message
     with pytest.raises(Conflict) as e:
-        await call(api.upload_image_chunk, image["id"], junk, start=0, total=len(junk))
+        await call(api.upload_image_chunk, image.id, junk, start=0, total=len(junk))
     assert e.value.code == "bad_image_state"  # a failed image stays failed: create another version
 
 
 async def test_import_copies_a_tarball_from_the_import_directory(farm: Farm, tmp_path: Path) -> None:
     api = await farm.admin_client()
     row = await ready_image(api, "imported", tmp_path)
-    assert Path(row["path"]).parent == tmp_path / "storage" / "images" and row["uploaded_bytes"] == row["size"]
+    assert Path(row.path).parent == tmp_path / "storage" / "images" and row.uploaded_bytes == row.size
 
 
 async def test_publish_moves_tags_together_and_sets_expiry_on_desktops_of_the_old_image(
@@ -124,23 +126,23 @@ async def test_publish_moves_tags_together_and_sets_expiry_on_desktops_of_the_ol
 ) -> None:
     api = await farm.admin_client()
     old = await ready_image(api, "old", tmp_path)
-    await call(api.publish_image, old["id"], ["default", "head"])
+    await call(api.publish_image, old.id, ["default", "head"])
     new = await ready_image(api, "new", tmp_path)
-    on_old = await add_desktop(farm.db, "d-old", "10.231.0.50", image_id=old["id"])
-    stopped = await add_desktop(farm.db, "d-stopped", "10.231.0.51", image_id=old["id"], state="stopped")
-    on_new = await add_desktop(farm.db, "d-new", "10.231.0.52", image_id=new["id"])
-    out = await call(api.publish_image, new["id"], ["default", "head"], expire_soft_s=60, expire_hard_s=600)
-    assert out["state"] == "published" and out["tags"] == ["default", "head"]
-    assert out["expiring_desktops"] == [on_old]
-    images = {r["id"]: r for r in await call(api.list_images)}
-    assert images[old["id"]]["tags"] == [] and images[new["id"]]["tags"] == ["default", "head"]
+    on_old = await add_desktop(farm.db, "d-old", "10.231.0.50", image_id=old.id)
+    stopped = await add_desktop(farm.db, "d-stopped", "10.231.0.51", image_id=old.id, state="stopped")
+    on_new = await add_desktop(farm.db, "d-new", "10.231.0.52", image_id=new.id)
+    out = await call(api.publish_image, new.id, ["default", "head"], expire_soft_s=60, expire_hard_s=600)
+    assert out.state == "published" and out.tags == ["default", "head"]
+    assert out.expiring_desktops == [on_old]
+    images = {r.id: r for r in await call(api.list_images)}
+    assert images[old.id].tags == [] and images[new.id].tags == ["default", "head"]
     row = await desktop_row(farm.db, on_old)
     soft, hard = row.expire_soft_at, row.expire_hard_at
     assert soft is not None and hard is not None and (hard - soft).total_seconds() == 540
     for other in (stopped, on_new):
         assert (await desktop_row(farm.db, other)).expire_hard_at is None
     # publishing again gives no extra time
-    await call(api.publish_image, old["id"], ["default"], expire_soft_s=3600, expire_hard_s=7200)
+    await call(api.publish_image, old.id, ["default"], expire_soft_s=3600, expire_hard_s=7200)
     assert (await desktop_row(farm.db, on_old)).expire_hard_at == hard
 
 
@@ -148,26 +150,26 @@ async def test_a_tag_points_at_one_image_per_osf_and_tagged_images_are_not_delet
     api = await farm.admin_client()
     a = await ready_image(api, "a", tmp_path)
     b = await ready_image(api, "b", tmp_path)
-    await call(api.tag_image, a["id"], "stable")
-    await call(api.tag_image, b["id"], "stable")  # moves, never duplicates
-    assert (await call(api.get_image, a["id"]))["tags"] == []
-    assert (await call(api.get_image, b["id"]))["tags"] == ["stable"]
+    await call(api.tag_image, a.id, "stable")
+    await call(api.tag_image, b.id, "stable")  # moves, never duplicates
+    assert (await call(api.get_image, a.id)).tags == []
+    assert (await call(api.get_image, b.id)).tags == ["stable"]
     with pytest.raises(Conflict) as e:
-        await call(api.delete_image, b["id"])
+        await call(api.delete_image, b.id)
     assert e.value.code == "image_tagged"
-    path = Path(b["path"])
-    await call(api.untag_image, b["id"], "stable")
-    await call(api.delete_image, b["id"])
+    path = Path(b.path)
+    await call(api.untag_image, b.id, "stable")
+    await call(api.delete_image, b.id)
     assert not path.exists()
-    assert [r["id"] for r in await call(api.list_images, state="ready")] == [a["id"]]
+    assert [r.id for r in await call(api.list_images, state="ready")] == [a.id]
 
 
-async def test_osf_crud_and_delete_refused_while_used(farm: Farm, tmp_path: Path) -> None:
+async def test_osf_crud_and_delete_refused_while_used(farm: Farm) -> None:
     api = await farm.admin_client()
     osf = await call(api.create_osf, "web", memory_mib=2048, cpus=2, description="browsers")
-    assert osf["memory_mib"] == 2048 and osf["driver"] == "container"
-    assert (await call(api.update_osf, "web", memory_mib=512))["memory_mib"] == 512
-    assert (await call(api.get_osf, osf["id"]))["description"] == "browsers"
+    assert osf.memory_mib == 2048 and osf.driver == "container"
+    assert (await call(api.update_osf, "web", memory_mib=512)).memory_mib == 512
+    assert (await call(api.get_osf, osf.id)).description == "browsers"
     with pytest.raises(Conflict) as dup:
         await call(api.create_osf, "web")
     assert dup.value.code == "duplicate"
@@ -175,6 +177,6 @@ async def test_osf_crud_and_delete_refused_while_used(farm: Farm, tmp_path: Path
     with pytest.raises(Conflict) as e:
         await call(api.delete_osf, "web")
     assert e.value.code == "has_dependents" and e.value.details == {"desktops": 0, "images": 1}
-    await call(api.delete_image, image["id"])
+    await call(api.delete_image, image.id)
     await call(api.delete_osf, "web")
-    assert [o["name"] for o in await call(api.list_osfs)] == ["default"]
+    assert [o.name for o in await call(api.list_osfs)] == ["default"]

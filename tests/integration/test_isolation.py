@@ -114,7 +114,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
     await call(root.set_config, "tenancy.multi", True)
     ids: dict[str, Any] = {}
     for tenant, admin in (("acme", "ann"), ("beta", "bob")):
-        ids[tenant] = (await call(root.create_tenant, tenant))["id"]
+        ids[tenant] = (await call(root.create_tenant, tenant)).id
         await call(root.create_admin, admin, PASSWORD, tenant=tenant, roles=["Tenant admin"])
     a, b = farm.client(), farm.client()
     await call(a.login, "ann", PASSWORD, "acme")
@@ -124,24 +124,24 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
     user = await call(b.create_user, "bruno", "pw-bruno")
     desk = await call(b.create_desktop, "bruno-1", "bruno")
     role = await call(b.create_role, "beta-role", grants=[("user.see", True)])
-    osf = next(o for o in await call(b.list_osfs) if o["tenant_id"] == ids["beta"])
+    osf = next(o for o in await call(b.list_osfs) if o.tenant_id == ids["beta"])
     async with farm.db.begin() as conn:
         res = await conn.execute(
             sa.insert(t.disk_images)
-            .values(osf_id=osf["id"], version="1", path="beta-1.tar", state="ready", created_at=utcnow())
+            .values(osf_id=osf.id, version="1", path="beta-1.tar", state="ready", created_at=utcnow())
             .returning(t.disk_images.c.id)
         )
         image_id = int(res.scalar_one())
-    await call(b.set_properties, "user", user["id"], {"floor": "3"})
+    await call(b.set_properties, "user", user.id, {"floor": "3"})
     b_objects = {
         "tenants": ids["beta"],
-        "admins": (await call(b.get_admin, "bob"))["id"],
-        "roles": role["id"],
-        "users": user["id"],
-        "desktops": desk["id"],
-        "osfs": osf["id"],
+        "admins": (await call(b.get_admin, "bob")).id,
+        "roles": role.id,
+        "users": user.id,
+        "desktops": desk.id,
+        "osfs": osf.id,
         "images": image_id,
-        "properties": {"user": user["id"], "desktop": desk["id"], "osf": osf["id"], "image": image_id},
+        "properties": {"user": user.id, "desktop": desk.id, "osf": osf.id, "image": image_id},
     }
     return farm.http(a.token), b_objects
 
@@ -157,7 +157,7 @@ async def _snapshot(farm: Farm) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-def _object_params(path: str, op: dict[str, Any]) -> list[str]:
+def _object_params(op: dict[str, Any]) -> list[str]:
     return [p["name"] for p in op.get("parameters", []) if p["in"] == "path" and p["name"] not in NOT_OBJECTS]
 
 
@@ -183,7 +183,7 @@ async def test_a_tenant_admin_gets_404_for_every_route_naming_another_tenants_ob
         for path, ops in doc["paths"].items():
             resource = path.removeprefix("/api/v1/").split("/")[0]
             for method, op in ops.items():
-                params = _object_params(path, op)
+                params = _object_params(op)
                 is_bulk = "/bulk/" in path
                 if resource in FARM_WIDE or not (params or is_bulk):
                     continue

@@ -67,15 +67,15 @@ async def test_a_tenant_admin_cannot_import_host_files_and_the_host_is_not_even_
     answers = []
     for path in ("/etc/shadow", "/etc/no-such-file", str(farm.ca)):
         with pytest.raises(PermissionDenied) as e:
-            await call(acme.import_image, image["id"], path)
+            await call(acme.import_image, image.id, path)
         answers.append((e.value.code, e.value.message))
     assert answers[0][0] == "supertenant_only" and len(set(answers)) == 1  # no existence oracle
     with pytest.raises(PermissionDenied) as e:
         await call(acme.create_image, "v2", source="import", path="/etc/shadow")
     assert e.value.code == "supertenant_only"
     assert opened == []  # refused before any filesystem access
-    assert [r["version"] for r in await call(acme.list_images)] == ["v1"]  # the refused create left no row
-    row = await image_row(farm, image["id"])
+    assert [r.version for r in await call(acme.list_images)] == ["v1"]  # the refused create left no row
+    row = await image_row(farm, image.id)
     assert row.state == "new" and row.size in (0, None)
 
 
@@ -110,14 +110,14 @@ async def test_the_supertenant_imports_only_regular_files_inside_the_import_dire
     codes = set()
     for path in refused:
         with pytest.raises(BadInput) as e:
-            await call(root.import_image, image["id"], path)
+            await call(root.import_image, image.id, path)
         codes.add(e.value.code)
         assert e.value.message.startswith(repr(path)) and "import directories" in e.value.message
     assert codes == {"bad_import_path"}
-    row = await image_row(farm, image["id"])
-    assert row.state == "new" and not (tmp_path / "storage" / "images" / f"{image['id']}.partial").exists()
-    ok = await call(root.import_image, image["id"], str(inbox / "good.tar.gz"))
-    assert ok["state"] == "ready" and ok["size"] == len(rootfs_tar(2000))
+    row = await image_row(farm, image.id)
+    assert row.state == "new" and not (tmp_path / "storage" / "images" / f"{image.id}.partial").exists()
+    ok = await call(root.import_image, image.id, str(inbox / "good.tar.gz"))
+    assert ok.state == "ready" and ok.size == len(rootfs_tar(2000))
 
 
 async def test_import_by_path_is_off_when_the_farm_owner_configures_no_import_directory(farm: Farm) -> None:
@@ -125,7 +125,7 @@ async def test_import_by_path_is_off_when_the_farm_owner_configures_no_import_di
     image = await call(root.create_image, "v1")
     with pytest.raises(PermissionDenied) as e:
         await image_files.import_image(
-            farm.db, SYSTEM, image["id"], "/etc/hostname", images_dir=Path("/nonexistent"), import_dirs=()
+            farm.db, SYSTEM, image.id, "/etc/hostname", images_dir=Path("/nonexistent"), import_dirs=()
         )
     assert e.value.code == "import_disabled"
 
@@ -145,9 +145,9 @@ async def test_uploads_are_capped_per_tenant_and_the_partial_file_is_removed(far
 
     image = await call(acme.create_image, "big")
     with pytest.raises(DeckardError) as err:  # Content-Range says 1.5 MiB: refused before a byte is written
-        await call(acme.upload_image_chunk, image["id"], big[:1000], start=0, total=len(big))
+        await call(acme.upload_image_chunk, image.id, big[:1000], start=0, total=len(big))
     assert err.value.status == 413 and err.value.code == "upload_too_large"
-    assert (await call(acme.get_image, image["id"]))["state"] == "new"
+    assert (await call(acme.get_image, image.id)).state == "new"
 
     async def stream() -> AsyncIterator[bytes]:  # no Content-Length: only the running count can stop it
         for i in range(0, len(big), 1 << 16):
@@ -156,20 +156,20 @@ async def test_uploads_are_capped_per_tenant_and_the_partial_file_is_removed(far
     token = acme.token
     async with farm.http(token) as http:
         r = await http.put(
-            f"/images/{image['id']}/content", content=stream(), headers={"Content-Type": "application/octet-stream"}
+            f"/images/{image.id}/content", content=stream(), headers={"Content-Type": "application/octet-stream"}
         )
         assert r.status_code == 413 and r.json()["error"]["code"] == "upload_too_large"
-        r = await http.put(f"/images/{image['id']}/content", content=big)  # with Content-Length
+        r = await http.put(f"/images/{image.id}/content", content=big)  # with Content-Length
         assert r.status_code == 413
-    assert not (partial / f"{image['id']}.partial").exists()
-    assert (await call(acme.get_image, image["id"]))["uploaded_bytes"] == 0
+    assert not (partial / f"{image.id}.partial").exists()
+    assert (await call(acme.get_image, image.id)).uploaded_bytes == 0
 
     small = rootfs_tar(300_000)
-    row = await call(acme.upload_image_chunk, image["id"], small, start=0, total=len(small))
-    assert row["state"] == "ready"  # the same image takes a tarball within the limit
+    row = await call(acme.upload_image_chunk, image.id, small, start=0, total=len(small))
+    assert row.state == "ready"  # the same image takes a tarball within the limit
     other = await call(root.create_image, "big-default")  # the default tenant keeps the farm's default
     async with farm.http(root.token) as http:
-        r = await http.put(f"/images/{other['id']}/content", content=big)
+        r = await http.put(f"/images/{other.id}/content", content=big)
     assert r.status_code != 413
 
 
@@ -196,7 +196,7 @@ async def test_a_tenants_operator_cannot_act_on_the_shared_node_and_sees_no_host
     root = await farm.admin_client()
     await multitenant(root)
     ops = await tenant_admin(farm, root, "acme", "acme-ops", ["Operator"])
-    assert "node.block" in (await call(ops.whoami))["acls"]
+    assert "node.block" in (await call(ops.whoami)).acls
     for action in ("block", "unblock"):
         with pytest.raises(PermissionDenied) as e:
             await call(getattr(ops, f"{action}_node"), "shared-node")
@@ -210,17 +210,17 @@ async def test_a_tenants_operator_cannot_act_on_the_shared_node_and_sees_no_host
     assert row.blocked is False and row.cmd is None  # nothing changed
 
     seen = await call(ops.get_node, "shared-node")
-    assert set(seen) <= {"id", "name", "state", "blocked"} and seen["name"] == "shared-node"
+    assert seen.model_fields_set <= {"id", "name", "state", "blocked"} and seen.name == "shared-node"
     listed = await call(ops.list_nodes)
-    assert all(set(n) <= {"id", "name", "state", "blocked"} for n in listed)
+    assert all(n.model_fields_set <= {"id", "name", "state", "blocked"} for n in listed)
     with pytest.raises(PermissionDenied) as e:
         await call(ops.list_nodes, [("pid__gt", "0")])
     assert e.value.code == "forbidden_filter"
 
     full = await call(root.get_node, "shared-node")
-    assert full["address"] == "10.231.0.1" and full["pid"] == os.getpid()  # the farm's administrators see it all
-    assert (await call(root.block_node, "shared-node"))["blocked"] is True
-    assert (await call(root.node_action, "shared-node", "drain"))["blocked"] is True
+    assert full.address == "10.231.0.1" and full.pid == os.getpid()  # the farm's administrators see it all
+    assert (await call(root.block_node, "shared-node")).blocked is True
+    assert (await call(root.node_action, "shared-node", "drain")).blocked is True
 
 
 # ---- 3. administrators' lockout ------------------------------------------------------------------------
@@ -306,9 +306,9 @@ async def test_deleting_a_user_archives_their_home_and_a_new_user_with_the_login
     archived = list((tmp_path / "storage" / "homes-archive" / "default").iterdir())
     assert len(archived) == 1 and archived[0].name.startswith("alice-")
     assert (archived[0] / ".ssh" / "id_ed25519").read_text() == "private"
-    records = (await call(root.list_audit, {"action": "user.home.archive"}))["items"]
-    assert records and records[0]["arguments"]["archived_to"] == str(archived[0])
-    assert records[0]["arguments"]["home"] == str(home)
+    records = (await call(root.list_audit, {"action": "user.home.archive"})).items
+    assert records and records[0].arguments["archived_to"] == str(archived[0])
+    assert records[0].arguments["home"] == str(home)
 
     await call(root.create_user, "alice", "pass1234")
     new_home = await user_home(farm, tmp_path, "alice")
@@ -320,8 +320,8 @@ async def test_deleting_a_user_archives_their_home_and_a_new_user_with_the_login
     await call(root.delete_user, "alice")
     assert not new_home.exists()
     assert len(list((tmp_path / "storage" / "homes-archive" / "default").iterdir())) == 1  # only the first
-    records = (await call(root.list_audit, {"action": "user.home.delete"}))["items"]
-    assert records and records[0]["arguments"]["home"] == str(new_home)
+    records = (await call(root.list_audit, {"action": "user.home.delete"})).items
+    assert records and records[0].arguments["home"] == str(new_home)
     with pytest.raises(BadInput):
         await call(root.set_config, "users.home_on_delete", "keep")
 

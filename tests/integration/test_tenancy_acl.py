@@ -10,6 +10,7 @@ from test_api import Farm, call
 
 from deckard.client.api import ApiClient
 from deckard.model.errors import Conflict, DeckardError, NotFound, PermissionDenied, Unauthenticated
+from deckard.model.schemas import Desktop
 
 farm = test_api.farm  # the real API with TLS, shared with test_api.py
 PASSWORD = "s3cret-pass"
@@ -37,24 +38,24 @@ async def test_a_farm_is_monotenant_until_tenancy_multi_is_set(farm: Farm) -> No
         await call(root.create_tenant, "acme")
     assert e.value.code == "monotenant"
     entry = await call(root.get_config, "tenancy.multi")
-    assert entry["value"] is False and entry["source"] == "default"
+    assert entry.value is False and entry.source == "default"
     await multitenant(root)
-    assert (await call(root.get_config, "tenancy.multi"))["source"] == "global"
+    assert (await call(root.get_config, "tenancy.multi")).source == "global"
     tenant = await call(root.create_tenant, "acme")
-    assert tenant["name"] == "acme"
-    names = {t["name"] for t in await call(root.list_tenants)}
+    assert tenant.name == "acme"
+    names = {t.name for t in await call(root.list_tenants)}
     assert {"*", "default", "acme"} <= names
 
 
 async def test_the_bootstrap_admin_is_root_in_the_supertenant(farm: Farm) -> None:
     root = await farm.admin_client()
     me = await call(root.whoami)
-    assert me["tenant_id"] is None and "tenant.create" in me["acls"]
+    assert me.tenant_id is None and "tenant.create" in me.acls
     admin = await call(root.get_admin, "admin")
-    assert admin["roles"] == ["Root"] and admin["tenant_id"] == 0
-    roles = {r["name"]: r for r in await call(root.list_roles)}
+    assert admin.roles == ["Root"] and admin.tenant_id == 0
+    roles = {r.name: r for r in await call(root.list_roles)}
     assert {"Root", "Tenant admin", "Operator", "Read-only"} <= set(roles)
-    assert all(roles[n]["fixed"] for n in ("Root", "Operator"))
+    assert all(roles[n].fixed for n in ("Root", "Operator"))
 
 
 async def test_supertenant_sees_every_tenant_and_a_tenant_admin_only_its_own(farm: Farm) -> None:
@@ -64,25 +65,25 @@ async def test_supertenant_sees_every_tenant_and_a_tenant_admin_only_its_own(far
     b = await tenant_admin(farm, root, "beta", "bob", ["Tenant admin"])
     ua = await call(a.create_user, "alice", "pw-alice")
     ub = await call(b.create_user, "bruno", "pw-bruno")
-    assert {u["login"] for u in await call(root.list_users)} >= {"alice", "bruno"}
-    assert [u["login"] for u in await call(a.list_users)] == ["alice"]
+    assert {u.login for u in await call(root.list_users)} >= {"alice", "bruno"}
+    assert [u.login for u in await call(a.list_users)] == ["alice"]
     with pytest.raises(NotFound):
-        await call(a.get_user, ub["id"])
+        await call(a.get_user, ub.id)
     with pytest.raises(NotFound):
-        await call(a.delete_user, ub["id"])
-    assert (await call(b.get_user, ub["id"]))["login"] == "bruno"
+        await call(a.delete_user, ub.id)
+    assert (await call(b.get_user, ub.id)).login == "bruno"
     # tenant.* ACLs are never effective outside the supertenant, and other admins are invisible
-    assert not [acl for acl in (await call(a.whoami))["acls"] if acl.startswith("tenant.")]
+    assert not [acl for acl in (await call(a.whoami)).acls if acl.startswith("tenant.")]
     with pytest.raises(PermissionDenied) as e:
         await call(a.create_tenant, "gamma")
     assert e.value.code == "forbidden_action"
     with pytest.raises(NotFound):
         await call(a.get_admin, "bob")
-    assert {x["name"] for x in await call(a.list_admins)} == {"ann"}
+    assert {x.name for x in await call(a.list_admins)} == {"ann"}
     # naming another tenant on a create is a 404, not a way in
     with pytest.raises(NotFound):
         await call(a.create_admin, "eve", PASSWORD, tenant="beta")
-    assert ua["tenant_id"] != ub["tenant_id"]
+    assert ua.tenant_id != ub.tenant_id
 
 
 async def test_an_admin_without_the_acl_is_refused_with_forbidden_action(farm: Farm) -> None:
@@ -98,7 +99,7 @@ async def test_an_admin_without_the_acl_is_refused_with_forbidden_action(farm: F
         await call(reader.set_config, "ui.page_size", 20)
     with pytest.raises(PermissionDenied):
         await call(reader.list_audit)
-    assert not [u for u in await call(root.list_users) if u["login"] == "mallory"]
+    assert not [u for u in await call(root.list_users) if u.login == "mallory"]
 
 
 async def test_a_negative_grant_hides_a_gated_field_and_roles_inherit(farm: Farm) -> None:
@@ -107,34 +108,34 @@ async def test_a_negative_grant_hides_a_gated_field_and_roles_inherit(farm: Farm
     await call(root.create_desktop, "carol-1", "carol")
     read_only = await call(root.get_role, "Read-only")
     no_ip = await call(
-        root.create_role, "no-ip", grants=[("desktop.see.ip", False)], inherits=[read_only["id"]], tenant="default"
+        root.create_role, "no-ip", grants=[("desktop.see.ip", False)], inherits=[read_only.id], tenant="default"
     )
-    assert "desktop.see" in no_ip["acls"] and "desktop.see.ip" not in no_ip["acls"]
+    assert "desktop.see" in no_ip.acls and "desktop.see.ip" not in no_ip.acls
     await call(root.create_admin, "nip", PASSWORD, tenant="default", roles=["no-ip"])
     nip = farm.client()
     await call(nip.login, "nip", PASSWORD, "default")
     desks = await call(nip.list_desktops)
-    assert desks and all("ip" not in d for d in desks)
-    assert "ip" in (await call(root.list_desktops))[0]
+    assert desks and all("ip" not in d.model_fields_set for d in desks)  # absent, not null
+    assert "ip" in (await call(root.list_desktops))[0].model_fields_set
     # filtering on the hidden field is refused too
     with pytest.raises(DeckardError) as e:
-        await call(nip.list_page, "desktops", {"ip": "10.0.0.1"})
+        await call(nip.list_page, "desktops", Desktop, {"ip": "10.0.0.1"})
     assert e.value.status in (403, 422)
 
 
 async def test_role_cycles_and_edits_of_predefined_roles_are_refused(farm: Farm) -> None:
     root = await farm.admin_client()
     one = await call(root.create_role, "one", grants=[("user.see", True)])
-    two = await call(root.create_role, "two", inherits=[one["id"]])
+    two = await call(root.create_role, "two", inherits=[one.id])
     with pytest.raises(Conflict) as e:
-        await call(root.update_role, one["id"], inherits=[two["id"]])
+        await call(root.update_role, one.id, inherits=[two.id])
     assert e.value.code == "role_cycle"
     with pytest.raises(Conflict) as e:
         await call(root.update_role, "Root", description="mine now")
     assert e.value.code == "role_fixed"
     with pytest.raises(Conflict):
         await call(root.delete_role, "Operator")
-    assert (await call(root.get_role, "two"))["acls"] == ["user.see"]
+    assert (await call(root.get_role, "two")).acls == ["user.see"]
 
 
 async def test_an_operator_cannot_hand_out_more_than_it_holds(farm: Farm) -> None:
@@ -169,13 +170,13 @@ async def test_config_layers_default_global_tenant_and_reset(farm: Farm) -> None
     root = await farm.admin_client()
     await multitenant(root)
     a = await tenant_admin(farm, root, "acme", "ann", ["Tenant admin"])
-    assert (await call(a.get_config, "ui.page_size"))["source"] == "default"
+    assert (await call(a.get_config, "ui.page_size")).source == "default"
     await call(root.set_config, "ui.page_size", "25")
     seen = await call(a.get_config, "ui.page_size")
-    assert seen["value"] == 25 and seen["source"] == "global"
+    assert seen.value == 25 and seen.source == "global"
     await call(a.set_config, "ui.page_size", 10)
-    assert (await call(a.get_config, "ui.page_size"))["source"] == "tenant"
-    assert (await call(root.get_config, "ui.page_size"))["value"] == 25
+    assert (await call(a.get_config, "ui.page_size")).source == "tenant"
+    assert (await call(root.get_config, "ui.page_size")).value == 25
     with pytest.raises(DeckardError) as e:
         await call(a.set_config, "tenancy.multi", False)
     assert e.value.code == "global_config_key"
@@ -183,7 +184,7 @@ async def test_config_layers_default_global_tenant_and_reset(farm: Farm) -> None
         await call(root.set_config, "ui.page_size", "lots")
     assert e.value.code == "bad_config_value"
     out = await call(a.reset_config, "ui.page_size")
-    assert out["value"] == 25 and out["source"] == "global"
+    assert out.value == 25 and out.source == "global"
     from deckard.services.config import get_config
 
     assert await get_config(farm.db, "ui.page_size", None) == 25
@@ -195,11 +196,11 @@ async def test_custom_properties_follow_their_object_visibility(farm: Farm) -> N
     a = await tenant_admin(farm, root, "acme", "ann", ["Tenant admin"])
     b = await tenant_admin(farm, root, "beta", "bob", ["Tenant admin"])
     ub = await call(b.create_user, "bruno", "pw-bruno")
-    assert await call(b.set_properties, "user", ub["id"], {"floor": "3"}) == {"floor": "3"}
-    assert await call(root.get_properties, "user", ub["id"]) == {"floor": "3"}
+    assert await call(b.set_properties, "user", ub.id, {"floor": "3"}) == {"floor": "3"}
+    assert await call(root.get_properties, "user", ub.id) == {"floor": "3"}
     with pytest.raises(NotFound):
-        await call(a.get_properties, "user", ub["id"])
+        await call(a.get_properties, "user", ub.id)
     with pytest.raises(NotFound):
-        await call(a.set_properties, "user", ub["id"], {"floor": "9"})
-    await call(b.delete_property, "user", ub["id"], "floor")
-    assert await call(b.get_properties, "user", ub["id"]) == {}
+        await call(a.set_properties, "user", ub.id, {"floor": "9"})
+    await call(b.delete_property, "user", ub.id, "floor")
+    assert await call(b.get_properties, "user", ub.id) == {}

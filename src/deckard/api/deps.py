@@ -1,9 +1,11 @@
 """What a route needs from the request: the farm's ``Database`` and ``Settings`` (from ``app.state``) and the
-``Actor`` its bearer token stands for.  Routes declare these as parameters; services do the authorization.
+``Actor`` its bearer token stands for, or the three together as a ``Scope`` (``api/resource.py``'s routes).
+Routes declare these as parameters; services do the authorization.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -48,6 +50,22 @@ DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TokenDep = Annotated[str, Depends(get_token)]
 ActorDep = Annotated[Actor, Depends(get_actor)]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a use case takes from one request: the farm's database and settings and who is acting."""
+
+    db: Database
+    actor: Actor
+    settings: Settings
+
+
+def get_scope(db: DbDep, actor: ActorDep, settings: SettingsDep) -> Scope:
+    return Scope(db, actor, settings)
+
+
+ScopeDep = Annotated[Scope, Depends(get_scope)]
 
 
 def list_pairs(request: Request) -> list[tuple[str, str]]:

@@ -1,7 +1,7 @@
 """The shapes every response shares, so clients parse one envelope whatever the resource.
 
 * one object: the object itself (``GET /desktops/7`` → ``{"id": 7, ...}``);
-* a list: ``{"items": [...], "total": N}`` (``total`` stays the full count when paging arrives);
+* a list: ``{"items": [...], "total": N}`` (``model/schemas.py``'s ``Page``: ``total`` counts every match);
 * an error, with its HTTP status:
   ``{"error": {"code": "desktop_not_found", "message": "...", "details"?: {}}}``.
 
@@ -10,20 +10,9 @@ Error codes are stable: clients and scripts branch on ``code``, never on ``messa
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, Field
-
-T = TypeVar("T")
-
-
-class Page(BaseModel, Generic[T]):
-    items: list[T]
-    total: int = Field(description="Number of items matching the request (all of them until paging arrives).")
-
-
-def page(items: list[T]) -> Page[T]:
-    return Page[T](items=items, total=len(items))
 
 
 class ErrorBody(BaseModel):

@@ -64,7 +64,7 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
-async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _data_error(_request: Request, _exc: Exception) -> JSONResponse:
     # the database refused a value the schema let through (e.g. a NUL byte in text on PostgreSQL)
     return error_response(422, "bad_input", "a value in the request cannot be stored (control characters?)")
 

@@ -124,7 +124,7 @@ class FrontConnection(asyncio.Protocol):
             self.relay.client_closed()
         return False  # close our side too: neither HTTP nor the desktop protocols use half-close
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, _exc: Exception | None) -> None:
         self.eof = True
         self._inbox = bytearray()  # let go of whatever the client left unread, now, not when the task ends
         self._wake.set()

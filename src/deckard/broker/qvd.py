@@ -34,6 +34,7 @@ from deckard.broker.websocket import WebSocketConnect, is_websocket
 from deckard.db.engine import Database
 from deckard.model.entities import User
 from deckard.model.errors import Conflict, DeckardError, Unauthenticated
+from deckard.model.states import DESKTOP_AT_REST, DesktopCommand, DesktopState
 from deckard.services.desktops import request_stop
 from deckard.services.sessions import desktop_for_user, user_desktops
 from deckard.services.users import authenticate_user
@@ -200,7 +201,7 @@ class QvdProtocol:
 
     async def _stop(self, req: Request, user: User) -> Reply:
         desk = await desktop_for_user(self.db, user, parse_desktop_id(req.query))
-        if desk.state not in ("stopped", "failed", "stopping") or desk.cmd == "start":
+        if desk.state not in (*DESKTOP_AT_REST, DesktopState.STOPPING) or desk.cmd == DesktopCommand.START:
             try:
                 await request_stop(self.db, desk.id)
             except Conflict as e:

@@ -40,6 +40,7 @@ from deckard.db.engine import Database
 from deckard.drivers.display import display_password
 from deckard.model.entities import Desktop, User, uid_for_user
 from deckard.model.errors import DeckardError, Unavailable
+from deckard.model.states import DesktopState
 from deckard.runtime.settings import BrokerSettings
 from deckard.services.desktops import load_desktop, request_start
 from deckard.services.events import DESKTOPS
@@ -257,7 +258,7 @@ class SessionRunner:
             watch,
         )
         timings["t_start_ms"] = _ms(t)
-        if desk.state != "running" and running.start_agent_ms is not None:
+        if desk.state != DesktopState.RUNNING and running.start_agent_ms is not None:
             timings["t_agent_ms"] = round(running.start_agent_ms, 1)
 
         await progress(Progress("display", "Waiting for the display to come up"))
@@ -326,6 +327,6 @@ class SessionRunner:
                     continue
                 if now.session_id is not None:
                     return "taken_over", "another connection took over this desktop"
-                if now.state == "failed":  # the node clears the session when a start fails
+                if now.state == DesktopState.FAILED:  # the node clears the session when a start fails
                     return "failed", f"the desktop failed to start: {now.failure_reason}"
                 return "ended", f"the desktop's session ended (desktop {now.state})"

@@ -52,7 +52,8 @@ from deckard.broker.tunnel import Tunnel
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
 from deckard.drivers.display import display_password
-from deckard.model.errors import BadInput, DeckardError, Unavailable
+from deckard.model.errors import BadInput, Conflict, DeckardError, Unavailable
+from deckard.model.states import DesktopState
 from deckard.services.desktops import load_desktop
 from deckard.services.sessions import desktop_for_user
 from deckard.services.tickets import Ticket, redeem_ticket
@@ -321,8 +322,8 @@ class WebSocketConnect:
         try:
             async with self.db.connect() as conn:
                 desk = await load_desktop(conn, ticket.desktop_id)
-            if desk.state != "running" or not desk.agent_token:
-                raise Unavailable(f"the desktop is not running (it is {desk.state})", code="not_running")
+            if desk.state != DesktopState.RUNNING or not desk.agent_token:
+                raise Conflict(f"the desktop is not running (it is {desk.state})", code="not_running")
             send_text(front, {"progress": "Connecting to the desktop's display"})
             try:
                 secret = display_password(desk.agent_token or "")

@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 
 from deckard.cli import session
-from deckard.cli.output import print_done, print_rows
-from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.cli.output import print_done
+from deckard.cli.session import PROMPTED, JsonOpt, ProfileOpt
+from deckard.cli.verbs import list_command, object_command, option
+from deckard.model.schemas import Admin
 
 app = typer.Typer(help="Administrators of the farm or of a tenant.", no_args_is_help=True)
 
@@ -19,22 +21,15 @@ PasswordOpt = Annotated[
     typer.Option(
         "--password",
         envvar="DECKARD_ADMIN_PASSWORD",
-        show_envvar=True,
-        prompt=True,
-        hide_input=True,
         confirmation_prompt=True,
         help="The password, at least 8 characters (asked for if missing).",
+        **PROMPTED,
     ),
 ]
 RolesOpt = Annotated[list[str] | None, typer.Option("--role", "-r", help="A role name or id (repeat for several).")]
 
 
-@app.command("list")
-def list_(as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """List administrators."""
-    with session.api(profile) as api:
-        rows = api.list_admins()
-    print_rows(rows, COLUMNS, as_json=as_json)
+app.command("list")(list_command("admins", Admin, COLUMNS, "List administrators."))
 
 
 @app.command("add")
@@ -49,35 +44,33 @@ def add(
     """Create an administrator with roles (e.g. -r Operator)."""
     with session.api(profile) as api:
         row = api.create_admin(name, password, tenant=tenant, roles=role or [])
-    print_done(f"administrator {row['name']!r} created (id {row['id']})", row, as_json=as_json)
+    print_done(f"administrator {row.name!r} created (id {row.id})", row, as_json=as_json)
 
 
-@app.command("passwd")
-def passwd(admin: AdminArg, password: PasswordOpt, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Set an administrator's password (their open sessions end)."""
-    with session.api(profile) as api:
-        row = api.update_admin(admin, password=password)
-    print_done(f"password of administrator {row['name']!r} changed", row, as_json=as_json)
-
-
-@app.command("roles")
-def roles(
-    admin: AdminArg,
-    role: Annotated[list[str], typer.Argument(help="The roles the administrator will have (replaces the old ones).")],
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """Set an administrator's roles."""
-    with session.api(profile) as api:
-        row = api.update_admin(admin, roles=role)
-    print_done(
-        f"administrator {row['name']!r} now has roles {', '.join(row.get('roles') or role)}", row, as_json=as_json
+app.command("passwd")(
+    object_command(
+        AdminArg,
+        lambda api, ref, password: api.update_admin(ref, password=password),
+        "Set an administrator's password (their open sessions end).",
+        "password of administrator {name!r} changed",
+        params=[option("password", PasswordOpt)],
     )
+)
+app.command("roles")(
+    object_command(
+        AdminArg,
+        lambda api, ref, role: api.update_admin(ref, roles=role),
+        "Set an administrator's roles.",
+        lambda row: f"administrator {row.name!r} now has roles {', '.join(row.roles or [])}",
+        params=[
+            option("role", Annotated[list[str], typer.Argument(help="The roles it will have (replaces the old).")])
+        ],
+    )
+)
 
 
-@app.command("delete")
-def delete(admin: AdminArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Delete an administrator."""
-    with session.api(profile) as api:
-        api.delete_admin(admin)
-    print_done(f"administrator {admin!r} deleted", as_json=as_json)
+app.command("delete")(
+    object_command(
+        AdminArg, lambda api, ref: api.delete_admin(ref), "Delete an administrator.", "administrator {ref!r} deleted"
+    )
+)

@@ -42,7 +42,7 @@ def set_(
     """Set a key globally or, with --tenant, for one tenant."""
     with session.api(profile) as api:
         row = api.set_config(key, value, tenant)
-    print_done(f"{row['key']} = {row['value']!r} ({row['source']})", row, as_json=as_json)
+    print_done(f"{row.key} = {row.value!r} ({row.source})", row, as_json=as_json)
 
 
 @app.command("reset")
@@ -55,4 +55,4 @@ def reset(
     """Reset a key: the layer below shows through again."""
     with session.api(profile) as api:
         row = api.reset_config(key, tenant)
-    print_done(f"{row['key']} reset: now {row['value']!r} ({row['source']})", row, as_json=as_json)
+    print_done(f"{row.key} reset: now {row.value!r} ({row.source})", row, as_json=as_json)

@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +30,8 @@ from rich.table import Table
 
 from deckard.client.broker import BrokerConnection, list_desktops, resolve_desktop, split_server
 from deckard.model.errors import DeckardError
+
+T = TypeVar("T")
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -169,6 +172,24 @@ async def _connect(
     return 0
 
 
+def _as_user(
+    server: str, user: str, ca: Path | None, work: Callable[[Path, str], Coroutine[Any, Any, T]], *, ctrl_c: int
+) -> T:
+    """Check the server, find the CA, ask for the password, then run ``work(ca_path, password)``; errors are
+    printed as one line (exit 1) and Ctrl-C exits with ``ctrl_c``."""
+    try:
+        split_server(server)
+        ca_path = find_ca(ca)
+        password = read_password(user, server)
+        return asyncio.run(work(ca_path, password))
+    except KeyboardInterrupt:
+        if ctrl_c == 0:
+            console.print("\nDisconnected")
+        raise typer.Exit(ctrl_c) from None
+    except (ConnectError, DeckardError) as e:
+        raise _fail(e.message if isinstance(e, DeckardError) else str(e)) from None
+
+
 def _fail(message: str) -> typer.Exit:
     err_console.print(f"[red]Error:[/red] {message}")
     return typer.Exit(1)
@@ -183,16 +204,9 @@ def connect_command(
     viewer: bool = typer.Option(True, "--viewer/--no-viewer", help="Start vncviewer when available."),
 ) -> None:
     """Start your desktop and serve it on a local port for a VNC viewer."""
-    try:
-        split_server(server)
-        ca_path = find_ca(ca)
-        password = read_password(user, server)
-        code = asyncio.run(_connect(server, user, password, ca_path, desktop, listen, viewer))
-    except KeyboardInterrupt:
-        console.print("\nDisconnected")
-        raise typer.Exit(0) from None
-    except (ConnectError, DeckardError) as e:
-        raise _fail(e.message if isinstance(e, DeckardError) else str(e)) from None
+    code = _as_user(
+        server, user, ca, lambda ca_path, pw: _connect(server, user, pw, ca_path, desktop, listen, viewer), ctrl_c=0
+    )
     raise typer.Exit(code)
 
 
@@ -203,15 +217,7 @@ def desktops_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """List your desktops."""
-    try:
-        split_server(server)
-        ca_path = find_ca(ca)
-        password = read_password(user, server)
-        rows: list[dict[str, Any]] = asyncio.run(list_desktops(server, user, password, ca_path))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except (ConnectError, DeckardError) as e:
-        raise _fail(e.message if isinstance(e, DeckardError) else str(e)) from None
+    rows = _as_user(server, user, ca, lambda ca_path, pw: list_desktops(server, user, pw, ca_path), ctrl_c=130)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, sort_keys=True))
         return

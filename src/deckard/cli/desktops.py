@@ -1,37 +1,35 @@
 """``deckard desktop ...``: desktops (QVD's VMs).  Start and stop only *ask*: a node carries the command out,
 so these commands print the state the desktop is in right after asking (``--wait`` follows it to the end).
 
-Action verbs take one name (the single-object endpoint, with ``--wait`` for start/stop), several names, or
-``--filter`` (the bulk endpoint, one result line per desktop): ``deckard desktop start --filter osf=web``.
+Action verbs take one name (the single-object endpoint), several names, or ``--filter`` (the bulk endpoint,
+one result line per desktop): ``deckard desktop start --filter osf=web``.  ``--wait`` follows every desktop
+the action was accepted for, whichever endpoint carried it, and fails (exit 1) if any is not done in time.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
 from deckard.cli import session
-from deckard.cli.filters import (
-    FieldsOpt,
-    FilterOpt,
-    PageOpt,
-    PerPageOpt,
-    SortOpt,
-    fetch_list,
-    list_params,
-    print_page,
-    run_bulk,
-)
-from deckard.cli.output import print_done, print_object
+from deckard.cli.output import print_done
 from deckard.cli.session import ERROR_EXIT, JsonOpt, ProfileOpt, report
+from deckard.cli.verbs import bulk_command, list_command, object_command, option
+from deckard.client.api import ApiClient
 from deckard.model.errors import Unavailable
+from deckard.model.schemas import Desktop
+from deckard.model.states import DesktopCommand, DesktopState
 
 app = typer.Typer(help="Desktops (containers or VMs), one per user and OSF.", no_args_is_help=True)
 
 COLUMNS = ("id", "name", "user", "osf", "tag", "ip", "state", "cmd", "node", "blocked", "user_state")
-SETTLED = {"start": ("running", "failed", "blocked"), "stop": ("stopped", "failed")}
+SETTLED = {
+    DesktopCommand.START: (DesktopState.RUNNING, DesktopState.FAILED),
+    DesktopCommand.STOP: (DesktopState.STOPPED, DesktopState.FAILED),
+}
 POLL_S = 0.5
 
 DesktopArg = Annotated[str, typer.Argument(help="Name or id of the desktop.")]
@@ -39,50 +37,50 @@ DesktopsArg = Annotated[list[str] | None, typer.Argument(help="Names or ids (or 
 WaitOpt = Annotated[
     float, typer.Option("--wait", metavar="SECONDS", help="Wait up to SECONDS for the command to complete.")
 ]
+UserOpt = Annotated[str | None, typer.Option("--user", "-u", help="Only this user's.")]
 
 
-def describe(desk: dict[str, Any]) -> str:
+def describe(desk: Desktop) -> str:
     """One line an administrator reads: where the desktop is and what it is about to do."""
-    parts = [f"desktop {desk['name']!r} (id {desk['id']}): {desk['state']}"]
-    if desk.get("cmd"):
-        parts.append(f"{desk['cmd']} requested")
-    if desk.get("node"):
-        parts.append(f"node {desk['node']}")
-    if desk.get("blocked"):
+    parts = [f"desktop {desk.name!r} (id {desk.id}): {desk.state}"]
+    if desk.cmd:
+        parts.append(f"{desk.cmd} requested")
+    if desk.node:
+        parts.append(f"node {desk.node}")
+    if desk.blocked:
         parts.append("blocked")
-    if desk.get("state") == "failed" and desk.get("failure_reason"):
-        parts.append(f"reason: {desk['failure_reason']}")
+    if desk.state == DesktopState.FAILED and desk.failure_reason:
+        parts.append(f"reason: {desk.failure_reason}")
     return ", ".join(parts)
 
 
-def _follow(api: Any, desk: dict[str, Any], command: str, wait: float) -> dict[str, Any]:
+def settled(desk: Desktop, command: str) -> bool:
+    """The node carried ``command`` out: it is no longer pending and the state is one it ends in."""
+    return desk.cmd != command and desk.state in SETTLED[DesktopCommand(command)]
+
+
+def follow(api: ApiClient, ids: list[int], command: str, wait: float) -> list[Desktop] | None:
+    """Poll the desktops until each has settled after ``command``; exit 1 naming those that did not in time."""
+    if wait <= 0:
+        return None
     deadline = time.monotonic() + wait
-    while desk.get("cmd") == command or desk["state"] not in SETTLED[command]:
+    ended: dict[int, Desktop] = {}
+    pending = list(ids)
+    while True:
+        for desktop_id in pending:
+            ended[desktop_id] = api.get_desktop(desktop_id)
+        pending = [i for i in pending if not settled(ended[i], command)]
+        if not pending:
+            return [ended[i] for i in ids]
         if time.monotonic() >= deadline:
-            report(Unavailable(f"{describe(desk)}; still not done after {wait:g} s", code="timeout"))
+            late = "; ".join(describe(ended[i]) for i in pending)
+            report(Unavailable(f"still not done after {wait:g} s: {late}", code="timeout"))
             raise typer.Exit(ERROR_EXIT)
         time.sleep(POLL_S)
-        desk = api.get_desktop(desk["id"])
-    return dict(desk)
 
 
-def _act(
-    action: str,
-    refs: list[str] | None,
-    filters: list[str] | None,
-    *,
-    wait: float = 0,
-    as_json: bool,
-    profile: Any,
-) -> None:
-    with session.api(profile) as api:
-        if refs and len(refs) == 1 and not filters:
-            desk = getattr(api, f"{action}_desktop")(refs[0])
-            if wait > 0 and action in SETTLED:
-                desk = _follow(api, desk, action, wait)
-            print_done(describe(desk), desk, as_json=as_json)
-            return
-        run_bulk(api, "desktops", action, refs, filters, lambda r: api.get_desktop(r)["id"], as_json=as_json)
+def _get(api: ApiClient, ref: str) -> Desktop:
+    return api.get_desktop(ref)
 
 
 @app.command("add")
@@ -98,33 +96,19 @@ def add(
     """Create a desktop for a user (its IP address is allocated now)."""
     with session.api(profile) as api:
         desk = api.create_desktop(name, user, osf=osf, tag=tag, description=description)
-    print_done(f"desktop {desk['name']!r} created (id {desk['id']}, ip {desk.get('ip')})", desk, as_json=as_json)
+    print_done(f"desktop {desk.name!r} created (id {desk.id}, ip {desk.ip})", desk, as_json=as_json)
 
 
-@app.command("list")
-def list_(
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's.")] = None,
-    filters: FilterOpt = None,
-    sort: SortOpt = None,
-    page: PageOpt = None,
-    per_page: PerPageOpt = None,
-    fields: FieldsOpt = None,
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """List desktops (``--filter state=running --sort -created_at``)."""
-    params = list_params(filters, sort, page, per_page, fields)
-    with session.api(profile) as api:
-        result = fetch_list(api, "desktops", [*params, *([("user", user)] if user is not None else [])])
-    print_page(result, COLUMNS, fields, as_json=as_json)
-
-
-@app.command("show")
-def show(desktop: DesktopArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Show one desktop."""
-    with session.api(profile) as api:
-        row = api.get_desktop(desktop)
-    print_object(row, as_json=as_json)
+app.command("list")(
+    list_command(
+        "desktops",
+        Desktop,
+        COLUMNS,
+        "List desktops (``--filter state=running --sort -created_at``).",
+        query=[option("user", UserOpt)],
+    )
+)
+app.command("show")(object_command(DesktopArg, _get, "Show one desktop."))
 
 
 @app.command("update")
@@ -142,57 +126,61 @@ def update(
     changes = {k: v for k, v in asked.items() if v is not None}
     with session.api(profile) as api:
         desk = api.update_desktop(desktop, **changes)
-    print_done(f"desktop {desk['name']!r} updated", desk, as_json=as_json)
+    print_done(f"desktop {desk.name!r} updated", desk, as_json=as_json)
 
 
-@app.command("start")
-def start(
-    desktops: DesktopsArg = None,
-    filters: FilterOpt = None,
-    wait: WaitOpt = 0,
+@app.command("expire")
+def expire(
+    desktop: DesktopArg,
+    soft: Annotated[int | None, typer.Option("--soft", min=0, help="Seconds until the user is warned.")] = None,
+    hard: Annotated[int | None, typer.Option("--hard", min=0, help="Seconds until the desktop is stopped.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove both deadlines.")] = False,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """Start desktops on the least-loaded nodes."""
-    _act("start", desktops, filters, wait=wait, as_json=as_json, profile=profile)
-
-
-@app.command("stop")
-def stop(
-    desktops: DesktopsArg = None,
-    filters: FilterOpt = None,
-    wait: WaitOpt = 0,
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """Stop desktops."""
-    _act("stop", desktops, filters, wait=wait, as_json=as_json, profile=profile)
-
-
-def _simple_action(verb: str, doc: str) -> None:
-    def command(
-        desktops: DesktopsArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
-    ) -> None:
-        _act(verb, desktops, filters, as_json=as_json, profile=profile)
-
-    command.__doc__ = doc
-    app.command(verb)(command)
-
-
-_simple_action("disconnect", "Disconnect the user from desktops (their display connection closes).")
-_simple_action("block", "Block desktops: nobody may start them (maintenance).")
-_simple_action("unblock", "Unblock desktops.")
-_simple_action("reset", "Discard stopped desktops' overlays: their next start is a clean image.")
-
-
-@app.command("delete")
-def delete(
-    desktops: DesktopsArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
-) -> None:
-    """Delete stopped desktops (their users' homes are kept)."""
+    """Set when a running desktop expires (QVD's vm_expiration_soft/hard): a warning, then a stop."""
+    if clear == (soft is not None or hard is not None):
+        raise typer.BadParameter("give --soft and/or --hard, or --clear")
     with session.api(profile) as api:
-        if desktops and len(desktops) == 1 and not filters:
-            api.delete_desktop(desktops[0])
-            print_done(f"desktop {desktops[0]!r} deleted", as_json=as_json)
-            return
-        run_bulk(api, "desktops", "delete", desktops, filters, lambda r: api.get_desktop(r)["id"], as_json=as_json)
+        desk = api.expire_desktop(desktop, soft_s=soft, hard_s=hard)
+    when = f"soft {desk.expire_soft_at or '-'}, hard {desk.expire_hard_at or '-'}"
+    print_done(f"desktop {desk.name!r} expires: {when}", desk, as_json=as_json)
+
+
+def _verb(action: str, single: Callable[[ApiClient, str], Desktop | None], doc: str, wait: bool = False) -> None:
+    """Register an action verb; with ``wait`` it takes ``--wait`` and follows the desktops to the end."""
+
+    def follow_action(api: ApiClient, ids: list[int], wait: float) -> list[Desktop] | None:
+        return follow(api, ids, action, wait)
+
+    done: Callable[[Desktop], str] | str = describe if action != "delete" else "desktop {ref!r} deleted"
+    app.command(action)(
+        bulk_command(
+            "desktops",
+            action,
+            DesktopsArg,
+            single,
+            _get,
+            doc,
+            done,
+            params=[option("wait", WaitOpt, 0)] if wait else (),
+            follow=follow_action if wait else None,
+        )
+    )
+
+
+_verb("start", lambda api, ref: api.start_desktop(ref), "Start desktops on the least-loaded nodes.", wait=True)
+_verb("stop", lambda api, ref: api.stop_desktop(ref), "Stop desktops.", wait=True)
+_verb(
+    "disconnect",
+    lambda api, ref: api.disconnect_desktop(ref),
+    "Disconnect the user from desktops (their display connection closes).",
+)
+_verb("block", lambda api, ref: api.block_desktop(ref), "Block desktops: nobody may start them (maintenance).")
+_verb("unblock", lambda api, ref: api.unblock_desktop(ref), "Unblock desktops.")
+_verb(
+    "reset",
+    lambda api, ref: api.reset_desktop(ref),
+    "Discard stopped desktops' overlays: their next start is a clean image.",
+)
+_verb("delete", lambda api, ref: api.delete_desktop(ref), "Delete stopped desktops (their users' homes are kept).")

@@ -8,12 +8,17 @@ one command acts on a thousand desktops in one request and says what happened to
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Protocol, TypeVar
 
 import typer
 
 from deckard.cli.output import print_json, print_rows
 from deckard.cli.session import ERROR_EXIT
+from deckard.client.api import ApiClient
+from deckard.model.schemas import BulkResult, Page, Schema
+
+M = TypeVar("M", bound=Schema)
 
 FilterOpt = Annotated[
     list[str] | None,
@@ -50,52 +55,65 @@ def list_params(
     return pairs
 
 
-def fetch_list(api: Any, resource: str, params: list[tuple[str, str]]) -> dict[str, Any]:
+def fetch_list(api: ApiClient, resource: str, schema: type[M], params: list[tuple[str, str]]) -> Page[M]:
     """One page when the caller asked for one (``--page``/``--per-page``), otherwise every row."""
     if any(k in ("page", "per_page") for k, _ in params):
-        page: dict[str, Any] = api.list_page(resource, params)
-        return page
-    rows: list[dict[str, Any]] = api.list_all("/" + resource, params)
-    return {"items": rows, "total": len(rows)}
+        return api.list_page(resource, schema, params)
+    rows = api.list_all(resource, schema, params)
+    return Page[schema](items=rows, total=len(rows))  # type: ignore[valid-type]
 
 
-def print_page(page: dict[str, Any], columns: tuple[str, ...], fields: str | None, *, as_json: bool) -> None:
+def print_page(page: Page[M], columns: Sequence[str], fields: str | None, *, as_json: bool) -> None:
     """A list page: JSON rows (as before paging existed), or a table and a "N of TOTAL" line."""
-    rows: list[dict[str, Any]] = page["items"]
     if as_json:
-        print_json(rows)
+        print_json(page.items)
         return
     shown = tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else columns
-    print_rows(rows, shown, as_json=False)
-    if page.get("total", len(rows)) > len(rows):
-        typer.echo(f"{len(rows)} of {page['total']} shown (use --page/--per-page)")
+    print_rows(page.items, shown, as_json=False)
+    if page.total > len(page.items):
+        typer.echo(f"{len(page.items)} of {page.total} shown (use --page/--per-page)")
+
+
+class Identified(Protocol):
+    @property
+    def id(self) -> int | None: ...
+
+
+def find_id(ref: str, find: Callable[[str], Identified]) -> int:
+    found = int(ref) if ref.isdigit() else find(ref).id
+    if found is None:  # an answer without its id: only a `fields=` list leaves it out
+        raise typer.BadParameter(f"{ref!r} has no id")
+    return found
 
 
 def run_bulk(
-    api: Any,
+    api: ApiClient,
     resource: str,
     action: str,
     refs: list[str] | None,
     filters: list[str] | None,
-    find_id: Any,
-    *,
-    as_json: bool,
-) -> None:
-    """Act on ``refs`` (names or ids, resolved with ``find_id``) or on ``--filter``; print each item's result."""
+    find: Callable[[str], Identified],
+) -> BulkResult:
+    """Act on ``refs`` (names or ids; a name is looked up with ``find``) or on ``--filter``, in one request."""
     if bool(refs) == bool(filters):
         raise typer.BadParameter("name one or more objects, or give --filter (not both)")
     if filters:
-        out = api.bulk(resource, action, filter=parse_filters(filters))
-    else:
-        ids = [int(r) if str(r).isdigit() else int(find_id(r)) for r in refs or []]
-        out = api.bulk(resource, action, ids=ids)
+        return api.bulk(resource, action, filter=parse_filters(filters))
+    return api.bulk(resource, action, ids=[find_id(r, find) for r in refs or []])
+
+
+def report_bulk(
+    out: BulkResult, resource: str, action: str, *, as_json: bool, objects: Sequence[Schema] | None = None
+) -> None:
+    """Each item's result (a failed one on stderr); exit 1 when any failed.  ``objects``: the objects as they
+    ended when the command waited for them (``--wait``), printed with the result under ``--json``."""
     if as_json:
-        print_json(out)
+        print_json(out if objects is None else {**out.dump(), resource: objects})
     else:
-        for obj_id in out["ok"]:
+        for obj_id in out.ok:
             typer.echo(f"{resource[:-1]} {obj_id}: {action} ok")
-        for obj_id, err in out["failed"].items():
-            typer.echo(f"{resource[:-1]} {obj_id}: failed [{err['code']}] {err['message']}", err=True)
-        typer.echo(f"{len(out['ok'])} ok, {len(out['failed'])} failed")
-    if out["failed"]:
+        for failed_id, err in out.failed.items():
+            typer.echo(f"{resource[:-1]} {failed_id}: failed [{err['code']}] {err['message']}", err=True)
+        typer.echo(f"{len(out.ok)} ok, {len(out.failed)} failed")
+    if out.failed:
         raise typer.Exit(ERROR_EXIT)

@@ -10,6 +10,7 @@ upload from the server's ``uploaded_bytes``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,60 +18,37 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from deckard.cli import session
-from deckard.cli.output import print_done, print_object, print_rows
+from deckard.cli.output import print_done
 from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.cli.verbs import list_command, object_command, option
+from deckard.client.api import ApiClient
 from deckard.model.errors import DeckardError
+from deckard.model.schemas import Image, Osf
+from deckard.model.states import ImageState
 
 IMAGE_COLUMNS = ("id", "osf", "version", "state", "tags", "size", "blocked", "created_at")
 OSF_COLUMNS = ("id", "name", "memory_mib", "cpus", "driver", "keep_overlay", "description")
 
 ImageArg = Annotated[int, typer.Argument(help="Id of the disk image.")]
 OsfArg = Annotated[str, typer.Argument(help="Name or id of the OSF.")]
-FilterOpt = Annotated[
-    list[str] | None, typer.Option("--filter", "-f", help="FIELD[__op]=VALUE, e.g. state=published (repeatable).")
-]
 
 
-def _filters(items: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{item!r}: use FIELD=VALUE")
-        out[key] = value
-    return out
-
-
-def list_images(filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """List disk images and the tags pointing at them."""
-    with session.api(profile) as api:
-        rows = api.list_images(**_filters(filters)) if filters else api.list_images()
-    print_rows(rows, IMAGE_COLUMNS, as_json=as_json)
-
-
-def show_image(image: ImageArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Show one disk image (state, progress, tags, uploaded bytes)."""
-    with session.api(profile) as api:
-        print_object(api.get_image(image), as_json=as_json)
-
-
-def _upload(api: Any, image_id: int, file: Path, quiet: bool) -> dict[str, Any]:
+def _upload(api: ApiClient, image_id: int, file: Path, quiet: bool) -> Image:
     if quiet:
-        row: dict[str, Any] = api.upload_image(image_id, file)
-        return row
+        return api.upload_image(image_id, file)
     columns = (TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("upload", total=file.stat().st_size)
-        row = api.upload_image(image_id, file, progress=lambda done, total: bar.update(task, completed=done))
+        row = api.upload_image(image_id, file, progress=lambda done, _total: bar.update(task, completed=done))
     return row
 
 
-def _follow_build(api: Any, image_id: int, quiet: bool) -> dict[str, Any]:
-    row: dict[str, Any] = api.get_image(image_id)
+def _follow_build(api: ApiClient, image_id: int, quiet: bool) -> Image:
+    row = api.get_image(image_id)
     with Progress(TextColumn("{task.description}"), BarColumn(), disable=quiet, transient=True) as bar:
         task = bar.add_task("building", total=100)
-        while row["state"] == "building":
-            message = row.get("status_message") or ""
+        while row.state == "building":
+            message = row.status_message or ""
             pct, _, phase = message.partition("% ")
             if pct.isdigit():
                 bar.update(task, completed=int(pct), description=phase or "building")
@@ -79,11 +57,11 @@ def _follow_build(api: Any, image_id: int, quiet: bool) -> dict[str, Any]:
     return row
 
 
-def _report(row: dict[str, Any], as_json: bool) -> None:
-    if row["state"] == "failed":
-        session.report(DeckardError(f"image {row['id']} failed: {row.get('status_message')}", code="image_failed"))
+def _report(row: Image, as_json: bool) -> None:
+    if row.state == ImageState.FAILED:
+        session.report(DeckardError(f"image {row.id} failed: {row.status_message}", code="image_failed"))
         raise typer.Exit(session.ERROR_EXIT)
-    print_done(f"image {row['id']} ({row['version']}) is {row['state']}", row, as_json=as_json)
+    print_done(f"image {row.id} ({row.version}) is {row.state}", row, as_json=as_json)
 
 
 def add_image(
@@ -105,9 +83,9 @@ def add_image(
     with session.api(profile) as api:
         row = api.create_image(version, osf=osf, source=source, path=import_path)
         if upload is not None:
-            row = _upload(api, row["id"], upload, as_json)
+            row = _upload(api, int(row.id or 0), upload, as_json)
         elif build:
-            row = _follow_build(api, row["id"], as_json)
+            row = _follow_build(api, int(row.id or 0), as_json)
     _report(row, as_json)
 
 
@@ -134,59 +112,61 @@ def publish_image(
     """Publish an image: move tags (default: default, head) and set expiry on desktops on the old image."""
     with session.api(profile) as api:
         row = api.publish_image(image, tags or None, expire_soft_s=soft, expire_hard_s=hard)
-    n = len(row.get("expiring_desktops") or [])
-    print_done(
-        f"image {image} published ({', '.join(row['tags'])}); {n} running desktop(s) will expire", row, as_json=as_json
-    )
+    n = len(row.expiring_desktops or [])
+    moved = ", ".join(row.tags or [])
+    print_done(f"image {image} published ({moved}); {n} running desktop(s) will expire", row, as_json=as_json)
 
 
-def _simple(action: str, message: str, doc: str) -> Any:
-    def command(image: ImageArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-        with session.api(profile) as api:
-            row = getattr(api, f"{action}_image")(image)
-        print_done(message.format(image=image), row, as_json=as_json)
-
-    command.__doc__ = doc
-    return command
-
-
-def tag_image(
-    image: ImageArg, tag: Annotated[str, typer.Argument()], as_json: JsonOpt = False, profile: ProfileOpt = None
-) -> None:
-    """Point a tag at an image (moving it from the OSF's other image)."""
-    with session.api(profile) as api:
-        row = api.tag_image(image, tag)
-    print_done(f"tag {tag!r} now points at image {image}", row, as_json=as_json)
-
-
-def untag_image(
-    image: ImageArg, tag: Annotated[str, typer.Argument()], as_json: JsonOpt = False, profile: ProfileOpt = None
-) -> None:
-    """Remove a tag from an image."""
-    with session.api(profile) as api:
-        row = api.untag_image(image, tag)
-    print_done(f"tag {tag!r} removed from image {image}", row, as_json=as_json)
-
-
-def delete_image(image: ImageArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Delete an image and its file (refused while tagged or running)."""
-    with session.api(profile) as api:
-        api.delete_image(image)
-    print_done(f"image {image} deleted", None, as_json=as_json)
+TagArg = Annotated[str, typer.Argument(help="The tag.")]
 
 
 def add_image_commands(group: typer.Typer) -> None:
-    group.command("list")(list_images)
-    group.command("show")(show_image)
+    group.command("list")(
+        list_command("images", Image, IMAGE_COLUMNS, "List disk images and the tags pointing at them.")
+    )
+    group.command("show")(
+        object_command(ImageArg, lambda api, ref: api.get_image(ref), "Show one disk image (state, progress, tags).")
+    )
     group.command("add")(add_image)
     group.command("upload")(upload_image)
     group.command("publish")(publish_image)
-    group.command("tag")(tag_image)
-    group.command("untag")(untag_image)
-    group.command("retire")(_simple("retire", "image {image} is retired", "Retire an image (no tag may point at it)."))
-    group.command("block")(_simple("block", "image {image} is blocked", "Block an image: no desktop starts from it."))
-    group.command("unblock")(_simple("unblock", "image {image} is unblocked", "Unblock an image."))
-    group.command("delete")(delete_image)
+    tag = option("tag", TagArg)
+    group.command("tag")(
+        object_command(
+            ImageArg,
+            lambda api, ref, tag: api.tag_image(ref, tag),
+            "Point a tag at an image (moving it from the OSF's other image).",
+            "tag {tag!r} now points at image {ref}",
+            [tag],
+        )
+    )
+    group.command("untag")(
+        object_command(
+            ImageArg,
+            lambda api, ref, tag: api.untag_image(ref, tag),
+            "Remove a tag from an image.",
+            "tag {tag!r} removed from image {ref}",
+            [tag],
+        )
+    )
+    for action, doc, done in (
+        ("retire", "Retire an image (no tag may point at it).", "image {ref} is retired"),
+        ("block", "Block an image: no desktop starts from it.", "image {ref} is blocked"),
+        ("unblock", "Unblock an image.", "image {ref} is unblocked"),
+    ):
+        group.command(action)(object_command(ImageArg, _image_action(action), doc, done))
+    group.command("delete")(
+        object_command(
+            ImageArg,
+            lambda api, ref: api.delete_image(ref),
+            "Delete an image and its file (refused while tagged or running).",
+            "image {ref} deleted",
+        )
+    )
+
+
+def _image_action(action: str) -> Callable[[ApiClient, int], Image]:
+    return lambda api, ref: api.image_action(ref, action)
 
 
 # ---- OSFs -----------------------------------------------------------------------------------------------
@@ -198,70 +178,45 @@ KeepOpt = Annotated[bool | None, typer.Option("--keep-overlay/--discard-overlay"
 DescOpt = Annotated[str | None, typer.Option("--description", "-d")]
 
 
-@osf_app.command("list")
-def list_osfs(filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """List OSFs (operating system flavours)."""
-    with session.api(profile) as api:
-        rows = api.list_osfs(**_filters(filters)) if filters else api.list_osfs()
-    print_rows(rows, OSF_COLUMNS, as_json=as_json)
+# the settings an OSF is made of, named as the API names them: add and update take the same ones
+OSF_SETTINGS = [
+    option("memory_mib", MemOpt),
+    option("cpus", CpusOpt),
+    option("driver", DriverOpt),
+    option("keep_overlay", KeepOpt),
+    option("description", DescOpt),
+]
 
 
-@osf_app.command("show")
-def show_osf(osf: OsfArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Show one OSF."""
-    with session.api(profile) as api:
-        print_object(api.get_osf(osf), as_json=as_json)
+def _given(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if v is not None}
 
 
-@osf_app.command("add")
-def add_osf(
-    name: Annotated[str, typer.Argument(help="Name of the new OSF.")],
-    memory: MemOpt = None,
-    cpus: CpusOpt = None,
-    driver: DriverOpt = None,
-    keep_overlay: KeepOpt = None,
-    description: DescOpt = None,
-    tenant: Annotated[str | None, typer.Option("--tenant", help="Supertenant only: the tenant.")] = None,
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """Create an OSF."""
-    asked = {"memory_mib": memory, "cpus": cpus, "driver": driver, "keep_overlay": keep_overlay}
-    fields = {k: v for k, v in (asked | {"description": description, "tenant": tenant}).items() if v is not None}
-    with session.api(profile) as api:
-        row = api.create_osf(name, **fields)
-    print_done(f"OSF {row['name']!r} created (id {row['id']})", row, as_json=as_json)
-
-
-@osf_app.command("update")
-def update_osf(
-    osf: OsfArg,
-    name: Annotated[str | None, typer.Option("--name", help="New name.")] = None,
-    memory: MemOpt = None,
-    cpus: CpusOpt = None,
-    driver: DriverOpt = None,
-    keep_overlay: KeepOpt = None,
-    description: DescOpt = None,
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """Change an OSF."""
-    with session.api(profile) as api:
-        row = api.update_osf(
-            osf,
-            name=name,
-            memory_mib=memory,
-            cpus=cpus,
-            driver=driver,
-            keep_overlay=keep_overlay,
-            description=description,
-        )
-    print_done(f"OSF {row['name']!r} updated", row, as_json=as_json)
-
-
-@osf_app.command("delete")
-def delete_osf(osf: OsfArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Delete an OSF (refused while desktops or images use it)."""
-    with session.api(profile) as api:
-        api.delete_osf(osf)
-    print_done(f"OSF {osf!r} deleted", None, as_json=as_json)
+osf_app.command("list")(list_command("osfs", Osf, OSF_COLUMNS, "List OSFs (operating system flavours)."))
+osf_app.command("show")(object_command(OsfArg, lambda api, ref: api.get_osf(ref), "Show one OSF."))
+osf_app.command("add")(
+    object_command(
+        Annotated[str, typer.Argument(help="Name of the new OSF.")],
+        lambda api, ref, tenant, **settings: api.create_osf(ref, **_given({**settings, "tenant": tenant})),
+        "Create an OSF.",
+        "OSF {name!r} created (id {id})",
+        [*OSF_SETTINGS, option("tenant", Annotated[str | None, typer.Option("--tenant", help="Supertenant only.")])],
+    )
+)
+osf_app.command("update")(
+    object_command(
+        OsfArg,
+        lambda api, ref, **settings: api.update_osf(ref, **_given(settings)),
+        "Change an OSF.",
+        "OSF {name!r} updated",
+        [option("name", Annotated[str | None, typer.Option("--name", help="New name.")]), *OSF_SETTINGS],
+    )
+)
+osf_app.command("delete")(
+    object_command(
+        OsfArg,
+        lambda api, ref: api.delete_osf(ref),
+        "Delete an OSF (refused while desktops or images use it).",
+        "OSF {ref!r} deleted",
+    )
+)

@@ -21,7 +21,7 @@ import typer
 
 from deckard.cli import session
 from deckard.cli.output import print_done
-from deckard.cli.session import ERROR_EXIT, JsonOpt, ProfileOpt
+from deckard.cli.session import ERROR_EXIT, PROMPTED, JsonOpt, ProfileOpt
 from deckard.client.api import ApiClient
 from deckard.client.profile import Profile, default_profile_path, save_profile
 from deckard.model.errors import DeckardError, Unavailable
@@ -60,20 +60,18 @@ def _same_fingerprint(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+LoginPasswordOpt = Annotated[
+    str,
+    typer.Option(
+        "--password", envvar="DECKARD_PASSWORD", help="The administrator's password (asked for if missing).", **PROMPTED
+    ),
+]
+
+
 def login(
     url: Annotated[str, typer.Argument(help="The farm's API, e.g. https://farm.example:8444.")],
     user: Annotated[str, typer.Option("--user", "-u", help="Administrator name.")],
-    password: Annotated[
-        str,
-        typer.Option(
-            "--password",
-            envvar="DECKARD_PASSWORD",
-            show_envvar=True,
-            prompt=True,
-            hide_input=True,
-            help="The administrator's password (asked for if missing).",
-        ),
-    ],
+    password: LoginPasswordOpt,
     tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="The administrator's tenant.")] = None,
     ca: Annotated[
         Path | None, typer.Option("--ca", exists=True, dir_okay=False, help="The farm's CA certificate.")
@@ -114,12 +112,12 @@ def login(
             pinned.write_text(ssl.DER_cert_to_PEM_cert(der))
         with ApiClient(url, None, pinned) as client:
             out = client.login(user, password, tenant)
-        saved = save_profile(profile_path, Profile(url=url, token=out["token"], ca=pinned))
+        saved = save_profile(profile_path, Profile(url=url, token=out.token, ca=pinned))
     except DeckardError as e:
         session.report(e)
         raise typer.Exit(ERROR_EXIT) from None
     print_done(
-        f"logged in to {url} as {user}; profile {saved} (session until {out['expires_at']})",
-        {"url": url, "profile": str(saved), "ca": str(pinned), "expires_at": out["expires_at"]},
+        f"logged in to {url} as {user}; profile {saved} (session until {out.expires_at})",
+        {"url": url, "profile": str(saved), "ca": str(pinned), "expires_at": out.expires_at.isoformat()},
         as_json=as_json,
     )

@@ -10,10 +10,8 @@ from typing import Annotated
 
 import typer
 
-from deckard.cli import session
-from deckard.cli.filters import FieldsOpt, FilterOpt, PageOpt, PerPageOpt, SortOpt, fetch_list, list_params, print_page
-from deckard.cli.output import print_done
-from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.cli.verbs import list_command, object_command
+from deckard.model.schemas import Node
 
 COLUMNS = (
     "id",
@@ -30,37 +28,16 @@ COLUMNS = (
 NodeArg = Annotated[str, typer.Argument(help="Name or id of the node.")]
 
 
-def list_(
-    filters: FilterOpt = None,
-    sort: SortOpt = None,
-    page: PageOpt = None,
-    per_page: PerPageOpt = None,
-    fields: FieldsOpt = None,
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """List nodes, their state, load and last heartbeat."""
-    params = list_params(filters, sort, page, per_page, fields)
-    with session.api(profile) as api:
-        result = fetch_list(api, "nodes", params)
-    print_page(result, COLUMNS, fields, as_json=as_json)
-
-
-def block(node: NodeArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Block a node: no new desktops are placed on it."""
-    with session.api(profile) as api:
-        row = api.block_node(node)
-    print_done(f"node {row['name']!r} blocked", row, as_json=as_json)
-
-
-def unblock(node: NodeArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Unblock a node."""
-    with session.api(profile) as api:
-        row = api.unblock_node(node)
-    print_done(f"node {row['name']!r} unblocked", row, as_json=as_json)
-
-
 def add_commands(group: typer.Typer) -> None:
-    group.command("list")(list_)
-    group.command("block")(block)
-    group.command("unblock")(unblock)
+    group.command("list")(list_command("nodes", Node, COLUMNS, "List nodes, their state, load and last heartbeat."))
+    group.command("block")(
+        object_command(
+            NodeArg,
+            lambda api, ref: api.block_node(ref),
+            "Block a node: no new desktops are placed on it.",
+            "node {name!r} blocked",
+        )
+    )
+    group.command("unblock")(
+        object_command(NodeArg, lambda api, ref: api.unblock_node(ref), "Unblock a node.", "node {name!r} unblocked")
+    )

@@ -1,6 +1,7 @@
 """How admin commands print objects: a Rich table for people, ``--json`` for scripts (full rows, stable keys).
 
-Tables show the columns an administrator scans for; JSON always carries every field the API returned.
+Tables show the columns an administrator scans for; JSON always carries every field the API returned and
+only those (a schema object prints what its answer carried, ``Schema.dump``).
 """
 
 from __future__ import annotations
@@ -8,13 +9,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from deckard.model.schemas import Schema
+
+Shown = Schema | Mapping[str, Any]  # an API object, or a record the command made itself
 
 PIPE_WIDTH = 1000  # piped output is for grep and awk: one row per line, never folded at 80 columns
 
@@ -45,11 +50,24 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
+def fields(obj: Shown) -> dict[str, Any]:
+    """An object's fields as JSON values (timestamps as ISO text)."""
+    return obj.dump() if isinstance(obj, Schema) else dict(obj)
+
+
+def _jsonable(data: Any) -> Any:
+    if isinstance(data, Schema | Mapping):
+        return {k: _jsonable(v) for k, v in fields(data).items()}
+    if isinstance(data, list | tuple):
+        return [_jsonable(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    typer.echo(json.dumps(_jsonable(data), indent=2, sort_keys=True, default=str))
 
 
-def print_rows(rows: list[dict[str, Any]], columns: Sequence[str], *, as_json: bool) -> None:
+def print_rows(rows: Sequence[Shown], columns: Sequence[str], *, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
@@ -57,25 +75,26 @@ def print_rows(rows: list[dict[str, Any]], columns: Sequence[str], *, as_json: b
     for c in columns:
         table.add_column(c.upper(), overflow="fold")
     for r in rows:
-        table.add_row(*(_cell(r.get(c)) for c in columns))
+        row = fields(r)
+        table.add_row(*(_cell(row.get(c)) for c in columns))
     _out().print(table)
 
 
-def print_object(row: dict[str, Any], *, as_json: bool) -> None:
+def print_object(obj: Shown, *, as_json: bool) -> None:
     if as_json:
-        print_json(row)
+        print_json(obj)
         return
     table = Table(show_header=False, show_edge=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for key, value in row.items():
+    for key, value in fields(obj).items():
         table.add_row(Text(key), _cell(value))
     _out().print(table)
 
 
-def print_done(message: str, row: dict[str, Any] | None = None, *, as_json: bool) -> None:
+def print_done(message: str, obj: Shown | None = None, *, as_json: bool) -> None:
     """Confirm an action: the message for people, the affected object (or ``{}``) for scripts."""
     if as_json:
-        print_json(row if row is not None else {})
+        print_json(obj if obj is not None else {})
     else:
         _out().print(message, markup=False)

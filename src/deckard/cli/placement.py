@@ -6,6 +6,7 @@ stay the user's: a desktop is explained, a node is drained.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Annotated, Any
 
@@ -15,7 +16,10 @@ from rich.console import Console
 from deckard.cli import session
 from deckard.cli.output import print_done, print_json, print_rows
 from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.client.api import ApiClient
 from deckard.model.errors import BadInput, Unavailable
+from deckard.model.schemas import Node
+from deckard.model.states import NodeState
 
 EXPLAIN_COLUMNS = ("node", "eligible", "score", "excluded_by", "desktops", "mem_free_mib", "committed_mib", "load")
 
@@ -31,10 +35,10 @@ def explain(
     if as_json:
         print_json(result)
         return
-    chosen = result["would_choose"] or "no node (see the reasons below)"
-    group = f", group {result['placement_group']} ({result['placement_policy']})" if result["placement_group"] else ""
-    typer.echo(f"desktop {result['desktop']} ({result['memory_mib']} MiB{group}): a start would go to {chosen}")
-    print_rows(result["nodes"], EXPLAIN_COLUMNS, as_json=False)
+    chosen = result.would_choose or "no node (see the reasons below)"
+    group = f", group {result.placement_group} ({result.placement_policy})" if result.placement_group else ""
+    typer.echo(f"desktop {result.desktop} ({result.memory_mib} MiB{group}): a start would go to {chosen}")
+    print_rows(result.nodes, EXPLAIN_COLUMNS, as_json=False)
 
 
 def placement(
@@ -47,13 +51,13 @@ def placement(
     """Put a desktop in a placement group: spread its members over nodes, or pack them together."""
     with session.api(profile) as api:
         result = api.set_placement_group(desktop, group, policy)
-    print_done(f"desktop {desktop}: placement group {result['placement_group']}", result, as_json=as_json)
+    print_done(f"desktop {desktop}: placement group {result.placement_group}", result, as_json=as_json)
 
 
 def _node_action(node: str, action: str, done: str, as_json: bool, profile: ProfileOpt) -> None:
     with session.api(profile) as api:
         result = api.node_action(node, action)
-    print_done(f"node {result['node']}: {done}", result, as_json=as_json)
+    print_done(f"node {result.node}: {done}", result, as_json=as_json)
 
 
 def drain(
@@ -89,22 +93,22 @@ def restart(
     with session.api(profile) as api:
         if (node is None) == (not all_nodes):
             raise BadInput("name one node, or give --all for a rolling restart of every running node")
-        names = [node] if node is not None else [n["name"] for n in api.list_nodes() if n["state"] == "running"]
+        names = [node] if node is not None else [str(n.name) for n in api.list_nodes() if n.state == NodeState.RUNNING]
         for name in sorted(names):
             before = api.get_node(name)
             api.node_action(name, "restart")
             t0 = time.monotonic()
             with Console(stderr=True).status(f"Restarting node {name}…"):
-                row = _wait_restarted(api, name, before["started_at"], timeout)
+                row = _wait_restarted(api, name, before.started_at, timeout)
             took = round(time.monotonic() - t0, 1)
-            results.append({"node": name, "state": row["state"], "seconds": took})
+            results.append({"node": name, "state": row.state, "seconds": took})
             if not as_json:
-                typer.echo(f"node {name}: back in {took} s, {row['desktops_running']} desktop(s) kept running")
+                typer.echo(f"node {name}: back in {took} s, {row.desktops_running} desktop(s) kept running")
     if as_json:
         print_json(results)
 
 
-def _wait_restarted(api: Any, name: str, started_before: str | None, timeout: float) -> dict[str, Any]:
+def _wait_restarted(api: ApiClient, name: str, started_before: dt.datetime | None, timeout: float) -> Node:
     """Until the node registered anew (``started_at`` moved) and is ``running`` again.
 
     The API may be served by the very process that restarts (``deckard up``): a refused connection means wait.
@@ -112,17 +116,17 @@ def _wait_restarted(api: Any, name: str, started_before: str | None, timeout: fl
     deadline = time.monotonic() + timeout
     while True:
         try:
-            row: dict[str, Any] = api.get_node(name)
+            row = api.get_node(name)
         except Unavailable as e:
             if e.code != "api_unreachable" or time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
             continue
-        if row["state"] == "running" and row["started_at"] != started_before:
+        if row.state == NodeState.RUNNING and row.started_at != started_before:
             return row
-        if row["state"] == "lost" or time.monotonic() > deadline:
+        if row.state == NodeState.LOST or time.monotonic() > deadline:
             raise Unavailable(
-                f"node {name} did not come back ({row['state']}); see its log: once it is declared lost its "
+                f"node {name} did not come back ({row.state}); see its log: once it is declared lost its "
                 "desktops are fenced and start on other nodes",
                 code="node_not_back",
             )

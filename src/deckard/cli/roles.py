@@ -10,8 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from deckard.cli import session
-from deckard.cli.output import print_done, print_object, print_rows
+from deckard.cli.output import fields, print_done, print_object, print_rows
 from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.cli.verbs import list_command, object_command
+from deckard.model.schemas import Role
 
 app = typer.Typer(help="Roles: bundles of ACL grants that administrators hold.", no_args_is_help=True)
 acl_app = typer.Typer(help="The ACL catalogue.", no_args_is_help=True)
@@ -21,16 +23,11 @@ RoleArg = Annotated[str, typer.Argument(help="Name or id of the role.")]
 AclArg = Annotated[str, typer.Argument(help="An ACL or a pattern: desktop.start, desktop.*, *.see.")]
 
 
-def _grants(role: dict[str, Any]) -> list[tuple[str, bool]]:
-    return [(g["acl"], bool(g["positive"])) for g in role.get("grants", [])]
+def _grants(role: Role) -> list[tuple[str, bool]]:
+    return [(g.acl, g.positive) for g in role.grants]
 
 
-@app.command("list")
-def list_(as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """List roles."""
-    with session.api(profile) as api:
-        rows = api.list_roles()
-    print_rows(rows, COLUMNS, as_json=as_json)
+app.command("list")(list_command("roles", Role, COLUMNS, "List roles."))
 
 
 @app.command("show")
@@ -38,9 +35,12 @@ def show(role: RoleArg, as_json: JsonOpt = False, profile: ProfileOpt = None) ->
     """Show a role: its grants, what it inherits and its effective ACLs."""
     with session.api(profile) as api:
         row = api.get_role(role)
-    if not as_json:
-        row = {**row, "grants": [("+" if g["positive"] else "-") + g["acl"] for g in row["grants"]]}
-    print_object(row, as_json=as_json)
+    if as_json:
+        print_object(row, as_json=True)
+    else:
+        print_object(
+            {**fields(row), "grants": [("+" if g.positive else "-") + g.acl for g in row.grants]}, as_json=False
+        )
 
 
 @app.command("add")
@@ -54,9 +54,9 @@ def add(
 ) -> None:
     """Create a role."""
     with session.api(profile) as api:
-        parents = [int(api.get_role(r)["id"]) for r in inherit or []]
+        parents = [api.get_role(r).id for r in inherit or []]
         row = api.create_role(name, description=description, inherits=parents, tenant=tenant)
-    print_done(f"role {row['name']!r} created (id {row['id']})", row, as_json=as_json)
+    print_done(f"role {row.name!r} created (id {row.id})", row, as_json=as_json)
 
 
 def _set_grant(role: str, acl: str, positive: bool | None, profile: Any, as_json: bool) -> None:
@@ -66,7 +66,7 @@ def _set_grant(role: str, acl: str, positive: bool | None, profile: Any, as_json
             current.append((acl, positive))
         row = api.update_role(role, grants=current)
     verb = "revoked from" if positive is None else ("granted to" if positive else "denied to")
-    print_done(f"{acl} {verb} role {row['name']!r}", row, as_json=as_json)
+    print_done(f"{acl} {verb} role {row.name!r}", row, as_json=as_json)
 
 
 @app.command("grant")
@@ -98,17 +98,19 @@ def inherit(
 ) -> None:
     """Set the roles a role inherits from."""
     with session.api(profile) as api:
-        parents = [int(api.get_role(p)["id"]) for p in parent]
+        parents = [api.get_role(p).id for p in parent]
         row = api.update_role(role, inherits=parents)
-    print_done(f"role {row['name']!r} now inherits {', '.join(parent)}", row, as_json=as_json)
+    print_done(f"role {row.name!r} now inherits {', '.join(parent)}", row, as_json=as_json)
 
 
-@app.command("delete")
-def delete(role: RoleArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Delete a role (predefined roles cannot be deleted)."""
-    with session.api(profile) as api:
-        api.delete_role(role)
-    print_done(f"role {role!r} deleted", as_json=as_json)
+app.command("delete")(
+    object_command(
+        RoleArg,
+        lambda api, ref: api.delete_role(ref),
+        "Delete a role (predefined roles cannot be deleted).",
+        "role {ref!r} deleted",
+    )
+)
 
 
 @acl_app.command("list")

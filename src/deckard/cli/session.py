@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,15 +33,12 @@ ProfileOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
+
+# how every --password is given: its environment variable, or asked for without echo
+PROMPTED: dict[str, Any] = {"show_envvar": True, "prompt": True, "hide_input": True}
+
+
 errors = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per error, for scripts
-
-
-class AdminApi(Protocol):
-    """What the commands use of ``ApiClient``; a test double implements the same methods."""
-
-    def close(self) -> None: ...
-
-    def __getattr__(self, name: str) -> Any: ...
 
 
 def open_client(profile: Path | None) -> ApiClient:
@@ -54,7 +51,7 @@ def report(err: DeckardError) -> None:
 
 
 @contextmanager
-def api(profile: Path | None) -> Iterator[Any]:
+def api(profile: Path | None) -> Iterator[ApiClient]:
     """The client for one command; an API error ends the command with ``ERROR_EXIT``."""
     try:
         client = open_client(profile)

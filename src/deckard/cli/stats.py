@@ -6,9 +6,10 @@ from typing import Any
 
 import typer
 
-from deckard.cli import session
-from deckard.cli.output import print_json, print_rows
+from deckard.cli.output import print_rows
 from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.cli.verbs import fetch_and_print
+from deckard.model.schemas import Stats
 
 app = typer.Typer(help="Farm statistics: counts, connected users, time-to-desktop, busiest nodes, expiry.")
 
@@ -27,24 +28,23 @@ def main(ctx: typer.Context, as_json: JsonOpt = False, profile: ProfileOpt = Non
 @app.command("show")
 def show(as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
     """Show the farm's statistics."""
-    with session.api(profile) as api:
-        s = api.stats()
-    if as_json:
-        print_json(s)
-        return
-    desk, users, nodes = s["desktops"], s["users"], s["nodes"]
+    fetch_and_print(profile, as_json, lambda api: api.stats(), _print_stats)
+
+
+def _print_stats(s: Stats) -> None:
+    desk, users, nodes = s.desktops, s.users, s.nodes
     states = ", ".join(f"{k} {v}" for k, v in sorted(desk["by_state"].items())) or "none"
     typer.echo(f"desktops: {desk['total']} ({states}), {desk['blocked']} blocked")
     typer.echo(f"users:    {users['total']}, {users['connected']} connected, {users['blocked']} blocked")
     node_states = ", ".join(f"{k} {v}" for k, v in sorted(nodes["by_state"].items())) or "none"
     typer.echo(f"nodes:    {nodes['total']} ({node_states}), {nodes['blocked']} blocked")
-    day = s["time_to_desktop_ms"]["last_24h"]
+    day = s.time_to_desktop_ms["last_24h"]
     typer.echo(
         f"time to desktop (24 h, {day['count']} connections): "
         f"p50 {_ms(day['p50'])}, p90 {_ms(day['p90'])}, p99 {_ms(day['p99'])}"
     )
-    if s["busiest_nodes"]:
-        print_rows(s["busiest_nodes"], ("name", "state", "desktops", "load"), as_json=False)
-    if s["near_expiry"]:
+    if s.busiest_nodes:
+        print_rows(s.busiest_nodes, ("name", "state", "desktops", "load"), as_json=False)
+    if s.near_expiry:
         typer.echo("desktops near expiry:")
-        print_rows(s["near_expiry"], ("id", "name", "state", "expire_soft_at", "expire_hard_at"), as_json=False)
+        print_rows(s.near_expiry, ("id", "name", "state", "expire_soft_at", "expire_hard_at"), as_json=False)

@@ -6,24 +6,17 @@ one result line per user).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
 from deckard.cli import session
-from deckard.cli.filters import (
-    FieldsOpt,
-    FilterOpt,
-    PageOpt,
-    PerPageOpt,
-    SortOpt,
-    fetch_list,
-    list_params,
-    print_page,
-    run_bulk,
-)
-from deckard.cli.output import print_done, print_object
-from deckard.cli.session import JsonOpt, ProfileOpt
+from deckard.cli.output import print_done
+from deckard.cli.session import PROMPTED, JsonOpt, ProfileOpt
+from deckard.cli.verbs import bulk_command, list_command, object_command
+from deckard.client.api import ApiClient
+from deckard.model.schemas import User
 
 app = typer.Typer(help="Users who log in to desktops.", no_args_is_help=True)
 
@@ -36,11 +29,9 @@ PasswordOpt = Annotated[
     typer.Option(
         "--password",
         envvar="DECKARD_PASSWORD",
-        show_envvar=True,
-        prompt=True,
-        hide_input=True,
         confirmation_prompt=True,
         help="The password (asked for if missing).",
+        **PROMPTED,
     ),
 ]
 
@@ -57,32 +48,15 @@ def add(
     """Create a user."""
     with session.api(profile) as api:
         user = api.create_user(login, password, description=description, tenant=tenant)
-    print_done(f"user {user['login']!r} created (id {user['id']})", user, as_json=as_json)
+    print_done(f"user {user.login!r} created (id {user.id})", user, as_json=as_json)
 
 
-@app.command("list")
-def list_(
-    filters: FilterOpt = None,
-    sort: SortOpt = None,
-    page: PageOpt = None,
-    per_page: PerPageOpt = None,
-    fields: FieldsOpt = None,
-    as_json: JsonOpt = False,
-    profile: ProfileOpt = None,
-) -> None:
-    """List users (``--filter blocked=true --sort login``)."""
-    params = list_params(filters, sort, page, per_page, fields)
-    with session.api(profile) as api:
-        result = fetch_list(api, "users", params)
-    print_page(result, COLUMNS, fields, as_json=as_json)
+def _get(api: ApiClient, ref: str) -> User:
+    return api.get_user(ref)
 
 
-@app.command("show")
-def show(user: NameArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
-    """Show one user."""
-    with session.api(profile) as api:
-        row = api.get_user(user)
-    print_object(row, as_json=as_json)
+app.command("list")(list_command("users", User, COLUMNS, "List users (``--filter blocked=true --sort login``)."))
+app.command("show")(object_command(NameArg, _get, "Show one user."))
 
 
 @app.command("passwd")
@@ -90,7 +64,7 @@ def passwd(user: NameArg, password: PasswordOpt, as_json: JsonOpt = False, profi
     """Set a user's password."""
     with session.api(profile) as api:
         row = api.set_user_password(user, password)
-    print_done(f"password of user {row['login']!r} changed", row, as_json=as_json)
+    print_done(f"password of user {row.login!r} changed", row, as_json=as_json)
 
 
 @app.command("update")
@@ -103,41 +77,23 @@ def update(
     """Change a user's description."""
     with session.api(profile) as api:
         row = api.update_user(user, description=description)
-    print_done(f"user {row['login']!r} updated", row, as_json=as_json)
+    print_done(f"user {row.login!r} updated", row, as_json=as_json)
 
 
-def _act(action: str, users: list[str] | None, filters: list[str] | None, *, as_json: bool, profile: Any) -> None:
-    with session.api(profile) as api:
-        if users and len(users) == 1 and not filters:
-            if action == "delete":
-                api.delete_user(users[0])
-                print_done(f"user {users[0]!r} deleted", as_json=as_json)
-            else:
-                row = getattr(api, f"{action}_user")(users[0])
-                print_done(f"user {row['login']!r} {action}ed", row, as_json=as_json)
-            return
-        run_bulk(api, "users", action, users, filters, lambda r: api.get_user(r)["id"], as_json=as_json)
+def _user_verb(action: str, single: Callable[[ApiClient, str], User | None], doc: str, done: str) -> None:
+    app.command(action)(bulk_command("users", action, NamesArg, single, _get, doc, done))
 
 
-@app.command("block")
-def block(
-    users: NamesArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
-) -> None:
-    """Block users: they cannot log in until unblocked."""
-    _act("block", users, filters, as_json=as_json, profile=profile)
-
-
-@app.command("unblock")
-def unblock(
-    users: NamesArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
-) -> None:
-    """Unblock users."""
-    _act("unblock", users, filters, as_json=as_json, profile=profile)
-
-
-@app.command("delete")
-def delete(
-    users: NamesArg = None, filters: FilterOpt = None, as_json: JsonOpt = False, profile: ProfileOpt = None
-) -> None:
-    """Delete users (their desktops must be deleted first)."""
-    _act("delete", users, filters, as_json=as_json, profile=profile)
+_user_verb(
+    "block",
+    lambda api, ref: api.block_user(ref),
+    "Block users: they cannot log in until unblocked.",
+    "user {login!r} blocked",
+)
+_user_verb("unblock", lambda api, ref: api.unblock_user(ref), "Unblock users.", "user {login!r} unblocked")
+_user_verb(
+    "delete",
+    lambda api, ref: api.delete_user(ref),
+    "Delete users (their desktops must be deleted first).",
+    "user {ref!r} deleted",
+)

@@ -3,7 +3,8 @@
 It speaks only HTTPS and trusts only the farm's CA (``ca``), never the environment's proxies or an
 "accept any certificate" switch.  An error envelope from the server comes back as the same exception class
 the server raised (``deckard.model.errors``), with its ``code``, ``message`` and ``details`` kept, so callers
-handle a remote error exactly like a local one::
+handle a remote error exactly like a local one; an answer comes back as the API's own schema
+(``deckard.model.schemas``: ``client.get_desktop("web-1").state``)::
 
     DeckardError (code "error")      any other status
      ├── BadInput                    400, 422
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -33,11 +34,38 @@ from deckard.model.errors import (
     Unavailable,
     error_class_for_status,
 )
+from deckard.model.schemas import (
+    Acl,
+    Admin,
+    AuditRecord,
+    AuditVerification,
+    BulkResult,
+    ConfigEntry,
+    Desktop,
+    Explanation,
+    Health,
+    Image,
+    LoginResult,
+    Node,
+    NodeMaintenance,
+    Osf,
+    Page,
+    Placement,
+    Role,
+    Schema,
+    Stats,
+    Tenant,
+    User,
+    WhoAmI,
+)
+from deckard.model.states import ImageState
 from deckard.runtime.tls import client_context
 
 API_PREFIX = "/api/v1"
+PER_REQUEST = 1000  # rows fetched a request when a list is read whole (the API's largest page)
 
-Row = dict[str, Any]
+M = TypeVar("M", bound=Schema)
+Params = dict[str, Any] | list[tuple[str, str]] | None
 
 
 def error_from_response(response: httpx.Response) -> DeckardError:
@@ -57,6 +85,17 @@ def error_from_response(response: httpx.Response) -> DeckardError:
 def _seg(ref: str | int) -> str:
     # names are restricted by the server, but a path segment must never smuggle '/' or '?'
     return quote(str(ref), safe="")
+
+
+def _pairs(params: Params) -> list[tuple[str, str]]:
+    if isinstance(params, dict):
+        return [(k, str(v)) for k, v in params.items() if v is not None]
+    return list(params or [])
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields the caller set: a PATCH changes only what it names."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 class ApiClient:
@@ -100,10 +139,13 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, *, json: Any = None, params: Any = None, auth: bool = True) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if auth and self.token else {}
+    # the one way a request is made: token, transport failure and error envelope handled alike for every call
+    def _send(self, method: str, path: str, *, auth: bool = True, **request: Any) -> httpx.Response:
+        headers = dict(request.pop("headers", None) or {})
+        if auth and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            response = self._http.request(method, path, json=json, params=params, headers=headers)
+            response = self._http.request(method, path, headers=headers, **request)
         except httpx.TransportError as e:
             raise Unavailable(
                 f"cannot reach the Deckard API at {self.url}: {e or type(e).__name__} "
@@ -112,63 +154,65 @@ class ApiClient:
             ) from e
         if response.status_code >= 400:
             raise error_from_response(response)
-        if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
+        return response
 
-    def _items(self, path: str, params: dict[str, Any] | None = None) -> list[Row]:
-        items: list[Row] = self._request("GET", path, params=params)["items"]
-        return items
+    def _get(self, schema: type[M], method: str, path: str, **request: Any) -> M:
+        """A request answered by one object of ``schema``."""
+        return schema.model_validate(self._send(method, path, **request).json())
 
-    def list_all(self, path: str, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        """Every row of a paged list (``{items, total}``), fetched 1,000 at a time."""
-        items: list[Row] = []
+    def _act(self, schema: type[M], resource: str, ref: str | int, action: str) -> M:
+        """``POST /<resource>/<ref>/<action>``: every per-object action answers the object as it is now."""
+        return self._get(schema, "POST", f"/{resource}/{_seg(ref)}/{action}")
+
+    def _delete(self, resource: str, ref: str | int) -> None:
+        self._send("DELETE", f"/{resource}/{_seg(ref)}")
+
+    def list_page(self, resource: str, schema: type[M], params: Params = None) -> Page[M]:
+        """One page of a list in the server's query syntax (filters, ``sort``, ``page``, ``per_page``, ``fields``)."""
+        return Page[schema].model_validate(self._send("GET", "/" + resource.strip("/"), params=_pairs(params)).json())  # type: ignore[valid-type]
+
+    def list_all(self, resource: str, schema: type[M], params: Params = None) -> list[M]:
+        """Every object of a list, fetched ``PER_REQUEST`` at a time."""
+        items: list[M] = []
         page = 1
         while True:
-            query = [*(params or []), ("page", str(page)), ("per_page", "1000")]
-            got = self._request("GET", path, params=query)
-            items.extend(got["items"])
-            if not got["items"] or len(items) >= got["total"]:
+            got = self.list_page(
+                resource, schema, [*_pairs(params), ("page", str(page)), ("per_page", str(PER_REQUEST))]
+            )
+            items.extend(got.items)
+            if not got.items or len(items) >= got.total:
                 return items
             page += 1
 
     # auth
-    def health(self) -> Row:
-        out: Row = self._request("GET", "/health", auth=False)
-        return out
+    def health(self) -> Health:
+        return self._get(Health, "GET", "/health", auth=False)
 
-    def login(self, name: str, password: str, tenant: str | None = None) -> Row:
-        """Open a session; the client then uses its token.  Returns ``{token, expires_at}``.  Without a tenant the
-        server looks among the supertenant's administrators, then the ``default`` tenant's."""
-        body: Row = {"name": name, "password": password}
-        if tenant is not None:
-            body["tenant"] = tenant
-        out: Row = self._request("POST", "/auth/login", json=body, auth=False)
-        self.token = out["token"]
+    def login(self, name: str, password: str, tenant: str | None = None) -> LoginResult:
+        """Open a session; the client then uses its token.  Without a tenant the server looks among the
+        supertenant's administrators, then the ``default`` tenant's."""
+        body = _given(name=name, password=password, tenant=tenant)
+        out = self._get(LoginResult, "POST", "/auth/login", json=body, auth=False)
+        self.token = out.token
         return out
 
     def logout(self) -> None:
-        self._request("POST", "/auth/logout")
+        self._send("POST", "/auth/logout")
         self.token = None
 
-    def whoami(self) -> Row:
-        out: Row = self._request("GET", "/auth/whoami")
-        return out
+    def whoami(self) -> WhoAmI:
+        return self._get(WhoAmI, "GET", "/auth/whoami")
 
     # users
-    def list_users(self, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        return self.list_all("/users", params)
+    def list_users(self, params: Params = None) -> list[User]:
+        return self.list_all("users", User, params)
 
-    def get_user(self, user: str | int) -> Row:
-        out: Row = self._request("GET", f"/users/{_seg(user)}")
-        return out
+    def get_user(self, user: str | int) -> User:
+        return self._get(User, "GET", f"/users/{_seg(user)}")
 
-    def create_user(self, login: str, password: str | None, description: str = "", tenant: str | None = None) -> Row:
-        body = {"login": login, "password": password, "description": description}
-        if tenant is not None:
-            body["tenant"] = tenant
-        out: Row = self._request("POST", "/users", json=body)
-        return out
+    def create_user(self, login: str, password: str | None, description: str = "", tenant: str | None = None) -> User:
+        body = {"login": login, "password": password, "description": description, **_given(tenant=tenant)}
+        return self._get(User, "POST", "/users", json=body)
 
     def update_user(
         self,
@@ -177,142 +221,130 @@ class ApiClient:
         password: str | None = None,
         blocked: bool | None = None,
         description: str | None = None,
-    ) -> Row:
-        asked = {"password": password, "blocked": blocked, "description": description}
-        changes = {k: v for k, v in asked.items() if v is not None}
-        out: Row = self._request("PATCH", f"/users/{_seg(user)}", json=changes)
-        return out
+    ) -> User:
+        changes = _given(password=password, blocked=blocked, description=description)
+        return self._get(User, "PATCH", f"/users/{_seg(user)}", json=changes)
 
-    def set_user_password(self, user: str | int, password: str) -> Row:
+    def set_user_password(self, user: str | int, password: str) -> User:
         return self.update_user(user, password=password)
 
-    def block_user(self, user: str | int) -> Row:
-        return self.update_user(user, blocked=True)
+    def block_user(self, user: str | int) -> User:
+        return self._act(User, "users", user, "block")
 
-    def unblock_user(self, user: str | int) -> Row:
-        return self.update_user(user, blocked=False)
+    def unblock_user(self, user: str | int) -> User:
+        return self._act(User, "users", user, "unblock")
 
     def delete_user(self, user: str | int) -> None:
-        self._request("DELETE", f"/users/{_seg(user)}")
+        self._delete("users", user)
 
     # desktops
-    def list_desktops(self, user: str | int | None = None, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        return self.list_all("/desktops", [*(params or []), *([("user", str(user))] if user is not None else [])])
+    def list_desktops(self, user: str | int | None = None, params: Params = None) -> list[Desktop]:
+        return self.list_all("desktops", Desktop, [*_pairs(params), *_pairs({"user": user})])
 
     def create_desktop(
         self, name: str, user: str | int, *, osf: str | int | None = None, tag: str = "default", description: str = ""
-    ) -> Row:
-        body = {
-            "name": name,
-            "user": str(user),
-            "osf": None if osf is None else str(osf),
-            "tag": tag,
-            "description": description,
-        }
-        out: Row = self._request("POST", "/desktops", json=body)
-        return out
+    ) -> Desktop:
+        body = {"name": name, "user": str(user), "osf": None if osf is None else str(osf), "tag": tag}
+        body["description"] = description
+        return self._get(Desktop, "POST", "/desktops", json=body)
 
-    def get_desktop(self, desktop: str | int) -> Row:
-        out: Row = self._request("GET", f"/desktops/{_seg(desktop)}")
-        return out
+    def get_desktop(self, desktop: str | int) -> Desktop:
+        return self._get(Desktop, "GET", f"/desktops/{_seg(desktop)}")
+
+    def update_desktop(self, desktop: str | int, **changes: Any) -> Desktop:
+        """Change ``name``, ``description``, ``tag`` or ``osf`` (the last two only while stopped)."""
+        return self._get(Desktop, "PATCH", f"/desktops/{_seg(desktop)}", json=changes)
 
     def delete_desktop(self, desktop: str | int) -> None:
-        self._request("DELETE", f"/desktops/{_seg(desktop)}")
+        self._delete("desktops", desktop)
 
-    def _desktop_action(self, desktop: str | int, action: str) -> Row:
-        out: Row = self._request("POST", f"/desktops/{_seg(desktop)}/{action}")
-        return out
+    def desktop_action(self, desktop: str | int, action: str) -> Desktop:
+        """``start``, ``stop``, ``block``, ``unblock``, ``disconnect`` or ``reset`` a desktop."""
+        return self._act(Desktop, "desktops", desktop, action)
 
-    def start_desktop(self, desktop: str | int) -> Row:
-        return self._desktop_action(desktop, "start")
+    def start_desktop(self, desktop: str | int) -> Desktop:
+        return self.desktop_action(desktop, "start")
 
-    def stop_desktop(self, desktop: str | int) -> Row:
-        return self._desktop_action(desktop, "stop")
+    def stop_desktop(self, desktop: str | int) -> Desktop:
+        return self.desktop_action(desktop, "stop")
 
-    def block_desktop(self, desktop: str | int) -> Row:
-        return self._desktop_action(desktop, "block")
+    def block_desktop(self, desktop: str | int) -> Desktop:
+        return self.desktop_action(desktop, "block")
 
-    def unblock_desktop(self, desktop: str | int) -> Row:
-        return self._desktop_action(desktop, "unblock")
+    def unblock_desktop(self, desktop: str | int) -> Desktop:
+        return self.desktop_action(desktop, "unblock")
 
-    def update_desktop(self, desktop: str | int, **changes: Any) -> Row:
-        """Change ``name``, ``description``, ``tag`` or ``osf`` (the last two only while stopped)."""
-        out: Row = self._request("PATCH", f"/desktops/{_seg(desktop)}", json=changes)
-        return out
+    def disconnect_desktop(self, desktop: str | int) -> Desktop:
+        return self.desktop_action(desktop, "disconnect")
 
-    def disconnect_desktop(self, desktop: str | int) -> Row:
-        return self._desktop_action(desktop, "disconnect")
+    def reset_desktop(self, desktop: str | int) -> Desktop:
+        return self.desktop_action(desktop, "reset")
 
-    def reset_desktop(self, desktop: str | int) -> Row:
-        return self._desktop_action(desktop, "reset")
+    def expire_desktop(self, desktop: str | int, *, soft_s: int | None = None, hard_s: int | None = None) -> Desktop:
+        """Set the desktop's expiry deadlines, seconds from now (``None``: no such deadline)."""
+        body = {"soft_s": soft_s, "hard_s": hard_s}
+        return self._get(Desktop, "POST", f"/desktops/{_seg(desktop)}/expire", json=body)
+
+    def explain_desktop(self, desktop: str | int) -> Explanation:
+        return self._get(Explanation, "GET", f"/desktops/{_seg(desktop)}/explain")
+
+    def set_placement_group(self, desktop: str | int, group: str | None, policy: str | None = None) -> Placement:
+        body = {"group": group, "policy": policy}
+        return self._get(Placement, "PUT", f"/desktops/{_seg(desktop)}/placement", json=body)
 
     def bulk(
-        self, resource: str, action: str, *, ids: list[int] | None = None, filter: dict[str, str] | None = None
-    ) -> Row:
-        """``POST /<resource>/bulk/<action>`` on ids or a list filter: ``{"ok": [ids], "failed": {id: error}}``."""
-        body: Row = {"ids": ids} if ids is not None else {"filter": filter or {}}
-        out: Row = self._request("POST", f"/{resource}/bulk/{_seg(action)}", json=body)
-        return out
+        self,
+        resource: str,
+        action: str,
+        *,
+        ids: list[int] | None = None,
+        filter: Mapping[str, str | int | float | bool] | None = None,
+    ) -> BulkResult:
+        """``POST /<resource>/bulk/<action>`` on ids or a list filter: ``ok`` ids and ``failed`` {id: error}."""
+        body = {"ids": ids} if ids is not None else {"filter": dict(filter or {})}
+        return self._get(BulkResult, "POST", f"/{resource}/bulk/{_seg(action)}", json=body)
 
-    # nodes (admin), connection history, statistics
-    def get_node(self, node: str | int) -> Row:
-        out: Row = self._request("GET", f"/nodes/{_seg(node)}")
-        return out
+    # nodes, statistics
+    def list_nodes(self, params: Params = None) -> list[Node]:
+        return self.list_all("nodes", Node, params)
 
-    def block_node(self, node: str | int) -> Row:
-        out: Row = self._request("POST", f"/nodes/{_seg(node)}/block")
-        return out
+    def get_node(self, node: str | int) -> Node:
+        return self._get(Node, "GET", f"/nodes/{_seg(node)}")
 
-    def unblock_node(self, node: str | int) -> Row:
-        out: Row = self._request("POST", f"/nodes/{_seg(node)}/unblock")
-        return out
+    def block_node(self, node: str | int) -> Node:
+        return self._act(Node, "nodes", node, "block")
 
-    def stats(self) -> Row:
-        out: Row = self._request("GET", "/stats")
-        return out
+    def unblock_node(self, node: str | int) -> Node:
+        return self._act(Node, "nodes", node, "unblock")
 
-    # nodes, images, OSFs
-    def list_nodes(self, params: list[tuple[str, str]] | None = None) -> list[Row]:
-        return self.list_all("/nodes", params)
+    def node_action(self, node: str | int, action: str) -> NodeMaintenance:
+        """``drain``, ``evacuate``, ``stop`` or ``restart`` a node."""
+        return self._act(NodeMaintenance, "nodes", node, action)
 
-    # farm: placement and node maintenance
-    def explain_desktop(self, desktop: str | int) -> Row:
-        out: Row = self._request("GET", f"/desktops/{_seg(desktop)}/explain")
-        return out
-
-    def set_placement_group(self, desktop: str | int, group: str | None, policy: str | None = None) -> Row:
-        out: Row = self._request("PUT", f"/desktops/{_seg(desktop)}/placement", json={"group": group, "policy": policy})
-        return out
-
-    def node_action(self, node: str | int, action: str) -> Row:
-        """``drain``, ``evacuate`` or ``stop`` a node."""
-        out: Row = self._request("POST", f"/nodes/{_seg(node)}/{action}")
-        return out
-
-    def list_images(self, **filters: str) -> list[Row]:
-        """Images; ``filters`` use the list syntax (``state="published"``, ``osf="default"``, ``sort="-id"``)."""
-        return self._items("/images", params=filters or None)
-
-    def list_osfs(self, **filters: str) -> list[Row]:
-        return self._items("/osfs", params=filters or None)
+    def stats(self) -> Stats:
+        return self._get(Stats, "GET", "/stats")
 
     # disk images (QVD's DIs)
-    def get_image(self, image_id: int) -> Row:
-        out: Row = self._request("GET", f"/images/{int(image_id)}")
-        return out
+    def list_images(self, **filters: str) -> list[Image]:
+        """Images; ``filters`` use the list syntax (``state="published"``, ``osf="default"``, ``sort="-id"``)."""
+        return self.list_all("images", Image, filters)
+
+    def get_image(self, image_id: int) -> Image:
+        return self._get(Image, "GET", f"/images/{int(image_id)}")
 
     def create_image(
         self, version: str, *, osf: str | int | None = None, source: str = "upload", path: str | None = None
-    ) -> Row:
+    ) -> Image:
         body = {"version": version, "osf": None if osf is None else str(osf), "source": source, "path": path}
-        out: Row = self._request("POST", "/images", json=body)
-        return out
+        return self._get(Image, "POST", "/images", json=body)
 
-    def upload_image_chunk(self, image_id: int, data: bytes, *, start: int, total: int) -> Row:
+    def upload_image_chunk(self, image_id: int, data: bytes, *, start: int, total: int) -> Image:
         """Send bytes ``start .. start+len(data)-1`` of a ``total``-byte tarball (``bad_offset`` 409 if misplaced)."""
-        headers = {"Content-Range": f"bytes {start}-{start + len(data) - 1}/{total}"}
-        out: Row = self._send("PUT", f"/images/{int(image_id)}/content", content=data, headers=headers)
-        return out
+        headers = {
+            "Content-Range": f"bytes {start}-{start + len(data) - 1}/{total}",
+            "Content-Type": "application/octet-stream",
+        }
+        return self._get(Image, "PUT", f"/images/{int(image_id)}/content", content=data, headers=headers)
 
     def upload_image(
         self,
@@ -321,21 +353,21 @@ class ApiClient:
         *,
         chunk_size: int = 16 << 20,
         progress: Callable[[int, int], None] | None = None,
-    ) -> Row:
+    ) -> Image:
         """Upload a tarball in chunks, continuing from the bytes the server already has (restartable)."""
         total = path.stat().st_size
         if total == 0:
             raise BadInput(f"{path} is empty", code="bad_path")
-        row = self.get_image(image_id)
-        offset = int(row.get("uploaded_bytes") or 0)
+        image = self.get_image(image_id)
+        offset = image.uploaded_bytes or 0
         with path.open("rb") as f:
-            while row.get("state") in ("new", "uploading") and offset < total:
+            while image.state in (ImageState.NEW, ImageState.UPLOADING) and offset < total:
                 if progress is not None:
                     progress(offset, total)
                 f.seek(offset)
                 data = f.read(chunk_size)
                 try:
-                    row = self.upload_image_chunk(image_id, data, start=offset, total=total)
+                    image = self.upload_image_chunk(image_id, data, start=offset, total=total)
                 except Conflict as e:
                     expected = (e.details or {}).get("expected")
                     if e.code != "bad_offset" or not isinstance(expected, int) or expected == offset:
@@ -345,15 +377,13 @@ class ApiClient:
                 offset += len(data)
         if progress is not None:
             progress(min(offset, total), total)
-        return row
+        return image
 
-    def import_image(self, image_id: int, path: str) -> Row:
-        out: Row = self._request("POST", f"/images/{int(image_id)}/import", json={"path": path})
-        return out
+    def import_image(self, image_id: int, path: str) -> Image:
+        return self._get(Image, "POST", f"/images/{int(image_id)}/import", json={"path": path})
 
-    def build_image(self, image_id: int) -> Row:
-        out: Row = self._request("POST", f"/images/{int(image_id)}/build")
-        return out
+    def build_image(self, image_id: int) -> Image:
+        return self.image_action(image_id, "build")
 
     def publish_image(
         self,
@@ -362,116 +392,85 @@ class ApiClient:
         *,
         expire_soft_s: int | None = None,
         expire_hard_s: int | None = None,
-    ) -> Row:
-        body: Row = {"expire_soft_s": expire_soft_s, "expire_hard_s": expire_hard_s}
-        if tags:
-            body["tags"] = tags
-        out: Row = self._request("POST", f"/images/{int(image_id)}/publish", json=body)
-        return out
+    ) -> Image:
+        body = {"expire_soft_s": expire_soft_s, "expire_hard_s": expire_hard_s, **_given(tags=tags or None)}
+        return self._get(Image, "POST", f"/images/{int(image_id)}/publish", json=body)
 
-    def _image_action(self, image_id: int, action: str) -> Row:
-        out: Row = self._request("POST", f"/images/{int(image_id)}/{action}")
-        return out
+    def image_action(self, image_id: int, action: str) -> Image:
+        """``build``, ``retire``, ``block`` or ``unblock`` an image."""
+        return self._act(Image, "images", int(image_id), action)
 
-    def retire_image(self, image_id: int) -> Row:
-        return self._image_action(image_id, "retire")
+    def retire_image(self, image_id: int) -> Image:
+        return self.image_action(image_id, "retire")
 
-    def block_image(self, image_id: int) -> Row:
-        return self._image_action(image_id, "block")
+    def block_image(self, image_id: int) -> Image:
+        return self.image_action(image_id, "block")
 
-    def unblock_image(self, image_id: int) -> Row:
-        return self._image_action(image_id, "unblock")
+    def unblock_image(self, image_id: int) -> Image:
+        return self.image_action(image_id, "unblock")
 
-    def tag_image(self, image_id: int, tag: str) -> Row:
-        out: Row = self._request("PUT", f"/images/{int(image_id)}/tags/{_seg(tag)}")
-        return out
+    def tag_image(self, image_id: int, tag: str) -> Image:
+        return self._get(Image, "PUT", f"/images/{int(image_id)}/tags/{_seg(tag)}")
 
-    def untag_image(self, image_id: int, tag: str) -> Row:
-        out: Row = self._request("DELETE", f"/images/{int(image_id)}/tags/{_seg(tag)}")
-        return out
+    def untag_image(self, image_id: int, tag: str) -> Image:
+        return self._get(Image, "DELETE", f"/images/{int(image_id)}/tags/{_seg(tag)}")
 
     def delete_image(self, image_id: int) -> None:
-        self._request("DELETE", f"/images/{int(image_id)}")
-
-    def _send(self, method: str, path: str, *, content: bytes, headers: dict[str, str]) -> Any:
-        """A request with a raw body (uploads): same errors as ``_request``."""
-        if self.token:
-            headers = {**headers, "Authorization": f"Bearer {self.token}"}
-        headers.setdefault("Content-Type", "application/octet-stream")
-        try:
-            response = self._http.request(method, path, content=content, headers=headers)
-        except httpx.TransportError as e:
-            raise Unavailable(
-                f"cannot reach the Deckard API at {self.url}: {e or type(e).__name__}", code="api_unreachable"
-            ) from e
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response.json() if response.content else None
+        self._delete("images", int(image_id))
 
     # OSFs
-    def get_osf(self, osf: str | int) -> Row:
-        out: Row = self._request("GET", f"/osfs/{_seg(osf)}")
-        return out
+    def list_osfs(self, **filters: str) -> list[Osf]:
+        return self.list_all("osfs", Osf, filters)
 
-    def create_osf(self, name: str, **fields: Any) -> Row:
-        out: Row = self._request("POST", "/osfs", json={"name": name, **fields})
-        return out
+    def get_osf(self, osf: str | int) -> Osf:
+        return self._get(Osf, "GET", f"/osfs/{_seg(osf)}")
 
-    def update_osf(self, osf: str | int, **changes: Any) -> Row:
-        body = {k: v for k, v in changes.items() if v is not None}
-        out: Row = self._request("PATCH", f"/osfs/{_seg(osf)}", json=body)
-        return out
+    def create_osf(self, name: str, **fields: Any) -> Osf:
+        return self._get(Osf, "POST", "/osfs", json={"name": name, **fields})
+
+    def update_osf(self, osf: str | int, **changes: Any) -> Osf:
+        return self._get(Osf, "PATCH", f"/osfs/{_seg(osf)}", json=_given(**changes))
 
     def delete_osf(self, osf: str | int) -> None:
-        self._request("DELETE", f"/osfs/{_seg(osf)}")
-
-    # lists with the server's query syntax (filters, sort, page, fields): the whole page, ``{items, total}``
-    def list_page(self, resource: str, params: dict[str, Any] | list[tuple[str, str]] | None = None) -> Row:
-        out: Row = self._request("GET", "/" + resource.strip("/"), params=params)
-        return out
+        self._delete("osfs", osf)
 
     # tenants
-    def list_tenants(self, params: dict[str, Any] | None = None) -> list[Row]:
-        return self._items("/tenants", params)
+    def list_tenants(self, params: Params = None) -> list[Tenant]:
+        return self.list_all("tenants", Tenant, params)
 
-    def get_tenant(self, tenant: str | int) -> Row:
-        out: Row = self._request("GET", f"/tenants/{_seg(tenant)}")
-        return out
+    def get_tenant(self, tenant: str | int) -> Tenant:
+        return self._get(Tenant, "GET", f"/tenants/{_seg(tenant)}")
 
-    def create_tenant(self, name: str, description: str = "") -> Row:
-        out: Row = self._request("POST", "/tenants", json={"name": name, "description": description})
-        return out
+    def create_tenant(self, name: str, description: str = "") -> Tenant:
+        return self._get(Tenant, "POST", "/tenants", json={"name": name, "description": description})
 
-    def update_tenant(self, tenant: str | int, *, description: str | None = None, blocked: bool | None = None) -> Row:
-        changes = {k: v for k, v in (("description", description), ("blocked", blocked)) if v is not None}
-        out: Row = self._request("PATCH", f"/tenants/{_seg(tenant)}", json=changes)
-        return out
+    def update_tenant(
+        self, tenant: str | int, *, description: str | None = None, blocked: bool | None = None
+    ) -> Tenant:
+        changes = _given(description=description, blocked=blocked)
+        return self._get(Tenant, "PATCH", f"/tenants/{_seg(tenant)}", json=changes)
 
-    def block_tenant(self, tenant: str | int) -> Row:
-        out: Row = self._request("POST", f"/tenants/{_seg(tenant)}/block")
-        return out
+    def block_tenant(self, tenant: str | int) -> Tenant:
+        return self._act(Tenant, "tenants", tenant, "block")
 
-    def unblock_tenant(self, tenant: str | int) -> Row:
-        out: Row = self._request("POST", f"/tenants/{_seg(tenant)}/unblock")
-        return out
+    def unblock_tenant(self, tenant: str | int) -> Tenant:
+        return self._act(Tenant, "tenants", tenant, "unblock")
 
     def delete_tenant(self, tenant: str | int) -> None:
-        self._request("DELETE", f"/tenants/{_seg(tenant)}")
+        self._delete("tenants", tenant)
 
     # administrators
-    def list_admins(self, params: dict[str, Any] | None = None) -> list[Row]:
-        return self._items("/admins", params)
+    def list_admins(self, params: Params = None) -> list[Admin]:
+        return self.list_all("admins", Admin, params)
 
-    def get_admin(self, admin: str | int) -> Row:
-        out: Row = self._request("GET", f"/admins/{_seg(admin)}")
-        return out
+    def get_admin(self, admin: str | int) -> Admin:
+        return self._get(Admin, "GET", f"/admins/{_seg(admin)}")
 
     def create_admin(
         self, name: str, password: str, *, tenant: str | None = None, roles: list[str] | None = None
-    ) -> Row:
+    ) -> Admin:
         body = {"name": name, "password": password, "tenant": tenant, "roles": roles or []}
-        out: Row = self._request("POST", "/admins", json=body)
-        return out
+        return self._get(Admin, "POST", "/admins", json=body)
 
     def update_admin(
         self,
@@ -480,26 +479,22 @@ class ApiClient:
         password: str | None = None,
         blocked: bool | None = None,
         roles: list[str] | None = None,
-    ) -> Row:
-        asked = {"password": password, "blocked": blocked, "roles": roles}
-        out: Row = self._request(
-            "PATCH", f"/admins/{_seg(admin)}", json={k: v for k, v in asked.items() if v is not None}
-        )
-        return out
+    ) -> Admin:
+        changes = _given(password=password, blocked=blocked, roles=roles)
+        return self._get(Admin, "PATCH", f"/admins/{_seg(admin)}", json=changes)
 
     def delete_admin(self, admin: str | int) -> None:
-        self._request("DELETE", f"/admins/{_seg(admin)}")
+        self._delete("admins", admin)
 
     # roles and ACLs
-    def list_acls(self) -> list[Row]:
-        return self._items("/acls")
+    def list_acls(self) -> list[Acl]:
+        return self.list_page("acls", Acl).items
 
-    def list_roles(self, params: dict[str, Any] | None = None) -> list[Row]:
-        return self._items("/roles", params)
+    def list_roles(self, params: Params = None) -> list[Role]:
+        return self.list_all("roles", Role, params)
 
-    def get_role(self, role: str | int) -> Row:
-        out: Row = self._request("GET", f"/roles/{_seg(role)}")
-        return out
+    def get_role(self, role: str | int) -> Role:
+        return self._get(Role, "GET", f"/roles/{_seg(role)}")
 
     def create_role(
         self,
@@ -509,7 +504,7 @@ class ApiClient:
         grants: list[tuple[str, bool]] | None = None,
         inherits: list[int] | None = None,
         tenant: str | None = None,
-    ) -> Row:
+    ) -> Role:
         body = {
             "name": name,
             "description": description,
@@ -517,8 +512,7 @@ class ApiClient:
             "inherits": inherits or [],
             "tenant": tenant,
         }
-        out: Row = self._request("POST", "/roles", json=body)
-        return out
+        return self._get(Role, "POST", "/roles", json=body)
 
     def update_role(
         self,
@@ -528,52 +522,41 @@ class ApiClient:
         description: str | None = None,
         grants: list[tuple[str, bool]] | None = None,
         inherits: list[int] | None = None,
-    ) -> Row:
-        body: Row = {k: v for k, v in (("name", name), ("description", description)) if v is not None}
-        if grants is not None:
-            body["grants"] = [{"acl": a, "positive": p} for a, p in grants]
-        if inherits is not None:
-            body["inherits"] = inherits
-        out: Row = self._request("PATCH", f"/roles/{_seg(role)}", json=body)
-        return out
+    ) -> Role:
+        acls = None if grants is None else [{"acl": a, "positive": p} for a, p in grants]
+        changes = _given(name=name, description=description, grants=acls, inherits=inherits)
+        return self._get(Role, "PATCH", f"/roles/{_seg(role)}", json=changes)
 
     def delete_role(self, role: str | int) -> None:
-        self._request("DELETE", f"/roles/{_seg(role)}")
+        self._delete("roles", role)
 
     # audit
-    def list_audit(self, params: dict[str, Any] | None = None) -> Row:
-        """``{items, total}``: the newest records first unless ``sort`` says otherwise."""
-        out: Row = self._request("GET", "/audit", params=params)
-        return out
+    def list_audit(self, params: Params = None) -> Page[AuditRecord]:
+        """One page of records: the newest first unless ``sort`` says otherwise."""
+        return self.list_page("audit", AuditRecord, params)
 
-    def verify_audit(self) -> Row:
-        out: Row = self._request("GET", "/audit/verify")
-        return out
+    def verify_audit(self) -> AuditVerification:
+        return self._get(AuditVerification, "GET", "/audit/verify")
 
     # config
-    def list_config(self, tenant: str | None = None) -> list[Row]:
-        return self._items("/config", {"tenant": tenant} if tenant else None)
+    def list_config(self, tenant: str | None = None) -> list[ConfigEntry]:
+        return self.list_page("config", ConfigEntry, {"tenant": tenant}).items
 
-    def get_config(self, key: str, tenant: str | None = None) -> Row:
-        out: Row = self._request("GET", f"/config/{_seg(key)}", params={"tenant": tenant} if tenant else None)
-        return out
+    def get_config(self, key: str, tenant: str | None = None) -> ConfigEntry:
+        return self._get(ConfigEntry, "GET", f"/config/{_seg(key)}", params=_given(tenant=tenant))
 
-    def set_config(self, key: str, value: Any, tenant: str | None = None) -> Row:
-        out: Row = self._request("PUT", f"/config/{_seg(key)}", json={"value": value, "tenant": tenant})
-        return out
+    def set_config(self, key: str, value: Any, tenant: str | None = None) -> ConfigEntry:
+        return self._get(ConfigEntry, "PUT", f"/config/{_seg(key)}", json={"value": value, "tenant": tenant})
 
-    def reset_config(self, key: str, tenant: str | None = None) -> Row:
-        out: Row = self._request("DELETE", f"/config/{_seg(key)}", params={"tenant": tenant} if tenant else None)
-        return out
+    def reset_config(self, key: str, tenant: str | None = None) -> ConfigEntry:
+        return self._get(ConfigEntry, "DELETE", f"/config/{_seg(key)}", params=_given(tenant=tenant))
 
-    # custom properties
+    # custom properties: plain key/value text
     def get_properties(self, object_type: str, object_id: int) -> dict[str, str]:
-        out: dict[str, str] = self._request("GET", f"/properties/{_seg(object_type)}/{int(object_id)}")
-        return out
+        return dict(self._send("GET", f"/properties/{_seg(object_type)}/{int(object_id)}").json())
 
     def set_properties(self, object_type: str, object_id: int, values: dict[str, str]) -> dict[str, str]:
-        out: dict[str, str] = self._request("PUT", f"/properties/{_seg(object_type)}/{int(object_id)}", json=values)
-        return out
+        return dict(self._send("PUT", f"/properties/{_seg(object_type)}/{int(object_id)}", json=values).json())
 
     def delete_property(self, object_type: str, object_id: int, key: str) -> None:
-        self._request("DELETE", f"/properties/{_seg(object_type)}/{int(object_id)}/{_seg(key)}")
+        self._send("DELETE", f"/properties/{_seg(object_type)}/{int(object_id)}/{_seg(key)}")

@@ -63,10 +63,10 @@ class Bus:
         self._deliver(channel, payload)
 
     async def _listen(self, channel: str) -> None:
-        return None
+        """In-process delivery needs no subscription on a server."""
 
     async def _unlisten(self, channel: str) -> None:
-        return None
+        """In-process delivery needs no subscription on a server."""
 
     @contextlib.asynccontextmanager
     async def subscribe(self, *channels: str) -> AsyncIterator[Subscription]:

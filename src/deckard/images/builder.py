@@ -88,7 +88,7 @@ class ImageBuildError(DeckardError):
     code = "image_build_failed"
 
 
-def recipe_hash(mirror: str = DEFAULT_MIRROR) -> str:
+def recipe_hash() -> str:
     """Hash of what debootstrap and apt produce; the mirror is left out since every mirror serves the same."""
     recipe = {"builder": BUILDER_VERSION, "suite": SUITE, "variant": "minbase", "packages": sorted(PACKAGES)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -119,15 +119,6 @@ def image_filename(files: list[tuple[str, bytes, int]] | None = None) -> str:
     return f"deckard-desktop-{recipe_hash()}-{files_hash(files)}.tar.zst"
 
 
-def image_digest(path: Path) -> str:
-    """SHA-256 of an image file, as lowercase hex (what the database records for a disk image)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 async def build_image(
     output_dir: Path,
     *,
@@ -145,7 +136,7 @@ async def build_image(
     if target.exists():
         progress("image is up to date", 1.0)
         return target
-    rootfs_tar = cache_dir / f"rootfs-{recipe_hash(mirror)}.tar.zst"
+    rootfs_tar = cache_dir / f"rootfs-{recipe_hash()}.tar.zst"
     if rootfs_tar.exists():
         await _pack_image(rootfs_tar, target, files, progress, 0.0)
     else:

@@ -137,3 +137,12 @@ class FarmPaths:
         os.chmod(self.home, 0o711)
         for private in (self.tls, self.logs):
             os.chmod(private, 0o700)
+
+
+def image_digest(path: Path) -> str:
+    """SHA-256 of a disk image file, as lowercase hex (what the database records for a disk image)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

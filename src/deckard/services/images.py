@@ -12,7 +12,7 @@ transaction (``services/expiry.py``), so no desktop sees a half-published image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, InvalidTransition, NotFound
-from deckard.model.states import IMAGE_TRANSITIONS, ImageState
+from deckard.model.states import DESKTOP_AT_REST, DesktopState, ImageState
 from deckard.services.context import Actor, require, require_fields, require_supertenant, visible, visible_rows
 from deckard.services.events import publish
 from deckard.services.expiry import expiry_defaults, set_expiry_for_tags
@@ -31,11 +31,12 @@ from deckard.services.listing import ListQuery, run_list
 from deckard.services.osfs import find_osf_id
 from deckard.services.rows import as_dict, unique_or_conflict
 from deckard.services.tenancy import DEFAULT_OSF, DEFAULT_TENANT, ensure_default_osf, tenant_id_by_name
+from deckard.services.transitions import transition_image
 from deckard.services.users import tenant_filter
 
 i = t.disk_images
 SOURCES = ("upload", "import", "build")
-ACTIVE_DESKTOP_STATES = ("starting", "running", "stopping", "zombie")
+ACTIVE_DESKTOP_STATES = sorted(set(DesktopState) - DESKTOP_AT_REST)  # a node holds the desktop and its image
 
 COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     **{c.key: c for c in i.c},
@@ -66,14 +67,18 @@ async def register_image(
     tags: tuple[str, ...] = ("default", "head"),
     osf_id: int | None = None,
 ) -> dict[str, Any]:
-    """Register (idempotently, by OSF + version) a ready image file and point ``tags`` at it."""
+    """Register (idempotently, by OSF + version) a ready image file, publish it and point ``tags`` at it.
+
+    An existing version is published again (``ready|retired|published → published``); one that is new,
+    being filled or failed is refused (``invalid_transition``): give the build another version.
+    """
     async with db.begin() as conn:
         if osf_id is None:
             osf_id = await ensure_default_osf(conn, await tenant_id_by_name(conn, DEFAULT_TENANT))
         row = (await conn.execute(sa.select(i.c.id).where(i.c.osf_id == osf_id, i.c.version == version))).first()
         if row:
             image_id = int(row.id)
-            await conn.execute(sa.update(i).where(i.c.id == image_id).values(path=str(path), state="published"))
+            await transition_image(conn, image_id, ImageState.PUBLISHED, values={"path": str(path)})
         else:
             res = await conn.execute(
                 sa.insert(i)
@@ -83,7 +88,7 @@ async def register_image(
                     path=str(path),
                     digest=digest,
                     size=path.stat().st_size if path.exists() else 0,
-                    state="published",
+                    state=ImageState.PUBLISHED.value,
                     created_at=utcnow(),
                     published_at=utcnow(),
                 )
@@ -172,26 +177,10 @@ async def get_image(db: Database, actor: Actor, image_id: int) -> dict[str, Any]
 
 
 # ---- state changes ------------------------------------------------------------------------------------
-def check_image_transition(old: str, new: ImageState) -> None:
-    if new not in IMAGE_TRANSITIONS.get(ImageState(old), frozenset()):
-        raise InvalidTransition(
-            f"a disk image cannot go from {old} to {new}", code="bad_image_state", details={"state": old}
-        )
-
-
-async def set_image_state(
-    db: Database, image_id: int, old: str, new: ImageState, *, message: str = "", **values: Any
-) -> None:
-    """Move an image from ``old`` to ``new`` (guarded: InvalidTransition if it changed meanwhile)."""
-    check_image_transition(old, new)
+async def set_image_state(db: Database, image_id: int, new: ImageState, *, message: str = "", **values: Any) -> None:
+    """Move an image to ``new`` by the table (``invalid_transition`` when its state does not allow it)."""
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(i)
-            .where(i.c.id == image_id, i.c.state == old)
-            .values(state=new.value, status_message=message, **values)
-        )
-        if res.rowcount == 0:
-            raise InvalidTransition("the disk image changed meanwhile: retry", code="image_busy")
+        await transition_image(conn, image_id, new, values={"status_message": message, **values})
         tenant_id = await _tenant_of(conn, image_id)
     await publish(db, "state", "image", image_id, tenant_id, state=new.value, status_message=message)
 
@@ -206,29 +195,31 @@ async def report_progress(db: Database, image_id: int, message: str) -> None:
     async with db.begin() as conn:
         await conn.execute(
             sa.update(i)
-            .where(i.c.id == image_id, i.c.state.in_(["building", "uploading"]))
+            .where(i.c.id == image_id, i.c.state.in_([ImageState.BUILDING, ImageState.UPLOADING]))
             .values(status_message=message[:500])
         )
 
 
-async def fail_image(db: Database, image_id: int, reason: str) -> None:
-    """The build, upload or import failed: state ``failed`` with the reason (from whatever state it was in)."""
-    async with db.begin() as conn:
-        await conn.execute(
-            sa.update(i)
-            .where(i.c.id == image_id, i.c.state.in_(["new", "building", "uploading"]))
-            .values(state="failed", status_message=reason[:2000])
-        )
-        tenant_id = await _tenant_of(conn, image_id)
-    await publish(db, "state", "image", image_id, tenant_id, state="failed", status_message=reason[:500])
+async def fail_image(db: Database, image_id: int, reason: str) -> bool:
+    """The build, upload or import failed: ``new|building|uploading → failed`` with the reason.
+
+    The report comes from a background task that may be late: for an image that has moved on meanwhile
+    (deleted, already failed) it changes nothing and returns False.
+    """
+    try:
+        async with db.begin() as conn:
+            await transition_image(conn, image_id, ImageState.FAILED, values={"status_message": reason[:2000]})
+            tenant_id = await _tenant_of(conn, image_id)
+    except (NotFound, InvalidTransition):
+        return False
+    await publish(db, "state", "image", image_id, tenant_id, state=ImageState.FAILED.value, status_message=reason[:500])
+    return True
 
 
 async def finish_image(db: Database, image_id: int, path: Path, *, digest: str, size: int) -> None:
     """The content is complete and verified: state ``ready``."""
-    async with db.connect() as conn:
-        old = (await conn.execute(sa.select(i.c.state).where(i.c.id == image_id))).scalar_one()
     await set_image_state(
-        db, image_id, old, ImageState.READY, message="", path=str(path), digest=digest, size=size, uploaded_bytes=size
+        db, image_id, ImageState.READY, message="", path=str(path), digest=digest, size=size, uploaded_bytes=size
     )
 
 
@@ -252,7 +243,7 @@ async def create_image(
                     osf_id=osf_id,
                     version=version,
                     path="",
-                    state="new",
+                    state=ImageState.NEW.value,
                     status_message=f"waiting for its content ({source})",
                     created_at=utcnow(),
                 )
@@ -268,8 +259,8 @@ async def start_build(db: Database, actor: Actor, image_id: int) -> dict[str, An
     """``new → building``; the caller (the API) runs the builder and reports progress and the outcome."""
     require(actor, "image.build")
     async with db.connect() as conn:
-        row = await _image(conn, actor, image_id)
-    await set_image_state(db, image_id, row.state, ImageState.BUILDING, message="0% queued")
+        await _image(conn, actor, image_id)
+    await set_image_state(db, image_id, ImageState.BUILDING, message="0% queued")
     return await get_image(db, actor, image_id)
 
 
@@ -292,8 +283,6 @@ async def publish_image(
         row = await _image(conn, actor, image_id)
     if row.blocked:
         raise Conflict("the disk image is blocked: unblock it before publishing it", code="image_blocked")
-    if row.state != ImageState.PUBLISHED:
-        check_image_transition(row.state, ImageState.PUBLISHED)
     default_soft, default_hard = await expiry_defaults(db, int(row.tenant_id))
     soft = (
         expire_soft_s
@@ -310,17 +299,17 @@ async def publish_image(
         else default_hard
     )
     async with db.begin() as conn:
-        res = await conn.execute(
-            sa.update(i)
-            .where(i.c.id == image_id, i.c.state == row.state, i.c.blocked.is_(False))
-            .values(state="published", published_at=utcnow(), status_message="", expire_soft_s=soft, expire_hard_s=hard)
+        await transition_image(
+            conn,
+            image_id,
+            ImageState.PUBLISHED,
+            i.c.blocked.is_(False),
+            values=dict(published_at=utcnow(), status_message="", expire_soft_s=soft, expire_hard_s=hard),
         )
-        if res.rowcount == 0:
-            raise InvalidTransition("the disk image changed meanwhile: retry", code="image_busy")
         for tag in tags:
             await move_tag(conn, int(row.osf_id), tag, image_id)
         expiring = await set_expiry_for_tags(conn, int(row.osf_id), tags, image_id, soft_s=soft, hard_s=hard)
-    await publish(db, "state", "image", image_id, int(row.tenant_id), state="published", tags=tags)
+    await publish(db, "state", "image", image_id, int(row.tenant_id), state=ImageState.PUBLISHED.value, tags=tags)
     for desktop_id in expiring:
         await publish(db, "updated", "desktop", desktop_id, int(row.tenant_id), expiring=True)
     out = await get_image(db, actor, image_id)
@@ -332,9 +321,9 @@ async def retire_image(db: Database, actor: Actor, image_id: int) -> dict[str, A
     """``ready|published → retired``: refused while a tag points at it (move the tag first)."""
     require(actor, "image.update")
     async with db.connect() as conn:
-        row = await _image(conn, actor, image_id)
+        await _image(conn, actor, image_id)
         await _refuse_if_tagged(conn, image_id, "retire")
-    await set_image_state(db, image_id, row.state, ImageState.RETIRED)
+    await set_image_state(db, image_id, ImageState.RETIRED)
     return await get_image(db, actor, image_id)
 
 
@@ -350,42 +339,57 @@ async def _refuse_if_tagged(conn: AsyncConnection, image_id: int, what: str) -> 
         )
 
 
+async def _change_image(
+    db: Database,
+    actor: Actor,
+    image_id: int,
+    change: Callable[[AsyncConnection, sa.Row[Any]], Awaitable[None]],
+    **event: Any,
+) -> dict[str, Any]:
+    """Run ``change`` on a visible image in one transaction, tell the watchers, answer the image as it is now."""
+    async with db.begin() as conn:
+        row = await _image(conn, actor, image_id)
+        await change(conn, row)
+    await publish(db, "updated", "image", image_id, int(row.tenant_id), **event)
+    return await get_image(db, actor, image_id)
+
+
 async def tag_image(db: Database, actor: Actor, image_id: int, tag: str) -> dict[str, Any]:
     """Point ``tag`` at this image (moving it from another image of the OSF in one upsert)."""
     require(actor, "image.tag")
     validate_tag(tag)
-    async with db.begin() as conn:
-        row = await _image(conn, actor, image_id)
+
+    async def move(conn: AsyncConnection, row: sa.Row[Any]) -> None:
         if row.state not in (ImageState.READY, ImageState.PUBLISHED):
             raise InvalidTransition(
                 f"only a ready or published image can be tagged (this one is {row.state})", code="bad_image_state"
             )
         await move_tag(conn, int(row.osf_id), tag, image_id)
-    await publish(db, "updated", "image", image_id, int(row.tenant_id), tag=tag)
-    return await get_image(db, actor, image_id)
+
+    return await _change_image(db, actor, image_id, move, tag=tag)
 
 
 async def untag_image(db: Database, actor: Actor, image_id: int, tag: str) -> dict[str, Any]:
     require(actor, "image.tag")
-    async with db.begin() as conn:
-        row = await _image(conn, actor, image_id)
+
+    async def remove(conn: AsyncConnection, _row: sa.Row[Any]) -> None:
         res = await conn.execute(
             sa.delete(t.image_tags).where(t.image_tags.c.image_id == image_id, t.image_tags.c.tag == tag)
         )
         if res.rowcount == 0:
             raise NotFound(f"the image has no tag {tag!r}", code="tag_not_found")
-    await publish(db, "updated", "image", image_id, int(row.tenant_id), untagged=tag)
-    return await get_image(db, actor, image_id)
+
+    return await _change_image(db, actor, image_id, remove, untagged=tag)
 
 
 async def set_image_blocked(db: Database, actor: Actor, image_id: int, blocked: bool) -> dict[str, Any]:
     """A blocked image is never started from nor published (QVD's ``dis.blocked``)."""
     require(actor, "image.block")
-    async with db.begin() as conn:
-        row = await _image(conn, actor, image_id)
+
+    async def block(conn: AsyncConnection, _row: sa.Row[Any]) -> None:
         await conn.execute(sa.update(i).where(i.c.id == image_id).values(blocked=blocked))
-    await publish(db, "updated", "image", image_id, int(row.tenant_id), blocked=blocked)
-    return await get_image(db, actor, image_id)
+
+    return await _change_image(db, actor, image_id, block, blocked=blocked)
 
 
 async def delete_image(db: Database, actor: Actor, image_id: int, *, images_dir: Path) -> None:

@@ -33,8 +33,9 @@ from deckard.services.config import read_config
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
-from deckard.services.rows import as_dict
+from deckard.services.rows import as_dict, one_row
 from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name, tenant_name
+from deckard.services.tenant_lookup import resolve_tenant_for_create
 
 LOGIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 LOGIN_SEPARATORS = "@#"  # QVD: user@tenant or user#tenant
@@ -83,8 +84,6 @@ async def create_user(
     description: str = "",
 ) -> dict[str, Any]:
     """Create a user; ``tenant`` (name or id) is where a supertenant administrator puts it (default: default)."""
-    from deckard.services.tenants import resolve_tenant_for_create
-
     require(actor, "user.create")
     check_login(login)
     if password is not None and len(password) < 4:
@@ -137,12 +136,8 @@ async def find_user_id(db: Database, actor: Actor, ref: str | int) -> int:
 
 
 async def _row(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
-    async with db.connect() as conn:
-        q = sa.select(*_USER_COLS).where(t.users.c.id == user_id, tenant_filter(actor, t.users.c.tenant_id))
-        row = (await conn.execute(q)).first()
-    if not row:
-        raise NotFound(f"no user with id {user_id}", code="user_not_found")
-    return as_dict(row)
+    q = sa.select(*_USER_COLS).where(t.users.c.id == user_id, tenant_filter(actor, t.users.c.tenant_id))
+    return await one_row(db, q, "user", user_id)
 
 
 async def get_user(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:

@@ -250,27 +250,25 @@ class XSession:
         with self.lock:
             self._stop_locked()
 
+    def _signal_all(self, sig: int) -> None:
+        """``sig`` to the session's and the display's process groups and every process of the user."""
+        for proc in (self.session, self.xvnc):
+            if _alive(proc):
+                assert proc is not None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+        if self.uid is not None and self.uid != os.getuid():
+            kill_user_processes(self.uid, sig)
+
     def _stop_locked(self) -> None:
         if self.state == "stopped" and self.xvnc is None:
             return
         self.state = "stopping"
-        for proc in (self.session, self.xvnc):
-            if _alive(proc):
-                assert proc is not None
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        if self.uid is not None and self.uid != os.getuid():
-            kill_user_processes(self.uid, signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and (_alive(self.xvnc) or _alive(self.session)):
             time.sleep(0.05)
-        for proc in (self.session, self.xvnc):
-            if _alive(proc):
-                assert proc is not None
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        if self.uid is not None and self.uid != os.getuid():
-            kill_user_processes(self.uid, signal.SIGKILL)
+        self._signal_all(signal.SIGKILL)
         for proc in (self.session, self.xvnc):
             if proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -493,10 +491,10 @@ class Agent:
         result: dict[str, Any] = handler(params)
         return result
 
-    def rpc_ping(self, params: dict[str, str]) -> dict[str, Any]:
+    def rpc_ping(self, _params: dict[str, str]) -> dict[str, Any]:
         return {"version": VERSION, "x_state": self.x.current_state()}
 
-    def rpc_x_state(self, params: dict[str, str]) -> dict[str, Any]:
+    def rpc_x_state(self, _params: dict[str, str]) -> dict[str, Any]:
         return {"state": self.x.current_state(), "user": self.x.user}
 
     def rpc_x_start(self, params: dict[str, str]) -> dict[str, Any]:
@@ -514,11 +512,11 @@ class Agent:
             raise AgentError("bad_input", "geometry must look like 1280x800")
         return self.x.start(login, uid, geometry)
 
-    def rpc_x_stop(self, params: dict[str, str]) -> dict[str, Any]:
+    def rpc_x_stop(self, _params: dict[str, str]) -> dict[str, Any]:
         self.x.stop()
         return {"state": self.x.current_state()}
 
-    def rpc_expire(self, params: dict[str, str]) -> dict[str, Any]:
+    def rpc_expire(self, _params: dict[str, str]) -> dict[str, Any]:
         return {"notified": self.x.expire()}
 
     def rpc_spy_notice(self, params: dict[str, str]) -> dict[str, Any]:
@@ -527,7 +525,7 @@ class Agent:
         mode = "and may control it" if params.get("interactive") == "1" else "(view only)"
         return {"notified": self.x.notify(f"Your desktop is being watched by {admin} {mode}.", timeout=60)}
 
-    def rpc_poweroff(self, params: dict[str, str]) -> dict[str, Any]:
+    def rpc_poweroff(self, _params: dict[str, str]) -> dict[str, Any]:
         # answer first: the caller must learn that the poweroff was accepted before the agent goes away
         threading.Timer(0.1, self.poweroff).start()
         return {"state": "stopping"}
@@ -635,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getpid() == 1:
         threading.Thread(target=agent.children.reap_forever, daemon=True, name="reaper").start()
 
-    def on_signal(signum: int, frame: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d", signum)
         threading.Thread(target=agent.poweroff, daemon=True).start()
 

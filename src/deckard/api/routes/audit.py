@@ -2,50 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
-
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
 
-from deckard.api.deps import ActorDep, DbDep, ListPairsDep
-from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.deps import ActorDep, DbDep
+from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.resource import ObjectRoutes
+from deckard.model.schemas import AuditRecord, AuditVerification
 from deckard.services import audit
-from deckard.services.listing import parse_list_query
 
 router = APIRouter(prefix="/audit", tags=["audit"], responses=ERROR_RESPONSES)
 
 
-class AuditRecord(BaseModel):
-    id: int | None = None
-    at: dt.datetime | None = None
-    admin_id: int | None = None
-    admin_name: str | None = None
-    tenant_id: int | None = None
-    action: str | None = Field(default=None, description="`<object>.<action>`, e.g. `desktop.start`.")
-    object_type: str | None = None
-    object_id: str | None = None
-    arguments: Any = Field(default=None, description="The request's JSON body, secrets masked as `***`.")
-    result: str | None = Field(default=None, description="`ok` or `failed`.")
-    status: int | None = None
-    error_code: str | None = None
-    source: str | None = None
-    hash: str | None = None
+record = ObjectRoutes(router, "audit", AuditRecord)
+record.add_list(
+    lambda s, q: audit.list_audit(s.db, s.actor, q), audit.LIST_COLUMNS, "List audit records (newest first)"
+)
 
 
-class Verification(BaseModel):
-    ok: bool
-    checked: int = Field(description="Records found intact before the first broken one (all of them when ok).")
-    first_broken_id: int | None
-    reason: str
-
-
-@router.get("", response_model=Page[AuditRecord], summary="List audit records (newest first)")
-async def list_audit(actor: ActorDep, db: DbDep, pairs: ListPairsDep) -> Page[AuditRecord]:
-    rows, total = await audit.list_audit(db, actor, parse_list_query(pairs, audit.LIST_COLUMNS))
-    return Page[AuditRecord](items=[AuditRecord.model_validate(r) for r in rows], total=total)
-
-
-@router.get("/verify", response_model=Verification, summary="Check the hash chain; name the first broken record")
-async def verify_audit(actor: ActorDep, db: DbDep) -> Verification:
-    return Verification.model_validate(await audit.verify_chain(db, actor))
+@router.get("/verify", response_model=AuditVerification, summary="Check the hash chain; name the first broken record")
+async def verify_audit(actor: ActorDep, db: DbDep) -> AuditVerification:
+    return AuditVerification.model_validate(await audit.verify_chain(db, actor))

@@ -7,16 +7,15 @@ Repeated failed logins from one address make it wait: 429 ``login_locked`` with 
 
 from __future__ import annotations
 
-import datetime as dt
-
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep, TokenDep
 from deckard.api.envelope import ERROR_RESPONSES, ErrorEnvelope
 from deckard.api.errors import error_response
 from deckard.api.strict import RequestModel
+from deckard.model.schemas import LoginResult, WhoAmI
 from deckard.services import admins
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
@@ -33,22 +32,9 @@ class LoginRequest(RequestModel):
     )
 
 
-class LoginResponse(BaseModel):
-    token: str = Field(description="Send as 'Authorization: Bearer <token>'.")
-    expires_at: dt.datetime
-
-
-class WhoAmI(BaseModel):
-    kind: str
-    id: int | None
-    name: str
-    tenant_id: int | None
-    acls: list[str]
-
-
 @router.post(
     "/login",
-    response_model=LoginResponse,
+    response_model=LoginResult,
     summary="Log in and get a session token",
     responses={
         429: {
@@ -57,7 +43,7 @@ class WhoAmI(BaseModel):
         }
     },
 )
-async def login(body: LoginRequest, request: Request, db: DbDep, settings: SettingsDep) -> LoginResponse | JSONResponse:
+async def login(body: LoginRequest, request: Request, db: DbDep, settings: SettingsDep) -> LoginResult | JSONResponse:
     source = request.client.host if request.client else ""
     try:
         token, expires_at = await admins.login_admin(
@@ -66,7 +52,7 @@ async def login(body: LoginRequest, request: Request, db: DbDep, settings: Setti
     except admins.LoginLocked as e:
         retry = str(e.details.get("retry_after_s", 1))
         return error_response(e.status, e.code, e.message, e.details, {"Retry-After": retry})
-    return LoginResponse(token=token, expires_at=expires_at)
+    return LoginResult(token=token, expires_at=expires_at)
 
 
 @router.post(

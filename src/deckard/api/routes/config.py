@@ -9,31 +9,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from deckard.api.deps import ActorDep, DbDep
-from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.strict import Ref, RequestModel
+from deckard.model.schemas import ConfigEntry, ConfigValue, Page
 from deckard.services import config
 
 router = APIRouter(prefix="/config", tags=["config"], responses=ERROR_RESPONSES)
 
-Value = bool | int | float | str
 TenantQuery = Annotated[Ref | None, Query(description="A tenant's layer (id or name).")]
 
 
-class ConfigEntry(BaseModel):
-    key: str
-    value: Value
-    default: Value
-    source: str = Field(description="Where the value comes from: `default`, `global` or `tenant`.")
-    type: str
-    per_tenant: bool
-    description: str
-
-
 class ConfigSet(RequestModel):
-    value: Value = Field(description="Checked against the key's type; text such as `true` or `30` is accepted.")
+    value: ConfigValue = Field(description="Checked against the key's type; text such as `true` or `30` is accepted.")
     tenant: Ref | None = None
 
 

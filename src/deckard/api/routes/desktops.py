@@ -11,48 +11,20 @@ Fields an administrator may not see (``desktop.see.<field>`` ACLs) are absent fr
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Query
+from pydantic import Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep
-from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.resource import ObjectRoutes, list_query
 from deckard.api.strict import Id, Ref, RequestModel
+from deckard.model.schemas import BulkResult, Desktop, Page
 from deckard.services import bulk, desktops, users
 from deckard.services.listing import ListQuery, parse_list_query
 
 router = APIRouter(prefix="/desktops", tags=["desktops"], responses=ERROR_RESPONSES)
-
-
-class Desktop(BaseModel):
-    id: int | None = None  # absent only when `fields=` leaves it out
-    tenant_id: int | None = None
-    name: str | None = None
-    user_id: int | None = None
-    user: str | None = None
-    osf_id: int | None = None
-    osf: str | None = None
-    tag: str | None = None
-    ip: str | None = None
-    mac: str | None = None
-    blocked: bool | None = None
-    description: str | None = None
-    state: str | None = Field(
-        default=None, description="Observed state: stopped, starting, running, stopping, zombie, failed."
-    )
-    state_at: dt.datetime | None = None
-    cmd: str | None = Field(default=None, description="Pending command (start/stop) not yet carried out by a node.")
-    node_id: int | None = None
-    node: str | None = None
-    user_state: str | None = None
-    image_id: int | None = None
-    failure_reason: str | None = None
-    started_at: dt.datetime | None = None
-    expire_soft_at: dt.datetime | None = None
-    expire_hard_at: dt.datetime | None = None
-    created_at: dt.datetime | None = None
 
 
 class DesktopCreate(RequestModel):
@@ -70,6 +42,21 @@ class DesktopUpdate(RequestModel):
     osf: Ref | None = Field(default=None, description="Only while stopped.")
 
 
+MAX_EXPIRY_S = 10 * 365 * 86400
+
+
+class DesktopExpiry(RequestModel):
+    soft_s: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_EXPIRY_S,
+        description="Seconds until the user is told to save their work; null: none.",
+    )
+    hard_s: int | None = Field(
+        default=None, ge=0, le=MAX_EXPIRY_S, description="Seconds until the desktop is stopped; null: none."
+    )
+
+
 DesktopAction = Literal["start", "stop", "block", "unblock", "disconnect", "reset", "delete"]
 
 
@@ -80,27 +67,6 @@ class BulkRequest(RequestModel):
     )
 
 
-class BulkResult(BaseModel):
-    ok: list[int]
-    failed: dict[str, dict[str, str]] = Field(description='Per failed id: `{"code", "message"}`.')
-
-
-def list_query(allowed: list[str]) -> Any:
-    """A dependency that parses a list route's query string (documented parameters plus field filters)."""
-
-    def parse(
-        request: Request,
-        sort: Annotated[str | None, Query(description="Fields, comma-separated; '-' for descending.")] = None,
-        page: Annotated[int | None, Query(ge=1)] = None,
-        per_page: Annotated[int | None, Query(ge=1, le=1000)] = None,
-        fields: Annotated[str | None, Query(description="Only these fields, comma-separated.")] = None,
-    ) -> ListQuery:
-        del sort, page, per_page, fields  # documented here, parsed with the filters below
-        return parse_list_query(request.query_params.multi_items(), allowed)
-
-    return Depends(parse)
-
-
 def bulk_query(body: BulkRequest, allowed: list[str]) -> ListQuery | None:
     if body.filter is None:
         return None
@@ -108,14 +74,16 @@ def bulk_query(body: BulkRequest, allowed: list[str]) -> ListQuery | None:
     return parse_list_query(pairs, allowed)
 
 
-DesktopQuery = Annotated[ListQuery, list_query([*desktops.FIELDS])]
+desktop = ObjectRoutes(
+    router, "desktop", Desktop, find=lambda s, ref: desktops.find_desktop_id(s.db, s.actor, ref), exclude_unset=True
+)
 
 
 @router.get("", response_model=Page[Desktop], response_model_exclude_unset=True, summary="List desktops")
 async def list_desktops(
     actor: ActorDep,
     db: DbDep,
-    q: DesktopQuery,
+    q: Annotated[ListQuery, list_query([*desktops.FIELDS])],
     user: Annotated[Ref | None, Query(description="Only this user's desktops (id or login).")] = None,
 ) -> Page[Desktop]:
     user_id = await users.find_user_id(db, actor, user) if user is not None else None
@@ -123,25 +91,18 @@ async def list_desktops(
     return Page[Desktop](items=[Desktop.model_validate(r) for r in rows], total=total)
 
 
-@router.post(
-    "",
-    response_model=Desktop,
-    response_model_exclude_unset=True,
-    status_code=status.HTTP_201_CREATED,
-    summary="Create a desktop (its IP address is allocated here)",
-)
-async def create_desktop(body: DesktopCreate, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Desktop:
-    row = await desktops.create_desktop(
-        db,
-        actor,
+desktop.add_create(
+    DesktopCreate,
+    lambda s, body: desktops.create_desktop(
+        s.db,
+        s.actor,
         body.name,
         body.user,
-        network=settings.network.range,
-        osf=body.osf,
-        tag=body.tag,
-        description=body.description,
-    )
-    return Desktop.model_validate(row)
+        network=s.settings.network.range,
+        **body.model_dump(include={"osf", "tag", "description"}),
+    ),
+    "Create a desktop (its IP address is allocated here)",
+)
 
 
 @router.post(
@@ -157,73 +118,38 @@ async def bulk_action(
     return BulkResult.model_validate(out)
 
 
-@router.get("/{desktop}", response_model=Desktop, response_model_exclude_unset=True, summary="Show a desktop")
-async def get_desktop(desktop: str, actor: ActorDep, db: DbDep) -> Desktop:
-    desktop_id = await desktops.find_desktop_id(db, actor, desktop)
-    return Desktop.model_validate(await desktops.get_desktop(db, actor, desktop_id))
-
-
-@router.patch(
-    "/{desktop}",
-    response_model=Desktop,
-    response_model_exclude_unset=True,
-    summary="Rename, describe, retag or change the OSF (tag and OSF only while stopped: 409 desktop_running)",
+desktop.add_get(lambda s, i: desktops.get_desktop(s.db, s.actor, i), "Show a desktop")
+desktop.add_patch(
+    DesktopUpdate,
+    lambda s, i, body: desktops.update_desktop(s.db, s.actor, i, **body.model_dump(exclude_unset=True)),
+    "Rename, describe, retag or change the OSF (tag and OSF only while stopped: 409 desktop_running)",
 )
-async def update_desktop(desktop: str, body: DesktopUpdate, actor: ActorDep, db: DbDep) -> Desktop:
-    desktop_id = await desktops.find_desktop_id(db, actor, desktop)
-    row = await desktops.update_desktop(
-        db, actor, desktop_id, name=body.name, description=body.description, tag=body.tag, osf=body.osf
-    )
-    return Desktop.model_validate(row)
-
-
-@router.delete(
-    "/{desktop}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    response_class=Response,
-    summary="Delete a stopped desktop (409 desktop_running otherwise)",
+desktop.add_delete(
+    lambda s, i: desktops.delete_desktop(s.db, s.actor, i), "Delete a stopped desktop (409 desktop_running otherwise)"
 )
-async def delete_desktop(desktop: str, actor: ActorDep, db: DbDep) -> Response:
-    desktop_id = await desktops.find_desktop_id(db, actor, desktop)
-    await desktops.delete_desktop(db, actor, desktop_id)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-async def _act(desktop: str, action: str, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Desktop:
-    desktop_id = await desktops.find_desktop_id(db, actor, desktop)
-    if action == "start":
-        row = await desktops.start_desktop(db, actor, desktop_id)
-    elif action == "stop":
-        row = await desktops.stop_desktop(db, actor, desktop_id)
-    elif action in ("block", "unblock"):
-        row = await desktops.set_blocked(db, actor, desktop_id, action == "block")
-    elif action == "disconnect":
-        row = await desktops.disconnect_desktop(db, actor, desktop_id)
-    else:
-        row = await desktops.reset_desktop(db, actor, desktop_id, settings.paths)
-    return Desktop.model_validate(row)
-
-
-def _action_route(action: str, summary: str) -> None:
-    async def route(desktop: str, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Desktop:
-        return await _act(desktop, action, actor, db, settings)
-
-    route.__name__ = f"{action}_desktop"
-    router.post(
-        f"/{{desktop}}/{action}",
-        response_model=Desktop,
-        response_model_exclude_unset=True,
-        summary=summary,
-        operation_id=f"{action}_desktop",
-    )(route)
-
-
-for _action, _summary in (
-    ("start", "Ask a node to start the desktop (503 no_node when no node can take it)"),
-    ("stop", "Ask the desktop's node to stop it"),
-    ("block", "Block the desktop: nobody may start it"),
-    ("unblock", "Unblock the desktop"),
-    ("disconnect", "Disconnect the user: their display connection closes, the desktop keeps running"),
-    ("reset", "Discard the desktop's overlay so its next start is a clean image (stopped desktops only)"),
-):
-    _action_route(_action, _summary)
+desktop.add_action(
+    "start",
+    lambda s, i: desktops.start_desktop(s.db, s.actor, i),
+    "Ask a node to start the desktop (503 no_node when no node can take it)",
+)
+desktop.add_action("stop", lambda s, i: desktops.stop_desktop(s.db, s.actor, i), "Ask the desktop's node to stop it")
+desktop.add_action(
+    "block", lambda s, i: desktops.set_blocked(s.db, s.actor, i, True), "Block the desktop: nobody may start it"
+)
+desktop.add_action("unblock", lambda s, i: desktops.set_blocked(s.db, s.actor, i, False), "Unblock the desktop")
+desktop.add_action(
+    "disconnect",
+    lambda s, i: desktops.disconnect_desktop(s.db, s.actor, i),
+    "Disconnect the user: their display connection closes, the desktop keeps running",
+)
+desktop.add_action(
+    "reset",
+    lambda s, i: desktops.reset_desktop(s.db, s.actor, i, s.settings.paths),
+    "Discard the desktop's overlay so its next start is a clean image (stopped desktops only)",
+)
+desktop.add_action_with(
+    "expire",
+    DesktopExpiry,
+    lambda s, i, body: desktops.set_expiry(s.db, s.actor, i, soft_s=body.soft_s, hard_s=body.hard_s),
+    "Set the desktop's soft and hard expiry deadlines, or clear them (the owning node warns, then stops it)",
+)

@@ -6,18 +6,12 @@ from typing import Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel
 
 import deckard
 from deckard.api.deps import DbDep
+from deckard.model.schemas import Health
 
 router = APIRouter(tags=["health"])
-
-
-class Health(BaseModel):
-    status: Literal["ok", "degraded"]
-    version: str
-    database: Literal["ok", "unreachable"]
 
 
 @router.get(

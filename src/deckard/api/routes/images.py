@@ -9,51 +9,25 @@ background task that reports ``"NN% phase"`` into ``status_message`` and ends ``
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from pathlib import Path
-from typing import Any
 
 import structlog
-from fastapi import APIRouter, Request, Response, status
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Request, status
+from pydantic import Field
 
 from deckard.api.deps import ActorDep, DbDep, SettingsDep
-from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.resource import ObjectRoutes
 from deckard.api.strict import Ref, RequestModel
-from deckard.db.engine import Database
 from deckard.images import builder
 from deckard.model.errors import DeckardError
+from deckard.model.schemas import Image
+from deckard.runtime.paths import image_digest
 from deckard.runtime.settings import Settings
 from deckard.services import image_files, images
-from deckard.services.listing import parse_list_query
 
 router = APIRouter(prefix="/images", tags=["images"], responses=ERROR_RESPONSES)
 log = structlog.get_logger()
-
-
-class Image(BaseModel):
-    """A disk image; ``path`` and ``digest`` need ``image.see.path`` / ``image.see.digest``."""
-
-    id: int | None = None
-    osf_id: int | None = None
-    osf: str | None = None
-    tenant_id: int | None = None
-    version: str | None = None
-    path: str | None = None
-    digest: str | None = None
-    size: int | None = None
-    state: str | None = Field(default=None, description="new, building, uploading, ready, published, retired, failed")
-    status_message: str | None = Field(default=None, description="Progress (`42% uploading`) or why it failed.")
-    blocked: bool | None = None
-    tags: list[str] | None = None
-    uploaded_bytes: int | None = Field(default=None, description="Bytes received so far: resume an upload here.")
-    expire_soft_s: int | None = None
-    expire_hard_s: int | None = None
-    published_at: dt.datetime | None = None
-    created_at: dt.datetime | None = None
-    expiring_desktops: list[int] | None = Field(
-        default=None, description="After publish: the running desktops given expiry deadlines."
-    )
 
 
 class ImageCreate(RequestModel):
@@ -77,15 +51,8 @@ class ImagePublish(RequestModel):
     expire_hard_s: int | None = Field(default=None, ge=0, le=10 * 365 * 86400)
 
 
-def _out(row: dict[str, Any]) -> Image:
-    return Image.model_validate(row)
-
-
 def _images_dir(settings: Settings) -> Path:
     return settings.paths.images
-
-
-LIST_FIELDS = tuple(images.COLUMNS)
 
 
 def _content_length(request: Request) -> int | None:
@@ -93,14 +60,11 @@ def _content_length(request: Request) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() else None
 
 
-@router.get("", response_model=Page[Image], response_model_exclude_unset=True, summary="List disk images")
-async def list_images(request: Request, actor: ActorDep, db: DbDep) -> Page[Image]:
-    q = parse_list_query(request.query_params.multi_items(), LIST_FIELDS)
-    rows, total = await images.list_images(db, actor, q)
-    return Page[Image](items=[_out(r) for r in rows], total=total)
+image = ObjectRoutes(router, "image", Image, param="image_id", ref_type=int, exclude_unset=True)
+image.add_list(lambda s, q: images.list_images(s.db, s.actor, q), images.COLUMNS, "List disk images")
 
 
-async def _run_build(db: Database, image_id: int, images_dir: Path, cache_dir: Path) -> None:
+async def _run_build(db: DbDep, image_id: int, images_dir: Path, cache_dir: Path) -> None:
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Future[None]] = set()
 
@@ -117,7 +81,7 @@ async def _run_build(db: Database, image_id: int, images_dir: Path, cache_dir: P
         built = await builder.build_image(images_dir, cache_dir=cache_dir, progress=progress)
         await asyncio.gather(*pending, return_exceptions=True)
         path = await asyncio.to_thread(image_files.copy_into_store, built, images_dir, image_id)
-        digest = await asyncio.to_thread(builder.image_digest, path)
+        digest = await asyncio.to_thread(image_digest, path)
         await images.finish_image(db, image_id, path, digest=digest, size=path.stat().st_size)
         log.info("image.built", image_id=image_id, path=str(path))
     except Exception as e:
@@ -127,7 +91,7 @@ async def _run_build(db: Database, image_id: int, images_dir: Path, cache_dir: P
         await images.fail_image(db, image_id, f"build failed: {reason}")
 
 
-def _spawn_build(request: Request, db: Database, image_id: int, settings: Settings) -> None:
+def _spawn_build(request: Request, db: DbDep, image_id: int, settings: Settings) -> None:
     tasks: set[asyncio.Task[None]] | None = getattr(request.app.state, "image_builds", None)
     if tasks is None:
         tasks = request.app.state.image_builds = set()
@@ -147,12 +111,10 @@ async def create_image(body: ImageCreate, request: Request, actor: ActorDep, db:
     elif body.source == "build":
         row = await images.start_build(db, actor, row["id"])
         _spawn_build(request, db, row["id"], settings)
-    return _out(row)
+    return Image.model_validate(row)
 
 
-@router.get("/{image_id}", response_model=Image, response_model_exclude_unset=True, summary="Show a disk image")
-async def get_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
-    return _out(await images.get_image(db, actor, image_id))
+image.add_get(lambda s, i: images.get_image(s.db, s.actor, i), "Show a disk image")
 
 
 @router.put(
@@ -175,7 +137,7 @@ async def upload_content(image_id: int, request: Request, actor: ActorDep, db: D
         content_range=request.headers.get("content-range"),
         declared_size=_content_length(request),
     )
-    return _out(row)
+    return Image.model_validate(row)
 
 
 @router.post(
@@ -187,7 +149,7 @@ async def import_image(image_id: int, body: ImageImport, actor: ActorDep, db: Db
     row = await image_files.import_image(
         db, actor, image_id, body.path, images_dir=_images_dir(settings), import_dirs=settings.import_dirs
     )
-    return _out(row)
+    return Image.model_validate(row)
 
 
 @router.post(
@@ -199,7 +161,7 @@ async def import_image(image_id: int, body: ImageImport, actor: ActorDep, db: Db
 async def build_image(image_id: int, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
     row = await images.start_build(db, actor, image_id)
     _spawn_build(request, db, image_id, settings)
-    return _out(row)
+    return Image.model_validate(row)
 
 
 @router.post(
@@ -211,40 +173,31 @@ async def publish_image(image_id: int, body: ImagePublish, actor: ActorDep, db: 
     row = await images.publish_image(
         db, actor, image_id, body.tags, expire_soft_s=body.expire_soft_s, expire_hard_s=body.expire_hard_s
     )
-    return _out(row)
+    return Image.model_validate(row)
 
 
-@router.post("/{image_id}/retire", response_model=Image, summary="Retire the image (no tag may point at it)")
-async def retire_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
-    return _out(await images.retire_image(db, actor, image_id))
+image.add_action(
+    "retire", lambda s, i: images.retire_image(s.db, s.actor, i), "Retire the image (no tag may point at it)"
+)
 
 
 @router.put("/{image_id}/tags/{tag}", response_model=Image, summary="Point a tag at this image (moves it)")
 async def tag_image(image_id: int, tag: str, actor: ActorDep, db: DbDep) -> Image:
-    return _out(await images.tag_image(db, actor, image_id, tag))
+    return Image.model_validate(await images.tag_image(db, actor, image_id, tag))
 
 
 @router.delete("/{image_id}/tags/{tag}", response_model=Image, summary="Remove a tag from this image")
 async def untag_image(image_id: int, tag: str, actor: ActorDep, db: DbDep) -> Image:
-    return _out(await images.untag_image(db, actor, image_id, tag))
+    return Image.model_validate(await images.untag_image(db, actor, image_id, tag))
 
 
-@router.post("/{image_id}/block", response_model=Image, summary="Block the image: no desktop starts from it")
-async def block_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
-    return _out(await images.set_image_blocked(db, actor, image_id, True))
-
-
-@router.post("/{image_id}/unblock", response_model=Image, summary="Unblock the image")
-async def unblock_image(image_id: int, actor: ActorDep, db: DbDep) -> Image:
-    return _out(await images.set_image_blocked(db, actor, image_id, False))
-
-
-@router.delete(
-    "/{image_id}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    response_class=Response,
-    summary="Delete the image and its file (409 while tagged or in use)",
+image.add_action(
+    "block",
+    lambda s, i: images.set_image_blocked(s.db, s.actor, i, True),
+    "Block the image: no desktop starts from it",
 )
-async def delete_image(image_id: int, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Response:
-    await images.delete_image(db, actor, image_id, images_dir=_images_dir(settings))
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+image.add_action("unblock", lambda s, i: images.set_image_blocked(s.db, s.actor, i, False), "Unblock the image")
+image.add_delete(
+    lambda s, i: images.delete_image(s.db, s.actor, i, images_dir=_images_dir(s.settings)),
+    "Delete the image and its file (409 while tagged or in use)",
+)

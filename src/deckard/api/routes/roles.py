@@ -7,41 +7,24 @@ shows the effective ``acls``.  Predefined roles are fixed (409 ``role_fixed``), 
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response, status
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
+from pydantic import Field
 
-from deckard.api.deps import ActorDep, DbDep, ListPairsDep
-from deckard.api.envelope import ERROR_RESPONSES, Page
+from deckard.api.deps import ActorDep, Scope
+from deckard.api.envelope import ERROR_RESPONSES
+from deckard.api.resource import ObjectRoutes
 from deckard.api.strict import Ref, RequestModel
 from deckard.model.acls import ACLS, GATED_FIELDS
 from deckard.model.ids import ID_MAX
+from deckard.model.schemas import Acl, Grant, Page, Role
 from deckard.services import roles
 from deckard.services.context import require
-from deckard.services.listing import parse_list_query
 
 router = APIRouter(tags=["roles"], responses=ERROR_RESPONSES)
 
 RoleId = Annotated[int, Field(ge=0, le=ID_MAX)]
-
-
-class Grant(RequestModel):
-    acl: str = Field(min_length=1, max_length=128, description="An ACL name or a pattern (`desktop.*`, `*.see`).")
-    positive: bool = Field(default=True, description="False: a negative grant, which always wins.")
-
-
-class Role(BaseModel):
-    id: int
-    tenant_id: int
-    name: str
-    description: str
-    fixed: bool
-    created_at: dt.datetime
-    grants: list[Grant] = Field(default_factory=list)
-    inherits: list[int] = Field(default_factory=list)
-    acls: list[str] = Field(default_factory=list, description="The effective ACLs of the role.")
 
 
 class RoleCreate(RequestModel):
@@ -59,12 +42,6 @@ class RoleUpdate(RequestModel):
     inherits: list[RoleId] | None = Field(default=None, description="Replaces the roles it inherits from.")
 
 
-class Acl(BaseModel):
-    name: str
-    object: str
-    gated_field: bool = Field(description="Whether it lets an administrator see a hidden field.")
-
-
 def _grants(grants: list[Grant] | None) -> list[tuple[str, bool]] | None:
     return None if grants is None else [(g.acl, g.positive) for g in grants]
 
@@ -77,48 +54,31 @@ async def list_acls(actor: ActorDep) -> Page[Acl]:
     return Page[Acl](items=items, total=len(items))
 
 
-@router.get("/roles", response_model=Page[Role], summary="List roles")
-async def list_roles(actor: ActorDep, db: DbDep, pairs: ListPairsDep) -> Page[Role]:
-    rows, total = await roles.list_roles(db, actor, parse_list_query(pairs, roles.LIST_COLUMNS))
-    return Page[Role](items=[Role.model_validate(r) for r in rows], total=total)
+role = ObjectRoutes(APIRouter(prefix="/roles"), "role", Role)
+role.add_list(lambda s, q: roles.list_roles(s.db, s.actor, q), roles.LIST_COLUMNS, "List roles")
 
 
-@router.post("/roles", response_model=Role, status_code=status.HTTP_201_CREATED, summary="Create a role")
-async def create_role(body: RoleCreate, actor: ActorDep, db: DbDep) -> Role:
-    row = await roles.create_role(
-        db,
-        actor,
+role.add_create(
+    RoleCreate,
+    lambda s, body: roles.create_role(
+        s.db,
+        s.actor,
         body.name,
         description=body.description,
         grants=_grants(body.grants) or [],
         inherits=body.inherits,
         tenant=body.tenant,
-    )
-    return Role.model_validate(row)
-
-
-@router.get("/roles/{role}", response_model=Role, summary="Show a role with its grants and effective ACLs")
-async def get_role(role: str, actor: ActorDep, db: DbDep) -> Role:
-    return Role.model_validate(await roles.get_role(db, actor, role))
-
-
-@router.patch("/roles/{role}", response_model=Role, summary="Change a role (not a predefined one)")
-async def update_role(role: str, body: RoleUpdate, actor: ActorDep, db: DbDep) -> Role:
-    row = await roles.update_role(
-        db,
-        actor,
-        role,
-        name=body.name,
-        description=body.description,
-        grants=_grants(body.grants),
-        inherits=body.inherits,
-    )
-    return Role.model_validate(row)
-
-
-@router.delete(
-    "/roles/{role}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, summary="Delete a role"
+    ),
+    "Create a role",
 )
-async def delete_role(role: str, actor: ActorDep, db: DbDep) -> Response:
-    await roles.delete_role(db, actor, role)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+async def _update(s: Scope, ref: str, body: RoleUpdate) -> dict[str, Any]:
+    changes = body.model_dump(exclude_unset=True, exclude={"grants"})
+    return await roles.update_role(s.db, s.actor, ref, grants=_grants(body.grants), **changes)
+
+
+role.add_get(lambda s, ref: roles.get_role(s.db, s.actor, ref), "Show a role with its grants and effective ACLs")
+role.add_patch(RoleUpdate, _update, "Change a role (not a predefined one)")
+role.add_delete(lambda s, ref: roles.delete_role(s.db, s.actor, ref), "Delete a role")
+router.include_router(role.router)

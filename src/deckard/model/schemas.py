@@ -1,0 +1,314 @@
+"""The objects the admin API answers with, as pydantic models shared by the API and its client.
+
+Why one module for both sides: the routes declare these as response models (so the OpenAPI document and the
+JSON on the wire come from them) and ``client/api.py`` validates answers into the same classes, so the CLI,
+the tests and the benchmarks read ``desk.state`` instead of ``row["state"]`` and a renamed field breaks at
+type-check time on both sides at once.  Requests stay in the routes: they need the API's strict input types
+(``api/strict.py``).  pydantic does no I/O, so this sits in ``model`` with the other pure definitions.
+
+Fields an administrator may not see (``<object>.see.<field>`` ACLs) or did not ask for (``fields=``) are
+absent from an answer, so most fields are optional; a model validated from an answer remembers which fields
+came (``model_fields_set``) and ``dump`` gives back exactly those.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class Schema(BaseModel):
+    """The base of every answer."""
+
+    def dump(self) -> dict[str, Any]:
+        """The fields the answer carried, as JSON values (what ``--json`` prints)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class Page(Schema, Generic[T]):
+    """A list answer: one page of ``items`` and the number matching the request."""
+
+    items: list[T]
+    total: int = Field(description="Number of items matching the request (all of them until paging arrives).")
+
+
+class Health(Schema):
+    status: Literal["ok", "degraded"]
+    version: str
+    database: Literal["ok", "unreachable"]
+
+
+class LoginResult(Schema):
+    token: str = Field(description="Send as 'Authorization: Bearer <token>'.")
+    expires_at: dt.datetime
+
+
+class WhoAmI(Schema):
+    kind: str
+    id: int | None
+    name: str
+    tenant_id: int | None
+    acls: list[str]
+
+
+class Tenant(Schema):
+    id: int
+    name: str
+    blocked: bool
+    description: str
+    created_at: dt.datetime
+
+
+class Admin(Schema):
+    id: int
+    tenant_id: int
+    name: str
+    blocked: bool
+    created_at: dt.datetime
+    roles: list[str] | None = Field(default=None, description="Role names (needs `admin.see.roles`).")
+
+
+class Grant(Schema):
+    model_config = ConfigDict(extra="forbid")  # also a request field: a typo must not pass
+
+    acl: str = Field(min_length=1, max_length=128, description="An ACL name or a pattern (`desktop.*`, `*.see`).")
+    positive: bool = Field(default=True, description="False: a negative grant, which always wins.")
+
+
+class Role(Schema):
+    id: int
+    tenant_id: int
+    name: str
+    description: str
+    fixed: bool
+    created_at: dt.datetime
+    grants: list[Grant] = Field(default_factory=list)
+    inherits: list[int] = Field(default_factory=list)
+    acls: list[str] = Field(default_factory=list, description="The effective ACLs of the role.")
+
+
+class Acl(Schema):
+    name: str
+    object: str
+    gated_field: bool = Field(description="Whether it lets an administrator see a hidden field.")
+
+
+class User(Schema):
+    id: int
+    tenant_id: int | None = None
+    login: str | None = None
+    blocked: bool | None = None
+    description: str | None = None
+    created_at: dt.datetime | None = None
+
+
+class Osf(Schema):
+    id: int | None = None
+    tenant_id: int | None = None
+    name: str | None = None
+    memory_mib: int | None = None
+    cpus: float | None = None
+    keep_overlay: bool | None = Field(default=None, description="Keep the desktop's writable layer across starts.")
+    driver: str | None = Field(default=None, description="container, vm or fake.")
+    description: str | None = None
+    created_at: dt.datetime | None = None
+
+
+class Image(Schema):
+    """A disk image; ``path`` and ``digest`` need ``image.see.path`` / ``image.see.digest``."""
+
+    id: int | None = None
+    osf_id: int | None = None
+    osf: str | None = None
+    tenant_id: int | None = None
+    version: str | None = None
+    path: str | None = None
+    digest: str | None = None
+    size: int | None = None
+    state: str | None = Field(default=None, description="new, building, uploading, ready, published, retired, failed")
+    status_message: str | None = Field(default=None, description="Progress (`42% uploading`) or why it failed.")
+    blocked: bool | None = None
+    tags: list[str] | None = None
+    uploaded_bytes: int | None = Field(default=None, description="Bytes received so far: resume an upload here.")
+    expire_soft_s: int | None = None
+    expire_hard_s: int | None = None
+    published_at: dt.datetime | None = None
+    created_at: dt.datetime | None = None
+    expiring_desktops: list[int] | None = Field(
+        default=None, description="After publish: the running desktops given expiry deadlines."
+    )
+
+
+class Desktop(Schema):
+    id: int | None = None  # absent only when `fields=` leaves it out
+    tenant_id: int | None = None
+    name: str | None = None
+    user_id: int | None = None
+    user: str | None = None
+    osf_id: int | None = None
+    osf: str | None = None
+    tag: str | None = None
+    ip: str | None = None
+    mac: str | None = None
+    blocked: bool | None = None
+    description: str | None = None
+    state: str | None = Field(
+        default=None, description="Observed state: stopped, starting, running, stopping, zombie, failed."
+    )
+    state_at: dt.datetime | None = None
+    cmd: str | None = Field(default=None, description="Pending command (start/stop) not yet carried out by a node.")
+    node_id: int | None = None
+    node: str | None = None
+    user_state: str | None = None
+    image_id: int | None = None
+    failure_reason: str | None = None
+    started_at: dt.datetime | None = None
+    expire_soft_at: dt.datetime | None = Field(default=None, description="The user is told to save their work.")
+    expire_hard_at: dt.datetime | None = Field(default=None, description="The desktop is stopped.")
+    created_at: dt.datetime | None = None
+
+
+class Node(Schema):
+    id: int
+    name: str | None = None
+    address: str | None = None
+    broker_url: str | None = None
+    state: str | None = None
+    blocked: bool | None = None
+    cmd: str | None = None
+    pid: int | None = None
+    started_at: dt.datetime | None = None
+    heartbeat_at: dt.datetime | None = None
+    mem_total_mib: int | None = None
+    mem_free_mib: int | None = None
+    cpus: float | None = None
+    load: float | None = None
+    desktops_running: int | None = None
+    created_at: dt.datetime | None = None
+
+
+class Connection(Schema):
+    id: int
+    tenant_id: int | None = None
+    desktop_id: int | None = None
+    desktop: str | None = None
+    user_id: int | None = None
+    login: str | None = None
+    broker_node_id: int | None = None
+    source: str | None = None
+    protocol: str | None = None
+    started_at: dt.datetime | None = None
+    connected_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    result: str | None = None
+    reason: str | None = None
+    t_auth_ms: float | None = None
+    t_claim_ms: float | None = None
+    t_start_ms: float | None = None
+    t_agent_ms: float | None = None
+    t_display_ms: float | None = None
+    t_total_ms: float | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+
+
+class BulkResult(Schema):
+    ok: list[int]
+    failed: dict[str, dict[str, str]] = Field(description='Per failed id: `{"code", "message"}`.')
+
+
+class AuditRecord(Schema):
+    id: int | None = None
+    at: dt.datetime | None = None
+    admin_id: int | None = None
+    admin_name: str | None = None
+    tenant_id: int | None = None
+    action: str | None = Field(default=None, description="`<object>.<action>`, e.g. `desktop.start`.")
+    object_type: str | None = None
+    object_id: str | None = None
+    arguments: Any = Field(default=None, description="The request's JSON body, secrets masked as `***`.")
+    result: str | None = Field(default=None, description="`ok` or `failed`.")
+    status: int | None = None
+    error_code: str | None = None
+    source: str | None = None
+    hash: str | None = None
+
+
+class AuditVerification(Schema):
+    ok: bool
+    checked: int = Field(description="Records found intact before the first broken one (all of them when ok).")
+    first_broken_id: int | None
+    reason: str
+
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigEntry(Schema):
+    key: str
+    value: ConfigValue
+    default: ConfigValue
+    source: str = Field(description="Where the value comes from: `default`, `global` or `tenant`.")
+    type: str
+    per_tenant: bool
+    description: str
+
+
+class Stats(Schema):
+    at: dt.datetime
+    desktops: dict[str, Any] = Field(description="`total`, `by_state` {state: n}, `blocked`.")
+    users: dict[str, int] = Field(description="`total`, `blocked`, `connected` (desktops with a user connected).")
+    nodes: dict[str, Any] = Field(description="`total`, `by_state`, `blocked`.")
+    time_to_desktop_ms: dict[str, Any] = Field(
+        description="`last_24h` {count, p50, p90, p99} and `hourly` [{hour, count, p50, p90, p99}]."
+    )
+    busiest_nodes: list[dict[str, Any]]
+    near_expiry: list[dict[str, Any]] = Field(description="Desktops whose soft or hard expiry is within 24 h.")
+
+
+class NodeCandidate(Schema):
+    node_id: int
+    node: str
+    eligible: bool
+    score: float | None = Field(description="Placer score (highest wins); null when a filter excluded the node.")
+    excluded_by: str | None = Field(description="The filter that excluded the node, in words.")
+    state: str
+    blocked: bool
+    mem_free_mib: int | None = Field(description="Host figures: null for a tenant's administrator.")
+    committed_mib: int | None
+    desktops: int | None
+    load: float | None
+    cpus: float | None
+
+
+class Explanation(Schema):
+    desktop_id: int
+    desktop: str
+    state: str
+    node_id: int | None
+    memory_mib: int
+    placement_group: str | None
+    placement_policy: str | None
+    would_choose: str | None = Field(description="The node a start would pick now (null: none can take it).")
+    nodes: list[NodeCandidate]
+
+
+class Placement(Schema):
+    desktop_id: int
+    placement_group: str | None
+    placement_policy: str | None = Field(description="spread or pack; null outside a group.")
+
+
+class NodeMaintenance(Schema):
+    """What a maintenance action on a node did; the fields depend on the action."""
+
+    node_id: int
+    node: str
+    blocked: bool | None = None
+    cmd: str | None = Field(default=None, description="stop or restart: the command the node daemon carries out.")
+    notified_desktops: int | None = Field(default=None, description="drain: desktops whose users were told.")
+    stopping_desktops: list[int] | None = Field(default=None, description="evacuate: desktops being stopped.")
