@@ -11,7 +11,7 @@ APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmi
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 
-.PHONY: up down test lint unit integration e2e chaos bench deps clean-cache
+.PHONY: up down test test-unprivileged lint unit integration e2e chaos bench deps lock clean-cache
 
 up: deps
 	ln -sf $(CURDIR)/$(VENV)/bin/deckard /usr/local/bin/deckard
@@ -30,12 +30,21 @@ $(STAMPS)/apt: Makefile
 	fi
 	@touch $@
 
-$(STAMPS)/venv: pyproject.toml
+# requirements.lock pins every Python package make up and make test install (as pip constraints)
+$(STAMPS)/venv: pyproject.toml requirements.lock
 	@mkdir -p $(STAMPS)
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -c requirements.lock -e '.[dev]'
 	@touch $@
+
+# after changing dependencies in pyproject.toml: resolve them afresh and write the pins
+lock:
+	rm -rf .cache/lock-venv && $(PY) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/pip install -q -e '.[dev]'
+	(echo "# Exact versions for make up / make test (pip constraints). Regenerate with: make lock"; \
+	 .cache/lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e') > requirements.lock
+	rm -rf .cache/lock-venv
 
 # browser assets (noVNC, charts) come from npm at build time and are served by the API: no CDN at run time
 $(STAMPS)/web: web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/*)
@@ -52,6 +61,18 @@ lint: deps
 
 test: deps lint
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-unprivileged
+
+# the node daemon's tests must run, not skip, for a user without root: under root, as nobody, with the system's
+# Python 3.11 (the venv's interpreter may live under /root) and the venv's packages
+UNPRIVILEGED_TESTS := tests/integration/test_node_daemon.py
+test-unprivileged: deps
+	@if [ "$$(id -u)" = 0 ]; then \
+		site=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+		cd /tmp && runuser -u nobody -- env HOME=/tmp DECKARD_FORBID_SKIP=1 PYTHONPATH=$(CURDIR)/src:$$site \
+			/usr/bin/python3 -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml \
+			$(addprefix $(CURDIR)/,$(UNPRIVILEGED_TESTS)); \
+	else DECKARD_FORBID_SKIP=1 $(VENV)/bin/pytest -q $(UNPRIVILEGED_TESTS); fi
 
 unit: deps
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)

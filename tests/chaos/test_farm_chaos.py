@@ -211,9 +211,8 @@ def _sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-async def test_node_cut_off_from_the_database_self_fences_and_the_others_take_over(
-    farm: MultiNodeFarm, pg: PgCluster
-) -> None:
+@pytest.mark.usefixtures("pg")
+async def test_node_cut_off_from_the_database_self_fences_and_the_others_take_over(farm: MultiNodeFarm) -> None:
     tag = uuid.uuid4().hex[:6]
     ns, host_if, ns_if = f"dkc{tag}", f"dkh{tag}", f"dkn{tag}"
     octet = int(tag[:2], 16) % 200 + 20

@@ -57,7 +57,7 @@ def image_path() -> Path:
     from deckard.images.builder import build_image
 
     t0 = time.monotonic()
-    path = asyncio.run(build_image(CACHE_DIR, cache_dir=CACHE_DIR, progress=lambda text, frac: None))
+    path = asyncio.run(build_image(CACHE_DIR, cache_dir=CACHE_DIR, progress=lambda _text, _frac: None))
     print(f"\nimage {path.name} ready in {time.monotonic() - t0:.1f} s")
     # images of older agent versions are dead weight in the test cache (150 MB each)
     for old in CACHE_DIR.glob("deckard-desktop-*.tar.zst"):
@@ -90,7 +90,7 @@ async def bridge() -> AsyncIterator[tuple[str, str]]:
 
 
 @pytest.fixture
-async def driver(farm: FarmPaths, image_path: Path) -> AsyncIterator[ContainerDriver]:
+async def driver(farm: FarmPaths, image_path: Path) -> AsyncIterator[ContainerDriver]:  # noqa: ARG001 (built first)
     drv = ContainerDriver(farm)
     try:
         yield drv

@@ -358,8 +358,8 @@ def test_a_late_close_of_the_old_connection_does_not_break_a_new_one(portal: Por
         server = ws.connect_to_server()
         if not held:  # the first connection: its close reaches the broker, never the page
             held.append(ws)
-            ws.on_close(lambda code, reason: server.close())
-            server.on_close(lambda code, reason: None)
+            ws.on_close(lambda _code, _reason: server.close())
+            server.on_close(lambda _code, _reason: None)
 
     page.route_web_socket(lambda url: "/ws/connect" in url, route)
     errors: list[str] = []

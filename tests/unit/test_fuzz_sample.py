@@ -64,7 +64,7 @@ def test_the_harness_reports_a_crash_it_is_not_blind() -> None:
     tally = fuzz.Tally()
     original = fuzz.TARGETS["ws-raw"]
 
-    def broken(data: bytes) -> None:
+    def broken(_data: bytes) -> None:
         raise KeyError("bug")
 
     fuzz.TARGETS["ws-raw"] = broken

@@ -136,7 +136,7 @@ def test_poweroff_answers_then_the_agent_exits(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_vnc_connected_reads_established_connections(tmp_path: Path) -> None:
+def test_vnc_connected_reads_established_connections() -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()

@@ -14,15 +14,8 @@ capped (close ``1009``); a binary message of any size is fine, it never sits in 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
-apply_mask: Callable[[bytes, bytes], bytes] | None
-try:  # the C unmasker of the ``websockets`` package, when installed
-    from websockets.speedups import apply_mask as _c_apply_mask
-
-    apply_mask = _c_apply_mask
-except ImportError:  # pragma: no cover - depends on the environment
-    apply_mask = None
+from websockets.speedups import apply_mask  # C; a declared dependency for this one function
 
 MAX_MESSAGE = 256 * 1024  # default cap of a text message (BrokerSettings.max_ws_message)
 MAX_CONTROL = 125  # RFC 6455 §5.5
@@ -32,14 +25,8 @@ CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_TOO_BIG, CLOSE_ERROR = 1000, 1002, 1009, 101
 
 
 def unmask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``key`` in bulk (C when available, one big-int XOR otherwise)."""
-    n = len(data)
-    if n == 0:
-        return b""
-    if apply_mask is not None:
-        return apply_mask(bytes(data), key)
-    mask = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(mask, "little")).to_bytes(n, "little")
+    """XOR ``data`` with the 4-byte ``key`` (RFC 6455 §5.3), in C."""
+    return apply_mask(bytes(data), key) if data else b""
 
 
 def frame_header(opcode: int, length: int) -> bytes:
