@@ -63,6 +63,24 @@ def test_config_values_are_checked_against_the_key_type() -> None:
         assert parse_value(key, key.default) == key.default and key.description
 
 
+@pytest.mark.parametrize(
+    ("key", "good", "bad"),
+    [
+        ("placement.placer", ["qvd", "fewest", "binpack"], ["random", "QVD", "qvd;", ""]),
+        ("placement.reserve", ["largest", "none", "0.25", "1", "0"], ["most", "1.5", "-0.1", "0.25 "]),
+        ("users.home_on_delete", ["archive", "delete"], ["keep", "../x"]),
+    ],
+)
+def test_text_config_keys_take_only_their_forms(key: str, good: list[str], bad: list[str]) -> None:
+    """``deckard config set placement.placer …`` is accepted for what the farm reads, refused for the rest."""
+    for value in good:
+        assert parse_value(config_key(key), value) == value
+    for value in bad:
+        with pytest.raises(BadInput) as e:
+            parse_value(config_key(key), value)
+        assert e.value.code == "bad_config_value" and key in e.value.message
+
+
 def test_secrets_are_masked_at_any_depth() -> None:
     masked = mask_secrets({"name": "bob", "password": "pw", "nested": [{"api_token": "t", "x": 1}]})
     assert masked == {"name": "bob", "password": "***", "nested": [{"api_token": "***", "x": 1}]}

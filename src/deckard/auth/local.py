@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -15,11 +17,16 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+@cache
+def _decoy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
+
+
 def verify_password(password_hash: str | None, password: str) -> bool:
-    if not password_hash:
-        return False
+    """True when ``password`` matches.  No hash (an unknown name, an account without a password) costs the same
+    argon2 run against a decoy, so the time a login takes does not tell which names exist."""
     try:
-        return _hasher.verify(password_hash, password)
+        return _hasher.verify(password_hash or _decoy_hash(), password) and bool(password_hash)
     except (VerificationError, InvalidHashError):
         return False
 

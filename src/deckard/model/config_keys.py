@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deckard.model.errors import BadInput
+from deckard.model.errors import BadInput, pick
 from deckard.model.ids import parse_int
+from deckard.model.placement import PLACERS
 
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
@@ -27,7 +28,8 @@ class ConfigKey:
     description: str
     per_tenant: bool = False
     minimum: float | None = None
-    maximum: float | None = None  # numeric keys have both bounds (tests/unit/test_config_keys.py checks it)
+    maximum: float | None = None  # numeric keys have both bounds (tests/unit/test_model.py checks it)
+    pattern: str | None = None  # text keys: the whole value must match (the description names the forms)
 
 
 KEYS: dict[str, ConfigKey] = {
@@ -81,6 +83,7 @@ KEYS: dict[str, ConfigKey] = {
             "archive",
             "What deleting a user does with their home: `archive` (moved to storage/homes-archive) or `delete`.",
             per_tenant=True,
+            pattern="archive|delete",
         ),
         ConfigKey(
             "image.expire.soft_s",
@@ -110,6 +113,22 @@ KEYS: dict[str, ConfigKey] = {
             maximum=3600,
         ),
         ConfigKey(
+            "placement.placer",
+            str,
+            "qvd",
+            "How a node is chosen for a desktop: `qvd` (QVD's weighted score), `fewest` (fewest desktops) or "
+            "`binpack` (fill a node before the next).",
+            pattern="|".join(PLACERS),
+        ),
+        ConfigKey(
+            "placement.reserve",
+            str,
+            "largest",
+            "Memory kept free for the desktops of a failed node: `largest` (the largest node's share), `none`, or a "
+            "fraction of one node's memory such as `0.25`.",
+            pattern=r"largest|none|0(\.[0-9]+)?|1(\.0+)?",
+        ),
+        ConfigKey(
             "ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1, maximum=1000
         ),
     )
@@ -117,12 +136,7 @@ KEYS: dict[str, ConfigKey] = {
 
 
 def config_key(name: str) -> ConfigKey:
-    try:
-        return KEYS[name]
-    except KeyError:
-        raise BadInput(
-            f"unknown config key {name!r}; known keys: {', '.join(sorted(KEYS))}", code="unknown_config_key"
-        ) from None
+    return pick(KEYS, name, "config key", "unknown_config_key")
 
 
 def _number(key: ConfigKey, raw: Any) -> int | float:
@@ -156,7 +170,7 @@ def parse_value(key: ConfigKey, raw: Any) -> Any:
                 raise ValueError(raw)
         elif key.type in (int, float):
             value = _number(key, raw)
-        elif not isinstance(raw, str):
+        elif not isinstance(raw, str) or (key.pattern and not re.fullmatch(key.pattern, raw)):
             raise ValueError(raw)
     except (TypeError, ValueError, BadInput):
         raise BadInput(
@@ -174,6 +188,8 @@ def parse_value(key: ConfigKey, raw: Any) -> Any:
 
 
 def _range_text(key: ConfigKey) -> str:
+    if key.pattern is not None:
+        return f" ({key.description})"
     if key.minimum is not None and key.maximum is not None:
         return f" between {key.minimum:g} and {key.maximum:g}"
     if key.minimum is not None:
@@ -184,5 +200,5 @@ def _range_text(key: ConfigKey) -> str:
 
 
 def _range_details(key: ConfigKey) -> dict[str, Any]:
-    bounds = {"minimum": key.minimum, "maximum": key.maximum}
+    bounds = {"minimum": key.minimum, "maximum": key.maximum, "pattern": key.pattern}
     return {"key": key.name, **{k: v for k, v in bounds.items() if v is not None}}

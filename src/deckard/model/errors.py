@@ -18,7 +18,10 @@ that says what was wrong and what to do about it.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class DeckardError(Exception):
@@ -94,3 +97,11 @@ _BY_STATUS: dict[int, type[DeckardError]] = {
 def error_class_for_status(status: int) -> type[DeckardError]:
     """The error a client raises for an HTTP status from the API or the broker (the inverse of ``.status``)."""
     return _BY_STATUS.get(status, DeckardError)
+
+
+def pick(table: Mapping[str, T], name: str, what: str, code: str) -> T:
+    """``table[name]``, or BadInput with ``code`` naming every choice (for names an administrator types)."""
+    try:
+        return table[name]
+    except KeyError:
+        raise BadInput(f"unknown {what} {name!r}; choose one of: {', '.join(sorted(table))}", code=code) from None
