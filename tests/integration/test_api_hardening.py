@@ -225,31 +225,31 @@ async def test_beyond_max_connections_requests_get_503(tmp_path: Path) -> None:
 BAD_IDS = ["99999999999999999999999", "2147483648", "%EF%BC%91", "%C2%B2"]  # 2**31 (ids are INTEGER), full-width 1, ²
 
 
-@pytest.mark.parametrize("bad", BAD_IDS)
-@pytest.mark.parametrize(
-    "path,field",
-    [
-        ("/api/v1/users/{}", "user"),
-        ("/api/v1/desktops/{}", "desktop"),
-        ("/api/v1/osfs/{}", "osf"),
-        ("/api/v1/images/{}", "image_id"),
-        ("/api/v1/desktops?id={}", "id"),
-        ("/api/v1/users?id__in=1,{}", "id"),
-        ("/api/v1/desktops?user={}", "user"),
-        ("/api/v1/config?tenant={}", "tenant"),
-    ],
-)
-async def test_ids_are_ascii_digits_within_int64_or_422_naming_the_field(
-    db: Database, tmp_path: Path, path: str, field: str, bad: str
-) -> None:
-    """Before: a 500 (``OverflowError … SQLite INTEGER``) that dropped keep-alive, and a full-width 1 taken as id 1."""
+ID_PATHS = [
+    ("/api/v1/users/{}", "user"),
+    ("/api/v1/desktops/{}", "desktop"),
+    ("/api/v1/osfs/{}", "osf"),
+    ("/api/v1/images/{}", "image_id"),
+    ("/api/v1/desktops?id={}", "id"),
+    ("/api/v1/users?id__in=1,{}", "id"),
+    ("/api/v1/desktops?user={}", "user"),
+    ("/api/v1/config?tenant={}", "tenant"),
+]
+
+
+async def test_ids_are_ascii_digits_within_int64_or_422_naming_the_field(db: Database, tmp_path: Path) -> None:
+    """Before: a 500 (``OverflowError … SQLite INTEGER``) that dropped keep-alive, and a full-width 1 taken as id 1.
+    Every bad id on every path, on one connection: each must leave it usable for the next."""
     async with serve(db, tmp_path) as api, api.http() as http:
-        r = await http.get(path.format(bad))
-        assert r.status_code == 422, r.text
-        error = r.json()["error"]
-        assert error["code"] in ("bad_input", "bad_filter")
-        assert field in error["message"]
-        assert (await http.get("/api/v1/health")).status_code == 200  # the connection is still good
+        for path, field in ID_PATHS:
+            for bad in BAD_IDS:
+                r = await http.get(path.format(bad))
+                where = f"{path.format(bad)}: {r.status_code} {r.text}"
+                assert r.status_code == 422, where
+                error = r.json()["error"]
+                assert error["code"] in ("bad_input", "bad_filter"), where
+                assert field in error["message"], where
+                assert (await http.get("/api/v1/health")).status_code == 200, f"{where}: the connection broke"
 
 
 async def test_the_largest_id_is_just_not_found_on_both_databases(db: Database, tmp_path: Path) -> None:
@@ -262,42 +262,34 @@ async def test_the_largest_id_is_just_not_found_on_both_databases(db: Database, 
         assert r.status_code == 200 and r.json()["total"] == 0
 
 
-@pytest.mark.parametrize(
-    "method,path,body,field",
-    [
-        ("POST", "/api/v1/users", {"login": "eve", "password": "secret1", "admin": True}, "admin"),
-        ("PATCH", "/api/v1/users/1", {"blocked": True, "role": "root"}, "role"),
-        ("POST", "/api/v1/desktops", {"name": "d", "user": "1", "node": "n1"}, "node"),
-        ("POST", "/api/v1/tenants", {"name": "t", "quota": 5}, "quota"),
-        ("POST", "/api/v1/desktops/bulk/stop", {"ids": [1], "everything": True}, "everything"),
-        ("PUT", "/api/v1/config/ui.page_size", {"value": 20, "scope": "all"}, "scope"),
-        ("POST", "/portal/login", {"login": "a", "password": "b", "remember": True}, "remember"),
-    ],
-)
-async def test_unknown_fields_in_a_body_are_refused_by_name(
-    db: Database, tmp_path: Path, method: str, path: str, body: dict[str, Any], field: str
-) -> None:
-    async with serve(db, tmp_path) as api, api.http() as http:
-        r = await http.request(method, path, json=body)
-        assert r.status_code == 422, r.text
-        assert r.json()["error"]["code"] == "bad_input" and f"body.{field}" in r.json()["error"]["message"]
+UNKNOWN_FIELDS = [
+    ("POST", "/api/v1/users", {"login": "eve", "password": "secret1", "admin": True}, "admin"),
+    ("PATCH", "/api/v1/users/1", {"blocked": True, "role": "root"}, "role"),
+    ("POST", "/api/v1/desktops", {"name": "d", "user": "1", "node": "n1"}, "node"),
+    ("POST", "/api/v1/tenants", {"name": "t", "quota": 5}, "quota"),
+    ("POST", "/api/v1/desktops/bulk/stop", {"ids": [1], "everything": True}, "everything"),
+    ("PUT", "/api/v1/config/ui.page_size", {"value": 20, "scope": "all"}, "scope"),
+    ("POST", "/portal/login", {"login": "a", "password": "b", "remember": True}, "remember"),
+]
+OUT_OF_RANGE = [
+    ("/api/v1/desktops/bulk/stop", {"ids": [10**30]}, "body.ids.0"),
+    ("/api/v1/desktops", {"name": "d", "user": "99999999999999999999999"}, "body.user"),
+    ("/api/v1/osfs", {"name": "o", "memory_mib": 10**30}, "body.memory_mib"),
+]
 
 
-@pytest.mark.parametrize(
-    "path,body,field",
-    [
-        ("/api/v1/desktops/bulk/stop", {"ids": [10**30]}, "body.ids.0"),
-        ("/api/v1/desktops", {"name": "d", "user": "99999999999999999999999"}, "body.user"),
-        ("/api/v1/osfs", {"name": "o", "memory_mib": 10**30}, "body.memory_mib"),
-    ],
-)
-async def test_out_of_range_numbers_in_a_body_are_422_naming_the_field(
-    db: Database, tmp_path: Path, path: str, body: dict[str, Any], field: str
+async def test_unknown_fields_and_out_of_range_numbers_in_a_body_are_422_naming_the_field(
+    db: Database, tmp_path: Path
 ) -> None:
     async with serve(db, tmp_path) as api, api.http() as http:
-        r = await http.post(path, json=body)
-        assert r.status_code == 422, r.text
-        assert field in r.json()["error"]["message"]
+        for method, path, body, field in UNKNOWN_FIELDS:
+            r = await http.request(method, path, json=body)
+            assert r.status_code == 422, f"{method} {path}: {r.text}"
+            error = r.json()["error"]
+            assert error["code"] == "bad_input" and f"body.{field}" in error["message"], f"{method} {path}: {r.text}"
+        for path, body, name in OUT_OF_RANGE:
+            r = await http.post(path, json=body)
+            assert r.status_code == 422 and name in r.json()["error"]["message"], f"{path}: {r.text}"
 
 
 async def test_a_bad_filter_value_names_the_filter_not_a_bind_parameter(db: Database, tmp_path: Path) -> None:
@@ -311,16 +303,14 @@ async def test_a_bad_filter_value_names_the_filter_not_a_bind_parameter(db: Data
             assert field in message and not re.search(r"param_\d|%\(|:\w+_\d", message), message
 
 
-@pytest.mark.parametrize("value", [1001, 0, "\uff11\uff10", 1e300, "50.5"])
-async def test_numeric_config_keys_are_bounded_and_the_error_names_the_range(
-    db: Database, tmp_path: Path, value: Any
-) -> None:
+async def test_numeric_config_keys_are_bounded_and_the_error_names_the_range(db: Database, tmp_path: Path) -> None:
     async with serve(db, tmp_path) as api, api.http() as http:
-        r = await http.put("/api/v1/config/ui.page_size", json={"value": value})
-        assert r.status_code == 422, r.text
-        error = r.json()["error"]
-        assert error["code"] == "bad_config_value"
-        assert "ui.page_size" in error["message"] and "between 1 and 1000" in error["message"]
+        for value in (1001, 0, "\uff11\uff10", 1e300, "50.5"):
+            r = await http.put("/api/v1/config/ui.page_size", json={"value": value})
+            assert r.status_code == 422, f"{value!r}: {r.text}"
+            error = r.json()["error"]
+            assert error["code"] == "bad_config_value", f"{value!r}: {r.text}"
+            assert "ui.page_size" in error["message"] and "between 1 and 1000" in error["message"], error
         assert (await http.put("/api/v1/config/ui.page_size", json={"value": 1000})).status_code == 200
 
 

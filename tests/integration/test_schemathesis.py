@@ -35,8 +35,8 @@ from deckard.runtime.tls import ensure_tls  # noqa: E402
 from deckard.services.admins import create_api_token  # noqa: E402
 from deckard.services.tenancy import bootstrap_farm  # noqa: E402
 
-MAX_EXAMPLES = 8
-BUDGET_S = 80.0
+MAX_EXAMPLES = 5  # per operation: every operation gets its examples; bench/fuzz.py goes deep
+BUDGET_S = 60.0
 SKIPPED = {
     ("GET", "/api/v1/events"),
     ("POST", "/api/v1/images"),
@@ -107,7 +107,7 @@ def server(tmp_path: Path) -> Iterator[_Server]:
 
 def test_generated_requests_get_no_5xx_and_conform_to_the_schema(server: _Server) -> None:
     headers = {"Authorization": f"Bearer {server.token}"}
-    doc = httpx.get(server.url + "/api/v1/openapi.json", verify=str(server.ca), trust_env=False).json()
+    doc = httpx.get(server.url + "/api/v1/openapi.json", verify=str(server.ca), trust_env=False, timeout=30).json()
     schema = schemathesis.openapi.from_dict(doc)
     started = time.monotonic()
     failures: list[str] = []
