@@ -60,7 +60,7 @@ lint: deps
 	$(VENV)/bin/lint-imports
 
 test: deps lint
-	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra $(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-unprivileged
 
 # the node daemon's tests must run, not skip, for a user without root: under root, as nobody, with the system's

@@ -12,6 +12,7 @@ import pwd
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,12 +53,36 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+class ReadyDatabases:
+    """Copies of a migrated template, each made while the test before runs (a thread keeps one ready), so a test
+    never waits for CREATE DATABASE (~0.3 s on this machine, ~1.2 s when it had to migrate as well)."""
+
+    def __init__(self, cluster: PgCluster) -> None:
+        self.cluster = cluster
+        self.template = "t_template"
+        migrate(cluster.create_database(self.template))
+        self._maker = ThreadPoolExecutor(1, thread_name_prefix="test-databases")
+        self._next = self._maker.submit(self._make)
+
+    def _make(self) -> str:
+        return self.cluster.create_database("t_" + uuid.uuid4().hex[:12], template=self.template)
+
+    def take(self) -> str:
+        url = self._next.result()
+        self._next = self._maker.submit(self._make)
+        return url
+
+    def close(self) -> None:
+        self._maker.shutdown(wait=True)
+
+
 @pytest.fixture(scope="session")
-def pg_template(pg_cluster: PgCluster) -> str:
-    """A PostgreSQL database migrated once per session, the template of every test's database."""
-    name = "t_template"
-    migrate(pg_cluster.create_database(name))
-    return name
+def pg_databases(pg_cluster: PgCluster) -> Iterator[ReadyDatabases]:
+    ready = ReadyDatabases(pg_cluster)
+    try:
+        yield ready
+    finally:
+        ready.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -67,8 +92,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         path = tmp_path / "deckard.db"
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         return f"sqlite+aiosqlite:///{path}"
-    cluster: PgCluster = request.getfixturevalue("pg_cluster")
-    return cluster.create_database("t_" + uuid.uuid4().hex[:12], template=request.getfixturevalue("pg_template"))
+    ready: ReadyDatabases = request.getfixturevalue("pg_databases")
+    return ready.take()
 
 
 @pytest.hookimpl(hookwrapper=True)
