@@ -116,7 +116,10 @@ async def _move_one(
 
 
 def _at_rest(to: DesktopState, values: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The columns a transition writes: a desktop coming to rest leaves its node and its user's session."""
+    """The columns a transition writes: a desktop coming to rest leaves its node and its user's session; one
+    becoming a zombie drops a pending stop (it is being killed: the stop can no longer be claimed, nor is needed)."""
+    if to == DesktopState.ZOMBIE:
+        return {"cmd": None, "cmd_at": None, **(values or {})}
     if to not in DESKTOP_AT_REST:
         return dict(values or {})
     now = utcnow()
