@@ -59,7 +59,7 @@ def _dump(signum, frame):
     tracemalloc.take_snapshot().dump(os.environ["DECKARD_SOAK_SNAPSHOT"] + f".{os.getpid()}")
 with open("/proc/self/cmdline", "rb") as f:
     args = f.read().split(b"\\0")
-serving = b"--foreground" in args or b"_serve" in args  # the farm process only, not every CLI call
+serving = b"--foreground" in args  # the farm process only (`up --foreground`), not every CLI call
 if serving and os.environ.get("DECKARD_SOAK_SNAPSHOT"):
     tracemalloc.start(25)
     signal.signal(signal.SIGUSR2, _dump)
