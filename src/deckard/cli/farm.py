@@ -223,9 +223,7 @@ async def _serve(
             net = settings.network
             if settings.node.driver != "fake":  # fake desktops need no bridge (and no root)
                 await ensure_bridge(net.bridge, f"{gateway_of(net.range)}/{prefix_len(net.range)}")
-            driver = load_driver(settings.node.driver, paths)
-            if settings.node.fake_start_delay and hasattr(driver, "start_delay"):
-                driver.start_delay = settings.node.fake_start_delay
+            driver = load_driver(settings.node.driver, paths, fake_start_delay=settings.node.fake_start_delay)
             node = NodeDaemon(
                 db,
                 settings,

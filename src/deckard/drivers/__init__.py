@@ -13,8 +13,9 @@ from deckard.runtime.paths import FarmPaths
 DRIVER_NAMES = ("container", "fake")
 
 
-def load_driver(name: str, paths: FarmPaths) -> Driver:
-    """Return the driver called ``name`` for this farm; BadInput for an unknown name."""
+def load_driver(name: str, paths: FarmPaths, *, fake_start_delay: float = 0.0) -> Driver:
+    """Return the driver called ``name`` for this farm; BadInput for an unknown name.  ``fake_start_delay`` is the
+    fake driver's simulated boot time (``deckard up --fake-start-delay``); other drivers boot for real."""
     if name == "container":
         from deckard.drivers.container import ContainerDriver
 
@@ -22,5 +23,5 @@ def load_driver(name: str, paths: FarmPaths) -> Driver:
     if name == "fake":
         from deckard.drivers.fake import FakeDriver
 
-        return FakeDriver(paths)
+        return FakeDriver(paths, start_delay=fake_start_delay)
     raise BadInput(f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", code="unknown_driver")

@@ -25,7 +25,6 @@ from deckard.services.tenant_lookup import find_tenant
 GLOBAL = 0  # the global layer's tenant_id
 # limits a tenant lives under, not choices it makes: only supertenant administrators set them, on any layer
 FARM_OWNER_KEYS = frozenset({"image.max_upload_mib"})
-CHOICES = {"users.home_on_delete": ("archive", "delete")}
 
 
 async def _rows(conn: AsyncConnection, tenant_id: int | None, keys: list[str]) -> dict[tuple[int, str], Any]:
@@ -104,8 +103,6 @@ async def set_config(
     require(actor, "config.update")
     k = config_key(key)
     parsed = parse_value(k, value)
-    if k.name in CHOICES and parsed not in CHOICES[k.name]:
-        raise BadInput(f"{k.name} is one of {', '.join(CHOICES[k.name])}, not {parsed!r}", code="bad_config_value")
     async with db.begin() as conn:
         layer = _layer_for(actor, k, await _target_tenant(conn, actor, tenant))
         await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == layer, t.config.c.key == key))

@@ -23,6 +23,7 @@ from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput, NotFound, Unavailable
 from deckard.model.placement import POLICIES, SPREAD, Candidate, NodeLoad, Request, Reserve, rank_nodes
 from deckard.model.states import DesktopState, NodeState
+from deckard.services.config import read_config
 from deckard.services.context import Actor, require
 
 LOST_AFTER_S = 10.0
@@ -90,8 +91,8 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
 async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
     loads = await node_loads(conn, group=req.group)
     released = any(n.state == NodeState.LOST for n in loads)
-    reserve = parse_reserve(await config_value(conn, "placement.reserve", "largest"), released=released)
-    placer = await config_value(conn, "placement.placer", "qvd")
+    reserve = parse_reserve(await read_config(conn, "placement.reserve", None), released=released)
+    placer = await read_config(conn, "placement.placer", None)
     return rank_nodes(loads, req, reserve=reserve, placer=placer)
 
 
