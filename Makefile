@@ -7,7 +7,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
-APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmisc python3-venv chromium
+APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmisc python3-venv chromium \
+	slapd ldap-utils
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 
@@ -26,6 +27,7 @@ $(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 		echo "installing system packages: $(APT_PACKAGES)"; \
+		echo "slapd slapd/no_configuration boolean true" | debconf-set-selections; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
 	fi
 	@touch $@
@@ -53,13 +55,19 @@ $(STAMPS)/web: web/package.json web/package-lock.json web/build.mjs $(wildcard w
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	@touch $@
 
+# the OpenID provider the identity tests log in with (npm oidc-provider, run by tests/oidc_provider.py)
+$(STAMPS)/test-oidc: tests/oidc/package.json tests/oidc/package-lock.json
+	@mkdir -p $(STAMPS)
+	cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: deps lint
+test: deps lint $(STAMPS)/test-oidc
 	$(VENV)/bin/pytest -ra $(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-unprivileged
 

@@ -247,3 +247,43 @@ def test_phone_width_collapses_the_menu(browser: Any, api: Api) -> None:
         shot(page, "phone")
     finally:
         ctx.close()
+
+
+def test_admin_clears_a_login_ban_and_resets_a_users_second_factor_and_token(page: Any, api: Api) -> None:
+    """The Login bans page clears a locked account; a user's page shows the second factor and personal tokens
+    (made through the portal) and resets and revokes them, each after a confirm dialog."""
+    import pyotp
+
+    lockout = {"auth.lockout.account_failures": 2, "auth.failure_floor_ms": 0}
+    with api.http(api.token()) as admin, httpx.Client(base_url=api.url, verify=api.verify, trust_env=False) as web:
+        for key, value in lockout.items():
+            assert admin.put(f"/config/{key}", json={"value": value}).status_code == 200
+        try:
+            user = admin.post("/users", json={"login": "dora", "password": "Dora-secret-42"}).json()
+            r = web.post("/portal/login", json={"login": "dora", "password": "Dora-secret-42"})
+            me = {"Authorization": f"Bearer {r.json()['token']}"}
+            secret = web.post("/portal/me/second-factor/enrol", headers=me).json()["secret"]
+            assert web.post("/portal/me/second-factor/confirm", json={"code": pyotp.TOTP(secret).now()}, headers=me)
+            assert web.post("/portal/me/tokens", json={"name": "laptop", "days": 7}, headers=me).status_code == 201
+            for _ in range(2):
+                assert web.post("/portal/login", json={"login": "dora", "password": "wrong"}).status_code >= 400
+        finally:
+            for key in lockout:
+                admin.delete(f"/config/{key}")
+    page.on("dialog", lambda dialog: dialog.accept())
+    login(page, api)
+    page.locator("#menu a", has_text="Login bans").click()
+    page.locator("table.list tr", has_text="account:default/dora").get_by_role("button", name="Clear").click()
+    page.wait_for_function("() => !document.querySelector('main').textContent.includes('account:default/dora')")
+
+    goto(page, api.url + f"/admin#/users/{user['id']}")
+    factor = "document.querySelector('[data-field=second_factor]')?.textContent"
+    page.wait_for_function(f"() => {factor} === 'enrolled'")
+    page.get_by_role("button", name="Reset second factor").click()
+    page.wait_for_function(f"() => {factor} === 'not enrolled'")
+    page.locator("table[aria-label='Personal tokens']").get_by_role("button", name="Revoke").click()
+    revoked = "document.querySelector(\"table[aria-label='Personal tokens'] td[data-col=revoked]\")?.textContent"
+    page.wait_for_function(f"() => {revoked} === 'yes'")
+    with api.http(api.token()) as admin:
+        assert admin.get(f"/users/{user['id']}/second-factor").json()["enrolled"] is False
+        assert [t["revoked"] for t in admin.get(f"/users/{user['id']}/tokens").json()["items"]] == [True]

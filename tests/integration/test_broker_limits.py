@@ -42,8 +42,7 @@ from deckard.broker.frames import CLOSE_TOO_BIG, FrameError, FrameReader, unmask
 from deckard.broker.websocket import ViewOnlyFilter
 from deckard.runtime.settings import BrokerSettings, Settings
 from deckard.runtime.tls import client_context
-from deckard.services import tickets
-from deckard.services.users import authenticate_user
+from deckard.services import identity, tickets
 
 
 async def open_tls(farm: Farm, source: str = "127.0.0.1") -> RawClient:
@@ -409,7 +408,7 @@ async def test_ticket_issue_is_limited_per_user_with_a_stable_code(farm: Farm, t
 
 
 async def test_ticket_issue_rate_counts_used_tickets_too(farm: Farm) -> None:
-    user = await authenticate_user(farm.db, "alice", "pw-alice")
+    user = (await identity.login_password(farm.db, "alice", "pw-alice")).user
     limits = tickets.TicketLimits(per_minute=3, live=100)
     issued = [
         (await tickets.issue_connect_ticket(farm.db, user, farm.alice_desk["id"], limits=limits))[0] for _ in range(3)

@@ -16,11 +16,13 @@ import contextlib
 import json
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyotp
 import pytest
 import sqlalchemy as sa
 
@@ -34,6 +36,7 @@ from deckard.model.entities import uid_for_user
 from deckard.model.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from deckard.runtime.settings import BrokerSettings
 from deckard.runtime.tls import client_context, ensure_tls, server_context
+from deckard.services import identity, personal_tokens, second_factor
 from deckard.services.context import SYSTEM
 from deckard.services.desktops import create_desktop, set_blocked
 from deckard.services.images import register_image
@@ -121,8 +124,12 @@ async def farm(db: Database) -> AsyncIterator[Farm]:
 # ---------------------------------------------------------------- a raw client, byte for byte like QVD's
 
 
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
 def basic(login: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+    return "Basic " + b64(f"{login}:{password}")
 
 
 class RawClient:
@@ -289,6 +296,36 @@ async def test_wrong_password_is_401_with_the_basic_challenge(farm: Farm) -> Non
     assert headers["www-authenticate"] == 'Basic realm="QVD"'
     status, headers, _, _ = await c.request(f"/qvd/connect_to_vm?id={farm.alice_desk['id']}", UPGRADE)
     assert status == 401 and headers["www-authenticate"] == 'Basic realm="QVD"'
+    await c.close()
+
+
+async def test_qvd_clients_log_in_with_a_personal_token_and_a_totp_header(farm: Farm) -> None:
+    """``--token`` sends ``Bearer base64(token)``; a second factor goes in ``Auth-<hex("totp")>``, and the connect
+    that follows the list on one connection does not spend the code again."""
+    user = (await identity.login_password(farm.db, "alice", "pw-alice")).user
+    token, _row = await personal_tokens.create_token(farm.db, user, "qvd client")
+    c = await RawClient.open(farm)
+    status, _, body, _ = await c.request("/qvd/list_of_vm?", {"Authorization": "Bearer " + b64(token)})
+    assert status == 200 and [d["name"] for d in json.loads(body)] == ["alice-desk"]
+    status, headers, _, _ = await c.request("/qvd/list_of_vm?", {"Authorization": "Bearer " + b64("dku_forged")})
+    assert (status, headers["x-deckard-error"]) == (401, "bad_token")
+    await c.close()
+
+    enrol = await second_factor.start_enrolment(farm.db, "user", user.id, "alice@default", "Deckard")
+    totp = pyotp.TOTP(enrol["secret"])
+    await second_factor.confirm_enrolment(farm.db, "user", user.id, totp.at(time.time() - 30))
+    c = await RawClient.open(farm)
+    status, headers, body, _ = await c.request("/qvd/list_of_vm?", ALICE)
+    assert (status, headers["x-deckard-error"]) == (401, "totp_required") and b"6-digit code" in body
+    with_code = {**ALICE, "Auth-" + b"totp".hex(): b64(totp.now())}
+    status, _, _, _ = await c.request("/qvd/list_of_vm?", with_code)
+    assert status == 200
+    status, _, _, _ = await c.request(f"/qvd/connect_to_vm?id={farm.alice_desk['id']}", {**with_code, **UPGRADE})
+    assert status == 101, "the connect reuses the list's login: the code is not refused as a replay"
+    await c.close()
+    c = await RawClient.open(farm)
+    status, headers, _, _ = await c.request("/qvd/list_of_vm?", with_code)
+    assert (status, headers["x-deckard-error"]) == (401, "second_factor_replayed")
     await c.close()
 
 

@@ -34,9 +34,8 @@ from deckard.broker.websocket import ViewOnlyFilter
 from deckard.model.errors import Unauthenticated
 from deckard.runtime.settings import Settings
 from deckard.runtime.tls import client_context
-from deckard.services import tickets
+from deckard.services import identity, tickets
 from deckard.services.admins import login_admin
-from deckard.services.users import authenticate_user
 
 RFB_BANNER = b"RFB 003.008\n"
 
@@ -111,7 +110,7 @@ class WsClient:
 
 
 async def connect_ticket(farm: Farm, login: str = "alice", password: str = "pw-alice") -> str:
-    user = await authenticate_user(farm.db, login, password)
+    user = (await identity.login_password(farm.db, login, password)).user
     ticket, _exp = await tickets.issue_connect_ticket(farm.db, user, farm.alice_desk["id"])
     return ticket
 

@@ -142,6 +142,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         "osfs": osf.id,
         "images": image_id,
         "properties": {"user": user.id, "desktop": desk.id, "osf": osf.id, "image": image_id},
+        "auth": (await call(b.create_own_token, "beta-script", 7)).id,
     }
     return farm.http(a.token), b_objects
 

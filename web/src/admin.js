@@ -9,6 +9,7 @@ import { listPage } from "./_admin/list.js";
 import { detailPage, createPage } from "./_admin/detail.js";
 import { rolePage, configPage } from "./_admin/editors.js";
 import { dashboard } from "./_admin/dashboard.js";
+import { bansPage } from "./_admin/identity.js";
 
 performance.mark("wat:start");
 const app = document.getElementById("app");
@@ -18,6 +19,7 @@ const MENU = [
   ["dashboard", "Dashboard", "stats.see"],
   ["desktops", "Desktops", "desktop.see"],
   ["users", "Users", "user.see"],
+  ["bans", "Login bans", "user.see"],
   ["nodes", "Nodes", "node.see"],
   ["images", "Images", "image.see"],
   ["osfs", "OSFs", "osf.see"],
@@ -114,12 +116,13 @@ function route() {
   const res = RESOURCES[name];
   if (name === "dashboard") cleanup = dashboard(main);
   else if (name === "config") configPage(main);
+  else if (name === "bans") bansPage(main);
   else if (res && id === "new") createPage(main, name, res);
   else if (name === "roles" && id) rolePage(main, id);
   else if (res && id) cleanup = detailPage(main, name, res, id);
   else if (res) cleanup = listPage(main, name, res, params);
   else clear(main, h("h1", "Nothing here"), h("p", "You may not see any page: ask for a role with ACLs."));
-  document.title = `${res ? res.title : name} · Deckard admin`;
+  document.title = `${res ? res.title : MENU.find(([m]) => m === name)?.[1] || name} · Deckard admin`;
   if (!(name === "dashboard" && !id)) main.focus({ preventScroll: true });
 }
 

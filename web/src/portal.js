@@ -1,5 +1,7 @@
-// The user portal at "/": log in, see my desktops, connect to one in the page (noVNC through the broker).
+// The user portal at "/": log in (with a second factor when one is due), see my desktops, connect to one in the
+// page (noVNC through the broker), and look after my account (authenticator app, personal tokens).
 import "./portal.css";
+import QRCode from "qrcode";
 import { $, api, el, openDesktop } from "./_viewer.js";
 
 const TOKEN_KEY = "deckard.portal.token";
@@ -13,30 +15,191 @@ const timing = (window.deckardTiming = {});
 const STATE_TEXT = { stopped: "Stopped", starting: "Starting", running: "Running", stopping: "Stopping",
   failed: "Failed", zombie: "Cleaning up" };
 
+const LOGIN_STEPS = ["#login-form", "#code-form", "#enrol-form", "#codes-view"];
+const SESSION_GONE = new Set(["bad_token", "session_expired", "no_credentials"]);
+let challenge = null; // the second step of a login: details.challenge of its first answer
+let enrolled = null; // a login completed by enrolling: its session, kept until the recovery codes are saved
+
+// api() of _viewer.js without losing the error's details (the login's challenge, when a lock ends)
+async function call(path, { method = "GET", body, auth = true } = {}) {
+  const headers = { Accept: "application/json" };
+  if (auth && token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await resp.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!resp.ok) {
+    const e = (data && data.error) || {};
+    const err = new Error(e.message || `${resp.status} ${resp.statusText}`);
+    Object.assign(err, { status: resp.status, code: e.code, details: e.details || {} });
+    throw err;
+  }
+  return data;
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "";
+}
+
+// what went wrong, in the server's words (they say what to do), with a lock's end in the reader's own time
+function plain(err) {
+  if (!err) return "";
+  let text = String(err.message || err);
+  text = text.charAt(0).toUpperCase() + text.slice(1);
+  if (err.code === "account_locked" && err.details && err.details.locked_until) {
+    text = `This account is locked until ${when(err.details.locked_until)} after too many failed logins: ` +
+      "wait, or ask your administrator to clear it.";
+  }
+  return text;
+}
+
 function showError(where, err) {
-  $(where).textContent = err ? String(err.message || err) : "";
+  $(where).textContent = plain(err);
+}
+
+function showStep(which) {
+  for (const sel of LOGIN_STEPS) $(sel).classList.toggle("hidden", sel !== which);
+  const first = $(which).querySelector("input, button.primary");
+  if (first) first.focus();
+}
+
+async function busy(form, work) {
+  const buttons = [...form.querySelectorAll("button")];
+  buttons.forEach((b) => { b.disabled = true; });
+  try {
+    await work();
+  } finally {
+    buttons.forEach((b) => { b.disabled = false; });
+  }
+}
+
+async function loggedIn(res) {
+  token = res.token;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  sessionStorage.setItem(TOKEN_KEY + ".login", res.login);
+  $("#who").textContent = res.login;
+  challenge = null;
+  enrolled = null;
+  $("#login-form").password.value = "";
+  $("#login-codes").replaceChildren();
+  for (const sel of LOGIN_STEPS) $(sel).classList.add("hidden");
+  await showDesktops();
 }
 
 async function login(ev) {
   ev.preventDefault();
   showError("#login-error", "");
   const form = ev.currentTarget;
-  const button = $("button", form);
-  button.disabled = true;
+  await busy(form, async () => {
+    try {
+      const body = { login: form.login.value.trim(), password: form.password.value };
+      await loggedIn(await call("/portal/login", { method: "POST", body, auth: false }));
+    } catch (err) {
+      if (err.code === "totp_required") return secondStep(err.details.challenge);
+      if (err.code === "totp_enrolment_required" && err.details.challenge) return enrolStep(err.details.challenge);
+      showError("#login-error", err);
+      form.password.focus();
+    }
+  });
+}
+
+function backToLogin(err) {
+  challenge = null;
+  showStep("#login-form");
+  showError("#login-error", err);
+}
+
+function secondStep(ch) {
+  challenge = ch;
+  $("#code").value = "";
+  showError("#code-error", "");
+  showStep("#code-form");
+}
+
+async function sendCode(ev) {
+  ev.preventDefault();
+  const form = ev.currentTarget;
+  showError("#code-error", "");
+  await busy(form, async () => {
+    try {
+      const body = { challenge, code: $("#code").value.trim() };
+      await loggedIn(await call("/portal/login/second-factor", { method: "POST", body, auth: false }));
+    } catch (err) {
+      if (err.code === "challenge_expired") return backToLogin(err);
+      showError("#code-error", err);
+      $("#code").select();
+      $("#code").focus();
+    }
+  });
+}
+
+// the secret in groups of four, as apps that take it by hand show it
+function grouped(secret) {
+  return secret.replace(/(.{4})(?=.)/g, "$1 ");
+}
+
+async function drawEnrolment(canvas, secretEl, enrolment) {
+  secretEl.textContent = grouped(enrolment.secret);
+  // drawn here from the otpauth:// URI: the secret never leaves the page for a QR service
+  await QRCode.toCanvas(canvas, enrolment.uri, { width: 220, margin: 2, errorCorrectionLevel: "M" });
+  canvas.dataset.drawn = "1";
+}
+
+async function enrolStep(ch) {
+  challenge = ch;
+  $("#enrol-code").value = "";
+  showError("#enrol-error", "");
   try {
-    const res = await api("/portal/login", { method: "POST", body: { login: form.login.value.trim(), password: form.password.value } });
-    token = res.token;
-    sessionStorage.setItem(TOKEN_KEY, token);
-    sessionStorage.setItem(TOKEN_KEY + ".login", res.login);
-    $("#who").textContent = res.login;
-    form.password.value = "";
-    await showDesktops();
+    const enrolment = await call("/portal/login/enrol", { method: "POST", body: { challenge }, auth: false });
+    await drawEnrolment($("#enrol-qr"), $("#enrol-secret"), enrolment);
+    showStep("#enrol-form");
   } catch (err) {
-    showError("#login-error", err);
-    form.password.focus();
-  } finally {
-    button.disabled = false;
+    backToLogin(err);
   }
+}
+
+async function confirmEnrolment(ev) {
+  ev.preventDefault();
+  const form = ev.currentTarget;
+  showError("#enrol-error", "");
+  await busy(form, async () => {
+    try {
+      const body = { challenge, code: $("#enrol-code").value.trim() };
+      enrolled = await call("/portal/login/enrol/confirm", { method: "POST", body, auth: false });
+      listCodes($("#login-codes"), enrolled.recovery_codes);
+      showStep("#codes-view");
+    } catch (err) {
+      if (err.code === "challenge_expired") return backToLogin(err);
+      showError("#enrol-error", err);
+      $("#enrol-code").select();
+      $("#enrol-code").focus();
+    }
+  });
+}
+
+function listCodes(list, codes) {
+  list.replaceChildren(...codes.map((c) => el("li", {}, el("code", {}, c))));
+}
+
+async function copyText(button) {
+  const source = $(`#${button.dataset.copy}`);
+  const text = source.tagName === "OL" ? [...source.querySelectorAll("li")].map((li) => li.textContent).join("\n")
+    : source.textContent;
+  const label = button.textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    button.textContent = "Copied";
+  } catch {
+    // no clipboard permission: select it, for Ctrl+C
+    getSelection().selectAllChildren(source);
+    button.textContent = "Selected: press Ctrl+C";
+  }
+  setTimeout(() => { button.textContent = label; }, 2000);
 }
 
 async function logout() {
@@ -48,8 +211,11 @@ async function logout() {
   sessionStorage.removeItem(TOKEN_KEY);
   clearInterval(pollTimer);
   $("#desktops-view").classList.add("hidden");
+  closeAccount(false);
   $("#logout").classList.add("hidden");
-  $("#login-form").classList.remove("hidden");
+  $("#account").classList.add("hidden");
+  $("#who").textContent = "";
+  showStep("#login-form");
   $("#login-form").login.focus();
 }
 
@@ -95,6 +261,7 @@ async function showDesktops() {
   $("#login-form").classList.add("hidden");
   $("#desktops-view").classList.remove("hidden");
   $("#logout").classList.remove("hidden");
+  $("#account").classList.remove("hidden");
   await refresh();
   clearInterval(pollTimer);
   pollTimer = setInterval(refresh, POLL_MS);
@@ -112,6 +279,158 @@ async function act(d, action) {
 async function reset(d) {
   if (!confirm(`Reset ${d.name}? Programs installed outside your home directory are discarded.`)) return;
   await act(d, "reset");
+}
+
+// ---- my account: second factor and personal tokens ----------------------------------------------------------
+
+async function accountCall(path, opts, where) {
+  try {
+    return await call(path, opts);
+  } catch (err) {
+    if (err.status === 401 && SESSION_GONE.has(err.code)) {
+      await logout();
+    } else {
+      showError(where, err);
+    }
+    return undefined;
+  }
+}
+
+function openAccount() {
+  $("#desktops-view").classList.add("hidden");
+  $("#account-view").classList.remove("hidden");
+  $("#account").setAttribute("aria-expanded", "true");
+  showError("#sf-error", "");
+  showError("#tokens-error", "");
+  $("#account-title").focus();
+  loadSecondFactor();
+  loadTokens();
+}
+
+function closeAccount(back = true) {
+  $("#account-view").classList.add("hidden");
+  $("#account").setAttribute("aria-expanded", "false");
+  for (const sel of ["#sf-enrol", "#sf-codes", "#token-new"]) $(sel).classList.add("hidden");
+  $("#account-codes").replaceChildren();
+  $("#token-secret").textContent = "";
+  $("#token-qvd").textContent = "";
+  if (back) {
+    $("#desktops-view").classList.remove("hidden");
+    const first = $("#desktops button");
+    if (first) first.focus();
+  }
+}
+
+async function loadSecondFactor() {
+  const st = await accountCall("/portal/me/second-factor", {}, "#sf-error");
+  if (!st) return;
+  const left = st.recovery_codes_left;
+  $("#sf-status").textContent = st.enrolled
+    ? `On: every login asks for a code from your authenticator app. ${left} recovery code${left === 1 ? "" : "s"} left.`
+    : "Off: your password alone logs you in. Set up an authenticator app to protect your account.";
+  const enrolling = !$("#sf-enrol").classList.contains("hidden");
+  $("#sf-start").classList.toggle("hidden", st.enrolled || enrolling);
+  $("#sf-regen").classList.toggle("hidden", !st.enrolled);
+}
+
+async function startSecondFactor() {
+  showError("#sf-error", "");
+  const enrolment = await accountCall("/portal/me/second-factor/enrol", { method: "POST" }, "#sf-error");
+  if (!enrolment) return;
+  await drawEnrolment($("#sf-qr"), $("#sf-secret"), enrolment);
+  $("#sf-code").value = "";
+  $("#sf-start").classList.add("hidden");
+  $("#sf-enrol").classList.remove("hidden");
+  $("#sf-code").focus();
+}
+
+async function confirmSecondFactor(ev) {
+  ev.preventDefault();
+  showError("#sf-error", "");
+  await busy(ev.currentTarget, async () => {
+    const body = { code: $("#sf-code").value.trim() };
+    const res = await accountCall("/portal/me/second-factor/confirm", { method: "POST", body }, "#sf-error");
+    if (!res) return $("#sf-code").focus();
+    $("#sf-enrol").classList.add("hidden");
+    showAccountCodes(res.recovery_codes);
+    await loadSecondFactor();
+  });
+}
+
+function cancelSecondFactor() {
+  // the unconfirmed secret stays pending and guards nothing; setting up again replaces it
+  $("#sf-enrol").classList.add("hidden");
+  showError("#sf-error", "");
+  loadSecondFactor();
+}
+
+async function regenerateCodes() {
+  if (!confirm("Make new recovery codes? The old ones stop working.")) return;
+  showError("#sf-error", "");
+  const res = await accountCall("/portal/me/second-factor/recovery-codes", { method: "POST" }, "#sf-error");
+  if (!res) return;
+  showAccountCodes(res.recovery_codes);
+  await loadSecondFactor();
+}
+
+function showAccountCodes(codes) {
+  listCodes($("#account-codes"), codes);
+  $("#sf-codes").classList.remove("hidden");
+  $("#sf-codes-saved").focus();
+}
+
+function tokenRow(tk) {
+  const expired = new Date(tk.expires_at) <= new Date();
+  const state = tk.revoked ? "Revoked" : expired ? "Expired" : "Active";
+  return el("tr", { "data-token": tk.id },
+    el("th", { scope: "row" }, tk.name),
+    el("td", {}, when(tk.created_at)),
+    el("td", {}, when(tk.expires_at)),
+    el("td", {}, tk.last_used_at ? when(tk.last_used_at) : "Never"),
+    el("td", {}, el("span", { class: `badge ${state.toLowerCase()}` }, state)),
+    el("td", {}, state === "Active"
+      ? el("button", { class: "danger", type: "button", onclick: () => revokeToken(tk), "aria-label": `Revoke token ${tk.name}` }, "Revoke")
+      : ""),
+  );
+}
+
+async function loadTokens() {
+  const rows = await accountCall("/portal/me/tokens", {}, "#tokens-error");
+  if (!rows) return;
+  $("#tokens tbody").replaceChildren(...rows.map(tokenRow));
+  $("#tokens").classList.toggle("hidden", rows.length === 0);
+  $("#tokens-empty").classList.toggle("hidden", rows.length > 0);
+}
+
+async function createToken(ev) {
+  ev.preventDefault();
+  const form = ev.currentTarget;
+  showError("#tokens-error", "");
+  await busy(form, async () => {
+    const body = { name: form.name.value.trim(), days: Number(form.days.value) };
+    const made = await accountCall("/portal/me/tokens", { method: "POST", body }, "#tokens-error");
+    if (!made) return form.name.focus();
+    $("#token-secret").textContent = made.token;
+    $("#token-qvd").textContent = `--token ${made.token}`;
+    $("#token-new").classList.remove("hidden");
+    form.name.value = "";
+    await loadTokens();
+    $("#token-new button.copy").focus();
+  });
+}
+
+function forgetNewToken() {
+  $("#token-new").classList.add("hidden");
+  $("#token-secret").textContent = "";
+  $("#token-qvd").textContent = "";
+  $("#token-name").focus();
+}
+
+async function revokeToken(tk) {
+  if (!confirm(`Revoke the token ${tk.name}? Whatever uses it stops working.`)) return;
+  showError("#tokens-error", "");
+  const res = await accountCall(`/portal/me/tokens/${tk.id}`, { method: "DELETE" }, "#tokens-error");
+  if (res !== undefined) await loadTokens();
 }
 
 function geometry() {
@@ -191,7 +510,25 @@ function closeViewer() {
 
 function init() {
   $("#login-form").addEventListener("submit", login);
+  $("#code-form").addEventListener("submit", sendCode);
+  $("#enrol-form").addEventListener("submit", confirmEnrolment);
+  for (const b of document.querySelectorAll("button.back")) b.addEventListener("click", () => backToLogin(""));
+  $("#codes-saved").addEventListener("click", () => loggedIn(enrolled));
+  for (const b of document.querySelectorAll("button.copy")) b.addEventListener("click", () => copyText(b));
   $("#logout").addEventListener("click", logout);
+  $("#account").addEventListener("click", () => ($("#account-view").classList.contains("hidden") ? openAccount() : closeAccount()));
+  $("#account-back").addEventListener("click", () => closeAccount());
+  $("#sf-start").addEventListener("click", startSecondFactor);
+  $("#sf-enrol").addEventListener("submit", confirmSecondFactor);
+  $("#sf-cancel").addEventListener("click", cancelSecondFactor);
+  $("#sf-regen").addEventListener("click", regenerateCodes);
+  $("#sf-codes-saved").addEventListener("click", () => {
+    $("#sf-codes").classList.add("hidden");
+    $("#account-codes").replaceChildren();
+    $("#sf-title").focus();
+  });
+  $("#token-form").addEventListener("submit", createToken);
+  $("#token-done").addEventListener("click", forgetNewToken);
   $("#disconnect").addEventListener("click", closeViewer);
   $("#fullscreen").addEventListener("click", () => {
     if (document.fullscreenElement) document.exitFullscreen();

@@ -27,12 +27,15 @@ from deckard.api.routes import (
     events,
     farm,
     health,
+    identity,
     images,
     nodes,
     osfs,
     portal,
+    portal_account,
     properties,
     roles,
+    sso,
     stats,
     tenants,
     users,
@@ -88,9 +91,11 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     install_audit_log(app)
     api = APIRouter(prefix=PREFIX)
     modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
-    for module in (*modules, farm, audit, connections, stats, events):
+    for module in (*modules, identity, farm, audit, connections, stats, events):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(portal.router)  # /portal/* and /api/v1/desktops/{id}/spy-ticket
+    app.include_router(portal_account.router)  # /portal/me/*
+    app.include_router(sso.router)  # /portal/sso/*, /admin/sso/*
     mount_web(app)
     return app

@@ -24,7 +24,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deckard.db.engine import Database
-from deckard.services.audit import append_audit
+from deckard.model.config_keys import KEYS
+from deckard.services.audit import MASK, append_audit
 
 log = structlog.get_logger("deckard.api.audit")
 
@@ -42,7 +43,7 @@ def describe_action(method: str, template: str, path_params: dict[str, Any]) -> 
         return method.lower(), "", ""
     resource = parts[0]
     obj = resource[:-3] + "y" if resource.endswith("ies") else resource.removesuffix("s")
-    params = [p[1:-1] for p in parts[1:] if p.startswith("{")]
+    params = [p[1:-1].split(":")[0] for p in parts[1:] if p.startswith("{")]  # {key:path} → key
     verbs = [p for p in parts[1:] if not p.startswith("{")]
     if "object_type" in path_params:
         obj = str(path_params["object_type"])
@@ -186,6 +187,9 @@ class AuditMiddleware:
         headers = dict(scope.get("headers", []))
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0]
         arguments = _arguments(body, truncated, content_type, scope.get("query_string", b"").decode("latin-1"))
+        key = KEYS.get(object_id) if object_type == "config" else None
+        if key is not None and key.secret and isinstance(arguments, dict) and "value" in arguments:
+            arguments = {**arguments, "value": MASK}  # a directory's or provider's password is not an argument
         actor = (scope.get("state") or {}).get("actor")
         admin_id, admin_name, tenant_id = None, "", None
         if actor is not None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Mapping
 from functools import cache
+from typing import Any, ClassVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+
+from deckard.auth.chain import Credentials, Decision, Identity, PasswordLookup, Ports
 
 # Interactive logins: the library's RFC 9106 low-memory profile keeps a login under ~50 ms on two cores.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
@@ -33,3 +37,26 @@ def verify_password(password_hash: str | None, password: str) -> bool:
 
 async def verify_password_async(password_hash: str | None, password: str) -> bool:
     return await asyncio.to_thread(verify_password, password_hash, password)
+
+
+class LocalAuthenticator:
+    """Deckard's own passwords.  A name without a local password (unknown, or an account of a directory) passes,
+    after the same argon2 work as a wrong password, so the chain's next plugin can decide."""
+
+    name: ClassVar[str] = "local"
+
+    def __init__(self, lookup: PasswordLookup) -> None:
+        self._lookup = lookup
+
+    @classmethod
+    def from_config(cls, _config: Mapping[str, Any], ports: Ports) -> LocalAuthenticator:
+        return cls(ports.password_hash)
+
+    async def authenticate(self, creds: Credentials) -> Decision:
+        password_hash = await self._lookup(creds.login, creds.tenant)
+        ok = await verify_password_async(password_hash, creds.password)
+        if password_hash is None:
+            return Decision.pass_(self.name, "no local password")
+        if not ok:
+            return Decision.reject(self.name)
+        return Decision.accept(Identity(creds.login, creds.tenant, self.name))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from deckard.model.errors import Unauthenticated
 
 REALM_CHALLENGE = 'Basic realm="QVD"'  # what QVD's client expects with every 401
+AUTH_PARAM_PREFIX = "auth-"  # QVD: ``Auth-<hex(name)>: base64(value)`` headers carry what plugins ask for
+MAX_AUTH_PARAMS = 8
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,18 @@ def parse_authorization(header: str | bytes | None) -> Credentials:
             raise Unauthenticated("the Bearer token is empty", code="bad_authorization")
         return Bearer(token)
     raise Unauthenticated(f"unsupported authentication scheme {scheme!r}: use Basic", code="bad_authorization")
+
+
+def auth_params(headers: dict[str, str]) -> dict[str, str]:
+    """QVD's extra login parameters: ``Auth-746f7470: base64("123456")`` → ``{"totp": "123456"}``.  Headers whose
+    name or value does not decode are ignored (the login then lacks that parameter and says what is missing)."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if not name.startswith(AUTH_PARAM_PREFIX) or len(out) >= MAX_AUTH_PARAMS:
+            continue
+        try:
+            key = bytes.fromhex(name[len(AUTH_PARAM_PREFIX) :]).decode("utf-8").lower()
+            out[key] = base64.b64decode(value.strip(), validate=True).decode("utf-8")[:256]
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            continue
+    return out

@@ -88,6 +88,8 @@ class FrontConnection(asyncio.Protocol):
         self._writable.set()
         self.eof = False
         self.authenticated = False  # a request on this connection logged in (or redeemed a ticket)
+        # (digest of the credentials, user, login) of this connection's last login: QVD's client repeats them
+        self.login_memo: tuple[bytes, Any, str] | None = None
         self.on_authenticated: Callable[[FrontConnection], None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

@@ -18,6 +18,7 @@ is logged with its traceback and answered ``500`` when the connection can still 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,18 +27,18 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import structlog
 
-from deckard.broker.auth import REALM_CHALLENGE, Basic, parse_authorization
+from deckard.broker.auth import REALM_CHALLENGE, Basic, auth_params, parse_authorization
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.params import parse_connect_params, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
 from deckard.broker.websocket import WebSocketConnect, is_websocket
 from deckard.db.engine import Database
 from deckard.model.entities import User
-from deckard.model.errors import Conflict, DeckardError, Unauthenticated
+from deckard.model.errors import Conflict, DeckardError
 from deckard.model.states import DESKTOP_AT_REST, DesktopCommand, DesktopState
+from deckard.services import identity
 from deckard.services.desktops import request_stop
 from deckard.services.sessions import desktop_for_user, user_desktops
-from deckard.services.users import authenticate_user
 
 log = structlog.get_logger("deckard.broker")
 
@@ -86,11 +87,13 @@ class Reply:
 
 def error_reply(err: DeckardError) -> Reply:
     """A service error as QVD's client expects it (401 always carries the Basic challenge)."""
-    status = err.status if err.status in (401, 403, 404, 409, 422, 503) else 500
+    status = err.status if err.status in (401, 403, 404, 409, 422, 429, 503) else 500
     code = err.code if status != 500 else "internal"
     headers: tuple[tuple[str, str], ...] = ((ERROR_HEADER, code),)
     if status == 401:
         headers += (("WWW-Authenticate", REALM_CHALLENGE),)
+    if "retry_after_s" in err.details:
+        headers += (("Retry-After", str(err.details["retry_after_s"])),)
     body = err.message if status != 500 else "internal error in the broker"
     return Reply(status, body, headers=headers)
 
@@ -103,9 +106,10 @@ INTERNAL_ERROR = Reply(
 class QvdProtocol:
     """Serves every request of one client connection, keep-alive included, until close or upgrade."""
 
-    def __init__(self, db: Database, sessions: SessionRunner) -> None:
+    def __init__(self, db: Database, sessions: SessionRunner, network: str | None = None) -> None:
         self.db = db
         self.sessions = sessions
+        self.network = network  # the desktop network: an auto-provisioned user's first desktop goes there
         self.settings = sessions.settings
         self.websocket = WebSocketConnect(db, sessions)
 
@@ -134,7 +138,7 @@ class QvdProtocol:
                     elif req.path == "/qvd/connect_to_vm" and req.method == "GET":
                         await self._connect(channel, req)
                     else:
-                        reply, login = await self._simple(req)
+                        reply, login = await self._simple(front, req)
                         if login:
                             front.mark_authenticated()
                         self._send(channel, req, reply, login)
@@ -167,15 +171,28 @@ class QvdProtocol:
             ms=round((time.monotonic() - req.received_at) * 1000, 1),
         )
 
-    async def _authenticate(self, req: Request) -> tuple[User, str]:
-        creds = parse_authorization(req.headers.get("authorization"))
-        if not isinstance(creds, Basic):
-            raise Unauthenticated(
-                "token login is not enabled on this broker: log in with a password", code="token_unsupported"
+    async def _authenticate(self, front: FrontConnection, req: Request) -> tuple[User, str]:
+        """The login chain (``services/identity.py``) for Basic or Bearer credentials.  QVD's client sends the same
+        credentials with each request of a connection (list, then connect): the second reuses the first's result,
+        so a one-time second-factor code is not refused as a replay."""
+        header = req.headers.get("authorization")
+        extra = auth_params(req.headers)
+        memo = hashlib.sha256(repr((header, sorted(extra.items()))).encode()).digest()
+        if front.login_memo is not None and front.login_memo[0] == memo:
+            return front.login_memo[1], front.login_memo[2]
+        creds = parse_authorization(header)
+        if isinstance(creds, Basic):
+            result = await identity.login_password(
+                self.db, creds.login, creds.password, source=front.peer, factors=extra, network=self.network
             )
-        return await authenticate_user(self.db, creds.login, creds.password), creds.login
+            login = creds.login
+        else:
+            result = await identity.login_token(self.db, creds.token, source=front.peer)
+            login = result.user.login
+        front.login_memo = (memo, result.user, login)
+        return result.user, login
 
-    async def _simple(self, req: Request) -> tuple[Reply, str]:
+    async def _simple(self, front: FrontConnection, req: Request) -> tuple[Reply, str]:
         """Every route but connect; returns the reply and the login it was made for (for the log)."""
         if req.path not in ROUTES:
             return Reply(404, f"no such page: {req.path}", headers=((ERROR_HEADER, "no_such_page"),)), ""
@@ -189,7 +206,7 @@ class QvdProtocol:
             return Reply(200, "I am alive!"), ""
         login = ""
         try:
-            user, login = await self._authenticate(req)
+            user, login = await self._authenticate(front, req)
             if req.path == "/qvd/list_of_vm":
                 desktops = [{**d, "is_application": 0} for d in await user_desktops(self.db, user)]
                 return Reply(200, json.dumps(desktops), content_type="application/json"), login
@@ -223,7 +240,7 @@ class QvdProtocol:
                     ),
                 )
                 return
-            user, login = await self._authenticate(req)
+            user, login = await self._authenticate(channel.front, req)
             channel.front.mark_authenticated()
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
             params = parse_connect_params(req.query)

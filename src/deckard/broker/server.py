@@ -100,12 +100,13 @@ class Broker:
         *,
         agent_port: int = AGENT_PORT,
         display_port: int = DISPLAY_PORT,
+        network: str | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.ssl_context = ssl_context
         self.sessions = SessionRunner(db, settings, node_id, poll, Ports(agent_port, display_port))
-        self.protocol = QvdProtocol(db, self.sessions)
+        self.protocol = QvdProtocol(db, self.sessions, network)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._fronts: set[FrontConnection] = set()

@@ -232,7 +232,14 @@ async def _serve(
                 restart=shutdown.restart,
             )
             node_id = await node.register()
-            broker = Broker(db, settings.broker, server_context(cert, key), node_id=node_id, poll=settings.node.poll_s)
+            broker = Broker(
+                db,
+                settings.broker,
+                server_context(cert, key),
+                node_id=node_id,
+                poll=settings.node.poll_s,
+                network=settings.network.range,
+            )
             await broker.start(settings.broker.host, settings.broker.port)
             parts.on_stop(broker.close)
             parts.run("node", node.run(shutdown.stop))

@@ -17,10 +17,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from deckard.cli import admin, connect, farm
+    from deckard.cli import admin, connect, farm, identity
 
     farm.register(app)
     admin.register(app)
+    identity.register(app)
     connect.register(app)
 
 

@@ -6,15 +6,16 @@ one result line per user).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
 from deckard.cli import session
-from deckard.cli.output import print_done
+from deckard.cli.output import print_done, print_rows
 from deckard.cli.session import PROMPTED, JsonOpt, ProfileOpt
-from deckard.cli.verbs import bulk_command, list_command, object_command
+from deckard.cli.verbs import bulk_command, list_command, object_command, option
 from deckard.client.api import ApiClient
 from deckard.model.schemas import User
 
@@ -96,4 +97,47 @@ _user_verb(
     lambda api, ref: api.delete_user(ref),
     "Delete users (their desktops must be deleted first).",
     "user {ref!r} deleted",
+)
+
+
+# a user's second factor and personal tokens: the API names the user by id, the commands take a login too
+def _user_id(api: ApiClient, ref: str) -> int:
+    return int(ref) if ref.isascii() and ref.isdigit() else api.get_user(ref).id
+
+
+app.command("second-factor")(
+    object_command(NameArg, lambda api, ref: api.get_second_factor(_user_id(api, ref)), "Show a user's second factor.")
+)
+app.command("reset-second-factor")(
+    object_command(
+        NameArg,
+        lambda api, ref: api.reset_second_factor(_user_id(api, ref)),
+        "Reset a user's second factor: the next login asks for the password only (or to enrol again).",
+        "second factor of user {ref!r} reset",
+    )
+)
+
+
+@app.command("tokens")
+def tokens(user: NameArg, as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
+    """List a user's personal tokens (never their secrets)."""
+    with session.api(profile) as api:
+        rows = api.list_user_tokens(_user_id(api, user))
+    print_rows(rows, ("id", "name", "created_at", "expires_at", "last_used_at", "revoked"), as_json=as_json)
+
+
+app.command("revoke-token")(
+    object_command(
+        NameArg,
+        lambda api, ref, token_id: api.revoke_user_token(_user_id(api, ref), token_id),
+        "Revoke one of a user's personal tokens: it stops working at once.",
+        "token of user {ref!r} revoked",
+        params=[
+            option(
+                "token_id",
+                Annotated[int, typer.Argument(help="The token's id (`deckard user tokens`).")],
+                inspect.Parameter.empty,
+            )
+        ],
+    )
 )

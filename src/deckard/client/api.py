@@ -37,6 +37,8 @@ from deckard.model.errors import (
 from deckard.model.schemas import (
     Acl,
     Admin,
+    AdminToken,
+    AdminTokenCreated,
     AuditRecord,
     AuditVerification,
     BulkResult,
@@ -45,6 +47,7 @@ from deckard.model.schemas import (
     Explanation,
     Health,
     Image,
+    LoginBan,
     LoginResult,
     Node,
     NodeMaintenance,
@@ -53,9 +56,11 @@ from deckard.model.schemas import (
     Placement,
     Role,
     Schema,
+    SecondFactorStatus,
     Stats,
     Tenant,
     User,
+    UserToken,
     WhoAmI,
 )
 from deckard.model.states import ImageState
@@ -560,3 +565,32 @@ class ApiClient:
 
     def delete_property(self, object_type: str, object_id: int, key: str) -> None:
         self._send("DELETE", f"/properties/{_seg(object_type)}/{int(object_id)}/{_seg(key)}")
+
+    # identity, as administrators see it: login bans, users' second factors and tokens, one's own API tokens
+    def list_bans(self) -> list[LoginBan]:
+        return self.list_page("auth/bans", LoginBan).items
+
+    def clear_ban(self, key: str) -> None:
+        self._send("DELETE", f"/auth/bans/{_seg(key)}")
+
+    def get_second_factor(self, user_id: int) -> SecondFactorStatus:
+        return self._get(SecondFactorStatus, "GET", f"/users/{int(user_id)}/second-factor")
+
+    def reset_second_factor(self, user_id: int) -> None:
+        self._send("DELETE", f"/users/{int(user_id)}/second-factor")
+
+    def list_user_tokens(self, user_id: int) -> list[UserToken]:
+        return self.list_page(f"users/{int(user_id)}/tokens", UserToken).items
+
+    def revoke_user_token(self, user_id: int, token_id: int) -> None:
+        self._send("DELETE", f"/users/{int(user_id)}/tokens/{int(token_id)}")
+
+    def list_own_tokens(self) -> list[AdminToken]:
+        return self.list_page("auth/tokens", AdminToken).items
+
+    def create_own_token(self, name: str, days: int | None = None) -> AdminTokenCreated:
+        """A new API token for the logged-in administrator; ``token`` (the secret) is in this answer only."""
+        return self._get(AdminTokenCreated, "POST", "/auth/tokens", json={"name": name, **_given(days=days)})
+
+    def revoke_own_token(self, token_id: int) -> None:
+        self._send("DELETE", f"/auth/tokens/{int(token_id)}")

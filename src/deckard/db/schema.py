@@ -57,6 +57,14 @@ users = sa.Table(
     # names the home directory (storage/homes/<tenant>/<home_key>): random per account, so a user created later
     # with the same login (or, on SQLite, the same recycled id) never gets an older user's home
     sa.Column("home_key", sa.String(80), nullable=False, default=_new_home_key, server_default=""),
+    # identity (0009): who made the account (local | ldap | oidc), what the directory or SSO said of the person,
+    # and the user's own login rules ("" = the tenant's)
+    sa.Column("origin", sa.String(16), nullable=False, server_default="local"),
+    sa.Column("external_id", sa.String(255), nullable=False, server_default=""),
+    sa.Column("display_name", sa.String(128), nullable=False, server_default=""),
+    sa.Column("mail", sa.String(254), nullable=False, server_default=""),
+    sa.Column("allowed_networks", sa.Text, nullable=False, server_default=""),
+    sa.Column("allowed_hours", sa.Text, nullable=False, server_default=""),
     sa.UniqueConstraint("tenant_id", "login", name="uq_users_tenant_login"),
 )
 
@@ -66,9 +74,10 @@ administrators = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False, index=True),
     sa.Column("name", sa.String(64), nullable=False),
-    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=True),  # NULL: a directory or SSO administrator (0009)
     sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", TS, nullable=False),
+    sa.Column("origin", sa.String(16), nullable=False, server_default="local"),
     sa.UniqueConstraint("tenant_id", "name", name="uq_administrators_tenant_name"),
 )
 
@@ -338,3 +347,55 @@ sa.Index("ix_desktops_state_name", desktops.c.state, desktops.c.name)
 sa.Index("ix_desktops_osf_state_name", desktops.c.osf_id, desktops.c.state, desktops.c.name)
 sa.Index("ix_users_login", users.c.login)
 sa.Index("ix_connections_user_started", connections.c.user_id, connections.c.started_at)
+
+
+# ---- identity (0009): second factors, recovery codes, users' personal tokens, single sign-on flows ----------
+# ``principal`` is "user" or "admin" and ``principal_id`` the row in users or administrators: both kinds of
+# account enrol the same way, so one table serves them (rows go with the account: services delete them).
+
+second_factors = sa.Table(
+    "second_factors",
+    metadata,
+    sa.Column("principal", sa.String(8), primary_key=True),
+    sa.Column("principal_id", sa.Integer, primary_key=True),
+    sa.Column("secret", sa.String(64), nullable=False),  # base32 TOTP secret
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("confirmed_at", TS, nullable=True),  # NULL: enrolment started, not yet confirmed with a first code
+    sa.Column("last_step", sa.Integer, nullable=False, server_default="0"),  # newest 30 s step used: no replay
+)
+
+recovery_codes = sa.Table(
+    "recovery_codes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("principal", sa.String(8), nullable=False),
+    sa.Column("principal_id", sa.Integer, nullable=False),
+    sa.Column("code_hash", sa.String(64), nullable=False),  # sha256 hex of the code (random, 60 bits)
+    sa.Column("used_at", TS, nullable=True),
+    sa.Index("ix_recovery_codes_principal", "principal", "principal_id"),
+)
+
+user_tokens = sa.Table(
+    "user_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex of the secret
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("expires_at", TS, nullable=False),  # personal tokens always expire
+    sa.Column("last_used_at", TS, nullable=True),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.UniqueConstraint("user_id", "name", name="uq_user_tokens_user_id"),
+)
+
+sso_flows = sa.Table(
+    "sso_flows",
+    metadata,
+    sa.Column("state_hash", sa.String(64), primary_key=True),  # sha256 hex of the OAuth ``state``
+    sa.Column("tenant_id", sa.Integer, nullable=False),
+    sa.Column("audience", sa.String(8), nullable=False),  # portal | wat
+    sa.Column("flow", sa.Text, nullable=False),  # JSON: nonce, PKCE verifier, redirect URI (never sent out)
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("expires_at", TS, nullable=False, index=True),
+)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from deckard.model.errors import BadInput, pick
 from deckard.model.ids import parse_int
+from deckard.model.login_rules import parse_hours, parse_networks, parse_timezone
 from deckard.model.placement import PLACERS
 
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -30,7 +32,225 @@ class ConfigKey:
     minimum: float | None = None
     maximum: float | None = None  # numeric keys have both bounds (tests/unit/test_model.py checks it)
     pattern: str | None = None  # text keys: the whole value must match (the description names the forms)
+    check: Callable[[str], object] | None = None  # text keys: raises BadInput (with its own message) if not valid
+    secret: bool = False  # never shown back (``deckard config get`` prints ``***``) nor written to the audit log
 
+
+PLUGIN = "local|ldap"
+
+# authentication (services/identity.py, docs/authentication.md): every key may differ per tenant
+IDENTITY_KEYS = (
+    ConfigKey(
+        "auth.chain",
+        str,
+        "local",
+        "Password plugins asked in order, comma-separated: `local` (Deckard's own passwords), `ldap` (the "
+        "directory). The first that knows the name decides.",
+        pattern=f"({PLUGIN})(,({PLUGIN}))*",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.failure_floor_ms",
+        int,
+        250,
+        "Every failed user login takes at least this long, so its time tells neither which names exist nor which "
+        "plugin knows them.",
+        minimum=0,
+        maximum=5000,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.lockout.account_failures",
+        int,
+        20,
+        "Failed logins to one user account, from any addresses, before the account is locked for "
+        "`auth.lockout.account_lock_s`.",
+        minimum=1,
+        maximum=100_000,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.lockout.account_lock_s",
+        int,
+        900,
+        "How long a user account stays locked after too many failed logins (seconds); an administrator can clear it.",
+        minimum=1,
+        maximum=30 * 86400,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.rules.networks",
+        str,
+        "",
+        "Networks users may log in from: CIDRs separated by commas (empty: any). A user's own rule replaces it.",
+        check=parse_networks,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.rules.hours",
+        str,
+        "",
+        "When users may log in, e.g. `Mon-Fri 07:00-19:00, Sat 09:00-13:00` (empty: always). A user's own rule "
+        "replaces it.",
+        check=parse_hours,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.rules.timezone",
+        str,
+        "UTC",
+        "Time zone of the hours rules (IANA name).",
+        check=parse_timezone,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.totp.required",
+        bool,
+        False,
+        "Users need a second factor (TOTP): those without one enrol in the portal at their next login.",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.totp.issuer", str, "Deckard", "The name authenticator apps show beside the account.", per_tenant=True
+    ),
+    ConfigKey(
+        "auth.tokens.max_days",
+        int,
+        90,
+        "Longest lifetime of a user's personal token (days).",
+        minimum=1,
+        maximum=3650,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.auto.enabled",
+        bool,
+        False,
+        "Create the user at their first successful directory or single sign-on login (QVD's Auto plugin).",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.auto.osf",
+        str,
+        "",
+        "OSF of the desktop created with an auto-provisioned user (empty: no desktop).",
+        per_tenant=True,
+    ),
+    ConfigKey("auth.auto.tag", str, "default", "Image tag of that desktop.", per_tenant=True),
+    ConfigKey(
+        "auth.ldap.url",
+        str,
+        "",
+        "Directory URLs, space-separated, tried in order: `ldaps://dc1.example.org ldap://dc2.example.org:389`.",
+        pattern=r"(ldaps?://[^\s]+)?(\s+ldaps?://[^\s]+)*",
+        per_tenant=True,
+    ),
+    ConfigKey("auth.ldap.starttls", bool, False, "Use StartTLS on `ldap://` URLs.", per_tenant=True),
+    ConfigKey(
+        "auth.ldap.ca_file",
+        str,
+        "",
+        "PEM file of the CAs that sign the directory's certificate (empty: the system's).",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.ldap.bind_dn_template",
+        str,
+        "",
+        "Bind as the user directly: `uid={login},ou=people,dc=example,dc=org`, or AD's `{login}@corp.example`. "
+        "Empty: search with the service account, then bind.",
+        per_tenant=True,
+    ),
+    ConfigKey("auth.ldap.bind_dn", str, "", "The service account that searches the directory.", per_tenant=True),
+    ConfigKey("auth.ldap.bind_password", str, "", "The service account's password.", secret=True, per_tenant=True),
+    ConfigKey("auth.ldap.base_dn", str, "", "Where users are searched.", per_tenant=True),
+    ConfigKey(
+        "auth.ldap.user_filter",
+        str,
+        "(uid={login})",
+        "Finds the user; AD: `(|(sAMAccountName={login})(userPrincipalName={login}))`. The login is escaped.",
+        per_tenant=True,
+    ),
+    ConfigKey("auth.ldap.group_base_dn", str, "", "Where groups are searched (empty: the base DN).", per_tenant=True),
+    ConfigKey(
+        "auth.ldap.group_filter",
+        str,
+        "(|(member={dn})(uniqueMember={dn})(memberUid={login}))",
+        "Finds the user's groups (AD's `memberOf` is read as well).",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.ldap.required_group",
+        str,
+        "",
+        "Only members of this group DN may log in (empty: anyone).",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.ldap.attr_display_name",
+        str,
+        "displayName cn",
+        "Attributes for the display name, first found.",
+        per_tenant=True,
+    ),
+    ConfigKey("auth.ldap.attr_mail", str, "mail", "Attributes for the mail address, first found.", per_tenant=True),
+    ConfigKey(
+        "auth.ldap.attr_home", str, "homeDirectory", "Attributes for the home path, first found.", per_tenant=True
+    ),
+    ConfigKey(
+        "auth.ldap.timeout_s",
+        float,
+        3.0,
+        "Seconds the directory has to answer before the login fails with `auth_unavailable`.",
+        minimum=0.1,
+        maximum=60,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.ldap.admin_groups",
+        str,
+        "",
+        "Directory groups whose members are administrators, with their role: `cn=vdi-admins,ou=groups,dc=example,"
+        "dc=org = Tenant admin; <dn> = <role>`.",
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.oidc.issuer", str, "", "The OpenID provider's issuer URL (empty: no single sign-on).", per_tenant=True
+    ),
+    ConfigKey("auth.oidc.client_id", str, "", "Deckard's client id at the provider.", per_tenant=True),
+    ConfigKey(
+        "auth.oidc.client_secret",
+        str,
+        "",
+        "Its secret (empty: a public client, PKCE only).",
+        secret=True,
+        per_tenant=True,
+    ),
+    ConfigKey("auth.oidc.scopes", str, "openid profile email", "Scopes asked for.", per_tenant=True),
+    ConfigKey(
+        "auth.oidc.login_claim", str, "preferred_username", "The ID-token claim that is the login.", per_tenant=True
+    ),
+    ConfigKey("auth.oidc.groups_claim", str, "groups", "The ID-token claim that lists groups.", per_tenant=True),
+    ConfigKey(
+        "auth.oidc.ca_file", str, "", "PEM file of the CAs of the provider's TLS (empty: system's).", per_tenant=True
+    ),
+    ConfigKey(
+        "auth.oidc.timeout_s",
+        float,
+        5.0,
+        "Seconds the provider has to answer.",
+        minimum=0.1,
+        maximum=60,
+        per_tenant=True,
+    ),
+    ConfigKey(
+        "auth.oidc.admin_groups",
+        str,
+        "",
+        "SSO groups whose members are administrators, with their role: `vdi-admins = Tenant admin; <group> = <role>`.",
+        per_tenant=True,
+    ),
+)
 
 KEYS: dict[str, ConfigKey] = {
     k.name: k
@@ -128,6 +348,7 @@ KEYS: dict[str, ConfigKey] = {
             "fraction of one node's memory such as `0.25`.",
             pattern=r"largest|none|0(\.[0-9]+)?|1(\.0+)?",
         ),
+        *IDENTITY_KEYS,
         ConfigKey(
             "ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1, maximum=1000
         ),
@@ -172,7 +393,17 @@ def parse_value(key: ConfigKey, raw: Any) -> Any:
             value = _number(key, raw)
         elif not isinstance(raw, str) or (key.pattern and not re.fullmatch(key.pattern, raw)):
             raise ValueError(raw)
-    except (TypeError, ValueError, BadInput):
+        elif key.check is not None:
+            key.check(raw)
+    except BadInput:
+        if key.check is not None:  # the check's own message says what is wrong and how to write it
+            raise
+        raise BadInput(
+            f"{str(raw)[:40]!r} is not a valid {key.type.__name__} for {key.name}{_range_text(key)}",
+            code="bad_config_value",
+            details=_range_details(key),
+        ) from None
+    except (TypeError, ValueError):
         raise BadInput(
             f"{str(raw)[:40]!r} is not a valid {key.type.__name__} for {key.name}{_range_text(key)}",
             code="bad_config_value",

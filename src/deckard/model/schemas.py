@@ -312,3 +312,51 @@ class NodeMaintenance(Schema):
     cmd: str | None = Field(default=None, description="stop or restart: the command the node daemon carries out.")
     notified_desktops: int | None = Field(default=None, description="drain: desktops whose users were told.")
     stopping_desktops: list[int] | None = Field(default=None, description="evacuate: desktops being stopped.")
+
+
+# ---- identity, as administrators see it (api/routes/identity.py) --------------------------------------------
+
+
+class LoginBan(Schema):
+    """A login counter that makes someone wait now (``services/lockout.py``)."""
+
+    key: str = Field(description="What is counted: `account:<tenant>/<login>`, `user:…@<address>`, `source:<address>`.")
+    kind: Literal["user", "account", "pair", "source"]
+    failures: int
+    locked_until: dt.datetime
+
+
+class SecondFactorStatus(Schema):
+    user_id: int
+    enrolled: bool = Field(description="A confirmed second factor: logins ask for its code.")
+    pending: bool = Field(description="An enrolment was started but not confirmed.")
+    recovery_codes_left: int
+
+
+class UserToken(Schema):
+    """A user's personal token (the secret is never shown again after it was made)."""
+
+    id: int
+    name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked: bool
+
+
+class AdminToken(Schema):
+    """One of the acting administrator's API tokens; ``expires_at`` null: made by `deckard up`, never expires."""
+
+    id: int
+    name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked: bool
+
+
+class AdminTokenCreated(Schema):
+    token: str = Field(description="The secret, shown this once: send as 'Authorization: Bearer <token>'.")
+    id: int
+    name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime

@@ -4,15 +4,8 @@ lookup that turns a bearer token back into the ``Actor`` every admin service rec
 Only the SHA-256 of a token is stored (``admin_tokens.token_hash``): a leaked database does not leak working
 tokens, and a 256-bit random secret needs no slow hash.
 
-Repeated failed logins slow down the guesser, not the account: failures are counted per (account, address)
-pair, and after ``auth.lockout.failures`` of them each further try from that address to that account waits
-2, 4, 8 … seconds (at most ``auth.lockout.max_delay_s``); the same account from another address is not
-affected, so nobody can lock an administrator out by knowing their name.  An address that fails against many
-accounts (``auth.lockout.source_failures``, far above what a NAT full of honest administrators does) is slowed
-the same way for every account.  While it waits the answer is 429 ``login_locked`` with ``Retry-After``, and
-the password is not even checked.  The counters live in ``login_failures`` (not process memory) because every
-API process of a farm must share them and a restart must not hand an attacker a fresh budget; rows are
-forgotten ``auth.lockout.window_s`` after their last wait ended, and pruned as failures come in.
+Repeated failed logins make the guesser wait (``services/lockout.py``): per (account, address) pair, so nobody
+can lock an administrator out by knowing their name, and per address across accounts.
 
 Administrator CRUD (gated by ``admin.*`` ACLs, confined to the actor's tenant) is at the end.  QVD bound its
 sessions to the client IP and kept them in a cookie; Deckard's tokens are bearer tokens so the CLI, scripts and
@@ -25,7 +18,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,7 +28,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
-from deckard.services.config import read_config
+from deckard.services import lockout, second_factor
 from deckard.services.context import Actor, require, visible
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -64,14 +56,6 @@ def new_token() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-class LoginLocked(Unauthenticated):
-    """Too many failed logins from this address: 429, with when the wait ends (``details.locked_until``,
-    ``details.retry_after_s``; the API sends ``Retry-After``)."""
-
-    code = "login_locked"
-    status = 429
 
 
 def _lookup_order(tenant: str | None) -> list[str]:
@@ -116,120 +100,6 @@ async def _store_token(db: Database, admin_id: int, kind: str, name: str, expire
     return token
 
 
-# ---- lockout: back-off per (account, address), and per address across accounts ------------------------------
-
-LOCKOUT_LOCK = 0x6C6F636B  # "lock": serialises the bookkeeping of login tries on PostgreSQL
-
-
-@dataclass(frozen=True)
-class LockoutPolicy:
-    failures: int  # per (account, address) before the waits start
-    source_failures: int  # per address, all accounts together
-    window_s: int  # quiet time after the last wait that forgets the count
-    max_delay_s: int
-
-
-def backoff_s(failures: int, threshold: int, cap: int) -> int:
-    """Seconds to wait after ``failures`` failures: none below ``threshold``, then 2, 4, 8 … at most ``cap``."""
-    if failures < threshold:
-        return 0
-    return int(min(cap, 2 ** min(failures - threshold + 1, 30)))
-
-
-def _lock_keys(name: str, tenant: str | None, source: str) -> tuple[str, str | None]:
-    pair = f"pair:{tenant or ''}/{name}@{source}"[:200]
-    return pair, (f"source:{source}"[:200] if source else None)
-
-
-async def _policy(conn: AsyncConnection) -> LockoutPolicy:
-    return LockoutPolicy(
-        failures=int(await read_config(conn, "auth.lockout.failures", None)),
-        source_failures=int(await read_config(conn, "auth.lockout.source_failures", None)),
-        window_s=int(await read_config(conn, "auth.lockout.window_s", None)),
-        max_delay_s=int(await read_config(conn, "auth.lockout.max_delay_s", None)),
-    )
-
-
-def _locked(until: dt.datetime, now: dt.datetime) -> LoginLocked:
-    wait = max(1, int((until - now).total_seconds() + 0.999))
-    return LoginLocked(
-        f"too many failed logins from this address: try again in {wait} s (the account itself is not locked; "
-        "another administrator can check the audit log)",
-        details={"locked_until": until.isoformat(), "retry_after_s": wait},
-    )
-
-
-async def _serialise(db: Database, conn: AsyncConnection) -> None:
-    if db.dialect == "postgresql":  # SQLite's BEGIN IMMEDIATE already makes writers take turns
-        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(LOCKOUT_LOCK)))
-
-
-async def _current(conn: AsyncConnection, key: str, now: dt.datetime, policy: LockoutPolicy) -> tuple[int, Any]:
-    """(failures, row) for a key; a row whose last wait ended more than the window ago counts as none."""
-    lf = t.login_failures
-    row = (await conn.execute(sa.select(lf).where(lf.c.key == key))).first()
-    if row is None:
-        return 0, None
-    quiet_since = aware(row.locked_until) or aware(row.first_at) or now
-    if quiet_since + dt.timedelta(seconds=policy.window_s) < now:
-        return 0, row
-    return int(row.failures), row
-
-
-async def _count(
-    conn: AsyncConnection, key: str, now: dt.datetime, threshold: int, policy: LockoutPolicy
-) -> dt.datetime | None:
-    """One more failure under ``key``; returns when its wait ends (None: no wait yet)."""
-    lf = t.login_failures
-    failures, row = await _current(conn, key, now, policy)
-    failures += 1
-    delay = backoff_s(failures, threshold, policy.max_delay_s)
-    until = now + dt.timedelta(seconds=delay) if delay else None
-    values = {"failures": failures, "first_at": now if failures == 1 else row.first_at, "locked_until": until}
-    if row is None:
-        await conn.execute(sa.insert(lf).values(key=key, **values))
-    else:
-        await conn.execute(sa.update(lf).where(lf.c.key == key).values(**values))
-    return until
-
-
-async def _begin_attempt(db: Database, pair: str, source: str | None) -> None:
-    """Refuse (429) while the pair or the address waits; otherwise count this try against the pair *before*
-    the password is checked, so parallel guesses cannot all slip in before the first failure is written."""
-    lf = t.login_failures
-    now = utcnow()
-    keys = [k for k in (pair, source) if k]
-    async with db.begin() as conn:
-        await _serialise(db, conn)
-        policy = await _policy(conn)
-        rows = (await conn.execute(sa.select(lf.c.locked_until).where(lf.c.key.in_(keys)))).all()
-        until = max((u for u in (aware(r.locked_until) for r in rows) if u is not None), default=None)
-        if until is not None and until > now:
-            raise _locked(until, now)
-        await _count(conn, pair, now, policy.failures, policy)
-        # rows nobody has failed under for a window (and whose wait is over) are forgotten: the table stays small
-        horizon = now - dt.timedelta(seconds=policy.window_s + policy.max_delay_s)
-        await conn.execute(sa.delete(lf).where(sa.func.coalesce(lf.c.locked_until, lf.c.first_at) < horizon))
-
-
-async def _failed_attempt(db: Database, pair: str, source: str | None) -> dt.datetime | None:
-    """The password was wrong: count it against the address too; returns when the pair's wait ends, if it has one."""
-    lf = t.login_failures
-    now = utcnow()
-    async with db.begin() as conn:
-        await _serialise(db, conn)
-        policy = await _policy(conn)
-        if source is not None:
-            await _count(conn, source, now, policy.source_failures, policy)
-        rows = (await conn.execute(sa.select(lf.c.locked_until).where(lf.c.key.in_([pair, source or pair])))).all()
-    return max((u for u in (aware(r.locked_until) for r in rows) if u is not None and u > now), default=None)
-
-
-async def _clear_pair(db: Database, pair: str) -> None:
-    async with db.begin() as conn:
-        await conn.execute(sa.delete(t.login_failures).where(t.login_failures.c.key == pair))
-
-
 async def login_admin(
     db: Database,
     name: str,
@@ -242,16 +112,14 @@ async def login_admin(
     """Check an administrator's password and open a session.  Every failure is the same 401 and takes the same
     time (an unknown name is checked against a decoy hash); repeated failures from one address make it wait
     (429 ``login_locked`` with ``details.retry_after_s``), see the module docstring."""
-    pair, src = _lock_keys(name, tenant, source)
-    await _begin_attempt(db, pair, src)
+    keys = lockout.Keys.for_admin(name, tenant, source)
+    await lockout.begin_attempt(db, keys)
     row = await _admin_row(db, name, tenant)
     ok = await verify_password_async(row.password_hash if row else None, password)
     if row is None or not ok or row.blocked or row.tenant_blocked:
-        until = await _failed_attempt(db, pair, src)
-        if until is not None:
-            raise _locked(until, utcnow())
+        await lockout.failed_attempt(db, keys)
         raise Unauthenticated("wrong administrator name, tenant or password", code="bad_credentials")
-    await _clear_pair(db, pair)
+    await lockout.succeeded(db, keys)
     expires_at = utcnow() + dt.timedelta(hours=hours)
     token = await _store_token(db, int(row.id), SESSION, "", expires_at)
     return token, expires_at
@@ -463,5 +331,12 @@ async def delete_admin(db: Database, actor: Actor, ref: str | int) -> None:
         require(actor, "admin.delete")
         if row["id"] == actor.id:
             raise Conflict("you cannot delete yourself: ask another administrator", code="admin_self")
+        await second_factor.forget(conn, "admin", int(row["id"]))
         await conn.execute(sa.delete(t.administrators).where(t.administrators.c.id == row["id"]))
     await publish(db, "deleted", "admin", row["id"], row["tenant_id"])
+
+
+async def open_admin_session(db: Database, admin_id: int, hours: float) -> tuple[str, dt.datetime]:
+    """A session for an administrator another login path (single sign-on, ``services/sso.py``) accepted."""
+    expires_at = utcnow() + dt.timedelta(hours=hours)
+    return await _store_token(db, admin_id, SESSION, "", expires_at), expires_at

@@ -18,6 +18,7 @@ from deckard.db.engine import Database
 from deckard.model.config_keys import KEYS, ConfigKey, config_key, parse_value
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput
+from deckard.services.audit import MASK
 from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.events import publish
 from deckard.services.tenant_lookup import find_tenant
@@ -49,6 +50,13 @@ async def read_config(conn: AsyncConnection, key: str, tenant_id: int | None) ->
     return _resolve(k, await _rows(conn, tenant_id, [key]), tenant_id)[0]
 
 
+async def read_configs(conn: AsyncConnection, prefix: str, tenant_id: int | None) -> dict[str, Any]:
+    """Every key under ``prefix`` (``auth.``) resolved for a tenant in one query: ``{key: value}``."""
+    keys = [k for k in KEYS.values() if k.name.startswith(prefix)]
+    rows = await _rows(conn, tenant_id, [k.name for k in keys])
+    return {k.name: _resolve(k, rows, tenant_id)[0] for k in keys}
+
+
 async def get_config(db: Database, key: str, tenant_id: int | None = None) -> Any:
     """The effective value of ``key`` for a tenant (``None``: the global value), typed as the catalogue says."""
     async with db.connect() as conn:
@@ -64,7 +72,7 @@ async def _target_tenant(conn: AsyncConnection, actor: Actor, tenant: str | int 
 def _describe(key: ConfigKey, value: Any, source: str) -> dict[str, Any]:
     return {
         "key": key.name,
-        "value": value,
+        "value": MASK if key.secret and value else value,
         "default": key.default,
         "source": source,
         "type": key.type.__name__,

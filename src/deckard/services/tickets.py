@@ -34,11 +34,12 @@ from deckard.runtime.settings import BrokerSettings
 from deckard.services.context import Actor, require
 from deckard.services.desktops import get_desktop
 from deckard.services.sessions import desktop_for_user
-from deckard.services.users import authenticate_user
 
 PORTAL = "portal"
 CONNECT = "connect"
 SPY = "spy"
+CHALLENGE = "challenge"  # a login waiting for its second factor
+CHALLENGE_TTL = 300.0
 TICKET_TTL = 30.0  # seconds between issuing a ticket and the browser opening its WebSocket
 PORTAL_TTL = 8 * 3600.0  # a portal login lasts a working day
 TICKET_PREFIX = "dkt_"
@@ -169,11 +170,32 @@ async def _user(conn: AsyncConnection, user_id: int) -> User:
 # ---- portal sessions ---------------------------------------------------------------------------------------
 
 
-async def login_user(db: Database, login: str, password: str) -> tuple[str, User, dt.datetime]:
-    """Password login to the portal (same check as the broker's Basic auth) → (token, user, expiry)."""
-    user = await authenticate_user(db, login, password)
-    token, expires = await _store(db, PORTAL, PORTAL_TTL, user_id=user.id)
-    return token, user, expires
+async def open_portal_session(db: Database, user: User) -> tuple[str, dt.datetime]:
+    """A portal session for a user the login chain (``services/identity.py``) accepted → (token, expiry)."""
+    return await _store(db, PORTAL, PORTAL_TTL, user_id=user.id)
+
+
+async def issue_challenge(db: Database, user: User) -> tuple[str, dt.datetime]:
+    """The password was right and a second factor is due: a short-lived ticket that stands for the first step,
+    so the portal asks for the code without sending the password again."""
+    return await _store(db, CHALLENGE, CHALLENGE_TTL, user_id=user.id)
+
+
+async def challenge_user(db: Database, secret: str) -> User:
+    """The user a challenge stands for (it stays valid for more tries until it expires or is ended)."""
+    async with db.connect() as conn:
+        row = (
+            await conn.execute(sa.select(tk).where(tk.c.token_hash == _hash(secret), tk.c.kind == CHALLENGE))
+        ).first()
+        expires = aware(row.expires_at) if row is not None else None
+        if row is None or row.user_id is None or expires is None or expires <= utcnow():
+            raise Unauthenticated("the login step has expired: log in again", code="challenge_expired")
+        return await _user(conn, int(row.user_id))
+
+
+async def end_challenge(db: Database, secret: str) -> None:
+    async with db.begin() as conn:
+        await conn.execute(sa.delete(tk).where(tk.c.token_hash == _hash(secret), tk.c.kind == CHALLENGE))
 
 
 async def user_for_token(db: Database, token: str) -> User:

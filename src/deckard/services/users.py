@@ -22,12 +22,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from deckard.auth.local import hash_password, verify_password_async
+from deckard.auth.local import hash_password
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.entities import User, utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated, Unavailable
+from deckard.model.entities import utcnow
+from deckard.model.errors import BadInput, Conflict, NotFound, Unavailable
 from deckard.runtime.paths import FarmPaths
+from deckard.services import second_factor
 from deckard.services.audit import append_audit
 from deckard.services.config import read_config
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
@@ -228,6 +229,7 @@ async def delete_user(db: Database, actor: Actor, user_id: int, paths: FarmPaths
                         "check the API's access to the storage and retry",
                         code="home_not_moved",
                     ) from None
+            await second_factor.forget(conn, "user", user_id)
             await conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))
     except BaseException:
         if moved and home is not None and target is not None:  # the user stays: so does their home
@@ -256,21 +258,3 @@ async def delete_user(db: Database, actor: Actor, user_id: int, paths: FarmPaths
     )
     await publish(db, "deleted", "user", user_id, row["tenant_id"], login=login)
     return outcome
-
-
-async def authenticate_user(db: Database, full_login: str, password: str) -> User:
-    """Password check for the broker; any failure is the same 401 so logins cannot be probed."""
-    login, tenant = split_login(full_login)
-    async with db.connect() as conn:
-        q = (
-            sa.select(t.users, t.tenants.c.blocked.label("tenant_blocked"))
-            .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
-            .where(t.users.c.login == login, t.tenants.c.name == tenant)
-        )
-        row = (await conn.execute(q)).first()
-    ok = await verify_password_async(row.password_hash if row else None, password)
-    if not row or not ok:
-        raise Unauthenticated("wrong user name or password", code="bad_credentials")
-    if row.blocked or row.tenant_blocked:
-        raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
-    return User.from_row(row._mapping)

@@ -3,6 +3,7 @@ import { api, get, post, patch, del, put } from "./api.js";
 import { h, clear, fmt, toast, errText, field } from "./dom.js";
 import { can, isSuper, onEvent } from "./session.js";
 import { actionAcl } from "./resources.js";
+import { userIdentityBox } from "./identity.js";
 
 function inputFor(name, type, value) {
   if (type === "checkbox") {
@@ -87,6 +88,7 @@ export function detailPage(root, name, res, id) {
     if (editable.length) parts.push(editForm(editable));
     if (res.upload && can("image.upload")) parts.push(uploadBox(obj, load));
     if (res.properties && can("property.see")) parts.push(propertiesBox(res.properties, obj.id));
+    if (name === "users") parts.push(userIdentityBox(obj));
     clear(body, ...parts);
   }
 

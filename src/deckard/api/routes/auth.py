@@ -16,7 +16,7 @@ from deckard.api.envelope import ERROR_RESPONSES, ErrorEnvelope
 from deckard.api.errors import error_response
 from deckard.api.strict import RequestModel
 from deckard.model.schemas import LoginResult, WhoAmI
-from deckard.services import admins
+from deckard.services import admins, lockout
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
 
@@ -49,7 +49,7 @@ async def login(body: LoginRequest, request: Request, db: DbDep, settings: Setti
         token, expires_at = await admins.login_admin(
             db, body.name, body.password, tenant=body.tenant, hours=settings.api.session_hours, source=source
         )
-    except admins.LoginLocked as e:
+    except lockout.LoginLocked as e:
         retry = str(e.details.get("retry_after_s", 1))
         return error_response(e.status, e.code, e.message, e.details, {"Retry-After": retry})
     return LoginResult(token=token, expires_at=expires_at)

@@ -29,7 +29,7 @@ from deckard.model.entities import User
 from deckard.model.errors import Unauthenticated
 from deckard.model.ids import ID_MAX
 from deckard.runtime.settings import Settings
-from deckard.services import portal, tickets
+from deckard.services import identity, portal, tickets
 
 router = APIRouter(tags=["portal"], responses=ERROR_RESPONSES)
 # the /portal routes are the users' API, not the administrators': they stay out of the admin OpenAPI document
@@ -55,6 +55,12 @@ DesktopId = Annotated[int, Path(ge=1, le=ID_MAX, description="The desktop's id."
 class PortalLogin(RequestModel):
     login: str = Field(min_length=1, max_length=130, description="`user` or `user@tenant`.")
     password: str = Field(min_length=1, max_length=1024)
+    code: str | None = Field(default=None, max_length=32, description="A second-factor code, if one is due.")
+
+
+class SecondStep(RequestModel):
+    challenge: str = Field(min_length=1, max_length=128, description="`details.challenge` of the first step.")
+    code: str = Field(min_length=1, max_length=32, description="The authenticator app's code, or a recovery code.")
 
 
 class PortalSession(BaseModel):
@@ -126,10 +132,35 @@ class BrokerOrigins:
         return sorted(origins)
 
 
+def client_host(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def open_session(db: DbDep, user: User) -> PortalSession:
+    token, expires = await tickets.open_portal_session(db, user)
+    return PortalSession(token=token, login=user.login, expires_at=expires)
+
+
 @users_router.post("/login", response_model=PortalSession, summary="Log a user in to the portal")
-async def portal_login(body: PortalLogin, db: DbDep) -> PortalSession:
-    token, _user, expires = await tickets.login_user(db, body.login, body.password)
-    return PortalSession(token=token, login=body.login, expires_at=expires)
+async def portal_login(body: PortalLogin, request: Request, db: DbDep, settings: SettingsDep) -> PortalSession:
+    """The tenant's login chain (``services/identity.py``).  When a second factor is due the answer is 401
+    ``totp_required`` (or ``totp_enrolment_required``) with ``details.challenge`` for the second step."""
+    result = await identity.login_password(
+        db,
+        body.login,
+        body.password,
+        source=client_host(request),
+        via="portal",
+        factors={"totp": body.code} if body.code else None,
+        network=settings.network.range,
+    )
+    return await open_session(db, result.user)
+
+
+@users_router.post("/login/second-factor", response_model=PortalSession, summary="The second step of a login")
+async def portal_login_second_factor(body: SecondStep, request: Request, db: DbDep) -> PortalSession:
+    result = await identity.login_challenge(db, body.challenge, body.code, source=client_host(request))
+    return await open_session(db, result.user)
 
 
 @users_router.post(

@@ -1,0 +1,440 @@
+"""Every user login goes through here — broker (QVD Basic and Bearer), portal (password, second step, SSO) — so
+every path gets the same chain, the same lockout, the same rules and the same audit record.
+
+A password login, in order:
+
+1. the lockout (``services/lockout.py``): a locked account or a waiting address is refused before any password
+   is checked;
+2. the tenant's chain (``auth.chain``, plugins in ``auth/plugins.py``): the first plugin that knows the name
+   decides; a directory that does not answer is 503 ``auth_unavailable``;
+3. the account: an existing user (blocked → refused), or with ``auth.auto.enabled`` a new one made from what the
+   directory said, with a first desktop (QVD's Auto plugin);
+4. the login rules (source networks, hours: the user's own or the tenant's);
+5. the second factor, when the user enrolled or the tenant requires it: the code comes with the login (QVD's
+   ``Auth-<hex>`` headers) or in a second step against a challenge (the portal).
+
+Every decision is appended to the audit chain (``user.login``): who, how (which plugin, which factor), from
+where, the result and its code.  Every failure that a guesser could time takes at least ``auth.failure_floor_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from deckard.auth.chain import Authenticator, AuthUnavailable, Credentials, Decision, Identity, Ports, Verdict
+from deckard.auth.plugins import REGISTRY
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import User, utcnow
+from deckard.model.errors import DeckardError, PermissionDenied, Unauthenticated
+from deckard.model.login_rules import LoginRules
+from deckard.services import lockout, second_factor, tickets
+from deckard.services.audit import append_audit
+from deckard.services.config import read_configs
+from deckard.services.personal_tokens import token_owner
+from deckard.services.provisioning import provision
+from deckard.services.users import split_login
+
+log = structlog.get_logger("deckard.identity")
+
+TIMED_CODES = frozenset({"bad_credentials", "bad_second_factor", "second_factor_replayed"})
+
+
+class SecondFactorRequired(Unauthenticated):
+    """The password was right; the code of the user's authenticator app is due.  ``details.challenge`` lets the
+    portal send it without the password again; QVD's clients send it in the ``Auth-746f7470`` header."""
+
+    code = "totp_required"
+
+
+class EnrolmentRequired(Unauthenticated):
+    """The tenant requires a second factor and this user has none yet: enrol in the portal
+    (``details.challenge`` lets the portal do it now)."""
+
+    code = "totp_enrolment_required"
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    user: User
+    plugin: str  # local | ldap | oidc | token: who decided
+    factor: str = ""  # "" | totp | recovery
+
+
+@dataclass
+class _Attempt:
+    """One login as it goes: what the audit record will say."""
+
+    db: Database
+    login: str
+    tenant: str
+    source: str
+    via: str
+    method: str  # password | token | sso | challenge
+    tenant_id: int | None = None
+    plugin: str = ""
+    factor: str = ""
+    user_id: int | None = None
+    started: float = 0.0
+    network: str | None = None  # the desktop network, for a first desktop made at an auto-provisioning login
+
+    async def record(self, error: DeckardError | None) -> None:
+        if error is not None and error.code == "login_locked":
+            # a flood of tries from a waiting address is refused before any check: one audit write each would
+            # let it hammer the database; the failures that started the wait are audited, and the log has these
+            log.info("auth.refused_waiting", login=self.login, tenant=self.tenant, source=self.source, via=self.via)
+            return
+        arguments = {"via": self.via, "method": self.method, "plugin": self.plugin, "factor": self.factor}
+        try:
+            await append_audit(
+                self.db,
+                action="user.login",
+                result="failed" if error else "ok",
+                admin_name=f"user:{self.login}"[:64],
+                tenant_id=self.tenant_id,
+                object_type="user",
+                object_id=str(self.user_id) if self.user_id is not None else f"{self.login}@{self.tenant}"[:64],
+                arguments={k: v for k, v in arguments.items() if v},
+                status=error.status if error else 200,
+                error_code=error.code if error else "",
+                source=self.source,
+            )
+        except Exception as e:  # the decision stands; a lost audit record must at least be loud
+            log.error("audit.write_failed", action="user.login", exc_info=e)
+
+
+# ---- the chain's plugins, built once per tenant configuration -----------------------------------------------
+
+_built: dict[tuple[str, int | None, str], tuple[str, Authenticator]] = {}
+
+
+def _fingerprint(config: Mapping[str, Any], name: str) -> str:
+    own = sorted((k, str(v)) for k, v in config.items() if k.startswith(f"auth.{name}."))
+    return hashlib.sha256(repr(own).encode()).hexdigest()
+
+
+async def _password_hash(db: Database, login: str, tenant: str) -> str | None:
+    q = (
+        sa.select(t.users.c.password_hash)
+        .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
+        .where(t.users.c.login == login, t.tenants.c.name == tenant)
+    )
+    async with db.connect() as conn:
+        value = (await conn.execute(q)).scalar_one_or_none()
+    return str(value) if value else None
+
+
+def _plugin(db: Database, tenant_id: int | None, name: str, config: Mapping[str, Any]) -> Authenticator:
+    """The tenant's plugin ``name``, rebuilt (and the old one closed) when its configuration changed."""
+    key = (db.url, tenant_id, name)
+    fingerprint = _fingerprint(config, name)
+    cached = _built.get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    plugin = REGISTRY.build(name, config, Ports(password_hash=lambda login, tenant: _password_hash(db, login, tenant)))
+    _built[key] = (fingerprint, plugin)
+    if cached is not None:
+        _close(cached[1])
+    return plugin
+
+
+def _close(plugin: Authenticator) -> None:
+    close = getattr(plugin, "close", None)
+    if callable(close):
+        close()
+
+
+def close_plugins() -> None:
+    """Let go of every directory connection (process shutdown, tests)."""
+    for _fp, plugin in _built.values():
+        _close(plugin)
+    _built.clear()
+
+
+async def _run_chain(attempt: _Attempt, config: Mapping[str, Any], creds: Credentials) -> Decision:
+    decision = Decision.pass_("none")
+    for name in str(config["auth.chain"]).split(","):
+        attempt.plugin = name
+        decision = await _plugin(attempt.db, attempt.tenant_id, name, config).authenticate(creds)
+        if decision.verdict != Verdict.PASS:
+            break
+    return decision
+
+
+# ---- steps ----------------------------------------------------------------------------------------------------
+
+
+async def _tenant(db: Database, name: str) -> tuple[int | None, bool]:
+    async with db.connect() as conn:
+        row = (
+            await conn.execute(sa.select(t.tenants.c.id, t.tenants.c.blocked).where(t.tenants.c.name == name))
+        ).first()
+    return (int(row.id), bool(row.blocked)) if row is not None else (None, False)
+
+
+async def _config(db: Database, tenant_id: int | None) -> dict[str, Any]:
+    async with db.connect() as conn:
+        return await read_configs(conn, "auth.", tenant_id)
+
+
+def _user_query() -> sa.Select[Any]:
+    return sa.select(t.users, t.tenants.c.blocked.label("tenant_blocked")).join(
+        t.tenants, t.tenants.c.id == t.users.c.tenant_id
+    )
+
+
+async def _user_row(db: Database, tenant_id: int, login: str) -> Any:
+    async with db.connect() as conn:
+        q = _user_query().where(t.users.c.tenant_id == tenant_id, t.users.c.login == login)
+        return (await conn.execute(q)).first()
+
+
+async def _learn(db: Database, row: Any, identity: Identity) -> None:
+    """Keep what the directory or SSO said of the person (display name, mail, where they come from)."""
+    values = {"display_name": identity.display_name[:128], "mail": identity.mail[:254]}
+    if identity.external_id:
+        values["external_id"] = identity.external_id[:255]
+    if any(getattr(row, k) != v for k, v in values.items()):
+        async with db.begin() as conn:
+            await conn.execute(sa.update(t.users).where(t.users.c.id == row.id).values(**values))
+
+
+async def _account(attempt: _Attempt, identity: Identity, config: Mapping[str, Any]) -> tuple[User, Any]:
+    """The Deckard user for an accepted identity: existing, or made now if the tenant auto-provisions."""
+    assert attempt.tenant_id is not None
+    row = await _user_row(attempt.db, attempt.tenant_id, identity.login)
+    if row is None and identity.plugin != "local":
+        if not config["auth.auto.enabled"]:
+            raise PermissionDenied(
+                "your directory account has no desktop account here: ask your administrator to create it",
+                code="user_not_provisioned",
+            )
+        if attempt.network is None:
+            raise PermissionDenied(
+                "this login path cannot create accounts: log in through the portal", code="user_not_provisioned"
+            )
+        await provision(attempt.db, attempt.tenant_id, identity, config, network=attempt.network)
+        row = await _user_row(attempt.db, attempt.tenant_id, identity.login)
+    if row is None:
+        raise Unauthenticated("wrong user name or password", code="bad_credentials")
+    attempt.user_id = int(row.id)
+    if row.blocked or row.tenant_blocked:
+        raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
+    if identity.plugin != "local":
+        await _learn(attempt.db, row, identity)
+    return User.from_row(row._mapping), row
+
+
+def _check_rules(row: Any, config: Mapping[str, Any], source: str) -> None:
+    rules = LoginRules(
+        networks=row.allowed_networks or config["auth.rules.networks"],
+        hours=row.allowed_hours or config["auth.rules.hours"],
+        timezone=config["auth.rules.timezone"],
+    )
+    refusal = rules.refusal(source, utcnow())
+    if refusal is not None:
+        raise PermissionDenied(refusal[1], code=refusal[0])
+
+
+async def _second_factor(
+    attempt: _Attempt, user: User, config: Mapping[str, Any], factors: Mapping[str, str] | None
+) -> None:
+    """Check the code when one is due; without one, hand out a challenge for the second step."""
+    status = await second_factor.status(attempt.db, "user", user.id)
+    if not status["enrolled"] and not config["auth.totp.required"]:
+        return
+    code = (factors or {}).get("totp", "").strip()
+    if not code:
+        challenge, expires = await tickets.issue_challenge(attempt.db, user)
+        details = {"challenge": challenge, "expires_at": expires.isoformat()}
+        if not status["enrolled"]:
+            raise EnrolmentRequired(
+                "your organisation requires a second factor: enrol your authenticator app in the portal",
+                details=details,
+            )
+        raise SecondFactorRequired(
+            "type the current 6-digit code of your authenticator app (or a recovery code)", details=details
+        )
+    if not status["enrolled"]:
+        raise EnrolmentRequired(
+            "your organisation requires a second factor: enrol your authenticator app in the portal"
+        )
+    attempt.factor = await second_factor.verify(attempt.db, "user", user.id, code)
+
+
+async def _pad(attempt: _Attempt, config: Mapping[str, Any] | None, error: DeckardError) -> None:
+    """Failures a guesser could time all take at least the floor."""
+    if error.code not in TIMED_CODES:
+        return
+    floor_ms = int(config["auth.failure_floor_ms"]) if config else 250
+    left = floor_ms / 1000 - (time.monotonic() - attempt.started)
+    if left > 0:
+        await asyncio.sleep(left)
+
+
+# ---- the logins -----------------------------------------------------------------------------------------------
+
+
+async def login_password(
+    db: Database,
+    full_login: str,
+    password: str,
+    *,
+    source: str = "",
+    via: str = "broker",
+    factors: Mapping[str, str] | None = None,
+    network: str | None = None,
+) -> LoginResult:
+    """A name (``user``, ``user@tenant``, ``user#tenant``) and password through the tenant's chain.  ``factors``
+    carries a second-factor code (``{"totp": "123456"}``) when the client sends it with the login; ``network``
+    is the desktop network, needed to give an auto-provisioned user a first desktop."""
+    login, tenant = split_login(full_login.strip().lower())
+    attempt = _Attempt(db, login, tenant, source, via, "password", started=time.monotonic(), network=network)
+    config: dict[str, Any] | None = None
+    keys = lockout.Keys.for_user(login, tenant, None, source)
+    try:
+        attempt.tenant_id, tenant_blocked = await _tenant(db, tenant)
+        keys = replace(keys, tenant_id=attempt.tenant_id)
+        await lockout.begin_attempt(db, keys)
+        config = await _config(db, attempt.tenant_id)
+        creds = Credentials(login, tenant, password, source, via)
+        if attempt.tenant_id is None:  # no such tenant: the same work as a wrong password, the same answer
+            await _run_chain(attempt, {**config, "auth.chain": "local"}, creds)
+            decision = Decision.reject("local")
+        else:
+            decision = await _run_chain(attempt, config, creds)
+        if decision.verdict != Verdict.ACCEPT or decision.identity is None:
+            await lockout.failed_attempt(db, keys)
+            raise Unauthenticated("wrong user name or password", code="bad_credentials")
+        user, row = await _account(attempt, decision.identity, config)
+        if tenant_blocked:
+            raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
+        _check_rules(row, config, source)
+        try:
+            await _second_factor(attempt, user, config, factors)
+        except Unauthenticated as e:
+            if e.code in TIMED_CODES:
+                await lockout.failed_attempt(db, keys)
+            raise
+        await lockout.succeeded(db, keys)
+    except AuthUnavailable as e:
+        log.warning("auth.unavailable", tenant=tenant, plugin=attempt.plugin, reason=e.message)
+        await attempt.record(e)
+        raise
+    except DeckardError as e:
+        await attempt.record(e)
+        await _pad(attempt, config, e)
+        raise
+    await attempt.record(None)
+    return LoginResult(user, attempt.plugin, attempt.factor)
+
+
+async def login_challenge(
+    db: Database, challenge: str, code: str, *, source: str = "", via: str = "portal"
+) -> LoginResult:
+    """The second step: the code for a challenge a password login handed out; the challenge ends on success."""
+    user = await tickets.challenge_user(db, challenge)
+    async with db.connect() as conn:
+        tenant = (await conn.execute(sa.select(t.tenants.c.name).where(t.tenants.c.id == user.tenant_id))).scalar_one()
+    attempt = _Attempt(db, user.login, str(tenant), source, via, "challenge", user.tenant_id, "", "", user.id)
+    attempt.started = time.monotonic()
+    keys = lockout.Keys.for_user(user.login, str(tenant), user.tenant_id, source)
+    config: dict[str, Any] | None = None
+    try:
+        await lockout.begin_attempt(db, keys)
+        config = await _config(db, user.tenant_id)
+        try:
+            attempt.factor = await second_factor.verify(db, "user", user.id, code)
+        except Unauthenticated as e:
+            if e.code in TIMED_CODES:
+                await lockout.failed_attempt(db, keys)
+            raise
+        await lockout.succeeded(db, keys)
+    except DeckardError as e:
+        await attempt.record(e)
+        await _pad(attempt, config, e)
+        raise
+    await tickets.end_challenge(db, challenge)
+    await attempt.record(None)
+    return LoginResult(user, "challenge", attempt.factor)
+
+
+async def login_token(db: Database, token: str, *, source: str = "", via: str = "broker") -> LoginResult:
+    """A personal token (QVD's ``Authorization: Bearer``): valid, not revoked, not expired, and its user may log
+    in from here now.  A token was made after a full login, so it needs no second factor."""
+    attempt = _Attempt(db, "", "", source, via, "token", started=time.monotonic())
+    try:
+        row = await token_owner(db, token)
+        attempt.login, attempt.user_id, attempt.tenant_id = str(row.login), int(row.id), int(row.tenant_id)
+        attempt.plugin = "token"
+        if row.blocked or row.tenant_blocked:
+            raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
+        _check_rules(row, await _config(db, attempt.tenant_id), source)
+    except DeckardError as e:
+        await attempt.record(e)
+        raise
+    await attempt.record(None)
+    return LoginResult(User.from_row(row._mapping), "token")
+
+
+async def start_challenge_enrolment(db: Database, challenge: str) -> dict[str, str]:
+    """Enrolment inside a login (the tenant requires a second factor and this user has none): ``{"secret",
+    "uri"}`` for the challenge's user."""
+    user = await tickets.challenge_user(db, challenge)
+    tenant, issuer = await _tenant_and_issuer(db, user)
+    return await second_factor.start_enrolment(db, "user", user.id, f"{user.login}@{tenant}", issuer)
+
+
+async def login_enrolment(
+    db: Database, challenge: str, code: str, *, source: str = "", via: str = "portal"
+) -> tuple[LoginResult, list[str]]:
+    """Confirm that enrolment with the app's first code: the login completes → (result, recovery codes to show
+    once).  Audited as a login whose factor is ``totp``."""
+    user = await tickets.challenge_user(db, challenge)
+    tenant, _issuer = await _tenant_and_issuer(db, user)
+    attempt = _Attempt(db, user.login, tenant, source, via, "enrolment", user.tenant_id, "", "totp", user.id)
+    try:
+        codes = await second_factor.confirm_enrolment(db, "user", user.id, code)
+    except DeckardError as e:
+        await attempt.record(e)
+        raise
+    await tickets.end_challenge(db, challenge)
+    await attempt.record(None)
+    return LoginResult(user, "challenge", "totp"), codes
+
+
+async def _tenant_and_issuer(db: Database, user: User) -> tuple[str, str]:
+    async with db.connect() as conn:
+        tenant = (await conn.execute(sa.select(t.tenants.c.name).where(t.tenants.c.id == user.tenant_id))).scalar_one()
+        issuer = (await read_configs(conn, "auth.totp.", user.tenant_id))["auth.totp.issuer"]
+    return str(tenant), str(issuer)
+
+
+async def login_external(
+    db: Database, tenant: str, who: Identity, *, source: str = "", via: str = "portal", network: str | None = None
+) -> LoginResult:
+    """A person a single sign-on provider vouched for (``who.plugin`` = ``oidc``): the same account, rules and
+    audit steps as a password login.  The provider's own second factor applies; Deckard's TOTP is for passwords."""
+    attempt = _Attempt(db, who.login, tenant, source, via, "sso", plugin=who.plugin, network=network)
+    try:
+        attempt.tenant_id, tenant_blocked = await _tenant(db, tenant)
+        if attempt.tenant_id is None:
+            raise Unauthenticated(f"no tenant {tenant[:64]!r}", code="bad_credentials")
+        config = await _config(db, attempt.tenant_id)
+        user, row = await _account(attempt, replace(who, tenant=tenant), config)
+        if tenant_blocked:
+            raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
+        _check_rules(row, config, source)
+    except DeckardError as e:
+        await attempt.record(e)
+        raise
+    await attempt.record(None)
+    return LoginResult(user, who.plugin)
