@@ -83,10 +83,10 @@ async def test_login_rules_refuse_other_networks_and_hours_and_a_user_rule_repla
     e = await _refused(identity.login_password(db, "alice", "pw-alice", source="192.168.1.5"))
     assert (e.status, e.code) == (403, "login_network_refused")
     assert (await identity.login_password(db, "alice", "pw-alice", source="10.20.30.40")).user.login == "alice"
-    async with db.begin() as conn:
-        await conn.execute(
-            sa.update(t.users).where(t.users.c.id == alice["id"]).values(allowed_networks="192.168.0.0/16")
-        )
+    with pytest.raises(DeckardError) as bad_rule:
+        await users.update_user(db, SYSTEM, int(alice["id"]), allowed_networks="192.168.0.0/33")  # type: ignore[call-overload]
+    assert bad_rule.value.code == "bad_login_rule"
+    await users.update_user(db, SYSTEM, int(alice["id"]), allowed_networks="192.168.0.0/16")  # type: ignore[call-overload]
     assert (await identity.login_password(db, "alice", "pw-alice", source="192.168.1.5")).user.login == "alice"
     now = dt.datetime.now(dt.UTC)
     closed = (now + dt.timedelta(hours=2)).strftime("%a") + " 00:00-00:01"  # a minute on another day

@@ -72,12 +72,20 @@ def passwd(user: NameArg, password: PasswordOpt, as_json: JsonOpt = False, profi
 def update(
     user: NameArg,
     description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    allowed_networks: Annotated[
+        str | None, typer.Option("--allowed-networks", help="CIDRs the user may log in from ('' = the tenant's).")
+    ] = None,
+    allowed_hours: Annotated[
+        str | None, typer.Option("--allowed-hours", help="e.g. 'Mon-Fri 07:00-19:00' ('' = the tenant's).")
+    ] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """Change a user's description."""
+    """Change a user's description or their own login rules (docs/authentication.md)."""
     with session.api(profile) as api:
-        row = api.update_user(user, description=description)
+        row = api.update_user(
+            user, description=description, allowed_networks=allowed_networks, allowed_hours=allowed_hours
+        )
     print_done(f"user {row.login!r} updated", row, as_json=as_json)
 
 

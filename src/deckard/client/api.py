@@ -226,8 +226,16 @@ class ApiClient:
         password: str | None = None,
         blocked: bool | None = None,
         description: str | None = None,
+        allowed_networks: str | None = None,
+        allowed_hours: str | None = None,
     ) -> User:
-        changes = _given(password=password, blocked=blocked, description=description)
+        changes = _given(
+            password=password,
+            blocked=blocked,
+            description=description,
+            allowed_networks=allowed_networks,
+            allowed_hours=allowed_hours,
+        )
         return self._get(User, "PATCH", f"/users/{_seg(user)}", json=changes)
 
     def set_user_password(self, user: str | int, password: str) -> User:

@@ -104,6 +104,11 @@ class User(Schema):
     blocked: bool | None = None
     description: str | None = None
     created_at: dt.datetime | None = None
+    origin: str | None = None  # local | ldap | oidc
+    display_name: str | None = None
+    mail: str | None = None
+    allowed_networks: str | None = None
+    allowed_hours: str | None = None
 
 
 class Osf(Schema):

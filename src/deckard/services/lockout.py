@@ -214,9 +214,7 @@ async def succeeded(db: Database, keys: Keys) -> None:
             if (await conn.execute(q)).first() is None:
                 return
     async with db.begin() as conn:
-        await conn.execute(
-            sa.delete(t.login_failures).where(t.login_failures.c.key.in_(mine))
-        )
+        await conn.execute(sa.delete(t.login_failures).where(t.login_failures.c.key.in_(mine)))
 
 
 # ---- what administrators see and clear -----------------------------------------------------------------------

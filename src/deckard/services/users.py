@@ -27,6 +27,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, Unavailable
+from deckard.model.login_rules import parse_hours, parse_networks
 from deckard.runtime.paths import FarmPaths
 from deckard.services import second_factor
 from deckard.services.audit import append_audit
@@ -70,6 +71,11 @@ _USER_COLS = [
     t.users.c.blocked,
     t.users.c.description,
     t.users.c.created_at,
+    t.users.c.origin,
+    t.users.c.display_name,
+    t.users.c.mail,
+    t.users.c.allowed_networks,
+    t.users.c.allowed_hours,
 ]
 FIELDS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in _USER_COLS}
 
@@ -154,13 +160,21 @@ async def update_user(
     password: str | None = None,
     blocked: bool | None = None,
     description: str | None = None,
+    allowed_networks: str | None = None,
+    allowed_hours: str | None = None,
 ) -> dict[str, Any]:
+    """Change a user; ``allowed_networks`` / ``allowed_hours`` are the user's own login rules
+    (``model/login_rules.py``; "" = the tenant's), checked before they are stored."""
     if password is not None:
         require(actor, "user.update.password")
     if blocked is not None:
         require(actor, "user.block")
-    if description is not None:
+    if description is not None or allowed_networks is not None or allowed_hours is not None:
         require(actor, "user.update")
+    if allowed_networks is not None:
+        parse_networks(allowed_networks)
+    if allowed_hours is not None:
+        parse_hours(allowed_hours)
     row = await _row(db, actor, user_id)
     values: dict[str, Any] = {}
     if password is not None:
@@ -171,6 +185,9 @@ async def update_user(
         values["blocked"] = blocked
     if description is not None:
         values["description"] = description
+    for key, value in (("allowed_networks", allowed_networks), ("allowed_hours", allowed_hours)):
+        if value is not None:
+            values[key] = value.strip()
     if values:
         async with db.begin() as conn:
             await conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**values))

@@ -37,6 +37,12 @@ class UserUpdate(RequestModel):
     password: str | None = Field(default=None, min_length=4, max_length=1024)
     blocked: bool | None = None
     description: str | None = Field(default=None, max_length=4096)
+    allowed_networks: str | None = Field(
+        default=None, max_length=4096, description="CIDRs the user may log in from; empty: the tenant's rule."
+    )
+    allowed_hours: str | None = Field(
+        default=None, max_length=1024, description="e.g. `Mon-Fri 07:00-19:00`; empty: the tenant's rule."
+    )
 
 
 user = ObjectRoutes(
@@ -71,7 +77,7 @@ user.add_get(lambda s, i: users.get_user(s.db, s.actor, i), "Show a user")
 user.add_patch(
     UserUpdate,
     lambda s, i, body: users.update_user(s.db, s.actor, i, **body.model_dump(exclude_unset=True)),
-    "Change a user's password, blocked flag or description",
+    "Change a user's password, blocked flag, description or login rules",
 )
 user.add_action("block", lambda s, i: users.update_user(s.db, s.actor, i, blocked=True), "Block a user")
 user.add_action("unblock", lambda s, i: users.update_user(s.db, s.actor, i, blocked=False), "Unblock a user")
