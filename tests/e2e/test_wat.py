@@ -287,3 +287,37 @@ def test_admin_clears_a_login_ban_and_resets_a_users_second_factor_and_token(pag
     with api.http(api.token()) as admin:
         assert admin.get(f"/users/{user['id']}/second-factor").json()["enrolled"] is False
         assert [t["revoked"] for t in admin.get(f"/users/{user['id']}/tokens").json()["items"]] == [True]
+
+
+def test_an_administrator_sets_up_an_authenticator_app_and_the_login_asks_for_its_code(page: Any, api: Api) -> None:
+    """My account draws the QR code and confirms the app's first code; the next login shows the code step, which
+    refuses a wrong code and takes a recovery code."""
+    import pyotp
+
+    with api.http(api.token()) as admin:
+        body = {"name": "tess", "password": "Tess-secret-42", "tenant": "*", "roles": ["Read-only"]}
+        assert admin.post("/admins", json=body).status_code == 201
+    login(page, api, "tess", "Tess-secret-42")
+    page.get_by_role("link", name="My account").click()
+    page.get_by_role("button", name="Set up authenticator app").click()
+    page.wait_for_selector("canvas[data-drawn='1']")
+    secret = page.locator("[data-field=secret]").text_content().replace(" ", "")
+    page.get_by_label("Code", exact=True).fill(pyotp.TOTP(secret).now())
+    page.get_by_role("button", name="Confirm").click()
+    page.get_by_role("list", name="Recovery codes").wait_for()
+    codes = page.get_by_role("list", name="Recovery codes").locator("code").all_text_contents()
+    assert len(codes) == 10
+    page.get_by_role("button", name="I have saved them").click()
+    page.wait_for_function("() => document.querySelector('[data-field=second_factor]')?.textContent.startsWith('On:')")
+
+    page.get_by_role("button", name="Log out").click()
+    page.get_by_label("Name").fill("tess")
+    page.get_by_label("Password").fill("Tess-secret-42")
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Code", exact=True).fill("000000")
+    page.get_by_role("button", name="Continue").click()
+    page.get_by_text("Wrong code: type the current one.").wait_for()
+    page.get_by_label("Code", exact=True).fill(codes[0])
+    page.get_by_role("button", name="Continue").click()
+    page.wait_for_selector("header.top")
+    assert page.locator("span.who").text_content() == "tess"

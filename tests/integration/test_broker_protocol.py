@@ -481,6 +481,7 @@ async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start
 
 async def test_failed_start_is_503_with_the_nodes_reason(farm: Farm) -> None:
     farm.node.driver.start_error = "the image is corrupt: rebuild it"
+    farm.node.driver.start_delay = 0.3  # the broker sees the start under way (a 102) before it fails
     desk_id = farm.alice_desk["id"]
     c = await RawClient.open(farm)
     status, _, body, infos = await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})

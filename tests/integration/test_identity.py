@@ -22,6 +22,7 @@ async def _farm(db: Database, floor_ms: int = 0) -> dict[str, object]:
     await bootstrap_farm(db)
     alice = await users.create_user(db, SYSTEM, "alice", "pw-alice")
     await config.set_config(db, SYSTEM, "auth.failure_floor_ms", floor_ms)
+    await config.set_config(db, SYSTEM, "auth.lockout.refusal_delay_ms", 0)
     return alice
 
 

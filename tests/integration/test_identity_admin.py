@@ -35,6 +35,7 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
 async def _lockout_after_two(farm: Farm) -> None:
     await config.set_config(farm.db, SYSTEM, "auth.lockout.account_failures", 2)
     await config.set_config(farm.db, SYSTEM, "auth.failure_floor_ms", 0)
+    await config.set_config(farm.db, SYSTEM, "auth.lockout.refusal_delay_ms", 0)
 
 
 async def _guess(farm: Farm, login: str, times: int = 2) -> None:
@@ -100,6 +101,7 @@ async def test_resetting_a_second_factor_is_audited_and_the_user_logs_in_without
     root = await farm.admin_client()
     alice = await call(root.create_user, "alice", "pw-alice")
     await config.set_config(farm.db, SYSTEM, "auth.failure_floor_ms", 0)
+    await config.set_config(farm.db, SYSTEM, "auth.lockout.refusal_delay_ms", 0)
     enrol = await second_factor.start_enrolment(farm.db, "user", alice.id, "alice@default", "Deckard")
     await second_factor.confirm_enrolment(farm.db, "user", alice.id, pyotp.TOTP(enrol["secret"]).at(time.time() - 30))
     status = await call(root.get_second_factor, alice.id)
@@ -133,6 +135,7 @@ async def test_an_administrator_lists_and_revokes_a_users_personal_tokens(farm: 
     root = await farm.admin_client()
     alice = await call(root.create_user, "alice", "pw-alice")
     await config.set_config(farm.db, SYSTEM, "auth.failure_floor_ms", 0)
+    await config.set_config(farm.db, SYSTEM, "auth.lockout.refusal_delay_ms", 0)
     user = (await identity.login_password(farm.db, "alice", "pw-alice")).user
     secret, row = await personal_tokens.create_token(farm.db, user, "laptop", days=7)
     (listed,) = await call(root.list_user_tokens, alice.id)

@@ -34,6 +34,7 @@ SKIPPED_METHODS = {"GET", "HEAD", "OPTIONS"}
 MAX_ARGUMENTS = 64 * 1024  # bodies beyond this (uploads) are described, not stored
 MAX_HELD = 256 * 1024
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
+LOGIN_SECRETS = ("challenge", "code")  # /auth/* bodies: masked like passwords
 
 
 def describe_action(method: str, template: str, path_params: dict[str, Any]) -> tuple[str, str, str]:
@@ -83,6 +84,16 @@ def _arguments(body: bytes, truncated: bool, content_type: str, query: str) -> A
     if query:
         args = {"_query": query, **args} if isinstance(args, dict) else {"_query": query, "_body": args}
     return args
+
+
+def _login_arguments(arguments: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A login's arguments: its challenge and code masked (a live challenge lets one try codes), and who checked
+    the password and which factor was used, as the route put them on ``request.state``."""
+    out = {k: (MASK if k in LOGIN_SECRETS and v else v) for k, v in arguments.items()}
+    for key in ("plugin", "factor"):
+        if state.get(f"login_{key}"):
+            out[key] = str(state[f"login_{key}"])
+    return out
 
 
 class AuditMiddleware:
@@ -190,12 +201,17 @@ class AuditMiddleware:
         key = KEYS.get(object_id) if object_type == "config" else None
         if key is not None and key.secret and isinstance(arguments, dict) and "value" in arguments:
             arguments = {**arguments, "value": MASK}  # a directory's or provider's password is not an argument
-        actor = (scope.get("state") or {}).get("actor")
+        state = scope.get("state") or {}
+        actor = state.get("actor")
         admin_id, admin_name, tenant_id = None, "", None
         if actor is not None:
             admin_id, admin_name, tenant_id = actor.id, actor.name, actor.tenant_id
         elif isinstance(arguments, dict) and isinstance(arguments.get("name"), str) and action == "auth.login":
             admin_name = arguments["name"]
+        elif action.startswith("auth.login") and state.get("login_name"):  # the second step names no one
+            admin_name = str(state["login_name"])
+        if object_type == "auth" and isinstance(arguments, dict):
+            arguments = _login_arguments(arguments, state)
         client = scope.get("client")
         db: Database = self.fastapi_app.state.db
         try:

@@ -197,6 +197,14 @@ def image_import(
 
 
 # ---- running processes ---------------------------------------------------------------------------------
+async def _close_logins() -> None:
+    """Directory connections and single sign-on clients the logins kept open."""
+    from deckard.services import password_plugins, sso
+
+    password_plugins.close_plugins()
+    await sso.close_clients()
+
+
 async def _serve(
     settings: Settings, shutdown: Shutdown, *, with_api: bool, with_node: bool, ready_file: Path | None = None
 ) -> None:
@@ -216,6 +224,7 @@ async def _serve(
     _ca, cert, key = ensure_tls(paths.tls)
     async with _farm_db(settings) as db, Parts(shutdown.stop) as parts:
         await bootstrap_farm(db)
+        parts.on_stop(_close_logins)
         if with_api:
             app = create_app(db, settings)
             parts.run("api", serve_api(app, settings.api.host, settings.api.port, str(cert), str(key), shutdown.stop))

@@ -5,6 +5,9 @@ system trust store knows.  With ``--ca`` the server is verified against that CA.
 the certificate the server presents, shows its SHA-256 fingerprint and asks the administrator to confirm it
 (compare it with ``deckard`` output on the farm, or pass ``--fingerprint`` to do it non-interactively); what was
 confirmed is saved next to the profile and every later command verifies the server against it.
+
+An administrator with a second factor gives the authenticator app's code with ``--code``, or is asked for it
+when the server answers ``totp_required`` (a recovery code works too).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from deckard.cli.output import print_done
 from deckard.cli.session import ERROR_EXIT, PROMPTED, JsonOpt, ProfileOpt
 from deckard.client.api import ApiClient
 from deckard.client.profile import Profile, default_profile_path, save_profile
-from deckard.model.errors import DeckardError, Unavailable
+from deckard.model.errors import DeckardError, Unauthenticated, Unavailable
+from deckard.model.schemas import LoginResult
 
 
 def fetch_server_certificate(url: str, timeout: float = 10.0) -> bytes:
@@ -60,6 +64,18 @@ def _same_fingerprint(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def _log_in(client: ApiClient, user: str, password: str, tenant: str | None, code: str | None) -> LoginResult:
+    """The login, and its second step when the server asks for a code that was not given."""
+    try:
+        return client.login(user, password, tenant, code)
+    except Unauthenticated as e:
+        challenge = e.details.get("challenge")
+        if e.code != "totp_required" or not challenge:
+            raise
+    entered = typer.prompt("Code from your authenticator app (or a recovery code)", err=True)
+    return client.login_second_factor(str(challenge), entered.strip())
+
+
 LoginPasswordOpt = Annotated[
     str,
     typer.Option(
@@ -78,6 +94,10 @@ def login(
     ] = None,
     expected: Annotated[
         str | None, typer.Option("--fingerprint", help="SHA-256 fingerprint of the server certificate to pin.")
+    ] = None,
+    code: Annotated[
+        str | None,
+        typer.Option("--code", help="The authenticator app's code (asked for when the server wants one)."),
     ] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
@@ -111,7 +131,7 @@ def login(
             pinned.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             pinned.write_text(ssl.DER_cert_to_PEM_cert(der))
         with ApiClient(url, None, pinned) as client:
-            out = client.login(user, password, tenant)
+            out = _log_in(client, user, password, tenant, code)
         saved = save_profile(profile_path, Profile(url=url, token=out.token, ca=pinned))
     except DeckardError as e:
         session.report(e)

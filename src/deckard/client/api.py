@@ -193,11 +193,20 @@ class ApiClient:
     def health(self) -> Health:
         return self._get(Health, "GET", "/health", auth=False)
 
-    def login(self, name: str, password: str, tenant: str | None = None) -> LoginResult:
+    def login(self, name: str, password: str, tenant: str | None = None, code: str | None = None) -> LoginResult:
         """Open a session; the client then uses its token.  Without a tenant the server looks among the
-        supertenant's administrators, then the ``default`` tenant's."""
-        body = _given(name=name, password=password, tenant=tenant)
+        supertenant's administrators, then the ``default`` tenant's.  An administrator with a second factor sends
+        its ``code``, or gets ``Unauthenticated`` ``totp_required`` whose ``details["challenge"]`` goes to
+        ``login_second_factor``."""
+        body = _given(name=name, password=password, tenant=tenant, code=code)
         out = self._get(LoginResult, "POST", "/auth/login", json=body, auth=False)
+        self.token = out.token
+        return out
+
+    def login_second_factor(self, challenge: str, code: str) -> LoginResult:
+        """The second step of a login that answered ``totp_required``: the authenticator app's code."""
+        body = {"challenge": challenge, "code": code}
+        out = self._get(LoginResult, "POST", "/auth/login/second-factor", json=body, auth=False)
         self.token = out.token
         return out
 

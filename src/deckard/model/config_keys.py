@@ -79,6 +79,15 @@ IDENTITY_KEYS = (
         per_tenant=True,
     ),
     ConfigKey(
+        "auth.lockout.refusal_delay_ms",
+        int,
+        3000,
+        "How long the answer to someone who must wait (`login_locked`, `account_locked`) is held back, so a client "
+        "that ignores `Retry-After` cannot make the broker spin.",
+        minimum=0,
+        maximum=30_000,
+    ),
+    ConfigKey(
         "auth.rules.networks",
         str,
         "",
@@ -210,8 +219,8 @@ IDENTITY_KEYS = (
         "auth.ldap.admin_groups",
         str,
         "",
-        "Directory groups whose members are administrators, with their role: `cn=vdi-admins,ou=groups,dc=example,"
-        "dc=org = Tenant admin; <dn> = <role>`.",
+        "`<group DN> = <role>; …`: directory groups whose members are administrators, with their role "
+        "(`cn=vdi-admins,ou=groups,dc=example,dc=org = Tenant admin`); group DNs are compared case-insensitively.",
         per_tenant=True,
     ),
     ConfigKey(

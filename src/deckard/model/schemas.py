@@ -365,3 +365,20 @@ class AdminTokenCreated(Schema):
     name: str
     created_at: dt.datetime
     expires_at: dt.datetime
+
+
+class AdminSecondFactor(Schema):
+    """The acting administrator's own second factor (``GET /auth/second-factor``)."""
+
+    enrolled: bool = Field(description="A confirmed second factor: every login asks for its code.")
+    pending: bool = Field(description="An enrolment was started but not confirmed.")
+    recovery_codes_left: int
+
+
+class SecondFactorEnrolment(Schema):
+    secret: str = Field(description="The TOTP secret (base32), for typing into an app by hand.")
+    uri: str = Field(description="The `otpauth://` URI an authenticator app reads from a QR code.")
+
+
+class RecoveryCodes(Schema):
+    recovery_codes: list[str] = Field(description="Single-use codes for when the app is lost: shown only now.")

@@ -1,6 +1,12 @@
 """Administrators' credentials: password logins that yield session tokens, long-lived API tokens, and the
 lookup that turns a bearer token back into the ``Actor`` every admin service receives.
 
+A password is checked by Deckard (argon2) when the administrator has one; a name without one (unknown, or an
+administrator a directory login made) goes to the tenant's directory when its ``auth.chain`` names ``ldap``
+(``services/admin_directory.py``: the directory's groups make the administrator and its roles).  An administrator
+with a confirmed second factor (TOTP) then gives its code: with the login (``code``), or against the challenge a
+login without it answers (401 ``totp_required``, ``details.challenge``), as the portal does for users.
+
 Only the SHA-256 of a token is stored (``admin_tokens.token_hash``): a leaked database does not leak working
 tokens, and a 256-bit random secret needs no slow hash.
 
@@ -18,6 +24,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,8 +34,9 @@ from deckard.auth.local import hash_password, verify_password_async
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
-from deckard.services import lockout, second_factor
+from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied, Unauthenticated
+from deckard.services import admin_directory, lockout, second_factor, tickets
+from deckard.services.config import read_configs
 from deckard.services.context import Actor, require, visible
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -47,6 +55,8 @@ from deckard.services.tenant_lookup import resolve_tenant_for_create
 TOKEN_PREFIX = "dk_"
 SESSION = "session"
 API = "api"
+LOCAL = "local"
+TIMED_CODES = frozenset({"bad_credentials", "bad_second_factor", "second_factor_replayed"})  # count as failures
 
 
 def new_token() -> str:
@@ -73,6 +83,8 @@ async def _admin_row(db: Database, name: str, tenant: str | None) -> sa.Row[*tup
                     a.c.tenant_id,
                     a.c.password_hash,
                     a.c.blocked,
+                    a.c.origin,
+                    t.tenants.c.name.label("tenant_name"),
                     t.tenants.c.blocked.label("tenant_blocked"),
                 )
                 .join(t.tenants, t.tenants.c.id == a.c.tenant_id)
@@ -100,6 +112,19 @@ async def _store_token(db: Database, admin_id: int, kind: str, name: str, expire
     return token
 
 
+@dataclass
+class LoginAttempt:
+    """What one administrator login found out as it went, also when it failed: for its audit record."""
+
+    name: str = ""
+    plugin: str = ""  # local | ldap: who checked the password (the second step: the administrator's origin)
+    factor: str = ""  # "" | totp | recovery
+
+
+def _bad_credentials() -> Unauthenticated:
+    return Unauthenticated("wrong administrator name, tenant or password", code="bad_credentials")
+
+
 async def login_admin(
     db: Database,
     name: str,
@@ -108,21 +133,108 @@ async def login_admin(
     hours: float = 12,
     *,
     source: str = "",
+    code: str | None = None,
+    attempt: LoginAttempt | None = None,
 ) -> tuple[str, dt.datetime]:
-    """Check an administrator's password and open a session.  Every failure is the same 401 and takes the same
-    time (an unknown name is checked against a decoy hash); repeated failures from one address make it wait
-    (429 ``login_locked`` with ``details.retry_after_s``), see the module docstring."""
+    """Check an administrator's password (and second factor) and open a session → (token, expiry).
+
+    Every wrong password is the same 401 ``bad_credentials`` and takes the same work (an unknown name is checked
+    against a decoy hash, also while the directory decides); repeated failures from one address make it wait
+    (429 ``login_locked`` with ``details.retry_after_s``), wrong codes included.  A directory administrator: 403
+    ``no_admin_role`` (no mapped group), 503 ``auth_unavailable`` (the directory did not answer).  A confirmed
+    second factor without ``code``: 401 ``totp_required`` with ``details.challenge`` for
+    ``login_admin_challenge``.  ``attempt`` is filled in as the login goes (who checked, which factor)."""
+    attempt = attempt if attempt is not None else LoginAttempt()
+    attempt.name = name
     keys = lockout.Keys.for_admin(name, tenant, source)
     await lockout.begin_attempt(db, keys)
-    row = await _admin_row(db, name, tenant)
-    ok = await verify_password_async(row.password_hash if row else None, password)
-    if row is None or not ok or row.blocked or row.tenant_blocked:
-        await lockout.failed_attempt(db, keys)
-        raise Unauthenticated("wrong administrator name, tenant or password", code="bad_credentials")
+    try:
+        admin_id = await _authenticate(db, name, password, tenant, source, attempt)
+        await _check_second_factor(db, admin_id, code, attempt)
+    except Unauthenticated as e:
+        if e.code in TIMED_CODES:
+            await lockout.failed_attempt(db, keys)
+        raise
     await lockout.succeeded(db, keys)
-    expires_at = utcnow() + dt.timedelta(hours=hours)
-    token = await _store_token(db, int(row.id), SESSION, "", expires_at)
-    return token, expires_at
+    return await open_admin_session(db, admin_id, hours)
+
+
+async def _authenticate(
+    db: Database, name: str, password: str, tenant: str | None, source: str, attempt: LoginAttempt
+) -> int:
+    row = await _admin_row(db, name, tenant)
+    named = bool(name) and len(name) <= 64 and set(name) <= NAME_CHARS
+    directory = await admin_directory.ldap_directory(db, tenant, row) if named else None
+    if directory is None:
+        attempt.plugin = LOCAL
+        ok = await verify_password_async(row.password_hash if row else None, password)
+        if row is None or not ok or row.blocked or row.tenant_blocked:
+            raise _bad_credentials()
+        return int(row.id)
+    attempt.plugin = admin_directory.LDAP.origin
+    blocked = directory.tenant_blocked or bool(row is not None and row.blocked)
+    # the decoy keeps a directory login as long as a local one: the time does not tell which names are local
+    admin_id, _decoy = await asyncio.gather(
+        admin_directory.login_ldap(db, directory, name, password, source=source, blocked=blocked),
+        verify_password_async(None, password),
+        return_exceptions=True,
+    )
+    if isinstance(admin_id, BaseException):
+        raise admin_id
+    return admin_id
+
+
+async def _check_second_factor(db: Database, admin_id: int, code: str | None, attempt: LoginAttempt) -> None:
+    """Nothing to do without a confirmed second factor; else check ``code``, or hand out a challenge."""
+    if not (await second_factor.status(db, second_factor.ADMIN, admin_id))["enrolled"]:
+        return
+    if not code:
+        challenge, expires = await tickets.issue_admin_challenge(db, admin_id)
+        raise Unauthenticated(
+            "type the current 6-digit code of your authenticator app (or a recovery code)",
+            code="totp_required",
+            details={"challenge": challenge, "expires_at": expires.isoformat()},
+        )
+    attempt.factor = await second_factor.verify(db, second_factor.ADMIN, admin_id, code)
+
+
+async def login_admin_challenge(
+    db: Database,
+    challenge: str,
+    code: str,
+    hours: float = 12,
+    *,
+    source: str = "",
+    attempt: LoginAttempt | None = None,
+) -> tuple[str, dt.datetime]:
+    """The second step: the code for a challenge ``login_admin`` handed out → (token, expiry).  A wrong code
+    counts like a wrong password; the challenge ends when it succeeds (401 ``challenge_expired`` after)."""
+    attempt = attempt if attempt is not None else LoginAttempt()
+    admin_id = await tickets.challenge_admin(db, challenge)
+    a = t.administrators
+    q = (
+        sa.select(a.c.name, a.c.origin, a.c.blocked, t.tenants.c.name.label("tenant"), t.tenants.c.blocked.label("tb"))
+        .join(t.tenants, t.tenants.c.id == a.c.tenant_id)
+        .where(a.c.id == admin_id)
+    )
+    async with db.connect() as conn:
+        row = (await conn.execute(q)).first()
+    if row is None or row.blocked or row.tb:
+        raise Unauthenticated("this administrator is blocked: ask another administrator", code="admin_blocked")
+    attempt.name, attempt.plugin = str(row.name), str(row.origin)
+    keys = lockout.Keys.for_admin(attempt.name, str(row.tenant), source)
+    await lockout.begin_attempt(db, keys)
+    try:
+        attempt.factor = await second_factor.verify(db, second_factor.ADMIN, admin_id, code)
+    except Unauthenticated as e:
+        if e.code in TIMED_CODES:
+            await lockout.failed_attempt(db, keys)
+        raise
+    await tickets.end_challenge(db, challenge)
+    # the first step counted its try under the tenant as typed (none, most often): that pair starts afresh too
+    for done in (keys, lockout.Keys.for_admin(attempt.name, None, source)):
+        await lockout.succeeded(db, done)
+    return await open_admin_session(db, admin_id, hours)
 
 
 async def create_api_token(db: Database, admin_name: str, token_name: str, tenant: str | None = None) -> str:
@@ -340,3 +452,53 @@ async def open_admin_session(db: Database, admin_id: int, hours: float) -> tuple
     """A session for an administrator another login path (single sign-on, ``services/sso.py``) accepted."""
     expires_at = utcnow() + dt.timedelta(hours=hours)
     return await _store_token(db, admin_id, SESSION, "", expires_at), expires_at
+
+
+# ---- administrators' second factor ---------------------------------------------------------------------------
+
+
+def _own_id(actor: Actor) -> int:
+    if actor.kind != "admin" or actor.id is None:
+        raise PermissionDenied("only an administrator has a second factor of their own here", code="forbidden_action")
+    return actor.id
+
+
+async def own_second_factor(db: Database, actor: Actor) -> dict[str, Any]:
+    """The acting administrator's second factor: ``{"enrolled", "pending", "recovery_codes_left"}``."""
+    return dict(await second_factor.status(db, second_factor.ADMIN, _own_id(actor)))
+
+
+async def start_own_enrolment(db: Database, actor: Actor) -> dict[str, str]:
+    """A new secret for the acting administrator's authenticator app → ``{"secret", "uri"}`` (the app shows
+    ``name@tenant``, or the name alone for the farm's administrators, under the tenant's ``auth.totp.issuer``);
+    409 ``second_factor_enrolled`` when one is confirmed already."""
+    admin_id = _own_id(actor)
+    async with db.connect() as conn:
+        q = (
+            sa.select(t.administrators.c.name, t.administrators.c.tenant_id, t.tenants.c.name.label("tenant"))
+            .join(t.tenants, t.tenants.c.id == t.administrators.c.tenant_id)
+            .where(t.administrators.c.id == admin_id)
+        )
+        row = (await conn.execute(q)).one()
+        issuer = (await read_configs(conn, "auth.totp.", int(row.tenant_id)))["auth.totp.issuer"]
+    account = str(row.name) if int(row.tenant_id) == SUPERTENANT_ID else f"{row.name}@{row.tenant}"
+    return await second_factor.start_enrolment(db, second_factor.ADMIN, admin_id, account, str(issuer))
+
+
+async def confirm_own_enrolment(db: Database, actor: Actor, code: str) -> list[str]:
+    """The app's first code confirms the secret → ten recovery codes, shown once; from now on every login of the
+    administrator asks for a code.  401 ``bad_second_factor``; 409 ``no_enrolment``."""
+    return await second_factor.confirm_enrolment(db, second_factor.ADMIN, _own_id(actor), code)
+
+
+async def reset_admin_second_factor(db: Database, actor: Actor, admin_id: int) -> None:
+    """Remove another administrator's second factor (a lost phone).  ACL ``admin.update.password``: like a new
+    password it replaces a credential.  404 outside the actor's tenant; 409 ``admin_self`` for one's own (a
+    stolen session must not switch it off)."""
+    async with db.connect() as conn:
+        row = await _find_admin(conn, actor, admin_id)
+    require(actor, "admin.update.password")
+    if int(row["id"]) == actor.id:
+        raise Conflict("you cannot reset your own second factor: ask another administrator", code="admin_self")
+    await second_factor.reset(db, second_factor.ADMIN, int(row["id"]))
+    await publish(db, "updated", "admin", int(row["id"]), int(row["tenant_id"]))

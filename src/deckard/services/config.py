@@ -25,7 +25,9 @@ from deckard.services.tenant_lookup import find_tenant
 
 GLOBAL = 0  # the global layer's tenant_id
 # limits a tenant lives under, not choices it makes: only supertenant administrators set them, on any layer
-FARM_OWNER_KEYS = frozenset({"image.max_upload_mib"})
+# (``auth.oidc.admin_groups`` and ``auth.ldap.admin_groups`` grant roles: a tenant administrator could otherwise
+# map a group to a role stronger than their own)
+FARM_OWNER_KEYS = frozenset({"image.max_upload_mib", "auth.oidc.admin_groups", "auth.ldap.admin_groups"})
 
 
 async def _rows(conn: AsyncConnection, tenant_id: int | None, keys: list[str]) -> dict[tuple[int, str], Any]:

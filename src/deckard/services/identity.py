@@ -20,23 +20,22 @@ where, the result and its code.  Every failure that a guesser could time takes a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
 
-from deckard.auth.chain import Authenticator, AuthUnavailable, Credentials, Decision, Identity, Ports, Verdict
-from deckard.auth.plugins import REGISTRY
+from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity, Ports, Verdict
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, utcnow
 from deckard.model.errors import DeckardError, PermissionDenied, Unauthenticated
 from deckard.model.login_rules import LoginRules
-from deckard.services import lockout, second_factor, tickets
+from deckard.services import lockout, password_plugins, second_factor, tickets
 from deckard.services.audit import append_audit
 from deckard.services.config import read_configs
 from deckard.services.personal_tokens import token_owner
@@ -46,6 +45,9 @@ from deckard.services.users import split_login
 log = structlog.get_logger("deckard.identity")
 
 TIMED_CODES = frozenset({"bad_credentials", "bad_second_factor", "second_factor_replayed"})
+WAIT_CODES = frozenset({"login_locked", "account_locked"})
+# ``auth.lockout.refusal_delay_ms`` as last read per farm database: a refusal from memory reads no configuration
+_refusal_delay_ms: dict[str, int] = {}
 
 
 class SecondFactorRequired(Unauthenticated):
@@ -87,7 +89,7 @@ class _Attempt:
     network: str | None = None  # the desktop network, for a first desktop made at an auto-provisioning login
 
     async def record(self, error: DeckardError | None) -> None:
-        if error is not None and error.code == "login_locked":
+        if error is not None and error.code in WAIT_CODES:
             # a flood of tries from a waiting address is refused before any check: one audit write each would
             # let it hammer the database; the failures that started the wait are audited, and the log has these
             log.info("auth.refused_waiting", login=self.login, tenant=self.tenant, source=self.source, via=self.via)
@@ -111,17 +113,17 @@ class _Attempt:
             log.error("audit.write_failed", action="user.login", exc_info=e)
 
 
-# ---- the chain's plugins, built once per tenant configuration -----------------------------------------------
+# ---- the chain's plugins (built once per tenant configuration: services/password_plugins.py) -------------------
 
-_built: dict[tuple[str, int | None, str], tuple[str, Authenticator]] = {}
-
-
-def _fingerprint(config: Mapping[str, Any], name: str) -> str:
-    own = sorted((k, str(v)) for k, v in config.items() if k.startswith(f"auth.{name}."))
-    return hashlib.sha256(repr(own).encode()).hexdigest()
+# the users row a login already read (login, tenant, row): the local plugin's lookup answers from it
+_known_row: ContextVar[tuple[str, str, Any] | None] = ContextVar("deckard_identity_known_row", default=None)
 
 
 async def _password_hash(db: Database, login: str, tenant: str) -> str | None:
+    known = _known_row.get()
+    if known is not None and known[:2] == (login, tenant):
+        value = known[2].password_hash if known[2] is not None else None
+        return str(value) if value else None
     q = (
         sa.select(t.users.c.password_hash)
         .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
@@ -132,38 +134,16 @@ async def _password_hash(db: Database, login: str, tenant: str) -> str | None:
     return str(value) if value else None
 
 
-def _plugin(db: Database, tenant_id: int | None, name: str, config: Mapping[str, Any]) -> Authenticator:
-    """The tenant's plugin ``name``, rebuilt (and the old one closed) when its configuration changed."""
-    key = (db.url, tenant_id, name)
-    fingerprint = _fingerprint(config, name)
-    cached = _built.get(key)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    plugin = REGISTRY.build(name, config, Ports(password_hash=lambda login, tenant: _password_hash(db, login, tenant)))
-    _built[key] = (fingerprint, plugin)
-    if cached is not None:
-        _close(cached[1])
-    return plugin
-
-
-def _close(plugin: Authenticator) -> None:
-    close = getattr(plugin, "close", None)
-    if callable(close):
-        close()
-
-
-def close_plugins() -> None:
-    """Let go of every directory connection (process shutdown, tests)."""
-    for _fp, plugin in _built.values():
-        _close(plugin)
-    _built.clear()
+def _ports(db: Database) -> Ports:
+    return Ports(password_hash=lambda login, tenant: _password_hash(db, login, tenant))
 
 
 async def _run_chain(attempt: _Attempt, config: Mapping[str, Any], creds: Credentials) -> Decision:
     decision = Decision.pass_("none")
     for name in str(config["auth.chain"]).split(","):
         attempt.plugin = name
-        decision = await _plugin(attempt.db, attempt.tenant_id, name, config).authenticate(creds)
+        built = password_plugins.plugin(attempt.db, attempt.tenant_id, name, config, _ports(attempt.db))
+        decision = await built.authenticate(creds)
         if decision.verdict != Verdict.PASS:
             break
     return decision
@@ -172,12 +152,52 @@ async def _run_chain(attempt: _Attempt, config: Mapping[str, Any], creds: Creden
 # ---- steps ----------------------------------------------------------------------------------------------------
 
 
-async def _tenant(db: Database, name: str) -> tuple[int | None, bool]:
+@dataclass(frozen=True)
+class _Known:
+    """What one read connection learns before any password is checked."""
+
+    tenant_id: int | None
+    tenant_blocked: bool
+    row: Any  # the users row of the login as typed (with ``tenant_blocked``), or None
+    enrolled: bool  # the user has a confirmed second factor
+    config: dict[str, Any]
+    counters: bool  # the login has failure counters that a success must clear
+
+
+async def _look_up(db: Database, login: str, tenant: str, keys: lockout.Keys) -> _Known:
+    """Tenant, account, second factor, the tenant's ``auth.*`` configuration and the lockout, in one connection:
+    a login's reads cost one pool checkout instead of seven.  Raises the lockout's refusal."""
+    sf = t.second_factors
+    q = (
+        sa.select(
+            t.tenants.c.id.label("tid"),
+            t.tenants.c.blocked.label("tenant_blocked"),
+            t.users,
+            sf.c.confirmed_at.label("factor_confirmed_at"),
+        )
+        .select_from(
+            t.tenants.outerjoin(
+                t.users, (t.users.c.tenant_id == t.tenants.c.id) & (t.users.c.login == login)
+            ).outerjoin(sf, (sf.c.principal == "user") & (sf.c.principal_id == t.users.c.id))
+        )
+        .where(t.tenants.c.name == tenant)
+    )
+    lockout.precheck(db, keys)
     async with db.connect() as conn:
-        row = (
-            await conn.execute(sa.select(t.tenants.c.id, t.tenants.c.blocked).where(t.tenants.c.name == name))
-        ).first()
-    return (int(row.id), bool(row.blocked)) if row is not None else (None, False)
+        found = (await conn.execute(q)).first()
+        tenant_id = int(found.tid) if found is not None else None
+        counters = await lockout.check(db, conn, replace(keys, tenant_id=tenant_id))
+        config = await read_configs(conn, "auth.", tenant_id)
+    _refusal_delay_ms[db.url] = int(config["auth.lockout.refusal_delay_ms"])
+    row = found if found is not None and found.id is not None else None
+    return _Known(
+        tenant_id,
+        bool(found.tenant_blocked) if found is not None else False,
+        row,
+        row is not None and row.factor_confirmed_at is not None,
+        config,
+        counters,
+    )
 
 
 async def _config(db: Database, tenant_id: int | None) -> dict[str, Any]:
@@ -207,10 +227,16 @@ async def _learn(db: Database, row: Any, identity: Identity) -> None:
             await conn.execute(sa.update(t.users).where(t.users.c.id == row.id).values(**values))
 
 
-async def _account(attempt: _Attempt, identity: Identity, config: Mapping[str, Any]) -> tuple[User, Any]:
-    """The Deckard user for an accepted identity: existing, or made now if the tenant auto-provisions."""
+async def _account(
+    attempt: _Attempt, identity: Identity, config: Mapping[str, Any], known: Any = None
+) -> tuple[User, Any]:
+    """The Deckard user for an accepted identity: existing (``known``: its row, already read), or made now if the
+    tenant auto-provisions."""
     assert attempt.tenant_id is not None
-    row = await _user_row(attempt.db, attempt.tenant_id, identity.login)
+    if known is not None and known.login == identity.login:
+        row = known
+    else:
+        row = await _user_row(attempt.db, attempt.tenant_id, identity.login)
     if row is None and identity.plugin != "local":
         if not config["auth.auto.enabled"]:
             raise PermissionDenied(
@@ -245,17 +271,16 @@ def _check_rules(row: Any, config: Mapping[str, Any], source: str) -> None:
 
 
 async def _second_factor(
-    attempt: _Attempt, user: User, config: Mapping[str, Any], factors: Mapping[str, str] | None
+    attempt: _Attempt, user: User, config: Mapping[str, Any], factors: Mapping[str, str] | None, enrolled: bool
 ) -> None:
     """Check the code when one is due; without one, hand out a challenge for the second step."""
-    status = await second_factor.status(attempt.db, "user", user.id)
-    if not status["enrolled"] and not config["auth.totp.required"]:
+    if not enrolled and not config["auth.totp.required"]:
         return
     code = (factors or {}).get("totp", "").strip()
     if not code:
         challenge, expires = await tickets.issue_challenge(attempt.db, user)
         details = {"challenge": challenge, "expires_at": expires.isoformat()}
-        if not status["enrolled"]:
+        if not enrolled:
             raise EnrolmentRequired(
                 "your organisation requires a second factor: enrol your authenticator app in the portal",
                 details=details,
@@ -263,7 +288,7 @@ async def _second_factor(
         raise SecondFactorRequired(
             "type the current 6-digit code of your authenticator app (or a recovery code)", details=details
         )
-    if not status["enrolled"]:
+    if not enrolled:
         raise EnrolmentRequired(
             "your organisation requires a second factor: enrol your authenticator app in the portal"
         )
@@ -271,7 +296,14 @@ async def _second_factor(
 
 
 async def _pad(attempt: _Attempt, config: Mapping[str, Any] | None, error: DeckardError) -> None:
-    """Failures a guesser could time all take at least the floor."""
+    """Failures a guesser could time all take at least the floor; a refusal of someone who must wait takes a
+    few seconds, so a client that ignores ``Retry-After`` cannot spin on the broker (it costs a sleeping task)."""
+    if error.code in WAIT_CODES:
+        delay_ms = (
+            int(config["auth.lockout.refusal_delay_ms"]) if config else _refusal_delay_ms.get(attempt.db.url, 3000)
+        )
+        await asyncio.sleep(max(0.0, delay_ms / 1000 - (time.monotonic() - attempt.started)))
+        return
     if error.code not in TIMED_CODES:
         return
     floor_ms = int(config["auth.failure_floor_ms"]) if config else 250
@@ -301,30 +333,35 @@ async def login_password(
     config: dict[str, Any] | None = None
     keys = lockout.Keys.for_user(login, tenant, None, source)
     try:
-        attempt.tenant_id, tenant_blocked = await _tenant(db, tenant)
-        keys = replace(keys, tenant_id=attempt.tenant_id)
-        await lockout.begin_attempt(db, keys)
-        config = await _config(db, attempt.tenant_id)
+        known = await _look_up(db, login, tenant, keys)
+        attempt.tenant_id, config = known.tenant_id, known.config
+        keys = replace(keys, tenant_id=known.tenant_id)
         creds = Credentials(login, tenant, password, source, via)
-        if attempt.tenant_id is None:  # no such tenant: the same work as a wrong password, the same answer
-            await _run_chain(attempt, {**config, "auth.chain": "local"}, creds)
-            decision = Decision.reject("local")
-        else:
-            decision = await _run_chain(attempt, config, creds)
+        token = _known_row.set((login, tenant, known.row))
+        try:
+            if known.tenant_id is None:  # no such tenant: the same work as a wrong password, the same answer
+                await _run_chain(attempt, {**config, "auth.chain": "local"}, creds)
+                decision = Decision.reject("local")
+            else:
+                decision = await _run_chain(attempt, config, creds)
+        finally:
+            _known_row.reset(token)
         if decision.verdict != Verdict.ACCEPT or decision.identity is None:
             await lockout.failed_attempt(db, keys)
             raise Unauthenticated("wrong user name or password", code="bad_credentials")
-        user, row = await _account(attempt, decision.identity, config)
-        if tenant_blocked:
+        user, row = await _account(attempt, decision.identity, config, known.row)
+        if known.tenant_blocked:
             raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
         _check_rules(row, config, source)
+        enrolled = known.enrolled if row is known.row else (await second_factor.status(db, "user", user.id))["enrolled"]
         try:
-            await _second_factor(attempt, user, config, factors)
+            await _second_factor(attempt, user, config, factors, bool(enrolled))
         except Unauthenticated as e:
             if e.code in TIMED_CODES:
                 await lockout.failed_attempt(db, keys)
             raise
-        await lockout.succeeded(db, keys)
+        if known.counters:
+            await lockout.succeeded(db, keys)
     except AuthUnavailable as e:
         log.warning("auth.unavailable", tenant=tenant, plugin=attempt.plugin, reason=e.message)
         await attempt.record(e)
@@ -425,12 +462,12 @@ async def login_external(
     audit steps as a password login.  The provider's own second factor applies; Deckard's TOTP is for passwords."""
     attempt = _Attempt(db, who.login, tenant, source, via, "sso", plugin=who.plugin, network=network)
     try:
-        attempt.tenant_id, tenant_blocked = await _tenant(db, tenant)
+        known = await _look_up(db, who.login, tenant, lockout.Keys.for_user(who.login, tenant, None, source))
+        attempt.tenant_id, config = known.tenant_id, known.config
         if attempt.tenant_id is None:
             raise Unauthenticated(f"no tenant {tenant[:64]!r}", code="bad_credentials")
-        config = await _config(db, attempt.tenant_id)
-        user, row = await _account(attempt, replace(who, tenant=tenant), config)
-        if tenant_blocked:
+        user, row = await _account(attempt, replace(who, tenant=tenant), config, known.row)
+        if known.tenant_blocked:
             raise Unauthenticated("this user is blocked: ask your administrator", code="user_blocked")
         _check_rules(row, config, source)
     except DeckardError as e:

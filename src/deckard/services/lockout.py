@@ -165,6 +165,42 @@ def _refuse_waits(keys: Keys, waits: dict[str, dt.datetime], now: dt.datetime) -
         raise locked(max(waits.values()), now)
 
 
+# waits this process has already seen, so a flood from a waiting address is refused without a database read:
+# remembered at most REMEMBER_S (the database stays the truth: a ban an administrator clears ends here soon too)
+REMEMBER_S = 5.0
+_seen_waits: dict[tuple[str, str], dt.datetime] = {}  # (database, key) → until
+
+
+def _remember(db: Database, waits: dict[str, dt.datetime], now: dt.datetime) -> None:
+    if len(_seen_waits) > 10_000:  # bounded: an attacker with many addresses cannot grow it without limit
+        _seen_waits.clear()
+    horizon = now + dt.timedelta(seconds=REMEMBER_S)
+    _seen_waits.update({(db.url, k): min(u, horizon) for k, u in waits.items()})
+
+
+def precheck(db: Database, keys: Keys) -> None:
+    """Refuse from memory, before taking a database connection, whoever this process already saw waiting: a
+    flood from a waiting address must not queue honest logins behind it for the connection pool."""
+    now = utcnow()
+    watched = [k for k in (keys.pair, keys.source, keys.account) if k]
+    _refuse_waits(keys, {k: u for k in watched if (u := _seen_waits.get((db.url, k))) is not None and u > now}, now)
+
+
+async def check(db: Database, conn: AsyncConnection, keys: Keys) -> bool:
+    """``begin_attempt`` for a login that counts failures after (``count_first`` False), inside a connection the
+    caller already holds: refuses while anything waits; returns whether the pair or account has counters that a
+    success must clear (``succeeded``)."""
+    assert not keys.count_first
+    lf = t.login_failures
+    now = utcnow()
+    watched = [k for k in (keys.pair, keys.source, keys.account) if k]
+    rows = (await conn.execute(sa.select(lf.c.key, lf.c.locked_until).where(lf.c.key.in_(watched)))).all()
+    waits = {str(r.key): u for r in rows if (u := aware(r.locked_until)) is not None and u > now}
+    _remember(db, waits, now)
+    _refuse_waits(keys, waits, now)
+    return any(str(r.key) in (keys.pair, keys.account) for r in rows)
+
+
 async def begin_attempt(db: Database, keys: Keys) -> None:
     """Refuse while the account is locked (403) or the pair or address waits (429); with ``count_first``, count
     this try against the pair before the password is checked."""
@@ -201,18 +237,13 @@ async def failed_attempt(db: Database, keys: Keys) -> None:
             lock_s = policy.account_lock_s
             await _count(conn, keys.account, now, policy, lambda n: lock_s if n >= policy.account_failures else 0)
         waits = await _waits_until(conn, [k for k in (keys.pair, keys.source, keys.account) if k], now)
+        _remember(db, waits, now)
     _refuse_waits(keys, waits, now)
 
 
 async def succeeded(db: Database, keys: Keys) -> None:
-    """The right password: the pair and the account start afresh (the address keeps its count).  Most logins have
-    nothing to forget: a read spares them a write."""
+    """The right password: the pair and the account start afresh (the address keeps its count)."""
     mine = [k for k in (keys.pair, keys.account) if k]
-    if not keys.count_first:
-        async with db.connect() as conn:
-            q = sa.select(t.login_failures.c.key).where(t.login_failures.c.key.in_(mine)).limit(1)
-            if (await conn.execute(q)).first() is None:
-                return
     async with db.begin() as conn:
         await conn.execute(sa.delete(t.login_failures).where(t.login_failures.c.key.in_(mine)))
 
@@ -267,5 +298,6 @@ async def clear_ban(db: Database, actor: Actor, key: str) -> None:
         if not await _visible(conn, actor, key):
             raise NotFound(f"no ban {key[:80]!r}", code="ban_not_found")
         res = await conn.execute(sa.delete(t.login_failures).where(t.login_failures.c.key == key))
+        _seen_waits.pop((db.url, key), None)
     if not res.rowcount:
         raise NotFound(f"no ban {key[:80]!r}", code="ban_not_found")

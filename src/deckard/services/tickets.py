@@ -38,7 +38,7 @@ from deckard.services.sessions import desktop_for_user
 PORTAL = "portal"
 CONNECT = "connect"
 SPY = "spy"
-CHALLENGE = "challenge"  # a login waiting for its second factor
+CHALLENGE = "challenge"  # a login (a user's or an administrator's) waiting for its second factor
 CHALLENGE_TTL = 300.0
 TICKET_TTL = 30.0  # seconds between issuing a ticket and the browser opening its WebSocket
 PORTAL_TTL = 8 * 3600.0  # a portal login lasts a working day
@@ -191,6 +191,29 @@ async def challenge_user(db: Database, secret: str) -> User:
         if row is None or row.user_id is None or expires is None or expires <= utcnow():
             raise Unauthenticated("the login step has expired: log in again", code="challenge_expired")
         return await _user(conn, int(row.user_id))
+
+
+async def issue_admin_challenge(db: Database, admin_id: int) -> tuple[str, dt.datetime]:
+    """``issue_challenge`` for an administrator's login (``services/admins.py``): the row names the administrator
+    (``admin_id``) and no user, so neither kind of login can finish the other's."""
+    return await _store(db, CHALLENGE, CHALLENGE_TTL, admin_id=admin_id)
+
+
+async def challenge_admin(db: Database, secret: str) -> int:
+    """The administrator a challenge stands for (valid for more tries until it expires or is ended); 401
+    ``challenge_expired`` otherwise, a user's challenge included."""
+    async with db.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(tk.c.admin_id, tk.c.user_id, tk.c.expires_at).where(
+                    tk.c.token_hash == _hash(secret), tk.c.kind == CHALLENGE
+                )
+            )
+        ).first()
+    expires = aware(row.expires_at) if row is not None else None
+    if row is None or row.admin_id is None or row.user_id is not None or expires is None or expires <= utcnow():
+        raise Unauthenticated("the login step has expired: log in again", code="challenge_expired")
+    return int(row.admin_id)
 
 
 async def end_challenge(db: Database, secret: str) -> None:

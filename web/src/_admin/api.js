@@ -15,6 +15,8 @@ export const token = () => sessionStorage.getItem(TOKEN_KEY);
 export const setToken = (t) => (t ? sessionStorage.setItem(TOKEN_KEY, t) : sessionStorage.removeItem(TOKEN_KEY));
 
 let onUnauthenticated = () => {};
+// the 401s that mean "this session is over"; a wrong password or code (a login, a second-factor step) is not one
+const SESSION_ENDED = new Set(["bad_token", "session_expired", "unauthenticated"]);
 export const whenUnauthenticated = (fn) => (onUnauthenticated = fn);
 
 export async function api(method, path, body, { headers = {}, raw = false } = {}) {
@@ -32,7 +34,7 @@ export async function api(method, path, body, { headers = {}, raw = false } = {}
   const data = text ? JSON.parse(text) : null;
   if (!r.ok) {
     const e = (data && data.error) || { code: `http_${r.status}`, message: r.statusText };
-    if (r.status === 401 && path !== "/auth/login") onUnauthenticated();
+    if (r.status === 401 && SESSION_ENDED.has(e.code)) onUnauthenticated();
     throw new ApiError(r.status, e.code, e.message, e.details);
   }
   return data;

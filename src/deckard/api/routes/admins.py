@@ -1,20 +1,26 @@
-"""Administrators (``/admins``): create with a tenant and roles, change password, block, assign roles, delete.
+"""Administrators (``/admins``): create with a tenant and roles, change password, block, assign roles, delete,
+reset a lost second factor.
 
 ``{admin}`` is an id or a name.  Roles are named by id or name; ``roles`` in an answer needs ``admin.see.roles``.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
 from pydantic import Field
 
+from deckard.api.deps import ActorDep, DbDep
 from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.resource import ObjectRoutes
 from deckard.api.strict import Ref, RequestModel
+from deckard.model.ids import ID_MAX
 from deckard.model.schemas import Admin
 from deckard.services import admins
 
 router = APIRouter(prefix="/admins", tags=["admins"], responses=ERROR_RESPONSES)
+AdminId = Annotated[int, Path(ge=1, le=ID_MAX, description="The administrator's id.")]
 
 
 class AdminCreate(RequestModel):
@@ -46,3 +52,16 @@ admin.add_patch(
     "Change an administrator's password, blocked flag or roles",
 )
 admin.add_delete(lambda s, ref: admins.delete_admin(s.db, s.actor, ref), "Delete an administrator")
+
+
+@router.delete(
+    "/{admin_id}/second-factor",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Reset another administrator's second factor (ACL admin.update.password)",
+)
+async def reset_second_factor(admin_id: AdminId, actor: ActorDep, db: DbDep) -> Response:
+    """Its secret and recovery codes are deleted: the next login asks for the password only.  404 outside your
+    tenant; 409 ``admin_self`` for your own."""
+    await admins.reset_admin_second_factor(db, actor, admin_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
