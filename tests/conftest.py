@@ -85,7 +85,15 @@ def pg_databases(pg_cluster: PgCluster) -> Iterator[ReadyDatabases]:
         ready.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that needs a database runs on SQLite and PostgreSQL; a module whose subject is not SQL may say
+    ``DATABASES = ["sqlite"]``."""
+    if "db_url" in metafunc.fixturenames:
+        databases = getattr(metafunc.module, "DATABASES", ["sqlite", "postgresql"])
+        metafunc.parametrize("db_url", databases, indirect=True)
+
+
+@pytest.fixture
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh database at the newest schema: the farm's start still runs the migrations (a no-op at head)."""
     if request.param == "sqlite":

@@ -254,7 +254,7 @@ def test_admin_clears_a_login_ban_and_resets_a_users_second_factor_and_token(pag
     (made through the portal) and resets and revokes them, each after a confirm dialog."""
     import pyotp
 
-    lockout = {"auth.lockout.account_failures": 2, "auth.failure_floor_ms": 0}
+    lockout = {"auth.lockout.account_failures": 2, "auth.failure_floor_ms": 0, "auth.lockout.refusal_delay_ms": 0}
     with api.http(api.token()) as admin, httpx.Client(base_url=api.url, verify=api.verify, trust_env=False) as web:
         for key, value in lockout.items():
             assert admin.put(f"/config/{key}", json={"value": value}).status_code == 200

@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from deckard.db.engine import Database
+from slapd import Slapd, slapd_missing_reason
 
 
 @pytest.fixture
@@ -20,3 +21,13 @@ async def db(db_url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.close()
+
+
+@pytest.fixture(scope="module")
+def directory() -> Iterator[Slapd]:
+    """A real slapd (``tests/slapd.py``) for a module's tests of directory logins."""
+    reason = slapd_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with Slapd() as server:
+        yield server

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import pyotp
 import pytest
 import sqlalchemy as sa
 import typer
+from test_sso import admin_roles, admin_row  # the same questions of the database
 from typer.testing import CliRunner
 
 from deckard.api.app import create_app
@@ -36,19 +37,10 @@ from deckard.runtime.tls import client_context, ensure_tls
 from deckard.services import config, password_plugins
 from deckard.services.context import SYSTEM, Actor
 from deckard.services.tenancy import bootstrap_farm
-from slapd import ALICE, BASE_DN, BOB, SERVICE_DN, SERVICE_PASSWORD, VDI_ADMINS, VDI_USERS, Slapd, slapd_missing_reason
+from slapd import ALICE, BASE_DN, BOB, SERVICE_DN, SERVICE_PASSWORD, VDI_ADMINS, VDI_USERS, Slapd
 
 # the DN as people type it: other case, spaces after the commas (DNs are compared as DNs)
 ADMINS_AS_TYPED = ", ".join(part.upper() for part in VDI_ADMINS.split(","))
-
-
-@pytest.fixture(scope="module")
-def directory() -> Iterator[Slapd]:
-    reason = slapd_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with Slapd() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -106,21 +98,6 @@ async def farm(db: Database, tmp_path: Path, tls: tuple[Path, Path, Path], direc
         stop.set()
         await asyncio.wait_for(task, 15)
         password_plugins.close_plugins(db)
-
-
-async def admin_row(db: Database, name: str) -> Any:
-    async with db.connect() as conn:
-        return (await conn.execute(sa.select(t.administrators).where(t.administrators.c.name == name))).first()
-
-
-async def admin_roles(db: Database, admin_id: int) -> list[str]:
-    q = (
-        sa.select(t.roles.c.name)
-        .join(t.admin_roles, t.admin_roles.c.role_id == t.roles.c.id)
-        .where(t.admin_roles.c.admin_id == admin_id)
-    )
-    async with db.connect() as conn:
-        return sorted(str(r.name) for r in await conn.execute(q))
 
 
 async def audit(db: Database, action: str) -> list[Any]:

@@ -39,6 +39,15 @@ async def test_actions_are_recorded_with_secrets_masked(farm: Farm) -> None:
     assert "alice-password" not in str(records) and farm.password not in str(records)
 
 
+async def test_a_secret_configuration_value_is_masked_in_the_audit_log(farm: Farm) -> None:
+    root = await farm.admin_client()
+    entry = await call(root.set_config, "auth.ldap.bind_password", "directory-service-secret")
+    assert entry.value == "***" and entry.secret
+    page = await call(root.list_audit, {"sort": "id"})
+    (record,) = [r for r in page.items if r.object_id == "auth.ldap.bind_password"]
+    assert record.arguments["value"] == "***" and "directory-service-secret" not in str(page.items)
+
+
 async def test_failed_logins_are_audited(farm: Farm) -> None:
     with pytest.raises(DeckardError):
         await call(farm.client().login, "admin", "not-the-password")

@@ -152,3 +152,13 @@ async def test_a_blocked_user_cannot_log_in_with_a_password_or_a_token(db: Datab
     await users.update_user(db, SYSTEM, int(alice["id"]), blocked=True)  # type: ignore[call-overload]
     assert (await _refused(identity.login_password(db, "alice", "pw-alice"))).code == "user_blocked"
     assert (await _refused(identity.login_token(db, token))).code == "user_blocked"
+
+
+async def test_a_directory_password_is_never_shown_back_nor_taken_back_as_stars(db: Database) -> None:
+    await _farm(db)
+    await config.set_config(db, SYSTEM, "auth.ldap.bind_password", "s3cret-service")
+    (entry,) = await config.list_config(db, SYSTEM, "auth.ldap.bind_password")
+    assert (entry["value"], entry["secret"]) == ("***", True)
+    e = await _refused(config.set_config(db, SYSTEM, "auth.ldap.bind_password", "***"))
+    assert e.code == "bad_config_value"
+    assert await config.get_config(db, "auth.ldap.bind_password") == "s3cret-service"

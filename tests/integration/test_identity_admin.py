@@ -1,4 +1,4 @@
-"""The administrators' side of identity through the real API (SQLite and PostgreSQL): login bans listed and
+"""The administrators' side of identity through the real API (SQLite): login bans listed and
 cleared (a tenant's administrator sees their tenant's only), a user's second factor shown and reset (audited),
 a user's personal tokens listed and revoked, an administrator's own expiring API tokens, and the CLI on top."""
 
@@ -27,6 +27,10 @@ from deckard.db import schema as t
 from deckard.model.errors import BadInput, Conflict, DeckardError, NotFound, Unauthenticated
 from deckard.services import config, identity, personal_tokens, second_factor
 from deckard.services.context import SYSTEM
+
+# HTTP, flows and rules, not SQL: SQLite only (the queries underneath run on PostgreSQL in test_identity.py,
+# test_second_factor.py and test_admin_identity.py), to keep make test under its time budget
+DATABASES = ["sqlite"]  # read by tests/conftest.py
 
 farm = test_api.farm  # the real API with TLS, shared with test_api.py
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")

@@ -4,30 +4,31 @@ after the directory passes, and a directory that stops answering is a 503 within
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
+from deckard.api.app import create_app
+from deckard.broker.server import Broker
+from deckard.client import broker as broker_client
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.errors import DeckardError
+from deckard.runtime.settings import BrokerSettings, Settings
+from deckard.runtime.tls import ensure_tls, server_context
 from deckard.services import config, identity, osfs, users
 from deckard.services.context import SYSTEM
-from deckard.services.tenancy import bootstrap_farm
-from slapd import ALICE, BASE_DN, BOB, CAROL, SERVICE_DN, SERVICE_PASSWORD, VDI_USERS, Slapd, slapd_missing_reason
+from deckard.services.images import register_image
+from deckard.services.tenancy import DEFAULT_OSF, bootstrap_farm
+from deckard.testing import InProcessNode
+from slapd import ALICE, BASE_DN, BOB, CAROL, SERVICE_DN, SERVICE_PASSWORD, VDI_USERS, Slapd
 
 NET = "10.251.0.0/24"
-
-
-@pytest.fixture(scope="module")
-def directory() -> Iterator[Slapd]:
-    reason = slapd_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with Slapd() as server:
-        yield server
 
 
 async def _farm(db: Database, directory: Slapd, **extra: object) -> None:
@@ -98,3 +99,37 @@ async def test_a_directory_that_stops_answering_is_a_503_within_its_timeout(db: 
         e = await _refused(identity.login_password(db, "alice", ALICE.password))
         assert (e.status, e.code) == (503, "auth_unavailable")
         assert time.monotonic() - started < 2.5
+
+
+async def test_the_readme_tour_a_directory_user_connects_with_qvds_protocol_and_in_the_portal(
+    db: Database, directory: Slapd, tmp_path: Path
+) -> None:
+    """README, "Log in with your directory": a few config keys, then carol (an AD-style account) lists and connects
+    through the real broker with her directory password — her account and first desktop made at that first login —
+    and logs in to the portal, which shows the same desktop."""
+    await _farm(db, directory, **{"auth.auto.enabled": True, "auth.auto.osf": DEFAULT_OSF})
+    network = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/24"
+    node = InProcessNode.fake(db, network)
+    image = node.settings.home / "image.tar"
+    image.write_bytes(b"")
+    await register_image(db, image, version="test")
+    ca, cert, key = ensure_tls(node.settings.home / "tls")
+    broker = Broker(db, BrokerSettings(start_timeout=10, display_timeout=5), server_context(cert, key), network=network)
+    try:
+        await node.start()
+        await broker.start("127.0.0.1", 0)
+        server = f"127.0.0.1:{broker.port}"
+        desktops = await broker_client.list_desktops(server, "carol", CAROL.password, ca)
+        assert [d["name"] for d in desktops] == ["carol"]
+        reader, writer = await broker_client.connect(server, "carol", CAROL.password, ca, desktops[0]["id"])
+        assert (await asyncio.wait_for(reader.readexactly(12), 10)).startswith(b"RFB ")
+        writer.close()
+    finally:
+        await broker.close()
+        await node.close()
+    app = create_app(db, Settings(home=tmp_path))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://portal.test") as http:
+        res = await http.post("/portal/login", json={"login": "carol", "password": CAROL.password})
+        assert res.status_code == 200, res.text
+        mine = await http.get("/portal/desktops", headers={"Authorization": f"Bearer {res.json()['token']}"})
+        assert [d["name"] for d in mine.json()] == ["carol"]

@@ -1,5 +1,5 @@
 """The portal user's own account over HTTP (``api/routes/portal_account.py``), the app in-process through httpx's
-ASGI transport, on SQLite and PostgreSQL: second factor enrolment (logged in, and inside a login the tenant
+ASGI transport, on SQLite: second factor enrolment (logged in, and inside a login the tenant
 requires it for), personal tokens, and the bodies the routes refuse.
 
 Codes come from pyotp, as an authenticator app makes them.  A code confirms an enrolment once and cannot log in
@@ -27,6 +27,10 @@ from deckard.runtime.settings import Settings
 from deckard.services import config, identity, users
 from deckard.services.context import SYSTEM
 from deckard.services.tenancy import bootstrap_farm
+
+# HTTP, flows and rules, not SQL: SQLite only (the queries underneath run on PostgreSQL in test_identity.py,
+# test_second_factor.py and test_admin_identity.py), to keep make test under its time budget
+DATABASES = ["sqlite"]  # read by tests/conftest.py
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from deckard.runtime.tls import ensure_tls  # noqa: E402
 from deckard.services.admins import create_api_token  # noqa: E402
 from deckard.services.tenancy import bootstrap_farm  # noqa: E402
 
-MAX_EXAMPLES = 5  # per operation: every operation gets its examples; bench/fuzz.py goes deep
+MAX_EXAMPLES = 3  # per operation: every operation gets its examples; bench/fuzz.py goes deep
 BUDGET_S = 60.0
 SKIPPED = {
     ("GET", "/api/v1/events"),

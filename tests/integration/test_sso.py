@@ -1,8 +1,8 @@
 """Single sign-on for the portal and the WAT (``services/sso.py``, ``api/routes/sso.py``), end to end.
 
 Real: node-oidc-provider (``tests/oidc``) on 127.0.0.1 with its password form and Cancel button; the API served by
-``ApiServer`` (uvicorn, TLS) on a real port, because the provider sends the browser back to it; SQLite and
-PostgreSQL (the ``db`` fixture).  httpx plays the browser (it follows the provider's redirects and fills its form),
+``ApiServer`` (uvicorn, TLS) on a real port, because the provider sends the browser back to it; SQLite.  httpx
+plays the browser (it follows the provider's redirects and fills its form),
 and one test drives headless Chromium through the whole redirect flow for the portal.
 
 The provider is started once per module with Deckard's callback URLs registered, so the API listens on one port
@@ -37,6 +37,10 @@ from deckard.services.context import SYSTEM
 from deckard.services.tenancy import bootstrap_farm
 from deckard.testing import free_port
 from oidc_provider import OidcProvider
+
+# HTTP, flows and rules, not SQL: SQLite only (the queries underneath run on PostgreSQL in test_identity.py,
+# test_second_factor.py and test_admin_identity.py), to keep make test under its time budget
+DATABASES = ["sqlite"]  # read by tests/conftest.py
 
 SECRET = "sso-test-secret-" + "x" * 24
 PASSWORD = "correct horse battery staple"
@@ -409,7 +413,7 @@ async def test_a_portal_answer_is_no_good_to_the_wat(api: Api) -> None:
 # ---- in a real browser ----------------------------------------------------------------------------------------
 
 
-async def test_chromium_signs_in_to_the_portal_through_the_provider_and_lands_on_the_desktops(
+async def test_chromium_signs_in_to_the_portal_and_the_wat_through_the_provider(
     tmp_path: Path, port: int, tls: tuple[Path, Path, Path], provider: OidcProvider
 ) -> None:
     """The real redirects in headless Chromium: start → provider's form → callback page → ``/``, where the
@@ -447,6 +451,20 @@ async def test_chromium_signs_in_to_the_portal_through_the_provider_and_lands_on
                 assert token and login == "alice"
                 assert any(u.startswith(f"{api.url}/portal/sso/callback?") for u in urls)
                 assert all(token not in u for u in urls)
+
+                # the WAT: its login form's single sign-on link, a fresh browser (the provider's session is not
+                # shared), carol is in vdi-admins (→ Operator): the WAT opens on its dashboard with her session
+                admin = await (await chromium.new_context(ignore_https_errors=True)).new_page()
+                admin.on("console", lambda m: messages.append(m.text))
+                await admin.goto(f"{api.url}/admin")
+                await admin.get_by_role("link", name="Sign in with single sign-on").click()
+                await admin.get_by_label("Login").fill("carol")
+                await admin.get_by_label("Password").fill(PASSWORD)
+                async with admin.expect_response(lambda r: r.url.endswith("/api/v1/auth/whoami")) as whoami:
+                    await admin.get_by_role("button", name="Sign in").click()
+                assert (await whoami.value).status == 200
+                assert (await (await whoami.value).json())["name"] == "carol"
+                assert admin.url.startswith(f"{api.url}/admin")
                 assert [m for m in messages if "Content Security Policy" in m or "Refused to" in m] == []
             finally:
                 await chromium.close()

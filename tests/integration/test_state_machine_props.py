@@ -450,7 +450,7 @@ def test_random_admin_broker_and_node_actions_keep_the_state_machines(farm: Farm
     run_state_machine_as_test(
         FarmMachine,
         settings=settings(
-            max_examples=30,
+            max_examples=20,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

@@ -113,9 +113,9 @@ export async function api(path, { token, method = "GET", body } = {}) {
     data = null;
   }
   if (!resp.ok) {
-    const err = new Error((data && data.error && data.error.message) || `${resp.status} ${resp.statusText}`);
-    err.status = resp.status;
-    err.code = data && data.error && data.error.code;
+    const e = (data && data.error) || {};
+    const err = new Error(e.message || `${resp.status} ${resp.statusText}`);
+    Object.assign(err, { status: resp.status, code: e.code, details: e.details || {} });
     throw err;
   }
   return data;

@@ -20,26 +20,9 @@ const SESSION_GONE = new Set(["bad_token", "session_expired", "no_credentials"])
 let challenge = null; // the second step of a login: details.challenge of its first answer
 let enrolled = null; // a login completed by enrolling: its session, kept until the recovery codes are saved
 
-// api() of _viewer.js without losing the error's details (the login's challenge, when a lock ends)
-async function call(path, { method = "GET", body, auth = true } = {}) {
-  const headers = { Accept: "application/json" };
-  if (auth && token) headers.Authorization = `Bearer ${token}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await resp.text();
-  let data = null;
-  try {
-    data = text ? JSON.parse(text) : null;
-  } catch {
-    data = null;
-  }
-  if (!resp.ok) {
-    const e = (data && data.error) || {};
-    const err = new Error(e.message || `${resp.status} ${resp.statusText}`);
-    Object.assign(err, { status: resp.status, code: e.code, details: e.details || {} });
-    throw err;
-  }
-  return data;
+// the portal's own calls: the session's token unless ``auth`` is false (the steps of a login)
+function call(path, { method = "GET", body, auth = true } = {}) {
+  return api(path, { method, body, token: auth ? token : undefined });
 }
 
 function when(iso) {

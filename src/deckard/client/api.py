@@ -38,7 +38,6 @@ from deckard.model.schemas import (
     Acl,
     Admin,
     AdminToken,
-    AdminTokenCreated,
     AuditRecord,
     AuditVerification,
     BulkResult,
@@ -56,10 +55,11 @@ from deckard.model.schemas import (
     Placement,
     Role,
     Schema,
-    SecondFactorStatus,
     Stats,
     Tenant,
+    TokenCreated,
     User,
+    UserSecondFactor,
     UserToken,
     WhoAmI,
 )
@@ -590,8 +590,8 @@ class ApiClient:
     def clear_ban(self, key: str) -> None:
         self._send("DELETE", f"/auth/bans/{_seg(key)}")
 
-    def get_second_factor(self, user_id: int) -> SecondFactorStatus:
-        return self._get(SecondFactorStatus, "GET", f"/users/{int(user_id)}/second-factor")
+    def get_second_factor(self, user_id: int) -> UserSecondFactor:
+        return self._get(UserSecondFactor, "GET", f"/users/{int(user_id)}/second-factor")
 
     def reset_second_factor(self, user_id: int) -> None:
         self._send("DELETE", f"/users/{int(user_id)}/second-factor")
@@ -605,9 +605,9 @@ class ApiClient:
     def list_own_tokens(self) -> list[AdminToken]:
         return self.list_page("auth/tokens", AdminToken).items
 
-    def create_own_token(self, name: str, days: int | None = None) -> AdminTokenCreated:
+    def create_own_token(self, name: str, days: int | None = None) -> TokenCreated:
         """A new API token for the logged-in administrator; ``token`` (the secret) is in this answer only."""
-        return self._get(AdminTokenCreated, "POST", "/auth/tokens", json={"name": name, **_given(days=days)})
+        return self._get(TokenCreated, "POST", "/auth/tokens", json={"name": name, **_given(days=days)})
 
     def revoke_own_token(self, token_id: int) -> None:
         self._send("DELETE", f"/auth/tokens/{int(token_id)}")

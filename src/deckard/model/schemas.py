@@ -14,9 +14,9 @@ came (``model_fields_set``) and ``dump`` gives back exactly those.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -261,6 +261,7 @@ class ConfigEntry(Schema):
     type: str
     per_tenant: bool
     description: str
+    secret: bool = Field(default=False, description="A password: its value is shown as `***` when set.")
 
 
 class Stats(Schema):
@@ -331,11 +332,23 @@ class LoginBan(Schema):
     locked_until: dt.datetime
 
 
+def _utc(at: dt.datetime) -> dt.datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+
+
+Utc = Annotated[dt.datetime, AfterValidator(_utc)]  # SQLite hands back naive times; every stored time is UTC
+
+
 class SecondFactorStatus(Schema):
-    user_id: int
+    """A second factor (TOTP) of one account: the portal user's, the acting administrator's own."""
+
     enrolled: bool = Field(description="A confirmed second factor: logins ask for its code.")
     pending: bool = Field(description="An enrolment was started but not confirmed.")
     recovery_codes_left: int
+
+
+class UserSecondFactor(SecondFactorStatus):
+    user_id: int
 
 
 class UserToken(Schema):
@@ -343,9 +356,9 @@ class UserToken(Schema):
 
     id: int
     name: str
-    created_at: dt.datetime
-    expires_at: dt.datetime
-    last_used_at: dt.datetime | None
+    created_at: Utc
+    expires_at: Utc
+    last_used_at: Utc | None = None
     revoked: bool
 
 
@@ -354,25 +367,21 @@ class AdminToken(Schema):
 
     id: int
     name: str
-    created_at: dt.datetime
-    expires_at: dt.datetime | None
+    created_at: Utc
+    expires_at: Utc | None
     revoked: bool
 
 
-class AdminTokenCreated(Schema):
-    token: str = Field(description="The secret, shown this once: send as 'Authorization: Bearer <token>'.")
+class TokenCreated(Schema):
+    """A new personal or API token."""
+
+    token: str = Field(
+        description="The secret, shown this once: send as 'Authorization: Bearer <token>' (QVD client: --token)."
+    )
     id: int
     name: str
-    created_at: dt.datetime
-    expires_at: dt.datetime
-
-
-class AdminSecondFactor(Schema):
-    """The acting administrator's own second factor (``GET /auth/second-factor``)."""
-
-    enrolled: bool = Field(description="A confirmed second factor: every login asks for its code.")
-    pending: bool = Field(description="An enrolment was started but not confirmed.")
-    recovery_codes_left: int
+    created_at: Utc
+    expires_at: Utc
 
 
 class SecondFactorEnrolment(Schema):

@@ -80,6 +80,7 @@ def _describe(key: ConfigKey, value: Any, source: str) -> dict[str, Any]:
         "type": key.type.__name__,
         "per_tenant": key.per_tenant,
         "description": key.description,
+        "secret": key.secret,
     }
 
 
@@ -113,6 +114,10 @@ async def set_config(
     require(actor, "config.update")
     k = config_key(key)
     parsed = parse_value(k, value)
+    if k.secret and parsed == MASK:  # what `config get` shows for a set secret, sent back unchanged
+        raise BadInput(
+            f"type the new value of {key}: {MASK} only stands for the one that is set", code="bad_config_value"
+        )
     async with db.begin() as conn:
         layer = _layer_for(actor, k, await _target_tenant(conn, actor, tenant))
         await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == layer, t.config.c.key == key))

@@ -426,8 +426,8 @@ async def start_challenge_enrolment(db: Database, challenge: str) -> dict[str, s
     """Enrolment inside a login (the tenant requires a second factor and this user has none): ``{"secret",
     "uri"}`` for the challenge's user."""
     user = await tickets.challenge_user(db, challenge)
-    tenant, issuer = await _tenant_and_issuer(db, user)
-    return await second_factor.start_enrolment(db, "user", user.id, f"{user.login}@{tenant}", issuer)
+    account, issuer = await totp_account(db, user)
+    return await second_factor.start_enrolment(db, "user", user.id, account, issuer)
 
 
 async def login_enrolment(
@@ -436,8 +436,10 @@ async def login_enrolment(
     """Confirm that enrolment with the app's first code: the login completes → (result, recovery codes to show
     once).  Audited as a login whose factor is ``totp``."""
     user = await tickets.challenge_user(db, challenge)
-    tenant, _issuer = await _tenant_and_issuer(db, user)
-    attempt = _Attempt(db, user.login, tenant, source, via, "enrolment", user.tenant_id, "", "totp", user.id)
+    account, _issuer = await totp_account(db, user)
+    attempt = _Attempt(
+        db, user.login, account.rpartition("@")[2], source, via, "enrolment", user.tenant_id, "", "totp", user.id
+    )
     try:
         codes = await second_factor.confirm_enrolment(db, "user", user.id, code)
     except DeckardError as e:
@@ -448,11 +450,12 @@ async def login_enrolment(
     return LoginResult(user, "challenge", "totp"), codes
 
 
-async def _tenant_and_issuer(db: Database, user: User) -> tuple[str, str]:
+async def totp_account(db: Database, user: User) -> tuple[str, str]:
+    """What an authenticator app shows for the user: (``login@tenant``, the tenant's ``auth.totp.issuer``)."""
     async with db.connect() as conn:
         tenant = (await conn.execute(sa.select(t.tenants.c.name).where(t.tenants.c.id == user.tenant_id))).scalar_one()
         issuer = (await read_configs(conn, "auth.totp.", user.tenant_id))["auth.totp.issuer"]
-    return str(tenant), str(issuer)
+    return f"{user.login}@{tenant}", str(issuer)
 
 
 async def login_external(

@@ -153,6 +153,9 @@ export async function configPage(root) {
     let input;
     if (c.type === "bool") {
       input = h("select", { "aria-label": `Value of ${c.key}`, disabled: !writable }, h("option", { value: "true", selected: c.value === true }, "true"), h("option", { value: "false", selected: c.value === false }, "false"));
+    } else if (c.secret) {
+      // a password: never shown, never sent back; type a new one to change it
+      input = h("input", { "aria-label": `Value of ${c.key}`, type: "password", autocomplete: "new-password", placeholder: c.value ? "(set: type a new one)" : "", disabled: !writable });
     } else input = h("input", { "aria-label": `Value of ${c.key}`, value: fmt(c.value), type: c.type === "int" || c.type === "float" ? "number" : "text", disabled: !writable });
     const parse = () => (c.type === "bool" ? input.value === "true" : c.type === "int" ? parseInt(input.value, 10) : c.type === "float" ? Number(input.value) : input.value);
     const body = () => (tenant.value.trim() ? { tenant: tenant.value.trim() } : {});

@@ -26,7 +26,7 @@ from deckard.api.deps import ActorDep, DbDep, SettingsDep, TokenDep
 from deckard.api.envelope import ERROR_RESPONSES, ErrorEnvelope
 from deckard.api.errors import error_response
 from deckard.api.strict import RequestModel
-from deckard.model.schemas import AdminSecondFactor, LoginResult, RecoveryCodes, SecondFactorEnrolment, WhoAmI
+from deckard.model.schemas import LoginResult, RecoveryCodes, SecondFactorEnrolment, SecondFactorStatus, WhoAmI
 from deckard.services import admins, lockout
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
@@ -140,9 +140,9 @@ async def whoami(actor: ActorDep) -> WhoAmI:
     return WhoAmI(kind=actor.kind, id=actor.id, name=actor.name, tenant_id=actor.tenant_id, acls=sorted(actor.acls))
 
 
-@router.get("/second-factor", response_model=AdminSecondFactor, summary="Your second factor")
-async def my_second_factor(actor: ActorDep, db: DbDep) -> AdminSecondFactor:
-    return AdminSecondFactor.model_validate(await admins.own_second_factor(db, actor))
+@router.get("/second-factor", response_model=SecondFactorStatus, summary="Your second factor")
+async def my_second_factor(actor: ActorDep, db: DbDep) -> SecondFactorStatus:
+    return SecondFactorStatus.model_validate(await admins.own_second_factor(db, actor))
 
 
 @router.post(

@@ -22,7 +22,7 @@ from deckard.api.deps import ActorDep, DbDep
 from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.strict import RequestModel
 from deckard.model.ids import ID_MAX
-from deckard.model.schemas import AdminToken, AdminTokenCreated, LoginBan, Page, SecondFactorStatus, UserToken
+from deckard.model.schemas import AdminToken, LoginBan, Page, TokenCreated, UserSecondFactor, UserToken
 from deckard.services import account_admin, lockout, personal_tokens
 
 router = APIRouter(tags=["identity"], responses=ERROR_RESPONSES)
@@ -58,9 +58,9 @@ async def clear_ban(key: BanKey, actor: ActorDep, db: DbDep) -> Response:
 # ---- a user's second factor and personal tokens -------------------------------------------------------------
 
 
-@router.get("/users/{user_id}/second-factor", response_model=SecondFactorStatus, summary="A user's second factor")
-async def second_factor_status(user_id: UserId, actor: ActorDep, db: DbDep) -> SecondFactorStatus:
-    return SecondFactorStatus.model_validate(await account_admin.second_factor_status(db, actor, user_id))
+@router.get("/users/{user_id}/second-factor", response_model=UserSecondFactor, summary="A user's second factor")
+async def second_factor_status(user_id: UserId, actor: ActorDep, db: DbDep) -> UserSecondFactor:
+    return UserSecondFactor.model_validate(await account_admin.second_factor_status(db, actor, user_id))
 
 
 @router.delete(
@@ -96,13 +96,13 @@ async def list_own_tokens(actor: ActorDep, db: DbDep) -> Page[AdminToken]:
 
 @router.post(
     "/auth/tokens",
-    response_model=AdminTokenCreated,
+    response_model=TokenCreated,
     status_code=status.HTTP_201_CREATED,
     summary="Make an API token for yourself (its secret is shown this once)",
 )
-async def create_own_token(body: TokenCreate, actor: ActorDep, db: DbDep) -> AdminTokenCreated:
+async def create_own_token(body: TokenCreate, actor: ActorDep, db: DbDep) -> TokenCreated:
     token, row = await account_admin.create_own_token(db, actor, body.name, body.days)
-    return AdminTokenCreated.model_validate({**row, "token": token})
+    return TokenCreated.model_validate({**row, "token": token})
 
 
 @router.delete("/auth/tokens/{token_id}", summary="Revoke one of your API tokens", **NO_CONTENT)

@@ -14,35 +14,26 @@ audit middleware covers ``/api/v1`` only.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response, status
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import Field
 
 from deckard.api.deps import DbDep
 from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.routes.portal import PortalSession, UserDep, client_host, open_session
 from deckard.api.strict import RequestModel
-from deckard.model.entities import User, aware
+from deckard.model.entities import User
 from deckard.model.ids import ID_MAX
-from deckard.services import identity, personal_tokens, second_factor, tenants
+from deckard.model.schemas import RecoveryCodes, SecondFactorEnrolment, SecondFactorStatus, TokenCreated, UserToken
+from deckard.services import identity, personal_tokens, second_factor
 from deckard.services.audit import append_audit
-from deckard.services.config import get_config
-from deckard.services.context import Actor
 
 router = APIRouter(prefix="/portal", tags=["portal"], include_in_schema=False, responses=ERROR_RESPONSES)
 
 TokenId = Annotated[int, Path(ge=1, le=ID_MAX, description="The personal token's id.")]
 Challenge = Annotated[str, Field(min_length=1, max_length=128, description="`details.challenge` of the login.")]
 Code = Annotated[str, Field(min_length=1, max_length=32, description="The authenticator app's current code.")]
-
-
-def _utc(t: dt.datetime) -> dt.datetime:
-    return aware(t) or t
-
-
-Utc = Annotated[dt.datetime, AfterValidator(_utc)]  # SQLite hands back naive times; every stored time is UTC
 
 
 # ---- bodies and answers ---------------------------------------------------------------------------------------
@@ -68,40 +59,8 @@ class TokenRequest(RequestModel):
     )
 
 
-class Enrolment(BaseModel):
-    secret: str = Field(description="The TOTP secret (base32), for typing into an app by hand.")
-    uri: str = Field(description="The `otpauth://` URI an authenticator app reads from a QR code.")
-
-
-class RecoveryCodes(BaseModel):
-    recovery_codes: list[str] = Field(description="Single-use codes for when the app is lost: shown only now.")
-
-
 class EnrolledSession(PortalSession):
     recovery_codes: list[str] = Field(description="Single-use codes for when the app is lost: shown only now.")
-
-
-class SecondFactorStatus(BaseModel):
-    enrolled: bool = Field(description="A confirmed second factor guards this account's logins.")
-    pending: bool = Field(description="An enrolment was started and not confirmed.")
-    recovery_codes_left: int
-
-
-class PersonalToken(BaseModel):
-    id: int
-    name: str
-    created_at: Utc
-    expires_at: Utc
-    last_used_at: Utc | None = None
-    revoked: bool
-
-
-class NewToken(BaseModel):
-    token: str = Field(description="The secret: shown only now (QVD client: `--token <token>`).")
-    id: int
-    name: str
-    created_at: Utc
-    expires_at: Utc
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -122,23 +81,14 @@ async def _audit(db: DbDep, request: Request, user: User, action: str, object_id
     )
 
 
-async def _account_name(db: DbDep, user: User) -> tuple[str, str]:
-    """What the authenticator app shows: (``login@tenant``, the tenant's ``auth.totp.issuer``)."""
-    # the user's view of their own tenant: confined to it, allowed to see only it
-    own = Actor("user", user.id, user.tenant_id, user.login, frozenset({"tenant.see"}))
-    tenant = await tenants.get_tenant(db, own, user.tenant_id)
-    issuer = await get_config(db, "auth.totp.issuer", user.tenant_id)
-    return f"{user.login}@{tenant['name']}", str(issuer)
-
-
 # ---- enrolment inside a login ---------------------------------------------------------------------------------
 
 
-@router.post("/login/enrol", response_model=Enrolment, summary="Start the enrolment a login asked for")
-async def login_enrol(body: EnrolStart, db: DbDep) -> Enrolment:
+@router.post("/login/enrol", response_model=SecondFactorEnrolment, summary="Start the enrolment a login asked for")
+async def login_enrol(body: EnrolStart, db: DbDep) -> SecondFactorEnrolment:
     """For a login that answered 401 ``totp_enrolment_required``: a new secret for the challenge's user.
     401 ``challenge_expired``; 409 ``second_factor_enrolled`` when the user already has one."""
-    return Enrolment.model_validate(await identity.start_challenge_enrolment(db, body.challenge))
+    return SecondFactorEnrolment.model_validate(await identity.start_challenge_enrolment(db, body.challenge))
 
 
 @router.post("/login/enrol/confirm", response_model=EnrolledSession, summary="Confirm it and finish the login")
@@ -158,11 +108,13 @@ async def my_second_factor(user: UserDep, db: DbDep) -> SecondFactorStatus:
     return SecondFactorStatus.model_validate(await second_factor.status(db, "user", user.id))
 
 
-@router.post("/me/second-factor/enrol", response_model=Enrolment, summary="Set up an authenticator app")
-async def my_second_factor_enrol(user: UserDep, db: DbDep) -> Enrolment:
+@router.post("/me/second-factor/enrol", response_model=SecondFactorEnrolment, summary="Set up an authenticator app")
+async def my_second_factor_enrol(user: UserDep, db: DbDep) -> SecondFactorEnrolment:
     """A new, unconfirmed secret (replacing one not confirmed yet); 409 ``second_factor_enrolled``."""
-    account, issuer = await _account_name(db, user)
-    return Enrolment.model_validate(await second_factor.start_enrolment(db, "user", user.id, account, issuer))
+    account, issuer = await identity.totp_account(db, user)
+    return SecondFactorEnrolment.model_validate(
+        await second_factor.start_enrolment(db, "user", user.id, account, issuer)
+    )
 
 
 @router.post("/me/second-factor/confirm", response_model=RecoveryCodes, summary="Confirm with the app's first code")
@@ -185,18 +137,18 @@ async def my_recovery_codes(user: UserDep, db: DbDep, request: Request) -> Recov
 # ---- personal tokens ------------------------------------------------------------------------------------------
 
 
-@router.get("/me/tokens", response_model=list[PersonalToken], summary="My personal tokens")
-async def my_tokens(user: UserDep, db: DbDep) -> list[PersonalToken]:
-    return [PersonalToken.model_validate(r) for r in await personal_tokens.list_tokens(db, user.id)]
+@router.get("/me/tokens", response_model=list[UserToken], summary="My personal tokens")
+async def my_tokens(user: UserDep, db: DbDep) -> list[UserToken]:
+    return [UserToken.model_validate(r) for r in await personal_tokens.list_tokens(db, user.id)]
 
 
-@router.post("/me/tokens", response_model=NewToken, status_code=status.HTTP_201_CREATED, summary="Make a token")
-async def my_token_create(body: TokenRequest, user: UserDep, db: DbDep, request: Request) -> NewToken:
+@router.post("/me/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED, summary="Make a token")
+async def my_token_create(body: TokenRequest, user: UserDep, db: DbDep, request: Request) -> TokenCreated:
     """The secret is in this answer only.  422 ``bad_token_name`` / ``bad_token_lifetime``; 409 ``duplicate`` /
     ``too_many_tokens``."""
     token, row = await personal_tokens.create_token(db, user, body.name, body.days)
     await _audit(db, request, user, "user.token.create", user.id, token_id=row["id"], name=row["name"])
-    return NewToken(token=token, **{k: row[k] for k in ("id", "name", "created_at", "expires_at")})
+    return TokenCreated(token=token, **{k: row[k] for k in ("id", "name", "created_at", "expires_at")})
 
 
 @router.delete(
