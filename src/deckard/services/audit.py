@@ -6,14 +6,18 @@ and ``verify_chain`` names it.  (Cutting records off the *end* cannot be seen fr
 the latest hash elsewhere if that matters.)
 
 Appends are serialised so two writers never chain onto the same predecessor: PostgreSQL takes a transaction-level
-advisory lock; SQLite's ``BEGIN IMMEDIATE`` (``db/engine.py``) already makes writers take turns.
+advisory lock; SQLite's ``BEGIN IMMEDIATE`` (``db/engine.py``) already makes writers take turns.  Within a process
+appends are group-committed: each waits for its record's transaction, and one transaction carries every record
+that arrived meanwhile (``_GroupCommit``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -100,18 +104,73 @@ async def append_audit(
         "error_code": error_code[:64],
         "source": source[:64],
     }
-    log = t.audit_log
-    async with db.begin() as conn:
-        if db.dialect == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCK)))
-        prev = (await conn.execute(sa.select(log.c.hash).order_by(log.c.id.desc()).limit(1))).scalar_one_or_none()
-        prev_hash = str(prev) if prev else GENESIS
-        res = await conn.execute(
-            sa.insert(log)
-            .values(**record, prev_hash=prev_hash, hash=record_hash(prev_hash, record))
-            .returning(log.c.id)
-        )
-        return int(res.scalar_one())
+    return await _commits_of(db).append(record)
+
+
+class _GroupCommit:
+    """Appends of one farm database, written a batch per transaction (group commit).
+
+    Why: a busy broker audits every login, and one transaction per record serialises them all on the chain's lock
+    (and, on SQLite, on the one write lock every other writer needs too).  An append waits until its batch is
+    committed, so it is as durable as before; what arrives while a batch is written goes in the next one.  The
+    writing runs in a task of its own, so a caller that is cancelled never strands the others' records."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.queue: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
+        self.writer: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def append(self, record: dict[str, Any]) -> int:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # a Database used from another event loop (tests): start afresh there
+            self.loop, self.queue, self.writer = loop, [], None
+        done: asyncio.Future[int] = loop.create_future()
+        self.queue.append((record, done))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write_all())
+        return await asyncio.shield(done)
+
+    async def _write_all(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue, []
+            try:
+                ids = await self._write([record for record, _done in batch])
+            except Exception as e:  # every append of the batch fails with the reason
+                for _record, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for (_record, done), record_id in zip(batch, ids, strict=True):
+                if not done.done():
+                    done.set_result(record_id)
+
+    async def _write(self, records: list[dict[str, Any]]) -> list[int]:
+        log = t.audit_log
+        ids = []
+        async with self.db.begin() as conn:
+            if self.db.dialect == "postgresql":
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCK)))
+            prev = (await conn.execute(sa.select(log.c.hash).order_by(log.c.id.desc()).limit(1))).scalar_one_or_none()
+            prev_hash = str(prev) if prev else GENESIS
+            for record in records:
+                record_hash_ = record_hash(prev_hash, record)
+                res = await conn.execute(
+                    sa.insert(log).values(**record, prev_hash=prev_hash, hash=record_hash_).returning(log.c.id)
+                )
+                ids.append(int(res.scalar_one()))
+                prev_hash = record_hash_
+        return ids
+
+
+_group_commits: weakref.WeakKeyDictionary[Database, _GroupCommit] = weakref.WeakKeyDictionary()
+
+
+def _commits_of(db: Database) -> _GroupCommit:
+    group = _group_commits.get(db)
+    if group is None:
+        group = _group_commits[db] = _GroupCommit(db)
+    return group
 
 
 LIST_COLUMNS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in t.audit_log.c if c.key not in ("prev_hash",)}
