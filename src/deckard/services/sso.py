@@ -42,7 +42,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, aware, utcnow
 from deckard.model.errors import Conflict, DeckardError, PermissionDenied, Unauthenticated
-from deckard.services import admin_directory, identity
+from deckard.services import admin_directory, identity, password_plugins
 from deckard.services.admins import NAME_CHARS, open_admin_session
 from deckard.services.audit import append_audit
 from deckard.services.config import read_configs
@@ -60,17 +60,12 @@ ORIGIN = admin_directory.OIDC.origin  # administrators.origin of an administrato
 _clients: dict[tuple[str, int], tuple[str, OidcClient]] = {}
 
 
-def _fingerprint(config: Mapping[str, Any]) -> str:
-    own = sorted((k, str(v)) for k, v in config.items() if k.startswith("auth.oidc."))
-    return hashlib.sha256(repr(own).encode()).hexdigest()
-
-
 async def _client(db: Database, tenant_id: int, tenant: str, config: Mapping[str, Any]) -> OidcClient:
     """The tenant's client, rebuilt (and the old one closed) when its ``auth.oidc.*`` values changed."""
     oidc = OidcConfig.from_config(config)
     if not oidc.enabled:
         raise _not_configured(tenant)
-    key, fingerprint = (db.url, tenant_id), _fingerprint(config)
+    key, fingerprint = (db.url, tenant_id), password_plugins.fingerprint(config, "oidc")
     cached = _clients.get(key)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
