@@ -20,7 +20,7 @@ import pytest
 from ldap3 import Connection
 from ldap3.utils.log import EXTENDED, OFF, set_library_log_detail_level
 
-from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Ports, Verdict
+from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Verdict
 from deckard.auth.ldap import LdapAuthenticator
 from deckard.model.errors import BadInput
 from slapd import (
@@ -41,7 +41,6 @@ from slapd import (
     slapd_missing_reason,
 )
 
-PORTS = Ports(password_hash=lambda _login, _tenant: asyncio.sleep(0, None))  # never called by this plugin
 AD_FILTER = "(|(sAMAccountName={login})(userPrincipalName={login}))"
 Config = dict[str, Any]
 
@@ -93,7 +92,7 @@ def plugin() -> Iterator[Callable[[Config], LdapAuthenticator]]:
     built: list[LdapAuthenticator] = []
 
     def build(config: Config) -> LdapAuthenticator:
-        built.append(LdapAuthenticator.from_config(config, PORTS))
+        built.append(LdapAuthenticator.from_config(config))
         return built[-1]
 
     yield build
@@ -374,4 +373,4 @@ def test_a_bad_configuration_is_refused_when_the_plugin_is_built(tmp_path: Path)
         {"auth.ldap.url": url, "auth.ldap.base_dn": BASE_DN, "auth.ldap.ca_file": str(tmp_path / "missing.pem")},
     ]:
         with pytest.raises(BadInput):
-            LdapAuthenticator.from_config(config, PORTS)
+            LdapAuthenticator.from_config(config)

@@ -7,13 +7,13 @@ decides, one that does not know it passes.  Second factors, tokens, single sign-
 auto-provisioning are steps of the same login in ``services/identity.py``, not password plugins, because they
 do not answer "is this the password".
 
-This module does no I/O and imports nothing below ``model``: plugins that need the database get what they need
-(a lookup function) when they are built.
+This module does no I/O and imports nothing below ``model``: what a plugin needs of the database (the stored
+password hash) comes with the credentials, read by the chain with the rest of the account.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
@@ -42,6 +42,8 @@ class Credentials:
     password: str
     source: str = ""  # the client's address, for logs and rules
     via: str = "broker"  # broker | portal | wat | api
+    # what Deckard stores for this name: the chain read the account anyway (None: no such account, or no password)
+    password_hash: str | None = None
 
     def __repr__(self) -> str:  # never print a password into a log line
         return f"Credentials(login={self.login!r}, tenant={self.tenant!r}, via={self.via!r})"
@@ -82,16 +84,6 @@ class Decision:
         return cls(Verdict.PASS, plugin, None, "", reason)
 
 
-# What services give a plugin that needs the database: the argon2 hash of a local account (None: no such account
-# or no password), looked up by login and tenant name.
-PasswordLookup = Callable[[str, str], Awaitable[str | None]]
-
-
-@dataclass(frozen=True)
-class Ports:
-    password_hash: PasswordLookup
-
-
 class Authenticator(Protocol):
     """One password plugin.  ``authenticate`` never raises for a wrong password (it rejects); it raises
     ``AuthUnavailable`` when it cannot tell."""
@@ -101,8 +93,8 @@ class Authenticator(Protocol):
     async def authenticate(self, creds: Credentials) -> Decision: ...
 
 
-# name -> factory(config of the tenant, keyed by the full config key name, ports) -> plugin
-Factory = Callable[[Mapping[str, Any], Ports], Authenticator]
+# name -> factory(config of the tenant, keyed by the full config key name) -> plugin
+Factory = Callable[[Mapping[str, Any]], Authenticator]
 
 
 @dataclass
@@ -112,8 +104,8 @@ class Registry:
     def register(self, name: str, factory: Factory) -> None:
         self.factories[name] = factory
 
-    def build(self, name: str, config: Mapping[str, Any], ports: Ports) -> Authenticator:
-        return self.factories[name](config, ports)
+    def build(self, name: str, config: Mapping[str, Any]) -> Authenticator:
+        return self.factories[name](config)
 
     def names(self) -> list[str]:
         return sorted(self.factories)

@@ -59,7 +59,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 from ldap3.utils.log import set_library_log_hide_sensitive_data
 
-from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity, Ports
+from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity
 from deckard.model.errors import BadInput
 
 log = logging.getLogger("deckard.auth.ldap")
@@ -311,9 +311,8 @@ class LdapAuthenticator:
         )
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], ports: Ports) -> LdapAuthenticator:
-        """The registry's factory; the directory is all this plugin needs, so ``ports`` is unused."""
-        del ports
+    def from_config(cls, config: Mapping[str, Any]) -> LdapAuthenticator:
+        """The registry's factory."""
         return cls(LdapSettings.from_config(config))
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from deckard.auth.chain import Credentials, Decision, Identity, PasswordLookup, Ports
+from deckard.auth.chain import Credentials, Decision, Identity
 
 # Interactive logins: the library's RFC 9106 low-memory profile keeps a login under ~50 ms on two cores.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
@@ -45,15 +45,12 @@ class LocalAuthenticator:
 
     name: ClassVar[str] = "local"
 
-    def __init__(self, lookup: PasswordLookup) -> None:
-        self._lookup = lookup
-
     @classmethod
-    def from_config(cls, _config: Mapping[str, Any], ports: Ports) -> LocalAuthenticator:
-        return cls(ports.password_hash)
+    def from_config(cls, _config: Mapping[str, Any]) -> LocalAuthenticator:
+        return cls()
 
     async def authenticate(self, creds: Credentials) -> Decision:
-        password_hash = await self._lookup(creds.login, creds.tenant)
+        password_hash = creds.password_hash
         ok = await verify_password_async(password_hash, creds.password)
         if password_hash is None:
             return Decision.pass_(self.name, "no local password")

@@ -22,14 +22,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
 
-from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity, Ports, Verdict
+from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity, Verdict
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, utcnow
@@ -115,34 +114,12 @@ class _Attempt:
 
 # ---- the chain's plugins (built once per tenant configuration: services/password_plugins.py) -------------------
 
-# the users row a login already read (login, tenant, row): the local plugin's lookup answers from it
-_known_row: ContextVar[tuple[str, str, Any] | None] = ContextVar("deckard_identity_known_row", default=None)
-
-
-async def _password_hash(db: Database, login: str, tenant: str) -> str | None:
-    known = _known_row.get()
-    if known is not None and known[:2] == (login, tenant):
-        value = known[2].password_hash if known[2] is not None else None
-        return str(value) if value else None
-    q = (
-        sa.select(t.users.c.password_hash)
-        .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
-        .where(t.users.c.login == login, t.tenants.c.name == tenant)
-    )
-    async with db.connect() as conn:
-        value = (await conn.execute(q)).scalar_one_or_none()
-    return str(value) if value else None
-
-
-def _ports(db: Database) -> Ports:
-    return Ports(password_hash=lambda login, tenant: _password_hash(db, login, tenant))
-
 
 async def _run_chain(attempt: _Attempt, config: Mapping[str, Any], creds: Credentials) -> Decision:
     decision = Decision.pass_("none")
     for name in str(config["auth.chain"]).split(","):
         attempt.plugin = name
-        built = password_plugins.plugin(attempt.db, attempt.tenant_id, name, config, _ports(attempt.db))
+        built = password_plugins.plugin(attempt.db, attempt.tenant_id, name, config)
         decision = await built.authenticate(creds)
         if decision.verdict != Verdict.PASS:
             break
@@ -336,16 +313,13 @@ async def login_password(
         known = await _look_up(db, login, tenant, keys)
         attempt.tenant_id, config = known.tenant_id, known.config
         keys = replace(keys, tenant_id=known.tenant_id)
-        creds = Credentials(login, tenant, password, source, via)
-        token = _known_row.set((login, tenant, known.row))
-        try:
-            if known.tenant_id is None:  # no such tenant: the same work as a wrong password, the same answer
-                await _run_chain(attempt, {**config, "auth.chain": "local"}, creds)
-                decision = Decision.reject("local")
-            else:
-                decision = await _run_chain(attempt, config, creds)
-        finally:
-            _known_row.reset(token)
+        stored = known.row.password_hash if known.row is not None else None
+        creds = Credentials(login, tenant, password, source, via, stored or None)
+        if known.tenant_id is None:  # no such tenant: the same work as a wrong password, the same answer
+            await _run_chain(attempt, {**config, "auth.chain": "local"}, creds)
+            decision = Decision.reject("local")
+        else:
+            decision = await _run_chain(attempt, config, creds)
         if decision.verdict != Verdict.ACCEPT or decision.identity is None:
             await lockout.failed_attempt(db, keys)
             raise Unauthenticated("wrong user name or password", code="bad_credentials")

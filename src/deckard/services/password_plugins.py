@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from deckard.auth.chain import Authenticator, AuthUnavailable, Ports
+from deckard.auth.chain import Authenticator, AuthUnavailable
 from deckard.auth.plugins import REGISTRY
 from deckard.db.engine import Database
 from deckard.model.errors import BadInput
@@ -34,18 +34,14 @@ def fingerprint(config: Mapping[str, Any], name: str = LDAP) -> str:
     return hashlib.sha256(repr(own).encode()).hexdigest()
 
 
-async def _no_local_password(_login: str, _tenant: str) -> str | None:
-    return None  # the directory asks for none; administrators' local passwords are services/admins.py's
-
-
-def plugin(db: Database, tenant_id: int | None, name: str, config: Mapping[str, Any], ports: Ports) -> Authenticator:
+def plugin(db: Database, tenant_id: int | None, name: str, config: Mapping[str, Any]) -> Authenticator:
     """The tenant's plugin ``name`` for ``config``, built once and reused until its values change."""
     key, wanted = (db.url, tenant_id, name), fingerprint(config, name)
     cached = _built.get(key)
     if cached is not None and cached[0] == wanted:
         return cached[1]
     try:
-        built = REGISTRY.build(name, config, ports)
+        built = REGISTRY.build(name, config)
     except BadInput as e:
         log.warning("password_plugins.misconfigured", plugin=name, tenant_id=tenant_id, reason=e.message)
         raise AuthUnavailable(
@@ -60,7 +56,7 @@ def plugin(db: Database, tenant_id: int | None, name: str, config: Mapping[str, 
 
 def ldap_plugin(db: Database, tenant_id: int, config: Mapping[str, Any]) -> Authenticator:
     """The tenant's directory plugin (administrators' logins)."""
-    return plugin(db, tenant_id, LDAP, config, Ports(password_hash=_no_local_password))
+    return plugin(db, tenant_id, LDAP, config)
 
 
 def _close(built: Authenticator) -> None:
