@@ -22,11 +22,11 @@ import sqlalchemy as sa
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied
+from deckard.model.errors import NotFound, PermissionDenied
 from deckard.services import second_factor
 from deckard.services.admins import API, new_token, token_hash
 from deckard.services.context import Actor, require
-from deckard.services.personal_tokens import NAME
+from deckard.services.personal_tokens import check_new_token, check_room
 from deckard.services.rows import as_dict
 from deckard.services.users import get_user
 
@@ -69,27 +69,14 @@ async def create_own_token(db: Database, actor: Actor, name: str, days: int) -> 
     422 ``bad_token_name`` / ``bad_token_lifetime``; 409 ``duplicate`` (an unrevoked token has the name) or
     ``too_many_tokens``."""
     admin_id = _admin_id(actor)
-    if not NAME.fullmatch(name):
-        raise BadInput(
-            "name the token with 1-64 letters, digits, spaces, '.', '_' or '-' (e.g. 'backup-script')",
-            code="bad_token_name",
-        )
-    if not 1 <= days <= MAX_DAYS:
-        raise BadInput(f"a token lives 1 to {MAX_DAYS} days", code="bad_token_lifetime", details={"maximum": MAX_DAYS})
+    check_new_token(name, days, MAX_DAYS)
     token = new_token()
     now = utcnow()
     async with db.begin() as conn:
         # the administrator's row is the lock: two creates cannot both pass the checks below
         await conn.execute(sa.select(t.administrators.c.id).where(t.administrators.c.id == admin_id).with_for_update())
-        mine = (
-            await conn.execute(
-                sa.select(tok.c.name).where(tok.c.admin_id == admin_id, tok.c.kind == API, tok.c.revoked.is_(False))
-            )
-        ).all()
-        if any(r.name == name for r in mine):
-            raise Conflict(f"you already have a token named {name!r}: revoke it or pick another name", code="duplicate")
-        if len(mine) >= MAX_PER_ADMIN:
-            raise Conflict(f"you have {MAX_PER_ADMIN} tokens: revoke one first", code="too_many_tokens")
+        q = sa.select(tok.c.name).where(tok.c.admin_id == admin_id, tok.c.kind == API, tok.c.revoked.is_(False))
+        check_room([str(r.name) for r in await conn.execute(q)], name, MAX_PER_ADMIN)
         res = await conn.execute(
             sa.insert(tok)
             .values(

@@ -8,7 +8,6 @@ Every token expires (at most ``auth.tokens.max_days``), and a user has at most `
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import secrets
 from typing import Any
@@ -19,6 +18,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import User, aware, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, Unauthenticated
+from deckard.services.admins import token_hash
 from deckard.services.config import get_config
 from deckard.services.context import Actor, require
 from deckard.services.rows import as_dict
@@ -32,36 +32,44 @@ ut = t.user_tokens
 COLUMNS = (ut.c.id, ut.c.name, ut.c.created_at, ut.c.expires_at, ut.c.last_used_at, ut.c.revoked)
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def check_new_token(name: str, days: int, longest: int) -> None:
+    """A token's name and lifetime (users' and administrators' alike): 422 ``bad_token_name`` or
+    ``bad_token_lifetime``."""
+    if not NAME.fullmatch(name):
+        raise BadInput(
+            "name the token with 1-64 letters, digits, spaces, '.', '_' or '-' (e.g. 'laptop')", code="bad_token_name"
+        )
+    if not 1 <= days <= longest:
+        raise BadInput(f"a token lives 1 to {longest} days", code="bad_token_lifetime", details={"maximum": longest})
+
+
+def check_room(names: list[str], name: str, limit: int) -> None:
+    """Whether one more token fits beside the owner's unrevoked ``names``: 409 ``duplicate`` or
+    ``too_many_tokens``."""
+    if name in names:
+        raise Conflict(f"you already have a token named {name!r}: revoke it or pick another name", code="duplicate")
+    if len(names) >= limit:
+        raise Conflict(f"you have {limit} tokens: revoke one first", code="too_many_tokens")
 
 
 async def create_token(db: Database, user: User, name: str, days: int | None = None) -> tuple[str, dict[str, Any]]:
     """A new token for ``user`` → (the secret, shown once; its row).  422 ``bad_token_name`` /
     ``bad_token_lifetime``, 409 ``duplicate`` or ``too_many_tokens``."""
-    if not NAME.fullmatch(name):
-        raise BadInput(
-            "name the token with 1-64 letters, digits, spaces, '.', '_' or '-' (e.g. 'laptop')", code="bad_token_name"
-        )
     longest = int(await get_config(db, "auth.tokens.max_days", user.tenant_id))
     days = min(DEFAULT_DAYS, longest) if days is None else days
-    if not 1 <= days <= longest:
-        raise BadInput(f"a token lives 1 to {longest} days", code="bad_token_lifetime", details={"maximum": longest})
+    check_new_token(name, days, longest)
     token = PREFIX + secrets.token_urlsafe(32)
     now = utcnow()
     async with db.begin() as conn:
-        mine = (await conn.execute(sa.select(ut.c.name).where(ut.c.user_id == user.id, ut.c.revoked.is_(False)))).all()
-        if any(r.name == name for r in mine):
-            raise Conflict(f"you already have a token named {name!r}", code="duplicate")
-        if len(mine) >= MAX_PER_USER:
-            raise Conflict(f"you have {MAX_PER_USER} tokens: revoke one first", code="too_many_tokens")
+        mine = await conn.execute(sa.select(ut.c.name).where(ut.c.user_id == user.id, ut.c.revoked.is_(False)))
+        check_room([str(r.name) for r in mine], name, MAX_PER_USER)
         await conn.execute(sa.delete(ut).where(ut.c.user_id == user.id, ut.c.name == name))  # a revoked namesake
         res = await conn.execute(
             sa.insert(ut)
             .values(
                 user_id=user.id,
                 name=name,
-                token_hash=_hash(token),
+                token_hash=token_hash(token),
                 created_at=now,
                 expires_at=now + dt.timedelta(days=days),
             )
@@ -113,7 +121,7 @@ async def token_owner(db: Database, token: str) -> Any:
         )
         .join(t.users, t.users.c.id == ut.c.user_id)
         .join(t.tenants, t.tenants.c.id == t.users.c.tenant_id)
-        .where(ut.c.token_hash == _hash(token))
+        .where(ut.c.token_hash == token_hash(token))
     )
     now = utcnow()
     async with db.connect() as conn:
