@@ -204,21 +204,17 @@ async def check(db: Database, conn: AsyncConnection, keys: Keys) -> bool:
 async def begin_attempt(db: Database, keys: Keys) -> None:
     """Refuse while the account is locked (403) or the pair or address waits (429); with ``count_first``, count
     this try against the pair before the password is checked."""
-    now = utcnow()
-    watched = [k for k in (keys.pair, keys.source, keys.account) if k]
     if not keys.count_first:
         async with db.connect() as conn:
-            _refuse_waits(keys, await _waits_until(conn, watched, now), now)
+            await check(db, conn, keys)
         return
+    now = utcnow()
+    watched = [k for k in (keys.pair, keys.source, keys.account) if k]
     async with db.begin() as conn:
         await _serialise(db, conn)
         policy = await _policy(conn, keys.tenant_id)
         _refuse_waits(keys, await _waits_until(conn, watched, now), now)
         await _count(conn, keys.pair, now, policy, lambda n: backoff_s(n, policy.failures, policy.max_delay_s))
-        # rows nobody has failed under for a window (and whose wait is over) are forgotten: the table stays small
-        horizon = now - dt.timedelta(seconds=policy.window_s + max(policy.max_delay_s, policy.account_lock_s))
-        lf = t.login_failures
-        await conn.execute(sa.delete(lf).where(sa.func.coalesce(lf.c.locked_until, lf.c.first_at) < horizon))
 
 
 async def failed_attempt(db: Database, keys: Keys) -> None:
@@ -237,6 +233,11 @@ async def failed_attempt(db: Database, keys: Keys) -> None:
             lock_s = policy.account_lock_s
             await _count(conn, keys.account, now, policy, lambda n: lock_s if n >= policy.account_failures else 0)
         waits = await _waits_until(conn, [k for k in (keys.pair, keys.source, keys.account) if k], now)
+        # rows nobody has failed under for a window (and whose wait is over) are forgotten as failures come in,
+        # users' and administrators' alike: the table stays small
+        horizon = now - dt.timedelta(seconds=policy.window_s + max(policy.max_delay_s, policy.account_lock_s))
+        lf = t.login_failures
+        await conn.execute(sa.delete(lf).where(sa.func.coalesce(lf.c.locked_until, lf.c.first_at) < horizon))
         _remember(db, waits, now)
     _refuse_waits(keys, waits, now)
 
