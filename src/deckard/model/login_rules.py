@@ -16,6 +16,7 @@ import datetime as dt
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from deckard.model.errors import BadInput
@@ -26,6 +27,7 @@ _WINDOW = re.compile(r"(?P<d1>[a-z]{3})(?:-(?P<d2>[a-z]{3}))?\s+(?P<t1>\d{1,2}:\
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@lru_cache(maxsize=256)  # every login of a tenant with rules reads the same text
 def parse_networks(text: str) -> tuple[Network, ...]:
     """``10.0.0.0/8, ::1`` → networks; 422 ``bad_login_rule`` naming the part that is not one."""
     nets = []
@@ -67,6 +69,7 @@ def _days(first: str, last: str | None) -> frozenset[int]:
     return frozenset((a + i) % 7 for i in range((b - a) % 7 + 1))
 
 
+@lru_cache(maxsize=256)
 def parse_hours(text: str) -> tuple[Window, ...]:
     """``Mon-Fri 07:00-19:00, Sat 09:00-13:00`` → windows; 422 ``bad_login_rule`` naming the bad part."""
     windows = []
