@@ -190,6 +190,36 @@ async def test_config_layers_default_global_tenant_and_reset(farm: Farm) -> None
     assert await get_config(farm.db, "ui.page_size", None) == 25
 
 
+async def test_keys_marked_per_osf_take_an_osf_layer_over_the_tenants(farm: Farm) -> None:
+    root = await farm.admin_client()
+    await multitenant(root)
+    a = await tenant_admin(farm, root, "acme", "ann", ["Tenant admin"])
+    b = await tenant_admin(farm, root, "beta", "bob", ["Tenant admin"])
+    web = await call(a.create_osf, "web")
+    await call(b.create_osf, "web")
+    await call(a.set_config, "network.egress", "deny tcp any port 25")
+    out = await call(a.set_config, "network.egress", "deny any", None, "web")
+    assert out.value == "deny any" and out.source == "osf" and out.per_osf
+    assert (await call(a.get_config, "network.egress")).value == "deny tcp any port 25"
+    assert (await call(root.get_config, "network.egress", None, "web@acme")).source == "osf"
+    assert (await call(root.get_config, "network.egress", "beta", "web")).source == "default"  # beta's own web
+    from deckard.services.config import get_config
+
+    assert await get_config(farm.db, "network.egress", web.tenant_id, web.id) == "deny any"
+    assert await get_config(farm.db, "network.egress", web.tenant_id) == "deny tcp any port 25"
+    with pytest.raises(DeckardError) as e:  # a key that is not per OSF
+        await call(a.set_config, "ui.page_size", 10, None, "web")
+    assert e.value.code == "tenant_config_key"
+    with pytest.raises(DeckardError) as e:  # another tenant's OSF does not exist for ann
+        await call(a.set_config, "network.egress", "deny any", "beta", "web")
+    assert e.value.code in ("tenant_not_found", "osf_not_found")
+    out = await call(a.reset_config, "network.egress", None, "web")
+    assert out.source == "tenant" and out.value == "deny tcp any port 25"
+    await call(a.set_config, "network.egress", "deny any", None, "web")
+    await call(a.delete_osf, "web")  # the OSF's layer goes with it
+    assert await get_config(farm.db, "network.egress", web.tenant_id, web.id) == "deny tcp any port 25"
+
+
 async def test_custom_properties_follow_their_object_visibility(farm: Farm) -> None:
     root = await farm.admin_client()
     await multitenant(root)

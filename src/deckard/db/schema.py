@@ -126,6 +126,7 @@ disk_images = sa.Table(
     sa.Column("expire_hard_s", sa.Integer, nullable=True),
     sa.Column("uploaded_bytes", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("published_at", TS, nullable=True),
+    sa.Column("profile", sa.String(32), nullable=False, server_default=""),  # build profile (0010); "" = unknown
     sa.UniqueConstraint("osf_id", "version", name="uq_disk_images_osf_version"),
 )
 
@@ -205,6 +206,9 @@ desktops = sa.Table(
     # placement (0006): desktops of one group are spread over nodes (anti-affinity) or packed (affinity)
     sa.Column("placement_group", sa.String(64), nullable=True),
     sa.Column("placement_policy", sa.String(16), nullable=True),  # spread | pack
+    # session policies (0010): the user's last keyboard or mouse input (the agent reports it) and the idle warning
+    sa.Column("input_at", TS, nullable=True),
+    sa.Column("idle_warned_at", TS, nullable=True),
     sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
 )
 
@@ -238,6 +242,16 @@ config = sa.Table(
     "config",
     metadata,
     sa.Column("tenant_id", sa.Integer, primary_key=True),  # 0 = global row
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+# the OSF layer (0010): keys marked ``per_osf`` in the catalogue may differ per OSF, over the tenant's value
+osf_config = sa.Table(
+    "osf_config",
+    metadata,
+    sa.Column("osf_id", sa.ForeignKey("osfs.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", TS, nullable=False),

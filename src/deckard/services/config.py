@@ -1,4 +1,5 @@
-"""Layered configuration (QVD's ``cfg(key, tenant)``): built-in default → global row (tenant 0) → tenant row.
+"""Layered configuration (QVD's ``cfg(key, tenant)``): built-in default → global row (tenant 0) → tenant row
+→ OSF row (``osf_config``, only for keys marked ``per_osf``: egress and session policies differ per OSF).
 
 Why in the database: every node, broker and API process of a farm must read the same value, and an
 administrator changes it once with ``deckard config set``.  ``get_config`` is what the rest of Deckard calls;
@@ -8,6 +9,8 @@ values are stored as JSON text and always come back with the key's type.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,24 +24,36 @@ from deckard.model.errors import BadInput
 from deckard.services.audit import MASK
 from deckard.services.context import Actor, require, require_supertenant
 from deckard.services.events import publish
-from deckard.services.tenant_lookup import find_tenant
+from deckard.services.tenant_lookup import find_osf, find_tenant
 
 GLOBAL = 0  # the global layer's tenant_id
+# a check of a new value against the farm (the egress policy must not open the farm): (conn, key, value)
+ValueCheck = Callable[[AsyncConnection, str, Any], Awaitable[None]]
 # limits a tenant lives under, not choices it makes: only supertenant administrators set them, on any layer
 # (``auth.oidc.admin_groups`` and ``auth.ldap.admin_groups`` grant roles: a tenant administrator could otherwise
 # map a group to a role stronger than their own)
 FARM_OWNER_KEYS = frozenset({"image.max_upload_mib", "auth.oidc.admin_groups", "auth.ldap.admin_groups"})
 
 
-async def _rows(conn: AsyncConnection, tenant_id: int | None, keys: list[str]) -> dict[tuple[int, str], Any]:
+Rows = dict[tuple[int | str, str], Any]  # (tenant id, key) → value; ("osf", key) for the OSF layer
+
+
+async def _rows(conn: AsyncConnection, tenant_id: int | None, keys: list[str], osf_id: int | None = None) -> Rows:
     layers = [GLOBAL] if tenant_id is None else [GLOBAL, tenant_id]
     q = sa.select(t.config.c.tenant_id, t.config.c.key, t.config.c.value).where(
         t.config.c.tenant_id.in_(layers), t.config.c.key.in_(keys)
     )
-    return {(int(r.tenant_id), str(r.key)): json.loads(r.value) for r in await conn.execute(q)}
+    rows: Rows = {(int(r.tenant_id), str(r.key)): json.loads(r.value) for r in await conn.execute(q)}
+    if osf_id is not None:
+        oc = t.osf_config
+        q = sa.select(oc.c.key, oc.c.value).where(oc.c.osf_id == osf_id, oc.c.key.in_(keys))
+        rows.update({("osf", str(r.key)): json.loads(r.value) for r in await conn.execute(q)})
+    return rows
 
 
-def _resolve(key: ConfigKey, rows: dict[tuple[int, str], Any], tenant_id: int | None) -> tuple[Any, str]:
+def _resolve(key: ConfigKey, rows: Rows, tenant_id: int | None) -> tuple[Any, str]:
+    if key.per_osf and ("osf", key.name) in rows:
+        return rows[("osf", key.name)], "osf"
     if key.per_tenant and tenant_id not in (None, GLOBAL) and (tenant_id, key.name) in rows:
         return rows[(tenant_id, key.name)], "tenant"
     if (GLOBAL, key.name) in rows:
@@ -46,29 +61,52 @@ def _resolve(key: ConfigKey, rows: dict[tuple[int, str], Any], tenant_id: int | 
     return key.default, "default"
 
 
-async def read_config(conn: AsyncConnection, key: str, tenant_id: int | None) -> Any:
+async def read_config(conn: AsyncConnection, key: str, tenant_id: int | None, osf_id: int | None = None) -> Any:
     """``get_config`` inside a transaction the caller already holds."""
     k = config_key(key)
-    return _resolve(k, await _rows(conn, tenant_id, [key]), tenant_id)[0]
+    return _resolve(k, await _rows(conn, tenant_id, [key], osf_id), tenant_id)[0]
 
 
-async def read_configs(conn: AsyncConnection, prefix: str, tenant_id: int | None) -> dict[str, Any]:
-    """Every key under ``prefix`` (``auth.``) resolved for a tenant in one query: ``{key: value}``."""
+async def read_config_source(
+    conn: AsyncConnection, key: str, tenant_id: int | None, osf_id: int | None = None
+) -> tuple[Any, str]:
+    """``read_config`` and the layer the value came from: ``default``, ``global``, ``tenant`` or ``osf``."""
+    return _resolve(config_key(key), await _rows(conn, tenant_id, [key], osf_id), tenant_id)
+
+
+async def read_configs(
+    conn: AsyncConnection, prefix: str, tenant_id: int | None, osf_id: int | None = None
+) -> dict[str, Any]:
+    """Every key under ``prefix`` (``auth.``) resolved for a tenant (and OSF) in one query: ``{key: value}``."""
     keys = [k for k in KEYS.values() if k.name.startswith(prefix)]
-    rows = await _rows(conn, tenant_id, [k.name for k in keys])
+    rows = await _rows(conn, tenant_id, [k.name for k in keys], osf_id)
     return {k.name: _resolve(k, rows, tenant_id)[0] for k in keys}
 
 
-async def get_config(db: Database, key: str, tenant_id: int | None = None) -> Any:
-    """The effective value of ``key`` for a tenant (``None``: the global value), typed as the catalogue says."""
+async def get_config(db: Database, key: str, tenant_id: int | None = None, osf_id: int | None = None) -> Any:
+    """The effective value of ``key`` for a tenant (``None``: the global value) and, for ``per_osf`` keys, an
+    OSF, typed as the catalogue says."""
     async with db.connect() as conn:
-        return await read_config(conn, key, tenant_id)
+        return await read_config(conn, key, tenant_id, osf_id)
 
 
-async def _target_tenant(conn: AsyncConnection, actor: Actor, tenant: str | int | None) -> int | None:
+@dataclass
+class Layer:
+    """Where an administrator reads or writes: the global layer, a tenant's, or an OSF's."""
+
+    tenant_id: int | None
+    osf_id: int | None = None
+
+
+async def _target(conn: AsyncConnection, actor: Actor, tenant: str | int | None, osf: str | int | None) -> Layer:
+    if osf is not None:
+        if tenant is not None and not str(osf).isdigit() and "@" not in str(osf):
+            osf = f"{osf}@{(await find_tenant(conn, actor, tenant))['name']}"
+        osf_id, tenant_id = await find_osf(conn, actor, osf)
+        return Layer(tenant_id, osf_id)
     if tenant is None:
-        return None if actor.all_tenants else actor.tenant_id
-    return int((await find_tenant(conn, actor, tenant))["id"])
+        return Layer(None if actor.all_tenants else actor.tenant_id)
+    return Layer(int((await find_tenant(conn, actor, tenant))["id"]))
 
 
 def _describe(key: ConfigKey, value: Any, source: str) -> dict[str, Any]:
@@ -79,37 +117,69 @@ def _describe(key: ConfigKey, value: Any, source: str) -> dict[str, Any]:
         "source": source,
         "type": key.type.__name__,
         "per_tenant": key.per_tenant,
+        "per_osf": key.per_osf,
         "description": key.description,
         "secret": key.secret,
     }
 
 
 async def list_config(
-    db: Database, actor: Actor, key: str | None = None, tenant: str | int | None = None
+    db: Database,
+    actor: Actor,
+    key: str | None = None,
+    tenant: str | int | None = None,
+    osf: str | int | None = None,
 ) -> list[dict[str, Any]]:
-    """Effective values as ``actor`` sees them (their own tenant's, for a confined administrator)."""
+    """Effective values as ``actor`` sees them (their own tenant's, for a confined administrator); with ``osf``,
+    as that OSF's desktops get them."""
     require(actor, "config.see")
     keys = [config_key(key)] if key else list(KEYS.values())
     async with db.connect() as conn:
-        tenant_id = await _target_tenant(conn, actor, tenant)
-        rows = await _rows(conn, tenant_id, [k.name for k in keys])
-    return [_describe(k, *_resolve(k, rows, tenant_id)) for k in keys]
+        layer = await _target(conn, actor, tenant, osf)
+        rows = await _rows(conn, layer.tenant_id, [k.name for k in keys], layer.osf_id)
+    return [_describe(k, *_resolve(k, rows, layer.tenant_id)) for k in keys]
 
 
-def _layer_for(actor: Actor, key: ConfigKey, tenant_id: int | None) -> int:
+def _check_layer(actor: Actor, key: ConfigKey, layer: Layer) -> None:
     if key.name in FARM_OWNER_KEYS:
         require_supertenant(actor, f"change {key.name}")
-    if tenant_id is None or tenant_id == GLOBAL:
+    if layer.osf_id is not None:
+        if not key.per_osf:
+            raise BadInput(f"{key.name} cannot differ per OSF: set it for the tenant", code="tenant_config_key")
+        return
+    if layer.tenant_id is None or layer.tenant_id == GLOBAL:
         if not actor.all_tenants:
             raise BadInput(f"{key.name} can only be set for the whole farm", code="global_config_key")
-        return GLOBAL
+        layer.tenant_id = GLOBAL
+        return
     if not key.per_tenant:
         raise BadInput(f"{key.name} applies to the whole farm: it cannot be set per tenant", code="global_config_key")
-    return tenant_id
+
+
+async def _clear(conn: AsyncConnection, layer: Layer, key: str) -> None:
+    if layer.osf_id is not None:
+        oc = t.osf_config
+        await conn.execute(sa.delete(oc).where(oc.c.osf_id == layer.osf_id, oc.c.key == key))
+    else:
+        await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == layer.tenant_id, t.config.c.key == key))
+
+
+async def _changed(db: Database, key: ConfigKey, layer: Layer) -> dict[str, Any]:
+    async with db.connect() as conn:
+        rows = await _rows(conn, layer.tenant_id, [key.name], layer.osf_id)
+    await publish(db, "updated", "config", key.name, layer.tenant_id or None)
+    return _describe(key, *_resolve(key, rows, layer.tenant_id))
 
 
 async def set_config(
-    db: Database, actor: Actor, key: str, value: Any, tenant: str | int | None = None
+    db: Database,
+    actor: Actor,
+    key: str,
+    value: Any,
+    tenant: str | int | None = None,
+    osf: str | int | None = None,
+    *,
+    check: ValueCheck | None = None,
 ) -> dict[str, Any]:
     require(actor, "config.update")
     k = config_key(key)
@@ -119,23 +189,27 @@ async def set_config(
             f"type the new value of {key}: {MASK} only stands for the one that is set", code="bad_config_value"
         )
     async with db.begin() as conn:
-        layer = _layer_for(actor, k, await _target_tenant(conn, actor, tenant))
-        await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == layer, t.config.c.key == key))
-        await conn.execute(
-            sa.insert(t.config).values(tenant_id=layer, key=key, value=json.dumps(parsed), updated_at=utcnow())
-        )
-        rows = await _rows(conn, layer, [key])
-    await publish(db, "updated", "config", key, layer or None)
-    return _describe(k, *_resolve(k, rows, layer))
+        layer = await _target(conn, actor, tenant, osf)
+        _check_layer(actor, k, layer)
+        if check is not None:
+            await check(conn, key, parsed)
+        await _clear(conn, layer, key)
+        row = {"key": key, "value": json.dumps(parsed), "updated_at": utcnow()}
+        if layer.osf_id is not None:
+            await conn.execute(sa.insert(t.osf_config).values(osf_id=layer.osf_id, **row))
+        else:
+            await conn.execute(sa.insert(t.config).values(tenant_id=layer.tenant_id, **row))
+    return await _changed(db, k, layer)
 
 
-async def reset_config(db: Database, actor: Actor, key: str, tenant: str | int | None = None) -> dict[str, Any]:
+async def reset_config(
+    db: Database, actor: Actor, key: str, tenant: str | int | None = None, osf: str | int | None = None
+) -> dict[str, Any]:
     """Remove the row of the actor's layer, so the next layer down shows through."""
     require(actor, "config.update")
     k = config_key(key)
     async with db.begin() as conn:
-        layer = _layer_for(actor, k, await _target_tenant(conn, actor, tenant))
-        await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == layer, t.config.c.key == key))
-        rows = await _rows(conn, layer, [key])
-    await publish(db, "updated", "config", key, layer or None)
-    return _describe(k, *_resolve(k, rows, layer))
+        layer = await _target(conn, actor, tenant, osf)
+        _check_layer(actor, k, layer)
+        await _clear(conn, layer, key)
+    return await _changed(db, k, layer)

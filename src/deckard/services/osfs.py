@@ -23,6 +23,7 @@ from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.rows import as_dict, unique_or_conflict
 from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name
+from deckard.services.tenant_lookup import find_osf_id as find_osf_id  # services/images.py finds OSFs here too
 from deckard.services.users import tenant_filter
 
 o = t.osfs
@@ -43,19 +44,6 @@ def check_osf_fields(values: Mapping[str, Any]) -> None:
         raise BadInput("cpus must be between 0.1 and 256", code="bad_cpus")
     if values.get("driver") is not None and values["driver"] not in DRIVERS:
         raise BadInput(f"unknown driver {values['driver']!r}; use one of {', '.join(DRIVERS)}", code="bad_driver")
-
-
-async def find_osf_id(conn: AsyncConnection, actor: Actor, ref: str | int) -> int:
-    """An OSF by id, name, or ``name@tenant`` among those the actor may see (NotFound ``osf_not_found``)."""
-    name, _, tenant = str(ref).partition("@")
-    cond = o.c.id == int(ref) if str(ref).isdigit() else o.c.name == name
-    q = sa.select(o.c.id).where(cond, tenant_filter(actor, o.c.tenant_id)).order_by(o.c.id)
-    if tenant:
-        q = q.join(t.tenants, t.tenants.c.id == o.c.tenant_id).where(t.tenants.c.name == tenant)
-    row = (await conn.execute(q)).first()
-    if not row:
-        raise NotFound(f"no OSF {ref!r}: `deckard osf list` shows them", code="osf_not_found")
-    return int(row.id)
 
 
 async def _tenant_for_create(conn: AsyncConnection, actor: Actor, tenant: str | None) -> int:

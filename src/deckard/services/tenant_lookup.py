@@ -1,4 +1,4 @@
-"""Which tenant an administrator means: a tenant by id or name as the actor may see it, and where a create lands.
+"""Which tenant (or OSF) an administrator means: by id or name as the actor may see it, and where a create lands.
 
 Why a module of its own: ``config``, ``roles``, ``users`` and ``admins`` all resolve a tenant the actor named, and
 ``tenants`` (the admin CRUD) depends on ``config`` and ``roles``.  With the lookup in ``tenants`` those modules
@@ -57,3 +57,23 @@ async def resolve_tenant_for_create(
         return actor.tenant_id
     row = await find_tenant(conn, actor, tenant if tenant is not None else default)
     return int(row["id"])
+
+
+async def find_osf(conn: AsyncConnection, actor: Actor, ref: str | int) -> tuple[int, int]:
+    """An OSF by id, name, or ``name@tenant`` among those the actor may see: ``(osf id, tenant id)``
+    (NotFound ``osf_not_found``)."""
+    o = t.osfs
+    name, _, tenant = str(ref).partition("@")
+    cond = o.c.id == int(ref) if str(ref).isdigit() else o.c.name == name
+    visible = sa.true() if actor.all_tenants else o.c.tenant_id == actor.tenant_id
+    q = sa.select(o.c.id, o.c.tenant_id).where(cond, visible).order_by(o.c.id)
+    if tenant:
+        q = q.join(t.tenants, t.tenants.c.id == o.c.tenant_id).where(t.tenants.c.name == tenant)
+    row = (await conn.execute(q)).first()
+    if not row:
+        raise NotFound(f"no OSF {ref!r}: `deckard osf list` shows them", code="osf_not_found")
+    return int(row.id), int(row.tenant_id)
+
+
+async def find_osf_id(conn: AsyncConnection, actor: Actor, ref: str | int) -> int:
+    return (await find_osf(conn, actor, ref))[0]

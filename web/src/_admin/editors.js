@@ -135,15 +135,19 @@ export async function rolePage(root, id) {
 
 export async function configPage(root) {
   const tenant = h("input", { name: "tenant", placeholder: "(global)" });
+  // an OSF's layer: the keys that may differ per OSF (egress and session policies) for that OSF's desktops
+  const osf = h("input", { name: "osf", placeholder: "(none)" });
   const table = h("table.list.config", { "aria-label": "Configuration" });
   const writable = can("config.update");
+  const layer = () => ({ tenant: tenant.value.trim(), osf: osf.value.trim() });
   async function load() {
     try {
-      const data = await get(`/config${qs({ tenant: tenant.value.trim() })}`);
+      const data = await get(`/config${qs(layer())}`);
+      const items = layer().osf ? data.items.filter((c) => c.per_osf) : data.items;
       clear(
         table,
         h("thead", h("tr", ["key", "value", "default", "source", "description", ""].map((c) => h("th", { scope: "col" }, c)))),
-        h("tbody", data.items.map(row)),
+        h("tbody", items.map(row)),
       );
     } catch (e) {
       toast(errText(e), "error");
@@ -156,19 +160,25 @@ export async function configPage(root) {
     } else if (c.secret) {
       // a password: never shown, never sent back; type a new one to change it
       input = h("input", { "aria-label": `Value of ${c.key}`, type: "password", autocomplete: "new-password", placeholder: c.value ? "(set: type a new one)" : "", disabled: !writable });
+    } else if (c.key === "network.egress") {
+      // an ordered rule list reads best one rule per line
+      input = h("textarea", { "aria-label": `Value of ${c.key}`, rows: 4, spellcheck: false, disabled: !writable });
+      input.value = String(c.value ?? "").split(/;\s*/).filter(Boolean).join("\n");
     } else input = h("input", { "aria-label": `Value of ${c.key}`, value: fmt(c.value), type: c.type === "int" || c.type === "float" ? "number" : "text", disabled: !writable });
     const parse = () => (c.type === "bool" ? input.value === "true" : c.type === "int" ? parseInt(input.value, 10) : c.type === "float" ? Number(input.value) : input.value);
-    const body = () => (tenant.value.trim() ? { tenant: tenant.value.trim() } : {});
+    const body = () => Object.fromEntries(Object.entries(layer()).filter(([, v]) => v));
     const acts = h("td.row-actions");
     if (writable) {
       acts.append(
         h("button", { type: "button", onclick: async () => { try { await put(`/config/${c.key}`, { value: parse(), ...body() }); toast(`${c.key} set`); load(); } catch (e) { toast(errText(e), "error"); } } }, "Set"),
-        h("button", { type: "button", disabled: c.source === "default", onclick: async () => { try { await del(`/config/${c.key}${qs({ tenant: tenant.value.trim() })}`); toast(`${c.key} reset`); load(); } catch (e) { toast(errText(e), "error"); } } }, "Reset"),
+        h("button", { type: "button", disabled: c.source === "default", onclick: async () => { try { await del(`/config/${c.key}${qs(layer())}`); toast(`${c.key} reset`); load(); } catch (e) { toast(errText(e), "error"); } } }, "Reset"),
       );
     }
-    return h("tr", { dataset: { key: c.key } }, h("th", { scope: "row" }, h("code", c.key), c.per_tenant ? h("small", " per tenant") : ""), h("td", input), h("td", fmt(c.default)), h("td", h(`span.badge.src-${c.source}`, c.source)), h("td.desc", c.description), acts);
+    return h("tr", { dataset: { key: c.key } }, h("th", { scope: "row" }, h("code", c.key), c.per_osf ? h("small", " per tenant and OSF") : c.per_tenant ? h("small", " per tenant") : ""), h("td", input), h("td", fmt(c.default)), h("td", h(`span.badge.src-${c.source}`, c.source)), h("td.desc", c.description), acts);
   }
   tenant.addEventListener("change", load);
-  clear(root, h("h1", "Configuration"), isSuper() ? h("div.tools", field("Tenant layer", tenant)) : "", h("div.table-wrap", table));
+  osf.addEventListener("change", load);
+  const tools = h("div.tools", isSuper() ? field("Tenant layer", tenant) : "", field("OSF layer", osf));
+  clear(root, h("h1", "Configuration"), tools, h("div.table-wrap", table));
   load();
 }
