@@ -116,6 +116,9 @@ class FarmProcess:
                 "COLUMNS": "200",
             }
         )
+        # `deckard up` builds the standard desktop by default; test and benchmark farms run the minimal one
+        # (smaller to unpack, lighter desktops) unless told otherwise; tests of the standard desktop import it
+        env.setdefault("DECKARD_IMAGE_PROFILE", "minimal")
         env.update(self.extra_env)
         return env
 
@@ -247,6 +250,7 @@ class FarmProcess:
                 pass
         import asyncio
 
+        from deckard.drivers import firewall
         from deckard.drivers.cgroups import remove_cgroups
         from deckard.drivers.network import delete_link, remove_bridge, veth_name
 
@@ -258,6 +262,7 @@ class FarmProcess:
             remove_cgroups(name)
             asyncio.run(delete_link(veth_name(name)))
         asyncio.run(remove_bridge(self.bridge))
+        asyncio.run(firewall.remove(self.bridge))
         shutil.rmtree(self.home, ignore_errors=True)
 
 
@@ -531,3 +536,86 @@ def kill_processes_mentioning(marker: str) -> None:
                 os.kill(int(entry.name), 9)
         except (OSError, ProcessLookupError):
             continue
+
+
+# ---- an "internet" for desktops: a network namespace with a web server and a DNS zone ----------------------
+
+
+@dataclass
+class Upstream:
+    """A network namespace behind a veth pair from the host, serving HTTP (ports 8080 and 8081) and a DNS zone.
+
+    A desktop's egress is tested against it and nothing else: no packet leaves this machine.  The host side gets
+    ``host_ip``; the namespace ``ip`` answers ``*.{zone}`` and serves ``root`` (an ``index.html`` and whatever a
+    test puts there).  ``close()`` removes the namespace, the veth pair and every process, even after a failure.
+    """
+
+    name: str = field(default_factory=lambda: f"dkup{os.getpid() % 100000}")
+    subnet: str = field(default_factory=lambda: f"10.216.{os.getpid() % 250}")
+    zone: str = "upstream.test"
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="deckard-upstream-")))
+    page: str = "<html><body style='background:#1f7a3a'><h1>Deckard upstream page</h1></body></html>"
+    ports: tuple[int, ...] = (8080, 8081)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def host_ip(self) -> str:
+        return f"{self.subnet}.1"
+
+    @property
+    def ip(self) -> str:
+        return f"{self.subnet}.2"
+
+    def _ns(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def start(self) -> Upstream:
+        host_if, ns_if = f"{self.name}h", f"{self.name}n"
+        for cmd in (
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+            ["ip", "link", "set", ns_if, "netns", self.name],
+            ["ip", "addr", "add", f"{self.host_ip}/24", "dev", host_if],
+            ["ip", "link", "set", host_if, "up"],
+            ["ip", "-n", self.name, "addr", "add", f"{self.ip}/24", "dev", ns_if],
+            ["ip", "-n", self.name, "link", "set", ns_if, "up"],
+            ["ip", "-n", self.name, "link", "set", "lo", "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
+        (self.root / "index.html").write_text(self.page)
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        for port in self.ports:
+            server = [sys.executable, "-m", "http.server", str(port), "--bind", self.ip, "--directory", str(self.root)]
+            self._procs.append(subprocess.Popen(self._ns(*server), **quiet))  # type: ignore[call-overload]
+        dns = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            f"--listen-address={self.ip}",
+            f"--address=/{self.zone}/{self.ip}",
+            "--pid-file=",
+            "--user=root",
+        ]
+        self._procs.append(subprocess.Popen(self._ns(*dns), **quiet))  # type: ignore[call-overload]
+        for port in self.ports:
+            wait_for(lambda port=port: _answers(self.ip, port), 10, 0.05, f"the upstream web server on {port}")
+        return self
+
+    def close(self) -> None:
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{self.name}h"], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), 0.5):
+            return True
+    except OSError:
+        return False

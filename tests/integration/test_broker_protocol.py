@@ -244,7 +244,8 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
 
     guest = farm.guest(desk_id)
     x_starts = [params for method, params in guest.calls if method == "x_start"]
-    assert x_starts[-1] == {"user": "alice", "uid": str(uid_for_user(farm.alice_id)), "geometry": "1024x768"}
+    uid = str(uid_for_user(farm.alice_id))  # QVD's pc105/es keyboard reaches the session as the XKB layout
+    assert x_starts[-1] == {"user": "alice", "uid": uid, "geometry": "1024x768", "keyboard": "es"}
     assert (await farm.desktop_row(desk_id)).user_state == "connected"
 
     await c.close()

@@ -65,6 +65,14 @@ def test_connect_params_keep_client_settings_and_the_geometry() -> None:
 
 
 @pytest.mark.parametrize(
+    ("sent", "layout"),
+    [("pc105/es", "es"), ("de", "de"), ("fr(azerty)", "fr(azerty)"), ("pc105/us(intl)", "us(intl)"), ("", None)],
+)
+def test_the_clients_keyboard_becomes_the_sessions_xkb_layout(sent: str, layout: str | None) -> None:
+    assert parse_connect_params([("id", "7"), ("qvd.client.keyboard", sent)]).keyboard == layout
+
+
+@pytest.mark.parametrize(
     ("pairs", "error", "code"),
     [
         ([], BadInput, "missing_id"),
@@ -75,6 +83,8 @@ def test_connect_params_keep_client_settings_and_the_geometry() -> None:
         ([("id", "1"), ("qvd.vm.user.name", "root")], PermissionDenied, "forbidden_parameter"),
         ([("id", "1"), ("qvd_client.x", "1")], PermissionDenied, "forbidden_parameter"),
         ([("id", "1"), ("qvd.client.geometry", "1024x768; rm")], BadInput, "bad_geometry"),
+        ([("id", "1"), ("qvd.client.keyboard", "us; setxkbmap -option")], BadInput, "bad_keyboard"),
+        ([("id", "1"), ("qvd.client.keyboard", "pc105/" + "x" * 300)], BadInput, "bad_keyboard"),
         # QVD's order: a missing id (422) is reported before a forbidden parameter (403)
         ([("evil", "1")], BadInput, "missing_id"),
     ],

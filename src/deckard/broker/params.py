@@ -2,8 +2,9 @@
 
 QVD accepts ``id`` plus parameters named ``qvd.client.*`` (the client's settings: geometry, keyboard, ...)
 and ``custom.*``; anything else is refused with 403 so a client cannot smuggle settings that only an
-administrator may set.  A missing ``id`` is 422.  Only ``qvd.client.geometry`` changes what Deckard does
-(it sizes the display); the rest is kept for the agent and for the logs.
+administrator may set.  A missing ``id`` is 422.  ``qvd.client.geometry`` sizes the display and
+``qvd.client.keyboard`` (QVD's ``pc105/us`` or a bare XKB layout such as ``de`` or ``fr(azerty)``) sets the
+session's keyboard layout; the rest is kept for the logs.
 
 Ids are checked by ``model/ids.py``, as the API checks them: ASCII digits within the database's INTEGER
 (``str.isdigit`` would let ``²`` and full-width digits through, and a larger number is a bind error on
@@ -20,6 +21,8 @@ from deckard.model.ids import ID_MAX, parse_id
 
 ALLOWED_PARAM = re.compile(r"^(qvd\.client\.|custom\.)")
 GEOMETRY = re.compile(r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
+# QVD's clients send "<model>/<layout>" (pc105/es); the layout part is an XKB layout with an optional variant
+KEYBOARD = re.compile(r"^(?:[a-z0-9_]{1,16}/)?(?P<layout>[a-z]{2,3}(?:\([a-z0-9_]{1,24}\))?)$")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,12 @@ class ConnectParams:
     @property
     def geometry(self) -> str | None:
         return self.client.get("qvd.client.geometry") or None
+
+    @property
+    def keyboard(self) -> str | None:
+        """The XKB layout for the session (``us``, ``fr(azerty)``), from QVD's ``pc105/us`` form too."""
+        m = KEYBOARD.match(self.client.get("qvd.client.keyboard", ""))
+        return m.group("layout") if m else None
 
 
 def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
@@ -63,4 +72,11 @@ def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:
     geometry = client.get("qvd.client.geometry")
     if geometry and not GEOMETRY.match(geometry):
         raise BadInput(f"qvd.client.geometry {geometry!r} must look like 1024x768", code="bad_geometry")
+    keyboard = client.get("qvd.client.keyboard")
+    if keyboard and not KEYBOARD.match(keyboard):
+        shown = keyboard if len(keyboard) <= 40 else keyboard[:40] + "…"
+        raise BadInput(
+            f"qvd.client.keyboard {shown!r} must be an XKB layout such as us, de or fr(azerty) (or pc105/us)",
+            code="bad_keyboard",
+        )
     return ConnectParams(desktop_id, client)

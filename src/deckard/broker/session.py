@@ -270,6 +270,7 @@ class SessionRunner:
                 uid=uid_for_user(req.user.id),
                 geometry=req.params.geometry,
                 timeout=self.settings.display_timeout,
+                keyboard=req.params.keyboard,
             ),
             front,
             watch,

@@ -8,9 +8,10 @@ the action was accepted for, whichever endpoint carried it, and fails (exit 1) i
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,11 +22,26 @@ from deckard.cli.verbs import bulk_command, list_command, object_command, option
 from deckard.client.api import ApiClient
 from deckard.model.errors import Unavailable
 from deckard.model.schemas import Desktop
+from deckard.model.session_policy import describe_duration
 from deckard.model.states import DesktopCommand, DesktopState
 
 app = typer.Typer(help="Desktops (containers or VMs), one per user and OSF.", no_args_is_help=True)
 
-COLUMNS = ("id", "name", "user", "osf", "tag", "ip", "state", "cmd", "node", "blocked", "user_state")
+COLUMNS = (
+    "id",
+    "name",
+    "user",
+    "osf",
+    "tag",
+    "ip",
+    "state",
+    "cmd",
+    "node",
+    "blocked",
+    "user_state",
+    "idle",
+    "disconnected",
+)
 SETTLED = {
     DesktopCommand.START: (DesktopState.RUNNING, DesktopState.FAILED),
     DesktopCommand.STOP: (DesktopState.STOPPED, DesktopState.FAILED),
@@ -38,6 +54,22 @@ WaitOpt = Annotated[
     float, typer.Option("--wait", metavar="SECONDS", help="Wait up to SECONDS for the command to complete.")
 ]
 UserOpt = Annotated[str | None, typer.Option("--user", "-u", help="Only this user's.")]
+DisconnectedForOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--disconnected-for",
+        metavar="DURATION",
+        help="Only running desktops nobody has been connected to for at least DURATION (90s, 30m, 2h, 1d).",
+    ),
+]
+IdleForOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--idle-for",
+        metavar="DURATION",
+        help="Only desktops whose connected user has not typed nor moved the mouse for at least DURATION.",
+    ),
+]
 
 
 def describe(desk: Desktop) -> str:
@@ -49,9 +81,18 @@ def describe(desk: Desktop) -> str:
         parts.append(f"node {desk.node}")
     if desk.blocked:
         parts.append("blocked")
-    if desk.state == DesktopState.FAILED and desk.failure_reason:
+    if desk.state in (DesktopState.FAILED, DesktopState.STOPPED) and desk.failure_reason:
         parts.append(f"reason: {desk.failure_reason}")
     return ", ".join(parts)
+
+
+def table_row(desk: Desktop) -> dict[str, Any]:
+    """A desktop's row in ``desktop list``: with how long its user has been idle, or nobody connected."""
+    now = dt.datetime.now(dt.UTC)
+    row = desk.dump()
+    for column, since in (("idle", desk.idle_since), ("disconnected", desk.disconnected_since)):
+        row[column] = describe_duration((now - since).total_seconds()) if since else None
+    return row
 
 
 def settled(desk: Desktop, command: str) -> bool:
@@ -104,8 +145,15 @@ app.command("list")(
         "desktops",
         Desktop,
         COLUMNS,
-        "List desktops (``--filter state=running --sort -created_at``).",
-        query=[option("user", UserOpt)],
+        "List desktops (``--filter state=running --sort -created_at``, ``--disconnected-for 2h``).\n\n"
+        "IDLE is how long the connected user has not typed nor moved the mouse; DISCONNECTED how long nobody has been "
+        "connected to a running desktop.",
+        query=[
+            option("user", UserOpt),
+            option("disconnected_for", DisconnectedForOpt),
+            option("idle_for", IdleForOpt),
+        ],
+        table_row=table_row,
     )
 )
 app.command("show")(object_command(DesktopArg, _get, "Show one desktop."))
@@ -145,6 +193,25 @@ def expire(
         desk = api.expire_desktop(desktop, soft_s=soft, hard_s=hard)
     when = f"soft {desk.expire_soft_at or '-'}, hard {desk.expire_hard_at or '-'}"
     print_done(f"desktop {desk.name!r} expires: {when}", desk, as_json=as_json)
+
+
+@app.command("explain-network")
+def explain_network(
+    desktop: DesktopArg,
+    dest: Annotated[str, typer.Argument(help="An IPv4 address the desktop would connect to.")],
+    port: Annotated[int | None, typer.Option("--port", "-p", min=1, max=65535, help="TCP or UDP port.")] = None,
+    proto: Annotated[str, typer.Option("--proto", help="tcp, udp or icmp.")] = "tcp",
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Say whether the desktop may connect to DEST, and which rule of its egress policy decides."""
+    with session.api(profile) as api:
+        why = api.explain_network(desktop, dest, port=port, proto=proto)
+    target = f"{why.proto} {why.destination}" + (f":{why.port}" if why.port else "")
+    verdict = "allowed" if why.allowed else "blocked"
+    policy = "; ".join(why.policy) or "(no rules)"
+    message = f"{why.desktop} → {target}: {verdict}. {why.reason}.\npolicy ({why.policy_source}): {policy}"
+    print_done(message, why, as_json=as_json)
 
 
 def _verb(action: str, single: Callable[[ApiClient, str], Desktop | None], doc: str, wait: bool = False) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,6 +29,7 @@ from deckard.runtime.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from deckard.db.engine import Database
+    from deckard.images.profile import Profile
 
 console = Console(stderr=True)
 out = Console()
@@ -83,7 +84,7 @@ def _settings(
     )
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 
@@ -128,7 +129,7 @@ async def _bootstrap(settings: Settings) -> str | None:
 
 
 async def _register_image(
-    settings: Settings, path: Path, tags: tuple[str, ...] = ("default", "head")
+    settings: Settings, path: Path, tags: tuple[str, ...] = ("default", "head"), profile: str = ""
 ) -> dict[str, Any]:
     """Register an image file (version from its name, digest computed) and point ``tags`` at it."""
     from deckard.runtime.paths import image_digest
@@ -138,16 +139,61 @@ async def _register_image(
     async with _farm_db(settings) as db:
         await bootstrap_farm(db)
         digest = await asyncio.to_thread(image_digest, path)
-        return await register_image(db, path, version=path.name.split(".")[0], digest=digest, tags=tags)
+        return await register_image(
+            db, path, version=path.name.split(".")[0], digest=digest, tags=tags, profile=profile
+        )
+
+
+async def _unpack_image(settings: Settings, image: dict[str, Any]) -> None:
+    """Unpack the image now, as the node would before its first desktop: ``up`` is ready when desktops are fast."""
+    from deckard.drivers import load_driver
+
+    if settings.node.driver != "container" or os.geteuid() != 0:
+        return  # the node's image loop does it (a fake guest has nothing to unpack)
+    driver = load_driver(settings.node.driver, settings.paths)
+    with console.status("Unpacking the desktop image for its first desktop…"):
+        await driver.prepare_image(int(image["id"]), Path(image["path"]))
 
 
 # ---- image ---------------------------------------------------------------------------------------------
-async def _ensure_image(settings: Settings, *, cache: Path | None = None) -> dict[str, Any]:
-    """Build the default desktop image if it is missing (cached: a second run does not rebuild)."""
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        "--profile",
+        envvar="DECKARD_IMAGE_PROFILE",
+        help="Image build profile: minimal (Xvnc, JWM, xterm) or standard (Xfce, Firefox ESR, applications).",
+    ),
+]
+
+
+def _load_profile(name: str, profile_file: Path | None = None, add_packages: list[str] | None = None) -> Profile:
+    """The profile to build, checked before anything runs (an error names the bad key, package or file)."""
+    from deckard.images.profile import load_profile, load_profile_file, with_packages
+    from deckard.model.errors import BadInput
+
+    try:
+        profile = load_profile_file(profile_file) if profile_file is not None else load_profile(name)
+        return with_packages(profile, add_packages or [])
+    except BadInput as e:
+        _fail(e.message, 2)
+
+
+async def _ensure_image(
+    settings: Settings,
+    *,
+    cache: Path | None = None,
+    profile: Profile | None = None,
+    tags: tuple[str, ...] = ("default", "head"),
+    unpack: bool = True,
+) -> dict[str, Any]:
+    """Build the profile's image if it is missing (cached: a second run does not rebuild), register and tag it,
+    and unpack it for the first desktop."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deckard.images.builder import build_image
+    from deckard.images.profile import DEFAULT_PROFILE, load_profile
 
+    profile = profile or load_profile(DEFAULT_PROFILE)
     paths = settings.paths
     paths.make()
     cache_dir = cache or Path(os.environ.get("DECKARD_IMAGE_CACHE", paths.storage / "cache"))
@@ -159,41 +205,88 @@ async def _ensure_image(settings: Settings, *, cache: Path | None = None) -> dic
         console=console,
         transient=False,
     ) as bar:
-        task = bar.add_task("Building desktop image", total=1.0)
+        task = bar.add_task(f"Building the {profile.name} desktop image", total=1.0)
 
         def progress(text: str, fraction: float) -> None:
             bar.update(task, description=text[:60], completed=fraction)
 
-        path = await build_image(paths.images, cache_dir=cache_dir, progress=progress)
-        bar.update(task, completed=1.0, description="Desktop image ready")
-    return await _register_image(settings, path)
+        path = await build_image(paths.images, cache_dir=cache_dir, progress=progress, profile=profile)
+        bar.update(task, completed=1.0, description=f"Desktop image ready ({profile.name})")
+    image = await _register_image(settings, path, tags, profile=profile.name)
+    if unpack:
+        await _unpack_image(settings, image)
+    return image
 
 
 def image_build(
     home: HomeOpt = DEFAULT_HOME,
-    cache: Annotated[Path | None, typer.Option(help="Cache of debootstrapped bases.")] = None,
+    profile: ProfileOpt = "",
+    profile_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--profile-file", help="Build your own profile from this TOML file (docs/images.md).", exists=True
+        ),
+    ] = None,
+    add_package: Annotated[
+        list[str] | None, typer.Option("--add-package", help="Debian package to add to the profile (repeatable).")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag to point at it (default: default, head).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache of built root filesystems.")] = None,
+    unpack: Annotated[bool, typer.Option(help="Unpack it now for the first desktop (else the node does).")] = True,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Build the default desktop image (Debian + Xvnc + a light desktop + the agent) and tag it default/head."""
+    """Build a desktop image from a profile (Debian + Xvnc + a desktop + the agent) and tag it (default, head)."""
+    from deckard.images.profile import DEFAULT_PROFILE
+
     _need_root("image build")
     _quiet_logs()
-    image = asyncio.run(_ensure_image(_settings(home), cache=cache))
+    chosen = _load_profile(profile or DEFAULT_PROFILE, profile_file, add_package)
+    tags = tuple(tag or ("default", "head"))
+    image = asyncio.run(_ensure_image(_settings(home), cache=cache, profile=chosen, tags=tags, unpack=unpack))
     if as_json:
         out.print_json(json.dumps(image, default=str))
     else:
-        out.print(f"image {image['id']} ({image['version']}) at {image['path']}, tagged default and head")
+        out.print(
+            f"image {image['id']} ({image['version']}, profile {chosen.name}) at {image['path']}, "
+            f"tagged {', '.join(tags)}"
+        )
 
 
 def image_import(
-    path: Path, home: HomeOpt = DEFAULT_HOME, tag: Annotated[list[str] | None, typer.Option("--tag")] = None
+    path: Path,
+    home: HomeOpt = DEFAULT_HOME,
+    tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Profile it was built from (default: what the image says).")
+    ] = None,
+    unpack: Annotated[bool, typer.Option(help="Unpack it now for the first desktop (else the node does).")] = True,
 ) -> None:
     """Register an existing image tarball (e.g. built elsewhere) and tag it (default: default, head)."""
+    from deckard.images.builder import read_image_metadata
+    from deckard.images.profile import validate_name
+    from deckard.model.errors import BadInput
+
     if not path.is_file():
         _fail(f"{path} is not a file")
+    if profile is None:  # an image built by Deckard says its profile in its last bytes; others stay unknown
+        profile = str((read_image_metadata(path) or {}).get("profile", ""))
+    try:
+        profile = validate_name(profile) if profile else ""
+    except BadInput as e:
+        _fail(e.message, 2)
     settings = _settings(home)
     settings.paths.make()
-    image = asyncio.run(_register_image(settings, path.resolve(), tuple(tag or ("default", "head"))))
-    out.print(f"image {image['id']} ({image['version']}) registered from {image['path']}")
+    _quiet_logs()
+
+    async def register() -> dict[str, Any]:
+        image = await _register_image(settings, path.resolve(), tuple(tag or ("default", "head")), profile or "")
+        if unpack:
+            await _unpack_image(settings, image)
+        return image
+
+    image = asyncio.run(register())
+    shown = f", profile {profile}" if profile else ""
+    out.print(f"image {image['id']} ({image['version']}{shown}) registered from {image['path']}")
 
 
 # ---- running processes ---------------------------------------------------------------------------------
@@ -216,6 +309,7 @@ async def _serve(
     from deckard.drivers.network import ensure_bridge
     from deckard.model.network import gateway_of, prefix_len
     from deckard.node.daemon import NodeDaemon
+    from deckard.node.egress import Egress
     from deckard.runtime.tls import ensure_tls, server_context
     from deckard.services.tenancy import bootstrap_farm
 
@@ -239,6 +333,7 @@ async def _serve(
                 driver,
                 broker_url=(f"https://{_public_host(settings.broker.host)}:{settings.broker.port}"),
                 restart=shutdown.restart,
+                egress=Egress(db, settings) if settings.node.driver != "fake" else None,
             )
             node_id = await node.register()
             broker = Broker(
@@ -252,7 +347,7 @@ async def _serve(
             await broker.start(settings.broker.host, settings.broker.port)
             parts.on_stop(broker.close)
             parts.run("node", node.run(shutdown.stop))
-            await asyncio.wait_for(node.ready.wait(), 120)
+            await parts.until(node.ready, 120)
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
         await parts.wait()
@@ -371,6 +466,7 @@ def up(
     database: DbOpt = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached (Ctrl-C stops).")] = False,
     no_image: Annotated[bool, typer.Option("--no-image", help="Do not build the default image.")] = False,
+    profile: ProfileOpt = "",
     nodes: Annotated[
         int, typer.Option("--nodes", min=1, help="Demo farm: start this many nodes (extra ones as `deckard node`).")
     ] = 1,
@@ -391,7 +487,9 @@ def up(
     ensure_tls(paths.tls)
     password = asyncio.run(_bootstrap(settings))
     if not no_image:
-        asyncio.run(_ensure_image(settings))
+        from deckard.images.profile import DEFAULT_PROFILE
+
+        asyncio.run(_ensure_image(settings, profile=_load_profile(profile or DEFAULT_PROFILE)))
     if password is not None:
         profile_path = _first_run_profile(settings)
         out.print(

@@ -48,6 +48,7 @@ from deckard.model.schemas import (
     Image,
     LoginBan,
     LoginResult,
+    NetworkDecision,
     Node,
     NodeMaintenance,
     Osf,
@@ -85,6 +86,11 @@ def error_from_response(response: httpx.Response) -> DeckardError:
     err = cls(message, code=code, details=details if isinstance(details, dict) else None)
     err.status = response.status_code
     return err
+
+
+def _build_body(profile: str | None, add_packages: list[str] | None) -> dict[str, Any]:
+    """An image build's profile and extra packages; the API picks its default profile when none is named."""
+    return {"add_packages": add_packages or [], **({"profile": profile} if profile else {})}
 
 
 def _seg(ref: str | int) -> str:
@@ -307,6 +313,12 @@ class ApiClient:
         body = {"soft_s": soft_s, "hard_s": hard_s}
         return self._get(Desktop, "POST", f"/desktops/{_seg(desktop)}/expire", json=body)
 
+    def explain_network(
+        self, desktop: str | int, dest: str, *, port: int | None = None, proto: str = "tcp"
+    ) -> NetworkDecision:
+        params = _given(dest=dest, port=port, proto=proto)
+        return self._get(NetworkDecision, "GET", f"/desktops/{_seg(desktop)}/network/explain", params=params)
+
     def explain_desktop(self, desktop: str | int) -> Explanation:
         return self._get(Explanation, "GET", f"/desktops/{_seg(desktop)}/explain")
 
@@ -355,9 +367,23 @@ class ApiClient:
         return self._get(Image, "GET", f"/images/{int(image_id)}")
 
     def create_image(
-        self, version: str, *, osf: str | int | None = None, source: str = "upload", path: str | None = None
+        self,
+        version: str,
+        *,
+        osf: str | int | None = None,
+        source: str = "upload",
+        path: str | None = None,
+        build_profile: str | None = None,
+        add_packages: list[str] | None = None,
     ) -> Image:
-        body = {"version": version, "osf": None if osf is None else str(osf), "source": source, "path": path}
+        body: dict[str, Any] = {
+            "version": version,
+            "osf": None if osf is None else str(osf),
+            "source": source,
+            "path": path,
+        }
+        if build_profile or add_packages:  # else the API's default profile
+            body["build"] = _build_body(build_profile, add_packages)
         return self._get(Image, "POST", "/images", json=body)
 
     def upload_image_chunk(self, image_id: int, data: bytes, *, start: int, total: int) -> Image:
@@ -404,8 +430,8 @@ class ApiClient:
     def import_image(self, image_id: int, path: str) -> Image:
         return self._get(Image, "POST", f"/images/{int(image_id)}/import", json={"path": path})
 
-    def build_image(self, image_id: int) -> Image:
-        return self.image_action(image_id, "build")
+    def build_image(self, image_id: int, profile: str | None = None, add_packages: list[str] | None = None) -> Image:
+        return self._get(Image, "POST", f"/images/{int(image_id)}/build", json=_build_body(profile, add_packages))
 
     def publish_image(
         self,
@@ -561,17 +587,18 @@ class ApiClient:
         return self._get(AuditVerification, "GET", "/audit/verify")
 
     # config
-    def list_config(self, tenant: str | None = None) -> list[ConfigEntry]:
-        return self.list_page("config", ConfigEntry, {"tenant": tenant}).items
+    def list_config(self, tenant: str | None = None, osf: str | None = None) -> list[ConfigEntry]:
+        return self.list_page("config", ConfigEntry, {"tenant": tenant, "osf": osf}).items
 
-    def get_config(self, key: str, tenant: str | None = None) -> ConfigEntry:
-        return self._get(ConfigEntry, "GET", f"/config/{_seg(key)}", params=_given(tenant=tenant))
+    def get_config(self, key: str, tenant: str | None = None, osf: str | None = None) -> ConfigEntry:
+        return self._get(ConfigEntry, "GET", f"/config/{_seg(key)}", params=_given(tenant=tenant, osf=osf))
 
-    def set_config(self, key: str, value: Any, tenant: str | None = None) -> ConfigEntry:
-        return self._get(ConfigEntry, "PUT", f"/config/{_seg(key)}", json={"value": value, "tenant": tenant})
+    def set_config(self, key: str, value: Any, tenant: str | None = None, osf: str | None = None) -> ConfigEntry:
+        body = {"value": value, "tenant": tenant, "osf": osf}
+        return self._get(ConfigEntry, "PUT", f"/config/{_seg(key)}", json=body)
 
-    def reset_config(self, key: str, tenant: str | None = None) -> ConfigEntry:
-        return self._get(ConfigEntry, "DELETE", f"/config/{_seg(key)}", params=_given(tenant=tenant))
+    def reset_config(self, key: str, tenant: str | None = None, osf: str | None = None) -> ConfigEntry:
+        return self._get(ConfigEntry, "DELETE", f"/config/{_seg(key)}", params=_given(tenant=tenant, osf=osf))
 
     # custom properties: plain key/value text
     def get_properties(self, object_type: str, object_id: int) -> dict[str, str]:

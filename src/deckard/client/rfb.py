@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 
 from deckard.drivers.display import vnc_auth_response
 
@@ -79,12 +80,15 @@ async def grab_framebuffer(
     *,
     until_drawn: float = 0.0,
     password: str | None = None,
+    drawn: Callable[[bytes], bool] | None = None,
 ) -> tuple[int, int, bytes]:
     """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX.
 
-    With ``until_drawn`` > 0, ask for fresh frames for up to that many seconds until the screen is not one
-    flat colour: a session draws its windows a moment after the display starts listening.
+    With ``until_drawn`` > 0, ask for fresh frames for up to that many seconds until the screen is drawn: not
+    one flat colour (a session draws its windows a moment after the display starts listening), or what
+    ``drawn(pixels)`` looks for.
     """
+    done = drawn or (lambda frame: not is_blank(frame))
     width, height, _ = await handshake(reader, writer, password=password)
     # SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits per channel (R<<16 | G<<8 | B)
     pixel_format = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
@@ -93,7 +97,7 @@ async def grab_framebuffer(
     deadline = asyncio.get_running_loop().time() + until_drawn
     while True:
         frame = await _read_frame(reader, writer, width, height)
-        if not is_blank(frame) or asyncio.get_running_loop().time() >= deadline:
+        if done(frame) or asyncio.get_running_loop().time() >= deadline:
             return width, height, frame
         await asyncio.sleep(0.2)
 
@@ -128,6 +132,16 @@ async def _read_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         else:
             raise RFBError(f"unexpected server message type {msg_type}")
     return bytes(frame)
+
+
+def colour_share(pixels: bytes, rgb: tuple[int, int, int], tolerance: int = 8, step: int = 7) -> float:
+    """The share of pixels (every ``step``-th one) within ``tolerance`` of the colour ``rgb``."""
+    want = (rgb[2], rgb[1], rgb[0])  # BGRX
+    seen = hits = 0
+    for i in range(0, len(pixels) - BYTES_PER_PIXEL + 1, BYTES_PER_PIXEL * step):
+        seen += 1
+        hits += all(abs(pixels[i + k] - want[k]) <= tolerance for k in range(3))
+    return hits / seen if seen else 0.0
 
 
 def is_blank(pixels: bytes) -> bool:

@@ -2,8 +2,8 @@
 
 Drivers know the operating system (LXC, QEMU, nothing at all) and never the database: the node daemon
 turns a desktop row into a :class:`GuestSpec` and hands it over.  The interface stays small on purpose
-(start, stop, kill, inspect, list, and close when the daemon is done) so that the container, VM and fake
-drivers fit beside each other, in the way httpx keeps one transport method with a mock beside it.
+(prepare an image, start, stop, kill, inspect, list, and close when the daemon is done) so that the container,
+VM and fake drivers fit beside each other, in the way httpx keeps one transport method with a mock beside it.
 
 Every method is idempotent: stopping a guest that is gone, or killing one twice, is not an error.
 ``kill`` also removes everything a start left on the host (overlay, cgroups, veth), so a node that
@@ -43,6 +43,7 @@ class GuestSpec:
     home_dir: Path  # on the host, bind-mounted on /home/<user_login> and kept across starts
     agent_token: str
     keep_overlay: bool = False  # OSF persistence policy; the overlay is discarded at start otherwise
+    dns_search: str = ""  # search domains of the desktop's resolv.conf (its resolver is the gateway)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -61,6 +62,12 @@ class Driver(Protocol):
     """One kind of guest.  All methods are coroutines; blocking work runs in subprocesses or threads."""
 
     name: str
+
+    async def prepare_image(self, image_id: int, image_path: Path) -> None:
+        """Make a disk image ready so that starting a guest from it does no per-image work (the container driver
+        unpacks it).  Idempotent, and safe while guests start from the same image; the node calls it ahead of
+        time for the images tags point at.  Raises DriverError (``image_missing``) when the file is gone."""
+        ...
 
     async def start(self, spec: GuestSpec) -> GuestInfo:
         """Start the guest; return when its init (the agent) has been launched.  Raises DriverError."""

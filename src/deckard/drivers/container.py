@@ -4,9 +4,10 @@ Why the CLI and a hand-written config: the Python bindings only import under Deb
 and a config we render ourselves (``drivers/lxc_config.py``) says exactly what a desktop gets.
 
 A desktop's root filesystem is an overlay: the image unpacked once per image id under ``basefs/``
-(read-only lower layer, shared by every desktop of that image) and a per-desktop ``upper`` directory under
-``overlays/dk<farm>-<desktop id>`` (the same whichever node runs it) that is thrown away at every start
-unless the OSF keeps it.  The user's home is a bind mount kept across starts.  The guest agent is the
+(read-only lower layer, shared by every desktop of that image, unpacked ahead of its first start by
+``prepare_image``, which the node's image loop calls for every tagged image) and a per-desktop ``upper``
+directory under ``overlays/dk<farm>-<desktop id>`` (the same whichever node runs it) that is thrown away at
+every start unless the OSF keeps it.  The user's home is a bind mount kept across starts.  The guest agent is the
 container's init; before start the driver writes its token, the display secret and the hostname into the
 upper layer.
 
@@ -36,6 +37,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -63,6 +65,8 @@ from deckard.model.errors import DriverError
 from deckard.runtime.paths import FarmPaths
 
 log = structlog.get_logger()
+
+UNPACK_TIMEOUT_S = 600.0
 
 
 class ContainerDriver:
@@ -177,7 +181,10 @@ class ContainerDriver:
             written.append(path)
         (upper / "etc/hostname").write_text(spec.guest_name + "\n")
         (upper / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n{spec.ip}\t{spec.guest_name}\n")
-        written += [upper / "etc/hostname", upper / "etc/hosts"]
+        # the node's resolver listens on the gateway address (drivers/dns.py)
+        search = f"search {spec.dns_search}\n" if spec.dns_search else ""
+        (upper / "etc/resolv.conf").write_text(f"nameserver {spec.gateway}\n{search}options timeout:2 attempts:2\n")
+        written += [upper / "etc/hostname", upper / "etc/hosts", upper / "etc/resolv.conf"]
         # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
         # a new layer (or a kept one from before user namespaces) is shifted whole, once; a kept layer only
         # needs what the driver just wrote, not a walk of everything the user's sessions left in it
@@ -201,9 +208,13 @@ class ContainerDriver:
         if st.st_uid < ID_RANGE:
             shift_tree(home, self.id_base)  # a home from before user namespaces, once
 
-    async def ensure_basefs(self, image_id: int, image_path: Path) -> Path:
+    async def prepare_image(self, image_id: int, image_path: Path) -> None:
+        """Unpack the image ahead of its first start (the node's image loop, ``deckard up``), at low priority."""
+        await self.ensure_basefs(image_id, image_path, background=True)
+
+    async def ensure_basefs(self, image_id: int, image_path: Path, *, background: bool = False) -> Path:
         """Unpack an image once into ``basefs/<image_id>-u<id base>``, shifted into the farm's id range
-        (flock + temp dir + rename); return its path."""
+        (flock + temp dir + rename); return its path.  ``background``: tar runs niced (a start may be waiting)."""
         target = self.paths.basefs / f"{image_id}-u{self.id_base}"
         if target.is_dir():
             return target
@@ -219,13 +230,25 @@ class ContainerDriver:
         try:
             if target.is_dir():
                 return target  # another node or task unpacked it while we waited
+            # what an unpack killed mid-way left (we hold the lock: nobody else is writing there)
+            for stale in self.paths.basefs.glob(f".{image_id}.unpack-*"):
+                await asyncio.to_thread(shutil.rmtree, stale, True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{image_id}.unpack-", dir=self.paths.basefs))
             try:
-                log.info("container.unpack_image", image_id=image_id, path=str(image_path))
-                await run_command(["tar", "--numeric-owner", "-xf", str(image_path), "-C", str(tmp)], timeout=600)
+                t0 = time.monotonic()
+                log.info("container.unpack_image", image_id=image_id, path=str(image_path), background=background)
+                nice = ["nice", "-n", "10"] if background else []
+                await _unpack(image_path, tmp, nice)
                 os.chmod(tmp, 0o755)
-                await asyncio.to_thread(shift_tree, tmp, self.id_base)
+                # a thread cannot be cancelled: wait for it, so nothing writes into tmp while it is removed
+                shift = asyncio.ensure_future(asyncio.to_thread(shift_tree, tmp, self.id_base))
+                try:
+                    await asyncio.shield(shift)
+                except asyncio.CancelledError:
+                    await asyncio.gather(shift, return_exceptions=True)
+                    raise
                 tmp.rename(target)
+                log.info("container.image_unpacked", image_id=image_id, seconds=round(time.monotonic() - t0, 2))
                 # the same image unpacked by a release before user namespaces is never used again
                 legacy = self.paths.basefs / str(image_id)
                 if legacy.is_dir():
@@ -339,6 +362,41 @@ class ContainerDriver:
         except OSError:
             return ""
         return " | ".join(line.split(" - ", 1)[-1] for line in lines[-3:])
+
+
+async def _unpack(image_path: Path, dest: Path, prefix: list[str]) -> None:
+    """``tar -x`` of an image into ``dest``; the tar is killed (not left writing) when the caller is cancelled."""
+    proc = await asyncio.create_subprocess_exec(
+        *prefix,
+        "tar",
+        "--numeric-owner",
+        "-xf",
+        str(image_path),
+        "-C",
+        str(dest),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LANG": "C"},
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), UNPACK_TIMEOUT_S)
+    except BaseException as e:  # cancelled, or the timeout
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if isinstance(e, TimeoutError):
+            raise DriverError(
+                f"unpacking the disk image {image_path} took more than {UNPACK_TIMEOUT_S:.0f} s",
+                code="image_unpack_failed",
+            ) from None
+        raise
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()[-3:]
+        raise DriverError(
+            f"unpacking the disk image {image_path} failed (tar exit {proc.returncode}): {' | '.join(lines)}",
+            code="image_unpack_failed",
+        )
 
 
 # -- ownership -----------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The host side of the desktop network: the bridge, desktop veths, port isolation, neighbour entries.
 
 Desktops sit on one Linux bridge with fixed IPs; the node has the gateway address on it, so the broker on
-the host reaches every desktop directly (no NAT, no forwarding).  Desktops must not reach each other:
-each desktop's host-side veth is an *isolated* bridge port, and isolated ports only talk to non-isolated
-ones (the bridge itself, i.e. the host).
+the host reaches every desktop directly.  Desktops must not reach each other: each desktop's host-side veth
+is an *isolated* bridge port, and isolated ports only talk to non-isolated ones (the bridge itself, i.e. the
+host).  What a desktop may reach through the node is the packet filter's to say (``drivers/firewall.py``).
 
 Also home of :func:`run_command`, the one way drivers run a host command (asyncio subprocess, output
 captured, a DriverError that quotes the tool's own words on failure).
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,47 +80,10 @@ async def ensure_bridge(bridge: str, address_cidr: str) -> None:
         log.info("network.bridge_created", bridge=bridge)
     await run_command(["ip", "addr", "replace", address_cidr, "dev", bridge])
     await run_command(["ip", "link", "set", bridge, "up"])
-    await guard_host(bridge)
-
-
-def _guard_chain(bridge: str) -> str:
-    return f"DECKARD-{bridge}"[:28]
-
-
-async def guard_host(bridge: str) -> None:
-    """Desktops may answer the node but never open connections to it or route through it.
-
-    The node reaches desktops (agent, display); replies come back as ESTABLISHED.  Anything a desktop starts
-    towards the host's own ports (API, broker, database, ssh) or through it is dropped (ARCHITECTURE.md §6).
-    """
-    if not shutil.which("iptables"):
-        log.warning("network.unguarded", bridge=bridge, reason="iptables is not installed")
-        return
-    chain = _guard_chain(bridge)
-    await run_command(["iptables", "-N", chain], check=False)
-    await run_command(["iptables", "-F", chain])
-    await run_command(["iptables", "-A", chain, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])
-    await run_command(["iptables", "-A", chain, "-j", "DROP"])
-    for hook in ("INPUT", "FORWARD"):
-        rule = [hook, "-i", bridge, "-j", chain]
-        if (await run_command(["iptables", "-C", *rule], check=False)).returncode != 0:
-            await run_command(["iptables", "-I", *rule])
-
-
-async def unguard_host(bridge: str) -> None:
-    if not shutil.which("iptables"):
-        return
-    chain = _guard_chain(bridge)
-    for hook in ("INPUT", "FORWARD"):
-        while (await run_command(["iptables", "-D", hook, "-i", bridge, "-j", chain], check=False)).returncode == 0:
-            pass
-    await run_command(["iptables", "-F", chain], check=False)
-    await run_command(["iptables", "-X", chain], check=False)
 
 
 async def remove_bridge(bridge: str) -> None:
-    """Delete the bridge (tests); a bridge that is already gone is fine."""
-    await unguard_host(bridge)
+    """Delete the bridge (tests; ``firewall.remove`` removes its filter); a bridge that is already gone is fine."""
     if link_exists(bridge):
         await run_command(["ip", "link", "del", bridge], check=False)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deckard.model.egress import parse_forbidden, parse_policy
 from deckard.model.errors import BadInput, pick
 from deckard.model.ids import parse_int
 from deckard.model.login_rules import parse_hours, parse_networks, parse_timezone
@@ -34,6 +35,11 @@ class ConfigKey:
     pattern: str | None = None  # text keys: the whole value must match (the description names the forms)
     check: Callable[[str], object] | None = None  # text keys: raises BadInput (with its own message) if not valid
     secret: bool = False  # never shown back (``deckard config get`` prints ``***``) nor written to the audit log
+    per_osf: bool = False  # may also differ per OSF, over the tenant's value (implies per_tenant)
+
+    def __post_init__(self) -> None:
+        if self.per_osf and not self.per_tenant:
+            object.__setattr__(self, "per_tenant", True)
 
 
 PLUGIN = "local|ldap"
@@ -261,6 +267,97 @@ IDENTITY_KEYS = (
     ),
 )
 
+# desktops' network (services/network_policy.py, docs/networking.md)
+NETWORK_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey(
+        "network.egress",
+        str,
+        "",
+        "Where desktops may connect: ordered rules `allow|deny [tcp|udp|icmp] any|ADDRESS[/PREFIX] [port N,N-M]`, "
+        "separated by `;` or new lines; the first that matches decides, and what none matches is allowed. The farm "
+        "itself (other desktops, nodes, database) is never reachable.",
+        per_osf=True,
+        check=parse_policy,
+    ),
+    ConfigKey(
+        "network.egress.forbidden",
+        str,
+        "",
+        "Addresses or networks (comma-separated) no desktop of any tenant may reach, whatever its policy says: "
+        "management networks, the farm's storage.",
+        check=parse_forbidden,
+    ),
+    ConfigKey(
+        "network.dns.search",
+        str,
+        "",
+        "Search domains written into desktops' resolv.conf (space-separated), e.g. `corp.example`.",
+        per_osf=True,
+        pattern=r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*( |$)){0,6}",
+    ),
+)
+
+# session policies (services/session_policy.py): what happens to idle and disconnected desktops
+SESSION_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey(
+        "session.stop_after_disconnect_s",
+        int,
+        0,
+        "Seconds after its user disconnected (or since it started, if nobody connected) until a running desktop is "
+        "stopped (0: never).",
+        per_osf=True,
+        minimum=0,
+        maximum=30 * 86400,
+    ),
+    ConfigKey(
+        "session.idle_after_s",
+        int,
+        0,
+        "Seconds without keyboard or mouse input from a connected user until `session.idle_action` is taken "
+        "(0: never).",
+        per_osf=True,
+        minimum=0,
+        maximum=30 * 86400,
+    ),
+    ConfigKey(
+        "session.idle_warn_s",
+        int,
+        300,
+        "How long before the idle action a notice on the user's display says what will happen and when "
+        "(0: no notice). The action never comes sooner than this after the notice.",
+        per_osf=True,
+        minimum=0,
+        maximum=86400,
+    ),
+    ConfigKey(
+        "session.idle_action",
+        str,
+        "disconnect",
+        "What happens to an idle user: `disconnect` (the desktop keeps running) or `stop` (the desktop stops).",
+        per_osf=True,
+        pattern="disconnect|stop",
+    ),
+    ConfigKey(
+        "session.max_length_s",
+        int,
+        0,
+        "Seconds a desktop may run from its start before it is stopped, connected or not (0: no limit).",
+        per_osf=True,
+        minimum=0,
+        maximum=365 * 86400,
+    ),
+    ConfigKey(
+        "session.max_length_warn_s",
+        int,
+        300,
+        "How long before the maximum session length a notice on the user's display says the desktop will stop "
+        "(0: no notice).",
+        per_osf=True,
+        minimum=0,
+        maximum=86400,
+    ),
+)
+
 KEYS: dict[str, ConfigKey] = {
     k.name: k
     for k in (
@@ -358,6 +455,8 @@ KEYS: dict[str, ConfigKey] = {
             pattern=r"largest|none|0(\.[0-9]+)?|1(\.0+)?",
         ),
         *IDENTITY_KEYS,
+        *NETWORK_KEYS,
+        *SESSION_KEYS,
         ConfigKey(
             "ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1, maximum=1000
         ),

@@ -146,6 +146,9 @@ class Image(Schema):
     expiring_desktops: list[int] | None = Field(
         default=None, description="After publish: the running desktops given expiry deadlines."
     )
+    profile: str | None = Field(
+        default=None, description="Build profile it was made from (minimal, standard, ...); empty when unknown."
+    )
 
 
 class Desktop(Schema):
@@ -175,6 +178,14 @@ class Desktop(Schema):
     expire_soft_at: dt.datetime | None = Field(default=None, description="The user is told to save their work.")
     expire_hard_at: dt.datetime | None = Field(default=None, description="The desktop is stopped.")
     created_at: dt.datetime | None = None
+    disconnected_since: dt.datetime | None = Field(
+        default=None, description="Running, and nobody connected since then (from its start if nobody connected)."
+    )
+    idle_since: dt.datetime | None = Field(
+        default=None,
+        description="Its connected user's last keyboard or mouse input (or the connection, if later); null when "
+        "nobody is connected or the agent cannot tell.",
+    )
 
 
 class Node(Schema):
@@ -257,11 +268,31 @@ class ConfigEntry(Schema):
     key: str
     value: ConfigValue
     default: ConfigValue
-    source: str = Field(description="Where the value comes from: `default`, `global` or `tenant`.")
+    source: str = Field(description="Where the value comes from: `default`, `global`, `tenant` or `osf`.")
     type: str
     per_tenant: bool
+    per_osf: bool = Field(default=False, description="May also differ per OSF (egress and session policies).")
     description: str
     secret: bool = Field(default=False, description="A password: its value is shown as `***` when set.")
+
+
+class NetworkDecision(Schema):
+    """``deckard desktop explain-network``: what the node's filter does with a connection and why."""
+
+    desktop: str
+    destination: str
+    proto: str
+    port: int | None
+    allowed: bool
+    decided_by: str = Field(
+        description="`farm` (never reachable), `resolver` (the node's DNS), `rule` (a rule of the policy) or "
+        "`default` (no rule matched: allowed)."
+    )
+    reason: str
+    rule: str | None = Field(description="The deciding rule's text.")
+    rule_index: int | None = Field(description="Its position in the policy, from 1.")
+    policy_source: str = Field(description="The layer the policy comes from: `default`, `global`, `tenant`, `osf`.")
+    policy: list[str] = Field(description="The desktop's rules, in order.")
 
 
 class Stats(Schema):

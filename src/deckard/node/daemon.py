@@ -40,10 +40,13 @@ from deckard.model.errors import DeckardError
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.states import DesktopState, NodeCommand, NodeState
 from deckard.node.cluster import ClusterMonitor
+from deckard.node.egress import Egress
 from deckard.node.expiry import run_expiry_loop
 from deckard.node.fencing import Verdict, boot_id, load_fencing
 from deckard.node.heartbeat import Beat, Heartbeat
 from deckard.node.host import read_host_figures
+from deckard.node.images import run_image_loop
+from deckard.node.session_policy import run_session_policy_loop
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
 from deckard.services import node_ops
@@ -66,8 +69,10 @@ class NodeDaemon:
         *,
         broker_url: str = "",
         restart: asyncio.Event | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.db = db
+        self.egress = egress  # the desktops' packet filter and resolver (None: guests without a network)
         self.restart = restart or asyncio.Event()  # when set, stopping keeps the guests: the process re-executes
         self.settings = settings
         self.cfg = settings.node
@@ -108,6 +113,8 @@ class NodeDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         node_id = self.node_id if self.node_id is not None else await self.register()
         structlog.contextvars.bind_contextvars(node=self.cfg.name)
+        if self.egress is not None:  # the policies hold before any desktop is adopted or started
+            await self.egress.start(node_id)
         await self.converge()
         await node_ops.set_node_state(self.db, node_id, NodeState.RUNNING)
         log.info("node.running", node_id=node_id, driver=self.driver.name)
@@ -126,6 +133,9 @@ class NodeDaemon:
             asyncio.create_task(self._command_loop(stop), name="commands"),
             asyncio.create_task(self._agent_loop(stop), name="agents"),
             asyncio.create_task(run_expiry_loop(self.db, node_id, stop), name="expiry"),
+            asyncio.create_task(run_image_loop(self.db, self.driver, stop), name="images"),
+            asyncio.create_task(run_session_policy_loop(self.db, node_id, stop, self.cfg), name="sessions"),
+            *([asyncio.create_task(self.egress.run(node_id, stop), name="egress")] if self.egress else []),
         ]
         try:
             await stop.wait()
@@ -142,6 +152,8 @@ class NodeDaemon:
                 await self.stop_all()
                 await node_ops.set_node_state(self.db, node_id, NodeState.STOPPED)
                 log.info("node.stopped", node_id=node_id)
+            if self.egress is not None:
+                await self.egress.close()
             await self.driver.close()  # the guests still running are the next daemon's
 
     async def stop_all(self) -> None:
@@ -327,8 +339,12 @@ class NodeDaemon:
                     home_dir=self.paths.user_home(facts.tenant, facts.home_key),
                     agent_token=desk.agent_token,
                     keep_overlay=facts.keep_overlay,
+                    dns_search=facts.network.dns_search,
                 )
-                await self.driver.start(spec)
+                if self.egress is not None:  # the desktop's policy is loaded while its guest boots
+                    await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))
+                else:
+                    await self.driver.start(spec)
                 t1 = time.monotonic()
                 await self._wait_for_agent(desk)
                 t2 = time.monotonic()

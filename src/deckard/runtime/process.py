@@ -109,6 +109,19 @@ class Parts:
             if (error := task.exception()) is not None:
                 raise error
 
+    async def until(self, event: asyncio.Event, timeout: float) -> None:
+        """Wait for ``event`` (TimeoutError after ``timeout``); a part that fails meanwhile raises its error at once."""
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait([waiter, *self._tasks], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+        if not event.is_set():
+            raise TimeoutError
+
     async def __aenter__(self) -> Parts:
         return self
 

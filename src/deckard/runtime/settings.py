@@ -57,6 +57,8 @@ class ApiSettings(BaseModel):
 class NetworkSettings(BaseModel):
     bridge: str = "deckard0"
     range: str = "10.231.0.0/22"  # desktops and node addresses; the first hosts are kept for nodes
+    # where the desktops' resolver (dnsmasq on the gateway address) forwards; empty: the node's /etc/resolv.conf
+    dns_servers: list[str] = []
 
 
 class NodeSettings(BaseModel):

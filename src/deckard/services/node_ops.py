@@ -29,6 +29,7 @@ from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, Node
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
+from deckard.services.network_policy import DesktopNetwork, read_desktop_network
 from deckard.services.tenancy import tenant_name
 from deckard.services.transitions import claim_commands, transition_desktop, transition_node
 
@@ -171,6 +172,7 @@ async def mark_running(
         start_guest_ms=guest_ms,
         start_agent_ms=agent_ms,
         **dict.fromkeys(("expire_soft_at", "expire_hard_at", "expire_notified_at")),  # a fresh start: no expiry
+        **dict.fromkeys(("input_at", "idle_warned_at")),  # nor idle time (session policies) of the last session
     )
     return await _observe(db, node_id, desktop_id, DesktopState.RUNNING, values)
 
@@ -216,6 +218,7 @@ class StartFacts:
     keep_overlay: bool
     image_id: int
     image_path: Path
+    network: DesktopNetwork
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
@@ -242,4 +245,5 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             row.keep_overlay,
             image_id,
             image_path,
+            await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
         )

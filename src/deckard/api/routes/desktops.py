@@ -20,8 +20,8 @@ from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.resource import ObjectRoutes, list_query
 from deckard.api.strict import Id, Ref, RequestModel
-from deckard.model.schemas import BulkResult, Desktop, Page
-from deckard.services import bulk, desktops, users
+from deckard.model.schemas import BulkResult, Desktop, NetworkDecision, Page
+from deckard.services import bulk, desktops, network_policy, session_policy, users
 from deckard.services.listing import ListQuery, parse_list_query
 
 router = APIRouter(prefix="/desktops", tags=["desktops"], responses=ERROR_RESPONSES)
@@ -74,18 +74,47 @@ def bulk_query(body: BulkRequest, allowed: list[str]) -> ListQuery | None:
     return parse_list_query(pairs, allowed)
 
 
+def desktop_bulk_query(body: BulkRequest) -> ListQuery | None:
+    """``bulk_query`` that also takes the list's relative filters (``{"disconnected_for": "2h"}``)."""
+    if body.filter is None:
+        return None
+    since = {k: v for k, v in body.filter.items() if k in session_policy.SINCE_FILTERS}
+    rest = body.model_copy(update={"filter": {k: v for k, v in body.filter.items() if k not in since}})
+    q = bulk_query(rest, [*desktops.FIELDS])
+    return None if q is None else session_policy.with_since(q, since)
+
+
 desktop = ObjectRoutes(
     router, "desktop", Desktop, find=lambda s, ref: desktops.find_desktop_id(s.db, s.actor, ref), exclude_unset=True
 )
+
+
+SINCE_HELP = "a number of seconds, or with a unit: 90s, 30m, 2h, 1d"
 
 
 @router.get("", response_model=Page[Desktop], response_model_exclude_unset=True, summary="List desktops")
 async def list_desktops(
     actor: ActorDep,
     db: DbDep,
-    q: Annotated[ListQuery, list_query([*desktops.FIELDS])],
+    q: Annotated[ListQuery, list_query([*desktops.FIELDS], own=session_policy.SINCE_FILTERS)],
     user: Annotated[Ref | None, Query(description="Only this user's desktops (id or login).")] = None,
+    disconnected_for: Annotated[
+        str | None,
+        Query(
+            max_length=16,
+            description=f"Only running desktops nobody has been connected to for this long: {SINCE_HELP}.",
+        ),
+    ] = None,
+    idle_for: Annotated[
+        str | None,
+        Query(
+            max_length=16,
+            description="Only desktops whose connected user has not typed nor moved the mouse for this long: "
+            f"{SINCE_HELP}.",
+        ),
+    ] = None,
 ) -> Page[Desktop]:
+    q = session_policy.with_since(q, {"disconnected_for": disconnected_for, "idle_for": idle_for})
     user_id = await users.find_user_id(db, actor, user) if user is not None else None
     rows, total = await desktops.list_desktops(db, actor, q, user_id=user_id)
     return Page[Desktop](items=[Desktop.model_validate(r) for r in rows], total=total)
@@ -113,7 +142,7 @@ desktop.add_create(
 async def bulk_action(
     action: DesktopAction, body: BulkRequest, actor: ActorDep, db: DbDep, settings: SettingsDep
 ) -> BulkResult:
-    q = bulk_query(body, [*desktops.FIELDS])
+    q = desktop_bulk_query(body)
     out = await bulk.bulk_desktops(db, actor, action, ids=body.ids, q=q, paths=settings.paths)
     return BulkResult.model_validate(out)
 
@@ -153,3 +182,30 @@ desktop.add_action_with(
     lambda s, i, body: desktops.set_expiry(s.db, s.actor, i, soft_s=body.soft_s, hard_s=body.hard_s),
     "Set the desktop's soft and hard expiry deadlines, or clear them (the owning node warns, then stops it)",
 )
+
+
+@router.get(
+    "/{desktop}/network/explain",
+    response_model=NetworkDecision,
+    summary="Whether the desktop may connect to an address, and which rule of its egress policy decides",
+)
+async def explain_network(
+    desktop: Ref,
+    actor: ActorDep,
+    db: DbDep,
+    settings: SettingsDep,
+    dest: Annotated[str, Query(max_length=64, description="An IPv4 address.")],
+    port: Annotated[int | None, Query(ge=1, le=65535, description="A TCP or UDP port.")] = None,
+    proto: Annotated[Literal["tcp", "udp", "icmp"], Query()] = "tcp",
+) -> NetworkDecision:
+    out = await network_policy.explain(
+        db,
+        actor,
+        desktop,
+        dest,
+        port=port,
+        proto=proto,
+        network=settings.network.range,
+        database_url=settings.db_url,
+    )
+    return NetworkDecision.model_validate(out)

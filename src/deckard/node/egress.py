@@ -1,0 +1,88 @@
+"""The node's side of desktop networking: the packet filter that enforces egress policies, and the DNS resolver.
+
+At start (before any desktop starts or is adopted) the node loads its whole filter from the database's view
+and starts its resolver.  A starting desktop is admitted into the filter with its own policy while its guest
+boots (the filter drops everything from an address it does not know, so a desktop is never ahead of its
+policy).  Every ``refresh_s`` the node re-reads the policies of its desktops and the farm's protected addresses
+and reloads the filter when anything changed: a policy edited with ``deckard config set network.egress``
+reaches running desktops within seconds, without a restart.  A resolver that died is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from deckard.db.engine import Database
+from deckard.drivers import firewall
+from deckard.drivers.dns import Resolver
+from deckard.model.egress import Protected, Rule
+from deckard.model.errors import DeckardError
+from deckard.model.network import gateway_of
+from deckard.runtime.settings import Settings
+from deckard.services import network_policy
+
+log = structlog.get_logger()
+
+
+class Egress:
+    def __init__(self, db: Database, settings: Settings, *, refresh_s: float = 2.0) -> None:
+        self.db = db
+        self.bridge = settings.network.bridge
+        self.network = settings.network.range
+        self.database_url = settings.db_url
+        self.refresh_s = refresh_s
+        self.resolver = Resolver(
+            self.bridge, gateway_of(self.network), settings.paths.node_run_dir, settings.network.dns_servers
+        )
+        self._protected: Protected | None = None
+        self._desktops: dict[str, tuple[Rule, ...]] = {}
+        self._loaded = ""  # the text nft last accepted
+        self._lock = asyncio.Lock()
+
+    async def start(self, node_id: int) -> None:
+        await firewall.remove_legacy_guard(self.bridge)
+        await firewall.enable_forwarding()
+        await self.refresh(node_id)
+        await self.resolver.start()
+
+    async def close(self) -> None:
+        """The filter stays (desktops that outlive the daemon keep their policy); the resolver stops."""
+        await self.resolver.stop()
+
+    async def refresh(self, node_id: int) -> None:
+        protected, desktops = await network_policy.node_view(self.db, node_id, self.network, self.database_url)
+        async with self._lock:
+            self._protected = protected
+            self._desktops = desktops
+            await self._load()
+
+    async def admit(self, ip: str, rules: tuple[Rule, ...]) -> None:
+        """A desktop starts: its address gets its policy (a stopped one leaves at the next refresh)."""
+        async with self._lock:
+            self._desktops[ip] = rules
+            await self._load()
+
+    async def _load(self) -> None:
+        assert self._protected is not None, "refresh() first"
+        table = firewall.Table(self.bridge, self._protected, dict(self._desktops))
+        text = table.render()
+        if text == self._loaded:
+            return
+        await firewall.apply(table)
+        self._loaded = text
+        log.debug("network.filter_loaded", desktops=len(self._desktops))
+
+    async def run(self, node_id: int, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.refresh_s)
+            if stop.is_set():
+                return
+            try:
+                await self.refresh(node_id)
+                await self.resolver.ensure()
+            except (DeckardError, OSError) as e:
+                log.warning("network.refresh_failed", error=str(e))

@@ -1,0 +1,159 @@
+"""Desktops reach out through their node under the egress policy, with DNS, and never reach the farm.
+
+The "internet" is a network namespace this module builds (``Upstream``): a web server and a DNS zone behind a
+veth pair, so no packet leaves the machine.  The farm's resolver forwards to the upstream's DNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deckard.client import broker as qvd
+from deckard.client.rfb import colour_share, grab_framebuffer
+from deckard.model.network import gateway_of
+from deckard.testing import FarmProcess, Upstream, e2e_unavailable_reason, wait_for
+
+PASSWORD = "net-Pa55word!"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    reason = e2e_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    up = Upstream()
+    try:
+        yield up.start()
+    finally:
+        up.close()
+
+
+@pytest.fixture(scope="module")
+def farm(upstream: Upstream) -> Iterator[FarmProcess]:
+    f = FarmProcess(extra_env={"DECKARD_NETWORK__DNS_SERVERS": json.dumps([upstream.ip])})
+    try:
+        f.up()
+        yield f
+    finally:
+        f.close()
+
+
+def _running(farm: FarmProcess, name: str, user: str) -> dict:
+    if not any(d["name"] == name for d in farm.json("desktop", "list")):  # type: ignore[union-attr]
+        farm.deckard("user", "add", user, "--password", PASSWORD)
+        farm.deckard("desktop", "add", name, "--user", user)
+    if farm.desktop(name)["state"] != "running":
+        farm.deckard("desktop", "start", name)
+    return wait_for(  # type: ignore[return-value]
+        lambda: (d := farm.desktop(name))["state"] == "running" and d, 60, 0.2, f"{name} to run"
+    )
+
+
+def _probe(farm: FarmProcess, desktop_id: int, host: str, port: int) -> str:
+    """From inside the desktop: 'open' or 'blocked <why>' for a TCP connection."""
+    code = (
+        "import socket\n"
+        f"try: socket.create_connection(('{host}', {port}), 2); print('open')\n"
+        "except OSError as e: print('blocked', e)\n"
+    )
+    out = farm.attach(desktop_id, f'python3 -c "{code}"')
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def _fetch(farm: FarmProcess, desktop_id: int, url: str) -> str:
+    code = (
+        "import urllib.request\n"
+        f"try: body = urllib.request.urlopen('{url}', timeout=3).read()\n"
+        "except Exception as e: print('failed', type(e).__name__, e)\n"
+        "else: print('page' if b'Deckard upstream page' in body else 'other')\n"
+    )
+    out = farm.attach(desktop_id, f'python3 -c "{code}"')
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def test_a_desktop_resolves_names_and_fetches_a_page_from_upstream(farm: FarmProcess, upstream: Upstream) -> None:
+    desk = _running(farm, "net-a", "neta")
+    resolv = farm.attach(desk["id"], "cat /etc/resolv.conf").stdout
+    assert f"nameserver {gateway_of(farm.network)}" in resolv
+    assert _fetch(farm, desk["id"], f"http://www.{upstream.zone}:8080/") == "page"
+
+
+def test_a_deny_rule_added_while_the_desktop_runs_blocks_within_5_s_and_explain_names_it(
+    farm: FarmProcess, upstream: Upstream
+) -> None:
+    desk = _running(farm, "net-a", "neta")
+    assert _probe(farm, desk["id"], upstream.ip, 8080) == "open"
+    policy = f"deny tcp {upstream.ip} port 8080; allow any"
+    farm.deckard("config", "set", "network.egress", policy, "--osf", "default")
+    t0 = time.monotonic()
+    wait_for(lambda: _probe(farm, desk["id"], upstream.ip, 8080).startswith("blocked"), 5, 0.2, "the deny rule")
+    elapsed = time.monotonic() - t0
+    assert _probe(farm, desk["id"], upstream.ip, 8081) == "open"  # only what the rule names is cut
+    why = farm.json("desktop", "explain-network", "net-a", upstream.ip, "--port", "8080")
+    assert why == {**why, "allowed": False, "decided_by": "rule", "rule_index": 1, "policy_source": "osf"}  # type: ignore[dict-item]
+    assert farm.json("desktop", "explain-network", "net-a", upstream.ip, "--port", "8081")["rule_index"] == 2  # type: ignore[index]
+    farm.deckard("config", "reset", "network.egress", "--osf", "default")
+    wait_for(lambda: _probe(farm, desk["id"], upstream.ip, 8080) == "open", 5, 0.2, "the rule to be lifted")
+    assert elapsed < 5
+
+
+def test_a_desktop_never_reaches_another_desktop_or_the_nodes_services(farm: FarmProcess, upstream: Upstream) -> None:
+    a = _running(farm, "net-a", "neta")
+    b = _running(farm, "net-b", "netb")
+    gateway = gateway_of(farm.network)
+    for host, port in [
+        (b["ip"], 3030),  # another desktop's agent
+        (b["ip"], 5900),  # and its display
+        (gateway, farm.api_port),  # the node on the bridge: API, broker
+        (gateway, farm.broker_port),
+        (upstream.host_ip, farm.api_port),  # the node's other addresses
+    ]:
+        assert _probe(farm, a["id"], host, port).startswith("blocked"), (host, port)
+    why = farm.json("desktop", "explain-network", "net-a", b["ip"], "--port", "3030")
+    assert why["decided_by"] == "farm" and not why["allowed"]  # type: ignore[index]
+
+
+def test_a_policy_that_would_open_the_farm_or_does_not_parse_is_refused(farm: FarmProcess) -> None:
+    out = farm.deckard("config", "set", "network.egress", f"allow {farm.network}", check=False)
+    assert out.returncode != 0 and "egress_opens_farm" in out.stdout + out.stderr
+    out = farm.deckard("config", "set", "network.egress", "allow tcp any port 99999", check=False)
+    assert out.returncode != 0 and "bad_egress_policy" in out.stdout + out.stderr
+    assert farm.json("config", "get", "network.egress")[0]["value"] == ""  # type: ignore[index]
+
+
+GREEN = (0x1F, 0x7A, 0x3A)  # the upstream page's background (Upstream.page)
+
+
+def test_firefox_in_a_standard_desktop_shows_a_page_served_upstream(
+    farm: FarmProcess, upstream: Upstream, standard_image: Path
+) -> None:
+    """The standard profile's Firefox opens a page by name from the upstream namespace; the screen (read through
+    the broker, as a client sees it) is mostly that page's colour."""
+    farm.deckard("image", "import", str(standard_image), "--home", str(farm.home), "--tag", "standard")
+    farm.deckard("user", "add", "fiona", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "net-ff", "--user", "fiona", "--tag", "standard")
+    desk = _running(farm, "net-ff", "fiona")
+    url = f"http://www.{upstream.zone}:8080/"
+
+    async def look() -> float:
+        reader, writer = await qvd.connect(farm.broker, "fiona", PASSWORD, farm.ca, desk["id"])
+        try:
+            launch = f"DISPLAY=:0 setsid firefox-esr --kiosk {url} >/tmp/firefox.log 2>&1 &"
+            out = await asyncio.to_thread(farm.attach, desk["id"], launch, "fiona")
+            assert out.returncode == 0, out
+            _w, _h, pixels = await asyncio.wait_for(
+                grab_framebuffer(reader, writer, until_drawn=60, drawn=lambda px: colour_share(px, GREEN) > 0.5), 90
+            )
+            return colour_share(pixels, GREEN)
+        finally:
+            writer.close()
+
+    share = asyncio.run(look())
+    log = farm.attach(desk["id"], "tail -n 20 /tmp/firefox.log").stdout
+    assert share > 0.5, f"the page covers {share:.0%} of the screen; firefox said:\n{log}"
