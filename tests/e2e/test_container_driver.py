@@ -60,7 +60,7 @@ def image_path() -> Path:
     path = asyncio.run(build_image(CACHE_DIR, cache_dir=CACHE_DIR, progress=lambda _text, _frac: None))
     print(f"\nimage {path.name} ready in {time.monotonic() - t0:.1f} s")
     # images of older agent versions are dead weight in the test cache (150 MB each)
-    for old in CACHE_DIR.glob("deckard-desktop-*.tar.zst"):
+    for old in CACHE_DIR.glob("deckard-minimal-*.tar.zst"):
         if old != path:
             old.unlink()
     return path

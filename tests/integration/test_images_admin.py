@@ -180,3 +180,21 @@ async def test_osf_crud_and_delete_refused_while_used(farm: Farm) -> None:
     await call(api.delete_image, image.id)
     await call(api.delete_osf, "web")
     assert [o.name for o in await call(api.list_osfs)] == ["default"]
+
+
+async def test_a_build_names_its_profile_and_a_bad_one_is_refused_before_it_starts(farm: Farm) -> None:
+    from deckard.model.errors import BadInput
+
+    api = await farm.admin_client()
+    row = await call(api.create_image, "b1")
+    with pytest.raises(BadInput) as e:
+        await call(api.build_image, int(row.id or 0), "no-such-profile")
+    assert e.value.code == "unknown_profile"
+    with pytest.raises(BadInput) as e:
+        await call(api.build_image, int(row.id or 0), "minimal", ["bad package; rm -rf /"])
+    assert e.value.code == "bad_package"
+    with pytest.raises(BadInput) as e:
+        await call(api.create_image, "b2", source="build", build_profile="nope")
+    assert e.value.code == "unknown_profile"
+    assert (await call(api.get_image, int(row.id or 0))).state == "new"  # nothing started
+    assert not any(i.version == "b2" for i in await call(api.list_images))

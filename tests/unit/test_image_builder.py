@@ -4,29 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from deckard.images import builder
+from deckard.images.profile import AGENT_PATH, ImageFile, load_profile
 from deckard.runtime.paths import image_digest
 
 
-def test_image_name_is_recipe_hash_plus_files_hash() -> None:
+def test_image_name_is_profile_plus_recipe_hash_plus_files_hash() -> None:
+    minimal = load_profile("minimal")
     name = builder.image_filename()
-    assert name == f"deckard-desktop-{builder.recipe_hash()}-{builder.files_hash()}.tar.zst"
+    files = builder.image_files(minimal)
+    assert name == f"deckard-minimal-{builder.recipe_hash(minimal)}-{builder.files_hash(files)}.tar.zst"
 
 
-def test_a_changed_agent_changes_only_the_files_hash(monkeypatch: pytest.MonkeyPatch) -> None:
-    recipe, files = builder.recipe_hash(), builder.files_hash()
-    snapshot = builder._read_image_files()
-    changed = [(dest, data + b"\n# changed\n", mode) for dest, data, mode in snapshot]
-    assert builder.files_hash(changed) != files
-    assert builder.recipe_hash() == recipe
-    monkeypatch.setattr(builder, "PACKAGES", (*builder.PACKAGES, "htop"))
-    assert builder.recipe_hash() != recipe
+def test_a_changed_agent_changes_only_the_files_hash() -> None:
+    minimal = load_profile("minimal")
+    recipe, files = builder.recipe_hash(minimal), builder.image_files(minimal)
+    changed = [ImageFile(f.dest, f.data + b"\n# changed\n", f.mode) if f.dest == AGENT_PATH else f for f in files]
+    assert builder.files_hash(changed) != builder.files_hash(files)
+    assert builder.recipe_hash(minimal) == recipe
 
 
 def test_the_agent_is_installed_with_a_python3_shebang() -> None:
-    files = dict((dest, data) for dest, data, _ in builder._read_image_files())
+    files = {f.dest: f.data for f in builder.image_files()}
     assert files["usr/local/sbin/deckard-vma"].startswith(b"#!/usr/bin/python3\n")
     assert b"<JWM>" in files["etc/jwm/system.jwmrc"]
 

@@ -26,7 +26,7 @@ from deckard.model.errors import DeckardError
 from deckard.model.schemas import Image, Osf
 from deckard.model.states import ImageState
 
-IMAGE_COLUMNS = ("id", "osf", "version", "state", "tags", "size", "blocked", "created_at")
+IMAGE_COLUMNS = ("id", "osf", "version", "profile", "state", "tags", "size", "blocked", "created_at")
 OSF_COLUMNS = ("id", "name", "memory_mib", "cpus", "driver", "keep_overlay", "description")
 
 ImageArg = Annotated[int, typer.Argument(help="Id of the disk image.")]
@@ -73,15 +73,25 @@ def add_image(
         typer.Option("--import", help="Copy this tarball from the farm's import directory (supertenant only)."),
     ] = None,
     build: Annotated[bool, typer.Option("--build", help="Build it with the API host's image builder.")] = False,
+    build_profile: Annotated[
+        str | None, typer.Option("--build-profile", help="With --build: minimal or standard (default).")
+    ] = None,
+    add_package: Annotated[
+        list[str] | None, typer.Option("--add-package", help="With --build: one more Debian package (repeatable).")
+    ] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
     """Create a disk image and fill it (upload, import or build)."""
+    if (build_profile or add_package) and not build:
+        raise typer.BadParameter("--build-profile and --add-package go with --build")
     if sum((upload is not None, import_path is not None, build)) > 1:
         raise typer.BadParameter("choose one of --upload, --import, --build")
     source = "import" if import_path else "build" if build else "upload"
     with session.api(profile) as api:
-        row = api.create_image(version, osf=osf, source=source, path=import_path)
+        row = api.create_image(
+            version, osf=osf, source=source, path=import_path, build_profile=build_profile, add_packages=add_package
+        )
         if upload is not None:
             row = _upload(api, int(row.id or 0), upload, as_json)
         elif build:

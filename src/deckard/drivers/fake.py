@@ -125,6 +125,9 @@ class FakeDriver:
         self.guests[spec.guest_name] = guest
         return guest
 
+    async def prepare_image(self, image_id: int, image_path: Path) -> None:
+        """Nothing to unpack: a fake guest never reads its image."""
+
     async def start(self, spec: GuestSpec) -> GuestInfo:
         await self._resume()
         guest = self.guests.get(spec.guest_name)

@@ -1,63 +1,58 @@
-"""Build the default desktop image: a Debian rootfs with Xvnc, a light desktop and the guest agent.
+"""Build a desktop image from a profile (``images/profile.py``): a Debian rootfs, its packages and the guest agent.
 
-The slow part (``debootstrap`` + ``apt-get``, about a minute) depends only on the *recipe*: suite,
-package list and builder version.  Its result is kept in ``cache_dir`` as ``rootfs-<recipe hash>.tar.zst``,
-so an unchanged recipe is never bootstrapped twice.  The agent and the session files change far more
-often; they are appended to a copy of the cached tarball, which takes seconds.  The image file is named
-``deckard-desktop-<recipe hash>-<files hash>.tar.zst``: the name says what is inside, and an image that
-already exists is returned without any work.
+The slow part is the rootfs, and it depends only on the *recipe* of each profile layer: builder version,
+suite, the parent layer's recipe, the layer's packages and locales.  Each layer is cached in ``cache_dir`` as
+``rootfs-<recipe hash>.tar.zst``; a layer with no parent starts from ``debootstrap``, a child layer from its
+parent's cached rootfs (unpacked, then ``apt-get install`` of its own packages), so building ``standard`` after
+``minimal`` costs only the extra packages, and an unchanged recipe is never built twice.
 
-Everything is built in a temporary directory next to its destination and renamed into place at the
-end, so a crash or a Ctrl-C never leaves a half-written image or cache entry behind.
+The agent, the session script and the profile's files change far more often: the image is the cached rootfs
+tarball with a small archive of them appended, which takes a second.  That works without decompressing the
+rootfs because zstd frames concatenate: a cached rootfs is a tar *without* its end-of-archive blocks,
+compressed, and the image is ``rootfs frames + one frame holding the files' tar (with the end blocks)``, which
+any ``tar -x`` reads as one archive whose later members (ours) replace the rootfs's.  Last comes a zstd
+*skippable* frame (ignored by every zstd reader) holding ``image.json``, so ``deckard image import`` learns an
+image's profile by reading its last bytes.  The image file is named ``deckard-<profile>-<recipe>-<files>.tar.zst``:
+the name says what is inside, and an image that already exists is returned without any work.
 
-The image is a zstd-compressed tar: ``tar --zstd -x`` unpacks the ~400 MB rootfs in a few seconds,
-several times faster than gzip and with a similar size.
+Everything is built in a temporary directory next to its destination and renamed into place at the end, so a
+crash or a Ctrl-C never leaves a half-written image or cache entry behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import stat
+import struct
+import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from deckard.images.profile import AGENT_PATH, META_PATH, SESSION_PATH, ImageFile, Profile, load_profile
 from deckard.model.errors import DeckardError
 
 log = structlog.get_logger()
 
 Progress = Callable[[str, float], None]
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-PACKAGES: tuple[str, ...] = (
-    "tigervnc-standalone-server",
-    "jwm",
-    "xterm",
-    "x11-xserver-utils",  # xsetroot
-    "x11-utils",  # xmessage for the expire notice
-    "xfonts-base",  # core fonts: xterm and Xvnc need "fixed"
-    "fonts-dejavu-core",  # one Xft font so jwm's tray and menus have text
-    "python3",  # the guest agent
-    "passwd",  # useradd
-)
 
-_FILES_DIR = Path(__file__).parent / "files"
 _AGENT_SOURCE = Path(__file__).parents[1] / "vma" / "agent.py"
-# (path inside the image, source, mode); the agent is installed with a python3 shebang
-_IMAGE_FILES: tuple[tuple[str, Path, int], ...] = (
-    ("usr/local/sbin/deckard-vma", _AGENT_SOURCE, 0o755),
-    ("etc/jwm/system.jwmrc", _FILES_DIR / "system.jwmrc", 0o644),
-    ("etc/deckard/xsession", _FILES_DIR / "xsession", 0o755),
-)
-# Cut from the rootfs: documentation, manuals, translations and apt's caches are dead weight in every desktop
+# Cut from the rootfs: documentation, manuals, translations (but the profile's languages) and apt's caches
 _PRUNE = (
     "usr/share/doc",
     "usr/share/man",
@@ -82,96 +77,191 @@ APT::Install-Suggests "false";
 Acquire::Check-Valid-Until "false";
 Acquire::Languages "none";
 """
+# apt and gpgv need these in a chroot; debootstrap's own are removed with the rest of /dev when a layer is done
+_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+_TAR_END = 1024  # two zero blocks: the end of a tar archive (written with one 512-byte block per record)
+_SKIPPABLE_MAGIC = 0x184D2A5E  # any of 0x184D2A50-5F: a frame every zstd decoder skips
+_META_MARK = b"DECKARD1"
 
 
 class ImageBuildError(DeckardError):
     code = "image_build_failed"
 
 
-def recipe_hash() -> str:
-    """Hash of what debootstrap and apt produce; the mirror is left out since every mirror serves the same."""
-    recipe = {"builder": BUILDER_VERSION, "suite": SUITE, "variant": "minbase", "packages": sorted(PACKAGES)}
+def default_profile() -> Profile:
+    return load_profile("minimal")
+
+
+# ---- names ----------------------------------------------------------------------------------------------
+def recipe_hash(profile: Profile | None = None) -> str:
+    """Hash of what debootstrap and apt produce for this layer (and, through the parent's hash, those below it).
+    The mirror is left out since every mirror serves the same."""
+    layer = profile or default_profile()
+    recipe = {
+        "builder": BUILDER_VERSION,
+        "suite": SUITE,
+        "variant": "minbase",
+        "parent": recipe_hash(layer.parent) if layer.parent is not None else None,
+        "packages": sorted(layer.packages),
+        "locales": sorted(layer.all_locales()),
+    }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _read_image_files() -> list[tuple[str, bytes, int]]:
-    """Snapshot of the files added to the rootfs: hashed and packed from the same bytes."""
-    out = []
-    for dest, src, mode in _IMAGE_FILES:
-        data = src.read_bytes()
-        if src == _AGENT_SOURCE:
-            data = b"#!/usr/bin/python3\n" + data
-        out.append((dest, data, mode))
-    return out
+def image_files(profile: Profile | None = None) -> list[ImageFile]:
+    """What is added on top of the rootfs, read now: the agent, the session script and the profile's files."""
+    profile = profile or default_profile()
+    agent = b"#!/usr/bin/python3\n" + _AGENT_SOURCE.read_bytes()
+    session = profile.session_script() or b""
+    return [ImageFile(AGENT_PATH, agent, 0o755), ImageFile(SESSION_PATH, session, 0o755), *profile.all_files()]
 
 
-def files_hash(files: list[tuple[str, bytes, int]] | None = None) -> str:
-    """Hash of the files added on top of the rootfs (the agent and the session defaults)."""
+def files_hash(files: Sequence[ImageFile]) -> str:
     h = hashlib.sha256()
-    for dest, data, mode in files if files is not None else _read_image_files():
-        h.update(f"{dest}:{mode:o}:{len(data)}\0".encode())
-        h.update(data)
+    for f in files:
+        h.update(f"{f.dest}:{f.mode:o}:{len(f.data)}\0".encode())
+        h.update(f.data)
     return h.hexdigest()[:12]
 
 
-def image_filename(files: list[tuple[str, bytes, int]] | None = None) -> str:
-    """Name of the image the current recipe and files make: ``deckard-desktop-<recipe>-<files>.tar.zst``."""
-    return f"deckard-desktop-{recipe_hash()}-{files_hash(files)}.tar.zst"
+def image_filename(profile: Profile | None = None, files: Sequence[ImageFile] | None = None) -> str:
+    """``deckard-<profile>-<recipe>-<files>.tar.zst``: the image the profile and the current files make."""
+    profile = profile or default_profile()
+    files = files if files is not None else image_files(profile)
+    return f"deckard-{profile.name}-{recipe_hash(profile)}-{files_hash(files)}.tar.zst"
 
 
+def image_metadata(profile: Profile, files: Sequence[ImageFile]) -> dict[str, Any]:
+    """``/etc/deckard/image.json``, also kept in the image file's trailer (:func:`read_image_metadata`)."""
+    return {
+        "profile": profile.name,
+        "recipe": recipe_hash(profile),
+        "files": files_hash(files),
+        "builder": BUILDER_VERSION,
+        "packages": profile.all_packages(),
+        "locales": profile.all_locales(),
+    }
+
+
+def read_image_metadata(path: Path) -> dict[str, Any] | None:
+    """The ``image.json`` an image built here carries in its last bytes; None for any other tarball."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 16:
+                return None
+            f.seek(size - 12)
+            (length,), mark = struct.unpack("<I", f.read(4)), f.read(8)
+            start = size - 12 - length - 8
+            if mark != _META_MARK or start < 0:
+                return None
+            f.seek(start)
+            magic, frame_len = struct.unpack("<II", f.read(8))
+            if magic != _SKIPPABLE_MAGIC or frame_len != length + 12:
+                return None
+            meta = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+# ---- build ----------------------------------------------------------------------------------------------
 async def build_image(
     output_dir: Path,
     *,
     cache_dir: Path,
     progress: Progress,
     mirror: str = DEFAULT_MIRROR,
+    profile: Profile | None = None,
 ) -> Path:
-    """Build (or find) the default desktop image in ``output_dir`` and return its path."""
+    """Build (or find) the image of ``profile`` (default: ``minimal``) in ``output_dir`` and return its path."""
     if os.geteuid() != 0:
         raise ImageBuildError("building an image needs root (debootstrap and chroot); run it as root")
+    profile = profile or default_profile()
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    files = _read_image_files()
-    target = output_dir / image_filename(files)
+    files = image_files(profile)
+    target = output_dir / image_filename(profile, files)
     if target.exists():
         progress("image is up to date", 1.0)
         return target
-    rootfs_tar = cache_dir / f"rootfs-{recipe_hash()}.tar.zst"
-    if rootfs_tar.exists():
-        await _pack_image(rootfs_tar, target, files, progress, 0.0)
-    else:
-        log.info("image.bootstrap", cache=str(rootfs_tar))
-        await _build_rootfs(rootfs_tar, progress, mirror)
-        await _pack_image(rootfs_tar, target, files, progress, 0.9)
+    # one build at a time per cache: a second builder (another test worker, another farm) waits, then finds
+    # the layers the first one made
+    lock_fd = await asyncio.to_thread(_lock_cache, cache_dir)
+    try:
+        if target.exists():
+            progress("image is up to date", 1.0)
+            return target
+        # the layers to build: from the highest one already cached (or debootstrap) up to this profile
+        missing: list[Profile] = []
+        for layer in reversed(profile.chain()):
+            if _layer_path(cache_dir, layer).exists():
+                break
+            missing.insert(0, layer)
+        span = 0.96 / len(missing) if missing else 0.0
+        for n, layer in enumerate(missing):
+            log.info("image.build_layer", profile=layer.name, recipe=recipe_hash(layer), packages=len(layer.packages))
+            parent = _layer_path(cache_dir, layer.parent) if layer.parent is not None else None
+            await _build_layer(layer, _layer_path(cache_dir, layer), parent, _scaled(progress, n * span, span), mirror)
+        await _pack_image(_layer_path(cache_dir, profile), target, files, image_metadata(profile, files), progress)
+    finally:
+        os.close(lock_fd)
     progress("image ready", 1.0)
-    log.info("image.built", path=str(target), size=target.stat().st_size)
+    log.info("image.built", path=str(target), size=target.stat().st_size, profile=profile.name)
     return target
 
 
-async def _build_rootfs(dest: Path, progress: Progress, mirror: str) -> None:
-    """Debootstrap + apt-get into a temp dir, prune it, and store it as the cached rootfs tarball."""
+def _lock_cache(cache_dir: Path) -> int:
+    fd = os.open(cache_dir / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _layer_path(cache_dir: Path, layer: Profile) -> Path:
+    return cache_dir / f"rootfs-{recipe_hash(layer)}.tar.zst"
+
+
+def _scaled(progress: Progress, start: float, span: float) -> Progress:
+    return lambda text, fraction: progress(text, start + span * min(max(fraction, 0.0), 1.0))
+
+
+async def _build_layer(layer: Profile, dest: Path, parent: Path | None, progress: Progress, mirror: str) -> None:
+    """One cached rootfs: debootstrap (or the parent's rootfs) + this layer's packages and locales, pruned."""
     tmp = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=dest.parent))
     rootfs = tmp / "rootfs"
     proc_mounted = False
     try:
-        await _debootstrap(rootfs, mirror, progress)
-        (rootfs / "etc/dpkg/dpkg.cfg.d/01-deckard-nodoc").write_text(_NODOC_CFG)
-        (rootfs / "etc/apt/apt.conf.d/99-deckard").write_text(_APT_CFG)
-        policy = rootfs / "usr/sbin/policy-rc.d"
-        policy.write_text("#!/bin/sh\n# no service starts inside an image build or a desktop\nexit 101\n")
-        policy.chmod(0o755)
+        if parent is None:
+            await _debootstrap(rootfs, mirror, _scaled(progress, 0.0, 0.55))
+            (rootfs / "etc/dpkg/dpkg.cfg.d/01-deckard-nodoc").write_text(_NODOC_CFG)
+            (rootfs / "etc/apt/apt.conf.d/99-deckard").write_text(_APT_CFG)
+            policy = rootfs / "usr/sbin/policy-rc.d"
+            policy.write_text("#!/bin/sh\n# no service starts inside an image build or a desktop\nexit 101\n")
+            policy.chmod(0o755)
+            apt_from = 0.55
+        else:
+            progress(f"unpacking the cached {layer.parent.name if layer.parent else ''} rootfs", 0.0)
+            rootfs.mkdir(mode=0o755)
+            await _run(["tar", "--numeric-owner", "-xf", str(parent), "-C", str(rootfs)])
+            apt_from = 0.08
+        await asyncio.to_thread(_prepare_chroot, rootfs, layer.languages())
         await _run(["mount", "-t", "proc", "proc", str(rootfs / "proc")])
         proc_mounted = True
-        await _apt_install(rootfs, progress)
+        await _apt_install(rootfs, layer.packages, _scaled(progress, apt_from, 0.86 - apt_from))
+        if layer.locales:
+            progress("generating locales", 0.86)
+            (rootfs / "etc/locale.gen").write_text("".join(f"{loc} UTF-8\n" for loc in layer.all_locales()))
+            await _run(["chroot", str(rootfs), "locale-gen"], env=_chroot_env())
         await _run(["umount", str(rootfs / "proc")])
         proc_mounted = False
         progress("pruning the rootfs", 0.88)
-        await asyncio.to_thread(_prune, rootfs)
-        progress("compressing the rootfs", 0.89)
+        await asyncio.to_thread(_prune, rootfs, layer.languages())
+        progress("compressing the rootfs", 0.9)
+        plain = tmp / "rootfs.tar"
+        await _run(["tar", "--numeric-owner", "-b1", "-C", str(rootfs), "-cf", str(plain), "."])
+        await asyncio.to_thread(_drop_tar_end, plain)
         part = tmp / "rootfs.tar.zst"
-        await _run(
-            ["tar", "--numeric-owner", "-I", "zstd -T0 -3", "-C", str(rootfs), "-cf", str(part), "."],
-        )
+        await _run(["zstd", "-q", "-T0", "-3", "--rm", str(plain), "-o", str(part)])
         part.rename(dest)
     finally:
         if proc_mounted:
@@ -182,8 +272,33 @@ async def _build_rootfs(dest: Path, progress: Progress, mirror: str) -> None:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
+def _prepare_chroot(rootfs: Path, languages: Sequence[str]) -> None:
+    """Devices, name resolution and the translations to keep, for apt inside the chroot."""
+    for name, major, minor in _DEVICES:
+        node = rootfs / "dev" / name
+        if not node.exists():
+            os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            node.chmod(0o666)
+    resolv = rootfs / "etc/resolv.conf"
+    resolv.unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolv)
+    if languages:  # read after 01-deckard-nodoc: dpkg lets a later path-include take back an exclusion
+        keep = "".join(f"path-include /usr/share/locale/{lang}/*\n" for lang in languages)
+        (rootfs / "etc/dpkg/dpkg.cfg.d/02-deckard-languages").write_text(keep)
+
+
+def _drop_tar_end(path: Path) -> None:
+    """Cut the end-of-archive blocks so that more members can follow in a concatenated zstd frame."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size - _TAR_END)
+        if f.read(_TAR_END) != bytes(_TAR_END):
+            raise ImageBuildError(f"{path} does not end with a tar end-of-archive marker")
+        f.truncate(size - _TAR_END)
+
+
 async def _debootstrap(rootfs: Path, mirror: str, progress: Progress) -> None:
-    """Run debootstrap and turn its ``I:`` lines into a fraction between 0 and 0.6."""
+    """Run debootstrap and turn its ``I:`` lines into a fraction."""
     counts = {"Retrieving": 0, "Extracting": 0, "Unpacking": 0, "Configuring": 0}
     # share of debootstrap's time spent in each phase, measured on a minbase bookworm run
     spans = {
@@ -205,48 +320,57 @@ async def _debootstrap(rootfs: Path, mirror: str, progress: Progress) -> None:
         if phase != "Retrieving":
             expected = max(counts["Retrieving"], 1)
         lo, hi = spans[phase]
-        frac = lo + (hi - lo) * min(counts[phase] / expected, 1.0)
-        progress(f"debootstrap: {phase.lower()} {pkg}", 0.6 * frac)
+        progress(f"debootstrap: {phase.lower()} {pkg}", lo + (hi - lo) * min(counts[phase] / expected, 1.0))
 
     progress("debootstrap: starting", 0.0)
-    await _run(
-        ["debootstrap", "--verbose", "--variant=minbase", SUITE, str(rootfs), mirror],
-        on_line=on_line,
-    )
+    await _run(["debootstrap", "--verbose", "--variant=minbase", SUITE, str(rootfs), mirror], on_line=on_line)
 
 
-async def _apt_install(rootfs: Path, progress: Progress) -> None:
-    """Install the desktop packages in the chroot; progress moves from 0.6 to 0.88."""
-    env = {"DEBIAN_FRONTEND": "noninteractive", "LANG": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    progress("apt: updating package lists", 0.6)
+def _chroot_env() -> dict[str, str]:
+    return {"DEBIAN_FRONTEND": "noninteractive", "LANG": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+async def _apt_install(rootfs: Path, packages: Sequence[str], progress: Progress) -> None:
+    """Install the layer's packages in the chroot: each package is downloaded, unpacked and set up."""
+    env = _chroot_env()
+    progress("apt: updating package lists", 0.0)
     await _run(["chroot", str(rootfs), "apt-get", "update"], env=env)
     total = 0
     done = 0
     count_re = re.compile(r"^(\d+) upgraded, (\d+) newly installed")
+    get_re = re.compile(r"^Get:\d+ \S+ \S+ \S+ (\S+)")
 
     def on_line(line: str) -> None:
         nonlocal total, done
         if m := count_re.match(line):
             total = int(m.group(2))
+            return
+        if m := get_re.match(line):
+            text = f"apt: downloading {m.group(1)}"
         elif line.startswith(("Unpacking ", "Setting up ")):
-            done += 1
-            frac = done / (2 * total) if total else 0.0
-            progress(f"apt: {line.split(' (')[0].lower()}", 0.62 + 0.26 * min(frac, 1.0))
+            text = f"apt: {line.split(' (')[0].lower()}"
+        else:
+            return
+        done += 1
+        progress(text, 0.05 + 0.95 * min(done / (3 * total), 1.0) if total else 0.05)
 
     await _run(
-        ["chroot", str(rootfs), "apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
+        ["chroot", str(rootfs), "apt-get", "install", "-y", "--no-install-recommends", *packages],
         env=env,
         on_line=on_line,
     )
     await _run(["chroot", str(rootfs), "apt-get", "clean"], env=env)
 
 
-def _prune(rootfs: Path) -> None:
+def _prune(rootfs: Path, languages: Sequence[str] = ()) -> None:
+    keep = {rootfs / "usr/share/locale" / lang for lang in languages} | {rootfs / "usr/share/locale/locale.alias"}
     for rel in _PRUNE:
         path = rootfs / rel
         if path.is_dir() and not path.is_symlink():
             # keep the directory itself: packages and apt expect it to exist
             for child in path.iterdir():
+                if child in keep:
+                    continue
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
@@ -258,7 +382,7 @@ def _prune(rootfs: Path) -> None:
     (rootfs / "etc/hostname").write_text("deckard\n")
     (rootfs / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
     (rootfs / "etc/resolv.conf").write_text("")
-    # debootstrap's device nodes are useless: LXC mounts its own /dev in every container
+    # device nodes are useless: LXC mounts its own /dev in every container
     dev = rootfs / "dev"
     for child in dev.iterdir():
         if child.is_dir() and not child.is_symlink():
@@ -267,44 +391,48 @@ def _prune(rootfs: Path) -> None:
             child.unlink()
 
 
+# ---- pack -----------------------------------------------------------------------------------------------
 async def _pack_image(
-    rootfs_tar: Path, target: Path, files: list[tuple[str, bytes, int]], progress: Progress, start: float
+    rootfs_tar: Path, target: Path, files: Sequence[ImageFile], meta: dict[str, Any], progress: Progress
 ) -> None:
-    """Copy the cached rootfs tarball, append the agent and session files, compress, rename into place."""
+    """Copy the cached rootfs, append the files' frame and the metadata trailer, rename into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".image-", dir=target.parent))
     try:
-        span = 1.0 - start
-        progress("unpacking the cached rootfs archive", start)
-        plain = tmp / "image.tar"
-        await _run(["zstd", "-q", "-d", "-f", str(rootfs_tar), "-o", str(plain)])
-        progress("adding the guest agent", start + 0.3 * span)
-        extra = tmp / "extra"
-        members = await asyncio.to_thread(_stage_files, extra, files)
-        tar_opts = ["--numeric-owner", "--owner=0", "--group=0", "--no-recursion"]
-        await _run(["tar", *tar_opts, "-C", str(extra), "-rf", str(plain), *members])
-        progress("compressing the image", start + 0.4 * span)
+        progress("adding the guest agent and the session", 0.97)
         packed = tmp / target.name
-        await _run(["zstd", "-q", "-T0", "-3", "--rm", str(plain), "-o", str(packed)])
+        await asyncio.to_thread(shutil.copyfile, rootfs_tar, packed)
+        extra = tmp / "extra.tar"
+        extra.write_bytes(_files_tar(files, meta))
+        await _run(["zstd", "-q", "-3", "--rm", str(extra), "-o", str(tmp / "extra.tar.zst")])
+        with packed.open("ab") as out:
+            out.write((tmp / "extra.tar.zst").read_bytes())
+            out.write(_metadata_frame(meta))
         packed.rename(target)
     finally:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
-def _stage_files(extra: Path, files: list[tuple[str, bytes, int]]) -> list[str]:
-    """Lay out the image files under ``extra`` and return the tar member names (parents first)."""
-    members: list[str] = []
-    for dest, data, mode in files:
-        out = extra / dest
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(data)
-        out.chmod(mode)
-        members.append(f"./{dest}")
-    # new directories (etc/deckard) need their own entry, or tar would create them with its defaults
-    (extra / "etc/deckard").chmod(0o755)
-    meta = extra / "etc/deckard/image.json"
-    meta.write_text(json.dumps({"recipe": recipe_hash(), "files": files_hash(files), "packages": list(PACKAGES)}))
-    meta.chmod(0o644)
-    return ["./etc/deckard", *members, "./etc/deckard/image.json"]
+def _files_tar(files: Sequence[ImageFile], meta: dict[str, Any]) -> bytes:
+    """A tar of the added files, owned by root; only /etc/deckard gets a directory entry of its own (any other
+    missing parent is made by tar, an existing one keeps its owner and mode)."""
+    now = int(time.time())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        d = tarfile.TarInfo("./etc/deckard")
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, now
+        tar.addfile(d)
+        meta_file = ImageFile(META_PATH, json.dumps(meta, indent=1).encode() + b"\n", 0o644)
+        for f in [*files, meta_file]:
+            info = tarfile.TarInfo(f"./{f.dest}")
+            info.size, info.mode, info.mtime = len(f.data), f.mode, now
+            tar.addfile(info, io.BytesIO(f.data))
+    return buf.getvalue()
+
+
+def _metadata_frame(meta: dict[str, Any]) -> bytes:
+    data = json.dumps(meta, separators=(",", ":")).encode()
+    payload = data + struct.pack("<I", len(data)) + _META_MARK
+    return struct.pack("<II", _SKIPPABLE_MAGIC, len(payload)) + payload
 
 
 async def _run(

@@ -66,11 +66,13 @@ async def register_image(
     digest: str = "",
     tags: tuple[str, ...] = ("default", "head"),
     osf_id: int | None = None,
+    profile: str = "",
 ) -> dict[str, Any]:
     """Register (idempotently, by OSF + version) a ready image file, publish it and point ``tags`` at it.
 
     An existing version is published again (``ready|retired|published → published``); one that is new,
-    being filled or failed is refused (``invalid_transition``): give the build another version.
+    being filled or failed is refused (``invalid_transition``): give the build another version.  ``profile``
+    is the build profile it was made from ("" when unknown; a known one is never forgotten by a re-register).
     """
     async with db.begin() as conn:
         if osf_id is None:
@@ -78,7 +80,8 @@ async def register_image(
         row = (await conn.execute(sa.select(i.c.id).where(i.c.osf_id == osf_id, i.c.version == version))).first()
         if row:
             image_id = int(row.id)
-            await transition_image(conn, image_id, ImageState.PUBLISHED, values={"path": str(path)})
+            values: dict[str, Any] = {"path": str(path), **({"profile": profile[:32]} if profile else {})}
+            await transition_image(conn, image_id, ImageState.PUBLISHED, values=values)
         else:
             res = await conn.execute(
                 sa.insert(i)
@@ -91,6 +94,7 @@ async def register_image(
                     state=ImageState.PUBLISHED.value,
                     created_at=utcnow(),
                     published_at=utcnow(),
+                    profile=profile[:32],
                 )
                 .returning(i.c.id)
             )
@@ -120,6 +124,24 @@ async def resolve_image(conn: AsyncConnection, osf_id: int, tag: str) -> tuple[i
             code="image_blocked",
         )
     return int(row.id), Path(row.path)
+
+
+async def images_to_prepare(db: Database, driver: str) -> list[tuple[int, Path]]:
+    """The images some tag points at, in OSFs of ``driver`` and not blocked, newest first: what a node makes
+    ready (unpacks) before a desktop needs them (``node/images.py``)."""
+    q = (
+        sa.select(i.c.id, i.c.path)
+        .join(t.osfs, t.osfs.c.id == i.c.osf_id)
+        .where(
+            i.c.id.in_(sa.select(t.image_tags.c.image_id)),
+            t.osfs.c.driver == driver,
+            i.c.blocked.is_(False),
+            i.c.path != "",
+        )
+        .order_by(i.c.id.desc())
+    )
+    async with db.connect() as conn:
+        return [(int(r.id), Path(r.path)) for r in await conn.execute(q)]
 
 
 def validate_tag(tag: str) -> str:
@@ -216,10 +238,21 @@ async def fail_image(db: Database, image_id: int, reason: str) -> bool:
     return True
 
 
-async def finish_image(db: Database, image_id: int, path: Path, *, digest: str, size: int) -> None:
-    """The content is complete and verified: state ``ready``."""
+async def finish_image(
+    db: Database, image_id: int, path: Path, *, digest: str, size: int, profile: str | None = None
+) -> None:
+    """The content is complete and verified: state ``ready`` (with the build profile it was made from, if known)."""
+    known = {"profile": profile[:32]} if profile else {}
     await set_image_state(
-        db, image_id, ImageState.READY, message="", path=str(path), digest=digest, size=size, uploaded_bytes=size
+        db,
+        image_id,
+        ImageState.READY,
+        message="",
+        path=str(path),
+        digest=digest,
+        size=size,
+        uploaded_bytes=size,
+        **known,
     )
 
 

@@ -20,6 +20,7 @@ from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.resource import ObjectRoutes
 from deckard.api.strict import Ref, RequestModel
 from deckard.images import builder
+from deckard.images.profile import DEFAULT_PROFILE, Profile, load_profile, with_packages
 from deckard.model.errors import DeckardError
 from deckard.model.schemas import Image
 from deckard.runtime.paths import image_digest
@@ -30,11 +31,29 @@ router = APIRouter(prefix="/images", tags=["images"], responses=ERROR_RESPONSES)
 log = structlog.get_logger()
 
 
+class ImageBuild(RequestModel):
+    profile: str = Field(
+        default=DEFAULT_PROFILE,
+        min_length=1,
+        max_length=32,
+        description="A built-in build profile: `minimal` (Xvnc, JWM, xterm) or `standard` (Xfce, Firefox ESR, ...).",
+    )
+    add_packages: list[str] = Field(
+        default_factory=list, max_length=64, description="Debian packages to add on top of the profile."
+    )
+
+    def load(self) -> Profile:
+        """The profile to build (400 ``unknown_profile`` / ``bad_package`` before anything starts)."""
+        profile = load_profile(self.profile)
+        return with_packages(profile, self.add_packages) if self.add_packages else profile
+
+
 class ImageCreate(RequestModel):
     version: str = Field(min_length=1, max_length=64)
     osf: Ref | None = Field(default=None, description="OSF id or name; the default OSF if omitted.")
     source: str = Field(default="upload", description="upload, import or build.")
     path: str | None = Field(default=None, max_length=4096, description="With source=import: start it at once.")
+    build: ImageBuild | None = Field(default=None, description="With source=build: the profile and extra packages.")
 
 
 class ImageImport(RequestModel):
@@ -64,7 +83,7 @@ image = ObjectRoutes(router, "image", Image, param="image_id", ref_type=int, exc
 image.add_list(lambda s, q: images.list_images(s.db, s.actor, q), images.COLUMNS, "List disk images")
 
 
-async def _run_build(db: DbDep, image_id: int, images_dir: Path, cache_dir: Path) -> None:
+async def _run_build(db: DbDep, image_id: int, images_dir: Path, cache_dir: Path, profile: Profile) -> None:
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Future[None]] = set()
 
@@ -78,11 +97,11 @@ async def _run_build(db: DbDep, image_id: int, images_dir: Path, cache_dir: Path
             pending.add(asyncio.ensure_future(coro))
 
     try:
-        built = await builder.build_image(images_dir, cache_dir=cache_dir, progress=progress)
+        built = await builder.build_image(images_dir, cache_dir=cache_dir, progress=progress, profile=profile)
         await asyncio.gather(*pending, return_exceptions=True)
         path = await asyncio.to_thread(image_files.copy_into_store, built, images_dir, image_id)
         digest = await asyncio.to_thread(image_digest, path)
-        await images.finish_image(db, image_id, path, digest=digest, size=path.stat().st_size)
+        await images.finish_image(db, image_id, path, digest=digest, size=path.stat().st_size, profile=profile.name)
         log.info("image.built", image_id=image_id, path=str(path))
     except Exception as e:
         await asyncio.gather(*pending, return_exceptions=True)
@@ -91,26 +110,28 @@ async def _run_build(db: DbDep, image_id: int, images_dir: Path, cache_dir: Path
         await images.fail_image(db, image_id, f"build failed: {reason}")
 
 
-def _spawn_build(request: Request, db: DbDep, image_id: int, settings: Settings) -> None:
+def _spawn_build(request: Request, db: DbDep, image_id: int, settings: Settings, profile: Profile) -> None:
     tasks: set[asyncio.Task[None]] | None = getattr(request.app.state, "image_builds", None)
     if tasks is None:
         tasks = request.app.state.image_builds = set()
     cache = settings.paths.home / "cache" / "images"
-    task = asyncio.create_task(_run_build(db, image_id, _images_dir(settings), cache), name=f"image-build-{image_id}")
+    build = _run_build(db, image_id, _images_dir(settings), cache, profile)
+    task = asyncio.create_task(build, name=f"image-build-{image_id}")
     tasks.add(task)  # keep a reference: an unreferenced task may be collected mid-build
     task.add_done_callback(tasks.discard)
 
 
 @router.post("", response_model=Image, status_code=status.HTTP_201_CREATED, summary="Create a disk image")
 async def create_image(body: ImageCreate, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
+    profile = (body.build or ImageBuild()).load() if body.source == "build" else None  # refused before any row
     row = await images.create_image(db, actor, body.version, osf=body.osf, source=body.source)
     if body.source == "import" and body.path:
         row = await image_files.import_image(
             db, actor, row["id"], body.path, images_dir=_images_dir(settings), import_dirs=settings.import_dirs
         )
-    elif body.source == "build":
+    elif profile is not None:
         row = await images.start_build(db, actor, row["id"])
-        _spawn_build(request, db, row["id"], settings)
+        _spawn_build(request, db, row["id"], settings, profile)
     return Image.model_validate(row)
 
 
@@ -158,9 +179,17 @@ async def import_image(image_id: int, body: ImageImport, actor: ActorDep, db: Db
     status_code=status.HTTP_202_ACCEPTED,
     summary="Build the image with the image builder (in the background; progress in status_message)",
 )
-async def build_image(image_id: int, request: Request, actor: ActorDep, db: DbDep, settings: SettingsDep) -> Image:
+async def build_image(
+    image_id: int,
+    request: Request,
+    actor: ActorDep,
+    db: DbDep,
+    settings: SettingsDep,
+    body: ImageBuild | None = None,
+) -> Image:
+    profile = (body or ImageBuild()).load()
     row = await images.start_build(db, actor, image_id)
-    _spawn_build(request, db, image_id, settings)
+    _spawn_build(request, db, image_id, settings, profile)
     return Image.model_validate(row)
 
 
