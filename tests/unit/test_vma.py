@@ -104,6 +104,8 @@ def test_x_start_rejects_bad_input_before_touching_the_system(agent_url: str) ->
         "user=alice&uid=abc": "uid must be an integer",
         "user=alice&uid=0": "uid must be between",
         "user=alice&uid=10001&geometry=huge": "geometry",
+        "user=alice&uid=10001&keyboard=de%3Brm": "keyboard must be an XKB layout",
+        "user=alice&uid=10001&keyboard=German": "keyboard must be an XKB layout",
     }
     for query, message in cases.items():
         status, body = call(f"{agent_url}/vma/x_start?{query}")

@@ -36,8 +36,9 @@ Patch = Callable[[Scope, Any, B], Awaitable[Row]]
 Delete = Callable[[Scope, Any], Awaitable[None]]
 
 
-def list_query(allowed: Collection[str]) -> Any:
-    """A dependency that parses a list route's query string (documented parameters plus field filters)."""
+def list_query(allowed: Collection[str], own: Collection[str] = ()) -> Any:
+    """A dependency that parses a list route's query string (documented parameters plus field filters); ``own``
+    names the route's own query parameters, which are not filters."""
 
     def parse(
         request: Request,
@@ -47,7 +48,7 @@ def list_query(allowed: Collection[str]) -> Any:
         fields: Annotated[str | None, Query(description="Only these fields, comma-separated.")] = None,
     ) -> ListQuery:
         del sort, page, per_page, fields  # documented here, parsed with the filters below
-        return parse_list_query(request.query_params.multi_items(), allowed)
+        return parse_list_query([(k, v) for k, v in request.query_params.multi_items() if k not in own], allowed)
 
     return Depends(parse)
 

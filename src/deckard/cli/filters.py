@@ -13,7 +13,7 @@ from typing import Annotated, Protocol, TypeVar
 
 import typer
 
-from deckard.cli.output import print_json, print_rows
+from deckard.cli.output import Shown, print_json, print_rows
 from deckard.cli.session import ERROR_EXIT
 from deckard.client.api import ApiClient
 from deckard.model.schemas import BulkResult, Page, Schema
@@ -63,13 +63,21 @@ def fetch_list(api: ApiClient, resource: str, schema: type[M], params: list[tupl
     return Page[schema](items=rows, total=len(rows))  # type: ignore[valid-type]
 
 
-def print_page(page: Page[M], columns: Sequence[str], fields: str | None, *, as_json: bool) -> None:
-    """A list page: JSON rows (as before paging existed), or a table and a "N of TOTAL" line."""
+def print_page(
+    page: Page[M],
+    columns: Sequence[str],
+    fields: str | None,
+    *,
+    as_json: bool,
+    table_row: Callable[[M], Shown] | None = None,
+) -> None:
+    """A list page: JSON rows (as before paging existed), or a table and a "N of TOTAL" line; ``table_row`` makes
+    the table's row of an item (columns a noun derives for people, such as a duration)."""
     if as_json:
         print_json(page.items)
         return
     shown = tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else columns
-    print_rows(page.items, shown, as_json=False)
+    print_rows([table_row(r) for r in page.items] if table_row else page.items, shown, as_json=False)
     if page.total > len(page.items):
         typer.echo(f"{len(page.items)} of {page.total} shown (use --page/--per-page)")
 

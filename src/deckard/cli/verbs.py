@@ -31,7 +31,7 @@ from deckard.cli.filters import (
     report_bulk,
     run_bulk,
 )
-from deckard.cli.output import fields, print_done, print_json, print_object
+from deckard.cli.output import Shown, fields, print_done, print_json, print_object
 from deckard.cli.session import JsonOpt, ProfileOpt
 from deckard.client.api import ApiClient
 from deckard.model.schemas import Schema
@@ -75,9 +75,11 @@ def list_command(
     *,
     per_page: int | None = None,
     query: Sequence[inspect.Parameter] = (),
+    table_row: Callable[[Any], Shown] | None = None,
 ) -> Command:
     """``deckard <noun> list``: ``--filter``/``--sort``/``--page``/``--per-page``/``--fields``; every row unless a
-    page is asked for (``per_page`` sets a default page size); ``query`` adds options sent as they are."""
+    page is asked for (``per_page`` sets a default page size); ``query`` adds options sent as they are;
+    ``table_row`` makes an item's table row (see ``print_page``)."""
 
     def run(
         filters: list[str] | None,
@@ -93,7 +95,7 @@ def list_command(
         params += [(k, str(v)) for k, v in extra.items() if v is not None]
         with session.api(profile) as api:
             result = fetch_list(api, resource, schema, params)
-        print_page(result, columns, fields, as_json=as_json)
+        print_page(result, columns, fields, as_json=as_json, table_row=table_row)
 
     options = [
         option("filters", FilterOpt),

@@ -95,16 +95,37 @@ class AgentClient:
         """The display's state: stopped|starting|provisioning|listening|connected|stopping."""
         return str((await self.call("x_state")).get("state", "unknown"))
 
-    async def x_start(self, user: str, uid: int, geometry: str | None = None, timeout: float = 15) -> dict[str, Any]:
-        """Provision ``user`` and start the display; returns once it accepts connections."""
+    async def x_start(
+        self, user: str, uid: int, geometry: str | None = None, timeout: float = 15, keyboard: str | None = None
+    ) -> dict[str, Any]:
+        """Provision ``user`` and start the display; returns once it accepts connections.  ``keyboard`` is the
+        client's XKB layout (``us``, ``de``, ``fr(azerty)``), applied by the session when the display starts."""
         params = {"user": user, "uid": str(uid)}
         if geometry:
             params["geometry"] = geometry
+        if keyboard:
+            params["keyboard"] = keyboard
         return await self.call("x_start", params, timeout=timeout)
 
     async def spy_notice(self, admin: str, interactive: bool = False) -> dict[str, Any]:
         """Tell the desktop's user that an administrator is watching (a banner on their display)."""
         return await self.call("spy_notice", {"admin": admin, "interactive": "1" if interactive else "0"})
+
+    async def input_idle_ms(self) -> int | None:
+        """Milliseconds since the user's last keyboard or mouse input; None when the agent cannot tell (no display,
+        or an older agent without the ``idle`` method)."""
+        try:
+            idle = (await self.call("idle")).get("idle_ms")
+        except Unavailable as e:
+            if e.details.get("agent_code") == "unknown_method":
+                return None
+            raise
+        return idle if isinstance(idle, int) and not isinstance(idle, bool) and idle >= 0 else None
+
+    async def session_notice(self, reason: str, action: str, in_s: int) -> dict[str, Any]:
+        """Tell the user on their display that a session policy will ``action`` (stop|disconnect) in ``in_s``
+        seconds because of ``reason`` (idle|max_length)."""
+        return await self.call("session_notice", {"reason": reason, "action": action, "in_s": str(max(0, in_s))})
 
     async def x_stop(self) -> dict[str, Any]:
         return await self.call("x_stop")

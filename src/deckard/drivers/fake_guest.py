@@ -20,6 +20,7 @@ import io
 import os
 import socket
 import socketserver
+import time
 from typing import Any, cast
 
 import structlog
@@ -47,7 +48,7 @@ class FakeXSession(vma.XSession):
             return "connected"
         return self.state
 
-    def start(self, login: str, uid: int, geometry: str) -> dict[str, Any]:  # noqa: ARG002 (no real screen)
+    def start(self, login: str, uid: int, geometry: str, keyboard: str = "") -> dict[str, Any]:  # noqa: ARG002
         with self.lock:
             if self.state == "listening" and self.user == login:
                 return {"state": self.current_state(), "user": login, "already": True}
@@ -67,6 +68,9 @@ class FakeXSession(vma.XSession):
 
     def notify(self, text: str, timeout: int = 60) -> str:  # noqa: ARG002 (nobody reads a fake banner)
         return "xmessage" if self.state == "listening" else "none"
+
+    def input_idle_ms(self) -> int | None:
+        return self.guest.input_idle_ms() if self.state == "listening" else None
 
     def expire(self) -> str:
         return self.notify("expired")
@@ -113,6 +117,9 @@ class FakeGuest:
         self.auth_failures = 0  # display connections refused by VNC authentication
         self.display_bytes = 0  # what reached the display after authentication
         self.viewers: set[asyncio.StreamWriter] = set()  # authenticated display connections
+        # the user's last keyboard or mouse input (monotonic), as an X server counts it: from the display's start;
+        # tests move it with ``set_idle`` (None: the agent cannot tell, like a display without MIT-SCREEN-SAVER)
+        self.input_at: float | None = time.monotonic()
         self._display_conns: set[asyncio.StreamWriter] = set()
         self.agent = FakeAgent(self)
         self._handler = type("FakeGuestHandler", (_BufferedHandler,), {"agent": self.agent})
@@ -147,10 +154,18 @@ class FakeGuest:
         self.open_display()
         self.agent.x.state, self.agent.x.user, self.agent.x.uid = "listening", user, uid
 
+    def set_idle(self, seconds: float | None) -> None:
+        """The user last typed or moved the mouse ``seconds`` ago (0: now); None: the agent cannot tell."""
+        self.input_at = None if seconds is None else time.monotonic() - seconds
+
+    def input_idle_ms(self) -> int | None:
+        return None if self.input_at is None else round((time.monotonic() - self.input_at) * 1000)
+
     # ---- display -------------------------------------------------------------------------------------
     def open_display(self) -> None:
         if self._display_sock is not None:
             return
+        self.input_at = time.monotonic()
         # bound here, synchronously, so that the port accepts connections as soon as x_start answers
         sock = socket.create_server((self.spec.ip, DISPLAY_PORT))
         sock.setblocking(False)

@@ -43,6 +43,25 @@ from deckard.services.users import check_login, find_user_id, tenant_filter
 d = t.desktops
 AT_REST = sorted(DESKTOP_AT_REST)  # no node holds the desktop: it may be deleted, reset, retagged
 
+
+def _later(a: sa.ColumnElement[Any], b: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    return sa.case((sa.or_(b.is_(None), a > b), a), else_=b)
+
+
+_RUNNING = d.c.state == DesktopState.RUNNING.value
+# the session policies' clocks (model/session_policy.py, the same rules): since when a running desktop has had nobody
+# connected (from its start if nobody connected since), and since when its connected user has not typed nor moved
+# the mouse (from the connection if later; null when the agent could not tell)
+DISCONNECTED_SINCE = sa.case(
+    (sa.and_(_RUNNING, d.c.user_state == UserState.DISCONNECTED.value), _later(d.c.user_state_at, d.c.started_at))
+)
+IDLE_SINCE = sa.case(
+    (
+        sa.and_(_RUNNING, d.c.user_state == UserState.CONNECTED.value, d.c.input_at.is_not(None)),
+        _later(d.c.input_at, d.c.user_state_at),
+    )
+)
+
 LIST_COLUMNS = [
     d.c.id,
     d.c.tenant_id,
@@ -68,6 +87,8 @@ LIST_COLUMNS = [
     d.c.expire_soft_at,
     d.c.expire_hard_at,
     d.c.created_at,
+    DISCONNECTED_SINCE.label("disconnected_since"),
+    IDLE_SINCE.label("idle_since"),
 ]
 
 # list field name → the column a filter or sort uses (labels resolved to their base column, so indexes apply)
@@ -343,8 +364,12 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
     return node_id
 
 
-async def request_stop(db: Database, desktop_id: int) -> None:
-    """Write the stop command; a stop already asked for is a success (a repeat, declared here)."""
+async def request_stop(db: Database, desktop_id: int, *, reason: str | None = None) -> None:
+    """Write the stop command; a stop already asked for is a success (a repeat, declared here).
+
+    ``reason`` says why an automatic stop happens (a session policy): it stays the desktop's ``failure_reason``
+    once stopped, until its next start.
+    """
     async with db.begin() as conn:
         desk = await load_desktop(conn, desktop_id)
         if desk.cmd == DesktopCommand.STOP:
@@ -354,7 +379,8 @@ async def request_stop(db: Database, desktop_id: int) -> None:
             await db.bus.notify(DESKTOPS, str(desktop_id))
             return
         check_command(DesktopCommand.STOP, DesktopState(desk.state))
-        if not await command_desktops(conn, DesktopCommand.STOP, d.c.id == desktop_id):
+        values = {"failure_reason": reason[:2000]} if reason else None
+        if not await command_desktops(conn, DesktopCommand.STOP, d.c.id == desktop_id, values=values):
             raise Conflict("the desktop changed while stopping it: retry", code="desktop_busy")
     if desk.node_id is not None:
         await db.bus.notify(node_channel(desk.node_id), str(desktop_id))

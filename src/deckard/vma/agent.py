@@ -7,13 +7,18 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
     GET|POST /vma/<method>?<params>   Authorization: Bearer <token from /etc/deckard/agent-token>
     -> {"ok": true, ...} | {"ok": false, "error": {"code": ..., "message": ...}}
 
-    ping, x_state, x_start(user, uid[, geometry]), x_stop, poweroff, expire, spy_notice(admin[, interactive])
+    ping, x_state, x_start(user, uid[, geometry][, keyboard]), x_stop, poweroff, expire,
+    spy_notice(admin[, interactive]), idle, session_notice(reason, action, in_s)
 
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
 established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
 with a jwm + xterm session, both run as the desktop's user.  Xvnc requires VNC authentication with the
 desktop's display secret, which the node writes to /etc/deckard/display-passwd and only the broker knows:
 another desktop or process that reaches the port cannot take the display.
+
+``idle`` says how long the user has not typed nor moved the mouse (the X server's MIT-SCREEN-SAVER extension),
+so the node can apply the session policies; ``session_notice`` tells the user on their display what a policy
+will do and when.
 
 The agent uses the standard library only and imports nothing from deckard, so an image needs nothing but
 ``python3`` and the file itself (the image builder installs it as /usr/local/sbin/deckard-vma).
@@ -55,11 +60,15 @@ DEFAULT_GEOMETRY = "1280x800"
 SESSION_SCRIPT = "/etc/deckard/xsession"
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
 RUN_DIR = Path("/run/deckard")
+X11_SOCKET_DIR = "/tmp/.X11-unix"
+X_QUERY_TIMEOUT = 1.0
+MAX_NOTICE_S = 30 * 86400
 # used when the image carries no /etc/deckard/xsession
 FALLBACK_SESSION = "xsetroot -solid '#2e4a62'; xterm &\nexec jwm\n"
 
 LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 GEOMETRY_RE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
+KEYBOARD_RE = re.compile(r"^[a-z]{2,3}(\([a-z0-9_]{1,24}\))?$")  # an XKB layout (variant): us, de, fr(azerty)
 TCP_ESTABLISHED = "01"
 
 log = logging.getLogger("deckard-vma")
@@ -158,8 +167,18 @@ class XSession:
             return "connected"
         return self.state
 
+    def input_idle_ms(self) -> int | None:
+        """Milliseconds since the user's last keyboard or mouse input; None without a display or an answer."""
+        if self.state != "listening":
+            return None
+        try:
+            return x_input_idle_ms(DISPLAY, X_QUERY_TIMEOUT)
+        except (OSError, struct.error, IndexError) as exc:
+            log.info("input idle time unknown: %s", exc)
+            return None
+
     # -- start ---------------------------------------------------------------------------------------
-    def start(self, login: str, uid: int, geometry: str) -> dict[str, Any]:
+    def start(self, login: str, uid: int, geometry: str, keyboard: str = "") -> dict[str, Any]:
         t0 = time.monotonic()
         with self.lock:
             if self.state == "listening" and self.user == login and _alive(self.xvnc):
@@ -171,7 +190,7 @@ class XSession:
             try:
                 account = provision_user(self.children, login, uid)
                 self.state = "starting"
-                self._launch(account, geometry)
+                self._launch(account, geometry, keyboard)
             except AgentError:
                 self._stop_locked()
                 raise
@@ -182,7 +201,7 @@ class XSession:
             threading.Thread(target=self._watch, args=(self.xvnc, self.session), daemon=True).start()
         return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
 
-    def _launch(self, account: pwd.struct_passwd, geometry: str) -> None:
+    def _launch(self, account: pwd.struct_passwd, geometry: str, keyboard: str = "") -> None:
         tmp_x11 = Path("/tmp/.X11-unix")
         tmp_x11.mkdir(mode=0o1777, exist_ok=True)
         tmp_x11.chmod(0o1777)
@@ -193,6 +212,8 @@ class XSession:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         password_file = install_display_secret(account)
         env = user_env(account)
+        if keyboard:  # the session script applies it with setxkbmap
+            env["DECKARD_KEYBOARD"] = keyboard
         creds: dict[str, Any] = {
             "user": account.pw_uid,
             "group": account.pw_gid,
@@ -413,6 +434,79 @@ def vnc_connected(port: int) -> bool:
     return False
 
 
+# -- the display's input idle time -----------------------------------------------------------------
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the X server closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def x_input_idle_ms(display: str = DISPLAY, timeout: float = X_QUERY_TIMEOUT) -> int | None:
+    """Milliseconds since the last keyboard or mouse input on ``display``; None when the server cannot tell.
+
+    It sends what libXss's ``XScreenSaverQueryInfo`` sends (MIT-SCREEN-SAVER's QueryInfo on the root window), in
+    the X11 wire protocol over the display's unix socket: through Xlib, a display that goes away during the call
+    would make Xlib exit() this process, the container's init; and the image needs no libXss.  Xvnc runs without
+    an authorization file, so a local client needs no cookie.
+    """
+    number = display.lstrip(":").split(".")[0]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(f"{X11_SOCKET_DIR}/X{number}")
+        s.sendall(struct.pack("<BxHHHHxx", ord("l"), 11, 0, 0, 0))  # little-endian, X11.0, no authorization
+        status, _, _, _, words = struct.unpack("<BBHHH", _recv_exactly(s, 8))
+        setup = _recv_exactly(s, words * 4)
+        if status != 1:
+            return None  # the server wants authorization
+        vendor_len, formats = struct.unpack_from("<H", setup, 16)[0], setup[21]
+        (root,) = struct.unpack_from("<I", setup, 32 + _pad4(vendor_len) + 8 * formats)  # the first screen's root
+        name = b"MIT-SCREEN-SAVER"
+        query_extension = struct.pack("<BxHHxx", 98, 2 + _pad4(len(name)) // 4, len(name))
+        s.sendall(query_extension + name.ljust(_pad4(len(name)), b"\0"))
+        reply = _recv_exactly(s, 32)
+        if reply[0] != 1 or not reply[8]:
+            return None  # an error, or no such extension
+        s.sendall(struct.pack("<BBHI", reply[9], 1, 2, root))  # ScreenSaverQueryInfo (minor 1) of the root
+        reply = _recv_exactly(s, 32)
+        if reply[0] != 1:
+            return None
+        return int(struct.unpack_from("<I", reply, 16)[0])  # ms-since-user-input
+
+
+def in_words(seconds: int) -> str:
+    """``in 5 minutes``-style wording for the notices users read."""
+    if seconds < 90:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = (seconds + 59) // 60
+    if minutes < 120:
+        return f"{minutes} minutes"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} hours" + (f" {minutes} minutes" if minutes else "")
+
+
+def session_notice_text(reason: str, action: str, in_s: int) -> str:
+    when = in_words(in_s)
+    if reason == "max_length":
+        return f"This session reaches its maximum length: the desktop will be stopped in {when}. Save your work."
+    if action == "stop":
+        return (
+            f"You have not used this desktop for a while: it will be stopped in {when} unless you type or move "
+            "the mouse. Save your work."
+        )
+    return (
+        f"You have not used this desktop for a while: you will be disconnected in {when} unless you type or "
+        "move the mouse (the desktop keeps running)."
+    )
+
+
 # -- init duties -----------------------------------------------------------------------------------
 def _mounted() -> set[str]:
     with open("/proc/self/mountinfo") as f:
@@ -510,7 +604,10 @@ class Agent:
         geometry = params.get("geometry", DEFAULT_GEOMETRY)
         if not GEOMETRY_RE.match(geometry):
             raise AgentError("bad_input", "geometry must look like 1280x800")
-        return self.x.start(login, uid, geometry)
+        keyboard = params.get("keyboard", "")
+        if keyboard and not KEYBOARD_RE.match(keyboard):
+            raise AgentError("bad_input", "keyboard must be an XKB layout such as us, de or fr(azerty)")
+        return self.x.start(login, uid, geometry, keyboard)
 
     def rpc_x_stop(self, _params: dict[str, str]) -> dict[str, Any]:
         self.x.stop()
@@ -524,6 +621,25 @@ class Agent:
         admin = re.sub(r"[^A-Za-z0-9_.@-]", "", params.get("admin", ""))[:64] or "an administrator"
         mode = "and may control it" if params.get("interactive") == "1" else "(view only)"
         return {"notified": self.x.notify(f"Your desktop is being watched by {admin} {mode}.", timeout=60)}
+
+    def rpc_idle(self, _params: dict[str, str]) -> dict[str, Any]:
+        """The display's state and how long its user has not typed nor moved the mouse (null: cannot tell)."""
+        return {"state": self.x.current_state(), "user": self.x.user, "idle_ms": self.x.input_idle_ms()}
+
+    def rpc_session_notice(self, params: dict[str, str]) -> dict[str, Any]:
+        """A session policy will act in ``in_s`` seconds (``reason`` idle|max_length, ``action`` stop|disconnect):
+        tell the user on their display, for as long as the notice holds."""
+        reason, action = params.get("reason", ""), params.get("action", "")
+        if reason not in ("idle", "max_length") or action not in ("stop", "disconnect"):
+            raise AgentError("bad_input", "reason must be idle or max_length, action stop or disconnect")
+        try:
+            in_s = int(params.get("in_s", ""))
+        except ValueError:
+            raise AgentError("bad_input", "in_s must be an integer") from None
+        if not 0 <= in_s <= MAX_NOTICE_S:
+            raise AgentError("bad_input", f"in_s must be between 0 and {MAX_NOTICE_S}")
+        text = session_notice_text(reason, action, in_s)
+        return {"notified": self.x.notify(text, timeout=max(in_s, 10))}
 
     def rpc_poweroff(self, _params: dict[str, str]) -> dict[str, Any]:
         # answer first: the caller must learn that the poweroff was accepted before the agent goes away
