@@ -7,8 +7,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
-APT_PACKAGES := lxc debootstrap iproute2 iptables zstd postgresql-15 procps psmisc python3-venv chromium \
-	slapd ldap-utils
+APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd postgresql-15 procps psmisc \
+	python3-venv chromium slapd ldap-utils
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 
@@ -67,8 +67,11 @@ lint: deps
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# test files run on TEST_JOBS cores at once (pytest-xdist); a file's tests stay together, so a module's farm,
+# directory or database is made once
+TEST_JOBS ?= 2
 test: deps lint $(STAMPS)/test-oidc
-	$(VENV)/bin/pytest -ra $(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra -n $(TEST_JOBS) --dist loadfile $(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-unprivileged
 
 # the node daemon's tests must run, not skip, for a user without root: under root, as nobody, with the system's
