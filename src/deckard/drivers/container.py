@@ -366,35 +366,18 @@ class ContainerDriver:
 
 async def _unpack(image_path: Path, dest: Path, prefix: list[str]) -> None:
     """``tar -x`` of an image into ``dest``; the tar is killed (not left writing) when the caller is cancelled."""
-    proc = await asyncio.create_subprocess_exec(
-        *prefix,
-        "tar",
-        "--numeric-owner",
-        "-xf",
-        str(image_path),
-        "-C",
-        str(dest),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LANG": "C"},
-    )
+    args = [*prefix, "tar", "--numeric-owner", "-xf", str(image_path), "-C", str(dest)]
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), UNPACK_TIMEOUT_S)
-    except BaseException as e:  # cancelled, or the timeout
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        if isinstance(e, TimeoutError):
-            raise DriverError(
-                f"unpacking the disk image {image_path} took more than {UNPACK_TIMEOUT_S:.0f} s",
-                code="image_unpack_failed",
-            ) from None
-        raise
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()[-3:]
+        result = await run_command(args, check=False, timeout=UNPACK_TIMEOUT_S)
+    except DriverError:  # the timeout
         raise DriverError(
-            f"unpacking the disk image {image_path} failed (tar exit {proc.returncode}): {' | '.join(lines)}",
+            f"unpacking the disk image {image_path} took more than {UNPACK_TIMEOUT_S:.0f} s",
+            code="image_unpack_failed",
+        ) from None
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()[-3:]
+        raise DriverError(
+            f"unpacking the disk image {image_path} failed (tar exit {result.returncode}): {' | '.join(lines)}",
             code="image_unpack_failed",
         )
 

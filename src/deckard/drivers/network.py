@@ -12,6 +12,7 @@ captured, a DriverError that quotes the tool's own words on failure).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -45,10 +46,13 @@ async def run_command(args: Sequence[str], *, check: bool = True, timeout: float
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
+    except BaseException as e:  # the timeout, or the caller was cancelled: the command does not outlive the call
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
         await proc.wait()
-        raise DriverError(f"{args[0]} did not finish within {timeout:.0f} s", code="command_timeout") from None
+        if isinstance(e, TimeoutError):
+            raise DriverError(f"{args[0]} did not finish within {timeout:.0f} s", code="command_timeout") from None
+        raise
     result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
     if check and result.returncode != 0:
         words = (result.stderr or result.stdout).strip().splitlines()[-3:]
