@@ -49,7 +49,7 @@ lock:
 	rm -rf .cache/lock-venv
 
 # browser assets (noVNC, charts) come from npm at build time and are served by the API: no CDN at run time
-$(STAMPS)/web: web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/*)
+$(STAMPS)/web: web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/* web/src/*/*)
 	@mkdir -p $(STAMPS)
 	@command -v npm >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm)
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build

@@ -207,6 +207,21 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     page.wait_for_selector("tr[data-key='ui.page_size'] .src-global")
     shot(page, "config")
 
+    # an OSF's layer: only the keys that may differ per OSF; the egress policy is a rule per line
+    page.get_by_label("OSF layer").fill("default")
+    page.get_by_label("OSF layer").dispatch_event("change")
+    page.wait_for_selector("tr[data-key='network.egress']")
+    assert page.locator("tr[data-key='ui.page_size']").count() == 0
+    egress = page.locator("tr[data-key='network.egress']")
+    egress.get_by_label("Value of network.egress").fill("deny tcp any port 25\ndeny 10.0.0.0/8")
+    egress.get_by_role("button", name="Set", exact=True).click()
+    page.wait_for_selector("tr[data-key='network.egress'] .src-osf")
+    with api.http(api.token()) as c:
+        assert c.get("/config/network.egress", params={"osf": "default"}).json()["value"] == (
+            "deny tcp any port 25\ndeny 10.0.0.0/8"
+        )
+        assert c.get("/config/network.egress").json()["source"] == "default"  # the tenant's layer is untouched
+
 
 def test_read_only_administrator_is_not_offered_forbidden_actions(page: Any, api: Api) -> None:
     with api.http(api.token()) as c:
