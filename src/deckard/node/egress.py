@@ -19,7 +19,6 @@ from deckard.db.engine import Database
 from deckard.drivers import firewall
 from deckard.drivers.dns import Resolver
 from deckard.model.egress import Protected, Rule
-from deckard.model.errors import DeckardError
 from deckard.model.network import gateway_of
 from deckard.runtime.settings import Settings
 from deckard.services import network_policy
@@ -84,5 +83,5 @@ class Egress:
             try:
                 await self.refresh(node_id)
                 await self.resolver.ensure()
-            except (DeckardError, OSError) as e:
+            except Exception as e:  # the database away, nft refusing: the filter in place stays, try again
                 log.warning("network.refresh_failed", error=str(e))
