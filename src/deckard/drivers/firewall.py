@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +146,10 @@ async def apply(table: Table) -> None:
             code="firewall_unavailable",
         )
     text = table.render()
-    tmp = Path("/run") / f".{table_name(table.bridge)}.nft"
-    tmp.write_text(text)
+    fd, name = tempfile.mkstemp(prefix=f".{table_name(table.bridge)}-", suffix=".nft")  # nodes may share a bridge
+    tmp = Path(name)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     try:
         result = await run_command(["nft", "-f", str(tmp)], check=False)
     finally:
