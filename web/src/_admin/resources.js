@@ -12,7 +12,7 @@ export const RESOURCES = {
     object: "desktop",
     path: "/desktops",
     label: "name",
-    columns: ["id", "name", "user", "osf", "tag", "state", "user_state", "node", "ip", "blocked", "created_at"],
+    columns: ["id", "name", "user", "osf", "tag", "state", "user_state", "idle_since", "disconnected_since", "node", "ip", "blocked", "created_at"],
     defaultColumns: ["id", "name", "user", "osf", "state", "user_state", "node", "blocked"],
     filters: { state: STATES.desktop, user_state: ["connected", "disconnected", "connecting"], blocked: BOOL },
     numeric: ["id", "user_id", "osf_id", "node_id", "image_id"],
