@@ -138,15 +138,15 @@ def available() -> bool:
     return shutil.which("nft") is not None
 
 
-async def apply(table: Table) -> None:
-    """Load the table in one transaction (DriverError ``firewall_failed`` quoting nft on failure)."""
+async def load(bridge: str, text: str) -> None:
+    """Load a rendered table (``Table.render``) in one transaction (DriverError ``firewall_failed`` quoting nft
+    on failure)."""
     if not available():
         raise DriverError(
             "nft is not installed: desktops would have no network policy; install the nftables package",
             code="firewall_unavailable",
         )
-    text = table.render()
-    fd, name = tempfile.mkstemp(prefix=f".{table_name(table.bridge)}-", suffix=".nft")  # nodes may share a bridge
+    fd, name = tempfile.mkstemp(prefix=f".{table_name(bridge)}-", suffix=".nft")  # nodes may share a bridge
     tmp = Path(name)
     with os.fdopen(fd, "w") as f:
         f.write(text)

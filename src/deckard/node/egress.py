@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import structlog
 
@@ -24,6 +25,10 @@ from deckard.runtime.settings import Settings
 from deckard.services import network_policy
 
 log = structlog.get_logger()
+
+# an unchanged table is loaded again this often: a ruleset flushed by hand, or a table another node of this
+# machine loaded a moment earlier, is made whole again
+RELOAD_S = 30.0
 
 
 class Egress:
@@ -39,6 +44,7 @@ class Egress:
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
         self._loaded = ""  # the text nft last accepted
+        self._loaded_at = 0.0  # when (monotonic): the table is loaded again now and then even if unchanged
         self._lock = asyncio.Lock()
 
     async def start(self, node_id: int) -> None:
@@ -66,12 +72,11 @@ class Egress:
 
     async def _load(self) -> None:
         assert self._protected is not None, "refresh() first"
-        table = firewall.Table(self.bridge, self._protected, dict(self._desktops))
-        text = table.render()
-        if text == self._loaded:
+        text = firewall.Table(self.bridge, self._protected, dict(self._desktops)).render()
+        if text == self._loaded and time.monotonic() - self._loaded_at < RELOAD_S:
             return
-        await firewall.apply(table)
-        self._loaded = text
+        await firewall.load(self.bridge, text)
+        self._loaded, self._loaded_at = text, time.monotonic()
         log.debug("network.filter_loaded", desktops=len(self._desktops))
 
     async def run(self, node_id: int, stop: asyncio.Event) -> None:
