@@ -3,26 +3,115 @@
 200 nodes are simulated in this process (their database traffic: heartbeats every 2 s and claims on notification);
 20,000 desktops are seeded.  Prints the figures; docs/benchmarks.md records them.  Needs root (PostgreSQL as the
 postgres user): ``.venv/bin/python bench/farm_scale.py [--nodes 200 --desktops 20000]``.
+
+Placement is compared in the same run: today's exhaustive scorer (``best_node``, every node scored) against
+``NodeIndex``, on the same figures and on farms filled with 50 desktops a node one placement after the other (the
+load spread at the end is the quality).  ``--placement-only`` does that at 200 and 1,000 nodes without a database.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.placement import Request, best_node
+from deckard.model.placement import NodeIndex, NodeLoad, Request, best_node
 from deckard.services import cluster, node_ops
 from deckard.services.desktops import request_start
 from deckard.services.events import node_channel
 from deckard.services.placement import node_loads
 from deckard.testing import PgCluster, seed_farm
+
+
+def farm(n_nodes: int, *, mixed: bool) -> list[NodeLoad]:
+    """Nodes as the bench registers them (16 CPUs, 60,000 MiB free) or, ``mixed``, of assorted sizes and loads."""
+    r = random.Random(n_nodes)
+    return [
+        NodeLoad(
+            node_id=i,
+            name=f"n{i}",
+            state="running",
+            blocked=False,
+            fresh=True,
+            mem_free_mib=r.randrange(30000, 120000) if mixed else 60000,
+            cpus=r.choice([8.0, 16.0, 32.0]) if mixed else 16.0,
+            load=round(r.uniform(0, 4), 2) if mixed else 0.0,
+            desktops=0,
+        )
+        for i in range(n_nodes)
+    ]
+
+
+def rate(decide: Callable[[], object], seconds: float = 1.0) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        decide()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def fill(loads: list[NodeLoad], placements: int, *, indexed: bool) -> tuple[float, float, list[NodeLoad]]:
+    """Place ``placements`` desktops of 512 MiB one after the other: decisions/s, the same with the figures of the
+    chosen node updated after each (placements/s), and the nodes at the end."""
+    req, rng, spent, began = Request(512), random.Random(7), 0.0, time.perf_counter()
+    index, nodes = NodeIndex(loads), list(loads)
+    position = {n.node_id: i for i, n in enumerate(nodes)}
+    for _ in range(placements):
+        t0 = time.perf_counter()
+        best = index.best(req, rng) if indexed else best_node(nodes, req, rng=rng)
+        spent += time.perf_counter() - t0
+        assert best is not None, "the farm is full"
+        if indexed:
+            index.place(best, 512)
+        else:
+            nodes[position[best.node_id]] = dataclasses.replace(
+                best,
+                desktops=best.desktops + 1,
+                mem_free_mib=best.mem_free_mib - 512,
+                committed_mib=best.committed_mib + 512,
+            )
+    return placements / spent, placements / (time.perf_counter() - began), index.nodes if indexed else nodes
+
+
+def spread(nodes: list[NodeLoad]) -> str:
+    desktops = [n.desktops for n in nodes]
+    free = [n.mem_free_mib for n in nodes]
+    return (
+        f"desktops/node {min(desktops)}-{max(desktops)} (stdev {statistics.pstdev(desktops):.2f}), "
+        f"free MiB {min(free)}-{max(free)}"
+    )
+
+
+def report_placement(loads: list[NodeLoad], *, fills: bool = True) -> None:
+    """Today's exhaustive scorer (``best_node``) against the index, same nodes, same run."""
+    req, rng, index = Request(512), random.Random(1), NodeIndex(loads)
+    old, new = rate(lambda: best_node(loads, req, rng=rng)), rate(lambda: index.best(req, rng))
+    print(
+        f"placement, {len(loads)} nodes, same figures: exhaustive {old:,.0f} decisions/s, "
+        f"index {new:,.0f} decisions/s ({new / old:.1f}x)"
+    )
+    if not fills:
+        return
+    placements = 50 * len(loads)
+    for mixed in (False, True):
+        start = farm(len(loads), mixed=True) if mixed else loads
+        old, old_placed, old_nodes = fill(start, placements, indexed=False)
+        new, new_placed, new_nodes = fill(start, placements, indexed=True)
+        kind = "mixed nodes" if mixed else "equal nodes"
+        print(f"placement, {len(loads)} {kind}, {placements:,} placements one after the other:")
+        print(f"  exhaustive {old:,.0f} decisions/s ({old_placed:,.0f} placements/s): {spread(old_nodes)}")
+        print(
+            f"  index      {new:,.0f} decisions/s ({new_placed:,.0f} placements/s, {new / old:.1f}x): "
+            f"{spread(new_nodes)}"
+        )
 
 
 async def xacts(db: Database) -> int:
@@ -49,14 +138,7 @@ async def main(n_nodes: int, n_desktops: int, starts: int) -> None:
 
         # placement decisions per second (in memory, from one read of the live figures)
         async with db.connect() as conn:
-            loads = await node_loads(conn)
-        rng = random.Random(1)
-        req = Request(512)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 2.0:
-            best_node(loads, req, rng=rng)
-            n += 1
-        print(f"placement: {n / (time.perf_counter() - t0):,.0f} decisions/s over {len(loads)} nodes (in memory)")
+            report_placement(await node_loads(conn))
 
         # heartbeat load: every node heartbeats every 2 s
         stop = asyncio.Event()
@@ -133,5 +215,10 @@ if __name__ == "__main__":
     p.add_argument("--nodes", type=int, default=200)
     p.add_argument("--desktops", type=int, default=20000)
     p.add_argument("--starts", type=int, default=300)
+    p.add_argument("--placement-only", action="store_true", help="placement at 200 and 1,000 nodes, no database")
     a = p.parse_args()
-    asyncio.run(main(a.nodes, a.desktops, a.starts))
+    if a.placement_only:
+        for size in (200, 1000):
+            report_placement(farm(size, mixed=False))
+    else:
+        asyncio.run(main(a.nodes, a.desktops, a.starts))
