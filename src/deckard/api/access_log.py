@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from fastapi import FastAPI, Request, Response
 
+from deckard.api.metrics import count_request
+
 log = structlog.get_logger("deckard.api")
 
 
@@ -29,6 +31,7 @@ def install_access_log(app: FastAPI) -> None:
             response.headers["X-Request-Id"] = request_id
             return response
         finally:
+            count_request(request, status)
             emit = log.debug if request.url.path.endswith("/health") else log.info
             emit(
                 "api.request",

@@ -17,6 +17,7 @@ from deckard.api.docs import install_docs
 from deckard.api.errors import install_error_handlers
 from deckard.api.headers import SecurityHeaders
 from deckard.api.limits import BodyLimit, BodyLimitRule
+from deckard.api.metrics import install_metrics
 from deckard.api.routes import (
     admins,
     audit,
@@ -97,5 +98,6 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     app.include_router(portal.router)  # /portal/* and /api/v1/desktops/{id}/spy-ticket
     app.include_router(portal_account.router)  # /portal/me/*
     app.include_router(sso.router)  # /portal/sso/*, /admin/sso/*
+    install_metrics(app)  # /metrics: Prometheus (api/metrics.py)
     mount_web(app)
     return app

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deckard.model.errors import DeckardError
+from deckard.runtime.metrics import API_ERRORS
 
 log = structlog.get_logger("deckard.api")
 
@@ -33,6 +34,7 @@ def error_response(
     details: dict[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    API_ERRORS.labels(code).inc()
     body: dict[str, Any] = {"code": code, "message": message}
     if details:
         body["details"] = jsonable_encoder(details)

@@ -41,9 +41,11 @@ from deckard.drivers.display import display_password
 from deckard.model.entities import Desktop, User, uid_for_user
 from deckard.model.errors import DeckardError, Unavailable
 from deckard.model.states import DesktopState
+from deckard.runtime.metrics import BROKER_BYTES, BROKER_CONNECTS, BROKER_TUNNELS, TIME_TO_DESKTOP
 from deckard.runtime.settings import BrokerSettings
 from deckard.services.desktops import load_desktop, request_start
 from deckard.services.events import DESKTOPS
+from deckard.services.node_ops import node_name
 from deckard.services.sessions import (
     Progress,
     close_session,
@@ -140,6 +142,19 @@ class SessionRunner:
         self.poll = poll
         self.ports = ports
         self.shutting_down = False
+        self._node_names: dict[int, str] = {}  # node id → name, for the metrics' node label
+
+    async def _observe_connect(self, running: Desktop, timings: dict[str, float]) -> None:
+        """One time-to-desktop observation per phase (after the ``101``: not on the user's clock)."""
+        node = ""
+        if running.node_id is not None:
+            node = self._node_names.get(running.node_id, "")
+            if not node:
+                with contextlib.suppress(Exception):  # a metric label is not worth failing a connect for
+                    node = self._node_names[running.node_id] = await node_name(self.db, running.node_id)
+        image = str(running.image_id) if running.image_id is not None else ""
+        for key, ms in timings.items():
+            TIME_TO_DESKTOP.labels(key.removeprefix("t_").removesuffix("_ms"), image, node).observe(ms / 1000)
 
     async def run(self, client: ClientSide | HttpChannel, req: ConnectRequest) -> None:
         """Bring the desktop up and relay until either side closes; every outcome is recorded."""
@@ -160,12 +175,17 @@ class SessionRunner:
         bound = log.bind(desktop_id=desk.id, session=session_id, login=req.login, peer=front.peer)
         watch = asyncio.create_task(self._watch(desk.id, session_id), name=f"session-watch-{session_id}")
         result, reason, tunnel = "failed", "", None
+        relaying = False  # counted among the open tunnels
         refusal = None  # the 503 text, sent once the outcome is recorded
         try:
-            tunnel = await self._bring_up(client, req, watch)
+            tunnel, running = await self._bring_up(client, req, watch)
             await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
             tunnel.start(client.switch())
+            relaying = True
+            BROKER_TUNNELS.inc()
+            BROKER_CONNECTS.labels("connected").inc()
             bound.info("broker.connected", **req.timings)
+            await self._observe_connect(running, req.timings)
             relay_end: set[asyncio.Future[Any]] = {tunnel.done, watch}
             await asyncio.wait(relay_end, return_when=asyncio.FIRST_COMPLETED)
             if watch.done() and not tunnel.done.done():
@@ -190,6 +210,10 @@ class SessionRunner:
             result, reason = "failed", f"internal error ({type(e).__name__})"
             refusal = "internal error in the broker"
         finally:
+            if relaying:
+                BROKER_TUNNELS.dec()
+            else:
+                BROKER_CONNECTS.labels(result).inc()
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
@@ -197,6 +221,9 @@ class SessionRunner:
                 tunnel.discard()
         bytes_in = tunnel.bytes_in if tunnel else 0
         bytes_out = tunnel.bytes_out if tunnel else 0
+        if relaying:
+            BROKER_BYTES.labels("in").inc(bytes_in)
+            BROKER_BYTES.labels("out").inc(bytes_out)
         # recorded even when the broker task is being cancelled at shutdown
         await asyncio.shield(
             close_session(
@@ -236,7 +263,9 @@ class SessionRunner:
             raise ClientGone
         raise SessionLost
 
-    async def _bring_up(self, client: ClientSide, req: ConnectRequest, watch: asyncio.Task[Any]) -> Tunnel:
+    async def _bring_up(
+        self, client: ClientSide, req: ConnectRequest, watch: asyncio.Task[Any]
+    ) -> tuple[Tunnel, Desktop]:
         front = client.front
         desk = req.desktop
         timings = req.timings
@@ -293,7 +322,7 @@ class SessionRunner:
             tunnel.discard()
             raise SessionLost
         timings["t_total_ms"] = _ms(req.received_at)
-        return tunnel
+        return tunnel, running
 
     async def _still_ours(self, desktop_id: int, session_id: str) -> Desktop | None:
         """None while the session owns the desktop, else the desktop as it is now."""

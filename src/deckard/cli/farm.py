@@ -310,6 +310,7 @@ async def _serve(
     from deckard.model.network import gateway_of, prefix_len
     from deckard.node.daemon import NodeDaemon
     from deckard.node.egress import Egress
+    from deckard.runtime.metrics import serve_metrics
     from deckard.runtime.tls import ensure_tls, server_context
     from deckard.services.tenancy import bootstrap_farm
 
@@ -323,6 +324,8 @@ async def _serve(
             app = create_app(db, settings)
             parts.run("api", serve_api(app, settings.api.host, settings.api.port, str(cert), str(key), shutdown.stop))
         if with_node:
+            if not with_api and settings.node.metrics_port:  # no API in this process to serve /metrics
+                serve_metrics(settings.node.metrics_port, settings.node.metrics_host)
             net = settings.network
             if settings.node.driver != "fake":  # fake desktops need no bridge (and no root)
                 await ensure_bridge(net.bridge, f"{gateway_of(net.range)}/{prefix_len(net.range)}")

@@ -47,6 +47,7 @@ from deckard.node.heartbeat import Beat, Heartbeat
 from deckard.node.host import read_host_figures
 from deckard.node.images import run_image_loop
 from deckard.node.session_policy import run_session_policy_loop
+from deckard.runtime.metrics import DESKTOP_START_SECONDS, DESKTOP_STARTS, DESKTOP_STOPS
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
 from deckard.services import node_ops
@@ -358,10 +359,14 @@ class NodeDaemon:
                 agent_ms=(t2 - t1) * 1000,
             )
             bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000), kept=ok)
+            DESKTOP_STARTS.labels(self.cfg.name, "ok").inc()
+            DESKTOP_START_SECONDS.labels(self.cfg.name).observe(t2 - t0)
         except asyncio.CancelledError:
+            DESKTOP_STARTS.labels(self.cfg.name, "cancelled").inc()
             await self.driver.kill(name)
             raise
         except Exception as e:
+            DESKTOP_STARTS.labels(self.cfg.name, "failed").inc()
             reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
             bound.warning("desktop.start_failed", reason=reason)
             with contextlib.suppress(Exception):
@@ -395,6 +400,7 @@ class NodeDaemon:
     async def _stop(self, desktop_id: int, *, reason: str | None, graceful: bool = True) -> None:
         assert self.node_id is not None
         name = self.paths.guest_name(desktop_id)
+        result = "failed"
         try:
             if graceful:
                 desk = next(
@@ -406,7 +412,9 @@ class NodeDaemon:
                 await self.driver.stop(name, timeout=5.0)
             else:
                 await self.driver.kill(name)
+            result = "ok" if graceful else "killed"
         finally:
+            DESKTOP_STOPS.labels(self.cfg.name, result).inc()
             self._health.pop(desktop_id, None)
             await node_ops.mark_stopped(self.db, self.node_id, desktop_id, reason=reason)
             log.info("desktop.stopped", desktop_id=desktop_id, reason=reason)

@@ -33,6 +33,7 @@ import structlog
 from deckard.db.engine import heartbeat_engine
 from deckard.node.fencing import Decision, LivenessFacts, decide
 from deckard.node.host import read_host_figures
+from deckard.runtime.metrics import HEARTBEAT_SECONDS
 from deckard.runtime.settings import NodeSettings
 from deckard.services.cluster import LeaseView, read_lease
 from deckard.services.node_ops import write_heartbeat
@@ -176,6 +177,7 @@ class Heartbeat:
                 error = str(e).splitlines()[0] if str(e) else type(e).__name__
         write_ms = (time.monotonic() - t0) * 1000
         self._window.writes_ms.append(write_ms)  # failed attempts too: how long the database kept us waiting
+        HEARTBEAT_SECONDS.labels(self.cfg.name).observe(write_ms / 1000)
         if accepted:
             if t0 - self.ok_at > self.cfg.heartbeat_s * 2 + 1:
                 self.ok_since = t0

@@ -52,6 +52,8 @@ class ApiSettings(BaseModel):
     # directories a supertenant administrator may import image tarballs from (`POST /images/{id}/import`);
     # unset: <home>/import and the image store; [] disables import by path (uploads still work)
     image_import_dirs: list[Path] | None = None
+    # GET /metrics also accepts this secret as its bearer token (a Prometheus scraper); empty: administrators only
+    metrics_token: str = ""
 
 
 class NetworkSettings(BaseModel):
@@ -80,6 +82,10 @@ class NodeSettings(BaseModel):
     fencing: str = "local"  # local | command
     fence_command: str = ""  # with fencing=command: run as `COMMAND name address pid`, exit 0 = fenced
     fake_start_delay: float = 0.0  # fake driver: simulated boot time
+    # a node without the API in its process serves its Prometheus series here (unauthenticated: keep it local
+    # or firewalled); 0: off (the all-in-one farm's API serves them at /metrics)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _lease_within_lost_after(self) -> NodeSettings:

@@ -26,9 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, utcnow
-from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied
+from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied, Unavailable
 from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
 from deckard.model.states import DESKTOP_AT_REST, DesktopCommand, DesktopState, UserState, check_command
+from deckard.runtime.metrics import PLACEMENT_DECISIONS
 from deckard.runtime.paths import FarmPaths
 from deckard.services.context import Actor, require, require_fields, visible, visible_rows
 from deckard.services.events import DESKTOPS, node_channel, publish
@@ -353,7 +354,12 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
             raise Conflict("the desktop is being stopped: try again in a few seconds", code="desktop_busy")
         check_command(DesktopCommand.START, DesktopState(desk.state))
         memory = (await conn.execute(sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
-        node_id = await choose_node(conn, int(memory), desktop_id=desktop_id)
+        try:
+            node_id = await choose_node(conn, int(memory), desktop_id=desktop_id)
+        except Unavailable:
+            PLACEMENT_DECISIONS.labels("no_node").inc()
+            raise
+        PLACEMENT_DECISIONS.labels("placed").inc()
         asked = await command_desktops(
             conn, DesktopCommand.START, d.c.id == desktop_id, d.c.blocked.is_(False), values={"node_id": node_id}
         )

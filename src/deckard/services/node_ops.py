@@ -89,6 +89,13 @@ async def register_node(
         return int(res.scalar_one())
 
 
+async def node_name(db: Database, node_id: int) -> str:
+    """A node's name ("" if it is gone)."""
+    async with db.connect() as conn:
+        name = (await conn.execute(sa.select(t.nodes.c.name).where(t.nodes.c.id == node_id))).scalar()
+    return str(name or "")
+
+
 async def set_node_state(db: Database, node_id: int, state: NodeState | str) -> bool:
     """Move the node by the table; False when refused.  Only ``register_node`` brings a ``lost`` node back."""
 

@@ -7,6 +7,16 @@ import { onEvent } from "./session.js";
 
 const SERIES_KEY = "deckard.admin.series";
 const MAX_POINTS = 720;
+const LIVE_WINDOW_S = 600; // the activity axis spans at least the last 10 minutes, up to now
+const TTD_WINDOW_S = 86400; // time-to-desktop buckets cover the last 24 h (services/stats.py)
+
+// The x range of a time chart: its data, widened to at least [now - window, now].  uPlot's own range for a single
+// point is that point + 86,400,000 "ms" in seconds (1,000 days): one refresh drew an axis from 2027 to 2029.
+export function timeRange(xs, windowS, nowS = Date.now() / 1000) {
+  const first = xs.length ? xs[0] : nowS;
+  const last = xs.length ? xs[xs.length - 1] : nowS;
+  return [Math.min(first, nowS - windowS), Math.max(last, nowS)];
+}
 
 function loadSeries() {
   try {
@@ -32,6 +42,9 @@ export function dashboard(root) {
   const counts = h("div.counts");
   const live = h("div.chart", { id: "chart-live", role: "img", "aria-label": "Running desktops, connected users and running nodes over time" });
   const ttd = h("div.chart", { id: "chart-ttd", role: "img", "aria-label": "Time to desktop percentiles per hour" });
+  // what an empty farm honestly shows instead of a chart of nothing
+  const liveEmpty = h("p.muted.chart-empty", { id: "chart-live-empty", hidden: true }, "This farm has no nodes and no desktops yet: nothing to chart. Start a node (deckard node) and create desktops.");
+  const ttdEmpty = h("p.muted.chart-empty", { id: "chart-ttd-empty", hidden: true }, "No connections in the last 24 h.");
   const busiest = h("div");
   const expiry = h("div");
   const blocked = h("div");
@@ -39,20 +52,26 @@ export function dashboard(root) {
     root,
     h("h1", "Dashboard"),
     counts,
-    h("div.grid", h("section.card", h("h2", "Activity"), live), h("section.card", h("h2", "Time to desktop (ms)"), ttd)),
+    h("div.grid", h("section.card", h("h2", "Activity"), live, liveEmpty), h("section.card", h("h2", "Time to desktop (ms)"), ttd, ttdEmpty)),
     h("div.grid", h("section.card", h("h2", "Busiest nodes"), busiest), h("section.card", h("h2", "Desktops near expiry"), expiry), h("section.card", h("h2", "Blocked"), blocked)),
   );
 
   const series = loadSeries();
   let plotLive = null, plotTtd = null;
-  const drawn = new Set();
-  const markDrawn = (u) => {
-    if (drawn.size === 2 || drawn.has(u)) return;
-    drawn.add(u);
+  const drawn = new Set(); // "live", "ttd": drawn as a chart or as an empty state
+  const markDrawn = (which) => {
+    if (drawn.size === 2 || drawn.has(which)) return;
+    drawn.add(which);
     if (drawn.size === 2) {
       performance.mark("wat:dashboard:drawn");
       document.body.dataset.dashboard = "drawn";
     }
+  };
+
+  // the time axis drawn (seconds), for the browser test: an empty or one-point chart must be around now
+  const drew = (u, box, which) => {
+    box.dataset.xRange = `${u.scales.x.min},${u.scales.x.max}`;
+    markDrawn(which);
   };
 
   function liveData() {
@@ -77,22 +96,20 @@ export function dashboard(root) {
 
     const hourly = s.time_to_desktop_ms.hourly || [];
     const ttdData = [hourly.map((b) => Date.parse(b.hour) / 1000), hourly.map((b) => b.p50), hourly.map((b) => b.p90), hourly.map((b) => b.p99)];
-    if (!plotLive) {
+    const emptyFarm = s.desktops.total === 0 && s.nodes.total === 0;
+    plotLive = showChart(live, liveEmpty, emptyFarm, plotLive, liveData(), () => {
       const pts = { show: true, size: 5 };
-      plotLive = new uPlot(
-        { ...chartSize(live), series: [{}, { label: "running desktops", stroke: "#2a7ae2", points: pts }, { label: "connected users", stroke: "#1b9e4b", points: pts }, { label: "running nodes", stroke: "#b35c00", points: pts }], axes: [{}, { label: "count" }], scales: { y: { range: (u, mn, mx) => [0, Math.max(1, mx)] } }, hooks: { draw: [markDrawn] } },
+      return new uPlot(
+        { ...chartSize(live), series: [{}, { label: "running desktops", stroke: "#2a7ae2", points: pts }, { label: "connected users", stroke: "#1b9e4b", points: pts }, { label: "running nodes", stroke: "#b35c00", points: pts }], axes: [{}, { label: "count" }], scales: { x: { time: true, range: (u) => timeRange(u.data[0], LIVE_WINDOW_S) }, y: { range: (u, mn, mx) => [0, Math.max(1, mx)] } }, hooks: { draw: [(u) => drew(u, live, "live")] } },
         liveData(),
         live,
       );
-      plotTtd = new uPlot(
-        { ...chartSize(ttd), series: [{}, { label: "p50", stroke: "#2a7ae2", points: { show: true } }, { label: "p90", stroke: "#d08700", points: { show: true } }, { label: "p99", stroke: "#c62828", points: { show: true } }], axes: [{}, { label: "ms" }], scales: { y: { range: (u, mn, mx) => [0, Math.max(100, mx ?? 0)] } }, hooks: { draw: [markDrawn] } },
-        ttdData,
-        ttd,
-      );
-    } else {
-      plotLive.setData(liveData());
-      plotTtd.setData(ttdData);
-    }
+    }, "live");
+    plotTtd = showChart(ttd, ttdEmpty, hourly.length === 0, plotTtd, ttdData, () => new uPlot(
+      { ...chartSize(ttd), series: [{}, { label: "p50", stroke: "#2a7ae2", points: { show: true } }, { label: "p90", stroke: "#d08700", points: { show: true } }, { label: "p99", stroke: "#c62828", points: { show: true } }], axes: [{}, { label: "ms" }], scales: { x: { time: true, range: (u) => timeRange(u.data[0], TTD_WINDOW_S) }, y: { range: (u, mn, mx) => [0, Math.max(100, (mx ?? 0) * 1.15)] } }, hooks: { draw: [(u) => drew(u, ttd, "ttd")] } },
+      ttdData,
+      ttd,
+    ), "ttd");
 
     clear(
       busiest,
@@ -115,6 +132,20 @@ export function dashboard(root) {
         h("li", h("a", { href: "#/nodes?blocked=true" }, `${s.nodes.blocked} nodes`)),
       ),
     );
+  }
+
+  // the chart, or its empty state when there is nothing to draw; the plot is made when first needed
+  function showChart(box, empty, isEmpty, plot, data, make, which) {
+    box.hidden = isEmpty;
+    empty.hidden = !isEmpty;
+    if (isEmpty) {
+      markDrawn(which);
+      return plot;
+    }
+    if (!plot) return make();
+    plot.setData(data);
+    plot.setSize(chartSize(box)); // it may have been hidden when the window was resized
+    return plot;
   }
 
   let busy = false;
