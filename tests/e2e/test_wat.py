@@ -1,14 +1,15 @@
 """The web admin tool (WAT) driven in Debian's Chromium by Playwright over a real API (SQLite, TLS, in-process).
 
-Covers: login, creating a user and a desktop through the UI, lists, a bulk action with per-item results, live
-updates from the event stream, the ACL-aware UI of a Read-only administrator, and the screenshots of each main
-page (``docs/screenshots/wat-*.png``).
+Covers: login, the dashboard (empty states, a time axis around now), creating a user and a desktop through the UI,
+lists, a bulk action with per-item results, live updates from the event stream, the ACL-aware UI of a Read-only
+administrator, and the screenshots of each main page (``docs/screenshots/wat-*.png``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,8 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     login(page, api)
     page.wait_for_function("() => document.body.dataset.dashboard === 'drawn'")
     assert page.locator(".count").count() >= 4
-    assert page.locator("#chart-live canvas").count() == 1 and page.locator("#chart-ttd canvas").count() == 1
+    for chart in ("live", "ttd"):  # a chart, or its empty state (another test of this farm may have run first)
+        assert page.locator(f"#chart-{chart}:not([hidden]) canvas, #chart-{chart}-empty:not([hidden])").count() == 1
     shot(page, "dashboard")
 
     # a user through the create form
@@ -209,9 +211,9 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
 
     # an OSF's layer: only the keys that may differ per OSF; the egress policy is a rule per line
     page.get_by_label("OSF layer").fill("default")
-    page.get_by_label("OSF layer").dispatch_event("change")
+    page.get_by_label("OSF layer").press("Tab")  # leaving the field fires its one change event
+    page.wait_for_selector("tr[data-key='ui.page_size']", state="detached")  # the table is the OSF's now
     page.wait_for_selector("tr[data-key='network.egress']")
-    assert page.locator("tr[data-key='ui.page_size']").count() == 0
     egress = page.locator("tr[data-key='network.egress']")
     egress.get_by_label("Value of network.egress").fill("deny tcp any port 25\ndeny 10.0.0.0/8")
     egress.get_by_role("button", name="Set", exact=True).click()
@@ -221,6 +223,41 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
             "deny tcp any port 25\ndeny 10.0.0.0/8"
         )
         assert c.get("/config/network.egress").json()["source"] == "default"  # the tenant's layer is untouched
+
+
+def chart_range(page: Any, chart: str) -> tuple[float, float]:
+    """The time axis a dashboard chart drew, in seconds (``data-x-range``, set by dashboard.js at each draw)."""
+    low, high = page.locator(f"#chart-{chart}").get_attribute("data-x-range").split(",")
+    return float(low), float(high)
+
+
+def test_dashboard_of_an_empty_farm_says_so_and_small_data_is_drawn_around_now(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An empty farm shows empty states, not axes; one point is drawn on a time axis of minutes (or 24 h) up to now.
+
+    uPlot's own range for a single point ran 1,000 days from it: the activity axis went from 2027 to 2029.
+    """
+    with ApiThread(tmp_path_factory.mktemp("wat-empty")) as api:
+        login(page, api)
+        page.wait_for_function("() => document.body.dataset.dashboard === 'drawn'")
+        for chart in ("live", "ttd"):
+            assert page.locator(f"#chart-{chart}").is_hidden(), chart
+            assert page.locator(f"#chart-{chart}-empty").is_visible(), chart
+        assert "no nodes and no desktops" in page.locator("#chart-live-empty").inner_text()
+        assert page.locator("#chart-ttd-empty").inner_text() == "No connections in the last 24 h."
+
+        token = page.evaluate("sessionStorage.getItem('deckard.admin.token')")
+        with api.http(token) as c:
+            c.post("/users", json={"login": "ada", "password": "Ada-secret-42"}).raise_for_status()
+            c.post("/desktops", json={"name": "web", "user": "ada"}).raise_for_status()
+        page.reload()
+        page.wait_for_function("() => document.body.dataset.dashboard === 'drawn'")
+        assert page.locator("#chart-live canvas").is_visible() and page.locator("#chart-live-empty").is_hidden()
+        now = time.time()
+        low, high = chart_range(page, "live")
+        assert now - 3600 < low <= now - 600 + 5 and now - 5 <= high < now + 60, (low, high, now)
+        assert page.locator("#chart-ttd-empty").is_visible()  # still no connection
 
 
 def test_read_only_administrator_is_not_offered_forbidden_actions(page: Any, api: Api) -> None:
