@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from deckard.client import broker as qvd
 from deckard.client.rfb import colour_share, grab_framebuffer
+from deckard.drivers.firewall import table_name
 from deckard.model.network import gateway_of
 from deckard.testing import FarmProcess, Upstream, e2e_unavailable_reason, wait_for
 
@@ -117,6 +119,25 @@ def test_a_desktop_never_reaches_another_desktop_or_the_nodes_services(farm: Far
         assert _probe(farm, a["id"], host, port).startswith("blocked"), (host, port)
     why = farm.json("desktop", "explain-network", "net-a", b["ip"], "--port", "3030")
     assert why["decided_by"] == "farm" and not why["allowed"]  # type: ignore[index]
+
+
+def test_a_node_restart_loads_the_filter_again_before_it_adopts_its_desktops(
+    farm: FarmProcess, upstream: Upstream
+) -> None:
+    """The filter is gone (flushed by hand); the node restarts in place; its desktop comes back under its policy:
+    the denied port stays closed and the allowed one works again (through the masquerade the table holds)."""
+    desk = _running(farm, "net-a", "neta")
+    farm.deckard("config", "set", "network.egress", f"deny tcp {upstream.ip} port 8080", "--osf", "default")
+    try:
+        wait_for(lambda: _probe(farm, desk["id"], upstream.ip, 8080).startswith("blocked"), 5, 0.2, "the deny rule")
+        subprocess.run(["nft", "delete", "table", "inet", table_name(farm.bridge)], check=True)
+        assert _probe(farm, desk["id"], upstream.ip, 8081).startswith("blocked")  # no table: no way out at all
+        farm.deckard("node", "restart", farm.node_name(1), "--timeout", "60")
+        assert farm.desktop("net-a")["state"] == "running"  # adopted, not restarted
+        assert _probe(farm, desk["id"], upstream.ip, 8081) == "open"
+        assert _probe(farm, desk["id"], upstream.ip, 8080).startswith("blocked")
+    finally:
+        farm.deckard("config", "reset", "network.egress", "--osf", "default")
 
 
 def test_a_policy_that_would_open_the_farm_or_does_not_parse_is_refused(farm: FarmProcess) -> None:
