@@ -128,6 +128,25 @@ async def test_bulk_start_answers_per_item_with_mixed_results(farm: Farm) -> Non
     assert sorted(again.ok) == ids[2:] and not again.failed
 
 
+async def test_bulk_start_places_with_the_farms_placer_and_each_osfs_driver(farm: Farm) -> None:
+    api, made = await _desktops(farm, 6)
+    a, b = await add_node(farm.db, "n1"), await add_node(farm.db, "n2")
+    vm = await add_node(farm.db, "n3")
+    async with farm.db.begin() as conn:
+        await conn.execute(sa.update(t.nodes).where(t.nodes.c.id == vm).values(driver="vm"))
+    await call(api.set_config, "placement.placer", "binpack")  # fill one node before the next
+    out = await call(api.bulk, "desktops", "start", ids=[d.id for d in made[:4]])
+    assert sorted(out.ok) == sorted(d.id for d in made[:4])
+    nodes = {(await call(api.get_desktop, d.id)).node_id for d in made[:4]}
+    assert len(nodes) == 1 and nodes <= {a, b}  # packed on one container node, never on the VM node
+    await call(api.create_osf, "vms", driver="vm")
+    for d in made[4:]:
+        await call(api.update_desktop, d.id, osf="vms")
+    out = await call(api.bulk, "desktops", "start", ids=[d.id for d in made[4:]])
+    assert sorted(out.ok) == sorted(d.id for d in made[4:])
+    assert {(await call(api.get_desktop, d.id)).node_id for d in made[4:]} == {vm}
+
+
 async def test_bulk_by_filter_acts_only_on_matching_desktops(farm: Farm) -> None:
     api, made = await _desktops(farm, 4, users=("alice", "bob"))
     out = await call(api.bulk, "desktops", "block", filter={"user": "bob"})

@@ -15,22 +15,24 @@ desktop (same checks, same events).
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.errors import BadInput, DeckardError
-from deckard.model.placement import NodeLoad, rank_nodes
+from deckard.model.placement import NodeIndex, NodeLoad, Request
 from deckard.model.states import DesktopCommand, DesktopState, check_command
 from deckard.runtime.paths import FarmPaths
 from deckard.services import desktops, users
 from deckard.services.context import Actor, require, require_fields
 from deckard.services.events import node_channel
 from deckard.services.listing import ListQuery, apply_query
-from deckard.services.placement import node_loads
+from deckard.services.placement import choose_node, node_index
 from deckard.services.transitions import command_desktops
 
 d = t.desktops
@@ -163,13 +165,18 @@ def _refusal(state: str, cmd: str | None, blocked: bool) -> tuple[str, str] | No
 
 
 async def _start_many(db: Database, ids: list[int], result: BulkResult) -> None:
+    """Place every startable desktop with the farm's placer and reserve, on one read of the nodes (the placement
+    index counts each decision on its node, as the node's next heartbeat would), then write the commands per node."""
     by_node: dict[int, list[int]] = {}
+    rng = random.Random()
     async with db.begin() as conn:
-        loads = {n.node_id: n for n in await node_loads(conn)}
+        index = await node_index(conn)
         rows: list[sa.Row[Any]] = []
         for chunk in _chunks(ids):
             q = (
-                sa.select(d.c.id, d.c.state, d.c.cmd, d.c.blocked, t.osfs.c.memory_mib)
+                sa.select(
+                    d.c.id, d.c.state, d.c.cmd, d.c.blocked, d.c.placement_group, t.osfs.c.memory_mib, t.osfs.c.driver
+                )
                 .join(t.osfs, t.osfs.c.id == d.c.osf_id)
                 .where(d.c.id.in_(chunk))
             )
@@ -182,16 +189,12 @@ async def _start_many(db: Database, ids: list[int], result: BulkResult) -> None:
             if r.cmd == DesktopCommand.START:
                 result.ok.append(int(r.id))  # already asked: starting twice is the same request
                 continue
-            ranked = rank_nodes(list(loads.values()), int(r.memory_mib))
-            if not ranked or ranked[0].score is None:
-                why = "; ".join(f"{c.node.name}: {c.excluded_by}" for c in ranked) or "no node has registered"
-                result.fail(r.id, "no_node", f"no node can take this desktop now ({why})")
+            memory = int(r.memory_mib)
+            node = await _choose(conn, index, rng, int(r.id), memory, r.driver, r.placement_group, result)
+            if node is None:
                 continue
-            best: NodeLoad = ranked[0].node
-            loads[best.node_id] = dataclasses.replace(
-                best, desktops=best.desktops + 1, mem_free_mib=best.mem_free_mib - int(r.memory_mib)
-            )
-            by_node.setdefault(best.node_id, []).append(int(r.id))
+            index.place(node, memory)
+            by_node.setdefault(node.node_id, []).append(int(r.id))
         for node_id, node_ids in by_node.items():
             for chunk in _chunks(node_ids):
                 done = set(
@@ -210,6 +213,33 @@ async def _start_many(db: Database, ids: list[int], result: BulkResult) -> None:
     for node_id in by_node:
         await db.bus.notify(node_channel(node_id), "")
     await desktops.notify_desktops(db, result.ok)
+
+
+async def _choose(
+    conn: AsyncConnection,
+    index: NodeIndex,
+    rng: random.Random,
+    desktop_id: int,
+    memory: int,
+    driver: str,
+    group: str | None,
+    result: BulkResult,
+) -> NodeLoad | None:
+    """The node for one desktop of a bulk start, or None (the refusal is in ``result``).  A desktop in a placement
+    group is ranked with its group's figures (``choose_node``); the others are drawn from the index."""
+    if group:
+        try:
+            node_id = await choose_node(conn, memory, desktop_id=desktop_id)
+        except DeckardError as e:
+            result.fail(desktop_id, e.code, e.message)
+            return None
+        return next(n for n in index.nodes if n.node_id == node_id)
+    req = Request(memory, driver=driver)
+    node = index.best(req, rng)
+    if node is None:
+        why = "; ".join(f"{c.node.name}: {c.excluded_by}" for c in index.explain(req)) or "no node has registered"
+        result.fail(desktop_id, "no_node", f"no node can take this desktop now ({why})")
+    return node
 
 
 async def bulk_users(

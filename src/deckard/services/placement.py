@@ -21,7 +21,16 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput, NotFound, Unavailable
-from deckard.model.placement import POLICIES, SPREAD, Candidate, NodeLoad, Request, Reserve, rank_nodes
+from deckard.model.placement import (
+    POLICIES,
+    SPREAD,
+    Candidate,
+    NodeIndex,
+    NodeLoad,
+    Request,
+    Reserve,
+    rank_nodes,
+)
 from deckard.model.states import DesktopState, NodeState
 from deckard.services.config import read_config
 from deckard.services.context import Actor, require
@@ -88,12 +97,25 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
     return out
 
 
-async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
-    loads = await node_loads(conn, group=req.group)
+async def _policy(conn: AsyncConnection, loads: list[NodeLoad]) -> tuple[Reserve, str]:
+    """The farm's reserve (``placement.reserve``) and placer (``placement.placer``) for these nodes."""
     released = any(n.state == NodeState.LOST for n in loads)
     reserve = parse_reserve(await read_config(conn, "placement.reserve", None), released=released)
-    placer = await read_config(conn, "placement.placer", None)
+    return reserve, await read_config(conn, "placement.placer", None)
+
+
+async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
+    loads = await node_loads(conn, group=req.group)
+    reserve, placer = await _policy(conn, loads)
     return rank_nodes(loads, req, reserve=reserve, placer=placer)
+
+
+async def node_index(conn: AsyncConnection) -> NodeIndex:
+    """Every node in a placement index with the farm's placer and reserve: many decisions on one read of the nodes
+    (bulk starts), each drawn with the exhaustive ranking's odds (``model/placement.py``)."""
+    loads = await node_loads(conn)
+    reserve, placer = await _policy(conn, loads)
+    return NodeIndex(loads, reserve=reserve, placer=placer)
 
 
 async def desktop_request(conn: AsyncConnection, desktop_id: int) -> Request:
