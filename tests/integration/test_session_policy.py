@@ -79,6 +79,20 @@ async def audit_of(db: Database, desktop_id: int) -> list[Any]:
         return list(await conn.execute(q))
 
 
+async def audit_record(db: Database, desktop_id: int, action: str) -> Any:
+    """The one ``action`` record of the desktop, waited for: audit appends are group-committed, so the record may
+    land a moment after the state change a test saw."""
+    found: list[Any] = []
+
+    async def there() -> bool:
+        found[:] = [r for r in await audit_of(db, desktop_id) if r.action == action]
+        return bool(found)
+
+    await wait_for(f"the {action} audit record", there, 5)
+    (record,) = found
+    return record
+
+
 def notices(guest: FakeGuest) -> list[dict[str, str]]:
     return [params for method, params in guest.calls if method == "session_notice"]
 
@@ -100,7 +114,7 @@ async def test_a_desktop_stops_its_delay_after_its_user_disconnected_where_its_o
     row = await farm.wait_state(kiosk.id, DesktopState.STOPPED, timeout=1 + SLACK_S + 3)
     assert 1.0 <= time.monotonic() - left <= 1 + SLACK_S
     assert row.failure_reason == "session policy (disconnected): nobody was connected to it for 1s"
-    (record,) = [r for r in await audit_of(farm.db, kiosk.id) if r.action == "desktop.stop"]
+    record = await audit_record(farm.db, kiosk.id, "desktop.stop")
     assert (record.admin_name, record.result, record.source) == ("session-policy", "ok", f"node {row_node(farm)}")
     assert '"reason": "disconnected"' in record.arguments
     # the default OSF's desktop, disconnected all along, is not the kiosk policy's business
@@ -143,7 +157,7 @@ async def test_an_idle_user_is_warned_input_cancels_it_and_then_they_are_disconn
     assert 1.9 <= time.monotonic() - moved <= 2 + SLACK_S
     assert (row.state, row.session_id, row.idle_warned_at) == (DesktopState.RUNNING, None, None)
     assert len(notices(guest)) == 2  # warned again before the disconnect
-    (record,) = [r for r in await audit_of(farm.db, desk.id) if r.action == "desktop.disconnect"]
+    record = await audit_record(farm.db, desk.id, "desktop.disconnect")
     assert record.admin_name == "session-policy" and '"reason": "idle"' in record.arguments
 
 
@@ -180,7 +194,7 @@ async def test_a_session_is_warned_and_stopped_at_its_maximum_length(farm: Farm)
     row = await farm.wait_state(desk.id, DesktopState.STOPPED, timeout=2 + SLACK_S + 3)
     assert row.failure_reason.startswith("session policy (max_length): ")
     assert len(notices(guest)) == 1
-    (record,) = [r for r in await audit_of(farm.db, desk.id) if r.action == "desktop.stop"]
+    record = await audit_record(farm.db, desk.id, "desktop.stop")
     # on time: from the start, however late the notice came
     assert dt.timedelta(seconds=2) <= aware(record.at) - started <= dt.timedelta(seconds=2 + SLACK_S)
 
