@@ -67,20 +67,21 @@ async def read_config(conn: AsyncConnection, key: str, tenant_id: int | None, os
     return _resolve(k, await _rows(conn, tenant_id, [key], osf_id), tenant_id)[0]
 
 
-async def read_config_source(
-    conn: AsyncConnection, key: str, tenant_id: int | None, osf_id: int | None = None
-) -> tuple[Any, str]:
-    """``read_config`` and the layer the value came from: ``default``, ``global``, ``tenant`` or ``osf``."""
-    return _resolve(config_key(key), await _rows(conn, tenant_id, [key], osf_id), tenant_id)
+async def read_configs_sourced(
+    conn: AsyncConnection, prefix: str, tenant_id: int | None, osf_id: int | None = None
+) -> dict[str, tuple[Any, str]]:
+    """Every key under ``prefix`` resolved in one query per layer table: ``{key: (value, source)}``, the source
+    being the layer the value came from (``default``, ``global``, ``tenant`` or ``osf``)."""
+    keys = [k for k in KEYS.values() if k.name.startswith(prefix)]
+    rows = await _rows(conn, tenant_id, [k.name for k in keys], osf_id)
+    return {k.name: _resolve(k, rows, tenant_id) for k in keys}
 
 
 async def read_configs(
     conn: AsyncConnection, prefix: str, tenant_id: int | None, osf_id: int | None = None
 ) -> dict[str, Any]:
     """Every key under ``prefix`` (``auth.``) resolved for a tenant (and OSF) in one query: ``{key: value}``."""
-    keys = [k for k in KEYS.values() if k.name.startswith(prefix)]
-    rows = await _rows(conn, tenant_id, [k.name for k in keys], osf_id)
-    return {k.name: _resolve(k, rows, tenant_id)[0] for k in keys}
+    return {k: v for k, (v, _source) in (await read_configs_sourced(conn, prefix, tenant_id, osf_id)).items()}
 
 
 async def get_config(db: Database, key: str, tenant_id: int | None = None, osf_id: int | None = None) -> Any:

@@ -25,7 +25,7 @@ from deckard.model.egress import PROTOS, Protected, Rule, decide, opens_farm, pa
 from deckard.model.errors import BadInput
 from deckard.model.network import gateway_of
 from deckard.model.states import DesktopState
-from deckard.services.config import ValueCheck, read_config, read_config_source
+from deckard.services.config import ValueCheck, read_config, read_configs_sourced
 from deckard.services.context import Actor, require
 from deckard.services.desktops import find_desktop_id
 
@@ -42,9 +42,9 @@ class DesktopNetwork:
 
 
 async def read_desktop_network(conn: AsyncConnection, tenant_id: int, osf_id: int) -> DesktopNetwork:
-    text, source = await read_config_source(conn, "network.egress", tenant_id, osf_id)
-    search = await read_config(conn, "network.dns.search", tenant_id, osf_id)
-    return DesktopNetwork(parse_policy(text), source, search)
+    values = await read_configs_sourced(conn, "network.", tenant_id, osf_id)
+    text, source = values["network.egress"]
+    return DesktopNetwork(parse_policy(text), source, values["network.dns.search"][0])
 
 
 _db_hosts: dict[str, tuple[tuple[ipaddress.IPv4Network, str], ...]] = {}
