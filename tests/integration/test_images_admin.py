@@ -3,6 +3,7 @@ tarballs, import, atomic publish with expiry on running desktops, tags, delete r
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import tarfile
@@ -17,8 +18,10 @@ from test_api import Farm, call
 from deckard.client.api import ApiClient
 from deckard.db import schema as t
 from deckard.db.engine import Database
+from deckard.images import builder
+from deckard.images.profile import VM_PACKAGES
 from deckard.model.entities import utcnow
-from deckard.model.errors import Conflict
+from deckard.model.errors import BadInput, Conflict
 from deckard.model.schemas import Image
 
 farm = test_api.farm  # the real API with TLS, shared with test_api.py
@@ -183,8 +186,6 @@ async def test_osf_crud_and_delete_refused_while_used(farm: Farm) -> None:
 
 
 async def test_a_build_names_its_profile_and_a_bad_one_is_refused_before_it_starts(farm: Farm) -> None:
-    from deckard.model.errors import BadInput
-
     api = await farm.admin_client()
     row = await call(api.create_image, "b1")
     with pytest.raises(BadInput) as e:
@@ -198,3 +199,48 @@ async def test_a_build_names_its_profile_and_a_bad_one_is_refused_before_it_star
     assert e.value.code == "unknown_profile"
     assert (await call(api.get_image, int(row.id or 0))).state == "new"  # nothing started
     assert not any(i.version == "b2" for i in await call(api.list_images))
+
+
+async def test_a_vm_build_reaches_the_builder_as_one_more_vm_layer_and_keeps_its_profile_name(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder itself is stubbed (no debootstrap here): what is under test is the API handing it the profile."""
+    seen: list[Any] = []
+
+    async def fake_build(output_dir: Path, *, progress: Any, profile: Any, **_: Any) -> Path:
+        seen.append(profile)
+        progress("apt: installing", 0.5)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / builder.image_filename(profile)
+        path.write_bytes(rootfs_tar(1000))
+        return path
+
+    monkeypatch.setattr(builder, "build_image", fake_build)
+
+    async def built(image_id: int) -> Image:
+        for _ in range(100):
+            row = await call(api.get_image, image_id)
+            if row.state != "building":
+                return row
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"image {image_id} still building")
+
+    api = await farm.admin_client()
+    row = await call(api.create_image, "vm1")
+    await call(api.build_image, int(row.id or 0), "minimal", ["htop"], format="vm")
+    done = await built(int(row.id or 0))
+    assert done.state == "ready" and done.profile == "minimal"
+    vm = seen[-1]
+    assert (
+        vm.vm and vm.packages == VM_PACKAGES and vm.parent.packages == ("htop",) and vm.parent.parent.name == "minimal"
+    )
+
+    row = await call(api.create_image, "vm2", source="build", build_profile="minimal", build_format="vm")
+    assert (await built(int(row.id or 0))).state == "ready" and seen[-1].is_vm and seen[-1].name == "minimal"
+
+    row = await call(api.create_image, "c1", source="build", build_profile="minimal")
+    assert (await built(int(row.id or 0))).state == "ready" and not seen[-1].is_vm  # container is the default
+
+    with pytest.raises(BadInput):
+        await call(api.create_image, "bad", source="build", build_format="floppy")
+    assert len(seen) == 3 and not any(i.version == "bad" for i in await call(api.list_images))

@@ -14,6 +14,7 @@ from deckard.images import builder
 from deckard.images.profile import (
     AGENT_PATH,
     SESSION_PATH,
+    VM_PACKAGES,
     ImageFile,
     Profile,
     builtin_profiles,
@@ -22,6 +23,7 @@ from deckard.images.profile import (
     validate_dest,
     validate_package,
     with_packages,
+    with_vm,
 )
 from deckard.model.errors import BadInput
 
@@ -223,6 +225,45 @@ def test_added_packages_are_one_more_layer_on_top_of_the_profile() -> None:
     assert with_packages(standard, ["firefox-esr", "xterm"]) is standard  # nothing new: the same image
     with pytest.raises(BadInput):
         with_packages(standard, ["htop; rm -rf /"])
+
+
+def test_a_vm_image_is_one_more_layer_with_the_kernel_and_busybox_and_keeps_the_profile_name() -> None:
+    standard = load_profile("standard")
+    vm = with_vm(standard)
+    assert vm.name == "standard" and vm.parent == standard and vm.packages == VM_PACKAGES and vm.vm
+    assert vm.is_vm and not standard.is_vm and not any(layer.vm for layer in standard.chain())
+    assert with_vm(vm) is vm  # already a VM image: the same one
+    more = with_packages(vm, ["htop"])
+    assert more.is_vm and with_vm(more) is more  # a layer above the VM layer keeps it a VM image
+    assert [layer.vm for layer in with_vm(with_packages(standard, ["htop"])).chain()] == [False, False, False, True]
+
+
+def test_a_vm_layer_has_its_own_recipe_and_image_name_and_both_are_stable() -> None:
+    standard = load_profile("standard")
+    vm = with_vm(standard)
+    assert builder.recipe_hash(vm) == builder.recipe_hash(with_vm(load_profile("standard")))
+    assert builder.recipe_hash(vm) != builder.recipe_hash(standard)
+    # the VM mark itself is in the recipe: the same packages without it do not prune the kernel's modules
+    plain = Profile("standard", parent=standard, packages=VM_PACKAGES)
+    assert builder.recipe_hash(plain) != builder.recipe_hash(vm)
+    files = builder.image_files(vm)
+    assert builder.files_hash(files) == builder.files_hash(builder.image_files(standard))  # same agent and session
+    name = builder.image_filename(vm, files)
+    assert name == f"deckard-standard-vm-{builder.recipe_hash(vm)}-{builder.files_hash(files)}.tar.zst"
+    assert name == builder.image_filename(with_vm(load_profile("standard")))
+    assert name != builder.image_filename(standard, files)
+    longest = with_vm(Profile("a" * 20, parent=standard))
+    assert len(builder.image_filename(longest, files).split(".")[0]) <= 64  # the image's version in the database
+
+
+def test_image_json_says_which_formats_an_image_serves_and_a_vm_image_its_kernel() -> None:
+    minimal = load_profile("minimal")
+    files = builder.image_files(minimal)
+    container = builder.image_metadata(minimal, files)
+    assert container["formats"] == ["container"] and "kernel" not in container
+    vm = builder.image_metadata(with_vm(minimal), files, "6.1.0-28-amd64")
+    assert vm["formats"] == ["container", "vm"] and vm["kernel"] == "6.1.0-28-amd64"
+    assert vm["profile"] == "minimal" and {"linux-image-amd64", "busybox-static"} <= set(vm["packages"])
 
 
 # ---- the image file's format -----------------------------------------------------------------------------

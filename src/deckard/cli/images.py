@@ -79,18 +79,30 @@ def add_image(
     add_package: Annotated[
         list[str] | None, typer.Option("--add-package", help="With --build: one more Debian package (repeatable).")
     ] = None,
+    build_format: Annotated[
+        str | None,
+        typer.Option(
+            "--build-format", help="With --build: container (default) or vm (can also boot as a virtual machine)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
     """Create a disk image and fill it (upload, import or build)."""
-    if (build_profile or add_package) and not build:
-        raise typer.BadParameter("--build-profile and --add-package go with --build")
+    if (build_profile or add_package or build_format) and not build:
+        raise typer.BadParameter("--build-profile, --add-package and --build-format go with --build")
     if sum((upload is not None, import_path is not None, build)) > 1:
         raise typer.BadParameter("choose one of --upload, --import, --build")
     source = "import" if import_path else "build" if build else "upload"
     with session.api(profile) as api:
         row = api.create_image(
-            version, osf=osf, source=source, path=import_path, build_profile=build_profile, add_packages=add_package
+            version,
+            osf=osf,
+            source=source,
+            path=import_path,
+            build_profile=build_profile,
+            add_packages=add_package,
+            build_format=build_format,
         )
         if upload is not None:
             row = _upload(api, int(row.id or 0), upload, as_json)

@@ -15,6 +15,11 @@ any ``tar -x`` reads as one archive whose later members (ours) replace the rootf
 image's profile by reading its last bytes.  The image file is named ``deckard-<profile>-<recipe>-<files>.tar.zst``:
 the name says what is inside, and an image that already exists is returned without any work.
 
+An image that can also boot as a virtual machine (``--format vm``, ``profile.with_vm``) is the same tarball with
+one more layer: Debian's kernel and a static busybox, the kernel's modules pruned to ``model.vm_image.VM_MODULES``
+and what they depend on (then ``depmod``), no initramfs.  Its file is ``deckard-<profile>-vm-<recipe>-<files>``,
+and the kernel's version, known only once the layer is built, is kept beside the cached layer for ``image.json``.
+
 Everything is built in a temporary directory next to its destination and renamed into place at the end, so a
 crash or a Ctrl-C never leaves a half-written image or cache entry behind.
 """
@@ -42,6 +47,7 @@ import structlog
 
 from deckard.images.profile import AGENT_PATH, META_PATH, SESSION_PATH, ImageFile, Profile, load_profile
 from deckard.model.errors import DeckardError
+from deckard.model.vm_image import CONTAINER_FORMAT, KERNEL_GLOB, VM_FORMAT, VM_MODULES, module_closure
 
 log = structlog.get_logger()
 
@@ -97,7 +103,7 @@ def recipe_hash(profile: Profile | None = None) -> str:
     """Hash of what debootstrap and apt produce for this layer (and, through the parent's hash, those below it).
     The mirror is left out since every mirror serves the same."""
     layer = profile or default_profile()
-    recipe = {
+    recipe: dict[str, Any] = {
         "builder": BUILDER_VERSION,
         "suite": SUITE,
         "variant": "minbase",
@@ -105,6 +111,8 @@ def recipe_hash(profile: Profile | None = None) -> str:
         "packages": sorted(layer.packages),
         "locales": sorted(layer.all_locales()),
     }
+    if layer.vm:  # only then: the recipes of the layers that existed before VM images keep their hash
+        recipe |= {"vm": True, "modules": sorted(VM_MODULES)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -125,14 +133,16 @@ def files_hash(files: Sequence[ImageFile]) -> str:
 
 
 def image_filename(profile: Profile | None = None, files: Sequence[ImageFile] | None = None) -> str:
-    """``deckard-<profile>-<recipe>-<files>.tar.zst``: the image the profile and the current files make."""
+    """``deckard-<profile>[-vm]-<recipe>-<files>.tar.zst``: the image the profile and the current files make."""
     profile = profile or default_profile()
     files = files if files is not None else image_files(profile)
-    return f"deckard-{profile.name}-{recipe_hash(profile)}-{files_hash(files)}.tar.zst"
+    vm = "-vm" if profile.is_vm else ""
+    return f"deckard-{profile.name}{vm}-{recipe_hash(profile)}-{files_hash(files)}.tar.zst"
 
 
-def image_metadata(profile: Profile, files: Sequence[ImageFile]) -> dict[str, Any]:
-    """``/etc/deckard/image.json``, also kept in the image file's trailer (:func:`read_image_metadata`)."""
+def image_metadata(profile: Profile, files: Sequence[ImageFile], kernel: str = "") -> dict[str, Any]:
+    """``/etc/deckard/image.json``, also kept in the image file's trailer (:func:`read_image_metadata`);
+    ``kernel`` is the version of ``/boot/vmlinuz-<kernel>`` in a VM image."""
     return {
         "profile": profile.name,
         "recipe": recipe_hash(profile),
@@ -140,6 +150,8 @@ def image_metadata(profile: Profile, files: Sequence[ImageFile]) -> dict[str, An
         "builder": BUILDER_VERSION,
         "packages": profile.all_packages(),
         "locales": profile.all_locales(),
+        "formats": [CONTAINER_FORMAT, VM_FORMAT] if profile.is_vm else [CONTAINER_FORMAT],
+        **({"kernel": kernel} if profile.is_vm else {}),
     }
 
 
@@ -195,7 +207,7 @@ async def build_image(
         # the layers to build: from the highest one already cached (or debootstrap) up to this profile
         missing: list[Profile] = []
         for layer in reversed(profile.chain()):
-            if _layer_path(cache_dir, layer).exists():
+            if _layer_path(cache_dir, layer).exists() and (not layer.vm or _kernel_path(cache_dir, layer).exists()):
                 break
             missing.insert(0, layer)
         span = 0.96 / len(missing) if missing else 0.0
@@ -203,7 +215,9 @@ async def build_image(
             log.info("image.build_layer", profile=layer.name, recipe=recipe_hash(layer), packages=len(layer.packages))
             parent = _layer_path(cache_dir, layer.parent) if layer.parent is not None else None
             await _build_layer(layer, _layer_path(cache_dir, layer), parent, _scaled(progress, n * span, span), mirror)
-        await _pack_image(_layer_path(cache_dir, profile), target, files, image_metadata(profile, files), progress)
+        kernel = _read_kernel(cache_dir, profile)
+        meta = image_metadata(profile, files, kernel)
+        await _pack_image(_layer_path(cache_dir, profile), target, files, meta, progress)
     finally:
         os.close(lock_fd)
     progress("image ready", 1.0)
@@ -219,6 +233,16 @@ def _lock_cache(cache_dir: Path) -> int:
 
 def _layer_path(cache_dir: Path, layer: Profile) -> Path:
     return cache_dir / f"rootfs-{recipe_hash(layer)}.tar.zst"
+
+
+def _kernel_path(cache_dir: Path, layer: Profile) -> Path:
+    """Beside a VM layer: the version of the kernel in it, written before the layer is renamed into place."""
+    return cache_dir / f"rootfs-{recipe_hash(layer)}.kernel"
+
+
+def _read_kernel(cache_dir: Path, profile: Profile) -> str:
+    vm_layer = next((layer for layer in reversed(profile.chain()) if layer.vm), None)
+    return _kernel_path(cache_dir, vm_layer).read_text().strip() if vm_layer is not None else ""
 
 
 def _scaled(progress: Progress, start: float, span: float) -> Progress:
@@ -252,6 +276,11 @@ async def _build_layer(layer: Profile, dest: Path, parent: Path | None, progress
             progress("generating locales", 0.86)
             (rootfs / "etc/locale.gen").write_text("".join(f"{loc} UTF-8\n" for loc in layer.all_locales()))
             await _run(["chroot", str(rootfs), "locale-gen"], env=_chroot_env())
+        if layer.vm:
+            progress("keeping the kernel modules a VM desktop needs", 0.87)
+            kernel = await asyncio.to_thread(_prune_kernel, rootfs)
+            await _run(["chroot", str(rootfs), "depmod", kernel], env=_chroot_env())
+            _kernel_path(dest.parent, layer).write_text(kernel + "\n")
         await _run(["umount", str(rootfs / "proc")])
         proc_mounted = False
         progress("pruning the rootfs", 0.88)
@@ -285,6 +314,29 @@ def _prepare_chroot(rootfs: Path, languages: Sequence[str]) -> None:
     if languages:  # read after 01-deckard-nodoc: dpkg lets a later path-include take back an exclusion
         keep = "".join(f"path-include /usr/share/locale/{lang}/*\n" for lang in languages)
         (rootfs / "etc/dpkg/dpkg.cfg.d/02-deckard-languages").write_text(keep)
+
+
+def _prune_kernel(rootfs: Path) -> str:
+    """Keep the kernel, its config and the modules of ``VM_MODULES`` with their dependencies; drop the rest,
+    the initramfs (the node makes its own initrd) and ``System.map``.  Returns the kernel's version."""
+    kernels = sorted(rootfs.glob(KERNEL_GLOB))
+    if len(kernels) != 1:
+        found = ", ".join(k.name for k in kernels) or "none"
+        raise ImageBuildError(f"a VM image needs exactly one kernel in /boot, found {found}")
+    kernel = kernels[0].name.removeprefix("vmlinuz-")
+    modules = rootfs / "usr/lib/modules" / kernel  # /lib is a link to /usr/lib on Debian
+    keep = module_closure((modules / "modules.dep").read_text(), VM_MODULES)
+    for path in sorted((modules / "kernel").rglob("*"), reverse=True):  # children before their directories
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif str(path.relative_to(modules)) not in keep:
+            path.unlink()
+    for pattern in ("boot/initrd.img-*", "boot/System.map-*", "initrd.img*"):
+        for path in rootfs.glob(pattern):
+            path.unlink()  # the links /initrd.img* point at the deleted initramfs
+    log.info("image.kernel_pruned", kernel=kernel, modules=len(keep))
+    return kernel
 
 
 def _drop_tar_end(path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from fastapi import APIRouter, Request, status
@@ -20,7 +21,7 @@ from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.resource import ObjectRoutes
 from deckard.api.strict import Ref, RequestModel
 from deckard.images import builder
-from deckard.images.profile import DEFAULT_PROFILE, Profile, load_profile, with_packages
+from deckard.images.profile import DEFAULT_PROFILE, Profile, load_profile, with_packages, with_vm
 from deckard.model.errors import DeckardError
 from deckard.model.schemas import Image
 from deckard.runtime.paths import image_digest
@@ -41,11 +42,16 @@ class ImageBuild(RequestModel):
     add_packages: list[str] = Field(
         default_factory=list, max_length=64, description="Debian packages to add on top of the profile."
     )
+    format: Literal["container", "vm"] = Field(
+        default="container",
+        description="`vm`: the same image that can also boot as a virtual machine (Debian's kernel and busybox).",
+    )
 
     def load(self) -> Profile:
         """The profile to build (400 ``unknown_profile`` / ``bad_package`` before anything starts)."""
         profile = load_profile(self.profile)
-        return with_packages(profile, self.add_packages) if self.add_packages else profile
+        profile = with_packages(profile, self.add_packages) if self.add_packages else profile
+        return with_vm(profile) if self.format == "vm" else profile
 
 
 class ImageCreate(RequestModel):
