@@ -1,5 +1,5 @@
 // The user portal at "/": log in (with a second factor when one is due), see my desktops, connect to one in the
-// page (noVNC through the broker), and look after my account (authenticator app, personal tokens).
+// page (noVNC through the broker), and look after my account (authenticator app, personal tokens, SSH keys).
 import "./portal.css";
 import QRCode from "qrcode";
 import { $, api, el, openDesktop } from "./_viewer.js";
@@ -285,9 +285,12 @@ function openAccount() {
   $("#account").setAttribute("aria-expanded", "true");
   showError("#sf-error", "");
   showError("#tokens-error", "");
+  showError("#keys-error", "");
+  $("#keys-status").textContent = "";
   $("#account-title").focus();
   loadSecondFactor();
   loadTokens();
+  loadKeys();
 }
 
 function closeAccount(back = true) {
@@ -416,6 +419,30 @@ async function revokeToken(tk) {
   if (res !== undefined) await loadTokens();
 }
 
+// one key per line in the text box; the server checks each and answers what it stored (blank lines, repeats gone)
+function showKeys(keys) {
+  $("#keys-text").value = keys.join("\n");
+  $("#keys-status").textContent = keys.length
+    ? `${keys.length} key${keys.length === 1 ? "" : "s"}: your desktops get ${keys.length === 1 ? "it" : "them"} when they next start.`
+    : "No SSH key.";
+}
+
+async function loadKeys() {
+  const res = await accountCall("/portal/me/ssh-keys", {}, "#keys-error");
+  if (res) showKeys(res.keys);
+}
+
+async function saveKeys(ev) {
+  ev.preventDefault();
+  showError("#keys-error", "");
+  await busy(ev.currentTarget, async () => {
+    const keys = $("#keys-text").value.split("\n").map((k) => k.trim()).filter(Boolean);
+    const res = await accountCall("/portal/me/ssh-keys", { method: "PUT", body: { keys } }, "#keys-error");
+    if (!res) return $("#keys-text").focus();
+    showKeys(res.keys);
+  });
+}
+
 function geometry() {
   const box = $("#screen");
   const w = Math.max(640, Math.min(3840, box.clientWidth || window.innerWidth));
@@ -512,6 +539,7 @@ function init() {
   });
   $("#token-form").addEventListener("submit", createToken);
   $("#token-done").addEventListener("click", forgetNewToken);
+  $("#keys-form").addEventListener("submit", saveKeys);
   $("#disconnect").addEventListener("click", closeViewer);
   $("#fullscreen").addEventListener("click", () => {
     if (document.fullscreenElement) document.exitFullscreen();

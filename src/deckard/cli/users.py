@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from typing import Annotated
+from urllib.parse import quote
 
 import typer
 
@@ -78,14 +79,33 @@ def update(
     allowed_hours: Annotated[
         str | None, typer.Option("--allowed-hours", help="e.g. 'Mon-Fri 07:00-19:00' ('' = the tenant's).")
     ] = None,
+    ssh_keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ssh-key",
+            help="A public SSH key (a line of a .pub file); repeat for several. Replaces the user's keys.",
+        ),
+    ] = None,
+    clear_ssh_keys: Annotated[
+        bool, typer.Option("--clear-ssh-keys", help="Remove all of the user's public SSH keys.")
+    ] = False,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """Change a user's description or their own login rules (docs/authentication.md)."""
+    """Change a user's description, their own login rules (docs/authentication.md) or the public SSH keys their
+    desktops get at boot (docs/networking.md, "Guest metadata")."""
+    if ssh_keys and clear_ssh_keys:
+        raise typer.BadParameter("give --ssh-key or --clear-ssh-keys, not both")
+    keys = [] if clear_ssh_keys else ssh_keys or None
+    others = (description, allowed_networks, allowed_hours)
     with session.api(profile) as api:
-        row = api.update_user(
-            user, description=description, allowed_networks=allowed_networks, allowed_hours=allowed_hours
-        )
+        if keys is None or any(v is not None for v in others):
+            row = api.update_user(
+                user, description=description, allowed_networks=allowed_networks, allowed_hours=allowed_hours
+            )
+        if keys is not None:
+            # ApiClient.update_user has no ssh_keys yet (client/api.py): the same PATCH, sent directly
+            row = api._get(User, "PATCH", f"/users/{quote(user, safe='')}", json={"ssh_keys": keys})
     print_done(f"user {row.login!r} updated", row, as_json=as_json)
 
 

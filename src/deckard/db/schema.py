@@ -65,6 +65,8 @@ users = sa.Table(
     sa.Column("mail", sa.String(254), nullable=False, server_default=""),
     sa.Column("allowed_networks", sa.Text, nullable=False, server_default=""),
     sa.Column("allowed_hours", sa.Text, nullable=False, server_default=""),
+    # public SSH keys (0011): a JSON list of authorized_keys lines, handed to the user's desktops at boot
+    sa.Column("ssh_keys", sa.Text, nullable=False, server_default="[]"),
     sa.UniqueConstraint("tenant_id", "login", name="uq_users_tenant_login"),
 )
 

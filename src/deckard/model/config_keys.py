@@ -16,6 +16,7 @@ from typing import Any
 
 from deckard.model.egress import parse_forbidden, parse_policy
 from deckard.model.errors import BadInput, pick
+from deckard.model.guest_metadata import check_user_data
 from deckard.model.ids import parse_int
 from deckard.model.login_rules import parse_hours, parse_networks, parse_timezone
 from deckard.model.placement import PLACERS
@@ -358,6 +359,20 @@ SESSION_KEYS: tuple[ConfigKey, ...] = (
     ),
 )
 
+# what guests learn at boot (services/guest_metadata.py, docs/networking.md "Guest metadata")
+GUEST_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey(
+        "guest.user_data",
+        str,
+        "",
+        "User-data handed to desktops that run cloud-init (the metadata service at 169.254.169.254 and the NoCloud "
+        "seed): a `#cloud-config` document or a script, at most 64 KiB. Every process in the desktop can read it: "
+        "put no secrets in it.",
+        per_osf=True,
+        check=check_user_data,
+    ),
+)
+
 KEYS: dict[str, ConfigKey] = {
     k.name: k
     for k in (
@@ -457,6 +472,7 @@ KEYS: dict[str, ConfigKey] = {
         *IDENTITY_KEYS,
         *NETWORK_KEYS,
         *SESSION_KEYS,
+        *GUEST_KEYS,
         ConfigKey(
             "ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1, maximum=1000
         ),

@@ -1,17 +1,20 @@
-"""The node's side of desktop networking: the packet filter that enforces egress policies, and the DNS resolver.
+"""The node's side of desktop networking: the packet filter that enforces egress policies, the DNS resolver and
+the guests' metadata service (``node/metadata.py``).
 
 At start (before any desktop starts or is adopted) the node loads its whole filter from the database's view
 and starts its resolver.  A starting desktop is admitted into the filter with its own policy while its guest
 boots (the filter drops everything from an address it does not know, so a desktop is never ahead of its
 policy).  Every ``refresh_s`` the node re-reads the policies of its desktops and the farm's protected addresses
 and reloads the filter when anything changed: a policy edited with ``deckard config set network.egress``
-reaches running desktops within seconds, without a restart.  A resolver that died is started again.
+reaches running desktops within seconds, without a restart.  A resolver that died is started again, and so is a
+metadata service that could not bind its address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 
 import structlog
@@ -21,8 +24,9 @@ from deckard.drivers import firewall
 from deckard.drivers.dns import Resolver
 from deckard.model.egress import Protected, Rule
 from deckard.model.network import gateway_of
+from deckard.node.metadata import MetadataServer
 from deckard.runtime.settings import Settings
-from deckard.services import network_policy
+from deckard.services import guest_metadata, network_policy
 
 log = structlog.get_logger()
 
@@ -41,6 +45,8 @@ class Egress:
         self.resolver = Resolver(
             self.bridge, gateway_of(self.network), settings.paths.node_run_dir, settings.network.dns_servers
         )
+        self.farm_id = settings.paths.farm_id
+        self.metadata: MetadataServer | None = None  # made at start, when the node's id is known
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
         self._loaded = ""  # the text nft last accepted
@@ -52,9 +58,17 @@ class Egress:
         await firewall.enable_forwarding()
         await self.refresh(node_id)
         await self.resolver.start()
+        lookup = functools.partial(
+            guest_metadata.metadata_for_ip, self.db, node_id, network=self.network, farm_id=self.farm_id
+        )
+        self.metadata = MetadataServer(lookup, gateway_of(self.network))
+        await self.metadata.start()
 
     async def close(self) -> None:
-        """The filter stays (desktops that outlive the daemon keep their policy); the resolver stops."""
+        """The filter stays (desktops that outlive the daemon keep their policy); the resolver and the metadata
+        service stop."""
+        if self.metadata is not None:
+            await self.metadata.stop()
         await self.resolver.stop()
 
     async def refresh(self, node_id: int) -> None:
@@ -88,5 +102,7 @@ class Egress:
             try:
                 await self.refresh(node_id)
                 await self.resolver.ensure()
+                if self.metadata is not None:
+                    await self.metadata.ensure()
             except Exception as e:  # the database away, nft refusing: the filter in place stays, try again
                 log.warning("network.refresh_failed", error=str(e))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, Unavailable
+from deckard.model.guest_metadata import load_ssh_keys, parse_ssh_keys
 from deckard.model.login_rules import parse_hours, parse_networks
 from deckard.runtime.paths import FarmPaths
 from deckard.services import second_factor
@@ -78,6 +80,8 @@ _USER_COLS = [
     t.users.c.allowed_hours,
 ]
 FIELDS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in _USER_COLS}
+# one user's answer adds their public SSH keys (a JSON list in the table; lists leave them out)
+_ONE_USER_COLS = [*_USER_COLS, t.users.c.ssh_keys]
 
 
 async def create_user(
@@ -110,7 +114,7 @@ async def create_user(
             .values(tenant_id=tid, login=login, password_hash=pw_hash, description=description, created_at=utcnow())
             .returning(*_USER_COLS)
         )
-        row = as_dict(res.one())
+        row = {**as_dict(res.one()), "ssh_keys": []}
     await publish(db, "created", "user", row["id"], row["tenant_id"], login=login)
     return visible(actor, "user", row)
 
@@ -143,8 +147,10 @@ async def find_user_id(db: Database, actor: Actor, ref: str | int) -> int:
 
 
 async def _row(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
-    q = sa.select(*_USER_COLS).where(t.users.c.id == user_id, tenant_filter(actor, t.users.c.tenant_id))
-    return await one_row(db, q, "user", user_id)
+    q = sa.select(*_ONE_USER_COLS).where(t.users.c.id == user_id, tenant_filter(actor, t.users.c.tenant_id))
+    row = await one_row(db, q, "user", user_id)
+    row["ssh_keys"] = load_ssh_keys(row.get("ssh_keys"))
+    return row
 
 
 async def get_user(db: Database, actor: Actor, user_id: int) -> dict[str, Any]:
@@ -162,19 +168,22 @@ async def update_user(
     description: str | None = None,
     allowed_networks: str | None = None,
     allowed_hours: str | None = None,
+    ssh_keys: list[str] | None = None,
 ) -> dict[str, Any]:
     """Change a user; ``allowed_networks`` / ``allowed_hours`` are the user's own login rules
-    (``model/login_rules.py``; "" = the tenant's), checked before they are stored."""
+    (``model/login_rules.py``; "" = the tenant's), checked before they are stored; ``ssh_keys`` replaces the
+    user's public SSH keys (422 ``bad_ssh_key``; ``[]`` removes them all)."""
     if password is not None:
         require(actor, "user.update.password")
     if blocked is not None:
         require(actor, "user.block")
-    if description is not None or allowed_networks is not None or allowed_hours is not None:
+    if any(v is not None for v in (description, allowed_networks, allowed_hours, ssh_keys)):
         require(actor, "user.update")
     if allowed_networks is not None:
         parse_networks(allowed_networks)
     if allowed_hours is not None:
         parse_hours(allowed_hours)
+    keys = parse_ssh_keys(ssh_keys) if ssh_keys is not None else None
     row = await _row(db, actor, user_id)
     values: dict[str, Any] = {}
     if password is not None:
@@ -188,12 +197,31 @@ async def update_user(
     for key, value in (("allowed_networks", allowed_networks), ("allowed_hours", allowed_hours)):
         if value is not None:
             values[key] = value.strip()
+    if keys is not None:
+        values["ssh_keys"] = json.dumps(keys)
     if values:
         async with db.begin() as conn:
             await conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**values))
         changed = sorted("password" if k == "password_hash" else k for k in values)
         await publish(db, "updated", "user", user_id, row["tenant_id"], fields=changed)
     return visible(actor, "user", await _row(db, actor, user_id))
+
+
+async def own_ssh_keys(db: Database, user_id: int) -> list[str]:
+    """The portal user's own public SSH keys."""
+    async with db.connect() as conn:
+        stored = (await conn.execute(sa.select(t.users.c.ssh_keys).where(t.users.c.id == user_id))).scalar_one()
+    return load_ssh_keys(stored)
+
+
+async def set_own_ssh_keys(db: Database, user_id: int, tenant_id: int, keys: list[str]) -> list[str]:
+    """The portal user replaces their own public SSH keys (422 ``bad_ssh_key``): what is stored now.  Their
+    desktops learn the keys from the metadata service at their next boot."""
+    checked = parse_ssh_keys(keys)
+    async with db.begin() as conn:
+        await conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(ssh_keys=json.dumps(checked)))
+    await publish(db, "updated", "user", user_id, tenant_id, fields=["ssh_keys"])
+    return checked
 
 
 HOME_ON_DELETE = ("archive", "delete")

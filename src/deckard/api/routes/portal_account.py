@@ -1,13 +1,15 @@
-"""The portal user's own account (``/portal/me``): second factor enrolment, personal tokens.
+"""The portal user's own account (``/portal/me``): second factor enrolment, personal tokens, public SSH keys.
 
 Two ways in.  Inside a login, when the tenant requires a second factor and the user has none yet
 (``POST /portal/login`` answered 401 ``totp_enrolment_required`` with ``details.challenge``), the user enrols
 against that challenge (``/portal/login/enrol``) and the confirmation completes the login: the answer is a
 portal session plus the recovery codes, shown once.  Logged in, the user sees and sets up their own second factor
-and makes and revokes personal tokens (QVD's ``--token``).  Removing one's own second factor is not offered: a
+and makes and revokes personal tokens (QVD's ``--token``), and keeps the public SSH keys their desktops get at
+boot (``docs/networking.md``, "Guest metadata").  Removing one's own second factor is not offered: a
 stolen session must not be able to switch it off; an administrator resets it.
 
-The use cases are ``services/identity.py``, ``services/second_factor.py`` and ``services/personal_tokens.py``;
+The use cases are ``services/identity.py``, ``services/second_factor.py``, ``services/personal_tokens.py`` and
+``services/users.py``;
 this module speaks HTTP, and records the user's changes to their account (``user.*``) in the audit chain — the
 audit middleware covers ``/api/v1`` only.
 """
@@ -26,7 +28,7 @@ from deckard.api.strict import RequestModel
 from deckard.model.entities import User
 from deckard.model.ids import ID_MAX
 from deckard.model.schemas import RecoveryCodes, SecondFactorEnrolment, SecondFactorStatus, TokenCreated, UserToken
-from deckard.services import identity, personal_tokens, second_factor
+from deckard.services import identity, personal_tokens, second_factor, users
 from deckard.services.audit import append_audit
 
 router = APIRouter(prefix="/portal", tags=["portal"], include_in_schema=False, responses=ERROR_RESPONSES)
@@ -56,6 +58,12 @@ class TokenRequest(RequestModel):
     name: str = Field(min_length=1, max_length=64, description="What the token is for, e.g. `laptop`.")
     days: int | None = Field(
         default=None, ge=1, le=3650, description="Lifetime in days (default 30, at most `auth.tokens.max_days`)."
+    )
+
+
+class SshKeys(RequestModel):
+    keys: list[Annotated[str, Field(max_length=8192)]] = Field(
+        max_length=64, description="Public SSH keys, one `authorized_keys` line each (at most 16); `[]`: none."
     )
 
 
@@ -159,3 +167,20 @@ async def my_token_revoke(token_id: TokenId, user: UserDep, db: DbDep, request: 
     await personal_tokens.revoke_token(db, user.id, token_id)
     await _audit(db, request, user, "user.token.revoke", user.id, token_id=token_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# ---- public SSH keys ------------------------------------------------------------------------------------------
+
+
+@router.get("/me/ssh-keys", response_model=SshKeys, summary="My public SSH keys")
+async def my_ssh_keys(user: UserDep, db: DbDep) -> SshKeys:
+    return SshKeys(keys=await users.own_ssh_keys(db, user.id))
+
+
+@router.put("/me/ssh-keys", response_model=SshKeys, summary="Replace my public SSH keys")
+async def my_ssh_keys_set(body: SshKeys, user: UserDep, db: DbDep, request: Request) -> SshKeys:
+    """The keys as stored (blank lines and repeats dropped); my desktops get them at their next boot.
+    422 ``bad_ssh_key`` naming the key that is not one."""
+    keys = await users.set_own_ssh_keys(db, user.id, user.tenant_id, body.keys)
+    await _audit(db, request, user, "user.ssh_keys.set", user.id, keys=len(keys))
+    return SshKeys(keys=keys)

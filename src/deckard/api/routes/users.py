@@ -6,7 +6,7 @@ Lists take the query syntax of ``services/listing.py``; block, unblock and delet
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from pydantic import Field
@@ -43,6 +43,11 @@ class UserUpdate(RequestModel):
     allowed_hours: str | None = Field(
         default=None, max_length=1024, description="e.g. `Mon-Fri 07:00-19:00`; empty: the tenant's rule."
     )
+    ssh_keys: list[Annotated[str, Field(max_length=8192)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Replaces the user's public SSH keys (`authorized_keys` lines, at most 16); `[]` removes them.",
+    )
 
 
 user = ObjectRoutes(
@@ -77,7 +82,7 @@ user.add_get(lambda s, i: users.get_user(s.db, s.actor, i), "Show a user")
 user.add_patch(
     UserUpdate,
     lambda s, i, body: users.update_user(s.db, s.actor, i, **body.model_dump(exclude_unset=True)),
-    "Change a user's password, blocked flag, description or login rules",
+    "Change a user's password, blocked flag, description, login rules or public SSH keys",
 )
 user.add_action("block", lambda s, i: users.update_user(s.db, s.actor, i, blocked=True), "Block a user")
 user.add_action("unblock", lambda s, i: users.update_user(s.db, s.actor, i, blocked=False), "Unblock a user")
