@@ -8,7 +8,8 @@ PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
 APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd postgresql-15 procps psmisc \
-	python3-venv chromium slapd ldap-utils
+	python3-venv chromium slapd ldap-utils \
+	qemu-system-x86 qemu-utils dosfstools mtools e2fsprogs
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 

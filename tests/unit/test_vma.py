@@ -164,3 +164,19 @@ def test_agent_uses_the_standard_library_only() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             modules.add(node.module.split(".")[0])
     assert modules - set(sys.stdlib_module_names) == set()
+
+
+def test_exec_runs_a_command_and_caps_its_input(agent_url: str) -> None:
+    status, body = call(f"{agent_url}/vma/exec?command=echo+hello%3B+echo+oops+1%3E%262%3B+exit+3")
+    assert status == 200 and body["returncode"] == 3
+    assert body["stdout"] == "hello\n" and body["stderr"] == "oops\n"
+    for query, code in (
+        ("command=", "bad_input"),
+        ("command=true&timeout=0", "bad_input"),
+        ("command=true&timeout=31", "bad_input"),
+        ("command=true&timeout=x", "bad_input"),
+        ("command=true&user=root%3Bsh", "bad_input"),
+        ("command=sleep+5&timeout=0.3", "exec_timeout"),
+    ):
+        status, body = call(f"{agent_url}/vma/exec?{query}")
+        assert status in (400, 504) and body["error"]["code"] == code, (query, body)

@@ -9,6 +9,7 @@ the action was accepted for, whichever endpoint carried it, and fails (exit 1) i
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -193,6 +194,26 @@ def expire(
         desk = api.expire_desktop(desktop, soft_s=soft, hard_s=hard)
     when = f"soft {desk.expire_soft_at or '-'}, hard {desk.expire_hard_at or '-'}"
     print_done(f"desktop {desk.name!r} expires: {when}", desk, as_json=as_json)
+
+
+@app.command("console-log")
+def console_log(
+    desktop: DesktopArg,
+    max_bytes: Annotated[int, typer.Option("--bytes", min=1, max=1 << 20, help="Show the last N bytes.")] = 65536,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Show what the desktop's guest wrote on its console: its kernel, init and agent (why a boot failed)."""
+    with session.api(profile) as api:
+        log = api.console_log(desktop, max_bytes)
+    if as_json:
+        print_done("", log, as_json=True)
+    elif not log.found:
+        print_done(
+            f"no console log is kept for {log.desktop}: it has not run on a node of this farm", log, as_json=False
+        )
+    else:
+        sys.stdout.write(log.text if log.text.endswith("\n") or not log.text else log.text + "\n")
 
 
 @app.command("explain-network")

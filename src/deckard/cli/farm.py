@@ -47,7 +47,10 @@ DbOpt = Annotated[
     ),
 ]
 NodeNameOpt = Annotated[str | None, typer.Option("--node-name", help="Name of this node (default hostname).")]
-DriverOpt = Annotated[str | None, typer.Option("--driver", help="container (LXC) or fake.")]
+DriverOpt = Annotated[
+    str | None,
+    typer.Option("--driver", help="container (LXC), vm (QEMU), both (container,vm: the default with QEMU) or fake."),
+]
 RunDirOpt = Annotated[
     Path | None, typer.Option("--run-dir", help="This node's own run directory (several nodes on one machine).")
 ]
@@ -129,9 +132,14 @@ async def _bootstrap(settings: Settings) -> str | None:
 
 
 async def _register_image(
-    settings: Settings, path: Path, tags: tuple[str, ...] = ("default", "head"), profile: str = ""
+    settings: Settings,
+    path: Path,
+    tags: tuple[str, ...] = ("default", "head"),
+    profile: str = "",
+    osf_id: int | None = None,
 ) -> dict[str, Any]:
-    """Register an image file (version from its name, digest computed) and point ``tags`` at it."""
+    """Register an image file (version from its name, digest computed) in an OSF (default: the default OSF) and
+    point ``tags`` at it there."""
     from deckard.runtime.paths import image_digest
     from deckard.services.images import register_image
     from deckard.services.tenancy import bootstrap_farm
@@ -140,17 +148,33 @@ async def _register_image(
         await bootstrap_farm(db)
         digest = await asyncio.to_thread(image_digest, path)
         return await register_image(
-            db, path, version=path.name.split(".")[0], digest=digest, tags=tags, profile=profile
+            db, path, version=path.name.split(".")[0], digest=digest, tags=tags, osf_id=osf_id, profile=profile
         )
+
+
+async def _find_osf(settings: Settings, osf: str) -> int:
+    """The id of the OSF ``name`` (the default tenant's) or ``name@tenant``, checked before a build starts."""
+    from deckard.model.errors import NotFound
+    from deckard.services.context import SYSTEM
+    from deckard.services.tenancy import DEFAULT_TENANT, bootstrap_farm
+    from deckard.services.tenant_lookup import find_osf_id
+
+    async with _farm_db(settings) as db:
+        await bootstrap_farm(db)
+        try:
+            async with db.begin() as conn:
+                return await find_osf_id(conn, SYSTEM, osf if "@" in osf else f"{osf}@{DEFAULT_TENANT}")
+        except NotFound as e:
+            _fail(e.message, 2)
 
 
 async def _unpack_image(settings: Settings, image: dict[str, Any]) -> None:
     """Unpack the image now, as the node would before its first desktop: ``up`` is ready when desktops are fast."""
     from deckard.drivers import load_driver
 
-    if settings.node.driver != "container" or os.geteuid() != 0:
+    if "container" not in settings.node.driver.split(",") or os.geteuid() != 0:
         return  # the node's image loop does it (a fake guest has nothing to unpack)
-    driver = load_driver(settings.node.driver, settings.paths)
+    driver = load_driver("container", settings.paths)
     with console.status("Unpacking the desktop image for its first desktop…"):
         await driver.prepare_image(int(image["id"]), Path(image["path"]))
 
@@ -166,14 +190,29 @@ ProfileOpt = Annotated[
 ]
 
 
-def _load_profile(name: str, profile_file: Path | None = None, add_packages: list[str] | None = None) -> Profile:
-    """The profile to build, checked before anything runs (an error names the bad key, package or file)."""
-    from deckard.images.profile import load_profile, load_profile_file, with_packages
-    from deckard.model.errors import BadInput
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="container, or vm: the same image that can also boot as a virtual machine (a kernel and busybox more).",
+    ),
+]
 
+
+def _load_profile(
+    name: str, profile_file: Path | None = None, add_packages: list[str] | None = None, image_format: str = "container"
+) -> Profile:
+    """The profile to build, checked before anything runs (an error names the bad key, package or file)."""
+    from deckard.images.profile import load_profile, load_profile_file, with_packages, with_vm
+    from deckard.model.errors import BadInput
+    from deckard.model.vm_image import IMAGE_FORMATS, VM_FORMAT
+
+    if image_format not in IMAGE_FORMATS:
+        _fail(f"unknown image format {image_format!r}: choose {' or '.join(IMAGE_FORMATS)}", 2)
     try:
         profile = load_profile_file(profile_file) if profile_file is not None else load_profile(name)
-        return with_packages(profile, add_packages or [])
+        profile = with_packages(profile, add_packages or [])
+        return with_vm(profile) if image_format == VM_FORMAT else profile
     except BadInput as e:
         _fail(e.message, 2)
 
@@ -185,6 +224,7 @@ async def _ensure_image(
     profile: Profile | None = None,
     tags: tuple[str, ...] = ("default", "head"),
     unpack: bool = True,
+    osf_id: int | None = None,
 ) -> dict[str, Any]:
     """Build the profile's image if it is missing (cached: a second run does not rebuild), register and tag it,
     and unpack it for the first desktop."""
@@ -212,7 +252,7 @@ async def _ensure_image(
 
         path = await build_image(paths.images, cache_dir=cache_dir, progress=progress, profile=profile)
         bar.update(task, completed=1.0, description=f"Desktop image ready ({profile.name})")
-    image = await _register_image(settings, path, tags, profile=profile.name)
+    image = await _register_image(settings, path, tags, profile=profile.name, osf_id=osf_id)
     if unpack:
         await _unpack_image(settings, image)
     return image
@@ -230,6 +270,10 @@ def image_build(
     add_package: Annotated[
         list[str] | None, typer.Option("--add-package", help="Debian package to add to the profile (repeatable).")
     ] = None,
+    image_format: FormatOpt = "container",
+    osf: Annotated[
+        str | None, typer.Option("--osf", help="OSF to register it in (NAME or NAME@TENANT; default: the default OSF).")
+    ] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag to point at it (default: default, head).")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache of built root filesystems.")] = None,
     unpack: Annotated[bool, typer.Option(help="Unpack it now for the first desktop (else the node does).")] = True,
@@ -240,15 +284,19 @@ def image_build(
 
     _need_root("image build")
     _quiet_logs()
-    chosen = _load_profile(profile or DEFAULT_PROFILE, profile_file, add_package)
+    chosen = _load_profile(profile or DEFAULT_PROFILE, profile_file, add_package, image_format)
     tags = tuple(tag or ("default", "head"))
-    image = asyncio.run(_ensure_image(_settings(home), cache=cache, profile=chosen, tags=tags, unpack=unpack))
+    settings = _settings(home)
+    settings.paths.make()
+    osf_id = asyncio.run(_find_osf(settings, osf)) if osf is not None else None
+    image = asyncio.run(_ensure_image(settings, cache=cache, profile=chosen, tags=tags, unpack=unpack, osf_id=osf_id))
     if as_json:
         out.print_json(json.dumps(image, default=str))
     else:
+        where = f" in OSF {osf}" if osf else ""
         out.print(
-            f"image {image['id']} ({image['version']}, profile {chosen.name}) at {image['path']}, "
-            f"tagged {', '.join(tags)}"
+            f"image {image['id']} ({image['version']}, profile {chosen.name}, {image_format}) at {image['path']}, "
+            f"tagged {', '.join(tags)}{where}"
         )
 
 
@@ -260,6 +308,9 @@ def image_import(
         str | None, typer.Option("--profile", help="Profile it was built from (default: what the image says).")
     ] = None,
     unpack: Annotated[bool, typer.Option(help="Unpack it now for the first desktop (else the node does).")] = True,
+    osf: Annotated[
+        str | None, typer.Option("--osf", help="OSF to register it in (NAME or NAME@TENANT; default: the default OSF).")
+    ] = None,
 ) -> None:
     """Register an existing image tarball (e.g. built elsewhere) and tag it (default: default, head)."""
     from deckard.images.builder import read_image_metadata
@@ -279,8 +330,10 @@ def image_import(
     _quiet_logs()
 
     async def register() -> dict[str, Any]:
-        image = await _register_image(settings, path.resolve(), tuple(tag or ("default", "head")), profile or "")
-        if unpack:
+        osf_id = await _find_osf(settings, osf) if osf is not None else None
+        tags = tuple(tag or ("default", "head"))
+        image = await _register_image(settings, path.resolve(), tags, profile or "", osf_id=osf_id)
+        if unpack and osf is None:  # another OSF may run VMs: its node prepares the image for its driver
             await _unpack_image(settings, image)
         return image
 
@@ -329,7 +382,12 @@ async def _serve(
             net = settings.network
             if settings.node.driver != "fake":  # fake desktops need no bridge (and no root)
                 await ensure_bridge(net.bridge, f"{gateway_of(net.range)}/{prefix_len(net.range)}")
-            driver = load_driver(settings.node.driver, paths, fake_start_delay=settings.node.fake_start_delay)
+            driver = load_driver(
+                settings.node.driver,
+                paths,
+                fake_start_delay=settings.node.fake_start_delay,
+                vm_accel=settings.node.vm_accel,
+            )
             node = NodeDaemon(
                 db,
                 settings,
@@ -404,7 +462,7 @@ def node_cmd(
         lost_after_s=lost_after,
         fake_start_delay=fake_start_delay,
     )
-    if settings.node.driver == "container":
+    if settings.node.driver != "fake":
         _need_root("deckard node")
     _run_until_signal(settings, with_api=False, with_node=True)
 
@@ -478,7 +536,7 @@ def up(
     from deckard.runtime.tls import ensure_tls
 
     settings = _settings(home, api_port, broker_port, listen, bridge, network, database, node_name, driver)
-    if settings.node.driver == "container":
+    if settings.node.driver != "fake":
         _need_root("deckard up")
     _quiet_logs()
     paths = settings.paths

@@ -87,6 +87,11 @@ class AgentClient:
             )
         return body
 
+    async def exec(self, command: str, *, user: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """Run a shell command in the guest (as root, or as ``user``): ``{"returncode", "stdout", "stderr"}``."""
+        params = {"command": command, "timeout": str(timeout), **({"user": user} if user else {})}
+        return await self.call("exec", params, timeout=timeout + 5)
+
     async def ping(self) -> dict[str, Any]:
         """``{"ok", "version", "x_state"}``: the agent is alive."""
         return await self.call("ping")

@@ -42,6 +42,7 @@ from deckard.model.schemas import (
     AuditVerification,
     BulkResult,
     ConfigEntry,
+    ConsoleLog,
     Desktop,
     Explanation,
     Health,
@@ -88,9 +89,13 @@ def error_from_response(response: httpx.Response) -> DeckardError:
     return err
 
 
-def _build_body(profile: str | None, add_packages: list[str] | None) -> dict[str, Any]:
-    """An image build's profile and extra packages; the API picks its default profile when none is named."""
-    return {"add_packages": add_packages or [], **({"profile": profile} if profile else {})}
+def _build_body(profile: str | None, add_packages: list[str] | None, image_format: str | None = None) -> dict[str, Any]:
+    """An image build's profile, extra packages and format; the API picks its defaults for what is not named."""
+    return {
+        "add_packages": add_packages or [],
+        **({"profile": profile} if profile else {}),
+        **({"format": image_format} if image_format else {}),
+    }
 
 
 def _seg(ref: str | int) -> str:
@@ -319,6 +324,9 @@ class ApiClient:
         params = _given(dest=dest, port=port, proto=proto)
         return self._get(NetworkDecision, "GET", f"/desktops/{_seg(desktop)}/network/explain", params=params)
 
+    def console_log(self, desktop: str | int, max_bytes: int = 65536) -> ConsoleLog:
+        return self._get(ConsoleLog, "GET", f"/desktops/{_seg(desktop)}/console", params={"bytes": max_bytes})
+
     def explain_desktop(self, desktop: str | int) -> Explanation:
         return self._get(Explanation, "GET", f"/desktops/{_seg(desktop)}/explain")
 
@@ -375,6 +383,7 @@ class ApiClient:
         path: str | None = None,
         build_profile: str | None = None,
         add_packages: list[str] | None = None,
+        build_format: str | None = None,
     ) -> Image:
         body: dict[str, Any] = {
             "version": version,
@@ -382,8 +391,8 @@ class ApiClient:
             "source": source,
             "path": path,
         }
-        if build_profile or add_packages:  # else the API's default profile
-            body["build"] = _build_body(build_profile, add_packages)
+        if build_profile or add_packages or build_format:  # else the API's default profile and format
+            body["build"] = _build_body(build_profile, add_packages, build_format)
         return self._get(Image, "POST", "/images", json=body)
 
     def upload_image_chunk(self, image_id: int, data: bytes, *, start: int, total: int) -> Image:
@@ -430,8 +439,16 @@ class ApiClient:
     def import_image(self, image_id: int, path: str) -> Image:
         return self._get(Image, "POST", f"/images/{int(image_id)}/import", json={"path": path})
 
-    def build_image(self, image_id: int, profile: str | None = None, add_packages: list[str] | None = None) -> Image:
-        return self._get(Image, "POST", f"/images/{int(image_id)}/build", json=_build_body(profile, add_packages))
+    def build_image(
+        self,
+        image_id: int,
+        profile: str | None = None,
+        add_packages: list[str] | None = None,
+        format: str | None = None,
+    ) -> Image:
+        """Build the image on the API host: ``format="vm"`` makes one that can also boot as a virtual machine."""
+        body = _build_body(profile, add_packages, format)
+        return self._get(Image, "POST", f"/images/{int(image_id)}/build", json=body)
 
     def publish_image(
         self,

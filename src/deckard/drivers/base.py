@@ -12,6 +12,7 @@ was killed with ``-9`` converges by calling ``list`` and ``kill`` on what it no 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +46,8 @@ class GuestSpec:
     keep_overlay: bool = False  # OSF persistence policy; the overlay is discarded at start otherwise
     dns_search: str = ""  # search domains of the desktop's resolv.conf (its resolver is the gateway)
     env: dict[str, str] = field(default_factory=dict)
+    driver: str = ""  # which of the node's drivers runs it (the OSF's); "" = the node's only one
+    seed: Mapping[str, bytes] | None = None  # cloud-init NoCloud files for guests that read a seed disk (VMs)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,10 @@ class Driver(Protocol):
 
     async def list(self) -> list[GuestInfo]:
         """Every guest this driver manages for this farm (including half-started leftovers)."""
+        ...
+
+    async def console_log(self, guest_name: str, max_bytes: int = 65536) -> str:
+        """The last ``max_bytes`` of the guest's console (its init's and kernel's messages); "" when none."""
         ...
 
     async def close(self) -> None:

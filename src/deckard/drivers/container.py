@@ -322,6 +322,15 @@ class ContainerDriver:
     async def close(self) -> None:
         """Nothing to release: the containers are processes of their own and outlive the daemon."""
 
+    async def console_log(self, guest_name: str, max_bytes: int = 65536) -> str:
+        try:
+            with (self._lxc_dir(guest_name) / "console.log").open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     async def _state(self, guest_name: str) -> tuple[str, int | None] | None:
         """(STATE, init pid) from lxc-info, or None when LXC does not know the guest."""
         if not (self._lxc_dir(guest_name) / "config").exists():

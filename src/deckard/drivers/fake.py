@@ -86,6 +86,9 @@ class FakeDriver:
                 log.warning("fake.resume_failed", guest=spec.guest_name, error=str(e))
         log.info("fake.resumed", guests=len(self.guests))
 
+    async def console_log(self, guest_name: str, max_bytes: int = 65536) -> str:  # noqa: ARG002
+        return ""  # a fake guest has no console
+
     async def close(self) -> None:
         if not self._resumed:
             return  # nothing was taken back, so a hand-over file stays as it is

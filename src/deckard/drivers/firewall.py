@@ -2,9 +2,11 @@
 
 What the table says (``docs/networking.md``):
 
-* **input** from the bridge: a desktop may ask the node's DNS resolver (port 53 on the gateway address) and
-  answer what the node opened (the agent, the display); everything else it sends to the node is dropped —
-  the API, the broker, the database, ssh.
+* **input** from the bridge: a desktop may ask the node's DNS resolver (port 53 on the gateway address) and its
+  metadata service (``METADATA_PORT``), and answer what the node opened (the agent, the display); everything
+  else it sends to the node is dropped — the API, the broker, the database, ssh.
+* **prerouting** from the bridge: the well-known metadata address (``169.254.169.254`` port 80) is the node's
+  metadata service on the gateway address (``node/metadata.py``).
 * **forward** from the bridge: IPv6 is dropped; the farm's own networks (other desktops, the nodes, the
   database, the farm owner's forbidden list) are rejected; then each desktop jumps to its policy's chain (a
   verdict map from its address) whose rules are the egress policy in order, ending in ``accept``.  Every
@@ -35,6 +37,7 @@ import structlog
 from deckard.drivers.network import run_command
 from deckard.model.egress import ANY, Protected, Rule
 from deckard.model.errors import DriverError
+from deckard.model.guest_metadata import METADATA_ADDRESS, METADATA_PORT
 
 log = structlog.get_logger()
 
@@ -76,6 +79,7 @@ class Table:
     bridge: str
     protected: Protected
     desktops: Mapping[str, tuple[Rule, ...]]  # desktop IP → its policy's rules
+    metadata_port: int = METADATA_PORT  # the guests' metadata service on the gateway address
 
     def render(self) -> str:
         name = table_name(self.bridge)
@@ -104,7 +108,13 @@ class Table:
             f"    ip daddr {gw} udp dport 53 accept",
             f"    ip daddr {gw} tcp dport 53 accept",
             f"    ip daddr {gw} icmp type echo-request accept",
+            f"    ip daddr {gw} tcp dport {self.metadata_port} accept",
             "    drop",
+            "  }",
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f'    iifname "{self.bridge}" ip daddr {METADATA_ADDRESS} tcp dport 80'
+            f" dnat ip to {gw}:{self.metadata_port}",
             "  }",
             "  chain forward {",
             "    type filter hook forward priority filter; policy accept;",
@@ -138,16 +148,62 @@ def available() -> bool:
     return shutil.which("nft") is not None
 
 
+def render_port_guard(port: str, mac: str, ip: str) -> str:
+    """A bridge-family table that lets only the guest's own MAC and IPv4 address in through its port.
+
+    Root in a VM owns its kernel and could send with any address: another desktop's, to take its egress policy
+    or its metadata (both are decided by source address), or poison the node's neighbour table.  A container
+    cannot (no ``CAP_NET_RAW`` or ``CAP_NET_ADMIN``), a VM needs this.  IPv4 and ARP only: the desktop network
+    has no IPv6.
+    """
+    return (
+        "\n".join(
+            [
+                f"table bridge {guard_name(port)} {{",
+                "  chain from_guest {",
+                "    type filter hook prerouting priority -300; policy accept;",
+                f'    iifname "{port}" ether saddr != {mac} drop',
+                f'    iifname "{port}" ether type != {{ ip, arp }} drop',
+                f'    iifname "{port}" ip saddr != {ip} drop',
+                f'    iifname "{port}" arp saddr ether != {mac} drop',
+                f'    iifname "{port}" arp saddr ip != {ip} drop',
+                "  }",
+                "}",
+            ]
+        )
+        + "\n"
+    )
+
+
+def guard_name(port: str) -> str:
+    return f"deckard_guard_{port}"
+
+
+async def guard_port(port: str, mac: str, ip: str) -> None:
+    """Load :func:`render_port_guard` for a guest's port (replacing an older one); DriverError when nft refuses."""
+    await remove_port_guard(port)
+    await _load_text(guard_name(port), render_port_guard(port, mac, ip))
+
+
+async def remove_port_guard(port: str) -> None:
+    if available():
+        await run_command(["nft", "delete", "table", "bridge", guard_name(port)], check=False)
+
+
 async def load(bridge: str, text: str) -> None:
     """Load a rendered table (``Table.render``) in one transaction (DriverError ``firewall_failed`` quoting nft
     on failure)."""
+    await _load_text(table_name(bridge), text)
+
+
+async def _load_text(name: str, text: str) -> None:
     if not available():
         raise DriverError(
             "nft is not installed: desktops would have no network policy; install the nftables package",
             code="firewall_unavailable",
         )
-    fd, name = tempfile.mkstemp(prefix=f".{table_name(bridge)}-", suffix=".nft")  # nodes may share a bridge
-    tmp = Path(name)
+    fd, path = tempfile.mkstemp(prefix=f".{name}-", suffix=".nft")  # nodes may share a bridge
+    tmp = Path(path)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     try:

@@ -18,6 +18,7 @@ Everything here is pure: the same figures and the same random source give the sa
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from bisect import bisect_left, insort
@@ -95,6 +96,13 @@ class Placer:
     noise: Callable[[Weights], float]
 
 
+@functools.lru_cache(maxsize=64)
+def serves(node_driver: str, osf_driver: str) -> bool:
+    """Whether a node registered with ``node_driver`` (one name or several: ``container,vm``) runs desktops of
+    an OSF with ``osf_driver``; a fake node simulates any OSF."""
+    return node_driver == "fake" or osf_driver in node_driver.split(",")
+
+
 def _base_qvd(n: NodeLoad, w: Weights) -> float:
     free_cpu = n.cpus - n.load
     return (w.ram * n.mem_free_mib + w.cpu * (free_cpu if free_cpu > 0 else 0.0)) / (n.desktops + 1)
@@ -142,7 +150,7 @@ def _filter(n: NodeLoad, req: Request, share: int) -> str | None:
         return "node heartbeat is stale"
     if n.blocked:
         return "node is blocked"
-    if req.driver is not None and n.driver not in (req.driver, "fake"):  # a fake node simulates any OSF
+    if req.driver is not None and not serves(n.driver, req.driver):
         return f"node runs {n.driver} desktops; this OSF needs {req.driver}"
     if n.mem_free_mib < req.memory_mib:
         return f"not enough free memory ({n.mem_free_mib} MiB free, {req.memory_mib} MiB needed)"
@@ -218,7 +226,7 @@ def best_node(
     for n in nodes:  # the same filters as _filter, inlined: this loop is the placement rate
         if n.state != NodeState.RUNNING or not n.fresh or n.blocked or n.mem_free_mib < need:
             continue
-        if req.driver is not None and n.driver != req.driver and n.driver != "fake":
+        if req.driver is not None and n.driver != req.driver and not serves(n.driver, req.driver):
             continue
         free_cpu = n.cpus - n.load
         score = (w_ram * n.mem_free_mib + w_cpu * (free_cpu if free_cpu > 0 else 0.0)) / (n.desktops + 1)
@@ -332,7 +340,7 @@ class NodeIndex:
             base = -key[0]
             if width > 0 and base + width <= best:
                 break  # no lower entry can beat it, even with the largest noise
-            if key[1] < need or (driver is not None and key[2] != driver and key[2] != "fake"):
+            if key[1] < need or (driver is not None and key[2] != driver and not serves(key[2], driver)):
                 continue
             if width <= 0:  # no noise: the first node (in the caller's order) of the best base, as rank_nodes
                 if base > best:

@@ -109,6 +109,9 @@ class User(Schema):
     mail: str | None = None
     allowed_networks: str | None = None
     allowed_hours: str | None = None
+    ssh_keys: list[str] | None = Field(
+        default=None, description="Public SSH keys handed to the user's desktops at boot (one user's answer only)."
+    )
 
 
 class Osf(Schema):
@@ -274,6 +277,16 @@ class ConfigEntry(Schema):
     per_osf: bool = Field(default=False, description="May also differ per OSF (egress and session policies).")
     description: str
     secret: bool = Field(default=False, description="A password: its value is shown as `***` when set.")
+
+
+class ConsoleLog(Schema):
+    """``deckard desktop console-log``: the last bytes of what the desktop's guest wrote on its console."""
+
+    desktop: str
+    text: str
+    size: int = Field(description="Bytes in the whole log; `text` is its end.")
+    truncated: bool
+    found: bool = Field(description="False: no console log is kept for this desktop (never started here).")
 
 
 class NetworkDecision(Schema):

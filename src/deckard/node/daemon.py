@@ -37,6 +37,7 @@ from deckard.db.engine import Database
 from deckard.drivers.base import Driver, GuestSpec
 from deckard.model.entities import Desktop, uid_for_user
 from deckard.model.errors import DeckardError
+from deckard.model.guest_metadata import nocloud_files
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.states import DesktopState, NodeCommand, NodeState
 from deckard.node.cluster import ClusterMonitor
@@ -52,6 +53,7 @@ from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
 from deckard.services import node_ops
 from deckard.services.events import node_channel
+from deckard.services.guest_metadata import metadata_for_desktop
 
 log = structlog.get_logger()
 
@@ -341,6 +343,8 @@ class NodeDaemon:
                     agent_token=desk.agent_token,
                     keep_overlay=facts.keep_overlay,
                     dns_search=facts.network.dns_search,
+                    driver=facts.driver,
+                    seed=await self._seed(desktop_id) if facts.driver == "vm" else None,
                 )
                 if self.egress is not None:  # the desktop's policy is loaded while its guest boots
                     await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))
@@ -373,6 +377,11 @@ class NodeDaemon:
                 await self.driver.kill(name)
             await node_ops.mark_failed(self.db, self.node_id, desktop_id, reason)
 
+    async def _seed(self, desktop_id: int) -> dict[str, bytes]:
+        """A VM's cloud-init NoCloud seed: what the metadata service serves, on its config disk."""
+        md = await metadata_for_desktop(self.db, desktop_id, network=self.network, farm_id=self.paths.farm_id)
+        return nocloud_files(md)
+
     async def _wait_for_agent(self, desk: Desktop) -> None:
         assert desk.agent_token
         agent = AgentClient(desk.ip, desk.agent_token, timeout=1.0)
@@ -387,12 +396,25 @@ class NodeDaemon:
                 last = e.message
             guest = await self.driver.inspect(self.paths.guest_name(desk.id))
             if guest is None or not guest.running:
-                raise DeckardError("the desktop's guest exited during start (see the node log)", code="guest_exited")
+                raise DeckardError(
+                    "the desktop's guest exited during start" + await self._console_tail(desk.id), code="guest_exited"
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.25)
         raise DeckardError(
-            f"the desktop's agent did not answer within {self.cfg.start_timeout:.0f} s ({last})", code="agent_timeout"
+            f"the desktop's agent did not answer within {self.cfg.start_timeout:.0f} s ({last})"
+            + await self._console_tail(desk.id),
+            code="agent_timeout",
         )
+
+    async def _console_tail(self, desktop_id: int, lines: int = 3) -> str:
+        """The guest console's last lines, for a failure's reason ("" when it said nothing)."""
+        with contextlib.suppress(Exception):
+            text = await self.driver.console_log(self.paths.guest_name(desktop_id), 8192)
+            tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+            if tail:
+                return "; its console said: " + " | ".join(tail)[-600:]
+        return ""
 
     async def _stop_claimed(self, desktop_id: int) -> None:
         await self._stop(desktop_id, reason=None)
@@ -444,6 +466,8 @@ class NodeDaemon:
         if guest is None or not guest.running:
             self._spawn(desk.id, self._stop(desk.id, reason="the desktop was shut down from inside", graceful=False))
             return
+        with contextlib.suppress(Exception):  # a VM's console ring is copied to its log (deckard desktop console-log)
+            await self.driver.console_log(guest.guest_name, 0)
         try:
             assert desk.agent_token
             await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()

@@ -148,8 +148,8 @@ class LocalFencing:
         if node.pid is not None and not await _kill_process(node.pid):
             log.warning("fence.kill_failed", lost=node.name, pid=node.pid)
             return False
-        if node.driver == "container" and node.run_dir:
-            driver = load_driver("container", FarmPaths(self.paths.home, Path(node.run_dir)))
+        if node.driver != "fake" and node.run_dir:
+            driver = load_driver(node.driver, FarmPaths(self.paths.home, Path(node.run_dir)))
             for guest in await driver.list():
                 await driver.kill(guest.guest_name)
         log.info("fence.done", lost=node.name, pid=node.pid)

@@ -25,6 +25,7 @@ import structlog
 
 from deckard.db.engine import Database
 from deckard.drivers.base import Driver
+from deckard.drivers.multi import MultiDriver
 from deckard.model.errors import DeckardError
 from deckard.services.events import EVENTS
 from deckard.services.images import images_to_prepare
@@ -37,10 +38,13 @@ CHECK_EVERY_S = 5.0
 class ImagePreparer:
     def __init__(self, db: Database, driver: Driver, *, every_s: float = CHECK_EVERY_S) -> None:
         self.db = db
-        self.driver = driver
+        # a node running several kinds of guest prepares each OSF's images for that OSF's driver only
+        self.drivers: dict[str, Driver] = {driver.name: driver}
+        if isinstance(driver, MultiDriver):
+            self.drivers = dict(driver.drivers)
         self.every_s = every_s
-        self.prepared: dict[int, Path] = {}  # image id → the file it was prepared from
-        self._failed: dict[int, Path] = {}  # logged once per image file, tried again at every pass
+        self.prepared: dict[tuple[str, int], Path] = {}  # (driver, image id) → the file it was prepared from
+        self._failed: dict[tuple[str, int], Path] = {}  # logged once per image file, tried again at every pass
 
     async def run(self, stop: asyncio.Event) -> None:
         async with self.db.bus.subscribe(EVENTS) as sub:
@@ -57,23 +61,27 @@ class ImagePreparer:
     async def pass_once(self, stop: asyncio.Event | None = None) -> int:
         """Prepare every tagged image not prepared yet; return how many this pass prepared."""
         done = 0
-        for image_id, path in await images_to_prepare(self.db, self.driver.name):
-            if stop is not None and stop.is_set():
-                break
-            if self.prepared.get(image_id) == path:
-                continue
-            t0 = time.monotonic()
-            try:
-                await self.driver.prepare_image(image_id, path)
-            except DeckardError as e:
-                if self._failed.get(image_id) != path:
-                    log.warning("node.image_not_prepared", image_id=image_id, path=str(path), error=e.message)
-                    self._failed[image_id] = path
-                continue
-            self._failed.pop(image_id, None)
-            self.prepared[image_id] = path
-            done += 1
-            log.info("node.image_prepared", image_id=image_id, seconds=round(time.monotonic() - t0, 2))
+        for kind, driver in self.drivers.items():
+            for image_id, path in await images_to_prepare(self.db, kind):
+                if stop is not None and stop.is_set():
+                    return done
+                key = (kind, image_id)
+                if self.prepared.get(key) == path:
+                    continue
+                t0 = time.monotonic()
+                try:
+                    await driver.prepare_image(image_id, path)
+                except DeckardError as e:
+                    if self._failed.get(key) != path:
+                        log.warning(
+                            "node.image_not_prepared", image_id=image_id, driver=kind, path=str(path), error=e.message
+                        )
+                        self._failed[key] = path
+                    continue
+                self._failed.pop(key, None)
+                self.prepared[key] = path
+                done += 1
+                log.info("node.image_prepared", image_id=image_id, driver=kind, seconds=round(time.monotonic() - t0, 2))
         return done
 
 

@@ -90,6 +90,11 @@ class FarmPaths:
         return self.node_run_dir / "lxc"
 
     @property
+    def vm(self) -> Path:
+        """Run state of this node's virtual machines: one directory per guest (``drivers/vm.py``)."""
+        return self.node_run_dir / "vm"
+
+    @property
     def logs(self) -> Path:
         return self.home / "logs"
 

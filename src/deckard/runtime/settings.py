@@ -7,6 +7,7 @@ Farm-wide behaviour that administrators change at run time lives in the database
 
 from __future__ import annotations
 
+import shutil
 import socket
 import tomllib
 from pathlib import Path
@@ -63,9 +64,15 @@ class NetworkSettings(BaseModel):
     dns_servers: list[str] = []
 
 
+def default_driver() -> str:
+    """Containers, and virtual machines too where QEMU is installed (``make up`` installs it)."""
+    return "container,vm" if shutil.which("qemu-system-x86_64") else "container"
+
+
 class NodeSettings(BaseModel):
     name: str = Field(default_factory=socket.gethostname)
-    driver: str = "container"
+    driver: str = Field(default_factory=default_driver)  # one name or several: container, vm, fake
+    vm_accel: str = Field(default="auto", pattern="^(auto|kvm|tcg)$")  # auto: KVM when a real probe shows it works
     heartbeat_s: float = 2.0
     poll_s: float = 0.25  # fallback poll when notifications cannot cross processes (SQLite)
     agent_check_s: float = 5.0

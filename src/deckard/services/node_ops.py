@@ -226,6 +226,7 @@ class StartFacts:
     image_id: int
     image_path: Path
     network: DesktopNetwork
+    driver: str = "container"  # the OSF's: which of the node's drivers runs the desktop
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
@@ -233,7 +234,13 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
         row = (
             await conn.execute(
                 sa.select(
-                    d, t.users.c.login, t.users.c.home_key, t.osfs.c.memory_mib, t.osfs.c.cpus, t.osfs.c.keep_overlay
+                    d,
+                    t.users.c.login,
+                    t.users.c.home_key,
+                    t.osfs.c.memory_mib,
+                    t.osfs.c.cpus,
+                    t.osfs.c.keep_overlay,
+                    t.osfs.c.driver.label("osf_driver"),
                 )
                 .join(t.users, t.users.c.id == d.c.user_id)
                 .join(t.osfs, t.osfs.c.id == d.c.osf_id)
@@ -253,4 +260,5 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             image_id,
             image_path,
             await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
+            row.osf_driver,
         )

@@ -8,7 +8,7 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
     -> {"ok": true, ...} | {"ok": false, "error": {"code": ..., "message": ...}}
 
     ping, x_state, x_start(user, uid[, geometry][, keyboard]), x_stop, poweroff, expire,
-    spy_notice(admin[, interactive]), idle, session_notice(reason, action, in_s)
+    spy_notice(admin[, interactive]), idle, session_notice(reason, action, in_s), exec(command[, user][, timeout])
 
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
 established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
@@ -26,6 +26,12 @@ The agent uses the standard library only and imports nothing from deckard, so an
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # run as the guest's init: http.server would import ssl (a quarter of a second under TCG) for nothing
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
 import argparse
 import contextlib
 import ctypes
@@ -41,7 +47,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +71,9 @@ MAX_NOTICE_S = 30 * 86400
 # used when the image carries no /etc/deckard/xsession
 FALLBACK_SESSION = "xsetroot -solid '#2e4a62'; xterm &\nexec jwm\n"
 
+MIN_UID, MAX_UID = 1000, 65533
+MAX_EXEC_S = 30.0
+MAX_EXEC_OUTPUT = 65536
 LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 GEOMETRY_RE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
 KEYBOARD_RE = re.compile(r"^[a-z]{2,3}(\([a-z0-9_]{1,24}\))?$")  # an XKB layout (variant): us, de, fr(azerty)
@@ -182,6 +190,8 @@ class XSession:
         t0 = time.monotonic()
         with self.lock:
             if self.state == "listening" and self.user == login and _alive(self.xvnc):
+                if keyboard:  # a new connection may come with another keyboard than the display started with
+                    self._set_keyboard(keyboard)
                 return {"state": self.current_state(), "user": login, "already": True}
             if self.state != "stopped":
                 self._stop_locked()
@@ -256,6 +266,31 @@ class XSession:
         script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
         with open(RUN_DIR / "session.log", "ab") as slog:
             self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
+
+    def _set_keyboard(self, keyboard: str) -> None:
+        """``setxkbmap`` as the user on the running display (checked by the caller: KEYBOARD_RE)."""
+        try:
+            account = pwd.getpwnam(self.user or "")
+        except KeyError:
+            return
+        proc = self.children.spawn(
+            ["setxkbmap", keyboard],
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            env=user_env(account),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def wait() -> None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            self.children.forget(proc)
+
+        threading.Thread(target=wait, daemon=True).start()
 
     def _watch(self, xvnc: subprocess.Popen[bytes] | None, session: subprocess.Popen[bytes] | None) -> None:
         """Logging out (the session exits) or an Xvnc crash ends the whole display."""
@@ -566,6 +601,61 @@ def _loopback_up() -> None:
             log.warning("loopback not brought up: %s", exc)
 
 
+# -- PID 1 of a virtual machine ----------------------------------------------------------------------
+LINUX_REBOOT_MAGIC = 0xFEE1DEAD, 0x28121969
+REBOOT_CAD_OFF = 0x00000000  # Ctrl-Alt-Del sends SIGINT to PID 1 (our graceful power-off) instead of rebooting
+REBOOT_POWER_OFF = 0x4321FEDC
+EV_KEY, KEY_POWER = 1, 116
+INPUT_EVENT = struct.Struct("llHHi")  # struct input_event on 64-bit Linux
+
+
+def _reboot(cmd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.reboot(ctypes.c_int(cmd)) != 0:
+        log.warning("reboot(%#x) failed: %s", cmd, os.strerror(ctypes.get_errno()))
+
+
+def setup_vm(poweroff: Any) -> None:
+    """In a VM: Ctrl-Alt-Del and the ACPI power button (QEMU's ``system_powerdown``) power off cleanly."""
+    _reboot(REBOOT_CAD_OFF)
+    for device in sorted(Path("/sys/class/input").glob("event*")):
+        with contextlib.suppress(OSError):
+            if (device / "device/name").read_text().strip() == "Power Button":
+                threading.Thread(
+                    target=_watch_power_button, args=(f"/dev/input/{device.name}", poweroff), daemon=True
+                ).start()
+
+
+def _watch_power_button(path: str, poweroff: Any) -> None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                data = f.read(INPUT_EVENT.size)
+                if len(data) < INPUT_EVENT.size:
+                    return
+                _sec, _usec, kind, code, value = INPUT_EVENT.unpack(data)
+                if kind == EV_KEY and code == KEY_POWER and value == 1:
+                    log.info("power button pressed")
+                    poweroff()
+                    return
+    except OSError as exc:
+        log.warning("cannot watch the power button %s: %s", path, exc)
+
+
+def power_off_machine() -> None:
+    """Last act of PID 1 in a VM: flush, unmount the home and the root read-only, power off."""
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with contextlib.suppress(OSError):
+        targets = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        for target in reversed(targets):
+            if target.startswith("/home/"):
+                libc.umount2(target.encode(), 0)
+    libc.mount(None, b"/", None, 32 | 1, None)  # MS_REMOUNT | MS_RDONLY
+    os.sync()
+    _reboot(REBOOT_POWER_OFF)
+
+
 # -- HTTP RPC --------------------------------------------------------------------------------------
 class Agent:
     """The RPC methods; one instance per process."""
@@ -585,6 +675,45 @@ class Agent:
         result: dict[str, Any] = handler(params)
         return result
 
+    def rpc_exec(self, params: dict[str, str]) -> dict[str, Any]:
+        """Run ``command`` with ``sh -c`` as root (or as ``user``), at most ``timeout`` s; output capped.
+
+        The node's way into a guest it cannot enter from the host (a VM): diagnostics (``lsblk``, ``mount``) and
+        the end-to-end tests.  Only holders of the agent token, the node and the broker, can call it.
+        """
+        command = params.get("command", "")
+        if not command or len(command) > 4096:
+            raise AgentError("bad_input", "command must be 1-4096 characters")
+        try:
+            timeout = float(params.get("timeout", "10"))
+        except ValueError:
+            raise AgentError("bad_input", "timeout must be a number") from None
+        if not 0 < timeout <= MAX_EXEC_S:
+            raise AgentError("bad_input", f"timeout must be between 0 and {MAX_EXEC_S:.0f} s")
+        args = ["/bin/sh", "-c", command]
+        user = params.get("user", "")
+        if user:
+            if not LOGIN_RE.match(user):
+                raise AgentError("bad_input", "user must be a login")
+            args = ["su", "-", user, "-c", command]
+        proc = self.children.spawn(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the command's children too: they hold its output open
+            out, err = proc.communicate()
+            raise AgentError("exec_timeout", f"the command ran longer than {timeout:g} s", 504) from None
+        finally:
+            self.children.forget(proc)
+        return {
+            "returncode": proc.returncode,
+            "stdout": out[-MAX_EXEC_OUTPUT:].decode(errors="replace"),
+            "stderr": err[-MAX_EXEC_OUTPUT:].decode(errors="replace"),
+        }
+
     def rpc_ping(self, _params: dict[str, str]) -> dict[str, Any]:
         return {"version": VERSION, "x_state": self.x.current_state()}
 
@@ -599,8 +728,8 @@ class Agent:
             uid = int(params.get("uid", ""))
         except ValueError:
             raise AgentError("bad_input", "uid must be an integer") from None
-        if not 1000 <= uid < 65534:
-            raise AgentError("bad_input", "uid must be between 1000 and 65533")
+        if not MIN_UID <= uid <= MAX_UID:
+            raise AgentError("bad_input", f"uid must be between {MIN_UID} and {MAX_UID}")
         geometry = params.get("geometry", DEFAULT_GEOMETRY)
         if not GEOMETRY_RE.match(geometry):
             raise AgentError("bad_input", "geometry must look like 1280x800")
@@ -640,6 +769,18 @@ class Agent:
             raise AgentError("bad_input", f"in_s must be between 0 and {MAX_NOTICE_S}")
         text = session_notice_text(reason, action, in_s)
         return {"notified": self.x.notify(text, timeout=max(in_s, 10))}
+
+    def early_display(self, login_uid: str) -> None:
+        """Start the display for ``LOGIN:UID`` before anyone asks (``--display-for``); a failure only logs."""
+        login, _, uid_text = login_uid.partition(":")
+        try:
+            uid = int(uid_text)
+            if not LOGIN_RE.match(login) or not MIN_UID <= uid <= MAX_UID:
+                raise ValueError(login_uid)
+            self.x.start(login, uid, DEFAULT_GEOMETRY)
+            log.info("display started early for %s", login)
+        except (AgentError, ValueError) as exc:
+            log.warning("no early display for %s: %s", login_uid, exc)
 
     def rpc_poweroff(self, _params: dict[str, str]) -> dict[str, Any]:
         # answer first: the caller must learn that the poweroff was accepted before the agent goes away
@@ -737,6 +878,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="0.0.0.0")
     parser.add_argument("--token-file", default=DEFAULT_TOKEN_FILE)
     parser.add_argument("--no-init", action="store_true", help="run as a normal process (tests on the host)")
+    parser.add_argument(
+        "--display-for",
+        metavar="LOGIN:UID",
+        default="",
+        help="start this user's display at once (a VM knows its user at boot; a connect then finds it ready)",
+    )
+    parser.add_argument(
+        "--machine",
+        choices=("container", "vm"),
+        default="container",
+        help="vm: PID 1 of a virtual machine (power button, Ctrl-Alt-Del and the final power-off are ours)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s deckard-vma %(message)s")
 
@@ -748,6 +901,11 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(read_token(args.token_file), is_init)
     if os.getpid() == 1:
         threading.Thread(target=agent.children.reap_forever, daemon=True, name="reaper").start()
+    in_vm = is_init and args.machine == "vm" and os.getpid() == 1
+    if in_vm:
+        setup_vm(agent.poweroff)
+    if args.display_for:  # before the server: the display's slow start overlaps ours
+        threading.Thread(target=agent.early_display, args=(args.display_for,), daemon=True).start()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d", signum)
@@ -767,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     log.info("stopped")
+    if in_vm:
+        power_off_machine()  # PID 1 of a kernel must not exit: it would panic
     return 0
 
 

@@ -20,8 +20,8 @@ from deckard.api.deps import ActorDep, DbDep, SettingsDep
 from deckard.api.envelope import ERROR_RESPONSES
 from deckard.api.resource import ObjectRoutes, list_query
 from deckard.api.strict import Id, Ref, RequestModel
-from deckard.model.schemas import BulkResult, Desktop, NetworkDecision, Page
-from deckard.services import bulk, desktops, network_policy, session_policy, users
+from deckard.model.schemas import BulkResult, ConsoleLog, Desktop, NetworkDecision, Page
+from deckard.services import bulk, console, desktops, network_policy, session_policy, users
 from deckard.services.listing import ListQuery, parse_list_query
 
 router = APIRouter(prefix="/desktops", tags=["desktops"], responses=ERROR_RESPONSES)
@@ -182,6 +182,22 @@ desktop.add_action_with(
     lambda s, i, body: desktops.set_expiry(s.db, s.actor, i, soft_s=body.soft_s, hard_s=body.hard_s),
     "Set the desktop's soft and hard expiry deadlines, or clear them (the owning node warns, then stops it)",
 )
+
+
+@router.get(
+    "/{desktop}/console",
+    response_model=ConsoleLog,
+    summary="The end of the desktop's console log (its guest's init, kernel and agent messages)",
+)
+async def console_log(
+    desktop: Ref,
+    actor: ActorDep,
+    db: DbDep,
+    settings: SettingsDep,
+    max_bytes: Annotated[int, Query(alias="bytes", ge=1, le=console.MAX_BYTES)] = 65536,
+) -> ConsoleLog:
+    out = await console.console_log(db, actor, desktop, paths=settings.paths, max_bytes=max_bytes)
+    return ConsoleLog.model_validate(out)
 
 
 @router.get(

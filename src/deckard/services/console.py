@@ -1,0 +1,54 @@
+"""A desktop's console log: what its guest's init, kernel and agent said (``deckard desktop console-log``).
+
+The drivers keep it where this process can read it: a VM's in the farm home (``logs/console/<guest>.log``,
+copied out of QEMU's console ring by its node, and kept after the VM stops, so a failed boot can be read), a
+container's in its node's run directory while it runs.  Reading needs ``desktop.see``, like every other view of
+a desktop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.runtime.paths import FarmPaths
+from deckard.services.context import Actor, require
+from deckard.services.desktops import find_desktop_id
+
+MAX_BYTES = 1 << 20
+
+
+async def console_log(
+    db: Database, actor: Actor, desktop: str | int, *, paths: FarmPaths, max_bytes: int
+) -> dict[str, Any]:
+    require(actor, "desktop.see")
+    desktop_id = await find_desktop_id(db, actor, desktop)
+    d, n = t.desktops, t.nodes
+    async with db.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(d.c.name, n.c.run_dir)
+                .select_from(d.outerjoin(n, n.c.id == d.c.node_id))
+                .where(d.c.id == desktop_id)
+            )
+        ).one()
+    guest = paths.guest_name(desktop_id)
+    candidates = [paths.logs / "console" / f"{guest}.log"]
+    if row.run_dir:
+        candidates.append(Path(row.run_dir) / "lxc" / guest / "console.log")
+    text, size, source = "", 0, ""
+    for path in candidates:
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - max_bytes))
+                text, source = f.read().decode(errors="replace"), str(path)
+                break
+        except OSError:
+            continue
+    return {"desktop": row.name, "text": text, "size": size, "truncated": size > max_bytes, "found": bool(source)}

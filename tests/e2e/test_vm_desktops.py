@@ -1,0 +1,200 @@
+"""VM desktops as a new user meets them: an OSF with ``--driver vm``, a desktop on it, the same connect as always.
+
+Real QEMU (TCG here: this machine's KVM cannot run a stock kernel), a real image built with ``--format vm`` (the
+minimal profile plus Debian's kernel; cached like every image), two nodes sharing the farm home.  One farm per
+module; the tests run in order and build on each other (the first one boots the VM the others use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deckard.client import broker as qvd
+from deckard.client.agent import AgentClient
+from deckard.client.rfb import grab_framebuffer, is_blank
+from deckard.runtime.paths import FarmPaths
+from deckard.testing import FarmProcess, e2e_unavailable_reason, image_cache, wait_for
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "s3cret!"
+BOOT_S = 120  # a TCG boot is ~10 s on a quiet machine; the suite runs two workers beside it
+
+
+def _unavailable() -> str | None:
+    reason = e2e_unavailable_reason()
+    if reason:
+        return reason
+    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.vfat", "mcopy"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            return f"{tool} is not installed (make test installs qemu-system-x86, qemu-utils, dosfstools, mtools)"
+    return None
+
+
+def _quiet(_text: str, _fraction: float) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def vm_image() -> Path:
+    """The minimal profile built with ``--format vm`` (kernel, modules, static busybox), from the image cache."""
+    reason = _unavailable()
+    if reason:
+        pytest.skip(reason)
+    from deckard.images.builder import build_image
+    from deckard.images.profile import load_profile, with_vm
+
+    out = image_cache() / "built"
+    path = asyncio.run(
+        build_image(
+            out, cache_dir=image_cache(), progress=lambda _t, _f: None, profile=with_vm(load_profile("minimal"))
+        )
+    )
+    for old in out.glob("deckard-minimal-vm-*.tar.zst"):  # images of older agents are dead weight
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def farm(vm_image: Path) -> Iterator[FarmProcess]:
+    f = FarmProcess(nodes=2)
+    try:
+        f.up()
+        f.deckard("osf", "add", "vmdesk", "--driver", "vm", "--memory", "768")
+        f.deckard("image", "import", str(vm_image), "--osf", "vmdesk")
+        f.deckard("user", "add", "vera", "--password", PASSWORD)
+        f.deckard("desktop", "add", "vera-vm", "--user", "vera", "--osf", "vmdesk")
+        yield f
+    finally:
+        f.close()
+
+
+def _row(farm: FarmProcess, name: str) -> dict[str, Any]:
+    """The desktop's row straight from the farm's database (the agent token is not in any API answer)."""
+    with sqlite3.connect(farm.home / "deckard.db") as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute(
+            "SELECT d.*, n.name AS node FROM desktops d LEFT JOIN nodes n ON n.id = d.node_id WHERE d.name = ?", (name,)
+        ).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def _run(farm: FarmProcess, name: str, command: str, user: str = "") -> dict[str, Any]:
+    row = _row(farm, name)
+    return asyncio.run(AgentClient(row["ip"], row["agent_token"]).exec(command, user=user, timeout=20))
+
+
+def _wait_state(farm: FarmProcess, name: str, state: str, timeout: float = BOOT_S) -> dict[str, Any]:
+    return wait_for(  # type: ignore[return-value]
+        lambda: (d := farm.desktop(name))["state"] == state and d["cmd"] is None and d, timeout, 0.5, f"{name} {state}"
+    )
+
+
+async def _see_desktop(farm: FarmProcess, desktop_id: int) -> None:
+    reader, writer = await asyncio.wait_for(qvd.connect(farm.broker, "vera", PASSWORD, farm.ca, desktop_id), BOOT_S)
+    try:
+        width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=30), 60)
+        assert width > 0 and height > 0
+        assert not is_blank(pixels), "the VM desktop's framebuffer is blank"
+    finally:
+        writer.close()
+
+
+def _qemus(farm: FarmProcess) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-f", f"qemu-system-x86_64 -name guest={FarmPaths(farm.home).guest_prefix()}"],
+        capture_output=True,
+        text=True,
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_vm_desktop_connects_like_any_desktop(farm: FarmProcess) -> None:
+    desk = farm.desktop("vera-vm")
+    try:
+        asyncio.run(_see_desktop(farm, desk["id"]))
+    except BaseException:
+        print(farm.deckard("desktop", "console-log", "vera-vm", check=False).stdout)
+        print(farm.diagnostics())
+        raise
+    running = _wait_state(farm, "vera-vm", "running", 10)
+    assert running["user_state"] in ("connected", "disconnected")
+    # it really is a virtual machine: its own kernel, its disks found by serial, the home on its own disk
+    cpu = _run(
+        farm, "vera-vm", "grep -m1 'model name' /proc/cpuinfo; cat /sys/block/vda/serial; findmnt -no SOURCE /home/vera"
+    )
+    assert "QEMU" in cpu["stdout"] and "deckard-root" in cpu["stdout"], cpu
+    assert cpu["stdout"].strip().endswith("/dev/vdb"), cpu
+    assert len(_qemus(farm)) == 1
+
+
+def test_console_log_shows_the_boot(farm: FarmProcess) -> None:
+    out = farm.deckard("desktop", "console-log", "vera-vm").stdout
+    assert "deckard-init: starting the agent" in out and "deckard-vma listening" in out, out
+
+
+def test_root_inside_cannot_take_another_address(farm: FarmProcess) -> None:
+    """Root in a VM owns its kernel: the node lets only the desktop's own MAC and address in through its tap."""
+    row = _row(farm, "vera-vm")
+    prefix = row["ip"].rsplit(".", 1)[0]
+    gateway, spoof = f"{prefix}.1", f"{prefix}.250"
+
+    def reach(source: str) -> str:
+        probe = (
+            f"import socket; s = socket.socket(); s.settimeout(3); s.bind(({source!r}, 0)); "
+            f"print('open' if s.connect_ex(({gateway!r}, 8775)) in (0, 111) else 'dropped')"
+        )
+        return str(_run(farm, "vera-vm", f'python3 -c "{probe}"')["stdout"]).strip()
+
+    assert reach(row["ip"]) == "open"  # the metadata service's port on the node
+    assert _run(farm, "vera-vm", f"busybox ip addr add {spoof}/24 dev eth0")["returncode"] == 0
+    assert reach(spoof) == "dropped"
+
+
+def test_home_survives_a_restart_on_another_node_and_usr_does_not(farm: FarmProcess) -> None:
+    assert _run(farm, "vera-vm", "echo kept > ~/kept.txt", user="vera")["returncode"] == 0
+    assert _run(farm, "vera-vm", "echo gone > /usr/gone.txt")["returncode"] == 0
+    first_node = _row(farm, "vera-vm")["node"]
+    farm.deckard("desktop", "stop", "vera-vm")
+    _wait_state(farm, "vera-vm", "stopped")
+    assert not _qemus(farm), "the stopped VM's QEMU is still running"
+    farm.deckard("node", "block", first_node)
+    try:
+        farm.deckard("desktop", "start", "vera-vm")
+        running = _wait_state(farm, "vera-vm", "running")
+    finally:
+        farm.deckard("node", "unblock", first_node)
+    assert _row(farm, "vera-vm")["node"] != first_node, running
+    assert _run(farm, "vera-vm", "cat ~/kept.txt", user="vera")["stdout"].strip() == "kept"
+    assert _run(farm, "vera-vm", "test -e /usr/gone.txt && echo there")["stdout"] == ""
+
+
+def test_node_killed_with_a_running_vm_converges(farm: FarmProcess) -> None:
+    """kill -9 of the node daemons: the VM keeps running (QEMU is a process of its own) and is adopted again."""
+    row = _row(farm, "vera-vm")
+    assert row["state"] == "running"
+    before = _qemus(farm)
+    pid = farm.pid()
+    assert pid
+    os.killpg(pid, signal.SIGKILL)
+    node2 = FarmPaths(farm.home).demo_node_pid(2)
+    if node2.exists():
+        os.kill(int(node2.read_text()), signal.SIGKILL)
+    time.sleep(0.5)
+    assert _qemus(farm) == before, "QEMU died with the node daemon"
+    farm.up()
+    _wait_state(farm, "vera-vm", "running", 60)
+    assert _qemus(farm) == before, "the VM was not adopted"
+    asyncio.run(_see_desktop(farm, row["id"]))

@@ -1,0 +1,188 @@
+"""The VM driver's pure parts: the initrd it makes, the init it runs, the config disk's files, QEMU's command."""
+
+from __future__ import annotations
+
+import lzma
+import stat
+from pathlib import Path
+
+import pytest
+
+from deckard.drivers.base import GuestSpec
+from deckard.drivers.firewall import render_port_guard
+from deckard.drivers.vm import VmDriver, tap_name
+from deckard.drivers.vm_boot import (
+    INITRD_MODULES,
+    REQUIRED_MODULES,
+    GuestConf,
+    config_files,
+    cpio_newc,
+    initrd_image,
+    render_init,
+    vmlinux_from_bzimage,
+)
+from deckard.model.errors import DriverError
+from deckard.model.placement import serves
+from deckard.model.vm_image import VM_MODULES, module_load_order
+from deckard.runtime.paths import FarmPaths
+
+MODULES_DEP = """\
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/fs/jbd2/jbd2.ko:
+kernel/fs/mbcache.ko:
+kernel/lib/crc16.ko:
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/fs/fat/vfat.ko: kernel/fs/fat/fat.ko
+kernel/fs/fat/fat.ko:
+"""
+
+
+def _cpio_entries(data: bytes) -> dict[str, tuple[int, bytes]]:
+    out, at = {}, 0
+    while True:
+        assert data[at : at + 6] == b"070701"
+        fields = [int(data[at + 6 + 8 * i : at + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, name_len = fields[1], fields[6], fields[11]
+        name_at = at + 110
+        name = data[name_at : name_at + name_len - 1].decode()
+        body_at = name_at + name_len + (-(110 + name_len) % 4)
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, data[body_at : body_at + size])
+        at = body_at + size + (-size % 4)
+
+
+def test_cpio_is_the_newc_format_the_kernel_unpacks() -> None:
+    data = cpio_newc(
+        [("bin", stat.S_IFDIR | 0o755, b""), ("bin/x", stat.S_IFREG | 0o755, b"abc"), ("init", 0o100755, b"")]
+    )
+    entries = _cpio_entries(data)
+    assert entries["bin/x"] == (stat.S_IFREG | 0o755, b"abc")
+    assert stat.S_ISDIR(entries["bin"][0]) and "init" in entries
+
+
+def test_modules_load_after_what_they_need() -> None:
+    order = module_load_order(MODULES_DEP, ["virtio_pci", "virtio_blk", "ext4", "vfat", "absent"])
+    names = [p.rsplit("/", 1)[-1] for p in order]
+    assert names.index("virtio_ring.ko") < names.index("virtio.ko") < names.index("virtio_pci.ko")
+    assert names.index("crc16.ko") < names.index("ext4.ko") and names.index("fat.ko") < names.index("vfat.ko")
+    assert len(names) == len(set(names))
+
+
+def test_the_initrd_loads_only_what_the_image_keeps() -> None:
+    assert set(INITRD_MODULES) <= set(VM_MODULES)  # the builder prunes every other module away
+    assert set(INITRD_MODULES) >= REQUIRED_MODULES
+
+
+def _rootfs(tmp_path: Path, *, busybox: bool = True, modules: str = MODULES_DEP) -> Path:
+    root = tmp_path / "rootfs"
+    mods = root / "lib/modules/6.1.0-test"
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text(modules)
+    for line in modules.splitlines():
+        path = mods / line.split(":")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x7fELF module " + path.name.encode())
+    if busybox:
+        (root / "bin").mkdir()
+        (root / "bin/busybox").write_bytes(b"\x7fELF" + bytes(600_000))
+    return root
+
+
+def test_initrd_has_busybox_the_modules_and_the_init(tmp_path: Path) -> None:
+    entries = _cpio_entries(initrd_image(_rootfs(tmp_path), "6.1.0-test"))
+    assert entries["bin/busybox"][0] & 0o755 == 0o755
+    assert entries["lib/modules/ext4.ko"][1].startswith(b"\x7fELF")
+    init = entries["init"][1].decode()
+    assert init.index("insmod /lib/modules/virtio_ring.ko") < init.index("insmod /lib/modules/virtio_blk.ko")
+
+
+def test_an_image_without_busybox_or_disk_modules_cannot_boot(tmp_path: Path) -> None:
+    with pytest.raises(DriverError) as e:
+        initrd_image(_rootfs(tmp_path / "a", busybox=False), "6.1.0-test")
+    assert e.value.code == "image_not_bootable"
+    no_ext4 = "\n".join(line for line in MODULES_DEP.splitlines() if "ext4" not in line)
+    with pytest.raises(DriverError) as e:
+        initrd_image(_rootfs(tmp_path / "b", modules=no_ext4), "6.1.0-test")
+    assert e.value.code == "image_not_bootable" and "ext4" in e.value.message
+
+
+def test_init_finds_disks_by_serial_and_hands_over_to_the_agent() -> None:
+    init = render_init(["kernel/fs/ext4/ext4.ko"])
+    assert "deckard-root" in init and "deckard-home" in init and "deckard-config" in init
+    assert "switch_root /newroot /usr/local/sbin/deckard-vma --machine vm" in init
+    assert init.index("53ef") < init.index("mkfs.ext4")  # formats only a home that has no file system yet
+
+
+def test_guest_conf_quotes_every_value_for_the_shell() -> None:
+    conf = GuestConf("dk1-2", "10.0.0.5", 24, "10.0.0.1", "ada", 70001, dns_search="a.test; rm -rf /")
+    assert "DNS_SEARCH='a.test; rm -rf /'" in conf.render()
+    files = config_files(conf, agent_token="tok", display_secret=b"12345678")
+    assert files["deckard/agent-token"] == b"tok\n" and files["deckard/display-passwd"] == b"12345678"
+    assert b"dk1-2" in files["meta-data"]
+    seeded = config_files(conf, agent_token="tok", display_secret=b"x" * 8, extra={"meta-data": b"instance-id: i\n"})
+    assert seeded["meta-data"] == b"instance-id: i\n"
+
+
+def test_the_kernel_is_found_inside_a_bzimage() -> None:
+    elf = b"\x7fELF" + bytes(1000)
+    fake = b"MZ setup code \xfd7zXZ\x00 not a stream " + lzma.compress(elf, format=lzma.FORMAT_XZ) + b"trailer"
+    assert vmlinux_from_bzimage(fake) == elf
+    assert vmlinux_from_bzimage(b"no kernel here") is None
+
+
+def _spec(tmp_path: Path) -> GuestSpec:
+    return GuestSpec(
+        desktop_id=7,
+        guest_name="dkabc123-7",
+        image_id=1,
+        image_path=tmp_path / "image.tar.zst",
+        ip="10.9.0.20",
+        prefix_len=24,
+        gateway="10.9.0.1",
+        mac="54:52:00:09:00:14",
+        bridge="dkb0",
+        memory_mib=1024,
+        cpus=2,
+        user_login="ada",
+        user_uid=70001,
+        home_dir=tmp_path / "homes/t/ada",
+        agent_token="secret-token-value",
+        driver="vm",
+    )
+
+
+def test_qemu_runs_confined_and_never_sees_a_secret_on_its_command_line(tmp_path: Path) -> None:
+    driver = VmDriver(FarmPaths(tmp_path), accel="tcg")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "vmlinux").write_bytes(b"\x7fELF")
+    spec = _spec(tmp_path)
+    args = driver._command(spec, base, tmp_path / "o.qcow2", tmp_path / "h.qcow2", tmp_path / "c.img", "tdk7", "tcg")
+    line = " ".join(args)
+    assert "secret-token-value" not in line  # the token travels on the root-only config disk
+    assert f"-runas {driver.uid}:{driver.uid}" in line and "-sandbox on" in line
+    assert "-m 1024" in line and "-smp 2" in line and f"mac={spec.mac}" in line
+    assert "serial=deckard-root" in line and "serial=deckard-home" in line and "serial=deckard-config" in line
+    assert "readonly=on" in line and "pvpanic" in line and "bootindex" not in line  # -kernel boots, not firmware
+    assert "shutdown=pause" in line and "panic=pause" in line
+
+
+def test_tap_names_fit_the_kernel_limit() -> None:
+    assert tap_name("dkabc123-7") == "tdkabc1237"
+    assert len(tap_name("dkabcdef-1234567890")) <= 15
+
+
+def test_the_port_guard_admits_only_the_guest_own_addresses() -> None:
+    text = render_port_guard("tdk7", "54:52:00:09:00:14", "10.9.0.20")
+    assert 'iifname "tdk7" ether saddr != 54:52:00:09:00:14 drop' in text
+    assert 'iifname "tdk7" ip saddr != 10.9.0.20 drop' in text and "arp saddr ip != 10.9.0.20 drop" in text
+
+
+def test_a_node_with_several_drivers_serves_each_of_them() -> None:
+    assert serves("container,vm", "vm") and serves("container,vm", "container") and serves("fake", "vm")
+    assert not serves("container", "vm") and not serves("vm", "container")
