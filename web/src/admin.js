@@ -24,6 +24,7 @@ const MENU = [
   ["nodes", "Nodes", "node.see"],
   ["images", "Images", "image.see"],
   ["osfs", "OSFs", "osf.see"],
+  ["volumes", "Volumes", "volume.see"],
   ["connections", "Connections", "connection.see"],
   ["admins", "Administrators", "admin.see"],
   ["roles", "Roles", "role.see"],

@@ -40,6 +40,7 @@ from deckard.api.routes import (
     stats,
     tenants,
     users,
+    volumes,
 )
 from deckard.api.routes.portal import BrokerOrigins
 from deckard.api.strict import check_path_refs
@@ -92,7 +93,7 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     install_audit_log(app)
     api = APIRouter(prefix=PREFIX)
     modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
-    for module in (*modules, identity, farm, audit, connections, stats, events):
+    for module in (*modules, identity, farm, audit, connections, stats, events, volumes):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(portal.router)  # /portal/* and /api/v1/desktops/{id}/spy-ticket

@@ -17,12 +17,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from deckard.cli import admin, connect, farm, identity
+    from deckard.cli import admin, connect, farm, identity, volumes
 
     farm.register(app)
     admin.register(app)
     identity.register(app)
     connect.register(app)
+    app.add_typer(volumes.app, name="volume")
 
 
 def main() -> None:

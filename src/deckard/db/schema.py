@@ -415,3 +415,49 @@ sso_flows = sa.Table(
     sa.Column("created_at", TS, nullable=False),
     sa.Column("expires_at", TS, nullable=False, index=True),
 )
+
+# ---- volumes (0012): block volumes a tenant makes and attaches to its desktops ------------------------------
+# A volume is a disk file in the storage root (``drivers/volumes.py``); ``state`` is ``creating`` while its file
+# is being made (a failed create removes the row again) and ``ready`` after.
+
+volumes = sa.Table(
+    "volumes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("size_gib", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, server_default="creating"),
+    sa.Column("status_message", sa.Text, nullable=False, server_default=""),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name", name="uq_volumes_tenant_name"),
+)
+
+volume_snapshots = sa.Table(
+    "volume_snapshots",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("volume_id", sa.ForeignKey("volumes.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("size_gib", sa.Integer, nullable=False),  # the volume's size when the snapshot was taken
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("volume_id", "name", name="uq_volume_snapshots_volume_name"),
+)
+
+# desired state (API): which desktop has which volume, read-only or not.  ``pending`` asks the node that runs the
+# desktop to hot-plug (``attach``) or unplug (``detach``) it; the node clears it, or sets ``failed`` with
+# ``error_code``/``error`` (``volume_held`` …), which the waiting API call reports.  ``plugged``: the guest
+# had the volume when the node last acted (meaningful while the desktop runs).
+volume_attachments = sa.Table(
+    "volume_attachments",
+    metadata,
+    sa.Column("volume_id", sa.ForeignKey("volumes.id", ondelete="RESTRICT"), primary_key=True),
+    sa.Column("desktop_id", sa.ForeignKey("desktops.id", ondelete="CASCADE"), primary_key=True, index=True),
+    sa.Column("read_only", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("attached_at", TS, nullable=False),
+    sa.Column("pending", sa.String(8), nullable=True),  # attach | detach | failed
+    sa.Column("plugged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("error_code", sa.String(32), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+)

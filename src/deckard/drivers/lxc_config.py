@@ -8,6 +8,7 @@ the e2e tests check that LXC honours it.  ``docs/security.md`` says why each wal
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from deckard.drivers.base import GuestSpec
@@ -111,8 +112,10 @@ def render_config(
     id_base: int,
     seccomp: Path,
     apparmor: bool = False,
+    volumes: Sequence[tuple[Path, str, bool]] = (),
 ) -> str:
-    """The LXC config of one desktop (pure: everything comes from the arguments)."""
+    """The LXC config of one desktop (pure: everything comes from the arguments).  ``volumes``: (where the volume
+    is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``."""
     lines = [
         f"# deckard desktop {spec.desktop_id}: generated, do not edit",
         f"lxc.uts.name = {spec.guest_name}",
@@ -140,6 +143,10 @@ def render_config(
         "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755,size=32m 0 0",
         "lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0",
         f"lxc.mount.entry = {spec.home_dir} home/{spec.user_login} none bind,create=dir 0 0",
+        *(
+            f"lxc.mount.entry = {host} media/{name} none bind,create=dir,nosuid,nodev{',ro' if ro else ''} 0 0"
+            for host, name, ro in volumes
+        ),
         # cgroup v1 keys: this host keeps every useful controller on v1, where lxc.cgroup2.* is ignored
         f"lxc.cgroup.memory.limit_in_bytes = {spec.memory_mib * 1024 * 1024}",
         f"lxc.cgroup.cpu.cfs_period_us = {CFS_PERIOD_US}",

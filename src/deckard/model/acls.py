@@ -35,6 +35,7 @@ OBJECT_ACTIONS: dict[str, tuple[str, ...]] = {
         "spy",
         "spy.interactive",
     ),
+    "volume": ("see", "create", "update", "delete", "snapshot", "attach"),
     "node": ("see", "update", "block", "stop"),
     "config": ("see", "update"),
     "property": ("see", "update"),

@@ -474,6 +474,25 @@ KEYS: dict[str, ConfigKey] = {
         *SESSION_KEYS,
         *GUEST_KEYS,
         ConfigKey(
+            "volumes.max_gib",
+            int,
+            100,
+            "Total size in GiB of a tenant's volumes (clones count in full); more is refused with "
+            "`volume_quota_exceeded`.",
+            per_tenant=True,
+            minimum=0,
+            maximum=1 << 20,
+        ),
+        ConfigKey(
+            "volumes.max_count",
+            int,
+            20,
+            "Number of volumes a tenant may have; more is refused with `volume_quota_exceeded`.",
+            per_tenant=True,
+            minimum=0,
+            maximum=100_000,
+        ),
+        ConfigKey(
             "ui.page_size", int, 50, "Rows per page in the web admin's lists.", per_tenant=True, minimum=1, maximum=1000
         ),
     )

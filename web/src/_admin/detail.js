@@ -4,6 +4,7 @@ import { h, clear, fmt, toast, errText, field } from "./dom.js";
 import { can, isSuper, onEvent } from "./session.js";
 import { actionAcl } from "./resources.js";
 import { userIdentityBox } from "./identity.js";
+import { volumeBoxes } from "./volumes.js";
 
 function inputFor(name, type, value) {
   if (type === "checkbox") {
@@ -89,6 +90,7 @@ export function detailPage(root, name, res, id) {
     if (res.upload && can("image.upload")) parts.push(uploadBox(obj, load));
     if (res.properties && can("property.see")) parts.push(propertiesBox(res.properties, obj.id));
     if (name === "users") parts.push(userIdentityBox(obj));
+    if (name === "volumes") parts.push(...volumeBoxes(obj, load));
     clear(body, ...parts);
   }
 
