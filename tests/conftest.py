@@ -85,11 +85,18 @@ def pg_databases(pg_cluster: PgCluster) -> Iterator[ReadyDatabases]:
         ready.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "databases(*names): the databases a test's db_url runs on (tests/conftest.py)")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test that needs a database runs on SQLite and PostgreSQL; a module whose subject is not SQL may say
-    ``DATABASES = ["sqlite"]``."""
+    ``DATABASES = ["sqlite"]``, a test ``@pytest.mark.databases("sqlite")`` (the marker wins)."""
     if "db_url" in metafunc.fixturenames:
         databases = getattr(metafunc.module, "DATABASES", ["sqlite", "postgresql"])
+        marker = metafunc.definition.get_closest_marker("databases")
+        if marker is not None:
+            databases = list(marker.args)
         metafunc.parametrize("db_url", databases, indirect=True)
 
 

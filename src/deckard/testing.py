@@ -8,6 +8,7 @@ and file the farm made, even after a failure.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -90,6 +91,9 @@ def e2e_unavailable_reason() -> str | None:
     return None
 
 
+_FARMS_OF_THIS_PROCESS = itertools.count()
+
+
 @dataclass
 class FarmProcess:
     """A farm under a temporary home, driven through its own CLI like a user would."""
@@ -97,11 +101,19 @@ class FarmProcess:
     home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="deckard-farm-")))
     api_port: int = field(default_factory=free_port)
     broker_port: int = field(default_factory=free_port)
-    bridge: str = field(default_factory=lambda: f"dke{os.getpid() % 100000}")
-    network: str = field(default_factory=lambda: f"10.214.{os.getpid() % 250}.0/24")
+    bridge: str = ""  # default: dke<pid>, and a suffix for each further farm of this process (see __post_init__)
+    network: str = ""  # default: 10.214.<pid>.0/24, then 10.212.<pid>.0/24, 10.211.… for further farms
     extra_env: dict[str, str] = field(default_factory=dict)
     nodes: int = 1  # `deckard up --nodes N`: the all-in-one process plus nodes 2..N (own run dirs and brokers)
     up_output: str = ""
+
+    def __post_init__(self) -> None:
+        # a process may run two farms at once (a test session's shared farm and a module's own): each gets its
+        # own bridge and /24; 10.213.x belongs to the container driver's tests, 10.216.x to Upstream
+        n = next(_FARMS_OF_THIS_PROCESS)
+        pid = os.getpid()
+        self.bridge = self.bridge or f"dke{pid % 100000}" + (f"x{n}" if n else "")
+        self.network = self.network or f"10.{214 if n == 0 else 212 - (n - 1) % 8}.{pid % 250}.0/24"
 
     @property
     def env(self) -> dict[str, str]:
@@ -261,9 +273,21 @@ class FarmProcess:
         for _lxc, name in guests:
             remove_cgroups(name)
             asyncio.run(delete_link(veth_name(name)))
+        for paths in self.node_paths():  # VMs: the taps and their guards (QEMU died with the processes above)
+            asyncio.run(remove_vm_ports("t" + paths.guest_prefix().replace("-", "")))
         asyncio.run(remove_bridge(self.bridge))
         asyncio.run(firewall.remove(self.bridge))
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+async def remove_vm_ports(prefix: str) -> None:
+    """Delete the taps named ``prefix*`` and their bridge guards (``drivers/vm.py``, ``firewall.guard_port``)."""
+    from deckard.drivers import firewall
+    from deckard.drivers.network import delete_link
+
+    for link in Path("/sys/class/net").glob(f"{prefix}*"):
+        await delete_link(link.name)
+        await firewall.remove_port_guard(link.name)
 
 
 def wait_for(predicate: object, timeout: float, interval: float = 0.1, what: str = "condition") -> object:

@@ -16,14 +16,77 @@ from deckard.testing import (
     browser_unavailable_reason,
     e2e_unavailable_reason,
     image_cache,
+    wait_for,
 )
 
 
+class SharedFarm:
+    """The farm that the modules saying ``SHARED_FARM = True`` take turns on, one per test process.
+
+    A farm costs 15-25 s to bring up and down (``deckard up`` unpacks the image, ``deckard down`` stops every
+    desktop), paid again by every module that only needs "a farm".  Those modules use users and desktops of
+    their own names and restore what farm-wide settings they change; each hands the farm back with every desktop
+    stopped, as a fresh farm has them.  A module that kills, restarts or reconfigures its farm, or that counts
+    what runs on it, keeps a farm of its own (the default).
+    """
+
+    def __init__(self) -> None:
+        self.farm: FarmProcess | None = None
+
+    def take(self) -> FarmProcess:
+        if self.farm is None:
+            self.farm = FarmProcess()
+            try:
+                self.farm.up()
+            except BaseException:
+                self.close()
+                raise
+        return self.farm
+
+    def hand_back(self) -> None:
+        """Stop what the module left running; a farm that cannot is replaced, so the next module is unaffected."""
+        farm = self.farm
+        if farm is None:
+            return
+        try:
+            rows: Any = farm.json("desktop", "list")
+            busy = [r["name"] for r in rows if r["state"] not in ("stopped", "failed") or r["cmd"] is not None]
+            if busy:
+                farm.deckard("desktop", "stop", *busy, "--wait", "60", check=False)
+            wait_for(lambda: not any(farm.guests(paths.lxc) for paths in farm.node_paths()), 60, 0.3, "no guest left")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        farm, self.farm = self.farm, None
+        if farm is not None:
+            farm.close()
+
+
+@pytest.fixture(scope="session")
+def shared_farm() -> Iterator[SharedFarm]:
+    shared = SharedFarm()
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
 @pytest.fixture(scope="module")
-def farm() -> Iterator[FarmProcess]:
+def farm(request: pytest.FixtureRequest) -> Iterator[FarmProcess]:
+    """A farm of the module's own, or with ``SHARED_FARM = True`` in the module, the test process's shared one."""
     reason = e2e_unavailable_reason()
     if reason:
         pytest.skip(reason)
+    if getattr(request.module, "SHARED_FARM", False):
+        shared: SharedFarm = request.getfixturevalue("shared_farm")
+        taken = shared.take()
+        try:
+            yield taken
+        finally:
+            shared.hand_back()
+        return
     f = FarmProcess()
     try:
         f.up()

@@ -8,7 +8,12 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
+
 from deckard.testing import FarmProcess, wait_for
+
+pytestmark = pytest.mark.e2e
+SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
 
 BLOB = (11).to_bytes(4, "big") + b"ssh-ed25519" + (32).to_bytes(4, "big") + bytes(range(32))
 KEY = f"ssh-ed25519 {base64.b64encode(BLOB).decode()} meta@laptop"

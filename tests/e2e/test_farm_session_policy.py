@@ -19,6 +19,7 @@ from deckard.runtime.paths import FarmPaths
 from deckard.testing import FarmProcess, wait_for
 
 pytestmark = pytest.mark.e2e
+SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
 
 PASSWORD = "s3cret!"
 IDLE_S, WARN_S, AWAY_S = 8, 4, 3

@@ -19,6 +19,7 @@ import pytest
 from deckard.testing import FarmProcess, goto
 
 pytestmark = pytest.mark.e2e
+SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 PASSWORD = "portal-pw1"

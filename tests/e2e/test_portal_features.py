@@ -23,6 +23,7 @@ from deckard.runtime.paths import FarmPaths
 from deckard.testing import FarmProcess, goto
 
 pytestmark = pytest.mark.e2e
+SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
 
 FAILSHOTS = Path("/tmp/deckard-portal-features")
 USER, PASSWORD, DESK = "fiona", "features-pw1", "fiona-desk"
@@ -188,12 +189,16 @@ def portal(farm: FarmProcess, browser: Any) -> Iterator[Portal]:
     # keep the writable layer across starts, so that only "reset my desktop" can discard it
     osf: Any = farm.json("osf", "list")
     farm.deckard("osf", "update", str(osf[0]["id"]), "--keep-overlay")
-    ctx, page = _login(browser, farm)
-    rows: Any = farm.json("desktop", "list")
     try:
-        yield Portal(farm, page, int(next(d for d in rows if d["name"] == DESK)["id"]))
-    finally:
-        ctx.close()
+        ctx, page = _login(browser, farm)
+        rows: Any = farm.json("desktop", "list")
+        try:
+            yield Portal(farm, page, int(next(d for d in rows if d["name"] == DESK)["id"]))
+        finally:
+            ctx.close()
+    finally:  # the farm is shared (SHARED_FARM): its default OSF goes back to what it was
+        was = "--keep-overlay" if osf[0]["keep_overlay"] else "--discard-overlay"
+        farm.deckard("osf", "update", str(osf[0]["id"]), was, check=False)
 
 
 @pytest.fixture

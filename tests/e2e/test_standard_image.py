@@ -16,6 +16,7 @@ from deckard.images.builder import read_image_metadata
 from deckard.runtime.paths import FarmPaths
 from deckard.testing import FarmProcess, wait_for
 
+SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
 PASSWORD = "std-desktop-pw"
 PAGE_RGB = (204, 0, 51)
 PAGE = "<html><body style='margin:0;background:#cc0033'><h1>Deckard</h1></body></html>"
