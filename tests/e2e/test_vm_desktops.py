@@ -113,12 +113,10 @@ async def _see_desktop(farm: FarmProcess, desktop_id: int) -> None:
 
 
 def _qemus(farm: FarmProcess) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"qemu-system-x86_64 -name guest={FarmPaths(farm.home).guest_prefix()}"],
-        capture_output=True,
-        text=True,
-    )
-    return [int(p) for p in out.stdout.split()]
+    """The QEMU processes of this farm's VMs, whichever node started them."""
+    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -name guest="], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    return sorted(p for p in pids if str(farm.home) in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
 
 
 def test_vm_desktop_connects_like_any_desktop(farm: FarmProcess) -> None:
@@ -198,3 +196,32 @@ def test_node_killed_with_a_running_vm_converges(farm: FarmProcess) -> None:
     _wait_state(farm, "vera-vm", "running", 60)
     assert _qemus(farm) == before, "the VM was not adopted"
     asyncio.run(_see_desktop(farm, row["id"]))
+
+
+def test_a_vm_whose_kernel_panics_fails_with_its_console_as_the_reason(farm: FarmProcess, vm_image: Path) -> None:
+    """An image whose agent exits at once: PID 1 dies, the kernel panics, QEMU's pvpanic device says so, and the
+    desktop ends failed with the console's last lines instead of waiting for an agent that never comes."""
+    broken = farm.home / "broken"
+    broken.mkdir()
+    subprocess.run(["tar", "--numeric-owner", "-xf", str(vm_image), "-C", str(broken)], check=True)
+    (broken / "usr/local/sbin/deckard-vma").write_text("#!/bin/sh\necho 'agent: giving up'\nexit 3\n")
+    image = farm.home / "deckard-broken-vm.tar"
+    subprocess.run(["tar", "--numeric-owner", "-cf", str(image), "-C", str(broken), "."], check=True)
+    subprocess.run(["rm", "-rf", str(broken)], check=True)
+    farm.deckard("osf", "add", "vmbroken", "--driver", "vm", "--memory", "512")
+    farm.deckard("image", "import", str(image), "--osf", "vmbroken")
+    # vera's home disk is open in vera-vm: QEMU's lock keeps a second VM of hers from writing it too
+    farm.deckard("desktop", "add", "vera-broken", "--user", "vera", "--osf", "vmbroken")
+    farm.deckard("desktop", "start", "vera-broken")
+    locked = _wait_state(farm, "vera-broken", "failed", 150)
+    assert "home disk is in use by another of their VM desktops" in locked["failure_reason"], locked
+
+    farm.deckard("user", "add", "pat", "--password", PASSWORD)
+    farm.deckard("desktop", "add", "pat-broken", "--user", "pat", "--osf", "vmbroken")
+    t0 = time.monotonic()
+    farm.deckard("desktop", "start", "pat-broken")
+    failed = _wait_state(farm, "pat-broken", "failed", 150)
+    reason = failed["failure_reason"]
+    assert "Kernel panic" in reason or "Attempted to kill init" in reason, reason
+    assert time.monotonic() - t0 < 40  # the panic is seen at once, not after the agent's 45 s start timeout
+    assert len(_qemus(farm)) == 1  # vera-vm's: the failed VM's QEMU is gone

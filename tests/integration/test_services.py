@@ -112,3 +112,20 @@ async def test_schema_is_migrated(db: Database) -> None:
     async with db.connect() as conn:
         n = (await conn.execute(sa.select(sa.func.count()).select_from(t.tenants))).scalar_one()
     assert n == 0
+
+
+async def test_a_vm_osf_needs_room_to_boot_and_keeps_it(db: Database) -> None:
+    from deckard.model.errors import BadInput
+    from deckard.services import osfs
+
+    await _farm(db)
+    with pytest.raises(BadInput) as e:
+        await osfs.create_osf(db, SYSTEM, "tiny-vm", memory_mib=128, driver="vm")
+    assert e.value.code == "bad_memory" and "256" in e.value.message
+    await osfs.create_osf(db, SYSTEM, "small", memory_mib=128)  # a container is fine with it
+    with pytest.raises(BadInput):
+        await osfs.update_osf(db, SYSTEM, "small", {"driver": "vm"})  # nor by changing one half at a time
+    await osfs.create_osf(db, SYSTEM, "vm", memory_mib=512, driver="vm")
+    with pytest.raises(BadInput):
+        await osfs.update_osf(db, SYSTEM, "vm", {"memory_mib": 200})
+    assert (await osfs.update_osf(db, SYSTEM, "vm", {"memory_mib": 768}))["memory_mib"] == 768

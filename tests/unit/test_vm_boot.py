@@ -114,7 +114,8 @@ def test_an_image_without_busybox_or_disk_modules_cannot_boot(tmp_path: Path) ->
 def test_init_finds_disks_by_serial_and_hands_over_to_the_agent() -> None:
     init = render_init(["kernel/fs/ext4/ext4.ko"])
     assert "deckard-root" in init and "deckard-home" in init and "deckard-config" in init
-    assert "switch_root /newroot /usr/local/sbin/deckard-vma --machine vm" in init
+    assert "agent=/usr/local/sbin/deckard-vma" in init  # or its bytecode, when the node compiled it
+    assert 'switch_root /newroot $agent --machine vm --display-for "$USER_LOGIN:$USER_UID"' in init
     assert init.index("53ef") < init.index("mkfs.ext4")  # formats only a home that has no file system yet
 
 
@@ -186,3 +187,38 @@ def test_the_port_guard_admits_only_the_guest_own_addresses() -> None:
 def test_a_node_with_several_drivers_serves_each_of_them() -> None:
     assert serves("container,vm", "vm") and serves("container,vm", "container") and serves("fake", "vm")
     assert not serves("container", "vm") and not serves("vm", "container")
+
+
+def test_a_failed_boot_is_explained_by_the_panic_line_not_the_register_dump() -> None:
+    from deckard.node.daemon import console_summary
+
+    console = (
+        "deckard-init: starting the agent at 4.1 s\n"
+        "agent: giving up\n"
+        "[    6.4] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300\n"
+        "[    6.4] CPU: 0 PID: 1 Comm: deckard-vma\n"
+        "[    6.5] R13: 00007ffdcd19c020 R14: 000055c28cf1ce38\n"
+        "[    6.5] Kernel Offset: disabled\n"
+    )
+    said = console_summary(console)
+    assert said.startswith("deckard-init: starting the agent") and "agent: giving up" in said
+    assert said.endswith("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300")
+    assert console_summary("one\ntwo\n\nthree\nfour\n") == "two | three | four"
+    assert console_summary("") == ""
+
+
+def test_the_agent_is_compiled_only_for_the_image_own_python(tmp_path: Path) -> None:
+    import importlib.util
+
+    from deckard.drivers.vm_boot import AGENT_PYC, precompile_agent
+
+    root = tmp_path / "rootfs"
+    (root / "usr/local/sbin").mkdir(parents=True)
+    (root / "usr/local/sbin/deckard-vma").write_text("#!/usr/bin/python3\nprint('agent')\n")
+    cache = root / "usr/lib/python3.11/__pycache__"
+    cache.mkdir(parents=True)
+    (cache / "os.cpython-311.pyc").write_bytes(b"\x00\x00\r\n" + bytes(12))  # another Python's magic
+    assert not precompile_agent(root) and not (root / AGENT_PYC.lstrip("/")).exists()
+    (cache / "os.cpython-311.pyc").write_bytes(importlib.util.MAGIC_NUMBER + bytes(12))
+    assert precompile_agent(root)
+    assert (root / AGENT_PYC.lstrip("/")).read_bytes()[:4] == importlib.util.MAGIC_NUMBER

@@ -63,12 +63,15 @@ from deckard.model.schemas import (
     User,
     UserSecondFactor,
     UserToken,
+    Volume,
+    VolumeSnapshot,
     WhoAmI,
 )
 from deckard.model.states import ImageState
 from deckard.runtime.tls import client_context
 
 API_PREFIX = "/api/v1"
+NODE_WAIT_TIMEOUT = 90.0  # attach/detach wait up to a minute for the desktop's node (services/volumes.py)
 PER_REQUEST = 1000  # rows fetched a request when a list is read whole (the API's largest page)
 
 M = TypeVar("M", bound=Schema)
@@ -655,3 +658,55 @@ class ApiClient:
 
     def revoke_own_token(self, token_id: int) -> None:
         self._send("DELETE", f"/auth/tokens/{int(token_id)}")
+
+    # volumes (docs/volumes.md)
+    def list_volumes(self, params: Params = None) -> list[Volume]:
+        return self.list_all("volumes", Volume, params)
+
+    def get_volume(self, volume: str | int) -> Volume:
+        return self._get(Volume, "GET", f"/volumes/{_seg(volume)}")
+
+    def create_volume(self, name: str, size_gib: int, *, description: str = "", tenant: str | None = None) -> Volume:
+        body = {"name": name, "size_gib": size_gib, "description": description, **_given(tenant=tenant)}
+        return self._get(Volume, "POST", "/volumes", json=body)
+
+    def clone_volume(
+        self, name: str, volume: str | int, snapshot: str, *, size_gib: int | None = None, description: str = ""
+    ) -> Volume:
+        """A new volume with the content of ``volume``'s ``snapshot`` (in that volume's tenant)."""
+        body = {
+            "name": name,
+            "from_snapshot": {"volume": str(volume), "snapshot": snapshot},
+            "description": description,
+            **_given(size_gib=size_gib),
+        }
+        return self._get(Volume, "POST", "/volumes", json=body)
+
+    def update_volume(
+        self, volume: str | int, *, size_gib: int | None = None, description: str | None = None
+    ) -> Volume:
+        """Grow (``size_gib``, never smaller) or describe a volume."""
+        body = _given(size_gib=size_gib, description=description)
+        return self._get(Volume, "PATCH", f"/volumes/{_seg(volume)}", json=body)
+
+    def delete_volume(self, volume: str | int) -> None:
+        self._delete("volumes", volume)
+
+    def snapshot_volume(self, volume: str | int, name: str) -> VolumeSnapshot:
+        return self._get(VolumeSnapshot, "POST", f"/volumes/{_seg(volume)}/snapshots", json={"name": name})
+
+    def list_volume_snapshots(self, volume: str | int) -> list[VolumeSnapshot]:
+        return self.list_page(f"volumes/{_seg(volume)}/snapshots", VolumeSnapshot).items
+
+    def delete_volume_snapshot(self, volume: str | int, name: str) -> None:
+        self._send("DELETE", f"/volumes/{_seg(volume)}/snapshots/{_seg(name)}")
+
+    def attach_volume(self, volume: str | int, desktop: str | int, *, read_only: bool = False) -> Volume:
+        """Attach to a desktop; a running VM gets it at once (the call waits up to a minute for its node)."""
+        body = {"desktop": str(desktop), "read_only": read_only}
+        return self._get(Volume, "POST", f"/volumes/{_seg(volume)}/attach", json=body, timeout=NODE_WAIT_TIMEOUT)
+
+    def detach_volume(self, volume: str | int, desktop: str | int) -> Volume:
+        """Detach from a desktop (``volume_held`` while its running guest has the volume mounted)."""
+        body = {"desktop": str(desktop)}
+        return self._get(Volume, "POST", f"/volumes/{_seg(volume)}/detach", json=body, timeout=NODE_WAIT_TIMEOUT)

@@ -2,7 +2,8 @@
 
 Drivers know the operating system (LXC, QEMU, nothing at all) and never the database: the node daemon
 turns a desktop row into a :class:`GuestSpec` and hands it over.  The interface stays small on purpose
-(prepare an image, start, stop, kill, inspect, list, and close when the daemon is done) so that the container,
+(prepare an image, start, stop, kill, inspect, list, attach and detach a volume, and close when the daemon is
+done) so that the container,
 VM and fake drivers fit beside each other, in the way httpx keeps one transport method with a mock beside it.
 
 Every method is idempotent: stopping a guest that is gone, or killing one twice, is not an error.
@@ -22,6 +23,20 @@ AGENT_PORT = 3030
 
 DISPLAY_PORT = 5900
 """TCP port of the desktop's VNC server (Xvnc display :0) inside every desktop."""
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A volume a guest gets (``docs/volumes.md``): a VM sees a virtio disk whose serial is ``vol-<id>``."""
+
+    volume_id: int
+    path: Path  # where the volume backend keeps it (``drivers/volumes.py``)
+    read_only: bool = False
+    name: str = ""  # the volume's name: a container sees it at /media/<name>
+
+    @property
+    def serial(self) -> str:
+        return f"vol-{self.volume_id}"
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class GuestSpec:
     env: dict[str, str] = field(default_factory=dict)
     driver: str = ""  # which of the node's drivers runs it (the OSF's); "" = the node's only one
     seed: Mapping[str, bytes] | None = None  # cloud-init NoCloud files for guests that read a seed disk (VMs)
+    volumes: tuple[VolumeMount, ...] = ()  # attached volumes the guest gets at start
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,17 @@ class Driver(Protocol):
 
     async def console_log(self, guest_name: str, max_bytes: int = 65536) -> str:
         """The last ``max_bytes`` of the guest's console (its init's and kernel's messages); "" when none."""
+        ...
+
+    async def attach_volume(self, guest_name: str, volume: VolumeMount) -> bool:
+        """Give a running guest a volume: True when it has it now (a VM's hot plug), False when it gets it at its
+        next start (drivers without hot plug).  Idempotent.  Raises DriverError (``volume_busy``: another guest
+        writes it)."""
+        ...
+
+    async def detach_volume(self, guest_name: str, volume_id: int) -> bool:
+        """Take a volume from a running guest (the node has checked that the guest no longer uses it): True when it
+        is gone now, False when it goes at the next start.  Idempotent."""
         ...
 
     async def close(self) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import structlog
 
-from deckard.drivers.base import GuestInfo, GuestSpec
+from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.cgroups import memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
 from deckard.drivers.lxc_config import (
@@ -61,6 +61,7 @@ from deckard.drivers.network import (
     run_command,
     veth_name,
 )
+from deckard.drivers.volumes import mount_on_host, unmount_from_host
 from deckard.model.errors import DriverError
 from deckard.runtime.paths import FarmPaths
 
@@ -110,7 +111,8 @@ class ContainerDriver:
         lxc_dir = self._lxc_dir(spec.guest_name)
         upper = await asyncio.to_thread(self._prepare_overlay, spec)
         await asyncio.to_thread(self._prepare_home, spec.home_dir)
-        for path in (basefs, upper, spec.home_dir):
+        volumes = await self._mount_volumes(spec)
+        for path in (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes)):
             await asyncio.to_thread(ensure_traversable, path, self.paths.home)
         lxc_dir.mkdir(parents=True, exist_ok=True)
         veth = veth_name(spec.guest_name)
@@ -132,6 +134,7 @@ class ContainerDriver:
                 id_base=self.id_base,
                 seccomp=seccomp,
                 apparmor=self.apparmor,
+                volumes=volumes,
             )
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC
@@ -303,6 +306,7 @@ class ContainerDriver:
         if meta.get("keep_overlay") is False and isinstance(desktop_id, int):
             await asyncio.to_thread(shutil.rmtree, self.paths.overlay(desktop_id), True)
         await asyncio.to_thread(remove_cgroups, guest_name)
+        await self._unmount_volumes(guest_name)
         await asyncio.to_thread(shutil.rmtree, lxc_dir, True)
 
     # -- observe ---------------------------------------------------------------------------------------
@@ -321,6 +325,40 @@ class ContainerDriver:
 
     async def close(self) -> None:
         """Nothing to release: the containers are processes of their own and outlive the daemon."""
+
+    # -- volumes (docs/volumes.md): mounted on the host at start, bind-mounted on /media/<name> --------------
+    async def attach_volume(self, guest_name: str, volume: VolumeMount) -> bool:  # noqa: ARG002
+        """A container gets volumes at start only: this one at its next start."""
+        return False
+
+    async def detach_volume(self, guest_name: str, volume_id: int) -> bool:  # noqa: ARG002
+        """The volume stays mounted in the running container until it stops (its image lock with it)."""
+        return False
+
+    def _volumes_dir(self, guest_name: str) -> Path:
+        # beside the LXC directory, never in it: removing that directory must not reach into a mounted volume
+        return self.paths.node_run_dir / "volumes" / guest_name
+
+    async def _mount_volumes(self, spec: GuestSpec) -> tuple[tuple[Path, str, bool], ...]:
+        """Mount each attached volume on the host; a new file system (or one a VM made) is handed to the
+        desktop's root like a home."""
+        mounted: tuple[tuple[Path, str, bool], ...] = ()
+        for volume in spec.volumes:
+            work = self._volumes_dir(spec.guest_name) / volume.serial
+            mnt = await mount_on_host(volume.path, work, read_only=volume.read_only, label=volume.name or volume.serial)
+            if not volume.read_only and mnt.lstat().st_uid < ID_RANGE:
+                await asyncio.to_thread(shift_tree, mnt, self.id_base)
+            mounted += ((mnt, volume.name or volume.serial, volume.read_only),)
+        return mounted
+
+    async def _unmount_volumes(self, guest_name: str) -> None:
+        root = self._volumes_dir(guest_name)
+        if not root.is_dir():
+            return
+        for work in sorted(root.iterdir()):
+            await unmount_from_host(work)
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
     async def console_log(self, guest_name: str, max_bytes: int = 65536) -> str:
         try:

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from deckard.drivers.base import AGENT_PORT, GuestInfo, GuestSpec
+from deckard.drivers.base import AGENT_PORT, GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.fake_guest import FakeGuest
 from deckard.model.errors import DriverError
 from deckard.runtime.paths import FarmPaths
@@ -73,8 +73,10 @@ class FakeDriver:
         self._handover_file.unlink()
         for record in records:
             x_user, x_uid, agent_alive = record.pop("x_user"), record.pop("x_uid"), record.pop("agent_alive")
+            volumes = tuple(VolumeMount(**{**v, "path": Path(v["path"])}) for v in record.pop("volumes", []))
             spec = GuestSpec(
-                **{**record, "image_path": Path(record["image_path"]), "home_dir": Path(record["home_dir"])}
+                **{**record, "image_path": Path(record["image_path"]), "home_dir": Path(record["home_dir"])},
+                volumes=volumes,
             )
             try:
                 guest = await self._launch(spec)
@@ -161,6 +163,15 @@ class FakeDriver:
         await self._resume()
         prefix = self.paths.guest_prefix()
         return [self._info(g) for name, g in sorted(self.guests.items()) if name.startswith(prefix)]
+
+    async def attach_volume(self, guest_name: str, volume: VolumeMount) -> bool:  # noqa: ARG002
+        """A fake guest has no disks: the volume is in its spec from its next start on."""
+        if guest_name not in self.guests:
+            raise DriverError(f"no fake guest {guest_name}", code="guest_not_running")
+        return False
+
+    async def detach_volume(self, guest_name: str, volume_id: int) -> bool:  # noqa: ARG002
+        return False
 
     @staticmethod
     def _info(guest: FakeGuest) -> GuestInfo:

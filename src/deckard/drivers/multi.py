@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 
-from deckard.drivers.base import Driver, GuestInfo, GuestSpec
+from deckard.drivers.base import Driver, GuestInfo, GuestSpec, VolumeMount
 from deckard.model.errors import DriverError
 
 
@@ -77,6 +77,16 @@ class MultiDriver:
             if text:
                 return text
         return ""
+
+    async def attach_volume(self, guest_name: str, volume: VolumeMount) -> bool:
+        owner = await self._owner(guest_name)
+        if owner is None:
+            raise DriverError(f"no guest {guest_name} on this node", code="guest_not_running")
+        return await owner[0].attach_volume(guest_name, volume)
+
+    async def detach_volume(self, guest_name: str, volume_id: int) -> bool:
+        owner = await self._owner(guest_name)
+        return True if owner is None else await owner[0].detach_volume(guest_name, volume_id)
 
     async def close(self) -> None:
         for driver in self.drivers.values():

@@ -40,7 +40,7 @@ from typing import Any
 import structlog
 
 from deckard.drivers import firewall
-from deckard.drivers.base import GuestInfo, GuestSpec
+from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.container import ensure_traversable
 from deckard.drivers.display import display_password, vnc_password_file
 from deckard.drivers.lxc_config import farm_id_base
@@ -56,9 +56,10 @@ from deckard.drivers.vm_boot import (
     find_kernel,
     initrd_image,
     kernel_command_line,
+    precompile_agent,
     vmlinux_from_bzimage,
 )
-from deckard.model.errors import DriverError
+from deckard.model.errors import Conflict, DriverError
 from deckard.runtime.paths import FarmPaths
 
 log = structlog.get_logger()
@@ -72,6 +73,7 @@ CONSOLE_KEEP = 1 << 20  # bytes of console log kept on the host per guest
 PREPARE_TIMEOUT_S = 900.0
 KVM_PROBE_S = 8.0
 KVM_VERDICT = Path("/run/deckard-kvm-probe")  # per machine boot: the probe's answer, so it runs once
+UNPLUG_S = 20.0  # a guest under TCG takes a few seconds to answer the ACPI unplug request
 STOPPED_STATES = frozenset({"shutdown", "guest-panicked", "internal-error", "io-error"})
 
 
@@ -100,7 +102,8 @@ class VmDriver:
         return self.paths.vm / guest_name
 
     def console_path(self, guest_name: str) -> Path:
-        return self.paths.logs / "console" / f"{guest_name}.log"
+        """In the farm home, by desktop (guest names differ between nodes): readable after a stop or a move."""
+        return self.paths.logs / "console" / f"desktop-{guest_name.rsplit('-', 1)[-1]}.log"
 
     # -- images --------------------------------------------------------------------------------------------
     async def prepare_image(self, image_id: int, image_path: Path) -> None:
@@ -164,6 +167,7 @@ class VmDriver:
         else:  # an unknown compression: QEMU boots the bzImage itself, only slower
             shutil.copyfile(bzimage, tmp / "vmlinux")
         (tmp / "initrd.img").write_bytes(await asyncio.to_thread(initrd_image, rootfs, version))
+        await asyncio.to_thread(precompile_agent, rootfs)
         used = int((await _checked(["du", "-sb", str(rootfs)], "measuring")).split()[0])
         size_mib = (int(used * 1.3) >> 20) + 1024
         raw = tmp / "disk.raw"
@@ -214,6 +218,11 @@ class VmDriver:
         returncode = await _launch(args, run / "qemu.log")
         if returncode != 0:
             said = (run / "qemu.log").read_text(errors="replace").strip()[-500:]
+            if "lock" in said and str(home) in said:  # QEMU locks every disk it writes
+                raise DriverError(
+                    f"{spec.user_login}'s home disk is in use by another of their VM desktops: stop that one first",
+                    code="home_in_use",
+                )
             raise DriverError(f"QEMU did not start {spec.guest_name}: {said}", code="guest_start_failed")
         info = await self._info(spec.guest_name)
         if info is None or not info.running:
@@ -251,6 +260,15 @@ class VmDriver:
             if n == 0 and not kernel.exists():  # firmware boot of an imported disk: from the root disk
                 device += ",bootindex=0"
             args += ["-drive", f"file={path},if=none,id=disk{n},format={fmt},{opts}", "-device", device]
+        for volume in spec.volumes:  # attached volumes: found by serial (vol-<id>), unplugged by id (attach_volume)
+            read_only = "on" if volume.read_only else "off"
+            args += [
+                "-blockdev",
+                f"driver=qcow2,node-name={_volume_node(volume.volume_id)},read-only={read_only},"
+                f"file.driver=file,file.filename={volume.path}",
+                "-device",
+                f"virtio-blk-pci,drive={_volume_node(volume.volume_id)},id={volume.serial},serial={volume.serial}",
+            ]
         args += [
             "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}",
@@ -471,6 +489,79 @@ class VmDriver:
         if path.exists():
             path.replace(path.with_name(path.name + ".1"))
 
+    # -- volumes (docs/volumes.md): hot plug over QMP --------------------------------------------------------
+    async def attach_volume(self, guest_name: str, volume: VolumeMount) -> bool:
+        """Hot-plug the volume as a virtio disk with serial ``vol-<id>`` (``blockdev-add`` + ``device_add``).
+
+        QEMU runs as the farm's unprivileged uid by now, so the file is handed to it first.  QEMU's image lock
+        refuses a volume another machine writes (``volume_busy``)."""
+        async with self._lock(guest_name):
+            if self._pid(guest_name) is None:
+                raise DriverError(f"{guest_name} is not running", code="guest_not_running")
+            if await self._has_device(guest_name, volume.serial):
+                return True
+            await asyncio.to_thread(self._hand_over, volume.path)
+            node = _volume_node(volume.volume_id)
+            with contextlib.suppress(DriverError):  # a node a failed attach left behind
+                await self._qmp(guest_name, "blockdev-del", {"node-name": node})
+            blockdev = {
+                "driver": "qcow2",
+                "node-name": node,
+                "read-only": volume.read_only,
+                "file": {"driver": "file", "filename": str(volume.path)},
+            }
+            try:
+                await self._qmp(guest_name, "blockdev-add", blockdev)
+            except DriverError as e:
+                if "lock" in e.message:
+                    raise Conflict(
+                        f"another desktop writes volume {volume.volume_id}: detach it there first",
+                        code="volume_busy",
+                    ) from None
+                raise
+            device = {"driver": "virtio-blk-pci", "id": volume.serial, "drive": node, "serial": volume.serial}
+            try:
+                await self._qmp(guest_name, "device_add", device)
+            except BaseException:
+                with contextlib.suppress(DriverError):
+                    await self._qmp(guest_name, "blockdev-del", {"node-name": node})
+                raise
+            log.info("vm.volume_attached", guest=guest_name, volume_id=volume.volume_id, read_only=volume.read_only)
+            return True
+
+    async def detach_volume(self, guest_name: str, volume_id: int) -> bool:
+        """Unplug the volume's disk (``device_del``; the guest's kernel lets go of it), then close the image.
+
+        The node asked the guest first whether anything there uses the disk; a guest that does not release it
+        within :data:`UNPLUG_S` keeps it (``volume_held``)."""
+        serial = f"vol-{volume_id}"
+        async with self._lock(guest_name):
+            if self._pid(guest_name) is None:
+                return True
+            if await self._has_device(guest_name, serial):
+                await self._qmp(guest_name, "device_del", {"id": serial})
+                deadline = time.monotonic() + UNPLUG_S
+                while await self._has_device(guest_name, serial):
+                    if time.monotonic() > deadline:
+                        raise Conflict(
+                            f"the guest did not release volume {volume_id} within {UNPLUG_S:.0f} s: unmount it there",
+                            code="volume_held",
+                        )
+                    await asyncio.sleep(0.2)
+            with contextlib.suppress(DriverError):  # gone already, or never added
+                await self._qmp(guest_name, "blockdev-del", {"node-name": _volume_node(volume_id)})
+            log.info("vm.volume_detached", guest=guest_name, volume_id=volume_id)
+            return True
+
+    async def _has_device(self, guest_name: str, device_id: str) -> bool:
+        found = await self._qmp(guest_name, "qom-list", {"path": "/machine/peripheral"})
+        return isinstance(found, list) and any(isinstance(p, dict) and p.get("name") == device_id for p in found)
+
+    def _hand_over(self, path: Path) -> None:
+        ensure_traversable(path, self.paths.home)
+        if path.stat().st_uid != self.uid:
+            os.chown(path, self.uid, self.uid)
+
 
 # ---- helpers ----------------------------------------------------------------------------------------------
 async def _launch(args: list[str], log_path: Path, timeout: float = 30.0) -> int:
@@ -496,6 +587,11 @@ async def _checked(args: list[str], what: str) -> str:
         code = "storage_full" if "No space left" in result.stderr else "vm_disk_failed"
         raise DriverError(f"{what} failed ({args[0]} exit {result.returncode}): {' | '.join(words)}", code=code)
     return result.stdout
+
+
+def _volume_node(volume_id: int) -> str:
+    """The QEMU block node of a volume (its device's id is the serial, ``vol-<id>``)."""
+    return f"vol-{volume_id}-disk"
 
 
 def _flock(path: Path) -> int:

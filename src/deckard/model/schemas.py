@@ -435,3 +435,40 @@ class SecondFactorEnrolment(Schema):
 
 class RecoveryCodes(Schema):
     recovery_codes: list[str] = Field(description="Single-use codes for when the app is lost: shown only now.")
+
+
+class VolumeAttachment(Schema):
+    """A desktop a volume is attached to.  ``pending``: what the desktop's node has still to do (``attach``,
+    ``detach``; ``failed`` with ``error_code`` when it could not); ``in_guest``: the running guest has it now."""
+
+    desktop_id: int
+    desktop: str
+    read_only: bool
+    attached_at: dt.datetime
+    pending: str | None = None
+    in_guest: bool = False
+    error_code: str | None = None
+    error: str | None = None
+
+
+class Volume(Schema):
+    """A block volume of a tenant (``docs/volumes.md``); ``state`` is ``creating``, ``ready`` or ``deleting``.
+    A list asked for some ``fields=`` carries only those (and the id)."""
+
+    id: int
+    tenant_id: int | None = None
+    name: str | None = None
+    size_gib: int | None = None
+    state: str | None = None
+    status_message: str | None = None
+    description: str | None = None
+    created_at: dt.datetime | None = None
+    attachments: list[VolumeAttachment] = Field(default_factory=list)
+
+
+class VolumeSnapshot(Schema):
+    id: int
+    volume_id: int
+    name: str
+    size_gib: int = Field(description="The volume's size when the snapshot was taken.")
+    created_at: dt.datetime

@@ -48,12 +48,14 @@ from deckard.node.heartbeat import Beat, Heartbeat
 from deckard.node.host import read_host_figures
 from deckard.node.images import run_image_loop
 from deckard.node.session_policy import run_session_policy_loop
+from deckard.node.volumes import NodeVolumes
 from deckard.runtime.metrics import DESKTOP_START_SECONDS, DESKTOP_STARTS, DESKTOP_STOPS
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
 from deckard.services import node_ops
 from deckard.services.events import node_channel
 from deckard.services.guest_metadata import metadata_for_desktop
+from deckard.services.volumes import volume_backend
 
 log = structlog.get_logger()
 
@@ -61,6 +63,22 @@ log = structlog.get_logger()
 @dataclass
 class _AgentHealth:
     failures: int = 0
+
+
+PANIC_MARK = "Kernel panic - not syncing"
+
+
+def console_summary(text: str, lines: int = 3) -> str:
+    """The few console lines that explain a failed boot: a kernel panic's own line and the init's and agent's
+    last words before it, rather than the register dump that ends a panic; else the last ``lines`` lines."""
+    all_lines = [line.strip() for line in text.splitlines() if line.strip()]
+    panic = next((i for i in range(len(all_lines) - 1, -1, -1) if PANIC_MARK in all_lines[i]), None)
+    if panic is not None:
+        before = [line for line in all_lines[:panic] if not line.startswith("[")][-(lines - 1) :]
+        picked = [*before, all_lines[panic][all_lines[panic].index(PANIC_MARK) :]]
+    else:
+        picked = all_lines[-lines:]
+    return " | ".join(picked)[-600:]
 
 
 class NodeDaemon:
@@ -92,6 +110,7 @@ class NodeDaemon:
         self.heartbeat: Heartbeat | None = None  # made at registration, once the node has an id
         self._fenced = False  # we killed our guests (self-fencing): reconcile with the database before acting
         self._stop_event: asyncio.Event | None = None
+        self.volumes = NodeVolumes(db, driver, self.paths, volume_backend(self.paths))  # hot plug (node/volumes.py)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def register(self) -> int:
@@ -147,6 +166,7 @@ class NodeDaemon:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            await self.volumes.close()
             if self.restart.is_set():  # the heartbeat this writes gives the new process lost_after_s to register
                 await asyncio.gather(*self._work.values(), return_exceptions=True)
                 await node_ops.set_node_state(self.db, node_id, NodeState.RESTARTING)
@@ -286,6 +306,7 @@ class NodeDaemon:
             self._spawn(desktop_id, self._stop_claimed(desktop_id))
         for desktop_id in await node_ops.claim_starts(self.db, self.node_id):
             self._spawn(desktop_id, self._start(desktop_id))
+        await self.volumes.reconcile(self.node_id)
 
     async def _notify_drain(self) -> None:
         """Drain: tell the users of our running desktops (the agent's ``expire`` hook) that they should leave."""
@@ -345,6 +366,7 @@ class NodeDaemon:
                     dns_search=facts.network.dns_search,
                     driver=facts.driver,
                     seed=await self._seed(desktop_id) if facts.driver == "vm" else None,
+                    volumes=await self.volumes.for_start(desktop_id),
                 )
                 if self.egress is not None:  # the desktop's policy is loaded while its guest boots
                     await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))
@@ -363,6 +385,8 @@ class NodeDaemon:
                 agent_ms=(t2 - t1) * 1000,
             )
             bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000), kept=ok)
+            with contextlib.suppress(Exception):  # volumes attached while it started are hot-plugged now
+                await self.volumes.reconcile(self.node_id)
             DESKTOP_STARTS.labels(self.cfg.name, "ok").inc()
             DESKTOP_START_SECONDS.labels(self.cfg.name).observe(t2 - t0)
         except asyncio.CancelledError:
@@ -407,13 +431,12 @@ class NodeDaemon:
             code="agent_timeout",
         )
 
-    async def _console_tail(self, desktop_id: int, lines: int = 3) -> str:
-        """The guest console's last lines, for a failure's reason ("" when it said nothing)."""
+    async def _console_tail(self, desktop_id: int) -> str:
+        """What the guest's console says about the failure, for its reason ("" when it said nothing)."""
         with contextlib.suppress(Exception):
-            text = await self.driver.console_log(self.paths.guest_name(desktop_id), 8192)
-            tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-            if tail:
-                return "; its console said: " + " | ".join(tail)[-600:]
+            said = console_summary(await self.driver.console_log(self.paths.guest_name(desktop_id), 16384))
+            if said:
+                return f"; its console said: {said}"
         return ""
 
     async def _stop_claimed(self, desktop_id: int) -> None:

@@ -23,7 +23,7 @@ class BrokerSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = 8443
     start_timeout: float = 60.0  # seconds a connect waits for the desktop to run
-    display_timeout: float = 15.0  # seconds for the agent to bring the display up
+    display_timeout: float = 35.0  # seconds for the agent to bring the display up (a VM's, under TCG: several)
     # what one client, or all of them, may hold in the broker (docs/broker-protocol.md, "Limits")
     max_connections: int = Field(default=4096, ge=1)  # open client connections, all addresses together
     max_connections_per_address: int = Field(default=64, ge=1)  # from one address, not logged in yet

@@ -1,6 +1,6 @@
 """A desktop's console log: what its guest's init, kernel and agent said (``deckard desktop console-log``).
 
-The drivers keep it where this process can read it: a VM's in the farm home (``logs/console/<guest>.log``,
+The drivers keep it where this process can read it: a VM's in the farm home (``logs/console/desktop-<id>.log``,
 copied out of QEMU's console ring by its node, and kept after the VM stops, so a failed boot can be read), a
 container's in its node's run directory while it runs.  Reading needs ``desktop.see``, like every other view of
 a desktop.
@@ -37,10 +37,10 @@ async def console_log(
                 .where(d.c.id == desktop_id)
             )
         ).one()
-    guest = paths.guest_name(desktop_id)
-    candidates = [paths.logs / "console" / f"{guest}.log"]
-    if row.run_dir:
-        candidates.append(Path(row.run_dir) / "lxc" / guest / "console.log")
+    candidates = [paths.logs / "console" / f"desktop-{desktop_id}.log"]  # a VM's, kept by drivers/vm.py
+    if row.run_dir:  # a running container's, in its node's run directory
+        node_paths = FarmPaths(paths.home, Path(row.run_dir))
+        candidates.append(node_paths.lxc / node_paths.guest_name(desktop_id) / "console.log")
     text, size, source = "", 0, ""
     for path in candidates:
         try:

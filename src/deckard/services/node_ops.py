@@ -262,3 +262,87 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
             row.osf_driver,
         )
+
+
+# ---- volumes (docs/volumes.md): what the node hands a guest at start, and the hot-plug commands ---------------
+va = t.volume_attachments
+
+
+@dataclass(frozen=True)
+class AttachedVolume:
+    """One volume attachment as the node acts on it."""
+
+    desktop_id: int
+    volume_id: int
+    tenant_id: int
+    read_only: bool
+    pending: str | None = None  # attach | detach (the command), None at start
+    name: str = ""
+
+
+async def start_volumes(db: Database, desktop_id: int) -> list[AttachedVolume]:
+    """The volumes a starting guest gets: every attachment of the desktop, whose commands the start settles (a
+    detach still pending is done, since no guest has the volume yet; an attach is done by the start)."""
+    async with db.begin() as conn:
+        await conn.execute(sa.delete(va).where(va.c.desktop_id == desktop_id, va.c.pending == "detach"))
+        await conn.execute(
+            sa.update(va)
+            .where(va.c.desktop_id == desktop_id)
+            .values(pending=None, plugged=True, error_code=None, error=None)
+        )
+        rows = await conn.execute(
+            sa.select(va.c.volume_id, va.c.read_only, t.volumes.c.tenant_id, t.volumes.c.name)
+            .join(t.volumes, t.volumes.c.id == va.c.volume_id)
+            .where(va.c.desktop_id == desktop_id)
+            .order_by(va.c.volume_id)
+        )
+        return [
+            AttachedVolume(desktop_id, int(r.volume_id), int(r.tenant_id), bool(r.read_only), name=r.name) for r in rows
+        ]
+
+
+async def pending_volume_changes(db: Database, node_id: int) -> list[AttachedVolume]:
+    """Hot-plug commands for this node's running desktops (starting ones are settled by ``start_volumes``)."""
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            sa.select(
+                va.c.desktop_id, va.c.volume_id, va.c.read_only, va.c.pending, t.volumes.c.tenant_id, t.volumes.c.name
+            )
+            .join(d, d.c.id == va.c.desktop_id)
+            .join(t.volumes, t.volumes.c.id == va.c.volume_id)
+            .where(d.c.node_id == node_id, d.c.state == DesktopState.RUNNING, va.c.pending.in_(("attach", "detach")))
+        )
+        return [
+            AttachedVolume(
+                int(r.desktop_id), int(r.volume_id), int(r.tenant_id), bool(r.read_only), r.pending, name=r.name
+            )
+            for r in rows
+        ]
+
+
+async def volume_plugged(db: Database, desktop_id: int, volume_id: int, *, live: bool) -> None:
+    """The attach is done: in the guest now (``live``) or at its next start (a driver without hot plug)."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(va)
+            .where(va.c.desktop_id == desktop_id, va.c.volume_id == volume_id, va.c.pending == "attach")
+            .values(pending=None, plugged=live)
+        )
+
+
+async def volume_unplugged(db: Database, desktop_id: int, volume_id: int) -> None:
+    """The detach is done: the guest no longer has the volume, the attachment goes."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.delete(va).where(va.c.desktop_id == desktop_id, va.c.volume_id == volume_id, va.c.pending == "detach")
+        )
+
+
+async def volume_change_failed(db: Database, desktop_id: int, volume_id: int, code: str, message: str) -> None:
+    """The node could not do the command; the API call waiting for it reports ``code`` and ``message``."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(va)
+            .where(va.c.desktop_id == desktop_id, va.c.volume_id == volume_id, va.c.pending.in_(("attach", "detach")))
+            .values(pending="failed", error_code=code[:32], error=message[:2000])
+        )

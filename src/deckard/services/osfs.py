@@ -28,6 +28,7 @@ from deckard.services.users import tenant_filter
 
 o = t.osfs
 DRIVERS = ("container", "vm", "fake")
+MIN_VM_MEMORY_MIB = 256
 UPDATABLE = ("name", "memory_mib", "cpus", "keep_overlay", "driver", "description")
 
 COLUMNS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in o.c}
@@ -44,6 +45,16 @@ def check_osf_fields(values: Mapping[str, Any]) -> None:
         raise BadInput("cpus must be between 0.1 and 256", code="bad_cpus")
     if values.get("driver") is not None and values["driver"] not in DRIVERS:
         raise BadInput(f"unknown driver {values['driver']!r}; use one of {', '.join(DRIVERS)}", code="bad_driver")
+    if values.get("driver") == "vm" and values.get("memory_mib") is not None:
+        check_vm_memory(int(values["memory_mib"]))
+
+
+def check_vm_memory(memory_mib: int) -> None:
+    """A VM desktop's kernel, initrd and agent need room before any session: below this it cannot boot."""
+    if memory_mib < MIN_VM_MEMORY_MIB:
+        raise BadInput(
+            f"a VM desktop needs at least {MIN_VM_MEMORY_MIB} MiB of memory, not {memory_mib}", code="bad_memory"
+        )
 
 
 async def _tenant_for_create(conn: AsyncConnection, actor: Actor, tenant: str | None) -> int:
@@ -107,6 +118,9 @@ async def update_osf(db: Database, actor: Actor, ref: str | int, changes: Mappin
     with unique_or_conflict(f"an OSF named {values.get('name')!r} already exists in this tenant"):
         async with db.begin() as conn:
             osf_id = await find_osf_id(conn, actor, ref)
+            row = (await conn.execute(sa.select(o.c.driver, o.c.memory_mib).where(o.c.id == osf_id))).one()
+            if values.get("driver", row.driver) == "vm":  # the change may be one half: the memory or the driver
+                check_vm_memory(int(values.get("memory_mib", row.memory_mib)))
             if values:
                 await conn.execute(sa.update(o).where(o.c.id == osf_id).values(**values))
             tenant_id = (await conn.execute(sa.select(o.c.tenant_id).where(o.c.id == osf_id))).scalar_one()

@@ -49,6 +49,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ DEFAULT_TOKEN_FILE = "/etc/deckard/agent-token"
 DISPLAY_SECRET_FILE = "/etc/deckard/display-passwd"
 DISPLAY = ":0"
 VNC_PORT = 5900
-X_START_TIMEOUT = 10.0
+X_START_TIMEOUT = 30.0  # a VM under a software CPU takes seconds to get its X server up
 DEFAULT_GEOMETRY = "1280x800"
 SESSION_SCRIPT = "/etc/deckard/xsession"
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
@@ -255,13 +256,8 @@ class XSession:
                 stderr=subprocess.STDOUT,
                 **creds,
             )
-        deadline = time.monotonic() + X_START_TIMEOUT
-        while not port_open("127.0.0.1", VNC_PORT):
-            if not _alive(self.xvnc):
-                raise AgentError("x_start_failed", f"Xvnc exited at start; see {RUN_DIR}/xvnc.log", 500)
-            if time.monotonic() > deadline:
-                raise AgentError("x_timeout", f"Xvnc did not listen on {VNC_PORT} within 10 s", 504)
-            time.sleep(0.02)
+        xvnc = self.xvnc
+        wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
         session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
         script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
         with open(RUN_DIR / "session.log", "ab") as slog:
@@ -447,10 +443,24 @@ def kill_user_processes(uid: int, sig: int) -> None:
 
 
 # -- network probes --------------------------------------------------------------------------------
-def port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
+def wait_for_greeting(port: int, deadline: float, alive: Callable[[], bool]) -> None:
+    """Return once the VNC server on ``port`` greets (``RFB 003.00x``): Xvnc listens before its X server has
+    finished starting (seconds under a software CPU) and greets only then.  One connection, held until the
+    greeting: Xvnc counts every connection closed before authentication towards blacklisting its source."""
+    while True:
+        if not alive():
+            raise AgentError("x_start_failed", f"Xvnc exited at start; see {RUN_DIR}/xvnc.log", 500)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AgentError("x_timeout", f"Xvnc did not greet on {port} within {X_START_TIMEOUT:g} s", 504)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.settimeout(left)
+                if s.recv(12).startswith(b"RFB "):
+                    return
+        except OSError:
+            pass  # not listening yet, or no greeting in time: the deadline says what to do
+        time.sleep(0.05)
 
 
 def vnc_connected(port: int) -> bool:
@@ -803,6 +813,60 @@ class Agent:
             os.sync()
         if self.server is not None:
             self.server.shutdown()
+
+    def rpc_block_devices(self, _params: dict[str, str]) -> dict[str, Any]:
+        """The guest's disks, as ``lsblk`` lists them: ``{name, serial, size, read_only, mountpoints}`` each, the
+        mount points those of the disk and of its partitions (``[SWAP]`` for swap).  Read-only; the node asks it
+        before it unplugs a volume (``vol-<id>`` serial) so that a mounted one is never pulled away."""
+        return {"devices": block_devices()}
+
+
+def _read_sys(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _unescape_mount(text: str) -> str:
+    """/proc/mounts writes a space as \\040 (and tab, newline, backslash alike)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def block_devices(sys_block: str = "/sys/block", proc: str = "/proc") -> list[dict[str, Any]]:
+    used: dict[str, list[str]] = {}
+    for line in _read_sys(f"{proc}/mounts").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].startswith("/dev/"):
+            used.setdefault(fields[0][5:], []).append(_unescape_mount(fields[1]))
+    for line in _read_sys(f"{proc}/swaps").splitlines()[1:]:
+        if line.startswith("/dev/"):
+            used.setdefault(line.split()[0][5:], []).append("[SWAP]")
+    devices = []
+    try:
+        names = sorted(os.listdir(sys_block))
+    except OSError:
+        names = []
+    for name in names:
+        base = f"{sys_block}/{name}"
+        size = int(_read_sys(f"{base}/size") or 0) * 512
+        if name.startswith(("loop", "ram")) and not size:
+            continue
+        try:
+            parts = sorted(p for p in os.listdir(base) if p.startswith(name))
+        except OSError:
+            parts = []
+        devices.append(
+            {
+                "name": name,
+                "serial": _read_sys(f"{base}/serial") or _read_sys(f"{base}/device/serial"),
+                "size": size,
+                "read_only": _read_sys(f"{base}/ro") == "1",
+                "mountpoints": [m for dev in (name, *parts) for m in used.get(dev, [])],
+            }
+        )
+    return devices
 
 
 class Handler(BaseHTTPRequestHandler):
