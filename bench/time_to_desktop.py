@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--vm", action="store_true", help="measure VM desktops (QEMU) instead of containers")
     ap.add_argument("--memory", type=int, default=1024, help="--vm: the guest's RAM in MiB (1024)")
+    ap.add_argument("--cpus", type=int, default=1, help="--vm: the guest's vCPUs (1)")
     ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="--vm: QEMU's accelerator")
     args = ap.parse_args()
     if args.vm:
@@ -195,10 +196,11 @@ def vm_main(args: argparse.Namespace) -> None:
         "machine": f"{platform.node()} {platform.machine()} cpus={__import__('os').cpu_count()}",
         "profile": args.profile,
         "memory_mib": args.memory,
+        "cpus": args.cpus,
     }
     try:
         farm.up()
-        farm.deckard("osf", "add", "vmbench", "--driver", "vm", "--memory", str(args.memory))
+        farm.deckard("osf", "add", "vmbench", "--driver", "vm", "--memory", str(args.memory), "--cpus", str(args.cpus))
         t0 = time.perf_counter()
         farm.deckard("image", "import", str(image), "--osf", "vmbench")
         farm.deckard("user", "add", "bench", "--password", PASSWORD)
@@ -225,7 +227,10 @@ def vm_main(args: argparse.Namespace) -> None:
         return
     ttd = results["time_to_desktop_s"]
     assert isinstance(ttd, dict)
-    print(f"machine: {results['machine']}  profile: {results['profile']}  accelerator: {results['accel']}")
+    print(
+        f"machine: {results['machine']}  profile: {results['profile']}  accelerator: {results['accel']}  "
+        f"guest: {args.cpus} vCPU, {args.memory} MiB"
+    )
     print(f"VM image prepared by the node: {results['image_prepared_s']} s")
     target = 2.0 if results["accel"] == "kvm" else 8.0
     print(

@@ -73,6 +73,18 @@ MAX_NOTICE_S = 30 * 86400
 FALLBACK_SESSION = "xsetroot -solid '#2e4a62'; xterm &\nexec jwm\n"
 
 MIN_UID, MAX_UID = 1000, 65533
+
+
+def _software_cpu() -> bool:
+    """A VM on QEMU's software CPU (TCG), whose model name says so; KVM guests see the host's CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "QEMU TCG CPU" in f.read(4096)
+    except OSError:
+        return False
+
+
+SOFTWARE_CPU = _software_cpu()
 MAX_EXEC_S = 30.0
 MAX_EXEC_OUTPUT = 65536
 LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
@@ -237,6 +249,8 @@ class XSession:
         }
         # X clients use the unix socket in the fresh /tmp; VNC viewers come in on VNC_PORT only
         xvnc_opts = ["-depth", "24", "-desktop", "Deckard", "-AlwaysShared", "-nolisten", "tcp"]
+        if SOFTWARE_CPU:  # OpenGL on an emulated CPU is unusable, and loading Mesa doubles Xvnc's start there
+            xvnc_opts += ["-extension", "GLX"]
         with open(RUN_DIR / "xvnc.log", "ab") as xlog:
             self.xvnc = self.children.spawn(
                 [
