@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,39 @@ def standard_image() -> Path:
         build_image(out, cache_dir=image_cache(), progress=lambda _t, _f: None, profile=load_profile("standard"))
     )
     for old in out.glob("deckard-standard-*.tar.zst"):  # images of older agents are dead weight (300 MB each)
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def vm_unavailable_reason() -> str | None:
+    reason = e2e_unavailable_reason()
+    if reason:
+        return reason
+    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.vfat", "mcopy"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make test installs qemu-system-x86, qemu-utils, dosfstools, mtools)"
+    return None
+
+
+def _quiet(_text: str, _fraction: float) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def vm_image() -> Path:
+    """The minimal profile built with ``--format vm`` (kernel, pruned modules, static busybox), once per session
+    from the image cache: the VM modules import it into an OSF with ``--driver vm``."""
+    reason = vm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from deckard.images.builder import build_image
+    from deckard.images.profile import load_profile, with_vm
+
+    out = image_cache() / "built"
+    profile = with_vm(load_profile("minimal"))
+    path = asyncio.run(build_image(out, cache_dir=image_cache(), progress=_quiet, profile=profile))
+    for old in out.glob("deckard-minimal-vm-*.tar.zst"):  # images of older agents are dead weight
         if old != path:
             old.unlink(missing_ok=True)
     return path

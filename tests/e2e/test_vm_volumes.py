@@ -19,39 +19,12 @@ from typing import Any
 import pytest
 
 from deckard.client.agent import AgentClient
-from deckard.testing import FarmProcess, e2e_unavailable_reason, image_cache, wait_for
+from deckard.testing import FarmProcess, wait_for
 
 pytestmark = pytest.mark.e2e
 
 BOOT_S = 120  # a TCG boot is ~10 s on a quiet machine; other suites may run beside this one
 DESK = "vol-vm"
-
-
-def _unavailable() -> str | None:
-    reason = e2e_unavailable_reason()
-    if reason:
-        return reason
-    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.vfat", "mcopy"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            return f"{tool} is not installed (make test installs qemu-system-x86, qemu-utils, dosfstools, mtools)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def vm_image() -> Path:
-    """The minimal profile built with ``--format vm`` (as tests/e2e/test_vm_desktops.py), from the image cache."""
-    reason = _unavailable()
-    if reason:
-        pytest.skip(reason)
-    from deckard.images.builder import build_image
-    from deckard.images.profile import load_profile, with_vm
-
-    out = image_cache() / "built"
-    return asyncio.run(
-        build_image(
-            out, cache_dir=image_cache(), progress=lambda _t, _f: None, profile=with_vm(load_profile("minimal"))
-        )
-    )
 
 
 def _free_network() -> str:

@@ -132,6 +132,12 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
             .returning(t.disk_images.c.id)
         )
         image_id = int(res.scalar_one())
+        res = await conn.execute(  # a row is enough: every volume route looks the volume up before its file
+            sa.insert(t.volumes)
+            .values(tenant_id=ids["beta"], name="beta-vol", size_gib=1, state="available", created_at=utcnow())
+            .returning(t.volumes.c.id)
+        )
+        volume_id = int(res.scalar_one())
     await call(b.set_properties, "user", user.id, {"floor": "3"})
     b_objects = {
         "tenants": ids["beta"],
@@ -141,6 +147,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         "desktops": desk.id,
         "osfs": osf.id,
         "images": image_id,
+        "volumes": volume_id,
         "properties": {"user": user.id, "desktop": desk.id, "osf": osf.id, "image": image_id},
         "auth": (await call(b.create_own_token, "beta-script", 7)).id,
     }

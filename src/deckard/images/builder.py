@@ -379,7 +379,8 @@ async def _debootstrap(rootfs: Path, mirror: str, progress: Progress) -> None:
 
 
 def _chroot_env() -> dict[str, str]:
-    return {"DEBIAN_FRONTEND": "noninteractive", "LANG": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    # INITRD=No: the kernel's postinst makes no initramfs (a VM layer's node makes its own initrd)
+    return {"DEBIAN_FRONTEND": "noninteractive", "LANG": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "INITRD": "No"}
 
 
 async def _apt_install(rootfs: Path, packages: Sequence[str], progress: Progress) -> None:

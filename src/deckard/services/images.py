@@ -114,8 +114,10 @@ async def resolve_image(conn: AsyncConnection, osf_id: int, tag: str) -> tuple[i
     )
     row = (await conn.execute(q)).first()
     if not row:
+        osf = (await conn.execute(sa.select(t.osfs.c.name, t.osfs.c.driver).where(t.osfs.c.id == osf_id))).one()
+        build = f"deckard image build{' --format vm' if osf.driver == 'vm' else ''} --osf {osf.name}"
         raise NotFound(
-            f"no disk image is tagged {tag!r} for this desktop's OSF: build one with `deckard image build`",
+            f"no disk image is tagged {tag!r} in the OSF {osf.name!r}: build one with `{build}`",
             code="image_not_found",
         )
     if row.blocked:
