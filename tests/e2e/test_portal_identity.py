@@ -61,7 +61,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1100, "height": 900})
     pg = ctx.new_page()
-    pg.set_default_timeout(10_000)
+    pg.set_default_timeout(30_000)  # the suite boots VMs beside it: a busy machine
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))  # an exception in the page's script (a refused answer is not)
 

@@ -177,7 +177,7 @@ def test_the_wat_volumes_page_creates_attaches_snapshots_and_clones(tmp_path: Pa
                 http.post(path, json=body).raise_for_status()
         ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
         page = ctx.new_page()
-        page.set_default_timeout(10_000)
+        page.set_default_timeout(30_000)
         page.on("dialog", lambda d: d.accept("copy") if d.type == "prompt" else d.accept())
         try:
             login(page, api)

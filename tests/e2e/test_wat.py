@@ -109,7 +109,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 def page(browser: Any) -> Iterator[Any]:
     ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
     pg = ctx.new_page()
-    pg.set_default_timeout(10_000)
+    pg.set_default_timeout(30_000)  # the suite boots VMs beside it: a busy machine
     pg.on("console", lambda m: m.type in ("error", "warning") and print("console:", m.type, m.text))
     pg.on("pageerror", lambda e: print("pageerror:", e))
     try:
