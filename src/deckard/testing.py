@@ -94,6 +94,17 @@ def e2e_unavailable_reason() -> str | None:
 _FARMS_OF_THIS_PROCESS = itertools.count()
 
 
+def free_network(second: int, seed: int) -> str:
+    """A ``10.<second>.x.0/24`` that no interface of this machine routes yet, starting at ``x = seed % 250``: a
+    farm left behind by a killed run (or another process's) must not make this one's desktops unreachable."""
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    start = seed % 250
+    for x in (*range(start, 250), *range(start)):
+        if f"10.{second}.{x}." not in routes:
+            return f"10.{second}.{x}.0/24"
+    raise RuntimeError(f"no free 10.{second}.x.0/24 network on this machine")
+
+
 @dataclass
 class FarmProcess:
     """A farm under a temporary home, driven through its own CLI like a user would."""
@@ -113,7 +124,7 @@ class FarmProcess:
         n = next(_FARMS_OF_THIS_PROCESS)
         pid = os.getpid()
         self.bridge = self.bridge or f"dke{pid % 100000}" + (f"x{n}" if n else "")
-        self.network = self.network or f"10.{214 if n == 0 else 212 - (n - 1) % 8}.{pid % 250}.0/24"
+        self.network = self.network or free_network(214 if n == 0 else 212 - (n - 1) % 8, pid)
 
     @property
     def env(self) -> dict[str, str]:

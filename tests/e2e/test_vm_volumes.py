@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from deckard.client.agent import AgentClient
-from deckard.testing import FarmProcess, wait_for
+from deckard.testing import FarmProcess, free_network, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -27,19 +27,9 @@ BOOT_S = 120  # a TCG boot is ~10 s on a quiet machine; other suites may run bes
 DESK = "vol-vm"
 
 
-def _free_network() -> str:
-    """A /24 no other farm on this machine routes (the default one is derived from the pid, and can collide)."""
-    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
-    start = os.getpid() % 250
-    for n in (*range(start, 250), *range(start)):
-        if f"10.217.{n}." not in routes:
-            return f"10.217.{n}.0/24"
-    raise AssertionError("no free 10.217.x.0/24 network")
-
-
 @pytest.fixture(scope="module")
 def farm(vm_image: Path) -> Iterator[FarmProcess]:
-    f = FarmProcess(network=_free_network())
+    f = FarmProcess(network=free_network(217, os.getpid()))
     try:
         f.up()
         f.deckard("osf", "add", "vmdesk", "--driver", "vm", "--memory", "512")

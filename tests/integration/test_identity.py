@@ -90,7 +90,7 @@ async def test_login_rules_refuse_other_networks_and_hours_and_a_user_rule_repla
     await users.update_user(db, SYSTEM, int(alice["id"]), allowed_networks="192.168.0.0/16")  # type: ignore[call-overload]
     assert (await identity.login_password(db, "alice", "pw-alice", source="192.168.1.5")).user.login == "alice"
     now = dt.datetime.now(dt.UTC)
-    closed = (now + dt.timedelta(hours=2)).strftime("%a") + " 00:00-00:01"  # a minute on another day
+    closed = (now + dt.timedelta(days=2)).strftime("%a") + " 00:00-00:01"  # a minute on another day
     await config.set_config(db, SYSTEM, "auth.rules.hours", closed)
     e = await _refused(identity.login_password(db, "alice", "pw-alice", source="192.168.1.5"))
     assert (e.status, e.code) == (403, "login_hours_refused")
