@@ -152,7 +152,7 @@ class RawClient:
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
     async def head(self) -> tuple[str, dict[str, str]]:
-        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 15)
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 30)  # a loaded CI machine
         lines = raw.decode().split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
         return lines[0], headers
