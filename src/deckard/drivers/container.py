@@ -63,7 +63,7 @@ from deckard.drivers.network import (
 )
 from deckard.drivers.volumes import mount_on_host, unmount_from_host
 from deckard.model.errors import DriverError
-from deckard.runtime.paths import FarmPaths
+from deckard.runtime.paths import FarmPaths, read_tail
 
 log = structlog.get_logger()
 
@@ -361,13 +361,8 @@ class ContainerDriver:
             root.rmdir()
 
     async def console_log(self, guest_name: str, max_bytes: int = 65536) -> str:
-        try:
-            with (self._lxc_dir(guest_name) / "console.log").open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - max_bytes))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        tail = read_tail(self._lxc_dir(guest_name) / "console.log", max_bytes)
+        return tail[0] if tail else ""
 
     async def _state(self, guest_name: str) -> tuple[str, int | None] | None:
         """(STATE, init pid) from lxc-info, or None when LXC does not know the guest."""

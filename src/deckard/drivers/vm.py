@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ import structlog
 
 from deckard.drivers import firewall
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
-from deckard.drivers.container import ensure_traversable
+from deckard.drivers.container import ContainerDriver, ensure_traversable
 from deckard.drivers.display import display_password, vnc_password_file
 from deckard.drivers.lxc_config import farm_id_base
 from deckard.drivers.network import IFNAMSIZ, delete_link, flush_neighbour, isolate_port, run_command
@@ -60,7 +59,7 @@ from deckard.drivers.vm_boot import (
     vmlinux_from_bzimage,
 )
 from deckard.model.errors import Conflict, DriverError
-from deckard.runtime.paths import FarmPaths
+from deckard.runtime.paths import FarmPaths, read_tail
 
 log = structlog.get_logger()
 
@@ -121,7 +120,7 @@ class VmDriver:
                 details={"path": str(image_path)},
             )
         self.paths.basefs.mkdir(parents=True, exist_ok=True)
-        lock_fd = await asyncio.to_thread(_flock, self.paths.basefs / f".{image_id}.vm.lock")
+        lock_fd = await asyncio.to_thread(ContainerDriver._flock, self.paths.basefs / f".{image_id}.vm.lock")
         try:
             if (target / "disk.qcow2").exists():
                 return target
@@ -429,13 +428,8 @@ class VmDriver:
         if self._pid(guest_name) is not None:
             with contextlib.suppress(DriverError, OSError):
                 await self._harvest_console(guest_name)
-        try:
-            with self.console_path(guest_name).open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - max_bytes))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        tail = read_tail(self.console_path(guest_name), max_bytes)
+        return tail[0] if tail else ""
 
     async def _info(self, guest_name: str) -> GuestInfo | None:
         run = self._dir(guest_name)
@@ -592,12 +586,6 @@ async def _checked(args: list[str], what: str) -> str:
 def _volume_node(volume_id: int) -> str:
     """The QEMU block node of a volume (its device's id is the serial, ``vol-<id>``)."""
     return f"vol-{volume_id}-disk"
-
-
-def _flock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -31,12 +31,6 @@ from deckard.services.node_ops import AttachedVolume
 
 log = structlog.get_logger()
 
-# what an agent without ``block_devices`` (an image built before it) is asked instead: disks and what uses them
-LEGACY_PROBE = (
-    'for b in /sys/block/*; do echo "dev ${b##*/} $(cat $b/serial 2>/dev/null)"; done; '
-    "cat /proc/mounts; tail -n +2 /proc/swaps"
-)
-
 
 class NodeVolumes:
     def __init__(self, db: Database, driver: Driver, paths: FarmPaths, backend: VolumeBackend) -> None:
@@ -111,30 +105,9 @@ async def guest_holds(desk: Desktop, serial: str) -> str:
     if not desk.agent_token:
         raise Unavailable("the desktop has no agent to ask whether it uses the volume", code="agent_unreachable")
     agent = AgentClient(desk.ip, desk.agent_token, timeout=5.0)
-    try:
-        devices: list[dict[str, Any]] = list((await agent.call("block_devices"))["devices"])
-    except Unavailable as e:
-        if e.details.get("agent_code") != "unknown_method":
-            raise
-        devices = parse_legacy_probe(str((await agent.exec(LEGACY_PROBE))["stdout"]))
+    devices: list[dict[str, Any]] = list((await agent.call("block_devices"))["devices"])
     for dev in devices:
         if dev.get("serial") == serial and dev.get("mountpoints"):
             where = ", ".join(str(m) for m in dev["mountpoints"])
             return f"the desktop uses the volume (/dev/{dev.get('name')} on {where}): unmount it in the desktop first"
     return ""
-
-
-def parse_legacy_probe(text: str) -> list[dict[str, Any]]:
-    """``LEGACY_PROBE``'s output as ``block_devices`` rows (name, serial, mountpoints)."""
-    disks: dict[str, str] = {}
-    used: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if fields[:1] == ["dev"] and len(fields) >= 2:
-            disks[fields[1]] = fields[2] if len(fields) > 2 else ""
-        elif fields and fields[0].startswith("/dev/"):
-            used.append((fields[0][5:], fields[1] if len(fields) > 1 and fields[1][0] == "/" else "[SWAP]"))
-    return [
-        {"name": name, "serial": serial, "mountpoints": [m for dev, m in used if dev.startswith(name)]}
-        for name, serial in disks.items()
-    ]

@@ -151,3 +151,14 @@ def image_digest(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_tail(path: Path, max_bytes: int) -> tuple[str, int] | None:
+    """The last ``max_bytes`` of a log file as text and the file's size; None when it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode(errors="replace"), size
+    except OSError:
+        return None

@@ -8,7 +8,6 @@ a desktop.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.runtime.paths import FarmPaths
+from deckard.runtime.paths import FarmPaths, read_tail
 from deckard.services.context import Actor, require
 from deckard.services.desktops import find_desktop_id
 
@@ -41,14 +40,6 @@ async def console_log(
     if row.run_dir:  # a running container's, in its node's run directory
         node_paths = FarmPaths(paths.home, Path(row.run_dir))
         candidates.append(node_paths.lxc / node_paths.guest_name(desktop_id) / "console.log")
-    text, size, source = "", 0, ""
-    for path in candidates:
-        try:
-            with path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - max_bytes))
-                text, source = f.read().decode(errors="replace"), str(path)
-                break
-        except OSError:
-            continue
-    return {"desktop": row.name, "text": text, "size": size, "truncated": size > max_bytes, "found": bool(source)}
+    tail = next((t for t in (read_tail(path, max_bytes) for path in candidates) if t is not None), None)
+    text, size = tail or ("", 0)
+    return {"desktop": row.name, "text": text, "size": size, "truncated": size > max_bytes, "found": tail is not None}
