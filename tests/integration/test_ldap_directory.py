@@ -100,8 +100,9 @@ def plugin() -> Iterator[Callable[[Config], LdapAuthenticator]]:
         p.close()
 
 
-async def login(p: LdapAuthenticator, name: str, password: str) -> Decision:
-    return await p.authenticate(Credentials(login=name, tenant="acme", password=password, source="192.0.2.7"))
+async def login(p: LdapAuthenticator, name: str, password: str, *, want_groups: bool = True) -> Decision:
+    creds = Credentials(login=name, tenant="acme", password=password, source="192.0.2.7", want_groups=want_groups)
+    return await p.authenticate(creds)
 
 
 def client_connections(port: int) -> int:
@@ -122,6 +123,21 @@ async def test_search_then_bind_accepts_alice_with_her_attributes_and_groups(dir
     assert (identity.display_name, identity.mail, identity.home) == ("Alice Liddell", ALICE.mail, "/home/alice")
     assert identity.external_id == ALICE.dn
     assert identity.groups == (VDI_USERS,)
+
+
+@pytest.mark.parametrize("mode", [search_config, direct_config])
+async def test_a_desktop_login_searches_no_groups_unless_a_group_is_required(
+    directory: Slapd, plugin: Any, mode: Any
+) -> None:
+    """A user's desktop login needs no groups (only administrators map them to roles): two directory requests,
+    not three; a required group still makes it search."""
+    decision = await login(plugin(mode(directory.url)), "alice", ALICE.password, want_groups=False)
+    assert decision.verdict is Verdict.ACCEPT, decision
+    assert decision.identity is not None and decision.identity.groups == ()
+    required = plugin(mode(directory.url, required_group=VDI_STAFF))
+    assert (await login(required, "alice", ALICE.password, want_groups=False)).code == "not_in_group"
+    decision = await login(required, "zoe", ZOE.password, want_groups=False)
+    assert decision.identity is not None and decision.identity.groups == (VDI_STAFF,)
 
 
 async def test_direct_bind_accepts_alice_and_reads_her_entry_with_her_own_bind(directory: Slapd, plugin: Any) -> None:

@@ -44,6 +44,9 @@ class Credentials:
     via: str = "broker"  # broker | portal | wat | api
     # what Deckard stores for this name: the chain read the account anyway (None: no such account, or no password)
     password_hash: str | None = None
+    # whether the caller needs the person's groups (role mapping for administrators); a plugin may skip a group
+    # search otherwise, unless its own rules need one
+    want_groups: bool = False
 
     def __repr__(self) -> str:  # never print a password into a log line
         return f"Credentials(login={self.login!r}, tenant={self.tenant!r}, via={self.via!r})"

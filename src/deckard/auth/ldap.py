@@ -357,7 +357,9 @@ class LdapAuthenticator:
         refused = self._run(self._users, lambda c: self._bind_user(c, found.dn, creds))
         if refused:
             return refused
-        groups = self._run(self._service, lambda c: self._groups(c, found, creds.login))
+        groups = self._own_groups(found)
+        if self._search_groups(creds):
+            groups = self._run(self._service, lambda c: self._groups(c, found, creds.login))
         return self._decide(creds, found, groups)
 
     def _login_direct(self, creds: Credentials) -> Decision:
@@ -377,7 +379,8 @@ class LdapAuthenticator:
             if not isinstance(found, _Entry):
                 reason = f"{bind_dn} bound, but its entry could not be read (base_dn, user_filter or the ACL)"
                 return self._refuse("entry_not_found", reason)
-            return self._decide(creds, found, self._groups(conn, found, creds.login))
+            groups = self._groups(conn, found, creds.login) if self._search_groups(creds) else self._own_groups(found)
+            return self._decide(creds, found, groups)
 
         return self._run(self._users, work)
 
@@ -487,6 +490,16 @@ class LdapAuthenticator:
     def _read_entry(self, conn: Any, dn: str) -> _Entry | None:
         entries, _ = self._search(conn, dn, "(objectClass=*)", BASE, self._attributes, 1)
         return _Entry.from_response(entries[0]) if entries else None
+
+    def _search_groups(self, creds: Credentials) -> bool:
+        """Whether this login needs a group search: a required group, or a caller mapping groups to roles (a
+        user's desktop login needs neither, and saves a third directory request)."""
+        return bool(creds.want_groups or self.settings.required_group)
+
+    @staticmethod
+    def _own_groups(entry: _Entry) -> tuple[str, ...]:
+        """The groups the entry itself names (AD's ``memberOf``): no search."""
+        return tuple(sorted({normal_dn(g) for g in entry.values.get("memberof", [])}))
 
     def _groups(self, conn: Any, entry: _Entry, login: str) -> tuple[str, ...]:
         """Group DNs from the entry's ``memberOf`` (AD) and from ``group_filter`` under the group base."""

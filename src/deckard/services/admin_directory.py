@@ -265,7 +265,9 @@ async def login_ldap(
     directory did not answer within ``auth.ldap.timeout_s``, or is not set up)."""
     tenant_id, config = directory.tenant_id, directory.config
     plugin = password_plugins.ldap_plugin(db, tenant_id, {**config, "auth.ldap.required_group": ""})
-    decision = await plugin.authenticate(Credentials(name, directory.tenant_name, password, source, "api"))
+    decision = await plugin.authenticate(
+        Credentials(name, directory.tenant_name, password, source, "api", want_groups=True)
+    )
     if decision.verdict != Verdict.ACCEPT or decision.identity is None:
         log.info("admin_directory.refused", admin=name, tenant_id=tenant_id, code=decision.code, reason=decision.reason)
         raise _bad_credentials()
