@@ -113,7 +113,8 @@ class Database:
         """A read-only transaction: on SQLite a snapshot (``BEGIN DEFERRED``) that does not wait for writers nor
         make them wait; what is written in it is rolled back."""
         async with self.read_engine.connect() as conn:
-            await conn.execution_options(**{_READ_ONLY: True})
+            if self.dialect == "sqlite":
+                await conn.execution_options(**{_READ_ONLY: True})
             yield conn
 
 
