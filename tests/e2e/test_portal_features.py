@@ -11,6 +11,8 @@ that calls ``libX11`` through ``ctypes`` (both are in the image), run as the use
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -430,6 +432,81 @@ def test_disconnect_while_the_ticket_is_on_its_way_opens_no_connection(portal: P
         page.unroute_all()
         page.remove_listener("websocket", on_socket)
         page.remove_listener("requestfinished", on_finished)
+
+
+def _files_panel(p: Portal) -> Any:
+    """The viewer's file panel, open."""
+    from playwright.sync_api import expect
+
+    toggle = p.page.locator("#files-toggle")
+    if toggle.get_attribute("aria-expanded") != "true":
+        toggle.click()
+    expect(p.page.locator("#files-panel")).to_be_visible()
+    return p.page.locator("#files-panel")
+
+
+def _sha256(p: Portal, path: str) -> str:
+    return p.sh(f"sha256sum {path}").split()[0]
+
+
+def test_files_dropped_or_picked_in_the_page_land_in_uploads_with_the_same_bytes(
+    connected: Portal, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    page = connected.page
+    _files_panel(connected)
+    picked = tmp_path / f"picked-{time.time_ns()}.bin"
+    picked.write_bytes(os.urandom(5 * 1024 * 1024 + 3))
+    page.locator("#files-input").set_input_files(str(picked))
+    done = page.locator(f"li.files-transfer[data-state=done]:has-text('{picked.name}')")
+    expect(done).to_be_visible(timeout=60_000)
+    assert _sha256(connected, f"~/Uploads/{picked.name}") == hashlib.sha256(picked.read_bytes()).hexdigest()
+
+    # a file dropped on the desktop's picture (what a user drags from their file manager)
+    dropped = f"dropped-{time.time_ns()}.txt"
+    page.evaluate(
+        """([name]) => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["dropped on the desktop\\n"], name, { type: "text/plain" }));
+            const screen = document.querySelector("#screen");
+            for (const type of ["dragenter", "dragover", "drop"])
+                screen.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }""",
+        [dropped],
+    )
+    expect(page.locator(f"li.files-transfer[data-state=done]:has-text('{dropped}')")).to_be_visible(timeout=30_000)
+    assert connected.sh(f"cat ~/Uploads/{dropped}") == "dropped on the desktop\n"
+    assert connected.sh(f"stat -c %U ~/Uploads/{dropped}").strip() == USER  # the user's file, not root's
+
+
+def test_a_file_saved_in_downloads_downloads_with_the_same_bytes_and_nothing_leaves_the_home(
+    connected: Portal, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    page = connected.page
+    name = f"report-{time.time_ns()}.bin"
+    connected.sh(f"mkdir -p ~/Downloads && head -c 3000001 /dev/urandom > ~/Downloads/{name}")
+    connected.sh("ln -sf /etc/shadow ~/Downloads/shadow-link")  # a user's symlinks out of their home
+    panel = _files_panel(connected)
+    page.locator("#files-dir").fill("Downloads")
+    page.locator("#files-open").click()
+    entry = panel.locator(f"li.files-entry[data-name='{name}']")
+    expect(entry).to_be_visible()
+    with page.expect_download(timeout=60_000) as download:
+        entry.locator("button.files-download").click()
+    saved = tmp_path / "saved.bin"
+    download.value.save_as(saved)
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == _sha256(connected, f"~/Downloads/{name}")
+
+    # the link leads out of the home: not listed, and its folder cannot be opened through it either
+    expect(panel.locator("li.files-entry[data-name='shadow-link']")).to_have_count(0)
+    connected.sh("ln -sfn /etc ~/Downloads/etc-link")
+    page.locator("#files-dir").fill("Downloads/etc-link")
+    page.locator("#files-open").click()
+    expect(page.locator("#files-error")).to_contain_text("home")  # outside_home
+    expect(panel.locator("li.files-entry[data-name='passwd']")).to_have_count(0)
 
 
 MARKER = "/usr/local/share/deckard-reset-marker"

@@ -59,17 +59,22 @@ class FrameError(Exception):
 
 
 Control = tuple[int, bytes]  # (opcode, payload) of a ping, pong or close frame
+# pseudo-opcodes of FrameReader(messages=True): a data message begins (payload: its opcode) and ends
+MSG_BEGIN, MSG_END = 0x10, 0x11
 
 
 class FrameReader:
     """Client → broker frames, parsed as bytes arrive (sans-IO; ``feed`` raises :class:`FrameError`).
 
     ``feed`` returns, in order, data payload chunks (``bytes``: binary, text and continuation frames, unmasked)
-    and complete control frames (``(opcode, payload)``).  After a close frame nothing more is read.
+    and complete control frames (``(opcode, payload)``).  After a close frame nothing more is read.  With
+    ``messages`` (a channel of typed messages, not a byte stream), each data message is also bracketed by
+    ``(MSG_BEGIN, bytes([opcode]))`` and ``(MSG_END, b"")``.
     """
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, *, messages: bool = False) -> None:
         self.max_message = max_message
+        self.messages = messages
         self.closed = False
         self._head = bytearray()  # a frame header split across reads
         self._opcode = -1  # of the frame whose payload is being read; -1 between frames
@@ -145,6 +150,8 @@ class FrameReader:
                 raise FrameError(CLOSE_PROTOCOL, "frame length out of range")
         if opcode == OP_BINARY and self._message < 0:  # the common case first: a new binary message
             self._message, self._message_size = opcode, length
+            if self.messages:
+                out.append((MSG_BEGIN, b"\x02"))
         elif opcode >= 8:
             if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
                 raise FrameError(CLOSE_PROTOCOL, f"unknown control opcode {opcode}")
@@ -158,6 +165,8 @@ class FrameReader:
             if self._message >= 0:
                 raise FrameError(CLOSE_PROTOCOL, "a new message began before the last one ended")
             self._message, self._message_size = opcode, length
+            if self.messages:
+                out.append((MSG_BEGIN, bytes((opcode,))))
         else:
             raise FrameError(CLOSE_PROTOCOL, f"unknown data opcode {opcode}")
         if self._message == OP_TEXT and opcode < 8 and self._message_size > self.max_message:
@@ -176,3 +185,5 @@ class FrameReader:
             self.closed = opcode == OP_CLOSE
         elif self._fin:
             self._message = -1
+            if self.messages:
+                out.append((MSG_END, b""))

@@ -165,6 +165,11 @@ class FrontConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    @property
+    def pending(self) -> bool:
+        """Whether client bytes wait to be read."""
+        return bool(self._inbox)
+
     def take_buffered(self) -> bytes:
         data = bytes(self._inbox)
         self._inbox.clear()

@@ -28,6 +28,7 @@ import h11
 import structlog
 
 from deckard.broker.auth import REALM_CHALLENGE, Basic, auth_params, parse_authorization
+from deckard.broker.files import FILES_PATH, FilesConnect
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.params import parse_connect_params, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
@@ -112,6 +113,7 @@ class QvdProtocol:
         self.network = network  # the desktop network: an auto-provisioned user's first desktop goes there
         self.settings = sessions.settings
         self.websocket = WebSocketConnect(db, sessions)
+        self.files = FilesConnect(db, sessions.settings, sessions.ports.agent)
 
     async def serve(self, front: FrontConnection) -> None:
         channel = HttpChannel(front, self.settings.max_request_head)
@@ -135,6 +137,8 @@ class QvdProtocol:
                 try:
                     if is_websocket(req):
                         await self.websocket.serve(channel, req)
+                    elif req.path == FILES_PATH and req.method == "GET":
+                        await self.files.serve(channel, req)
                     elif req.path == "/qvd/connect_to_vm" and req.method == "GET":
                         await self._connect(channel, req)
                     else:

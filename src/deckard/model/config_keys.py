@@ -373,6 +373,26 @@ GUEST_KEYS: tuple[ConfigKey, ...] = (
     ),
 )
 
+# what the browser desktop may do besides the picture (broker/files.py, docs/portal.md)
+PORTAL_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey(
+        "portal.files.enabled",
+        bool,
+        True,
+        "Users may upload files into their desktop (`~/Uploads`) and download files from it in the portal.",
+        per_osf=True,
+    ),
+    ConfigKey(
+        "portal.files.max_upload_mib",
+        int,
+        1024,
+        "Largest file a user may upload into a desktop from the portal (MiB).",
+        per_osf=True,
+        minimum=1,
+        maximum=1 << 20,
+    ),
+)
+
 KEYS: dict[str, ConfigKey] = {
     k.name: k
     for k in (
@@ -473,6 +493,7 @@ KEYS: dict[str, ConfigKey] = {
         *NETWORK_KEYS,
         *SESSION_KEYS,
         *GUEST_KEYS,
+        *PORTAL_KEYS,
         ConfigKey(
             "volumes.max_gib",
             int,

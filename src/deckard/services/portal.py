@@ -23,6 +23,7 @@ from deckard.model.entities import User
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.states import DesktopState, NodeState
 from deckard.runtime.paths import FarmPaths
+from deckard.services.config import read_config
 from deckard.services.context import Actor
 from deckard.services.desktops import request_stop, reset_desktop
 from deckard.services.sessions import desktop_for_user
@@ -32,10 +33,14 @@ PORTAL_COLUMNS = (d.c.id, d.c.name, d.c.state, d.c.cmd, d.c.blocked, d.c.user_st
 
 
 async def list_own_desktops(db: Database, user: User) -> list[dict[str, Any]]:
-    """The user's desktops and their states, by name."""
-    q = sa.select(*PORTAL_COLUMNS).where(d.c.user_id == user.id).order_by(d.c.name)
+    """The user's desktops, their states and what each offers in the browser (``features``), by name."""
+    q = sa.select(*PORTAL_COLUMNS, d.c.osf_id).where(d.c.user_id == user.id).order_by(d.c.name)
+    out = []
     async with db.connect() as conn:
-        return [dict(r) for r in (await conn.execute(q)).mappings()]
+        for r in (await conn.execute(q)).mappings():
+            files = await read_config(conn, "portal.files.enabled", user.tenant_id, int(r["osf_id"]))
+            out.append({**{k: v for k, v in r.items() if k != "osf_id"}, "features": {"files": bool(files)}})
+    return out
 
 
 async def _own_desktop(db: Database, user: User, desktop_id: int) -> dict[str, Any]:

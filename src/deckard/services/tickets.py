@@ -31,6 +31,7 @@ from deckard.model.entities import User, aware, utcnow
 from deckard.model.errors import Conflict, DeckardError, PermissionDenied, Unauthenticated
 from deckard.model.states import DesktopState
 from deckard.runtime.settings import BrokerSettings
+from deckard.services.config import read_config
 from deckard.services.context import Actor, require
 from deckard.services.desktops import get_desktop
 from deckard.services.sessions import desktop_for_user
@@ -38,6 +39,7 @@ from deckard.services.sessions import desktop_for_user
 PORTAL = "portal"
 CONNECT = "connect"
 SPY = "spy"
+FILES = "files"  # the portal's file panel: upload into and download from the user's desktop (broker/files.py)
 CHALLENGE = "challenge"  # a login (a user's or an administrator's) waiting for its second factor
 CHALLENGE_TTL = 300.0
 TICKET_TTL = 30.0  # seconds between issuing a ticket and the browser opening its WebSocket
@@ -250,6 +252,21 @@ async def issue_connect_ticket(
     return await _store(db, CONNECT, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
 
 
+async def issue_files_ticket(
+    db: Database, user: User, desktop_id: int, *, limits: TicketLimits | None = None
+) -> tuple[str, dt.datetime]:
+    """A ticket for the file panel of the user's own running desktop (403 ``files_disabled`` where the
+    administrator turned files off for its tenant or OSF)."""
+    desk = await desktop_for_user(db, user, desktop_id)
+    async with db.connect() as conn:
+        enabled = await read_config(conn, "portal.files.enabled", desk.tenant_id, desk.osf_id)
+    if not enabled:
+        raise PermissionDenied("your administrator turned file transfer off for this desktop", code="files_disabled")
+    if desk.state != DesktopState.RUNNING:
+        raise Conflict("files can be moved only while the desktop runs: connect to it first", code="not_running")
+    return await _store(db, FILES, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
+
+
 async def issue_spy_ticket(
     db: Database, actor: Actor, desktop_id: int, *, interactive: bool = False, limits: TicketLimits | None = None
 ) -> tuple[str, dt.datetime]:
@@ -270,8 +287,11 @@ async def issue_spy_ticket(
     )
 
 
-async def redeem_ticket(db: Database, secret: str, desktop_id: int | None = None) -> Ticket:
-    """Use a ticket up: 401 ``bad_ticket`` if unknown, expired or already used (the same answer for each).
+async def redeem_ticket(
+    db: Database, secret: str, desktop_id: int | None = None, kinds: tuple[str, ...] = (CONNECT, SPY)
+) -> Ticket:
+    """Use a ticket of one of ``kinds`` up: 401 ``bad_ticket`` if unknown, expired, already used or of another
+    kind (the same answer for each).
 
     With ``desktop_id`` (the connect names a desktop), a ticket for another desktop is refused with 403
     ``ticket_mismatch`` and is *not* used up."""
@@ -280,9 +300,7 @@ async def redeem_ticket(db: Database, secret: str, desktop_id: int | None = None
         raise bad
     now = utcnow()
     async with db.begin() as conn:
-        row = (
-            await conn.execute(sa.select(tk).where(tk.c.token_hash == _hash(secret), tk.c.kind.in_((CONNECT, SPY))))
-        ).first()
+        row = (await conn.execute(sa.select(tk).where(tk.c.token_hash == _hash(secret), tk.c.kind.in_(kinds)))).first()
         expires = aware(row.expires_at) if row is not None else None
         if row is None or row.used_at is not None or expires is None or expires <= now or row.desktop_id is None:
             raise bad

@@ -10,6 +10,9 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
     ping, x_state, x_start(user, uid[, geometry][, keyboard]), x_stop, poweroff, expire,
     spy_notice(admin[, interactive]), idle, session_notice(reason, action, in_s), exec(command[, user][, timeout])
 
+    GET /files/list?login=&dir=[&hidden=1], GET /files/get?login=&path=, PUT /files/put?login=&path=
+    -> the desktop user's files, read and written as that user (see FILE_WORKER)
+
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
 established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
 with a jwm + xterm session, both run as the desktop's user.  Xvnc requires VNC authentication with the
@@ -42,6 +45,7 @@ import logging
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -53,7 +57,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 VERSION = "0.1.0"
 DEFAULT_PORT = 3030
@@ -680,6 +684,446 @@ def power_off_machine() -> None:
     _reboot(REBOOT_POWER_OFF)
 
 
+# -- file transfer -----------------------------------------------------------------------------------
+FILE_CHUNK = 256 * 1024
+FILE_IDLE_S = 60.0  # a transfer that makes no progress for this long is abandoned
+MAX_PATH_LEN = 4096
+DEFAULT_LIST_DIR = "Downloads"
+
+# The file routes' I/O runs in a child process with the desktop user's uid and gid (never root): the kernel
+# then refuses whatever the user could not do themselves, whatever a path or a symlink race says.  The child is
+# this code string run with ``python3 -I -S -c`` (the agent may itself be bytecode with no source to re-run);
+# it speaks JSON lines on stdout: one header line, then, for ``get``, the file's bytes; for ``put``, after
+# the header says it is ready, it reads the body on stdin and writes a last line with the outcome.
+# Directories are resolved with realpath and must stay in the home; they are then opened from the home one
+# component at a time with O_NOFOLLOW, and the final name is opened or created with O_NOFOLLOW too, so a
+# symlink swapped in after the check is refused.  Uploads never overwrite: the file is linked into place
+# under the first free name ("name (1).ext"...).  New directories are 0755 and files 0644 (the user's own
+# tools make them so under the usual umask; the home, 0750, keeps other users out).
+FILE_WORKER = r'''
+import errno
+import json
+import os
+import signal
+import stat
+import sys
+
+CHUNK = 262144
+MAX_ENTRIES = 1000
+EMPTY_IF_MISSING = ("Downloads", "Uploads")
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class FileError(Exception):
+    def __init__(self, code, message, status):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def real_home(home):
+    real = os.path.realpath(home)
+    if real == "/" or not os.path.isdir(real):
+        raise FileError("no_home", f"the home directory {home} does not exist yet: start the desktop first", 409)
+    return real
+
+
+def resolve(home, rel):
+    """The components of home/rel, every symlink resolved, under the real home; outside_home if it leaves it."""
+    target = os.path.realpath(os.path.join(home, rel))
+    if target == home:
+        return []
+    if not target.startswith(home + "/"):
+        raise FileError("outside_home", f"{rel} leads outside the home directory: use a path inside it", 403)
+    return target[len(home) + 1 :].split("/")
+
+
+def open_component(fd, name):
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
+            raise FileError("outside_home", "a symbolic link appeared in the path: try again", 403) from None
+        raise
+
+
+def open_dir(home, parts, create):
+    """A directory fd of home/parts, walked from the home without following any symlink (one raced in fails)."""
+    fd = os.open(home, DIR_FLAGS)
+    try:
+        for name in parts:
+            try:
+                child = open_component(fd, name)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = open_component(fd, name)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def entry_of(home, dir_path, entry):
+    st = entry.stat(follow_symlinks=False)
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else None
+    if stat.S_ISLNK(st.st_mode):
+        # a link to a directory of the home can be browsed (dirs resolve); files are fetched by their own name
+        real = os.path.realpath(os.path.join(dir_path, entry.name))
+        if (real == home or real.startswith(home + "/")) and os.path.isdir(real):
+            st, kind = os.stat(real), "dir"
+    if kind is None:
+        return None
+    return {"name": entry.name, "type": kind, "size": st.st_size if kind == "file" else 0, "mtime": st.st_mtime}
+
+
+def list_dir(home, rel, hidden):
+    home = real_home(home)
+    parts = resolve(home, rel)
+    try:
+        fd = open_dir(home, parts, create=False)
+    except FileNotFoundError:
+        if rel in EMPTY_IF_MISSING:
+            return {"entries": [], "truncated": False}
+        raise FileError("not_found", f"no directory {rel or '.'} in the home: list an existing one", 404) from None
+    dir_path = os.path.join(home, *parts)
+    entries = []
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                if entry.name.startswith(".") and not hidden:
+                    continue
+                try:
+                    item = entry_of(home, dir_path, entry)
+                except OSError:
+                    continue  # gone meanwhile, or unreadable
+                if item is not None:
+                    entries.append(item)
+    finally:
+        os.close(fd)
+    entries.sort(key=lambda e: (e["type"] != "dir", e["name"].casefold(), e["name"]))
+    return {"entries": entries[:MAX_ENTRIES], "truncated": len(entries) > MAX_ENTRIES}
+
+
+def open_file(home, rel):
+    """(fd, size) of the regular file home/rel, opened read-only without following a final symlink."""
+    home = real_home(home)
+    parent, name = os.path.split(rel)
+    parts = resolve(home, parent)
+    resolve(home, rel)  # a final symlink that leaves the home says outside_home rather than not_a_file
+    dfd = open_dir(home, parts, create=False)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileError("not_a_file", f"{rel} is a symbolic link: ask for the file it points to", 400) from None
+        raise
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileError("not_a_file", f"{rel} is not a regular file: only files can be downloaded", 400)
+    return fd, st.st_size
+
+
+def free_name(name, n):
+    if n == 0:
+        return name
+    stem, ext = os.path.splitext(name)
+    return f"{stem} ({n}){ext}"
+
+
+def place(dfd, tmp, name):
+    """Give the finished temporary file the first free name; never replace an existing one."""
+    for n in range(10000):
+        candidate = free_name(name, n)
+        try:
+            os.link(tmp, candidate, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # a file system without hard links: check, then rename (the user could only race themselves)
+            try:
+                os.lstat(candidate, dir_fd=dfd)
+                continue
+            except FileNotFoundError:
+                os.rename(tmp, candidate, src_dir_fd=dfd, dst_dir_fd=dfd)
+                return candidate
+        os.unlink(tmp, dir_fd=dfd)
+        return candidate
+    raise FileError("conflict", f"too many files named like {name}: choose another name", 409)
+
+
+def put_file(home, rel, size, src, report):
+    """Write ``size`` bytes read from fd ``src`` to home/rel (or its first free name); return the name used."""
+    home = real_home(home)
+    parent, name = os.path.split(rel)
+    dfd = open_dir(home, resolve(home, parent), create=True)
+    tmp = f".deckard-upload-{os.urandom(8).hex()}.part"
+    fd = -1
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        report({"ok": True, "ready": True})
+        got = 0
+        while got < size:
+            chunk = os.read(src, min(CHUNK, size - got))
+            if not chunk:
+                raise FileError("short_body", f"the upload ended after {got} of {size} bytes: send it again", 400)
+            got += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        final = place(dfd, tmp, name)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(dfd)
+    return os.path.join(parent, final)
+
+
+def error_of(exc):
+    if isinstance(exc, FileError):
+        return exc.code, exc.message, exc.status
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full", "the desktop's disk or quota is full: free some space and try again", 507
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission_denied", f"the desktop user may not do this ({exc.strerror}): choose another place", 403
+    if exc.errno == errno.ENOENT:
+        return "not_found", "no such file or directory in the home: check the path", 404
+    if exc.errno in (errno.ENOTDIR, errno.ENAMETOOLONG):
+        return "bad_path", f"the path is not usable ({exc.strerror}): check it", 400
+    if exc.errno == errno.ELOOP:
+        return "outside_home", "a symbolic link appeared in the path: use a path inside the home", 403
+    return "internal", f"file operation failed: {exc.strerror or exc}", 500
+
+
+def main(argv):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so a partial upload is removed
+    os.umask(0o022)
+
+    def report(data):
+        os.write(1, (json.dumps(data) + "\n").encode())
+
+    op, home, rel = argv[1:4]
+    try:
+        if op == "list":
+            report({"ok": True, **list_dir(home, rel, argv[4] == "1")})
+        elif op == "get":
+            fd, size = open_file(home, rel)
+            report({"ok": True, "size": size})
+            left = size
+            while left:
+                chunk = os.read(fd, min(CHUNK, left))
+                if not chunk:
+                    break  # it shrank: the agent sees the short stream
+                left -= len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(1, view) :]
+        elif op == "put":
+            report({"ok": True, "path": put_file(home, rel, int(argv[4]), 0, report)})
+    except (FileError, OSError) as exc:
+        code, message, status = error_of(exc)
+        report({"ok": False, "status": status, "error": {"code": code, "message": message}})
+    except Exception as exc:
+        report({"ok": False, "status": 500, "error": {"code": "internal", "message": f"file operation failed: {exc}"}})
+
+
+if __name__ == "__main__":
+    main(sys.argv)
+'''
+
+
+def check_rel_path(rel: str, *, file: bool) -> str:
+    """``rel`` normalised ("a/./b/" -> "a/b", "." -> ""), or bad_path: absolute, NUL, ``..``, too long, no name."""
+    if len(rel) > MAX_PATH_LEN:
+        raise AgentError("bad_path", f"the path is longer than {MAX_PATH_LEN} characters: shorten it")
+    if "\0" in rel:
+        raise AgentError("bad_path", "the path contains a NUL character: remove it")
+    if rel.startswith("/"):
+        raise AgentError("bad_path", "the path is absolute: give it relative to the home directory")
+    parts = rel.split("/")
+    if ".." in parts:
+        raise AgentError("bad_path", "the path contains '..': give it relative to the home, without '..'")
+    if file and parts[-1] in ("", "."):
+        raise AgentError("bad_path", "the path names no file: end it with the file's name")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def file_account(login: str) -> pwd.struct_passwd:
+    """The desktop user a file route acts for: an existing account with a desktop uid."""
+    if not LOGIN_RE.match(login):
+        raise AgentError("bad_input", "login must be a login name (lowercase letters, digits, _.-)")
+    try:
+        account = pwd.getpwnam(login)
+    except KeyError:
+        raise AgentError(
+            "no_user", f"{login} has no account in this desktop yet: start the desktop first", 409
+        ) from None
+    if not MIN_UID <= account.pw_uid <= MAX_UID:
+        raise AgentError("bad_input", f"{login} is not a desktop user (uid {MIN_UID}-{MAX_UID})")
+    return account
+
+
+def _worker_error(reply: dict[str, Any]) -> AgentError:
+    """The worker's error line as an AgentError (it runs as the user: take nothing on trust)."""
+    error = reply.get("error")
+    status = reply.get("status")
+    if isinstance(error, dict) and isinstance(status, int) and 400 <= status <= 599:
+        code, message = error.get("code"), error.get("message")
+        if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,32}", code) and isinstance(message, str):
+            return AgentError(code, message[:1000], status)
+    return AgentError("internal", "the file worker answered nonsense", 500)
+
+
+class FileWorker:
+    """One run of :data:`FILE_WORKER` as the desktop user, with the agent's side of its pipes.
+
+    The pipes are non-blocking and every wait is bounded by :data:`FILE_IDLE_S`: the worker runs as the user,
+    who may stop or kill it, and an agent thread must not hang on it.
+    """
+
+    def __init__(self, children: Children, account: pwd.struct_passwd, args: list[str]) -> None:
+        creds: dict[str, Any] = {}
+        if (account.pw_uid, account.pw_gid) != (os.geteuid(), os.getegid()):
+            if os.geteuid() != 0:
+                raise AgentError("internal", f"the agent runs as uid {os.geteuid()} and cannot act as another", 500)
+            creds = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        self.children = children
+        try:
+            self.proc = children.spawn(
+                [sys.executable, "-I", "-S", "-c", FILE_WORKER, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                bufsize=0,
+                cwd="/",  # Popen changes directory before it drops to the user
+                env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+                **creds,
+            )
+        except OSError as exc:
+            message = f"cannot run {sys.executable} as {account.pw_name}: {exc.strerror}"
+            raise AgentError("internal", message, 500) from None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in: int | None = self.proc.stdin.fileno()
+        self._out = self.proc.stdout.fileno()
+        os.set_blocking(self._in, False)
+        os.set_blocking(self._out, False)
+        self._buffer = b""
+
+    def _wait(self, fd: int, read: bool) -> None:
+        ready = select.select([fd], [], [], FILE_IDLE_S) if read else select.select([], [fd], [], FILE_IDLE_S)
+        if not any(ready):
+            raise AgentError("timeout", f"the file transfer made no progress for {FILE_IDLE_S:g} s: try again", 504)
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the worker's output; b"" when it ended."""
+        if self._buffer:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+            return data
+        while True:
+            self._wait(self._out, read=True)
+            try:
+                return os.read(self._out, size)
+            except BlockingIOError:
+                continue
+
+    def read_reply(self) -> dict[str, Any]:
+        """The worker's next JSON line; an error with its code when it says ``ok: false``."""
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > 1 << 20:
+                raise AgentError("internal", "the file worker answered nonsense", 500)
+            chunk = self.read(FILE_CHUNK)
+            if not chunk:
+                raise AgentError("internal", "the file worker ended without an answer", 500)
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise AgentError("internal", "the file worker answered nonsense", 500)
+        if reply.get("ok") is not True:
+            raise _worker_error(reply)
+        return reply
+
+    def write(self, data: bytes) -> bool:
+        """Send ``data`` to the worker; False when it stopped reading (it will say why)."""
+        view = memoryview(data)
+        fd = self._in
+        while view and fd is not None:
+            self._wait(fd, read=False)
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                return False
+        return True
+
+    def close_input(self) -> None:
+        if self.proc.stdin is not None and self._in is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            self._in = None
+
+    def finish(self) -> None:
+        """Reap the worker; one that does not end is sent SIGTERM (an upload then removes its temporary file)."""
+        self.close_input()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()  # a download cut short ends on EPIPE
+        for stop in (None, self.proc.terminate, self.proc.kill):
+            if stop is not None:
+                stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=2)
+                break
+        self.children.forget(self.proc)
+
+
+def _entries_of(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    entries = []
+    for item in reply.get("entries") or []:
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("name"), str)
+            and item.get("type") in ("file", "dir")
+            and isinstance(item.get("size"), int)
+            and isinstance(item.get("mtime"), int | float)
+        ):
+            entries.append({k: item[k] for k in ("name", "type", "size", "mtime")})
+    return entries
+
+
+def list_files(children: Children, account: pwd.struct_passwd, rel_dir: str, hidden: bool) -> dict[str, Any]:
+    worker = FileWorker(children, account, ["list", account.pw_dir, rel_dir, "1" if hidden else "0"])
+    try:
+        reply = worker.read_reply()
+    finally:
+        worker.finish()
+    truncated = reply.get("truncated") is True
+    return {"ok": True, "dir": rel_dir, "entries": _entries_of(reply)[:1000], "truncated": truncated}
+
+
 # -- HTTP RPC --------------------------------------------------------------------------------------
 class Agent:
     """The RPC methods; one instance per process."""
@@ -888,10 +1332,16 @@ class Handler(BaseHTTPRequestHandler):
     agent: Agent  # set on the subclass made by serve()
 
     def do_GET(self) -> None:
-        self._handle()
+        if urlsplit(self.path).path in ("/files/list", "/files/get"):
+            self._handle_files()
+        else:
+            self._handle()
 
     def do_POST(self) -> None:
         self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle_files()
 
     def _handle(self) -> None:
         t0 = time.monotonic()
@@ -915,20 +1365,140 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             log.exception("internal error")
             status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
+        self._send_json(status, body)
+        self._log(url.path, status, t0)
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        log.info(
-            "%s %s %s %d %.1fms",
-            self.client_address[0],
-            self.command,
-            url.path,
-            status,
-            (time.monotonic() - t0) * 1000,
-        )
+
+    def _log(self, path: str, status: int, t0: float, extra: str = "") -> None:
+        ms = (time.monotonic() - t0) * 1000
+        log.info("%s %s %s %d %.1fms%s", self.client_address[0], self.command, path, status, ms, extra)
+
+    # -- file routes: /files/list, /files/get, /files/put (see FILE_WORKER) ------------------------------
+    def _handle_files(self) -> None:
+        t0 = time.monotonic()
+        url = urlsplit(self.path)
+        params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        route = (self.command, url.path)
+        status, body, extra = 200, None, ""
+        try:
+            if not self._authorized():
+                raise AgentError("unauthenticated", "missing or wrong agent token", 401)
+            if route not in (("GET", "/files/list"), ("GET", "/files/get"), ("PUT", "/files/put")):
+                raise AgentError("not_found", "file routes are GET /files/list, GET /files/get, PUT /files/put", 404)
+            account = file_account(params.get("login", ""))
+            if url.path == "/files/list":
+                rel_dir = check_rel_path(params.get("dir", DEFAULT_LIST_DIR), file=False)
+                body = list_files(self.agent.children, account, rel_dir, params.get("hidden") == "1")
+            elif url.path == "/files/get":
+                extra = self._send_file(account, check_rel_path(params.get("path", ""), file=True))
+            else:
+                body = self._receive_file(account, check_rel_path(params.get("path", ""), file=True))
+        except AgentError as exc:
+            status, body = exc.status, {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:
+            log.exception("internal error")
+            status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
+        if body is not None:
+            with contextlib.suppress(OSError):  # the client may be gone (a cut upload)
+                self._send_json(status, body)
+            if self.command == "PUT" and status != 200:
+                self._discard_body()
+        self._log(url.path, status, t0, extra)
+
+    def _settimeout(self) -> None:
+        connection = getattr(self, "connection", None)
+        if isinstance(connection, socket.socket):
+            connection.settimeout(FILE_IDLE_S)
+
+    def _send_file(self, account: pwd.struct_passwd, rel: str) -> str:
+        """Stream the file; errors before the first byte are JSON, after it the connection is cut."""
+        self._settimeout()
+        worker = FileWorker(self.agent.children, account, ["get", account.pw_dir, rel])
+        try:
+            size = worker.read_reply().get("size")
+            if not isinstance(size, int) or size < 0:
+                raise AgentError("internal", "the file worker answered nonsense", 500)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.send_header("X-Deckard-File-Name", quote(rel.rsplit("/", 1)[-1], safe=""))
+            self.end_headers()
+            left = size
+            try:
+                while left:
+                    chunk = worker.read(min(FILE_CHUNK, left))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+            except (OSError, AgentError) as exc:
+                self.close_connection = True
+                return f" cut after {size - left} of {size} bytes: {exc}"
+            if left:
+                self.close_connection = True
+                return f" cut after {size - left} of {size} bytes: the file shrank"
+            return f" {size} bytes"
+        finally:
+            worker.finish()
+
+    def _receive_file(self, account: pwd.struct_passwd, rel: str) -> dict[str, Any]:
+        """Copy the request body to the worker, a chunk at a time, then answer what it wrote."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or "Content-Length" not in self.headers:
+            raise AgentError("length_required", "send the file with a Content-Length (chunked is not supported)", 411)
+        try:
+            size = int(self.headers["Content-Length"])
+            limit = int(self.headers.get("X-Deckard-Max-Bytes", "-1"))
+        except ValueError:
+            raise AgentError("bad_input", "Content-Length and X-Deckard-Max-Bytes must be integers") from None
+        if size < 0:
+            raise AgentError("bad_input", "Content-Length must not be negative")
+        if 0 <= limit < size:
+            raise AgentError("too_large", f"the file is larger than the {limit} bytes allowed: send a smaller one", 413)
+        self._settimeout()
+        worker = FileWorker(self.agent.children, account, ["put", account.pw_dir, rel, str(size)])
+        try:
+            worker.read_reply()  # ready: the path is good and the temporary file exists
+            left = size
+            while left:
+                try:
+                    chunk = self.rfile.read(min(FILE_CHUNK, left))
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break  # the worker reports the short body
+                left -= len(chunk)
+                if not worker.write(chunk):
+                    break  # the worker failed (a full disk): its reply says why
+            worker.close_input()
+            path = worker.read_reply().get("path")
+        finally:
+            worker.finish()
+        if not isinstance(path, str):
+            raise AgentError("internal", "the file worker answered nonsense", 500)
+        return {"ok": True, "path": path, "size": size}
+
+    def _discard_body(self) -> None:
+        """After an early error answer, read a little of the unread body so that closing does not reset the
+        connection before the client reads the answer."""
+        self.close_connection = True
+        connection = getattr(self, "connection", None)
+        if not isinstance(connection, socket.socket):
+            return
+        with contextlib.suppress(OSError):
+            connection.settimeout(1.0)
+            left = 1 << 20
+            while left > 0:
+                chunk = self.rfile.read1(min(FILE_CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def _authorized(self) -> bool:
         token = self.agent.token

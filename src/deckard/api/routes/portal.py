@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Path, Request, Response, status
@@ -77,6 +77,15 @@ class PortalDesktop(BaseModel):
     blocked: bool
     user_state: str
     failure_reason: str | None = None
+    features: dict[str, bool] = Field(
+        default_factory=dict, description="What the browser desktop offers besides the picture: `files`."
+    )
+
+
+class TicketRequest(RequestModel):
+    purpose: Literal["connect", "files"] = Field(
+        default="connect", description="`connect`: the desktop's display; `files`: its file panel (/ws/files)."
+    )
 
 
 class ConnectTicket(BaseModel):
@@ -189,16 +198,26 @@ async def portal_desktops(user: UserDep, db: DbDep) -> list[PortalDesktop]:
 @users_router.post(
     "/desktops/{desktop_id}/ticket",
     response_model=ConnectTicket,
-    summary="A one-time connect ticket",
+    summary="A one-time ticket for the desktop's display (or, with `purpose: files`, its file panel)",
 )
 async def portal_ticket(
-    desktop_id: DesktopId, user: UserDep, db: DbDep, settings: SettingsDep, request: Request
+    desktop_id: DesktopId,
+    user: UserDep,
+    db: DbDep,
+    settings: SettingsDep,
+    request: Request,
+    body: TicketRequest | None = None,
 ) -> ConnectTicket:
     limits = tickets.TicketLimits.from_settings(settings.broker)
-    ticket, expires = await tickets.issue_connect_ticket(db, user, desktop_id, limits=limits)
+    if body is not None and body.purpose == "files":
+        ticket, expires = await tickets.issue_files_ticket(db, user, desktop_id, limits=limits)
+        path = "/ws/files"
+    else:
+        ticket, expires = await tickets.issue_connect_ticket(db, user, desktop_id, limits=limits)
+        path = "/ws/connect"
     base = await broker_ws_base(db, settings, request, desktop_id)
     return ConnectTicket(
-        ticket=ticket, broker_ws_url=f"{base}/ws/connect?id={desktop_id}&ticket={ticket}", expires_at=expires
+        ticket=ticket, broker_ws_url=f"{base}{path}?id={desktop_id}&ticket={ticket}", expires_at=expires
     )
 
 
