@@ -67,6 +67,7 @@ UPLOADS = "Uploads"
 IDLE_TIMEOUT = 600.0  # seconds a file panel may sit without an operation
 PROGRESS_EVERY = 0.25  # seconds between two upload progress messages
 MAX_NAME = 255  # bytes of a file name (ext4's limit)
+UPLOAD_BATCH = 1 << 20  # bytes handed to the agent at once, at most
 
 
 class _Closed(Exception):
@@ -227,8 +228,10 @@ class FilesSession:
         log.info("broker.files", op="upload", result="ok", size=size, ms=round((time.monotonic() - t0) * 1000))
 
     async def _upload_body(self, size: int) -> AsyncIterator[bytes]:
-        """The upload's bytes from the browser's binary frames, exactly ``size`` of them."""
+        """The upload's bytes from the browser's binary frames, exactly ``size`` of them, in batches of what has
+        arrived (up to ``UPLOAD_BATCH``: fewer, larger writes to the agent)."""
         left, last = size, time.monotonic()
+        batch = bytearray()
         while left > 0:
             opcode, data = await self.next_message()
             if opcode == OP_TEXT:
@@ -240,8 +243,10 @@ class FilesSession:
                 self.close(CLOSE_PROTOCOL, "more bytes than the upload announced")
                 raise _Closed
             left -= len(data)
-            if data:
-                yield data
+            batch += data
+            if batch and (len(batch) >= UPLOAD_BATCH or not left or not self.pending()):
+                yield bytes(batch)
+                batch.clear()
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY and left:
                 self.send({"op": "upload", "progress": size - left})

@@ -1,0 +1,293 @@
+"""The browser desktop's peripherals (issue 14): file upload and download through the broker, against the raw path.
+
+A real all-in-one farm (``deckard.testing.FarmProcess``) with one LXC desktop.  The client speaks the portal's
+file panel protocol (``broker/files.py``) over ``wss://broker/ws/files`` with a files ticket from the portal
+API, exactly as the page does: an upload of ``--mib`` MiB in 256 KiB binary frames into ``~/Uploads``, then its
+download back (bytes compared).  Two references, measured in the same run on the same desktop:
+
+* the broker's raw tunnel: the desktop's display through the broker's WebSocket (the page's path), with Xvnc
+  sending full-screen updates in Raw encoding as fast as they are asked for (nothing to compress);
+* the desktop network itself: the same amount of bytes over plain TCP between this host and a listener inside
+  the desktop (no TLS, no broker, no disk) — the ceiling.
+
+Target (issue 14): upload and download at ≥ 50 % of the broker's tunnel.  Sound and printing are not built yet.
+
+Usage: ``.venv/bin/python bench/peripherals.py [--mib 200] [--runs 3] [--json]`` (root; LXC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import socket
+import statistics
+import struct
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import websockets
+
+from deckard.runtime.tls import client_context
+from deckard.testing import FarmProcess
+
+PASSWORD = "bench-pass1"
+SLICE = 256 * 1024
+PORT = 5599  # the raw listener inside the desktop
+
+# inside the desktop (as root): serve N bytes to one connection ("send"), or read N bytes from one ("recv")
+RAW_SERVER = r"""
+import socket, sys
+mode, n, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", port)); s.listen(1)
+c, _ = s.accept()
+buf = b"\0" * (1 << 20)
+left = n
+while left > 0:
+    if mode == "send":
+        left -= c.send(buf[: min(left, len(buf))])
+    else:
+        data = c.recv(1 << 20)
+        if not data:
+            break
+        left -= len(data)
+c.close()
+"""
+
+
+def raw_path(farm: FarmProcess, desktop_id: int, ip: str, size: int, mode: str) -> float:
+    """MB/s of ``size`` bytes over plain TCP between this host and the desktop (``send``: desktop → host)."""
+    farm.attach(desktop_id, f"cat > /tmp/raw.py <<'EOF'\n{RAW_SERVER}\nEOF")
+    lxc, name = farm.guest_of(desktop_id)
+    server = subprocess.Popen(
+        [
+            "lxc-attach",
+            "-n",
+            name,
+            "-P",
+            str(lxc),
+            "--clear-env",
+            "--",
+            "python3",
+            "/tmp/raw.py",
+            mode,
+            str(size),
+            str(PORT),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sock = socket.create_connection((ip, PORT), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        t0 = time.perf_counter()
+        left = size
+        chunk = b"\0" * (1 << 20)
+        with sock:
+            while left > 0:
+                if mode == "send":
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        break
+                    left -= len(data)
+                else:
+                    left -= sock.send(chunk[: min(left, len(chunk))])
+            if mode == "recv":
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)  # the desktop closes once it read everything
+        return size / (time.perf_counter() - t0) / 1e6
+    finally:
+        server.wait(30)
+
+
+class _Stream:
+    """Bytes of a WebSocket's binary messages, read by size (the RFB side of the tunnel)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws, self.buf = ws, bytearray()
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            msg = await asyncio.wait_for(self.ws.recv(), 60)
+            if isinstance(msg, bytes):
+                self.buf += msg
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def update(self) -> int:
+        """One FramebufferUpdate (other server messages skipped); its pixel bytes."""
+        kind = (await self.read(1))[0]
+        if kind == 2:  # bell
+            return 0
+        if kind != 0:
+            raise AssertionError(f"unexpected server message {kind}")
+        rects = struct.unpack("!xH", await self.read(3))[0]
+        total = 0
+        for _ in range(rects):
+            _x, _y, w, h, enc = struct.unpack("!HHHHi", await self.read(12))
+            if enc == 0:
+                total += len(await self.read(w * h * 4))
+            elif enc == -308:
+                screens = (await self.read(4))[0]
+                await self.read(16 * screens)
+            elif enc != -223:
+                raise AssertionError(f"unexpected encoding {enc}")
+        return total
+
+
+class Panel:
+    """The portal's file panel, spoken by a script."""
+
+    def __init__(self, farm: FarmProcess, desktop_id: int) -> None:
+        self.farm, self.desktop_id = farm, desktop_id
+        self.api = f"https://127.0.0.1:{farm.api_port}"
+        self.ctx = client_context(farm.home / "tls" / "ca.pem")
+        self.token = ""
+
+    async def login(self) -> None:
+        async with httpx.AsyncClient(verify=self.ctx) as http:
+            resp = await http.post(f"{self.api}/portal/login", json={"login": "bench", "password": PASSWORD})
+            self.token = resp.raise_for_status().json()["token"]
+
+    async def ticket(self, purpose: str) -> str:
+        async with httpx.AsyncClient(verify=self.ctx) as http:
+            resp = await http.post(
+                f"{self.api}/portal/desktops/{self.desktop_id}/ticket",
+                json={"purpose": purpose},
+                headers={"Authorization": f"Bearer {self.token}"},
+            )
+            return str(resp.raise_for_status().json()["broker_ws_url"])
+
+    async def start_desktop(self) -> None:
+        """Connect once (what the portal's Connect does) so the desktop runs with its user's session."""
+        async with websockets.connect(await self.ticket("connect"), ssl=self.ctx, max_size=None) as ws:
+            while isinstance(await asyncio.wait_for(ws.recv(), 120), str):
+                pass  # progress lines until the display's first bytes
+
+    async def tunnel_mb_s(self, seconds: float = 3.0) -> float:
+        """MB/s of the desktop's display through the broker's WebSocket tunnel: the page's path, fed as fast as Xvnc
+        sends full-screen updates in Raw encoding (4 bytes a pixel, nothing to compress), three requests in
+        flight."""
+        async with websockets.connect(await self.ticket("connect"), ssl=self.ctx, max_size=None) as ws:
+            rfb = _Stream(ws)
+            assert (await rfb.read(12)).startswith(b"RFB 003.008")
+            await ws.send(b"RFB 003.008\n")
+            count = (await rfb.read(1))[0]
+            await rfb.read(count)
+            await ws.send(b"\x01")  # security None: the broker already knows the user
+            assert await rfb.read(4) == b"\0\0\0\0"
+            await ws.send(b"\x01")  # shared
+            width, height = struct.unpack("!HH", await rfb.read(4))
+            await rfb.read(16)
+            await rfb.read(struct.unpack("!I", await rfb.read(4))[0])
+            await ws.send(struct.pack("!BxHi", 2, 1, 0))  # SetEncodings: Raw only
+            request = struct.pack("!BBHHHH", 3, 0, 0, 0, width, height)
+            for _ in range(3):
+                await ws.send(request)
+            got, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                got += await rfb.update()
+                await ws.send(request)
+            return got / (time.perf_counter() - t0) / 1e6
+
+    async def transfer(self, data: bytes) -> tuple[float, float]:
+        """(upload MB/s, download MB/s) of ``data`` through the panel; the bytes must come back the same."""
+        async with websockets.connect(await self.ticket("files"), ssl=self.ctx, max_size=None) as ws:
+            assert "ready" in json.loads(await ws.recv())
+            name = f"bench-{time.time_ns()}.bin"
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"op": "upload", "name": name, "size": len(data)}))
+            assert json.loads(await ws.recv()).get("accepted")
+            for i in range(0, len(data), SLICE):
+                await ws.send(data[i : i + SLICE])
+            while "done" not in (msg := json.loads(await ws.recv())):
+                assert "progress" in msg, msg
+            upload = len(data) / (time.perf_counter() - t0) / 1e6
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"op": "download", "path": msg["done"]["path"]}))
+            assert "file" in json.loads(await ws.recv())
+            digest, got = hashlib.sha256(), 0
+            while got < len(data):
+                chunk = await ws.recv()
+                assert isinstance(chunk, bytes)
+                digest.update(chunk)
+                got += len(chunk)
+            assert "done" in json.loads(await ws.recv())
+            download = len(data) / (time.perf_counter() - t0) / 1e6
+            assert digest.digest() == hashlib.sha256(data).digest(), "the download differs from the upload"
+            self.farm.attach(self.desktop_id, f"rm -f '/home/bench/{msg['done']['path']}'")
+            return upload, download
+
+
+async def measure(farm: FarmProcess, desktop_id: int, mib: int, runs: int) -> dict[str, Any]:
+    panel = Panel(farm, desktop_id)
+    await panel.login()
+    await panel.start_desktop()
+    ip = str(farm.desktop("bench-desk")["ip"])
+    data = os.urandom(mib << 20)
+    rows = []
+    for _ in range(runs):
+        tunnel = await panel.tunnel_mb_s()
+        up, down = await panel.transfer(data)
+        raw_up = await asyncio.to_thread(raw_path, farm, desktop_id, ip, len(data), "recv")
+        raw_down = await asyncio.to_thread(raw_path, farm, desktop_id, ip, len(data), "send")
+        rows.append({"upload": up, "download": down, "tunnel": tunnel, "raw_up": raw_up, "raw_down": raw_down})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {
+        "mib": mib,
+        "runs": runs,
+        "upload_mb_s": round(med["upload"], 1),
+        "download_mb_s": round(med["download"], 1),
+        "broker_tunnel_mb_s": round(med["tunnel"], 1),
+        "upload_vs_tunnel": round(med["upload"] / med["tunnel"], 2),
+        "download_vs_tunnel": round(med["download"] / med["tunnel"], 2),
+        "raw_to_desktop_mb_s": round(med["raw_up"], 1),
+        "raw_from_desktop_mb_s": round(med["raw_down"], 1),
+        "upload_ratio": round(med["upload"] / med["raw_up"], 2),
+        "download_ratio": round(med["download"] / med["raw_down"], 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=200)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    farm = FarmProcess()
+    out: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()}"}
+    try:
+        farm.up()
+        farm.deckard("user", "add", "bench", "--password", PASSWORD)
+        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
+        desk = farm.desktop("bench-desk")
+        out["files"] = asyncio.run(measure(farm, int(desk["id"]), args.mib, args.runs))
+    finally:
+        farm.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    f = out["files"]
+    print(f"{out['machine']}: {f['mib']} MiB, median of {f['runs']}")
+    print(f"  broker tunnel (display, Raw updates over wss) {f['broker_tunnel_mb_s']:7.1f} MB/s")
+    print(f"  upload / tunnel {f['upload_vs_tunnel']:.2f}x, download / tunnel {f['download_vs_tunnel']:.2f}x")
+    for what, mine, raw, ratio in (
+        ("upload", "upload_mb_s", "raw_to_desktop_mb_s", "upload_ratio"),
+        ("download", "download_mb_s", "raw_from_desktop_mb_s", "download_ratio"),
+    ):
+        print(f"  {what:8} {f[mine]:7.1f} MB/s   raw path {f[raw]:7.1f} MB/s   {f[ratio]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
