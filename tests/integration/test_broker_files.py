@@ -24,7 +24,7 @@ from test_broker_websocket import WsClient, connect_ticket
 from deckard.broker import files as broker_files
 from deckard.client.agent_files import AgentFileError
 from deckard.model.errors import Conflict, PermissionDenied
-from deckard.services import config, identity, tickets
+from deckard.services import config, identity, portal, tickets
 from deckard.services.context import SYSTEM
 
 
@@ -111,7 +111,8 @@ def _send(ws: WsClient, **msg: Any) -> None:
 async def test_list_upload_and_download_through_the_broker(farm: Farm, memory_files: MemoryFiles) -> None:
     await _running(farm)
     ws = await _files(farm)
-    assert (await _msg(ws)) == {"ready": {"max_upload_bytes": 1024 << 20}}
+    ready = {"max_upload_bytes": 1024 << 20, "files": True, "printing": True, "print_dir": "PDF"}
+    assert (await _msg(ws)) == {"ready": ready}
     _send(ws, op="list", dir="Downloads")
     listing = await _msg(ws)
     assert listing["op"] == "list" and [e["name"] for e in listing["entries"]] == ["report.txt"]
@@ -192,8 +193,38 @@ async def test_tickets_are_single_use_per_purpose_and_the_switch_closes_the_pane
 
     files, _ = await tickets.issue_files_ticket(farm.db, user, desk_id)
     await config.set_config(farm.db, SYSTEM, "portal.files.enabled", False)
+    await config.set_config(farm.db, SYSTEM, "portal.printing.enabled", False)
     _ws, status, headers = await WsClient.open(farm, f"/ws/files?id={desk_id}&ticket={files}")
     assert (status, headers["x-deckard-error"]) == (403, "files_disabled")
     with pytest.raises(PermissionDenied) as refused:
         await tickets.issue_files_ticket(farm.db, user, desk_id)
     assert refused.value.code == "files_disabled"
+
+
+async def test_with_files_off_and_printing_on_only_print_jobs_come_through(
+    farm: Farm, memory_files: MemoryFiles
+) -> None:
+    await _running(farm)
+    memory_files.files["PDF/job-1.pdf"] = b"%PDF-1.4 printed\n"
+    await config.set_config(farm.db, SYSTEM, "portal.files.enabled", False)
+    ws = await _files(farm)
+    ready = (await _msg(ws))["ready"]
+    assert (ready["files"], ready["printing"], ready["print_dir"]) == (False, True, "PDF")
+    _send(ws, op="list", dir="PDF")
+    assert [e["name"] for e in (await _msg(ws))["entries"]] == ["job-1.pdf"]
+    _send(ws, op="download", path="PDF/job-1.pdf")
+    assert (await _msg(ws))["file"]["name"] == "job-1.pdf"
+    assert await ws.binary(17) == b"%PDF-1.4 printed\n"
+    assert "done" in await _msg(ws)
+    for op in (
+        {"op": "list", "dir": "Downloads"},
+        {"op": "download", "path": "Downloads/report.txt"},
+        {"op": "download", "path": "PDF/../Downloads/report.txt"},
+        {"op": "upload", "name": "x", "size": 1},
+    ):
+        _send(ws, **op)
+        assert (await _msg(ws))["error"]["code"] == "files_disabled", op
+    await ws.close()
+    user = (await identity.login_password(farm.db, "alice", "pw-alice")).user
+    listed = await portal.list_own_desktops(farm.db, user)
+    assert next(d for d in listed if d["id"] == farm.alice_desk["id"])["features"] == {"files": False, "printing": True}

@@ -7,7 +7,8 @@ desktop takes the bytes).
 
 Protocol (text frames are JSON; one operation at a time):
 
-* server first: ``{"ready": {"max_upload_bytes": N}}``;
+* server first: ``{"ready": {"max_upload_bytes": N, "files": bool, "printing": bool, "print_dir": "PDF"}}``
+  (with files off and printing on, only ``list`` of ``PDF`` and ``download`` of ``PDF/<job>.pdf`` are served);
 * ``{"op": "list", "dir": "Downloads"}`` → ``{"op": "list", "dir", "entries", "truncated"}``;
 * ``{"op": "upload", "name": "a.txt", "size": N}`` → ``{"op": "upload", "accepted": true}``, then the client
   sends N bytes as binary frames; ``{"op": "upload", "progress": n}`` a few times a second, then
@@ -56,7 +57,7 @@ from deckard.db.engine import Database
 from deckard.model.errors import Conflict, DeckardError, PermissionDenied
 from deckard.model.states import DesktopState
 from deckard.runtime.settings import BrokerSettings
-from deckard.services.config import read_configs
+from deckard.services.peripherals import PRINT_DIR, Peripherals, peripherals
 from deckard.services.sessions import desktop_for_user
 from deckard.services.tickets import FILES, redeem_ticket
 
@@ -95,11 +96,12 @@ class FilesSession:
     """One file panel's socket after the ``101``: reads typed messages, runs one operation at a time."""
 
     def __init__(
-        self, front: FrontConnection, leftover: bytes, agent: AgentFiles, max_upload: int, max_message: int
+        self, front: FrontConnection, leftover: bytes, agent: AgentFiles, offered: Peripherals, max_message: int
     ) -> None:
         self.front = front
         self.agent = agent
-        self.max_upload = max_upload
+        self.offered = offered
+        self.max_upload = offered.max_upload_bytes
         self.reader = FrameReader(max_message, messages=True)
         self._events: collections.deque[bytes | tuple[int, bytes]] = collections.deque()
         self._leftover = leftover
@@ -176,7 +178,8 @@ class FilesSession:
 
     # -- the session ------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        self.send({"ready": {"max_upload_bytes": self.max_upload}})
+        ready = {"max_upload_bytes": self.max_upload, **self.offered.features(), "print_dir": PRINT_DIR}
+        self.send({"ready": ready})
         try:
             while True:
                 opcode, payload = await self.next_message()
@@ -194,6 +197,8 @@ class FilesSession:
             msg, op = {}, None
         t0 = time.monotonic()
         try:
+            if not self.offered.files:
+                self._printing_only(op, msg)
             if op == "list":
                 directory = msg.get("dir", "Downloads")
                 if not isinstance(directory, str) or len(directory) > 4096:
@@ -213,6 +218,13 @@ class FilesSession:
         except AgentFileError as e:
             self.send({"op": op, "error": {"code": e.code, "message": e.message}})
             log.info("broker.files", op=op, result="failed", code=e.code)
+
+    def _printing_only(self, op: object, msg: dict[str, Any]) -> None:
+        """With files off and printing on, the channel only lists and fetches print jobs."""
+        target = msg.get("dir") if op == "list" else msg.get("path") if op == "download" else None
+        jobs = isinstance(target, str) and (target == PRINT_DIR if op == "list" else _in_print_dir(target))
+        if op != "cancel" and not jobs:
+            raise _bad("files_disabled", "your administrator turned file transfer off: only print jobs come through")
 
     async def _upload(self, msg: dict[str, Any]) -> None:
         name = upload_name(msg.get("name"))
@@ -276,6 +288,11 @@ class FilesSession:
         log.info("broker.files", op="download", result="ok", size=sent, ms=round((time.monotonic() - t0) * 1000))
 
 
+def _in_print_dir(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and parts[0] == PRINT_DIR and parts[1] not in ("", ".", "..")
+
+
 def _op_of(payload: bytes) -> str:
     try:
         msg = json.loads(payload)
@@ -302,8 +319,8 @@ class FilesConnect:
             front.mark_authenticated()
             desk = await desktop_for_user(self.db, ticket.user, ticket.desktop_id)
             async with self.db.connect() as conn:
-                config = await read_configs(conn, "portal.files.", desk.tenant_id, desk.osf_id)
-            if not config["portal.files.enabled"]:
+                offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
+            if not offered.channel:
                 raise PermissionDenied(
                     "your administrator turned file transfer off for this desktop", code="files_disabled"
                 )
@@ -316,13 +333,7 @@ class FilesConnect:
             return
         front.write(response)
         agent = AgentFiles(desk.ip, desk.agent_token, ticket.user.login, port=self.agent_port)
-        session = FilesSession(
-            front,
-            channel.leave(),
-            agent,
-            int(config["portal.files.max_upload_mib"]) << 20,
-            self.settings.max_ws_message,
-        )
+        session = FilesSession(front, channel.leave(), agent, offered, self.settings.max_ws_message)
         bound = log.bind(desktop_id=desk.id, login=ticket.user.login, peer=front.peer)
         bound.info("broker.files", result="open")
         try:

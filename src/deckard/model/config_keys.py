@@ -391,6 +391,13 @@ PORTAL_KEYS: tuple[ConfigKey, ...] = (
         minimum=1,
         maximum=1 << 20,
     ),
+    ConfigKey(
+        "portal.printing.enabled",
+        bool,
+        True,
+        "What users print in their desktop (its PDF printer) reaches their browser as a PDF to open or save.",
+        per_osf=True,
+    ),
 )
 
 KEYS: dict[str, ConfigKey] = {

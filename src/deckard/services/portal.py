@@ -23,9 +23,9 @@ from deckard.model.entities import User
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.states import DesktopState, NodeState
 from deckard.runtime.paths import FarmPaths
-from deckard.services.config import read_config
 from deckard.services.context import Actor
 from deckard.services.desktops import request_stop, reset_desktop
+from deckard.services.peripherals import peripherals
 from deckard.services.sessions import desktop_for_user
 
 d, n = t.desktops, t.nodes
@@ -38,8 +38,8 @@ async def list_own_desktops(db: Database, user: User) -> list[dict[str, Any]]:
     out = []
     async with db.connect() as conn:
         for r in (await conn.execute(q)).mappings():
-            files = await read_config(conn, "portal.files.enabled", user.tenant_id, int(r["osf_id"]))
-            out.append({**{k: v for k, v in r.items() if k != "osf_id"}, "features": {"files": bool(files)}})
+            offered = await peripherals(conn, user.tenant_id, int(r["osf_id"]))
+            out.append({**{k: v for k, v in r.items() if k != "osf_id"}, "features": offered.features()})
     return out
 
 

@@ -31,9 +31,9 @@ from deckard.model.entities import User, aware, utcnow
 from deckard.model.errors import Conflict, DeckardError, PermissionDenied, Unauthenticated
 from deckard.model.states import DesktopState
 from deckard.runtime.settings import BrokerSettings
-from deckard.services.config import read_config
 from deckard.services.context import Actor, require
 from deckard.services.desktops import get_desktop
+from deckard.services.peripherals import peripherals
 from deckard.services.sessions import desktop_for_user
 
 PORTAL = "portal"
@@ -255,12 +255,12 @@ async def issue_connect_ticket(
 async def issue_files_ticket(
     db: Database, user: User, desktop_id: int, *, limits: TicketLimits | None = None
 ) -> tuple[str, dt.datetime]:
-    """A ticket for the file panel of the user's own running desktop (403 ``files_disabled`` where the
-    administrator turned files off for its tenant or OSF)."""
+    """A ticket for the file channel of the user's own running desktop (the file panel and print jobs; 403
+    ``files_disabled`` where the administrator turned both off for its tenant or OSF)."""
     desk = await desktop_for_user(db, user, desktop_id)
     async with db.connect() as conn:
-        enabled = await read_config(conn, "portal.files.enabled", desk.tenant_id, desk.osf_id)
-    if not enabled:
+        offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
+    if not offered.channel:
         raise PermissionDenied("your administrator turned file transfer off for this desktop", code="files_disabled")
     if desk.state != DesktopState.RUNNING:
         raise Conflict("files can be moved only while the desktop runs: connect to it first", code="not_running")
