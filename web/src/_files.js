@@ -1,7 +1,9 @@
 // The portal's Files panel: upload into the open desktop's ~/Uploads (picker or a drop on the screen), browse its
 // home and download from it, over one WebSocket per desktop to its files service through the broker.  Split out of
 // portal.js, which owns the session and the toolbar: it hands this module the helpers it needs once, in initFiles.
+// The same socket carries the desktop's print jobs (_prints.js), even where the panel itself is turned off.
 import { $, el } from "./_viewer.js";
+import { initPrints, watchPrints } from "./_prints.js";
 
 // portal.js's helpers, given once by initFiles before anything here runs
 let call; // call(path, opts): the portal's API call with the session's token
@@ -16,7 +18,10 @@ const FILES_SLICE = 256 * 1024; // bytes per binary frame of an upload
 const FILES_HIGH_WATER = 4 * 1024 * 1024; // stop reading the file while the socket holds this much unsent
 const FILES_READY_MS = 15000;
 const FILES_DEFAULT_DIR = "Downloads";
-let files = null; // the Files panel of the open desktop: {desktopId, socket, queue, maxUpload, dir, closed}
+const PRINT_DIR = "PDF"; // where the desktop's PDF printer leaves each job, if the server's ready message does not say
+// the file channel of the open desktop: {desktopId, panel, socket, queue, maxUpload, dir, closed, prints}; panel says
+// whether the Files panel is on (off, the channel may still carry print jobs)
+let files = null;
 let dragDepth = 0; // dragenter minus dragleave over the screen: the drop overlay shows while it is above 0
 
 // One WebSocket to the desktop's files service, through the broker.  The server runs one operation at a time: a
@@ -30,7 +35,8 @@ class FilesSocket {
     const late = setTimeout(() => sock.close(new Error("The desktop's files service did not answer: try again in a moment.")),
       FILES_READY_MS);
     try {
-      sock.maxUpload = (await sock.expect(null, (msg) => msg.ready)).max_upload_bytes;
+      sock.ready = await sock.expect(null, (msg) => msg.ready); // {max_upload_bytes, files, printing, print_dir}
+      sock.maxUpload = sock.ready.max_upload_bytes;
     } finally {
       clearTimeout(late);
     }
@@ -118,16 +124,28 @@ function filesEnabled(d) {
   return !(d.features && d.features.files === false); // an older server sends no features: files are on
 }
 
-// a new desktop in the viewer (or none): the old socket closes, queued work is dropped, the panel starts empty
+function printingEnabled(d) {
+  return Boolean(d.features && d.features.printing); // an older server has no print jobs to show
+}
+
+function panelOn() {
+  return Boolean(files && files.panel);
+}
+
+// a new desktop in the viewer (or none): the old socket closes, queued work is dropped, the panel starts empty and
+// the print jobs of the old desktop go away
 export function resetFiles(d) {
   if (files) {
     files.closed = true;
     if (files.socket) files.socket.close();
+    files.prints.stop();
   }
-  files = d && filesEnabled(d)
-    ? { desktopId: d.id, socket: null, queue: Promise.resolve(), maxUpload: null, dir: null, closed: false }
+  files = d && (filesEnabled(d) || printingEnabled(d))
+    ? { desktopId: d.id, panel: filesEnabled(d), socket: null, queue: Promise.resolve(), maxUpload: null, dir: null,
+      closed: false, prints: null }
     : null;
-  $("#files-toggle").classList.toggle("hidden", !files);
+  if (files) files.prints = watchPrints(printingEnabled(d) ? printChannel(files) : null);
+  $("#files-toggle").classList.toggle("hidden", !panelOn());
   showPanel($("#files-toggle"), false);
   $("#files-dir").value = FILES_DEFAULT_DIR;
   $("#files-up").disabled = false;
@@ -139,14 +157,15 @@ export function resetFiles(d) {
   showDrop(false);
 }
 
-async function socketOf(st) {
+// quiet: the print watcher's work, which leaves the panel's error line alone
+async function socketOf(st, quiet = false) {
   if (st.socket && st.socket.open) return st.socket;
   st.socket = null;
   let sock;
   try {
     sock = await FilesSocket.open(st.desktopId, (err) => st === files && showError("#files-error", err));
   } catch (err) {
-    if (st === files) showError("#files-error", err);
+    if (st === files && !quiet) showError("#files-error", err);
     throw err;
   }
   if (st.closed) {
@@ -155,17 +174,43 @@ async function socketOf(st) {
   }
   st.socket = sock;
   st.maxUpload = sock.maxUpload;
-  showError("#files-error", "");
+  if (!quiet) showError("#files-error", "");
   return sock;
 }
 
-// the server takes one operation at a time per socket: each waits for the one before; fail(err) reports a failure
-// while its desktop is still the one in the viewer
+// the server takes one operation at a time per socket: each waits for the one before; the promise is work's result
+function queued(st, work) {
+  const result = st.queue.then(() => {
+    if (st.closed) throw new Error("closed"); // the viewer moved on: nobody shows this
+    return work();
+  });
+  st.queue = result.catch(() => {});
+  return result;
+}
+
+// fail(err) reports a failure while its desktop is still the one in the viewer
 function enqueue(st, work, fail) {
-  st.queue = st.queue
-    .then(() => (st.closed ? undefined : work()))
-    .catch((err) => { if (st === files) fail(err); });
-  return st.queue;
+  return queued(st, work).catch((err) => { if (st === files) fail(err); });
+}
+
+// what the print watcher may do on the channel: list the print folder (null: the server has printing off) and fetch
+// a job; both quietly, and in the queue with the panel's own operations
+function printChannel(st) {
+  return {
+    listJobs: () => queued(st, async () => {
+      const sock = await socketOf(st, true);
+      if (sock.ready.printing === false) return null;
+      const dir = sock.ready.print_dir || PRINT_DIR;
+      try {
+        return await listOn(sock, dir);
+      } catch (err) {
+        if (err.code === "not_found") return { dir, entries: [] }; // no job printed yet
+        throw err;
+      }
+    }),
+    fetchJob: (path, onProgress) => queued(st, async () =>
+      receiveFile(await socketOf(st, true), path, onProgress, "application/pdf")),
+  };
 }
 
 // a folder as the server takes it: relative to the home ("" is the home itself), without "~/" or a trailing "/"
@@ -205,13 +250,16 @@ function listDir(text) {
   $("#files-status").textContent = `Opening ${homePath(dir)}…`;
   $("#files-list").setAttribute("aria-busy", "true");
   enqueue(st, async () => {
-    const sock = await socketOf(st);
-    const res = await sock.request({ op: "list", dir }, (msg) => (msg.op === "list" && msg.entries ? msg : undefined));
+    const res = await listOn(await socketOf(st), dir);
     if (st === files) showListing(st, res);
   }, (err) => {
     $("#files-status").textContent = "";
     showError("#files-error", err);
   }).then(() => $("#files-list").removeAttribute("aria-busy"));
+}
+
+function listOn(sock, dir) {
+  return sock.request({ op: "list", dir }, (msg) => (msg.op === "list" && msg.entries ? msg : undefined));
 }
 
 function showListing(st, { dir, entries, truncated }) {
@@ -348,29 +396,34 @@ function downloadFile(path, name) {
   if (!st) return;
   const t = addTransfer(name, "Download");
   runTransfer(st, t, async (sock) => {
-    const parts = [];
-    let file = null;
-    let got = 0;
-    const done = await sock.request({ op: "download", path }, (msg) => {
-      if (msg instanceof ArrayBuffer) {
-        if (file) { // frames before the header are a cancelled download's tail
-          parts.push(msg);
-          got += msg.byteLength;
-          showProgress(t, got, file.size);
-        }
-        return undefined;
-      }
-      if (msg.op !== "download") return undefined;
-      if (msg.file) file = msg.file;
-      return msg.done;
-    });
-    if (got !== done.size) throw new Error("The download was cut short: try again.");
-    saveBlob(new Blob(parts), file.name);
+    saveBlob(await receiveFile(sock, path, (got, size) => showProgress(t, got, size)));
     return "Downloaded: see your browser's downloads.";
   });
 }
 
-function saveBlob(blob, name) {
+// a file of the desktop as a File in memory; onProgress(bytes so far, size)
+async function receiveFile(sock, path, onProgress, type = "") {
+  const parts = [];
+  let file = null;
+  let got = 0;
+  const done = await sock.request({ op: "download", path }, (msg) => {
+    if (msg instanceof ArrayBuffer) {
+      if (file) { // frames before the header are a cancelled download's tail
+        parts.push(msg);
+        got += msg.byteLength;
+        onProgress(got, file.size);
+      }
+      return undefined;
+    }
+    if (msg.op !== "download") return undefined;
+    if (msg.file) file = msg.file;
+    return msg.done;
+  });
+  if (got !== done.size) throw new Error("The download was cut short: try again.");
+  return new File(parts, file.name, { type });
+}
+
+function saveBlob(blob, name = blob.name) {
   const url = URL.createObjectURL(blob);
   const a = el("a", { href: url, download: name, class: "hidden" });
   document.body.append(a);
@@ -398,8 +451,8 @@ function dragEnter(e) {
 function dragOver(e) {
   if (!carriesFiles(e)) return;
   e.preventDefault(); // even with files off: a file dropped on an unhandled page replaces the portal
-  e.dataTransfer.dropEffect = files ? "copy" : "none";
-  showDrop(Boolean(files));
+  e.dataTransfer.dropEffect = panelOn() ? "copy" : "none";
+  showDrop(panelOn());
 }
 
 function dragLeave(e) {
@@ -413,7 +466,7 @@ function dropFiles(e) {
   e.preventDefault();
   dragDepth = 0;
   showDrop(false);
-  if (!files) return;
+  if (!panelOn()) return;
   const { list, folders } = droppedFiles(e.dataTransfer);
   if (!openPanel($("#files-toggle"))) listDir($("#files-dir").value); // the transfers show in the panel
   uploadFiles(list, folders);
@@ -437,6 +490,7 @@ function droppedFiles(dt) {
 // wires the panel's controls and the drop on the screen; portal.js calls it once, before any resetFiles
 export function initFiles(helpers) {
   ({ call, showError, plain, when, togglePanel, openPanel, showPanel } = helpers);
+  initPrints({ plain, saveBlob });
   $("#files-toggle").addEventListener("click", (e) => {
     if (togglePanel(e.currentTarget)) {
       $("#files-dir").focus();

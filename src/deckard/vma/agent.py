@@ -23,6 +23,9 @@ another desktop or process that reaches the port cannot take the display.
 so the node can apply the session policies; ``session_notice`` tells the user on their display what a policy
 will do and when.
 
+In an image that has CUPS (``standard``), the agent also runs cupsd, on its unix socket only, with one queue,
+``PDF``: what the user prints becomes a PDF in ``~/PDF`` (see :class:`PdfPrinter`).
+
 The agent uses the standard library only and imports nothing from deckard, so an image needs nothing but
 ``python3`` and the file itself (the image builder installs it as /usr/local/sbin/deckard-vma).
 """
@@ -1124,6 +1127,132 @@ def list_files(children: Children, account: pwd.struct_passwd, rel_dir: str, hid
     return {"ok": True, "dir": rel_dir, "entries": _entries_of(reply)[:1000], "truncated": truncated}
 
 
+# -- the desktop's PDF printer ------------------------------------------------------------------------
+CUPSD = "/usr/sbin/cupsd"
+CUPS_SOCKET = "/run/cups/cups.sock"
+CUPSD_LOG = RUN_DIR / "cupsd.log"
+PDF_QUEUE = "PDF"
+PDF_QUEUE_DESCRIPTION = "Print to your browser (PDF)"
+PDF_DEVICE = "cups-pdf:/"
+CUPS_START_TIMEOUT = 60.0 if SOFTWARE_CPU else 15.0
+CUPS_MAX_RESTARTS = 5  # in a row: a cupsd that keeps dying is left dead (and logged), the desktop carries on
+CUPS_STABLE_S = 60.0  # a cupsd that ran this long before dying starts the count again
+
+
+def pick_pdf_model(lpinfo: str) -> str | None:
+    """cups-pdf's model among ``lpinfo -m`` lines (``<model> <make and model>``): the one with options if listed."""
+    models = [line.split(" ", 1)[0] for line in lpinfo.splitlines() if "CUPS-PDF" in line.upper()]
+    ranked = sorted(models, key=lambda m: "_opt" not in m)
+    return ranked[0] if ranked else None
+
+
+class PdfPrinter:
+    """cupsd and its one queue, ``PDF`` (cups-pdf), in an image that has CUPS (``standard``); none otherwise.
+
+    Users print as on any desktop (an application's Print dialog, ``lp``) and the job becomes a PDF in ``~/PDF``.
+    Everything runs in one background thread, away from the RPC server and the display: cupsd is started, the
+    queue made once its socket answers (idempotent: a kept overlay already has it), and a cupsd that dies is
+    logged and started again, at most :data:`CUPS_MAX_RESTARTS` times in a row.  The image's ``cupsd.conf`` makes
+    it listen on its unix socket only, so a desktop offers no printing service to its network.
+    """
+
+    def __init__(self, children: Children, cupsd: str = CUPSD, socket_path: str = CUPS_SOCKET) -> None:
+        self.children = children
+        self.cupsd = cupsd
+        self.socket_path = socket_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> bool:
+        """Start supervising cupsd in the background; False (and nothing done) when the image has no CUPS."""
+        if not os.access(self.cupsd, os.X_OK):
+            return False
+        threading.Thread(target=self._supervise, daemon=True, name="cupsd").start()
+        return True
+
+    def stop(self) -> None:
+        self._stopping.set()
+        proc = self.proc
+        if proc is not None and _alive(proc):
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+
+    def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            t0 = time.monotonic()
+            try:
+                RUN_DIR.mkdir(parents=True, exist_ok=True)
+                with open(CUPSD_LOG, "ab") as out:  # the image's cups-files.conf sends cupsd's logs to stderr
+                    self.proc = proc = self.children.spawn(
+                        [self.cupsd, "-f"],
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"},
+                    )
+            except OSError as exc:
+                log.warning("printer: cannot start %s: %s", self.cupsd, exc)
+                return
+            if self._wait_for_socket(proc, t0 + CUPS_START_TIMEOUT):
+                self.ensure_queue(t0)
+            rc = proc.wait()
+            self.children.forget(proc)
+            if self._stopping.is_set():
+                return
+            failures = 1 if time.monotonic() - t0 > CUPS_STABLE_S else failures + 1
+            if failures > CUPS_MAX_RESTARTS:
+                log.warning("printer: cupsd exited %d times in a row: printing is off (see %s)", failures, CUPSD_LOG)
+                return
+            log.warning("printer: cupsd exited with %s (see %s); starting it again", rc, CUPSD_LOG)
+            self._stopping.wait(min(2.0**failures, 30.0))
+
+    def _wait_for_socket(self, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+        while _alive(proc) and time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(self.socket_path)
+                    return True
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        if _alive(proc):
+            log.warning("printer: cupsd did not open %s within %g s", self.socket_path, CUPS_START_TIMEOUT)
+        return False
+
+    def _lp(self, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
+        try:
+            return self.children.run(args, timeout=timeout)
+        except OSError as exc:
+            return 127, str(exc)
+
+    def ensure_queue(self, t0: float) -> bool:
+        """Make the ``PDF`` queue unless cupsd has it, and make it the default destination; log the outcome."""
+        made = ""
+        rc, _ = self._lp(["lpstat", "-v", PDF_QUEUE])
+        if rc != 0:
+            rc, out = self._lp(["lpinfo", "-m"])
+            model = pick_pdf_model(out)
+            if model is None:
+                log.warning("printer: no cups-pdf model in `lpinfo -m` (exit %d): %s", rc, out[-300:])
+                return False
+            # deny:root: the job's user decides whose account cups-pdf writes as, and no job may run as root
+            args = ["lpadmin", "-p", PDF_QUEUE, "-E", "-v", PDF_DEVICE, "-m", model, "-D", PDF_QUEUE_DESCRIPTION]
+            rc, out = self._lp([*args, "-o", "printer-is-shared=false", "-u", "deny:root"])
+            if rc != 0:
+                log.warning("printer: lpadmin -p %s failed (exit %d): %s", PDF_QUEUE, rc, out[-300:])
+                return False
+            made = f" made with {model},"
+        rc, out = self._lp(["lpadmin", "-d", PDF_QUEUE])
+        if rc != 0:
+            log.warning("printer: lpadmin -d %s failed (exit %d): %s", PDF_QUEUE, rc, out[-300:])
+            return False
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        log.info("printer: queue %s%s ready %.0f ms after cupsd's start", PDF_QUEUE, made, elapsed_ms)
+        return True
+
+
 # -- HTTP RPC --------------------------------------------------------------------------------------
 class Agent:
     """The RPC methods; one instance per process."""
@@ -1133,6 +1262,7 @@ class Agent:
         self.is_init = is_init
         self.children = Children()
         self.x = XSession(self.children)
+        self.printer = PdfPrinter(self.children)
         self.server: ThreadingHTTPServer | None = None
         self._powering_off = threading.Event()
 
@@ -1260,6 +1390,7 @@ class Agent:
             return
         self._powering_off.set()
         log.info("powering off")
+        self.printer.stop()
         self.x.stop()
         if self.is_init and os.getpid() == 1:
             # as PID 1 of the container: every process left is ours to end
@@ -1553,7 +1684,15 @@ def main(argv: list[str] | None = None) -> int:
     if in_vm:
         setup_vm(agent.poweroff)
     if args.display_for:  # before the server: the display's slow start overlaps ours
-        threading.Thread(target=agent.early_display, args=(args.display_for,), daemon=True).start()
+
+        def display_then_printer() -> None:
+            agent.early_display(args.display_for)
+            if is_init:  # then the printer: under a software CPU it would only slow the display down
+                agent.printer.start()
+
+        threading.Thread(target=display_then_printer, daemon=True).start()
+    elif is_init:
+        agent.printer.start()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d", signum)

@@ -1,0 +1,185 @@
+"""The standard desktop's PDF printer in a real farm: the agent starts cupsd and makes the ``PDF`` queue the default,
+and what the user prints (``lp``, as a Print dialog would submit it) becomes a PDF of theirs in ``~/PDF``, one per
+job, while cupsd offers nothing to the network.  One desktop start in all (the broker starts it, as a connect does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shlex
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deckard.client import broker as qvd
+from deckard.client.rfb import grab_framebuffer
+from deckard.testing import FarmProcess, goto, wait_for
+from deckard.vma.agent import pick_pdf_model
+
+SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
+LOGIN = "pia"
+PASSWORD = "print-desktop-pw"
+TEXT = "Deckard print test 4711"
+PDF_WAIT_S = 30
+
+# Run inside the desktop: the TCP and UDP sockets cupsd holds, and every port anyone listens on (LISTEN, 0A).
+SOCKETS_OF_CUPSD = r"""
+import os
+pid = next(p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/comm").read().strip() == "cupsd")
+inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+          if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+held, listening = [], set()
+for table in ("tcp", "tcp6", "udp", "udp6"):
+    for line in open(f"/proc/net/{table}").readlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            held.append(f"{table} {fields[1]}")
+        if table.startswith("tcp") and fields[3] == "0A":
+            listening.add(int(fields[1].rsplit(":", 1)[1], 16))
+print("held:", *held)
+print("listening:", *sorted(listening))
+"""
+
+
+async def connect_once(farm: FarmProcess, desktop_id: int) -> None:
+    """Start the desktop through the broker, as a client's connect does, and take its first framebuffer."""
+    reader, writer = await qvd.connect(farm.broker, LOGIN, PASSWORD, farm.ca, desktop_id)
+    try:
+        await asyncio.wait_for(grab_framebuffer(reader, writer), 60)
+    finally:
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def desktop(farm: FarmProcess, standard_image: Path) -> Iterator[int]:
+    """A running standard desktop of a new user, whose PDF queue is up."""
+    farm.deckard("image", "import", str(standard_image), "--tag", "standard")  # idempotent: same file, same tag
+    farm.deckard("user", "add", LOGIN, "--password", PASSWORD)
+    farm.deckard("desktop", "add", f"{LOGIN}-print", "--user", LOGIN, "--tag", "standard")
+    desktop_id = int(farm.desktop(f"{LOGIN}-print")["id"])
+    try:
+        asyncio.run(connect_once(farm, desktop_id))
+        wait_for(lambda: farm.attach(desktop_id, "lpstat -d").stdout.strip().endswith(": PDF"), 30, 0.3, "queue")
+        yield desktop_id
+    except BaseException:
+        print(farm.diagnostics(desktop_id))
+        raise
+
+
+def pdfs(farm: FarmProcess, desktop_id: int) -> list[str]:
+    out = farm.attach(desktop_id, "ls -1 ~/PDF 2>/dev/null", user=LOGIN).stdout
+    return [name for name in out.split() if name.endswith(".pdf")]
+
+
+def wait_for_pdfs(farm: FarmProcess, desktop_id: int, count: int) -> list[str]:
+    deadline = time.monotonic() + PDF_WAIT_S
+    while len(found := pdfs(farm, desktop_id)) < count:
+        if time.monotonic() > deadline:
+            jobs = farm.attach(desktop_id, "lpstat -W all -o; lpstat -p PDF; tail -n 20 /run/deckard/*.log")
+            raise AssertionError(f"{count} PDF(s) expected in ~/PDF after {PDF_WAIT_S} s, found {found}:\n{jobs}")
+        time.sleep(0.3)
+    return found
+
+
+def test_what_the_user_prints_becomes_a_pdf_of_theirs_in_their_pdf_folder(farm: FarmProcess, desktop: int) -> None:
+    listed = farm.attach(desktop, "lpstat -l -p PDF; lpstat -v PDF", user=LOGIN).stdout
+    assert "Print to your browser (PDF)" in listed and "cups-pdf:/" in listed, listed
+
+    submitted = farm.attach(desktop, f"printf '%s\\n' {shlex.quote(TEXT)} | lp", user=LOGIN)  # the default queue
+    assert submitted.returncode == 0 and "request id is PDF-" in submitted.stdout, submitted
+    (name,) = wait_for_pdfs(farm, desktop, 1)
+
+    path = shlex.quote(f"PDF/{name}")
+    owner = farm.attach(desktop, f"stat -c '%U %G %a' {path}; head -c 5 {path}; echo", user=LOGIN).stdout.split()
+    assert owner == [LOGIN, LOGIN, "600", "%PDF-"], owner
+    pages = farm.attach(desktop, f"pdfinfo {path} | grep '^Pages:'", user=LOGIN).stdout.split()
+    assert pages == ["Pages:", "1"], pages
+    # nothing is left behind in the spool, nor half-written in ~/PDF
+    listing = f"{{ ls -A /var/spool/cups-pdf/{LOGIN}; ls -A ~/PDF; }} | grep -v '[.]pdf$'"
+    leftovers = farm.attach(desktop, listing, user=LOGIN)
+    assert leftovers.stdout.strip() == "", leftovers.stdout
+
+
+def test_a_pdf_print_job_keeps_its_text(farm: FarmProcess, desktop: int) -> None:
+    """What a Print dialog sends (GTK renders the document to PDF) comes out with its text searchable."""
+    before = set(pdfs(farm, desktop))
+    page = f"/Helvetica findfont 20 scalefont setfont 72 700 moveto ({TEXT}) show showpage"
+    made = f"gs -q -sDEVICE=pdfwrite -o /tmp/letter.pdf -c {shlex.quote(page)} && lp -t letter /tmp/letter.pdf"
+    job = farm.attach(desktop, made, user=LOGIN)
+    assert job.returncode == 0, job
+    (name,) = set(wait_for_pdfs(farm, desktop, len(before) + 1)) - before
+    assert name.startswith("letter") and "-job_" in name, name
+    text = farm.attach(desktop, f"pdftotext {shlex.quote('PDF/' + name)} -", user=LOGIN)
+    assert TEXT in text.stdout, text
+
+
+def test_a_job_printed_in_the_desktop_reaches_the_browser_as_that_pdf(
+    farm: FarmProcess, desktop: int, browser: Any, tmp_path: Path
+) -> None:
+    """The portal's viewer announces the new print job; Save gives the very PDF, whose text is what was printed."""
+    from playwright.sync_api import expect
+
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    ctx.set_default_timeout(30_000)
+    try:
+        page = ctx.new_page()
+        goto(page, f"https://127.0.0.1:{farm.api_port}/")
+        page.get_by_label("User name").fill(LOGIN)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_role("button", name=f"Connect to {LOGIN}-print").click()
+        page.wait_for_function("() => document.body.dataset.firstFrame", timeout=60_000)
+        page.wait_for_timeout(2500)  # the page's first look at ~/PDF: jobs from before are not announced
+        before = set(pdfs(farm, desktop))
+        page_ps = f"/Helvetica findfont 20 scalefont setfont 72 700 moveto ({TEXT}) show showpage"
+        made = f"gs -q -sDEVICE=pdfwrite -o /tmp/memo.pdf -c {shlex.quote(page_ps)} && lp -t memo /tmp/memo.pdf"
+        assert farm.attach(desktop, made, user=LOGIN).returncode == 0
+        (name,) = set(wait_for_pdfs(farm, desktop, len(before) + 1)) - before
+        notice = page.locator(f"li.print-job[data-name='{name}']")
+        expect(notice).to_contain_text(f"Printed: {name}")
+        with page.expect_download() as download:
+            notice.locator("button.print-save").click()
+        saved = tmp_path / "printed.pdf"
+        download.value.save_as(saved)
+        in_desktop = farm.attach(desktop, f"sha256sum {shlex.quote('PDF/' + name)}", user=LOGIN).stdout.split()[0]
+        assert hashlib.sha256(saved.read_bytes()).hexdigest() == in_desktop
+        assert saved.read_bytes().startswith(b"%PDF-")
+        text = farm.attach(desktop, f"pdftotext {shlex.quote('PDF/' + name)} -", user=LOGIN).stdout
+        assert TEXT in text, text
+        notice.locator("button.print-dismiss").click()
+        expect(notice).to_have_count(0)
+    finally:
+        ctx.close()
+
+
+def test_two_jobs_of_one_title_make_two_pdfs(farm: FarmProcess, desktop: int) -> None:
+    before = set(pdfs(farm, desktop))
+    for n in (1, 2):
+        job = farm.attach(desktop, f"echo 'copy {n}' > /tmp/same.txt && lp -t report /tmp/same.txt", user=LOGIN)
+        assert job.returncode == 0, job
+    new = sorted(set(wait_for_pdfs(farm, desktop, len(before) + 2)) - before)
+    assert len(new) == 2 and all(name.startswith("report") and "-job_" in name for name in new), new
+
+
+def test_cupsd_listens_on_no_network_port(farm: FarmProcess, desktop: int) -> None:
+    out = farm.attach(desktop, f"python3 -c {shlex.quote(SOCKETS_OF_CUPSD)}")
+    assert out.returncode == 0, out
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines())
+    assert lines["held"].split() == [], out.stdout  # no TCP or UDP socket at all, listening or not
+    assert 631 not in {int(p) for p in lines["listening"].split()}, out.stdout
+    assert farm.attach(desktop, "test -S /run/cups/cups.sock").returncode == 0  # its unix socket only
+
+
+def test_the_pdf_queue_takes_cups_pdfs_model_with_options() -> None:
+    lpinfo = (
+        "lsb/usr/cups-pdf/CUPS-PDF_noopt.ppd Generic CUPS-PDF Printer (no options)\n"
+        "lsb/usr/cups-pdf/CUPS-PDF_opt.ppd Generic CUPS-PDF Printer (w/ options)\n"
+        "everywhere IPP Everywhere\n"
+    )
+    assert pick_pdf_model(lpinfo) == "lsb/usr/cups-pdf/CUPS-PDF_opt.ppd"
+    assert pick_pdf_model(lpinfo.splitlines()[0]) == "lsb/usr/cups-pdf/CUPS-PDF_noopt.ppd"
+    assert pick_pdf_model("everywhere IPP Everywhere\n") is None
