@@ -72,7 +72,7 @@ lint: deps
 # directory or database is made once
 TEST_JOBS ?= 2
 test: deps lint $(STAMPS)/test-oidc
-	$(VENV)/bin/pytest -ra -n $(TEST_JOBS) --dist loadfile $(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra --durations=25 -n $(TEST_JOBS) --dist loadfile $(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-unprivileged
 
 # the node daemon's tests must run, not skip, for a user without root: under root, as nobody, with the system's

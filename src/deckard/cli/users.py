@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from typing import Annotated
-from urllib.parse import quote
 
 import typer
 
@@ -97,15 +96,14 @@ def update(
     if ssh_keys and clear_ssh_keys:
         raise typer.BadParameter("give --ssh-key or --clear-ssh-keys, not both")
     keys = [] if clear_ssh_keys else ssh_keys or None
-    others = (description, allowed_networks, allowed_hours)
     with session.api(profile) as api:
-        if keys is None or any(v is not None for v in others):
-            row = api.update_user(
-                user, description=description, allowed_networks=allowed_networks, allowed_hours=allowed_hours
-            )
-        if keys is not None:
-            # ApiClient.update_user has no ssh_keys yet (client/api.py): the same PATCH, sent directly
-            row = api._get(User, "PATCH", f"/users/{quote(user, safe='')}", json={"ssh_keys": keys})
+        row = api.update_user(
+            user,
+            description=description,
+            allowed_networks=allowed_networks,
+            allowed_hours=allowed_hours,
+            ssh_keys=keys,
+        )
     print_done(f"user {row.login!r} updated", row, as_json=as_json)
 
 

@@ -251,13 +251,16 @@ class ApiClient:
         description: str | None = None,
         allowed_networks: str | None = None,
         allowed_hours: str | None = None,
+        ssh_keys: list[str] | None = None,
     ) -> User:
+        """Change what is given (``ssh_keys``: the user's public keys, replaced whole; ``[]`` removes them)."""
         changes = _given(
             password=password,
             blocked=blocked,
             description=description,
             allowed_networks=allowed_networks,
             allowed_hours=allowed_hours,
+            ssh_keys=ssh_keys,
         )
         return self._get(User, "PATCH", f"/users/{_seg(user)}", json=changes)
 
