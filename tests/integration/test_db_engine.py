@@ -1,14 +1,13 @@
 """The farm database's two kinds of transaction, on SQLite and PostgreSQL: ``begin()`` writes, ``connect()`` reads.
 
-A read must neither wait for a writer nor make one wait (on SQLite: a WAL snapshot, run on the loop's thread by
-``db/inline_sqlite.py``), sees one consistent snapshot, and cannot write.
+A read must neither wait for a writer nor make one wait (on SQLite: a WAL snapshot taken with a deferred
+``BEGIN``), sees one consistent snapshot, and cannot write.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
 import sqlalchemy as sa
 
 from deckard.db import schema as t
@@ -51,14 +50,3 @@ async def test_what_a_read_transaction_writes_is_not_kept(db: Database) -> None:
     async with db.connect() as conn:
         await conn.execute(sa.insert(t.tenants).values(name="ghost", created_at=utcnow()))
     assert "ghost" not in await _tenant_names(db)
-
-
-@pytest.mark.databases("sqlite")
-async def test_sqlite_reads_run_on_the_loops_thread_and_writes_on_aiosqlites(db: Database) -> None:
-    assert db.read_engine is not db.engine
-    async with db.connect() as conn:
-        raw = await conn.get_raw_connection()
-        assert type(raw.driver_connection).__name__ == "InlineConnection"
-    async with db.begin() as conn:
-        raw = await conn.get_raw_connection()
-        assert type(raw.driver_connection).__module__.startswith("aiosqlite")

@@ -19,7 +19,6 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from deckard.db import inline_sqlite
 from deckard.db.notify import Bus, PgBus
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -75,14 +74,8 @@ class Database:
         else:
             kwargs = {"connect_args": {"timeout": 30}}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
-        self.read_engine = self.engine
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine.sync_engine, busy_ms=30000, immediate=True)
-            path = self.url.split(":///", 1)[1]
-            if path and not path.startswith(":memory:") and "?" not in path:
-                # reads run on the loop's thread (db/inline_sqlite.py); writes keep aiosqlite's thread
-                self.read_engine = create_async_engine(self.url, async_creator=inline_sqlite.creator(path, 30))
-                _sqlite_setup(self.read_engine.sync_engine, busy_ms=30000, immediate=True)
         self.bus: Bus = PgBus(libpq_url(self.url)) if self.dialect == "postgresql" else Bus()
 
     @property
@@ -100,8 +93,6 @@ class Database:
     async def close(self) -> None:
         await self.bus.close()
         await self.engine.dispose()
-        if self.read_engine is not self.engine:
-            await self.read_engine.dispose()
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -112,7 +103,7 @@ class Database:
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction: on SQLite a snapshot (``BEGIN DEFERRED``) that does not wait for writers nor
         make them wait; what is written in it is rolled back."""
-        async with self.read_engine.connect() as conn:
+        async with self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 await conn.execution_options(**{_READ_ONLY: True})
             yield conn
