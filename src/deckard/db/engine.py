@@ -22,7 +22,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from deckard.db.notify import Bus, PgBus
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_READ_ONLY = "deckard_read_only"  # an execution option: the transaction only reads
 
 
 def sync_url(url: str) -> str:
@@ -101,11 +100,7 @@ class Database:
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction: on SQLite a snapshot (``BEGIN DEFERRED``) that does not wait for writers nor
-        make them wait; what is written in it is rolled back."""
         async with self.engine.connect() as conn:
-            if self.dialect == "sqlite":
-                await conn.execution_options(**{_READ_ONLY: True})
             yield conn
 
 
@@ -160,6 +155,4 @@ def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool) -> None:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            # writers queue for the write lock at BEGIN (a deferred writer could fail on its first write, past
-            # the busy timeout's help); readers take a WAL snapshot and neither wait nor make anyone wait
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
