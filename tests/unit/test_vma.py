@@ -30,6 +30,18 @@ def agent_command(port: int, token_file: Path) -> list[str]:
     return [sys.executable, vma.__file__, *args]
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 10) -> None:
+    """Until the agent started as ``proc`` accepts connections on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "agent exited"
+        assert time.monotonic() < deadline, f"agent did not listen within {timeout:g} s"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def agent_url(tmp_path: Path) -> Iterator[str]:
     token_file = tmp_path / "agent-token"
@@ -41,14 +53,7 @@ def agent_url(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "agent exited"
-            assert time.monotonic() < deadline, "agent did not listen within 10 s"
-            time.sleep(0.02)
+        wait_listening(proc, port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

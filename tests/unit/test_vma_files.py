@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_vma import wait_listening
 
 from deckard.testing import free_port
 from deckard.vma import agent as vma
@@ -221,13 +221,7 @@ def agent_url(tmp_path_factory: pytest.TempPathFactory, desktop_user: pwd.struct
     python = python_for(desktop_user)
     proc = subprocess.Popen([python, "-I", vma.__file__, *args], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "the agent did not listen"
-            time.sleep(0.02)
+        wait_listening(proc, port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

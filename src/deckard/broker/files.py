@@ -79,16 +79,12 @@ class _Cancelled(Exception):
     """The browser cancelled the running transfer."""
 
 
-def _bad(code: str, message: str) -> AgentFileError:
-    return AgentFileError(code, message)
-
-
 def upload_name(raw: object) -> str:
     """A file name as the browser sent it, checked: a name, not a path."""
     if not isinstance(raw, str) or not raw or raw in (".", "..") or len(raw.encode()) > MAX_NAME:
-        raise _bad("bad_path", "the file needs a name of at most 255 bytes")
+        raise AgentFileError("bad_path", "the file needs a name of at most 255 bytes")
     if any(c in raw for c in "/\\\0") or any(ord(c) < 32 for c in raw):
-        raise _bad("bad_path", f"{raw[:60]!r} is not a plain file name (no slashes or control characters)")
+        raise AgentFileError("bad_path", f"{raw[:60]!r} is not a plain file name (no slashes or control characters)")
     return raw
 
 
@@ -202,7 +198,7 @@ class FilesSession:
             if op == "list":
                 directory = msg.get("dir", "Downloads")
                 if not isinstance(directory, str) or len(directory) > 4096:
-                    raise _bad("bad_path", "dir must be a folder of your home, e.g. Downloads")
+                    raise AgentFileError("bad_path", "dir must be a folder of your home, e.g. Downloads")
                 self.send({"op": "list", **await self.agent.list(directory)})
             elif op == "upload":
                 await self._upload(msg)
@@ -211,7 +207,7 @@ class FilesSession:
             elif op == "cancel":
                 return  # nothing runs
             else:
-                raise _bad("bad_request", 'send {"op": "list" | "upload" | "download" | "cancel", ...}')
+                raise AgentFileError("bad_request", 'send {"op": "list" | "upload" | "download" | "cancel", ...}')
         except _Cancelled:
             self.send({"op": op, "error": {"code": "cancelled", "message": "cancelled"}})
             log.info("broker.files", op=op, result="cancelled", ms=round((time.monotonic() - t0) * 1000))
@@ -224,15 +220,19 @@ class FilesSession:
         target = msg.get("dir") if op == "list" else msg.get("path") if op == "download" else None
         jobs = isinstance(target, str) and (target == PRINT_DIR if op == "list" else _in_print_dir(target))
         if op != "cancel" and not jobs:
-            raise _bad("files_disabled", "your administrator turned file transfer off: only print jobs come through")
+            raise AgentFileError(
+                "files_disabled", "your administrator turned file transfer off: only print jobs come through"
+            )
 
     async def _upload(self, msg: dict[str, Any]) -> None:
         name = upload_name(msg.get("name"))
         size = msg.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise _bad("bad_request", "size must be the file's size in bytes")
+            raise AgentFileError("bad_request", "size must be the file's size in bytes")
         if size > self.max_upload:
-            raise _bad("too_large", f"the file is larger than this desktop's limit of {self.max_upload >> 20} MiB")
+            raise AgentFileError(
+                "too_large", f"the file is larger than this desktop's limit of {self.max_upload >> 20} MiB"
+            )
         self.send({"op": "upload", "accepted": True})
         t0 = time.monotonic()
         done = await self.agent.upload(f"{UPLOADS}/{name}", size, self._upload_body(size), self.max_upload)
@@ -267,7 +267,7 @@ class FilesSession:
     async def _download(self, msg: dict[str, Any]) -> None:
         path = msg.get("path")
         if not isinstance(path, str) or not path or len(path) > 4096:
-            raise _bad("bad_path", "path must name a file of your home, e.g. Downloads/report.pdf")
+            raise AgentFileError("bad_path", "path must name a file of your home, e.g. Downloads/report.pdf")
         t0 = time.monotonic()
         async with self.agent.download(path) as (name, size, chunks):
             self.send({"op": "download", "file": {"name": name, "size": size}})
