@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from deckard.db import inline_sqlite
 from deckard.db.notify import Bus, PgBus
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
+WRITER_WAIT_S = 30  # how long a SQLite writer waits for its turn before "database is locked"
 
 
 def sync_url(url: str) -> str:
@@ -73,8 +79,15 @@ class Database:
         else:
             kwargs = {"connect_args": {"timeout": 30}}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        self._inline: AsyncEngine | None = None
+        self._writers: asyncio.Lock | None = None
         if self.dialect == "sqlite":
-            _sqlite_setup(self.engine.sync_engine, busy_ms=30000, immediate=True)
+            _sqlite_setup(self.engine.sync_engine, busy_ms=WRITER_WAIT_S * 1000, immediate=True)
+            self._writers = asyncio.Lock()
+            path = self.url.split(":///", 1)[1]
+            if path and not path.startswith(":memory:") and "?" not in path:
+                self._inline = create_async_engine(self.url, async_creator=inline_sqlite.creator(path))
+                _inline_setup(self._inline.sync_engine)
         self.bus: Bus = PgBus(libpq_url(self.url)) if self.dialect == "postgresql" else Bus()
 
     @property
@@ -92,16 +105,58 @@ class Database:
     async def close(self) -> None:
         await self.bus.close()
         await self.engine.dispose()
+        if self._inline is not None:
+            await self._inline.dispose()
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.begin() as conn:
-            yield conn
+        if self._writers is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        # SQLite has one writer at a time: this process's writers queue here, in order, rather than in SQLite's
+        # busy handler, whose growing sleeps on aiosqlite's threads cost CPU and make the last comer wait longest
+        try:
+            async with asyncio.timeout(WRITER_WAIT_S):
+                await self._writers.acquire()
+        except TimeoutError:
+            raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked")) from None
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        finally:
+            self._writers.release()
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             yield conn
+
+    async def read(self, reads: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``reads(conn)`` in one read-only transaction, for hot paths that only read (a login).
+
+        On a SQLite file it runs on the event loop's own thread (``db/inline_sqlite.py``): a WAL snapshot that
+        cannot write (``query_only``) and never waits for a lock (busy timeout 0).  aiosqlite's thread hand-offs
+        cost more CPU than a login's reads; the few times the file is busy (a checkpoint's restart, a recovery)
+        ``reads`` runs again through ``connect()``, so it must only read.  Elsewhere it is ``connect()``.
+        """
+        if self._inline is not None:
+            try:
+                async with self._inline.connect() as conn:
+                    return await reads(conn)
+            except OperationalError as e:
+                if not _busy(e):
+                    raise
+        async with self.connect() as conn:
+            return await reads(conn)
+
+
+def _busy(e: OperationalError) -> bool:
+    orig = e.orig
+    return isinstance(orig, sqlite3.OperationalError) and orig.sqlite_errorcode & 0xFF in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
 
 
 def _private_sqlite_files(url: str) -> None:
@@ -156,3 +211,20 @@ def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool) -> None:
         @event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _inline_setup(engine: sa.Engine) -> None:
+    """The inline readers' connections (``Database.read``): a deferred ``BEGIN`` (a WAL snapshot, no lock), no
+    writes, no waiting on the loop's thread."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: object, _record: object) -> None:
+        dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+        cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+        cur.execute("PRAGMA query_only=1")
+        cur.execute("PRAGMA busy_timeout=0")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")

@@ -27,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity, Verdict
 from deckard.db import schema as t
@@ -160,11 +161,14 @@ async def _look_up(db: Database, login: str, tenant: str, keys: lockout.Keys) ->
         .where(t.tenants.c.name == tenant)
     )
     lockout.precheck(db, keys)
-    async with db.connect() as conn:
+
+    async def reads(conn: AsyncConnection) -> tuple[Any, int | None, bool, dict[str, Any]]:
         found = (await conn.execute(q)).first()
         tenant_id = int(found.tid) if found is not None else None
         counters = await lockout.check(db, conn, replace(keys, tenant_id=tenant_id))
-        config = await read_configs(conn, "auth.", tenant_id)
+        return found, tenant_id, counters, await read_configs(conn, "auth.", tenant_id)
+
+    found, tenant_id, counters, config = await db.read(reads)
     _refusal_delay_ms[db.url] = int(config["auth.lockout.refusal_delay_ms"])
     row = found if found is not None and found.id is not None else None
     return _Known(

@@ -34,11 +34,13 @@ c = t.connections
 
 async def user_desktops(db: Database, user: User) -> list[dict[str, Any]]:
     """QVD's list_of_vm: ``[{"id","name","state","blocked"}]`` for the user's own desktops."""
-    async with db.connect() as conn:
-        rows = await conn.execute(
-            sa.select(d.c.id, d.c.name, d.c.state, d.c.blocked).where(d.c.user_id == user.id).order_by(d.c.id)
-        )
+    q = sa.select(d.c.id, d.c.name, d.c.state, d.c.blocked).where(d.c.user_id == user.id).order_by(d.c.id)
+
+    async def reads(conn: AsyncConnection) -> list[dict[str, Any]]:
+        rows = await conn.execute(q)
         return [{"id": r.id, "name": r.name, "state": r.state, "blocked": 1 if r.blocked else 0} for r in rows]
+
+    return await db.read(reads)
 
 
 async def desktop_for_user(db: Database, user: User, desktop_id: int) -> Desktop:

@@ -1,0 +1,122 @@
+"""``Database.read``: a hot path's reads in one read-only transaction, on SQLite and PostgreSQL.
+
+On a SQLite file the reads run on the event loop's own thread (``db/inline_sqlite.py``) as a WAL snapshot: they
+neither wait for a writer nor make one wait, cannot write, and when the file is busy they run again on aiosqlite
+instead of blocking the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import utcnow
+from deckard.services.tenancy import bootstrap_farm
+
+
+async def _names(conn: AsyncConnection) -> set[str]:
+    return {str(n) for n in (await conn.execute(sa.select(t.tenants.c.name))).scalars()}
+
+
+async def test_a_read_neither_waits_for_a_writer_nor_blocks_one(db: Database) -> None:
+    await bootstrap_farm(db)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def writer() -> None:
+        async with db.begin() as conn:
+            await conn.execute(sa.insert(t.tenants).values(name="acme", created_at=utcnow()))
+            holding.set()
+            await release.wait()
+
+    task = asyncio.create_task(writer())
+    await holding.wait()
+    # the writer holds its transaction open: a read goes on at once and does not see the uncommitted row
+    assert "acme" not in await asyncio.wait_for(db.read(_names), 5)
+    release.set()
+    await asyncio.wait_for(task, 5)
+    assert "acme" in await db.read(_names)
+
+
+async def test_a_read_sees_one_snapshot(db: Database) -> None:
+    await bootstrap_farm(db)
+
+    async def twice(conn: AsyncConnection) -> tuple[set[str], set[str]]:
+        first = await _names(conn)
+        async with db.begin() as w:  # another connection commits between the two reads
+            await w.execute(sa.insert(t.tenants).values(name="later", created_at=utcnow()))
+        return first, await _names(conn)
+
+    first, second = await db.read(twice)
+    assert "later" not in first
+    # SQLite keeps the snapshot; PostgreSQL's READ COMMITTED sees the commit
+    assert ("later" in second) == (db.dialect == "postgresql")
+
+
+async def test_what_a_read_writes_is_never_kept(db: Database) -> None:
+    await bootstrap_farm(db)
+
+    async def sneaky(conn: AsyncConnection) -> None:
+        await conn.execute(sa.insert(t.tenants).values(name="ghost", created_at=utcnow()))
+
+    if db.dialect == "sqlite":
+        with pytest.raises(sa.exc.OperationalError, match="readonly"):
+            await db.read(sneaky)
+    else:
+        await db.read(sneaky)  # rolled back
+    assert "ghost" not in await db.read(_names)
+
+
+@pytest.mark.databases("sqlite")
+async def test_sqlite_reads_run_inline_and_writes_on_aiosqlite(db: Database) -> None:
+    async def driver(conn: AsyncConnection) -> str:
+        raw = await conn.get_raw_connection()
+        return type(raw.driver_connection).__name__
+
+    assert await db.read(driver) == "InlineConnection"
+    async with db.begin() as conn:
+        raw = await conn.get_raw_connection()
+        assert type(raw.driver_connection).__module__.startswith("aiosqlite")
+
+
+@pytest.mark.databases("sqlite")
+async def test_a_busy_file_sends_the_read_to_aiosqlite_and_the_loop_keeps_running(db: Database) -> None:
+    await bootstrap_farm(db)
+    path = db.url.split(":///", 1)[1]
+    await db.close()  # no connection of the farm's open: the exclusive lock below needs that
+    # another process's exclusive lock (no WAL shared memory): an inline read is refused at once
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("SELECT count(*) FROM tenants").fetchall()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def release() -> None:
+        await asyncio.sleep(0.5)
+        holder.execute("COMMIT")
+        holder.execute("PRAGMA locking_mode=NORMAL")
+        holder.execute("SELECT 1").fetchall()  # the exclusive lock goes with the next access
+        holder.close()
+
+    tick_task = asyncio.create_task(ticker())
+    release_task = asyncio.create_task(release())
+    try:
+        started = time.monotonic()
+        names = await asyncio.wait_for(db.read(_names), 10)
+        assert names and time.monotonic() - started >= 0.4  # it waited for the lock, on aiosqlite's thread
+        assert ticks >= 20  # while the loop went on
+    finally:
+        tick_task.cancel()
+        await release_task
