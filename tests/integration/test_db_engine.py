@@ -120,3 +120,23 @@ async def test_a_busy_file_sends_the_read_to_aiosqlite_and_the_loop_keeps_runnin
     finally:
         tick_task.cancel()
         await release_task
+
+
+async def test_many_writers_at_once_all_commit_in_turn(db: Database) -> None:
+    await bootstrap_farm(db)
+    inside = 0
+    most = 0
+
+    async def writer(i: int) -> None:
+        nonlocal inside, most
+        async with db.begin() as conn:
+            inside += 1
+            most = max(most, inside)
+            await conn.execute(sa.insert(t.tenants).values(name=f"w{i}", created_at=utcnow()))
+            await asyncio.sleep(0.01)  # hold the transaction across a suspension, as a service does
+            inside -= 1
+
+    await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(30))), 60)
+    assert {f"w{i}" for i in range(30)} <= await db.read(_names)
+    if db.dialect == "sqlite":
+        assert most == 1  # queued on the process's writer lock, not in SQLite's busy handler

@@ -80,10 +80,9 @@ class Database:
             kwargs = {"connect_args": {"timeout": 30}}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self._inline: AsyncEngine | None = None
-        self._writers: asyncio.Lock | None = None
+        self._writers: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine.sync_engine, busy_ms=WRITER_WAIT_S * 1000, immediate=True)
-            self._writers = asyncio.Lock()
             path = self.url.split(":///", 1)[1]
             if path and not path.startswith(":memory:") and "?" not in path:
                 self._inline = create_async_engine(self.url, async_creator=inline_sqlite.creator(path))
@@ -110,22 +109,26 @@ class Database:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        if self._writers is None:
+        if self.dialect != "sqlite":
             async with self.engine.begin() as conn:
                 yield conn
             return
         # SQLite has one writer at a time: this process's writers queue here, in order, rather than in SQLite's
         # busy handler, whose growing sleeps on aiosqlite's threads cost CPU and make the last comer wait longest
+        loop = asyncio.get_running_loop()
+        if self._writers is None or self._writers[0] is not loop:  # a Database used from another loop (tests)
+            self._writers = (loop, asyncio.Lock())
+        writers = self._writers[1]
         try:
             async with asyncio.timeout(WRITER_WAIT_S):
-                await self._writers.acquire()
+                await writers.acquire()
         except TimeoutError:
             raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked")) from None
         try:
             async with self.engine.begin() as conn:
                 yield conn
         finally:
-            self._writers.release()
+            writers.release()
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
