@@ -1,4 +1,5 @@
-"""The portal's viewer features in a real browser: clipboard both ways, resize, full screen, disconnect, reset.
+"""The portal's viewer features in a real browser: clipboard both ways, resize, full screen, disconnect, reset,
+and "No sound" for a desktop without an audio server.
 
 A real farm (``deckard up``, one LXC desktop), the portal served by the API, the broker's WebSocket and Debian's
 Chromium driven by Playwright, as in ``test_portal.py``.  One user stays logged in for the whole module; each
@@ -252,6 +253,18 @@ def test_clipboard_text_sent_from_the_page_reaches_the_desktop(connected: Portal
     _wait(lambda: _x_clipboard(connected), 10, "the text in the desktop's X clipboard", lambda v: v == text, 0.3)
     toggle.click()
     expect(toggle).to_have_attribute("aria-expanded", "false")
+
+
+def test_a_desktop_without_an_audio_server_says_no_sound_and_keeps_its_picture(connected: Portal) -> None:
+    """The minimal image has no PulseAudio: the agent answers ``no_sound``, the page's speaker button says so."""
+    from playwright.sync_api import expect
+
+    page = connected.page
+    button = page.locator("#sound-toggle")
+    expect(button).to_have_text("No sound", timeout=15_000)
+    expect(button).to_be_disabled()
+    expect(page.get_by_label("Volume")).to_be_disabled()
+    assert page.evaluate("document.body.dataset.firstFrame") and page.locator(CANVAS).is_visible()
 
 
 def test_clipboard_text_copied_in_the_desktop_shows_in_the_page(connected: Portal) -> None:

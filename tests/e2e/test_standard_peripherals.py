@@ -1,6 +1,13 @@
-"""The standard desktop's PDF printer in a real farm: the agent starts cupsd and makes the ``PDF`` queue the default,
-and what the user prints (``lp``, as a Print dialog would submit it) becomes a PDF of theirs in ``~/PDF``, one per
-job, while cupsd offers nothing to the network.  One desktop start in all (the broker starts it, as a connect does).
+"""The standard desktop's printer and sound in a real farm, one desktop start in all (the broker starts it, as a
+connect does).
+
+Printing: the agent starts cupsd and makes the ``PDF`` queue the default, and what the user prints (``lp``, as a
+Print dialog would submit it) becomes a PDF of theirs in ``~/PDF``, one per job, while cupsd offers nothing to the
+network.
+
+Sound: the agent runs a PulseAudio as the user (no network module, its socket in the user's runtime directory); a
+440 Hz tone played in the desktop reaches the portal's page in Chromium through the broker's ``/ws/sound`` and the
+page's Web Audio analyser finds it; the capture ends with the page.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer
 from deckard.testing import FarmProcess, goto, wait_for
 from deckard.vma.agent import pick_pdf_model
+from deckard.vma.sound import FRAME_MS
 
 SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
 LOGIN = "pia"
@@ -56,7 +64,7 @@ async def connect_once(farm: FarmProcess, desktop_id: int) -> None:
 
 @pytest.fixture(scope="module")
 def desktop(farm: FarmProcess, standard_image: Path) -> Iterator[int]:
-    """A running standard desktop of a new user, whose PDF queue is up."""
+    """A running standard desktop of a new user, whose PDF queue is up (its sound server starts with its display)."""
     farm.deckard("image", "import", str(standard_image), "--tag", "standard")  # idempotent: same file, same tag
     farm.deckard("user", "add", LOGIN, "--password", PASSWORD)
     farm.deckard("desktop", "add", f"{LOGIN}-print", "--user", LOGIN, "--tag", "standard")
@@ -183,3 +191,92 @@ def test_the_pdf_queue_takes_cups_pdfs_model_with_options() -> None:
     assert pick_pdf_model(lpinfo) == "lsb/usr/cups-pdf/CUPS-PDF_opt.ppd"
     assert pick_pdf_model(lpinfo.splitlines()[0]) == "lsb/usr/cups-pdf/CUPS-PDF_noopt.ppd"
     assert pick_pdf_model("everywhere IPP Everywhere\n") is None
+
+
+# Run as the user inside the desktop: a WAV of a sine at FREQ Hz, SECONDS long, played on the session's sound server.
+TONE = r"""
+import math, struct, sys, wave
+freq, seconds, path = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+with wave.open(path, "wb") as w:
+    w.setnchannels(2); w.setsampwidth(2); w.setframerate(48000)
+    n = int(48000 * seconds)
+    w.writeframes(b"".join(struct.pack("<hh", v, v) for v in
+                           (int(12000 * math.sin(2 * math.pi * freq * i / 48000)) for i in range(n))))
+"""
+PULSE = "PULSE_SERVER=unix:/run/user/$(id -u)/pulse/native"
+# the page's analyser: the frequency of its loudest bin and that bin's level (dB), the bin's width
+PEAK = """() => {
+  const a = window.deckardSound && window.deckardSound.analyser;
+  if (!a) return null;
+  const bins = new Float32Array(a.frequencyBinCount);
+  a.getFloatFrequencyData(bins);
+  let best = 0;
+  for (let i = 1; i < bins.length; i++) if (bins[i] > bins[best]) best = i;
+  const width = a.context.sampleRate / a.fftSize;
+  return { hz: best * width, db: bins[best], width };
+}"""
+
+
+def test_the_sound_server_runs_as_the_user_with_no_network_module(farm: FarmProcess, desktop: int) -> None:
+    ps = farm.attach(desktop, "ps -o user=,args= -C pulseaudio").stdout.strip()
+    assert ps.startswith(f"{LOGIN} ") and "--disallow-module-loading" in ps, ps
+    modules = farm.attach(desktop, f"{PULSE} pactl list short modules", user=LOGIN)
+    assert modules.returncode == 0, modules
+    names = {line.split()[1] for line in modules.stdout.splitlines()}
+    assert names == {"module-null-sink", "module-native-protocol-unix"}, names
+    sink = farm.attach(desktop, f"{PULSE} pactl get-default-sink", user=LOGIN).stdout.strip()
+    assert sink == "deckard", sink
+    mode = farm.attach(desktop, "stat -c '%U %a' /run/user/$(id -u)", user=LOGIN).stdout.split()
+    assert mode == [LOGIN, "700"], mode
+
+
+def test_a_tone_played_in_the_desktop_is_heard_by_the_page(farm: FarmProcess, desktop: int, browser: Any) -> None:
+    """440 Hz played with ``paplay`` as the user: the page's analyser peaks at 440 Hz (one bin either way); when the
+    page goes, the capture in the desktop ends (no parec nor encoder left)."""
+    from playwright.sync_api import expect
+
+    script = f"cat > /tmp/tone.py <<'EOF'\n{TONE}\nEOF\npython3 /tmp/tone.py 440 6 /tmp/tone.wav"
+    assert farm.attach(desktop, script, user=LOGIN).returncode == 0
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    ctx.set_default_timeout(30_000)
+    try:
+        page = ctx.new_page()
+        goto(page, f"https://127.0.0.1:{farm.api_port}/")
+        page.get_by_label("User name").fill(LOGIN)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_role("button", name=f"Connect to {LOGIN}-print").click()
+        page.wait_for_function("() => document.body.dataset.firstFrame", timeout=60_000)
+        button = page.locator("#sound-toggle")
+        expect(button).to_have_text("Sound", timeout=20_000)
+        stats_js = "({...window.deckardSound, analyser: null, context: window.deckardSound.context?.state})"
+        try:
+            page.wait_for_function("() => window.deckardSound.decoded > 10", timeout=20_000)
+        except Exception:
+            why = page.locator("#sound-toggle").get_attribute("title")
+            logs = farm.attach(desktop, "grep -i sound /run/deckard/*.log; tail -n 20 /run/deckard/pulseaudio.log")
+            diagnostics = f"{farm.diagnostics(desktop)}\n{logs.stdout}{logs.stderr}"
+            raise AssertionError(f"no sound decoded ({why}): {page.evaluate(stats_js)}\n{diagnostics}") from None
+        assert farm.attach(desktop, f"{PULSE} setsid -f paplay /tmp/tone.wav", user=LOGIN).returncode == 0
+        deadline, peak = time.monotonic() + 8, None
+        while time.monotonic() < deadline:
+            peak = page.evaluate(PEAK)
+            if peak and peak["db"] > -50 and abs(peak["hz"] - 440) <= peak["width"]:
+                break
+            page.wait_for_timeout(100)
+        stats = page.evaluate(stats_js)
+        assert peak and peak["db"] > -50 and abs(peak["hz"] - 440) <= peak["width"], (peak, stats)
+        print(f"sound: peak {peak['hz']:.1f} Hz at {peak['db']:.0f} dB; page stats {stats}")
+        assert stats["latencyMs"] is not None and stats["latencyMs"] < 1000, stats
+        # 20 ms packets at about 50 a second, each under the channel's 128 kbit/s
+        assert stats["bytes"] * 8 / (stats["packets"] * FRAME_MS / 1000) < 128_000, stats
+
+        button.click()  # mute, remembered
+        expect(button).to_have_text("Muted")
+        assert page.evaluate("JSON.parse(localStorage.getItem('deckard.portal.sound')).muted") is True
+        button.click()
+        expect(button).to_have_text("Sound")
+    finally:
+        ctx.close()
+    left = f"pgrep -u {LOGIN} -f 'parec|opus_encoder_create' || true"
+    wait_for(lambda: not farm.attach(desktop, left).stdout.strip(), 10, 0.3, "the capture to end with the page")

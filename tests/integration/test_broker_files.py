@@ -227,4 +227,8 @@ async def test_with_files_off_and_printing_on_only_print_jobs_come_through(
     await ws.close()
     user = (await identity.login_password(farm.db, "alice", "pw-alice")).user
     listed = await portal.list_own_desktops(farm.db, user)
-    assert next(d for d in listed if d["id"] == farm.alice_desk["id"])["features"] == {"files": False, "printing": True}
+    assert next(d for d in listed if d["id"] == farm.alice_desk["id"])["features"] == {
+        "files": False,
+        "printing": True,
+        "sound": True,
+    }

@@ -1,10 +1,11 @@
 // The user portal at "/": log in (with a second factor when one is due), see my desktops, connect to one in the
-// page (noVNC through the broker), move files into and out of it, and look after my account (authenticator app,
+// page (noVNC through the broker) with its sound, move files into and out of it, and look after my account (authenticator app,
 // personal tokens, SSH keys).
 import "./portal.css";
 import QRCode from "qrcode";
 import { $, api, el, openDesktop } from "./_viewer.js";
 import { initFiles, resetFiles } from "./_files.js";
+import { initSound, startSound, stopSound } from "./_sound.js";
 
 const TOKEN_KEY = "deckard.portal.token";
 const POLL_MS = 3000;
@@ -461,6 +462,7 @@ async function connect(d) {
   document.body.dataset.firstFrame = "";
   const viewer = $("#viewer");
   resetFiles(d);
+  stopSound();
   viewer.classList.remove("hidden");
   $("#viewer-title").textContent = d.name;
   setProgress("Asking for access…");
@@ -483,6 +485,7 @@ async function connect(d) {
     onConnect: current(() => {
       timing.connected = performance.now();
       setProgress("Drawing your desktop…");
+      startSound(d);
     }),
     onFirstFrame: current(() => {
       timing.firstFrame = performance.now();
@@ -493,6 +496,7 @@ async function connect(d) {
     // a late close of a connection the user already left must not touch the one open now
     onDisconnect: current((reason, clean) => {
       session = null;
+      stopSound();
       if (!viewer.classList.contains("hidden")) {
         setProgress(reason ? `Disconnected: ${reason}` : clean ? "Disconnected." : "The connection was lost.", true);
       }
@@ -516,6 +520,7 @@ function closeViewer() {
   if (session) session.disconnect();
   session = null;
   resetFiles(null);
+  stopSound();
   $("#viewer").classList.add("hidden");
   if (document.fullscreenElement) document.exitFullscreen();
   refresh();
@@ -574,6 +579,7 @@ function init() {
   });
   $("#clip-send").addEventListener("click", () => session && session.sendClipboard($("#clip-text").value));
   initFiles({ call, showError, plain, when, togglePanel, openPanel, showPanel });
+  initSound({ call });
   document.addEventListener("keydown", (e) => {
     // Ctrl+Alt+Shift leaves the desktop's keyboard grab for the page's buttons
     if (e.ctrlKey && e.altKey && e.shiftKey && session) $("#disconnect").focus();

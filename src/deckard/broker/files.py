@@ -174,7 +174,13 @@ class FilesSession:
 
     # -- the session ------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        ready = {"max_upload_bytes": self.max_upload, **self.offered.features(), "print_dir": PRINT_DIR}
+        offered = self.offered
+        ready = {
+            "max_upload_bytes": self.max_upload,
+            "files": offered.files,
+            "printing": offered.printing,
+            "print_dir": PRINT_DIR,
+        }
         self.send({"ready": ready})
         try:
             while True:

@@ -32,6 +32,7 @@ from deckard.broker.files import FILES_PATH, FilesConnect
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.params import parse_connect_params, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
+from deckard.broker.sound import SOUND_PATH, SoundConnect
 from deckard.broker.websocket import WebSocketConnect, is_websocket
 from deckard.db.engine import Database
 from deckard.model.entities import User
@@ -114,6 +115,7 @@ class QvdProtocol:
         self.settings = sessions.settings
         self.websocket = WebSocketConnect(db, sessions)
         self.files = FilesConnect(db, sessions.settings, sessions.ports.agent)
+        self.sound = SoundConnect(db, sessions.ports.agent)
 
     async def serve(self, front: FrontConnection) -> None:
         channel = HttpChannel(front, self.settings.max_request_head)
@@ -139,6 +141,8 @@ class QvdProtocol:
                         await self.websocket.serve(channel, req)
                     elif req.path == FILES_PATH and req.method == "GET":
                         await self.files.serve(channel, req)
+                    elif req.path == SOUND_PATH and req.method == "GET":
+                        await self.sound.serve(channel, req)
                     elif req.path == "/qvd/connect_to_vm" and req.method == "GET":
                         await self._connect(channel, req)
                     else:

@@ -45,7 +45,15 @@ from typing import Any
 
 import structlog
 
-from deckard.images.profile import AGENT_PATH, META_PATH, SESSION_PATH, ImageFile, Profile, load_profile
+from deckard.images.profile import (
+    AGENT_PATH,
+    META_PATH,
+    SESSION_PATH,
+    SOUND_MODULE_PATH,
+    ImageFile,
+    Profile,
+    load_profile,
+)
 from deckard.model.errors import DeckardError
 from deckard.model.vm_image import CONTAINER_FORMAT, KERNEL_GLOB, VM_FORMAT, VM_MODULES, module_closure
 
@@ -58,6 +66,7 @@ SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 _AGENT_SOURCE = Path(__file__).parents[1] / "vma" / "agent.py"
+_SOUND_SOURCE = Path(__file__).parents[1] / "vma" / "sound.py"  # the agent loads it from SOUND_MODULE_PATH
 # Cut from the rootfs: documentation, manuals, translations (but the profile's languages) and apt's caches
 _PRUNE = (
     "usr/share/doc",
@@ -117,11 +126,17 @@ def recipe_hash(profile: Profile | None = None) -> str:
 
 
 def image_files(profile: Profile | None = None) -> list[ImageFile]:
-    """What is added on top of the rootfs, read now: the agent, the session script and the profile's files."""
+    """What is added on top of the rootfs, read now: the agent (and its sound module), the session script and the
+    profile's files."""
     profile = profile or default_profile()
     agent = b"#!/usr/bin/python3\n" + _AGENT_SOURCE.read_bytes()
     session = profile.session_script() or b""
-    return [ImageFile(AGENT_PATH, agent, 0o755), ImageFile(SESSION_PATH, session, 0o755), *profile.all_files()]
+    return [
+        ImageFile(AGENT_PATH, agent, 0o755),
+        ImageFile(SOUND_MODULE_PATH, _SOUND_SOURCE.read_bytes(), 0o644),
+        ImageFile(SESSION_PATH, session, 0o755),
+        *profile.all_files(),
+    ]
 
 
 def files_hash(files: Sequence[ImageFile]) -> str:

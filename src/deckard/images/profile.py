@@ -33,12 +33,14 @@ DEFAULT_PROFILE = "standard"
 
 SESSION_PATH = "etc/deckard/xsession"
 AGENT_PATH = "usr/local/sbin/deckard-vma"
+SOUND_MODULE_PATH = "usr/local/lib/deckard-vma/sound.py"  # vma/sound.py, which the agent loads from there
 META_PATH = "etc/deckard/image.json"
 # written by the builder or by the node at every start: a profile may not replace them
 RESERVED = frozenset(
     {
         SESSION_PATH,
         AGENT_PATH,
+        SOUND_MODULE_PATH,
         META_PATH,
         "etc/deckard/agent-token",
         "etc/deckard/display-passwd",

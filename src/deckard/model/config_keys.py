@@ -398,6 +398,13 @@ PORTAL_KEYS: tuple[ConfigKey, ...] = (
         "What users print in their desktop (its PDF printer) reaches their browser as a PDF to open or save.",
         per_osf=True,
     ),
+    ConfigKey(
+        "portal.sound.enabled",
+        bool,
+        True,
+        "What plays in the desktop (its sound server) is heard in the user's browser; the spy never hears it.",
+        per_osf=True,
+    ),
 )
 
 KEYS: dict[str, ConfigKey] = {

@@ -1,7 +1,7 @@
-"""What a desktop offers the browser besides its picture (issue 14): files, printing; per tenant and per OSF.
+"""What a desktop offers the browser besides its picture (issue 14): files, printing, sound; per tenant and OSF.
 
-One reading of the ``portal.*`` switches for the portal's desktop list, the files ticket and the broker's file
-channel (``broker/files.py``), so the three never disagree.
+One reading of the ``portal.*`` switches for the portal's desktop list, the files and sound tickets and the
+broker's channels (``broker/files.py``, ``broker/sound.py``), so they never disagree.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Peripherals:
     files: bool  # the file panel: upload into ~/Uploads, download from the home
     printing: bool  # print jobs reach the browser as PDFs (read from PRINT_DIR)
     max_upload_bytes: int
+    sound: bool = True  # the desktop's sound plays in the page (broker/sound.py)
 
     @property
     def channel(self) -> bool:
@@ -27,7 +28,7 @@ class Peripherals:
         return self.files or self.printing
 
     def features(self) -> dict[str, bool]:
-        return {"files": self.files, "printing": self.printing}
+        return {"files": self.files, "printing": self.printing, "sound": self.sound}
 
 
 async def peripherals(conn: AsyncConnection, tenant_id: int, osf_id: int | None) -> Peripherals:
@@ -36,4 +37,5 @@ async def peripherals(conn: AsyncConnection, tenant_id: int, osf_id: int | None)
         files=bool(config["portal.files.enabled"]),
         printing=bool(config["portal.printing.enabled"]),
         max_upload_bytes=int(config["portal.files.max_upload_mib"]) << 20,
+        sound=bool(config["portal.sound.enabled"]),
     )

@@ -40,6 +40,7 @@ PORTAL = "portal"
 CONNECT = "connect"
 SPY = "spy"
 FILES = "files"  # the portal's file panel: upload into and download from the user's desktop (broker/files.py)
+SOUND = "sound"  # the desktop's sound, played in the portal's page (broker/sound.py); never for a spy
 CHALLENGE = "challenge"  # a login (a user's or an administrator's) waiting for its second factor
 CHALLENGE_TTL = 300.0
 TICKET_TTL = 30.0  # seconds between issuing a ticket and the browser opening its WebSocket
@@ -73,7 +74,7 @@ class TicketLimits:
 class Ticket:
     """A redeemed ticket: what the broker may do with the connection that presented it."""
 
-    kind: str  # connect | spy
+    kind: str  # connect | spy | files | sound
     desktop_id: int
     user: User  # the desktop's owner (connect: the user connecting)
     admin_id: int | None = None
@@ -265,6 +266,22 @@ async def issue_files_ticket(
     if desk.state != DesktopState.RUNNING:
         raise Conflict("files can be moved only while the desktop runs: connect to it first", code="not_running")
     return await _store(db, FILES, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
+
+
+async def issue_sound_ticket(
+    db: Database, user: User, desktop_id: int, *, limits: TicketLimits | None = None
+) -> tuple[str, dt.datetime]:
+    """A ticket for the sound channel of the user's own running desktop (403 ``sound_disabled`` where the
+    administrator turned sound off for its tenant or OSF).  Only the desktop's owner gets one: an administrator
+    watching (spy) hears nothing."""
+    desk = await desktop_for_user(db, user, desktop_id)
+    async with db.connect() as conn:
+        offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
+    if not offered.sound:
+        raise PermissionDenied("your administrator turned sound off for this desktop", code="sound_disabled")
+    if desk.state != DesktopState.RUNNING:
+        raise Conflict("sound plays only while the desktop runs: connect to it first", code="not_running")
+    return await _store(db, SOUND, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
 
 
 async def issue_spy_ticket(

@@ -23,6 +23,9 @@ another desktop or process that reaches the port cannot take the display.
 so the node can apply the session policies; ``session_notice`` tells the user on their display what a policy
 will do and when.
 
+In an image that has PulseAudio (``standard``), each session gets a sound server run as its user, and
+``GET /sound?login=`` streams what it plays as Opus (``vma/sound.py``, loaded from beside the agent).
+
 In an image that has CUPS (``standard``), the agent also runs cupsd, on its unix socket only, with one queue,
 ``PDF``: what the user prints becomes a PDF in ``~/PDF`` (see :class:`PdfPrinter`).
 
@@ -62,6 +65,31 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+SOUND_MODULE = "/usr/local/lib/deckard-vma/sound.py"  # where an image has vma/sound.py (images/builder.py)
+PULSEAUDIO = "/usr/bin/pulseaudio"
+
+
+def _load_sound() -> Any:
+    """``vma/sound.py``: a module of the package on the host, a file beside the agent in an image (the agent is
+    one file there); None in an image without an audio server (not compiled for nothing: a VM's boot under a
+    software CPU would pay for it) or built before sound."""
+    try:
+        from deckard.vma import sound
+
+        return sound
+    except ImportError:
+        pass
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deckard_vma_sound", SOUND_MODULE)
+    if spec is None or spec.loader is None or not os.path.exists(SOUND_MODULE) or not os.path.exists(PULSEAUDIO):
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SOUND = _load_sound()
 VERSION = "0.1.0"
 DEFAULT_PORT = 3030
 DEFAULT_TOKEN_FILE = "/etc/deckard/agent-token"
@@ -180,8 +208,9 @@ def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
 class XSession:
     """One user's display: Xvnc plus the desktop session, started and stopped as a unit."""
 
-    def __init__(self, children: Children) -> None:
+    def __init__(self, children: Children, sound: Any = None) -> None:
         self.children = children
+        self.sound = sound  # sound.SoundServer: the session's audio server, started and stopped with it
         self.lock = threading.Lock()
         self.state = "stopped"
         self.user: str | None = None
@@ -242,6 +271,8 @@ class XSession:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         password_file = install_display_secret(account)
         env = user_env(account)
+        if self.sound is not None:  # before the session, whose applications look for it
+            env.update(self.sound.start(account))
         if keyboard:  # the session script applies it with setxkbmap
             env["DECKARD_KEYBOARD"] = keyboard
         creds: dict[str, Any] = {
@@ -337,6 +368,8 @@ class XSession:
         if self.state == "stopped" and self.xvnc is None:
             return
         self.state = "stopping"
+        if self.sound is not None:  # first: its supervisor must not restart what the kill below ends
+            self.sound.stop()
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and (_alive(self.xvnc) or _alive(self.session)):
@@ -1261,7 +1294,8 @@ class Agent:
         self.token = token
         self.is_init = is_init
         self.children = Children()
-        self.x = XSession(self.children)
+        self.sound = SOUND.SoundServer(self.children, log_path=RUN_DIR / "pulseaudio.log") if SOUND else None
+        self.x = XSession(self.children, self.sound)
         self.printer = PdfPrinter(self.children)
         self.server: ThreadingHTTPServer | None = None
         self._powering_off = threading.Event()
@@ -1391,7 +1425,7 @@ class Agent:
         self._powering_off.set()
         log.info("powering off")
         self.printer.stop()
-        self.x.stop()
+        self.x.stop()  # the sound server with it
         if self.is_init and os.getpid() == 1:
             # as PID 1 of the container: every process left is ours to end
             with contextlib.suppress(ProcessLookupError):
@@ -1463,8 +1497,11 @@ class Handler(BaseHTTPRequestHandler):
     agent: Agent  # set on the subclass made by serve()
 
     def do_GET(self) -> None:
-        if urlsplit(self.path).path in ("/files/list", "/files/get"):
+        path = urlsplit(self.path).path
+        if path in ("/files/list", "/files/get"):
             self._handle_files()
+        elif path == "/sound":
+            self._handle_sound()
         else:
             self._handle()
 
@@ -1630,6 +1667,42 @@ class Handler(BaseHTTPRequestHandler):
                 if not chunk:
                     break
                 left -= len(chunk)
+
+    # -- /sound?login=: the desktop's sound as Opus (see vma/sound.py) ----------------------------------------
+    def _handle_sound(self) -> None:
+        t0 = time.monotonic()
+        params = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        status, extra, started = 200, "", False
+
+        def start_response() -> Any:
+            nonlocal started
+            started = True
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-deckard-opus")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()  # no length: the stream ends with the connection
+            self.close_connection = True
+            return self.wfile
+
+        try:
+            if not self._authorized():
+                raise AgentError("unauthenticated", "missing or wrong agent token", 401)
+            account = file_account(params.get("login", ""))
+            if self.agent.sound is None:
+                raise AgentError("no_sound", "this desktop has no sound (its image has no audio server)", 503)
+            self._settimeout()
+            extra = SOUND.serve_stream(self.agent.sound, account, start_response, self.connection)
+        except Exception as exc:
+            if isinstance(exc, AgentError) or (SOUND is not None and isinstance(exc, SOUND.SoundError)):
+                status, code, message = exc.status, exc.code, exc.message
+            else:
+                log.exception("internal error")
+                status, code, message = 500, "internal", str(exc)
+            if started:
+                self.close_connection = True  # the body had begun: cutting it is the only way to say it failed
+            else:
+                self._send_json(status, {"ok": False, "error": {"code": code, "message": message}})
+        self._log("/sound", status, t0, extra)
 
     def _authorized(self) -> bool:
         token = self.agent.token

@@ -78,13 +78,16 @@ class PortalDesktop(BaseModel):
     user_state: str
     failure_reason: str | None = None
     features: dict[str, bool] = Field(
-        default_factory=dict, description="What the browser desktop offers besides the picture: `files`."
+        default_factory=dict,
+        description="What the browser desktop offers besides the picture: `files`, `printing`, `sound`.",
     )
 
 
 class TicketRequest(RequestModel):
-    purpose: Literal["connect", "files"] = Field(
-        default="connect", description="`connect`: the desktop's display; `files`: its file panel (/ws/files)."
+    purpose: Literal["connect", "files", "sound"] = Field(
+        default="connect",
+        description="`connect`: the desktop's display; `files`: its file panel (/ws/files); `sound`: its sound "
+        "(/ws/sound).",
     )
 
 
@@ -198,7 +201,7 @@ async def portal_desktops(user: UserDep, db: DbDep) -> list[PortalDesktop]:
 @users_router.post(
     "/desktops/{desktop_id}/ticket",
     response_model=ConnectTicket,
-    summary="A one-time ticket for the desktop's display (or, with `purpose: files`, its file panel)",
+    summary="A one-time ticket for the desktop's display (or, with `purpose`, its file panel or its sound)",
 )
 async def portal_ticket(
     desktop_id: DesktopId,
@@ -212,6 +215,9 @@ async def portal_ticket(
     if body is not None and body.purpose == "files":
         ticket, expires = await tickets.issue_files_ticket(db, user, desktop_id, limits=limits)
         path = "/ws/files"
+    elif body is not None and body.purpose == "sound":
+        ticket, expires = await tickets.issue_sound_ticket(db, user, desktop_id, limits=limits)
+        path = "/ws/sound"
     else:
         ticket, expires = await tickets.issue_connect_ticket(db, user, desktop_id, limits=limits)
         path = "/ws/connect"
