@@ -71,6 +71,18 @@ def goto(page: Any, url: str) -> None:
             page.wait_for_timeout(200)
 
 
+async def agoto(page: Any, url: str) -> None:
+    """:func:`goto` for Playwright's async API."""
+    for attempt in range(3):
+        try:
+            await page.goto(url)
+            return
+        except Exception as e:
+            if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 2:
+                raise
+            await page.wait_for_timeout(200)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -58,7 +58,7 @@ def _row(farm: FarmProcess, name: str) -> dict[str, Any]:
 
 def _run(farm: FarmProcess, name: str, command: str, user: str = "") -> dict[str, Any]:
     row = _row(farm, name)
-    return asyncio.run(AgentClient(row["ip"], row["agent_token"]).exec(command, user=user, timeout=20))
+    return asyncio.run(AgentClient(row["ip"], row["agent_token"]).exec(command, user=user, timeout=30))
 
 
 def _wait_state(farm: FarmProcess, name: str, state: str, timeout: float = BOOT_S) -> dict[str, Any]:

@@ -388,7 +388,7 @@ async def test_pages_are_csp_clean_and_swagger_ui_is_served_locally(tmp_path: Pa
 async def test_admin_portal_and_api_docs_load_in_chromium_without_csp_violations(tmp_path: Path) -> None:
     """The pages under the real policy in headless Chromium: no CSP violation is reported, and each page
     rendered what it exists for (the login forms, Swagger UI's operations)."""
-    from deckard.testing import CHROMIUM, CHROMIUM_ARGS, browser_unavailable_reason
+    from deckard.testing import CHROMIUM, CHROMIUM_ARGS, agoto, browser_unavailable_reason
 
     reason = browser_unavailable_reason()
     if reason:
@@ -405,15 +405,15 @@ async def test_admin_portal_and_api_docs_load_in_chromium_without_csp_violations
             messages: list[str] = []
             page.on("console", lambda m: messages.append(m.text))
             for path, ready in (("/", "#login-form"), ("/admin", "form"), ("/api/v1/docs", ".opblock")):
-                await page.goto(api.url + path)
+                await agoto(page, api.url + path)
                 await page.wait_for_selector(ready, timeout=20_000)
             # logged in, the WAT draws its dashboard (uPlot charts) and a list
-            await page.goto(api.url + "/admin")
+            await agoto(page, api.url + "/admin")
             await page.get_by_label("Name").fill("admin")
             await page.get_by_label("Password").fill(api.password)
             await page.get_by_role("button", name="Log in").click()
             await page.wait_for_function("() => document.body.dataset.dashboard === 'drawn'", timeout=20_000)
-            await page.goto(api.url + "/admin#/users")
+            await agoto(page, api.url + "/admin#/users")
             await page.wait_for_selector("table.list", timeout=20_000)
             violations = [m for m in messages if "Content Security Policy" in m or "Refused to" in m]
             assert violations == []

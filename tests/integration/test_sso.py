@@ -35,7 +35,7 @@ from deckard.runtime.tls import client_context, ensure_tls
 from deckard.services import admins, config, sso, users
 from deckard.services.context import SYSTEM
 from deckard.services.tenancy import bootstrap_farm
-from deckard.testing import free_port
+from deckard.testing import agoto, free_port
 from oidc_provider import OidcProvider
 
 # HTTP, flows and rules, not SQL: SQLite only (the queries underneath run on PostgreSQL in test_identity.py,
@@ -439,7 +439,7 @@ async def test_chromium_signs_in_to_the_portal_and_the_wat_through_the_provider(
                 messages: list[str] = []
                 page.on("framenavigated", lambda frame: urls.append(frame.url))
                 page.on("console", lambda m: messages.append(m.text))
-                await page.goto(f"{api.url}/portal/sso/start?tenant=default")
+                await agoto(page, f"{api.url}/portal/sso/start?tenant=default")
                 await page.get_by_label("Login").fill("alice")
                 await page.get_by_label("Password").fill(PASSWORD)
                 async with page.expect_response(lambda r: r.url.endswith("/portal/desktops")) as listed:
@@ -456,7 +456,7 @@ async def test_chromium_signs_in_to_the_portal_and_the_wat_through_the_provider(
                 # shared), carol is in vdi-admins (→ Operator): the WAT opens on its dashboard with her session
                 admin = await (await chromium.new_context(ignore_https_errors=True)).new_page()
                 admin.on("console", lambda m: messages.append(m.text))
-                await admin.goto(f"{api.url}/admin")
+                await agoto(admin, f"{api.url}/admin")
                 await admin.get_by_role("link", name="Sign in with single sign-on").click()
                 await admin.get_by_label("Login").fill("carol")
                 await admin.get_by_label("Password").fill(PASSWORD)
