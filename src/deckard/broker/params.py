@@ -4,7 +4,8 @@ QVD accepts ``id`` plus parameters named ``qvd.client.*`` (the client's settings
 and ``custom.*``; anything else is refused with 403 so a client cannot smuggle settings that only an
 administrator may set.  A missing ``id`` is 422.  ``qvd.client.geometry`` sizes the display and
 ``qvd.client.keyboard`` (QVD's ``pc105/us`` or a bare XKB layout such as ``de`` or ``fr(azerty)``) sets the
-session's keyboard layout; the rest is kept for the logs.
+session's keyboard layout; the rest is kept for the logs.  A connect for NX (``nx.py``: QVD's clients) has its
+options parsed into :class:`~deckard.broker.nx.NxOptions`, which refuses what nxagent could not be given.
 
 Ids are checked by ``model/ids.py``, as the API checks them: ASCII digits within the database's INTEGER
 (``str.isdigit`` would let ``²`` and full-width digits through, and a larger number is a bind error on
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from deckard.broker.nx import NxOptions, parse_nx_options
 from deckard.model.errors import BadInput, PermissionDenied
 from deckard.model.ids import ID_MAX, parse_id
 
@@ -29,6 +31,8 @@ KEYBOARD = re.compile(r"^(?:[a-z0-9_]{1,16}/)?(?P<layout>[a-z]{2,3}(?:\([a-z0-9_
 class ConnectParams:
     desktop_id: int
     client: dict[str, str] = field(default_factory=dict)  # every qvd.client.* and custom.* pair, as sent
+    display: str = "vnc"  # nx | vnc: the display protocol the client speaks after the 101
+    nx: NxOptions | None = None  # set when display is nx
 
     @property
     def geometry(self) -> str | None:
@@ -56,7 +60,7 @@ def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
         raise BadInput(f"the desktop id {shown!r} is not ASCII digits between 1 and {ID_MAX}", code="bad_id") from None
 
 
-def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:
+def parse_connect_params(pairs: list[tuple[str, str]], display: str = "vnc") -> ConnectParams:
     """Check the query of a connect (order as QVD: id 422 first, then unknown names 403, then values)."""
     desktop_id = parse_desktop_id(pairs)
     client: dict[str, str] = {}
@@ -79,4 +83,5 @@ def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:
             f"qvd.client.keyboard {shown!r} must be an XKB layout such as us, de or fr(azerty) (or pc105/us)",
             code="bad_keyboard",
         )
-    return ConnectParams(desktop_id, client)
+    nx = parse_nx_options(client) if display == "nx" else None
+    return ConnectParams(desktop_id, client, display, nx)

@@ -21,6 +21,10 @@ screen is resized ("Client does not support desktop size"), which happens when a
 display resizes (the user's resize-to-window while an administrator's spy connects); the client's own
 ``SetEncodings`` replaces it a round trip later.  From then on the relay copies bytes only.
 
+NX (QVD's clients, ``nx.py``) uses the same relay with other handshakes: nothing towards the desktop (nxagent
+waits for the client's options) and :class:`~deckard.broker.nx.NxClientHandshake` towards the client, which
+puts the desktop's cookie into nxproxy's options; no greeting is sent (nxproxy speaks first).
+
 Each received ``bytes`` object is handed to ``write`` as is, never reused (a uvloop gotcha).
 """
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import re
 import struct
-from typing import cast
+from typing import Protocol, cast
 
 from deckard.broker.http import WRITE_HIGH_WATER, FrontConnection
 from deckard.client.rfb import SECURITY_NONE, SECURITY_VNC_AUTH
@@ -45,7 +49,24 @@ _MAX_REASON = 4096  # bytes of a refusal reason from the desktop we are willing 
 
 
 class HandshakeError(ConnectionError):
-    """A side of the RFB handshake broke the protocol or refused; the message says which and why."""
+    """A side of the handshake broke the protocol or refused; the message says which and why."""
+
+
+class ClientSideHandshake(Protocol):
+    """What the relay needs of the client's side of a handshake (sans-IO)."""
+
+    done: bool
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]: ...  # (to the client, to the desktop)
+
+
+class _NoHandshake:
+    """The desktop side of NX: nxagent says nothing until the client's options have reached it."""
+
+    done = True
+
+    def feed(self, data: bytes) -> bytes:  # noqa: ARG002 (never called: done from the start)
+        raise HandshakeError("the desktop spoke before the client")
 
 
 def _u32(value: int) -> bytes:
@@ -190,16 +211,18 @@ class ClientHandshake:
 class _DesktopSide(asyncio.Protocol):
     """The connection to the desktop's display server (Xvnc on port 5900)."""
 
-    def __init__(self, tunnel: Tunnel, password: str | None) -> None:
+    def __init__(self, tunnel: Tunnel, password: str | None, raw: bool = False) -> None:
         self.tunnel = tunnel
         self.transport: asyncio.Transport | None = None
-        self.handshake = DesktopHandshake(password)
+        self.handshake: DesktopHandshake | _NoHandshake = _NoHandshake() if raw else DesktopHandshake(password)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.handshake.done and not self.ready.done():
+            self.ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self.handshake.done:
@@ -241,8 +264,13 @@ class _DesktopSide(asyncio.Protocol):
 class Tunnel:
     """Relays bytes between ``front`` (the client) and a desktop; ``done`` resolves when both sides closed."""
 
-    def __init__(self, front: FrontConnection) -> None:
+    def __init__(
+        self, front: FrontConnection, handshake: ClientSideHandshake | None = None, greeting: bytes = RFB_GREETING
+    ) -> None:
+        """An RFB relay by default; NX passes its client handshake, no greeting, and opens with ``raw``."""
         self.front = front
+        self._greeting = greeting
+        self._raw = handshake is not None
         self.desktop: _DesktopSide | None = None
         self.bytes_in = 0  # client → desktop
         self.bytes_out = 0  # desktop → client
@@ -250,7 +278,7 @@ class Tunnel:
         self._started = False
         self._early: list[bytes] = []
         self._desktop_closed = False
-        self.handshake = ClientHandshake()
+        self.handshake: ClientSideHandshake = handshake or ClientHandshake()
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = loop.create_future()
         self._abort_handle: asyncio.TimerHandle | None = None
@@ -261,7 +289,9 @@ class Tunnel:
         loop = asyncio.get_running_loop()
 
         async def connect() -> None:
-            _transport, self.desktop = await loop.create_connection(lambda: _DesktopSide(self, password), host, port)
+            _transport, self.desktop = await loop.create_connection(
+                lambda: _DesktopSide(self, password, self._raw), host, port
+            )
             await self.desktop.ready
 
         await asyncio.wait_for(connect(), timeout)
@@ -270,7 +300,8 @@ class Tunnel:
         """Begin relaying: the ``101`` has been written to the client just before."""
         self._started = True
         self.front.relay = self
-        self._to_client(RFB_GREETING)
+        if self._greeting:
+            self._to_client(self._greeting)
         if early_from_client:
             self.from_client(early_from_client)
         for chunk in self._early:

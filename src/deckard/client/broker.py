@@ -201,7 +201,13 @@ class BrokerConnection:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Ask for the desktop; after ``101`` this connection is the display stream."""
         query = {"id": str(desktop_id), **(params or {})}
-        headers = {"Authorization": basic_auth(login, password), "Connection": "Upgrade", "Upgrade": "QVD/1.0"}
+        # Deckard's clients speak VNC after the 101; QVD's (no such header) get NX
+        headers = {
+            "Authorization": basic_auth(login, password),
+            "Connection": "Upgrade",
+            "Upgrade": "QVD/1.0",
+            "X-Deckard-Display": "vnc",
+        }
         await self._send("/qvd/connect_to_vm", query, headers)
         resp = await self._read_response(on_progress)
         if resp.status != 101:
