@@ -603,7 +603,7 @@ async def test_a_vnc_client_is_refused_while_the_nx_session_is_in_use_and_the_nx
     vnc = await RawClient.open(farm)
     status, headers, body, _ = await vnc.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
     assert (status, headers["x-deckard-error"]) == (503, "display_in_use_by_other_protocol")
-    assert b"NX (QVD client)" in body
+    assert b"an NX client (QVD's client)" in body
     nx.writer.write(b"pong")
     assert await asyncio.wait_for(nx.reader.readexactly(4), 5) == b"pong"
     await vnc.close()

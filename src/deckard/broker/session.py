@@ -67,7 +67,7 @@ T = TypeVar("T")
 
 DISPLAY_CONNECT_TIMEOUT = 5.0
 # the agent's refusals that are the client's to act on, passed on with their own code
-AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy"})
+AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
 SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
 
 
@@ -279,10 +279,10 @@ class SessionRunner:
             return  # the connect's own path will say what is wrong
         current = state.get("protocol", "vnc")
         if state.get("in_use") and current != display:
-            names = {"nx": "NX (QVD client)", "vnc": "VNC (browser or deckard connect)"}
+            names = {"nx": "an NX client (QVD's client)", "vnc": "a VNC client (the browser, deckard connect)"}
             raise Conflict(
-                f"the desktop's session is open in a {names.get(current, current)} client and a"
-                f" {names.get(display, display)} client cannot share it yet: log out of that session,"
+                f"the desktop's session is open in {names.get(current, current)} and"
+                f" {names.get(display, display)} cannot share it yet: log out of that session,"
                 " or stop the desktop, then connect again",
                 code="display_in_use_by_other_protocol",
             )
@@ -353,12 +353,13 @@ class SessionRunner:
         timings["t_display_ms"] = _ms(t)
 
         token = running.agent_token or ""
-        if nx:
+        if nx:  # dialled once nxproxy's options are in: nxagent aborts on a proxy that leaves mid-negotiation
             tunnel = Tunnel(front, NxClientHandshake(nx_cookie(token)), greeting=b"")
-            port, secret = self.ports.nx, None
-        else:
-            tunnel = client.new_tunnel()
-            port, secret = self.ports.display, display_password(token)
+            tunnel.open_later(running.ip, self.ports.nx, DISPLAY_CONNECT_TIMEOUT)
+            timings["t_total_ms"] = _ms(req.received_at)
+            return tunnel, running
+        tunnel = client.new_tunnel()
+        port, secret = self.ports.display, display_password(token)
         try:
             await self._step(tunnel.open(running.ip, port, DISPLAY_CONNECT_TIMEOUT, secret), front, watch)
         except (OSError, TimeoutError) as e:

@@ -23,7 +23,10 @@ display resizes (the user's resize-to-window while an administrator's spy connec
 
 NX (QVD's clients, ``nx.py``) uses the same relay with other handshakes: nothing towards the desktop (nxagent
 waits for the client's options) and :class:`~deckard.broker.nx.NxClientHandshake` towards the client, which
-puts the desktop's cookie into nxproxy's options; no greeting is sent (nxproxy speaks first).
+puts the desktop's cookie into nxproxy's options; no greeting is sent (nxproxy speaks first).  The desktop is
+dialled only once the client's options are complete (:meth:`Tunnel.open_later`): nxagent aborts a session whose
+proxy connection closes during the negotiation, so a client that leaves right after the ``101`` must not
+have opened one.
 
 Each received ``bytes`` object is handed to ``write`` as is, never reused (a uvloop gotcha).
 """
@@ -46,6 +49,7 @@ RESIZE_ENCODINGS = struct.pack("!BxH2i", 2, 2, -223, -308)
 RFB_GREETING = b"RFB 003.008\n"
 _VERSION_RE = re.compile(rb"RFB 003\.(\d{3})\n")
 _MAX_REASON = 4096  # bytes of a refusal reason from the desktop we are willing to read
+MAX_PENDING = 1 << 20  # bytes a client may send while its desktop is being dialled (open_later)
 
 
 class HandshakeError(ConnectionError):
@@ -282,6 +286,9 @@ class Tunnel:
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = loop.create_future()
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._target: tuple[str, int, float] | None = None  # open_later: dial the desktop after the handshake
+        self._opening: asyncio.Future[None] | None = None
+        self._pending: list[bytes] = []  # client bytes that came while the desktop was being dialled
 
     async def open(self, host: str, port: int, timeout: float, password: str | None = None) -> None:
         """Connect to the display server and authenticate (raises OSError, including HandshakeError, or
@@ -295,6 +302,29 @@ class Tunnel:
             await self.desktop.ready
 
         await asyncio.wait_for(connect(), timeout)
+
+    def open_later(self, host: str, port: int, timeout: float) -> None:
+        """Connect to the display once the client's handshake is through (raw, for NX); a failure closes."""
+        self._target = (host, port, timeout)
+
+    async def _open_now(self) -> None:
+        assert self._target is not None
+        host, port, timeout = self._target
+        loop = asyncio.get_running_loop()
+        try:
+            transport, desktop = await asyncio.wait_for(
+                loop.create_connection(lambda: _DesktopSide(self, None, raw=True), host, port), timeout
+            )
+        except (OSError, TimeoutError) as e:
+            self._desktop_closed = True
+            self.close(f"cannot connect to the desktop's display at {host}:{port} ({e or 'timeout'})")
+            return
+        if self.front.gone or self.done.done():
+            transport.abort()
+            return
+        self.desktop = desktop
+        transport.write(b"".join(self._pending))
+        self._pending.clear()
 
     def start(self, early_from_client: bytes = b"") -> None:
         """Begin relaying: the ``101`` has been written to the client just before."""
@@ -323,6 +353,13 @@ class Tunnel:
                 self._to_client(to_client)
             if not data:
                 return
+        if self._target is not None and self.desktop is None:
+            self._pending.append(data)
+            if self._opening is None:
+                self._opening = asyncio.ensure_future(self._open_now())
+            elif sum(map(len, self._pending)) > MAX_PENDING:
+                self.close("the client sent too much before the desktop's display answered")
+            return
         dt = self.desktop.transport if self.desktop else None
         if dt is not None and not dt.is_closing():
             dt.write(data)

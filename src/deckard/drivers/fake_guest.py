@@ -91,6 +91,9 @@ class FakeNxSession(vma.NxSession):
             return "connected" if self.guest.nx_viewers else "listening"
         return self.state
 
+    def server_alive(self) -> bool:
+        return self.guest.running
+
     def start_nx(self, login: str, uid: int, geometry: str, keyboard: str, opts: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002
         with self.lock:
             if self.state == "listening" and self.user == login:

@@ -538,6 +538,9 @@ class NxSession(XSession):
         self.connected_once = False
 
     # -- state ---------------------------------------------------------------------------------------
+    def server_alive(self) -> bool:
+        return _alive(self.xvnc)
+
     def current_state(self) -> str:
         if self.state != "listening":
             return self.state
@@ -710,11 +713,12 @@ class NxSession(XSession):
             with self.lock:
                 if self.xvnc is not nxagent:
                     return
+                state = self.current_state()  # read every pass: it notes a session that was ever connected
                 since = self.listening_since
                 if (
                     since is not None
                     and not self.connected_once
-                    and self.current_state() == "listening"
+                    and state == "listening"
                     and time.monotonic() - since > NX_LISTENING_TIMEOUT_S
                 ):
                     log.info("nobody connected to the new NX session within %g s: stopping it", NX_LISTENING_TIMEOUT_S)
@@ -1666,6 +1670,8 @@ class Agent:
 
     def active(self) -> XSession:
         """The display that is up (NX or VNC; never both): the one states, notices and idle times come from."""
+        if self.nx.state == "listening" and not self.nx.server_alive():
+            self.nx.stop()  # nxagent has just died: its watcher would notice within half a second
         return self.nx if self.nx.state != "stopped" else self.x
 
     def rpc_ping(self, _params: dict[str, str]) -> dict[str, Any]:
@@ -1710,7 +1716,7 @@ class Agent:
             return self.nx.start_nx(login, uid, geometry, keyboard, opts)
         if protocol != "vnc":
             raise AgentError("bad_input", "protocol must be vnc or nx")
-        if self.nx.state != "stopped":
+        if self.active() is self.nx:
             raise _in_use("NX", "VNC")
         self.x.claimed = True
         result = self.x.start(login, uid, geometry, keyboard)
