@@ -702,7 +702,9 @@ class NxSession(XSession):
         with os.fdopen(fd, "wb") as nxlog:
             self.xvnc = self.children.spawn(args, stdout=nxlog, stderr=subprocess.STDOUT, **creds)
         session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
-        script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
+        # nxagent takes X clients only once the client's proxy is attached (xinit's wait, in QVD's VMA)
+        wait = f"while [ ! -S {X11_SOCKET_DIR}/X{number} ]; do sleep 0.05; done"
+        script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{wait}\n{session}']
         with open(RUN_DIR / "session.log", "ab") as slog:
             self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
 
