@@ -14,6 +14,7 @@ import time
 import pytest
 
 from deckard.client import broker as qvd
+from deckard.client.agent import AgentClient
 from deckard.client.rfb import grab_framebuffer, is_blank
 from deckard.model.errors import BadInput, Unavailable
 from deckard.testing import FarmProcess, wait_for
@@ -78,6 +79,12 @@ def test_nxproxy_draws_the_session_and_resumes_it_after_the_client_drops(farm: F
             environ = "for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; done 2>/dev/null"
             tz = farm.attach(desk, environ, "nxuser")  # root in a desktop may not read the user's processes
             assert "TZ=Europe/Madrid" in tz.stdout
+            # the agent reports the NX display's state and the user's idle time (nxagent wants the cookie for that)
+            token = farm.attach(desk, "cat /etc/deckard/agent-token").stdout.strip()
+            agent = AgentClient(farm.desktop("nx-desk")["ip"], token)
+            idle = await agent.call("idle")
+            assert (idle["state"], isinstance(idle["idle_ms"], int)) == ("connected", True), idle
+            assert (await agent.call("x_state"))["protocol"] == "nx"
 
             # bad options: a code, and the session carries on
             with pytest.raises(BadInput) as bad:

@@ -618,3 +618,22 @@ async def test_garbage_instead_of_nxproxy_never_reaches_nxagent(farm: Farm) -> N
     assert await closed_by_peer(c.reader)
     assert farm.guest(desk_id).nx_options == []
     await c.close()
+
+
+async def test_a_qvd_client_gone_right_after_the_101_never_reaches_nxagent(farm: Farm) -> None:
+    """nxagent aborts a session whose proxy leaves mid-negotiation: the broker dials it only once nxproxy's first
+    fields are in, so a client that leaves first leaves the session alone."""
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
+    c.writer.write(b"NXPROXY-3.5.0-3.5")  # half of the first field, then gone
+    await c.close()
+
+    async def recorded() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows if rows and rows[-1].ended_at is not None else None
+
+    await farm.wait_for("the connection to be recorded", recorded)
+    guest = farm.guest(desk_id)
+    assert (guest.nx_options, guest.auth_failures) == ([], 0)
+    assert guest.agent.call("x_state", {})["state"] == "listening"
