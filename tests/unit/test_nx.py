@@ -61,6 +61,25 @@ def test_a_client_that_sends_nothing_gets_qvds_defaults() -> None:
     assert parse_nx_options({}) == NxOptions(None, "pc105/us", "adsl", False, "linux", None, ())
 
 
+@pytest.mark.parametrize(
+    ("os", "keyboard", "nx_client", "nx_keyboard"),
+    [
+        ("windows", "pc105/es", "windows", "pc105/es"),  # QVD's Perl client on Windows
+        ("unknown", "pc105/en", "linux", "pc105/en"),  # the Perl client on another system
+        ("winnt", "empty/empty", "windows", "pc105/us"),  # the Qt client on Windows, no layout detected
+        ("freebsd", "/us", "linux", "pc105/us"),  # the Qt client when X names no keyboard model
+        ("darwin", "pc105/latam", "macosx", "pc105/latam"),
+    ],
+)
+def test_what_qvds_perl_and_qt_clients_send_is_accepted(
+    os: str, keyboard: str, nx_client: str, nx_keyboard: str
+) -> None:
+    qt = {"qvd.client.type": "qt", "qvd.client.audio.sound.enable": "1", "qvd.client.audio.microphone.enable": "0"}
+    opts = parse_nx_options({**QVD_CLIENT, **qt, "qvd.client.os": os, "qvd.client.keyboard": keyboard})
+    assert (opts.client, opts.keyboard) == (nx_client, nx_keyboard)
+    assert vma.parse_nx_params(opts.agent_params())["keyboard"] == nx_keyboard  # and the agent agrees
+
+
 def test_allowed_extra_args_pass_with_checked_values() -> None:
     opts = parse_nx_options({"qvd.client.nxagent.extra_args": "-dpi 96 -norender", "qvd.client.fullscreen": "1"})
     assert opts.extra_args == ("-dpi", "96", "-norender") and opts.fullscreen
@@ -72,7 +91,7 @@ def test_allowed_extra_args_pass_with_checked_values() -> None:
     [
         ("qvd.client.link", "fast; reboot", "bad_nx_option"),
         ("qvd.client.fullscreen", "yes", "bad_nx_option"),
-        ("qvd.client.os", "plan9", "bad_nx_option"),
+        ("qvd.client.os", "plan 9;", "bad_nx_option"),
         ("qvd.client.timezone", "../../etc/shadow", "bad_nx_option"),
         ("qvd.client.timezone", "Europe/Madrid;id", "bad_nx_option"),
         ("qvd.client.nxagent.extra_args", "-display :0", "bad_nx_option"),

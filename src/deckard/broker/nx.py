@@ -31,9 +31,13 @@ DISPLAY_HEADER = "x-deckard-display"
 DISPLAYS = ("nx", "vnc")
 
 LINKS = ("modem", "isdn", "adsl", "wan", "lan", "local")
-OSES = {"linux": "linux", "windows": "windows", "darwin": "macosx", "macosx": "macosx", "android": "linux"}
-# model/layout as QVD sends it (pc105/es); nxagent's keyboard option takes that form
-NX_KEYBOARD = re.compile(r"^(?:(?P<model>[a-z0-9_]{1,16})/)?(?P<layout>[a-z]{2,3})(?:\([a-z0-9_]{1,24}\))?$")
+# qvd.client.os → nxagent's client option: the Perl client sends linux|windows|darwin|unknown, the Qt client Qt's
+# kernel type (linux, winnt, darwin, freebsd, ...); any other well-formed name is a Unix
+OSES = {"windows": "windows", "winnt": "windows", "mswin32": "windows", "darwin": "macosx", "macosx": "macosx"}
+OS_NAME = re.compile(r"^[a-z0-9_.-]{1,32}$")
+# model/layout as QVD's clients send it (pc105/es, /us, empty/empty); nxagent's keyboard option takes model/layout
+NX_KEYBOARD = re.compile(r"^(?:(?P<model>[a-z0-9_+-]{0,32})/)?(?P<layout>[a-z]{2,16})(?:\([a-z0-9_]{1,24}\))?$")
+UNKNOWN_LAYOUTS = ("empty", "auto")
 TIMEZONE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(?:/[A-Za-z0-9_+-]{1,30}){0,2}$")
 GEOMETRY = re.compile(r"^([1-9][0-9]{2,3})x([1-9][0-9]{2,3})$")
 # nxagent flags a client may add (qvd.client.nxagent.extra_args): flag → pattern of its value, None if it takes none
@@ -57,6 +61,7 @@ KNOWN_PARAMS = frozenset(
         "qvd.client.nxagent.extra_args",
         "qvd.client.timezone",
         "qvd.client.hostname",
+        "qvd.client.type",
     }
 )
 KNOWN_FAMILIES = (
@@ -159,7 +164,9 @@ def parse_nx_options(client: dict[str, str]) -> NxOptions:
                 f"qvd.client.keyboard {_shown(raw_kb)} must be an XKB layout such as pc105/us or de",
                 code="bad_keyboard",
             )
-        keyboard = f"{m.group('model') or 'pc105'}/{m.group('layout')}"
+        if m.group("layout") not in UNKNOWN_LAYOUTS:
+            model = m.group("model")
+            keyboard = f"{model if model and model not in UNKNOWN_LAYOUTS else 'pc105'}/{m.group('layout')}"
     link = client.get("qvd.client.link", "") or "adsl"
     if link not in LINKS:
         raise BadInput(f"qvd.client.link {_shown(link)} must be one of {', '.join(LINKS)}", code="bad_nx_option")
@@ -167,15 +174,16 @@ def parse_nx_options(client: dict[str, str]) -> NxOptions:
     if fullscreen_raw not in ("", "0", "1"):
         raise BadInput(f"qvd.client.fullscreen {_shown(fullscreen_raw)} must be 0 or 1", code="bad_nx_option")
     os_raw = (client.get("qvd.client.os", "") or "linux").lower()
-    if os_raw not in OSES:
-        raise BadInput(f"qvd.client.os {_shown(os_raw)} must be one of {', '.join(OSES)}", code="bad_nx_option")
+    if not OS_NAME.match(os_raw):
+        raise BadInput(f"qvd.client.os {_shown(os_raw)} is not an operating system's name", code="bad_nx_option")
     timezone = client.get("qvd.client.timezone") or None
     if timezone is not None and (not TIMEZONE.match(timezone) or ".." in timezone):
         raise BadInput(
             f"qvd.client.timezone {_shown(timezone)} must be a zone name such as Europe/Madrid", code="bad_nx_option"
         )
     extra = parse_extra_args(client.get("qvd.client.nxagent.extra_args", ""))
-    return NxOptions(geometry, keyboard, link, fullscreen_raw == "1", OSES[os_raw], timezone, extra)
+    client_os = OSES.get(os_raw, "linux")
+    return NxOptions(geometry, keyboard, link, fullscreen_raw == "1", client_os, timezone, extra)
 
 
 class NxHandshakeError(HandshakeError):

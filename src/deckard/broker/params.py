@@ -23,8 +23,11 @@ from deckard.model.ids import ID_MAX, parse_id
 
 ALLOWED_PARAM = re.compile(r"^(qvd\.client\.|custom\.)")
 GEOMETRY = re.compile(r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
-# QVD's clients send "<model>/<layout>" (pc105/es); the layout part is an XKB layout with an optional variant
-KEYBOARD = re.compile(r"^(?:[a-z0-9_]{1,16}/)?(?P<layout>[a-z]{2,3}(?:\([a-z0-9_]{1,24}\))?)$")
+# QVD's clients send "<model>/<layout>" (pc105/es; the Qt client "/us" when X names no model, "empty/empty" when
+# it cannot tell); the layout part is an XKB layout with an optional variant
+KEYBOARD = re.compile(r"^(?:[a-z0-9_+-]{0,32}/)?(?P<layout>[a-z]{2,16}(?:\([a-z0-9_]{1,24}\))?)$")
+# what the agents of every image built so far apply with setxkbmap (a longer layout is left to nxagent's option)
+SESSION_LAYOUT = re.compile(r"^[a-z]{2,3}(?:\([a-z0-9_]{1,24}\))?$")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class ConnectParams:
     def keyboard(self) -> str | None:
         """The XKB layout for the session (``us``, ``fr(azerty)``), from QVD's ``pc105/us`` form too."""
         m = KEYBOARD.match(self.client.get("qvd.client.keyboard", ""))
-        return m.group("layout") if m else None
+        return m.group("layout") if m and SESSION_LAYOUT.match(m.group("layout")) else None
 
 
 def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:

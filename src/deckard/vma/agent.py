@@ -417,7 +417,7 @@ NX_LOG_STATES = (
 )
 NX_LINKS = ("modem", "isdn", "adsl", "wan", "lan", "local")
 NX_CLIENTS = ("linux", "windows", "macosx")
-NX_KEYBOARD_RE = re.compile(r"^[a-z0-9_]{1,16}/[a-z]{2,3}$")
+NX_KEYBOARD_RE = re.compile(r"^[a-z0-9_+-]{1,32}/[a-z]{2,16}$")
 TIMEZONE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(/[A-Za-z0-9_+-]{1,30}){0,2}$")
 # nxagent flags a client may add, and the pattern of the value each takes (None: no value)
 NX_EXTRA_ARGS: dict[str, re.Pattern[str] | None] = {
