@@ -7,9 +7,11 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
+# nxproxy, xvfb and x11-apps (xwd): the client side of the NX tests, as QVD's client runs nxproxy
 APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd postgresql-15 procps psmisc \
 	python3-venv chromium slapd ldap-utils \
-	qemu-system-x86 qemu-utils dosfstools mtools e2fsprogs
+	qemu-system-x86 qemu-utils dosfstools mtools e2fsprogs \
+	nxproxy xvfb x11-apps
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 

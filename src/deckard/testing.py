@@ -154,6 +154,7 @@ class FarmProcess:
         # `deckard up` builds the standard desktop by default; test and benchmark farms run the minimal one
         # (smaller to unpack, lighter desktops) unless told otherwise; tests of the standard desktop import it
         env.setdefault("DECKARD_IMAGE_PROFILE", "minimal")
+        env.setdefault("DECKARD_BROKER__TLS_KEY", "ec256")  # RSA 3072 keys take seconds to make (runtime/tls.py)
         env.update(self.extra_env)
         return env
 
@@ -266,7 +267,7 @@ class FarmProcess:
             if console.exists():  # the agent (PID 1) logs to the console
                 tail = console.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- agent console (desktop {desktop_id})\n" + "\n".join(tail))
-            for name in ("xvnc.log", "session.log"):
+            for name in ("xvnc.log", "nxagent.log", "session.log"):
                 out = self.attach(desktop_id, f"tail -n {lines} /run/deckard/{name} 2>&1")
                 parts.append(f"--- {name} (desktop {desktop_id})\n{out.stdout}{out.stderr}")
         return "\n".join(parts)
@@ -475,6 +476,7 @@ class MultiNodeFarm:
         if fake_start_delay:
             args += ["--fake-start-delay", str(fake_start_delay)]
         env = dict(os.environ, DECKARD_LOG_FORMAT="json", **(extra_env or {}))
+        env.setdefault("DECKARD_BROKER__TLS_KEY", "ec256")  # RSA 3072 keys take seconds to make (runtime/tls.py)
         with open(log, "ab") as logf:
             proc = subprocess.Popen(
                 args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True, env=env

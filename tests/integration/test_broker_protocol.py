@@ -31,6 +31,7 @@ from deckard.broker.tunnel import RESIZE_ENCODINGS
 from deckard.client import broker as broker_client
 from deckard.db import schema as t
 from deckard.db.engine import Database
+from deckard.drivers.display import nx_cookie
 from deckard.drivers.fake_guest import FakeGuest
 from deckard.model.entities import uid_for_user
 from deckard.model.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
@@ -188,7 +189,10 @@ class RawClient:
 
 
 ALICE = {"Authorization": basic("alice", "pw-alice")}
-UPGRADE = {"Connection": "Upgrade", "Upgrade": "QVD/1.0"}
+# Deckard's own clients ask for the VNC display; QVD's send no such header and get NX (broker/nx.py)
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "QVD/1.0", "X-Deckard-Display": "vnc"}
+QVD_UPGRADE = {"Connection": "Upgrade", "Upgrade": "QVD/1.0"}
+NXPROXY_FIRST = b"NXPROXY-3.5.0-3.5.99.26 stream=default,data=default "
 
 
 async def viewer_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -220,7 +224,8 @@ async def test_ping_answers_i_am_alive_without_credentials_or_host(farm: Farm) -
 
 
 async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_both_ways(farm: Farm) -> None:
-    """As QVD's own client: no Host header, ``list_of_vm?``, then connect on the same TLS connection."""
+    """As QVD's own client (asking for VNC): no Host header, ``list_of_vm?``, then connect on the same TLS
+    connection."""
     farm.node.driver.start_delay = 0.3  # slow enough for the broker to see the desktop starting
     c = await RawClient.open(farm)
     status, headers, body, _ = await c.request(
@@ -543,3 +548,92 @@ async def test_closing_the_broker_closes_tunnels_and_records_them(farm: Farm) ->
     rows = await farm.connection_rows(desk_id)
     assert (rows[-1].result, rows[-1].reason) == ("closed", "broker shutting down")
     await c.close()
+
+
+# ---------------------------------------------------------------- NX: QVD's clients
+
+
+async def test_a_qvd_client_gets_nx_with_its_options_and_the_broker_supplies_the_cookie(farm: Farm) -> None:
+    """No ``X-Deckard-Display``: the agent starts nxagent with the client's options, and nxproxy's first fields
+    reach it with the desktop's cookie (the client's own is dropped); then bytes flow both ways."""
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    status, headers, _, _ = await c.request(f"/qvd/connect_to_vm?id={desk_id}&{QVD_PARAMS}", {**ALICE, **QVD_UPGRADE})
+    assert status == 101 and headers["upgrade"] == "QVD/1.0"
+    c.writer.write(b"NXPROXY-3.5.0-3.5.99.26 cookie=guessed,stream=default,data=default hello nx")
+    assert await asyncio.wait_for(c.reader.readexactly(8), 5) == b"hello nx"  # nothing before: nxproxy speaks first
+    guest = farm.guest(desk_id)
+    cookie = nx_cookie(guest.spec.agent_token)
+    assert guest.nx_options == [f"NXPROXY-3.5.0-3.5.99.26 cookie={cookie},stream=default,data=default"]
+    x_start = [params for method, params in guest.calls if method == "x_start"][-1]
+    assert {k: v for k, v in x_start.items() if k.startswith(("nx_", "protocol"))} == {
+        "protocol": "nx",
+        "nx_keyboard": "pc105/es",
+        "nx_link": "adsl",
+        "nx_fullscreen": "0",
+        "nx_client": "linux",
+    }
+    x_state = guest.agent.call("x_state", {})
+    assert (x_state["state"], x_state["protocol"]) == ("connected", "nx")
+    await c.close()
+
+
+async def test_bad_nx_options_are_refused_before_anything_starts(farm: Farm) -> None:
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    for query, code in (
+        ("qvd.client.link=warp", "bad_nx_option"),
+        ("qvd.client.nxagent.extra_args=-display%20evil", "bad_nx_option"),
+        ("qvd.client.frobnicate=1", "unsupported_client_parameter"),
+    ):
+        status, headers, body, _ = await c.request(f"/qvd/connect_to_vm?id={desk_id}&{query}", {**ALICE, **QVD_UPGRADE})
+        assert (status, headers["x-deckard-error"]) == (422, code), body
+    assert (await farm.desktop_row(desk_id)).state == "stopped"
+    await c.close()
+
+
+async def test_a_vnc_client_is_refused_while_the_nx_session_is_in_use_and_the_nx_one_keeps_its_tunnel(
+    farm: Farm,
+) -> None:
+    desk_id = farm.alice_desk["id"]
+    nx = await RawClient.open(farm)
+    assert (await nx.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
+    nx.writer.write(NXPROXY_FIRST + b"ping")
+    assert await asyncio.wait_for(nx.reader.readexactly(4), 5) == b"ping"
+    vnc = await RawClient.open(farm)
+    status, headers, body, _ = await vnc.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
+    assert (status, headers["x-deckard-error"]) == (503, "display_in_use_by_other_protocol")
+    assert b"an NX client (QVD's client)" in body
+    nx.writer.write(b"pong")
+    assert await asyncio.wait_for(nx.reader.readexactly(4), 5) == b"pong"
+    await vnc.close()
+    await nx.close()
+
+
+async def test_garbage_instead_of_nxproxy_never_reaches_nxagent(farm: Farm) -> None:
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
+    c.writer.write(RFB_BANNER)
+    assert await closed_by_peer(c.reader)
+    assert farm.guest(desk_id).nx_options == []
+    await c.close()
+
+
+async def test_a_qvd_client_gone_right_after_the_101_never_reaches_nxagent(farm: Farm) -> None:
+    """nxagent aborts a session whose proxy leaves mid-negotiation: the broker dials it only once nxproxy's first
+    fields are in, so a client that leaves first leaves the session alone."""
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
+    c.writer.write(b"NXPROXY-3.5.0-3.5")  # half of the first field, then gone
+    await c.close()
+
+    async def recorded() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows if rows and rows[-1].ended_at is not None else None
+
+    await farm.wait_for("the connection to be recorded", recorded)
+    guest = farm.guest(desk_id)
+    assert (guest.nx_options, guest.auth_failures) == ([], 0)
+    assert guest.agent.call("x_state", {})["state"] == "listening"

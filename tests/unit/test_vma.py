@@ -88,7 +88,7 @@ def test_calls_without_the_token_are_refused(agent_url: str) -> None:
 def test_ping_answers_version_and_display_state(agent_url: str) -> None:
     status, body = call(f"{agent_url}/vma/ping")
     assert status == 200
-    assert body == {"ok": True, "version": vma.VERSION, "x_state": "stopped"}
+    assert body == {"ok": True, "version": vma.VERSION, "x_state": "stopped", "protocol": "vnc"}
 
 
 def test_x_state_is_stopped_before_any_start(agent_url: str) -> None:

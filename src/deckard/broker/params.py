@@ -4,7 +4,8 @@ QVD accepts ``id`` plus parameters named ``qvd.client.*`` (the client's settings
 and ``custom.*``; anything else is refused with 403 so a client cannot smuggle settings that only an
 administrator may set.  A missing ``id`` is 422.  ``qvd.client.geometry`` sizes the display and
 ``qvd.client.keyboard`` (QVD's ``pc105/us`` or a bare XKB layout such as ``de`` or ``fr(azerty)``) sets the
-session's keyboard layout; the rest is kept for the logs.
+session's keyboard layout; the rest is kept for the logs.  A connect for NX (``nx.py``: QVD's clients) has its
+options parsed into :class:`~deckard.broker.nx.NxOptions`, which refuses what nxagent could not be given.
 
 Ids are checked by ``model/ids.py``, as the API checks them: ASCII digits within the database's INTEGER
 (``str.isdigit`` would let ``²`` and full-width digits through, and a larger number is a bind error on
@@ -16,19 +17,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from deckard.broker.nx import NxOptions, parse_nx_options
 from deckard.model.errors import BadInput, PermissionDenied
 from deckard.model.ids import ID_MAX, parse_id
 
 ALLOWED_PARAM = re.compile(r"^(qvd\.client\.|custom\.)")
 GEOMETRY = re.compile(r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
-# QVD's clients send "<model>/<layout>" (pc105/es); the layout part is an XKB layout with an optional variant
-KEYBOARD = re.compile(r"^(?:[a-z0-9_]{1,16}/)?(?P<layout>[a-z]{2,3}(?:\([a-z0-9_]{1,24}\))?)$")
+# QVD's clients send "<model>/<layout>" (pc105/es; the Qt client "/us" when X names no model, "empty/empty" when
+# it cannot tell); the layout part is an XKB layout with an optional variant
+KEYBOARD = re.compile(r"^(?:[a-z0-9_+-]{0,32}/)?(?P<layout>[a-z]{2,16}(?:\([a-z0-9_]{1,24}\))?)$")
+# what the agents of every image built so far apply with setxkbmap (a longer layout is left to nxagent's option)
+SESSION_LAYOUT = re.compile(r"^[a-z]{2,3}(?:\([a-z0-9_]{1,24}\))?$")
 
 
 @dataclass(frozen=True)
 class ConnectParams:
     desktop_id: int
     client: dict[str, str] = field(default_factory=dict)  # every qvd.client.* and custom.* pair, as sent
+    display: str = "vnc"  # nx | vnc: the display protocol the client speaks after the 101
+    nx: NxOptions | None = None  # set when display is nx
 
     @property
     def geometry(self) -> str | None:
@@ -38,7 +45,7 @@ class ConnectParams:
     def keyboard(self) -> str | None:
         """The XKB layout for the session (``us``, ``fr(azerty)``), from QVD's ``pc105/us`` form too."""
         m = KEYBOARD.match(self.client.get("qvd.client.keyboard", ""))
-        return m.group("layout") if m else None
+        return m.group("layout") if m and SESSION_LAYOUT.match(m.group("layout")) else None
 
 
 def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
@@ -56,7 +63,7 @@ def parse_desktop_id(pairs: list[tuple[str, str]]) -> int:
         raise BadInput(f"the desktop id {shown!r} is not ASCII digits between 1 and {ID_MAX}", code="bad_id") from None
 
 
-def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:
+def parse_connect_params(pairs: list[tuple[str, str]], display: str = "vnc") -> ConnectParams:
     """Check the query of a connect (order as QVD: id 422 first, then unknown names 403, then values)."""
     desktop_id = parse_desktop_id(pairs)
     client: dict[str, str] = {}
@@ -79,4 +86,5 @@ def parse_connect_params(pairs: list[tuple[str, str]]) -> ConnectParams:
             f"qvd.client.keyboard {shown!r} must be an XKB layout such as us, de or fr(azerty) (or pc105/us)",
             code="bad_keyboard",
         )
-    return ConnectParams(desktop_id, client)
+    nx = parse_nx_options(client) if display == "nx" else None
+    return ConnectParams(desktop_id, client, display, nx)

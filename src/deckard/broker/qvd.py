@@ -30,6 +30,7 @@ import structlog
 from deckard.broker.auth import REALM_CHALLENGE, Basic, auth_params, parse_authorization
 from deckard.broker.files import FILES_PATH, FilesConnect
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
+from deckard.broker.nx import DISPLAY_HEADER, display_of
 from deckard.broker.params import parse_connect_params, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
 from deckard.broker.sound import SOUND_PATH, SoundConnect
@@ -251,7 +252,7 @@ class QvdProtocol:
             user, login = await self._authenticate(channel.front, req)
             channel.front.mark_authenticated()
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
-            params = parse_connect_params(req.query)
+            params = parse_connect_params(req.query, display_of(req.headers.get(DISPLAY_HEADER)))
             desk = await desktop_for_user(self.db, user, params.desktop_id)
         except DeckardError as e:
             self._send(channel, req, error_reply(e), login)

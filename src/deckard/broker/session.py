@@ -16,6 +16,11 @@ Every outcome is written to the connection history with per-phase timings (milli
 waiting until it runs, ``t_agent_ms`` the node's guest-to-agent time of the start this connect caused,
 ``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.
 
+The display is Xvnc (VNC) or, for QVD's clients, nxagent (NX, ``nx.py``): the agent's ``x_start`` is told which,
+and the relay is opened on that display's port with that protocol's handshake.  The agent keeps one display
+per desktop: a display of the other kind in use is refused with ``display_in_use_by_other_protocol``
+(``docs/broker-protocol.md``).
+
 The flow does not know which protocol the client speaks: a :class:`ClientSide` says how progress, the switch
 to the relay and a refusal look on the wire (QVD: ``102``/``101``/``503``; WebSocket: text frames, the relay,
 a close frame, see ``websocket.py``).
@@ -33,13 +38,14 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from deckard.broker.http import FrontConnection, HttpChannel
+from deckard.broker.nx import NX_PORT, NxClientHandshake
 from deckard.broker.params import ConnectParams
 from deckard.broker.tunnel import Tunnel
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
-from deckard.drivers.display import display_password
+from deckard.drivers.display import display_password, nx_cookie
 from deckard.model.entities import Desktop, User, uid_for_user
-from deckard.model.errors import DeckardError, Unavailable
+from deckard.model.errors import Conflict, DeckardError, Unavailable
 from deckard.model.states import DesktopState
 from deckard.runtime.metrics import BROKER_BYTES, BROKER_CONNECTS, BROKER_TUNNELS, TIME_TO_DESKTOP
 from deckard.runtime.settings import BrokerSettings
@@ -60,6 +66,8 @@ log = structlog.get_logger("deckard.broker")
 T = TypeVar("T")
 
 DISPLAY_CONNECT_TIMEOUT = 5.0
+# the agent's refusals that are the client's to act on, passed on with their own code
+AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
 SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
 
 
@@ -75,6 +83,7 @@ class SessionLost(Exception):
 class Ports:
     agent: int
     display: int
+    nx: int = NX_PORT
 
 
 @dataclass
@@ -99,7 +108,7 @@ class ClientSide(Protocol):
     def progress(self, message: str) -> None: ...
     def new_tunnel(self) -> Tunnel: ...
     def switch(self) -> bytes: ...  # leave the handshake; returns client bytes that already followed it
-    def refuse(self, reason: str) -> None: ...
+    def refuse(self, reason: str, code: str = "") -> None: ...
 
 
 class QvdClient:
@@ -121,11 +130,12 @@ class QvdClient:
     def switch(self) -> bytes:
         return self.channel.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")])
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, code: str = "") -> None:
         if self.front.gone:
             return
         reason = reason.rstrip(".")
-        self.channel.respond(503, f"The requested desktop is not available: {reason}, retry later.")
+        headers = [("X-Deckard-Error", code)] if code else []
+        self.channel.respond(503, f"The requested desktop is not available: {reason}, retry later.", headers=headers)
 
 
 def _ms(since: float) -> float:
@@ -162,6 +172,13 @@ class SessionRunner:
             client = QvdClient(client)
         front = client.front
         desk = req.desktop
+        try:
+            await self._check_display_free(desk, req.params.display)
+        except Conflict as e:
+            log.info("broker.connection", desktop_id=desk.id, login=req.login, result="refused", error=e.code)
+            BROKER_CONNECTS.labels("failed").inc()
+            client.refuse(e.message, e.code)
+            return
         session_id, conn_id = await open_session(
             self.db,
             desk,
@@ -177,6 +194,7 @@ class SessionRunner:
         result, reason, tunnel = "failed", "", None
         relaying = False  # counted among the open tunnels
         refusal = None  # the 503 text, sent once the outcome is recorded
+        refusal_code = ""
         try:
             tunnel, running = await self._bring_up(client, req, watch)
             await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
@@ -204,7 +222,7 @@ class SessionRunner:
             refusal = reason
         except DeckardError as e:
             result, reason = "failed", e.message
-            refusal = e.message
+            refusal, refusal_code = e.message, e.code
         except Exception as e:  # a bug must still end the connection cleanly and be recorded
             bound.exception("broker.connect_crashed")
             result, reason = "failed", f"internal error ({type(e).__name__})"
@@ -247,7 +265,27 @@ class SessionRunner:
             **req.timings,
         )
         if refusal is not None:
-            client.refuse(refusal)
+            client.refuse(refusal, refusal_code)
+
+    async def _check_display_free(self, desk: Desktop, display: str) -> None:
+        """Refuse, before taking the desktop over, a client whose display protocol is not the one in use: the
+        agent keeps one display per desktop and would refuse it anyway, after the other client was cut off."""
+        if desk.state != DesktopState.RUNNING or not desk.agent_token:
+            return
+        agent = AgentClient(desk.ip, desk.agent_token, port=self.ports.agent, timeout=2.0)
+        try:
+            state = await agent.call("x_state")
+        except Unavailable:
+            return  # the connect's own path will say what is wrong
+        current = state.get("protocol", "vnc")
+        if state.get("in_use") and current != display:
+            names = {"nx": "an NX client (QVD's client)", "vnc": "a VNC client (the browser, deckard connect)"}
+            raise Conflict(
+                f"the desktop's session is open in {names.get(current, current)} and"
+                f" {names.get(display, display)} cannot share it yet: log out of that session,"
+                " or stop the desktop, then connect again",
+                code="display_in_use_by_other_protocol",
+            )
 
     async def _step(self, aw: Awaitable[T], front: FrontConnection, watch: asyncio.Task[Any]) -> T:
         """Await ``aw`` unless the client leaves or the session is taken over first."""
@@ -293,26 +331,40 @@ class SessionRunner:
         await progress(Progress("display", "Waiting for the display to come up"))
         t = time.monotonic()
         agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
-        await self._step(
-            agent.x_start(
-                user=req.user.login,
-                uid=uid_for_user(req.user.id),
-                geometry=req.params.geometry,
-                timeout=self.settings.display_timeout,
-                keyboard=req.params.keyboard,
-            ),
-            front,
-            watch,
-        )
+        nx = req.params.nx
+        try:
+            await self._step(
+                agent.x_start(
+                    user=req.user.login,
+                    uid=uid_for_user(req.user.id),
+                    geometry=req.params.geometry,
+                    timeout=self.settings.display_timeout,
+                    keyboard=req.params.keyboard,
+                    extra={"protocol": "nx", **nx.agent_params()} if nx else None,
+                ),
+                front,
+                watch,
+            )
+        except Unavailable as e:
+            agent_code = e.details.get("agent_code")
+            if agent_code in AGENT_CONFLICTS:
+                raise Conflict(e.message, code=str(agent_code)) from None
+            raise
         timings["t_display_ms"] = _ms(t)
 
+        token = running.agent_token or ""
+        if nx:  # dialled once nxproxy's options are in: nxagent aborts on a proxy that leaves mid-negotiation
+            tunnel = Tunnel(front, NxClientHandshake(nx_cookie(token)), greeting=b"")
+            tunnel.open_later(running.ip, self.ports.nx, DISPLAY_CONNECT_TIMEOUT)
+            timings["t_total_ms"] = _ms(req.received_at)
+            return tunnel, running
         tunnel = client.new_tunnel()
+        port, secret = self.ports.display, display_password(token)
         try:
-            secret = display_password(running.agent_token or "")
-            await self._step(tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret), front, watch)
+            await self._step(tunnel.open(running.ip, port, DISPLAY_CONNECT_TIMEOUT, secret), front, watch)
         except (OSError, TimeoutError) as e:
             raise Unavailable(
-                f"cannot connect to the desktop's display at {running.ip}:{self.ports.display} ({e or 'timeout'})",
+                f"cannot connect to the desktop's display at {running.ip}:{port} ({e or 'timeout'})",
                 code="display_unreachable",
             ) from None
         except BaseException:

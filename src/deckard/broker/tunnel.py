@@ -21,6 +21,13 @@ screen is resized ("Client does not support desktop size"), which happens when a
 display resizes (the user's resize-to-window while an administrator's spy connects); the client's own
 ``SetEncodings`` replaces it a round trip later.  From then on the relay copies bytes only.
 
+NX (QVD's clients, ``nx.py``) uses the same relay with other handshakes: nothing towards the desktop (nxagent
+waits for the client's options) and :class:`~deckard.broker.nx.NxClientHandshake` towards the client, which
+puts the desktop's cookie into nxproxy's options; no greeting is sent (nxproxy speaks first).  The desktop is
+dialled only once the client's options are complete (:meth:`Tunnel.open_later`): nxagent aborts a session whose
+proxy connection closes during the negotiation, so a client that leaves right after the ``101`` must not
+have opened one.
+
 Each received ``bytes`` object is handed to ``write`` as is, never reused (a uvloop gotcha).
 """
 
@@ -29,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import re
 import struct
-from typing import cast
+from typing import Protocol, cast
 
 from deckard.broker.http import WRITE_HIGH_WATER, FrontConnection
 from deckard.client.rfb import SECURITY_NONE, SECURITY_VNC_AUTH
@@ -42,10 +49,28 @@ RESIZE_ENCODINGS = struct.pack("!BxH2i", 2, 2, -223, -308)
 RFB_GREETING = b"RFB 003.008\n"
 _VERSION_RE = re.compile(rb"RFB 003\.(\d{3})\n")
 _MAX_REASON = 4096  # bytes of a refusal reason from the desktop we are willing to read
+MAX_PENDING = 1 << 20  # bytes a client may send while its desktop is being dialled (open_later)
 
 
 class HandshakeError(ConnectionError):
-    """A side of the RFB handshake broke the protocol or refused; the message says which and why."""
+    """A side of the handshake broke the protocol or refused; the message says which and why."""
+
+
+class ClientSideHandshake(Protocol):
+    """What the relay needs of the client's side of a handshake (sans-IO)."""
+
+    done: bool
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]: ...  # (to the client, to the desktop)
+
+
+class _NoHandshake:
+    """The desktop side of NX: nxagent says nothing until the client's options have reached it."""
+
+    done = True
+
+    def feed(self, data: bytes) -> bytes:  # noqa: ARG002 (never called: done from the start)
+        raise HandshakeError("the desktop spoke before the client")
 
 
 def _u32(value: int) -> bytes:
@@ -190,16 +215,18 @@ class ClientHandshake:
 class _DesktopSide(asyncio.Protocol):
     """The connection to the desktop's display server (Xvnc on port 5900)."""
 
-    def __init__(self, tunnel: Tunnel, password: str | None) -> None:
+    def __init__(self, tunnel: Tunnel, password: str | None, raw: bool = False) -> None:
         self.tunnel = tunnel
         self.transport: asyncio.Transport | None = None
-        self.handshake = DesktopHandshake(password)
+        self.handshake: DesktopHandshake | _NoHandshake = _NoHandshake() if raw else DesktopHandshake(password)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.handshake.done and not self.ready.done():
+            self.ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self.handshake.done:
@@ -241,8 +268,13 @@ class _DesktopSide(asyncio.Protocol):
 class Tunnel:
     """Relays bytes between ``front`` (the client) and a desktop; ``done`` resolves when both sides closed."""
 
-    def __init__(self, front: FrontConnection) -> None:
+    def __init__(
+        self, front: FrontConnection, handshake: ClientSideHandshake | None = None, greeting: bytes = RFB_GREETING
+    ) -> None:
+        """An RFB relay by default; NX passes its client handshake, no greeting, and opens with ``raw``."""
         self.front = front
+        self._greeting = greeting
+        self._raw = handshake is not None
         self.desktop: _DesktopSide | None = None
         self.bytes_in = 0  # client → desktop
         self.bytes_out = 0  # desktop → client
@@ -250,10 +282,13 @@ class Tunnel:
         self._started = False
         self._early: list[bytes] = []
         self._desktop_closed = False
-        self.handshake = ClientHandshake()
+        self.handshake: ClientSideHandshake = handshake or ClientHandshake()
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = loop.create_future()
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._target: tuple[str, int, float] | None = None  # open_later: dial the desktop after the handshake
+        self._opening: asyncio.Future[None] | None = None
+        self._pending: list[bytes] = []  # client bytes that came while the desktop was being dialled
 
     async def open(self, host: str, port: int, timeout: float, password: str | None = None) -> None:
         """Connect to the display server and authenticate (raises OSError, including HandshakeError, or
@@ -261,16 +296,42 @@ class Tunnel:
         loop = asyncio.get_running_loop()
 
         async def connect() -> None:
-            _transport, self.desktop = await loop.create_connection(lambda: _DesktopSide(self, password), host, port)
+            _transport, self.desktop = await loop.create_connection(
+                lambda: _DesktopSide(self, password, self._raw), host, port
+            )
             await self.desktop.ready
 
         await asyncio.wait_for(connect(), timeout)
+
+    def open_later(self, host: str, port: int, timeout: float) -> None:
+        """Connect to the display once the client's handshake is through (raw, for NX); a failure closes."""
+        self._target = (host, port, timeout)
+
+    async def _open_now(self) -> None:
+        assert self._target is not None
+        host, port, timeout = self._target
+        loop = asyncio.get_running_loop()
+        try:
+            transport, desktop = await asyncio.wait_for(
+                loop.create_connection(lambda: _DesktopSide(self, None, raw=True), host, port), timeout
+            )
+        except (OSError, TimeoutError) as e:
+            self._desktop_closed = True
+            self.close(f"cannot connect to the desktop's display at {host}:{port} ({e or 'timeout'})")
+            return
+        if self.front.gone or self.done.done():
+            transport.abort()
+            return
+        self.desktop = desktop
+        transport.write(b"".join(self._pending))
+        self._pending.clear()
 
     def start(self, early_from_client: bytes = b"") -> None:
         """Begin relaying: the ``101`` has been written to the client just before."""
         self._started = True
         self.front.relay = self
-        self._to_client(RFB_GREETING)
+        if self._greeting:
+            self._to_client(self._greeting)
         if early_from_client:
             self.from_client(early_from_client)
         for chunk in self._early:
@@ -292,6 +353,13 @@ class Tunnel:
                 self._to_client(to_client)
             if not data:
                 return
+        if self._target is not None and self.desktop is None:
+            self._pending.append(data)
+            if self._opening is None:
+                self._opening = asyncio.ensure_future(self._open_now())
+            elif sum(map(len, self._pending)) > MAX_PENDING:
+                self.close("the client sent too much before the desktop's display answered")
+            return
         dt = self.desktop.transport if self.desktop else None
         if dt is not None and not dt.is_closing():
             dt.write(data)

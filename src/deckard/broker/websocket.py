@@ -250,7 +250,7 @@ class WsClient:
     def switch(self) -> bytes:
         return self.channel.leave()  # the 101 went out before the flow started
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, code: str = "") -> None:  # noqa: ARG002 (a close frame has no room for it)
         if not self.front.gone:
             send_close(self.front, CLOSE_ERROR, reason.rstrip("."))
             self.front.close()

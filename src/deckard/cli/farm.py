@@ -369,7 +369,7 @@ async def _serve(
 
     paths = settings.paths
     paths.make()
-    _ca, cert, key = ensure_tls(paths.tls)
+    _ca, cert, key = ensure_tls(paths.tls, key_type=settings.broker.tls_key)
     async with _farm_db(settings) as db, Parts(shutdown.stop) as parts:
         await bootstrap_farm(db)
         parts.on_stop(_close_logins)
@@ -545,7 +545,7 @@ def up(
     if pid is not None and not foreground:
         _print_addresses(settings, note=f"already running (pid {pid}); stop it with `deckard down`")
         return
-    ensure_tls(paths.tls)
+    ensure_tls(paths.tls, key_type=settings.broker.tls_key)
     password = asyncio.run(_bootstrap(settings))
     if not no_image:
         from deckard.images.profile import DEFAULT_PROFILE

@@ -97,15 +97,22 @@ class AgentClient:
         return await self.call("ping")
 
     async def x_state(self) -> str:
-        """The display's state: stopped|starting|provisioning|listening|connected|stopping."""
+        """The display's state: stopped|starting|provisioning|listening|connected|suspending|suspended|stopping."""
         return str((await self.call("x_state")).get("state", "unknown"))
 
     async def x_start(
-        self, user: str, uid: int, geometry: str | None = None, timeout: float = 15, keyboard: str | None = None
+        self,
+        user: str,
+        uid: int,
+        geometry: str | None = None,
+        timeout: float = 15,
+        keyboard: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Provision ``user`` and start the display; returns once it accepts connections.  ``keyboard`` is the
-        client's XKB layout (``us``, ``de``, ``fr(azerty)``), applied by the session when the display starts."""
-        params = {"user": user, "uid": str(uid)}
+        client's XKB layout (``us``, ``de``, ``fr(azerty)``), applied by the session when the display starts;
+        ``extra`` carries an NX session's ``protocol=nx`` and options (``broker/nx.py``)."""
+        params = {"user": user, "uid": str(uid), **(extra or {})}
         if geometry:
             params["geometry"] = geometry
         if keyboard:

@@ -78,7 +78,7 @@ def error_for(resp: Response) -> DeckardError:
     cls = error_class_for_status(resp.status)
     message = resp.text or f"the broker answered {resp.status} {resp.reason}"
     err = cls(message, code=f"http_{resp.status}")
-    err.details = {"status": resp.status}
+    err.details = {"status": resp.status, "error": resp.headers.get("x-deckard-error", "")}
     return err
 
 
@@ -198,10 +198,14 @@ class BrokerConnection:
         *,
         on_progress: ProgressCallback | None = None,
         params: Mapping[str, str] | None = None,
+        display: str = "vnc",
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Ask for the desktop; after ``101`` this connection is the display stream."""
+        """Ask for the desktop; after ``101`` this connection is the display stream: VNC, or with
+        ``display="nx"`` NX, asked for as QVD's client does (without the ``X-Deckard-Display`` header)."""
         query = {"id": str(desktop_id), **(params or {})}
         headers = {"Authorization": basic_auth(login, password), "Connection": "Upgrade", "Upgrade": "QVD/1.0"}
+        if display != "nx":
+            headers["X-Deckard-Display"] = display
         await self._send("/qvd/connect_to_vm", query, headers)
         resp = await self._read_response(on_progress)
         if resp.status != 101:

@@ -30,6 +30,12 @@ def display_password(agent_token: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()[:8]
 
 
+def nx_cookie(agent_token: str) -> str:
+    """The desktop's nxagent cookie (32 hex digits): nxagent refuses a proxy whose options lack it.  The agent
+    derives the same value from the token it holds (``deckard-vma``'s ``nx_cookie``)."""
+    return hmac.new(agent_token.encode(), b"deckard-nx-cookie-v1", hashlib.sha256).hexdigest()[:32]
+
+
 def _des_ecb(key: bytes, data: bytes) -> bytes:
     rfb_key = bytes(int(f"{b:08b}"[::-1], 2) for b in key[:8].ljust(8, b"\0"))
     encryptor = Cipher(TripleDES(rfb_key * 3), modes.ECB()).encryptor()

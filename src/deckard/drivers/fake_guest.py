@@ -6,7 +6,9 @@ broker calls ``x_start`` and authenticates to the display.  The agent is deckard
 (:class:`deckard.vma.agent.Agent` and its HTTP ``Handler``, fed from asyncio streams), with only the X session
 replaced: a protocol change in the agent reaches the fake without anyone copying it.  The display speaks
 RFB 3.8 with VNC authentication against the desktop's display secret (drivers/display.py), as Xvnc does in a
-real desktop, and then echoes what it receives, so a tunnel's bytes can be checked end to end.
+real desktop, and then echoes what it receives, so a tunnel's bytes can be checked end to end.  An NX session
+(``protocol=nx``) opens a second port that checks nxproxy's first fields for the desktop's NX cookie, as
+nxagent does, then echoes too.
 
 Both listen on the desktop's own address, which is why the fake driver wants a loopback desktop network: on
 Linux every address of 127.0.0.0/8 can be bound without configuring anything.
@@ -26,7 +28,7 @@ from typing import Any, cast
 import structlog
 
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT, GuestSpec
-from deckard.drivers.display import display_password, vnc_auth_response
+from deckard.drivers.display import display_password, nx_cookie, vnc_auth_response
 from deckard.vma import agent as vma
 
 log = structlog.get_logger()
@@ -64,6 +66,7 @@ class FakeXSession(vma.XSession):
     def stop(self) -> None:
         with self.lock:
             self.state, self.user, self.uid = "stopped", None, None
+            self.claimed = False
         self.guest.close_display()
 
     def notify(self, text: str, timeout: int = 60) -> str:  # noqa: ARG002 (nobody reads a fake banner)
@@ -76,6 +79,44 @@ class FakeXSession(vma.XSession):
         return self.notify("expired")
 
 
+class FakeNxSession(vma.NxSession):
+    """An NX session as the agent sees it; ``x_start`` opens the guest's NX port instead of nxagent."""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        super().__init__(vma.Children(), guest.spec.agent_token)
+        self.guest = guest
+
+    def current_state(self) -> str:
+        if self.state == "listening":
+            return "connected" if self.guest.nx_viewers else "listening"
+        return self.state
+
+    def server_alive(self) -> bool:
+        return self.guest.running
+
+    def start_nx(self, login: str, uid: int, geometry: str, keyboard: str, opts: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002
+        with self.lock:
+            if self.state == "listening" and self.user == login:
+                return {"state": self.current_state(), "user": login, "already": True, "protocol": "nx"}
+            try:
+                self.guest.open_nx()
+            except OSError as exc:
+                raise vma.AgentError("x_start_failed", f"could not start nxagent: {exc}", 500) from exc
+            self.state, self.user, self.uid = "listening", login, uid
+        return {"state": "listening", "user": login, "elapsed_ms": 0, "protocol": "nx"}
+
+    def stop(self) -> None:
+        with self.lock:
+            self.state, self.user, self.uid = "stopped", None, None
+        self.guest.close_nx()
+
+    def notify(self, text: str, timeout: int = 60) -> str:  # noqa: ARG002
+        return "xmessage" if self.state == "listening" else "none"
+
+    def input_idle_ms(self) -> int | None:
+        return self.guest.input_idle_ms() if self.state == "listening" else None
+
+
 class FakeAgent(vma.Agent):
     """deckard-vma's RPC methods on the fake session; it records every call for tests to read."""
 
@@ -83,6 +124,7 @@ class FakeAgent(vma.Agent):
         super().__init__(guest.spec.agent_token, is_init=False)
         self.guest = guest
         self.x = FakeXSession(guest)
+        self.nx = FakeNxSession(guest)
 
     def call(self, method: str, params: dict[str, str]) -> dict[str, Any]:
         self.guest.calls.append((method, dict(params)))
@@ -121,6 +163,10 @@ class FakeGuest:
         # tests move it with ``set_idle`` (None: the agent cannot tell, like a display without MIT-SCREEN-SAVER)
         self.input_at: float | None = time.monotonic()
         self._display_conns: set[asyncio.StreamWriter] = set()
+        self.nx_viewers: set[asyncio.StreamWriter] = set()  # NX connections past the cookie check
+        self.nx_options: list[str] = []  # the first fields of every NX connection, as the fake nxagent got them
+        self._nx_server: socket.socket | None = None
+        self._nx_servers: list[asyncio.Server] = []
         self.agent = FakeAgent(self)
         self._handler = type("FakeGuestHandler", (_BufferedHandler,), {"agent": self.agent})
         self._agent_server: asyncio.Server | None = None
@@ -147,6 +193,7 @@ class FakeGuest:
         """The guest ends (powered off from inside, or killed): its agent and display go with it."""
         self.kill_agent()
         self.close_display()
+        self.close_nx()
         self.running = False
 
     def resume_display(self, user: str, uid: int) -> None:
@@ -160,6 +207,53 @@ class FakeGuest:
 
     def input_idle_ms(self) -> int | None:
         return None if self.input_at is None else round((time.monotonic() - self.input_at) * 1000)
+
+    # ---- NX ------------------------------------------------------------------------------------------
+    def open_nx(self) -> None:
+        if self._nx_server is not None:
+            return
+        self.input_at = time.monotonic()
+        sock = socket.create_server((self.spec.ip, vma.NX_PORT))
+        sock.setblocking(False)
+        self._nx_server = sock
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._start_nx_server(sock)))
+
+    async def _start_nx_server(self, sock: socket.socket) -> None:
+        server = await asyncio.start_server(self._serve_nx, sock=sock)
+        self._nx_servers.append(server)
+        if self._nx_server is not sock:
+            server.close()
+
+    def close_nx(self) -> None:
+        self._nx_server = None
+        for server in self._nx_servers:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(server.close)
+        self._nx_servers.clear()
+        for conn in list(self.nx_viewers):
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(conn.close)
+
+    async def _serve_nx(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """nxagent's side: the proxy's version and options, the cookie checked, then an echo."""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            version = await reader.readuntil(b" ")
+            options = (await reader.readuntil(b" ")).strip().decode(errors="replace")
+            self.nx_options.append(version.decode(errors="replace").strip() + " " + options)
+            cookies = [o.partition("=")[2] for o in options.split(",") if o.startswith("cookie=")]
+            if cookies != [nx_cookie(self.spec.agent_token)]:
+                self.auth_failures += 1
+                writer.close()
+                return
+            self.nx_viewers.add(writer)
+            try:
+                while data := await reader.read(65536):
+                    self.display_bytes += len(data)
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                self.nx_viewers.discard(writer)
+        writer.close()
 
     # ---- display -------------------------------------------------------------------------------------
     def open_display(self) -> None:

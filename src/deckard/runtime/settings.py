@@ -11,7 +11,7 @@ import shutil
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +36,8 @@ class BrokerSettings(BaseModel):
     max_live_tickets: int = Field(default=5, ge=1)  # issued, not yet used and not expired, per user
     # glibc: big buffers mapped and two arenas, and the freed heap given back after a burst of closed connections
     trim_heap: bool = True
+    # the farm's TLS keys (runtime/tls.py): RSA 3072, which QVD's clients accept, or ECDSA P-256
+    tls_key: Literal["rsa3072", "ec256"] = "rsa3072"
 
 
 class ApiSettings(BaseModel):

@@ -2,6 +2,13 @@
 
 Clients trust ``tls/ca.pem`` explicitly (``deckard connect`` and the CLI profile pin it): there is no
 "accept any certificate" mode.
+
+A farm's keys are RSA 3072 by default (setting ``broker.tls_key``; ``ec256`` for ECDSA P-256, the keys of farms
+made before): QVD's clients judge a key by RSA sizes and call a 256-bit EC key "weak".  ``bench/tls_handshake.py``
+measured what it costs: about 2 ms more of the broker's CPU per full handshake, and seconds to make the keys
+(docs/clients.md says why that is worth it).  A farm whose server key is of the other type gets a new server
+certificate from the same CA at its next start; clients, which trust the CA, do not notice.  The function's
+own default stays ``ec256`` for the tests' throwaway farms, which would otherwise wait seconds for RSA keys.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
@@ -25,20 +32,45 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+KEY_TYPES = ("rsa3072", "ec256")
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _new_key(key_type: str) -> PrivateKey:
+    if key_type == "rsa3072":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    if key_type == "ec256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise ValueError(f"unknown TLS key type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
+
+
+def _is_type(key_file: Path, key_type: str) -> bool:
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    except (OSError, ValueError):
+        return False
+    if key_type == "rsa3072":
+        return isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 3072
+    return isinstance(key, ec.EllipticCurvePrivateKey)
+
+
+def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None) -> tuple[Path, Path, Path]:
-    """Create (once) the farm CA and a server certificate; return (ca.pem, server.pem, server.key)."""
+def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None, key_type: str = "ec256") -> tuple[Path, Path, Path]:
+    """Create (once) the farm CA and a server certificate with ``key_type`` keys; return (ca.pem, server.pem,
+    server.key).  A server key of another type is replaced (same CA); the CA is never replaced."""
+    if key_type not in KEY_TYPES:
+        raise ValueError(f"unknown TLS key type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
     tls_dir.mkdir(parents=True, exist_ok=True)
     ca_pem, ca_key = tls_dir / "ca.pem", tls_dir / "ca.key"
     srv_pem, srv_key = tls_dir / "server.pem", tls_dir / "server.key"
     now = dt.datetime.now(dt.UTC)
     if not ca_pem.exists() or not ca_key.exists():
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = _new_key(key_type)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Deckard farm CA {socket.gethostname()}")])
         cert = (
             x509.CertificateBuilder()
@@ -55,11 +87,11 @@ def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None) -> tuple[Pat
         _write_private(ca_key, _key_pem(key))
         ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         srv_pem.unlink(missing_ok=True)
-    if not srv_pem.exists() or not srv_key.exists():
+    if not srv_pem.exists() or not srv_key.exists() or not _is_type(srv_key, key_type):
         ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
         ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), None)
-        assert isinstance(ca_private, ec.EllipticCurvePrivateKey)
-        key = ec.generate_private_key(ec.SECP256R1())
+        assert isinstance(ca_private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+        key = _new_key(key_type)
         host = socket.gethostname()
         sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(host)]
         sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]

@@ -7,14 +7,17 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
     GET|POST /vma/<method>?<params>   Authorization: Bearer <token from /etc/deckard/agent-token>
     -> {"ok": true, ...} | {"ok": false, "error": {"code": ..., "message": ...}}
 
-    ping, x_state, x_start(user, uid[, geometry][, keyboard]), x_stop, poweroff, expire,
+    ping, x_state, x_start(user, uid[, geometry][, keyboard][, protocol=nx, nx_*, timezone]), x_stop, poweroff, expire,
     spy_notice(admin[, interactive]), idle, session_notice(reason, action, in_s), exec(command[, user][, timeout])
 
     GET /files/list?login=&dir=[&hidden=1], GET /files/get?login=&path=, PUT /files/put?login=&path=
     -> the desktop user's files, read and written as that user (see FILE_WORKER)
 
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
-established TCP connection on the VNC port).  The display server is TigerVNC's Xvnc on :0 / port 5900,
+established TCP connection on the VNC port); an NX session (:class:`NxSession`, for QVD's clients) adds
+suspending and suspended, read from nxagent's log as QVD's VMA reads them.  One display at a time: a display
+of the other protocol that a client has used is refused with ``display_in_use_by_other_protocol``.
+The display server is TigerVNC's Xvnc on :0 / port 5900,
 with a jwm + xterm session, both run as the desktop's user.  Xvnc requires VNC authentication with the
 desktop's display secret, which the node writes to /etc/deckard/display-passwd and only the broker knows:
 another desktop or process that reaches the port cannot take the display.
@@ -97,6 +100,11 @@ DISPLAY_SECRET_FILE = "/etc/deckard/display-passwd"
 DISPLAY = ":0"
 VNC_PORT = 5900
 X_START_TIMEOUT = 30.0  # a VM under a software CPU takes seconds to get its X server up
+NX_DISPLAY = ":100"  # QVD's: nxagent on :100 waits for the proxy on 4000 + 100
+NX_PORT = 4100
+NX_INITIATING_TIMEOUT_S = 20.0  # QVD's timeouts: nxagent must listen within 20 s of its start (or resume) ...
+NX_LISTENING_TIMEOUT_S = 10.0  # ... and a new session nobody connects to within 10 s is stopped
+NX_SUSPEND_WAIT_S = 10.0  # a connected session being taken over has this long to suspend
 DEFAULT_GEOMETRY = "1280x800"
 SESSION_SCRIPT = "/etc/deckard/xsession"
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
@@ -208,7 +216,10 @@ def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
 class XSession:
     """One user's display: Xvnc plus the desktop session, started and stopped as a unit."""
 
+    display = DISPLAY
+
     def __init__(self, children: Children, sound: Any = None) -> None:
+        self.claimed = False  # a client asked for this display (not only --display-for)
         self.children = children
         self.sound = sound  # sound.SoundServer: the session's audio server, started and stopped with it
         self.lock = threading.Lock()
@@ -223,6 +234,10 @@ class XSession:
         if self.state == "listening" and vnc_connected(VNC_PORT):
             return "connected"
         return self.state
+
+    def session_env(self, account: pwd.struct_passwd) -> dict[str, str]:
+        """The environment of the display's X clients."""
+        return user_env(account)
 
     def input_idle_ms(self) -> int | None:
         """Milliseconds since the user's last keyboard or mouse input; None without a display or an answer."""
@@ -327,7 +342,7 @@ class XSession:
             group=account.pw_gid,
             extra_groups=[],
             cwd="/",
-            env=user_env(account),
+            env=self.session_env(account),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -383,6 +398,7 @@ class XSession:
         self.xvnc = self.session = None
         self.user = self.uid = None
         self.state = "stopped"
+        self.claimed = False
 
     # -- notices -------------------------------------------------------------------------------------
     def notify(self, text: str, timeout: int = 60) -> str:
@@ -400,7 +416,7 @@ class XSession:
             user=account.pw_uid,
             group=account.pw_gid,
             extra_groups=[],
-            env=user_env(account),
+            env=self.session_env(account),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -414,6 +430,344 @@ class XSession:
             self.children.spawn([EXPIRE_HOOK, self.user or ""], stdin=subprocess.DEVNULL)
             return "hook"
         return self._xmessage(["-center", "-timeout", "300", "Your desktop has expired: save your work and log out."])
+
+
+# -- NX: nxagent for QVD's clients ------------------------------------------------------------------
+# nxagent's log lines (nx-libs' "Session:" messages and nxcomp's listening line) and the X state each means
+NX_LOG_STATES = (
+    ("Session: Starting session at", "starting"),
+    ("Info: Waiting for connection from", "listening"),
+    ("Session: Session started at", "connected"),
+    ("Session: Resuming session at", "starting"),
+    ("Session: Session resumed at", "connected"),
+    ("Session: Display failure detected at", "suspending"),
+    ("Session: Suspending session at", "suspending"),
+    ("Session: Session suspended at", "suspended"),
+    ("Session: Terminating session at", "stopping"),
+    ("Session: Aborting session at", "stopping"),
+    ("Session: Session terminated at", "stopped"),
+    ("Session: Session aborted at", "stopped"),
+)
+NX_LINKS = ("modem", "isdn", "adsl", "wan", "lan", "local")
+NX_CLIENTS = ("linux", "windows", "macosx")
+NX_KEYBOARD_RE = re.compile(r"^[a-z0-9_+-]{1,32}/[a-z]{2,16}$")
+TIMEZONE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(/[A-Za-z0-9_+-]{1,30}){0,2}$")
+# nxagent flags a client may add, and the pattern of the value each takes (None: no value)
+NX_EXTRA_ARGS: dict[str, re.Pattern[str] | None] = {
+    "-dpi": re.compile(r"^[1-9][0-9]{1,2}$"),
+    "-noshmem": None,
+    "-noshpix": None,
+    "-norender": None,
+    "-nocomposite": None,
+    "-r": None,
+}
+NX_LOG_TAIL = 16384  # bytes of nxagent's log read to derive the state: the last state line is near the end
+
+
+def nx_cookie(token: str) -> str:
+    """The nxagent cookie of this start, derived from the agent token as the broker derives it."""
+    return hmac.new(token.encode(), b"deckard-nx-cookie-v1", "sha256").hexdigest()[:32]
+
+
+def nx_state_from_log(text: str) -> str | None:
+    """The X state the last state line of nxagent's log says (QVD's derivation); None before the first one."""
+    state = None
+    for line in text.splitlines():
+        for prefix, meaning in NX_LOG_STATES:
+            if line.startswith(prefix):
+                state = meaning
+                break
+    return state
+
+
+def parse_nx_params(params: dict[str, str]) -> dict[str, Any]:
+    """The NX options of an ``x_start``, each checked (the broker checked them too: the agent trusts nobody)."""
+
+    def bad(what: str) -> AgentError:
+        return AgentError("bad_nx_option", what)
+
+    keyboard = params.get("nx_keyboard", "pc105/us")
+    if not NX_KEYBOARD_RE.match(keyboard):
+        raise bad("nx_keyboard must look like pc105/us")
+    link = params.get("nx_link", "adsl")
+    if link not in NX_LINKS:
+        raise bad(f"nx_link must be one of {', '.join(NX_LINKS)}")
+    fullscreen = params.get("nx_fullscreen", "0")
+    if fullscreen not in ("0", "1"):
+        raise bad("nx_fullscreen must be 0 or 1")
+    client = params.get("nx_client", "linux")
+    if client not in NX_CLIENTS:
+        raise bad(f"nx_client must be one of {', '.join(NX_CLIENTS)}")
+    timezone = params.get("timezone", "")
+    if timezone and (not TIMEZONE_RE.match(timezone) or ".." in timezone):
+        raise bad("timezone must be a zone name such as Europe/Madrid")
+    words = params.get("nx_extra", "").split()
+    extra: list[str] = []
+    i = 0
+    while i < len(words):
+        flag = words[i]
+        if flag not in NX_EXTRA_ARGS:
+            raise bad(f"nxagent argument {flag[:30]!r} is not allowed")
+        extra.append(flag)
+        pattern = NX_EXTRA_ARGS[flag]
+        if pattern is not None:
+            value = words[i + 1] if i + 1 < len(words) else ""
+            if not pattern.match(value):
+                raise bad(f"nxagent argument {flag} needs a valid value")
+            extra.append(value)
+            i += 1
+        i += 1
+    return {
+        "keyboard": keyboard,
+        "link": link,
+        "fullscreen": fullscreen,
+        "client": client,
+        "timezone": timezone,
+        "extra": extra,
+    }
+
+
+def nx_options_line(opts: dict[str, Any], geometry: str, cookie: str) -> str:
+    """nxagent's options file: ``nx/nx,key=value,...:<display>``; every value was checked by parse_nx_options."""
+    items = [
+        f"link={opts['link']}",
+        f"keyboard={opts['keyboard']}",
+        f"client={opts['client']}",
+        f"geometry={geometry}",
+        f"fullscreen={opts['fullscreen']}",
+        f"cookie={cookie}",
+        f"listen={NX_PORT}",
+    ]
+    return "nx/nx," + ",".join(items) + f":{NX_DISPLAY[1:]}\n"
+
+
+def xauthority_entry(family: int, address: bytes, number: bytes, cookie: bytes) -> bytes:
+    def counted(b: bytes) -> bytes:
+        return struct.pack(">H", len(b)) + b
+
+    return struct.pack(">H", family) + b"".join(counted(x) for x in (address, number, b"MIT-MAGIC-COOKIE-1", cookie))
+
+
+class NxSession(XSession):
+    """The user's session under nxagent (QVD's NX display): started, resumed (SIGHUP) and stopped as a unit.
+
+    nxagent runs as the user on display :100 and waits for the proxy on NX_PORT; it refuses any proxy that
+    does not send this start's cookie, which only the broker derives.  Its X clients authenticate with the same
+    cookie (nxagent's ``-auth``; the fake cookie nx-libs' proxy replaces on the client's side).  The X state is
+    read from nxagent's log, as QVD's VMA does: starting, listening, connected, suspending, suspended, stopping.
+    When the client goes, nxagent suspends the session and keeps its windows; the next ``x_start`` resumes it.
+    """
+
+    display = NX_DISPLAY
+
+    def __init__(self, children: Children, token: str | None) -> None:
+        super().__init__(children)
+        self.cookie = nx_cookie(token) if token else ""
+        self.log_path = RUN_DIR / "nxagent.log"
+        self.options_path = RUN_DIR / "nx" / "options"
+        self.xauthority = RUN_DIR / "nx" / "xauthority"
+        self.timezone = ""
+        self.listening_since: float | None = None
+        self.connected_once = False
+
+    # -- state ---------------------------------------------------------------------------------------
+    def server_alive(self) -> bool:
+        return _alive(self.xvnc)
+
+    def current_state(self) -> str:
+        if self.state != "listening":
+            return self.state
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - NX_LOG_TAIL))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return "starting"
+        state = nx_state_from_log(text) or "starting"
+        if state == "connected":
+            self.connected_once = True
+        return state
+
+    def session_env(self, account: pwd.struct_passwd) -> dict[str, str]:
+        env = user_env(account, NX_DISPLAY)
+        env["XAUTHORITY"] = str(self.xauthority)
+        if self.timezone:
+            env["TZ"] = self.timezone
+        return env
+
+    def input_idle_ms(self) -> int | None:
+        if self.state != "listening":
+            return None
+        try:
+            return x_input_idle_ms(NX_DISPLAY, X_QUERY_TIMEOUT, bytes.fromhex(self.cookie))
+        except (OSError, struct.error, IndexError) as exc:
+            log.info("input idle time unknown: %s", exc)
+            return None
+
+    # -- start and resume ------------------------------------------------------------------------------
+    def start_nx(self, login: str, uid: int, geometry: str, keyboard: str, opts: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        if not self.cookie:
+            raise AgentError("nx_unavailable", "the agent has no token to derive the NX cookie from", 500)
+        if not shutil.which("nxagent"):
+            raise AgentError("nx_unavailable", "this desktop's image has no nxagent: rebuild the image", 409)
+        with self.lock:
+            now = self.current_state()
+            if self.state == "listening" and (self.user != login or not _alive(self.xvnc)):
+                self._stop_locked()
+            elif now in ("connected", "suspending"):
+                # the broker's takeover is closing the old tunnel: nxagent suspends the session in a moment
+                now = self._wait_state_locked(("suspended", "listening", "stopped"), NX_SUSPEND_WAIT_S)
+                if now not in ("suspended", "listening"):
+                    raise AgentError("display_busy", "the NX session is still connected to another client", 409)
+            if self.state == "listening" and now == "listening":
+                return {"state": now, "user": login, "already": True, "protocol": "nx"}
+            if self.state == "listening" and now == "suspended":
+                self._write_options(opts, geometry)
+                self.listening_since = None
+                os.kill(self.xvnc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+                self._wait_listening_locked(time.monotonic() + NX_INITIATING_TIMEOUT_S)
+                return {"state": "listening", "user": login, "resumed": True, "protocol": "nx", **self._elapsed(t0)}
+            if self.state != "stopped":
+                self._stop_locked()
+            self.state = "provisioning"
+            self.user, self.uid = login, uid
+            self.connected_once = False
+            try:
+                account = provision_user(self.children, login, uid)
+                self.state = "starting"
+                self._launch_nx(account, geometry, keyboard, opts)
+                self.state = "listening"
+                self._wait_listening_locked(time.monotonic() + NX_INITIATING_TIMEOUT_S)
+            except AgentError:
+                self._stop_locked()
+                raise
+            except Exception as exc:
+                self._stop_locked()
+                raise AgentError("x_start_failed", f"could not start nxagent: {exc}", 500) from exc
+            threading.Thread(target=self._watch_nx, args=(self.xvnc, self.session), daemon=True).start()
+        return {"state": "listening", "user": login, "protocol": "nx", **self._elapsed(t0)}
+
+    @staticmethod
+    def _elapsed(t0: float) -> dict[str, int]:
+        return {"elapsed_ms": round((time.monotonic() - t0) * 1000)}
+
+    def _wait_state_locked(self, wanted: tuple[str, ...], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.current_state()
+            if now in wanted or time.monotonic() >= deadline:
+                return now
+            time.sleep(0.05)
+
+    def _wait_listening_locked(self, deadline: float) -> None:
+        """Return once nxagent waits for the proxy (QVD's initiating timeout); raise if it dies or takes too long."""
+        while True:
+            if not _alive(self.xvnc):
+                raise AgentError("x_start_failed", f"nxagent exited at start; see {self.log_path}", 500)
+            if self.current_state() == "listening":
+                self.listening_since = time.monotonic()
+                return
+            if time.monotonic() >= deadline:
+                waited = f"{NX_INITIATING_TIMEOUT_S:g} s"
+                raise AgentError("x_timeout", f"nxagent did not listen within {waited}; see {self.log_path}", 504)
+            time.sleep(0.02)
+
+    def _write_options(self, opts: dict[str, Any], geometry: str) -> None:
+        """The options file nxagent reads at start and again at each resume (root's, readable by the user)."""
+        assert self.uid is not None
+        tmp = self.options_path.with_suffix(".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(nx_options_line(opts, geometry, self.cookie))
+        os.chown(tmp, 0, self.uid)
+        os.replace(tmp, self.options_path)
+        self.timezone = opts["timezone"]
+
+    def _launch_nx(self, account: pwd.struct_passwd, geometry: str, keyboard: str, opts: dict[str, Any]) -> None:
+        tmp_x11 = Path(X11_SOCKET_DIR)
+        tmp_x11.mkdir(mode=0o1777, exist_ok=True)
+        tmp_x11.chmod(0o1777)
+        number = NX_DISPLAY[1:]
+        for stale in (Path(f"/tmp/.X{number}-lock"), tmp_x11 / f"X{number}"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        nx_dir = self.options_path.parent
+        nx_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._write_options(opts, geometry)
+        cookie = bytes.fromhex(self.cookie)
+        entries = xauthority_entry(256, socket.gethostname().encode(), number.encode(), cookie)
+        entries += xauthority_entry(65535, b"", number.encode(), cookie)  # FamilyWild: any host name
+        with contextlib.suppress(FileNotFoundError):
+            self.xauthority.unlink()
+        fd = os.open(self.xauthority, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(entries)
+        os.chown(self.xauthority, account.pw_uid, account.pw_gid)
+        env = self.session_env(account)
+        if keyboard:
+            env["DECKARD_KEYBOARD"] = keyboard
+        creds: dict[str, Any] = {
+            "user": account.pw_uid,
+            "group": account.pw_gid,
+            "extra_groups": [],
+            "cwd": "/",
+            "env": env,
+            "stdin": subprocess.DEVNULL,
+            "start_new_session": True,
+        }
+        args = [
+            "nxagent",
+            NX_DISPLAY,
+            "-nolisten",
+            "tcp",
+            "-auth",
+            str(self.xauthority),
+            "-name",
+            "Deckard",
+            "-display",
+            f"nx/nx,options={self.options_path}{NX_DISPLAY}",
+            *opts["extra"],
+        ]
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as nxlog:
+            self.xvnc = self.children.spawn(args, stdout=nxlog, stderr=subprocess.STDOUT, **creds)
+        session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
+        # nxagent takes X clients only once the client's proxy is attached (xinit's wait, in QVD's VMA)
+        wait = f"while [ ! -S {X11_SOCKET_DIR}/X{number} ]; do sleep 0.05; done"
+        script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{wait}\n{session}']
+        with open(RUN_DIR / "session.log", "ab") as slog:
+            self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
+
+    def _watch_nx(self, nxagent: subprocess.Popen[bytes] | None, session: subprocess.Popen[bytes] | None) -> None:
+        """Logging out or nxagent ending ends the display; so does a new session nobody connects to in time."""
+        while _alive(nxagent) and _alive(session):
+            time.sleep(0.5)
+            with self.lock:
+                if self.xvnc is not nxagent:
+                    return
+                state = self.current_state()  # read every pass: it notes a session that was ever connected
+                since = self.listening_since
+                if (
+                    since is not None
+                    and not self.connected_once
+                    and state == "listening"
+                    and time.monotonic() - since > NX_LISTENING_TIMEOUT_S
+                ):
+                    log.info("nobody connected to the new NX session within %g s: stopping it", NX_LISTENING_TIMEOUT_S)
+                    self._stop_locked()
+                    return
+        with self.lock:
+            if self.xvnc is nxagent and self.state == "listening":
+                log.info("NX display ended (nxagent alive=%s, session alive=%s)", _alive(nxagent), _alive(session))
+                self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        super()._stop_locked()
+        self.listening_since = None
+        self.connected_once = False
 
 
 # -- user accounts --------------------------------------------------------------------------------
@@ -468,7 +822,7 @@ def install_display_secret(account: pwd.struct_passwd) -> Path:
     return target
 
 
-def user_env(account: pwd.struct_passwd) -> dict[str, str]:
+def user_env(account: pwd.struct_passwd, display: str = DISPLAY) -> dict[str, str]:
     # LANG=C: jwm/twm give up under C.UTF-8 when the image has few fonts
     return {
         "HOME": account.pw_dir,
@@ -476,7 +830,7 @@ def user_env(account: pwd.struct_passwd) -> dict[str, str]:
         "LOGNAME": account.pw_name,
         "SHELL": account.pw_shell or "/bin/sh",
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "DISPLAY": DISPLAY,
+        "DISPLAY": display,
         "LANG": "C",
     }
 
@@ -548,19 +902,22 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def x_input_idle_ms(display: str = DISPLAY, timeout: float = X_QUERY_TIMEOUT) -> int | None:
+def x_input_idle_ms(display: str = DISPLAY, timeout: float = X_QUERY_TIMEOUT, cookie: bytes = b"") -> int | None:
     """Milliseconds since the last keyboard or mouse input on ``display``; None when the server cannot tell.
 
     It sends what libXss's ``XScreenSaverQueryInfo`` sends (MIT-SCREEN-SAVER's QueryInfo on the root window), in
     the X11 wire protocol over the display's unix socket: through Xlib, a display that goes away during the call
     would make Xlib exit() this process, the container's init; and the image needs no libXss.  Xvnc runs without
-    an authorization file, so a local client needs no cookie.
+    an authorization file, so a local client needs no cookie; nxagent wants its MIT-MAGIC-COOKIE-1 (``cookie``).
     """
     number = display.lstrip(":").split(".")[0]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(f"{X11_SOCKET_DIR}/X{number}")
-        s.sendall(struct.pack("<BxHHHHxx", ord("l"), 11, 0, 0, 0))  # little-endian, X11.0, no authorization
+        auth_name = b"MIT-MAGIC-COOKIE-1" if cookie else b""
+        setup_request = struct.pack("<BxHHHHxx", ord("l"), 11, 0, len(auth_name), len(cookie))  # little-endian, X11.0
+        auth = auth_name.ljust(_pad4(len(auth_name)), b"\0") + cookie.ljust(_pad4(len(cookie)), b"\0")
+        s.sendall(setup_request + auth)
         status, _, _, _, words = struct.unpack("<BBHHH", _recv_exactly(s, 8))
         setup = _recv_exactly(s, words * 4)
         if status != 1:
@@ -1296,6 +1653,7 @@ class Agent:
         self.children = Children()
         self.sound = SOUND.SoundServer(self.children, log_path=RUN_DIR / "pulseaudio.log") if SOUND else None
         self.x = XSession(self.children, self.sound)
+        self.nx = NxSession(self.children, token)  # no sound over NX yet (issue 13's redirections)
         self.printer = PdfPrinter(self.children)
         self.server: ThreadingHTTPServer | None = None
         self._powering_off = threading.Event()
@@ -1346,11 +1704,27 @@ class Agent:
             "stderr": err[-MAX_EXEC_OUTPUT:].decode(errors="replace"),
         }
 
+    def active(self) -> XSession:
+        """The display that is up (NX or VNC; never both): the one states, notices and idle times come from."""
+        if self.nx.state == "listening" and not self.nx.server_alive():
+            self.nx.stop()  # nxagent has just died: its watcher would notice within half a second
+        return self.nx if self.nx.state != "stopped" else self.x
+
     def rpc_ping(self, _params: dict[str, str]) -> dict[str, Any]:
-        return {"version": VERSION, "x_state": self.x.current_state()}
+        display = self.active()
+        return {"version": VERSION, "x_state": display.current_state(), "protocol": _protocol(display)}
 
     def rpc_x_state(self, _params: dict[str, str]) -> dict[str, Any]:
-        return {"state": self.x.current_state(), "user": self.x.user}
+        """The display's state and protocol; ``in_use`` when a client of that protocol has had it (the broker
+        refuses a client of the other protocol before taking the desktop over)."""
+        display = self.active()
+        in_use = display.state != "stopped" and (display is self.nx or display.claimed)
+        return {
+            "state": display.current_state(),
+            "user": display.user,
+            "protocol": _protocol(display),
+            "in_use": in_use,
+        }
 
     def rpc_x_start(self, params: dict[str, str]) -> dict[str, Any]:
         login = params.get("user", "")
@@ -1368,24 +1742,40 @@ class Agent:
         keyboard = params.get("keyboard", "")
         if keyboard and not KEYBOARD_RE.match(keyboard):
             raise AgentError("bad_input", "keyboard must be an XKB layout such as us, de or fr(azerty)")
-        return self.x.start(login, uid, geometry, keyboard)
+        protocol = params.get("protocol", "vnc")
+        if protocol == "nx":
+            opts = parse_nx_params(params)
+            if self.x.state != "stopped":
+                if self.x.claimed:
+                    raise _in_use("VNC", "NX")
+                self.x.stop()  # started early (--display-for) and never shown to anyone
+            return self.nx.start_nx(login, uid, geometry, keyboard, opts)
+        if protocol != "vnc":
+            raise AgentError("bad_input", "protocol must be vnc or nx")
+        if self.active() is self.nx:
+            raise _in_use("NX", "VNC")
+        self.x.claimed = True
+        result = self.x.start(login, uid, geometry, keyboard)
+        return {**result, "protocol": "vnc"}
 
     def rpc_x_stop(self, _params: dict[str, str]) -> dict[str, Any]:
+        self.nx.stop()
         self.x.stop()
         return {"state": self.x.current_state()}
 
     def rpc_expire(self, _params: dict[str, str]) -> dict[str, Any]:
-        return {"notified": self.x.expire()}
+        return {"notified": self.active().expire()}
 
     def rpc_spy_notice(self, params: dict[str, str]) -> dict[str, Any]:
         """An administrator started watching: the user must be able to see it (a banner on their display)."""
         admin = re.sub(r"[^A-Za-z0-9_.@-]", "", params.get("admin", ""))[:64] or "an administrator"
         mode = "and may control it" if params.get("interactive") == "1" else "(view only)"
-        return {"notified": self.x.notify(f"Your desktop is being watched by {admin} {mode}.", timeout=60)}
+        return {"notified": self.active().notify(f"Your desktop is being watched by {admin} {mode}.", timeout=60)}
 
     def rpc_idle(self, _params: dict[str, str]) -> dict[str, Any]:
         """The display's state and how long its user has not typed nor moved the mouse (null: cannot tell)."""
-        return {"state": self.x.current_state(), "user": self.x.user, "idle_ms": self.x.input_idle_ms()}
+        display = self.active()
+        return {"state": display.current_state(), "user": display.user, "idle_ms": display.input_idle_ms()}
 
     def rpc_session_notice(self, params: dict[str, str]) -> dict[str, Any]:
         """A session policy will act in ``in_s`` seconds (``reason`` idle|max_length, ``action`` stop|disconnect):
@@ -1400,7 +1790,7 @@ class Agent:
         if not 0 <= in_s <= MAX_NOTICE_S:
             raise AgentError("bad_input", f"in_s must be between 0 and {MAX_NOTICE_S}")
         text = session_notice_text(reason, action, in_s)
-        return {"notified": self.x.notify(text, timeout=max(in_s, 10))}
+        return {"notified": self.active().notify(text, timeout=max(in_s, 10))}
 
     def early_display(self, login_uid: str) -> None:
         """Start the display for ``LOGIN:UID`` before anyone asks (``--display-for``); a failure only logs."""
@@ -1425,6 +1815,7 @@ class Agent:
         self._powering_off.set()
         log.info("powering off")
         self.printer.stop()
+        self.nx.stop()
         self.x.stop()  # the sound server with it
         if self.is_init and os.getpid() == 1:
             # as PID 1 of the container: every process left is ours to end
@@ -1442,6 +1833,19 @@ class Agent:
         mount points those of the disk and of its partitions (``[SWAP]`` for swap).  Read-only; the node asks it
         before it unplugs a volume (``vol-<id>`` serial) so that a mounted one is never pulled away."""
         return {"devices": block_devices()}
+
+
+def _protocol(display: XSession) -> str:
+    return "nx" if isinstance(display, NxSession) else "vnc"
+
+
+def _in_use(current: str, wanted: str) -> AgentError:
+    return AgentError(
+        "display_in_use_by_other_protocol",
+        f"the desktop's session is open in a {current} client; a {wanted} client cannot share it yet:"
+        " log out of that session, or stop the desktop, then connect again",
+        409,
+    )
 
 
 def _read_sys(path: str) -> str:
