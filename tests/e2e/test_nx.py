@@ -53,14 +53,30 @@ def _user_state(farm: FarmProcess, state: str, timeout: float = 15) -> None:
     wait_for(lambda: farm.desktop("nx-desk")["user_state"] == state, timeout, 0.2, f"user_state {state}")
 
 
-async def _drawn(farm: FarmProcess, viewer: NxViewer, desk: int) -> float:
+async def _drawn(farm: FarmProcess, viewer: NxViewer, desk: int, tries: int = 1) -> float:
     t0 = time.monotonic()
-    await viewer.connect(farm.broker, farm.ca, "nxuser", PASSWORD, desk, QVD_PARAMS)
-    try:
-        await viewer.wait_drawn(BACKGROUND, 30)
-    except TimeoutError:
-        pytest.fail(f"not drawn\n{viewer.log()}\n{farm.diagnostics(desk)}")
-    return time.monotonic() - t0
+    for attempt in range(tries):
+        await viewer.connect(farm.broker, farm.ca, "nxuser", PASSWORD, desk, QVD_PARAMS)
+        try:
+            await viewer.wait_drawn(BACKGROUND, 30 if attempt == tries - 1 else 15)
+            return time.monotonic() - t0
+        except TimeoutError:
+            if attempt == tries - 1:
+                pytest.fail(f"not drawn\n{viewer.log()}\n{farm.diagnostics(desk)}")
+        # a resume that failed (nxagent: "Display failure detected" as it reattaches, seen once in CI on a loaded
+        # machine) leaves the session suspended again, windows kept: a QVD client's user connects again
+        await viewer.disconnect()
+        _suspended(farm, desk)
+    raise AssertionError("unreachable")
+
+
+def _suspended(farm: FarmProcess, desk: int) -> None:
+    wait_for(
+        lambda: "Session suspended" in farm.attach(desk, "tail -n 3 /run/deckard/nxagent.log").stdout,
+        15,
+        0.2,
+        "nxagent to suspend",
+    )
 
 
 def test_nxproxy_draws_the_session_and_resumes_it_after_the_client_drops(farm: FarmProcess, desk: int) -> None:
@@ -107,13 +123,8 @@ def test_nxproxy_draws_the_session_and_resumes_it_after_the_client_drops(farm: F
             assert farm.attach(desk, window, "nxuser").returncode == 0
             await viewer.disconnect()
             _user_state(farm, "disconnected")
-            wait_for(
-                lambda: "Session suspended" in farm.attach(desk, "tail -n 3 /run/deckard/nxagent.log").stdout,
-                15,
-                0.2,
-                "nxagent to suspend",
-            )
-            await _drawn(farm, viewer, desk)  # resumed, not restarted
+            _suspended(farm, desk)
+            await _drawn(farm, viewer, desk, tries=2)  # resumed, not restarted
             log = farm.attach(desk, "cat /run/deckard/nxagent.log").stdout
             assert log.count("Session: Starting session at") == 1 and "Session: Session resumed at" in log
             assert "xterm -title kept" in farm.attach(desk, PROCESSES).stdout  # the window lived through it
@@ -136,7 +147,7 @@ def test_a_client_gone_right_after_the_101_leaves_the_desktop_running_and_its_se
         _user_state(farm, "disconnected")
         assert farm.desktop("nx-desk")["state"] == "running"
         async with NxViewer() as viewer:
-            await _drawn(farm, viewer, desk)
+            await _drawn(farm, viewer, desk, tries=2)
             await viewer.disconnect()
         log = farm.attach(desk, "cat /run/deckard/nxagent.log").stdout
         assert log.count("Session: Starting session at") == 1 and "Aborting" not in log, log

@@ -249,7 +249,8 @@ class FilesSession:
         """The upload's bytes from the browser's binary frames, exactly ``size`` of them, in batches of what has
         arrived (up to ``UPLOAD_BATCH``: fewer, larger writes to the agent)."""
         left, last = size, time.monotonic()
-        batch = bytearray()
+        batch: list[bytes] = []  # joined once per batch (a bytearray grown chunk by chunk costs two copies)
+        batched = 0
         while left > 0:
             opcode, data = await self.next_message()
             if opcode == OP_TEXT:
@@ -261,10 +262,12 @@ class FilesSession:
                 self.close(CLOSE_PROTOCOL, "more bytes than the upload announced")
                 raise _Closed
             left -= len(data)
-            batch += data
-            if batch and (len(batch) >= UPLOAD_BATCH or not left or not self.pending()):
-                yield bytes(batch)
-                batch.clear()
+            if data:
+                batch.append(data)
+                batched += len(data)
+            if batch and (batched >= UPLOAD_BATCH or not left or not self.pending()):
+                yield batch[0] if len(batch) == 1 else b"".join(batch)
+                batch, batched = [], 0
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY and left:
                 self.send({"op": "upload", "progress": size - left})

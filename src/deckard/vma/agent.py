@@ -1078,7 +1078,8 @@ def power_off_machine() -> None:
 
 
 # -- file transfer -----------------------------------------------------------------------------------
-FILE_CHUNK = 256 * 1024
+FILE_CHUNK = 1 << 20  # what one copy moves: a pipe's worth (FILE_PIPE_SIZE)
+FILE_PIPE_SIZE = 1 << 20  # the pipes to a file worker (Linux's default pipe-max-size)
 FILE_IDLE_S = 60.0  # a transfer that makes no progress for this long is abandoned
 MAX_PATH_LEN = 4096
 DEFAULT_LIST_DIR = "Downloads"
@@ -1101,7 +1102,7 @@ import signal
 import stat
 import sys
 
-CHUNK = 262144
+CHUNK = 1048576
 MAX_ENTRIES = 1000
 EMPTY_IF_MISSING = ("Downloads", "Uploads")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1418,8 +1419,11 @@ class FileWorker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in: int | None = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
-        os.set_blocking(self._in, False)
-        os.set_blocking(self._out, False)
+        for fd in (self._in, self._out):
+            os.set_blocking(fd, False)
+            # a pipe holds 64 KiB: agent and worker would take turns every 64 KiB of a transfer
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, FILE_PIPE_SIZE)
         self._buffer = b""
 
     def _wait(self, fd: int, read: bool) -> None:
