@@ -50,16 +50,14 @@ from deckard.broker.frames import (
     frame_header,
 )
 from deckard.broker.http import FrontConnection, HttpChannel
-from deckard.broker.params import parse_desktop_id
-from deckard.broker.websocket import handshake, send_text
+from deckard.broker.peripheral import grant
+from deckard.broker.websocket import send_text
 from deckard.client.agent_files import AgentFileError, AgentFiles
 from deckard.db.engine import Database
-from deckard.model.errors import Conflict, DeckardError, PermissionDenied
-from deckard.model.states import DesktopState
+from deckard.model.errors import PermissionDenied
 from deckard.runtime.settings import BrokerSettings
-from deckard.services.peripherals import PRINT_DIR, Peripherals, peripherals
-from deckard.services.sessions import desktop_for_user
-from deckard.services.tickets import FILES, redeem_ticket
+from deckard.services.peripherals import PRINT_DIR, Peripherals
+from deckard.services.tickets import FILES
 
 log = structlog.get_logger("deckard.broker")
 
@@ -320,30 +318,21 @@ class FilesConnect:
 
     async def serve(self, channel: HttpChannel, req: Any) -> None:
         front = channel.front
-        try:
-            desktop_id = parse_desktop_id(req.query)
-            response = handshake(req)
-            tickets = [v for k, v in req.query if k == "ticket"]
-            ticket = await redeem_ticket(self.db, tickets[0] if tickets else "", desktop_id, kinds=(FILES,))
-            front.mark_authenticated()
-            desk = await desktop_for_user(self.db, ticket.user, ticket.desktop_id)
-            async with self.db.connect() as conn:
-                offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
+
+        def check(offered: Peripherals) -> None:
             if not offered.channel:
                 raise PermissionDenied(
                     "your administrator turned file transfer off for this desktop", code="files_disabled"
                 )
-            if desk.state != DesktopState.RUNNING or not desk.agent_token or not desk.ip:
-                raise Conflict("the desktop is not running: connect to it first", code="not_running")
-        except DeckardError as e:
-            status = e.status if e.status in (401, 403, 404, 409, 422) else 400
-            channel.respond(status, e.message + "\n", headers=(("X-Deckard-Error", e.code),))
-            log.info("broker.request", peer=front.peer, path=req.path, status=status, error=e.code)
+
+        granted = await grant(self.db, channel, req, FILES, check)
+        if granted is None:
             return
-        front.write(response)
-        agent = AgentFiles(desk.ip, desk.agent_token, ticket.user.login, port=self.agent_port)
+        desk, offered = granted.desk, granted.offered
+        front.write(granted.response)
+        agent = AgentFiles(granted.ip, granted.agent_token, granted.login, port=self.agent_port)
         session = FilesSession(front, channel.leave(), agent, offered, self.settings.max_ws_message)
-        bound = log.bind(desktop_id=desk.id, login=ticket.user.login, peer=front.peer)
+        bound = log.bind(desktop_id=desk.id, login=granted.login, peer=front.peer)
         bound.info("broker.files", result="open")
         try:
             await session.run()

@@ -43,15 +43,13 @@ from deckard.broker.frames import (
     frame_header,
 )
 from deckard.broker.http import FrontConnection, HttpChannel
-from deckard.broker.params import parse_desktop_id
-from deckard.broker.websocket import handshake, send_text
+from deckard.broker.peripheral import grant
+from deckard.broker.websocket import send_text
 from deckard.client.agent_sound import AgentSound, AgentSoundError
 from deckard.db.engine import Database
-from deckard.model.errors import Conflict, DeckardError, PermissionDenied
-from deckard.model.states import DesktopState
-from deckard.services.peripherals import peripherals
-from deckard.services.sessions import desktop_for_user
-from deckard.services.tickets import SOUND, redeem_ticket
+from deckard.model.errors import PermissionDenied
+from deckard.services.peripherals import Peripherals
+from deckard.services.tickets import SOUND
 
 log = structlog.get_logger("deckard.broker")
 
@@ -183,28 +181,18 @@ class SoundConnect:
 
     async def serve(self, channel: HttpChannel, req: Any) -> None:
         front = channel.front
-        try:
-            desktop_id = parse_desktop_id(req.query)
-            response = handshake(req)
-            tickets = [v for k, v in req.query if k == "ticket"]
-            ticket = await redeem_ticket(self.db, tickets[0] if tickets else "", desktop_id, kinds=(SOUND,))
-            front.mark_authenticated()
-            desk = await desktop_for_user(self.db, ticket.user, ticket.desktop_id)
-            async with self.db.connect() as conn:
-                offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
+
+        def check(offered: Peripherals) -> None:
             if not offered.sound:
                 raise PermissionDenied("your administrator turned sound off for this desktop", code="sound_disabled")
-            if desk.state != DesktopState.RUNNING or not desk.agent_token or not desk.ip:
-                raise Conflict("the desktop is not running: connect to it first", code="not_running")
-        except DeckardError as e:
-            status = e.status if e.status in (401, 403, 404, 409, 422) else 400
-            channel.respond(status, e.message + "\n", headers=(("X-Deckard-Error", e.code),))
-            log.info("broker.request", peer=front.peer, path=req.path, status=status, error=e.code)
+
+        granted = await grant(self.db, channel, req, SOUND, check)
+        if granted is None:
             return
-        front.write(response)
+        front.write(granted.response)
         session = SoundSession(front, channel.leave())
-        agent = AgentSound(desk.ip, desk.agent_token, ticket.user.login, port=self.agent_port)
-        bound = log.bind(desktop_id=desk.id, login=ticket.user.login, peer=front.peer)
+        agent = AgentSound(granted.ip, granted.agent_token, granted.login, port=self.agent_port)
+        bound = log.bind(desktop_id=granted.desk.id, login=granted.login, peer=front.peer)
         bound.info("broker.sound", result="open")
         try:
             ended = await session.run(agent)
