@@ -54,7 +54,6 @@ from deckard.broker.peripheral import grant
 from deckard.broker.websocket import send_text
 from deckard.client.agent_files import AgentFileError, AgentFiles
 from deckard.db.engine import Database
-from deckard.model.errors import PermissionDenied
 from deckard.runtime.settings import BrokerSettings
 from deckard.services.peripherals import PRINT_DIR, Peripherals
 from deckard.services.tickets import FILES
@@ -318,14 +317,7 @@ class FilesConnect:
 
     async def serve(self, channel: HttpChannel, req: Any) -> None:
         front = channel.front
-
-        def check(offered: Peripherals) -> None:
-            if not offered.channel:
-                raise PermissionDenied(
-                    "your administrator turned file transfer off for this desktop", code="files_disabled"
-                )
-
-        granted = await grant(self.db, channel, req, FILES, check)
+        granted = await grant(self.db, channel, req, FILES)
         if granted is None:
             return
         desk, offered = granted.desk, granted.offered

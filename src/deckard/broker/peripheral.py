@@ -7,7 +7,6 @@ to.  A refusal is answered here (status, message and ``X-Deckard-Error``) and lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +36,8 @@ class Grant:
     response: bytes  # the WebSocket handshake's 101, for the caller to send
 
 
-async def grant(
-    db: Database, channel: HttpChannel, req: Any, kind: str, check: Callable[[Peripherals], None]
-) -> Grant | None:
-    """The channel's grant, or None once a refusal is answered; ``check`` raises when the switch is off."""
+async def grant(db: Database, channel: HttpChannel, req: Any, kind: str) -> Grant | None:
+    """The grant for a channel of ``kind`` (``files``, ``sound``), or None once a refusal is answered."""
     front = channel.front
     try:
         desktop_id = parse_desktop_id(req.query)
@@ -51,7 +48,7 @@ async def grant(
         desk = await desktop_for_user(db, ticket.user, ticket.desktop_id)
         async with db.connect() as conn:
             offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
-        check(offered)
+        offered.require(kind)
         if desk.state != DesktopState.RUNNING or not desk.agent_token or not desk.ip:
             raise Conflict("the desktop is not running: connect to it first", code="not_running")
     except DeckardError as e:

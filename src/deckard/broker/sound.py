@@ -47,8 +47,6 @@ from deckard.broker.peripheral import grant
 from deckard.broker.websocket import send_text
 from deckard.client.agent_sound import AgentSound, AgentSoundError
 from deckard.db.engine import Database
-from deckard.model.errors import PermissionDenied
-from deckard.services.peripherals import Peripherals
 from deckard.services.tickets import SOUND
 
 log = structlog.get_logger("deckard.broker")
@@ -181,12 +179,7 @@ class SoundConnect:
 
     async def serve(self, channel: HttpChannel, req: Any) -> None:
         front = channel.front
-
-        def check(offered: Peripherals) -> None:
-            if not offered.sound:
-                raise PermissionDenied("your administrator turned sound off for this desktop", code="sound_disabled")
-
-        granted = await grant(self.db, channel, req, SOUND, check)
+        granted = await grant(self.db, channel, req, SOUND)
         if granted is None:
             return
         front.write(granted.response)

@@ -32,7 +32,8 @@ class AgentFileError(Exception):
         self.message = message
 
 
-def _refusal(resp: httpx.Response, body: bytes) -> AgentFileError:
+def refusal(status: int, body: bytes, error: type[AgentFileError] = AgentFileError) -> AgentFileError:
+    """The agent's JSON refusal ``{"error": {"code", "message"}}`` as ``error``, whatever the body holds."""
     try:
         err = json.loads(body).get("error") or {}
     except (ValueError, AttributeError):
@@ -40,7 +41,17 @@ def _refusal(resp: httpx.Response, body: bytes) -> AgentFileError:
     if not isinstance(err, dict):
         err = {}
     code = str(err.get("code") or "agent_error")
-    return AgentFileError(code, str(err.get("message") or f"the desktop refused (HTTP {resp.status_code})"))
+    return error(code, str(err.get("message") or f"the desktop refused (HTTP {status})"))
+
+
+def agent_http(base_url: str, timeout: float) -> httpx.AsyncClient:
+    """An HTTP client for an agent's plain-HTTP routes (files, sound)."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout),
+        trust_env=False,  # never through a proxy from the environment
+        verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),  # plain HTTP: a bare context instead of the CA bundle
+    )
 
 
 class AgentFiles:
@@ -53,12 +64,7 @@ class AgentFiles:
         self.timeout = timeout
 
     def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self._base,
-            timeout=httpx.Timeout(self.timeout),
-            trust_env=False,  # never through a proxy from the environment
-            verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),  # plain HTTP: a bare context instead of the CA bundle
-        )
+        return agent_http(self._base, self.timeout)
 
     def _unreachable(self, e: Exception) -> AgentFileError:
         return AgentFileError("agent_unreachable", f"the desktop did not answer ({e or type(e).__name__}): try again")
@@ -73,7 +79,7 @@ class AgentFiles:
         except httpx.HTTPError as e:
             raise self._unreachable(e) from None
         if resp.status_code != 200:
-            raise _refusal(resp, resp.content)
+            raise refusal(resp.status_code, resp.content)
         body: dict[str, Any] = resp.json()
         return {k: body[k] for k in ("dir", "entries", "truncated") if k in body}
 
@@ -90,7 +96,7 @@ class AgentFiles:
         except httpx.HTTPError as e:
             raise self._unreachable(e) from None
         if resp.status_code != 200:
-            raise _refusal(resp, resp.content)
+            raise refusal(resp.status_code, resp.content)
         reply: dict[str, Any] = resp.json()
         return {"path": reply.get("path", path), "size": reply.get("size", size)}
 
@@ -102,7 +108,7 @@ class AgentFiles:
                 params = {"login": self.login, "path": path}
                 async with http.stream("GET", "/files/get", params=params, headers=self._headers) as resp:
                     if resp.status_code != 200:
-                        raise _refusal(resp, await resp.aread())
+                        raise refusal(resp.status_code, await resp.aread())
                     name = unquote(resp.headers.get("X-Deckard-File-Name", "")) or path.rsplit("/", 1)[-1]
                     yield name, int(resp.headers.get("Content-Length", "0")), resp.aiter_raw(CHUNK)
         except httpx.HTTPError as e:

@@ -10,7 +10,6 @@ stable code (``no_sound``, ``no_user``), a desktop that cannot be reached is ``a
 from __future__ import annotations
 
 import json
-import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 
 from deckard.client.agent import AGENT_PORT
-from deckard.client.agent_files import AgentFileError
+from deckard.client.agent_files import AgentFileError, agent_http, refusal
 
 RECORD = struct.Struct(">HQ")
 MAX_PACKET = 4000  # the agent's own limit (an Opus packet of one 20 ms frame is at most 1275 bytes)
@@ -82,19 +81,14 @@ class AgentSound:
     async def stream(self) -> AsyncIterator[tuple[dict[str, Any], AsyncIterator[list[tuple[int, bytes]]]]]:
         """``(header, batches)``: the stream's header and its ``(ts_us, packet)`` pairs as they come, in batches
         of what arrived together.  The agent ends its capture when this context is left."""
-        client = httpx.AsyncClient(
-            base_url=self._base,
-            # the read timeout bounds a silence of the agent: it sends a packet every 20 ms, even of silence
-            timeout=httpx.Timeout(self.timeout),
-            trust_env=False,  # never through a proxy from the environment
-            verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),  # plain HTTP: a bare context instead of the CA bundle
-        )
+        # the read timeout bounds a silence of the agent: it sends a packet every 20 ms, even of silence
+        client = agent_http(self._base, self.timeout)
         try:
             async with client:
                 params = {"login": self.login}
                 async with client.stream("GET", "/sound", params=params, headers=self._headers) as resp:
                     if resp.status_code != 200:
-                        raise _refusal(resp.status_code, await resp.aread())
+                        raise refusal(resp.status_code, await resp.aread(), AgentSoundError)
                     records = SoundRecords()
                     chunks = resp.aiter_raw()
                     first: list[tuple[int, bytes]] = []
@@ -118,14 +112,3 @@ class AgentSound:
             raise AgentSoundError(
                 "agent_unreachable", f"the desktop did not answer ({e or type(e).__name__}): try again"
             ) from None
-
-
-def _refusal(status: int, body: bytes) -> AgentSoundError:
-    try:
-        err = json.loads(body).get("error") or {}
-    except (ValueError, AttributeError):
-        err = {}
-    if not isinstance(err, dict):
-        err = {}
-    code = str(err.get("code") or "agent_error")
-    return AgentSoundError(code, str(err.get("message") or f"the desktop refused (HTTP {status})"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from deckard.model.errors import PermissionDenied
 from deckard.services.config import read_configs
 
 PRINT_DIR = "PDF"  # where the desktop's PDF printer (cups-pdf: ``Out ${HOME}/PDF``) leaves each job, in the home
@@ -29,6 +30,15 @@ class Peripherals:
 
     def features(self) -> dict[str, bool]:
         return {"files": self.files, "printing": self.printing, "sound": self.sound}
+
+    def require(self, channel: str) -> None:
+        """403 where the administrator turned ``channel`` (``files``: the file channel, ``sound``) off."""
+        if channel == "files" and not self.channel:
+            raise PermissionDenied(
+                "your administrator turned file transfer off for this desktop", code="files_disabled"
+            )
+        if channel == "sound" and not self.sound:
+            raise PermissionDenied("your administrator turned sound off for this desktop", code="sound_disabled")
 
 
 async def peripherals(conn: AsyncConnection, tenant_id: int, osf_id: int | None) -> Peripherals:

@@ -258,14 +258,8 @@ async def issue_files_ticket(
 ) -> tuple[str, dt.datetime]:
     """A ticket for the file channel of the user's own running desktop (the file panel and print jobs; 403
     ``files_disabled`` where the administrator turned both off for its tenant or OSF)."""
-    desk = await desktop_for_user(db, user, desktop_id)
-    async with db.connect() as conn:
-        offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
-    if not offered.channel:
-        raise PermissionDenied("your administrator turned file transfer off for this desktop", code="files_disabled")
-    if desk.state != DesktopState.RUNNING:
-        raise Conflict("files can be moved only while the desktop runs: connect to it first", code="not_running")
-    return await _store(db, FILES, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
+    idle = "files can be moved only while the desktop runs: connect to it first"
+    return await _channel_ticket(db, user, desktop_id, FILES, idle, limits)
 
 
 async def issue_sound_ticket(
@@ -274,14 +268,19 @@ async def issue_sound_ticket(
     """A ticket for the sound channel of the user's own running desktop (403 ``sound_disabled`` where the
     administrator turned sound off for its tenant or OSF).  Only the desktop's owner gets one: an administrator
     watching (spy) hears nothing."""
+    idle = "sound plays only while the desktop runs: connect to it first"
+    return await _channel_ticket(db, user, desktop_id, SOUND, idle, limits)
+
+
+async def _channel_ticket(
+    db: Database, user: User, desktop_id: int, kind: str, not_running: str, limits: TicketLimits | None
+) -> tuple[str, dt.datetime]:
     desk = await desktop_for_user(db, user, desktop_id)
     async with db.connect() as conn:
-        offered = await peripherals(conn, desk.tenant_id, desk.osf_id)
-    if not offered.sound:
-        raise PermissionDenied("your administrator turned sound off for this desktop", code="sound_disabled")
+        (await peripherals(conn, desk.tenant_id, desk.osf_id)).require(kind)
     if desk.state != DesktopState.RUNNING:
-        raise Conflict("sound plays only while the desktop runs: connect to it first", code="not_running")
-    return await _store(db, SOUND, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
+        raise Conflict(not_running, code="not_running")
+    return await _store(db, kind, TICKET_TTL, user_id=user.id, desktop_id=desk.id, limits=limits or TicketLimits())
 
 
 async def issue_spy_ticket(

@@ -213,6 +213,20 @@ def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
     return proc is not None and proc.poll() is None
 
 
+def session_creds(account: pwd.struct_passwd, env: dict[str, str]) -> dict[str, Any]:
+    """Popen's arguments for a process of the user's session: their uid, a new session, no terminal input."""
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": [],
+        # Popen changes directory before it drops to the user, and root here may not enter the user's home
+        "cwd": "/",
+        "env": env,
+        "stdin": subprocess.DEVNULL,
+        "start_new_session": True,
+    }
+
+
 class XSession:
     """One user's display: Xvnc plus the desktop session, started and stopped as a unit."""
 
@@ -290,16 +304,7 @@ class XSession:
             env.update(self.sound.start(account))
         if keyboard:  # the session script applies it with setxkbmap
             env["DECKARD_KEYBOARD"] = keyboard
-        creds: dict[str, Any] = {
-            "user": account.pw_uid,
-            "group": account.pw_gid,
-            "extra_groups": [],
-            # Popen changes directory before it drops to the user, and root here may not enter the user's home
-            "cwd": "/",
-            "env": env,
-            "stdin": subprocess.DEVNULL,
-            "start_new_session": True,
-        }
+        creds = session_creds(account, env)
         # X clients use the unix socket in the fresh /tmp; VNC viewers come in on VNC_PORT only
         xvnc_opts = ["-depth", "24", "-desktop", "Deckard", "-AlwaysShared", "-nolisten", "tcp"]
         if SOFTWARE_CPU:  # OpenGL on an emulated CPU is unusable, and loading Mesa doubles Xvnc's start there
@@ -709,15 +714,7 @@ class NxSession(XSession):
         env = self.session_env(account)
         if keyboard:
             env["DECKARD_KEYBOARD"] = keyboard
-        creds: dict[str, Any] = {
-            "user": account.pw_uid,
-            "group": account.pw_gid,
-            "extra_groups": [],
-            "cwd": "/",
-            "env": env,
-            "stdin": subprocess.DEVNULL,
-            "start_new_session": True,
-        }
+        creds = session_creds(account, env)
         args = [
             "nxagent",
             NX_DISPLAY,
