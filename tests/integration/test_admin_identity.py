@@ -167,7 +167,13 @@ async def test_a_directory_that_does_not_answer_is_a_503_within_its_timeout(farm
         r = await farm.login("bob", BOB.password)
         assert error(r) == (503, "auth_unavailable") and time.monotonic() - started < 2.5
         await farm.token()  # a local password does not wait for the directory
-    assert (await farm.login("bob", BOB.password)).status_code == 200, "back as soon as it answers"
+    # Back once it answers.  slapd works through the connections queued while it was stopped first, and on a
+    # loaded machine that can take longer than the 0.5 s timeout: a 503 or two on the way is fine, a stuck one not.
+    deadline = time.monotonic() + 15
+    while (r := await farm.login("bob", BOB.password)).status_code != 200 and time.monotonic() < deadline:
+        assert error(r) == (503, "auth_unavailable")
+        await asyncio.sleep(0.2)
+    assert r.status_code == 200, "back once it answers"
 
 
 async def test_roles_follow_the_mapping_at_each_login_and_leaving_every_group_ends_roles_and_sessions(
