@@ -7,6 +7,7 @@ temporary home; the HTTP routes run against a real agent subprocess acting for a
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 from test_vma import wait_listening
 
+from deckard.client.agent_files import AgentFileError, AgentFiles
 from deckard.testing import free_port
 from deckard.vma import agent as vma
 
@@ -271,6 +273,37 @@ def test_upload_then_download_gives_the_same_bytes_written_as_the_user(agent_url
     assert headers["X-Deckard-File-Name"] == "r%C3%A9sum%C3%A9.bin"
     status, _, body = request(f"{agent_url}/files/put?login={login}&path=Uploads/r%C3%A9sum%C3%A9.bin", "PUT", b"2")
     assert json.loads(body)["path"] == "Uploads/résumé (1).bin"
+
+
+async def _download(url: str, login: str, path: str) -> tuple[str, int, bytes]:
+    """A file through the broker's client of the agent (``AgentFiles.download``)."""
+    host, port = url.removeprefix("http://").split(":")
+    async with AgentFiles(host, TOKEN, login, port=int(port), timeout=5).download(path) as (name, size, chunks):
+        return name, size, b"".join([chunk async for chunk in chunks])
+
+
+async def test_the_brokers_client_streams_a_download_and_keeps_the_agents_refusals(agent_url: str, desktop_user):
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    login = desktop_user.pw_name
+    assert request(f"{agent_url}/files/put?login={login}&path=Transfers/big%20one.bin", "PUT", data)[0] == 200
+    assert await _download(agent_url, login, "Transfers/big one.bin") == ("big one.bin", len(data), data)
+    with pytest.raises(AgentFileError) as refused:
+        await _download(agent_url, login, "Transfers/nope.bin")
+    assert refused.value.code == "not_found"
+
+
+async def test_the_brokers_client_calls_a_download_cut_short_unreachable() -> None:
+    async def cut(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Deckard-File-Name: a.bin\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        with pytest.raises(AgentFileError) as cut_short:
+            await _download(url, "someone", "a.bin")
+    assert cut_short.value.code == "agent_unreachable"
 
 
 def test_listing_over_http(agent_url: str, desktop_user):

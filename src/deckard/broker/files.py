@@ -140,8 +140,20 @@ class FilesSession:
     async def next_message(self, timeout: float = IDLE_TIMEOUT) -> tuple[int, bytes]:
         """The next whole text message ``(OP_TEXT, payload)`` or binary chunk ``(OP_BINARY, bytes)``; an end of
         binary message is ``(OP_BINARY, b"")``.  Pings are answered here; a close ends the session."""
+        message = await self._read_message(timeout, wait=True)
+        assert message is not None
+        return message
+
+    async def buffered_message(self) -> tuple[int, bytes] | None:
+        """Like ``next_message``, from what the browser has already sent; None, without waiting, when that holds
+        no whole message (a ping alone is answered, and is no message)."""
+        return await self._read_message(IDLE_TIMEOUT, wait=False)
+
+    async def _read_message(self, timeout: float, *, wait: bool) -> tuple[int, bytes] | None:
         while True:
             while not self._events:
+                if not wait and not (self._leftover or self.front.pending):
+                    return None
                 await self._fill(timeout)
             event = self._events.popleft()
             if isinstance(event, bytes):
@@ -284,8 +296,8 @@ class FilesSession:
                 await self.front.drain()
                 if self.front.gone:
                     raise _Closed
-                while self.pending():  # a cancel (or anything else) sent during the download
-                    opcode, data = await self.next_message()
+                while message := await self.buffered_message():  # a cancel (or anything else) sent meanwhile
+                    opcode, data = message
                     if opcode == OP_TEXT and _op_of(data) == "cancel":
                         raise _Cancelled
                     if opcode == OP_TEXT:

@@ -26,7 +26,7 @@ CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_TOO_BIG, CLOSE_ERROR = 1000, 1002, 1009, 101
 
 def unmask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` (RFC 6455 §5.3), in C."""
-    return apply_mask(bytes(data), key) if data else b""
+    return apply_mask(data, key) if data else b""  # reads any buffer: a memoryview slice is not copied first
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -94,6 +94,7 @@ class FrameReader:
     def feed(self, data: bytes) -> list[bytes | Control]:
         out: list[bytes | Control] = []
         pos, end = 0, len(data)
+        view = memoryview(data)  # payload slices without copies: unmask makes the one copy
         while pos < end and not self.closed:
             if self._opcode < 0:
                 head = self._head
@@ -104,7 +105,7 @@ class FrameReader:
                         pos += size
                         left = self._left
                         if 0 < left <= end - pos and self._opcode < 8:  # a whole data frame: no state to keep
-                            out.append(unmask(data[pos : pos + left], self._key))
+                            out.append(unmask(view[pos : pos + left], self._key))
                             pos += left
                             self._left = 0
                             self._end(out)
@@ -118,7 +119,7 @@ class FrameReader:
                     head.clear()
                 continue
             take = min(self._left, end - pos)
-            chunk = data if pos == 0 and take == end else data[pos : pos + take]
+            chunk = view if pos == 0 and take == end else view[pos : pos + take]
             phase = self._offset & 3
             plain = unmask(chunk, self._key if not phase else self._key[phase:] + self._key[:phase])
             self._offset += take
