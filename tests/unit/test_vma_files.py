@@ -19,7 +19,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -277,19 +277,35 @@ def test_upload_then_download_gives_the_same_bytes_written_as_the_user(agent_url
 
 async def _download(url: str, login: str, path: str) -> tuple[str, int, bytes]:
     """A file through the broker's client of the agent (``AgentFiles.download``)."""
-    host, port = url.removeprefix("http://").split(":")
-    async with AgentFiles(host, TOKEN, login, port=int(port), timeout=5).download(path) as (name, size, chunks):
+    async with _agent(url, login).download(path) as (name, size, chunks):
         return name, size, b"".join([chunk async for chunk in chunks])
 
 
-async def test_the_brokers_client_streams_a_download_and_keeps_the_agents_refusals(agent_url: str, desktop_user):
+def _agent(url: str, login: str) -> AgentFiles:
+    host, port = url.removeprefix("http://").split(":")
+    return AgentFiles(host, TOKEN, login, port=int(port), timeout=5)
+
+
+async def _pieces(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def test_the_brokers_client_streams_both_ways_and_keeps_the_agents_refusals(agent_url: str, desktop_user):
     data = os.urandom(5 * 1024 * 1024 + 3)
-    login = desktop_user.pw_name
-    assert request(f"{agent_url}/files/put?login={login}&path=Transfers/big%20one.bin", "PUT", data)[0] == 200
-    assert await _download(agent_url, login, "Transfers/big one.bin") == ("big one.bin", len(data), data)
+    agent = _agent(agent_url, desktop_user.pw_name)
+    assert await agent.upload("Transfers/big one.bin", len(data), _pieces(data), len(data)) == {
+        "path": "Transfers/big one.bin",
+        "size": len(data),
+    }
+    assert await _download(agent_url, desktop_user.pw_name, "Transfers/big one.bin") == ("big one.bin", len(data), data)
     with pytest.raises(AgentFileError) as refused:
-        await _download(agent_url, login, "Transfers/nope.bin")
+        await _download(agent_url, desktop_user.pw_name, "Transfers/nope.bin")
     assert refused.value.code == "not_found"
+    with pytest.raises(AgentFileError) as too_large:  # refused up front: the rest of the body is not sent
+        await agent.upload("Transfers/more.bin", len(data), _pieces(data), len(data) - 1)
+    assert too_large.value.code == "too_large"
+    assert not (Path(desktop_user.pw_dir) / "Transfers/more.bin").exists()
 
 
 async def test_the_brokers_client_calls_a_download_cut_short_unreachable() -> None:

@@ -65,7 +65,6 @@ UPLOADS = "Uploads"
 IDLE_TIMEOUT = 600.0  # seconds a file panel may sit without an operation
 PROGRESS_EVERY = 0.25  # seconds between two upload progress messages
 MAX_NAME = 255  # bytes of a file name (ext4's limit)
-UPLOAD_BATCH = 1 << 20  # bytes handed to the agent at once, at most
 
 
 class _Closed(Exception):
@@ -177,10 +176,6 @@ class FilesSession:
                 self.close(CLOSE_NORMAL, "bye")
                 raise _Closed
 
-    def pending(self) -> bool:
-        """Whether the browser sent something not read yet (a cancel during a download)."""
-        return bool(self._events or self._leftover or self.front.pending)
-
     # -- the session ------------------------------------------------------------------------------------------
     async def run(self) -> None:
         offered = self.offered
@@ -255,11 +250,9 @@ class FilesSession:
         log.info("broker.files", op="upload", result="ok", size=size, ms=round((time.monotonic() - t0) * 1000))
 
     async def _upload_body(self, size: int) -> AsyncIterator[bytes]:
-        """The upload's bytes from the browser's binary frames, exactly ``size`` of them, in batches of what has
-        arrived (up to ``UPLOAD_BATCH``: fewer, larger writes to the agent)."""
+        """The upload's bytes from the browser's binary frames, exactly ``size`` of them, in the pieces they were
+        read in (each goes to the agent's socket as it is)."""
         left, last = size, time.monotonic()
-        batch: list[bytes] = []  # joined once per batch (a bytearray grown chunk by chunk costs two copies)
-        batched = 0
         while left > 0:
             opcode, data = await self.next_message()
             if opcode == OP_TEXT:
@@ -272,11 +265,7 @@ class FilesSession:
                 raise _Closed
             left -= len(data)
             if data:
-                batch.append(data)
-                batched += len(data)
-            if batch and (batched >= UPLOAD_BATCH or not left or not self.pending()):
-                yield batch[0] if len(batch) == 1 else b"".join(batch)
-                batch, batched = [], 0
+                yield data
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY and left:
                 self.send({"op": "upload", "progress": size - left})

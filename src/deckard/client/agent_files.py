@@ -96,52 +96,64 @@ class AgentFiles:
         """Write ``size`` bytes from ``body`` to ``path`` (the agent picks a free name); ``{"path", "size"}``.
         An exception raised by ``body`` (the browser went away, a cancel) ends the request short: the agent
         then keeps nothing."""
-        headers = {**self._headers, "Content-Length": str(size), "X-Deckard-Max-Bytes": str(max_bytes)}
+        params = {"login": self.login, "path": path}
+        headers = {"Content-Length": str(size), "X-Deckard-Max-Bytes": str(max_bytes)}
+        async with self._exchange("PUT", "/files/put", params, headers) as exchange:
+            async for chunk in body:
+                if not await exchange.send(chunk):  # answered before the end: a refusal (or the agent is gone)
+                    break
+            status, _ = await exchange.head()
+            answer = await exchange.read_all()
+        if status != 200:
+            raise refusal(status, answer)
         try:
-            async with self._client() as http:
-                resp = await http.put(
-                    "/files/put", params={"login": self.login, "path": path}, headers=headers, content=body
-                )
-        except httpx.HTTPError as e:
-            raise self._unreachable(e) from None
-        if resp.status_code != 200:
-            raise refusal(resp.status_code, resp.content)
-        reply: dict[str, Any] = resp.json()
+            reply = json.loads(answer)
+        except ValueError:
+            raise _unreachable(ValueError("the agent's answer is not JSON")) from None
         return {"path": reply.get("path", path), "size": reply.get("size", size)}
 
     @asynccontextmanager
     async def download(self, path: str) -> AsyncIterator[tuple[str, int, AsyncIterator[bytes]]]:
-        """``(name, size, chunks)`` of a file of the home, streamed as the agent sends it (see ``_Download``)."""
-        query = urlencode({"login": self.login, "path": path})
+        """``(name, size, chunks)`` of a file of the home, streamed as the agent sends it."""
+        async with self._exchange("GET", "/files/get", {"login": self.login, "path": path}) as exchange:
+            status, headers = await exchange.head()
+            if status != 200:
+                raise refusal(status, await exchange.read_all())
+            name = unquote(headers.get(b"x-deckard-file-name", b"").decode()) or path.rsplit("/", 1)[-1]
+            yield name, exchange.size, exchange.chunks()
+
+    @asynccontextmanager
+    async def _exchange(
+        self, method: str, route: str, params: dict[str, str], headers: dict[str, str] | None = None
+    ) -> AsyncIterator[_Exchange]:
+        """One request to the agent on a connection of its own (see ``_Exchange``), closed on the way out."""
         request = h11.Request(
-            method="GET",
-            target=f"/files/get?{query}",
-            headers=[("Host", self._host), ("Connection", "close"), *self._headers.items()],
+            method=method,
+            target=f"{route}?{urlencode(params)}",
+            headers=[("Host", self._host), ("Connection", "close"), *self._headers.items(), *(headers or {}).items()],
         )
         loop = asyncio.get_running_loop()
         try:
-            transport, body = await asyncio.wait_for(
-                loop.create_connection(lambda: _Download(request, self.timeout), self._ip, self._port), self.timeout
+            transport, exchange = await asyncio.wait_for(
+                loop.create_connection(lambda: _Exchange(request, self.timeout), self._ip, self._port), self.timeout
             )
         except (OSError, TimeoutError) as e:
             raise _unreachable(e) from None
         try:
-            status, headers = await body.head()
-            if status != 200:
-                raise refusal(status, await body.read_all())
-            name = unquote(headers.get(b"x-deckard-file-name", b"").decode()) or path.rsplit("/", 1)[-1]
-            yield name, body.size, body.chunks()
+            yield exchange
         finally:
             transport.abort()
 
 
-class _Download(asyncio.BufferedProtocol):
-    """The agent's answer to one ``GET /files/get``, read into one 64 KiB buffer; the head is parsed by h11, the
-    body handed on in the pieces it arrives in, at most ``_QUEUED`` bytes ahead of the reader.
+class _Exchange(asyncio.BufferedProtocol):
+    """One HTTP/1.1 request to the agent and its answer: the request body written as it comes (``send`` waits
+    while the agent is behind), the answer read into one 64 KiB buffer, its head parsed by h11 and its body handed
+    on in the pieces it arrives in, at most ``_QUEUED`` bytes ahead of the reader.
 
-    Why not httpx, as the other routes: a download went through uvloop's read copy, anyio's slicing and h11's
-    receive buffer (four copies and an mmap per piece); the broker then spent more on them than on TLS, and
-    downloads reached half of what the broker relays for a display.  Here each piece is copied once."""
+    Why not httpx, as the listing: a download went through uvloop's read copy, anyio's slicing and h11's receive
+    buffer (four copies and an mmap per piece), an upload through h11 and anyio per write; the broker spent more on
+    them than on TLS, and transfers reached half of what the broker relays for a display.  Here a downloaded piece
+    is copied once, and an uploaded one goes to the socket as the browser's frame was unmasked."""
 
     def __init__(self, request: h11.Request, timeout: float) -> None:
         self.timeout = timeout
@@ -157,6 +169,8 @@ class _Download(asyncio.BufferedProtocol):
         self._wake = asyncio.Event()
         self.transport: asyncio.Transport | None = None
         self._response: h11.Response | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     # -- asyncio callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -204,6 +218,12 @@ class _Download(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
         self._wake.set()
 
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
     def eof_received(self) -> bool | None:
         self._end(ConnectionResetError(f"the agent closed the connection with {self._left} bytes to come"))
         return False
@@ -215,10 +235,24 @@ class _Download(asyncio.BufferedProtocol):
         if self._ended is None:
             self._ended = exc
         self._wake.set()
+        self._writable.set()
         if self.transport is not None:
             self.transport.close()
 
-    # -- the reader ----------------------------------------------------------------------------------------------
+    # -- the caller's side ---------------------------------------------------------------------------------------
+    async def send(self, data: bytes) -> bool:
+        """Part of the request body, waiting while the agent's socket is full; False, sending nothing, once the
+        agent has begun to answer or the connection ended (``head`` then says which)."""
+        if self._head or self._response or self._ended or self.transport is None:
+            return False
+        self.transport.write(data)
+        if not self._writable.is_set():
+            try:
+                await asyncio.wait_for(self._writable.wait(), self.timeout)
+            except TimeoutError:
+                raise _unreachable(TimeoutError(f"the agent took nothing for {self.timeout:.0f} s")) from None
+        return True
+
     async def _wait(self) -> None:
         """Until the agent sends more or the stream ends; a dead stream is ``agent_unreachable``."""
         if self._ended is not None:

@@ -1078,6 +1078,7 @@ def power_off_machine() -> None:
 FILE_CHUNK = 1 << 20  # what one copy moves: a pipe's worth (FILE_PIPE_SIZE)
 FILE_PIPE_SIZE = 1 << 20  # the pipes to a file worker (Linux's default pipe-max-size)
 FILE_IDLE_S = 60.0  # a transfer that makes no progress for this long is abandoned
+DISCARD_S = 2.0  # after an early refusal of an upload, the rest of its body is read and dropped this long
 MAX_PATH_LEN = 4096
 DEFAULT_LIST_DIR = "Downloads"
 
@@ -2058,20 +2059,21 @@ class Handler(BaseHTTPRequestHandler):
         return {"ok": True, "path": path, "size": size}
 
     def _discard_body(self) -> None:
-        """After an early error answer, read a little of the unread body so that closing does not reset the
-        connection before the client reads the answer."""
+        """After an early error answer: the answer goes out with a FIN after it, then the unread body is read and
+        dropped for up to ``DISCARD_S`` (until the client, which has the answer, closes).  Closing with unread
+        bytes would reset the connection, and a reset can destroy the answer before the client reads it."""
         self.close_connection = True
         connection = getattr(self, "connection", None)
         if not isinstance(connection, socket.socket):
             return
         with contextlib.suppress(OSError):
-            connection.settimeout(1.0)
-            left = 1 << 20
-            while left > 0:
-                chunk = self.rfile.read1(min(FILE_CHUNK, left))
-                if not chunk:
+            self.wfile.flush()
+            connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + DISCARD_S
+            while (wait := deadline - time.monotonic()) > 0:
+                connection.settimeout(wait)
+                if not self.rfile.read1(FILE_CHUNK):
                     break
-                left -= len(chunk)
 
     # -- /sound?login=: the desktop's sound as Opus (see vma/sound.py) ----------------------------------------
     def _handle_sound(self) -> None:
