@@ -75,9 +75,6 @@ class AgentFiles:
     def _client(self) -> httpx.AsyncClient:
         return agent_http(self._base, self.timeout)
 
-    def _unreachable(self, e: Exception) -> AgentFileError:
-        return _unreachable(e)
-
     async def list(self, directory: str) -> dict[str, Any]:
         """``{"dir", "entries": [{"name", "type", "size", "mtime"}], "truncated"}`` of a folder of the home."""
         try:
@@ -86,7 +83,7 @@ class AgentFiles:
                     "/files/list", params={"login": self.login, "dir": directory}, headers=self._headers
                 )
         except httpx.HTTPError as e:
-            raise self._unreachable(e) from None
+            raise _unreachable(e) from None
         if resp.status_code != 200:
             raise refusal(resp.status_code, resp.content)
         body: dict[str, Any] = resp.json()
@@ -109,7 +106,9 @@ class AgentFiles:
         try:
             reply = json.loads(answer)
         except ValueError:
-            raise _unreachable(ValueError("the agent's answer is not JSON")) from None
+            reply = None
+        if not isinstance(reply, dict):
+            raise _unreachable(ValueError("the agent's answer is not a JSON object"))
         return {"path": reply.get("path", path), "size": reply.get("size", size)}
 
     @asynccontextmanager
