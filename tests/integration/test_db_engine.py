@@ -140,3 +140,38 @@ async def test_many_writers_at_once_all_commit_in_turn(db: Database) -> None:
     assert {f"w{i}" for i in range(30)} <= await db.read(_names)
     if db.dialect == "sqlite":
         assert most == 1  # queued on the process's writer lock, not in SQLite's busy handler
+
+
+SLOW = sa.text(
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT count(*) FROM c"
+)
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+@pytest.mark.parametrize("open_", ["begin", "connect"])
+async def test_a_task_cancelled_mid_query_ends_its_transaction(db: Database, open_: str, cancels: int) -> None:
+    """A broker shutting down cancels its sessions mid-query (and a second cancel can land while a connection is
+    being given back): the transaction must end at once, or on SQLite the file's write lock stays taken while
+    the cancelled task's traceback keeps the statement alive (a CI teardown waited 30 s for it)."""
+    await bootstrap_farm(db)
+    started = asyncio.Event()
+
+    async def slow_query() -> None:
+        async with getattr(db, open_)() as conn:
+            started.set()
+            await conn.execute(SLOW if db.dialect == "sqlite" else sa.text("SELECT pg_sleep(0.5)"))
+
+    task = asyncio.create_task(slow_query())
+    await started.wait()
+    await asyncio.sleep(0.05)
+    for _ in range(cancels):
+        task.cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await task  # the task object (and its traceback) stays referenced here, as in a broker's task set
+    t0 = time.monotonic()
+    async with db.begin() as conn:
+        await conn.execute(sa.insert(t.tenants).values(name="after", created_at=utcnow()))
+    assert time.monotonic() - t0 < 10, "the cancelled task's transaction held the write lock"
+    async with db.connect() as conn:
+        assert "after" in await _names(conn)

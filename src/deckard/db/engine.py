@@ -8,6 +8,7 @@ the same SQLAlchemy Core statements; the few dialect differences (``RETURNING`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,7 +111,7 @@ class Database:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         if self.dialect != "sqlite":
-            async with self.engine.begin() as conn:
+            async with self._transaction() as conn:
                 yield conn
             return
         # SQLite has one writer at a time: this process's writers queue here, in order, rather than in SQLite's
@@ -125,15 +126,29 @@ class Database:
         except TimeoutError:
             raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked")) from None
         try:
-            async with self.engine.begin() as conn:
+            async with self._transaction() as conn:
                 yield conn
         finally:
             writers.release()
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
+        conn = await self.engine.connect()
+        try:
             yield conn
+        finally:
+            await _give_back(conn)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """``engine.begin()``, except that a cancelled task still ends its transaction (see ``_give_back``)."""
+        conn = await self.engine.connect()
+        try:
+            await conn.begin()
+            yield conn
+            await asyncio.shield(conn.commit())  # once asked, it completes even if the caller is cancelled
+        finally:
+            await _give_back(conn)
 
     async def read(self, reads: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """``reads(conn)`` in one read-only transaction, for hot paths that only read (a login).
@@ -152,6 +167,14 @@ class Database:
                     raise
         async with self.connect() as conn:
             return await reads(conn)
+
+
+async def _give_back(conn: AsyncConnection) -> None:
+    """Roll back what is open and return the connection to the pool, in a task of its own: a task cancelled in the
+    middle of a query (a broker shutting down, a client gone) must not leave the transaction open until the garbage
+    collector finds it, since on SQLite every transaction here holds the file's one write lock (``BEGIN
+    IMMEDIATE``) and every other writer would wait out its busy timeout behind it."""
+    await asyncio.shield(conn.close())
 
 
 def _busy(e: OperationalError) -> bool:
@@ -208,6 +231,19 @@ def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool) -> None:
         cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
+
+    @event.listens_for(engine, "invalidate")
+    def _on_invalidate(dbapi_conn: object, _record: object, _exc: object) -> None:
+        # A task cancelled in the middle of a query gets its connection invalidated and closed; but a statement
+        # whose cursor its traceback still holds keeps the transaction, and with it the write lock, alive in a
+        # "zombie" close until the garbage collector finds the traceback.  A rollback queued on aiosqlite's thread
+        # first (ahead of the close) ends the transaction whatever the cursors.
+        aiosqlite_conn = getattr(dbapi_conn, "_connection", None)  # under SQLAlchemy's async adapter only
+        rollback = getattr(aiosqlite_conn, "rollback", None)
+        if rollback is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the garbage collector's clean-up
+                task = asyncio.get_running_loop().create_task(rollback())
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # closed already: nothing to do
 
     if immediate:
 
