@@ -156,8 +156,8 @@ class _Exchange(asyncio.BufferedProtocol):
 
     def __init__(self, request: h11.Request, timeout: float) -> None:
         self.timeout = timeout
-        self.h11 = h11.Connection(h11.CLIENT)
-        self._request = self.h11.send(request) or b""
+        self._h11 = h11.Connection(h11.CLIENT)
+        self._request = self._h11.send(request) or b""
         self.size = -1  # the body's length, once the head is read
         self._buf = memoryview(bytearray(_READ))
         self._head = bytearray()
@@ -193,8 +193,8 @@ class _Exchange(asyncio.BufferedProtocol):
                 if len(self._head) > _READ:
                     self._end(h11.RemoteProtocolError("the agent's response head is too long"))
                 return
-            self.h11.receive_data(bytes(self._head[: end + 4]))
-            event = self.h11.next_event()
+            self._h11.receive_data(bytes(self._head[: end + 4]))
+            event = self._h11.next_event()
             if not isinstance(event, h11.Response):
                 self._end(h11.RemoteProtocolError(f"the agent answered {type(event).__name__}, not a response"))
                 return
