@@ -35,7 +35,6 @@ import os
 import platform
 import socket
 import statistics
-import struct
 import subprocess
 import time
 from typing import Any
@@ -43,6 +42,7 @@ from typing import Any
 import httpx
 import websockets
 
+from _rfb import RawViewer, WsBytes  # bench/_rfb.py
 from deckard.runtime.tls import client_context
 from deckard.testing import CHROMIUM, CHROMIUM_ARGS, FarmProcess, goto, image_cache
 
@@ -120,42 +120,6 @@ def raw_path(farm: FarmProcess, desktop_id: int, ip: str, size: int, mode: str) 
         server.wait(30)
 
 
-class _Stream:
-    """Bytes of a WebSocket's binary messages, read by size (the RFB side of the tunnel)."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws, self.buf = ws, bytearray()
-
-    async def read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            msg = await asyncio.wait_for(self.ws.recv(), 60)
-            if isinstance(msg, bytes):
-                self.buf += msg
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    async def update(self) -> int:
-        """One FramebufferUpdate (other server messages skipped); its pixel bytes."""
-        kind = (await self.read(1))[0]
-        if kind == 2:  # bell
-            return 0
-        if kind != 0:
-            raise AssertionError(f"unexpected server message {kind}")
-        rects = struct.unpack("!xH", await self.read(3))[0]
-        total = 0
-        for _ in range(rects):
-            _x, _y, w, h, enc = struct.unpack("!HHHHi", await self.read(12))
-            if enc == 0:
-                total += len(await self.read(w * h * 4))
-            elif enc == -308:
-                screens = (await self.read(4))[0]
-                await self.read(16 * screens)
-            elif enc != -223:
-                raise AssertionError(f"unexpected encoding {enc}")
-        return total
-
-
 class Panel:
     """The portal's file panel, spoken by a script."""
 
@@ -190,26 +154,11 @@ class Panel:
         sends full-screen updates in Raw encoding (4 bytes a pixel, nothing to compress), three requests in
         flight."""
         async with websockets.connect(await self.ticket("connect"), ssl=self.ctx, max_size=None) as ws:
-            rfb = _Stream(ws)
-            assert (await rfb.read(12)).startswith(b"RFB 003.008")
-            await ws.send(b"RFB 003.008\n")
-            count = (await rfb.read(1))[0]
-            await rfb.read(count)
-            await ws.send(b"\x01")  # security None: the broker already knows the user
-            assert await rfb.read(4) == b"\0\0\0\0"
-            await ws.send(b"\x01")  # shared
-            width, height = struct.unpack("!HH", await rfb.read(4))
-            await rfb.read(16)
-            await rfb.read(struct.unpack("!I", await rfb.read(4))[0])
-            await ws.send(struct.pack("!BxHi", 2, 1, 0))  # SetEncodings: Raw only
-            request = struct.pack("!BBHHHH", 3, 0, 0, 0, width, height)
-            for _ in range(3):
-                await ws.send(request)
-            got, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                got += await rfb.update()
-                await ws.send(request)
-            return got / (time.perf_counter() - t0) / 1e6
+            rfb = WsBytes(ws)
+            viewer = RawViewer(rfb.read, rfb.send)
+            await viewer.handshake()
+            got, took = await viewer.stream(seconds)
+            return got / took / 1e6
 
     async def transfer(self, data: bytes) -> tuple[float, float]:
         """(upload MB/s, download MB/s) of ``data`` through the panel; the bytes must come back the same."""

@@ -119,7 +119,14 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def login(page: Any, api: Api, name: str = "admin", password: str | None = None) -> None:
-    goto(page, api.url + "/admin")
+    for attempt in range(3):
+        goto(page, api.url + "/admin")
+        try:  # a script lost to ERR_NETWORK_CHANGED (the other test worker's taps and veths) leaves a blank page
+            page.get_by_label("Name").wait_for(timeout=15_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     page.get_by_label("Name").fill(name)
     page.get_by_label("Password").fill(password or api.password)
     page.get_by_role("button", name="Log in").click()
