@@ -91,6 +91,17 @@ class _ReadBuffer(threading.local):
 _read_buffer = _ReadBuffer()
 
 
+def read_buffer() -> memoryview:
+    """This thread's shared read buffer, for a ``BufferedProtocol.get_buffer`` whose ``buffer_updated`` copies the
+    bytes out at once (``taken``)."""
+    return _read_buffer.view
+
+
+def taken(nbytes: int) -> bytes:
+    """The ``nbytes`` a transport just read into the shared buffer, as bytes of their own."""
+    return bytes(_read_buffer.view[:nbytes])
+
+
 class FrontConnection(asyncio.BufferedProtocol):
     """One client connection: buffers bytes for the HTTP phase, then forwards them to a relay."""
 
@@ -130,10 +141,10 @@ class FrontConnection(asyncio.BufferedProtocol):
         self._on_open(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002  (the buffer has one size)
-        return _read_buffer.view
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_read_buffer.view[:nbytes]))  # out of the shared buffer before the next read
+        self.data_received(taken(nbytes))  # out of the shared buffer before the next read
 
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:
