@@ -270,9 +270,7 @@ def main() -> None:
     }
     try:
         farm.up()
-        farm.deckard("user", "add", "bench", "--password", PASSWORD)
-        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
-        desk = farm.desktop("bench-desk")
+        desk = farm.user_with_desktop("bench", PASSWORD, "bench-desk")
         wait_for(lambda: farm.pid() is not None, 10, what="the farm's pid")
         results.update(asyncio.run(run(farm, int(desk["id"]), args)))
     finally:

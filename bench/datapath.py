@@ -242,9 +242,7 @@ def main() -> None:
     out: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()}"}
     try:
         farm.up()
-        farm.deckard("user", "add", "bench", "--password", PASSWORD)
-        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
-        desk = farm.desktop("bench-desk")
+        desk = farm.user_with_desktop("bench", PASSWORD, "bench-desk")
         out.update(asyncio.run(measure(farm, int(desk["id"]), args.seconds, args.runs, tools)))
     finally:
         farm.close()

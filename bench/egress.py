@@ -59,8 +59,7 @@ def main() -> None:
     farm = FarmProcess(extra_env={"DECKARD_NETWORK__DNS_SERVERS": json.dumps([upstream.ip])})
     try:
         farm.up()
-        farm.deckard("user", "add", "bench", "--password", "bench-Pa55word")
-        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
+        farm.user_with_desktop("bench", "bench-Pa55word", "bench-desk")
         policy = "deny tcp any port 25; deny udp any port 123; deny 192.0.2.0/24; allow tcp any port 1-65535"
         farm.deckard("config", "set", "network.egress", policy)
         farm.deckard("desktop", "start", "bench-desk")

@@ -67,9 +67,7 @@ def main() -> None:
     farm = FarmProcess()
     try:
         farm.up()
-        farm.deckard("user", "add", "nxbench", "--password", PASSWORD)
-        farm.deckard("desktop", "add", "nx-bench", "--user", "nxbench")
-        desk = int(farm.desktop("nx-bench")["id"])
+        desk = int(farm.user_with_desktop("nxbench", PASSWORD, "nx-bench")["id"])
 
         async def measure() -> dict[str, list[float]]:
             out: dict[str, list[float]] = {"cold": [], "fresh": [], "resume": []}

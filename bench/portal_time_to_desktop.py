@@ -59,8 +59,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()}"}
     try:
         farm.up()
-        farm.deckard("user", "add", "bench", "--password", PASSWORD)
-        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
+        farm.user_with_desktop("bench", PASSWORD, "bench-desk")
         base = f"https://127.0.0.1:{farm.api_port}"
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

@@ -309,9 +309,7 @@ def main() -> None:
         farm.up()
         users: dict[str, int] = {}
         for i in range(args.users):
-            farm.deckard("user", "add", f"soak{i}", "--password", PASSWORD)
-            farm.deckard("desktop", "add", f"soak{i}", "--user", f"soak{i}")
-            users[f"soak{i}"] = int(farm.desktop(f"soak{i}")["id"])
+            users[f"soak{i}"] = int(farm.user_with_desktop(f"soak{i}", PASSWORD, f"soak{i}")["id"])
         asyncio.run(start_desktops(farm, dict(list(users.items())[:1])))  # unpacks the image once
         asyncio.run(start_desktops(farm, users))
         for phase in phases:

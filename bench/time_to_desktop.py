@@ -151,9 +151,7 @@ def main() -> None:
         t0 = time.perf_counter()
         farm.up()
         results["up_s"] = round(time.perf_counter() - t0, 2)
-        farm.deckard("user", "add", "bench", "--password", PASSWORD)
-        farm.deckard("desktop", "add", "bench-desk", "--user", "bench")
-        desk_id = farm.desktop("bench-desk")["id"]
+        desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
         results["first_desktop_s"] = round(asyncio.run(first_byte(farm, "bench", desk_id)), 3)
         asyncio.run(see(farm, "bench", desk_id))
         results.update(cold_starts(farm, "bench-desk", desk_id, args.runs))
@@ -203,9 +201,7 @@ def vm_main(args: argparse.Namespace) -> None:
         farm.deckard("osf", "add", "vmbench", "--driver", "vm", "--memory", str(args.memory), "--cpus", str(args.cpus))
         t0 = time.perf_counter()
         farm.deckard("image", "import", str(image), "--osf", "vmbench")
-        farm.deckard("user", "add", "bench", "--password", PASSWORD)
-        farm.deckard("desktop", "add", "bench-vm", "--user", "bench", "--osf", "vmbench")
-        desk_id = farm.desktop("bench-vm")["id"]
+        desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-vm", "--osf", "vmbench")["id"]
         paths = FarmPaths(farm.home)
         wait_for(lambda: any(paths.basefs.glob("*-vm*/disk.qcow2")), 600, 0.2, "the VM image")
         results["image_prepared_s"] = round(time.perf_counter() - t0, 1)

@@ -240,6 +240,12 @@ class FarmProcess:
         assert isinstance(rows, list)
         return next(r for r in rows if r["name"] == name)
 
+    def user_with_desktop(self, login: str, password: str, desktop: str, *options: str) -> dict[str, Any]:
+        """A new user and a desktop of theirs (``options``: more ``desktop add`` options); the desktop's row."""
+        self.deckard("user", "add", login, "--password", password)
+        self.deckard("desktop", "add", desktop, "--user", login, *options)
+        return self.desktop(desktop)
+
     def guests(self, lxc: Path | None = None) -> list[str]:
         """Guests LXC knows in one node's directory (default: the all-in-one node's)."""
         lxc = lxc or self.home / "run" / "lxc"

@@ -58,8 +58,9 @@ def agent_http(base_url: str, timeout: float) -> httpx.AsyncClient:
     )
 
 
-def _unreachable(e: Exception) -> AgentFileError:
-    return AgentFileError("agent_unreachable", f"the desktop did not answer ({e or type(e).__name__}): try again")
+def unreachable(e: Exception, error: type[AgentFileError] = AgentFileError) -> AgentFileError:
+    """``agent_unreachable`` as ``error``: the desktop did not answer, or broke off."""
+    return error("agent_unreachable", f"the desktop did not answer ({e or type(e).__name__}): try again")
 
 
 class AgentFiles:
@@ -83,7 +84,7 @@ class AgentFiles:
                     "/files/list", params={"login": self.login, "dir": directory}, headers=self._headers
                 )
         except httpx.HTTPError as e:
-            raise _unreachable(e) from None
+            raise unreachable(e) from None
         if resp.status_code != 200:
             raise refusal(resp.status_code, resp.content)
         body: dict[str, Any] = resp.json()
@@ -108,7 +109,7 @@ class AgentFiles:
         except ValueError:
             reply = None
         if not isinstance(reply, dict):
-            raise _unreachable(ValueError("the agent's answer is not a JSON object"))
+            raise unreachable(ValueError("the agent's answer is not a JSON object"))
         return {"path": reply.get("path", path), "size": reply.get("size", size)}
 
     @asynccontextmanager
@@ -137,7 +138,7 @@ class AgentFiles:
                 loop.create_connection(lambda: _Exchange(request, self.timeout), self._ip, self._port), self.timeout
             )
         except (OSError, TimeoutError) as e:
-            raise _unreachable(e) from None
+            raise unreachable(e) from None
         try:
             yield exchange
         finally:
@@ -249,18 +250,18 @@ class _Exchange(asyncio.BufferedProtocol):
             try:
                 await asyncio.wait_for(self._writable.wait(), self.timeout)
             except TimeoutError:
-                raise _unreachable(TimeoutError(f"the agent took nothing for {self.timeout:.0f} s")) from None
+                raise unreachable(TimeoutError(f"the agent took nothing for {self.timeout:.0f} s")) from None
         return True
 
     async def _wait(self) -> None:
         """Until the agent sends more or the stream ends; a dead stream is ``agent_unreachable``."""
         if self._ended is not None:
-            raise _unreachable(self._ended)
+            raise unreachable(self._ended)
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), self.timeout)
         except TimeoutError:
-            raise _unreachable(TimeoutError(f"the agent sent nothing for {self.timeout:.0f} s")) from None
+            raise unreachable(TimeoutError(f"the agent sent nothing for {self.timeout:.0f} s")) from None
 
     async def head(self) -> tuple[int, dict[bytes, bytes]]:
         while self._response is None:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from deckard.client.agent import AGENT_PORT
-from deckard.client.agent_files import AgentFileError, agent_http, refusal
+from deckard.client.agent_files import AgentFileError, agent_http, refusal, unreachable
 
 RECORD = struct.Struct(">HQ")
 MAX_PACKET = 4000  # the agent's own limit (an Opus packet of one 20 ms frame is at most 1275 bytes)
@@ -109,6 +109,4 @@ class AgentSound:
 
                     yield records.header, batches()
         except httpx.HTTPError as e:
-            raise AgentSoundError(
-                "agent_unreachable", f"the desktop did not answer ({e or type(e).__name__}): try again"
-            ) from None
+            raise unreachable(e, AgentSoundError) from None
