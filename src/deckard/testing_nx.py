@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shutil
 import struct
 import subprocess
@@ -25,7 +26,6 @@ from typing import Any
 
 from deckard.client.broker import BrokerConnection
 
-X11_DIR = Path("/tmp/.X11-unix")
 SIZE = (1024, 768)
 
 
@@ -34,14 +34,6 @@ def nx_unavailable_reason() -> str | None:
     if missing:
         return f"{', '.join(missing)} not installed (apt-get install nxproxy xvfb x11-apps; `make test` does it)"
     return None
-
-
-def free_display() -> int:
-    """An X display number nobody uses (no socket, no lock file)."""
-    for n in range(140, 400):
-        if not (X11_DIR / f"X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            return n
-    raise RuntimeError("no free X display number between 140 and 400")
 
 
 def xwd_pixels(display: int) -> tuple[int, int, bytes]:
@@ -82,19 +74,24 @@ class NxViewer:
         await self.close()
 
     def start_xvfb(self) -> None:
-        self.display = free_display()
+        """Xvfb on a display number it picks itself (``-displayfd``): two processes choosing a free number at the
+        same moment would collide, and the loser would wait on the winner's socket."""
+        read_fd, write_fd = os.pipe()
         with open(self.home / "xvfb.log", "wb") as log:
             self.xvfb = subprocess.Popen(
-                ["Xvfb", f":{self.display}", "-screen", "0", f"{SIZE[0]}x{SIZE[1]}x24", "-nolisten", "tcp"],
+                ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{SIZE[0]}x{SIZE[1]}x24", "-nolisten", "tcp"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                pass_fds=(write_fd,),
             )
-        deadline = time.monotonic() + 10
-        while not (X11_DIR / f"X{self.display}").exists():
-            if self.xvfb.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Xvfb :{self.display} did not start: {(self.home / 'xvfb.log').read_text()}")
-            time.sleep(0.02)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as numbers:  # Xvfb writes the number once it accepts clients
+            ready, _, _ = select.select([numbers], [], [], 10)
+            line = numbers.readline() if ready else b""
+        if not line.strip().isdigit():
+            raise RuntimeError(f"Xvfb did not start: {(self.home / 'xvfb.log').read_text()}")
+        self.display = int(line)
 
     async def connect(
         self, server: str, ca: Path, login: str, password: str, desktop_id: int, params: dict[str, str] | None = None

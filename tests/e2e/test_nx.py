@@ -1,23 +1,26 @@
 """QVD's clients on a real farm: Debian's ``nxproxy`` through the broker, as QVD's client wires it, draws the LXC
 desktop's session (nxagent inside) on an ``Xvfb`` of the test's own.
 
-One desktop for the module: a picture, bad options refused while the session goes on, a VNC client refused while
-the NX session is in use, the client dropped and the session resumed with its windows, a client gone right after
-the ``101``, and a VNC client once the NX session has ended.
+One desktop for the module: a picture, bad options refused while the session goes on, the client dropped and the
+session resumed with its windows, a client gone right after the ``101``, the same session shown to a VNC client and
+to the portal in Chromium and taken back by nxproxy, and a VNC client once the NX session has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
 from deckard.client import broker as qvd
 from deckard.client.agent import AgentClient
-from deckard.client.rfb import grab_framebuffer, is_blank
-from deckard.model.errors import BadInput, Unavailable
-from deckard.testing import FarmProcess, wait_for
+from deckard.client.rfb import colour_share, grab_framebuffer, is_blank
+from deckard.model.errors import BadInput
+from deckard.testing import FarmProcess, goto, wait_for
 from deckard.testing_nx import NxViewer, colours, nx_unavailable_reason
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +38,15 @@ QVD_PARAMS = {
     "qvd.client.printing.enabled": "0",
     "qvd.client.timezone": "Europe/Madrid",
 }
+# the share of light pixels on the portal's canvas (the session's white xterm)
+CANVAS_STATS = """() => {
+  const c = document.querySelector('#screen-canvas canvas');
+  if (!c || !c.width) return null;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, light = 0;
+  for (let i = 0; i < d.length; i += 4 * 7) { n++; if (d[i] > 200 && d[i + 1] > 200 && d[i + 2] > 200) light++; }
+  return {width: c.width, height: c.height, light: light / n};
+}"""
 # every process's command line in the desktop (the image has no ps), with its owner
 PROCESSES = "for p in /proc/[0-9]*; do echo \"$(stat -c %U $p) $(tr '\\0' ' ' < $p/cmdline)\"; done 2>/dev/null"
 
@@ -68,6 +80,12 @@ async def _drawn(farm: FarmProcess, viewer: NxViewer, desk: int, tries: int = 1)
         await viewer.disconnect()
         _suspended(farm, desk)
     raise AssertionError("unreachable")
+
+
+def in_thread(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``asyncio.run(scenario())`` on a thread of its own."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario()).result()
 
 
 def _suspended(farm: FarmProcess, desk: int) -> None:
@@ -112,12 +130,6 @@ def test_nxproxy_draws_the_session_and_resumes_it_after_the_client_drops(farm: F
                 finally:
                     await conn.close()
             assert bad.value.details["error"] == "bad_nx_option"
-            # a VNC client while the NX session is in use: refused, the NX client keeps its session
-            with pytest.raises(Unavailable) as busy:
-                await qvd.connect(farm.broker, "nxuser", PASSWORD, farm.ca, desk)
-            assert busy.value.details["error"] == "display_in_use_by_other_protocol"
-            assert farm.desktop("nx-desk")["user_state"] == "connected"
-
             # a window of the session, then the client drops: nxagent suspends the session, windows kept
             window = "DISPLAY=:100 XAUTHORITY=/run/deckard/nx/xauthority setsid xterm -title kept >/dev/null 2>&1 &"
             assert farm.attach(desk, window, "nxuser").returncode == 0
@@ -156,7 +168,66 @@ def test_a_client_gone_right_after_the_101_leaves_the_desktop_running_and_its_se
     asyncio.run(scenario())
 
 
-def test_a_vnc_client_works_once_the_nx_session_has_ended(farm: FarmProcess, desk: int) -> None:
+def test_the_nx_session_resumes_in_deckard_connect_and_the_portal_then_back_in_nxproxy(
+    farm: FarmProcess, desk: int, browser: Any
+) -> None:
+    """One session whatever the client: the suspended NX session is shown to a VNC client (deckard connect's
+    path) and to the portal in Chromium with its window, then a QVD client takes it back; never a second
+    session."""
+
+    window = "DISPLAY=:100 XAUTHORITY=/run/deckard/nx/xauthority setsid xterm -bg white -title viewed >/dev/null 2>&1 &"
+    assert farm.attach(desk, window, "nxuser").returncode == 0  # a white window: light pixels to look for
+
+    async def vnc_sees_the_session() -> None:
+        reader, writer = await qvd.connect(farm.broker, "nxuser", PASSWORD, farm.ca, desk)
+        try:
+            _, _, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=15), 30)
+            assert not is_blank(pixels)
+            assert colour_share(pixels, (0x2E, 0x4A, 0x62)) > 0.05, "not the session's background"
+            assert colour_share(pixels, (255, 255, 255)) > 0.01, "no xterm (white) on the display"
+        finally:
+            writer.close()
+
+    in_thread(vnc_sees_the_session)  # Playwright's sync API holds this thread's event loop
+    log = farm.attach(desk, "cat /run/deckard/nxagent.log").stdout
+    assert log.count("Session: Starting session at") == 1 and log.count("Session: Session resumed at") >= 2
+    agent_state = farm.attach(desk, PROCESSES).stdout
+    assert "nxproxy -S" in agent_state and "Xvnc :99" in agent_state, "the session's VNC view"
+
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1024, "height": 768})
+    try:
+        page = ctx.new_page()
+        goto(page, f"https://127.0.0.1:{farm.api_port}/")
+        page.get_by_label("User name").fill("nxuser")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_role("button", name="Connect to nx-desk").click()
+        page.wait_for_function("() => document.body.dataset.firstFrame", timeout=60_000)
+        stats = page.evaluate(CANVAS_STATS)
+        deadline = time.monotonic() + 20
+        while not (stats and stats["light"] > 0.01) and time.monotonic() < deadline:
+            page.wait_for_timeout(300)
+            stats = page.evaluate(CANVAS_STATS)
+        assert stats and stats["light"] > 0.01, f"the portal does not show the session's xterm: {stats}"
+        _user_state(farm, "connected")
+    finally:
+        ctx.close()
+
+    async def back_in_nxproxy() -> None:
+        async with NxViewer() as viewer:
+            await _drawn(farm, viewer, desk, tries=2)
+            await viewer.disconnect()
+
+    in_thread(back_in_nxproxy)
+    log = farm.attach(desk, "cat /run/deckard/nxagent.log").stdout
+    assert log.count("Session: Starting session at") == 1, log
+    processes = farm.attach(desk, PROCESSES).stdout
+    assert "xterm -title kept" in processes and "Xvnc :99" not in processes  # the view ended with the take-back
+
+
+def test_a_vnc_session_once_the_nx_one_ended_is_shown_to_nxproxy_and_kept(farm: FarmProcess, desk: int) -> None:
+    """After a logout the next client, a VNC one, gets a new Xvnc session; a QVD client that connects then is
+    shown that session (nxagent's shadow of Xvnc) with its window, and the session outlives it."""
     farm.attach(desk, "kill -TERM -1", "nxuser")  # the user's processes end: a logout, nxagent included
     wait_for(
         lambda: " nxagent " not in farm.attach(desk, PROCESSES).stdout.replace("\n", " \n"), 15, 0.3, "nxagent gone"
@@ -170,4 +241,24 @@ def test_a_vnc_client_works_once_the_nx_session_has_ended(farm: FarmProcess, des
         finally:
             writer.close()
 
-    asyncio.run(see())
+    in_thread(see)  # the module's browser holds this thread's event loop
+    window = "DISPLAY=:0 setsid xterm -bg white -geometry 60x20+40+40 -title browser-window >/dev/null 2>&1 &"
+    assert farm.attach(desk, window, "nxuser").returncode == 0
+    xvnc_before = [line for line in farm.attach(desk, PROCESSES).stdout.splitlines() if " Xvnc :0 " in line]
+
+    async def shadowed() -> None:
+        async with NxViewer() as viewer:
+            await viewer.connect(farm.broker, farm.ca, "nxuser", PASSWORD, desk, QVD_PARAMS)
+            try:
+                await viewer.wait_drawn(bytes((255, 255, 255)), 30)  # the xterm of the VNC session
+            except TimeoutError:
+                pytest.fail(f"not drawn\n{viewer.log()}\n{farm.diagnostics(desk)}")
+            processes = farm.attach(desk, PROCESSES).stdout
+            assert "-shadow :0" in processes, processes
+            await viewer.disconnect()
+
+    in_thread(shadowed)
+    processes = farm.attach(desk, PROCESSES).stdout
+    assert [line for line in processes.splitlines() if " Xvnc :0 " in line] == xvnc_before
+    assert "xterm -bg white -geometry 60x20+40+40 -title browser-window" in processes
+    in_thread(see)  # and VNC clients still get it

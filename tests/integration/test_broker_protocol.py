@@ -592,22 +592,52 @@ async def test_bad_nx_options_are_refused_before_anything_starts(farm: Farm) -> 
     await c.close()
 
 
-async def test_a_vnc_client_is_refused_while_the_nx_session_is_in_use_and_the_nx_one_keeps_its_tunnel(
-    farm: Farm,
-) -> None:
+async def test_a_vnc_client_takes_an_nx_session_over_and_a_qvd_client_takes_it_back(farm: Farm) -> None:
+    """One session whatever the client: a VNC client (the browser, deckard connect) is shown the NX session (the
+    agent's view of it on the display port) and the QVD client is cut off; a QVD client takes it back."""
     desk_id = farm.alice_desk["id"]
     nx = await RawClient.open(farm)
     assert (await nx.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
     nx.writer.write(NXPROXY_FIRST + b"ping")
     assert await asyncio.wait_for(nx.reader.readexactly(4), 5) == b"ping"
     vnc = await RawClient.open(farm)
-    status, headers, body, _ = await vnc.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
-    assert (status, headers["x-deckard-error"]) == (503, "display_in_use_by_other_protocol")
-    assert b"an NX client (QVD's client)" in body
-    nx.writer.write(b"pong")
-    assert await asyncio.wait_for(nx.reader.readexactly(4), 5) == b"pong"
-    await vnc.close()
-    await nx.close()
+    assert (await vnc.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(vnc.reader, vnc.writer)
+    vnc.writer.write(b"seen")
+    assert await asyncio.wait_for(vnc.reader.readexactly(4), 5) == b"seen"
+    assert await closed_by_peer(nx.reader)
+    x_state = farm.guest(desk_id).agent.call("x_state", {})
+    assert x_state["protocol"] == "nx"  # still the NX session, shown to the VNC client
+
+    back = await RawClient.open(farm)
+    assert (await back.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
+    back.writer.write(NXPROXY_FIRST + b"pong")
+    assert await asyncio.wait_for(back.reader.readexactly(4), 5) == b"pong"
+    assert await closed_by_peer(vnc.reader)
+    for c in (back, vnc, nx):
+        await c.close()
+
+
+async def test_a_qvd_client_is_shown_the_vnc_session_a_browser_opened(farm: Farm) -> None:
+    """The other way round: a VNC client's session is shown to a QVD client (nxagent's shadow of it), which
+    takes the desktop over; the VNC session itself stays."""
+    desk_id = farm.alice_desk["id"]
+    vnc = await RawClient.open(farm)
+    assert (await vnc.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(vnc.reader, vnc.writer)
+    nx = await RawClient.open(farm)
+    assert (await nx.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **QVD_UPGRADE}))[0] == 101
+    nx.writer.write(NXPROXY_FIRST + b"ping")
+    assert await asyncio.wait_for(nx.reader.readexactly(4), 5) == b"ping"
+    assert await closed_by_peer(vnc.reader)
+    x_state = farm.guest(desk_id).agent.call("x_state", {})
+    assert (x_state["protocol"], x_state["shadowed"]) == ("vnc", True)
+    again = await RawClient.open(farm)  # and the browser takes it back: the same Xvnc session
+    assert (await again.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(again.reader, again.writer)
+    assert await closed_by_peer(nx.reader)
+    for c in (again, nx, vnc):
+        await c.close()
 
 
 async def test_garbage_instead_of_nxproxy_never_reaches_nxagent(farm: Farm) -> None:

@@ -17,9 +17,9 @@ waiting until it runs, ``t_agent_ms`` the node's guest-to-agent time of the star
 ``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.
 
 The display is Xvnc (VNC) or, for QVD's clients, nxagent (NX, ``nx.py``): the agent's ``x_start`` is told which,
-and the relay is opened on that display's port with that protocol's handshake.  The agent keeps one display
-per desktop: a display of the other kind in use is refused with ``display_in_use_by_other_protocol``
-(``docs/broker-protocol.md``).
+and the relay is opened on that display's port with that protocol's handshake.  The agent keeps one session per
+desktop whatever the client: it shows an NX session to VNC clients and an Xvnc session to QVD's clients
+(``docs/clients.md``).
 
 The flow does not know which protocol the client speaks: a :class:`ClientSide` says how progress, the switch
 to the relay and a refusal look on the wire (QVD: ``102``/``101``/``503``; WebSocket: text frames, the relay,
@@ -172,13 +172,6 @@ class SessionRunner:
             client = QvdClient(client)
         front = client.front
         desk = req.desktop
-        try:
-            await self._check_display_free(desk, req.params.display)
-        except Conflict as e:
-            log.info("broker.connection", desktop_id=desk.id, login=req.login, result="refused", error=e.code)
-            BROKER_CONNECTS.labels("failed").inc()
-            client.refuse(e.message, e.code)
-            return
         session_id, conn_id = await open_session(
             self.db,
             desk,
@@ -266,26 +259,6 @@ class SessionRunner:
         )
         if refusal is not None:
             client.refuse(refusal, refusal_code)
-
-    async def _check_display_free(self, desk: Desktop, display: str) -> None:
-        """Refuse, before taking the desktop over, a client whose display protocol is not the one in use: the
-        agent keeps one display per desktop and would refuse it anyway, after the other client was cut off."""
-        if desk.state != DesktopState.RUNNING or not desk.agent_token:
-            return
-        agent = AgentClient(desk.ip, desk.agent_token, port=self.ports.agent, timeout=2.0)
-        try:
-            state = await agent.call("x_state")
-        except Unavailable:
-            return  # the connect's own path will say what is wrong
-        current = state.get("protocol", "vnc")
-        if state.get("in_use") and current != display:
-            names = {"nx": "an NX client (QVD's client)", "vnc": "a VNC client (the browser, deckard connect)"}
-            raise Conflict(
-                f"the desktop's session is open in {names.get(current, current)} and"
-                f" {names.get(display, display)} cannot share it yet: log out of that session,"
-                " or stop the desktop, then connect again",
-                code="display_in_use_by_other_protocol",
-            )
 
     async def _step(self, aw: Awaitable[T], front: FrontConnection, watch: asyncio.Task[Any]) -> T:
         """Await ``aw`` unless the client leaves or the session is taken over first."""

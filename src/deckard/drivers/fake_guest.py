@@ -85,6 +85,7 @@ class FakeNxSession(vma.NxSession):
     def __init__(self, guest: FakeGuest) -> None:
         super().__init__(vma.Children(), guest.spec.agent_token)
         self.guest = guest
+        self.view = False  # shown to VNC viewers (attach_vnc)
 
     def current_state(self) -> str:
         if self.state == "listening":
@@ -94,8 +95,21 @@ class FakeNxSession(vma.NxSession):
     def server_alive(self) -> bool:
         return self.guest.running
 
-    def start_nx(self, login: str, uid: int, geometry: str, keyboard: str, opts: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002
+    def start_nx(
+        self,
+        login: str,
+        uid: int,
+        geometry: str,  # noqa: ARG002
+        keyboard: str,  # noqa: ARG002
+        opts: dict[str, Any],  # noqa: ARG002
+        shadow_of: vma.XSession | None = None,
+    ) -> dict[str, Any]:
+        """nxagent's port opens; with ``shadow_of`` it shows the guest's VNC session (whose display stays)."""
         with self.lock:
+            self.shadow = shadow_of is not None
+            if self.view:  # a QVD client takes the session back from the VNC viewers
+                self.view = False
+                self.guest.close_display()
             if self.state == "listening" and self.user == login:
                 return {"state": self.current_state(), "user": login, "already": True, "protocol": "nx"}
             try:
@@ -105,10 +119,26 @@ class FakeNxSession(vma.NxSession):
             self.state, self.user, self.uid = "listening", login, uid
         return {"state": "listening", "user": login, "elapsed_ms": 0, "protocol": "nx"}
 
+    def attach_vnc(self, login: str, geometry: str, keyboard: str) -> dict[str, Any]:  # noqa: ARG002
+        """The session shown to VNC viewers: the guest's display port opens, as the agent's view does."""
+        with self.lock:
+            try:
+                self.guest.open_display()
+            except OSError as exc:
+                raise vma.AgentError("x_start_failed", f"could not show the NX session: {exc}", 500) from exc
+            self.view = True
+        return {"state": "listening", "user": login, "resumed": True, "protocol": "vnc"}
+
+    def viewed(self) -> bool:
+        return self.view
+
     def stop(self) -> None:
         with self.lock:
             self.state, self.user, self.uid = "stopped", None, None
+            viewed, self.view, self.shadow = self.view, False, False
         self.guest.close_nx()
+        if viewed:
+            self.guest.close_display()
 
     def notify(self, text: str, timeout: int = 60) -> str:  # noqa: ARG002
         return "xmessage" if self.state == "listening" else "none"

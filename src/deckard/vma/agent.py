@@ -15,8 +15,9 @@ serves a small token-authenticated HTTP RPC on port 3030 that the node and the b
 
 X states follow QVD: stopped, provisioning, starting, listening, connected, stopping ("connected" means an
 established TCP connection on the VNC port); an NX session (:class:`NxSession`, for QVD's clients) adds
-suspending and suspended, read from nxagent's log as QVD's VMA reads them.  One display at a time: a display
-of the other protocol that a client has used is refused with ``display_in_use_by_other_protocol``.
+suspending and suspended, read from nxagent's log as QVD's VMA reads them.  One session per desktop whatever the
+client: an NX session is shown to VNC clients on an Xvnc of its own through a local nxproxy (:meth:`NxSession.
+attach_vnc`), and an Xvnc session to QVD's clients by nxagent's shadow mode (``start_nx(shadow_of=...)``).
 The display server is TigerVNC's Xvnc on :0 / port 5900,
 with a jwm + xterm session, both run as the desktop's user.  Xvnc requires VNC authentication with the
 desktop's display secret, which the node writes to /etc/deckard/display-passwd and only the broker knows:
@@ -105,6 +106,7 @@ NX_PORT = 4100
 NX_INITIATING_TIMEOUT_S = 20.0  # QVD's timeouts: nxagent must listen within 20 s of its start (or resume) ...
 NX_LISTENING_TIMEOUT_S = 10.0  # ... and a new session nobody connects to within 10 s is stopped
 NX_SUSPEND_WAIT_S = 10.0  # a connected session being taken over has this long to suspend
+VIEW_DISPLAY = ":99"  # the Xvnc on which an NX session is shown to VNC viewers (NxSession.attach_vnc)
 DEFAULT_GEOMETRY = "1280x800"
 SESSION_SCRIPT = "/etc/deckard/xsession"
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
@@ -290,13 +292,7 @@ class XSession:
         return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
 
     def _launch(self, account: pwd.struct_passwd, geometry: str, keyboard: str = "") -> None:
-        tmp_x11 = Path("/tmp/.X11-unix")
-        tmp_x11.mkdir(mode=0o1777, exist_ok=True)
-        tmp_x11.chmod(0o1777)
-        # stale lock/socket from a previous Xvnc would make the next one refuse to start
-        for stale in (Path(f"/tmp/.X{DISPLAY[1:]}-lock"), tmp_x11 / f"X{DISPLAY[1:]}"):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+        clear_display(DISPLAY)
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         password_file = install_display_secret(account)
         env = user_env(account)
@@ -305,30 +301,7 @@ class XSession:
         if keyboard:  # the session script applies it with setxkbmap
             env["DECKARD_KEYBOARD"] = keyboard
         creds = session_creds(account, env)
-        # X clients use the unix socket in the fresh /tmp; VNC viewers come in on VNC_PORT only
-        xvnc_opts = ["-depth", "24", "-desktop", "Deckard", "-AlwaysShared", "-nolisten", "tcp"]
-        if SOFTWARE_CPU:  # OpenGL on an emulated CPU is unusable, and loading Mesa doubles Xvnc's start there
-            xvnc_opts += ["-extension", "GLX"]
-        with open(RUN_DIR / "xvnc.log", "ab") as xlog:
-            self.xvnc = self.children.spawn(
-                [
-                    "Xvnc",
-                    DISPLAY,
-                    "-rfbport",
-                    str(VNC_PORT),
-                    "-SecurityTypes",
-                    "VncAuth",
-                    "-PasswordFile",
-                    str(password_file),
-                    "-geometry",
-                    geometry,
-                    *xvnc_opts,
-                ],
-                stdout=xlog,
-                stderr=subprocess.STDOUT,
-                **creds,
-            )
-        xvnc = self.xvnc
+        self.xvnc = xvnc = spawn_xvnc(self.children, DISPLAY, geometry, password_file, creds, "xvnc.log")
         wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
         session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
         script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
@@ -541,6 +514,10 @@ def nx_options_line(opts: dict[str, Any], geometry: str, cookie: str) -> str:
         f"geometry={geometry}",
         f"fullscreen={opts['fullscreen']}",
         f"cookie={cookie}",
+        # a session resumes on X servers whose depths and pixmap formats differ (the agent's Xvnc for VNC
+        # viewers, then the client's Xorg, VcXsrv or Xvfb): nxagent's default, strict, and "safe" refuse the
+        # resume unless every depth matches; "risky" asks for one in common (24 bits, which all have)
+        "tolerancechecks=risky",
         f"listen={NX_PORT}",
     ]
     return "nx/nx," + ",".join(items) + f":{NX_DISPLAY[1:]}\n"
@@ -574,12 +551,23 @@ class NxSession(XSession):
         self.timezone = ""
         self.listening_since: float | None = None
         self.connected_once = False
+        self.opts: dict[str, Any] = {}  # the NX options of the last start or resume
+        self.shadow = False  # nxagent shows the user's Xvnc session (start_nx's shadow_of) rather than its own
+        # the session shown to VNC viewers: an Xvnc of its own and a local nxproxy attached to nxagent
+        self.view_xvnc: subprocess.Popen[bytes] | None = None
+        self.view_proxy: subprocess.Popen[bytes] | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def server_alive(self) -> bool:
         return _alive(self.xvnc)
 
     def current_state(self) -> str:
+        if self.state == "listening" and self.viewed():
+            return "connected" if vnc_connected(VNC_PORT) else "listening"  # VNC viewers come and go, as on Xvnc
+        return self.nx_state()
+
+    def nx_state(self) -> str:
+        """The state nxagent's log says (connected also while VNC viewers have it: see :meth:`attach_vnc`)."""
         if self.state != "listening":
             return self.state
         try:
@@ -610,15 +598,29 @@ class NxSession(XSession):
             return None
 
     # -- start and resume ------------------------------------------------------------------------------
-    def start_nx(self, login: str, uid: int, geometry: str, keyboard: str, opts: dict[str, Any]) -> dict[str, Any]:
+    def start_nx(
+        self,
+        login: str,
+        uid: int,
+        geometry: str,
+        keyboard: str,
+        opts: dict[str, Any],
+        shadow_of: XSession | None = None,
+    ) -> dict[str, Any]:
+        """Start, resume or take over the user's NX session.  With ``shadow_of`` (the user's Xvnc session, which
+        a VNC client opened), nxagent shows that session instead of starting one (its shadow mode: the screen
+        read from Xvnc, the QVD client's input sent to it), so a QVD client finds the windows the browser had."""
         t0 = time.monotonic()
         if not self.cookie:
             raise AgentError("nx_unavailable", "the agent has no token to derive the NX cookie from", 500)
         if not shutil.which("nxagent"):
             raise AgentError("nx_unavailable", "this desktop's image has no nxagent: rebuild the image", 409)
         with self.lock:
-            now = self.current_state()
-            if self.state == "listening" and (self.user != login or not _alive(self.xvnc)):
+            if self.viewed():  # VNC viewers have the session: a QVD client takes it over from them
+                self._stop_view_locked()
+            now = self.nx_state()
+            wrong_kind = (shadow_of is not None) != self.shadow
+            if self.state == "listening" and (self.user != login or not _alive(self.xvnc) or wrong_kind):
                 self._stop_locked()
             elif now in ("connected", "suspending"):
                 # the broker's takeover is closing the old tunnel: nxagent suspends the session in a moment
@@ -641,7 +643,7 @@ class NxSession(XSession):
             try:
                 account = provision_user(self.children, login, uid)
                 self.state = "starting"
-                self._launch_nx(account, geometry, keyboard, opts)
+                self._launch_nx(account, geometry, keyboard, opts, shadow_of)
                 self.state = "listening"
                 self._wait_listening_locked(time.monotonic() + NX_INITIATING_TIMEOUT_S)
             except AgentError:
@@ -660,7 +662,7 @@ class NxSession(XSession):
     def _wait_state_locked(self, wanted: tuple[str, ...], timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            now = self.current_state()
+            now = self.nx_state()
             if now in wanted or time.monotonic() >= deadline:
                 return now
             time.sleep(0.05)
@@ -670,7 +672,7 @@ class NxSession(XSession):
         while True:
             if not _alive(self.xvnc):
                 raise AgentError("x_start_failed", f"nxagent exited at start; see {self.log_path}", 500)
-            if self.current_state() == "listening":
+            if self.nx_state() == "listening":
                 self.listening_since = time.monotonic()
                 return
             if time.monotonic() >= deadline:
@@ -690,15 +692,18 @@ class NxSession(XSession):
         os.chown(tmp, 0, self.uid)
         os.replace(tmp, self.options_path)
         self.timezone = opts["timezone"]
+        self.opts = opts
 
-    def _launch_nx(self, account: pwd.struct_passwd, geometry: str, keyboard: str, opts: dict[str, Any]) -> None:
-        tmp_x11 = Path(X11_SOCKET_DIR)
-        tmp_x11.mkdir(mode=0o1777, exist_ok=True)
-        tmp_x11.chmod(0o1777)
+    def _launch_nx(
+        self,
+        account: pwd.struct_passwd,
+        geometry: str,
+        keyboard: str,
+        opts: dict[str, Any],
+        shadow_of: XSession | None,
+    ) -> None:
+        clear_display(NX_DISPLAY)
         number = NX_DISPLAY[1:]
-        for stale in (Path(f"/tmp/.X{number}-lock"), tmp_x11 / f"X{number}"):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
         nx_dir = self.options_path.parent
         nx_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         self._write_options(opts, geometry)
@@ -715,22 +720,17 @@ class NxSession(XSession):
         if keyboard:
             env["DECKARD_KEYBOARD"] = keyboard
         creds = session_creds(account, env)
-        args = [
-            "nxagent",
-            NX_DISPLAY,
-            "-nolisten",
-            "tcp",
-            "-auth",
-            str(self.xauthority),
-            "-name",
-            "Deckard",
-            "-display",
-            f"nx/nx,options={self.options_path}{NX_DISPLAY}",
-            *opts["extra"],
-        ]
+        args = ["nxagent", NX_DISPLAY, "-nolisten", "tcp", "-auth", str(self.xauthority), "-name", "Deckard"]
+        if shadow_of is not None:  # interactive (shadowmode 1): the QVD client's keyboard and mouse drive it
+            args += ["-S", "-shadow", shadow_of.display, "-shadowmode", "1"]
+        args += ["-display", f"nx/nx,options={self.options_path}{NX_DISPLAY}", *opts["extra"]]
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as nxlog:
             self.xvnc = self.children.spawn(args, stdout=nxlog, stderr=subprocess.STDOUT, **creds)
+        self.shadow = shadow_of is not None
+        if shadow_of is not None:  # the session is Xvnc's: it lives and ends there
+            self.session = shadow_of.session
+            return
         session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
         # nxagent takes X clients only once the client's proxy is attached (xinit's wait, in QVD's VMA)
         wait = f"while [ ! -S {X11_SOCKET_DIR}/X{number} ]; do sleep 0.05; done"
@@ -745,7 +745,10 @@ class NxSession(XSession):
             with self.lock:
                 if self.xvnc is not nxagent:
                     return
-                state = self.current_state()  # read every pass: it notes a session that was ever connected
+                state = self.nx_state()  # read every pass: it notes a session that was ever connected
+                if (self.view_xvnc or self.view_proxy) and not self.viewed():
+                    log.info("the NX session's VNC view ended: the session suspends")
+                    self._stop_view_locked()
                 since = self.listening_since
                 if (
                     since is not None
@@ -762,9 +765,134 @@ class NxSession(XSession):
                 self._stop_locked()
 
     def _stop_locked(self) -> None:
-        super()._stop_locked()
+        self._stop_view_locked()
+        if self.shadow:  # only nxagent is ours: the session it showed goes on in Xvnc
+            nxagent, self.session = self.xvnc, None
+            if nxagent is not None:
+                _end_process_group(nxagent)
+                self.children.forget(nxagent)
+            self.xvnc = None
+            self.user = self.uid = None
+            self.state = "stopped"
+            self.shadow = False
+        else:
+            super()._stop_locked()
         self.listening_since = None
         self.connected_once = False
+
+    # -- VNC viewers: the portal, deckard connect, the spy -----------------------------------------------
+    def viewed(self) -> bool:
+        """The session is shown to VNC viewers (its view's Xvnc and nxproxy are up)."""
+        return _alive(self.view_xvnc) and _alive(self.view_proxy)
+
+    def attach_vnc(self, login: str, geometry: str, keyboard: str) -> dict[str, Any]:
+        """Show the session to VNC viewers on VNC_PORT: the session resumes on an Xvnc of its own (VIEW_DISPLAY)
+        through a local ``nxproxy -S``, so they see and drive the same windows a QVD client had (QVD's HTML5
+        portal does the same with its NX-to-VNC gateway, outside the desktop).  A QVD client that connects
+        later takes the session back (:meth:`start_nx` ends the view).  The caller checked ``login``."""
+        t0 = time.monotonic()
+        with self.lock:
+            if self.viewed():
+                if keyboard:
+                    self._set_keyboard(keyboard)
+                return {"state": self.current_state(), "user": login, "already": True, "protocol": "vnc"}
+            self._stop_view_locked()  # half of it may be left
+            now = self.nx_state()
+            if now in ("connected", "suspending"):  # a QVD client has it: the broker's takeover is cutting it off
+                now = self._wait_state_locked(("suspended", "stopped"), NX_SUSPEND_WAIT_S)
+            if now != "suspended" or not _alive(self.xvnc):
+                raise AgentError(
+                    "display_busy", f"the NX session cannot be shown to a VNC viewer now (it is {now})", 409
+                )
+            try:
+                self._launch_view(geometry)
+            except AgentError:
+                self._stop_view_locked()
+                raise
+            except Exception as exc:
+                self._stop_view_locked()
+                raise AgentError("x_start_failed", f"could not show the NX session: {exc}", 500) from exc
+        if keyboard:
+            self._set_keyboard(keyboard)
+        return {"state": "listening", "user": login, "resumed": True, "protocol": "vnc", **self._elapsed(t0)}
+
+    def _launch_view(self, geometry: str) -> None:
+        account = pwd.getpwnam(self.user or "")
+        deadline = time.monotonic() + NX_INITIATING_TIMEOUT_S
+        clear_display(VIEW_DISPLAY)
+        env = user_env(account, VIEW_DISPLAY)
+        creds = session_creds(account, env)
+        password_file = install_display_secret(account)
+        self.view_xvnc = xvnc = spawn_xvnc(self.children, VIEW_DISPLAY, geometry, password_file, creds, "view.log")
+        # nxagent resumes on the local proxy: no compression (link=lan), the viewer's size
+        self._write_options({**self.opts, "link": "lan", "fullscreen": "1"}, geometry)
+        self.listening_since = None
+        os.kill(self.xvnc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for_greeting(VNC_PORT, deadline, lambda: _alive(xvnc))
+        self._wait_listening_locked(deadline)
+        # nxproxy reads its cookie from a file the user may read, not from a command line others can see
+        proxy_options = self.options_path.with_name("view")
+        with contextlib.suppress(FileNotFoundError):
+            proxy_options.unlink()
+        fd = os.open(proxy_options, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"nx/nx,link=lan,connect=127.0.0.1,port={NX_PORT},cookie={self.cookie}:{VIEW_DISPLAY[1:]}\n")
+        os.chown(proxy_options, 0, account.pw_gid)
+        spec = f"nx/nx,options={proxy_options}:{VIEW_DISPLAY[1:]}"
+        with open(RUN_DIR / "view.log", "ab") as plog:
+            self.view_proxy = self.children.spawn(
+                ["nxproxy", "-S", spec], stdout=plog, stderr=subprocess.STDOUT, **creds
+            )
+        now = self._wait_state_locked(("connected", "suspended", "stopped"), NX_INITIATING_TIMEOUT_S)
+        if now != "connected":
+            raise AgentError("x_timeout", f"the NX session did not resume for the VNC viewer ({now})", 504)
+        # nxagent keeps the size it had (it does not follow geometry= on a resume): fit it to the viewer's screen
+        width, height = geometry.split("x")
+        self._run_as_user(account, ["xrandr", "--fb", f"{width}x{height}"])
+
+    def _run_as_user(self, account: pwd.struct_passwd, args: list[str]) -> None:
+        """Run a short X client on the session's display as the user, at most 5 s; a failure only logs."""
+        proc = self.children.spawn(
+            args,
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            env=self.session_env(account),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            out, _ = proc.communicate(timeout=5)
+            if proc.returncode:
+                log.info("%s failed (exit %s): %s", args[0], proc.returncode, out.decode(errors="replace")[-300:])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        finally:
+            self.children.forget(proc)
+
+    def _stop_view_locked(self) -> None:
+        """End the VNC view: nxagent notices its proxy gone and suspends the session, windows kept."""
+        for proc in (self.view_proxy, self.view_xvnc):
+            if proc is not None:
+                _end_process_group(proc)
+                self.children.forget(proc)
+        self.view_xvnc = self.view_proxy = None
+
+
+def _end_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process's group, SIGKILL 3 s later if it is still there; wait for it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=3.0)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2.0)
 
 
 # -- user accounts --------------------------------------------------------------------------------
@@ -848,6 +976,31 @@ def kill_user_processes(uid: int, sig: int) -> None:
 
 
 # -- network probes --------------------------------------------------------------------------------
+def clear_display(display: str) -> None:
+    """Make the X socket directory and remove a stale lock and socket of ``display``: a previous X server's would
+    make the next one refuse to start."""
+    tmp_x11 = Path(X11_SOCKET_DIR)
+    tmp_x11.mkdir(mode=0o1777, exist_ok=True)
+    tmp_x11.chmod(0o1777)
+    for stale in (Path(f"/tmp/.X{display[1:]}-lock"), tmp_x11 / f"X{display[1:]}"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+def spawn_xvnc(
+    children: Children, display: str, geometry: str, password_file: Path, creds: dict[str, Any], log_name: str
+) -> subprocess.Popen[bytes]:
+    """Xvnc on ``display`` for VNC viewers on VNC_PORT (VNC authentication with the display secret), run as the
+    user; X clients reach it on its unix socket only."""
+    opts = ["-depth", "24", "-desktop", "Deckard", "-AlwaysShared", "-nolisten", "tcp"]
+    if SOFTWARE_CPU:  # OpenGL on an emulated CPU is unusable, and loading Mesa doubles Xvnc's start there
+        opts += ["-extension", "GLX"]
+    args = ["Xvnc", display, "-rfbport", str(VNC_PORT), "-SecurityTypes", "VncAuth"]
+    args += ["-PasswordFile", str(password_file), "-geometry", geometry, *opts]
+    with open(RUN_DIR / log_name, "ab") as xlog:
+        return children.spawn(args, stdout=xlog, stderr=subprocess.STDOUT, **creds)
+
+
 def wait_for_greeting(port: int, deadline: float, alive: Callable[[], bool]) -> None:
     """Return once the VNC server on ``port`` greets (``RFB 003.00x``): Xvnc listens before its X server has
     finished starting (seconds under a software CPU) and greets only then.  One connection, held until the
@@ -1710,22 +1863,21 @@ class Agent:
         """The display that is up (NX or VNC; never both): the one states, notices and idle times come from."""
         if self.nx.state == "listening" and not self.nx.server_alive():
             self.nx.stop()  # nxagent has just died: its watcher would notice within half a second
-        return self.nx if self.nx.state != "stopped" else self.x
+        return self.nx if self.nx.state != "stopped" and not self.nx.shadow else self.x
 
     def rpc_ping(self, _params: dict[str, str]) -> dict[str, Any]:
         display = self.active()
         return {"version": VERSION, "x_state": display.current_state(), "protocol": _protocol(display)}
 
     def rpc_x_state(self, _params: dict[str, str]) -> dict[str, Any]:
-        """The display's state and protocol; ``in_use`` when a client of that protocol has had it (the broker
-        refuses a client of the other protocol before taking the desktop over)."""
+        """The display's state and the protocol of its session (``nx`` for nxagent's own, ``vnc`` for Xvnc's
+        whichever client shows it); ``shadowed`` while a QVD client is shown the Xvnc session."""
         display = self.active()
-        in_use = display.state != "stopped" and (display is self.nx or display.claimed)
         return {
             "state": display.current_state(),
             "user": display.user,
             "protocol": _protocol(display),
-            "in_use": in_use,
+            "shadowed": self.nx.shadow,
         }
 
     def rpc_x_start(self, params: dict[str, str]) -> dict[str, Any]:
@@ -1748,14 +1900,16 @@ class Agent:
         if protocol == "nx":
             opts = parse_nx_params(params)
             if self.x.state != "stopped":
-                if self.x.claimed:
-                    raise _in_use("VNC", "NX")
-                self.x.stop()  # started early (--display-for) and never shown to anyone
+                if self.x.claimed and self.x.user == login and self.x.state == "listening":
+                    return self.nx.start_nx(login, uid, geometry, keyboard, opts, shadow_of=self.x)
+                self.x.stop()  # started early (--display-for) and never shown, or another user's
             return self.nx.start_nx(login, uid, geometry, keyboard, opts)
         if protocol != "vnc":
             raise AgentError("bad_input", "protocol must be vnc or nx")
         if self.active() is self.nx:
-            raise _in_use("NX", "VNC")
+            if self.nx.user == login:
+                return self.nx.attach_vnc(login, geometry, keyboard)
+            self.nx.stop()  # another user's session (the desktop changed hands): theirs ends
         self.x.claimed = True
         result = self.x.start(login, uid, geometry, keyboard)
         return {**result, "protocol": "vnc"}
@@ -1839,15 +1993,6 @@ class Agent:
 
 def _protocol(display: XSession) -> str:
     return "nx" if isinstance(display, NxSession) else "vnc"
-
-
-def _in_use(current: str, wanted: str) -> AgentError:
-    return AgentError(
-        "display_in_use_by_other_protocol",
-        f"the desktop's session is open in a {current} client; a {wanted} client cannot share it yet:"
-        " log out of that session, or stop the desktop, then connect again",
-        409,
-    )
 
 
 def _read_sys(path: str) -> str:
