@@ -218,6 +218,8 @@ class Connection(Schema):
     user_id: int | None = None
     login: str | None = None
     broker_node_id: int | None = None
+    node_id: int | None = Field(default=None, description="The node the desktop ran on (once connected).")
+    image_id: int | None = Field(default=None, description="The disk image it ran (once connected).")
     source: str | None = None
     protocol: str | None = None
     started_at: dt.datetime | None = None
