@@ -8,6 +8,7 @@ administrator, and the screenshots of each main page (``docs/screenshots/wat-*.p
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -145,7 +146,6 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     assert page.locator(".count").count() >= 4
     for chart in ("live", "ttd"):  # a chart, or its empty state (another test of this farm may have run first)
         assert page.locator(f"#chart-{chart}:not([hidden]) canvas, #chart-{chart}-empty:not([hidden])").count() == 1
-    shot(page, "dashboard")
 
     # a user through the create form
     goto(page, api.url + "/admin#/users/new")
@@ -188,7 +188,6 @@ def test_admin_creates_a_user_and_a_desktop_and_runs_a_bulk_action(page: Any, ap
     for i in range(2):
         assert "no_node" in results.nth(i).inner_text()
     assert "0 ok, 2 failed" in page.locator(".bulk-results h3").inner_text()
-    shot(page, "desktops")
 
     # live update: blocking web1 through the API changes its row without a reload
     token = page.evaluate("sessionStorage.getItem('deckard.admin.token')")
@@ -253,6 +252,8 @@ def test_dashboard_of_an_empty_farm_says_so_and_small_data_is_drawn_around_now(
             assert page.locator(f"#chart-{chart}-empty").is_visible(), chart
         assert "no nodes and no desktops" in page.locator("#chart-live-empty").inner_text()
         assert page.locator("#chart-ttd-empty").inner_text() == "No connections in the last 24 h."
+        for group in ("image", "node"):
+            assert page.locator(f"#ttd-by-{group}").inner_text() == "No connection reached a desktop in the last 24h."
 
         token = page.evaluate("sessionStorage.getItem('deckard.admin.token')")
         with api.http(token) as c:
@@ -265,6 +266,127 @@ def test_dashboard_of_an_empty_farm_says_so_and_small_data_is_drawn_around_now(
         low, high = chart_range(page, "live")
         assert now - 3600 < low <= now - 600 + 5 and now - 5 <= high < now + 60, (low, high, now)
         assert page.locator("#chart-ttd-empty").is_visible()  # still no connection
+
+
+async def fill_busy_farm(db: Any, home: Path) -> None:
+    """Three nodes, two images, twelve desktops (eight running, three users connected) and a day of connections
+    with every phase timed: the dashboard of a farm at work (README's screenshot), from a fixed seed."""
+    import datetime as dt
+    import random
+
+    import sqlalchemy as sa
+
+    from deckard.db import schema as t
+    from deckard.model.entities import utcnow
+    from deckard.services.context import SYSTEM
+    from deckard.services.desktops import create_desktop
+    from deckard.services.images import register_image
+    from deckard.services.users import create_user
+
+    rnd = random.Random(16)
+    now = utcnow()
+    (home / "image.tar").write_bytes(b"")
+    images = [int((await register_image(db, home / "image.tar", version=v))["id"]) for v in ("2026.11", "2026.12")]
+    desks = []
+    for login in ["ada", "ben", "cleo", "dan", "eve", "finn", "gus", "hana", "ivo", "june", "kim", "lou"]:
+        await create_user(db, SYSTEM, login, None)
+        desks.append(int((await create_desktop(db, SYSTEM, f"{login}-desk", login, network="10.77.0.0/24"))["id"]))
+    async with db.begin() as conn:
+        nodes = []
+        for name, load in (("node-a", 1.4), ("node-b", 0.9), ("node-c", 0.3)):
+            res = await conn.execute(
+                sa.insert(t.nodes)
+                .values(
+                    name=name,
+                    state="running",
+                    heartbeat_at=now,
+                    mem_total_mib=64000,
+                    mem_free_mib=40000,
+                    cpus=16,
+                    load=load,
+                    created_at=now,
+                )
+                .returning(t.nodes.c.id)
+            )
+            nodes.append(int(res.scalar_one()))
+        for i, desk in enumerate(desks[:8]):
+            await conn.execute(
+                sa.update(t.desktops)
+                .where(t.desktops.c.id == desk)
+                .values(
+                    state="running",
+                    state_at=now,
+                    node_id=nodes[i % 3],
+                    image_id=images[1],
+                    user_state="connected" if i < 3 else "disconnected",
+                    expire_soft_at=now + dt.timedelta(hours=3) if i == 7 else None,
+                )
+            )
+        users = dict((await conn.execute(sa.select(t.desktops.c.id, t.desktops.c.user_id))).all())
+        rows = []
+        for _ in range(180):
+            desk, node = rnd.choice(desks), rnd.choices(nodes, weights=(5, 3, 1))[0]
+            image = images[1] if rnd.random() < 0.7 else images[0]
+            cold = rnd.random() < 0.3
+            ms = {
+                "t_auth_ms": rnd.lognormvariate(3.6, 0.3),
+                "t_claim_ms": rnd.lognormvariate(2.0, 0.4),
+                "t_start_ms": rnd.lognormvariate(5.2 if cold else 0.5, 0.3) * (1.4 if node == nodes[2] else 1),
+                "t_agent_ms": rnd.lognormvariate(4.6, 0.3) if cold else None,
+                "t_display_ms": rnd.lognormvariate(4.1, 0.25) * (1.3 if image == images[0] else 1),
+            }
+            ms["t_total_ms"] = sum(v for k, v in ms.items() if v is not None and k != "t_agent_ms") + 3
+            started = now - dt.timedelta(minutes=rnd.uniform(2, 24 * 60 - 2))
+            rows.append(
+                {
+                    "desktop_id": desk,
+                    "user_id": users[desk],
+                    "login": "u",
+                    "node_id": node,
+                    "image_id": image,
+                    "started_at": started,
+                    "connected_at": started,
+                    "result": "closed",
+                    **{k: round(v, 1) if v is not None else None for k, v in ms.items()},
+                }
+            )
+        await conn.execute(sa.insert(t.connections), rows)
+
+
+def test_dashboard_of_a_busy_farm_shows_time_to_desktop_by_image_and_by_node(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The phases' p50 / p95 per image and per node, as the API computes them, with links to each; the README's
+    dashboard and desktops screenshots are this farm's."""
+    home = tmp_path_factory.mktemp("wat-busy")
+    with ApiThread(home, lambda db: fill_busy_farm(db, home)) as api:
+        with api.http(api.token()) as c:
+            want = c.get("/stats/time-to-desktop").json()
+        login(page, api)
+        page.wait_for_function("() => document.body.dataset.dashboard === 'drawn'")
+        page.wait_for_selector("#ttd-by-node table")
+        for group, names in (
+            ("image", ["default 2026.12", "default 2026.11"]),
+            ("node", ["node-a", "node-b", "node-c"]),
+        ):
+            rows = page.locator(f"#ttd-by-{group} tbody tr")
+            assert rows.locator("td:first-child").all_inner_texts() == names, group
+            for row, g in zip(rows.all(), want[f"by_{group}"], strict=True):
+                assert row.get_attribute("data-id") == str(g[f"{group}_id"])
+                assert row.locator("td").nth(1).inner_text() == str(g["count"])
+                for phase, f in g["phases"].items():
+                    cell = row.locator(f"td[data-phase={phase}]").inner_text()
+                    js_round = lambda x: math.floor(x + 0.5)  # noqa: E731 (Math.round; Python's round is to even)
+                    want_cell = f"{js_round(f['p50'])} / {js_round(f['p95'])}" if f["count"] else "—"
+                    assert cell == want_cell, (group, phase)
+        assert page.locator("#chart-ttd canvas").is_visible()
+        shot(page, "dashboard")
+        page.locator("#ttd-by-node a", has_text="node-c").click()
+        page.wait_for_selector("h1:has-text('node-c')")
+        goto(page, api.url + "/admin#/desktops")
+        page.wait_for_selector("table.list tbody tr td a:has-text('lou-desk')")
+        assert page.locator("table.list tbody .s-running").count() == 8
+        shot(page, "desktops")
 
 
 def test_read_only_administrator_is_not_offered_forbidden_actions(page: Any, api: Api) -> None:

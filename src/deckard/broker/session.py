@@ -14,7 +14,9 @@ This is QVD's L7R session flow (``reference/qvd.md`` §1, steps 2-5) with Deckar
 Every outcome is written to the connection history with per-phase timings (milliseconds):
 ``t_auth_ms`` authentication, ``t_claim_ms`` taking the desktop and placing the start, ``t_start_ms``
 waiting until it runs, ``t_agent_ms`` the node's guest-to-agent time of the start this connect caused,
-``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.
+``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.  The same outcome is
+one ``broker.connection`` log line (result, code, reason, phases, desktop, node, image, bytes) when the
+connection ends; ``broker.connected`` marks the ``101`` of a session that may last hours.
 
 The display is Xvnc (VNC) or, for QVD's clients, nxagent (NX, ``nx.py``): the agent's ``x_start`` is told which,
 and the relay is opened on that display's port with that protocol's handshake.  The agent keeps one session per
@@ -188,6 +190,7 @@ class SessionRunner:
         relaying = False  # counted among the open tunnels
         refusal = None  # the 503 text, sent once the outcome is recorded
         refusal_code = ""
+        running: Desktop | None = None  # the desktop once up: its node and image go in the outcome's log line
         try:
             tunnel, running = await self._bring_up(client, req, watch)
             await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
@@ -251,8 +254,12 @@ class SessionRunner:
         )
         bound.info(
             "broker.connection",
+            connection_id=conn_id,
             result=result,
+            code=refusal_code or None,
             reason=reason,
+            node_id=running.node_id if running else None,
+            image_id=running.image_id if running else None,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
             **req.timings,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from deckard.cli.output import print_rows
 from deckard.cli.session import JsonOpt, ProfileOpt
 from deckard.cli.verbs import fetch_and_print
-from deckard.model.schemas import Stats
+from deckard.model.schemas import PhaseFigures, Stats, TimeToDesktop
 
 app = typer.Typer(help="Farm statistics: counts, connected users, time-to-desktop, busiest nodes, expiry.")
+
+WindowOpt = Annotated[str, typer.Option("--window", help="How far back: 30m, 24h, 7d (1 minute to 7 days).")]
 
 
 def _ms(value: Any) -> str:
@@ -48,3 +50,33 @@ def _print_stats(s: Stats) -> None:
     if s.near_expiry:
         typer.echo("desktops near expiry:")
         print_rows(s.near_expiry, ("id", "name", "state", "expire_soft_at", "expire_hard_at"), as_json=False)
+
+
+@app.command("time-to-desktop")
+def time_to_desktop(window: WindowOpt = "24h", as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
+    """p50/p95 of each connect phase (ms) per image and per node, as the dashboard shows them."""
+    fetch_and_print(profile, as_json, lambda api: api.time_to_desktop(window), _print_time_to_desktop)
+
+
+def _p50_p95(f: PhaseFigures | None) -> str:
+    if f is None or f.p50 is None or f.p95 is None:
+        return "-"
+    return f"{f.p50:.0f}/{f.p95:.0f}"
+
+
+def _print_time_to_desktop(s: TimeToDesktop) -> None:
+    typer.echo(f"time to desktop over {s.window} ({s.count} connections), p50/p95 in ms per phase")
+    if not s.count:
+        return
+    columns = ("connections", *s.phases)
+    images = [
+        {"image": f"{g.osf} {g.version}" if g.image_id else "(unknown)", "connections": g.count}
+        | {p: _p50_p95(g.phases.get(p)) for p in s.phases}
+        for g in s.by_image
+    ]
+    nodes = [
+        {"node": g.node or "(unknown)", "connections": g.count} | {p: _p50_p95(g.phases.get(p)) for p in s.phases}
+        for g in s.by_node
+    ]
+    print_rows(images, ("image", *columns), as_json=False)
+    print_rows(nodes, ("node", *columns), as_json=False)

@@ -59,6 +59,7 @@ from deckard.model.schemas import (
     Schema,
     Stats,
     Tenant,
+    TimeToDesktop,
     TokenCreated,
     User,
     UserSecondFactor,
@@ -371,6 +372,10 @@ class ApiClient:
 
     def stats(self) -> Stats:
         return self._get(Stats, "GET", "/stats")
+
+    def time_to_desktop(self, window: str = "24h") -> TimeToDesktop:
+        """p50/p95 of each connect phase per image and per node over ``window`` (``30m``, ``24h``, ``7d``)."""
+        return self._get(TimeToDesktop, "GET", "/stats/time-to-desktop", params={"window": window})
 
     # disk images (QVD's DIs)
     def list_images(self, **filters: str) -> list[Image]:

@@ -222,6 +222,9 @@ connections = sa.Table(
     sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True),
     sa.Column("login", sa.String(130), nullable=False, server_default=""),
     sa.Column("broker_node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True),
+    # where the desktop ran (0013): written by the broker when the display answers, for per-image/node figures
+    sa.Column("image_id", sa.ForeignKey("disk_images.id", ondelete="SET NULL"), nullable=True, index=True),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True, index=True),
     sa.Column("source", sa.String(64), nullable=False, server_default=""),
     sa.Column("protocol", sa.String(16), nullable=False, server_default="qvd"),
     sa.Column("started_at", TS, nullable=False, index=True),

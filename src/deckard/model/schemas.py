@@ -218,6 +218,8 @@ class Connection(Schema):
     user_id: int | None = None
     login: str | None = None
     broker_node_id: int | None = None
+    node_id: int | None = Field(default=None, description="The node the desktop ran on (once connected).")
+    image_id: int | None = Field(default=None, description="The disk image it ran (once connected).")
     source: str | None = None
     protocol: str | None = None
     started_at: dt.datetime | None = None
@@ -318,6 +320,39 @@ class Stats(Schema):
     )
     busiest_nodes: list[dict[str, Any]]
     near_expiry: list[dict[str, Any]] = Field(description="Desktops whose soft or hard expiry is within 24 h.")
+
+
+class PhaseFigures(Schema):
+    count: int = Field(description="Connections in which this phase was timed (`agent`: cold starts only).")
+    p50: float | None = Field(default=None, description="Milliseconds, nearest rank; null without connections.")
+    p95: float | None = None
+
+
+class ImageTimeToDesktop(Schema):
+    image_id: int | None = Field(description="Null: connections recorded before images were, or a deleted image.")
+    osf: str | None = None
+    version: str | None = None
+    count: int
+    phases: dict[str, PhaseFigures]
+
+
+class NodeTimeToDesktop(Schema):
+    node_id: int | None = Field(description="Null: connections recorded before nodes were, or a deleted node.")
+    node: str | None = None
+    count: int
+    phases: dict[str, PhaseFigures]
+
+
+class TimeToDesktop(Schema):
+    """Time to desktop per phase, per image and per node (`GET /stats/time-to-desktop`)."""
+
+    at: dt.datetime
+    window: str = Field(description="As asked (`24h` by default; from `1m` to `7d`).")
+    since: dt.datetime
+    phases: list[str] = Field(description="`auth`, `claim`, `start`, `agent`, `display`, `total`, in that order.")
+    count: int = Field(description="Connections that reached their desktop within the window.")
+    by_image: list[ImageTimeToDesktop] = Field(description="Most connections first.")
+    by_node: list[NodeTimeToDesktop] = Field(description="Most connections first.")
 
 
 class NodeCandidate(Schema):

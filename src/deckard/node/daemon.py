@@ -290,9 +290,13 @@ class NodeDaemon:
                 await sub.wait(poll_now)
 
     async def reconcile_once(self) -> None:
+        """One pass.  A pass that claimed anything ends with one ``node.reconcile`` line (what it claimed, how
+        long it took); idle passes, four a second with SQLite's poll, say nothing.  The starts and stops it
+        spawned end with their own ``desktop.running`` / ``desktop.start_failed`` / ``desktop.stopped`` line."""
         assert self.node_id is not None
         if self._fenced:
             return  # no new guest while we may have been declared lost
+        t0 = time.monotonic()
         node_cmd = await node_ops.claim_node_command(self.db, self.node_id)
         if node_cmd in (NodeCommand.STOP, NodeCommand.RESTART) and self._stop_event is not None:
             log.info(f"node.{node_cmd}_requested")
@@ -302,11 +306,23 @@ class NodeDaemon:
             return
         if node_cmd == NodeCommand.DRAIN:
             await self._notify_drain()
-        for desktop_id in await node_ops.claim_stops(self.db, self.node_id):
+        stops = await node_ops.claim_stops(self.db, self.node_id)
+        for desktop_id in stops:
             self._spawn(desktop_id, self._stop_claimed(desktop_id))
-        for desktop_id in await node_ops.claim_starts(self.db, self.node_id):
+        starts = await node_ops.claim_starts(self.db, self.node_id)
+        for desktop_id in starts:
             self._spawn(desktop_id, self._start(desktop_id))
-        await self.volumes.reconcile(self.node_id)
+        volume_changes = await self.volumes.reconcile(self.node_id)
+        if node_cmd or stops or starts or volume_changes:
+            log.info(
+                "node.reconcile",
+                command=node_cmd,
+                starts=len(starts),
+                stops=len(stops),
+                volume_changes=volume_changes,
+                in_flight=len(self._work),
+                ms=round((time.monotonic() - t0) * 1000, 1),
+            )
 
     async def _notify_drain(self) -> None:
         """Drain: tell the users of our running desktops (the agent's ``expire`` hook) that they should leave."""

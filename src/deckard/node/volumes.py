@@ -48,12 +48,14 @@ class NodeVolumes:
         """The volumes a starting guest gets (settling the commands written while it was stopped or starting)."""
         return tuple(self.mount(v) for v in await node_ops.start_volumes(self.db, desktop_id))
 
-    async def reconcile(self, node_id: int) -> None:
-        """Start a task for every hot-plug command of this node's running desktops not already being done."""
+    async def reconcile(self, node_id: int) -> int:
+        """Start a task for every hot-plug command of this node's running desktops not already being done;
+        returns how many were started."""
         changes = await node_ops.pending_volume_changes(self.db, node_id)
         if not changes:
-            return
+            return 0
         desks = {d.id: d for d in await node_ops.desktops_on_node(self.db, node_id)}
+        started = 0
         for change in changes:
             key = (change.desktop_id, change.volume_id)
             desk = desks.get(change.desktop_id)
@@ -62,6 +64,8 @@ class NodeVolumes:
             task = asyncio.create_task(self._carry_out(change, desk), name=f"volume-{key[1]}-desktop-{key[0]}")
             self._work[key] = task
             task.add_done_callback(self._forget(key))
+            started += 1
+        return started
 
     def _forget(self, key: tuple[int, int]) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:

@@ -28,6 +28,8 @@ COLUMNS: list[sa.ColumnElement[Any]] = [
     c.c.user_id,
     c.c.login,
     c.c.broker_node_id,
+    c.c.node_id,
+    c.c.image_id,
     c.c.source,
     c.c.protocol,
     c.c.started_at,

@@ -119,10 +119,14 @@ async def _session_moved(conn: AsyncConnection, desktop_id: int, session_id: str
 async def mark_connected(
     db: Database, desktop_id: int, session_id: str, conn_id: int, timings: dict[str, float]
 ) -> bool:
-    """The display answered: ``connecting → connected``; False when the session was taken over meanwhile."""
+    """The display answered: ``connecting → connected``; False when the session was taken over meanwhile.
+
+    The connection records where its desktop runs now (node and image, from the desktop's row): the dashboard's
+    time-to-desktop per image and per node.  A connection that never got this far keeps NULL for both."""
+    where = {col: sa.select(d.c[col]).where(d.c.id == desktop_id).scalar_subquery() for col in ("node_id", "image_id")}
     async with db.begin() as conn:
         moved = await _session_moved(conn, desktop_id, session_id, UserState.CONNECTED)
-        await conn.execute(sa.update(c).where(c.c.id == conn_id).values(connected_at=utcnow(), **timings))
+        await conn.execute(sa.update(c).where(c.c.id == conn_id).values(connected_at=utcnow(), **where, **timings))
     await db.bus.notify(DESKTOPS, str(desktop_id))
     return moved
 

@@ -1,8 +1,10 @@
 """Figures for the admin dashboard (QVD's WAT dashboard): counts, who is connected, time-to-desktop, busiest
-nodes and desktops about to expire, in one answer so the dashboard needs one request.
+nodes and desktops about to expire, in one answer so the dashboard needs one request; and time-to-desktop per
+phase, per image and per node over a window (``time_to_desktop``), its own request because it reads every phase.
 
 Percentiles are computed here from the last day's ``connections.t_total_ms`` rather than in SQL, because
 PostgreSQL's ``percentile_cont`` has no SQLite equivalent and a day of connections is small enough to read.
+The window of the per-phase figures is bounded (``WINDOW_MAX``) for the same reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sqlalchemy as sa
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
+from deckard.model.errors import BadInput
+from deckard.model.session_policy import describe_duration, parse_duration
 from deckard.model.states import DesktopState, UserState
 from deckard.services.context import Actor, require
 from deckard.services.users import tenant_filter
@@ -133,4 +137,90 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
         },
         "busiest_nodes": busiest,
         "near_expiry": near_expiry,
+    }
+
+
+# ---- time-to-desktop per phase, per image and per node -------------------------------------------------------
+
+PHASES = ("auth", "claim", "start", "agent", "display", "total")  # the connection history's t_<phase>_ms
+WINDOW_DEFAULT = "24h"
+WINDOW_MIN = dt.timedelta(minutes=1)
+WINDOW_MAX = dt.timedelta(days=7)  # the rows are read, not aggregated in SQL: a week of connections at most
+
+
+def parse_window(text: str) -> dt.timedelta:
+    """``30m``, ``24h``, ``7d`` → a window from one minute to seven days; BadInput ``bad_window`` otherwise."""
+    bounds = f"{describe_duration(WINDOW_MIN.total_seconds())} to {describe_duration(WINDOW_MAX.total_seconds())}"
+    try:
+        window = dt.timedelta(seconds=parse_duration(text, "window"))
+    except BadInput:
+        window = None
+    if window is None or not WINDOW_MIN <= window <= WINDOW_MAX:
+        raise BadInput(
+            f"{text[:40]!r} is not a valid window: write a duration from {bounds} (e.g. 30m, 24h, 7d)",
+            code="bad_window",
+            details={"field": "window", "min": "1m", "max": "7d"},
+        )
+    return window
+
+
+def _by_phase(rows: list[Any]) -> dict[str, Any]:
+    """{count, phases: {phase: {count, p50, p95}}} of some connections (a phase counts where it was timed)."""
+    phases: dict[str, Any] = {}
+    for phase in PHASES:
+        values = [float(v) for r in rows if (v := getattr(r, f"t_{phase}_ms")) is not None]
+        phases[phase] = {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95)}
+    return {"count": len(rows), "phases": phases}
+
+
+async def time_to_desktop(db: Database, actor: Actor, window: str = WINDOW_DEFAULT) -> dict[str, Any]:
+    """p50/p95 of each phase of the connections that reached their desktop within ``window``, grouped by the
+    image and by the node the desktop ran on (``connections.image_id``/``node_id``; rows from before those were
+    recorded fall in a group whose id is null).  Tenant administrators see their tenant's connections only."""
+    require(actor, "stats.see")
+    span = parse_window(window)
+    now = utcnow()
+    c = t.connections
+    i = t.disk_images
+    query = (
+        sa.select(
+            c.c.image_id,
+            c.c.node_id,
+            t.osfs.c.name.label("osf"),
+            i.c.version,
+            t.nodes.c.name.label("node"),
+            *(c.c[f"t_{phase}_ms"] for phase in PHASES),
+        )
+        .join(t.users, t.users.c.id == c.c.user_id)
+        .outerjoin(i, i.c.id == c.c.image_id)
+        .outerjoin(t.osfs, t.osfs.c.id == i.c.osf_id)
+        .outerjoin(t.nodes, t.nodes.c.id == c.c.node_id)
+        .where(
+            tenant_filter(actor, t.users.c.tenant_id),
+            c.c.started_at >= now - span,
+            c.c.t_total_ms.is_not(None),  # reached the desktop: the same connects as the Prometheus histogram
+        )
+    )
+    async with db.connect() as conn:
+        rows = list(await conn.execute(query))
+    images: dict[int | None, list[Any]] = defaultdict(list)
+    nodes: dict[int | None, list[Any]] = defaultdict(list)
+    for r in rows:
+        images[r.image_id].append(r)
+        nodes[r.node_id].append(r)
+
+    def order(groups: dict[int | None, list[Any]]) -> list[tuple[int | None, list[Any]]]:
+        return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] is None, kv[0] or 0))
+
+    return {
+        "at": now,
+        "window": window.strip().lower(),
+        "since": now - span,
+        "phases": list(PHASES),
+        "count": len(rows),
+        "by_image": [
+            {"image_id": key, "osf": group[0].osf, "version": group[0].version, **_by_phase(group)}
+            for key, group in order(images)
+        ],
+        "by_node": [{"node_id": key, "node": group[0].node, **_by_phase(group)} for key, group in order(nodes)],
     }

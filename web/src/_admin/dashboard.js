@@ -1,9 +1,11 @@
 // Dashboard: /stats counts + uPlot charts.  The over-time series is kept client-side (sessionStorage), fed by
-// /stats every 10 s and, debounced, after events; time-to-desktop percentiles come from /stats hourly buckets.
+// /stats every 10 s and, debounced, after events; time-to-desktop percentiles come from /stats hourly buckets,
+// their phases per image and per node from /stats/time-to-desktop (phases.js), read with /stats.
 import uPlot from "uplot";
 import { get } from "./api.js";
 import { h, clear, fmt, errText } from "./dom.js";
 import { onEvent } from "./session.js";
+import { renderPhases, TTD_PHASE_WINDOW } from "./phases.js";
 
 const SERIES_KEY = "deckard.admin.series";
 const MAX_POINTS = 720;
@@ -45,6 +47,8 @@ export function dashboard(root) {
   // what an empty farm honestly shows instead of a chart of nothing
   const liveEmpty = h("p.muted.chart-empty", { id: "chart-live-empty", hidden: true }, "This farm has no nodes and no desktops yet: nothing to chart. Start a node (deckard node) and create desktops.");
   const ttdEmpty = h("p.muted.chart-empty", { id: "chart-ttd-empty", hidden: true }, "No connections in the last 24 h.");
+  const byImage = h("div", { id: "ttd-by-image" });
+  const byNode = h("div", { id: "ttd-by-node" });
   const busiest = h("div");
   const expiry = h("div");
   const blocked = h("div");
@@ -53,6 +57,8 @@ export function dashboard(root) {
     h("h1", "Dashboard"),
     counts,
     h("div.grid", h("section.card", h("h2", "Activity"), live, liveEmpty), h("section.card", h("h2", "Time to desktop (ms)"), ttd, ttdEmpty)),
+    h("section.card", h("h2", `Time to desktop by image, p50 / p95 ms per phase (${TTD_PHASE_WINDOW})`), byImage),
+    h("section.card", h("h2", `Time to desktop by node, p50 / p95 ms per phase (${TTD_PHASE_WINDOW})`), byNode),
     h("div.grid", h("section.card", h("h2", "Busiest nodes"), busiest), h("section.card", h("h2", "Desktops near expiry"), expiry), h("section.card", h("h2", "Blocked"), blocked)),
   );
 
@@ -153,7 +159,9 @@ export function dashboard(root) {
     if (busy) return;
     busy = true;
     try {
-      render(await get("/stats"));
+      const [s, phases] = await Promise.all([get("/stats"), get(`/stats/time-to-desktop?window=${TTD_PHASE_WINDOW}`).catch((e) => e)]);
+      render(s);
+      renderPhases(byImage, byNode, phases);
     } catch (e) {
       clear(counts, h("p.error", errText(e)));
     } finally {

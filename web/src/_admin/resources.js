@@ -177,10 +177,10 @@ export const RESOURCES = {
     path: "/connections",
     label: "id",
     readOnly: true,
-    columns: ["id", "desktop", "login", "source", "protocol", "started_at", "ended_at", "result", "reason", "t_auth_ms", "t_start_ms", "t_total_ms", "bytes_in", "bytes_out"],
+    columns: ["id", "desktop", "login", "source", "protocol", "node_id", "image_id", "started_at", "ended_at", "result", "reason", "t_auth_ms", "t_start_ms", "t_total_ms", "bytes_in", "bytes_out"],
     defaultColumns: ["id", "desktop", "login", "started_at", "result", "reason", "t_total_ms"],
     filters: { result: ["ok", "failed"] },
-    numeric: ["id", "desktop_id", "user_id", "t_auth_ms", "t_claim_ms", "t_start_ms", "t_agent_ms", "t_display_ms", "t_total_ms", "bytes_in", "bytes_out"],
+    numeric: ["id", "desktop_id", "user_id", "node_id", "image_id", "t_auth_ms", "t_claim_ms", "t_start_ms", "t_agent_ms", "t_display_ms", "t_total_ms", "bytes_in", "bytes_out"],
     defaultSort: "-id",
   },
   audit: {
