@@ -7,11 +7,12 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
-# nxproxy, xvfb and x11-apps (xwd): the client side of the NX tests, as QVD's client runs nxproxy
+# nxproxy, xvfb, x11-apps (xwd) and pulseaudio (+ -utils: parec): the client side of the NX tests, as QVD's client
+# runs nxproxy and its sound server
 APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd postgresql-15 procps psmisc \
 	python3-venv chromium slapd ldap-utils \
 	qemu-system-x86 qemu-utils dosfstools mtools e2fsprogs \
-	nxproxy xvfb x11-apps
+	nxproxy xvfb x11-apps pulseaudio pulseaudio-utils
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 

@@ -12,14 +12,18 @@ listens on its unix socket only and the splice port on loopback only.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import math
 import os
 import select
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,10 +58,17 @@ def colours(pixels: bytes, step: int = 7) -> set[bytes]:
     return {bytes((pixels[i + 2], pixels[i + 1], pixels[i])) for i in range(0, len(pixels) - 3, 4 * step)}
 
 
+def run_in_thread(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``asyncio.run(scenario())`` on a thread of its own: Playwright's sync API holds the test thread's loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario()).result()
+
+
 class NxViewer:
     """One Xvfb and, per :meth:`connect`, one nxproxy spliced onto a broker connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, media_port: int = 0) -> None:
+        self.media_port = media_port  # a local PulseAudio's TCP port: the desktop's sound plays there (nxproxy media=)
         self.display = 0
         self.home = Path(tempfile.mkdtemp(prefix="deckard-nx-"))
         self.xvfb: subprocess.Popen[bytes] | None = None
@@ -65,6 +76,8 @@ class NxViewer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: asyncio.Server | None = None
         self._broker: BrokerConnection | None = None
+        # NX bytes relayed to and from the broker (the stream inside TLS), counted since the viewer was made
+        self.bytes_down, self.bytes_up = [0], [0]
 
     async def __aenter__(self) -> NxViewer:
         self.start_xvfb()
@@ -119,16 +132,17 @@ class NxViewer:
         self._start_proxy(port)
         pr, pw = await asyncio.wait_for(attached, 10)
         self._tasks = [
-            asyncio.create_task(_pump(pr, writer)),
-            asyncio.create_task(_pump(reader, pw)),
+            asyncio.create_task(_pump(pr, writer, self.bytes_up)),
+            asyncio.create_task(_pump(reader, pw, self.bytes_down)),
         ]
 
     def _start_proxy(self, port: int) -> None:
         """``nxproxy -S`` (the X-server side of NX, as QVD's client runs it) dialling ``port`` on loopback."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "DISPLAY": f":{self.display}"}
+        media = f",media={self.media_port}" if self.media_port else ""
         with open(self.home / "nxproxy.log", "ab") as log:
             self.proxy = subprocess.Popen(
-                ["nxproxy", "-S", f"nx/nx,link=lan,connect=127.0.0.1,port={port}:{self.display}"],
+                ["nxproxy", "-S", f"nx/nx,link=lan,connect=127.0.0.1,port={port}{media}:{self.display}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -179,9 +193,10 @@ class NxViewer:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:
     try:
         while data := await src.read(65536):
+            count[0] += len(data)
             dst.write(data)
             await dst.drain()
     except (ConnectionError, OSError):
@@ -199,3 +214,94 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+class ClientSound:
+    """The client's speakers, as QVD's client has them: a PulseAudio of its own with a null sink and the native
+    protocol on a loopback TCP port (nxproxy's ``media=`` forwards the desktop's sound there), recorded from the
+    sink's monitor.  Root may run it (``--system=no``); it lives in a temporary directory, stopped by :meth:`close`."""
+
+    RATE = 48000
+
+    def __init__(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="deckard-pa-"))
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ClientSound:
+        with socket.socket() as s:  # a free port (the server binds it a moment later)
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {**self._env(), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        with open(self.home / "pulseaudio.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "pulseaudio",
+                    "--daemonize=no",
+                    "--system=no",
+                    "-n",
+                    "--exit-idle-time=-1",
+                    "--use-pid-file=no",
+                    "--log-target=stderr",
+                    "-L",
+                    f"module-null-sink sink_name=speakers rate={self.RATE} channels=2",
+                    "-L",
+                    f"module-native-protocol-unix socket={self.home / 'native'}",
+                    "-L",
+                    f"module-native-protocol-tcp port={self.port} listen=127.0.0.1 auth-anonymous=1",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 10
+        while not (self.home / "native").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pulseaudio did not start: {(self.home / 'pulseaudio.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def _env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "XDG_RUNTIME_DIR": str(self.home), "PULSE_SERVER": f"unix:{self.home}/native"}
+
+    def record(self, seconds: float) -> list[int]:
+        """``seconds`` of what the speakers play, mono 16-bit samples at RATE."""
+        args = ["parec", "-d", "speakers.monitor", "--raw", "--format=s16le", f"--rate={self.RATE}", "--channels=1"]
+        proc = subprocess.Popen(args, env={**os.environ, **self._env()}, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        want = int(seconds * self.RATE) * 2
+        data = b""
+        deadline = time.monotonic() + seconds + 10
+        while len(data) < want and time.monotonic() < deadline:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            data += chunk
+        proc.kill()
+        proc.wait()
+        n = len(data) // 2
+        return list(struct.unpack(f"<{n}h", data[: n * 2]))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def dominant_frequency(samples: list[int], rate: int, low: int = 100, high: int = 2000, step: int = 10) -> float:
+    """The frequency (Hz, to ``step``) with the most energy between ``low`` and ``high`` (Goertzel on every 6th
+    sample: a pure tone below 4 kHz survives the decimation); 0.0 for silence."""
+    x = samples[::6]
+    fs = rate / 6
+    best, best_power = 0.0, 0.0
+    for f in range(low, high + 1, step):
+        coeff = 2 * math.cos(2 * math.pi * f / fs)
+        s1 = s2 = 0.0
+        for v in x:
+            s1, s2 = v + coeff * s1 - s2, s1
+        power = s1 * s1 + s2 * s2 - coeff * s1 * s2
+        if power > best_power:
+            best, best_power = float(f), power
+    return best if best_power > 0 and max((abs(v) for v in x), default=0) > 300 else 0.0

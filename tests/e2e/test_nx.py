@@ -9,9 +9,7 @@ to the portal in Chromium and taken back by nxproxy, and a VNC client once the N
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ from deckard.client.agent import AgentClient
 from deckard.client.rfb import colour_share, grab_framebuffer, is_blank
 from deckard.model.errors import BadInput
 from deckard.testing import FarmProcess, goto, wait_for
-from deckard.testing_nx import NxViewer, colours, nx_unavailable_reason
+from deckard.testing_nx import NxViewer, colours, nx_unavailable_reason, run_in_thread
 
 pytestmark = pytest.mark.e2e
 SHARED_FARM = True  # tests/e2e/conftest.py: users and desktops of its own names, no farm-wide change kept
@@ -80,12 +78,6 @@ async def _drawn(farm: FarmProcess, viewer: NxViewer, desk: int, tries: int = 1)
         await viewer.disconnect()
         _suspended(farm, desk)
     raise AssertionError("unreachable")
-
-
-def in_thread(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """``asyncio.run(scenario())`` on a thread of its own."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, scenario()).result()
 
 
 def _suspended(farm: FarmProcess, desk: int) -> None:
@@ -188,7 +180,7 @@ def test_the_nx_session_resumes_in_deckard_connect_and_the_portal_then_back_in_n
         finally:
             writer.close()
 
-    in_thread(vnc_sees_the_session)  # Playwright's sync API holds this thread's event loop
+    run_in_thread(vnc_sees_the_session)  # Playwright's sync API holds this thread's event loop
     log = farm.attach(desk, "cat /run/deckard/nxagent.log").stdout
     assert log.count("Session: Starting session at") == 1 and log.count("Session: Session resumed at") >= 2
     agent_state = farm.attach(desk, PROCESSES).stdout
@@ -218,7 +210,7 @@ def test_the_nx_session_resumes_in_deckard_connect_and_the_portal_then_back_in_n
             await _drawn(farm, viewer, desk, tries=2)
             await viewer.disconnect()
 
-    in_thread(back_in_nxproxy)
+    run_in_thread(back_in_nxproxy)
     log = farm.attach(desk, "cat /run/deckard/nxagent.log").stdout
     assert log.count("Session: Starting session at") == 1, log
     processes = farm.attach(desk, PROCESSES).stdout
@@ -241,7 +233,7 @@ def test_a_vnc_session_once_the_nx_one_ended_is_shown_to_nxproxy_and_kept(farm: 
         finally:
             writer.close()
 
-    in_thread(see)  # the module's browser holds this thread's event loop
+    run_in_thread(see)  # the module's browser holds this thread's event loop
     window = "DISPLAY=:0 setsid xterm -bg white -geometry 60x20+40+40 -title browser-window >/dev/null 2>&1 &"
     assert farm.attach(desk, window, "nxuser").returncode == 0
     xvnc_before = [line for line in farm.attach(desk, PROCESSES).stdout.splitlines() if " Xvnc :0 " in line]
@@ -257,8 +249,8 @@ def test_a_vnc_session_once_the_nx_one_ended_is_shown_to_nxproxy_and_kept(farm: 
             assert "-shadow :0" in processes, processes
             await viewer.disconnect()
 
-    in_thread(shadowed)
+    run_in_thread(shadowed)
     processes = farm.attach(desk, PROCESSES).stdout
     assert [line for line in processes.splitlines() if " Xvnc :0 " in line] == xvnc_before
     assert "xterm -bg white -geometry 60x20+40+40 -title browser-window" in processes
-    in_thread(see)  # and VNC clients still get it
+    run_in_thread(see)  # and VNC clients still get it

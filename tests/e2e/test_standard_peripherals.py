@@ -7,7 +7,8 @@ network.
 
 Sound: the agent runs a PulseAudio as the user (no network module, its socket in the user's runtime directory); a
 440 Hz tone played in the desktop reaches the portal's page in Chromium through the broker's ``/ws/sound`` and the
-page's Web Audio analyser finds it; the capture ends with the page.
+page's Web Audio analyser finds it; the capture ends with the page.  The same tone reaches a QVD client's
+PulseAudio through nxproxy's media channel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shlex
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ import pytest
 from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer
 from deckard.testing import FarmProcess, goto, wait_for
+from deckard.testing_nx import ClientSound, NxViewer, dominant_frequency, nx_unavailable_reason, run_in_thread
 from deckard.vma.agent import pick_pdf_model
 from deckard.vma.sound import FRAME_MS
 
@@ -223,9 +226,11 @@ def test_the_sound_server_runs_as_the_user_with_no_network_module(farm: FarmProc
     modules = farm.attach(desktop, f"{PULSE} pactl list short modules", user=LOGIN)
     assert modules.returncode == 0, modules
     names = {line.split()[1] for line in modules.stdout.splitlines()}
-    assert names == {"module-null-sink", "module-native-protocol-unix"}, names
+    # nothing that listens: the tunnel sink only dials nxagent's media channel on loopback (a QVD client's sound)
+    expected = {"module-null-sink", "module-native-protocol-unix", "module-switch-on-connect"}
+    assert names - {"module-tunnel-sink-new"} == expected, names
     sink = farm.attach(desktop, f"{PULSE} pactl get-default-sink", user=LOGIN).stdout.strip()
-    assert sink == "deckard", sink
+    assert sink == "deckard", sink  # no QVD client attached: the browser's sink
     mode = farm.attach(desktop, "stat -c '%U %a' /run/user/$(id -u)", user=LOGIN).stdout.split()
     assert mode == [LOGIN, "700"], mode
 
@@ -280,3 +285,41 @@ def test_a_tone_played_in_the_desktop_is_heard_by_the_page(farm: FarmProcess, de
         ctx.close()
     left = f"pgrep -u {LOGIN} -f 'parec|opus_encoder_create' || true"
     wait_for(lambda: not farm.attach(desktop, left).stdout.strip(), 10, 0.3, "the capture to end with the page")
+
+
+def test_a_tone_played_in_the_desktop_reaches_a_qvd_clients_pulseaudio(farm: FarmProcess, desktop: int) -> None:
+    """Sound over NX, as QVD's client has it: nxproxy (``media=``) forwards nxagent's media channel to the client's
+    PulseAudio; the desktop's server sends to it through its tunnel sink, which takes the streams while the client
+    is attached (here nxagent shadows the desktop's Xvnc session, which the portal opened) and gives them back to
+    the browser's sink when it goes."""
+    reason = nx_unavailable_reason() or (None if shutil.which("pulseaudio") else "pulseaudio not installed")
+    if reason:
+        pytest.skip(reason)
+    make = f"cat > /tmp/tone.py <<'EOF'\n{TONE}\nEOF\npython3 /tmp/tone.py 440 6 /tmp/tone.wav"
+    assert farm.attach(desktop, f"test -f /tmp/tone.wav || {{ {make}; }}", user=LOGIN).returncode == 0
+
+    def default_sink_is(name: str) -> bool:
+        return farm.attach(desktop, f"{PULSE} pactl get-default-sink", user=LOGIN).stdout.strip() == name
+
+    speakers = ClientSound().start()
+    try:
+
+        async def listen() -> None:
+            async with NxViewer(media_port=speakers.port) as viewer:
+                await viewer.connect(farm.broker, farm.ca, LOGIN, PASSWORD, desktop, {"qvd.client.link": "lan"})
+                try:
+                    await asyncio.to_thread(wait_for, lambda: default_sink_is("qvd_client"), 20, 0.3)
+                except AssertionError:
+                    logs = farm.attach(desktop, "tail -n 12 /run/deckard/nxagent.log").stdout
+                    pytest.fail(f"the client's speakers never became the default sink\n{viewer.log()[-600:]}\n{logs}")
+                play = f"{PULSE} setsid -f paplay /tmp/tone.wav >/dev/null 2>&1 </dev/null"
+                assert farm.attach(desktop, play, user=LOGIN).returncode == 0
+                await asyncio.sleep(1.0)
+                heard = await asyncio.to_thread(speakers.record, 2.0)
+                assert dominant_frequency(heard, speakers.RATE) == 440.0
+                await viewer.disconnect()
+
+        run_in_thread(listen)
+        wait_for(lambda: default_sink_is("deckard"), 20, 0.3, "the browser's sink to be the default again")
+    finally:
+        speakers.close()

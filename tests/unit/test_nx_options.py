@@ -169,7 +169,7 @@ def test_the_agent_writes_checked_options_into_nxagents_options_file() -> None:
     line = vma.nx_options_line(opts, "1024x768", "ab" * 16)
     assert line == (
         "nx/nx,link=lan,keyboard=pc105/es,client=windows,geometry=1024x768,fullscreen=1,"
-        f"cookie={'ab' * 16},tolerancechecks=risky,listen=4100:100\n"
+        f"cookie={'ab' * 16},tolerancechecks=risky,media=1,listen=4100:100\n"
     )
 
 

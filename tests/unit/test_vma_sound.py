@@ -66,15 +66,23 @@ class Spawner:
 
 
 # -- the command lines --------------------------------------------------------------------------------------
-def test_the_server_loads_a_null_sink_and_a_unix_socket_only_and_never_more() -> None:
+def test_the_server_loads_a_null_sink_a_unix_socket_and_the_qvd_clients_tunnel_only_and_never_more() -> None:
     cmd = sound.pulseaudio_command(1234)
     assert cmd[0] == "/usr/bin/pulseaudio"
     assert {"--daemonize=no", "--system=no", "-n", "--exit-idle-time=-1", "--disallow-module-loading"} <= set(cmd)
     assert cmd[-1] == "--disallow-module-loading"  # after the modules: nothing can be loaded later
     modules = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-L"]
-    assert [m.split()[0] for m in modules] == ["module-null-sink", "module-native-protocol-unix"]
+    assert [m.split()[0] for m in modules] == [
+        "module-null-sink",  # first: the default sink while no QVD client is attached
+        "module-native-protocol-unix",
+        "module-tunnel-sink-new",
+        "module-switch-on-connect",
+    ]
     assert "socket=/run/user/1234/pulse/native" in modules[1]
-    assert not any(word in " ".join(cmd) for word in ("tcp", "zeroconf", "rtp", "esound", "http"))
+    # the tunnel only dials nxagent's media channel on loopback; nothing listens on the network
+    assert "server=tcp:127.0.0.1:7100 " in modules[2] and "reconnect_interval_ms=" in modules[2]
+    rest = " ".join(m for i, m in enumerate(modules) if i != 2)
+    assert not any(word in rest for word in ("tcp", "zeroconf", "rtp", "esound", "http"))
     assert sound.session_env(1234) == {
         "XDG_RUNTIME_DIR": "/run/user/1234",
         "PULSE_SERVER": "unix:/run/user/1234/pulse/native",

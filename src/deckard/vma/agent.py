@@ -518,6 +518,7 @@ def nx_options_line(opts: dict[str, Any], geometry: str, cookie: str) -> str:
         # viewers, then the client's Xorg, VcXsrv or Xvfb): nxagent's default, strict, and "safe" refuse the
         # resume unless every depth matches; "risky" asks for one in common (24 bits, which all have)
         "tolerancechecks=risky",
+        "media=1",  # sound: nxagent offers the client's PulseAudio on 7100 (vma/sound.py's tunnel sink)
         f"listen={NX_PORT}",
     ]
     return "nx/nx," + ",".join(items) + f":{NX_DISPLAY[1:]}\n"
@@ -542,8 +543,8 @@ class NxSession(XSession):
 
     display = NX_DISPLAY
 
-    def __init__(self, children: Children, token: str | None) -> None:
-        super().__init__(children)
+    def __init__(self, children: Children, token: str | None, sound: Any = None) -> None:
+        super().__init__(children, sound)
         self.cookie = nx_cookie(token) if token else ""
         self.log_path = RUN_DIR / "nxagent.log"
         self.options_path = RUN_DIR / "nx" / "options"
@@ -719,6 +720,8 @@ class NxSession(XSession):
         env = self.session_env(account)
         if keyboard:
             env["DECKARD_KEYBOARD"] = keyboard
+        if self.sound is not None and shadow_of is None:  # a shadow's session has Xvnc's server already
+            env.update(self.sound.start(account))
         creds = session_creds(account, env)
         args = ["nxagent", NX_DISPLAY, "-nolisten", "tcp", "-auth", str(self.xauthority), "-name", "Deckard"]
         if shadow_of is not None:  # interactive (shadowmode 1): the QVD client's keyboard and mouse drive it
@@ -1808,7 +1811,7 @@ class Agent:
         self.children = Children()
         self.sound = SOUND.SoundServer(self.children, log_path=RUN_DIR / "pulseaudio.log") if SOUND else None
         self.x = XSession(self.children, self.sound)
-        self.nx = NxSession(self.children, token)  # no sound over NX yet (issue 13's redirections)
+        self.nx = NxSession(self.children, token, self.sound)  # one server: the two sessions never run together
         self.printer = PdfPrinter(self.children)
         self.server: ThreadingHTTPServer | None = None
         self._powering_off = threading.Event()

@@ -6,10 +6,12 @@ desktop has speaks to it (ALSA programs through ``libasound2-plugins``).
 
 The server (:class:`SoundServer`) runs **as the desktop's user**, never as root, from the moment the display
 starts: no default script (``-n``), a null sink as the only (so default) output so applications always have
-one, the native protocol on a unix socket in the user's runtime directory (0700) and nothing else: no network
-modules, no module loading afterwards (``--disallow-module-loading``), ``exit-idle-time=-1``.  The session gets
-``XDG_RUNTIME_DIR`` and ``PULSE_SERVER``.  It is supervised like cupsd (``agent.PdfPrinter``): one that dies is
-started again, at most :data:`MAX_RESTARTS` times in a row.
+one, the native protocol on a unix socket in the user's runtime directory (0700), and a tunnel sink for a QVD
+client's speakers (it dials nxagent's media channel on loopback, see :data:`NX_MEDIA_PORT`) with
+``module-switch-on-connect``; nothing that listens on the network, no module loading afterwards
+(``--disallow-module-loading``; the tunnel's reconnects re-initialise the loaded module), ``exit-idle-time=-1``.
+The session gets ``XDG_RUNTIME_DIR`` and ``PULSE_SERVER``.  It is supervised like cupsd (``agent.PdfPrinter``):
+one that dies is started again, at most :data:`MAX_RESTARTS` times in a row.
 
 ``GET /sound?login=<user>`` (the agent token, as every route) captures the null sink's monitor with ``parec``
 and encodes it to Opus (48 kHz stereo, :data:`BITRATE_KBPS` kbit/s VBR, 20 ms frames), both **as the user**: the
@@ -61,6 +63,9 @@ PAREC = "/usr/bin/parec"
 PYTHON = "/usr/bin/python3"
 RUNTIME_ROOT = "/run/user"
 SINK = "deckard"
+NX_SINK = "qvd_client"
+NX_MEDIA_PORT = 7100  # nxagent's media channel on display :100 (nxcomp: 7000 + the display's number)
+NX_RECONNECT_MS = 1000
 RATE, CHANNELS, FRAME_MS = 48000, 2, 20
 BITRATE_KBPS = 96  # stereo speech and music are clear at 96; the channel stays under 128 with the framing
 CAPTURE_LATENCY_MS = 10  # parec's fragment: what the server hands the capture at once
@@ -107,7 +112,8 @@ def session_env(uid: int) -> dict[str, str]:
 
 
 def pulseaudio_command(uid: int, binary: str = PULSEAUDIO) -> list[str]:
-    """The server's command line: no default script, a null sink and the unix socket; nothing on the network."""
+    """The server's command line: no default script, a null sink, the unix socket and the QVD client's tunnel;
+    nothing that listens on the network."""
     return [
         binary,
         "--daemonize=no",
@@ -123,6 +129,13 @@ def pulseaudio_command(uid: int, binary: str = PULSEAUDIO) -> list[str]:
         f"module-null-sink sink_name={SINK} rate={RATE} channels={CHANNELS} sink_properties=device.description=Deckard",
         "-L",
         f"module-native-protocol-unix socket={socket_path(uid)}",
+        # a QVD client's speakers: its PulseAudio through nxproxy's media channel, which nxagent offers on
+        # NX_MEDIA_PORT while a client with sound is attached; tried again every second, since clients come and go
+        "-L",
+        f"module-tunnel-sink-new server=tcp:127.0.0.1:{NX_MEDIA_PORT} sink_name={NX_SINK}"
+        f" sink_properties=device.description=QVD-client reconnect_interval_ms={NX_RECONNECT_MS}",
+        "-L",
+        "module-switch-on-connect",  # the client's speakers, once there, take every stream; when gone, the null sink
         "--disallow-module-loading",  # last: the modules above are loaded, nothing else ever can be
     ]
 
