@@ -314,17 +314,7 @@ class XSession:
             account = pwd.getpwnam(self.user or "")
         except KeyError:
             return
-        proc = self.children.spawn(
-            ["setxkbmap", keyboard],
-            user=account.pw_uid,
-            group=account.pw_gid,
-            extra_groups=[],
-            cwd="/",
-            env=self.session_env(account),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = self._spawn_x_client(account, ["setxkbmap", keyboard], subprocess.DEVNULL)
 
         def wait() -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -332,6 +322,20 @@ class XSession:
             self.children.forget(proc)
 
         threading.Thread(target=wait, daemon=True).start()
+
+    def _spawn_x_client(self, account: pwd.struct_passwd, args: list[str], output: int) -> subprocess.Popen[bytes]:
+        """A short X client on the session's display, as the user; its output to ``output`` (DEVNULL or PIPE)."""
+        return self.children.spawn(
+            args,
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            env=self.session_env(account),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT if output == subprocess.PIPE else subprocess.DEVNULL,
+        )
 
     def _watch(self, xvnc: subprocess.Popen[bytes] | None, session: subprocess.Popen[bytes] | None) -> None:
         """Logging out (the session exits) or an Xvnc crash ends the whole display."""
@@ -855,17 +859,7 @@ class NxSession(XSession):
 
     def _run_as_user(self, account: pwd.struct_passwd, args: list[str]) -> None:
         """Run a short X client on the session's display as the user, at most 5 s; a failure only logs."""
-        proc = self.children.spawn(
-            args,
-            user=account.pw_uid,
-            group=account.pw_gid,
-            extra_groups=[],
-            cwd="/",
-            env=self.session_env(account),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        proc = self._spawn_x_client(account, args, subprocess.PIPE)
         try:
             out, _ = proc.communicate(timeout=5)
             if proc.returncode:
