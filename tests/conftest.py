@@ -93,24 +93,26 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
-# Files run slowest kind first: a chaos or end-to-end module takes 0.5-3 min in a handful of tests, an integration
-# module seconds to a minute, a unit module seconds.  xdist's default (most tests first) ran the end-to-end
-# modules last, where one of them alone made the run's tail while the other worker sat idle; started first, they
-# overlap each other and the cheap files fill in at the end.
-FILE_ORDER = ("chaos", "e2e", "integration", "unit")
+# Files run slowest first: the VM module (2-4 min in one file), then the chaos and end-to-end modules (0.5-2 min
+# each in a handful of tests), integration modules (seconds to a minute), unit modules (seconds).  xdist's default
+# (most tests first) ran the end-to-end modules last, where one of them alone made the run's tail while the other
+# worker sat idle; started first, they overlap each other and the cheap files fill in at the end.
+FILE_ORDER = ("e2e/test_vm_desktops.py", "chaos/", "e2e/", "integration/", "unit/")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the files by ``FILE_ORDER`` of their directory under tests/ (a stable sort: a file's tests keep theirs)."""
+    """Order the files by the first ``FILE_ORDER`` prefix of their path under tests/ (a stable sort: a file's tests
+    keep their order)."""
     tests = Path(__file__).parent
 
-    def kind(item: pytest.Item) -> int:
+    def rank(item: pytest.Item) -> int:
         try:
-            return FILE_ORDER.index(item.path.relative_to(tests).parts[0])
-        except ValueError:  # a path outside tests/ or a directory not listed: after the others
+            path = item.path.relative_to(tests).as_posix()
+        except ValueError:  # outside tests/: after the others
             return len(FILE_ORDER)
+        return next((n for n, prefix in enumerate(FILE_ORDER) if path.startswith(prefix)), len(FILE_ORDER))
 
-    items.sort(key=kind)
+    items.sort(key=rank)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -29,8 +29,8 @@ async def main() -> int:
     # the images of tests/e2e/conftest.py's fixtures, in the order the end-to-end modules first need them
     profiles: list[tuple[str, Profile]] = [
         ("minimal", load_profile("minimal")),
+        ("minimal VM", with_vm(load_profile("minimal"))),  # the VM module starts first (tests/conftest.py)
         ("standard", load_profile("standard")),
-        ("minimal VM", with_vm(load_profile("minimal"))),
     ]
     for name, profile in profiles:
         started = time.monotonic()
