@@ -87,6 +87,32 @@ def pg_databases(pg_cluster: PgCluster) -> Iterator[ReadyDatabases]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "databases(*names): the databases a test's db_url runs on (tests/conftest.py)")
+    # pytest-xdist hands out files in collection order (pytest_collection_modifyitems below), not reordered by
+    # how many tests each holds (its default)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+# Files run slowest first: the VM module (2-4 min in one file), then the chaos and end-to-end modules (0.5-2 min
+# each in a handful of tests), integration modules (seconds to a minute), unit modules (seconds).  xdist's default
+# (most tests first) ran the end-to-end modules last, where one of them alone made the run's tail while the other
+# worker sat idle; started first, they overlap each other and the cheap files fill in at the end.
+FILE_ORDER = ("e2e/test_vm_desktops.py", "chaos/", "e2e/", "integration/", "unit/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the files by the first ``FILE_ORDER`` prefix of their path under tests/ (a stable sort: a file's tests
+    keep their order)."""
+    tests = Path(__file__).parent
+
+    def rank(item: pytest.Item) -> int:
+        try:
+            path = item.path.relative_to(tests).as_posix()
+        except ValueError:  # outside tests/: after the others
+            return len(FILE_ORDER)
+        return next((n for n, prefix in enumerate(FILE_ORDER) if path.startswith(prefix)), len(FILE_ORDER))
+
+    items.sort(key=rank)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

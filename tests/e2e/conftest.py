@@ -65,12 +65,32 @@ class SharedFarm:
             farm.close()
 
 
+class CloseSharedFarmAfterE2E:
+    """Closes the shared farm when the test process starts a test outside tests/e2e.
+
+    tests/conftest.py runs the end-to-end files before the integration and unit ones, so by then no module will
+    ask for the farm again: it would otherwise idle through them and be stopped in the run's last seconds.  Should
+    a module ask after all, ``SharedFarm.take`` brings a new farm up.  A plugin rather than a hook of this
+    conftest: those are only called for the tests under tests/e2e.
+    """
+
+    def __init__(self, shared: SharedFarm) -> None:
+        self.shared = shared
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if Path(__file__).parent not in item.path.parents:
+            self.shared.close()
+
+
 @pytest.fixture(scope="session")
-def shared_farm() -> Iterator[SharedFarm]:
+def shared_farm(pytestconfig: pytest.Config) -> Iterator[SharedFarm]:
     shared = SharedFarm()
+    closer = CloseSharedFarmAfterE2E(shared)
+    pytestconfig.pluginmanager.register(closer)
     try:
         yield shared
     finally:
+        pytestconfig.pluginmanager.unregister(closer)
         shared.close()
 
 
