@@ -21,6 +21,7 @@ from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput
 from deckard.model.session_policy import describe_duration, parse_duration
 from deckard.model.states import DesktopState, UserState
+from deckard.runtime.metrics import PHASES  # the connection history's t_<phase>_ms
 from deckard.services.context import Actor, require
 from deckard.services.users import tenant_filter
 
@@ -142,7 +143,6 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
 
 # ---- time-to-desktop per phase, per image and per node -------------------------------------------------------
 
-PHASES = ("auth", "claim", "start", "agent", "display", "total")  # the connection history's t_<phase>_ms
 WINDOW_DEFAULT = "24h"
 WINDOW_MIN = dt.timedelta(minutes=1)
 WINDOW_MAX = dt.timedelta(days=7)  # the rows are read, not aggregated in SQL: a week of connections at most
