@@ -35,6 +35,11 @@ const MENU = [
 
 function loginView(message) {
   stopEvents();
+  // the page's timers (the dashboard's refresh) end with the session: a refresh in flight at logout came back
+  // 401 and drew this form again, wiping what the user had started typing
+  if (cleanup) cleanup();
+  cleanup = null;
+  session.me = null;
   const name = h("input", { name: "name", autocomplete: "username", required: true });
   const password = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
   const tenant = h("input", { name: "tenant", autocomplete: "organization", placeholder: "optional" });
@@ -253,7 +258,7 @@ async function boot() {
 }
 
 whenUnauthenticated(() => {
-  session.me = null;
+  if (!session.me) return; // logged out already: the login form stays as the user left it
   setToken(null);
   loginView("Your session ended: log in again.");
 });
