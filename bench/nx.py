@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import os
 import platform
@@ -44,7 +43,7 @@ import time
 from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer, is_blank
 from deckard.testing import FarmProcess, wait_for
-from deckard.testing_nx import NxViewer, nx_unavailable_reason, xwd_pixels
+from deckard.testing_nx import NxViewer, nx_unavailable_reason, pump, xwd_pixels
 
 PASSWORD = "bench-pw1"
 BACKGROUND = bytes.fromhex("2e4a62")
@@ -150,17 +149,8 @@ async def vnc_workload(farm: FarmProcess, desk: int, viewer_binary: str) -> dict
     down = [0]
     pumps: list[asyncio.Task[None]] = []
 
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int] | None) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await src.read(65536):
-                if count is not None:
-                    count[0] += len(data)
-                dst.write(data)
-                await dst.drain()
-        dst.close()
-
     def on_viewer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        pumps.extend([asyncio.create_task(pump(reader, w, down)), asyncio.create_task(pump(r, writer, None))])
+        pumps.extend([asyncio.create_task(pump(reader, w, down)), asyncio.create_task(pump(r, writer, [0]))])
 
     server = await asyncio.start_server(on_viewer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

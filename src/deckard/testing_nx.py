@@ -132,8 +132,8 @@ class NxViewer:
         self._start_proxy(port)
         pr, pw = await asyncio.wait_for(attached, 10)
         self._tasks = [
-            asyncio.create_task(_pump(pr, writer, self.bytes_up)),
-            asyncio.create_task(_pump(reader, pw, self.bytes_down)),
+            asyncio.create_task(pump(pr, writer, self.bytes_up)),
+            asyncio.create_task(pump(reader, pw, self.bytes_down)),
         ]
 
     def _start_proxy(self, port: int) -> None:
@@ -193,7 +193,8 @@ class NxViewer:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:
+async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:
+    """Copy ``src`` to ``dst`` until either ends, adding the bytes to ``count[0]``; then close ``dst``."""
     try:
         while data := await src.read(65536):
             count[0] += len(data)

@@ -63,7 +63,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,20 @@ class Children:
                 time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def undone_on_failure(undo: Callable[[], None], what: str) -> Iterator[None]:
+    """Run the block; if it fails, ``undo()`` what it half did and raise: an AgentError as it is, anything else as
+    ``x_start_failed`` ("``what``: <the error>")."""
+    try:
+        yield
+    except AgentError:
+        undo()
+        raise
+    except Exception as exc:
+        undo()
+        raise AgentError("x_start_failed", f"{what}: {exc}", 500) from exc
+
+
 def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
     return proc is not None and proc.poll() is None
 
@@ -277,16 +291,10 @@ class XSession:
                 self._stop_locked()
             self.state = "provisioning"
             self.user, self.uid = login, uid
-            try:
+            with undone_on_failure(self._stop_locked, "could not start the display"):
                 account = provision_user(self.children, login, uid)
                 self.state = "starting"
                 self._launch(account, geometry, keyboard)
-            except AgentError:
-                self._stop_locked()
-                raise
-            except Exception as exc:
-                self._stop_locked()
-                raise AgentError("x_start_failed", f"could not start the display: {exc}", 500) from exc
             self.state = "listening"
             threading.Thread(target=self._watch, args=(self.xvnc, self.session), daemon=True).start()
         return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
@@ -645,18 +653,12 @@ class NxSession(XSession):
             self.state = "provisioning"
             self.user, self.uid = login, uid
             self.connected_once = False
-            try:
+            with undone_on_failure(self._stop_locked, "could not start nxagent"):
                 account = provision_user(self.children, login, uid)
                 self.state = "starting"
                 self._launch_nx(account, geometry, keyboard, opts, shadow_of)
                 self.state = "listening"
                 self._wait_listening_locked(time.monotonic() + NX_INITIATING_TIMEOUT_S)
-            except AgentError:
-                self._stop_locked()
-                raise
-            except Exception as exc:
-                self._stop_locked()
-                raise AgentError("x_start_failed", f"could not start nxagent: {exc}", 500) from exc
             threading.Thread(target=self._watch_nx, args=(self.xvnc, self.session), daemon=True).start()
         return {"state": "listening", "user": login, "protocol": "nx", **self._elapsed(t0)}
 
@@ -811,14 +813,8 @@ class NxSession(XSession):
                 raise AgentError(
                     "display_busy", f"the NX session cannot be shown to a VNC viewer now (it is {now})", 409
                 )
-            try:
+            with undone_on_failure(self._stop_view_locked, "could not show the NX session"):
                 self._launch_view(geometry)
-            except AgentError:
-                self._stop_view_locked()
-                raise
-            except Exception as exc:
-                self._stop_view_locked()
-                raise AgentError("x_start_failed", f"could not show the NX session: {exc}", 500) from exc
         if keyboard:
             self._set_keyboard(keyboard)
         return {"state": "listening", "user": login, "resumed": True, "protocol": "vnc", **self._elapsed(t0)}
