@@ -88,11 +88,23 @@ class NxViewer:
 
     def start_xvfb(self) -> None:
         """Xvfb on a display number it picks itself (``-displayfd``): two processes choosing a free number at the
-        same moment would collide, and the loser would wait on the winner's socket."""
+        same moment would collide, and the loser would wait on the winner's socket.  ``-noreset``: an X server
+        resets when its last client leaves and refuses connections meanwhile, so an ``xwd`` right after nxproxy
+        went away would fail."""
         read_fd, write_fd = os.pipe()
         with open(self.home / "xvfb.log", "wb") as log:
             self.xvfb = subprocess.Popen(
-                ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{SIZE[0]}x{SIZE[1]}x24", "-nolisten", "tcp"],
+                [
+                    "Xvfb",
+                    "-displayfd",
+                    str(write_fd),
+                    "-noreset",
+                    "-screen",
+                    "0",
+                    f"{SIZE[0]}x{SIZE[1]}x24",
+                    "-nolisten",
+                    "tcp",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -155,12 +167,18 @@ class NxViewer:
     async def wait_drawn(self, colour: bytes, timeout: float = 20) -> float:
         """Seconds until ``colour`` (R, G, B) shows on the Xvfb, polled every 50 ms; raises on timeout."""
         t0 = time.monotonic()
+        seen = "no image"
         while True:
-            _, _, px = await asyncio.to_thread(self.pixels)
-            if colour in colours(px, 3):
-                return time.monotonic() - t0
+            try:
+                _, _, px = await asyncio.to_thread(self.pixels)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:  # keep polling: the deadline says
+                seen = f"xwd failed: {e}"
+            else:
+                if colour in colours(px, 3):
+                    return time.monotonic() - t0
+                seen = f"colours {len(colours(px))}"
             if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"{colour.hex()} not drawn within {timeout:g} s; colours {len(colours(px))}")
+                raise TimeoutError(f"{colour.hex()} not drawn within {timeout:g} s; {seen}")
             await asyncio.sleep(0.05)
 
     def log(self) -> str:

@@ -97,6 +97,28 @@ async def farm(db: Database) -> AsyncIterator[Farm]:
         await f.node.close()
 
 
+async def test_a_stop_right_after_running_still_powers_the_guest_off(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start's tail (hot-plugging volumes) still runs when the desktop is already running: a stop that overtakes
+    it must not kill the guest the way a start cancelled before running is killed."""
+    assert farm.node.daemon is not None
+    reconcile = farm.node.daemon.volumes.reconcile
+
+    async def slow_in_the_start(node_id: int) -> int:
+        task = asyncio.current_task()
+        if task is not None and task.get_name().startswith("desktop-"):  # the start's tail, not the command loop
+            await asyncio.Event().wait()
+        return await reconcile(node_id)
+
+    monkeypatch.setattr(farm.node.daemon.volumes, "reconcile", slow_in_the_start)
+    desk = await farm.start(farm.desktops[0])
+    guest = farm.guest(desk.id)
+    await request_stop(farm.db, desk.id)
+    await farm.wait_state(desk.id, DesktopState.STOPPED)
+    assert ("poweroff", {}) in guest.calls
+
+
 async def test_start_runs_the_guest_and_waits_for_its_agent(farm: Farm) -> None:
     desk = await farm.start(farm.desktops[0])
     guest = farm.guest(desk.id)

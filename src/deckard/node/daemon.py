@@ -356,6 +356,7 @@ class NodeDaemon:
         name = self.paths.guest_name(desktop_id)
         bound = log.bind(desktop_id=desktop_id)
         t0 = time.monotonic()
+        running = False  # once marked running, a stop that overtakes the rest of this start powers the guest off
         try:
             async with self._start_slots:
                 facts = await node_ops.start_facts(self.db, desktop_id)
@@ -400,14 +401,16 @@ class NodeDaemon:
                 guest_ms=(t1 - t0) * 1000,
                 agent_ms=(t2 - t1) * 1000,
             )
+            running = True
             bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000), kept=ok)
-            with contextlib.suppress(Exception):  # volumes attached while it started are hot-plugged now
-                await self.volumes.reconcile(self.node_id)
             DESKTOP_STARTS.labels(self.cfg.name, "ok").inc()
             DESKTOP_START_SECONDS.labels(self.cfg.name).observe(t2 - t0)
+            with contextlib.suppress(Exception):  # volumes attached while it started are hot-plugged now
+                await self.volumes.reconcile(self.node_id)
         except asyncio.CancelledError:
-            DESKTOP_STARTS.labels(self.cfg.name, "cancelled").inc()
-            await self.driver.kill(name)
+            if not running:
+                DESKTOP_STARTS.labels(self.cfg.name, "cancelled").inc()
+                await self.driver.kill(name)
             raise
         except Exception as e:
             DESKTOP_STARTS.labels(self.cfg.name, "failed").inc()
