@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deckard.runtime.machines import Machine, Machines
 from deckard.runtime.paths import FarmPaths
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class FarmProcess:
     network: str = ""  # default: 10.214.<pid>.0/24, then 10.212.<pid>.0/24, 10.211.… for further farms
     extra_env: dict[str, str] = field(default_factory=dict)
     nodes: int = 1  # `deckard up --nodes N`: the all-in-one process plus nodes 2..N (own run dirs and brokers)
+    machines: int = 0  # `deckard up --machines N`: API here, node i in machine i (runtime/machines.py)
     up_output: str = ""
 
     def __post_init__(self) -> None:
@@ -204,6 +206,7 @@ class FarmProcess:
             self.node_name(1),
             "--nodes",
             str(self.nodes),
+            *(["--machines", str(self.machines)] if self.machines else []),
         )
         self.up_output = proc.stdout + proc.stderr
         return self.up_output
@@ -212,18 +215,35 @@ class FarmProcess:
         """Name of node ``index`` (1 is the all-in-one process); its broker listens on broker_port + index - 1."""
         return f"node-{self.home.name}" + (f"-{index}" if index > 1 else "")
 
+    def machine_node(self, index: int) -> str:
+        """Name of the node in machine ``index`` (from 1) of a farm across machines."""
+        return f"{self.node_name(1)}-m{index}"
+
     def node_paths(self) -> list[FarmPaths]:
         """Each node's view of the farm home (extra nodes have their own run directory, so their own guests)."""
         paths = FarmPaths(self.home)
+        if self.machines:
+            return [paths.demo_node(i) for i in range(1, self.machines + 1)]
         return [paths, *(paths.demo_node(i) for i in range(2, self.nodes + 1))]
+
+    def machine(self, index: int) -> Machine:
+        """Machine ``index`` (from 1) of a farm across machines."""
+        tag, count = (self.home / "run" / "machines").read_text().split()
+        return Machines.existing(tag, int(count)).machines[index - 1]
 
     def guest_of(self, desktop_id: int) -> tuple[Path, str]:
         """The LXC directory and name of the desktop's guest, on whichever node runs it."""
-        for paths in self.node_paths():
+        return self._guest(desktop_id)[1:]
+
+    def _guest(self, desktop_id: int) -> tuple[list[str], Path, str]:
+        """As guest_of, with the prefix that runs a command beside it (in its machine, for a farm across machines:
+        LXC's tools reach a guest through sockets of the machine's network namespace)."""
+        for i, paths in enumerate(self.node_paths(), start=1):
             if (paths.lxc / paths.guest_name(desktop_id)).exists():
-                return paths.lxc, paths.guest_name(desktop_id)
+                prefix = ["nsenter", f"--net=/run/netns/{self.machine(i).name}"] if self.machines else []
+                return prefix, paths.lxc, paths.guest_name(desktop_id)
         paths = self.node_paths()[0]
-        return paths.lxc, paths.guest_name(desktop_id)
+        return [], paths.lxc, paths.guest_name(desktop_id)
 
     def pid(self) -> int | None:
         try:
@@ -256,8 +276,8 @@ class FarmProcess:
 
     def attach(self, desktop_id: int, command: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a shell command inside a desktop (root, or as ``user``) with lxc-attach."""
-        lxc, name = self.guest_of(desktop_id)
-        cmd = ["lxc-attach", "-n", name, "-P", str(lxc), "--clear-env", "--"]
+        prefix, lxc, name = self._guest(desktop_id)
+        cmd = [*prefix, "lxc-attach", "-n", name, "-P", str(lxc), "--clear-env", "--"]
         cmd += ["su", "-", user, "-c", command] if user else ["sh", "-c", command]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 

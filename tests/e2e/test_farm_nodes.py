@@ -1,5 +1,6 @@
-"""Two real nodes on one machine, one PostgreSQL and one storage root: LXC desktops reached through any broker,
-moved off a node killed with ``kill -9`` with the user's home intact, and kept through a rolling restart.
+"""Two real nodes on one machine, one PostgreSQL and one storage root: an LXC desktop moved off a node killed with
+``kill -9`` (fenced by the ``local`` agent, which kills the lost node's guests) with the user's home intact.
+Nodes on several machines are test_farm_machines.py's; a rolling restart is tests/chaos'.
 
 ``deckard up --nodes 2 --database postgresql://…`` as a demo farm would run: node 1 is the all-in-one process
 (API, broker, node), node 2 a ``deckard node`` with its own run directory (so its own guest names) and broker
@@ -76,33 +77,6 @@ def _start_on(farm: FarmProcess, name: str, node: int) -> dict:
     assert desk["node"] == farm.node_name(node), desk  # type: ignore[index]
     asyncio.run(_see(farm, node, desk["id"]))  # type: ignore[index]  # the user's X session starts at connect
     return desk  # type: ignore[return-value]
-
-
-def _xvnc_pid(farm: FarmProcess, desktop_id: int) -> str:
-    out = farm.attach(desktop_id, "pidof Xvnc || true").stdout.strip()
-    assert out, f"no Xvnc in desktop {desktop_id}:\n{farm.diagnostics(desktop_id)}"
-    return out
-
-
-def test_any_nodes_broker_tunnels_to_a_desktop_on_another_node(farm: FarmProcess) -> None:
-    desk = _start_on(farm, "nina-far", node=2)  # connected through node 2's own broker
-    asyncio.run(_see(farm, 1, desk["id"]))  # node 1's broker → the desktop on node 2 (takes the session over)
-    lxc, guest = farm.guest_of(desk["id"])
-    assert lxc == farm.node_paths()[1].lxc and guest.startswith(farm.node_paths()[1].guest_prefix())
-    assert not guest.startswith(farm.node_paths()[0].guest_prefix()), "nodes on one machine name guests apart"
-
-
-def test_rolling_restart_keeps_every_desktop_running_untouched(farm: FarmProcess) -> None:
-    desks = [_start_on(farm, "nina-r1", node=1), _start_on(farm, "nina-r2", node=2)]
-    xvnc = {d["id"]: _xvnc_pid(farm, d["id"]) for d in desks}
-    out = farm.deckard("node", "restart", "--all", "--timeout", "90").stdout
-    assert out.count("back in") == 2, out
-    assert _node_states(farm) == {farm.node_name(1): "running", farm.node_name(2): "running"}
-    for d in desks:
-        now = farm.desktop(d["name"])
-        assert (now["state"], now["node"], now["started_at"]) == ("running", d["node"], d["started_at"]), now
-        assert _xvnc_pid(farm, d["id"]) == xvnc[d["id"]], "the user's X session was restarted"
-        asyncio.run(_see(farm, 1, d["id"]))
 
 
 def test_kill_9_of_a_node_moves_its_desktop_elsewhere_with_the_home_intact(farm: FarmProcess) -> None:

@@ -114,3 +114,16 @@ def test_the_filter_text_has_one_chain_per_distinct_policy_and_every_desktop_in_
     for net in ("10.231.0.0/22", "192.168.50.2", "192.168.50.9", "172.16.0.0/12"):
         assert net in text.split("set farm")[1].split("\n")[0]
     assert 'ip saddr 10.231.0.0/22 oifname != "deckard0" masquerade' in text
+
+
+def test_on_the_overlay_a_nodes_call_and_its_replies_pass_before_the_desktops_policy() -> None:
+    plain = Table("deckard0", FARM, {}).render()
+    text = Table("deckard0", FARM, {}, overlay=True).render()
+    assert "ct mark" not in plain
+    forward = text.split("chain forward {")[1].split("}")[0].strip().splitlines()
+    # the overlay's bridge filter marks what a node sent through the VXLAN port; the connection keeps the mark
+    assert [line.strip() for line in forward[1:3]] == [
+        "meta mark 0x6b76 ct mark set 0x6b76 accept",
+        "ct mark 0x6b76 accept",
+    ]
+    assert forward[3].strip() == 'iifname "deckard0" jump from_desktop'

@@ -8,6 +8,7 @@ node daemon and its broker); how a process runs, stops, drains and restarts in p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +55,13 @@ DriverOpt = Annotated[
 RunDirOpt = Annotated[
     Path | None, typer.Option("--run-dir", help="This node's own run directory (several nodes on one machine).")
 ]
+OverlayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--overlay-address",
+        help="A farm on several machines: this machine's own address; the desktop network spans the nodes (VXLAN).",
+    ),
+]
 FencingOpt = Annotated[str | None, typer.Option("--fencing", help="Fencing agent for lost nodes: local or command.")]
 FenceCmdOpt = Annotated[
     str | None, typer.Option("--fence-command", help="With --fencing command: HOOK run as `HOOK name address pid`.")
@@ -74,15 +82,17 @@ def _settings(
     database: str | None = None,
     node_name: str | None = None,
     driver: str | None = None,
+    overlay_address: str | None = None,
     **node_extra: Any,
 ) -> Settings:
     node_values = {"name": node_name, "driver": driver, **node_extra}
+    net = {"bridge": bridge, "range": network, "overlay_address": overlay_address}
     return load_settings(
         home,
         database_url=database,
         api={k: v for k, v in {"port": api_port, "host": listen}.items() if v is not None} or None,
         broker={k: v for k, v in {"port": broker_port, "host": listen}.items() if v is not None} or None,
-        network={k: v for k, v in {"bridge": bridge, "range": network}.items() if v is not None} or None,
+        network={k: v for k, v in net.items() if v is not None} or None,
         node={k: v for k, v in node_values.items() if v is not None} or None,
     )
 
@@ -364,12 +374,17 @@ async def _serve(
     from deckard.node.daemon import NodeDaemon
     from deckard.node.egress import Egress
     from deckard.runtime.metrics import serve_metrics
-    from deckard.runtime.tls import ensure_tls, server_context
+    from deckard.runtime.tls import ensure_server_cert, ensure_tls, server_context
     from deckard.services.tenancy import bootstrap_farm
 
     paths = settings.paths
     paths.make()
     _ca, cert, key = ensure_tls(paths.tls, key_type=settings.broker.tls_key)
+    if with_node and settings.broker.host not in ("", "0.0.0.0", "::", "127.0.0.1", "localhost"):
+        # a broker on an address of its own (a node on another machine): a certificate of its own that names it
+        cert, key = ensure_server_cert(
+            paths.tls, paths.node_run_dir / "tls", [settings.broker.host], settings.broker.tls_key
+        )
     async with _farm_db(settings) as db, Parts(shutdown.stop) as parts:
         await bootstrap_farm(db)
         parts.on_stop(_close_logins)
@@ -442,6 +457,7 @@ def node_cmd(
     fence_command: FenceCmdOpt = None,
     lost_after: LostAfterOpt = None,
     fake_start_delay: FakeDelayOpt = None,
+    overlay_address: OverlayOpt = None,
 ) -> None:
     """Run a node daemon (QVD's HKD) with its broker (L7R) in the foreground; `node list` lists nodes."""
     if ctx.invoked_subcommand is not None:
@@ -456,6 +472,7 @@ def node_cmd(
         database,
         node_name,
         driver,
+        overlay_address,
         run_dir=run_dir,
         fencing=fencing,
         fence_command=fence_command,
@@ -531,9 +548,22 @@ def up(
     nodes: Annotated[
         int, typer.Option("--nodes", min=1, help="Demo farm: start this many nodes (extra ones as `deckard node`).")
     ] = 1,
+    machines: Annotated[
+        int,
+        typer.Option(
+            "--machines",
+            min=0,
+            max=50,
+            help="Demo farm across machines: this many network namespaces on this box, one node in each, the "
+            "desktop network spanning them; this machine keeps the API, the database and the storage.",
+        ),
+    ] = 0,
 ) -> None:
     """Run the all-in-one farm: API + node + broker, SQLite (or --database), the default image and an administrator."""
     from deckard.runtime.tls import ensure_tls
+
+    if machines and nodes > 1:
+        _fail("--machines and --nodes do not mix: each machine runs one node")
 
     settings = _settings(home, api_port, broker_port, listen, bridge, network, database, node_name, driver)
     if settings.node.driver != "fake":
@@ -562,7 +592,7 @@ def up(
     if foreground:
         _pid_file(paths).write_text(str(os.getpid()))
         _print_addresses(settings, note="running in the foreground; Ctrl-C stops it")
-        _run_until_signal(settings, with_api=True, with_node=True, ready_file=ready)
+        _run_until_signal(settings, with_api=True, with_node=not machines, ready_file=ready)
         return
     log_path = paths.logs / "deckard.log"
     ready.unlink(missing_ok=True)
@@ -577,6 +607,7 @@ def up(
         ("--node-name", node_name),
         ("--driver", driver),
         ("--database", database),
+        ("--machines", machines or None),
     ):
         if val is not None:
             args += [opt, str(val)]
@@ -595,6 +626,8 @@ def up(
             time.sleep(0.1)
     for i in range(2, nodes + 1):
         _start_extra_node(settings, home, i, driver)
+    if machines:
+        _start_machines(settings, home, machines, driver)
     _print_addresses(
         settings, note=f"running in the background (pid {proc.pid}, log {log_path}); stop it with `deckard down`"
     )
@@ -623,6 +656,61 @@ def _start_extra_node(settings: Settings, home: Path, index: int, driver: str | 
     out.print(f"node {name} started (pid {proc.pid}, broker port {settings.broker.port + index - 1})")
 
 
+def _start_machines(settings: Settings, home: Path, count: int, driver: str | None) -> None:
+    """``deckard up --machines N``: N machines (runtime/machines.py), node ``<name>-m<i>`` in machine *i*, its broker
+    on the machine's address, its bridge on the farm's VXLAN segment; a lost node is fenced by powering its machine
+    off (unless another fencing agent is configured)."""
+    from deckard.runtime.machines import Machines, fence_hook_script
+
+    paths = settings.paths
+    with console.status(f"Making {count} machines…"):
+        farm = Machines(count).start()
+    paths.machines_file.write_text(f"{farm.tag} {count}\n")
+    fence = []
+    if settings.node.fencing == "local":  # a node cannot kill another machine's guests: the demo's power switch can
+        hook = paths.run / "machines-fence"
+        hook.write_text(fence_hook_script(sys.executable))
+        hook.chmod(0o755)
+        fence = ["--fencing", "command", "--fence-command", str(hook)]
+    for i, machine in enumerate(farm.machines, start=1):
+        name = f"{settings.node.name}-m{i}"
+        run_dir = paths.demo_node(i).node_run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "deckard.cli.main", "node", "--home", str(home), "--node-name", name]
+        args += ["--run-dir", str(run_dir), "--broker-port", str(settings.broker.port), "--listen", machine.address]
+        args += ["--bridge", settings.network.bridge, "--network", settings.network.range]
+        args += ["--overlay-address", machine.address, *fence]
+        if driver is not None:
+            args += ["--driver", driver]
+        if settings.database_url:
+            args += ["--database", settings.database_url]
+        with open(paths.logs / f"{name}.log", "ab") as logf:
+            proc = subprocess.Popen(
+                machine.command(*args), stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        paths.demo_node_pid(i).write_text(str(proc.pid))
+        out.print(
+            f"machine {i} ({machine.address}): node {name}, broker https://{machine.address}:{settings.broker.port}"
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_machines(paths: FarmPaths) -> None:
+    from deckard.runtime.machines import Machines
+
+    if paths.machines_file.exists():
+        tag, count = paths.machines_file.read_text().split()
+        Machines.existing(tag, int(count)).close()
+        paths.machines_file.unlink()
+
+
 def _print_addresses(settings: Settings, note: str) -> None:
     host = _public_host(settings.broker.host)
     out.print(f"\n[bold green]Deckard farm[/bold green] at {settings.home}: {note}")
@@ -639,12 +727,17 @@ def down(
 ) -> None:
     """Stop the all-in-one farm started by `deckard up` (its desktops are stopped)."""
     paths = FarmPaths(home)
+    extra = []
     for pid_path in _extra_node_pids(paths):  # demo farm nodes first: they stop their own desktops
-        try:
-            os.kill(int(pid_path.read_text()), signal.SIGTERM)
-        except (ValueError, ProcessLookupError):
-            pass
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            extra.append(int(pid_path.read_text()))
+            os.kill(extra[-1], signal.SIGTERM)
         pid_path.unlink(missing_ok=True)
+    if paths.machines_file.exists():  # their machines go once their nodes have stopped
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in extra) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _stop_machines(paths)
     pid = _running_pid(paths)
     if pid is None:
         out.print("the farm is not running")

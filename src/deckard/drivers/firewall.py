@@ -42,6 +42,9 @@ from deckard.model.guest_metadata import METADATA_ADDRESS, METADATA_PORT
 log = structlog.get_logger()
 
 REJECT = "reject with icmpx type admin-prohibited"
+# set by the overlay's bridge filter (``drivers/overlay.py``) on frames that came through the VXLAN port from a
+# node's address: a broker on another machine calling a desktop here; its connection (and only its) passes
+OVERLAY_MARK = 0x6B76
 
 
 def table_name(bridge: str) -> str:
@@ -80,6 +83,7 @@ class Table:
     protected: Protected
     desktops: Mapping[str, tuple[Rule, ...]]  # desktop IP → its policy's rules
     metadata_port: int = METADATA_PORT  # the guests' metadata service on the gateway address
+    overlay: bool = False  # the bridge has a VXLAN port (``drivers/overlay.py``)
 
     def render(self) -> str:
         name = table_name(self.bridge)
@@ -118,6 +122,14 @@ class Table:
             "  }",
             "  chain forward {",
             "    type filter hook forward priority filter; policy accept;",
+            *(
+                [
+                    f"    meta mark {OVERLAY_MARK:#x} ct mark set {OVERLAY_MARK:#x} accept",
+                    f"    ct mark {OVERLAY_MARK:#x} accept",
+                ]
+                if self.overlay
+                else []
+            ),
             f'    iifname "{self.bridge}" jump from_desktop',
             f'    oifname "{self.bridge}" ct state established,related accept',
             f'    oifname "{self.bridge}" drop',
@@ -182,7 +194,7 @@ def guard_name(port: str) -> str:
 async def guard_port(port: str, mac: str, ip: str) -> None:
     """Load :func:`render_port_guard` for a guest's port (replacing an older one); DriverError when nft refuses."""
     await remove_port_guard(port)
-    await _load_text(guard_name(port), render_port_guard(port, mac, ip))
+    await load_text(guard_name(port), render_port_guard(port, mac, ip))
 
 
 async def remove_port_guard(port: str) -> None:
@@ -193,10 +205,10 @@ async def remove_port_guard(port: str) -> None:
 async def load(bridge: str, text: str) -> None:
     """Load a rendered table (``Table.render``) in one transaction (DriverError ``firewall_failed`` quoting nft
     on failure)."""
-    await _load_text(table_name(bridge), text)
+    await load_text(table_name(bridge), text)
 
 
-async def _load_text(name: str, text: str) -> None:
+async def load_text(name: str, text: str) -> None:
     if not available():
         raise DriverError(
             "nft is not installed: desktops would have no network policy; install the nftables package",

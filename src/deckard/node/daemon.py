@@ -118,7 +118,7 @@ class NodeDaemon:
         self.node_id = await node_ops.register_node(
             self.db,
             self.cfg.name,
-            self.gateway,
+            self.settings.network.overlay_address or self.gateway,  # the underlay address: overlay peers use it
             self.broker_url,
             cpus=h.cpus,
             mem_total_mib=h.mem_total_mib,

@@ -20,13 +20,13 @@ import time
 import structlog
 
 from deckard.db.engine import Database
-from deckard.drivers import firewall
+from deckard.drivers import firewall, overlay
 from deckard.drivers.dns import Resolver
 from deckard.model.egress import Protected, Rule
 from deckard.model.network import gateway_of
 from deckard.node.metadata import MetadataServer
 from deckard.runtime.settings import Settings
-from deckard.services import guest_metadata, network_policy
+from deckard.services import guest_metadata, network_policy, node_ops
 
 log = structlog.get_logger()
 
@@ -46,6 +46,9 @@ class Egress:
             self.bridge, gateway_of(self.network), settings.paths.node_run_dir, settings.network.dns_servers
         )
         self.farm_id = settings.paths.farm_id
+        self.overlay_address = settings.network.overlay_address  # set: the bridge joins the farm's VXLAN segment
+        self.overlay_vni = settings.network.overlay_vni
+        self._segment: tuple[overlay.Segment, str, tuple[str, ...]] | None = None  # last joined: segment, me, peers
         self.metadata: MetadataServer | None = None  # made at start, when the node's id is known
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
@@ -56,6 +59,7 @@ class Egress:
     async def start(self, node_id: int) -> None:
         await firewall.remove_legacy_guard(self.bridge)
         await firewall.enable_forwarding()
+        await self.join_overlay(node_id)
         await self.refresh(node_id)
         await self.resolver.start()
         lookup = functools.partial(
@@ -78,6 +82,39 @@ class Egress:
             self._desktops = desktops
             await self._load()
 
+    async def join_overlay(self, node_id: int) -> None:
+        """With ``network.overlay_address``: put the bridge on the farm's VXLAN segment, flooding to every other
+        running node's underlay address (again whenever the farm's nodes change)."""
+        if not self.overlay_address:
+            return
+        nodes = await node_ops.farm_nodes(self.db)
+        segment = overlay.Segment(
+            self.bridge,
+            self.network,
+            self.overlay_vni,
+            self.overlay_address,
+            tuple(overlay.node_addresses(self.network, (i for i, _, _ in nodes))),
+        )
+        peers = tuple(
+            sorted(
+                addr
+                for i, addr, state in nodes
+                if i != node_id
+                and state == "running"
+                and addr
+                and addr != self.overlay_address
+                and addr != gateway_of(self.network)
+            )
+        )
+        me = overlay.node_address(self.network, node_id)
+        if self._segment == (segment, me, peers):
+            return
+        if self._segment is not None and self._segment[:2] == (segment, me):
+            await overlay.set_peers(overlay.vxlan_name(self.bridge), peers)
+        else:
+            await overlay.join(segment, me, peers)
+        self._segment = (segment, me, peers)
+
     async def admit(self, ip: str, rules: tuple[Rule, ...]) -> None:
         """A desktop starts: its address gets its policy (a stopped one leaves at the next refresh)."""
         async with self._lock:
@@ -86,7 +123,9 @@ class Egress:
 
     async def _load(self) -> None:
         assert self._protected is not None, "refresh() first"
-        text = firewall.Table(self.bridge, self._protected, dict(self._desktops)).render()
+        text = firewall.Table(
+            self.bridge, self._protected, dict(self._desktops), overlay=bool(self.overlay_address)
+        ).render()
         if text == self._loaded and time.monotonic() - self._loaded_at < RELOAD_S:
             return
         await firewall.load(self.bridge, text)
@@ -100,6 +139,7 @@ class Egress:
             if stop.is_set():
                 return
             try:
+                await self.join_overlay(node_id)
                 await self.refresh(node_id)
                 await self.resolver.ensure()
                 if self.metadata is not None:

@@ -99,11 +99,13 @@ def decide(facts: LivenessFacts) -> Decision:
 
 
 def boot_id() -> str:
-    """Identifies this machine's current boot: a pid means something only within it."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    """Identifies this machine's current boot (``/etc/machine-id`` and the kernel's boot id): a pid means something
+    only within it.  The machine id tells apart machines that share a kernel (runtime/machines.py)."""
+    parts = []
+    for path, length in (("/etc/machine-id", 16), ("/proc/sys/kernel/random/boot_id", 36)):  # fits nodes.boot_id
+        with contextlib.suppress(OSError):
+            parts.append(Path(path).read_text().strip()[:length])
+    return "-".join(p for p in parts if p)
 
 
 def _is_alive(pid: int) -> bool:

@@ -123,6 +123,11 @@ class FarmPaths:
     def demo_node_pid(self, index: int) -> Path:
         return self.run / "nodes" / f"node-{index}.pid"
 
+    @property
+    def machines_file(self) -> Path:
+        """A demo farm across machines (`deckard up --machines N`): ``TAG COUNT`` of its network namespaces."""
+        return self.run / "machines"
+
     def overlay(self, desktop_id: int) -> Path:
         """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it)."""
         return self.overlays / f"dk{self.farm_id}-{desktop_id}"

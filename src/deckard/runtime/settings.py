@@ -64,6 +64,10 @@ class NetworkSettings(BaseModel):
     range: str = "10.231.0.0/22"  # desktops and node addresses; the first hosts are kept for nodes
     # where the desktops' resolver (dnsmasq on the gateway address) forwards; empty: the node's /etc/resolv.conf
     dns_servers: list[str] = []
+    # a farm on several machines: this node's address on the machines' own network (the underlay); set, the
+    # desktop bridge joins the farm's VXLAN segment (drivers/overlay.py) and the node registers with it
+    overlay_address: str = ""
+    overlay_vni: int = Field(default=4242, ge=1, le=16777215)
 
 
 def default_driver() -> str:

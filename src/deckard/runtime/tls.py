@@ -13,6 +13,7 @@ own default stays ``ec256`` for the tests' throwaway farms, which would otherwis
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -67,9 +68,8 @@ def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None, key_type: st
         raise ValueError(f"unknown TLS key type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
     tls_dir.mkdir(parents=True, exist_ok=True)
     ca_pem, ca_key = tls_dir / "ca.pem", tls_dir / "ca.key"
-    srv_pem, srv_key = tls_dir / "server.pem", tls_dir / "server.key"
-    now = dt.datetime.now(dt.UTC)
     if not ca_pem.exists() or not ca_key.exists():
+        now = dt.datetime.now(dt.UTC)
         key = _new_key(key_type)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Deckard farm CA {socket.gethostname()}")])
         cert = (
@@ -86,35 +86,50 @@ def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None, key_type: st
         )
         _write_private(ca_key, _key_pem(key))
         ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        srv_pem.unlink(missing_ok=True)
-    if not srv_pem.exists() or not srv_key.exists() or not _is_type(srv_key, key_type):
-        ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-        ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), None)
-        assert isinstance(ca_private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
-        key = _new_key(key_type)
-        host = socket.gethostname()
-        sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(host)]
-        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
-        for n in extra_names or []:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                sans.append(x509.DNSName(n))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=825))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_private, hashes.SHA256())
-        )
-        _write_private(srv_key, _key_pem(key))
-        srv_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tls_dir / "server.pem").unlink(missing_ok=True)
+    srv_pem, srv_key = ensure_server_cert(tls_dir, tls_dir, extra_names or [], key_type)
     return ca_pem, srv_pem, srv_key
+
+
+def ensure_server_cert(tls_dir: Path, out_dir: Path, names: list[str], key_type: str) -> tuple[Path, Path]:
+    """A server certificate in ``out_dir`` signed by the farm CA of ``tls_dir`` for this host, localhost and
+    ``names`` (addresses or DNS names): made when missing, of another key type, or without one of ``names``.
+    A node on a machine of its own gets one in its run directory naming the address its broker listens on."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    srv_pem, srv_key = out_dir / "server.pem", out_dir / "server.key"
+    host = socket.gethostname()
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(host)]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    if srv_pem.exists() and srv_key.exists() and _is_type(srv_key, key_type):
+        current = x509.load_pem_x509_certificate(srv_pem.read_bytes())
+        with contextlib.suppress(x509.ExtensionNotFound):
+            if set(sans) <= set(current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value):
+                return srv_pem, srv_key
+    ca_cert = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+    ca_private = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
+    assert isinstance(ca_private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    now = dt.datetime.now(dt.UTC)
+    key = _new_key(key_type)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_private, hashes.SHA256())
+    )
+    _write_private(srv_key, _key_pem(key))
+    srv_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return srv_pem, srv_key
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -206,6 +206,13 @@ async def agent_ok(db: Database, node_id: int, desktop_id: int) -> None:
         )
 
 
+async def farm_nodes(db: Database) -> list[tuple[int, str, str]]:
+    """Every node as ``(id, address, state)``: a node's overlay peers are the others' addresses."""
+    async with db.connect() as conn:
+        rows = await conn.execute(sa.select(n.c.id, n.c.address, n.c.state).order_by(n.c.id))
+        return [(int(r.id), str(r.address), str(r.state)) for r in rows]
+
+
 async def desktops_on_node(db: Database, node_id: int) -> list[Desktop]:
     async with db.connect() as conn:
         rows = await conn.execute(sa.select(d).where(d.c.node_id == node_id))

@@ -1,0 +1,135 @@
+"""A farm across machines: ``deckard up --machines 2`` on this box, real LXC desktops on the farm's VXLAN segment.
+
+Each machine is a network namespace with its own underlay address, desktop bridge, filter and node
+(runtime/machines.py); the API, the database and the storage stay on the host.  A desktop keeps its address on
+whichever machine it runs, any machine's broker reaches it over the overlay, and the overlay carries only node ↔
+desktop traffic: desktops on two machines do not reach each other, nor another machine's node.  A machine that
+loses power is fenced (the demo farm's power switch, ``deckard up --machines``' fencing hook) and its desktops
+start on the other machine with their address and home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from deckard.client import broker as qvd
+from deckard.client.rfb import grab_framebuffer, is_blank
+from deckard.drivers.overlay import node_address
+from deckard.model.network import gateway_of
+from deckard.testing import PG_BIN, FarmProcess, PgCluster, e2e_unavailable_reason, wait_for
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "mach1nes-pw"
+
+
+@pytest.fixture(scope="module")
+def farm() -> Iterator[FarmProcess]:
+    reason = e2e_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip("PostgreSQL 15 is not installed (`make test` installs it)")
+    pg = PgCluster().init()
+    pg.create_database("e2e_machines")
+    # the machines reach PostgreSQL through its socket in the host's files (shared like the storage): it listens
+    # on no address but loopback
+    url = f"postgresql+psycopg://postgres@/e2e_machines?host={pg.base}&port={pg.port}"
+    f = FarmProcess(machines=2, extra_env={"DECKARD_DATABASE_URL": url})
+    try:
+        f.up()
+        names = {f.machine_node(1), f.machine_node(2)}
+        wait_for(lambda: _node_states(f) == dict.fromkeys(names, "running"), 60, 0.3, "both machines' nodes")
+        f.deckard("user", "add", "mia", "--password", PASSWORD)
+        yield f
+    finally:
+        f.close()
+        pg.close()
+
+
+def _node_states(farm: FarmProcess) -> dict[str, str]:
+    return {n["name"]: n["state"] for n in farm.json("node", "list")}  # type: ignore[union-attr]
+
+
+def _broker(farm: FarmProcess, machine: int) -> str:
+    return f"{farm.machine(machine).address}:{farm.broker_port}"
+
+
+async def _see(farm: FarmProcess, machine: int, desktop_id: int) -> None:
+    """Connect through machine ``machine``'s broker with QVD's protocol and read a non-blank framebuffer."""
+    reader, writer = await qvd.connect(_broker(farm, machine), "mia", PASSWORD, farm.ca, desktop_id)
+    try:
+        width, _height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=15), 30)
+        assert width > 0 and not is_blank(pixels), "the desktop framebuffer is blank"
+    finally:
+        writer.close()
+
+
+def _start_on(farm: FarmProcess, name: str, machine: int) -> dict:
+    """The desktop (made if new) running on machine ``machine`` (started with the other one blocked meanwhile)."""
+    desks = {d["name"]: d for d in farm.json("desktop", "list")}  # type: ignore[union-attr]
+    if name not in desks:
+        farm.deckard("desktop", "add", name, "--user", "mia")
+    elif (desks[name]["state"], desks[name]["node"]) == ("running", farm.machine_node(machine)):
+        return desks[name]  # type: ignore[no-any-return]
+    other = farm.machine_node(2 if machine == 1 else 1)
+    farm.deckard("node", "block", other)
+    try:
+        farm.deckard("desktop", "start", name)
+        desk = wait_for(lambda: (d := farm.desktop(name))["state"] == "running" and d, 90, 0.3, f"{name} running")
+    finally:
+        farm.deckard("node", "unblock", other)
+    assert desk["node"] == farm.machine_node(machine), desk  # type: ignore[index]
+    return desk  # type: ignore[return-value]
+
+
+def _probe(farm: FarmProcess, desktop_id: int, host: str, port: int) -> str:
+    """From inside the desktop: 'open', or 'blocked <why>' for a TCP connection that fails within 2 s."""
+    code = (
+        "import socket\n"
+        f"try: socket.create_connection(('{host}', {port}), 2); print('open')\n"
+        "except OSError as e: print('blocked', e)\n"
+    )
+    out = farm.attach(desktop_id, f'python3 -c "{code}"')
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def test_each_machines_broker_reaches_the_desktops_of_the_other_over_the_overlay(farm: FarmProcess) -> None:
+    here, there = _start_on(farm, "mia-one", 1), _start_on(farm, "mia-two", 2)
+    asyncio.run(_see(farm, 2, here["id"]))  # machine 2's broker → the desktop on machine 1, and the reverse
+    asyncio.run(_see(farm, 1, there["id"]))
+    assert farm.guest_of(there["id"])[0] == farm.node_paths()[1].lxc  # it does run on machine 2
+
+
+def test_desktops_on_two_machines_reach_neither_each_other_nor_the_other_node(farm: FarmProcess) -> None:
+    one, two = _start_on(farm, "mia-one", 1), _start_on(farm, "mia-two", 2)
+    gateway = gateway_of(farm.network)
+    assert _probe(farm, one["id"], gateway, 53) == "open"  # its own node's resolver: the probe can say open
+    assert _probe(farm, one["id"], two["ip"], 3030).startswith("blocked")  # the other desktop's agent
+    node_ids = {n["name"]: n["id"] for n in farm.json("node", "list")}  # type: ignore[union-attr]
+    other_node = node_address(farm.network, node_ids[farm.machine_node(2)])
+    assert _probe(farm, one["id"], other_node, farm.broker_port).startswith("blocked")
+    assert _probe(farm, one["id"], farm.machine(2).address, farm.broker_port).startswith("blocked")
+
+
+def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_with_address_and_home(
+    farm: FarmProcess,
+) -> None:
+    desk = _start_on(farm, "mia-lost", 2)
+    asyncio.run(_see(farm, 1, desk["id"]))
+    assert farm.attach(desk["id"], "echo survived-the-machine > ~/lost.txt", user="mia").returncode == 0
+    farm.machine(2).power_off()  # every process of machine 2 at once: its node, broker, LXC monitors, desktops
+    t0 = time.monotonic()
+    wait_for(lambda: _node_states(farm)[farm.machine_node(2)] == "lost", 30, 0.3, "machine 2's node declared lost")
+    wait_for(lambda: farm.desktop("mia-lost")["node"] is None, 30, 0.3, "its desktop released once fenced")
+    released_after = time.monotonic() - t0
+    asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on machine 1
+    moved = farm.desktop("mia-lost")
+    assert (moved["state"], moved["node"], moved["ip"]) == ("running", farm.machine_node(1), desk["ip"]), moved
+    home = farm.attach(desk["id"], "cat ~/lost.txt", user="mia")
+    assert home.stdout.strip() == "survived-the-machine", home.stderr
+    print(f"machine 2 lost → desktop released {released_after:.1f} s later")
