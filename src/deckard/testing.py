@@ -395,6 +395,11 @@ class PgCluster:
     def url(self, database: str = "postgres", host: str | None = None) -> str:
         return f"postgresql+psycopg://postgres@{host or self.listen}:{self.port}/{database}"
 
+    def socket_url(self, database: str) -> str:
+        """The database through the cluster's socket in the host's files: how nodes in machines of this box
+        (runtime/machines.py) reach it while it listens on loopback only."""
+        return f"postgresql+psycopg://postgres@/{database}?host={self.base}&port={self.port}"
+
     def create_database(self, name: str, *, template: str | None = None) -> str:
         """A new database; a copy of ``template`` (an already migrated one) when given, which is ~10x faster."""
         import psycopg

@@ -36,10 +36,7 @@ def farm() -> Iterator[FarmProcess]:
         pytest.skip("PostgreSQL 15 is not installed (`make test` installs it)")
     pg = PgCluster().init()
     pg.create_database("e2e_machines")
-    # the machines reach PostgreSQL through its socket in the host's files (shared like the storage): it listens
-    # on no address but loopback
-    url = f"postgresql+psycopg://postgres@/e2e_machines?host={pg.base}&port={pg.port}"
-    f = FarmProcess(machines=2, extra_env={"DECKARD_DATABASE_URL": url})
+    f = FarmProcess(machines=2, extra_env={"DECKARD_DATABASE_URL": pg.socket_url("e2e_machines")})
     try:
         f.up()
         names = {f.machine_node(1), f.machine_node(2)}

@@ -14,7 +14,7 @@ def test_node_addresses_count_down_from_the_top_of_the_range_and_never_meet_the_
     assert node_addresses("10.219.0.0/22", [3, 1, 3]) == ["10.219.3.254", "10.219.3.252"]
     with pytest.raises(DriverError) as e:
         node_address("10.219.5.0/28", 4)  # a quarter of 14 hosts: 3 node addresses at most
-    assert e.value.code == "network_full"
+    assert e.value.code == "no_node_address"
 
 
 def test_the_vxlan_port_name_fits_an_interface_name() -> None:

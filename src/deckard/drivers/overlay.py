@@ -51,7 +51,7 @@ def node_address(network: str, node_id: int) -> str:
     if not 1 <= node_id <= hosts // 4:
         raise DriverError(
             f"node id {node_id} has no address in the desktop network {network}: widen network.range",
-            code="network_full",
+            code="no_node_address",
         )
     return str(ipaddress.IPv4Network(network).broadcast_address - node_id)
 

@@ -126,7 +126,8 @@ class Machines:
 
     def start(self) -> Machines:
         try:
-            _ip("link", "add", self.underlay, "mtu", "9000", "type", "bridge")
+            # a data-centre switch: the host's netfilter (br_netfilter) has no business with its frames
+            _ip("link", "add", self.underlay, "mtu", "9000", "type", "bridge", "nf_call_iptables", "0")
             _ip("addr", "add", f"{self.host_address}/24", "dev", self.underlay)
             _ip("link", "set", self.underlay, "up")
             for i in range(1, self.count + 1):
