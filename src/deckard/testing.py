@@ -563,7 +563,7 @@ class InProcessNode:
             home=Path(tempfile.mkdtemp(prefix="deckard-node-")),
             database_url=db.url,
             network=NetworkSettings(range=network),
-            node=NodeSettings(name=f"node-{os.getpid()}", driver="fake", **{**fast, **node}),
+            node=NodeSettings(**{"name": f"node-{os.getpid()}", "driver": "fake", **fast, **node}),
         )
         return cls(db, settings, FakeDriver(settings.paths))
 

@@ -66,6 +66,16 @@ FencingOpt = Annotated[str | None, typer.Option("--fencing", help="Fencing agent
 FenceCmdOpt = Annotated[
     str | None, typer.Option("--fence-command", help="With --fencing command: HOOK run as `HOOK name address pid`.")
 ]
+FenceAgentOpt = Annotated[
+    str | None,
+    typer.Option("--fence-agent", help="This node's own fence agent for the others (e.g. fence_ipmilan)."),
+]
+FenceOptionOpt = Annotated[
+    list[str] | None, typer.Option("--fence-option", help="KEY=VALUE for --fence-agent (repeatable): ip=…, lanplus=1.")
+]
+FencePasswordOpt = Annotated[
+    Path | None, typer.Option("--fence-password-file", help="File holding --fence-agent's password (never argv).")
+]
 LostAfterOpt = Annotated[
     float | None, typer.Option("--lost-after", help="Seconds without heartbeat before a node is fenced (10).")
 ]
@@ -455,6 +465,9 @@ def node_cmd(
     run_dir: RunDirOpt = None,
     fencing: FencingOpt = None,
     fence_command: FenceCmdOpt = None,
+    fence_agent: FenceAgentOpt = None,
+    fence_option: FenceOptionOpt = None,
+    fence_password_file: FencePasswordOpt = None,
     lost_after: LostAfterOpt = None,
     fake_start_delay: FakeDelayOpt = None,
     overlay_address: OverlayOpt = None,
@@ -476,12 +489,25 @@ def node_cmd(
         run_dir=run_dir,
         fencing=fencing,
         fence_command=fence_command,
+        fence_agent=fence_agent,
+        fence_options=_fence_options(fence_option),
+        fence_password_file=fence_password_file,
         lost_after_s=lost_after,
         fake_start_delay=fake_start_delay,
     )
     if settings.node.driver != "fake":
         _need_root("deckard node")
     _run_until_signal(settings, with_api=False, with_node=True)
+
+
+def _fence_options(pairs: list[str] | None) -> dict[str, str] | None:
+    from deckard.model.errors import BadInput
+    from deckard.model.fence import parse_options
+
+    try:
+        return parse_options(pairs) if pairs else None
+    except BadInput as e:
+        _fail(e.message, 2)
 
 
 def api_cmd(

@@ -6,10 +6,13 @@ running on two nodes:
 1. ``declare_lost``: ``UPDATE nodes SET state='lost' WHERE id=? AND state IN (live) AND heartbeat_at < cutoff
    RETURNING …`` — one monitor wins, the others see zero rows.  From now on the lost node's heartbeat UPDATE
    finds ``lost`` and that node kills its guests and re-registers (node/daemon.py).
-2. The winner runs the fencing agent (node/fencing.py: kill the process group and guests, or an IPMI-style hook).
+2. The winner runs the fencing agent (node/fencing.py): the lost node's own fence agent from its row (e.g.
+   ``fence_ipmilan`` to its BMC: what works across machines), else the monitor's default (kill the process group
+   and guests, or a hook).
 3. Only if fencing succeeded, ``release_desktops`` stops every desktop of the node in the database (stopped,
    ``node_id`` NULL, user disconnected, the reason kept) so the next connect starts it elsewhere.  If fencing
-   fails the desktops stay assigned to the lost node — unavailable, never twice — and the next pass retries.
+   fails the desktops stay assigned to the lost node — unavailable, never twice — the node's ``lost_reason`` says
+   why (``FenceFailed``'s message: the WAT and ``deckard node list`` show it) and the next pass retries.
 
 QVD tests ``user_cmd = NULL`` (never true) and notifies a channel nobody listens on; here every release
 notifies ``DESKTOPS`` (brokers waiting on a start wake up) and the test suite checks the outcome.
@@ -21,6 +24,7 @@ The other side — when a node kills its *own* guests — is decided by node/fen
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +34,7 @@ import sqlalchemy as sa
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import aware, utcnow
+from deckard.model.fence import FenceConfig, stored_fence
 from deckard.model.states import NODE_TRANSITIONS, DesktopState, NodeState, sources
 from deckard.services.events import DESKTOPS
 from deckard.services.transitions import transition_desktops, transition_nodes, withdraw_starts
@@ -52,9 +57,15 @@ class LostNode:
     run_dir: str
     boot_id: str
     driver: str
+    fence: FenceConfig | None = None  # its own fence agent (model/fence.py); None: the monitor's default agent
 
 
+# an agent: True when the node is known dead; False or an exception (its message is the reason shown) if not
 Fence = Callable[[LostNode], Awaitable[bool]]
+
+
+class FenceFailed(Exception):
+    """A fencing agent's refusal, with the reason operators see in the node's ``lost_reason``."""
 
 
 def _lost(r: Any) -> LostNode:
@@ -67,10 +78,21 @@ def _lost(r: Any) -> LostNode:
         str(m["run_dir"]),
         str(m["boot_id"]),
         str(m["driver"]),
+        stored_fence(m["fence_agent"], json.loads(m["fence_options"] or "{}")),
     )
 
 
-_COLS = (n.c.id, n.c.name, n.c.address, n.c.pid, n.c.run_dir, n.c.boot_id, n.c.driver)
+_COLS = (
+    n.c.id,
+    n.c.name,
+    n.c.address,
+    n.c.pid,
+    n.c.run_dir,
+    n.c.boot_id,
+    n.c.driver,
+    n.c.fence_agent,
+    n.c.fence_options,
+)
 
 # a node that will run desktops (again); not one that is stopping
 TAKEOVER_STATES = (NodeState.STARTING, NodeState.RUNNING, NodeState.RESTARTING)
@@ -182,13 +204,15 @@ async def handle_lost_nodes(db: Database, me: int, lost_after_s: float, fence: F
         todo.setdefault(lost.node_id, lost)
     released: dict[int, list[int]] = {}
     for lost in todo.values():
+        why = "the fencing agent did not confirm"
         try:
             ok = await fence(lost)
+        except FenceFailed as e:
+            ok, why = False, str(e)
         except Exception as e:  # an agent that crashes has not fenced
-            ok = False
-            await record_fence_failure(db, lost, f"{type(e).__name__}: {e}")
+            ok, why = False, f"{type(e).__name__}: {e}"
         if ok:
             released[lost.node_id] = await release_desktops(db, lost)
         else:
-            await record_fence_failure(db, lost, "the fencing agent did not confirm")
+            await record_fence_failure(db, lost, why)
     return released

@@ -1,0 +1,312 @@
+"""Fencing across machines (issue 15, QVD's Luna): a lost node is powered off through *its own* fence agent, run by
+another node, before its desktops are released.
+
+Each "machine" is a real ``deckard node --driver fake`` process group with a simulated BMC beside it: OpenIPMI's
+``ipmi_sim`` on a loopback UDP port whose chassis power-off SIGKILLs that group (tests/ipmi_bmc.py).  The machine
+is hung with SIGSTOP (it stops heart-beating but nothing dies by itself); the surviving node's cluster monitor
+declares it lost, runs ``fence_ipmilan`` with the options the machine registered at start (its password from a
+file, on the agent's stdin), checks ``action=status`` says off, and only then releases the desktops.  A BMC that
+refuses leaves them assigned, and the node listing says why.  PostgreSQL only: a farm across machines needs a
+networked database, and the node processes and the test share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import test_api
+from test_api import Farm, add_node, call
+
+from deckard.db import schema as t
+from deckard.db.engine import Database
+from deckard.model.entities import utcnow
+from deckard.model.errors import BadInput
+from deckard.model.fence import MASK, FenceConfig
+from deckard.node.fencing import AgentFencing, load_fencing
+from deckard.runtime.paths import FarmPaths
+from deckard.services import cluster, nodes
+from deckard.services.cluster import FenceFailed, LostNode
+from deckard.services.context import SYSTEM
+from deckard.services.desktops import create_desktop, request_start
+from deckard.services.images import register_image
+from deckard.services.tenancy import bootstrap_farm
+from deckard.services.users import create_user
+from deckard.testing import InProcessNode, MultiNodeFarm
+from ipmi_bmc import PASSWORD, Bmc, bmc_missing_reason
+
+DATABASES = ["postgresql"]
+LEASE = {"heartbeat_s": 0.5, "self_fence_after_s": 2.0, "lost_after_s": 3.0}
+d = t.desktops
+
+farm = test_api.farm  # the real API with TLS, for the fence routes
+
+
+async def wait_for(what: str, check: Callable[[], Awaitable[Any]], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := await check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def desktop_rows(db: Database, ids: list[int]) -> list[Any]:
+    async with db.connect() as conn:
+        return list(await conn.execute(sa.select(d).where(d.c.id.in_(ids)).order_by(d.c.id)))
+
+
+async def node_row(db: Database, name: str) -> dict[str, Any]:
+    rows, _ = await nodes.list_nodes(db, SYSTEM)
+    return next(r for r in rows if r["name"] == name)
+
+
+@dataclass
+class Machines:
+    """Machine 2 (a node process with its BMC) running two desktops; machine 1 (in process) judges it."""
+
+    db: Database
+    bmc: Bmc
+    nodes: MultiNodeFarm
+    judge: InProcessNode
+    desktops: list[int]
+    victim_id: int
+
+    @property
+    def victim(self) -> Any:
+        return self.nodes.nodes["m2"].proc
+
+    def hang(self) -> None:
+        os.killpg(self.victim.pid, signal.SIGSTOP)  # silent, not dead: only a fence makes it safe
+
+
+@pytest.fixture
+async def machines(db: Database, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Machines]:
+    reason = bmc_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    await bootstrap_farm(db)
+    await create_user(db, SYSTEM, "alice", "pw-alice")
+    network = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/24"
+    ids = [int((await create_desktop(db, SYSTEM, f"desk{i}", "alice", network=network))["id"]) for i in (1, 2)]
+    (tmp_path / "image.tar").write_bytes(b"")
+    await register_image(db, tmp_path / "image.tar", version="test")
+    password_file = tmp_path / "bmc-password"
+    password_file.write_text(getattr(request, "param", PASSWORD) + "\n")
+    password_file.chmod(0o600)
+    with Bmc(tmp_path, "m2") as bmc:
+        procs = MultiNodeFarm(db.url, lost_after=LEASE["lost_after_s"])
+        env = {f"DECKARD_NODE__{k.upper()}": str(v) for k, v in LEASE.items() if k != "lost_after_s"}
+        env |= {
+            "DECKARD_NODE__FENCE_AGENT": "fence_ipmilan",
+            "DECKARD_NODE__FENCE_OPTIONS": json.dumps(bmc.options()),
+            "DECKARD_NODE__FENCE_PASSWORD_FILE": str(password_file),
+        }
+        node = procs.start_node("m2", extra_env=env)
+        bmc.machine(node.proc.pid)  # its own process group (start_new_session): the machine's power
+        judge = InProcessNode.fake(db, network, name="m1", monitor_s=0.3, **LEASE)
+        try:
+            judge_id = await judge.start()  # while machine 2 boots; blocked so that its desktops go there
+            await nodes.set_node_blocked(db, SYSTEM, judge_id, True)
+            victim_id = await wait_for("machine 2's node running", lambda: running_node(db, "m2"), 30)
+            for desktop_id in ids:
+                assert await request_start(db, desktop_id) == victim_id
+            await wait_for("desktops running", lambda: all_in(db, ids, "running"), 15)
+            await nodes.set_node_blocked(db, SYSTEM, judge_id, False)
+            yield Machines(db, bmc, procs, judge, ids, victim_id)
+        finally:
+            await judge.close()
+            if node.proc.poll() is None:
+                procs.kill("m2")
+            procs.close()
+
+
+async def running_node(db: Database, name: str) -> int | None:
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(t.nodes.c.id, t.nodes.c.state).where(t.nodes.c.name == name))).first()
+    return int(row.id) if row is not None and row.state == "running" else None
+
+
+async def all_in(db: Database, ids: list[int], state: str) -> bool:
+    return all(r.state == state for r in await desktop_rows(db, ids))
+
+
+async def test_a_hung_machine_is_powered_off_through_its_bmc_and_its_desktops_start_on_another_node(
+    machines: Machines,
+) -> None:
+    db, bmc = machines.db, machines.bmc
+    row = await node_row(db, "m2")
+    assert row["fence_agent"] == "fence_ipmilan"  # registered by the node at start (settings + password file)
+    assert row["fence_options"]["password"] == MASK and PASSWORD not in json.dumps(row, default=str)
+    machines.hang()
+    t0 = time.monotonic()
+
+    async def released() -> bool:
+        return all(r.node_id is None and r.state == "stopped" for r in await desktop_rows(db, machines.desktops))
+
+    await wait_for("machine 2's desktops released", released, 20)
+    took = time.monotonic() - t0
+    assert machines.victim.wait(5) == -signal.SIGKILL  # the BMC cut the power: the node's process group died
+    assert "set power 0" in bmc.power_calls() and bmc.power_calls()[-1] == "get power"  # off, then status
+    row = await node_row(db, "m2")
+    assert row["state"] == "lost" and row["lost_reason"] == "fenced; 2 desktop(s) released"
+    judge_id = machines.judge.daemon.node_id if machines.judge.daemon else None
+    for desktop_id in machines.desktops:  # their users connect again: they start on machine 1
+        assert await request_start(db, desktop_id) == judge_id
+    await wait_for("desktops running on machine 1", lambda: all_in(db, machines.desktops, "running"), 10)
+    assert {r.node_id for r in await desktop_rows(db, machines.desktops)} == {judge_id}
+    assert took < 15, f"lost → fenced → released took {took:.1f} s"
+
+
+@pytest.mark.parametrize("machines", ["not-the-password"], indirect=True)
+async def test_a_machine_whose_bmc_refuses_keeps_its_desktops_assigned_and_the_listing_says_why(
+    machines: Machines,
+) -> None:
+    db = machines.db
+    machines.hang()
+
+    async def fence_failed() -> dict[str, Any] | None:
+        row = await node_row(db, "m2")
+        return row if (row["lost_reason"] or "").startswith("fencing failed") else None
+
+    row = await wait_for("the fence failure in the node listing", fence_failed, 20)
+    assert row["state"] == "lost"
+    assert "fence_ipmilan action=off failed" in row["lost_reason"], row["lost_reason"]
+    assert "stay assigned" in row["lost_reason"]
+    await asyncio.sleep(1.0)  # monitors keep retrying; nothing is released meanwhile
+    rows = await desktop_rows(db, machines.desktops)
+    assert {(r.node_id, r.state) for r in rows} == {(machines.victim_id, "running")}  # unavailable, never twice
+    assert machines.victim.poll() is None  # never powered off
+    assert "set power 0" not in machines.bmc.power_calls()
+
+
+# ---- the fence agent API, with small agents written here -----------------------------------------------
+AGENT = """#!{python}
+import sys
+opts = dict(line.rstrip("\\n").split("=", 1) for line in sys.stdin if "=" in line)
+with open({log!r}, "a") as f:
+    f.write(repr(sorted(opts.items())) + " argv=" + repr(sys.argv[1:]) + "\\n")
+action = opts["action"]
+if action == "metadata":
+    print('<resource-agent><actions><action name="off"/>{status}</actions></resource-agent>')
+    sys.exit(0)
+if action == "off":
+    sys.exit(0 if opts.get("password") == "right" else 1)
+if action == "status":
+    sys.exit({status_exit})
+"""
+
+
+def agent(tmp_path: Path, *, status: bool = True, status_exit: int = 2) -> tuple[Path, Path]:
+    """A fence agent API program in a directory put on PATH: exit codes per action, stdin logged."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "agent.log"
+    bin_dir.mkdir(exist_ok=True)
+    prog = bin_dir / "fence_test"
+    prog.write_text(
+        AGENT.format(
+            python=sys.executable,
+            log=str(log),
+            status='<action name="status"/>' if status else "",
+            status_exit=status_exit,
+        )
+    )
+    prog.chmod(0o755)
+    return bin_dir, log
+
+
+def lost(options: dict[str, str], agent_name: str = "fence_test") -> LostNode:
+    return LostNode(7, "m9", "10.0.0.9", 4242, "", "another-boot", "fake", FenceConfig(agent_name, options))
+
+
+async def test_an_agent_gets_its_options_and_password_on_stdin_only_and_off_is_verified_by_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir, log = agent(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    fence = load_fencing("local", FarmPaths(tmp_path))  # the node's own agent wins over the local default
+    assert await fence(lost({"ip": "10.0.0.9", "password": "right"}))
+    calls = log.read_text().splitlines()
+    assert [c.split("('action', '")[1].split("'")[0] for c in calls] == ["off", "metadata", "status"]
+    assert all("argv=[]" in c for c in calls)  # nothing on the command line
+    assert "('password', 'right')" in calls[0]
+
+
+async def test_an_agent_whose_status_stays_on_has_not_fenced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir, _ = agent(tmp_path, status_exit=0)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(FenceFailed, match="does not say off \\(still on\\)"):
+        await AgentFencing(verify_s=0.5)(lost({"password": "right"}))
+
+
+async def test_an_agent_without_status_is_trusted_on_off_and_a_refused_off_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir, log = agent(tmp_path, status=False, status_exit=0)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert await AgentFencing()(lost({"password": "right"}))
+    assert "'status'" not in log.read_text()
+    with pytest.raises(FenceFailed, match="fence_test action=off failed \\(exit 1\\)"):
+        await AgentFencing()(lost({"password": "wrong"}))
+    with pytest.raises(FenceFailed, match="fence_nothing is not installed"):
+        await AgentFencing()(lost({}, "fence_nothing"))
+
+
+async def test_a_bmc_that_does_not_answer_fails_the_fence_within_its_timeout() -> None:
+    if reason := bmc_missing_reason():
+        pytest.skip(reason)
+    nobody = {"ip": "127.0.0.1", "ipport": "9", "username": "x", "password": "y", "lanplus": "1"}
+    t0 = time.monotonic()
+    with pytest.raises(FenceFailed, match="did not answer within 1 s"):
+        await AgentFencing(timeout=1.0)(lost(nobody, "fence_ipmilan"))
+    assert time.monotonic() - t0 < 3
+
+
+# ---- configuring it: API and CLI-facing rules ----------------------------------------------------------
+async def test_the_api_sets_a_nodes_fence_agent_masks_its_password_and_refuses_bad_options(farm: Farm) -> None:
+    api = await farm.admin_client()
+    await add_node(farm.db, "m3")
+    options = {"ip": "10.0.0.3", "username": "admin", "password": "hunter2", "lanplus": "1"}
+    row = await call(api.set_node_fence, "m3", "fence_ipmilan", options)
+    assert row.fence_agent == "fence_ipmilan" and row.fence_options == {**options, "password": MASK}
+    listed = await call(api.list_nodes)
+    assert "hunter2" not in repr(listed) and listed[0].fence_options == row.fence_options
+    async with farm.db.connect() as conn:  # the monitors read the real one
+        stored = (await conn.execute(sa.select(t.nodes.c.fence_options).where(t.nodes.c.name == "m3"))).scalar_one()
+    assert json.loads(stored)["password"] == "hunter2"
+    for agent_name, bad in (("rm -rf", {}), ("fence_ipmilan", {"action": "on"}), ("fence_x", {"ip": "a\nb"})):
+        with pytest.raises(BadInput) as e:
+            await call(api.set_node_fence, "m3", agent_name, bad)
+        assert e.value.code in ("bad_fence_agent", "bad_fence_option")
+    cleared = await call(api.clear_node_fence, "m3")
+    assert cleared.fence_agent == "" and cleared.fence_options is None
+
+
+async def test_a_crashing_agent_is_a_failed_fence_with_its_reason(db: Database) -> None:
+    node_id = await add_node(db, "m4")
+    async with db.begin() as conn:
+        old = utcnow() - dt.timedelta(hours=1)
+        await conn.execute(sa.update(t.nodes).where(t.nodes.c.id == node_id).values(heartbeat_at=old))
+    await bootstrap_farm(db)
+    await create_user(db, SYSTEM, "bob", "pw-bob")
+    desk = await create_desktop(db, SYSTEM, "held", "bob", network="127.77.0.0/24")
+    async with db.begin() as conn:
+        await conn.execute(sa.update(d).where(d.c.id == desk["id"]).values(node_id=node_id, state="running"))
+
+    async def crash(node: LostNode) -> bool:
+        raise OSError(f"BMC of {node.name} unreachable")
+
+    assert await cluster.handle_lost_nodes(db, 10_000, 3.0, crash) == {}
+    row = await node_row(db, "m4")
+    assert row["lost_reason"].startswith("fencing failed (OSError: BMC of m4 unreachable)")
