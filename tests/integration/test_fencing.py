@@ -74,62 +74,87 @@ async def node_row(db: Database, name: str) -> dict[str, Any]:
 
 
 @dataclass
-class Machines:
-    """Machine 2 (a node process with its BMC) running two desktops; machine 1 (in process) judges it."""
+class Machine:
+    """A node process and its BMC; ``desktops`` run on it."""
 
-    db: Database
+    name: str
     bmc: Bmc
-    nodes: MultiNodeFarm
-    judge: InProcessNode
+    proc: Any
+    node_id: int
     desktops: list[int]
-    victim_id: int
-
-    @property
-    def victim(self) -> Any:
-        return self.nodes.nodes["m2"].proc
 
     def hang(self) -> None:
-        os.killpg(self.victim.pid, signal.SIGSTOP)  # silent, not dead: only a fence makes it safe
+        os.killpg(self.proc.pid, signal.SIGSTOP)  # silent, not dead: only a fence makes it safe
+
+
+@dataclass
+class Machines:
+    """Machines 2 and 3 (node processes with their BMCs; 3's fence agent has the wrong password) running
+    desktops, and machine 1 (in process) that judges them."""
+
+    db: Database
+    m2: Machine
+    m3: Machine
+    judge: InProcessNode
+
+
+async def start_machine(
+    db: Database, procs: MultiNodeFarm, bmc: Bmc, name: str, password: str, tmp_path: Path
+) -> tuple[Any, int]:
+    password_file = tmp_path / f"{name}-bmc-password"
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    env = {f"DECKARD_NODE__{k.upper()}": str(v) for k, v in LEASE.items() if k != "lost_after_s"}
+    env |= {
+        "DECKARD_NODE__FENCE_AGENT": "fence_ipmilan",
+        "DECKARD_NODE__FENCE_OPTIONS": json.dumps(bmc.options()),
+        "DECKARD_NODE__FENCE_PASSWORD_FILE": str(password_file),
+    }
+    node = procs.start_node(name, extra_env=env)
+    bmc.machine(node.proc.pid)  # its own process group (start_new_session): the machine's power
+    return node.proc, await wait_for(f"{name}'s node running", lambda: running_node(db, name), 30)
 
 
 @pytest.fixture
-async def machines(db: Database, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Machines]:
+async def machines(db: Database, tmp_path: Path) -> AsyncIterator[Machines]:
     reason = bmc_missing_reason()
     if reason:
         pytest.skip(reason)
     await bootstrap_farm(db)
     await create_user(db, SYSTEM, "alice", "pw-alice")
     network = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/24"
-    ids = [int((await create_desktop(db, SYSTEM, f"desk{i}", "alice", network=network))["id"]) for i in (1, 2)]
+    ids = [int((await create_desktop(db, SYSTEM, f"desk{i}", "alice", network=network))["id"]) for i in (1, 2, 3)]
     (tmp_path / "image.tar").write_bytes(b"")
     await register_image(db, tmp_path / "image.tar", version="test")
-    password_file = tmp_path / "bmc-password"
-    password_file.write_text(getattr(request, "param", PASSWORD) + "\n")
-    password_file.chmod(0o600)
-    with Bmc(tmp_path, "m2") as bmc:
-        procs = MultiNodeFarm(db.url, lost_after=LEASE["lost_after_s"])
-        env = {f"DECKARD_NODE__{k.upper()}": str(v) for k, v in LEASE.items() if k != "lost_after_s"}
-        env |= {
-            "DECKARD_NODE__FENCE_AGENT": "fence_ipmilan",
-            "DECKARD_NODE__FENCE_OPTIONS": json.dumps(bmc.options()),
-            "DECKARD_NODE__FENCE_PASSWORD_FILE": str(password_file),
-        }
-        node = procs.start_node("m2", extra_env=env)
-        bmc.machine(node.proc.pid)  # its own process group (start_new_session): the machine's power
-        judge = InProcessNode.fake(db, network, name="m1", monitor_s=0.3, **LEASE)
+    procs = MultiNodeFarm(db.url, lost_after=LEASE["lost_after_s"])
+    judge = InProcessNode.fake(db, network, name="m1", monitor_s=0.3, **LEASE)
+    with Bmc(tmp_path, "m2") as bmc2, Bmc(tmp_path, "m3") as bmc3:
         try:
-            judge_id = await judge.start()  # while machine 2 boots; blocked so that its desktops go there
-            await nodes.set_node_blocked(db, SYSTEM, judge_id, True)
-            victim_id = await wait_for("machine 2's node running", lambda: running_node(db, "m2"), 30)
-            for desktop_id in ids:
-                assert await request_start(db, desktop_id) == victim_id
+            (proc2, id2), (proc3, id3), id1 = await asyncio.gather(
+                start_machine(db, procs, bmc2, "m2", PASSWORD, tmp_path),
+                start_machine(db, procs, bmc3, "m3", "not-the-password", tmp_path),
+                judge.start(),
+            )
+            placed = {id2: ids[:2], id3: ids[2:]}
+            for node_id, desks in placed.items():  # each machine's desktops where the test wants them
+                for other in {id1, id2, id3} - {node_id}:
+                    await nodes.set_node_blocked(db, SYSTEM, other, True)
+                await nodes.set_node_blocked(db, SYSTEM, node_id, False)
+                for desktop_id in desks:
+                    assert await request_start(db, desktop_id) == node_id
             await wait_for("desktops running", lambda: all_in(db, ids, "running"), 15)
-            await nodes.set_node_blocked(db, SYSTEM, judge_id, False)
-            yield Machines(db, bmc, procs, judge, ids, victim_id)
+            await nodes.set_node_blocked(db, SYSTEM, id1, False)
+            yield Machines(
+                db,
+                Machine("m2", bmc2, proc2, id2, placed[id2]),
+                Machine("m3", bmc3, proc3, id3, placed[id3]),
+                judge,
+            )
         finally:
             await judge.close()
-            if node.proc.poll() is None:
-                procs.kill("m2")
+            for name, node in procs.nodes.items():
+                if node.proc.poll() is None:
+                    procs.kill(name)  # SIGKILL: a stopped process would ignore close()'s SIGTERM
             procs.close()
 
 
@@ -143,53 +168,47 @@ async def all_in(db: Database, ids: list[int], state: str) -> bool:
     return all(r.state == state for r in await desktop_rows(db, ids))
 
 
-async def test_a_hung_machine_is_powered_off_through_its_bmc_and_its_desktops_start_on_another_node(
+async def test_hung_machines_are_fenced_through_their_bmcs_before_their_desktops_move_and_a_refusal_keeps_them(
     machines: Machines,
 ) -> None:
-    db, bmc = machines.db, machines.bmc
+    """Machine 2's BMC powers it off and its desktops start on machine 1; machine 3's BMC refuses the password,
+    so its desktops stay assigned (unavailable, never twice) and the node listing says why."""
+    db, m2, m3 = machines.db, machines.m2, machines.m3
     row = await node_row(db, "m2")
     assert row["fence_agent"] == "fence_ipmilan"  # registered by the node at start (settings + password file)
     assert row["fence_options"]["password"] == MASK and PASSWORD not in json.dumps(row, default=str)
-    machines.hang()
+    m2.hang()
+    m3.hang()
     t0 = time.monotonic()
 
     async def released() -> bool:
-        return all(r.node_id is None and r.state == "stopped" for r in await desktop_rows(db, machines.desktops))
+        return all(r.node_id is None and r.state == "stopped" for r in await desktop_rows(db, m2.desktops))
+
+    async def fence_failed() -> dict[str, Any] | None:
+        row = await node_row(db, "m3")
+        return row if (row["lost_reason"] or "").startswith("fencing failed") else None
 
     await wait_for("machine 2's desktops released", released, 20)
     took = time.monotonic() - t0
-    assert machines.victim.wait(5) == -signal.SIGKILL  # the BMC cut the power: the node's process group died
-    assert "set power 0" in bmc.power_calls() and bmc.power_calls()[-1] == "get power"  # off, then status
+    assert m2.proc.wait(5) == -signal.SIGKILL  # the BMC cut the power: the node's process group died
+    assert "set power 0" in m2.bmc.power_calls() and m2.bmc.power_calls()[-1] == "get power"  # off, then status
     row = await node_row(db, "m2")
     assert row["state"] == "lost" and row["lost_reason"] == "fenced; 2 desktop(s) released"
     judge_id = machines.judge.daemon.node_id if machines.judge.daemon else None
-    for desktop_id in machines.desktops:  # their users connect again: they start on machine 1
+    for desktop_id in m2.desktops:  # their users connect again: they start on machine 1
         assert await request_start(db, desktop_id) == judge_id
-    await wait_for("desktops running on machine 1", lambda: all_in(db, machines.desktops, "running"), 10)
-    assert {r.node_id for r in await desktop_rows(db, machines.desktops)} == {judge_id}
+    await wait_for("desktops running on machine 1", lambda: all_in(db, m2.desktops, "running"), 10)
+    assert {r.node_id for r in await desktop_rows(db, m2.desktops)} == {judge_id}
     assert took < 15, f"lost → fenced → released took {took:.1f} s"
 
-
-@pytest.mark.parametrize("machines", ["not-the-password"], indirect=True)
-async def test_a_machine_whose_bmc_refuses_keeps_its_desktops_assigned_and_the_listing_says_why(
-    machines: Machines,
-) -> None:
-    db = machines.db
-    machines.hang()
-
-    async def fence_failed() -> dict[str, Any] | None:
-        row = await node_row(db, "m2")
-        return row if (row["lost_reason"] or "").startswith("fencing failed") else None
-
-    row = await wait_for("the fence failure in the node listing", fence_failed, 20)
+    row = await wait_for("machine 3's fence failure in the node listing", fence_failed, 10)
     assert row["state"] == "lost"
     assert "fence_ipmilan action=off failed" in row["lost_reason"], row["lost_reason"]
     assert "stay assigned" in row["lost_reason"]
-    await asyncio.sleep(1.0)  # monitors keep retrying; nothing is released meanwhile
-    rows = await desktop_rows(db, machines.desktops)
-    assert {(r.node_id, r.state) for r in rows} == {(machines.victim_id, "running")}  # unavailable, never twice
-    assert machines.victim.poll() is None  # never powered off
-    assert "set power 0" not in machines.bmc.power_calls()
+    rows = await desktop_rows(db, m3.desktops)
+    assert {(r.node_id, r.state) for r in rows} == {(m3.node_id, "running")}  # unavailable, never twice
+    assert m3.proc.poll() is None  # never powered off
+    assert "set power 0" not in m3.bmc.power_calls()
 
 
 # ---- the fence agent API, with small agents written here -----------------------------------------------

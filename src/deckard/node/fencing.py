@@ -233,10 +233,11 @@ class AgentFencing:
         try:
             out, err = await asyncio.wait_for(proc.communicate(config.stdin(action)), self.timeout)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            await _reap(proc)
             raise FenceFailed(f"{config.agent} action={action} did not answer within {self.timeout:.0f} s") from None
+        except asyncio.CancelledError:  # the monitor stops (node shutdown): no agent left running behind us
+            await asyncio.shield(_reap(proc))
+            raise
         assert proc.returncode is not None
         return proc.returncode, _last_words(out, err)
 
@@ -272,6 +273,12 @@ class AgentFencing:
                 state = "still on" if status == STATUS_ON else f"exit {status}: {words or 'no message'}"
                 raise FenceFailed(f"{config.agent} accepted action=off but action=status does not say off ({state})")
             await asyncio.sleep(0.5)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 def _last_words(out: bytes, err: bytes) -> str:
