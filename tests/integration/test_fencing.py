@@ -312,7 +312,9 @@ async def test_the_api_sets_a_nodes_fence_agent_masks_its_password_and_refuses_b
     assert cleared.fence_agent == "" and cleared.fence_options is None
 
 
-async def test_a_crashing_agent_is_a_failed_fence_with_its_reason(db: Database) -> None:
+async def test_a_crashing_agent_is_a_failed_fence_with_its_reason_retried_by_one_monitor_per_interval(
+    db: Database,
+) -> None:
     node_id = await add_node(db, "m4")
     async with db.begin() as conn:
         old = utcnow() - dt.timedelta(hours=1)
@@ -322,10 +324,20 @@ async def test_a_crashing_agent_is_a_failed_fence_with_its_reason(db: Database) 
     desk = await create_desktop(db, SYSTEM, "held", "bob", network="127.77.0.0/24")
     async with db.begin() as conn:
         await conn.execute(sa.update(d).where(d.c.id == desk["id"]).values(node_id=node_id, state="running"))
+    calls: list[str] = []
 
     async def crash(node: LostNode) -> bool:
+        calls.append(node.name)
         raise OSError(f"BMC of {node.name} unreachable")
 
-    assert await cluster.handle_lost_nodes(db, 10_000, 3.0, crash) == {}
+    assert await cluster.handle_lost_nodes(db, 10_000, 3.0, crash, retry_s=0.5) == {}
     row = await node_row(db, "m4")
     assert row["lost_reason"].startswith("fencing failed (OSError: BMC of m4 unreachable)")
+    assert (await desktop_rows(db, [desk["id"]]))[0].node_id == node_id  # still assigned
+    # every node's monitor passes again at once: within the interval nobody retries, after it exactly one does
+    monitors = [cluster.handle_lost_nodes(db, 10_000 + i, 3.0, crash, retry_s=0.5) for i in range(3)]
+    await asyncio.gather(*monitors)
+    assert calls == ["m4"]
+    await asyncio.sleep(0.6)
+    await asyncio.gather(*(cluster.handle_lost_nodes(db, 10_000 + i, 3.0, crash, retry_s=0.5) for i in range(3)))
+    assert calls == ["m4", "m4"]

@@ -170,6 +170,7 @@ nodes = sa.Table(
     # "" = the farm's default fencing.  fence_options is JSON (key → value, secrets included: never sent out)
     sa.Column("fence_agent", sa.String(64), nullable=False, server_default=""),
     sa.Column("fence_options", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("fence_tried_at", TS, nullable=True),  # the last fence attempt: one monitor retries per interval
 )
 
 desktops = sa.Table(

@@ -149,6 +149,7 @@ class NodeDaemon:
             load_fencing(self.cfg.fencing, self.paths, self.cfg.fence_command, self.cfg.fence_timeout_s),
             period_s=self.cfg.monitor_s,
             lost_after_s=self.cfg.lost_after_s,
+            retry_s=self.cfg.fence_retry_s,
         )
         loops = [
             asyncio.create_task(monitor.run(stop, self._may_judge), name="cluster-monitor"),

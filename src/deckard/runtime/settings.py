@@ -95,6 +95,7 @@ class NodeSettings(BaseModel):
     fencing: str = "local"  # local | command
     fence_command: str = ""  # with fencing=command: run as `COMMAND name address pid`, exit 0 = fenced
     fence_timeout_s: float = Field(default=60.0, gt=0)  # one call of a fence agent or hook gives up after this
+    fence_retry_s: float = Field(default=5.0, gt=0)  # a failed fence is tried again after this (by one monitor)
     # this node's own fence agent, written to its row at start for the others (model/fence.py; "" keeps the row's,
     # which `deckard node fence` sets): e.g. fence_ipmilan with {"ip": …, "username": …, "lanplus": "1"}
     fence_agent: str = ""

@@ -23,6 +23,7 @@ The other side — when a node kills its *own* guests — is decided by node/fen
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,8 @@ from deckard.services.transitions import transition_desktops, transition_nodes, 
 
 n = t.nodes
 d = t.desktops
+
+FENCE_RETRY_S = 5.0  # a failed fence is tried again after this (node.fence_retry_s), by one monitor
 
 # every state that may be declared lost (model/states.py): a restart that never comes back is a loss too
 LIVE_STATES = sorted(sources(NODE_TRANSITIONS, NodeState.LOST))
@@ -150,17 +153,38 @@ async def declare_lost(db: Database, node_id: int, lost_after_s: float) -> LostN
             NodeState.LOST,
             n.c.id == node_id,
             n.c.heartbeat_at < cutoff,
-            values=dict(lost_at=now, lost_reason=f"no heartbeat for {lost_after_s:.0f} s: being fenced", cmd=None),
+            values=dict(
+                lost_at=now,
+                lost_reason=f"no heartbeat for {lost_after_s:.0f} s: being fenced",
+                cmd=None,
+                fence_tried_at=now,
+            ),
         )
     return _lost(rows[0]) if rows else None
 
 
-async def unfenced_lost_nodes(db: Database, me: int) -> list[LostNode]:
-    """Lost nodes that still hold desktops: fencing failed (or the fencer died); try again."""
+async def unfenced_lost_nodes(db: Database, me: int, retry_s: float = FENCE_RETRY_S) -> list[LostNode]:
+    """Lost nodes that still hold desktops (fencing failed, or the fencer died) and were last tried ``retry_s``
+    ago: claimed by one monitor (``fence_tried_at`` moves), so a BMC that refuses is not asked by every node at
+    every pass."""
+    now = utcnow()
     held = sa.exists().where(d.c.node_id == n.c.id)
-    async with db.connect() as conn:
-        rows = await conn.execute(sa.select(*_COLS).where(n.c.id != me, n.c.state == NodeState.LOST, held))
-        return [_lost(r) for r in rows]
+    due = sa.or_(n.c.fence_tried_at.is_(None), n.c.fence_tried_at < now - dt.timedelta(seconds=retry_s))
+    async with db.begin() as conn:
+        ids = [
+            int(r.id)
+            for r in await conn.execute(sa.select(n.c.id).where(n.c.id != me, n.c.state == NodeState.LOST, held, due))
+        ]
+        claimed = []
+        for node_id in ids:
+            row = (
+                await conn.execute(
+                    sa.update(n).where(n.c.id == node_id, due).values(fence_tried_at=now).returning(*_COLS)
+                )
+            ).first()
+            if row is not None:
+                claimed.append(_lost(row))
+        return claimed
 
 
 async def release_desktops(db: Database, node: LostNode) -> list[int]:
@@ -193,26 +217,34 @@ async def record_fence_failure(db: Database, node: LostNode, why: str) -> None:
         )
 
 
-async def handle_lost_nodes(db: Database, me: int, lost_after_s: float, fence: Fence) -> dict[int, list[int]]:
-    """One monitor pass: fence and release every node that went silent; return node id → released desktops."""
+async def fence_and_release(db: Database, lost: LostNode, fence: Fence) -> list[int] | None:
+    """Fence one lost node, then release its desktops; None (and the reason recorded) when fencing failed."""
+    why = "the fencing agent did not confirm"
+    try:
+        ok = await fence(lost)
+    except FenceFailed as e:
+        ok, why = False, str(e)
+    except Exception as e:  # an agent that crashes has not fenced
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if ok:
+        return await release_desktops(db, lost)
+    await record_fence_failure(db, lost, why)
+    return None
+
+
+async def handle_lost_nodes(
+    db: Database, me: int, lost_after_s: float, fence: Fence, retry_s: float = FENCE_RETRY_S
+) -> dict[int, list[int]]:
+    """One monitor pass: fence and release every node that went silent; return node id → released desktops.
+
+    The nodes are fenced at once: a BMC that takes its time (up to ``node.fence_timeout_s``) delays no other.
+    """
     todo: dict[int, LostNode] = {}
     for node_id in await stale_nodes(db, me, lost_after_s):
         lost = await declare_lost(db, node_id, lost_after_s)
         if lost is not None:
             todo[lost.node_id] = lost
-    for lost in await unfenced_lost_nodes(db, me):
+    for lost in await unfenced_lost_nodes(db, me, retry_s):
         todo.setdefault(lost.node_id, lost)
-    released: dict[int, list[int]] = {}
-    for lost in todo.values():
-        why = "the fencing agent did not confirm"
-        try:
-            ok = await fence(lost)
-        except FenceFailed as e:
-            ok, why = False, str(e)
-        except Exception as e:  # an agent that crashes has not fenced
-            ok, why = False, f"{type(e).__name__}: {e}"
-        if ok:
-            released[lost.node_id] = await release_desktops(db, lost)
-        else:
-            await record_fence_failure(db, lost, why)
-    return released
+    done = await asyncio.gather(*(fence_and_release(db, lost, fence) for lost in todo.values()))
+    return {lost.node_id: ids for lost, ids in zip(todo.values(), done, strict=True) if ids is not None}

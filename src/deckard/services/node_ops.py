@@ -72,6 +72,7 @@ async def register_node(
         boot_id=boot_id,
         lost_at=None,
         lost_reason=None,
+        fence_tried_at=None,
         address=address,
         broker_url=broker_url,
         pid=os.getpid(),
