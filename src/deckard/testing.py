@@ -491,6 +491,7 @@ class MultiNodeFarm:
         database_url: str | None = None,
         fake_start_delay: float = 0.0,
         extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> NodeProcess:
         run_dir = self.home / "nodes" / name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -501,6 +502,7 @@ class MultiNodeFarm:
         args += ["--listen", "127.0.0.1", "--lost-after", str(self.lost_after)]
         if fake_start_delay:
             args += ["--fake-start-delay", str(fake_start_delay)]
+        args += extra_args or []
         env = dict(os.environ, DECKARD_LOG_FORMAT="json", **(extra_env or {}))
         env.setdefault("DECKARD_BROKER__TLS_KEY", "ec256")  # RSA 3072 keys take seconds to make (runtime/tls.py)
         with open(log, "ab") as logf:

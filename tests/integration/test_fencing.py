@@ -99,18 +99,24 @@ class Machines:
 
 
 async def start_machine(
-    db: Database, procs: MultiNodeFarm, bmc: Bmc, name: str, password: str, tmp_path: Path
+    db: Database, procs: MultiNodeFarm, bmc: Bmc, name: str, password: str, tmp_path: Path, *, flags: bool
 ) -> tuple[Any, int]:
     password_file = tmp_path / f"{name}-bmc-password"
     password_file.write_text(password + "\n")
     password_file.chmod(0o600)
     env = {f"DECKARD_NODE__{k.upper()}": str(v) for k, v in LEASE.items() if k != "lost_after_s"}
-    env |= {
-        "DECKARD_NODE__FENCE_AGENT": "fence_ipmilan",
-        "DECKARD_NODE__FENCE_OPTIONS": json.dumps(bmc.options()),
-        "DECKARD_NODE__FENCE_PASSWORD_FILE": str(password_file),
-    }
-    node = procs.start_node(name, extra_env=env)
+    args: list[str] = []
+    if flags:  # `deckard node --fence-agent … --fence-option … --fence-password-file …`
+        args += ["--fence-agent", "fence_ipmilan", "--fence-password-file", str(password_file)]
+        for key, value in bmc.options().items():
+            args += ["--fence-option", f"{key}={value}"]
+    else:  # the same from its settings (deckard.toml or, here, the environment)
+        env |= {
+            "DECKARD_NODE__FENCE_AGENT": "fence_ipmilan",
+            "DECKARD_NODE__FENCE_OPTIONS": json.dumps(bmc.options()),
+            "DECKARD_NODE__FENCE_PASSWORD_FILE": str(password_file),
+        }
+    node = procs.start_node(name, extra_env=env, extra_args=args)
     bmc.machine(node.proc.pid)  # its own process group (start_new_session): the machine's power
     return node.proc, await wait_for(f"{name}'s node running", lambda: running_node(db, name), 30)
 
@@ -131,8 +137,8 @@ async def machines(db: Database, tmp_path: Path) -> AsyncIterator[Machines]:
     with Bmc(tmp_path, "m2") as bmc2, Bmc(tmp_path, "m3") as bmc3:
         try:
             (proc2, id2), (proc3, id3), id1 = await asyncio.gather(
-                start_machine(db, procs, bmc2, "m2", PASSWORD, tmp_path),
-                start_machine(db, procs, bmc3, "m3", "not-the-password", tmp_path),
+                start_machine(db, procs, bmc2, "m2", PASSWORD, tmp_path, flags=False),
+                start_machine(db, procs, bmc3, "m3", "not-the-password", tmp_path, flags=True),
                 judge.start(),
             )
             placed = {id2: ids[:2], id3: ids[2:]}
@@ -202,7 +208,7 @@ async def test_hung_machines_are_fenced_through_their_bmcs_before_their_desktops
     assert took < 15, f"lost → fenced → released took {took:.1f} s"
 
     row = await wait_for("machine 3's fence failure in the node listing", fence_failed, 10)
-    assert row["state"] == "lost"
+    assert row["state"] == "lost" and row["fence_options"]["ipport"] == str(m3.bmc.port)  # from its flags
     assert "fence_ipmilan action=off failed" in row["lost_reason"], row["lost_reason"]
     assert "stay assigned" in row["lost_reason"]
     rows = await desktop_rows(db, m3.desktops)

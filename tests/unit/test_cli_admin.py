@@ -496,3 +496,5 @@ def test_node_fence_reads_the_password_from_a_file_or_stdin_and_never_prints_it(
     assert runner.invoke(cli, ["node", "fence", "node2", "--clear"]).exit_code == 0 and api.fence == ("", {})
     bad = runner.invoke(cli, ["node", "fence", "node2", "--agent", "fence_x", "--option", "novalue"])
     assert bad.exit_code != 0 and "bad_fence_option" in bad.output
+    bad = runner.invoke(cli, ["node", "fence", "node2", "--agent", "fence_x", "--option", "password=oops"])
+    assert bad.exit_code != 0 and "--password-file" in bad.output and api.fence == ("", {})

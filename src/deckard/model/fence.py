@@ -60,12 +60,22 @@ def masked_options(options: Mapping[str, Any]) -> dict[str, str]:
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, str]:
-    """``["ip=10.0.0.9", "lanplus=1"]`` (the CLI's repeated ``--option``) as a mapping."""
+    """``["ip=10.0.0.9", "lanplus=1"]`` (the CLI's repeated ``--option``) as a mapping.
+
+    A secret is refused here: a command line is visible to every user of the machine (``ps``), so the password
+    comes from a file (``--password-file``) or the agent's own ``password_script``.
+    """
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise BadInput(f"fence option {pair!r} is not KEY=VALUE (e.g. ip=10.0.0.9)", code="bad_fence_option")
+        if is_secret(key.strip()):
+            raise BadInput(
+                f"fence option {key.strip()!r} is a secret: give it in a file (--password-file), never on a "
+                "command line, where every user of the machine can read it",
+                code="bad_fence_option",
+            )
         out[key.strip()] = value
     return out
 
