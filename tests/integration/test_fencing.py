@@ -33,7 +33,7 @@ from test_api import Farm, add_node, call
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
-from deckard.model.errors import BadInput
+from deckard.model.errors import BadInput, Conflict
 from deckard.model.fence import MASK, FenceConfig
 from deckard.node.fencing import AgentFencing, load_fencing
 from deckard.runtime.paths import FarmPaths
@@ -96,6 +96,7 @@ class Machines:
     m2: Machine
     m3: Machine
     judge: InProcessNode
+    procs: MultiNodeFarm
 
 
 async def start_machine(
@@ -155,6 +156,7 @@ async def machines(db: Database, tmp_path: Path) -> AsyncIterator[Machines]:
                 Machine("m2", bmc2, proc2, id2, placed[id2]),
                 Machine("m3", bmc3, proc3, id3, placed[id3]),
                 judge,
+                procs,
             )
         finally:
             await judge.close()
@@ -215,6 +217,11 @@ async def test_hung_machines_are_fenced_through_their_bmcs_before_their_desktops
     assert {(r.node_id, r.state) for r in rows} == {(m3.node_id, "running")}  # unavailable, never twice
     assert m3.proc.poll() is None  # never powered off
     assert "set power 0" not in m3.bmc.power_calls()
+    # the operator pulls machine 3's plug and says so: its desktops are released as after a fence
+    machines.procs.kill("m3")
+    await nodes.confirm_node_off(db, SYSTEM, m3.node_id)
+    assert (await node_row(db, "m3"))["lost_reason"].startswith("fenced by hand (confirmed off by ")
+    assert all(r.node_id is None and r.state == "stopped" for r in await desktop_rows(db, m3.desktops))
 
 
 # ---- the fence agent API, with small agents written here -----------------------------------------------
@@ -316,6 +323,13 @@ async def test_the_api_sets_a_nodes_fence_agent_masks_its_password_and_refuses_b
         assert e.value.code in ("bad_fence_agent", "bad_fence_option")
     cleared = await call(api.clear_node_fence, "m3")
     assert cleared.fence_agent == "" and cleared.fence_options is None
+    with pytest.raises(Conflict) as refused:  # a live node's desktops are never released by hand
+        await call(api.confirm_node_off, "m3")
+    assert refused.value.code == "node_not_lost"
+    async with farm.db.begin() as conn:
+        await conn.execute(sa.update(t.nodes).where(t.nodes.c.name == "m3").values(state="lost"))
+    confirmed = await call(api.confirm_node_off, "m3")
+    assert confirmed.lost_reason == "fenced by hand (confirmed off by admin); 0 desktop(s) released"
 
 
 async def test_a_crashing_agent_is_a_failed_fence_with_its_reason_retried_by_one_monitor_per_interval(

@@ -52,11 +52,22 @@ def fence(
     clear: Annotated[
         bool, typer.Option("--clear", help="Remove the node's agent: the farm's default fencing.")
     ] = False,
+    confirm_off: Annotated[
+        bool,
+        typer.Option(
+            "--confirm-off",
+            help="The lost node's machine IS powered off (you checked): release its desktops as after a fence.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
     """Set how another node fences this one when it is lost (e.g. IPMI: --agent fence_ipmilan --option ip=…)."""
     with session.api(profile) as api:  # (errors inside it print as `error [code]: message`)
+        if confirm_off:
+            row = api.confirm_node_off(node)
+            print_done(f"node {row.name}: {row.lost_reason}", row, as_json=as_json)
+            return
         if clear == (agent is not None):
             raise BadInput("give --agent (with its --option and --password-file) or --clear", code="bad_fence_agent")
         options = parse_options(option or [])

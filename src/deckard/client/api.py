@@ -373,6 +373,10 @@ class ApiClient:
     def clear_node_fence(self, node: str | int) -> Node:
         return self._get(Node, "DELETE", f"/nodes/{_seg(node)}/fence")
 
+    def confirm_node_off(self, node: str | int) -> Node:
+        """A lost node's machine is off (checked by hand): release its desktops as after a fence."""
+        return self._get(Node, "POST", f"/nodes/{_seg(node)}/fence/confirm")
+
     def node_action(self, node: str | int, action: str) -> NodeMaintenance:
         """``drain``, ``evacuate``, ``stop`` or ``restart`` a node."""
         return self._act(NodeMaintenance, "nodes", node, action)

@@ -187,7 +187,7 @@ async def unfenced_lost_nodes(db: Database, me: int, retry_s: float = FENCE_RETR
         return claimed
 
 
-async def release_desktops(db: Database, node: LostNode) -> list[int]:
+async def release_desktops(db: Database, node: LostNode, how: str = "fenced") -> list[int]:
     """After fencing: every desktop of the node is stopped and free to start on another node.
 
     Held desktops go to ``stopped`` by the table (leaving the node and their session); starts placed on the
@@ -201,11 +201,21 @@ async def release_desktops(db: Database, node: LostNode) -> list[int]:
         await conn.execute(
             sa.update(n)
             .where(n.c.id == node.node_id, n.c.state == NodeState.LOST)
-            .values(lost_reason=f"fenced; {len(ids)} desktop(s) released", desktops_running=0)
+            .values(lost_reason=f"{how}; {len(ids)} desktop(s) released", desktops_running=0)
         )
     for chunk in range(0, len(ids), 500):
         await db.bus.notify(DESKTOPS, ",".join(str(i) for i in ids[chunk : chunk + 500]))
     return ids
+
+
+async def confirm_fenced(db: Database, node_id: int, by: str) -> list[int] | None:
+    """An operator made sure the lost node is off (pacemaker's ``stonith_admin --confirm``): release its desktops
+    as a fence would.  None when the node is not ``lost`` (a live node's desktops are never released)."""
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(*_COLS).where(n.c.id == node_id, n.c.state == NodeState.LOST))).first()
+    if row is None:
+        return None
+    return await release_desktops(db, _lost(row), how=f"fenced by hand (confirmed off by {by})")
 
 
 async def record_fence_failure(db: Database, node: LostNode, why: str) -> None:

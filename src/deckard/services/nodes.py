@@ -22,8 +22,9 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
-from deckard.model.errors import NotFound, PermissionDenied
+from deckard.model.errors import InvalidTransition, NotFound, PermissionDenied
 from deckard.model.fence import fence_config, masked_options
+from deckard.services.cluster import confirm_fenced
 from deckard.services.context import Actor, require, require_fields, require_supertenant, visible_rows
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -152,4 +153,21 @@ async def set_node_fence(
     async with db.begin() as conn:
         await conn.execute(sa.update(n).where(n.c.id == node_id).values(**values))
     await publish(db, "updated", "node", node_id, None, fence_agent=values["fence_agent"])
+    return await get_node(db, actor, node_id)
+
+
+async def confirm_node_off(db: Database, actor: Actor, node_id: int) -> dict[str, Any]:
+    """The operator says the lost node's machine is off (its BMC cannot say it): its desktops are released as
+    after a fence.  Refused (``node_not_lost``) for a node that is not ``lost``."""
+    require(actor, "node.update")
+    require_supertenant(actor, "confirm that a node is powered off")
+    node = await get_node(db, actor, node_id)
+    released = await confirm_fenced(db, node_id, actor.name or "an administrator")
+    if released is None:
+        raise InvalidTransition(
+            f"node {node['name']} is {node['state']}, not lost: only a lost node's desktops can be released by hand "
+            "(to move the desktops of a live node, evacuate it)",
+            code="node_not_lost",
+        )
+    await publish(db, "updated", "node", node_id, None, released=len(released))
     return await get_node(db, actor, node_id)

@@ -40,6 +40,17 @@ async def set_fence(node: str, body: NodeFence, actor: ActorDep, db: DbDep) -> d
     return await nodes.set_node_fence(db, actor, node_id, body.agent, body.options)
 
 
+@router.post(
+    "/{node}/fence/confirm",
+    response_model=Node,
+    response_model_exclude_unset=True,
+    summary="Confirm a lost node is powered off (its desktops are released as after a fence)",
+)
+async def confirm_fence(node: str, actor: ActorDep, db: DbDep) -> dict[str, Any]:
+    node_id = await nodes.find_node_id(db, actor, node)
+    return await nodes.confirm_node_off(db, actor, node_id)
+
+
 @router.delete(
     "/{node}/fence",
     response_model=Node,
