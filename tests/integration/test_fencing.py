@@ -317,6 +317,9 @@ async def test_the_api_sets_a_nodes_fence_agent_masks_its_password_and_refuses_b
     async with farm.db.connect() as conn:  # the monitors read the real one
         stored = (await conn.execute(sa.select(t.nodes.c.fence_options).where(t.nodes.c.name == "m3"))).scalar_one()
     assert json.loads(stored)["password"] == "hunter2"
+    async with farm.db.connect() as conn:  # the audit log keeps the call, its password masked
+        audited = [r.arguments for r in await conn.execute(sa.select(t.audit_log.c.arguments))]
+    assert any("fence_ipmilan" in a for a in audited) and not any("hunter2" in a for a in audited)
     for agent_name, bad in (("rm -rf", {}), ("fence_ipmilan", {"action": "on"}), ("fence_x", {"ip": "a\nb"})):
         with pytest.raises(BadInput) as e:
             await call(api.set_node_fence, "m3", agent_name, bad)
