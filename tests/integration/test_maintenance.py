@@ -13,6 +13,7 @@ process) on one database and one farm storage, and the real API for the reserve.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from test_api import Farm, add_node, call
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.drivers.fake import FakeDriver
+from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Unavailable
 from deckard.services import maintenance, nodes
 from deckard.services.context import SYSTEM
@@ -178,8 +180,12 @@ async def test_the_reserve_set_through_the_api_keeps_memory_free_and_is_released
     with pytest.raises(Unavailable) as e:
         await call(api.start_desktop, desk.id)
     assert "reserve" in e.value.message
-    lost = await add_node(farm.db, "n3")  # a node is lost: the reserve is there to take its desktops
+    lost = await add_node(farm.db, "n3")  # a node was lost long ago and never came back: the reserve holds
     async with farm.db.begin() as conn:
-        await conn.execute(sa.update(t.nodes).where(t.nodes.c.id == lost).values(state="lost"))
+        old = utcnow() - dt.timedelta(hours=1)
+        await conn.execute(sa.update(t.nodes).where(t.nodes.c.id == lost).values(state="lost", lost_at=old))
+    assert (await call(api.explain_desktop, desk.id)).would_choose is None
+    async with farm.db.begin() as conn:  # it is lost now: the reserve is there to take its desktops
+        await conn.execute(sa.update(t.nodes).where(t.nodes.c.id == lost).values(lost_at=utcnow()))
     assert (await call(api.explain_desktop, desk.id)).would_choose in ("n1", "n2")
     assert (await call(api.start_desktop, desk.id)).cmd == "start"
