@@ -497,7 +497,19 @@ def node_cmd(
     )
     if settings.node.driver != "fake":
         _need_root("deckard node")
+    _check_own_fence(settings)
     _run_until_signal(settings, with_api=False, with_node=True)
+
+
+def _check_own_fence(settings: Settings) -> None:
+    """A node's fence agent (flags or settings) is checked before the node starts: a typo fails here, not later."""
+    from deckard.model.errors import BadInput
+    from deckard.node.fencing import own_fence
+
+    try:
+        own_fence(settings.node)
+    except BadInput as e:
+        _fail(e.message, 2)
 
 
 def _fence_options(pairs: list[str] | None) -> dict[str, str] | None:

@@ -72,8 +72,8 @@ def parse_options(pairs: Iterable[str]) -> dict[str, str]:
             raise BadInput(f"fence option {pair!r} is not KEY=VALUE (e.g. ip=10.0.0.9)", code="bad_fence_option")
         if is_secret(key.strip()):
             raise BadInput(
-                f"fence option {key.strip()!r} is a secret: give it in a file (--password-file), never on a "
-                "command line, where every user of the machine can read it",
+                f"fence option {key.strip()!r} is a secret: give it in a file (--password-file; `deckard node`: "
+                "--fence-password-file), never on a command line, where every user of the machine can read it",
                 code="bad_fence_option",
             )
         out[key.strip()] = value
