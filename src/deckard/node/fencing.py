@@ -222,7 +222,8 @@ class AgentFencing:
         self.verify_s = verify_s
         self._has_status: dict[str, bool] = {}
 
-    async def _run(self, path: str, config: FenceConfig, action: str) -> tuple[int, str]:
+    async def _run(self, path: str, config: FenceConfig, action: str) -> tuple[int, str, str]:
+        """(exit status, standard output, the agent's last words) of one call."""
         proc = await asyncio.create_subprocess_exec(
             path,
             stdin=asyncio.subprocess.PIPE,
@@ -239,12 +240,12 @@ class AgentFencing:
             await asyncio.shield(_reap(proc))
             raise
         assert proc.returncode is not None
-        return proc.returncode, _last_words(out, err)
+        return proc.returncode, out.decode(errors="replace"), _last_words(out, err)
 
     async def _supports_status(self, path: str, config: FenceConfig) -> bool:
         if config.agent not in self._has_status:
             try:
-                status, text = await self._run(path, FenceConfig(config.agent), "metadata")
+                status, text, _ = await self._run(path, FenceConfig(config.agent), "metadata")
             except FenceFailed:
                 return True  # assume the API's mandatory actions; status then says for itself
             self._has_status[config.agent] = status != 0 or '<action name="status"' in text
@@ -257,7 +258,7 @@ class AgentFencing:
         path = find_agent(config.agent)
         if path is None:
             raise FenceFailed(f"{config.agent} is not installed on this node (Debian: apt install fence-agents)")
-        status, words = await self._run(path, config, "off")
+        status, _, words = await self._run(path, config, "off")
         if status != 0:
             raise FenceFailed(f"{config.agent} action=off failed (exit {status}): {words or 'no message'}")
         if not await self._supports_status(path, config):
@@ -265,7 +266,7 @@ class AgentFencing:
             return True
         deadline = time.monotonic() + self.verify_s
         while True:
-            status, words = await self._run(path, config, "status")
+            status, _, words = await self._run(path, config, "status")
             if status == STATUS_OFF:
                 log.info("fence.agent_done", lost=node.name, agent=config.agent, verified=True)
                 return True
