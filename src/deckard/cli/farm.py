@@ -698,6 +698,7 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
     """``deckard up --machines N``: N machines (runtime/machines.py), node ``<name>-m<i>`` in machine *i*, its broker
     on the machine's address, its bridge on the farm's VXLAN segment; a lost node is fenced by powering its machine
     off (unless another fencing agent is configured)."""
+    from deckard.runtime.bmc import BASE_PORT, bmc_available, start_bmc
     from deckard.runtime.machines import Machines, fence_hook_script
 
     paths = settings.paths
@@ -710,14 +711,20 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
         hook.write_text(fence_hook_script(sys.executable))
         hook.chmod(0o755)
         fence = ["--fencing", "command", "--fence-command", str(hook)]
+    with_bmc = bmc_available()  # each machine's own fence agent: IPMI to its simulated BMC (runtime/bmc.py)
     for i, machine in enumerate(farm.machines, start=1):
+        if with_bmc:
+            bmc = start_bmc(paths.machines_bmc / f"m{i}", f"m{i}", farm.host_address, BASE_PORT + i, machine.address)
+            fence_i = [*fence, *bmc.fence_args()]
+        else:
+            fence_i = fence
         name = f"{settings.node.name}-m{i}"
         run_dir = paths.demo_node(i).node_run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "deckard.cli.main", "node", "--home", str(home), "--node-name", name]
         args += ["--run-dir", str(run_dir), "--broker-port", str(settings.broker.port), "--listen", machine.address]
         args += ["--bridge", settings.network.bridge, "--network", settings.network.range]
-        args += ["--overlay-address", machine.address, *fence]
+        args += ["--overlay-address", machine.address, *fence_i]
         if driver is not None:
             args += ["--driver", driver]
         if settings.database_url:
@@ -727,8 +734,10 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
                 machine.command(*args), stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
             )
         paths.demo_node_pid(i).write_text(str(proc.pid))
+        bmc_text = f", BMC {farm.host_address}:{BASE_PORT + i} (IPMI)" if with_bmc else ""
         out.print(
             f"machine {i} ({machine.address}): node {name}, broker https://{machine.address}:{settings.broker.port}"
+            + bmc_text
         )
 
 
@@ -741,8 +750,10 @@ def _alive(pid: int) -> bool:
 
 
 def _stop_machines(paths: FarmPaths) -> None:
+    from deckard.runtime.bmc import stop_bmcs
     from deckard.runtime.machines import Machines
 
+    stop_bmcs(paths.machines_bmc)
     if paths.machines_file.exists():
         tag, count = paths.machines_file.read_text().split()
         Machines.existing(tag, int(count)).close()
