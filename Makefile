@@ -8,11 +8,13 @@ PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
 # nxproxy, xvfb, x11-apps (xwd) and pulseaudio (+ -utils: parec): the client side of the NX tests, as QVD's client
-# runs nxproxy and its sound server
+# runs nxproxy and its sound server; fence-agents (fence_ipmilan) + ipmitool fence a lost node through its BMC, and
+# openipmi's ipmi_sim is the BMC the fencing tests power off
 APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd postgresql-15 procps psmisc \
 	python3-venv chromium slapd ldap-utils \
 	qemu-system-x86 qemu-utils dosfstools mtools e2fsprogs \
-	nxproxy xvfb x11-apps pulseaudio pulseaudio-utils
+	nxproxy xvfb x11-apps pulseaudio pulseaudio-utils \
+	fence-agents openipmi ipmitool
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 

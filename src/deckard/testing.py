@@ -496,6 +496,7 @@ class MultiNodeFarm:
         database_url: str | None = None,
         fake_start_delay: float = 0.0,
         extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> NodeProcess:
         run_dir = self.home / "nodes" / name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -506,6 +507,7 @@ class MultiNodeFarm:
         args += ["--listen", "127.0.0.1", "--lost-after", str(self.lost_after)]
         if fake_start_delay:
             args += ["--fake-start-delay", str(fake_start_delay)]
+        args += extra_args or []
         env = dict(os.environ, DECKARD_LOG_FORMAT="json", **(extra_env or {}))
         env.setdefault("DECKARD_BROKER__TLS_KEY", "ec256")  # RSA 3072 keys take seconds to make (runtime/tls.py)
         with open(log, "ab") as logf:
@@ -568,7 +570,7 @@ class InProcessNode:
             home=Path(tempfile.mkdtemp(prefix="deckard-node-")),
             database_url=db.url,
             network=NetworkSettings(range=network),
-            node=NodeSettings(name=f"node-{os.getpid()}", driver="fake", **{**fast, **node}),
+            node=NodeSettings(**{"name": f"node-{os.getpid()}", "driver": "fake", **fast, **node}),
         )
         return cls(db, settings, FakeDriver(settings.paths))
 

@@ -389,6 +389,53 @@ def test_dashboard_of_a_busy_farm_shows_time_to_desktop_by_image_and_by_node(
         shot(page, "desktops")
 
 
+async def lose_two_nodes(db: Any) -> None:
+    """Two lost nodes: one fenced through its BMC, one whose fence agent failed (its desktops stay assigned)."""
+    import sqlalchemy as sa
+
+    from deckard.db import schema as t
+    from deckard.model.entities import utcnow
+
+    failed = (
+        "fencing failed (fence_ipmilan action=off failed (exit 1): Failed: Unable to obtain correct plug status "
+        "or plug is not available); its desktops stay assigned until it is fenced"
+    )
+    async with db.begin() as conn:
+        for name, reason in (("rack1-n1", "fenced; 3 desktop(s) released"), ("rack1-n2", failed)):
+            await conn.execute(
+                sa.insert(t.nodes).values(
+                    name=name,
+                    state="lost",
+                    heartbeat_at=utcnow(),
+                    lost_at=utcnow(),
+                    lost_reason=reason,
+                    fence_agent="fence_ipmilan",
+                    fence_options='{"ip": "10.0.9.2", "password": "hunter2"}',
+                    created_at=utcnow(),
+                )
+            )
+
+
+def test_the_nodes_view_shows_a_failed_fence_and_never_the_bmc_password(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    home = tmp_path_factory.mktemp("wat-fence")
+    with ApiThread(home, lose_two_nodes) as api:
+        login(page, api)
+        goto(page, api.url + "/admin#/nodes")
+        page.wait_for_selector("table.list tbody tr td a:has-text('rack1-n2')")
+        failed = page.locator("table.list tbody tr", has_text="rack1-n2").locator("td[data-col=lost_reason]")
+        assert failed.locator(".s-fence-failed").count() == 1
+        assert "fencing failed (fence_ipmilan action=off failed" in failed.inner_text()
+        fenced = page.locator("table.list tbody tr", has_text="rack1-n1").locator("td[data-col=lost_reason]")
+        assert fenced.inner_text() == "fenced; 3 desktop(s) released" and fenced.locator(".s-fence-failed").count() == 0
+        page.locator("table.list a", has_text="rack1-n2").click()
+        page.wait_for_selector("dl.props dd[data-field=fence_options]")
+        assert "********" in page.locator("dd[data-field=fence_options]").inner_text()
+        assert "hunter2" not in page.content()
+        page.context.close()  # its open connections would hold the API server's shutdown for seconds
+
+
 def test_read_only_administrator_is_not_offered_forbidden_actions(page: Any, api: Api) -> None:
     with api.http(api.token()) as c:
         r = c.post("/admins", json={"name": "viewer", "password": "Viewer-secret-42", "roles": ["Read-only"]})

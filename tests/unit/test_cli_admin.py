@@ -18,7 +18,7 @@ from deckard.cli import admin, desktops, session
 from deckard.client.api import ApiClient
 from deckard.client.profile import Profile, load_profile, save_profile
 from deckard.model.errors import Conflict, DeckardError, NotFound, PermissionDenied, Unauthenticated, Unavailable
-from deckard.model.schemas import Admin, BulkResult, Desktop, Schema, User
+from deckard.model.schemas import Admin, BulkResult, Desktop, Node, Schema, User
 
 runner = CliRunner()
 
@@ -441,3 +441,60 @@ def test_an_unreachable_api_is_unavailable_api_unreachable() -> None:
     with pytest.raises(Unavailable) as e:
         _client(handler).list_users()
     assert e.value.code == "api_unreachable" and "https://farm.test" in e.value.message
+
+
+class FenceApi(FakeApi):
+    """Nodes and their fence agent, masked as the API answers them (model/fence.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fence: tuple[str, dict[str, str]] = ("", {})
+
+    def _node(self) -> Node:
+        from deckard.model.fence import masked_options
+
+        agent, options = self.fence
+        return Node(
+            id=3,
+            name="node2",
+            state="lost",
+            blocked=False,
+            fence_agent=agent,
+            fence_options=masked_options(options) if agent else None,
+            lost_reason="fencing failed (fence_ipmilan action=off failed (exit 1)); its desktops stay assigned",
+        )
+
+    def set_node_fence(self, node: str, agent: str, options: dict[str, str]) -> Node:  # noqa: ARG002
+        self.fence = (agent, options)
+        return self._node()
+
+    def clear_node_fence(self, node: str) -> Node:  # noqa: ARG002
+        self.fence = ("", {})
+        return self._node()
+
+    def list_all(self, resource: str, schema: type[Schema], params: Any = None) -> list[Any]:  # noqa: ARG002
+        return [self._node()]
+
+
+def test_node_fence_reads_the_password_from_a_file_or_stdin_and_never_prints_it(
+    cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    api = FenceApi()
+    monkeypatch.setattr(session, "open_client", lambda _profile: api)
+    pw = tmp_path / "bmc.pw"
+    pw.write_text("hunter2\n")
+    args = ["node", "fence", "node2", "--agent", "fence_ipmilan", "--option", "ip=10.0.9.2", "--option", "lanplus=1"]
+    res = runner.invoke(cli, [*args, "--password-file", str(pw)])
+    assert res.exit_code == 0, res.output
+    assert api.fence == ("fence_ipmilan", {"ip": "10.0.9.2", "lanplus": "1", "password": "hunter2"})
+    assert "fenced by fence_ipmilan ip=10.0.9.2 lanplus=1 password=********" in res.stdout
+    assert "hunter2" not in res.output
+    res = runner.invoke(cli, [*args, "--password-file", "-"], input="from-stdin\n")
+    assert res.exit_code == 0 and api.fence[1]["password"] == "from-stdin" and "from-stdin" not in res.stdout
+    listed = runner.invoke(cli, ["node", "list", "--json"])
+    assert "fencing failed" in listed.stdout and "from-stdin" not in listed.stdout
+    assert runner.invoke(cli, ["node", "fence", "node2", "--clear"]).exit_code == 0 and api.fence == ("", {})
+    bad = runner.invoke(cli, ["node", "fence", "node2", "--agent", "fence_x", "--option", "novalue"])
+    assert bad.exit_code != 0 and "bad_fence_option" in bad.output
+    bad = runner.invoke(cli, ["node", "fence", "node2", "--agent", "fence_x", "--option", "password=oops"])
+    assert bad.exit_code != 0 and "--password-file" in bad.output and api.fence == ("", {})

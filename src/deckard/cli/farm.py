@@ -66,6 +66,16 @@ FencingOpt = Annotated[str | None, typer.Option("--fencing", help="Fencing agent
 FenceCmdOpt = Annotated[
     str | None, typer.Option("--fence-command", help="With --fencing command: HOOK run as `HOOK name address pid`.")
 ]
+FenceAgentOpt = Annotated[
+    str | None,
+    typer.Option("--fence-agent", help="This node's own fence agent for the others (e.g. fence_ipmilan)."),
+]
+FenceOptionOpt = Annotated[
+    list[str] | None, typer.Option("--fence-option", help="KEY=VALUE for --fence-agent (repeatable): ip=…, lanplus=1.")
+]
+FencePasswordOpt = Annotated[
+    Path | None, typer.Option("--fence-password-file", help="File holding --fence-agent's password (never argv).")
+]
 LostAfterOpt = Annotated[
     float | None, typer.Option("--lost-after", help="Seconds without heartbeat before a node is fenced (10).")
 ]
@@ -455,6 +465,9 @@ def node_cmd(
     run_dir: RunDirOpt = None,
     fencing: FencingOpt = None,
     fence_command: FenceCmdOpt = None,
+    fence_agent: FenceAgentOpt = None,
+    fence_option: FenceOptionOpt = None,
+    fence_password_file: FencePasswordOpt = None,
     lost_after: LostAfterOpt = None,
     fake_start_delay: FakeDelayOpt = None,
     overlay_address: OverlayOpt = None,
@@ -476,12 +489,37 @@ def node_cmd(
         run_dir=run_dir,
         fencing=fencing,
         fence_command=fence_command,
+        fence_agent=fence_agent,
+        fence_options=_fence_options(fence_option),
+        fence_password_file=fence_password_file,
         lost_after_s=lost_after,
         fake_start_delay=fake_start_delay,
     )
     if settings.node.driver != "fake":
         _need_root("deckard node")
+    _check_own_fence(settings)
     _run_until_signal(settings, with_api=False, with_node=True)
+
+
+def _check_own_fence(settings: Settings) -> None:
+    """A node's fence agent (flags or settings) is checked before the node starts: a typo fails here, not later."""
+    from deckard.model.errors import BadInput
+    from deckard.node.fencing import own_fence
+
+    try:
+        own_fence(settings.node)
+    except BadInput as e:
+        _fail(e.message, 2)
+
+
+def _fence_options(pairs: list[str] | None) -> dict[str, str] | None:
+    from deckard.model.errors import BadInput
+    from deckard.model.fence import parse_options
+
+    try:
+        return parse_options(pairs) if pairs else None
+    except BadInput as e:
+        _fail(e.message, 2)
 
 
 def api_cmd(
@@ -660,6 +698,7 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
     """``deckard up --machines N``: N machines (runtime/machines.py), node ``<name>-m<i>`` in machine *i*, its broker
     on the machine's address, its bridge on the farm's VXLAN segment; a lost node is fenced by powering its machine
     off (unless another fencing agent is configured)."""
+    from deckard.runtime.bmc import BASE_PORT, bmc_available, start_bmc
     from deckard.runtime.machines import Machines, fence_hook_script
 
     paths = settings.paths
@@ -672,14 +711,20 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
         hook.write_text(fence_hook_script(sys.executable))
         hook.chmod(0o755)
         fence = ["--fencing", "command", "--fence-command", str(hook)]
+    with_bmc = bmc_available()  # each machine's own fence agent: IPMI to its simulated BMC (runtime/bmc.py)
     for i, machine in enumerate(farm.machines, start=1):
+        if with_bmc:
+            bmc = start_bmc(paths.machines_bmc / f"m{i}", f"m{i}", farm.host_address, BASE_PORT + i, machine.address)
+            fence_i = [*fence, *bmc.fence_args()]
+        else:
+            fence_i = fence
         name = f"{settings.node.name}-m{i}"
         run_dir = paths.demo_node(i).node_run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "deckard.cli.main", "node", "--home", str(home), "--node-name", name]
         args += ["--run-dir", str(run_dir), "--broker-port", str(settings.broker.port), "--listen", machine.address]
         args += ["--bridge", settings.network.bridge, "--network", settings.network.range]
-        args += ["--overlay-address", machine.address, *fence]
+        args += ["--overlay-address", machine.address, *fence_i]
         if driver is not None:
             args += ["--driver", driver]
         if settings.database_url:
@@ -689,8 +734,10 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
                 machine.command(*args), stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
             )
         paths.demo_node_pid(i).write_text(str(proc.pid))
+        bmc_text = f", BMC {farm.host_address}:{BASE_PORT + i} (IPMI)" if with_bmc else ""
         out.print(
             f"machine {i} ({machine.address}): node {name}, broker https://{machine.address}:{settings.broker.port}"
+            + bmc_text
         )
 
 
@@ -703,8 +750,10 @@ def _alive(pid: int) -> bool:
 
 
 def _stop_machines(paths: FarmPaths) -> None:
+    from deckard.runtime.bmc import stop_bmcs
     from deckard.runtime.machines import Machines
 
+    stop_bmcs(paths.machines_bmc)
     if paths.machines_file.exists():
         tag, count = paths.machines_file.read_text().split()
         Machines.existing(tag, int(count)).close()

@@ -366,6 +366,17 @@ class ApiClient:
     def unblock_node(self, node: str | int) -> Node:
         return self._act(Node, "nodes", node, "unblock")
 
+    def set_node_fence(self, node: str | int, agent: str, options: dict[str, str]) -> Node:
+        """Give a node its own fence agent (``fence_ipmilan`` …) and the options it reads on stdin."""
+        return self._get(Node, "PUT", f"/nodes/{_seg(node)}/fence", json={"agent": agent, "options": options})
+
+    def clear_node_fence(self, node: str | int) -> Node:
+        return self._get(Node, "DELETE", f"/nodes/{_seg(node)}/fence")
+
+    def confirm_node_off(self, node: str | int) -> Node:
+        """A lost node's machine is off (checked by hand): release its desktops as after a fence."""
+        return self._get(Node, "POST", f"/nodes/{_seg(node)}/fence/confirm")
+
     def node_action(self, node: str | int, action: str) -> NodeMaintenance:
         """``drain``, ``evacuate``, ``stop`` or ``restart`` a node."""
         return self._act(NodeMaintenance, "nodes", node, action)

@@ -166,6 +166,11 @@ nodes = sa.Table(
     sa.Column("boot_id", sa.String(64), nullable=False, server_default=""),  # which machine boot ``pid`` is on
     sa.Column("lost_at", TS, nullable=True),
     sa.Column("lost_reason", sa.Text, nullable=True),
+    # fencing (0014): the fence agent another node runs to power this one off when it is lost (model/fence.py);
+    # "" = the farm's default fencing.  fence_options is JSON (key → value, secrets included: never sent out)
+    sa.Column("fence_agent", sa.String(64), nullable=False, server_default=""),
+    sa.Column("fence_options", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("fence_tried_at", TS, nullable=True),  # the last fence attempt: one monitor retries per interval
 )
 
 desktops = sa.Table(

@@ -503,6 +503,15 @@ KEYS: dict[str, ConfigKey] = {
             "fraction of one node's memory such as `0.25`.",
             pattern=r"largest|none|0(\.[0-9]+)?|1(\.0+)?",
         ),
+        ConfigKey(
+            "placement.reserve_release_s",
+            int,
+            1800,
+            "Seconds the reserve is released after a node is declared lost (for its desktops to start elsewhere); "
+            "then the remaining nodes keep it again, even if that node never comes back.",
+            minimum=0,
+            maximum=7 * 86400,
+        ),
         *IDENTITY_KEYS,
         *NETWORK_KEYS,
         *SESSION_KEYS,

@@ -208,6 +208,18 @@ class Node(Schema):
     load: float | None = None
     desktops_running: int | None = None
     created_at: dt.datetime | None = None
+    lost_at: dt.datetime | None = None
+    lost_reason: str | None = Field(
+        default=None,
+        description="Why the node was declared lost and what fencing it did: `fencing failed (…)` means its "
+        "desktops stay assigned (unavailable) until it is fenced.",
+    )
+    fence_agent: str | None = Field(
+        default=None, description="Its own fence agent (e.g. fence_ipmilan); empty: the farm's default fencing."
+    )
+    fence_options: dict[str, str] | None = Field(
+        default=None, description="The fence agent's options, passwords masked."
+    )
 
 
 class Connection(Schema):

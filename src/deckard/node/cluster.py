@@ -23,15 +23,25 @@ log = structlog.get_logger()
 
 
 class ClusterMonitor:
-    def __init__(self, db: Database, node_id: int, fence: Fence, *, period_s: float, lost_after_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        node_id: int,
+        fence: Fence,
+        *,
+        period_s: float,
+        lost_after_s: float,
+        retry_s: float = cluster.FENCE_RETRY_S,
+    ) -> None:
         self.db = db
         self.node_id = node_id
         self.fence = fence
         self.period_s = period_s
         self.lost_after_s = lost_after_s
+        self.retry_s = retry_s
 
     async def check_once(self) -> dict[int, list[int]]:
-        released = await cluster.handle_lost_nodes(self.db, self.node_id, self.lost_after_s, self.fence)
+        released = await cluster.handle_lost_nodes(self.db, self.node_id, self.lost_after_s, self.fence, self.retry_s)
         for node_id, ids in released.items():
             log.warning("node.lost_released", lost_node_id=node_id, desktops=len(ids))
         return released

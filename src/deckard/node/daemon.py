@@ -43,7 +43,7 @@ from deckard.model.states import DesktopState, NodeCommand, NodeState
 from deckard.node.cluster import ClusterMonitor
 from deckard.node.egress import Egress
 from deckard.node.expiry import run_expiry_loop
-from deckard.node.fencing import Verdict, boot_id, load_fencing
+from deckard.node.fencing import Verdict, boot_id, load_fencing, own_fence
 from deckard.node.heartbeat import Beat, Heartbeat
 from deckard.node.host import read_host_figures
 from deckard.node.images import run_image_loop
@@ -126,6 +126,7 @@ class NodeDaemon:
             driver=self.driver.name,
             run_dir=str(self.paths.node_run_dir),
             boot_id=boot_id(),
+            fence=own_fence(self.cfg),
         )
         if self.heartbeat is None:
             self.heartbeat = Heartbeat(self.db.url, self.node_id, self.cfg)
@@ -145,9 +146,10 @@ class NodeDaemon:
         monitor = ClusterMonitor(
             self.db,
             node_id,
-            load_fencing(self.cfg.fencing, self.paths, self.cfg.fence_command),
+            load_fencing(self.cfg.fencing, self.paths, self.cfg.fence_command, self.cfg.fence_timeout_s),
             period_s=self.cfg.monitor_s,
             lost_after_s=self.cfg.lost_after_s,
+            retry_s=self.cfg.fence_retry_s,
         )
         loops = [
             asyncio.create_task(monitor.run(stop, self._may_judge), name="cluster-monitor"),

@@ -31,6 +31,13 @@ dead.  Agents are registered by name:
   fenced locally: the agent says no, and the desktops stay assigned (unavailable, never twice) until an operator
   or a ``command`` agent fences it.
 * ``command``: run ``HOOK name address pid`` (an IPMI/PDU power-off script); exit status 0 means fenced.
+
+A node may carry its *own* agent in its row (``deckard node fence``, ``deckard node --fence-agent``;
+model/fence.py): a program of the ClusterLabs fence agent API (``fence_ipmilan`` …) that any other node can run,
+which is what fencing across machines needs.  ``AgentFencing`` runs it as pacemaker does: the options on standard
+input (never on a command line: they hold the BMC's password), ``action=off`` (exit 0: done), then, when the
+agent's metadata lists it, ``action=status`` until it answers off (exit 2) — a power-off the BMC accepted but did
+not carry out is not a fence.  ``PerNodeFencing`` picks the node's own agent, else the farm process's default.
 """
 
 from __future__ import annotations
@@ -39,16 +46,21 @@ import asyncio
 import contextlib
 import enum
 import os
+import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from deckard.drivers import load_driver
+from deckard.model.errors import BadInput
+from deckard.model.fence import FenceConfig, fence_config
 from deckard.model.states import NodeState
 from deckard.runtime.paths import FarmPaths
-from deckard.services.cluster import Fence, LeaseView, LostNode
+from deckard.runtime.settings import NodeSettings
+from deckard.services.cluster import Fence, FenceFailed, LeaseView, LostNode
 
 log = structlog.get_logger()
 
@@ -146,10 +158,13 @@ class LocalFencing:
     async def __call__(self, node: LostNode) -> bool:
         if not node.boot_id or node.boot_id != self.boot_id:
             log.warning("fence.other_machine", lost=node.name)
-            return False
+            raise FenceFailed(
+                "it ran on another machine, which the local agent cannot fence: give it a fence agent "
+                f"(deckard node fence {node.name} --agent fence_ipmilan …)"
+            )
         if node.pid is not None and not await _kill_process(node.pid):
             log.warning("fence.kill_failed", lost=node.name, pid=node.pid)
-            return False
+            raise FenceFailed(f"its process {node.pid} did not die")
         if node.driver != "fake" and node.run_dir:
             driver = load_driver(node.driver, FarmPaths(self.paths.home, Path(node.run_dir)))
             for guest in await driver.list():
@@ -179,16 +194,139 @@ class CommandFencing:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            return False
+            raise FenceFailed(f"{self.command} did not answer within {self.timeout:.0f} s") from None
         log.info("fence.command", lost=node.name, status=proc.returncode, stderr=err.decode(errors="replace")[-200:])
-        return proc.returncode == 0
+        if proc.returncode != 0:
+            raise FenceFailed(f"{self.command} exited {proc.returncode}: {_last_words(b'', err) or 'no message'}")
+        return True
 
 
-def load_fencing(name: str, paths: FarmPaths, command: str = "") -> Fence:
+# where Debian's fence-agents installs its programs, for a daemon whose PATH lacks /usr/sbin
+AGENT_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+STATUS_ON, STATUS_OFF = 0, 2  # the fence agent API's exit codes for action=status
+
+
+def find_agent(agent: str) -> str | None:
+    return shutil.which(agent) or next((p for d in AGENT_DIRS if os.access(p := f"{d}/{agent}", os.X_OK)), None)
+
+
+class AgentFencing:
+    """Fence a node with its own fence agent (the ClusterLabs fence agent API): ``off``, then ``status`` = off.
+
+    ``timeout`` bounds each call of the agent; ``verify_s`` how long ``status`` may keep answering "on" after an
+    accepted ``off`` (a BMC may take a moment).  Every refusal raises ``FenceFailed`` with the agent's own words.
+    """
+
+    def __init__(self, timeout: float = 60.0, verify_s: float = 20.0) -> None:
+        self.timeout = timeout
+        self.verify_s = verify_s
+        self._has_status: dict[str, bool] = {}
+
+    async def _run(self, path: str, config: FenceConfig, action: str) -> tuple[int, str, str]:
+        """(exit status, standard output, the agent's last words) of one call."""
+        proc = await asyncio.create_subprocess_exec(
+            path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a timeout kills the agent and the ipmitool it runs
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(config.stdin(action)), self.timeout)
+        except TimeoutError:
+            await _reap(proc)
+            raise FenceFailed(f"{config.agent} action={action} did not answer within {self.timeout:.0f} s") from None
+        except asyncio.CancelledError:  # the monitor stops (node shutdown): no agent left running behind us
+            await asyncio.shield(_reap(proc))
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace"), _last_words(out, err)
+
+    async def _supports_status(self, path: str, config: FenceConfig) -> bool:
+        if config.agent not in self._has_status:
+            try:
+                status, text, _ = await self._run(path, FenceConfig(config.agent), "metadata")
+            except FenceFailed:
+                return True  # assume the API's mandatory actions; status then says for itself
+            self._has_status[config.agent] = status != 0 or '<action name="status"' in text
+        return self._has_status[config.agent]
+
+    async def __call__(self, node: LostNode) -> bool:
+        config = node.fence
+        if config is None:
+            raise FenceFailed("the node has no fence agent configured")
+        path = find_agent(config.agent)
+        if path is None:
+            raise FenceFailed(f"{config.agent} is not installed on this node (Debian: apt install fence-agents)")
+        status, _, words = await self._run(path, config, "off")
+        if status != 0:
+            raise FenceFailed(f"{config.agent} action=off failed (exit {status}): {words or 'no message'}")
+        if not await self._supports_status(path, config):
+            log.info("fence.agent_done", lost=node.name, agent=config.agent, verified=False)
+            return True
+        deadline = time.monotonic() + self.verify_s
+        while True:
+            status, _, words = await self._run(path, config, "status")
+            if status == STATUS_OFF:
+                log.info("fence.agent_done", lost=node.name, agent=config.agent, verified=True)
+                return True
+            if time.monotonic() > deadline:
+                state = "still on" if status == STATUS_ON else f"exit {status}: {words or 'no message'}"
+                raise FenceFailed(f"{config.agent} accepted action=off but action=status does not say off ({state})")
+            await asyncio.sleep(0.5)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
+def _last_words(out: bytes, err: bytes) -> str:
+    """The agent's last meaningful line (its error), without Python's deprecation noise."""
+    lines = [
+        line.strip()
+        for line in (err + b"\n" + out).decode(errors="replace").splitlines()
+        if line.strip() and "Warning" not in line and "from pipes import" not in line
+    ]
+    return lines[-1][:300] if lines else ""
+
+
+def own_fence(cfg: NodeSettings) -> FenceConfig | None:
+    """This node's fence agent from its settings (None: keep what its row says), password read from its file."""
+    if not cfg.fence_agent:
+        return None
+    options = dict(cfg.fence_options)
+    if cfg.fence_password_file is not None:
+        try:
+            options["password"] = cfg.fence_password_file.read_text().rstrip("\n")
+        except OSError as e:
+            raise BadInput(f"cannot read node.fence_password_file: {e}", code="bad_fence_option") from e
+    return fence_config(cfg.fence_agent, options)
+
+
+class PerNodeFencing:
+    """The node's own fence agent when its row has one, else the farm process's default agent."""
+
+    def __init__(self, default: Fence, agents: AgentFencing | None = None) -> None:
+        self.default = default
+        self.agents = agents or AgentFencing()
+
+    async def __call__(self, node: LostNode) -> bool:
+        if node.fence is not None:
+            return await self.agents(node)
+        return await self.default(node)
+
+
+def load_fencing(name: str, paths: FarmPaths, command: str = "", timeout: float = 60.0) -> Fence:
+    """The monitor's agent: each node's own fence agent, else ``name`` (local or command) for nodes without one."""
+    default: Fence
     if name == "local":
-        return LocalFencing(paths)
-    if name == "command":
+        default = LocalFencing(paths)
+    elif name == "command":
         if not command:
             raise ValueError("fencing=command needs node.fence_command (the hook to run)")
-        return CommandFencing(command)
-    raise ValueError(f"unknown fencing agent {name!r}: choose local or command")
+        default = CommandFencing(command, timeout)
+    else:
+        raise ValueError(f"unknown fencing agent {name!r}: choose local or command")
+    return PerNodeFencing(default, AgentFencing(timeout))

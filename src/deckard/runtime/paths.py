@@ -124,6 +124,11 @@ class FarmPaths:
         return self.run / "nodes" / f"node-{index}.pid"
 
     @property
+    def machines_bmc(self) -> Path:
+        """The simulated BMCs of a demo farm across machines (runtime/bmc.py), one directory per machine."""
+        return self.run / "machines-bmc"
+
+    @property
     def machines_file(self) -> Path:
         """A demo farm across machines (`deckard up --machines N`): ``TAG COUNT`` of its network namespaces."""
         return self.run / "machines"

@@ -94,6 +94,13 @@ class NodeSettings(BaseModel):
     monitor_s: float = 1.0  # cluster monitor period (plus up to 50 % jitter)
     fencing: str = "local"  # local | command
     fence_command: str = ""  # with fencing=command: run as `COMMAND name address pid`, exit 0 = fenced
+    fence_timeout_s: float = Field(default=60.0, gt=0)  # one call of a fence agent or hook gives up after this
+    fence_retry_s: float = Field(default=5.0, gt=0)  # a failed fence is tried again after this (by one monitor)
+    # this node's own fence agent, written to its row at start for the others (model/fence.py; "" keeps the row's,
+    # which `deckard node fence` sets): e.g. fence_ipmilan with {"ip": …, "username": …, "lanplus": "1"}
+    fence_agent: str = ""
+    fence_options: dict[str, str] = {}
+    fence_password_file: Path | None = None  # its password (option `password`), read at start: never in argv
     fake_start_delay: float = 0.0  # fake driver: simulated boot time
     # a node without the API in its process serves its Prometheus series here (unauthenticated: keep it local
     # or firewalled); 0: off (the all-in-one farm's API serves them at /metrics)

@@ -30,7 +30,7 @@ from deckard.services.listing import ListQuery, run_list
 
 GENESIS = "0" * 64
 ADVISORY_LOCK = 0x6465636B  # "deck": the audit chain's lock id
-SECRET_WORDS = ("password", "token", "secret", "key_pem", "private")
+SECRET_WORDS = ("password", "passwd", "token", "secret", "key_pem", "private")
 MASK = "***"
 HASHED = (
     "at",

@@ -12,6 +12,7 @@ second stop of a desktop already stopped.  ``mark_*`` and ``set_node_state`` the
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
+from deckard.model.fence import FenceConfig
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
@@ -60,7 +62,9 @@ async def register_node(
     driver: str = "container",
     run_dir: str = "",
     boot_id: str = "",
+    fence: FenceConfig | None = None,
 ) -> int:
+    """Register (or bring back) a node; ``fence`` replaces its fence agent, None keeps the one its row has."""
     now = utcnow()
     values: dict[str, Any] = dict(
         driver=driver,
@@ -68,6 +72,7 @@ async def register_node(
         boot_id=boot_id,
         lost_at=None,
         lost_reason=None,
+        fence_tried_at=None,
         address=address,
         broker_url=broker_url,
         pid=os.getpid(),
@@ -78,6 +83,8 @@ async def register_node(
         mem_free_mib=mem_free_mib,
         cmd=None,
     )
+    if fence is not None:
+        values.update(fence_agent=fence.agent, fence_options=json.dumps(dict(fence.options)))
     async with db.begin() as conn:
         row = (await conn.execute(sa.select(n.c.id).where(n.c.name == name))).first()
         if row:  # every state may go to starting (model/states.py): a lost, stopped or crashed node comes back

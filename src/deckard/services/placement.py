@@ -6,7 +6,8 @@ administrator and returns every node with its score or the filter that excluded 
 
 Farm-wide knobs live in the database config table (global rows) so every API process and broker agree:
 ``placement.placer`` (default ``qvd``), ``placement.reserve`` (``largest`` | ``none`` | a fraction such as
-``0.1``), ``node.lost_after_s`` (how stale a heartbeat makes a node unusable, default 10).
+``0.1``), ``placement.reserve_release_s`` (how long a lost node releases the reserve, default 1800),
+``node.lost_after_s`` (how stale a heartbeat makes a node unusable, default 10).
 """
 
 from __future__ import annotations
@@ -98,8 +99,18 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
 
 
 async def _policy(conn: AsyncConnection, loads: list[NodeLoad]) -> tuple[Reserve, str]:
-    """The farm's reserve (``placement.reserve``) and placer (``placement.placer``) for these nodes."""
-    released = any(n.state == NodeState.LOST for n in loads)
+    """The farm's reserve (``placement.reserve``) and placer (``placement.placer``) for these nodes.
+
+    The reserve is released while a node is lost, for ``placement.reserve_release_s`` after it was declared lost:
+    long enough for its desktops to start on the others, not for ever (a machine that never comes back would
+    otherwise leave the farm without a reserve for the next failure).
+    """
+    released = False
+    if any(n.state == NodeState.LOST for n in loads):
+        window = dt.timedelta(seconds=int(await read_config(conn, "placement.reserve_release_s", None)))
+        recent = t.nodes.c.lost_at >= utcnow() - window
+        q = sa.select(sa.func.count()).where(t.nodes.c.state == NodeState.LOST, recent)
+        released = int((await conn.execute(q)).scalar_one()) > 0
     reserve = parse_reserve(await read_config(conn, "placement.reserve", None), released=released)
     return reserve, await read_config(conn, "placement.placer", None)
 

@@ -98,6 +98,8 @@ export function listPage(root, name, res, params) {
     if (c === "id" && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, String(v));
     if (c === "state" || c === "user_state" || c === "result") return h(`span.badge.s-${v}`, fmt(v));
     if (c === "blocked" && v) return h("span.badge.s-blocked", "blocked");
+    // a fence that failed leaves the node's desktops unavailable: say so where the operator looks
+    if (c === "lost_reason" && v && v.startsWith("fencing failed")) return h("span.badge.s-fence-failed", { title: v }, v);
     if (c === "id" && name === "audit") return h("span", { id: `audit-${v}` }, String(v));
     return fmt(v);
   }

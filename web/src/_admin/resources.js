@@ -57,13 +57,14 @@ export const RESOURCES = {
     object: "node",
     path: "/nodes",
     label: "name",
-    columns: ["id", "name", "address", "state", "blocked", "load", "mem_free_mib", "mem_total_mib", "cpus", "desktops_running", "heartbeat_at"],
-    defaultColumns: ["id", "name", "state", "blocked", "load", "mem_free_mib", "desktops_running", "heartbeat_at"],
+    // lost_reason: why a node was declared lost and whether fencing it worked (a failed fence keeps its desktops)
+    columns: ["id", "name", "address", "state", "blocked", "load", "mem_free_mib", "mem_total_mib", "cpus", "desktops_running", "heartbeat_at", "lost_reason", "fence_agent"],
+    defaultColumns: ["id", "name", "state", "blocked", "load", "mem_free_mib", "desktops_running", "heartbeat_at", "lost_reason"],
     filters: { state: STATES.node, blocked: BOOL },
     numeric: ["id", "load", "mem_free_mib", "mem_total_mib", "cpus", "desktops_running", "pid"],
     bulk: ["block", "unblock"],
-    actions: ["block", "unblock", "drain"],
-    actionAcl: { drain: "node.update" },
+    actions: ["block", "unblock", "drain", "evacuate"],
+    actionAcl: { drain: "node.block", evacuate: "node.block" },
     properties: "node",
   },
   images: {
