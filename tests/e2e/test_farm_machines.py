@@ -4,8 +4,8 @@ Each machine is a network namespace with its own underlay address, desktop bridg
 (runtime/machines.py); the API, the database and the storage stay on the host.  A desktop keeps its address on
 whichever machine it runs, any machine's broker reaches it over the overlay, and the overlay carries only node ↔
 desktop traffic: desktops on two machines do not reach each other, nor another machine's node.  A machine that
-loses power is fenced (the demo farm's power switch, ``deckard up --machines``' fencing hook) and its desktops
-start on the other machine with their address and home.
+loses power is fenced through its simulated BMC (``ipmi_sim``, ``fence_ipmilan``) and its desktops start on the
+other machine with their address and home.
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_wit
     wait_for(lambda: _node_states(farm)[farm.machine_node(2)] == "lost", 30, 0.3, "machine 2's node declared lost")
     wait_for(lambda: farm.desktop("mia-lost")["node"] is None, 30, 0.3, "its desktop released once fenced")
     released_after = time.monotonic() - t0
+    lost = next(n for n in farm.json("node", "list") if n["name"] == farm.machine_node(2))  # type: ignore[union-attr]
+    # fenced through its BMC (ipmi_sim, runtime/bmc.py) with fence_ipmilan, the power-off confirmed, then released
+    assert lost["fence_agent"] == "fence_ipmilan" and lost["lost_reason"].startswith("fenced"), lost
     asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on machine 1
     moved = farm.desktop("mia-lost")
     assert (moved["state"], moved["node"], moved["ip"]) == ("running", farm.machine_node(1), desk["ip"]), moved
