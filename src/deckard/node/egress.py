@@ -24,6 +24,7 @@ from deckard.drivers import firewall, overlay
 from deckard.drivers.dns import Resolver
 from deckard.model.egress import Protected, Rule
 from deckard.model.network import gateway_of
+from deckard.model.states import NodeState
 from deckard.node.metadata import MetadataServer
 from deckard.runtime.settings import Settings
 from deckard.services import guest_metadata, network_policy, node_ops
@@ -84,7 +85,7 @@ class Egress:
 
     async def join_overlay(self, node_id: int) -> None:
         """With ``network.overlay_address``: put the bridge on the farm's VXLAN segment, flooding to every other
-        running node's underlay address (again whenever the farm's nodes change)."""
+        live node's underlay address (again whenever the farm's nodes change)."""
         if not self.overlay_address:
             return
         nodes = await node_ops.farm_nodes(self.db)
@@ -95,15 +96,14 @@ class Egress:
             self.overlay_address,
             tuple(overlay.node_addresses(self.network, (i for i, _, _ in nodes))),
         )
+        # nodes whose desktops may be running (one restarting in place keeps them); those registered without an
+        # overlay address have the gateway as their address
+        live = {NodeState.STARTING, NodeState.RUNNING, NodeState.RESTARTING, NodeState.STOPPING}
         peers = tuple(
             sorted(
                 addr
                 for i, addr, state in nodes
-                if i != node_id
-                and state == "running"
-                and addr
-                and addr != self.overlay_address
-                and addr != gateway_of(self.network)
+                if i != node_id and state in live and addr not in ("", self.overlay_address, gateway_of(self.network))
             )
         )
         me = overlay.node_address(self.network, node_id)
