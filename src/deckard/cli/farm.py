@@ -371,6 +371,24 @@ async def _close_logins() -> None:
     await sso.close_clients()
 
 
+async def _ensure_storage(settings: Settings) -> None:
+    """A node's storage root: the GlusterFS volume mounted first when configured (``storage.gluster_servers``),
+    and a writable-layer directory that overlayfs can use before any container desktop starts."""
+    from deckard.drivers.gluster import mount_volume
+    from deckard.drivers.storage_check import require_overlay_upper
+
+    paths = settings.paths
+    if settings.storage.gluster_servers:
+        await mount_volume(
+            settings.storage.gluster_servers,
+            settings.storage.gluster_volume,
+            paths.storage,
+            log_file=paths.logs / "gluster.log",
+        )
+    if "container" in settings.node.driver.split(","):
+        require_overlay_upper(paths)
+
+
 async def _serve(
     settings: Settings, shutdown: Shutdown, *, with_api: bool, with_node: bool, ready_file: Path | None = None
 ) -> None:
@@ -388,6 +406,8 @@ async def _serve(
     from deckard.services.tenancy import bootstrap_farm
 
     paths = settings.paths
+    if with_node:
+        await _ensure_storage(settings)
     paths.make()
     _ca, cert, key = ensure_tls(paths.tls, key_type=settings.broker.tls_key)
     if with_node and settings.broker.host not in ("", "0.0.0.0", "::", "127.0.0.1", "localhost"):

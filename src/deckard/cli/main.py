@@ -17,13 +17,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from deckard.cli import admin, connect, farm, identity, volumes
+    from deckard.cli import admin, connect, farm, identity, storage, volumes
 
     farm.register(app)
     admin.register(app)
     identity.register(app)
     connect.register(app)
     app.add_typer(volumes.app, name="volume")
+    app.add_typer(storage.app, name="storage")
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/de
       images/             disk image tarballs
       basefs/<image id>-u<id base>/  each image unpacked once per farm id range, read-only
       overlays/dk<farm>-<desktop>/  per-desktop writable layer (upper + work), whichever node runs it
+                          (``<node run>/overlays/`` instead with ``storage.local_overlays``: a storage root on
+                          GlusterFS, whose FUSE client overlayfs cannot write to; ``drivers/storage_check.py``)
       homes/<tenant>/<home key>/  persistent user homes (``users.home_key``: never reused by a later user)
       homes-archive/<tenant>/<login>-<user id>-<time>/  homes of deleted users (``users.home_on_delete``)
     import/               tarballs the farm owner puts here for ``deckard image add --import`` (supertenant only)
@@ -34,6 +36,7 @@ DEFAULT_HOME = Path("/var/lib/deckard")
 class FarmPaths:
     home: Path
     node_run: Path | None = None  # this node's own run directory when several nodes share the farm home
+    local_overlays: bool = False  # desktops' writable layers on this node's local disk, not the storage root
 
     @cached_property  # asked for every guest name: hash and resolve once
     def farm_id(self) -> str:
@@ -62,7 +65,7 @@ class FarmPaths:
 
     @property
     def overlays(self) -> Path:
-        return self.storage / "overlays"
+        return self.node_run_dir / "overlays" if self.local_overlays else self.storage / "overlays"
 
     @property
     def homes(self) -> Path:
@@ -118,7 +121,7 @@ class FarmPaths:
 
     def demo_node(self, index: int) -> FarmPaths:
         """Node ``index`` (2, 3, …) of a demo farm (`deckard up --nodes N`): its own run directory here."""
-        return FarmPaths(self.home, self.run / "nodes" / f"node-{index}")
+        return FarmPaths(self.home, self.run / "nodes" / f"node-{index}", self.local_overlays)
 
     def demo_node_pid(self, index: int) -> Path:
         return self.run / "nodes" / f"node-{index}.pid"
@@ -134,7 +137,8 @@ class FarmPaths:
         return self.run / "machines"
 
     def overlay(self, desktop_id: int) -> Path:
-        """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it)."""
+        """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it;
+        with ``local_overlays`` it stays on the node that ran the desktop)."""
         return self.overlays / f"dk{self.farm_id}-{desktop_id}"
 
     def user_home(self, tenant: str, home_key: str) -> Path:

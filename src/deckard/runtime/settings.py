@@ -117,6 +117,22 @@ class NodeSettings(BaseModel):
         return self
 
 
+class StorageSettings(BaseModel):
+    """Where a node finds the farm's storage root (``docs/farm.md``, "Shared storage")."""
+
+    # a GlusterFS volume the node mounts as <home>/storage before it starts (`deckard storage gluster mount`
+    # does the same by hand): its storage machines, the first asked first; empty: the storage root is a directory
+    gluster_servers: list[str] = []
+    gluster_volume: str = "deckard"
+    # container desktops' writable layers under <run dir>/overlays on local disk: overlayfs cannot write to a FUSE
+    # filesystem such as GlusterFS's client.  None: local when gluster_servers is set, else in the storage root
+    local_overlays: bool | None = None
+
+    @property
+    def overlays_local(self) -> bool:
+        return bool(self.gluster_servers) if self.local_overlays is None else self.local_overlays
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DECKARD_", env_nested_delimiter="__", extra="ignore")
 
@@ -126,11 +142,12 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     network: NetworkSettings = NetworkSettings()
     node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
     log_format: str = "auto"  # auto | json | console
 
     @property
     def paths(self) -> FarmPaths:
-        return FarmPaths(self.home, self.node.run_dir)
+        return FarmPaths(self.home, self.node.run_dir, self.storage.overlays_local)
 
     @property
     def import_dirs(self) -> tuple[Path, ...]:

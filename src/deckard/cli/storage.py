@@ -1,0 +1,130 @@
+"""``deckard storage``: a farm's shared storage root on GlusterFS, set up on the machines themselves.
+
+Like ``up`` and ``node`` these run on the farm's machines (as root), not through the API: they make the storage
+that the farm's processes stand on.  ``storage gluster create`` runs on one storage machine and makes the
+replica-3 volume; ``storage gluster mount`` runs on every node and mounts it as ``<home>/storage`` (or set
+``storage.gluster_servers`` and ``deckard node`` mounts it before it starts); ``storage check`` says what the
+storage root can hold.  The work is in ``drivers/gluster.py`` and ``drivers/storage_check.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deckard.cli.output import print_json, print_rows
+from deckard.cli.session import report
+from deckard.model.errors import DeckardError
+from deckard.runtime.paths import DEFAULT_HOME
+from deckard.runtime.settings import load_settings
+
+app = typer.Typer(
+    help="The farm's shared storage root (a local directory, or a GlusterFS volume).", no_args_is_help=True
+)
+gluster = typer.Typer(help="GlusterFS: a replica-3 volume on three storage machines.", no_args_is_help=True)
+app.add_typer(gluster, name="gluster")
+
+HomeOpt = Annotated[Path, typer.Option("--home", envvar="DECKARD_HOME", help="Farm directory (all its state).")]
+VolumeOpt = Annotated[str, typer.Option("--volume", help="GlusterFS volume name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ERROR_EXIT = 1
+
+
+def _quiet_logs() -> None:
+    """Results and errors on the terminal, not the info lines of the layers below (a JSON answer stays JSON)."""
+    import logging
+
+    from deckard.runtime.logging import setup_logging
+
+    setup_logging("console", logging.WARNING)
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        report(DeckardError(f"{what} mounts filesystems and needs root: run it with sudo", code="need_root"))
+        raise typer.Exit(ERROR_EXIT)
+
+
+@gluster.command("create")
+def gluster_create(
+    brick: Annotated[
+        list[str],
+        typer.Option("--brick", help="HOST:/path of a brick, one per storage machine (three, or sets of three)."),
+    ],
+    volume: VolumeOpt = "deckard",
+    force: Annotated[
+        bool, typer.Option("--force", help="Accept bricks on a machine's root filesystem (tests and demos).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create and start a replica-3 volume from bricks on three storage machines (run on one of them)."""
+    from deckard.drivers.gluster import Brick, GlusterCli
+
+    _quiet_logs()
+    try:
+        bricks = [Brick.parse(b) for b in brick]
+        result = asyncio.run(GlusterCli().create_volume(volume, bricks, force=force))
+    except DeckardError as e:
+        report(e)
+        raise typer.Exit(ERROR_EXIT) from None
+    if as_json:
+        print_json(asdict(result))
+        return
+    verb = "created and started" if result.created else "already existed; options set and started"
+    typer.echo(f"volume {result.name} (replica 3: {', '.join(result.bricks)}) {verb} in {result.seconds} s")
+    hosts = ",".join(dict.fromkeys(b.host for b in bricks))
+    typer.echo(f"on every node: deckard storage gluster mount --server {hosts} --volume {result.name}")
+
+
+@gluster.command("mount")
+def gluster_mount(
+    server: Annotated[
+        str, typer.Option("--server", help="Storage machines HOST[,HOST…]: the first is asked first, then the others.")
+    ],
+    volume: VolumeOpt = "deckard",
+    home: HomeOpt = DEFAULT_HOME,
+) -> None:
+    """Mount the volume as this node's storage root (<home>/storage) over GlusterFS's FUSE client."""
+    from deckard.drivers.gluster import mount_volume
+
+    _need_root("storage gluster mount")
+    _quiet_logs()
+    settings = load_settings(home, storage={"gluster_servers": server.split(","), "gluster_volume": volume})
+    paths = settings.paths
+    try:
+        mounted = asyncio.run(
+            mount_volume(settings.storage.gluster_servers, volume, paths.storage, log_file=paths.logs / "gluster.log")
+        )
+    except DeckardError as e:
+        report(e)
+        raise typer.Exit(ERROR_EXIT) from None
+    paths.make()
+    typer.echo(f"volume {volume} {'mounted' if mounted else 'was already mounted'} at {paths.storage}")
+    typer.echo(
+        "container desktops keep their writable layers on local disk: run nodes with "
+        f"DECKARD_STORAGE__GLUSTER_SERVERS='{json.dumps(settings.storage.gluster_servers)}' (they mount it "
+        "themselves) "
+        "or DECKARD_STORAGE__LOCAL_OVERLAYS=1"
+    )
+
+
+@app.command("check")
+def storage_check(home: HomeOpt = DEFAULT_HOME, as_json: JsonOpt = False) -> None:
+    """Probe what the storage root can hold: files, locks, image layers, container overlays (root: a real mount)."""
+    from deckard.drivers.storage_check import check_storage
+
+    paths = load_settings(home).paths
+    checks = check_storage(paths)
+    rows = [{**asdict(c), "path": str(c.path)} for c in checks]
+    if as_json:
+        print_json(rows)
+    else:
+        print_rows(rows, ["part", "fs", "ok", "path", "note"], as_json=False)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(ERROR_EXIT)

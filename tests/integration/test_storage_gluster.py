@@ -1,0 +1,138 @@
+"""Shared storage on GlusterFS with real glusterd: three storage machines in namespaces (``testing_storage.py``).
+
+The volume is made and mounted by the documented commands (``deckard storage gluster create`` on a storage
+machine, ``deckard storage gluster mount`` on the node side), and a storage machine then loses power while a
+user's home is on the volume: the home must stay readable and writable within seconds, and the machine must be
+healed when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deckard.drivers.gluster import GlusterCli
+from deckard.runtime.paths import FarmPaths
+from deckard.testing_storage import GlusterMachines, gluster_unavailable_reason
+
+reason = gluster_unavailable_reason()
+pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
+
+DECKARD = [sys.executable, "-m", "deckard.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlusterMachines]:
+    with GlusterMachines(tmp_path_factory.mktemp("gluster")) as m:
+        yield m
+
+
+def deckard(prefix: list[str], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, *DECKARD, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def within(seconds: float, work: object) -> float:
+    """Run ``work`` (a callable) in a thread; its duration, or a failure if it hangs longer than ``seconds``."""
+    assert callable(work)
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(work).result(timeout=seconds)
+    return time.monotonic() - t0
+
+
+def test_a_home_survives_a_storage_machine_losing_power(machines: GlusterMachines, tmp_path: Path) -> None:
+    """create → mount → write a home → machine 2 powered off: the home reads and writes within seconds (the
+    client gives the dead brick up after the volume's 5 s timeouts), and machine 2 is healed when it is back."""
+    bricks = [arg for i in (1, 2, 3) for arg in ("--brick", machines.brick(i))]
+    made = deckard(machines.on_machine(1), "storage", "gluster", "create", *bricks, "--force", "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["created"] is True
+    again = deckard(machines.on_machine(1), "storage", "gluster", "create", *bricks, "--force", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["created"] is False  # the same volume: a no-op, safe to repeat
+
+    home = tmp_path / "farm"
+    servers = ",".join(machines.address(i) for i in (1, 2, 3))
+    machines.mounted(home / "storage")
+    mounted = deckard(machines.on_node(), "storage", "gluster", "mount", "--server", servers, "--home", str(home))
+    assert mounted.returncode == 0, mounted.stderr
+    paths = FarmPaths(home)
+
+    # what the storage root can hold: everything but container overlays, which a node then keeps locally
+    check = deckard([], "storage", "check", "--home", str(home), "--json")
+    parts = {c["part"]: c for c in json.loads(check.stdout)}
+    assert check.returncode == 1 and parts["overlays"]["fs"] == "fuse.glusterfs"
+    assert not parts["overlays"]["ok"] and "RENAME_WHITEOUT" in parts["overlays"]["note"]
+    assert all(parts[p]["ok"] for p in ("images", "basefs", "homes")), parts
+    local = deckard([], "storage", "check", "--home", str(home), "--json", env={"DECKARD_STORAGE__LOCAL_OVERLAYS": "1"})
+    assert local.returncode == 0, local.stdout
+
+    notes = paths.user_home("default", "k1") / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    with notes.open("w") as f:
+        f.write("before\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+    machines.power_off(2)
+
+    def read_and_write() -> None:
+        assert notes.read_text() == "before\n"
+        with notes.open("a") as f:
+            f.write("after\n")
+            f.flush()
+            os.fsync(f.fileno())
+        (notes.parent / "new.txt").write_text("made while machine 2 was down\n")
+
+    stall = within(20, read_and_write)
+    assert stall < 15, f"home I/O stalled {stall:.1f} s after a storage machine lost power"
+    assert notes.read_text() == "before\nafter\n"
+    for i in (1, 3):  # both remaining copies have the write
+        brick = Path(machines.brick(i).split(":", 1)[1])
+        assert (brick / "homes/default/k1/notes.txt").read_text() == "before\nafter\n"
+
+    machines.power_on(2)
+    cli = GlusterCli(machines.gluster(1))
+
+    async def healed(timeout: float) -> float:
+        t0 = time.monotonic()
+        while await cli.heal_pending("deckard") != 0:
+            assert time.monotonic() - t0 < timeout, "machine 2 was not healed in time"
+            await asyncio.sleep(0.5)
+        return time.monotonic() - t0
+
+    asyncio.run(healed(30))
+    brick2 = Path(machines.brick(2).split(":", 1)[1])
+    assert (brick2 / "homes/default/k1/notes.txt").read_text() == "before\nafter\n"
+    assert (brick2 / "homes/default/k1/new.txt").exists()
+    print(f"stall after power-off {stall:.2f} s")
+
+
+def test_setup_errors_say_what_to_do(machines: GlusterMachines) -> None:
+    """A bad brick, a volume name taken by other bricks and an unreachable storage machine end with stable codes."""
+    bad = deckard(machines.on_machine(1), "storage", "gluster", "create", "--brick", "nohost", "--volume", "x")
+    assert bad.returncode == 1 and "[bad_brick]" in bad.stderr
+    other = [arg for i in (1, 2, 3) for arg in ("--brick", machines.brick(i, "other"))]
+    taken = deckard(machines.on_machine(1), "storage", "gluster", "create", *other, "--force")
+    assert taken.returncode == 1 and "[volume_exists]" in taken.stderr, taken.stderr
+    lost = [*other[:4], "--brick", "10.250.0.99:/srv/brick"]
+    far = deckard(machines.on_machine(1), "storage", "gluster", "create", *lost, "--volume", "lost", "--force")
+    assert far.returncode == 1 and "[brick_unreachable]" in far.stderr, far.stderr
+    root = deckard(machines.on_machine(1), "storage", "gluster", "create", *other, "--volume", "onroot")
+    assert root.returncode == 1 and "[brick_on_root]" in root.stderr and "--force" in root.stderr, root.stderr
