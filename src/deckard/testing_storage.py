@@ -54,6 +54,8 @@ class GlusterMachines:
         self.daemons: dict[int, subprocess.Popen[bytes]] = {}
         self.mounts: list[Path] = []
 
+    node_address = f"{SUBNET}.1"  # the node side's address on the bridge (where the FUSE clients come from)
+
     def address(self, i: int) -> str:
         return f"{SUBNET}.{10 + i}"
 
@@ -92,7 +94,7 @@ class GlusterMachines:
         _ip("netns", "add", n)
         _ip("-n", n, "link", "set", "lo", "up")
         _ip("-n", n, "link", "add", "br0", "type", "bridge")
-        _ip("-n", n, "addr", "add", f"{SUBNET}.1/24", "dev", "br0")
+        _ip("-n", n, "addr", "add", f"{self.node_address}/24", "dev", "br0")
         _ip("-n", n, "link", "set", "br0", "up")
         for i in range(1, self.count + 1):
             s = self.ns(i)

@@ -58,11 +58,15 @@ def test_gluster_failures_get_stable_codes(words: str, kind: type[Exception], co
     assert isinstance(err, kind) and err.code == code
 
 
-def test_overlays_stay_local_when_the_storage_root_is_gluster(tmp_path: Path) -> None:
+def test_desktop_layers_stay_local_when_the_storage_root_is_gluster(tmp_path: Path) -> None:
+    """Unpacked images and overlays under <home>/local with GlusterFS; images and homes stay shared."""
     assert FarmPaths(tmp_path).overlays == tmp_path / "storage/overlays"
-    assert load_settings(tmp_path).paths.overlays == tmp_path / "storage/overlays"
-    gluster = load_settings(tmp_path, storage={"gluster_servers": ["s1", "s2", "s3"]})
-    assert gluster.paths.overlays == tmp_path / "run/overlays"
-    node = load_settings(tmp_path, node={"run_dir": tmp_path / "n2"}, storage={"local_overlays": True})
-    assert node.paths.overlays == tmp_path / "n2/overlays"
-    assert node.paths.demo_node(3).overlays == tmp_path / "run/nodes/node-3/overlays"
+    assert load_settings(tmp_path).paths.basefs == tmp_path / "storage/basefs"
+    gluster = load_settings(tmp_path, storage={"gluster_servers": ["s1", "s2", "s3"]}).paths
+    assert (gluster.overlays, gluster.basefs) == (tmp_path / "local/overlays", tmp_path / "local/basefs")
+    assert (gluster.images, gluster.homes) == (tmp_path / "storage/images", tmp_path / "storage/homes")
+    node = load_settings(tmp_path, node={"run_dir": tmp_path / "n2"}, storage={"local_layers": True})
+    assert node.paths.overlays == tmp_path / "local/overlays"
+    assert node.paths.demo_node(3).basefs == tmp_path / "local/basefs"
+    off = load_settings(tmp_path, storage={"gluster_servers": ["s1"], "local_layers": False})
+    assert off.paths.overlays == tmp_path / "storage/overlays"

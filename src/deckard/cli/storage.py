@@ -107,10 +107,10 @@ def gluster_mount(
     paths.make()
     typer.echo(f"volume {volume} {'mounted' if mounted else 'was already mounted'} at {paths.storage}")
     typer.echo(
-        "container desktops keep their writable layers on local disk: run nodes with "
+        "desktops' root layers (unpacked images, overlays) stay on each machine's disk: run nodes with "
         f"DECKARD_STORAGE__GLUSTER_SERVERS='{json.dumps(settings.storage.gluster_servers)}' (they mount it "
         "themselves) "
-        "or DECKARD_STORAGE__LOCAL_OVERLAYS=1"
+        "or DECKARD_STORAGE__LOCAL_LAYERS=1"
     )
 
 

@@ -271,6 +271,29 @@ class GlusterCli:
         log.info("gluster.volume_ready", volume=name, bricks=wanted, created=created, seconds=seconds)
         return VolumeReport(name, wanted, created, "Started", chosen, seconds)
 
+    async def brick_clients(self, name: str) -> dict[str, set[str]]:
+        """The hosts connected to each brick (the nodes' FUSE clients, the other machines' self-heal daemons)."""
+        result = await self.run("volume", "status", name, "clients")
+        if result.returncode != 0:
+            raise DriverError(f"gluster volume status {name} failed: {_gluster_words(result)}", code="gluster_failed")
+        clients: dict[str, set[str]] = {}
+        brick = ""
+        for line in result.stdout.splitlines():
+            if line.startswith("Brick : "):
+                brick = line.removeprefix("Brick : ").strip()
+                clients[brick] = set()
+            elif brick and re.match(r"^\S+:\d+\s+\d+\s+\d+", line):
+                clients[brick].add(line.split()[0].rsplit(":", 1)[0])
+        return clients
+
+    async def redundant(self, name: str, client: str) -> bool:
+        """Whether the volume could lose a storage machine now: nothing left to heal, and ``client`` (a node's
+        address) connected to every brick.  A machine that came back is not a full copy again until both hold."""
+        if await self.heal_pending(name) != 0:
+            return False
+        clients = await self.brick_clients(name)
+        return len(clients) >= REPLICA and all(client in hosts for hosts in clients.values())
+
     async def heal_pending(self, name: str) -> int:
         """Entries still to be healed, summed over the bricks (0: every copy is the same again)."""
         result = await self.run("volume", "heal", name, "info")

@@ -5,11 +5,12 @@ Each part of it needs something different:
 
 * ``images/``, ``homes/``, ``volumes/``: files written, fsynced, renamed and locked (``flock``) — any POSIX
   filesystem, FUSE included;
-* ``basefs/``: an unpacked image, read-only, the *lower* layer of every container desktop's overlay — FUSE works;
+* ``basefs/``: an unpacked image, read-only, the *lower* layer of every container desktop's overlay — FUSE works,
+  but unpacking tens of thousands of small files onto GlusterFS is ~50x slower than onto a local disk;
 * ``overlays/``: a container desktop's writable *upper* layer.  overlayfs refuses an upper layer on FUSE (the kernel
   says "upper fs does not support tmpfile" and "… RENAME_WHITEOUT"), so with the storage root on GlusterFS a node
-  keeps its overlays on local disk (``storage.local_overlays``).  A VM desktop's overlay is a qcow2 file, which
-  any filesystem holds.
+  keeps both layers on its own disk (``storage.local_layers``: ``<home>/local/``).  A VM desktop's overlay is a
+  qcow2 file, which any filesystem holds.
 
 :func:`check_storage` tries each of these for real (a container probe mounts a throwaway overlay, so it needs root)
 and says what works; :func:`require_overlay_upper` is what a node runs before it starts container desktops.
@@ -109,12 +110,16 @@ def check_storage(paths: FarmPaths) -> list[StorageCheck]:
     checks = []
     for part, path in (("images", paths.images), ("basefs", paths.basefs), ("homes", paths.homes)):
         problem = probe_files(path)
-        note = problem or ("lower layer of container overlays" if part == "basefs" else "files: ok")
+        note = problem or "files: ok"
+        if part == "basefs" and problem is None:
+            note = "lower layer of container overlays: ok"
+            if fs_type(path).startswith("fuse"):
+                note += " (unpacking an image here is slow: storage.local_layers keeps it on local disk)"
         checks.append(StorageCheck(part, path, fs_type(path), problem is None, note))
     problem = probe_files(paths.overlays) or probe_overlay_upper(paths.overlays, paths.basefs)
     note = problem or "container overlays (upper layer) and VM overlays (qcow2): ok"
     if problem and NO_UPPER_REASON in problem:
-        note = f"{problem}: set storage.local_overlays = true (DECKARD_STORAGE__LOCAL_OVERLAYS=1) on every node"
+        note = f"{problem}: set storage.local_layers = true (DECKARD_STORAGE__LOCAL_LAYERS=1) on every node"
     checks.append(StorageCheck("overlays", paths.overlays, fs_type(paths.overlays), problem is None, note))
     return checks
 
@@ -126,8 +131,8 @@ def require_overlay_upper(paths: FarmPaths) -> None:
         if kind.startswith(("fuse", "nfs")):
             raise DriverError(
                 f"container desktops cannot keep their writable layer in {paths.overlays} ({kind}: {NO_UPPER_REASON}): "
-                "set storage.local_overlays = true (DECKARD_STORAGE__LOCAL_OVERLAYS=1) so this node keeps overlays "
-                "on its local disk (`deckard storage check` shows what the storage root can hold)",
+                "set storage.local_layers = true (DECKARD_STORAGE__LOCAL_LAYERS=1) so this node keeps desktop "
+                "layers on its own disk (`deckard storage check` shows what the storage root can hold)",
                 code="storage_overlay_unsupported",
                 details={"path": str(paths.overlays), "fs": kind},
             )

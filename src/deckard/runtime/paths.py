@@ -7,12 +7,14 @@ Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/de
     tls/                  the farm CA and server certificates (ca.pem is what clients trust)
     storage/              the storage root, shared by all nodes of a farm
       images/             disk image tarballs
-      basefs/<image id>-u<id base>/  each image unpacked once per farm id range, read-only
+      basefs/<image id>-u<id base>/  each image unpacked once per farm id range, read-only (the lower layer)
       overlays/dk<farm>-<desktop>/  per-desktop writable layer (upper + work), whichever node runs it
-                          (``<node run>/overlays/`` instead with ``storage.local_overlays``: a storage root on
-                          GlusterFS, whose FUSE client overlayfs cannot write to; ``drivers/storage_check.py``)
       homes/<tenant>/<home key>/  persistent user homes (``users.home_key``: never reused by a later user)
       homes-archive/<tenant>/<login>-<user id>-<time>/  homes of deleted users (``users.home_on_delete``)
+    local/                with ``storage.local_layers`` (a storage root on GlusterFS): ``basefs/`` and ``overlays/``
+                          on this machine's own disk instead — overlayfs cannot write to a FUSE filesystem, and
+                          unpacking an image onto GlusterFS is ~50x slower than onto a local disk
+                          (``drivers/storage_check.py``, docs/farm.md "Shared storage")
     import/               tarballs the farm owner puts here for ``deckard image add --import`` (supertenant only)
     run/                  local run state of the node: lxc/ (container configs), pid files, logs
 
@@ -36,7 +38,7 @@ DEFAULT_HOME = Path("/var/lib/deckard")
 class FarmPaths:
     home: Path
     node_run: Path | None = None  # this node's own run directory when several nodes share the farm home
-    local_overlays: bool = False  # desktops' writable layers on this node's local disk, not the storage root
+    local_layers: bool = False  # desktops' root layers (basefs, overlays) on this machine's disk, not the storage
 
     @cached_property  # asked for every guest name: hash and resolve once
     def farm_id(self) -> str:
@@ -60,12 +62,17 @@ class FarmPaths:
         return self.storage / "images"
 
     @property
+    def layers(self) -> Path:
+        """Where the desktops' root filesystem layers live: the storage root, or this machine's own disk."""
+        return self.home / "local" if self.local_layers else self.storage
+
+    @property
     def basefs(self) -> Path:
-        return self.storage / "basefs"
+        return self.layers / "basefs"
 
     @property
     def overlays(self) -> Path:
-        return self.node_run_dir / "overlays" if self.local_overlays else self.storage / "overlays"
+        return self.layers / "overlays"
 
     @property
     def homes(self) -> Path:
@@ -121,7 +128,7 @@ class FarmPaths:
 
     def demo_node(self, index: int) -> FarmPaths:
         """Node ``index`` (2, 3, …) of a demo farm (`deckard up --nodes N`): its own run directory here."""
-        return FarmPaths(self.home, self.run / "nodes" / f"node-{index}", self.local_overlays)
+        return FarmPaths(self.home, self.run / "nodes" / f"node-{index}", self.local_layers)
 
     def demo_node_pid(self, index: int) -> Path:
         return self.run / "nodes" / f"node-{index}.pid"
@@ -138,7 +145,7 @@ class FarmPaths:
 
     def overlay(self, desktop_id: int) -> Path:
         """The desktop's writable layer in the shared storage: the same on every node (a kept layer follows it;
-        with ``local_overlays`` it stays on the node that ran the desktop)."""
+        with ``local_layers`` it stays on the machine that ran the desktop)."""
         return self.overlays / f"dk{self.farm_id}-{desktop_id}"
 
     def user_home(self, tenant: str, home_key: str) -> Path:

@@ -124,13 +124,14 @@ class StorageSettings(BaseModel):
     # does the same by hand): its storage machines, the first asked first; empty: the storage root is a directory
     gluster_servers: list[str] = []
     gluster_volume: str = "deckard"
-    # container desktops' writable layers under <run dir>/overlays on local disk: overlayfs cannot write to a FUSE
-    # filesystem such as GlusterFS's client.  None: local when gluster_servers is set, else in the storage root
-    local_overlays: bool | None = None
+    # desktops' root layers (unpacked images, writable overlays) under <home>/local on this machine's disk:
+    # overlayfs cannot write to a FUSE filesystem such as GlusterFS's client, and unpacking an image onto
+    # GlusterFS is ~50x slower.  None: local when gluster_servers is set, else in the storage root
+    local_layers: bool | None = None
 
     @property
-    def overlays_local(self) -> bool:
-        return bool(self.gluster_servers) if self.local_overlays is None else self.local_overlays
+    def layers_local(self) -> bool:
+        return bool(self.gluster_servers) if self.local_layers is None else self.local_layers
 
 
 class Settings(BaseSettings):
@@ -147,7 +148,7 @@ class Settings(BaseSettings):
 
     @property
     def paths(self) -> FarmPaths:
-        return FarmPaths(self.home, self.node.run_dir, self.storage.overlays_local)
+        return FarmPaths(self.home, self.node.run_dir, self.storage.layers_local)
 
     @property
     def import_dirs(self) -> tuple[Path, ...]:
