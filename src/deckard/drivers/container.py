@@ -45,6 +45,7 @@ import structlog
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.cgroups import memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
+from deckard.drivers.gluster import fs_type
 from deckard.drivers.lxc_config import (
     ID_RANGE,
     apparmor_available,
@@ -110,7 +111,7 @@ class ContainerDriver:
     async def _start(self, spec: GuestSpec, basefs: Path) -> GuestInfo:
         lxc_dir = self._lxc_dir(spec.guest_name)
         upper = await asyncio.to_thread(self._prepare_overlay, spec)
-        await asyncio.to_thread(self._prepare_home, spec.home_dir)
+        await asyncio.to_thread(self._prepare_home, spec.home_dir, basefs, spec.user_uid)
         volumes = await self._mount_volumes(spec)
         for path in (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes)):
             await asyncio.to_thread(ensure_traversable, path, self.paths.home)
@@ -198,18 +199,24 @@ class ContainerDriver:
                 shift_entry(path, self.id_base)
         return upper
 
-    def _prepare_home(self, home: Path) -> None:
-        """A new home belongs to the desktop's root (the agent hands it to the user); an old one is shifted."""
+    def _prepare_home(self, home: Path, basefs: Path, user_uid: int) -> None:
+        """A new home belongs to the desktop's root (the agent hands it to the user); an old one is shifted.
+
+        On a FUSE filesystem (a GlusterFS storage root) only the host's root may change an owner — the server
+        checks the caller's host uid, not the desktop's namespace — so there the node hands a new home to the
+        user itself, with the image's ``/etc/skel``, and the agent finds it ready."""
         if not home.exists():
             home.parent.mkdir(parents=True, exist_ok=True)
             home.mkdir(mode=0o700)
             os.chown(home, self.id_base, self.id_base)
-            return
         st = home.lstat()
         if not stat.S_ISDIR(st.st_mode):
             raise DriverError(f"the home {home} is not a directory", code="home_invalid")
         if st.st_uid < ID_RANGE:
             shift_tree(home, self.id_base)  # a home from before user namespaces, once
+            st = home.lstat()
+        if st.st_uid == self.id_base and fs_type(home).startswith("fuse"):
+            give_home(home, basefs / "etc" / "skel", self.id_base + user_uid)
 
     async def prepare_image(self, image_id: int, image_path: Path) -> None:
         """Unpack the image ahead of its first start (the node's image loop, ``deckard up``), at low priority."""
@@ -449,6 +456,18 @@ def shift_entry(path: str | Path, id_base: int) -> bool:
     if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(path, stat.S_IMODE(st.st_mode))
     return True
+
+
+def give_home(home: Path, skel: Path, uid: int) -> None:
+    """Fill a new home with the image's default dotfiles and give all of it to ``uid`` (a host uid), as the agent
+    would inside the desktop (``vma/agent.py``, ``provision_user``)."""
+    if skel.is_dir():
+        shutil.copytree(skel, home, dirs_exist_ok=True, symlinks=True)
+    for root, dirs, files in os.walk(home):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, uid)
+    os.chown(home, uid, uid)
+    os.chmod(home, 0o750)
 
 
 def ensure_traversable(path: Path, farm_home: Path) -> None:
