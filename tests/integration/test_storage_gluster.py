@@ -60,12 +60,16 @@ def test_a_home_survives_a_storage_machine_losing_power(machines: GlusterMachine
     """create → mount → write a home → machine 2 powered off: the home reads and writes within seconds (the
     client gives the dead brick up after the volume's 5 s timeouts), and machine 2 is healed when it is back."""
     bricks = [arg for i in (1, 2, 3) for arg in ("--brick", machines.brick(i))]
-    made = deckard(machines.on_machine(1), "storage", "gluster", "create", *bricks, "--force", "--json")
+    allow = ("--allow", machines.node_address)  # only the node side may mount it
+    made = deckard(machines.on_machine(1), "storage", "gluster", "create", *bricks, *allow, "--force", "--json")
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["created"] is True
-    again = deckard(machines.on_machine(1), "storage", "gluster", "create", *bricks, "--force", "--json")
+    again = deckard(machines.on_machine(1), "storage", "gluster", "create", *bricks, *allow, "--force", "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["created"] is False  # the same volume: a no-op, safe to repeat
+
+    allowed = asyncio.run(GlusterCli(machines.gluster(1)).run("volume", "get", "deckard", "auth.allow"))
+    assert machines.node_address in allowed.stdout
 
     home = tmp_path / "farm"
     servers = ",".join(machines.address(i) for i in (1, 2, 3))

@@ -61,6 +61,14 @@ def gluster_create(
     force: Annotated[
         bool, typer.Option("--force", help="Accept bricks on a machine's root filesystem (tests and demos).")
     ] = False,
+    allow: Annotated[
+        str,
+        typer.Option(
+            "--allow",
+            help="Addresses that may mount the volume: the nodes (comma-separated, wildcards like 10.0.1.*; "
+            "GlusterFS's auth.allow). Default: any address that reaches the storage machines.",
+        ),
+    ] = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Create and start a replica-3 volume from bricks on three storage machines (run on one of them)."""
@@ -69,7 +77,8 @@ def gluster_create(
     _quiet_logs()
     try:
         bricks = [Brick.parse(b) for b in brick]
-        result = asyncio.run(GlusterCli().create_volume(volume, bricks, force=force))
+        options = {"auth.allow": allow} if allow else None
+        result = asyncio.run(GlusterCli().create_volume(volume, bricks, force=force, options=options))
     except DeckardError as e:
         report(e)
         raise typer.Exit(ERROR_EXIT) from None
@@ -78,6 +87,8 @@ def gluster_create(
         return
     verb = "created and started" if result.created else "already existed; options set and started"
     typer.echo(f"volume {result.name} (replica 3: {', '.join(result.bricks)}) {verb} in {result.seconds} s")
+    if not allow:
+        typer.echo("note: any address that reaches the storage machines may mount it; --allow NODES restricts that")
     hosts = ",".join(dict.fromkeys(b.host for b in bricks))
     typer.echo(f"on every node: deckard storage gluster mount --server {hosts} --volume {result.name}")
 
