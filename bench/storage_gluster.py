@@ -9,13 +9,15 @@ then in the same run on the volume and on a local directory of the same disk:
 * fsync latency of a 4 KiB append (p50 / p99), what an editor or a mail client waits for at every save;
 * unpacking a tree of many small files (``tar``, as a node unpacks an image into ``basefs/``);
 
-and then: the longest stall a busy writer sees when one storage machine loses power (its link first, then its
-processes), or only its gluster processes crash (the kernel resets the connections), and how long the returning
-machine takes to heal.
+and a desktop's start with its home on the volume against a farm on local storage (``--starts``: a real
+all-in-one farm with LXC desktops each, connect request → first RFB byte, for a new home and then for a stopped
+desktop), and then: the longest stall a busy writer sees when one storage machine loses power (its link first,
+then its processes), or only its gluster processes crash (the kernel resets the connections), and how long the
+returning machine takes to heal.
 
-Usage: ``.venv/bin/python bench/storage_gluster.py [--mib 256] [--files 2000]`` (root; glusterfs-server and
-glusterfs-client installed).  The three "machines" share this box's disk and CPUs, so the figures are GlusterFS's
-protocol and FUSE cost, not a network's.
+Usage: ``.venv/bin/python bench/storage_gluster.py [--mib 256] [--files 2000] [--starts 5]`` (root;
+glusterfs-server and glusterfs-client installed; ``--starts`` also LXC).  The three "machines" share this box's
+disk and CPUs, so the figures are GlusterFS's protocol and FUSE cost, not a network's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import threading
 import time
 from pathlib import Path
 
+import time_to_desktop as ttd
 from deckard.drivers.gluster import GlusterCli
+from deckard.testing import FarmProcess
 from deckard.testing_storage import GlusterMachines, gluster_unavailable_reason
 
 DECKARD = [sys.executable, "-m", "deckard.cli.main"]
@@ -158,7 +162,30 @@ async def heal_seconds(cli: GlusterCli, node: str, timeout: float = 120.0) -> fl
     return time.monotonic() - t0
 
 
-def main(mib: int, files: int, tree: int) -> None:
+def desktop_starts(farm: FarmProcess, runs: int) -> tuple[float, float, float]:
+    """(first start with a new home, median and max of ``runs`` starts of the stopped desktop), seconds."""
+    desk = farm.user_with_desktop("bench", ttd.PASSWORD, "bench-desk")
+    first = asyncio.run(ttd.first_byte(farm, "bench", desk["id"]))
+    again = ttd.cold_starts(farm, "bench-desk", desk["id"], runs)["time_to_desktop_s"]
+    assert isinstance(again, dict)
+    return first, again["median"], again["max"]
+
+
+def farm_on(machines: GlusterMachines | None, runs: int) -> tuple[float, float, float]:
+    """A real all-in-one farm, its storage root on the volume (``machines``) or a local directory."""
+    farm = FarmProcess(extra_env={"DECKARD_STORAGE__LOCAL_LAYERS": "1"} if machines else {})
+    try:
+        if machines is not None:
+            machines.mounted(farm.home / "storage")
+            servers = ",".join(machines.address(i) for i in (1, 2, 3))
+            run(machines.on_node(), "storage", "gluster", "mount", "--server", servers, "--home", str(farm.home))
+        farm.up()
+        return desktop_starts(farm, runs)
+    finally:
+        farm.close()
+
+
+def main(mib: int, files: int, tree: int, starts: int) -> None:
     reason = gluster_unavailable_reason()
     if reason:
         raise SystemExit(reason)
@@ -178,6 +205,9 @@ def main(mib: int, files: int, tree: int) -> None:
         make_tree(tarball, tree)
         gl = measure(home / "storage/homes/bench", mib, files, tarball)
         lo = measure(scratch / "local/homes/bench", mib, files, tarball)
+
+        start_gl = farm_on(machines, starts) if starts else None
+        start_lo = farm_on(None, starts) if starts else None
 
         cli = GlusterCli(machines.gluster(1))
         homes = home / "storage/homes/bench"
@@ -202,6 +232,10 @@ def main(mib: int, files: int, tree: int) -> None:
     ]
     for label, key, fmt in rows:
         print(f"{label:<44}{fmt.format(gl[key]):>12}{fmt.format(lo[key]):>12}{gl[key] / lo[key]:>8.2f}")
+    if start_gl and start_lo:
+        for label, k in (("desktop start, new home (s)", 0), (f"desktop start, median of {starts} (s)", 1)):
+            print(f"{label:<44}{start_gl[k]:>12.3f}{start_lo[k]:>12.3f}{start_gl[k] / start_lo[k]:>8.2f}")
+        print(f"{'desktop start, max (s)':<44}{start_gl[2]:>12.3f}{start_lo[2]:>12.3f}")
     print(f"busy writer, machine 2's gluster processes killed: longest write {crash:.2f} s; healed {heal_crash:.1f} s")
     print(
         f"busy writer, machine 3 powered off (link, then all): longest write {power:.2f} s; healed {heal_power:.1f} s"
@@ -213,5 +247,6 @@ if __name__ == "__main__":
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--tree", type=int, default=5000)
+    parser.add_argument("--starts", type=int, default=5, help="desktop starts per farm (0: no farms)")
     args = parser.parse_args()
-    main(args.mib, args.files, args.tree)
+    main(args.mib, args.files, args.tree, args.starts)
