@@ -128,6 +128,39 @@ def test_a_home_survives_a_storage_machine_losing_power(machines: GlusterMachine
     print(f"stall after power-off {stall:.2f} s, redundant again {heal:.1f} s after power-on")
 
 
+NODE_START = """
+import asyncio, sys
+from pathlib import Path
+from deckard.cli.farm import _ensure_storage
+from deckard.model.errors import DeckardError
+from deckard.runtime.settings import load_settings
+try:
+    asyncio.run(_ensure_storage(load_settings(Path(sys.argv[1]))))
+except DeckardError as e:
+    print("code=" + e.code)
+"""
+
+
+def test_a_node_mounts_the_volume_itself_before_it_starts(machines: GlusterMachines, tmp_path: Path) -> None:
+    """``storage.gluster_servers`` set: the node's start mounts the volume (once: a restart finds it mounted) and
+    keeps the desktops' layers local; with ``local_layers`` off it refuses to start container desktops."""
+    home = tmp_path / "node"
+    machines.mounted(home / "storage")
+    servers = json.dumps([machines.address(i) for i in (3, 1, 2)])  # any machine may be asked first
+    env = {**os.environ, "DECKARD_STORAGE__GLUSTER_SERVERS": servers, "DECKARD_NODE__DRIVER": "container"}
+    start = [*machines.on_node(), sys.executable, "-c", NODE_START, str(home)]
+    for _ in range(2):
+        done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and "code=" not in done.stdout, done.stdout + done.stderr
+    assert (home / "storage").is_mount()
+    (home / "storage/homes/from-node.txt").write_text("node\n")
+    assert (Path(machines.brick(1).split(":", 1)[1]) / "homes/from-node.txt").read_text() == "node\n"
+
+    off = {**env, "DECKARD_STORAGE__LOCAL_LAYERS": "0"}
+    refused = subprocess.run(start, env=off, capture_output=True, text=True, timeout=60, check=False)
+    assert "code=storage_overlay_unsupported" in refused.stdout, refused.stdout + refused.stderr
+
+
 def test_setup_errors_say_what_to_do(machines: GlusterMachines) -> None:
     """A bad brick, a volume name taken by other bricks and an unreachable storage machine end with stable codes."""
     bad = deckard(machines.on_machine(1), "storage", "gluster", "create", "--brick", "nohost", "--volume", "x")
