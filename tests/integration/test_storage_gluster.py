@@ -131,11 +131,11 @@ def test_a_home_survives_a_storage_machine_losing_power(machines: GlusterMachine
 NODE_START = """
 import asyncio, sys
 from pathlib import Path
-from deckard.cli.farm import _ensure_storage
+from deckard.cli.storage import ensure_node_storage
 from deckard.model.errors import DeckardError
 from deckard.runtime.settings import load_settings
 try:
-    asyncio.run(_ensure_storage(load_settings(Path(sys.argv[1]))))
+    asyncio.run(ensure_node_storage(load_settings(Path(sys.argv[1]))))
 except DeckardError as e:
     print("code=" + e.code)
 """

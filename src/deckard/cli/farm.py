@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from deckard.cli.storage import ensure_node_storage, storage_ready
 from deckard.runtime.paths import DEFAULT_HOME, FarmPaths
 from deckard.runtime.process import Parts, Shutdown, run_process
 from deckard.runtime.settings import Settings, load_settings
@@ -307,6 +308,7 @@ def image_build(
     chosen = _load_profile(profile or DEFAULT_PROFILE, profile_file, add_package, image_format)
     tags = tuple(tag or ("default", "head"))
     settings = _settings(home)
+    storage_ready(settings)
     settings.paths.make()
     osf_id = asyncio.run(_find_osf(settings, osf)) if osf is not None else None
     image = asyncio.run(_ensure_image(settings, cache=cache, profile=chosen, tags=tags, unpack=unpack, osf_id=osf_id))
@@ -346,6 +348,7 @@ def image_import(
     except BadInput as e:
         _fail(e.message, 2)
     settings = _settings(home)
+    storage_ready(settings)
     settings.paths.make()
     _quiet_logs()
 
@@ -371,24 +374,6 @@ async def _close_logins() -> None:
     await sso.close_clients()
 
 
-async def _ensure_storage(settings: Settings) -> None:
-    """A node's storage root: the GlusterFS volume mounted first when configured (``storage.gluster_servers``),
-    and a writable-layer directory that overlayfs can use before any container desktop starts."""
-    from deckard.drivers.gluster import mount_volume
-    from deckard.drivers.storage_check import require_overlay_upper
-
-    paths = settings.paths
-    if settings.storage.gluster_servers:
-        await mount_volume(
-            settings.storage.gluster_servers,
-            settings.storage.gluster_volume,
-            paths.storage,
-            log_file=paths.logs / "gluster.log",
-        )
-    if "container" in settings.node.driver.split(","):
-        require_overlay_upper(paths)
-
-
 async def _serve(
     settings: Settings, shutdown: Shutdown, *, with_api: bool, with_node: bool, ready_file: Path | None = None
 ) -> None:
@@ -407,7 +392,7 @@ async def _serve(
 
     paths = settings.paths
     if with_node:
-        await _ensure_storage(settings)
+        await ensure_node_storage(settings)
     paths.make()
     _ca, cert, key = ensure_tls(paths.tls, key_type=settings.broker.tls_key)
     if with_node and settings.broker.host not in ("", "0.0.0.0", "::", "127.0.0.1", "localhost"):
@@ -628,6 +613,7 @@ def up(
         _need_root("deckard up")
     _quiet_logs()
     paths = settings.paths
+    storage_ready(settings)
     paths.make()
     pid = _running_pid(paths)
     if pid is not None and not foreground:

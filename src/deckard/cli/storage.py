@@ -22,7 +22,7 @@ from deckard.cli.output import print_json, print_rows
 from deckard.cli.session import report
 from deckard.model.errors import DeckardError
 from deckard.runtime.paths import DEFAULT_HOME
-from deckard.runtime.settings import load_settings
+from deckard.runtime.settings import Settings, load_settings
 
 app = typer.Typer(
     help="The farm's shared storage root (a local directory, or a GlusterFS volume).", no_args_is_help=True
@@ -139,3 +139,38 @@ def storage_check(home: HomeOpt = DEFAULT_HOME, as_json: JsonOpt = False) -> Non
         print_rows(rows, ["part", "fs", "ok", "path", "note"], as_json=False)
     if not all(c.ok for c in checks):
         raise typer.Exit(ERROR_EXIT)
+
+
+# ---- for the farm's own processes (cli/farm.py) ------------------------------------------------------------
+async def mount_storage(settings: Settings) -> None:
+    """The GlusterFS volume mounted as the storage root when configured (``storage.gluster_servers``), before
+    anything writes there (files in a local directory would hide under the mount, or make it refuse)."""
+    from deckard.drivers.gluster import mount_volume
+
+    if settings.storage.gluster_servers:
+        paths = settings.paths
+        await mount_volume(
+            settings.storage.gluster_servers,
+            settings.storage.gluster_volume,
+            paths.storage,
+            log_file=paths.logs / "gluster.log",
+        )
+
+
+def storage_ready(settings: Settings) -> None:
+    """For the one-shot commands that write to the storage root (``up``, ``image build``): mount it first."""
+    try:
+        asyncio.run(mount_storage(settings))
+    except DeckardError as e:
+        report(e)
+        raise typer.Exit(ERROR_EXIT) from None
+
+
+async def ensure_node_storage(settings: Settings) -> None:
+    """A node's storage root before it starts: the volume mounted, and a directory for the container desktops'
+    writable layers that overlayfs can use (``storage_overlay_unsupported`` otherwise)."""
+    from deckard.drivers.storage_check import require_overlay_upper
+
+    await mount_storage(settings)
+    if "container" in settings.node.driver.split(","):
+        require_overlay_upper(settings.paths)
