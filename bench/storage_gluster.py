@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import shutil
@@ -190,7 +191,9 @@ def main(mib: int, files: int, tree: int, starts: int) -> None:
     if reason:
         raise SystemExit(reason)
     scratch = Path(tempfile.mkdtemp(prefix="deckard-bench-gluster-", dir="/var/tmp"))
-    with GlusterMachines(scratch / "machines") as machines:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, scratch, True)
+        machines = cleanup.enter_context(GlusterMachines(scratch / "machines"))
         bricks = [arg for i in (1, 2, 3) for arg in ("--brick", machines.brick(i))]
         t0 = time.monotonic()
         run(machines.on_machine(1), "storage", "gluster", "create", *bricks, "--force")
@@ -217,7 +220,6 @@ def main(mib: int, files: int, tree: int, starts: int) -> None:
         power = worst_stall(homes, lambda: machines.power_off(3))
         machines.power_on(3)
         heal_power = asyncio.run(heal_seconds(cli, machines.node_address))
-    shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"# storage_gluster  {time.strftime('%Y-%m-%d')}  {platform.node()}  {os.cpu_count()} CPUs")
     print(f"volume create (3 glusterd, peer probe, create, options, start) {created:.1f} s; mount {mounted:.2f} s")

@@ -15,7 +15,9 @@ process, mount, namespace and directory it made, whatever state the test left.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,10 @@ from pathlib import Path
 from types import TracebackType
 
 SUBNET = "10.250.0"
-GROUPS = Path("/var/lib/glusterd/groups")  # the packaged option groups (`gluster volume set V group virt`)
+GROUPS = Path("/var/lib/glusterd/groups")
+# as docs/farm.md asks of every storage machine: glusterd gives a lost peer up after 10 s (Debian ships 0: never,
+# and management commands then hang for minutes after a machine loses power)
+MGMT_PING = "management.ping-timeout=10"  # the packaged option groups (`gluster volume set V group virt`)
 
 
 def gluster_unavailable_reason() -> str | None:
@@ -41,6 +46,28 @@ def gluster_unavailable_reason() -> str | None:
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def remove_stale_machines() -> None:
+    """What a run killed before its clean-up left: the namespaces of a test process that is gone (their gluster
+    processes with them) and GlusterFS mounts whose client died."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        found = re.fullmatch(r"dkgl(\d+)-(n|s\d+)", name)
+        if found is None or Path(f"/proc/{found.group(1)}").exists():
+            continue  # not ours, or its process still runs
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", name, check=False)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if " - fuse.glusterfs " in line and f" {SUBNET}." in line]
+    for point in mounts:
+        try:
+            os.stat(point)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:  # its client was killed with its run
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 class GlusterMachines:
@@ -90,6 +117,7 @@ class GlusterMachines:
         self.close()
 
     def start(self) -> None:
+        remove_stale_machines()
         n = self.node_ns
         _ip("netns", "add", n)
         _ip("-n", n, "link", "set", "lo", "up")
@@ -119,7 +147,7 @@ class GlusterMachines:
         home = self.root / f"s{i}"
         script = (
             f"mount --bind {home / 'lib'} /var/lib/glusterd && mount --bind {home / 'log'} /var/log/glusterfs "
-            "&& mount -t tmpfs -o mode=755 tmpfs /run && exec glusterd -N"
+            f"&& mount -t tmpfs -o mode=755 tmpfs /run && exec glusterd -N --xlator-option {MGMT_PING}"
         )
         with open(home / "glusterd.out", "ab") as out:
             self.daemons[i] = subprocess.Popen(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deckard.drivers.gluster import Brick, _create_error, check_bricks, check_volume_name
+from deckard.drivers.gluster import Brick, _create_error, check_bricks, check_volume_name, glusterd_ping_warning
 from deckard.model.errors import BadInput, Conflict, Unavailable
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import load_settings
@@ -70,3 +70,12 @@ def test_desktop_layers_stay_local_when_the_storage_root_is_gluster(tmp_path: Pa
     assert node.paths.demo_node(3).basefs == tmp_path / "local/basefs"
     off = load_settings(tmp_path, storage={"gluster_servers": ["s1"], "local_layers": False})
     assert off.paths.overlays == tmp_path / "storage/overlays"
+
+
+def test_a_glusterd_that_never_gives_a_peer_up_is_pointed_out(tmp_path: Path) -> None:
+    vol = tmp_path / "glusterd.vol"
+    vol.write_text("volume management\n    type mgmt/glusterd\n    option ping-timeout 0\nend-volume\n")
+    assert "option ping-timeout 10" in (glusterd_ping_warning(vol) or "")
+    vol.write_text(vol.read_text().replace("ping-timeout 0", "ping-timeout 10"))
+    assert glusterd_ping_warning(vol) is None
+    assert glusterd_ping_warning(tmp_path / "missing.vol") is None

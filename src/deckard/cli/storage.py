@@ -72,7 +72,7 @@ def gluster_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create and start a replica-3 volume from bricks on three storage machines (run on one of them)."""
-    from deckard.drivers.gluster import Brick, GlusterCli
+    from deckard.drivers.gluster import Brick, GlusterCli, glusterd_ping_warning
 
     _quiet_logs()
     try:
@@ -89,6 +89,9 @@ def gluster_create(
     typer.echo(f"volume {result.name} (replica 3: {', '.join(result.bricks)}) {verb} in {result.seconds} s")
     if not allow:
         typer.echo("note: any address that reaches the storage machines may mount it; --allow NODES restricts that")
+    warning = glusterd_ping_warning()
+    if warning:
+        typer.echo(f"note: {warning}")
     hosts = ",".join(dict.fromkeys(b.host for b in bricks))
     typer.echo(f"on every node: deckard storage gluster mount --server {hosts} --volume {result.name}")
 

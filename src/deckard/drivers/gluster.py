@@ -326,6 +326,28 @@ def _create_error(name: str, words: str) -> DriverError | BadInput | Conflict | 
     return DriverError(f"gluster volume create {name} failed: {words}", code="gluster_failed")
 
 
+GLUSTERD_VOL = Path("/etc/glusterfs/glusterd.vol")
+
+
+def glusterd_ping_warning(vol: Path = GLUSTERD_VOL) -> str | None:
+    """What to change in this storage machine's glusterd configuration, if anything.
+
+    Debian's ``glusterd.vol`` says ``option ping-timeout 0``: glusterd never gives up on a peer that lost power,
+    so on the others ``gluster volume status`` (and every command that takes the volume's lock) hangs for minutes
+    and then answers "Another transaction is in progress" — measured here; the data path is not affected."""
+    try:
+        text = vol.read_text()
+    except OSError:
+        return None
+    found = re.search(r"^\s*option\s+ping-timeout\s+(\d+)", text, re.MULTILINE)
+    if found is None or int(found.group(1)) > 0:
+        return None
+    return (
+        f"{vol} has `option ping-timeout 0`: after a storage machine loses power, gluster commands on the others "
+        "hang for minutes. Set `option ping-timeout 10` there on every storage machine and restart glusterd"
+    )
+
+
 # ---- the client side: a node mounts the volume as its storage root --------------------------------------------
 def mounted_fs(path: Path) -> tuple[str, str] | None:
     """(filesystem type, source) of the mount whose mount point is exactly ``path``; None if it is not one."""
