@@ -161,11 +161,18 @@ def test_a_node_mounts_the_volume_itself_before_it_starts(machines: GlusterMachi
     assert "code=storage_overlay_unsupported" in refused.stdout, refused.stdout + refused.stderr
 
 
+def other_bricks(machines: GlusterMachines) -> list[str]:
+    return [arg for i in (1, 2, 3) for arg in ("--brick", machines.brick(i, "other"))]
+
+
 def test_setup_errors_say_what_to_do(machines: GlusterMachines) -> None:
-    """A bad brick, a volume name taken by other bricks and an unreachable storage machine end with stable codes."""
+    """No glusterd, a bad brick, a volume name taken by other bricks, an unreachable storage machine and a brick
+    on the root filesystem end with stable codes and say what to do."""
+    nowhere = deckard(machines.on_node(), "storage", "gluster", "create", *other_bricks(machines))  # no glusterd
+    assert nowhere.returncode == 1 and "[glusterd_down]" in nowhere.stderr, nowhere.stderr
     bad = deckard(machines.on_machine(1), "storage", "gluster", "create", "--brick", "nohost", "--volume", "x")
     assert bad.returncode == 1 and "[bad_brick]" in bad.stderr
-    other = [arg for i in (1, 2, 3) for arg in ("--brick", machines.brick(i, "other"))]
+    other = other_bricks(machines)
     taken = deckard(machines.on_machine(1), "storage", "gluster", "create", *other, "--force")
     assert taken.returncode == 1 and "[volume_exists]" in taken.stderr, taken.stderr
     lost = [*other[:4], "--brick", "10.250.0.99:/srv/brick"]
