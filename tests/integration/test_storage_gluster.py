@@ -122,6 +122,10 @@ def test_a_home_survives_a_storage_machine_losing_power(machines: GlusterMachine
         return time.monotonic() - t0
 
     heal = asyncio.run(healed(30))
+    status = deckard(machines.on_machine(3), "storage", "gluster", "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    health = json.loads(status.stdout)
+    assert health["redundant"] and health["nodes"] == [machines.node_address] and all(health["online"].values())
     brick2 = Path(machines.brick(2).split(":", 1)[1])
     assert (brick2 / "homes/default/k1/notes.txt").read_text() == "before\nafter\n"
     assert (brick2 / "homes/default/k1/new.txt").exists()

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from deckard.drivers.gluster import Brick, _create_error, check_bricks, check_volume_name, glusterd_ping_warning
+from deckard.drivers.gluster import (
+    Brick,
+    VolumeHealth,
+    _create_error,
+    check_bricks,
+    check_volume_name,
+    glusterd_ping_warning,
+)
 from deckard.model.errors import BadInput, Conflict, Unavailable
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import load_settings
@@ -79,3 +86,16 @@ def test_a_glusterd_that_never_gives_a_peer_up_is_pointed_out(tmp_path: Path) ->
     vol.write_text(vol.read_text().replace("ping-timeout 0", "ping-timeout 10"))
     assert glusterd_ping_warning(vol) is None
     assert glusterd_ping_warning(tmp_path / "missing.vol") is None
+
+
+def test_a_volume_is_redundant_with_every_brick_up_healed_and_reached_by_every_node() -> None:
+    bricks = [f"s{i}:/b" for i in (1, 2, 3)]
+
+    def health(down: str = "", pending: int = 0, unreached: str = "") -> VolumeHealth:
+        reached = {b: [n for n in ("n1", "n2") if not (b == unreached and n == "n2")] for b in bricks}
+        return VolumeHealth("v", {b: b != down for b in bricks}, reached, ["n1", "n2"], pending)
+
+    assert health().redundant
+    assert not health(down="s2:/b").redundant
+    assert not health(pending=3).redundant and not health(pending=-1).redundant
+    assert not health(unreached="s3:/b").redundant  # node n2 has not reconnected to machine 3 yet

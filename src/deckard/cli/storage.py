@@ -96,6 +96,33 @@ def gluster_create(
     typer.echo(f"on every node: deckard storage gluster mount --server {hosts} --volume {result.name}")
 
 
+@gluster.command("status")
+def gluster_status(volume: VolumeOpt = "deckard", as_json: JsonOpt = False) -> None:
+    """Can the volume lose a storage machine now? Bricks up, entries to heal, nodes connected to every brick
+    (run on a storage machine; exit 1 when it cannot)."""
+    from deckard.drivers.gluster import GlusterCli
+
+    _quiet_logs()
+    try:
+        health = asyncio.run(GlusterCli().health(volume))
+    except DeckardError as e:
+        report(e)
+        raise typer.Exit(ERROR_EXIT) from None
+    if as_json:
+        print_json({**asdict(health), "redundant": health.redundant})
+    else:
+        rows = [
+            {"brick": brick, "online": up, "nodes": f"{len(health.nodes_reached[brick])}/{len(health.nodes)}"}
+            for brick, up in health.online.items()
+        ]
+        print_rows(rows, ["brick", "online", "nodes"], as_json=False)
+        pending = "a brick does not answer" if health.heal_pending < 0 else str(health.heal_pending)
+        typer.echo(f"entries to heal: {pending}")
+        typer.echo(f"can lose a storage machine now: {'yes' if health.redundant else 'no'}")
+    if not health.redundant:
+        raise typer.Exit(ERROR_EXIT)
+
+
 @gluster.command("mount")
 def gluster_mount(
     server: Annotated[

@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import structlog
 
@@ -95,6 +96,25 @@ class VolumeReport:
     status: str
     options: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass
+class VolumeHealth:
+    name: str
+    online: dict[str, bool]  # brick → its process runs
+    nodes_reached: dict[str, list[str]]  # brick → the nodes connected to it
+    nodes: list[str]  # every node connected to some brick
+    heal_pending: int  # entries to heal; -1: a brick does not answer
+
+    @property
+    def redundant(self) -> bool:
+        """One storage machine could be lost now without stopping writes or losing the last copy of anything."""
+        return (
+            len(self.online) >= REPLICA
+            and all(self.online.values())
+            and self.heal_pending == 0
+            and all(len(reached) == len(self.nodes) for reached in self.nodes_reached.values())
+        )
 
 
 def check_volume_name(name: str) -> str:
@@ -285,6 +305,32 @@ class GlusterCli:
             elif brick and re.match(r"^\S+:\d+\s+\d+\s+\d+", line):
                 clients[brick].add(line.split()[0].rsplit(":", 1)[0])
         return clients
+
+    async def bricks_online(self, name: str) -> dict[str, bool]:
+        """Each brick (``HOST:/path``) and whether its process runs, as glusterd sees it."""
+        result = await self.run("volume", "status", name, "--xml")
+        if result.returncode != 0:
+            raise DriverError(f"gluster volume status {name} failed: {_gluster_words(result)}", code="gluster_failed")
+        try:
+            root = ElementTree.fromstring(result.stdout)
+        except ElementTree.ParseError as e:
+            raise DriverError(f"gluster volume status {name}: unreadable answer ({e})", code="gluster_failed") from e
+        online = {}
+        for node in root.iter("node"):
+            host, path = node.findtext("hostname", ""), node.findtext("path", "")
+            if path.startswith("/"):  # the self-heal daemons are listed too, with path "localhost"
+                online[f"{host}:{path}"] = node.findtext("status", "0") == "1"
+        return online
+
+    async def health(self, name: str) -> VolumeHealth:
+        """Bricks up, what is left to heal, and which nodes (client hosts that are no storage machine) reach
+        each brick."""
+        online = await self.bricks_online(name)
+        clients = await self.brick_clients(name)
+        machines = {brick.rsplit(":", 1)[0] for brick in online}
+        nodes = sorted({h for hosts in clients.values() for h in hosts} - machines - {"127.0.0.1", "localhost"})
+        reached = {brick: sorted(set(clients.get(brick, set())) & set(nodes)) for brick in online}
+        return VolumeHealth(name, online, reached, nodes, await self.heal_pending(name))
 
     async def redundant(self, name: str, client: str) -> bool:
         """Whether the volume could lose a storage machine now: nothing left to heal, and ``client`` (a node's

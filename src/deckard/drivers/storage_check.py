@@ -6,7 +6,7 @@ Each part of it needs something different:
 * ``images/``, ``homes/``, ``volumes/``: files written, fsynced, renamed and locked (``flock``) — any POSIX
   filesystem, FUSE included;
 * ``basefs/``: an unpacked image, read-only, the *lower* layer of every container desktop's overlay — FUSE works,
-  but unpacking tens of thousands of small files onto GlusterFS is ~50x slower than onto a local disk;
+  but unpacking tens of thousands of small files onto GlusterFS is 50-70x slower than onto a local disk;
 * ``overlays/``: a container desktop's writable *upper* layer.  overlayfs refuses an upper layer on FUSE (the kernel
   says "upper fs does not support tmpfile" and "… RENAME_WHITEOUT"), so with the storage root on GlusterFS a node
   keeps both layers on its own disk (``storage.local_layers``: ``<home>/local/``).  A VM desktop's overlay is a

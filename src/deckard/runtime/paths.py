@@ -13,7 +13,7 @@ Layout under the farm home (``--home`` / ``DECKARD_HOME``, default ``/var/lib/de
       homes-archive/<tenant>/<login>-<user id>-<time>/  homes of deleted users (``users.home_on_delete``)
     local/                with ``storage.local_layers`` (a storage root on GlusterFS): ``basefs/`` and ``overlays/``
                           on this machine's own disk instead — overlayfs cannot write to a FUSE filesystem, and
-                          unpacking an image onto GlusterFS is ~50x slower than onto a local disk
+                          unpacking an image onto GlusterFS is 50-70x slower than onto a local disk
                           (``drivers/storage_check.py``, docs/farm.md "Shared storage")
     import/               tarballs the farm owner puts here for ``deckard image add --import`` (supertenant only)
     run/                  local run state of the node: lxc/ (container configs), pid files, logs

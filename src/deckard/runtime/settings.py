@@ -126,7 +126,7 @@ class StorageSettings(BaseModel):
     gluster_volume: str = "deckard"
     # desktops' root layers (unpacked images, writable overlays) under <home>/local on this machine's disk:
     # overlayfs cannot write to a FUSE filesystem such as GlusterFS's client, and unpacking an image onto
-    # GlusterFS is ~50x slower.  None: local when gluster_servers is set, else in the storage root
+    # GlusterFS is 50-70x slower.  None: local when gluster_servers is set, else in the storage root
     local_layers: bool | None = None
 
     @property
