@@ -281,6 +281,16 @@ class FarmProcess:
         cmd += ["su", "-", user, "-c", command] if user else ["sh", "-c", command]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
+    def probe(self, desktop_id: int, host: str, port: int) -> str:
+        """From inside the desktop: 'open', or 'blocked <why>' for a TCP connection that fails within 2 s."""
+        code = (
+            "import socket\n"
+            f"try: socket.create_connection(('{host}', {port}), 2); print('open')\n"
+            "except OSError as e: print('blocked', e)\n"
+        )
+        out = self.attach(desktop_id, f'python3 -c "{code}"')
+        return out.stdout.strip() or out.stderr.strip()
+
     def diagnostics(self, desktop_id: int | None = None, lines: int = 40) -> str:
         """The tail of the farm's log and, for a desktop, of its agent, Xvnc and session logs (for failures)."""
         parts = []

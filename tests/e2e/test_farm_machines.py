@@ -84,17 +84,6 @@ def _start_on(farm: FarmProcess, name: str, machine: int) -> dict:
     return desk  # type: ignore[return-value]
 
 
-def _probe(farm: FarmProcess, desktop_id: int, host: str, port: int) -> str:
-    """From inside the desktop: 'open', or 'blocked <why>' for a TCP connection that fails within 2 s."""
-    code = (
-        "import socket\n"
-        f"try: socket.create_connection(('{host}', {port}), 2); print('open')\n"
-        "except OSError as e: print('blocked', e)\n"
-    )
-    out = farm.attach(desktop_id, f'python3 -c "{code}"')
-    return out.stdout.strip() or out.stderr.strip()
-
-
 def test_each_machines_broker_reaches_the_desktops_of_the_other_over_the_overlay(farm: FarmProcess) -> None:
     here, there = _start_on(farm, "mia-one", 1), _start_on(farm, "mia-two", 2)
     asyncio.run(_see(farm, 2, here["id"]))  # machine 2's broker → the desktop on machine 1, and the reverse
@@ -105,12 +94,12 @@ def test_each_machines_broker_reaches_the_desktops_of_the_other_over_the_overlay
 def test_desktops_on_two_machines_reach_neither_each_other_nor_the_other_node(farm: FarmProcess) -> None:
     one, two = _start_on(farm, "mia-one", 1), _start_on(farm, "mia-two", 2)
     gateway = gateway_of(farm.network)
-    assert _probe(farm, one["id"], gateway, 53) == "open"  # its own node's resolver: the probe can say open
-    assert _probe(farm, one["id"], two["ip"], 3030).startswith("blocked")  # the other desktop's agent
+    assert farm.probe(one["id"], gateway, 53) == "open"  # its own node's resolver: the probe can say open
+    assert farm.probe(one["id"], two["ip"], 3030).startswith("blocked")  # the other desktop's agent
     node_ids = {n["name"]: n["id"] for n in farm.json("node", "list")}  # type: ignore[union-attr]
     other_node = node_address(farm.network, node_ids[farm.machine_node(2)])
-    assert _probe(farm, one["id"], other_node, farm.broker_port).startswith("blocked")
-    assert _probe(farm, one["id"], farm.machine(2).address, farm.broker_port).startswith("blocked")
+    assert farm.probe(one["id"], other_node, farm.broker_port).startswith("blocked")
+    assert farm.probe(one["id"], farm.machine(2).address, farm.broker_port).startswith("blocked")
 
 
 def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_with_address_and_home(

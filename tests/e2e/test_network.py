@@ -57,17 +57,6 @@ def _running(farm: FarmProcess, name: str, user: str) -> dict:
     )
 
 
-def _probe(farm: FarmProcess, desktop_id: int, host: str, port: int) -> str:
-    """From inside the desktop: 'open' or 'blocked <why>' for a TCP connection."""
-    code = (
-        "import socket\n"
-        f"try: socket.create_connection(('{host}', {port}), 2); print('open')\n"
-        "except OSError as e: print('blocked', e)\n"
-    )
-    out = farm.attach(desktop_id, f'python3 -c "{code}"')
-    return out.stdout.strip() or out.stderr.strip()
-
-
 def _fetch(farm: FarmProcess, desktop_id: int, url: str) -> str:
     code = (
         "import urllib.request\n"
@@ -90,18 +79,18 @@ def test_a_deny_rule_added_while_the_desktop_runs_blocks_within_5_s_and_explain_
     farm: FarmProcess, upstream: Upstream
 ) -> None:
     desk = _running(farm, "net-a", "neta")
-    assert _probe(farm, desk["id"], upstream.ip, 8080) == "open"
+    assert farm.probe(desk["id"], upstream.ip, 8080) == "open"
     policy = f"deny tcp {upstream.ip} port 8080; allow any"
     farm.deckard("config", "set", "network.egress", policy, "--osf", "default")
     t0 = time.monotonic()
-    wait_for(lambda: _probe(farm, desk["id"], upstream.ip, 8080).startswith("blocked"), 5, 0.2, "the deny rule")
+    wait_for(lambda: farm.probe(desk["id"], upstream.ip, 8080).startswith("blocked"), 5, 0.2, "the deny rule")
     elapsed = time.monotonic() - t0
-    assert _probe(farm, desk["id"], upstream.ip, 8081) == "open"  # only what the rule names is cut
+    assert farm.probe(desk["id"], upstream.ip, 8081) == "open"  # only what the rule names is cut
     why = farm.json("desktop", "explain-network", "net-a", upstream.ip, "--port", "8080")
     assert why == {**why, "allowed": False, "decided_by": "rule", "rule_index": 1, "policy_source": "osf"}  # type: ignore[dict-item]
     assert farm.json("desktop", "explain-network", "net-a", upstream.ip, "--port", "8081")["rule_index"] == 2  # type: ignore[index]
     farm.deckard("config", "reset", "network.egress", "--osf", "default")
-    wait_for(lambda: _probe(farm, desk["id"], upstream.ip, 8080) == "open", 5, 0.2, "the rule to be lifted")
+    wait_for(lambda: farm.probe(desk["id"], upstream.ip, 8080) == "open", 5, 0.2, "the rule to be lifted")
     assert elapsed < 5
 
 
@@ -116,7 +105,7 @@ def test_a_desktop_never_reaches_another_desktop_or_the_nodes_services(farm: Far
         (gateway, farm.broker_port),
         (upstream.host_ip, farm.api_port),  # the node's other addresses
     ]:
-        assert _probe(farm, a["id"], host, port).startswith("blocked"), (host, port)
+        assert farm.probe(a["id"], host, port).startswith("blocked"), (host, port)
     why = farm.json("desktop", "explain-network", "net-a", b["ip"], "--port", "3030")
     assert why["decided_by"] == "farm" and not why["allowed"]  # type: ignore[index]
 
@@ -129,13 +118,13 @@ def test_a_node_restart_loads_the_filter_again_before_it_adopts_its_desktops(
     desk = _running(farm, "net-a", "neta")
     farm.deckard("config", "set", "network.egress", f"deny tcp {upstream.ip} port 8080", "--osf", "default")
     try:
-        wait_for(lambda: _probe(farm, desk["id"], upstream.ip, 8080).startswith("blocked"), 5, 0.2, "the deny rule")
+        wait_for(lambda: farm.probe(desk["id"], upstream.ip, 8080).startswith("blocked"), 5, 0.2, "the deny rule")
         subprocess.run(["nft", "delete", "table", "inet", table_name(farm.bridge)], check=True)
-        assert _probe(farm, desk["id"], upstream.ip, 8081).startswith("blocked")  # no table: no way out at all
+        assert farm.probe(desk["id"], upstream.ip, 8081).startswith("blocked")  # no table: no way out at all
         farm.deckard("node", "restart", farm.node_name(1), "--timeout", "60")
         assert farm.desktop("net-a")["state"] == "running"  # adopted, not restarted
-        assert _probe(farm, desk["id"], upstream.ip, 8081) == "open"
-        assert _probe(farm, desk["id"], upstream.ip, 8080).startswith("blocked")
+        assert farm.probe(desk["id"], upstream.ip, 8081) == "open"
+        assert farm.probe(desk["id"], upstream.ip, 8080).startswith("blocked")
     finally:
         farm.deckard("config", "reset", "network.egress", "--osf", "default")
 
