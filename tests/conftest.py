@@ -97,16 +97,16 @@ def pytest_configure(config: pytest.Config) -> None:
 # each in a handful of tests), integration modules (seconds to a minute), unit modules (seconds).  xdist's default
 # (most tests first) ran the end-to-end modules last, where one of them alone made the run's tail while the other
 # worker sat idle; started first, they overlap each other and the cheap files fill in at the end.
-# Ahead of them, a few long integration files that need no desktop image: on a clean clone the images are still
-# being built in the background (tests/prebuild_images.py, about 2.5 min), and an end-to-end module started then
-# only waits for them (the VM module's set-up took 149 s in CI, most of it waiting).
+# Ahead of them, a few long integration files and the chaos modules, which need no desktop image: on a clean clone
+# the images are still being built in the background (tests/prebuild_images.py, about 3 min), and an end-to-end
+# module started then only waits for them (the VM module's set-up took 113-149 s in CI, most of it waiting).
 FILE_ORDER = (
     "integration/test_broker_protocol.py",
     "integration/test_time_to_desktop.py",
     "integration/test_schemathesis.py",
     "integration/test_ldap_directory.py",
+    "chaos/",  # image-free too (fake desktops): they cover the images' build, which the next file waits for
     "e2e/test_vm_desktops.py",
-    "chaos/",
     "e2e/",
     "integration/",
     "unit/",
