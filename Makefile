@@ -78,17 +78,15 @@ lint: deps
 # test files run on TEST_JOBS cores at once (pytest-xdist); a file's tests stay together, so a module's farm,
 # directory or database is made once
 TEST_JOBS ?= 2
-# The desktop images the end-to-end tests need are built in the background (tests/prebuild_images.py) while the
-# image-free test files run first (tests/conftest.py); a test that needs one sooner waits on the image cache's lock
-# as it would anyway. Lint runs beside them too, and its verdict (and output) counts at the end.
+# The desktop images the end-to-end tests need are built in the background while lint runs
+# (tests/prebuild_images.py) and the image-free test files run first (tests/conftest.py); a test that needs one
+# sooner waits on the image cache's lock as it would anyway.
 test: deps $(STAMPS)/test-oidc
 	@mkdir -p .cache; $(VENV)/bin/python tests/prebuild_images.py > .cache/prebuild.log 2>&1 & build=$$!; \
-	$(MAKE) --no-print-directory lint > .cache/lint.log 2>&1 & lint=$$!; \
 	trap 'wait $$build; cat .cache/prebuild.log' EXIT; \
+	$(MAKE) --no-print-directory lint && \
 	$(VENV)/bin/pytest -ra --durations=25 -n $(TEST_JOBS) --dist loadfile \
-		$(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS); tests=$$?; \
-	wait $$lint; linted=$$?; cat .cache/lint.log; \
-	if [ $$linted != 0 ]; then echo "lint failed (above)"; exit $$linted; fi; exit $$tests
+		$(addprefix --ignore=,$(UNPRIVILEGED_TESTS)) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-unprivileged
 
 # the node daemon's tests must run, not skip, for a user without root: under root, as nobody, with the system's
