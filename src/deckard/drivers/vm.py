@@ -542,10 +542,27 @@ class VmDriver:
                             code="volume_held",
                         )
                     await asyncio.sleep(0.2)
-            with contextlib.suppress(DriverError):  # gone already, or never added
-                await self._qmp(guest_name, "blockdev-del", {"node-name": _volume_node(volume_id)})
+            # the image stays open (and locked) until its block node is gone: a device still being torn down holds
+            # it a moment longer, so the delete is tried again until the node is gone
+            node = _volume_node(volume_id)
+            deadline = time.monotonic() + UNPLUG_S
+            while await self._has_block_node(guest_name, node):
+                with contextlib.suppress(DriverError):  # in use a little longer: the next round tries again
+                    await self._qmp(guest_name, "blockdev-del", {"node-name": node})
+                if not await self._has_block_node(guest_name, node):
+                    break
+                if time.monotonic() > deadline:
+                    raise Conflict(
+                        f"QEMU did not close volume {volume_id} within {UNPLUG_S:.0f} s; try again",
+                        code="volume_held",
+                    )
+                await asyncio.sleep(0.2)
             log.info("vm.volume_detached", guest=guest_name, volume_id=volume_id)
             return True
+
+    async def _has_block_node(self, guest_name: str, node: str) -> bool:
+        found = await self._qmp(guest_name, "query-named-block-nodes", {"flat": True})
+        return isinstance(found, list) and any(isinstance(b, dict) and b.get("node-name") == node for b in found)
 
     async def _has_device(self, guest_name: str, device_id: str) -> bool:
         found = await self._qmp(guest_name, "qom-list", {"path": "/machine/peripheral"})
