@@ -11,7 +11,6 @@ test puts there (``Bmc.machine(pgid)``), e.g. a real ``deckard node`` started wi
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+
+from deckard.runtime.bmc import EMU, LAN_CONF
 
 USER, PASSWORD = "fencer", "bmc-s3cret"
 
@@ -56,34 +57,6 @@ elif args[:2] == ["set", "power"] and args[2:] == ["0"] and pgid:
     while members(pgid) and time.monotonic() < deadline:
         time.sleep(0.02)
 '''
-
-LAN_CONF = """name "{name}"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {port}
-    priv_limit admin
-    allowed_auths_callback none md2 md5 straight
-    allowed_auths_user none md2 md5 straight
-    allowed_auths_operator none md2 md5 straight
-    allowed_auths_admin none md2 md5 straight
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  chassis_control "{chassis}"
-  user 2 true "{user}" "{password}" admin 10 none md2 md5 straight
-"""
-
-EMU = "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n"
-
-
-def bmc_missing_reason() -> str | None:
-    for tool, package in (("ipmi_sim", "openipmi"), ("ipmitool", "ipmitool")):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install {package}; `make deps` does it)"
-    if not any(os.access(f"{d}/fence_ipmilan", os.X_OK) for d in ("/usr/sbin", "/sbin")) and not shutil.which(
-        "fence_ipmilan"
-    ):
-        return "fence_ipmilan is not installed (apt-get install fence-agents; `make deps` does it)"
-    return None
 
 
 def free_udp_port() -> int:
@@ -129,7 +102,18 @@ class Bmc:
         chassis.write_text(CHASSIS.format(python=sys.executable, pgid_file=str(self.pgid_file), log=str(self.log)))
         chassis.chmod(0o755)
         conf = self.dir / "lan.conf"
-        conf.write_text(LAN_CONF.format(name=self.name, port=self.port, chassis=chassis, user=USER, password=PASSWORD))
+        conf.write_text(
+            LAN_CONF.format(
+                name=self.name,
+                address="127.0.0.1",
+                port=self.port,
+                auths="none md2 md5 straight",
+                guid="a123456789abcdefa123456789abcdef",
+                chassis=chassis,
+                user=USER,
+                password=PASSWORD,
+            )
+        )
         emu = self.dir / "machine.emu"
         emu.write_text(EMU)
         self.proc = subprocess.Popen(

@@ -19,11 +19,12 @@ import errno
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+
+from deckard.runtime.machines import kill_namespace
 
 SUBNET = "10.250.0"
 GROUPS = Path("/var/lib/glusterd/groups")
@@ -56,9 +57,7 @@ def remove_stale_machines() -> None:
         found = re.fullmatch(r"dkgl(\d+)-(n|s\d+)", name)
         if found is None or Path(f"/proc/{found.group(1)}").exists():
             continue  # not ours, or its process still runs
-        for pid in _ip("netns", "pids", name, check=False).stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        kill_namespace(name)
         _ip("netns", "del", name, check=False)
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f if " - fuse.glusterfs " in line and f" {SUBNET}." in line]
@@ -173,34 +172,20 @@ class GlusterMachines:
                 raise RuntimeError(f"glusterd of storage machine {i} did not answer within {timeout:.0f} s")
             time.sleep(0.1)
 
-    def pids(self, ns: str) -> list[int]:
-        found = _ip("netns", "pids", ns, check=False)
-        return [int(p) for p in found.stdout.split()]
-
     def power_off(self, i: int) -> None:
         """Machine ``i`` loses power: its network first (no goodbye reaches anyone), then all its processes."""
         _ip("-n", self.ns(i), "link", "set", "eth0", "down", check=False)
-        self._kill_all(self.ns(i))
+        kill_namespace(self.ns(i))
         daemon = self.daemons.get(i)
         if daemon is not None:
             daemon.wait(5)
 
     def crash(self, i: int) -> None:
         """Machine ``i``'s gluster processes are killed; its kernel still answers (connections are reset)."""
-        self._kill_all(self.ns(i))
+        kill_namespace(self.ns(i))
         daemon = self.daemons.get(i)
         if daemon is not None:
             daemon.wait(5)
-
-    def _kill_all(self, ns: str) -> None:
-        for _ in range(50):
-            pids = self.pids(ns)
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
 
     def mounted(self, target: Path) -> None:
         """Record a mount made on the node side, so that :meth:`close` removes it."""
@@ -209,9 +194,9 @@ class GlusterMachines:
     def close(self) -> None:
         for target in reversed(self.mounts):
             subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
-        self._kill_all(self.node_ns)  # the FUSE clients
+        kill_namespace(self.node_ns)  # the FUSE clients
         for i in range(1, self.count + 1):
-            self._kill_all(self.ns(i))
+            kill_namespace(self.ns(i))
         for daemon in self.daemons.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 daemon.wait(5)

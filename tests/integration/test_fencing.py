@@ -36,6 +36,7 @@ from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict
 from deckard.model.fence import MASK, FenceConfig
 from deckard.node.fencing import AgentFencing, load_fencing
+from deckard.runtime.bmc import bmc_missing_reason
 from deckard.runtime.paths import FarmPaths
 from deckard.services import cluster, nodes
 from deckard.services.cluster import FenceFailed, LostNode
@@ -45,7 +46,7 @@ from deckard.services.images import register_image
 from deckard.services.tenancy import bootstrap_farm
 from deckard.services.users import create_user
 from deckard.testing import InProcessNode, MultiNodeFarm
-from ipmi_bmc import PASSWORD, Bmc, bmc_missing_reason
+from ipmi_bmc import PASSWORD, Bmc
 
 DATABASES = ["postgresql"]
 LEASE = {"heartbeat_s": 0.5, "self_fence_after_s": 3.0, "lost_after_s": 4.0}  # margins for a busy machine

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from deckard.cli.storage import ensure_node_storage, storage_ready
 from deckard.runtime.paths import DEFAULT_HOME, FarmPaths
-from deckard.runtime.process import Parts, Shutdown, run_process
+from deckard.runtime.process import Parts, Shutdown, pid_alive, run_process
 from deckard.runtime.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -747,14 +747,6 @@ def _start_machines(settings: Settings, home: Path, count: int, driver: str | No
         )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _stop_machines(paths: FarmPaths) -> None:
     from deckard.runtime.bmc import stop_bmcs
     from deckard.runtime.machines import Machines
@@ -790,7 +782,7 @@ def down(
         pid_path.unlink(missing_ok=True)
     if paths.machines_file.exists():  # their machines go once their nodes have stopped
         deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in extra) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in extra) and time.monotonic() < deadline:
             time.sleep(0.2)
         _stop_machines(paths)
     pid = _running_pid(paths)

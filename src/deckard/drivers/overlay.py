@@ -37,6 +37,7 @@ import structlog
 from deckard.drivers.firewall import OVERLAY_MARK, load_text
 from deckard.drivers.network import IFNAMSIZ, link_exists, run_command
 from deckard.model.errors import DriverError
+from deckard.model.network import gateway_of
 
 log = structlog.get_logger()
 
@@ -81,7 +82,7 @@ class Segment:
 
     @property
     def gateway(self) -> str:
-        return str(next(ipaddress.IPv4Network(self.network).hosts()))
+        return gateway_of(self.network)
 
     def render_filter(self) -> str:
         """The bridge-family table that keeps the VXLAN port to node ↔ desktop traffic."""

@@ -60,6 +60,7 @@ from deckard.drivers.vm_boot import (
 )
 from deckard.model.errors import Conflict, DriverError
 from deckard.runtime.paths import FarmPaths, read_tail
+from deckard.runtime.process import pid_alive
 
 log = structlog.get_logger()
 
@@ -395,7 +396,7 @@ class VmDriver:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             for _ in range(100):  # QEMU's locks on the disks go with the process
-                if not _alive(pid):
+                if not pid_alive(pid):
                     break
                 await asyncio.sleep(0.05)
         tap = str(meta["tap"]) if isinstance(meta.get("tap"), str) else tap_name(guest_name)
@@ -611,14 +612,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _rss(pid: int) -> int | None:

@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import enum
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -58,7 +57,9 @@ from deckard.drivers import load_driver
 from deckard.model.errors import BadInput
 from deckard.model.fence import FenceConfig, fence_config
 from deckard.model.states import NodeState
+from deckard.runtime.bmc import find_agent
 from deckard.runtime.paths import FarmPaths
+from deckard.runtime.process import pid_alive
 from deckard.runtime.settings import NodeSettings
 from deckard.services.cluster import Fence, FenceFailed, LeaseView, LostNode
 
@@ -120,18 +121,10 @@ def boot_id() -> str:
     return "-".join(p for p in parts if p)
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 async def _kill_process(pid: int) -> bool:
     if pid == os.getpid():
         return False  # never fence ourselves through the cluster monitor
-    if _is_alive(pid):
+    if pid_alive(pid):
         try:
             pgid = os.getpgid(pid)
         except ProcessLookupError:
@@ -142,10 +135,10 @@ async def _kill_process(pid: int) -> bool:
             else:
                 os.kill(pid, signal.SIGKILL)
     for _ in range(100):  # SIGKILL is asynchronous: wait until it is gone (or a zombie)
-        if not _is_alive(pid):
+        if not pid_alive(pid):
             return True
         await asyncio.sleep(0.02)
-    return not _is_alive(pid)
+    return not pid_alive(pid)
 
 
 class LocalFencing:
@@ -201,13 +194,7 @@ class CommandFencing:
         return True
 
 
-# where Debian's fence-agents installs its programs, for a daemon whose PATH lacks /usr/sbin
-AGENT_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 STATUS_ON, STATUS_OFF = 0, 2  # the fence agent API's exit codes for action=status
-
-
-def find_agent(agent: str) -> str | None:
-    return shutil.which(agent) or next((p for d in AGENT_DIRS if os.access(p := f"{d}/{agent}", os.X_OK)), None)
 
 
 class AgentFencing:

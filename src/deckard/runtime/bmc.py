@@ -25,29 +25,46 @@ from pathlib import Path
 USER = "deckard"
 BASE_PORT = 6230  # machine i's BMC answers on BASE_PORT + i (UDP) of the host's underlay address
 
-_LAN_CONF = """name "{name}"
+# ipmi_sim's configuration for one BMC: ``auths`` are the IPMI 1.5 authentication types it accepts,
+# ``chassis`` the program it runs for chassis control (``PROG get power`` / ``PROG set power 0``)
+LAN_CONF = """name "{name}"
 set_working_mc 0x20
   startlan 1
     addr {address} {port}
     priv_limit admin
-    allowed_auths_callback md5
-    allowed_auths_user md5
-    allowed_auths_operator md5
-    allowed_auths_admin md5
+    allowed_auths_callback {auths}
+    allowed_auths_user {auths}
+    allowed_auths_operator {auths}
+    allowed_auths_admin {auths}
     guid {guid}
   endlan
-  chassis_control "{python} -m deckard.runtime.bmc chassis {machine}"
-  user 2 true "{user}" "{password}" admin 10 md5
+  chassis_control "{chassis}"
+  user 2 true "{user}" "{password}" admin 10 {auths}
 """
-_EMU = "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n"
+EMU = "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n"
+
+# where Debian's fence-agents installs its programs, for a daemon whose PATH lacks /usr/sbin
+AGENT_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def find_agent(agent: str) -> str | None:
+    """The fence agent program ``agent`` (``fence_ipmilan`` …) on this machine."""
+    return shutil.which(agent) or next((p for d in AGENT_DIRS if os.access(p := f"{d}/{agent}", os.X_OK)), None)
+
+
+def bmc_missing_reason() -> str | None:
+    """Why BMCs cannot be simulated and fenced here (ipmi_sim, ipmitool, fence_ipmilan), or None."""
+    for tool, package in (("ipmi_sim", "openipmi"), ("ipmitool", "ipmitool")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install {package}; `make deps` does it)"
+    if find_agent("fence_ipmilan") is None:
+        return "fence_ipmilan is not installed (apt-get install fence-agents; `make deps` does it)"
+    return None
 
 
 def bmc_available() -> bool:
     """ipmi_sim to simulate the BMCs and fence_ipmilan (with ipmitool) to fence through them."""
-    agent = shutil.which("fence_ipmilan") or any(
-        os.access(f"{d}/fence_ipmilan", os.X_OK) for d in ("/usr/sbin", "/sbin")
-    )
-    return bool(shutil.which("ipmi_sim") and shutil.which("ipmitool") and agent)
+    return bmc_missing_reason() is None
 
 
 @dataclass(frozen=True)
@@ -78,19 +95,19 @@ def start_bmc(directory: Path, name: str, address: str, port: int, machine_addre
     password_file.write_text(password + "\n")
     conf = directory / "lan.conf"
     conf.write_text(
-        _LAN_CONF.format(
+        LAN_CONF.format(
             name=name,
             address=address,
             port=port,
+            auths="md5",
             guid=secrets.token_hex(16),
-            python=sys.executable,
-            machine=machine_address,
+            chassis=f"{sys.executable} -m deckard.runtime.bmc chassis {machine_address}",
             user=USER,
             password=password,
         )
     )
     conf.chmod(0o600)
-    (directory / "machine.emu").write_text(_EMU)
+    (directory / "machine.emu").write_text(EMU)
     with open(directory / "ipmi_sim.log", "ab") as log:
         proc = subprocess.Popen(
             ["ipmi_sim", "-c", str(conf), "-f", str(directory / "machine.emu"), "-s", str(directory / "state"), "-n"],

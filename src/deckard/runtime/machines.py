@@ -16,6 +16,7 @@ after a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+ROOT = Path("/run/deckard-machines")  # the machines' own files (machine id, the mount namespace's scratch)
 
 # the mount namespace's set-up, then the command: $1 is the machine's directory, the rest the command
 _ENTER = r"""set -e
@@ -57,39 +60,46 @@ class Machine:
     def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(*argv), capture_output=True, text=True, check=check, timeout=timeout)
 
-    def pids(self) -> list[int]:
-        """Every process in the machine's network namespace."""
-        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
     def processes(self) -> set[int]:
-        """Every process of the machine: those in its network namespace and their descendants (a container's
-        processes have a network namespace of their own)."""
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        found, todo = set(), list(self.pids())
-        while todo:
-            pid = todo.pop()
-            if pid not in found:
-                found.add(pid)
-                todo.extend(children.get(pid, []))
-        return found
+        """Every process of the machine (``namespace_processes``)."""
+        return namespace_processes(self.name)
 
     def power_off(self) -> None:
         """What pulling the plug looks like: every process of the machine killed at once, its network gone."""
-        for _ in range(3):  # processes that were forking meanwhile
-            for pid in self.processes():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.05)
+        kill_namespace(self.name)
         subprocess.run(["ip", "-n", self.name, "link", "set", "up0", "down"], capture_output=True)
+
+
+def namespace_processes(netns: str) -> set[int]:
+    """Every process in the network namespace ``netns`` and their descendants (a container's processes have a
+    network namespace of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout
+    found, todo = set(), [int(p) for p in out.split()]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def kill_namespace(netns: str, rounds: int = 50) -> None:
+    """SIGKILL every process of ``netns`` (``namespace_processes``), again while some are left (they were forking)."""
+    for _ in range(rounds):
+        pids = namespace_processes(netns)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 @dataclass
@@ -98,7 +108,7 @@ class Machines:
 
     count: int
     tag: str = field(default_factory=lambda: f"{os.getpid() % 1000:03d}")
-    root: Path = field(default_factory=lambda: Path("/run/deckard-machines"))
+    root: Path = field(default_factory=lambda: ROOT)
     machines: list[Machine] = field(default_factory=list)
 
     @property
@@ -169,7 +179,7 @@ def machine_at(address: str) -> Machine | None:
     for ns in sorted(Path("/run/netns").glob("dkm*m*")):
         out = subprocess.run(["ip", "-n", ns.name, "-4", "-o", "addr", "show", "up0"], capture_output=True, text=True)
         if f" {address}/" in out.stdout:
-            return Machine(ns.name, address, Path("/run/deckard-machines") / ns.name)
+            return Machine(ns.name, address, ROOT / ns.name)
     return None
 
 

@@ -23,6 +23,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -132,3 +133,12 @@ class Parts:
         for close in reversed(self._closers):
             await close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is neither a zombie nor dead (``/proc/<pid>/stat``'s state)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
