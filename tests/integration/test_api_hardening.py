@@ -32,6 +32,10 @@ from deckard.services.admins import create_api_token
 from deckard.services.tenancy import bootstrap_farm
 from deckard.web import DIST
 
+# the subject is the HTTP front door (bodies, heads, headers);
+# the API's SQL runs on PostgreSQL in test_api.py
+DATABASES = ["sqlite"]
+
 
 @dataclass
 class Api:

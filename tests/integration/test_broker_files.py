@@ -27,6 +27,10 @@ from deckard.model.errors import Conflict, PermissionDenied
 from deckard.services import config, identity, portal, tickets
 from deckard.services.context import SYSTEM
 
+# the subject is the file channel;
+# the connect path's SQL runs on PostgreSQL in test_broker_protocol.py
+DATABASES = ["sqlite"]
+
 
 class MemoryFiles:
     """The agent's file routes as the broker sees them, over a dict (a layer double)."""

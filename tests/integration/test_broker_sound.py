@@ -31,6 +31,10 @@ from deckard.runtime.settings import Settings
 from deckard.services import config, identity, portal, tickets
 from deckard.services.context import SYSTEM
 
+# the subject is the sound relay;
+# the connect path's SQL runs on PostgreSQL in test_broker_protocol.py
+DATABASES = ["sqlite"]
+
 HEADER = {"codec": "opus", "rate": 48000, "channels": 2, "frame_ms": 20, "bitrate": 96000, "pre_skip": 312}
 
 

@@ -175,3 +175,37 @@ async def test_a_task_cancelled_mid_query_ends_its_transaction(db: Database, ope
     assert time.monotonic() - t0 < 10, "the cancelled task's transaction held the write lock"
     async with db.connect() as conn:
         assert "after" in await _names(conn)
+
+
+@pytest.mark.databases("postgresql")
+async def test_a_session_the_server_ended_mid_transaction_is_a_503_to_try_again(db: Database) -> None:
+    """A pause between two statements longer than the idle-in-transaction limit (a process starved of CPU): the
+    server ends the session, and the API answers 503 ``database_unavailable``, not 500 ``internal``."""
+    from starlette.requests import Request
+
+    from deckard.api import errors
+
+    with pytest.raises(sa.exc.DBAPIError) as caught:
+        async with db.begin() as conn:
+            await conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 100"))
+            await asyncio.sleep(0.5)
+            await conn.execute(sa.select(t.tenants.c.name))
+    request = Request({"type": "http", "method": "POST", "path": "/api/v1/auth/login", "headers": []})
+    response = await errors._statement_error(request, caught.value)
+    assert response.status_code == 503 and b'"database_unavailable"' in response.body
+    assert response.headers["retry-after"] == "2"
+    # the pool hands out a working connection next
+    async with db.connect() as conn:
+        assert (await conn.execute(sa.select(sa.literal(1)))).scalar() == 1
+
+
+async def test_a_bad_statement_stays_a_500(db: Database) -> None:
+    from starlette.requests import Request
+
+    from deckard.api import errors
+
+    with pytest.raises(sa.exc.DBAPIError) as caught:
+        async with db.connect() as conn:
+            await conn.execute(sa.text("SELECT no_such_column FROM tenants"))
+    request = Request({"type": "http", "method": "GET", "path": "/api/v1/tenants", "headers": []})
+    assert (await errors._statement_error(request, caught.value)).status_code == 500

@@ -2,7 +2,8 @@
 
 Every failure leaves the API in the one error envelope (``api/envelope.py``): Deckard's own errors with their
 ``status`` and ``code``, FastAPI's validation errors as 422 ``bad_input``, unknown routes and methods as
-404 ``not_found`` / 405 ``method_not_allowed``, and anything unexpected as 500 ``internal`` (logged, never
+404 ``not_found`` / 405 ``method_not_allowed``, a database that went away or stayed busy as 503
+``database_unavailable`` (try again), and anything unexpected as 500 ``internal`` (logged, never
 leaking a traceback to the client).
 """
 
@@ -76,7 +77,34 @@ async def _statement_error(request: Request, exc: Exception) -> JSONResponse:
     # api/strict.py and services/listing.py stops these first, this keeps any it misses a 422 and not a 500
     if isinstance(exc, OverflowError) or isinstance(getattr(exc, "orig", None), OverflowError):
         return error_response(422, "bad_input", "a number in the request is out of range (at most 64 bits)")
+    if _database_away(exc):
+        log.warning("api.database_unavailable", path=request.url.path, method=request.method, error=str(exc)[:300])
+        return error_response(
+            503,
+            "database_unavailable",
+            "the farm's database did not answer in time (busy, restarting or unreachable): try again in a moment",
+            headers={"Retry-After": "2"},
+        )
     return await _unexpected_error(request, exc)
+
+
+# SQLSTATE classes of a session the server ended or a database that is not there (not of a bad statement):
+# 08 connection exception, 25P03 idle-in-transaction timeout, 53 insufficient resources, 55P03 lock not
+# available (lock_timeout), 57 operator intervention (shutdown, admin terminate), 58 system error
+_AWAY_STATES = ("08", "25P03", "53", "55P03", "57", "58")
+
+
+def _database_away(exc: Exception) -> bool:
+    """The request failed because the database went away or stayed busy, not because of what it asked."""
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = str(getattr(exc.orig, "sqlstate", None) or "")
+    if state.startswith(_AWAY_STATES):
+        return True
+    # SQLite: a writer that waited out its busy timeout
+    return isinstance(exc, sqlalchemy.exc.OperationalError) and "database is locked" in str(exc.orig)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -64,8 +64,11 @@ class Database:
         kwargs: dict[str, object] = {}
         if self.dialect == "postgresql":
             # a node cut off in the middle of a transaction must not hold its row locks until TCP gives up
-            # (hours): the server ends such sessions, and nobody waits on a lock for ever
-            options = "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=10000"
+            # (hours): the server ends such sessions, and nobody waits on a lock for ever.  The idle limit is
+            # well above a busy process's pause between two statements (5 s was not: an API process starved of
+            # CPU on a loaded machine lost a login's transaction), and below the lock wait, so whoever waits
+            # on a dead session's lock gets it rather than an error
+            options = "-c idle_in_transaction_session_timeout=15000 -c lock_timeout=20000"
             kwargs = {
                 "pool_size": pool_size,
                 "max_overflow": 20,
