@@ -208,7 +208,8 @@ async def load(bridge: str, text: str) -> None:
     await load_text(table_name(bridge), text)
 
 
-async def load_text(name: str, text: str) -> None:
+async def load_text(name: str, text: str, *, netns: str | None = None) -> None:
+    """Load a table's text with one ``nft -f`` (in network namespace ``netns`` if given)."""
     if not available():
         raise DriverError(
             "nft is not installed: desktops would have no network policy; install the nftables package",
@@ -219,7 +220,8 @@ async def load_text(name: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     try:
-        result = await run_command(["nft", "-f", str(tmp)], check=False)
+        inside = ["ip", "netns", "exec", netns] if netns else []
+        result = await run_command([*inside, "nft", "-f", str(tmp)], check=False)
     finally:
         tmp.unlink(missing_ok=True)
     if result.returncode != 0:
