@@ -7,6 +7,8 @@ the ``deckard network`` commands drive it all."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 import test_api
@@ -285,3 +287,32 @@ async def test_deleting_a_tenant_deletes_its_private_networks(farm: Farm) -> Non
     await call(root.grant_network, "corp", "gamma")
     await call(root.delete_tenant, "gamma")
     assert [(n.name, n.tenants) for n in await call(root.list_networks)] == [("corp", [])]
+
+
+async def _network_events_until(lines: Any, name: str) -> list[tuple[str, str]]:
+    """The network events of the stream, as (type, name or tenant granted), up to the creation of ``name``."""
+    seen: list[tuple[str, str]] = []
+    kind = None
+    async for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: ") and kind:
+            data = json.loads(line[len("data: ") :])
+            if data.get("object") == "network":
+                seen.append((kind, str(data.get("name") or data.get("granted"))))
+                if (kind, data.get("name")) == ("created", name):
+                    return seen
+    raise AssertionError("the stream ended")
+
+
+async def test_a_tenant_administrator_hears_of_its_networks_and_grants_only(farm: Farm) -> None:
+    root, acme, _beta = await two_tenants(farm)
+    async with farm.http() as http, http.stream("GET", "/events", params={"token": acme.token}) as r:
+        lines = r.aiter_lines()
+        assert await asyncio.wait_for(lines.__anext__(), 10) == ": connected"
+        await call(root.create_network, "corp", "10.60.0.0/24", shared=True)  # the farm's: not acme's news
+        await call(root.create_network, "wide", "10.50.0.0/16", tenant="beta")  # beta's: not acme's either
+        await call(root.grant_network, "corp", "acme")
+        await call(acme.create_network, "lan", "10.50.0.0/24")
+        heard = await asyncio.wait_for(_network_events_until(lines, "lan"), 10)
+    assert heard == [("updated", "acme"), ("created", "lan")]
