@@ -297,14 +297,16 @@ async def revoke_network(db: Database, actor: Actor, ref: str | int, tenant: str
     async with db.begin() as conn:
         row = await _shared(conn, actor, ref)
         tenant_row = await find_tenant(conn, actor, tenant)
-        users = await _users(conn, row["id"], int(tenant_row["id"]))
-        if users["desktops"] or users["osfs"]:
-            raise _in_use(row["name"], users, f"revoke it from tenant {tenant_row['name']!r}")
+        # the grant goes first: on PostgreSQL that waits for creators holding it (resolve_network), so the check
+        # below sees their OSFs and desktops, and a refusal rolls the grant back
         res = await conn.execute(sa.delete(g).where(g.c.network_id == row["id"], g.c.tenant_id == tenant_row["id"]))
         if res.rowcount == 0:
             raise NotFound(
                 f"network {row['name']!r} is not granted to tenant {tenant_row['name']!r}", code="grant_not_found"
             )
+        users = await _users(conn, row["id"], int(tenant_row["id"]))
+        if users["desktops"] or users["osfs"]:
+            raise _in_use(row["name"], users, f"revoke it from tenant {tenant_row['name']!r}")
     await publish(db, "updated", "network", row["id"], int(tenant_row["id"]), revoked=tenant_row["name"])
     return await get_network(db, actor, row["id"])
 
@@ -318,13 +320,16 @@ async def resolve_network(conn: AsyncConnection, tenant_id: int, ref: str | int 
     if ref is None or ref == "":
         return None
     cond = n.c.id == int(ref) if str(ref).isdigit() else n.c.name == str(ref)
-    q = sa.select(n.c.id).where(cond, usable_by(tenant_id)).order_by(n.c.tenant_id.is_(None), n.c.id)
+    q = sa.select(n.c.id, n.c.tenant_id).where(cond, usable_by(tenant_id)).order_by(n.c.tenant_id.is_(None), n.c.id)
     row = (await conn.execute(q)).first()
     if not row:
         raise NotFound(
             f"no network {ref!r} for this tenant: its own networks and the shared ones granted to it are usable",
             code="network_not_found",
         )
+    if row.tenant_id is None:  # hold the grant until the caller commits: a revoke waits (revoke_network)
+        held = sa.select(g.c.network_id).where(g.c.network_id == row.id, g.c.tenant_id == tenant_id)
+        await conn.execute(held.with_for_update(read=True))
     return int(row.id)
 
 
