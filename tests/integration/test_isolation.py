@@ -124,6 +124,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
     user = await call(b.create_user, "bruno", "pw-bruno")
     desk = await call(b.create_desktop, "bruno-1", "bruno")
     role = await call(b.create_role, "beta-role", grants=[("user.see", True)])
+    network = await call(b.create_network, "beta-net", "10.77.0.0/24")
     osf = next(o for o in await call(b.list_osfs) if o.tenant_id == ids["beta"])
     async with farm.db.begin() as conn:
         res = await conn.execute(
@@ -148,6 +149,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         "osfs": osf.id,
         "images": image_id,
         "volumes": volume_id,
+        "networks": network.id,  # the grant routes get it as {tenant} too: the network is looked up first
         "properties": {"user": user.id, "desktop": desk.id, "osf": osf.id, "image": image_id},
         "auth": (await call(b.create_own_token, "beta-script", 7)).id,
     }

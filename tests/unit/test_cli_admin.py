@@ -107,6 +107,7 @@ class FakeApi:
         osf: str | None = None,
         tag: str = "default",
         description: str = "",  # noqa: ARG002
+        network: str | None = None,  # noqa: ARG002
     ) -> Desktop:
         self._user(user)
         n = len(self.desktops) + 1

@@ -30,6 +30,7 @@ from deckard.api.routes import (
     health,
     identity,
     images,
+    networks,
     nodes,
     osfs,
     portal,
@@ -93,7 +94,7 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     install_audit_log(app)
     api = APIRouter(prefix=PREFIX)
     modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
-    for module in (*modules, identity, farm, audit, connections, stats, events, volumes):
+    for module in (*modules, identity, farm, audit, connections, stats, events, volumes, networks):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(portal.router)  # /portal/* and /api/v1/desktops/{id}/spy-ticket

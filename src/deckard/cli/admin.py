@@ -1,4 +1,4 @@
-"""The administrator's nouns of the ``deckard`` command (QVD's qa4): user, desktop, node, image, osf.
+"""The administrator's nouns of the ``deckard`` command (QVD's qa4): user, desktop, node, image, osf, network.
 
 Every command here goes through the API with the CLI profile, never to the database.  Some nouns are shared
 with ``cli/farm.py`` (``image build`` builds there): ``_group`` adds our verbs to a group that already exists
@@ -18,6 +18,7 @@ from deckard.cli import (
     desktops,
     images,
     login,
+    networks,
     nodes,
     placement,
     properties,
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(users.app, name="user")
     app.add_typer(desktops.app, name="desktop")
     app.add_typer(images.osf_app, name="osf")
+    app.add_typer(networks.app, name="network")
     images.add_image_commands(_group(app, "image", "Disk images (QVD's DIs)."))
     nodes.add_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))
     placement.add_node_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))

@@ -35,6 +35,8 @@ COLUMNS = (
     "osf",
     "tag",
     "ip",
+    "network",
+    "network_ip",
     "state",
     "cmd",
     "node",
@@ -132,13 +134,17 @@ def add(
     osf: Annotated[str | None, typer.Option("--osf", help="OSF name or id (default: default).")] = None,
     tag: Annotated[str, typer.Option("--tag", help="Image tag it starts from.")] = "default",
     description: Annotated[str, typer.Option("--description", "-d")] = "",
+    network: Annotated[
+        str | None, typer.Option("--network", help='Network (name or id; default: the OSF\'s; "": the default).')
+    ] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """Create a desktop for a user (its IP address is allocated now)."""
+    """Create a desktop for a user (its IP address is allocated now, in its network)."""
     with session.api(profile) as api:
-        desk = api.create_desktop(name, user, osf=osf, tag=tag, description=description)
-    print_done(f"desktop {desk.name!r} created (id {desk.id}, ip {desk.ip})", desk, as_json=as_json)
+        desk = api.create_desktop(name, user, osf=osf, tag=tag, description=description, network=network)
+    where = f", {desk.network_ip} on network {desk.network!r}" if desk.network else ""
+    print_done(f"desktop {desk.name!r} created (id {desk.id}, ip {desk.ip}{where})", desk, as_json=as_json)
 
 
 app.command("list")(
@@ -167,11 +173,15 @@ def update(
     description: Annotated[str | None, typer.Option("--description", "-d")] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="Image tag (only while stopped).")] = None,
     osf: Annotated[str | None, typer.Option("--osf", help="OSF name or id (only while stopped).")] = None,
+    network: Annotated[
+        str | None,
+        typer.Option("--network", help='Move to this network, with a new address (only while stopped; "": default).'),
+    ] = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """Rename a desktop or change its description, tag or OSF."""
-    asked = {"name": name, "description": description, "tag": tag, "osf": osf}
+    """Rename a desktop or change its description, tag, OSF or network."""
+    asked = {"name": name, "description": description, "tag": tag, "osf": osf, "network": network}
     changes = {k: v for k, v in asked.items() if v is not None}
     with session.api(profile) as api:
         desk = api.update_desktop(desktop, **changes)

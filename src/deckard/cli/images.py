@@ -27,7 +27,7 @@ from deckard.model.schemas import Image, Osf
 from deckard.model.states import ImageState
 
 IMAGE_COLUMNS = ("id", "osf", "version", "profile", "state", "tags", "size", "blocked", "created_at")
-OSF_COLUMNS = ("id", "name", "memory_mib", "cpus", "driver", "keep_overlay", "description")
+OSF_COLUMNS = ("id", "name", "memory_mib", "cpus", "driver", "keep_overlay", "network", "description")
 
 ImageArg = Annotated[int, typer.Argument(help="Id of the disk image.")]
 OsfArg = Annotated[str, typer.Argument(help="Name or id of the OSF.")]
@@ -198,6 +198,10 @@ CpusOpt = Annotated[float | None, typer.Option("--cpus")]
 DriverOpt = Annotated[str | None, typer.Option("--driver", help="container, vm or fake.")]
 KeepOpt = Annotated[bool | None, typer.Option("--keep-overlay/--discard-overlay")]
 DescOpt = Annotated[str | None, typer.Option("--description", "-d")]
+NetworkOpt = Annotated[
+    str | None,
+    typer.Option("--network", help='Network its new desktops are on (name or id; "" for the default network).'),
+]
 
 
 # the settings an OSF is made of, named as the API names them: add and update take the same ones
@@ -207,6 +211,7 @@ OSF_SETTINGS = [
     option("driver", DriverOpt),
     option("keep_overlay", KeepOpt),
     option("description", DescOpt),
+    option("network", NetworkOpt),
 ]
 
 

@@ -49,6 +49,7 @@ from deckard.model.schemas import (
     Image,
     LoginBan,
     LoginResult,
+    Network,
     NetworkDecision,
     Node,
     NodeMaintenance,
@@ -282,17 +283,27 @@ class ApiClient:
         return self.list_all("desktops", Desktop, [*_pairs(params), *_pairs({"user": user})])
 
     def create_desktop(
-        self, name: str, user: str | int, *, osf: str | int | None = None, tag: str = "default", description: str = ""
+        self,
+        name: str,
+        user: str | int,
+        *,
+        osf: str | int | None = None,
+        tag: str = "default",
+        description: str = "",
+        network: str | int | None = None,
     ) -> Desktop:
+        """A desktop; ``network`` is the network it is on (default: its OSF's; "": the farm's default network)."""
         body = {"name": name, "user": str(user), "osf": None if osf is None else str(osf), "tag": tag}
         body["description"] = description
+        body.update(_given(network=None if network is None else str(network)))
         return self._get(Desktop, "POST", "/desktops", json=body)
 
     def get_desktop(self, desktop: str | int) -> Desktop:
         return self._get(Desktop, "GET", f"/desktops/{_seg(desktop)}")
 
     def update_desktop(self, desktop: str | int, **changes: Any) -> Desktop:
-        """Change ``name``, ``description``, ``tag`` or ``osf`` (the last two only while stopped)."""
+        """Change ``name``, ``description``, ``tag``, ``osf`` or ``network`` (the last three only while stopped;
+        ``network=""`` moves it to the farm's default network)."""
         return self._get(Desktop, "PATCH", f"/desktops/{_seg(desktop)}", json=changes)
 
     def delete_desktop(self, desktop: str | int) -> None:
@@ -677,6 +688,33 @@ class ApiClient:
 
     def revoke_own_token(self, token_id: int) -> None:
         self._send("DELETE", f"/auth/tokens/{int(token_id)}")
+
+    # networks (docs/networking.md, "Tenant networks")
+    def list_networks(self, params: Params = None) -> list[Network]:
+        return self.list_all("networks", Network, params)
+
+    def get_network(self, network: str | int) -> Network:
+        return self._get(Network, "GET", f"/networks/{_seg(network)}")
+
+    def create_network(
+        self, name: str, range: str, *, shared: bool = False, tenant: str | None = None, description: str = ""
+    ) -> Network:
+        """A private network (of ``tenant``: farm's administrators only), or a ``shared`` one to grant to tenants."""
+        body = {"name": name, "range": range, "kind": "shared" if shared else "private", "description": description}
+        return self._get(Network, "POST", "/networks", json={**body, **_given(tenant=tenant)})
+
+    def update_network(self, network: str | int, *, description: str | None = None) -> Network:
+        return self._get(Network, "PATCH", f"/networks/{_seg(network)}", json=_given(description=description))
+
+    def delete_network(self, network: str | int) -> None:
+        self._delete("networks", network)
+
+    def grant_network(self, network: str | int, tenant: str | int) -> Network:
+        """Let ``tenant``'s OSFs and desktops use a shared network."""
+        return self._get(Network, "POST", f"/networks/{_seg(network)}/grants", json={"tenant": str(tenant)})
+
+    def revoke_network(self, network: str | int, tenant: str | int) -> None:
+        self._send("DELETE", f"/networks/{_seg(network)}/grants/{_seg(tenant)}")
 
     # volumes (docs/volumes.md)
     def list_volumes(self, params: Params = None) -> list[Volume]:

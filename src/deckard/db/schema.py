@@ -96,6 +96,36 @@ admin_tokens = sa.Table(
     sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
+# ---- tenant networks (0015): the segments desktops live on, beside the farm's default network -----------------
+# ``tenant_id`` NULL: a shared network, the farm's own (made by an all-tenants administrator) and usable by the
+# tenants in ``network_grants``; a private network belongs to one tenant.  Desktops and OSFs with ``network_id``
+# NULL are on the farm's default network (``network.range``, a setting, not a row).  A desktop on a network has an
+# address there (``desktops.network_ip``) besides its farm address (``desktops.ip``); nodes realise each network
+# as a segment of its own (``drivers/tenant_net.py``).
+
+networks = sa.Table(
+    "networks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=True, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # private | shared
+    sa.Column("range", sa.String(18), nullable=False),  # IPv4 CIDR, normalised (10.1.0.0/24)
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name", name="uq_networks_tenant_name"),  # NULL tenants: the service checks
+    sa.CheckConstraint(
+        "(kind = 'private' AND tenant_id IS NOT NULL) OR (kind = 'shared' AND tenant_id IS NULL)", name="kind"
+    ),
+)
+
+network_grants = sa.Table(
+    "network_grants",
+    metadata,
+    sa.Column("network_id", sa.ForeignKey("networks.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True, index=True),
+)
+
 osfs = sa.Table(
     "osfs",
     metadata,
@@ -108,6 +138,8 @@ osfs = sa.Table(
     sa.Column("driver", sa.String(16), nullable=False, server_default="container"),
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", TS, nullable=False),
+    # the network its desktops are made on (0015); NULL: the farm's default network
+    sa.Column("network_id", sa.ForeignKey("networks.id", ondelete="RESTRICT"), nullable=True, index=True),
     sa.UniqueConstraint("tenant_id", "name", name="uq_osfs_tenant_name"),
 )
 
@@ -183,7 +215,7 @@ desktops = sa.Table(
     sa.Column("user_id", sa.ForeignKey("users.id", ondelete="RESTRICT"), nullable=False, index=True),
     sa.Column("osf_id", sa.ForeignKey("osfs.id", ondelete="RESTRICT"), nullable=False, index=True),
     sa.Column("tag", sa.String(64), nullable=False, server_default="default"),
-    sa.Column("ip", sa.String(45), nullable=False, unique=True),
+    sa.Column("ip", sa.String(45), nullable=False, unique=True),  # the farm address: how nodes and brokers reach it
     sa.Column("mac", sa.String(17), nullable=False),
     sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("description", sa.Text, nullable=False, server_default=""),
@@ -216,8 +248,16 @@ desktops = sa.Table(
     # session policies (0010): the user's last keyboard or mouse input (the agent reports it) and the idle warning
     sa.Column("input_at", TS, nullable=True),
     sa.Column("idle_warned_at", TS, nullable=True),
+    # tenant networks (0015): the network the desktop is on and its address there (what the guest sees; the node
+    # maps it 1:1 to ``ip``); both NULL: the farm's default network, where ``ip`` is the guest's own address
+    sa.Column("network_id", sa.ForeignKey("networks.id", ondelete="RESTRICT"), nullable=True, index=True),
+    sa.Column("network_ip", sa.String(45), nullable=True),
     sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
+    sa.CheckConstraint("(network_id IS NULL) = (network_ip IS NULL)", name="network_ip"),
 )
+
+# an address in a tenant network is unique in that network: two tenants' networks may use the same range
+sa.Index("ux_desktops_network_ip", desktops.c.network_id, desktops.c.network_ip, unique=True)
 
 connections = sa.Table(
     "connections",

@@ -20,6 +20,7 @@ OBJECT_ACTIONS: dict[str, tuple[str, ...]] = {
     "role": ("see", "create", "update", "delete"),
     "user": ("see", "create", "update", "delete", "block", "update.password"),
     "osf": ("see", "create", "update", "delete"),
+    "network": ("see", "create", "update", "delete"),  # update: describe, and grant shared networks to tenants
     "image": ("see", "create", "update", "delete", "upload", "build", "publish", "tag", "block"),
     "desktop": (
         "see",
@@ -46,7 +47,7 @@ OBJECT_ACTIONS: dict[str, tuple[str, ...]] = {
 
 # fields an administrator sees only with <object>.see.<field>
 GATED_FIELDS: dict[str, tuple[str, ...]] = {
-    "desktop": ("ip", "mac", "node", "node_id", "failure_reason", "description"),
+    "desktop": ("ip", "network_ip", "mac", "node", "node_id", "failure_reason", "description"),
     "user": ("description",),
     "node": ("address", "pid", "broker_url"),
     "image": ("path", "digest"),

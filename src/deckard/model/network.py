@@ -1,4 +1,5 @@
-"""Desktop addressing: fixed IPs in the desktop range and MACs derived from them (QVD's 54:52:00 + 3 octets).
+"""Desktop addressing: fixed IPs in the desktop range and MACs derived from them (QVD's 54:52:00 + 3 octets), and the
+rules of tenant networks: which ranges they may have, which may not overlap, and their VXLAN ids.
 
 The MAC is a function of the IP so that re-creating a guest with the same IP never leaves a stale ARP entry
 on the bridge (reference/platform.md, "Stale ARP").
@@ -7,9 +8,9 @@ on the bridge (reference/platform.md, "Stale ARP").
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from deckard.model.errors import Conflict
+from deckard.model.errors import BadInput, Conflict
 
 
 def mac_for_ip(ip: str) -> str:
@@ -26,7 +27,11 @@ def first_free_ip(network: str, gateway: str, used: Iterable[str], *, reserved: 
             continue
         if str(host) not in taken:
             return str(host)
-    raise Conflict(f"the desktop network {network} is full; widen it (network.range)", code="network_full")
+    raise Conflict(
+        f"the desktop network {network} is full: widen it (network.range, for the farm's default network) or put "
+        "desktops on another network",
+        code="network_full",
+    )
 
 
 def gateway_of(network: str) -> str:
@@ -35,3 +40,46 @@ def gateway_of(network: str) -> str:
 
 def prefix_len(network: str) -> int:
     return ipaddress.IPv4Network(network).prefixlen
+
+
+# ---- tenant networks (docs/networking.md, "Tenant networks") ------------------------------------------------
+
+PRIVATE_SPACES = tuple(
+    ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
+MIN_PREFIX, MAX_PREFIX = 16, 28  # 65,534 addresses at most, 14 at least (the first 10 are kept for nodes)
+VNI_BASE = 10000  # below it: the farm's own segment (network.overlay_vni, 4242 by default)
+
+
+def validate_range(text: str) -> str:
+    """``text`` as a normalised IPv4 CIDR (``10.1.0.0/24``) fit for a tenant network, else 422 ``bad_network_range``.
+
+    Host bits must be zero (``10.1.0.5/24`` is refused: the admin meant something else), the prefix /16 to /28, and
+    the range inside RFC 1918 space or the carrier-grade NAT space 100.64.0.0/10, never a public range.
+    """
+    allowed = (
+        f"an IPv4 range /{MIN_PREFIX} to /{MAX_PREFIX} with no host bits set, inside 10.0.0.0/8, 172.16.0.0/12, "
+        "192.168.0.0/16 or 100.64.0.0/10"
+    )
+    try:
+        net = ipaddress.IPv4Network(text.strip(), strict=True)
+    except ValueError:  # not IPv4, not CIDR, or host bits set
+        raise BadInput(
+            f"invalid network range {text!r}: give {allowed}, e.g. 10.1.0.0/24", code="bad_network_range"
+        ) from None
+    if not MIN_PREFIX <= net.prefixlen <= MAX_PREFIX or not any(net.subnet_of(s) for s in PRIVATE_SPACES):
+        raise BadInput(f"network range {net} is not allowed: give {allowed}", code="bad_network_range")
+    return str(net)
+
+
+def overlapping(network: str, others: Mapping[str, str]) -> str | None:
+    """The name of the first of ``others`` (name → range) whose range overlaps ``network``, or None."""
+    net = ipaddress.IPv4Network(network)
+    return next((name for name, other in others.items() if net.overlaps(ipaddress.IPv4Network(other))), None)
+
+
+def network_vni(network_id: int) -> int:
+    """The VXLAN id of a tenant network's segment, should it span machines: 10000 + its id, known to every node
+    without a lookup and apart from the farm's own segment (``network.overlay_vni``).  Today each node keeps its
+    own copy of a network (its desktops never talk to each other), so no segment uses it yet."""
+    return VNI_BASE + network_id

@@ -124,6 +124,23 @@ class Osf(Schema):
     driver: str | None = Field(default=None, description="container, vm or fake.")
     description: str | None = None
     created_at: dt.datetime | None = None
+    network_id: int | None = None
+    network: str | None = Field(default=None, description="The network its new desktops are on; null: the default.")
+
+
+class Network(Schema):
+    """A tenant network (``docs/networking.md``): ``private`` to a tenant, or ``shared`` (no tenant) and usable by
+    the ``tenants`` it is granted to (a tenant administrator sees only its own tenant there)."""
+
+    id: int
+    tenant_id: int | None = None
+    tenant: str | None = None
+    name: str | None = None
+    kind: str | None = Field(default=None, description="private or shared.")
+    range: str | None = Field(default=None, description="IPv4 CIDR; its first 10 hosts are kept for nodes.")
+    description: str | None = None
+    created_at: dt.datetime | None = None
+    tenants: list[str] | None = Field(default=None, description="Shared networks: the tenants granted.")
 
 
 class Image(Schema):
@@ -163,7 +180,10 @@ class Desktop(Schema):
     osf_id: int | None = None
     osf: str | None = None
     tag: str | None = None
-    ip: str | None = None
+    network_id: int | None = None
+    network: str | None = Field(default=None, description="The tenant network it is on; null: the default network.")
+    network_ip: str | None = Field(default=None, description="Its address in that network (what the guest sees).")
+    ip: str | None = Field(default=None, description="Its farm address: how nodes and brokers reach it.")
     mac: str | None = None
     blocked: bool | None = None
     description: str | None = None

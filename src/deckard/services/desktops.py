@@ -8,6 +8,10 @@ chosen node is notified and claims the command.  Only nodes write observed state
 Every admin use case here takes an ``Actor`` and checks its ACL first (``desktop.<action>``); answers pass
 through ``visible`` so gated fields never leave the service.  The broker's entry points (``request_start``,
 ``request_stop``) take no actor: the user was authorized by owning the desktop.
+
+Every desktop has a farm address (``ip``, from ``network.range``, unique in the farm: how nodes and brokers reach
+it).  A desktop on a tenant network (``services/networks.py``: the OSF's unless the desktop names another) also
+has an address there (``network_ip``, unique in that network), which is what its guest sees.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from deckard.services.context import Actor, require, require_fields, visible, vi
 from deckard.services.events import DESKTOPS, node_channel, publish
 from deckard.services.images import validate_tag
 from deckard.services.listing import ListQuery, run_list
+from deckard.services.networks import next_network_address, resolve_network
 from deckard.services.placement import choose_node
 from deckard.services.rows import one_row
 from deckard.services.tenancy import DEFAULT_OSF
@@ -72,6 +77,9 @@ LIST_COLUMNS = [
     d.c.osf_id,
     t.osfs.c.name.label("osf"),
     d.c.tag,
+    d.c.network_id,
+    t.networks.c.name.label("network"),
+    d.c.network_ip,
     d.c.ip,
     d.c.mac,
     d.c.blocked,
@@ -104,6 +112,7 @@ def _listing() -> sa.Select[Any]:
         .join(t.users, t.users.c.id == d.c.user_id)
         .join(t.osfs, t.osfs.c.id == d.c.osf_id)
         .outerjoin(t.nodes, t.nodes.c.id == d.c.node_id)
+        .outerjoin(t.networks, t.networks.c.id == d.c.network_id)
     )
 
 
@@ -116,6 +125,14 @@ async def _osf_id(conn: AsyncConnection, tenant_id: int, ref: str | int | None) 
     return int(row.id)
 
 
+async def _network_id(conn: AsyncConnection, tenant_id: int, osf_id: int, ref: str | int | None) -> int | None:
+    """The network a new desktop is made on: the one named ("": the default network), else its OSF's."""
+    if ref is not None:
+        return await resolve_network(conn, tenant_id, ref)
+    osf_network = (await conn.execute(sa.select(t.osfs.c.network_id).where(t.osfs.c.id == osf_id))).scalar_one()
+    return None if osf_network is None else int(osf_network)
+
+
 async def create_desktop(
     db: Database,
     actor: Actor,
@@ -126,7 +143,12 @@ async def create_desktop(
     osf: str | int | None = None,
     tag: str = "default",
     description: str = "",
+    tenant_network: str | int | None = None,
 ) -> dict[str, Any]:
+    """A stopped desktop with its farm address, from ``network`` (the farm's range, ``Settings.network.range``),
+    and on a tenant network its address there.  ``tenant_network`` names that network (id or name): by default the
+    OSF's; "" is the farm's default network.
+    """
     require(actor, "desktop.create")
     check_login(name)  # same rules as logins: it names containers and appears in URLs
     validate_tag(tag)  # a desktop's tag names an image tag: the same rules
@@ -144,6 +166,8 @@ async def create_desktop(
                     raise Conflict(f"a desktop named {name!r} already exists", code="duplicate")
                 used = [r.ip for r in await conn.execute(sa.select(d.c.ip))]
                 ip = first_free_ip(network, gateway, used)
+                network_id = await _network_id(conn, tenant_id, osf_id, tenant_network)
+                network_ip = None if network_id is None else await next_network_address(conn, network_id)
                 res = await conn.execute(
                     sa.insert(d)
                     .values(
@@ -152,6 +176,8 @@ async def create_desktop(
                         user_id=user_id,
                         osf_id=osf_id,
                         tag=tag,
+                        network_id=network_id,
+                        network_ip=network_ip,
                         ip=ip,
                         mac=mac_for_ip(ip),
                         description=description,
@@ -274,8 +300,11 @@ async def update_desktop(
     description: str | None = None,
     tag: str | None = None,
     osf: str | int | None = None,
+    tenant_network: str | int | None = None,
 ) -> dict[str, Any]:
-    """Rename, describe, retag or move to another OSF; tag and OSF only while stopped (they pick the image)."""
+    """Rename, describe, retag, or move to another OSF or network; tag, OSF and network only while stopped (they
+    pick the image and the address).  ``tenant_network`` is the network to move to (id or name; "": the farm's
+    default network); the desktop gets an address there and keeps its farm address."""
     require(actor, "desktop.update")
     row = await _row(db, actor, desktop_id)
     values: dict[str, Any] = {}
@@ -285,24 +314,52 @@ async def update_desktop(
         values["description"] = description
     if tag is not None:
         values["tag"] = validate_tag(tag)
-    async with db.begin() as conn:
-        if osf is not None:
-            values["osf_id"] = await _osf_id(conn, int(row["tenant_id"]), osf)
-        if not values:
-            return visible(actor, "desktop", row)
-        cond = [d.c.id == desktop_id]
-        if "tag" in values or "osf_id" in values:
-            cond += [d.c.state.in_(AT_REST), d.c.cmd.is_(None)]
-        if "name" in values:
-            taken = await conn.execute(
-                sa.select(d.c.id).where(d.c.tenant_id == row["tenant_id"], d.c.name == values["name"])
-            )
-            if taken.first():
-                raise Conflict(f"a desktop named {values['name']!r} already exists", code="duplicate")
-        res = await conn.execute(sa.update(d).where(*cond).values(**values))
-        if res.rowcount == 0:
-            raise Conflict("the OSF or tag of a running desktop cannot change: stop it first", code="desktop_running")
-    return await _changed(db, actor, desktop_id, fields=sorted(values))
+    for _attempt in range(20):
+        try:
+            async with db.begin() as conn:
+                changed = await _update(conn, row, values, osf, tenant_network)
+            break
+        except sa.exc.IntegrityError:
+            continue  # another desktop took the new address (or the name) meanwhile: look again
+    else:
+        raise Conflict("could not allocate an IP address: too many concurrent changes, retry", code="ip_race")
+    if not changed:
+        return visible(actor, "desktop", row)
+    return await _changed(db, actor, desktop_id, fields=sorted(changed))
+
+
+async def _update(
+    conn: AsyncConnection,
+    row: dict[str, Any],
+    asked: dict[str, Any],
+    osf: str | int | None,
+    tenant_network: str | int | None,
+) -> list[str]:
+    """Write a desktop's changes in one guarded UPDATE; the names of the columns changed."""
+    values = dict(asked)
+    tenant_id = int(row["tenant_id"])
+    if osf is not None:
+        values["osf_id"] = await _osf_id(conn, tenant_id, osf)
+    if tenant_network is not None:
+        network_id = await resolve_network(conn, tenant_id, tenant_network)
+        if network_id != row["network_id"]:
+            values["network_id"] = network_id
+            values["network_ip"] = None if network_id is None else await next_network_address(conn, network_id)
+    if not values:
+        return []
+    cond = [d.c.id == row["id"]]
+    if {"tag", "osf_id", "network_id"} & set(values):
+        cond += [d.c.state.in_(AT_REST), d.c.cmd.is_(None)]
+    if "name" in values:
+        taken = await conn.execute(sa.select(d.c.id).where(d.c.tenant_id == tenant_id, d.c.name == values["name"]))
+        if taken.first():
+            raise Conflict(f"a desktop named {values['name']!r} already exists", code="duplicate")
+    res = await conn.execute(sa.update(d).where(*cond).values(**values))
+    if res.rowcount == 0:
+        raise Conflict(
+            "the OSF, tag or network of a running desktop cannot change: stop it first", code="desktop_running"
+        )
+    return sorted(values)
 
 
 async def disconnect_desktop(db: Database, actor: Actor, desktop_id: int) -> dict[str, Any]:

@@ -4,6 +4,9 @@ driver and whether its writable layer survives a restart.
 Desktops and disk images hang off an OSF, so an OSF is deleted only when nothing uses it (409
 ``has_dependents``, QVD's 7120); a tenant-confined administrator sees only its tenant's OSFs and gets 404 for
 another tenant's, so it never learns they exist.
+
+An OSF names the network its new desktops are made on (``network``: a network of its tenant or a shared one
+granted to it, ``services/networks.py``); none is the farm's default network.  Changing it moves no desktop.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from deckard.model.errors import BadInput, Conflict, NotFound
 from deckard.services.context import Actor, require, require_fields
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
+from deckard.services.networks import resolve_network
 from deckard.services.rows import as_dict, unique_or_conflict
 from deckard.services.tenancy import DEFAULT_TENANT, tenant_id_by_name
 from deckard.services.tenant_lookup import find_osf_id as find_osf_id  # services/images.py finds OSFs here too
@@ -29,9 +33,14 @@ from deckard.services.users import tenant_filter
 o = t.osfs
 DRIVERS = ("container", "vm", "fake")
 MIN_VM_MEMORY_MIB = 256
-UPDATABLE = ("name", "memory_mib", "cpus", "keep_overlay", "driver", "description")
+UPDATABLE = ("name", "memory_mib", "cpus", "keep_overlay", "driver", "description", "network")
 
-COLUMNS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in o.c}
+COLUMNS: dict[str, sa.ColumnElement[Any]] = {c.key: c for c in o.c} | {"network": t.networks.c.name}
+
+
+def _select() -> sa.Select[Any]:
+    """OSFs with the name of their network (null: the default network)."""
+    return sa.select(o, t.networks.c.name.label("network")).outerjoin(t.networks, t.networks.c.id == o.c.network_id)
 
 
 def check_osf_fields(values: Mapping[str, Any]) -> None:
@@ -70,14 +79,14 @@ async def list_osfs(db: Database, actor: Actor, q: ListQuery | None = None) -> t
     q = q or ListQuery()
     require_fields(actor, "osf", q.named_fields)
     async with db.connect() as conn:
-        return await run_list(conn, sa.select(o).where(tenant_filter(actor, o.c.tenant_id)), q, COLUMNS, o.c.id)
+        return await run_list(conn, _select().where(tenant_filter(actor, o.c.tenant_id)), q, COLUMNS, o.c.id)
 
 
 async def get_osf(db: Database, actor: Actor, ref: str | int) -> dict[str, Any]:
     require(actor, "osf.see")
     async with db.connect() as conn:
         osf_id = await find_osf_id(conn, actor, ref)
-        return as_dict((await conn.execute(sa.select(o).where(o.c.id == osf_id))).one())
+        return as_dict((await conn.execute(_select().where(o.c.id == osf_id))).one())
 
 
 async def create_osf(
@@ -91,7 +100,9 @@ async def create_osf(
     driver: str = "container",
     description: str = "",
     tenant: str | None = None,
+    network: str | int | None = None,
 ) -> dict[str, Any]:
+    """An OSF; ``network`` (id or name; none or "": the default network) is where its desktops are made."""
     require(actor, "osf.create")
     values: dict[str, Any] = dict(
         name=name, memory_mib=memory_mib, cpus=cpus, keep_overlay=keep_overlay, driver=driver, description=description
@@ -100,6 +111,7 @@ async def create_osf(
     with unique_or_conflict(f"an OSF named {name!r} already exists in this tenant"):
         async with db.begin() as conn:
             tenant_id = await _tenant_for_create(conn, actor, tenant)
+            values["network_id"] = await resolve_network(conn, tenant_id, network)
             res = await conn.execute(
                 sa.insert(o).values(tenant_id=tenant_id, created_at=utcnow(), **values).returning(o.c.id)
             )
@@ -113,7 +125,7 @@ async def update_osf(db: Database, actor: Actor, ref: str | int, changes: Mappin
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
         raise BadInput(f"cannot change {', '.join(sorted(unknown))} of an OSF", code="bad_field")
-    values = {k: v for k, v in changes.items() if v is not None}
+    values = {k: v for k, v in changes.items() if v is not None and k != "network"}
     check_osf_fields(values)
     with unique_or_conflict(f"an OSF named {values.get('name')!r} already exists in this tenant"):
         async with db.begin() as conn:
@@ -121,9 +133,11 @@ async def update_osf(db: Database, actor: Actor, ref: str | int, changes: Mappin
             row = (await conn.execute(sa.select(o.c.driver, o.c.memory_mib).where(o.c.id == osf_id))).one()
             if values.get("driver", row.driver) == "vm":  # the change may be one half: the memory or the driver
                 check_vm_memory(int(values.get("memory_mib", row.memory_mib)))
+            tenant_id = (await conn.execute(sa.select(o.c.tenant_id).where(o.c.id == osf_id))).scalar_one()
+            if "network" in changes:  # null or "": back to the default network
+                values["network_id"] = await resolve_network(conn, int(tenant_id), changes["network"])
             if values:
                 await conn.execute(sa.update(o).where(o.c.id == osf_id).values(**values))
-            tenant_id = (await conn.execute(sa.select(o.c.tenant_id).where(o.c.id == osf_id))).scalar_one()
     await publish(db, "updated", "osf", osf_id, int(tenant_id), changes=sorted(values))
     return await get_osf(db, actor, osf_id)
 

@@ -101,8 +101,8 @@ async def update_tenant(
 
 
 async def delete_tenant(db: Database, actor: Actor, ref: str | int) -> None:
-    """Delete an empty tenant (its default OSF, roles and config go with it); refused while it has users,
-    desktops, administrators or images."""
+    """Delete an empty tenant (its default OSF, private networks, roles and config go with it); refused while it has
+    users, desktops, administrators or images."""
     async with db.begin() as conn:
         row = await find_tenant(conn, actor, ref)
         require(actor, "tenant.delete")
@@ -127,6 +127,7 @@ async def delete_tenant(db: Database, actor: Actor, ref: str | int) -> None:
                 f"tenant {row['name']!r} still has {images} images: delete them first", code="has_dependents"
             )
         await conn.execute(sa.delete(t.osfs).where(t.osfs.c.tenant_id == tid))
+        await conn.execute(sa.delete(t.networks).where(t.networks.c.tenant_id == tid))  # its private networks
         await conn.execute(sa.delete(t.config).where(t.config.c.tenant_id == tid))
         await conn.execute(sa.delete(t.tenants).where(t.tenants.c.id == tid))
     await publish(db, "deleted", "tenant", tid, tid)

@@ -33,6 +33,9 @@ class DesktopCreate(RequestModel):
     osf: Ref | None = Field(default=None, description="OSF id or name; the default OSF if omitted.")
     tag: str = Field(default="default", min_length=1, max_length=64)
     description: str = Field(default="", max_length=4096)
+    network: Ref | Literal[""] | None = Field(
+        default=None, description="Network (id or name); the OSF's if omitted, \"\" for the farm's default network."
+    )
 
 
 class DesktopUpdate(RequestModel):
@@ -40,6 +43,10 @@ class DesktopUpdate(RequestModel):
     description: str | None = Field(default=None, max_length=4096)
     tag: str | None = Field(default=None, min_length=1, max_length=64, description="Only while stopped.")
     osf: Ref | None = Field(default=None, description="Only while stopped.")
+    network: Ref | Literal[""] | None = Field(
+        default=None,
+        description='Only while stopped: move to this network (id or name; "" the farm\'s default) with a new address.',
+    )
 
 
 MAX_EXPIRY_S = 10 * 365 * 86400
@@ -128,6 +135,7 @@ desktop.add_create(
         body.name,
         body.user,
         network=s.settings.network.range,
+        tenant_network=body.network,
         **body.model_dump(include={"osf", "tag", "description"}),
     ),
     "Create a desktop (its IP address is allocated here)",
@@ -150,8 +158,14 @@ async def bulk_action(
 desktop.add_get(lambda s, i: desktops.get_desktop(s.db, s.actor, i), "Show a desktop")
 desktop.add_patch(
     DesktopUpdate,
-    lambda s, i, body: desktops.update_desktop(s.db, s.actor, i, **body.model_dump(exclude_unset=True)),
-    "Rename, describe, retag or change the OSF (tag and OSF only while stopped: 409 desktop_running)",
+    lambda s, i, body: desktops.update_desktop(
+        s.db,
+        s.actor,
+        i,
+        tenant_network=body.network,
+        **body.model_dump(exclude_unset=True, exclude={"network"}),
+    ),
+    "Rename, describe, retag, or change the OSF or network (the last three only while stopped: 409 desktop_running)",
 )
 desktop.add_delete(
     lambda s, i: desktops.delete_desktop(s.db, s.actor, i), "Delete a stopped desktop (409 desktop_running otherwise)"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from fastapi import APIRouter
 from pydantic import Field
 
@@ -14,6 +16,11 @@ from deckard.services import osfs
 
 router = APIRouter(prefix="/osfs", tags=["osfs"], responses=ERROR_RESPONSES)
 
+NetworkRef = Annotated[
+    Ref | Literal[""] | None,
+    Field(description='Network (id or name) its new desktops are on; null or "": the farm\'s default network.'),
+]
+
 
 class OsfCreate(RequestModel):
     name: str = Field(min_length=1, max_length=64)
@@ -23,6 +30,7 @@ class OsfCreate(RequestModel):
     driver: str = Field(default="container", max_length=16)
     description: str = Field(default="", max_length=4096)
     tenant: Ref | None = Field(default=None, description="Supertenant only: where to create it.")
+    network: NetworkRef = None
 
 
 class OsfUpdate(RequestModel):
@@ -32,6 +40,7 @@ class OsfUpdate(RequestModel):
     keep_overlay: bool | None = None
     driver: str | None = Field(default=None, max_length=16)
     description: str | None = Field(default=None, max_length=4096)
+    network: NetworkRef = None
 
 
 osf = ObjectRoutes(router, "osf", Osf, exclude_unset=True)
