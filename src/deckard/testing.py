@@ -322,7 +322,7 @@ class FarmProcess:
                 pass
         import asyncio
 
-        from deckard.drivers import firewall
+        from deckard.drivers import firewall, tenant_net
         from deckard.drivers.cgroups import remove_cgroups
         from deckard.drivers.network import delete_link, remove_bridge, veth_name
 
@@ -335,6 +335,7 @@ class FarmProcess:
             asyncio.run(delete_link(veth_name(name)))
         for paths in self.node_paths():  # VMs: the taps and their guards (QEMU died with the processes above)
             asyncio.run(remove_vm_ports("t" + paths.guest_prefix().replace("-", "")))
+        asyncio.run(tenant_net.remove_farm(self.bridge))
         asyncio.run(remove_bridge(self.bridge))
         asyncio.run(firewall.remove(self.bridge))
         shutil.rmtree(self.home, ignore_errors=True)

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from deckard.client import broker as qvd
 from deckard.client.rfb import colour_share, grab_framebuffer
 from deckard.drivers.firewall import table_name
 from deckard.model.network import gateway_of
-from deckard.testing import FarmProcess, Upstream, e2e_unavailable_reason, wait_for
+from deckard.testing import FarmProcess, Upstream, e2e_unavailable_reason, image_cache, wait_for
 
 PASSWORD = "net-Pa55word!"
 
@@ -167,3 +168,61 @@ def test_firefox_in_a_standard_desktop_shows_a_page_served_upstream(
     share = asyncio.run(look())
     log = farm.attach(desk["id"], "tail -n 20 /tmp/firefox.log").stdout
     assert share > 0.5, f"the page covers {share:.0%} of the screen; firefox said:\n{log}"
+
+
+# ---- tenant networks (drivers/tenant_net.py): last in the module, as they make the farm multi-tenant ----------
+TENANT_RANGE = "10.88.0.0/24"
+
+
+def _tenant_desktop(farm: FarmProcess, tenant: str, user: str) -> dict:
+    """A running desktop of ``tenant`` on its private network ``lan`` (TENANT_RANGE, the same for every tenant)."""
+    name = f"{user}-desk"
+    if not any(d["name"] == name for d in farm.json("desktop", "list")):  # type: ignore[union-attr]
+        farm.deckard("config", "set", "tenancy.multi", "true")
+        farm.deckard("tenant", "add", tenant)
+        image = next(p for p in (image_cache() / "built").glob("deckard-minimal-*.tar.zst") if "-vm-" not in p.name)
+        farm.deckard("image", "import", str(image), "--osf", f"default@{tenant}")
+        farm.deckard("network", "create", "lan", "--range", TENANT_RANGE, "--tenant", tenant)
+        farm.deckard("user", "add", user, "--password", PASSWORD, "--tenant", tenant)
+        users: Any = farm.json("user", "list")
+        user_id = next(u["id"] for u in users if u["login"] == user)
+        farm.deckard("desktop", "add", name, "--user", str(user_id), "--network", "lan")
+    if farm.desktop(name)["state"] != "running":
+        farm.deckard("desktop", "start", name)
+    return wait_for(  # type: ignore[return-value]
+        lambda: (d := farm.desktop(name))["state"] == "running" and d, 60, 0.2, f"{name} to run"
+    )
+
+
+def test_two_tenants_with_the_same_range_each_reach_out_and_never_each_other(
+    farm: FarmProcess, upstream: Upstream
+) -> None:
+    a = _tenant_desktop(farm, "acme", "ann")
+    b = _tenant_desktop(farm, "beta", "bob")
+    assert a["network_ip"] == b["network_ip"] == "10.88.0.11" and a["ip"] != b["ip"]
+    for desk in (a, b):
+        inside = farm.attach(desk["id"], "cat /etc/resolv.conf /proc/net/fib_trie").stdout
+        assert "nameserver 10.88.0.1" in inside and "10.88.0.11" in inside and desk["ip"] not in inside
+        assert _fetch(farm, desk["id"], f"http://www.{upstream.zone}:8080/") == "page"  # DNS and egress
+    gateway = gateway_of(farm.network)
+    for host, port in [
+        (b["ip"], 3030),  # the other tenant's desktop, at its farm address
+        (gateway, farm.api_port),  # the node's services
+        ("10.88.0.1", 22),  # its own network's gateway offers nothing but DNS
+    ]:
+        assert farm.probe(a["id"], host, port).startswith("blocked"), (host, port)
+
+
+def test_the_broker_reaches_a_tenant_desktop_at_its_farm_address(farm: FarmProcess) -> None:
+    desk = _tenant_desktop(farm, "acme", "ann")
+
+    async def look() -> tuple[int, int]:
+        reader, writer = await qvd.connect(farm.broker, "ann@acme", PASSWORD, farm.ca, desk["id"])
+        try:
+            width, height, _pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 30)
+            return width, height
+        finally:
+            writer.close()
+
+    width, height = asyncio.run(look())
+    assert width > 0 and height > 0

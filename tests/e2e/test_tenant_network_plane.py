@@ -99,7 +99,6 @@ def plane() -> Iterator[Plane]:
     third = int(tag[:2], 16) % 200 + 20
     farm_range = f"10.{third}.0.0/16"
     farm_gw = str(ipaddress.IPv4Network(farm_range).network_address + 1)
-    scope = tenant_net.scope_of(farm_bridge, "n1")
     made: list[str] = []
     servers: list[subprocess.Popen[bytes]] = []
     networks = {}
@@ -114,7 +113,7 @@ def plane() -> Iterator[Plane]:
         asyncio.run(firewall.load(farm_bridge, table.render()))
         for network_id in (1, 2):
             net = tenant_net.TenantNetwork(network_id, RANGE, farm_bridge, farm_range)
-            names = tenant_net.names(scope, network_id)
+            names = tenant_net.names(farm_bridge, "n1", network_id)
             networks[network_id] = (net, names)
             asyncio.run(tenant_net.ensure(net, names))
             asyncio.run(tenant_net.ensure(net, names))  # idempotent
@@ -139,7 +138,7 @@ def plane() -> Iterator[Plane]:
             asyncio.run(tenant_net.remove(names))
         asyncio.run(firewall.remove(farm_bridge))
         asyncio.run(remove_bridge(farm_bridge))
-    assert tenant_net.existing(scope) == set()
+    assert tenant_net.existing(farm_bridge, "n1") == set()
 
 
 def _read(address: str) -> str:

@@ -316,3 +316,39 @@ async def test_a_tenant_administrator_hears_of_its_networks_and_grants_only(farm
         await call(acme.create_network, "lan", "10.50.0.0/24")
         heard = await asyncio.wait_for(_network_events_until(lines, "lan"), 10)
     assert heard == [("updated", "acme"), ("created", "lan")]
+
+
+async def test_a_tenant_desktop_learns_its_own_address_and_the_node_its_farm_address(db: Database) -> None:
+    """The guest's metadata (and a VM's seed) has its address and gateway in its network; what the node starts it
+    with and its tenant view map the farm address to it (``drivers/tenant_net.py``)."""
+    from deckard.services import guest_metadata, network_policy
+
+    await bootstrap_farm(db)
+    await users.create_user(db, SYSTEM, "alice", "s3cret!")
+    await networks.create_network(db, SYSTEM, "lan", range="10.50.0.0/24", default_range=DEFAULT_RANGE)
+    desk = await desktops.create_desktop(db, SYSTEM, "d1", "alice", network=DEFAULT_RANGE, tenant_network="lan")
+    plain = await desktops.create_desktop(db, SYSTEM, "d2", "alice", network=DEFAULT_RANGE)
+    md = await guest_metadata.metadata_for_desktop(db, desk["id"], network=DEFAULT_RANGE, farm_id="f")
+    assert (md.ip, md.prefix_len, md.gateway, md.dns_servers) == ("10.50.0.11", 24, "10.50.0.1", ("10.50.0.1",))
+    md = await guest_metadata.metadata_for_desktop(db, plain["id"], network=DEFAULT_RANGE, farm_id="f")
+    assert (md.ip, md.prefix_len, md.gateway) == (plain["ip"], 22, "10.231.0.1")
+    async with db.connect() as conn:
+        ours = await network_policy.tenant_address(conn, desk["id"])
+        assert ours == network_policy.TenantAddress(desk["network_id"], "10.50.0.0/24", "10.50.0.11")
+        assert await network_policy.tenant_address(conn, plain["id"]) is None
+    node = await add_node(db)
+    await db_place(db, [desk["id"], plain["id"]], node)
+    view = await network_policy.tenant_view(db, node)
+    assert view == {desk["network_id"]: ("10.50.0.0/24", {desk["ip"]: "10.50.0.11"})}
+
+
+async def db_place(db: Database, desktop_ids: list[int], node_id: int) -> None:
+    """Put desktops on a node as a claim would (what the tenant view reads)."""
+    import sqlalchemy as sa
+
+    from deckard.db import schema as t
+
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(t.desktops).where(t.desktops.c.id.in_(desktop_ids)).values(node_id=node_id, state="starting")
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deckard.model.errors import BadInput
-from deckard.model.network import network_vni, overlapping, validate_range
+from deckard.model.network import overlapping, validate_range
 
 
 @pytest.mark.parametrize(
@@ -49,8 +49,3 @@ def test_overlapping_names_the_first_network_sharing_an_address() -> None:
     assert overlapping("10.0.0.0/14", others) == "a"  # wider, holding all three: the first
     assert overlapping("10.4.0.0/24", others) is None
     assert overlapping("10.4.0.0/24", {}) is None
-
-
-def test_each_network_has_its_own_vxlan_id_above_the_farm_segment() -> None:
-    assert network_vni(1) == 10001 and network_vni(7) == 10007
-    assert len({network_vni(i) for i in range(1, 1000)}) == 999

@@ -47,9 +47,9 @@ class GuestSpec:
     guest_name: str  # unique on this machine: names the container, its cgroups and its veth
     image_id: int  # disk image id: basefs/<image_id> is the unpacked read-only base
     image_path: Path  # the disk image tarball in the storage root
-    ip: str  # fixed IP of the desktop on the bridge
-    prefix_len: int  # of the desktop network
-    gateway: str  # the node's address on the bridge
+    ip: str  # the desktop's fixed address in its network (what the guest is configured with)
+    prefix_len: int  # of the desktop's network
+    gateway: str  # the desktop's gateway: the node's address on the bridge (the namespace's on a tenant network)
     mac: str  # derived from the IP (54:52:00 + last three octets)
     bridge: str
     memory_mib: int
@@ -64,6 +64,12 @@ class GuestSpec:
     driver: str = ""  # which of the node's drivers runs it (the OSF's); "" = the node's only one
     seed: Mapping[str, bytes] | None = None  # cloud-init NoCloud files for guests that read a seed disk (VMs)
     volumes: tuple[VolumeMount, ...] = ()  # attached volumes the guest gets at start
+    farm_ip: str = ""  # on a tenant network: the farm address the node reaches the guest at ("" = ``ip``)
+
+    @property
+    def reach_ip(self) -> str:
+        """Where the node, its broker and its pings reach the guest (``drivers/tenant_net.py``)."""
+        return self.farm_ip or self.ip
 
 
 @dataclass(frozen=True)

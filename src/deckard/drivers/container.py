@@ -117,7 +117,7 @@ class ContainerDriver:
             await asyncio.to_thread(ensure_traversable, path, self.paths.home)
         lxc_dir.mkdir(parents=True, exist_ok=True)
         veth = veth_name(spec.guest_name)
-        meta = {"desktop_id": spec.desktop_id, "ip": spec.ip, "veth": veth, "keep_overlay": spec.keep_overlay}
+        meta = {"desktop_id": spec.desktop_id, "ip": spec.reach_ip, "veth": veth, "keep_overlay": spec.keep_overlay}
         (lxc_dir / "deckard.json").write_text(json.dumps(meta))
         up_hook = lxc_dir / "net-up"
         up_hook.write_text(render_up_hook())
@@ -139,7 +139,7 @@ class ContainerDriver:
             )
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC
-        await flush_neighbour(spec.ip)
+        await flush_neighbour(spec.reach_ip)
         result = await run_command(
             ["lxc-start", *self._lxc_args(spec.guest_name), "-f", str(config), "-d"], check=False
         )
@@ -157,7 +157,7 @@ class ContainerDriver:
                 f"{spec.guest_name} stopped right after start: {self._log_tail(spec.guest_name)}",
                 code="guest_start_failed",
             )
-        log.info("container.started", guest=spec.guest_name, pid=info.pid, ip=spec.ip)
+        log.info("container.started", guest=spec.guest_name, pid=info.pid, ip=spec.reach_ip)
         return info
 
     def _prepare_overlay(self, spec: GuestSpec) -> Path:

@@ -38,7 +38,7 @@ from pathlib import Path
 import structlog
 
 from deckard.drivers.firewall import load_text
-from deckard.drivers.network import IFNAMSIZ, isolate_port, link_exists, run_command
+from deckard.drivers.network import isolate_port, link_exists, run_command
 from deckard.model.network import gateway_of, prefix_len
 
 log = structlog.get_logger()
@@ -51,11 +51,25 @@ TABLE = "deckard_tenant"
 class Names:
     """What a node calls one tenant network's pieces on this machine."""
 
-    scope: str
-    netns: str
-    bridge: str  # host namespace: the desktops' ports
-    gw_port: str  # host namespace: the bridge's port to the namespace's ``gw``
-    up_port: str  # host namespace: the farm bridge's port to the namespace's ``up``
+    farm_bridge: str
+    scope: str  # ``scope_of`` the farm bridge and the node
+    network_id: int
+
+    @property
+    def netns(self) -> str:
+        return f"{_prefix(self.farm_bridge)}{self.scope}-net{self.network_id}"
+
+    @property
+    def bridge(self) -> str:  # host namespace: the desktops' ports
+        return f"tb{self.scope}{self.network_id}"
+
+    @property
+    def gw_port(self) -> str:  # host namespace: the bridge's port to the namespace's ``gw``
+        return f"tg{self.scope}{self.network_id}"
+
+    @property
+    def up_port(self) -> str:  # host namespace: the farm bridge's port to the namespace's ``up``
+        return f"tu{self.scope}{self.network_id}"
 
 
 def scope_of(farm_bridge: str, node_name: str) -> str:
@@ -63,10 +77,30 @@ def scope_of(farm_bridge: str, node_name: str) -> str:
     return hashlib.sha256(f"{farm_bridge}/{node_name}".encode()).hexdigest()[:5]
 
 
-def names(scope: str, network_id: int) -> Names:
-    suffix = f"{scope}{network_id}"
-    assert 2 + len(suffix) <= IFNAMSIZ, "network ids fit in eight digits"
-    return Names(scope, f"deckard-{scope}-net{network_id}", f"tb{suffix}", f"tg{suffix}", f"tu{suffix}")
+def names(farm_bridge: str, node_name: str, network_id: int) -> Names:
+    assert 0 < network_id < 10**8, "network ids fit in eight digits (interface names have 15 characters)"
+    return Names(farm_bridge, scope_of(farm_bridge, node_name), network_id)
+
+
+def _prefix(farm_bridge: str) -> str:
+    return f"deckard-{farm_bridge}-"
+
+
+def existing(farm_bridge: str, node_name: str) -> set[int]:
+    """The networks this node has a namespace for (made by an earlier run included)."""
+    scope = scope_of(farm_bridge, node_name)
+    return {n.network_id for n in _namespaces(farm_bridge) if n.scope == scope}
+
+
+def _namespaces(farm_bridge: str) -> list[Names]:
+    """Every tenant namespace of the farm's nodes on this machine."""
+    prefix = _prefix(farm_bridge)
+    found = []
+    for path in NETNS_DIR.glob(prefix + "*") if NETNS_DIR.is_dir() else ():
+        scope, _, tail = path.name[len(prefix) :].partition("-net")
+        if tail.isdigit():
+            found.append(Names(farm_bridge, scope, int(tail)))
+    return found
 
 
 def host_table(scope: str) -> str:
@@ -86,17 +120,6 @@ def render_host_table(scope: str) -> str:
         "  }\n"
         "}\n"
     )
-
-
-def existing(scope: str) -> set[int]:
-    """The networks this node has a namespace for (made by an earlier run included)."""
-    prefix = f"deckard-{scope}-net"
-    found = set()
-    for path in NETNS_DIR.glob(prefix + "*") if NETNS_DIR.is_dir() else ():
-        tail = path.name[len(prefix) :]
-        if tail.isdigit():
-            found.add(int(tail))
-    return found
 
 
 @dataclass(frozen=True)
@@ -243,6 +266,12 @@ async def remove(n: Names) -> None:
     for link in (n.gw_port, n.up_port, n.bridge):
         if link_exists(link):
             await run_command(["ip", "link", "del", link], check=False)
-    if not existing(n.scope):
+    if not any(other.scope == n.scope for other in _namespaces(n.farm_bridge)):
         await run_command(["nft", "delete", "table", "inet", host_table(n.scope)], check=False)
     log.info("network.tenant_namespace_removed", netns=n.netns)
+
+
+async def remove_farm(farm_bridge: str) -> None:
+    """Every tenant network of every node of the farm on this machine (tests, a farm taken down for good)."""
+    for n in _namespaces(farm_bridge):
+        await remove(n)

@@ -201,7 +201,7 @@ class VmDriver:
         run.mkdir(parents=True, exist_ok=True)
         run.chmod(0o711)
         tap = tap_name(spec.guest_name)
-        meta = {"desktop_id": spec.desktop_id, "ip": spec.ip, "tap": tap, "keep_overlay": spec.keep_overlay}
+        meta = {"desktop_id": spec.desktop_id, "ip": spec.reach_ip, "tap": tap, "keep_overlay": spec.keep_overlay}
         (run / "deckard.json").write_text(json.dumps(meta))
         await asyncio.to_thread(self._rotate_console, spec.guest_name)
         overlay = await self._prepare_overlay(spec, base)
@@ -211,7 +211,7 @@ class VmDriver:
             await asyncio.to_thread(ensure_traversable, path, self.paths.home)
         await self._tap(tap, spec.bridge)
         await firewall.guard_port(tap, spec.mac, spec.ip)  # root in the VM sends with its own addresses only
-        await flush_neighbour(spec.ip)
+        await flush_neighbour(spec.reach_ip)
         accel = await self._accelerator(base)
         args = self._command(spec, base, overlay, home, config, tap, accel)
         (run / "command").write_text(" ".join(args) + "\n")
@@ -227,7 +227,7 @@ class VmDriver:
         info = await self._info(spec.guest_name)
         if info is None or not info.running:
             raise DriverError(f"{spec.guest_name} stopped right after start", code="guest_start_failed")
-        log.info("vm.started", guest=spec.guest_name, pid=info.pid, ip=spec.ip, accel=accel)
+        log.info("vm.started", guest=spec.guest_name, pid=info.pid, ip=spec.reach_ip, accel=accel)
         return info
 
     def _command(

@@ -48,7 +48,6 @@ PRIVATE_SPACES = tuple(
     ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 )
 MIN_PREFIX, MAX_PREFIX = 16, 28  # 65,534 addresses at most, 14 at least (the first 10 are kept for nodes)
-VNI_BASE = 10000  # below it: the farm's own segment (network.overlay_vni, 4242 by default)
 
 
 def validate_range(text: str) -> str:
@@ -76,10 +75,3 @@ def overlapping(network: str, others: Mapping[str, str]) -> str | None:
     """The name of the first of ``others`` (name → range) whose range overlaps ``network``, or None."""
     net = ipaddress.IPv4Network(network)
     return next((name for name, other in others.items() if net.overlaps(ipaddress.IPv4Network(other))), None)
-
-
-def network_vni(network_id: int) -> int:
-    """The VXLAN id of a tenant network's segment, should it span machines: 10000 + its id, known to every node
-    without a lookup and apart from the farm's own segment (``network.overlay_vni``).  Today each node keeps its
-    own copy of a network (its desktops never talk to each other), so no segment uses it yet."""
-    return VNI_BASE + network_id

@@ -103,6 +103,7 @@ class NodeDaemon:
         self.node_id: int | None = None
         self.network = settings.network.range
         self.gateway = gateway_of(self.network)
+        self.bridge = settings.network.bridge
         self._work: dict[int, asyncio.Task[None]] = {}  # desktop id → start/stop in progress
         self._health: dict[int, _AgentHealth] = {}
         self._start_slots = asyncio.Semaphore(self.cfg.max_parallel_starts)
@@ -365,16 +366,26 @@ class NodeDaemon:
                 desk = facts.desktop
                 if not desk.agent_token:
                     raise DeckardError("the desktop has no agent token (claimed twice?)", code="no_token")
+                tenant, bridge = facts.tenant_network, self.bridge
+                if tenant is not None:  # its network's bridge and namespace first: the guest plugs into them
+                    if self.egress is None:
+                        raise DeckardError(
+                            "this node runs no desktop networking (fake driver): it cannot start a desktop on a "
+                            "tenant network",
+                            code="network_unavailable",
+                        )
+                    bridge = await self.egress.join_tenant(tenant, desk.ip)
                 spec = GuestSpec(
                     desktop_id=desktop_id,
                     guest_name=name,
                     image_id=facts.image_id,
                     image_path=facts.image_path,
-                    ip=desk.ip,
-                    prefix_len=prefix_len(self.network),
-                    gateway=self.gateway,
+                    ip=tenant.address if tenant else desk.ip,
+                    prefix_len=prefix_len(tenant.range if tenant else self.network),
+                    gateway=gateway_of(tenant.range) if tenant else self.gateway,
                     mac=desk.mac,
-                    bridge=self.settings.network.bridge,
+                    bridge=bridge,
+                    farm_ip=desk.ip if tenant else "",
                     memory_mib=facts.memory_mib,
                     cpus=facts.cpus,
                     user_login=facts.user_login,

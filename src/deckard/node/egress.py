@@ -20,7 +20,7 @@ import time
 import structlog
 
 from deckard.db.engine import Database
-from deckard.drivers import firewall, overlay
+from deckard.drivers import firewall, overlay, tenant_net
 from deckard.drivers.dns import Resolver
 from deckard.model.egress import Protected, Rule
 from deckard.model.network import gateway_of
@@ -28,6 +28,7 @@ from deckard.model.states import NodeState
 from deckard.node.metadata import MetadataServer
 from deckard.runtime.settings import Settings
 from deckard.services import guest_metadata, network_policy, node_ops
+from deckard.services.network_policy import TenantAddress
 
 log = structlog.get_logger()
 
@@ -53,6 +54,11 @@ class Egress:
         self.metadata: MetadataServer | None = None  # made at start, when the node's id is known
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
+        self.node_name = settings.node.name
+        # tenant networks this node has (``drivers/tenant_net.py``): network id → its range and what it maps
+        self._tenants: dict[int, tuple[str, dict[str, str]]] = {}
+        self._tenants_at = 0.0  # when they were last applied whole (monotonic)
+        self._joined: dict[int, float] = {}  # network id → when a start last joined it (monotonic)
         self._loaded = ""  # the text nft last accepted
         self._loaded_at = 0.0  # when (monotonic): the table is loaded again now and then even if unchanged
         self._lock = asyncio.Lock()
@@ -62,6 +68,7 @@ class Egress:
         await firewall.enable_forwarding()
         await self.join_overlay(node_id)
         await self.refresh(node_id)
+        await self.refresh_tenants(node_id)
         await self.resolver.start()
         lookup = functools.partial(
             guest_metadata.metadata_for_ip, self.db, node_id, network=self.network, farm_id=self.farm_id
@@ -115,6 +122,44 @@ class Egress:
             await overlay.join(segment, me, peers)
         self._segment = (segment, me, peers)
 
+    def _tenant(self, network_id: int, range_: str) -> tuple[tenant_net.TenantNetwork, tenant_net.Names]:
+        net = tenant_net.TenantNetwork(network_id, range_, self.bridge, self.network)
+        return net, tenant_net.names(self.bridge, self.node_name, network_id)
+
+    async def join_tenant(self, tenant: TenantAddress, farm_ip: str) -> str:
+        """A desktop on a tenant network starts here: its network's bridge, namespace and the desktop's mapping
+        are made now (the next refresh keeps them); returns the bridge its guest plugs into."""
+        net, names = self._tenant(tenant.network_id, tenant.range)
+        async with self._lock:
+            self._joined[tenant.network_id] = time.monotonic()
+            _, mapping = self._tenants.get(tenant.network_id, (tenant.range, {}))
+            mapping = {**mapping, farm_ip: tenant.address}
+            await tenant_net.ensure(net, names)
+            await tenant_net.apply(net, names, mapping)
+            self._tenants[tenant.network_id] = (tenant.range, mapping)
+        return names.bridge
+
+    async def refresh_tenants(self, node_id: int) -> None:
+        """Every tenant network with a desktop on this node exists with exactly their mappings; one without any
+        is taken down (not one a start joined a moment ago: its desktop may not be in the view yet)."""
+        async with self._lock:  # read under the lock: a start that joined before is in the view
+            view = await network_policy.tenant_view(self.db, node_id)
+            whole = time.monotonic() - self._tenants_at > RELOAD_S
+            for network_id, (range_, mapping) in view.items():
+                if whole or self._tenants.get(network_id) != (range_, mapping):
+                    net, names = self._tenant(network_id, range_)
+                    await tenant_net.ensure(net, names)
+                    await tenant_net.apply(net, names, mapping)
+            recent = {i for i, at in self._joined.items() if time.monotonic() - at < RELOAD_S}
+            for network_id in (
+                (tenant_net.existing(self.bridge, self.node_name) | set(self._tenants)) - set(view) - recent
+            ):
+                await tenant_net.remove(tenant_net.names(self.bridge, self.node_name, network_id))
+                self._joined.pop(network_id, None)
+            self._tenants = {i: v for i, v in self._tenants.items() if i in recent} | view
+            if whole:
+                self._tenants_at = time.monotonic()
+
     async def admit(self, ip: str, rules: tuple[Rule, ...]) -> None:
         """A desktop starts: its address gets its policy (a stopped one leaves at the next refresh)."""
         async with self._lock:
@@ -141,6 +186,7 @@ class Egress:
             try:
                 await self.join_overlay(node_id)
                 await self.refresh(node_id)
+                await self.refresh_tenants(node_id)
                 await self.resolver.ensure()
                 if self.metadata is not None:
                     await self.metadata.ensure()

@@ -43,10 +43,13 @@ def _query() -> sa.Select[Any]:
             t.users.c.ssh_keys,
             t.tenants.c.name.label("tenant"),
             t.nodes.c.name.label("node"),
+            d.c.network_ip,
+            t.networks.c.range.label("network_range"),
         )
         .join(t.users, t.users.c.id == d.c.user_id)
         .join(t.tenants, t.tenants.c.id == d.c.tenant_id)
         .outerjoin(t.nodes, t.nodes.c.id == d.c.node_id)
+        .outerjoin(t.networks, t.networks.c.id == d.c.network_id)
     )
 
 
@@ -54,6 +57,8 @@ async def _metadata(conn: AsyncConnection, row: Any, *, network: str, farm_id: s
     tenant_id, osf_id = int(row.tenant_id), int(row.osf_id)
     network_config = await read_configs(conn, "network.dns.", tenant_id, osf_id)
     guest_config = await read_configs(conn, "guest.", tenant_id, osf_id)
+    if row.network_ip is not None:  # a tenant network: the guest's own address and gateway there
+        network = str(row.network_range)
     gateway = gateway_of(network)
     return GuestMetadata(
         desktop_id=int(row.id),
@@ -62,7 +67,7 @@ async def _metadata(conn: AsyncConnection, row: Any, *, network: str, farm_id: s
         name=str(row.name),
         tenant=str(row.tenant),
         user=str(row.login),
-        ip=str(row.ip),
+        ip=str(row.network_ip or row.ip),
         prefix_len=prefix_len(network),
         gateway=gateway,
         mac=str(row.mac),

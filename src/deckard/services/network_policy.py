@@ -41,6 +41,47 @@ class DesktopNetwork:
     dns_search: str
 
 
+@dataclass(frozen=True)
+class TenantAddress:
+    """A desktop on a tenant network (``drivers/tenant_net.py``): the network, its range, the desktop's address
+    in it (its farm address is ``desktops.ip``)."""
+
+    network_id: int
+    range: str
+    address: str
+
+
+async def tenant_address(conn: AsyncConnection, desktop_id: int) -> TenantAddress | None:
+    """None: the desktop is on the farm network."""
+    n = t.networks
+    row = (
+        await conn.execute(
+            sa.select(d.c.network_id, d.c.network_ip, n.c.range)
+            .join(n, n.c.id == d.c.network_id)
+            .where(d.c.id == desktop_id)
+        )
+    ).first()
+    if row is None or row.network_ip is None:
+        return None
+    return TenantAddress(int(row.network_id), str(row.range), str(row.network_ip))
+
+
+async def tenant_view(db: Database, node_id: int) -> dict[int, tuple[str, dict[str, str]]]:
+    """For a node's tenant networks: network id → (its range, {farm address: address in the network}) of the
+    desktops placed on this node (each node has its own copy of a network)."""
+    n = t.networks
+    out: dict[int, tuple[str, dict[str, str]]] = {}
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            sa.select(d.c.ip, d.c.network_ip, d.c.network_id, n.c.range)
+            .join(n, n.c.id == d.c.network_id)
+            .where(d.c.node_id == node_id, d.c.state != DesktopState.STOPPED.value, d.c.network_ip.is_not(None))
+        )
+        for row in rows:
+            out.setdefault(int(row.network_id), (str(row.range), {}))[1][str(row.ip)] = str(row.network_ip)
+    return out
+
+
 async def read_desktop_network(conn: AsyncConnection, tenant_id: int, osf_id: int) -> DesktopNetwork:
     values = await read_configs_sourced(conn, "network.", tenant_id, osf_id)
     text, source = values["network.egress"]

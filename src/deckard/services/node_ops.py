@@ -31,7 +31,7 @@ from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, Node
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
-from deckard.services.network_policy import DesktopNetwork, read_desktop_network
+from deckard.services.network_policy import DesktopNetwork, TenantAddress, read_desktop_network, tenant_address
 from deckard.services.tenancy import tenant_name
 from deckard.services.transitions import claim_commands, transition_desktop, transition_node
 
@@ -241,6 +241,7 @@ class StartFacts:
     image_path: Path
     network: DesktopNetwork
     driver: str = "container"  # the OSF's: which of the node's drivers runs the desktop
+    tenant_network: TenantAddress | None = None  # on a tenant network: which, and the desktop's address in it
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
@@ -275,6 +276,7 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             image_path,
             await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
             row.osf_driver,
+            await tenant_address(conn, desktop_id),
         )
 
 
