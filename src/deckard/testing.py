@@ -238,8 +238,13 @@ class FarmProcess:
     def _guest(self, desktop_id: int) -> tuple[list[str], Path, str]:
         """As guest_of, with the prefix that runs a command beside it (in its machine, for a farm across machines:
         LXC's tools reach a guest through sockets of the machine's network namespace)."""
+        node = None
+        if self.machines:  # the machine the farm says runs it (a lost machine keeps its guests' directories)
+            rows: Any = self.json("desktop", "list")
+            node = next(r["node"] for r in rows if r["id"] == desktop_id)
         for i, paths in enumerate(self.node_paths(), start=1):
-            if (paths.lxc / paths.guest_name(desktop_id)).exists():
+            here = node == self.machine_node(i) if node else (paths.lxc / paths.guest_name(desktop_id)).exists()
+            if here:
                 prefix = ["nsenter", f"--net=/run/netns/{self.machine(i).name}"] if self.machines else []
                 return prefix, paths.lxc, paths.guest_name(desktop_id)
         paths = self.node_paths()[0]

@@ -1,11 +1,12 @@
-"""A farm across machines: ``deckard up --machines 2`` on this box, real LXC desktops on the farm's VXLAN segment.
+"""A farm across machines: ``deckard up --machines 3`` on this box, real LXC desktops on the farm's VXLAN segment.
 
 Each machine is a network namespace with its own underlay address, desktop bridge, filter and node
 (runtime/machines.py); the API, the database and the storage stay on the host.  A desktop keeps its address on
 whichever machine it runs, any machine's broker reaches it over the overlay, and the overlay carries only node ↔
-desktop traffic: desktops on two machines do not reach each other, nor another machine's node.  A machine that
-loses power is fenced through its simulated BMC (``ipmi_sim``, ``fence_ipmilan``) and its desktops start on the
-other machine with their address and home.
+desktop traffic: desktops on two machines do not reach each other, nor another machine's node.  Desktops of two
+tenant networks with the same range, on two machines, are reached at their farm addresses and reach nothing of
+each other.  A machine that loses power is fenced through its simulated BMC (``ipmi_sim``, ``fence_ipmilan``) and
+its desktops start on another machine with their address and home.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from deckard.testing import PG_BIN, FarmProcess, PgCluster, e2e_unavailable_reas
 pytestmark = pytest.mark.e2e
 
 PASSWORD = "mach1nes-pw"
+MACHINES = 3
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +38,11 @@ def farm() -> Iterator[FarmProcess]:
         pytest.skip("PostgreSQL 15 is not installed (`make test` installs it)")
     pg = PgCluster().init()
     pg.create_database("e2e_machines")
-    f = FarmProcess(machines=2, extra_env={"DECKARD_DATABASE_URL": pg.socket_url("e2e_machines")})
+    f = FarmProcess(machines=MACHINES, extra_env={"DECKARD_DATABASE_URL": pg.socket_url("e2e_machines")})
     try:
         f.up()
-        names = {f.machine_node(1), f.machine_node(2)}
-        wait_for(lambda: _node_states(f) == dict.fromkeys(names, "running"), 60, 0.3, "both machines' nodes")
+        names = {f.machine_node(i) for i in range(1, MACHINES + 1)}
+        wait_for(lambda: _node_states(f) == dict.fromkeys(names, "running"), 60, 0.3, "every machine's node")
         f.deckard("user", "add", "mia", "--password", PASSWORD)
         yield f
     finally:
@@ -66,20 +68,23 @@ async def _see(farm: FarmProcess, machine: int, desktop_id: int) -> None:
         writer.close()
 
 
-def _start_on(farm: FarmProcess, name: str, machine: int) -> dict:
-    """The desktop (made if new) running on machine ``machine`` (started with the other one blocked meanwhile)."""
+def _start_on(farm: FarmProcess, name: str, machine: int, *options: str) -> dict:
+    """The desktop (made if new, with ``options``) running on machine ``machine`` (started with the others
+    blocked meanwhile)."""
     desks = {d["name"]: d for d in farm.json("desktop", "list")}  # type: ignore[union-attr]
     if name not in desks:
-        farm.deckard("desktop", "add", name, "--user", "mia")
+        farm.deckard("desktop", "add", name, "--user", "mia", *options)
     elif (desks[name]["state"], desks[name]["node"]) == ("running", farm.machine_node(machine)):
         return desks[name]  # type: ignore[no-any-return]
-    other = farm.machine_node(2 if machine == 1 else 1)
-    farm.deckard("node", "block", other)
+    others = [farm.machine_node(i) for i in range(1, MACHINES + 1) if i != machine]
+    for other in others:
+        farm.deckard("node", "block", other)
     try:
         farm.deckard("desktop", "start", name)
         desk = wait_for(lambda: (d := farm.desktop(name))["state"] == "running" and d, 90, 0.3, f"{name} running")
     finally:
-        farm.deckard("node", "unblock", other)
+        for other in others:
+            farm.deckard("node", "unblock", other)
     assert desk["node"] == farm.machine_node(machine), desk  # type: ignore[index]
     return desk  # type: ignore[return-value]
 
@@ -102,6 +107,26 @@ def test_desktops_on_two_machines_reach_neither_each_other_nor_the_other_node(fa
     assert farm.probe(one["id"], farm.machine(2).address, farm.broker_port).startswith("blocked")
 
 
+def test_tenant_networks_with_one_range_on_two_machines_are_reached_by_farm_address_and_isolated(
+    farm: FarmProcess,
+) -> None:
+    """A private and a shared network with the same range (both usable by the default tenant), a desktop of each
+    on its own machine: every machine's broker reaches both (by farm address, over the overlay); neither reaches
+    the other, by farm address or by its address in the range."""
+    farm.deckard("network", "create", "lan", "--range", "10.88.0.0/24")
+    farm.deckard("network", "create", "corp", "--range", "10.88.0.0/24", "--shared")
+    farm.deckard("network", "grant", "corp", "default")
+    lan = _start_on(farm, "mia-lan", 1, "--network", "lan")
+    corp = _start_on(farm, "mia-corp", 3, "--network", "corp")
+    assert lan["network_ip"] == corp["network_ip"] == "10.88.0.11" and lan["ip"] != corp["ip"]
+    asyncio.run(_see(farm, 3, lan["id"]))
+    asyncio.run(_see(farm, 1, corp["id"]))
+    asyncio.run(_see(farm, 2, corp["id"]))  # a machine that has neither network
+    assert farm.probe(lan["id"], "10.88.0.1", 53) == "open"  # its gateway's DNS: the probe can say open
+    for host, port in [(corp["ip"], 3030), ("10.88.0.12", 3030), (gateway_of(farm.network), farm.api_port)]:
+        assert farm.probe(lan["id"], host, port).startswith("blocked"), (host, port)
+
+
 def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_with_address_and_home(
     farm: FarmProcess,
 ) -> None:
@@ -116,9 +141,9 @@ def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_wit
     lost = next(n for n in farm.json("node", "list") if n["name"] == farm.machine_node(2))  # type: ignore[union-attr]
     # fenced through its BMC (ipmi_sim, runtime/bmc.py) with fence_ipmilan, the power-off confirmed, then released
     assert lost["fence_agent"] == "fence_ipmilan" and lost["lost_reason"].startswith("fenced"), lost
-    asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on machine 1
+    asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on another machine
     moved = farm.desktop("mia-lost")
-    assert (moved["state"], moved["node"], moved["ip"]) == ("running", farm.machine_node(1), desk["ip"]), moved
+    assert (moved["state"], moved["ip"]) == ("running", desk["ip"]) and moved["node"] != farm.machine_node(2), moved
     home = farm.attach(desk["id"], "cat ~/lost.txt", user="mia")
     assert home.stdout.strip() == "survived-the-machine", home.stderr
     print(f"machine 2 lost → desktop released {released_after:.1f} s later")

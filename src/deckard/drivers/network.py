@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,17 @@ async def port_isolated(veth: str) -> bool:
 async def flush_neighbour(ip: str) -> None:
     """Forget the guest's MAC: a new guest with the same IP would otherwise stall for up to 30 s."""
     await run_command(["ip", "neigh", "flush", "to", ip], check=False)
+
+
+async def flush_neighbours(ips: Sequence[str]) -> None:
+    """:func:`flush_neighbour` for many addresses in one ``ip -batch``."""
+    fd, path = tempfile.mkstemp(prefix=".deckard-neigh-", suffix=".batch")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"neigh flush to {ip}\n" for ip in ips)
+    try:
+        await run_command(["ip", "-force", "-batch", path], check=False)
+    finally:
+        os.unlink(path)
 
 
 async def delete_link(name: str) -> None:

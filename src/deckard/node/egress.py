@@ -22,6 +22,7 @@ import structlog
 from deckard.db.engine import Database
 from deckard.drivers import firewall, overlay, tenant_net
 from deckard.drivers.dns import Resolver
+from deckard.drivers.network import flush_neighbours
 from deckard.model.egress import Protected, Rule
 from deckard.model.network import gateway_of
 from deckard.model.states import NodeState
@@ -51,6 +52,7 @@ class Egress:
         self.overlay_address = settings.network.overlay_address  # set: the bridge joins the farm's VXLAN segment
         self.overlay_vni = settings.network.overlay_vni
         self._segment: tuple[overlay.Segment, str, tuple[str, ...]] | None = None  # last joined: segment, me, peers
+        self._placed: dict[str, int] | None = None  # farm address → node of the desktops seen on other nodes
         self.metadata: MetadataServer | None = None  # made at start, when the node's id is known
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
@@ -114,6 +116,7 @@ class Egress:
             )
         )
         me = overlay.node_address(self.network, node_id)
+        await self._forget_moved(node_id)
         if self._segment == (segment, me, peers):
             return
         if self._segment is not None and self._segment[:2] == (segment, me):
@@ -121,6 +124,19 @@ class Egress:
         else:
             await overlay.join(segment, me, peers)
         self._segment = (segment, me, peers)
+
+    async def _forget_moved(self, node_id: int) -> None:
+        """A desktop that now runs on another machine than when this node last reached it: forget its neighbour
+        entry, so the next packet asks the segment again (ARP floods to every machine) instead of going to the
+        machine it left, which may be powered off."""
+        where = await node_ops.desktops_elsewhere(self.db, node_id)
+        if self._placed is not None:  # the first look only learns where they are
+            moved = sorted(ip for ip, node in where.items() if self._placed.get(ip) != node)
+            if moved:
+                await flush_neighbours(moved)
+                log.info("network.overlay_desktops_moved", addresses=moved[:20], count=len(moved))
+            where = {**self._placed, **where}  # remembered while released too: it may start anywhere next
+        self._placed = where
 
     def _tenant(self, network_id: int, range_: str) -> tuple[tenant_net.TenantNetwork, tenant_net.Names]:
         net = tenant_net.TenantNetwork(network_id, range_, self.bridge, self.network)

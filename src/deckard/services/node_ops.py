@@ -220,6 +220,15 @@ async def farm_nodes(db: Database) -> list[tuple[int, str, str]]:
         return [(int(r.id), str(r.address), str(r.state)) for r in rows]
 
 
+async def desktops_elsewhere(db: Database, node_id: int) -> dict[str, int]:
+    """Farm address → node of every desktop placed on another node (for the overlay's neighbour entries)."""
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            sa.select(d.c.ip, d.c.node_id).where(d.c.node_id.is_not(None), d.c.node_id != node_id)
+        )
+        return {str(r.ip): int(r.node_id) for r in rows}
+
+
 async def desktops_on_node(db: Database, node_id: int) -> list[Desktop]:
     async with db.connect() as conn:
         rows = await conn.execute(sa.select(d).where(d.c.node_id == node_id))
