@@ -334,12 +334,13 @@ async def test_a_tenant_desktop_learns_its_own_address_and_the_node_its_farm_add
     assert (md.ip, md.prefix_len, md.gateway) == (plain["ip"], 22, "10.231.0.1")
     async with db.connect() as conn:
         ours = await network_policy.tenant_address(conn, desk["id"])
-        assert ours == network_policy.TenantAddress(desk["network_id"], "10.50.0.0/24", "10.50.0.11")
+        lan = network_policy.TenantNetworkRow(desk["network_id"], "10.50.0.0/24")
+        assert ours == network_policy.TenantAddress(lan, "10.50.0.11")
         assert await network_policy.tenant_address(conn, plain["id"]) is None
     node = await add_node(db)
     await db_place(db, [desk["id"], plain["id"]], node)
     view = await network_policy.tenant_view(db, node)
-    assert view == {desk["network_id"]: ("10.50.0.0/24", {desk["ip"]: "10.50.0.11"})}
+    assert view == {lan: {desk["ip"]: "10.50.0.11"}}
 
 
 async def db_place(db: Database, desktop_ids: list[int], node_id: int) -> None:

@@ -19,13 +19,18 @@ app = typer.Typer(
     help="Networks: private segments of a tenant, or shared ones granted to tenants.", no_args_is_help=True
 )
 
-COLUMNS = ("id", "name", "kind", "tenant", "range", "tenants", "description")
+COLUMNS = ("id", "name", "kind", "tenant", "range", "tenants", "interface", "vlan", "description")
 NetworkArg = Annotated[str, typer.Argument(help="Name or id of the network (name@tenant across tenants).")]
 TenantArg = Annotated[str, typer.Argument(help="Name or id of the tenant.")]
 RangeOpt = Annotated[str, typer.Option("--range", "-r", help="IPv4 CIDR, /16 to /28, e.g. 10.1.0.0/24.")]
 SharedOpt = Annotated[bool, typer.Option("--shared", help="A shared network to grant to tenants (farm only).")]
 TenantOpt = Annotated[str | None, typer.Option("--tenant", help="Whose private network (farm's administrators).")]
 DescOpt = Annotated[str | None, typer.Option("--description", "-d")]
+InterfaceOpt = Annotated[
+    str | None, typer.Option("--interface", help="A flat network: the node interface it is on (farm only).")
+]
+VlanOpt = Annotated[int | None, typer.Option("--vlan", help="A flat network's VLAN tag (default: untagged).")]
+GatewayOpt = Annotated[str | None, typer.Option("--gateway", help="A flat network's router (default: first host).")]
 
 
 def _row(net: Network) -> dict[str, Any]:
@@ -35,26 +40,48 @@ def _row(net: Network) -> dict[str, Any]:
 def _done(verb: str) -> Any:
     def message(net: Network) -> str:
         granted = ", ".join(net.tenants or []) or "no tenant yet"
-        where = f"shared, granted to {granted}" if net.kind == "shared" else f"tenant {net.tenant}"
+        where = f"{net.kind}, granted to {granted}" if net.kind in ("shared", "flat") else f"tenant {net.tenant}"
         return f"network {net.name!r} (id {net.id}, {net.range}, {where}) {verb}"
 
     return message
 
 
-def _create(api: ApiClient, ref: str, range: str, shared: bool, tenant: str | None, description: str | None) -> Network:
-    return api.create_network(ref, range, shared=shared, tenant=tenant, description=description or "")
+def _create(
+    api: ApiClient,
+    ref: str,
+    range: str,
+    shared: bool,
+    tenant: str | None,
+    description: str | None,
+    interface: str | None,
+    vlan: int | None,
+    gateway: str | None,
+) -> Network:
+    return api.create_network(
+        ref,
+        range,
+        shared=shared,
+        tenant=tenant,
+        description=description or "",
+        interface=interface,
+        vlan=vlan,
+        gateway=gateway,
+    )
 
 
 create = object_command(
     Annotated[str, typer.Argument(help="Name of the new network.")],
     _create,
-    "Create a network: private to a tenant, or --shared (then grant it to tenants).",
+    "Create a network: private to a tenant, --shared, or flat on a node --interface (grant those to tenants).",
     _done("created"),
     [
         option("range", RangeOpt, ...),
         option("shared", SharedOpt, False),
         option("tenant", TenantOpt),
         option("description", DescOpt),
+        option("interface", InterfaceOpt),
+        option("vlan", VlanOpt),
+        option("gateway", GatewayOpt),
     ],
 )
 

@@ -697,11 +697,23 @@ class ApiClient:
         return self._get(Network, "GET", f"/networks/{_seg(network)}")
 
     def create_network(
-        self, name: str, range: str, *, shared: bool = False, tenant: str | None = None, description: str = ""
+        self,
+        name: str,
+        range: str,
+        *,
+        shared: bool = False,
+        tenant: str | None = None,
+        description: str = "",
+        interface: str | None = None,
+        vlan: int | None = None,
+        gateway: str | None = None,
     ) -> Network:
-        """A private network (of ``tenant``: farm's administrators only), or a ``shared`` one to grant to tenants."""
-        body = {"name": name, "range": range, "kind": "shared" if shared else "private", "description": description}
-        return self._get(Network, "POST", "/networks", json={**body, **_given(tenant=tenant)})
+        """A private network (of ``tenant``: farm's administrators only), a ``shared`` one to grant to tenants, or
+        with ``interface`` a flat one (on that node interface, tagged ``vlan``, its router ``gateway``)."""
+        kind = "flat" if interface is not None else "shared" if shared else "private"
+        body = {"name": name, "range": range, "kind": kind, "description": description}
+        extra = _given(tenant=tenant, interface=interface, vlan=vlan, gateway=gateway)
+        return self._get(Network, "POST", "/networks", json={**body, **extra})
 
     def update_network(self, network: str | int, *, description: str | None = None) -> Network:
         return self._get(Network, "PATCH", f"/networks/{_seg(network)}", json=_given(description=description))

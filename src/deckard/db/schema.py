@@ -109,14 +109,21 @@ networks = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=True, index=True),
     sa.Column("name", sa.String(64), nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # private | shared
+    sa.Column("kind", sa.String(16), nullable=False),  # private | shared | flat
     sa.Column("range", sa.String(18), nullable=False),  # IPv4 CIDR, normalised (10.1.0.0/24)
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", TS, nullable=False),
     sa.UniqueConstraint("tenant_id", "name", name="uq_networks_tenant_name"),  # NULL tenants: the service checks
+    # flat: a network of the machines' own that desktops join directly (``drivers/tenant_net.py``): the node
+    # interface it is on, its VLAN tag (NULL: untagged), the router its desktops use (NULL: the first address)
+    sa.Column("interface", sa.String(15), nullable=True),
+    sa.Column("vlan", sa.Integer, nullable=True),
+    sa.Column("gateway", sa.String(15), nullable=True),
     sa.CheckConstraint(
-        "(kind = 'private' AND tenant_id IS NOT NULL) OR (kind = 'shared' AND tenant_id IS NULL)", name="kind"
+        "(kind = 'private' AND tenant_id IS NOT NULL) OR (kind IN ('shared', 'flat') AND tenant_id IS NULL)",
+        name="kind",
     ),
+    sa.CheckConstraint("(kind = 'flat') = (interface IS NOT NULL)", name="flat"),
 )
 
 network_grants = sa.Table(

@@ -39,6 +39,7 @@ import structlog
 
 from deckard.drivers.firewall import load_text
 from deckard.drivers.network import isolate_port, link_exists, run_command
+from deckard.model.errors import DriverError
 from deckard.model.network import gateway_of, prefix_len
 
 log = structlog.get_logger()
@@ -70,6 +71,10 @@ class Names:
     @property
     def up_port(self) -> str:  # host namespace: the farm bridge's port to the namespace's ``up``
         return f"tu{self.scope}{self.network_id}"
+
+    @property
+    def vlan_port(self) -> str:  # host namespace: a flat network's VLAN interface on the node interface
+        return f"tv{self.scope}{self.network_id}"
 
 
 def scope_of(farm_bridge: str, node_name: str) -> str:
@@ -124,16 +129,22 @@ def render_host_table(scope: str) -> str:
 
 @dataclass(frozen=True)
 class TenantNetwork:
-    """One network as a node sets it up: its range, and the farm network its namespace hangs from."""
+    """One network as a node sets it up: its range, and the farm network its namespace hangs from.
+
+    A **flat** network (``flat`` set) is a network of the machines' own: the bridge also holds the node interface
+    it is on (or a VLAN interface on it), its desktops use its own router, and the namespace is only the farm's
+    way in: it holds the node's address in the range (``Flat.own``) and sends the farm's connections to a
+    desktop from there."""
 
     network_id: int
-    range: str  # the network's own range (its gateway is the first address)
+    range: str  # the network's own range (its gateway is the first address, or a flat network's router)
     farm_bridge: str
     farm_range: str
+    flat: Flat | None = None
 
     @property
     def gateway(self) -> str:
-        return gateway_of(self.range)
+        return self.flat.router if self.flat else gateway_of(self.range)
 
     @property
     def farm_gateway(self) -> str:
@@ -148,6 +159,18 @@ class TenantNetwork:
 
         pairs = sorted(desktops.items())
         own = sorted(desktops.values())
+        if self.flat is None:  # the namespace is the desktops' gateway: DNS to the farm's resolver, egress out
+            inward = [
+                f'    iifname "gw" ip daddr {gw} udp dport 53 dnat ip to {farm_gw}',
+                f'    iifname "gw" ip daddr {gw} tcp dport 53 dnat ip to {farm_gw}',
+            ]
+            outward = ['    oifname "up" snat ip to ip saddr map @from_desktop']
+            # out: a desktop this node runs, to the farm network (whose filter judges it)
+            forward = ['    iifname "gw" oifname "up" ip saddr @desktops accept']
+            answer = gw
+        else:  # desktops go out through their own router: the farm's calls come from the node's address
+            inward, forward, answer = [], [], self.flat.own
+            outward = [f'    oifname "gw" ct status dnat snat ip to {self.flat.own}']
         return (
             "\n".join(
                 [
@@ -160,17 +183,15 @@ class TenantNetwork:
                     "  chain prerouting {",
                     "    type nat hook prerouting priority dstnat; policy accept;",
                     '    iifname "up" dnat ip to ip daddr map @to_desktop',
-                    f'    iifname "gw" ip daddr {gw} udp dport 53 dnat ip to {farm_gw}',
-                    f'    iifname "gw" ip daddr {gw} tcp dport 53 dnat ip to {farm_gw}',
+                    *inward,
                     "  }",
                     "  chain postrouting {",
                     "    type nat hook postrouting priority srcnat; policy accept;",
-                    '    oifname "up" snat ip to ip saddr map @from_desktop',
+                    *outward,
                     "  }",
                     "  chain forward {",
                     "    type filter hook forward priority filter; policy drop;",
-                    # out: a desktop this node runs, to the farm network (whose filter judges it)
-                    '    iifname "gw" oifname "up" ip saddr @desktops accept',
+                    *forward,
                     # in: what the farm opened to a desktop at its farm address, and the answers to the desktop
                     '    iifname "up" oifname "gw" ct status dnat accept',
                     '    iifname "up" oifname "gw" ct state established,related accept',
@@ -179,13 +200,42 @@ class TenantNetwork:
                     "    type filter hook input priority filter; policy drop;",
                     "    ct state established,related accept",
                     '    iifname "lo" accept',
-                    f'    iifname "gw" ip daddr {gw} icmp type echo-request accept',
+                    f'    iifname "gw" ip daddr {answer} icmp type echo-request accept',
                     "  }",
                     "}",
                 ]
             )
             + "\n"
         )
+
+
+@dataclass(frozen=True)
+class Flat:
+    """What a flat network adds: the node interface, its VLAN tag, the network's router, the node's address."""
+
+    interface: str
+    vlan: int | None
+    router: str
+    own: str  # this node's address in the range (``overlay.node_address``: counted down from the top)
+
+
+async def _plug_uplink(flat: Flat, n: Names) -> None:
+    """A flat network's bridge gets the node interface it is on, or a VLAN interface on it."""
+    if not link_exists(flat.interface):
+        raise DriverError(
+            f"this node has no interface {flat.interface!r} for flat network {n.network_id}: "
+            "every node that may run its desktops needs one",
+            code="network_unavailable",
+        )
+    port = flat.interface
+    if flat.vlan is not None:
+        port = n.vlan_port
+        if not link_exists(port):
+            await run_command(
+                ["ip", "link", "add", "link", flat.interface, "name", port, "type", "vlan", "id", str(flat.vlan)]
+            )
+        await run_command(["ip", "link", "set", flat.interface, "up"])
+    await run_command(["ip", "link", "set", port, "master", n.bridge, "up"])
 
 
 def _in(ns: str, *args: str) -> list[str]:
@@ -222,7 +272,10 @@ async def ensure(net: TenantNetwork, n: Names) -> None:
     if not link_exists(n.gw_port):
         await run_command(["ip", "link", "add", n.gw_port, "type", "veth", "peer", "name", "gw", "netns", n.netns])
     await run_command(["ip", "link", "set", n.gw_port, "master", n.bridge, "up"])
-    await run_command(["ip", "-n", n.netns, "addr", "replace", f"{net.gateway}/{prefix_len(net.range)}", "dev", "gw"])
+    mine = net.flat.own if net.flat else net.gateway
+    await run_command(["ip", "-n", n.netns, "addr", "replace", f"{mine}/{prefix_len(net.range)}", "dev", "gw"])
+    if net.flat is not None:
+        await _plug_uplink(net.flat, n)
     await run_command(["ip", "-n", n.netns, "link", "set", "dev", "gw", "up"])
     if not link_exists(n.up_port):
         await run_command(["ip", "link", "add", n.up_port, "type", "veth", "peer", "name", "up", "netns", n.netns])
@@ -263,7 +316,7 @@ async def remove(n: Names) -> None:
     """Take the network off this node (no desktop of it runs here any more): the namespace and both bridges' legs
     go with it."""
     await run_command(["ip", "netns", "del", n.netns], check=False)
-    for link in (n.gw_port, n.up_port, n.bridge):
+    for link in (n.gw_port, n.up_port, n.vlan_port, n.bridge):
         if link_exists(link):
             await run_command(["ip", "link", "del", link], check=False)
     if not any(other.scope == n.scope for other in _namespaces(n.farm_bridge)):

@@ -75,3 +75,27 @@ def overlapping(network: str, others: Mapping[str, str]) -> str | None:
     """The name of the first of ``others`` (name → range) whose range overlaps ``network``, or None."""
     net = ipaddress.IPv4Network(network)
     return next((name for name, other in others.items() if net.overlaps(ipaddress.IPv4Network(other))), None)
+
+
+IFNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def validate_flat(range_: str, interface: str, vlan: int | None, gateway: str | None) -> tuple[str, int | None, str]:
+    """A flat network's node interface, VLAN tag and router (default: the range's first address), checked;
+    422 ``bad_flat_network`` says what is wrong."""
+    if not interface or len(interface) > 15 or not set(interface) <= IFNAME_CHARS or interface in ("lo", ".", ".."):
+        raise BadInput(
+            f"invalid interface {interface!r}: the name of the node interface the network is on (eth1, bond0)",
+            code="bad_flat_network",
+        )
+    if vlan is not None and not 1 <= vlan <= 4094:
+        raise BadInput(f"VLAN tag {vlan} is out of range: 1 to 4094 (none: untagged)", code="bad_flat_network")
+    net = ipaddress.IPv4Network(range_)
+    router = gateway or gateway_of(range_)
+    try:
+        address = ipaddress.IPv4Address(router)
+    except ValueError:
+        raise BadInput(f"invalid gateway {router!r}: an IPv4 address in {net}", code="bad_flat_network") from None
+    if address not in net or address in (net.network_address, net.broadcast_address):
+        raise BadInput(f"gateway {router} is not a host address of {net}", code="bad_flat_network")
+    return interface, vlan, str(address)

@@ -136,8 +136,11 @@ class Network(Schema):
     tenant_id: int | None = None
     tenant: str | None = None
     name: str | None = None
-    kind: str | None = Field(default=None, description="private or shared.")
+    kind: str | None = Field(default=None, description="private, shared or flat.")
     range: str | None = Field(default=None, description="IPv4 CIDR; its first 10 hosts are kept for nodes.")
+    gateway: str | None = Field(default=None, description="Flat networks: the router desktops use.")
+    interface: str | None = Field(default=None, description="Flat networks: the node interface it is on.")
+    vlan: int | None = Field(default=None, description="Flat networks: the VLAN tag (none: untagged).")
     description: str | None = None
     created_at: dt.datetime | None = None
     tenants: list[str] | None = Field(default=None, description="Shared networks: the tenants granted.")

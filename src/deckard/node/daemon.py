@@ -374,15 +374,15 @@ class NodeDaemon:
                             "tenant network",
                             code="network_unavailable",
                         )
-                    bridge = await self.egress.join_tenant(tenant, desk.ip)
+                    bridge = await self.egress.join_tenant(tenant, desk.ip, self.node_id)
                 spec = GuestSpec(
                     desktop_id=desktop_id,
                     guest_name=name,
                     image_id=facts.image_id,
                     image_path=facts.image_path,
                     ip=tenant.address if tenant else desk.ip,
-                    prefix_len=prefix_len(tenant.range if tenant else self.network),
-                    gateway=gateway_of(tenant.range) if tenant else self.gateway,
+                    prefix_len=prefix_len(tenant.network.range if tenant else self.network),
+                    gateway=tenant.network.gateway if tenant else self.gateway,
                     mac=desk.mac,
                     bridge=bridge,
                     farm_ip=desk.ip if tenant else "",

@@ -29,7 +29,7 @@ from deckard.model.states import NodeState
 from deckard.node.metadata import MetadataServer
 from deckard.runtime.settings import Settings
 from deckard.services import guest_metadata, network_policy, node_ops
-from deckard.services.network_policy import TenantAddress
+from deckard.services.network_policy import TenantAddress, TenantNetworkRow
 
 log = structlog.get_logger()
 
@@ -57,8 +57,8 @@ class Egress:
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
         self.node_name = settings.node.name
-        # tenant networks this node has (``drivers/tenant_net.py``): network id → its range and what it maps
-        self._tenants: dict[int, tuple[str, dict[str, str]]] = {}
+        # tenant networks this node has (``drivers/tenant_net.py``): each → what it maps (farm → network address)
+        self._tenants: dict[TenantNetworkRow, dict[str, str]] = {}
         self._tenants_at = 0.0  # when they were last applied whole (monotonic)
         self._joined: dict[int, float] = {}  # network id → when a start last joined it (monotonic)
         self._loaded = ""  # the text nft last accepted
@@ -138,21 +138,25 @@ class Egress:
             where = {**self._placed, **where}  # remembered while released too: it may start anywhere next
         self._placed = where
 
-    def _tenant(self, network_id: int, range_: str) -> tuple[tenant_net.TenantNetwork, tenant_net.Names]:
-        net = tenant_net.TenantNetwork(network_id, range_, self.bridge, self.network)
-        return net, tenant_net.names(self.bridge, self.node_name, network_id)
+    def _tenant(self, row: TenantNetworkRow, node_id: int) -> tuple[tenant_net.TenantNetwork, tenant_net.Names]:
+        flat = None
+        if row.interface is not None:
+            own = overlay.node_address(row.range, node_id)
+            flat = tenant_net.Flat(row.interface, row.vlan, row.gateway, own)
+        net = tenant_net.TenantNetwork(row.network_id, row.range, self.bridge, self.network, flat)
+        return net, tenant_net.names(self.bridge, self.node_name, row.network_id)
 
-    async def join_tenant(self, tenant: TenantAddress, farm_ip: str) -> str:
+    async def join_tenant(self, tenant: TenantAddress, farm_ip: str, node_id: int) -> str:
         """A desktop on a tenant network starts here: its network's bridge, namespace and the desktop's mapping
         are made now (the next refresh keeps them); returns the bridge its guest plugs into."""
-        net, names = self._tenant(tenant.network_id, tenant.range)
+        row = tenant.network
+        net, names = self._tenant(row, node_id)
         async with self._lock:
-            self._joined[tenant.network_id] = time.monotonic()
-            _, mapping = self._tenants.get(tenant.network_id, (tenant.range, {}))
-            mapping = {**mapping, farm_ip: tenant.address}
+            self._joined[row.network_id] = time.monotonic()
+            mapping = {**self._tenants.get(row, {}), farm_ip: tenant.address}
             await tenant_net.ensure(net, names)
             await tenant_net.apply(net, names, mapping)
-            self._tenants[tenant.network_id] = (tenant.range, mapping)
+            self._tenants[row] = mapping
         return names.bridge
 
     async def refresh_tenants(self, node_id: int) -> None:
@@ -161,20 +165,21 @@ class Egress:
         async with self._lock:  # read under the lock: a start that joined before is in the view
             view = await network_policy.tenant_view(self.db, node_id)
             whole = time.monotonic() - self._tenants_at > RELOAD_S
-            for network_id, (range_, mapping) in view.items():
-                if whole or self._tenants.get(network_id) != (range_, mapping):
-                    net, names = self._tenant(network_id, range_)
+            for row, mapping in view.items():
+                if whole or self._tenants.get(row) != mapping:
+                    net, names = self._tenant(row, node_id)
                     await tenant_net.ensure(net, names)
                     await tenant_net.apply(net, names, mapping)
-            recent = {i for i, at in self._joined.items() if time.monotonic() - at < RELOAD_S}
-            for network_id in (
-                (tenant_net.existing(self.bridge, self.node_name) | set(self._tenants)) - set(view) - recent
-            ):
+            now = time.monotonic()
+            recent = {i for i, at in self._joined.items() if now - at < RELOAD_S}
+            wanted = {row.network_id for row in view} | recent
+            have = tenant_net.existing(self.bridge, self.node_name) | {row.network_id for row in self._tenants}
+            for network_id in have - wanted:
                 await tenant_net.remove(tenant_net.names(self.bridge, self.node_name, network_id))
                 self._joined.pop(network_id, None)
-            self._tenants = {i: v for i, v in self._tenants.items() if i in recent} | view
+            self._tenants = {r: m for r, m in self._tenants.items() if r.network_id in recent} | view
             if whole:
-                self._tenants_at = time.monotonic()
+                self._tenants_at = now
 
     async def admit(self, ip: str, rules: tuple[Rule, ...]) -> None:
         """A desktop starts: its address gets its policy (a stopped one leaves at the next refresh)."""

@@ -45,6 +45,8 @@ def _query() -> sa.Select[Any]:
             t.nodes.c.name.label("node"),
             d.c.network_ip,
             t.networks.c.range.label("network_range"),
+            t.networks.c.interface.label("network_interface"),
+            t.networks.c.gateway.label("network_gateway"),
         )
         .join(t.users, t.users.c.id == d.c.user_id)
         .join(t.tenants, t.tenants.c.id == d.c.tenant_id)
@@ -57,9 +59,10 @@ async def _metadata(conn: AsyncConnection, row: Any, *, network: str, farm_id: s
     tenant_id, osf_id = int(row.tenant_id), int(row.osf_id)
     network_config = await read_configs(conn, "network.dns.", tenant_id, osf_id)
     guest_config = await read_configs(conn, "guest.", tenant_id, osf_id)
+    gateway = gateway_of(network)
     if row.network_ip is not None:  # a tenant network: the guest's own address and gateway there
         network = str(row.network_range)
-    gateway = gateway_of(network)
+        gateway = str(row.network_gateway) if row.network_interface else gateway_of(network)  # flat: its router
     return GuestMetadata(
         desktop_id=int(row.id),
         instance_id=f"deckard-{farm_id}-{row.id}",

@@ -42,43 +42,71 @@ class DesktopNetwork:
 
 
 @dataclass(frozen=True)
-class TenantAddress:
-    """A desktop on a tenant network (``drivers/tenant_net.py``): the network, its range, the desktop's address
-    in it (its farm address is ``desktops.ip``)."""
+class TenantNetworkRow:
+    """A tenant network as a node sets it up (``drivers/tenant_net.py``); ``interface`` set: a flat network."""
 
     network_id: int
     range: str
+    interface: str | None = None
+    vlan: int | None = None
+    router: str | None = None  # a flat network's gateway
+
+    @property
+    def gateway(self) -> str:
+        """The desktops' gateway (and resolver): the namespace's, or a flat network's router."""
+        return self.router or gateway_of(self.range)
+
+
+@dataclass(frozen=True)
+class TenantAddress:
+    """A desktop on a tenant network: the network and the desktop's address in it (its farm address is
+    ``desktops.ip``)."""
+
+    network: TenantNetworkRow
     address: str
+
+
+def _network_row(row: Any) -> TenantNetworkRow:
+    return TenantNetworkRow(
+        int(row.network_id),
+        str(row.range),
+        row.interface,
+        None if row.vlan is None else int(row.vlan),
+        row.gateway if row.interface else None,
+    )
+
+
+def _tenant_columns() -> list[sa.ColumnElement[Any]]:
+    nt = t.networks
+    return [d.c.ip, d.c.network_ip, d.c.network_id, nt.c.range, nt.c.interface, nt.c.vlan, nt.c.gateway]
 
 
 async def tenant_address(conn: AsyncConnection, desktop_id: int) -> TenantAddress | None:
     """None: the desktop is on the farm network."""
-    n = t.networks
+    nt = t.networks
     row = (
         await conn.execute(
-            sa.select(d.c.network_id, d.c.network_ip, n.c.range)
-            .join(n, n.c.id == d.c.network_id)
-            .where(d.c.id == desktop_id)
+            sa.select(*_tenant_columns()).join(nt, nt.c.id == d.c.network_id).where(d.c.id == desktop_id)
         )
     ).first()
     if row is None or row.network_ip is None:
         return None
-    return TenantAddress(int(row.network_id), str(row.range), str(row.network_ip))
+    return TenantAddress(_network_row(row), str(row.network_ip))
 
 
-async def tenant_view(db: Database, node_id: int) -> dict[int, tuple[str, dict[str, str]]]:
-    """For a node's tenant networks: network id → (its range, {farm address: address in the network}) of the
-    desktops placed on this node (each node has its own copy of a network)."""
-    n = t.networks
-    out: dict[int, tuple[str, dict[str, str]]] = {}
+async def tenant_view(db: Database, node_id: int) -> dict[TenantNetworkRow, dict[str, str]]:
+    """For a node's tenant networks: each network with a desktop placed on this node → {farm address: address in
+    the network} of those desktops (each node has its own copy of a network)."""
+    nt = t.networks
+    out: dict[TenantNetworkRow, dict[str, str]] = {}
     async with db.connect() as conn:
         rows = await conn.execute(
-            sa.select(d.c.ip, d.c.network_ip, d.c.network_id, n.c.range)
-            .join(n, n.c.id == d.c.network_id)
+            sa.select(*_tenant_columns())
+            .join(nt, nt.c.id == d.c.network_id)
             .where(d.c.node_id == node_id, d.c.state != DesktopState.STOPPED.value, d.c.network_ip.is_not(None))
         )
         for row in rows:
-            out.setdefault(int(row.network_id), (str(row.range), {}))[1][str(row.ip)] = str(row.network_ip)
+            out.setdefault(_network_row(row), {})[str(row.ip)] = str(row.network_ip)
     return out
 
 

@@ -36,7 +36,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound
-from deckard.model.network import first_free_ip, gateway_of, overlapping, validate_range
+from deckard.model.network import first_free_ip, gateway_of, overlapping, validate_flat, validate_range
 from deckard.services.context import Actor, require, require_fields, require_supertenant
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -46,7 +46,8 @@ from deckard.services.tenant_lookup import find_tenant, resolve_tenant_for_creat
 
 n = t.networks
 g = t.network_grants
-KINDS = ("private", "shared")
+KINDS = ("private", "shared", "flat")
+FARM_KINDS = ("shared", "flat")  # no tenant: the farm's administrators make them and grant them to tenants
 DEFAULT_NETWORK = "the farm's default network"
 MOVE_HINT = (
     "`deckard desktop update NAME --network OTHER` (stopped desktops), `deckard osf update NAME --network OTHER`"
@@ -59,6 +60,9 @@ COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "name": n.c.name,
     "kind": n.c.kind,
     "range": n.c.range,
+    "gateway": n.c.gateway,
+    "interface": n.c.interface,
+    "vlan": n.c.vlan,
     "description": n.c.description,
     "created_at": n.c.created_at,
 }
@@ -179,23 +183,34 @@ async def create_network(
     kind: str = "private",
     tenant: str | int | None = None,
     description: str = "",
+    interface: str | None = None,
+    vlan: int | None = None,
+    gateway: str | None = None,
 ) -> dict[str, Any]:
     """A private network in the actor's tenant (or, for the farm's administrators, the named one), or a shared
-    network (farm's administrators only, no tenant) to grant to tenants afterwards."""
+    network (farm's administrators only, no tenant) to grant to tenants afterwards, or a flat one: a network of
+    the machines' own on a node ``interface`` (tagged ``vlan``), whose desktops use its router ``gateway``."""
     require(actor, "network.create")
     check_name(name)
     rng = validate_range(range)
     if kind not in KINDS:
-        raise BadInput(f"unknown network kind {kind!r}: private or shared", code="bad_network_kind")
-    if kind == "shared":
-        require_supertenant(actor, "make shared networks")
+        raise BadInput(f"unknown network kind {kind!r}: private, shared or flat", code="bad_network_kind")
+    flat: dict[str, Any] = {}
+    if kind == "flat":
+        if interface is None:
+            raise BadInput("a flat network needs the node interface it is on (--interface)", code="bad_flat_network")
+        flat = dict(zip(("interface", "vlan", "gateway"), validate_flat(rng, interface, vlan, gateway), strict=True))
+    elif interface is not None or vlan is not None or gateway is not None:
+        raise BadInput("interface, VLAN and gateway are for flat networks only", code="bad_flat_network")
+    if kind in FARM_KINDS:
+        require_supertenant(actor, f"make {kind} networks")
         if tenant is not None:
-            raise BadInput("a shared network has no tenant: grant it to tenants instead", code="bad_network_kind")
+            raise BadInput(f"a {kind} network has no tenant: grant it to tenants instead", code="bad_network_kind")
     with unique_or_conflict(f"a network named {name!r} already exists here"):
         async with db.begin() as conn:
-            tenant_id = None if kind == "shared" else await resolve_tenant_for_create(conn, actor, tenant)
+            tenant_id = None if kind in FARM_KINDS else await resolve_tenant_for_create(conn, actor, tenant)
             await _check_overlap(conn, name, rng, tenant_id, default_range)
-            values = dict(tenant_id=tenant_id, name=name, kind=kind, range=rng, description=description)
+            values = dict(tenant_id=tenant_id, name=name, kind=kind, range=rng, description=description, **flat)
             res = await conn.execute(sa.insert(n).values(created_at=utcnow(), **values).returning(n.c.id))
             network_id = int(res.scalar_one())
     await publish(db, "created", "network", network_id, _event_tenant(tenant_id), name=name, range=rng)
@@ -270,9 +285,9 @@ async def delete_network(db: Database, actor: Actor, ref: str | int) -> None:
 async def _shared(conn: AsyncConnection, actor: Actor, ref: str | int) -> dict[str, Any]:
     row = await find_network(conn, actor, ref)
     require_supertenant(actor, "grant networks to tenants")
-    if row["kind"] != "shared":
+    if row["kind"] not in FARM_KINDS:
         raise Conflict(
-            f"network {row['name']!r} is private to one tenant: only shared networks are granted",
+            f"network {row['name']!r} is private to one tenant: only shared and flat networks are granted",
             code="network_not_shared",
         )
     return row
@@ -335,7 +350,7 @@ async def resolve_network(conn: AsyncConnection, tenant_id: int, ref: str | int 
 
 async def next_network_address(conn: AsyncConnection, network_id: int) -> str:
     """The lowest free desktop address in a tenant network (its first hosts are kept, as on the default network)."""
-    rng = str((await conn.execute(sa.select(n.c.range).where(n.c.id == network_id))).scalar_one())
+    row = (await conn.execute(sa.select(n.c.range, n.c.gateway).where(n.c.id == network_id))).one()
     d = t.desktops
     used = await conn.execute(sa.select(d.c.network_ip).where(d.c.network_id == network_id))
-    return first_free_ip(rng, gateway_of(rng), [str(r.network_ip) for r in used])
+    return first_free_ip(str(row.range), row.gateway or gateway_of(str(row.range)), [str(r.network_ip) for r in used])

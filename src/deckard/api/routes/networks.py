@@ -22,9 +22,14 @@ router = APIRouter(prefix="/networks", tags=["networks"], responses=ERROR_RESPON
 class NetworkCreate(RequestModel):
     name: str = Field(min_length=1, max_length=64)
     range: str = Field(min_length=1, max_length=64, description="IPv4 CIDR, /16 to /28, in private address space.")
-    kind: Literal["private", "shared"] = Field(default="private", description="shared: farm's administrators only.")
+    kind: Literal["private", "shared", "flat"] = Field(
+        default="private", description="shared and flat: farm's administrators only."
+    )
     tenant: Ref | None = Field(default=None, description="Private networks, farm's administrators only: whose.")
     description: str = Field(default="", max_length=4096)
+    interface: str | None = Field(default=None, max_length=15, description="Flat: the node interface it is on.")
+    vlan: int | None = Field(default=None, ge=1, le=4094, description="Flat: the VLAN tag (none: untagged).")
+    gateway: str | None = Field(default=None, max_length=15, description="Flat: its router (default: first host).")
 
 
 class NetworkUpdate(RequestModel):
@@ -48,8 +53,11 @@ network.add_create(
         tenant=body.tenant,
         description=body.description,
         default_range=s.settings.network.range,
+        interface=body.interface,
+        vlan=body.vlan,
+        gateway=body.gateway,
     ),
-    "Create a network (422 bad_network_range, 409 network_overlap)",
+    "Create a network (422 bad_network_range or bad_flat_network, 409 network_overlap)",
 )
 network.add_get(lambda s, ref: networks.get_network(s.db, s.actor, ref), "Show a network")
 network.add_patch(

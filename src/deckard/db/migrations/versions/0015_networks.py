@@ -3,7 +3,8 @@
 Revision ID: 0015
 Revises: 0014
 
-A tenant may have networks of its own (``private``) and use the farm's ``shared`` networks it was granted, so
+A tenant may have networks of its own (``private``) and use the farm's ``shared`` networks it was granted (or its
+``flat`` ones: a network of the machines' own, on a node interface, optionally VLAN-tagged), so
 desktops of two tenants may have the same address on different networks.  A desktop on a network keeps its farm
 address (``desktops.ip``, unique in the farm: how nodes and brokers reach it) and gets an address in the network
 (``desktops.network_ip``, unique in that network: what the guest sees), which its node maps to the farm address.
@@ -37,10 +38,14 @@ def upgrade() -> None:
         sa.Column("range", sa.String(length=18), nullable=False),
         sa.Column("description", sa.Text(), server_default="", nullable=False),
         sa.Column("created_at", TS, nullable=False),
+        sa.Column("interface", sa.String(length=15), nullable=True),
+        sa.Column("vlan", sa.Integer(), nullable=True),
+        sa.Column("gateway", sa.String(length=15), nullable=True),
         sa.CheckConstraint(
-            "(kind = 'private' AND tenant_id IS NOT NULL) OR (kind = 'shared' AND tenant_id IS NULL)",
+            "(kind = 'private' AND tenant_id IS NOT NULL) OR (kind IN ('shared', 'flat') AND tenant_id IS NULL)",
             name="ck_networks_kind",
         ),
+        sa.CheckConstraint("(kind = 'flat') = (interface IS NOT NULL)", name="ck_networks_flat"),
         sa.ForeignKeyConstraint(
             ["tenant_id"], ["tenants.id"], name="fk_networks_tenant_id_tenants", ondelete="RESTRICT"
         ),
