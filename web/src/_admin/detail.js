@@ -5,6 +5,7 @@ import { can, isSuper, onEvent } from "./session.js";
 import { actionAcl } from "./resources.js";
 import { userIdentityBox } from "./identity.js";
 import { volumeBoxes } from "./volumes.js";
+import { networkBoxes } from "./networks.js";
 
 function inputFor(name, type, value) {
   if (type === "checkbox") {
@@ -59,6 +60,8 @@ export function createPage(root, name, res) {
 export function detailPage(root, name, res, id) {
   let obj = null;
   const body = h("div");
+  // why an action or the delete was refused (a 409 network_in_use names what to move first): it stays until the next try
+  const refused = h("p.error.refused", { role: "alert" });
   clear(root, h("p", h("a", { href: `#/${name}` }, `← ${res.title}`)), body);
 
   async function load() {
@@ -83,14 +86,17 @@ export function detailPage(root, name, res, id) {
       const [href, text] = res.related(obj);
       acts.append(h("a.button", { href }, text));
     }
-    if (!res.readOnly && can(`${res.object}.delete`)) acts.append(h("button.danger", { type: "button", onclick: remove }, "Delete"));
-    const parts = [h("h1", title), acts, dl];
-    const editable = (res.editable || []).filter((k) => can(res.editAcl?.[k] || (k === "blocked" ? `${res.object}.block` : `${res.object}.update`)));
+    // a tenant administrator sees the farm's shared networks but may not change them (403 supertenant_only)
+    const mayChange = !res.readOnly && !(res.farmOwned?.(obj) && !isSuper());
+    if (mayChange && can(`${res.object}.delete`)) acts.append(h("button.danger", { type: "button", onclick: remove }, "Delete"));
+    const parts = [h("h1", title), acts, refused, dl];
+    const editable = mayChange ? (res.editable || []).filter((k) => can(res.editAcl?.[k] || (k === "blocked" ? `${res.object}.block` : `${res.object}.update`))) : [];
     if (editable.length) parts.push(editForm(editable));
     if (res.upload && can("image.upload")) parts.push(uploadBox(obj, load));
     if (res.properties && can("property.see")) parts.push(propertiesBox(res.properties, obj.id));
     if (name === "users") parts.push(userIdentityBox(obj));
     if (name === "volumes") parts.push(...volumeBoxes(obj, load));
+    if (name === "networks") parts.push(...networkBoxes(obj, load));
     clear(body, ...parts);
   }
 
@@ -126,23 +132,25 @@ export function detailPage(root, name, res, id) {
   }
 
   async function act(a) {
+    refused.textContent = "";
     try {
       await post(`${res.path}/${obj.id}/${a}`);
       toast(`${a}: ok`);
       load();
     } catch (e) {
-      toast(errText(e), "error");
+      refused.textContent = errText(e);
     }
   }
 
   async function remove() {
     if (!confirm(`Delete ${res.object} ${obj[res.label] ?? obj.id}?`)) return;
+    refused.textContent = "";
     try {
       await del(`${res.path}/${obj.id}`);
       toast("Deleted");
       location.hash = `#/${name}`;
     } catch (e) {
-      toast(errText(e), "error");
+      refused.textContent = errText(e);
     }
   }
 

@@ -124,6 +124,24 @@ export const RESOURCES = {
     editable: ["size_gib", "description"],
     types: { size_gib: "number" },
   },
+  // tenant networks (docs/networking.md): the create form and the grants box are in networks.js
+  networks: {
+    title: "Networks",
+    object: "network",
+    path: "/networks",
+    label: "name",
+    columns: ["id", "name", "kind", "tenant", "range", "tenants", "description", "tenant_id", "created_at"],
+    defaultColumns: ["name", "kind", "tenant", "range", "tenants", "description"],
+    headers: { tenants: "granted to" },
+    computed: ["tenants"], // not a column of the API's list: neither sorted nor filtered on
+    filters: { kind: ["private", "shared"] },
+    numeric: ["id", "tenant_id"],
+    bulk: ["delete"],
+    create: true,
+    editable: ["description"],
+    farmOwned: (row) => row.kind === "shared", // only the farm's administrators change or delete it
+    related: (row) => [`#/desktops?network_id=${row.id}`, "Desktops on this network"],
+  },
   admins: {
     title: "Administrators",
     object: "admin",
