@@ -101,6 +101,7 @@ export function listPage(root, name, res, params) {
     const v = row[c];
     if (c === res.label && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, fmt(v) || `#${row.id}`);
     if (c === "id" && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, String(v));
+    if (c === "network") return row.network_id != null ? h("a", { href: `#/networks/${row.network_id}` }, fmt(v)) : h("span.muted", "farm default");
     if (c === "state" || c === "user_state" || c === "result") return h(`span.badge.s-${v}`, fmt(v));
     if (c === "blocked" && v) return h("span.badge.s-blocked", "blocked");
     // a fence that failed leaves the node's desktops unavailable: say so where the operator looks

@@ -1,9 +1,14 @@
-// Tenant networks in the WAT (docs/networking.md, "Tenant networks"): the create form and a shared network's
-// grants.  The API checks ranges, overlaps and who may use what; these forms show its answers next to the field
-// they are about.
-import { post, del } from "./api.js";
+// Tenant networks in the WAT (docs/networking.md, "Tenant networks"): the create form, a shared network's grants,
+// and the network select of OSF and desktop forms.  The API checks ranges, overlaps and who may use what; these
+// forms show its answers next to the field they are about.
+import { get, post, del } from "./api.js";
 import { h, clear, toast, errText, field } from "./dom.js";
 import { can, isSuper } from "./session.js";
+
+// a select's values: a network's id, DEFAULT_NETWORK ("": the API's name for the farm's default network), or
+// INHERITED (send nothing: a new desktop takes its OSF's network)
+const DEFAULT_NETWORK = "";
+const INHERITED = "inherited";
 
 // which field of the form an error code is about; any other error is shown under the whole form
 const FIELD_OF = { bad_network_range: "range", network_overlap: "range", bad_name: "name", duplicate: "name", tenant_not_found: "tenant" };
@@ -125,3 +130,49 @@ export function networkBoxes(net, reload) {
   }
   return [box];
 }
+
+// The networks a tenant's OSFs and desktops may be on: its private ones and the shared ones granted to it.  A
+// tenant administrator sees only those; the farm's administrators see all, so they are picked here by tenant.
+async function networksFor(tenantId) {
+  const all = (await get("/networks?per_page=1000&sort=name")).items;
+  if (!isSuper() || tenantId == null) return all;
+  let tenant;
+  try {
+    tenant = (await get(`/tenants/${tenantId}`)).name;
+  } catch {
+    return all; // no tenant.see: offer all, the API refuses the others (network_not_found)
+  }
+  return all.filter((n) => n.tenant_id === tenantId || (n.kind === "shared" && (n.tenants || []).includes(tenant)));
+}
+
+function optionLabel(n, whose) {
+  const owner = n.kind === "shared" ? "shared" : whose ? `tenant ${n.tenant}` : "";
+  return `${n.name} (${[n.range, owner].filter(Boolean).join(", ")})`;
+}
+
+// A select of networks for the form field `name`.  `current` ({id, name} or null: the default network) is
+// selected; `tenantId` narrows the choice to that tenant's networks (unknown on create forms: the farm's
+// administrators then see every network with its owner); `inherited` adds a first choice that sends nothing.
+export function networkSelect(name, { current = null, tenantId = null, inherited = null } = {}) {
+  const keep = current ? String(current.id) : inherited ? INHERITED : DEFAULT_NETWORK;
+  const fixed = () => [inherited && h("option", { value: INHERITED }, inherited), h("option", { value: DEFAULT_NETWORK }, "the farm's default network")];
+  const sel = h("select", { name, dataset: { kind: "network", loaded: "no" } }, fixed(), current && h("option", { value: String(current.id) }, current.name));
+  sel.value = keep;
+  networksFor(tenantId)
+    .then((nets) => {
+      const chosen = sel.value;
+      const options = nets.map((n) => h("option", { value: String(n.id) }, optionLabel(n, isSuper() && tenantId == null)));
+      // a network it is on stays offered even if it is no longer among the usable ones
+      if (current && !nets.some((n) => n.id === current.id)) options.push(h("option", { value: String(current.id) }, current.name));
+      clear(sel, fixed(), options);
+      sel.value = chosen;
+      sel.dataset.loaded = "yes";
+    })
+    .catch((e) => (sel.title = errText(e)));
+  return sel;
+}
+
+// What a network select sends: undefined (nothing: the OSF's network), "" (the default network) or an id.
+export const readNetwork = (sel) => (sel.value === INHERITED ? undefined : sel.value);
+// The same for what an object is on now, to tell whether the select changed it.
+export const networkValue = (obj) => (obj.network_id == null ? DEFAULT_NETWORK : String(obj.network_id));
