@@ -2,7 +2,8 @@
 
 Covers: login, the dashboard (empty states, a time axis around now), creating a user and a desktop through the UI,
 lists, a bulk action with per-item results, live updates from the event stream, the ACL-aware UI of a Read-only
-administrator, and the screenshots of each main page (``docs/screenshots/wat-*.png``).
+administrator, tenant networks (the API's refusals shown, a desktop and an OSF put on one), and the screenshots of
+each main page (``docs/screenshots/wat-*.png``).
 """
 
 from __future__ import annotations
@@ -549,3 +550,76 @@ def test_an_administrator_sets_up_an_authenticator_app_and_the_login_asks_for_it
     page.get_by_role("button", name="Continue").click()
     page.wait_for_selector("header.top")
     assert page.locator("span.who").text_content() == "tess"
+
+
+def test_tenant_networks_in_the_wat_show_the_apis_refusals_and_put_a_desktop_on_a_network(page: Any, api: Api) -> None:
+    """The Networks page makes a private network (after showing the range the API refused next to the field) and
+    grants a shared one; a desktop made on the private network shows it and its address there in the desktop list;
+    an OSF is moved onto it; the network, in use, is not deleted and the page says why."""
+    with api.http(api.token()) as c:
+        for path, body in (
+            ("/users", {"login": "nina", "password": "Nina-secret-42"}),
+            ("/osfs", {"name": "netted"}),
+            ("/networks", {"name": "corp", "range": "10.60.0.0/24", "kind": "shared", "description": "head office"}),
+        ):
+            r = c.post(path, json=body)
+            assert r.status_code == 201, r.text
+    page.on("dialog", lambda dialog: dialog.accept())
+    login(page, api)
+    page.locator("#menu a", has_text="Networks").click()
+    page.get_by_role("link", name="Create").click()
+    page.get_by_label("name", exact=True).fill("lan")
+    page.get_by_label("range", exact=True).fill("10.50.0.5/24")  # host bits set
+    page.get_by_role("button", name="Create").click()
+    page.locator("#range-error", has_text="bad_network_range").wait_for()
+    assert page.get_by_label("range", exact=True).get_attribute("aria-invalid") == "true"
+    page.get_by_label("range", exact=True).fill("10.50.0.0/24")
+    page.get_by_label("tenant (private networks)").fill("default")
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_selector("h1:has-text('network lan')")
+
+    # the shared network: granted to a tenant from its page
+    page.get_by_role("link", name="← Networks").click()
+    page.locator("table.list a", has_text="corp").click()
+    page.get_by_label("Tenant (name or id)").fill("default")
+    page.get_by_role("button", name="Grant").click()
+    page.locator("section[aria-label=Grants] tr[data-tenant=default]").wait_for()
+    page.get_by_role("link", name="← Networks").click()
+    row = page.locator("table.list tbody tr", has_text="corp")
+    row.locator("td[data-col=tenants]", has_text="default").wait_for()
+    assert row.locator("td[data-col=kind]").inner_text() == "shared"
+    page.evaluate("document.getElementById('toasts').replaceChildren()")
+    shot(page, "networks")
+
+    # a desktop on the private network, through the create form
+    goto(page, api.url + "/admin#/desktops/new")
+    page.get_by_label("name", exact=True).fill("onlan")
+    page.get_by_label("User (login)").fill("nina")
+    page.get_by_label("network").select_option(label="lan (10.50.0.0/24, tenant default)")
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_selector("h1:has-text('desktop onlan')")
+    assert page.locator("dd[data-field=network]").inner_text() == "lan"
+    address = page.locator("dd[data-field=network_ip]").inner_text()
+    assert address.startswith("10.50.0."), address
+    goto(page, api.url + "/admin#/desktops")
+    page.locator("details.columns summary").click()
+    page.locator("details.columns label", has_text="network ip").locator("input").check()
+    row = page.locator("table.list tbody tr", has_text="onlan")
+    assert row.locator("td[data-col=network]").inner_text() == "lan"
+    assert row.locator("td[data-col=network_ip]").inner_text() == address
+
+    # an OSF's network: a select of its tenant's networks (the shared one is granted to it)
+    goto(page, api.url + "/admin#/osfs")
+    page.locator("table.list a", has_text="netted").click()
+    edit = page.locator("form[aria-label=Edit]")
+    edit.get_by_label("network").select_option(label="corp (10.60.0.0/24, shared)")
+    edit.get_by_role("button", name="Save").click()
+    page.wait_for_function("() => document.querySelector('dd[data-field=network]')?.textContent === 'corp'")
+
+    # in use: the delete is refused, and the page says by what
+    goto(page, api.url + "/admin#/networks")
+    page.locator("table.list a", has_text="lan").click()
+    page.get_by_role("button", name="Delete").click()
+    refused = page.locator("p.refused")
+    refused.filter(has_text="network_in_use").wait_for()
+    assert "onlan" in refused.inner_text()

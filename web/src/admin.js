@@ -11,6 +11,7 @@ import { detailPage, createPage } from "./_admin/detail.js";
 import { rolePage, configPage } from "./_admin/editors.js";
 import { dashboard } from "./_admin/dashboard.js";
 import { bansPage } from "./_admin/identity.js";
+import { networkCreatePage } from "./_admin/networks.js";
 
 performance.mark("wat:start");
 const app = document.getElementById("app");
@@ -25,6 +26,7 @@ const MENU = [
   ["images", "Images", "image.see"],
   ["osfs", "OSFs", "osf.see"],
   ["volumes", "Volumes", "volume.see"],
+  ["networks", "Networks", "network.see"],
   ["connections", "Connections", "connection.see"],
   ["admins", "Administrators", "admin.see"],
   ["roles", "Roles", "role.see"],
@@ -233,6 +235,7 @@ function route() {
   else if (name === "dashboard") cleanup = dashboard(main);
   else if (name === "config") configPage(main);
   else if (name === "bans") bansPage(main);
+  else if (name === "networks" && id === "new") networkCreatePage(main);
   else if (res && id === "new") createPage(main, name, res);
   else if (name === "roles" && id) rolePage(main, id);
   else if (res && id) cleanup = detailPage(main, name, res, id);

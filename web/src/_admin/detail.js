@@ -5,6 +5,7 @@ import { can, isSuper, onEvent } from "./session.js";
 import { actionAcl } from "./resources.js";
 import { userIdentityBox } from "./identity.js";
 import { volumeBoxes } from "./volumes.js";
+import { networkBoxes, networkSelect, networkValue, readNetwork } from "./networks.js";
 
 function inputFor(name, type, value) {
   if (type === "checkbox") {
@@ -19,6 +20,7 @@ function inputFor(name, type, value) {
 }
 
 function readInput(i, list) {
+  if (i.dataset.kind === "network") return readNetwork(i);
   if (i.type === "checkbox") return i.checked;
   if (i.type === "number") return i.value === "" ? undefined : Number(i.value);
   if (list) return i.value.split(",").map((s) => s.trim()).filter(Boolean);
@@ -30,7 +32,7 @@ export function createPage(root, name, res) {
   const form = h("form.card", { "aria-label": `Create ${res.object}` });
   for (const f of res.create) {
     if (f.superOnly && !isSuper()) continue;
-    const i = inputFor(f.name, f.type);
+    const i = f.type === "network" ? networkSelect(f.name, { inherited: f.inherited }) : inputFor(f.name, f.type);
     if (f.required) i.required = true;
     inputs[f.name] = [i, f];
     form.append(field(f.label || f.name.replaceAll("_", " "), i));
@@ -59,6 +61,8 @@ export function createPage(root, name, res) {
 export function detailPage(root, name, res, id) {
   let obj = null;
   const body = h("div");
+  // why an action or the delete was refused (a 409 network_in_use names what to move first): it stays until the next try
+  const refused = h("p.error.refused", { role: "alert" });
   clear(root, h("p", h("a", { href: `#/${name}` }, `← ${res.title}`)), body);
 
   async function load() {
@@ -83,25 +87,33 @@ export function detailPage(root, name, res, id) {
       const [href, text] = res.related(obj);
       acts.append(h("a.button", { href }, text));
     }
-    if (!res.readOnly && can(`${res.object}.delete`)) acts.append(h("button.danger", { type: "button", onclick: remove }, "Delete"));
-    const parts = [h("h1", title), acts, dl];
-    const editable = (res.editable || []).filter((k) => can(res.editAcl?.[k] || (k === "blocked" ? `${res.object}.block` : `${res.object}.update`)));
+    // a tenant administrator sees the farm's shared networks but may not change them (403 supertenant_only)
+    const mayChange = !res.readOnly && !(res.farmOwned?.(obj) && !isSuper());
+    if (mayChange && can(`${res.object}.delete`)) acts.append(h("button.danger", { type: "button", onclick: remove }, "Delete"));
+    const parts = [h("h1", title), acts, refused, dl];
+    const editable = mayChange ? (res.editable || []).filter((k) => can(res.editAcl?.[k] || (k === "blocked" ? `${res.object}.block` : `${res.object}.update`))) : [];
     if (editable.length) parts.push(editForm(editable));
     if (res.upload && can("image.upload")) parts.push(uploadBox(obj, load));
     if (res.properties && can("property.see")) parts.push(propertiesBox(res.properties, obj.id));
     if (name === "users") parts.push(userIdentityBox(obj));
     if (name === "volumes") parts.push(...volumeBoxes(obj, load));
+    if (name === "networks") parts.push(...networkBoxes(obj, load));
     clear(body, ...parts);
   }
 
   function editForm(keys) {
     const inputs = {};
     const form = h("form.card", { "aria-label": "Edit" }, h("h2", "Edit"));
+    // what only a desktop at rest may change (the API's DESKTOP_AT_REST, no command pending)
+    const running = obj.state !== undefined && !(["stopped", "failed"].includes(obj.state) && !obj.cmd);
     for (const k of keys) {
       const type = k === "password" ? "password" : res.types?.[k];
-      const i = inputFor(k, type, k === "password" ? "" : obj[k]);
+      const on = obj.network_id == null ? null : { id: obj.network_id, name: obj.network };
+      const i = type === "network" ? networkSelect(k, { current: on, tenantId: obj.tenant_id }) : inputFor(k, type, k === "password" ? "" : obj[k]);
       inputs[k] = i;
-      form.append(field(k.replaceAll("_", " "), i));
+      const frozen = running && res.whileStopped?.includes(k);
+      if (frozen) i.disabled = true; // the API refuses it (desktop_running): say so before the user tries
+      form.append(field(`${k.replaceAll("_", " ")}${frozen ? " (stop the desktop to change it)" : ""}`, i));
     }
     const err = h("p.error", { role: "alert" });
     form.append(err, h("div.buttons", h("button.primary", { type: "submit" }, "Save")));
@@ -109,9 +121,11 @@ export function detailPage(root, name, res, id) {
       e.preventDefault();
       const change = {};
       for (const [k, i] of Object.entries(inputs)) {
+        if (i.disabled) continue;
         const v = readInput(i, res.lists?.includes(k));
         if (k === "password" && !v) continue;
-        if (JSON.stringify(v ?? "") !== JSON.stringify(obj[k] ?? "")) change[k] = v ?? "";
+        const was = i.dataset.kind === "network" ? networkValue(obj) : obj[k];
+        if (JSON.stringify(v ?? "") !== JSON.stringify(was ?? "")) change[k] = v ?? "";
       }
       if (!Object.keys(change).length) return toast("Nothing changed");
       try {
@@ -126,23 +140,25 @@ export function detailPage(root, name, res, id) {
   }
 
   async function act(a) {
+    refused.textContent = "";
     try {
       await post(`${res.path}/${obj.id}/${a}`);
       toast(`${a}: ok`);
       load();
     } catch (e) {
-      toast(errText(e), "error");
+      refused.textContent = errText(e);
     }
   }
 
   async function remove() {
     if (!confirm(`Delete ${res.object} ${obj[res.label] ?? obj.id}?`)) return;
+    refused.textContent = "";
     try {
       await del(`${res.path}/${obj.id}`);
       toast("Deleted");
       location.hash = `#/${name}`;
     } catch (e) {
-      toast(errText(e), "error");
+      refused.textContent = errText(e);
     }
   }
 

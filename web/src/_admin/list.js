@@ -22,6 +22,7 @@ export function listPage(root, name, res, params) {
   for (const [k, v] of params) if (!["sort", "page"].includes(k)) state.filters[k] = v;
 
   const canSee = can(`${res.object}.see`);
+  const title = (c) => res.headers?.[c] ?? c.replaceAll("_", " ");
   const bulkActions = (res.bulk || []).filter((a) => can(actionAcl(res, a)));
   const table = h("table.list", { "aria-label": res.title });
   const info = h("span.total", { "aria-live": "polite" });
@@ -62,8 +63,12 @@ export function listPage(root, name, res, params) {
       tr.append(h("th.sel", all));
     }
     for (const c of state.cols) {
+      if (res.computed?.includes(c)) {
+        tr.append(h("th", { scope: "col" }, h("span.sort", title(c))));
+        continue;
+      }
       const dir = state.sort === c ? "ascending" : state.sort === `-${c}` ? "descending" : "none";
-      const b = h("button.sort", { type: "button", onclick: () => sortBy(c) }, c.replaceAll("_", " "), h("span.arrow", { "aria-hidden": "true" }, dir === "ascending" ? " ▲" : dir === "descending" ? " ▼" : ""));
+      const b = h("button.sort", { type: "button", onclick: () => sortBy(c) }, title(c), h("span.arrow", { "aria-hidden": "true" }, dir === "ascending" ? " ▲" : dir === "descending" ? " ▼" : ""));
       tr.append(h("th", { scope: "col", "aria-sort": dir }, b));
     }
     tr.append(h("th", { scope: "col" }, h("span.sr-only", "Actions")));
@@ -71,10 +76,10 @@ export function listPage(root, name, res, params) {
     if (bulkActions.length) fr.append(h("td"));
     for (const c of state.cols) {
       let input;
-      const label = `Filter ${c.replaceAll("_", " ")}`;
+      const label = `Filter ${title(c)}`;
       if (res.filters?.[c]) {
         input = h("select", { "aria-label": label, name: `filter-${c}` }, h("option", { value: "" }, "any"), res.filters[c].map((v) => h("option", { value: v }, v)));
-      } else if (/_at$|^arguments$|^tags$|^roles$|^inherits$/.test(c)) {
+      } else if (/_at$|^arguments$|^tags$|^roles$|^inherits$/.test(c) || res.computed?.includes(c)) {
         fr.append(h("td"));
         continue;
       } else {
@@ -96,6 +101,7 @@ export function listPage(root, name, res, params) {
     const v = row[c];
     if (c === res.label && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, fmt(v) || `#${row.id}`);
     if (c === "id" && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, String(v));
+    if (c === "network") return row.network_id != null ? h("a", { href: `#/networks/${row.network_id}` }, fmt(v)) : h("span.muted", "farm default");
     if (c === "state" || c === "user_state" || c === "result") return h(`span.badge.s-${v}`, fmt(v));
     if (c === "blocked" && v) return h("span.badge.s-blocked", "blocked");
     // a fence that failed leaves the node's desktops unavailable: say so where the operator looks
@@ -115,7 +121,7 @@ export function listPage(root, name, res, params) {
       });
       tr.append(h("td.sel", cb));
     }
-    for (const c of state.cols) tr.append(h("td", { dataset: { col: c, label: c.replaceAll("_", " ") } }, cell(row, c)));
+    for (const c of state.cols) tr.append(h("td", { dataset: { col: c, label: title(c) } }, cell(row, c)));
     const acts = h("td.row-actions");
     if (name === "desktops" && can("desktop.spy") && row.state === "running")
       acts.append(h("a.spy", { href: `/admin/spy?desktop=${row.id}` }, "Spy"));
@@ -213,7 +219,7 @@ export function listPage(root, name, res, params) {
         localStorage.setItem(colsKey(name), JSON.stringify(state.cols));
         render();
       });
-      return h("label.check", cb, c.replaceAll("_", " "));
+      return h("label.check", cb, title(c));
     });
     return h("details.columns", h("summary", "Columns"), h("div", boxes));
   }
