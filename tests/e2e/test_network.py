@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +63,12 @@ def _running(farm: FarmProcess, name: str, user: str) -> dict:
     )
 
 
-def _fetch(farm: FarmProcess, desktop_id: int, url: str) -> str:
+def _fetch(farm: FarmProcess, desktop_id: int, url: str, marker: str = "Deckard upstream page") -> str:
     code = (
         "import urllib.request\n"
         f"try: body = urllib.request.urlopen('{url}', timeout=3).read()\n"
         "except Exception as e: print('failed', type(e).__name__, e)\n"
-        "else: print('page' if b'Deckard upstream page' in body else 'other')\n"
+        f"else: print('page' if b'{marker}' in body else 'other')\n"
     )
     out = farm.attach(desktop_id, f'python3 -c "{code}"')
     return out.stdout.strip() or out.stderr.strip()
@@ -226,3 +231,111 @@ def test_the_broker_reaches_a_tenant_desktop_at_its_farm_address(farm: FarmProce
 
     width, height = asyncio.run(look())
     assert width > 0 and height > 0
+
+
+# ---- flat networks: a network of the machines' own (here a veth standing for the node's NIC) -------------------
+FLAT_RANGE = "10.89.20.0/24"
+PROVIDER_PAGE = "Deckard provider page"
+
+
+def _vlan_unsupported() -> str | None:
+    """Why VLAN interfaces cannot be made here (this kernel lacks 802.1Q), or None."""
+    probe = f"dkvq{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "link", "add", probe, "type", "veth", "peer", "name", f"{probe}p"], capture_output=True)
+    try:
+        made = subprocess.run(
+            ["ip", "link", "add", "link", probe, "name", f"{probe}.9", "type", "vlan", "id", "9"],
+            capture_output=True,
+            text=True,
+        )
+        return None if made.returncode == 0 else f"the kernel has no 802.1Q VLAN support: {made.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "link", "del", probe], capture_output=True)
+
+
+@contextmanager
+def _provider(vlan: int | None) -> Iterator[str]:
+    """A provider network behind a node interface (tagged ``vlan``): a namespace with its router (.1) serving a
+    page.  Yields the node interface's name."""
+    tag = uuid.uuid4().hex[:6]
+    ns, nic = f"dkprov{tag}", f"dkpi{tag}"
+    inner = "eth0" if vlan is None else f"eth0.{vlan}"
+    root = Path(tempfile.mkdtemp(prefix="deckard-provider-"))
+    (root / "index.html").write_text(f"<html><body>{PROVIDER_PAGE}</body></html>")
+    server = None
+    try:
+        setup = [
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", nic, "type", "veth", "peer", "name", "eth0", "netns", ns],
+            ["ip", "-n", ns, "link", "set", "dev", "eth0", "up"],
+            ["ip", "-n", ns, "link", "set", "dev", "lo", "up"],
+        ]
+        if vlan is not None:
+            setup.append(
+                ["ip", "-n", ns, "link", "add", "link", "eth0", "name", inner, "type", "vlan", "id", str(vlan)]
+            )
+        setup += [
+            ["ip", "-n", ns, "addr", "add", "10.89.20.1/24", "dev", inner],
+            ["ip", "-n", ns, "link", "set", "dev", inner, "up"],
+        ]
+        for cmd in setup:
+            subprocess.run(cmd, check=True, capture_output=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "8080", "--bind", "10.89.20.1"],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        yield nic
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", nic], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _flat_desktop(farm: FarmProcess, network: str, nic: str, *vlan: str) -> dict:
+    """A running desktop of a new user on a new flat network ``network`` on ``nic``."""
+    farm.deckard("network", "create", network, "--range", FLAT_RANGE, "--interface", nic, *vlan)
+    farm.deckard("network", "grant", network, "default")
+    farm.deckard("user", "add", f"{network}u", "--password", PASSWORD, "--tenant", "default")
+    farm.deckard("desktop", "add", f"{network}-desk", "--user", f"{network}u", "--network", network)
+    farm.deckard("desktop", "start", f"{network}-desk")
+    desk = wait_for(lambda: (d := farm.desktop(f"{network}-desk"))["state"] in ("running", "failed") and d, 60, 0.2)
+    assert desk["state"] == "running", f"{desk['failure_reason']}\n{farm.diagnostics()}"  # type: ignore[index]
+    return desk  # type: ignore[return-value]
+
+
+def _check_flat_desktop(farm: FarmProcess, desk: dict, user: str) -> None:
+    """Its address and router are the provider's, it reaches the provider network directly (not through the
+    node), and the broker still reaches it at its farm address."""
+    assert desk["network_ip"] == "10.89.20.11"
+    inside = farm.attach(desk["id"], "cat /etc/resolv.conf /proc/net/fib_trie").stdout
+    assert "nameserver 10.89.20.1" in inside and "10.89.20.11" in inside
+    assert _fetch(farm, desk["id"], "http://10.89.20.1:8080/", PROVIDER_PAGE) == "page"
+
+    async def look() -> int:
+        reader, writer = await qvd.connect(farm.broker, user, PASSWORD, farm.ca, desk["id"])
+        try:
+            width, _height, _pixels = await asyncio.wait_for(grab_framebuffer(reader, writer), 30)
+            return width
+        finally:
+            writer.close()
+
+    assert asyncio.run(look()) > 0
+    farm.deckard("desktop", "stop", desk["name"], "--wait", "60")
+
+
+def test_a_flat_network_puts_a_desktop_on_a_network_of_the_machines_own(farm: FarmProcess) -> None:
+    with _provider(None) as nic:
+        _check_flat_desktop(farm, _flat_desktop(farm, "office", nic), "officeu")
+
+
+def test_a_flat_network_on_a_vlan_tags_the_desktops_frames(farm: FarmProcess) -> None:
+    reason = _vlan_unsupported()
+    if reason:
+        pytest.skip(reason)
+    with _provider(20) as nic:
+        _check_flat_desktop(farm, _flat_desktop(farm, "office20", nic, "--vlan", "20"), "office20u")

@@ -192,9 +192,10 @@ class TenantNetwork:
                     "  chain forward {",
                     "    type filter hook forward priority filter; policy drop;",
                     *forward,
-                    # in: what the farm opened to a desktop at its farm address, and the answers to the desktop
+                    # in: what the farm opened to a desktop at its farm address (and its answers back), and the
+                    # answers to what a desktop opened
                     '    iifname "up" oifname "gw" ct status dnat accept',
-                    '    iifname "up" oifname "gw" ct state established,related accept',
+                    '    ct state established,related accept',
                     "  }",
                     "  chain input {",
                     "    type filter hook input priority filter; policy drop;",
@@ -231,9 +232,16 @@ async def _plug_uplink(flat: Flat, n: Names) -> None:
     if flat.vlan is not None:
         port = n.vlan_port
         if not link_exists(port):
-            await run_command(
-                ["ip", "link", "add", "link", flat.interface, "name", port, "type", "vlan", "id", str(flat.vlan)]
+            made = await run_command(
+                ["ip", "link", "add", "link", flat.interface, "name", port, "type", "vlan", "id", str(flat.vlan)],
+                check=False,
             )
+            if made.returncode != 0:
+                raise DriverError(
+                    f"cannot tag VLAN {flat.vlan} on {flat.interface} for flat network {n.network_id} "
+                    f"({made.stderr.strip()}): this node's kernel needs 802.1Q support (module 8021q)",
+                    code="network_unavailable",
+                )
         await run_command(["ip", "link", "set", flat.interface, "up"])
     await run_command(["ip", "link", "set", port, "master", n.bridge, "up"])
 
