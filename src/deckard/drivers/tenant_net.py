@@ -195,7 +195,7 @@ class TenantNetwork:
                     # in: what the farm opened to a desktop at its farm address (and its answers back), and the
                     # answers to what a desktop opened
                     '    iifname "up" oifname "gw" ct status dnat accept',
-                    '    ct state established,related accept',
+                    "    ct state established,related accept",
                     "  }",
                     "  chain input {",
                     "    type filter hook input priority filter; policy drop;",
