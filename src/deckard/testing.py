@@ -60,14 +60,25 @@ def browser_unavailable_reason() -> str | None:
     return None
 
 
+# a page of ours whose module script has not run within this long is loaded again: Chromium drops a request in
+# flight when the machine's addresses change (ERR_NETWORK_CHANGED), and another test's farm making a bridge or a
+# veth then leaves a page without its script (a login form that submits itself as a GET)
+SCRIPT_READY_S = 10.0
+UNREADY = "() => !!document.querySelector('script[type=module]') && !document.documentElement.dataset.ready"
+
+
 def goto(page: Any, url: str) -> None:
-    """``page.goto`` that rides out Chromium's ERR_NETWORK_CHANGED (a farm's bridge or veth came or went)."""
+    """``page.goto`` that rides out Chromium's ERR_NETWORK_CHANGED (a farm's bridge or veth came or went), for the
+    page and for its module script (``document.documentElement.dataset.ready``, set by ours once they ran)."""
     for attempt in range(3):
         try:
             page.goto(url)
+            if not page.evaluate(UNREADY):
+                return
+            page.wait_for_function("() => document.documentElement.dataset.ready", timeout=SCRIPT_READY_S * 1000)
             return
         except Exception as e:
-            if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 2:
+            if ("ERR_NETWORK_CHANGED" not in str(e) and "Timeout" not in str(e)) or attempt == 2:
                 raise
             page.wait_for_timeout(200)
 
@@ -77,9 +88,12 @@ async def agoto(page: Any, url: str) -> None:
     for attempt in range(3):
         try:
             await page.goto(url)
+            if not await page.evaluate(UNREADY):
+                return
+            await page.wait_for_function("() => document.documentElement.dataset.ready", timeout=SCRIPT_READY_S * 1000)
             return
         except Exception as e:
-            if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 2:
+            if ("ERR_NETWORK_CHANGED" not in str(e) and "Timeout" not in str(e)) or attempt == 2:
                 raise
             await page.wait_for_timeout(200)
 

@@ -267,3 +267,4 @@ whenUnauthenticated(() => {
 });
 window.addEventListener("hashchange", route);
 boot();
+document.documentElement.dataset.ready = "1"; // the module ran (tests wait for it: deckard.testing.goto)

@@ -590,3 +590,4 @@ function init() {
 }
 
 init();
+document.documentElement.dataset.ready = "1"; // the module ran (tests wait for it: deckard.testing.goto)

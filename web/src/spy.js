@@ -56,3 +56,4 @@ $("#fullscreen").addEventListener("click", () => {
   else $("#viewer").requestFullscreen().catch(() => {});
 });
 start();
+document.documentElement.dataset.ready = "1"; // the module ran (tests wait for it: deckard.testing.goto)
