@@ -87,6 +87,9 @@ async def test_overlapping_ranges_of_one_tenant_are_refused_naming_the_other_net
     with pytest.raises(PermissionDenied) as e:
         await call(acme.create_network, "corp", "10.53.0.0/24", shared=True)
     assert e.value.code == "supertenant_only"
+    with pytest.raises(Conflict) as e:  # the farm's own range: every desktop has an address there too
+        await call(acme.create_network, "farmish", "10.231.0.0/24")
+    assert e.value.code == "network_overlap" and "default network" in e.value.message
 
 
 async def test_shared_networks_overlap_neither_each_other_nor_the_default_network(farm: Farm) -> None:
@@ -101,8 +104,12 @@ async def test_shared_networks_overlap_neither_each_other_nor_the_default_networ
     with pytest.raises(Conflict) as e:
         await call(root.create_network, "corp", "10.61.0.0/24", shared=True)
     assert e.value.code == "duplicate"
-    # a private network may overlap a shared one or the default network: it is another segment
-    assert (await call(root.create_network, "lan", DEFAULT_RANGE)).kind == "private"
+    # a private network may overlap a shared one (another segment), not the default network (every desktop has
+    # its farm address there)
+    assert (await call(root.create_network, "lan", "10.60.0.0/24")).kind == "private"
+    with pytest.raises(Conflict) as e:
+        await call(root.create_network, "lan2", DEFAULT_RANGE)
+    assert e.value.code == "network_overlap"
 
 
 async def test_a_shared_network_serves_the_tenants_granted_and_is_invisible_to_others(farm: Farm) -> None:

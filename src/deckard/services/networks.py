@@ -148,15 +148,16 @@ async def get_network(db: Database, actor: Actor, ref: str | int) -> dict[str, A
 
 
 async def _others(conn: AsyncConnection, tenant_id: int | None, default_range: str) -> dict[str, str]:
-    """The ranges a new network may not overlap: its tenant's private networks, or the shared networks and the
-    default range.  The row locked first makes two concurrent creates of one tenant (or two shared ones) wait
+    """The ranges a new network may not overlap: its tenant's private networks, or the shared and flat networks;
+    and the default range.  The row locked first makes two concurrent creates of one tenant (or two shared ones) wait
     for each other on PostgreSQL, so both cannot pass this check (SQLite writes one at a time anyway)."""
     lock = tenant_id if tenant_id is not None else SUPERTENANT_ID
     await conn.execute(sa.select(t.tenants.c.id).where(t.tenants.c.id == lock).with_for_update())
     same = n.c.tenant_id.is_(None) if tenant_id is None else n.c.tenant_id == tenant_id
     rows = await conn.execute(sa.select(n.c.name, n.c.range).where(same))
-    others = {str(r.name): str(r.range) for r in rows}
-    return others if tenant_id is not None else {**others, DEFAULT_NETWORK: default_range}
+    # the farm's range too, for a tenant's network as well: inside the network's namespace on a node, the farm
+    # gateway (its route out, the resolver) and the broker's addresses must not be the network's own
+    return {**{str(r.name): str(r.range) for r in rows}, DEFAULT_NETWORK: default_range}
 
 
 async def _check_overlap(conn: AsyncConnection, name: str, rng: str, tenant_id: int | None, default: str) -> None:
