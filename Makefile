@@ -77,7 +77,8 @@ lint: deps
 
 # test files run on TEST_JOBS cores at once (pytest-xdist); a file's tests stay together, so a module's farm,
 # directory or database is made once. Three at once took 12:44-13:09 instead of 15:01, but the browser tests then
-# timed out (Playwright's 30 s) on two cores: two it stays
+# timed out (Playwright's 30 s) on two cores; tried again with the pages' script check (deckard.testing.goto):
+# 16:26 on a busy machine, and a session-policy timing test failed: two it stays
 TEST_JOBS ?= 2
 # The desktop images the end-to-end tests need are built in the background while lint runs
 # (tests/prebuild_images.py) and the image-free test files run first (tests/conftest.py); a test that needs one
