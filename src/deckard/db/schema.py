@@ -233,7 +233,7 @@ desktops = sa.Table(
     sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True, index=True),
     # observed state (owning node)
     sa.Column("state", sa.String(16), nullable=False, server_default=DesktopState.STOPPED.value, index=True),
-    sa.Column("state_at", TS, nullable=True),
+    sa.Column("state_at", TS, nullable=True, index=True),  # indexed (0015): nodes read what changed since
     sa.Column("image_id", sa.ForeignKey("disk_images.id", ondelete="SET NULL"), nullable=True),
     sa.Column("agent_token", sa.String(64), nullable=True),
     sa.Column("agent_ok_at", TS, nullable=True),

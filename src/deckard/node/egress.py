@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import time
 
@@ -24,6 +25,7 @@ from deckard.drivers import firewall, overlay, tenant_net
 from deckard.drivers.dns import Resolver
 from deckard.drivers.network import flush_neighbours
 from deckard.model.egress import Protected, Rule
+from deckard.model.entities import utcnow
 from deckard.model.network import gateway_of
 from deckard.model.states import NodeState
 from deckard.node.metadata import MetadataServer
@@ -32,6 +34,9 @@ from deckard.services import guest_metadata, network_policy, node_ops
 from deckard.services.network_policy import TenantAddress, TenantNetworkRow
 
 log = structlog.get_logger()
+
+# how far back each look for desktops that moved between machines reaches beyond the last one
+MOVED_MARGIN_S = 30.0
 
 # an unchanged table is loaded again this often: a ruleset flushed by hand, or a table another node of this
 # machine loaded a moment earlier, is made whole again
@@ -53,6 +58,7 @@ class Egress:
         self.overlay_vni = settings.network.overlay_vni
         self._segment: tuple[overlay.Segment, str, tuple[str, ...]] | None = None  # last joined: segment, me, peers
         self._placed: dict[str, int] | None = None  # farm address → node of the desktops seen on other nodes
+        self._placed_since: dt.datetime | None = None  # the next look reads changes from then on
         self.metadata: MetadataServer | None = None  # made at start, when the node's id is known
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
@@ -129,14 +135,17 @@ class Egress:
         """A desktop that now runs on another machine than when this node last reached it: forget its neighbour
         entry, so the next packet asks the segment again (ARP floods to every machine) instead of going to the
         machine it left, which may be powered off."""
-        where = await node_ops.desktops_elsewhere(self.db, node_id)
+        now = utcnow()
+        # after the first look, only the desktops whose state changed since the last (with a margin for the
+        # nodes' clocks and for transactions that committed late): a farm of thousands is not read every 2 s
+        where = await node_ops.desktops_elsewhere(self.db, node_id, self._placed_since)
         if self._placed is not None:  # the first look only learns where they are
             moved = sorted(ip for ip, node in where.items() if self._placed.get(ip) != node)
             if moved:
                 await flush_neighbours(moved)
                 log.info("network.overlay_desktops_moved", addresses=moved[:20], count=len(moved))
             where = {**self._placed, **where}  # remembered while released too: it may start anywhere next
-        self._placed = where
+        self._placed, self._placed_since = where, now - dt.timedelta(seconds=MOVED_MARGIN_S)
 
     def _tenant(self, row: TenantNetworkRow, node_id: int) -> tuple[tenant_net.TenantNetwork, tenant_net.Names]:
         flat = None

@@ -12,6 +12,7 @@ second stop of a desktop already stopped.  ``mark_*`` and ``set_node_state`` the
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections.abc import Awaitable
@@ -220,13 +221,14 @@ async def farm_nodes(db: Database) -> list[tuple[int, str, str]]:
         return [(int(r.id), str(r.address), str(r.state)) for r in rows]
 
 
-async def desktops_elsewhere(db: Database, node_id: int) -> dict[str, int]:
-    """Farm address → node of every desktop placed on another node (for the overlay's neighbour entries)."""
+async def desktops_elsewhere(db: Database, node_id: int, since: dt.datetime | None = None) -> dict[str, int]:
+    """Farm address → node of the desktops placed on another node (for the overlay's neighbour entries): every
+    one, or those whose state changed ``since`` (a desktop placed anew has)."""
+    q = sa.select(d.c.ip, d.c.node_id).where(d.c.node_id.is_not(None), d.c.node_id != node_id)
+    if since is not None:
+        q = q.where(d.c.state_at >= since)
     async with db.connect() as conn:
-        rows = await conn.execute(
-            sa.select(d.c.ip, d.c.node_id).where(d.c.node_id.is_not(None), d.c.node_id != node_id)
-        )
-        return {str(r.ip): int(r.node_id) for r in rows}
+        return {str(r.ip): int(r.node_id) for r in await conn.execute(q)}
 
 
 async def desktops_on_node(db: Database, node_id: int) -> list[Desktop]:

@@ -81,10 +81,13 @@ def upgrade() -> None:
         batch_op.create_check_constraint("ck_desktops_network_ip", "(network_id IS NULL) = (network_ip IS NULL)")
         batch_op.create_index("ix_desktops_network_id", ["network_id"])
         batch_op.create_index("ux_desktops_network_ip", ["network_id", "network_ip"], unique=True)
+        # a node on a farm across machines reads the desktops whose state changed since its last look
+        batch_op.create_index("ix_desktops_state_at", ["state_at"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("desktops", schema=None) as batch_op:
+        batch_op.drop_index("ix_desktops_state_at")
         batch_op.drop_index("ux_desktops_network_ip")
         batch_op.drop_index("ix_desktops_network_id")
         batch_op.drop_constraint("ck_desktops_network_ip", type_="check")
