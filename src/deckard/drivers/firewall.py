@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,18 @@ def _rule(rule: Rule) -> str:
     return " ".join(parts)
 
 
+def whole_table(family: str, name: str, body: Iterable[str]) -> str:
+    """A table's text that replaces it in one ``nft -f`` transaction: made (so the delete cannot fail), deleted,
+    and defined again with ``body`` (its lines, indented)."""
+    head = [f"table {family} {name}", f"delete table {family} {name}", f"table {family} {name} {{"]
+    return "\n".join([*head, *body, "}"]) + "\n"
+
+
+def elements(items: Sequence[str]) -> str:
+    """A set's or map's ``elements = { … }`` clause (nothing for none: nft refuses an empty one)."""
+    return f" elements = {{ {', '.join(items)} }}" if items else ""
+
+
 def _set(networks: Sequence[ipaddress.IPv4Network]) -> str:
     """An interval set's elements: nft refuses overlapping ones, so nested networks are merged first."""
     return "{ " + ", ".join(str(n) for n in ipaddress.collapse_addresses(networks)) + " }"
@@ -89,19 +101,14 @@ class Table:
         name = table_name(self.bridge)
         gw = self.protected.gateway
         chains: dict[str, tuple[Rule, ...]] = {}
-        elements = []
+        verdicts = []
         for ip, rules in sorted(self.desktops.items()):
             chain = policy_chain(rules)
             chains[chain] = rules
-            elements.append(f"{ip} : jump {chain}")
+            verdicts.append(f"{ip} : jump {chain}")
         out = [
-            f"table inet {name}",
-            f"delete table inet {name}",
-            f"table inet {name} {{",
             "  set farm { type ipv4_addr; flags interval; elements = " + _set(self.protected.networks()) + " }",
-            "  map desktops { type ipv4_addr : verdict;"
-            + (" elements = { " + ", ".join(elements) + " }" if elements else "")
-            + " }",
+            "  map desktops { type ipv4_addr : verdict;" + elements(verdicts) + " }",
             "  chain input {",
             "    type filter hook input priority filter; policy accept;",
             f'    iifname "{self.bridge}" jump from_desktop_to_node',
@@ -151,9 +158,8 @@ class Table:
             "    type nat hook postrouting priority srcnat; policy accept;",
             f'    ip saddr {self.protected.desktops} oifname != "{self.bridge}" masquerade',
             "  }",
-            "}",
         ]
-        return "\n".join(out) + "\n"
+        return whole_table("inet", name, out)
 
 
 def available() -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from deckard.drivers.firewall import OVERLAY_MARK, load_text
+from deckard.drivers.firewall import OVERLAY_MARK, load_text, whole_table
 from deckard.drivers.network import IFNAMSIZ, link_exists, run_command
 from deckard.model.errors import DriverError
 from deckard.model.network import gateway_of
@@ -88,46 +88,40 @@ class Segment:
         """The bridge-family table that keeps the VXLAN port to node ↔ desktop traffic."""
         vx, gw = vxlan_name(self.bridge), self.gateway
         nodes = "{ " + ", ".join(self.nodes) + " }" if self.nodes else "{ 0.0.0.0 }"
-        name = table_name(self.bridge)
-        return (
-            "\n".join(
-                [
-                    f"table bridge {name}",
-                    f"delete table bridge {name}",
-                    f"table bridge {name} {{",
-                    f"  set nodes {{ type ipv4_addr; elements = {nodes} }}",
-                    "  chain in_from_overlay {",
-                    "    type filter hook prerouting priority -200; policy accept;",
-                    f'    iifname != "{vx}" accept',
-                    f"    arp daddr ip {gw} drop",  # every node is the gateway: each answers for it on its own
-                    f"    arp saddr ip {gw} drop",
-                    "    arp saddr ip @nodes accept",
-                    "    arp daddr ip @nodes accept",
-                    f"    ip saddr @nodes meta mark set {OVERLAY_MARK:#x} accept",
-                    "    ip daddr @nodes accept",
-                    "    drop",
-                    "  }",
-                    "  chain out_to_overlay {",
-                    "    type filter hook forward priority -200; policy accept;",
-                    f'    oifname != "{vx}" accept',
-                    f"    arp daddr ip {gw} drop",
-                    f"    arp saddr ip {gw} drop",
-                    "    arp saddr ip @nodes accept",
-                    "    arp daddr ip @nodes accept",
-                    "    ip saddr @nodes accept",
-                    "    ip daddr @nodes accept",
-                    "    drop",
-                    "  }",
-                    "  chain out_from_node {",
-                    "    type filter hook output priority -200; policy accept;",
-                    f'    oifname != "{vx}" accept',
-                    f"    arp daddr ip {gw} drop",
-                    f"    arp saddr ip {gw} drop",
-                    "  }",
-                    "}",
-                ]
-            )
-            + "\n"
+        return whole_table(
+            "bridge",
+            table_name(self.bridge),
+            [
+                f"  set nodes {{ type ipv4_addr; elements = {nodes} }}",
+                "  chain in_from_overlay {",
+                "    type filter hook prerouting priority -200; policy accept;",
+                f'    iifname != "{vx}" accept',
+                f"    arp daddr ip {gw} drop",  # every node is the gateway: each answers for it on its own
+                f"    arp saddr ip {gw} drop",
+                "    arp saddr ip @nodes accept",
+                "    arp daddr ip @nodes accept",
+                f"    ip saddr @nodes meta mark set {OVERLAY_MARK:#x} accept",
+                "    ip daddr @nodes accept",
+                "    drop",
+                "  }",
+                "  chain out_to_overlay {",
+                "    type filter hook forward priority -200; policy accept;",
+                f'    oifname != "{vx}" accept',
+                f"    arp daddr ip {gw} drop",
+                f"    arp saddr ip {gw} drop",
+                "    arp saddr ip @nodes accept",
+                "    arp daddr ip @nodes accept",
+                "    ip saddr @nodes accept",
+                "    ip daddr @nodes accept",
+                "    drop",
+                "  }",
+                "  chain out_from_node {",
+                "    type filter hook output priority -200; policy accept;",
+                f'    oifname != "{vx}" accept',
+                f"    arp daddr ip {gw} drop",
+                f"    arp saddr ip {gw} drop",
+                "  }",
+            ],
         )
 
 

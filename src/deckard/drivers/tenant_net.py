@@ -37,10 +37,10 @@ from pathlib import Path
 
 import structlog
 
-from deckard.drivers.firewall import load_text
+from deckard.drivers.firewall import elements, load_text, whole_table
 from deckard.drivers.network import isolate_port, link_exists, run_command
 from deckard.model.errors import DriverError
-from deckard.model.network import gateway_of, prefix_len
+from deckard.model.network import gateway_of, network_gateway, prefix_len
 
 log = structlog.get_logger()
 
@@ -114,16 +114,15 @@ def host_table(scope: str) -> str:
 
 def render_host_table(scope: str) -> str:
     """The host's table for a node's tenant bridges: their bridged frames untracked (see ``ensure``)."""
-    name = host_table(scope)
-    return (
-        f"table inet {name}\n"
-        f"delete table inet {name}\n"
-        f"table inet {name} {{\n"
-        "  chain prerouting {\n"
-        "    type filter hook prerouting priority raw; policy accept;\n"
-        f'    iifname "tb{scope}*" notrack\n'
-        "  }\n"
-        "}\n"
+    return whole_table(
+        "inet",
+        host_table(scope),
+        [
+            "  chain prerouting {",
+            "    type filter hook prerouting priority raw; policy accept;",
+            f'    iifname "tb{scope}*" notrack',
+            "  }",
+        ],
     )
 
 
@@ -144,7 +143,7 @@ class TenantNetwork:
 
     @property
     def gateway(self) -> str:
-        return self.flat.router if self.flat else gateway_of(self.range)
+        return network_gateway(self.range, self.flat.router if self.flat else None)
 
     @property
     def farm_gateway(self) -> str:
@@ -153,12 +152,7 @@ class TenantNetwork:
     def render_table(self, desktops: Mapping[str, str]) -> str:
         """The namespace's nftables table: ``desktops`` maps each farm address to its address in the network."""
         gw, farm_gw = self.gateway, self.farm_gateway
-
-        def elements(pairs: list[tuple[str, str]]) -> str:
-            return f" elements = {{ {', '.join(f'{a} : {b}' for a, b in pairs)} }}" if pairs else ""
-
         pairs = sorted(desktops.items())
-        own = sorted(desktops.values())
         if self.flat is None:  # the namespace is the desktops' gateway: DNS to the farm's resolver, egress out
             inward = [
                 f'    iifname "gw" ip daddr {gw} udp dport 53 dnat ip to {farm_gw}',
@@ -171,42 +165,37 @@ class TenantNetwork:
         else:  # desktops go out through their own router: the farm's calls come from the node's address
             inward, forward, answer = [], [], self.flat.own
             outward = [f'    oifname "gw" ct status dnat snat ip to {self.flat.own}']
-        return (
-            "\n".join(
-                [
-                    f"table ip {TABLE}",
-                    f"delete table ip {TABLE}",
-                    f"table ip {TABLE} {{",
-                    "  map to_desktop { type ipv4_addr : ipv4_addr;" + elements(pairs) + " }",
-                    "  map from_desktop { type ipv4_addr : ipv4_addr;" + elements([(b, a) for a, b in pairs]) + " }",
-                    "  set desktops { type ipv4_addr;" + (f" elements = {{ {', '.join(own)} }}" if own else "") + " }",
-                    "  chain prerouting {",
-                    "    type nat hook prerouting priority dstnat; policy accept;",
-                    '    iifname "up" dnat ip to ip daddr map @to_desktop',
-                    *inward,
-                    "  }",
-                    "  chain postrouting {",
-                    "    type nat hook postrouting priority srcnat; policy accept;",
-                    *outward,
-                    "  }",
-                    "  chain forward {",
-                    "    type filter hook forward priority filter; policy drop;",
-                    *forward,
-                    # in: what the farm opened to a desktop at its farm address (and its answers back), and the
-                    # answers to what a desktop opened
-                    '    iifname "up" oifname "gw" ct status dnat accept',
-                    "    ct state established,related accept",
-                    "  }",
-                    "  chain input {",
-                    "    type filter hook input priority filter; policy drop;",
-                    "    ct state established,related accept",
-                    '    iifname "lo" accept',
-                    f'    iifname "gw" ip daddr {answer} icmp type echo-request accept',
-                    "  }",
-                    "}",
-                ]
-            )
-            + "\n"
+        return whole_table(
+            "ip",
+            TABLE,
+            [
+                "  map to_desktop { type ipv4_addr : ipv4_addr;" + elements([f"{a} : {b}" for a, b in pairs]) + " }",
+                "  map from_desktop { type ipv4_addr : ipv4_addr;" + elements([f"{b} : {a}" for a, b in pairs]) + " }",
+                "  set desktops { type ipv4_addr;" + elements(sorted(desktops.values())) + " }",
+                "  chain prerouting {",
+                "    type nat hook prerouting priority dstnat; policy accept;",
+                '    iifname "up" dnat ip to ip daddr map @to_desktop',
+                *inward,
+                "  }",
+                "  chain postrouting {",
+                "    type nat hook postrouting priority srcnat; policy accept;",
+                *outward,
+                "  }",
+                "  chain forward {",
+                "    type filter hook forward priority filter; policy drop;",
+                *forward,
+                # in: what the farm opened to a desktop at its farm address (and its answers back), and the
+                # answers to what a desktop opened
+                '    iifname "up" oifname "gw" ct status dnat accept',
+                "    ct state established,related accept",
+                "  }",
+                "  chain input {",
+                "    type filter hook input priority filter; policy drop;",
+                "    ct state established,related accept",
+                '    iifname "lo" accept',
+                f'    iifname "gw" ip daddr {answer} icmp type echo-request accept',
+                "  }",
+            ],
         )
 
 
@@ -246,10 +235,6 @@ async def _plug_uplink(flat: Flat, n: Names) -> None:
     await run_command(["ip", "link", "set", port, "master", n.bridge, "up"])
 
 
-def _in(ns: str, *args: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, *args]
-
-
 async def ensure(net: TenantNetwork, n: Names) -> None:
     """Make the network's namespace, bridge and legs (idempotent: at every start of one of its desktops)."""
     if not (NETNS_DIR / n.netns).exists():
@@ -259,7 +244,10 @@ async def ensure(net: TenantNetwork, n: Names) -> None:
     # forward between the legs; answer ARP on ``up`` only for ``up``'s own (farm) addresses; the answers to
     # what the farm opened leave by the default route, not the leg they came in on
     await run_command(
-        _in(
+        [
+            "ip",
+            "netns",
+            "exec",
             n.netns,
             "sysctl",
             "-qw",
@@ -268,7 +256,7 @@ async def ensure(net: TenantNetwork, n: Names) -> None:
             "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.conf.all.arp_ignore=1",
             "net.ipv4.conf.all.arp_announce=2",
-        )
+        ]
     )
     # frames between a desktop and its gateway are the namespace's to judge; with br_netfilter loaded (its
     # switch is global: a bridge can only add itself) they also pass the host's IPv4 hooks, where a farm's

@@ -38,6 +38,12 @@ def gateway_of(network: str) -> str:
     return str(next(ipaddress.IPv4Network(network).hosts()))
 
 
+def network_gateway(network: str, router: str | None) -> str:
+    """A desktop network's gateway (and resolver): a flat network's own router, else the range's first address
+    (the node's, or a tenant network's namespace's)."""
+    return router or gateway_of(network)
+
+
 def prefix_len(network: str) -> int:
     return ipaddress.IPv4Network(network).prefixlen
 

@@ -21,7 +21,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.errors import NotFound
 from deckard.model.guest_metadata import GuestMetadata, hostname_for, load_ssh_keys
-from deckard.model.network import gateway_of, prefix_len
+from deckard.model.network import network_gateway, prefix_len
 from deckard.model.states import DesktopState
 from deckard.services.config import read_configs
 from deckard.services.network_policy import _nodes_sharing_the_machine
@@ -45,7 +45,6 @@ def _query() -> sa.Select[Any]:
             t.nodes.c.name.label("node"),
             d.c.network_ip,
             t.networks.c.range.label("network_range"),
-            t.networks.c.interface.label("network_interface"),
             t.networks.c.gateway.label("network_gateway"),
         )
         .join(t.users, t.users.c.id == d.c.user_id)
@@ -59,10 +58,9 @@ async def _metadata(conn: AsyncConnection, row: Any, *, network: str, farm_id: s
     tenant_id, osf_id = int(row.tenant_id), int(row.osf_id)
     network_config = await read_configs(conn, "network.dns.", tenant_id, osf_id)
     guest_config = await read_configs(conn, "guest.", tenant_id, osf_id)
-    gateway = gateway_of(network)
     if row.network_ip is not None:  # a tenant network: the guest's own address and gateway there
         network = str(row.network_range)
-        gateway = str(row.network_gateway) if row.network_interface else gateway_of(network)  # flat: its router
+    gateway = network_gateway(network, row.network_gateway)
     return GuestMetadata(
         desktop_id=int(row.id),
         instance_id=f"deckard-{farm_id}-{row.id}",

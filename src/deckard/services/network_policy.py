@@ -23,7 +23,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.egress import PROTOS, Protected, Rule, decide, opens_farm, parse_forbidden, parse_policy
 from deckard.model.errors import BadInput
-from deckard.model.network import gateway_of
+from deckard.model.network import gateway_of, network_gateway
 from deckard.model.states import DesktopState
 from deckard.services.config import ValueCheck, read_config, read_configs_sourced
 from deckard.services.context import Actor, require
@@ -54,7 +54,7 @@ class TenantNetworkRow:
     @property
     def gateway(self) -> str:
         """The desktops' gateway (and resolver): the namespace's, or a flat network's router."""
-        return self.router or gateway_of(self.range)
+        return network_gateway(self.range, self.router)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _network_row(row: Any) -> TenantNetworkRow:
         str(row.range),
         row.interface,
         None if row.vlan is None else int(row.vlan),
-        row.gateway if row.interface else None,
+        row.gateway,  # set for flat networks only
     )
 
 

@@ -36,7 +36,7 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound
-from deckard.model.network import first_free_ip, gateway_of, overlapping, validate_flat, validate_range
+from deckard.model.network import first_free_ip, network_gateway, overlapping, validate_flat, validate_range
 from deckard.services.context import Actor, require, require_fields, require_supertenant
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -354,4 +354,6 @@ async def next_network_address(conn: AsyncConnection, network_id: int) -> str:
     row = (await conn.execute(sa.select(n.c.range, n.c.gateway).where(n.c.id == network_id))).one()
     d = t.desktops
     used = await conn.execute(sa.select(d.c.network_ip).where(d.c.network_id == network_id))
-    return first_free_ip(str(row.range), row.gateway or gateway_of(str(row.range)), [str(r.network_ip) for r in used])
+    return first_free_ip(
+        str(row.range), network_gateway(str(row.range), row.gateway), [str(r.network_ip) for r in used]
+    )
