@@ -92,12 +92,18 @@ def _insert_desktop(
     )
 
 
-def test_existing_desktops_stay_on_the_default_network_with_their_history(engine: sa.Engine) -> None:
+def _seeded_then_upgraded(engine: sa.Engine) -> str:
+    """A database at 0014 with a tenant, an OSF and a desktop, then migrated to the head; its URL."""
     url = engine.url.render_as_string(hide_password=False)
     _upgrade(url, "0014")
     with engine.begin() as conn:
         _seed_before_networks(conn)
     _upgrade(url, "head")
+    return url
+
+
+def test_existing_desktops_stay_on_the_default_network_with_their_history(engine: sa.Engine) -> None:
+    _seeded_then_upgraded(engine)
     with engine.connect() as conn:
         desk = conn.execute(sa.text("SELECT ip, network_id FROM desktops WHERE id = 1")).one()
         assert (desk.ip, desk.network_id) == ("10.231.0.11", None)
@@ -107,11 +113,7 @@ def test_existing_desktops_stay_on_the_default_network_with_their_history(engine
 
 
 def test_a_network_address_is_unique_in_its_network_and_a_farm_address_in_the_farm(engine: sa.Engine) -> None:
-    url = engine.url.render_as_string(hide_password=False)
-    _upgrade(url, "0014")
-    with engine.begin() as conn:
-        _seed_before_networks(conn)
-    _upgrade(url, "head")
+    _seeded_then_upgraded(engine)
     with engine.begin() as conn:
         for network_id in (1, 2):
             conn.execute(
@@ -135,11 +137,7 @@ def test_a_network_address_is_unique_in_its_network_and_a_farm_address_in_the_fa
 
 
 def test_the_revision_goes_down_and_up_again(engine: sa.Engine) -> None:
-    url = engine.url.render_as_string(hide_password=False)
-    _upgrade(url, "0014")
-    with engine.begin() as conn:
-        _seed_before_networks(conn)
-    _upgrade(url, "head")
+    url = _seeded_then_upgraded(engine)
     _downgrade(url, "0014")
     with engine.connect() as conn:
         assert "networks" not in sa.inspect(conn).get_table_names()
