@@ -44,6 +44,9 @@ from deckard.runtime.settings import BrokerSettings, Settings
 from deckard.runtime.tls import client_context
 from deckard.services import identity, tickets
 
+# The broker's limits are the subject, not SQL (the claim and start on PostgreSQL: test_broker_protocol.py).
+DATABASES = ["sqlite"]
+
 # the broker's own limits and parsing act on the socket before any query (the fixture's setup aside): their
 # PostgreSQL run would repeat the SQLite one, so they run once; the ticket limits count rows and run on both
 BROKER_ONLY = pytest.mark.databases("sqlite")

@@ -45,6 +45,9 @@ from deckard.services.tenancy import bootstrap_farm
 from deckard.services.users import create_user, update_user
 from deckard.testing import InProcessNode
 
+# The wire protocol is the subject, not SQL: SQLite, but for the connects whose claim and start the database orders.
+DATABASES = ["sqlite"]
+
 RFB_BANNER = b"RFB 003.008\n"
 # what a viewer sends after the banner (version, security None, shared ClientInit) and what the broker answers
 VIEWER_HANDSHAKE = RFB_BANNER + b"\x01" + b"\x01"
@@ -223,6 +226,7 @@ async def test_ping_answers_i_am_alive_without_credentials_or_host(farm: Farm) -
     await c.close()
 
 
+@pytest.mark.databases("sqlite", "postgresql")
 async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_both_ways(farm: Farm) -> None:
     """As QVD's own client (asking for VNC): no Host header, ``list_of_vm?``, then connect on the same TLS
     connection."""
@@ -436,6 +440,7 @@ async def test_a_client_that_does_not_speak_rfb_is_dropped_before_the_display(fa
     await c.close()
 
 
+@pytest.mark.databases("sqlite", "postgresql")
 async def test_a_second_connect_takes_over_and_closes_the_first_tunnel(farm: Farm) -> None:
     desk_id = farm.alice_desk["id"]
     first = await RawClient.open(farm)
@@ -485,6 +490,7 @@ async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start
     assert (await farm.desktop_row(desk_id)).user_state == "disconnected"
 
 
+@pytest.mark.databases("sqlite", "postgresql")
 async def test_failed_start_is_503_with_the_nodes_reason(farm: Farm) -> None:
     farm.node.driver.start_error = "the image is corrupt: rebuild it"
     farm.node.driver.start_delay = 0.3  # the broker sees the start under way (a 102) before it fails

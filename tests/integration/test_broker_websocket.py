@@ -37,6 +37,9 @@ from deckard.runtime.tls import client_context
 from deckard.services import identity, tickets
 from deckard.services.admins import login_admin
 
+# The WebSocket path is the subject, not SQL: SQLite, but for one whole connect.
+DATABASES = ["sqlite"]
+
 RFB_BANNER = b"RFB 003.008\n"
 
 
@@ -115,6 +118,7 @@ async def connect_ticket(farm: Farm, login: str = "alice", password: str = "pw-a
     return ticket
 
 
+@pytest.mark.databases("sqlite", "postgresql")
 async def test_browser_connects_with_a_ticket_gets_progress_then_vnc_bytes_both_ways(farm: Farm) -> None:
     farm.node.driver.start_delay = 0.3
     desk_id = farm.alice_desk["id"]

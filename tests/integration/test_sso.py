@@ -59,6 +59,7 @@ USERS = [
     person("admin", "vdi-admins"),  # the same name as the farm's password administrator
 ]
 MAPPING = "vdi-admins = Operator; vdi-root = Root;"
+TIMEOUT_S = 40.0  # what a request may take here: generous, for a loaded machine (nothing here is timed)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Api:
 
     def http(self, token: str | None = None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.AsyncClient(base_url=self.url, verify=self.ssl, trust_env=False, headers=headers, timeout=10)
+        return httpx.AsyncClient(base_url=self.url, verify=self.ssl, trust_env=False, headers=headers, timeout=TIMEOUT_S)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Browser:
 
 @contextlib.asynccontextmanager
 async def browser(api: Api) -> AsyncIterator[Browser]:
-    async with httpx.AsyncClient(verify=api.ssl, trust_env=False, timeout=10) as http:
+    async with httpx.AsyncClient(verify=api.ssl, trust_env=False, timeout=TIMEOUT_S) as http:
         yield Browser(api, http)
 
 
@@ -159,6 +160,7 @@ async def serve(
         "auth.oidc.client_id": "deckard",
         "auth.oidc.client_secret": SECRET,
         "auth.oidc.admin_groups": MAPPING,
+        "auth.oidc.timeout_s": TIMEOUT_S / 2,  # a loaded CI machine once took 13 s to start a sign-in
     }.items():
         await config.set_config(db, SYSTEM, name, value)
     ca, cert, key = tls
