@@ -71,7 +71,9 @@ class Api:
 
     def http(self, token: str | None = None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.AsyncClient(base_url=self.url, verify=self.ssl, trust_env=False, headers=headers, timeout=TIMEOUT_S)
+        return httpx.AsyncClient(
+            base_url=self.url, verify=self.ssl, trust_env=False, headers=headers, timeout=TIMEOUT_S
+        )
 
 
 @dataclass
