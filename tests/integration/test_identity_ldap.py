@@ -42,7 +42,7 @@ async def _farm(db: Database, directory: Slapd, **extra: object) -> None:
         "auth.ldap.base_dn": BASE_DN,
         "auth.ldap.user_filter": "(|(uid={login})(sAMAccountName={login}))",
         "auth.ldap.required_group": VDI_USERS,
-        "auth.ldap.timeout_s": 0.5,
+        "auth.ldap.timeout_s": 5.0,  # for a loaded machine; the test of a directory that stops answering says 0.5
         **extra,
     }
     for key, value in settings.items():
@@ -92,7 +92,7 @@ async def test_the_required_group_the_ad_forms_and_the_local_fallback(db: Databa
 
 
 async def test_a_directory_that_stops_answering_is_a_503_within_its_timeout(db: Database, directory: Slapd) -> None:
-    await _farm(db, directory)
+    await _farm(db, directory, **{"auth.ldap.timeout_s": 0.5})
     await users.create_user(db, SYSTEM, "localonly", "pw-local")
     with directory.frozen():
         started = time.monotonic()
