@@ -12,6 +12,11 @@ Runs a real all-in-one farm (``deckard.testing.FarmProcess``: its own home, port
    up and idle for ``--idle`` seconds;
 3. 20 desktops started and connected at once on one node: wall time, all framebuffers non-blank, memory.
 
+Beside 1, in the same run, **the floor**: a bare container of the same unpacked image (the same overlay, user
+namespace and bridge, none of Deckard: no agent, no broker, no database) whose init starts Xvnc and JWM; ``lxc-start``
+→ the RFB banner read from its address, N times.  The report gives Deckard's time over the floor's, and each of the
+broker's phases as a share of the floor (issue 16: cold ≤ 1.5x the floor, the first connect after ``up`` ≤ 2x).
+
 ``--vm`` measures VM desktops instead (an OSF with ``--driver vm``, the profile built with ``--format vm``):
 0. the VM image prepared by the node (rootfs → ext4 qcow2, kernel, initrd), once;
 1. time to desktop for a *stopped* VM desktop (boot included), connect request → first RFB byte, N times,
@@ -28,9 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
+import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -40,6 +49,7 @@ from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer, is_blank
 from deckard.db import schema as t
 from deckard.db.engine import Database
+from deckard.drivers.lxc_config import ID_RANGE, farm_id_base
 from deckard.images.profile import builtin_profiles
 from deckard.runtime.paths import FarmPaths
 from deckard.testing import FarmProcess, wait_for
@@ -101,6 +111,90 @@ async def see(farm: FarmProcess, login: str, desktop_id: int) -> bool:
         writer.close()
 
 
+FLOOR_INIT = """#!/bin/sh
+Xvnc :0 -rfbport 5900 -SecurityTypes None -geometry 1280x800 -depth 24 -nolisten tcp >/dev/null 2>&1 &
+until [ -e /tmp/.X11-unix/X0 ]; do sleep 0.01; done
+DISPLAY=:0 exec jwm
+"""
+
+
+def floor_config(name: str, basefs: Path, upper: Path, id_base: int, farm: FarmProcess, ip: str) -> str:
+    """A bare unprivileged container of the farm's unpacked image: Deckard's overlay, id map and bridge, nothing
+    else of it (LXC's defaults for the rest)."""
+    net = ipaddress.ip_network(farm.network)
+    return "\n".join(
+        [
+            f"lxc.uts.name = {name}",
+            f"lxc.rootfs.path = overlay:{basefs}:{upper}",
+            "lxc.init.cmd = /floor.sh",
+            f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
+            f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
+            "lxc.autodev = 1",
+            "lxc.mount.auto = proc:mixed sys:ro",
+            "lxc.net.0.type = veth",
+            f"lxc.net.0.link = {farm.bridge}",
+            "lxc.net.0.flags = up",
+            f"lxc.net.0.ipv4.address = {ip}/{net.prefixlen}",
+            f"lxc.net.0.ipv4.gateway = {next(net.hosts())}",
+            "",
+        ]
+    )
+
+
+async def banner(ip: str, deadline: float) -> None:
+    """Connect to ip:5900 until Xvnc answers with its 12-byte RFB banner."""
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(ip, 5900)
+        except OSError:
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the floor's Xvnc never listened") from None
+            await asyncio.sleep(0.002)
+            continue
+        try:
+            if (await asyncio.wait_for(reader.readexactly(12), 5)).startswith(b"RFB "):
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the port was up before Xvnc answered: again
+        finally:
+            writer.close()
+
+
+def floor(farm: FarmProcess, runs: int) -> dict[str, object]:
+    """The floor, ``runs`` times: ``lxc-start`` of the bare container → the RFB banner through the bridge."""
+    paths = FarmPaths(farm.home)
+    id_base = farm_id_base(paths.farm_id)
+    (basefs,) = sorted(paths.basefs.glob(f"*-u{id_base}"))[-1:]
+    ip = str(list(ipaddress.ip_network(farm.network).hosts())[-2])  # far from the few desktops this run makes
+    lxc = Path(farm.home) / "floor-lxc"
+    totals, started = [], []
+    for n in range(runs):
+        name = f"floor{os.getpid() % 100000}-{n}"
+        work = lxc / name
+        upper = work / "upper"
+        upper.mkdir(parents=True)
+        (upper / "floor.sh").write_text(FLOOR_INIT)
+        (upper / "floor.sh").chmod(0o755)
+        for path in (work, upper, upper / "floor.sh"):
+            os.chown(path, id_base, id_base)
+        config = work / "config"
+        config.write_text(floor_config(name, basefs, upper, id_base, farm, ip))
+        subprocess.run(["ip", "neigh", "flush", "to", ip], check=False)
+        try:
+            t0 = time.perf_counter()
+            subprocess.run(["lxc-start", "-n", name, "-P", str(lxc), "-f", str(config), "-d"], check=True)
+            started.append(time.perf_counter() - t0)
+            asyncio.run(banner(ip, t0 + 30))
+            totals.append(time.perf_counter() - t0)
+        finally:
+            subprocess.run(["lxc-stop", "-n", name, "-P", str(lxc), "-k"], check=False, capture_output=True)
+            shutil.rmtree(work, ignore_errors=True)
+    return {
+        "floor_s": {"median": round(statistics.median(totals), 3), "min": round(min(totals), 3), "runs": runs},
+        "floor_lxc_start_ms": round(statistics.median(started) * 1000, 1),
+    }
+
+
 def cold_starts(farm: FarmProcess, name: str, desk_id: int, runs: int) -> dict[str, object]:
     """Stop the desktop and connect again, ``runs`` times: connect → first RFB byte, and the broker's phases."""
     totals: list[float] = []
@@ -155,6 +249,7 @@ def main() -> None:
         results["first_desktop_s"] = round(asyncio.run(first_byte(farm, "bench", desk_id)), 3)
         asyncio.run(see(farm, "bench", desk_id))
         results.update(cold_starts(farm, "bench-desk", desk_id, args.runs))
+        results.update(floor(farm, args.runs))
         drawn = []
         for _ in range(3):
             farm.deckard("desktop", "stop", "bench-desk")
@@ -276,6 +371,22 @@ def finish(args: argparse.Namespace, results: dict[str, object]) -> None:
         f"(min {ttd['min']:.3f}, max {ttd['max']:.3f}, {ttd['runs']} runs)  target ≤ 1.5 s"
     )
     print(f"phases (median ms): {results['phases_median_ms']}")
+    fl = results["floor_s"]
+    assert isinstance(fl, dict)
+    print(
+        f"floor (bare container of the same image: lxc-start → RFB banner): median {fl['median']:.3f} s "
+        f"(min {fl['min']:.3f}, {fl['runs']} runs; lxc-start itself {results['floor_lxc_start_ms']} ms)"
+    )
+    first = results["first_desktop_s"]
+    assert isinstance(first, float)
+    print(
+        f"ratio to the floor: cold start {ttd['median'] / fl['median']:.2f}x (target ≤ 1.5x), "
+        f"first connect after up {first / fl['median']:.2f}x (target ≤ 2x)"
+    )
+    phases = results["phases_median_ms"]
+    assert isinstance(phases, dict)
+    shares = ", ".join(f"{p[2:-3]} {v / (fl['median'] * 1000):.2f}" for p, v in phases.items())
+    print(f"each phase over the floor: {shares}")
     print(f"stopped → first frame the session has drawn: {results['time_to_drawn_s']}")
     target = MEMORY_TARGET_MIB.get(str(results["profile"]), 250)
     print(f"idle desktop memory: {results['idle_desktop_memory_mib']}  target ≤ {target} MiB")

@@ -14,10 +14,10 @@ import pytest
 
 from deckard.drivers import load_driver
 from deckard.drivers.base import GuestSpec
-from deckard.drivers.container import ContainerDriver, shift_tree
+from deckard.drivers.container import ContainerDriver, shift_tree, write_account
 from deckard.drivers.fake import FakeDriver
 from deckard.drivers.lxc_config import ID_RANGE, farm_id_base, render_config, render_seccomp, render_up_hook
-from deckard.drivers.network import IFNAMSIZ, veth_name
+from deckard.drivers.network import IFNAMSIZ, neighbour_known, veth_name
 from deckard.model.errors import BadInput, DriverError
 from deckard.runtime.paths import FarmPaths
 
@@ -83,13 +83,16 @@ def test_identity_network_and_isolation_hook() -> None:
     assert cfg["lxc.net.0.veth.pair"] == [veth_name("dkabc123-42")]
     assert cfg["lxc.net.0.script.up"] == ["/run/deckard/lxc/dkabc123-42/net-up"]
     hook = render_up_hook()
-    assert hook.startswith("#!/bin/sh\n") and 'link set dev "${LXC_NET_PEER:-$6}" isolated on' in hook
+    assert hook.startswith("#!/bin/sh\n") and 'port="${LXC_NET_PEER:-$6}"' in hook
+    assert 'echo 1 > "/sys/class/net/$port/brport/isolated"' not in hook  # through $flag, checked writable first
+    assert 'flag="/sys/class/net/$port/brport/isolated"' in hook and 'echo 1 > "$flag"' in hook
+    assert 'link set dev "$port" isolated on' in hook  # where the kernel has no such flag
 
 
-def test_rootfs_is_an_overlay_with_the_agent_as_init() -> None:
+def test_rootfs_is_an_overlay_with_the_agent_as_init_starting_the_users_display() -> None:
     cfg = config_of(make_spec())
     assert cfg["lxc.rootfs.path"] == ["overlay:/srv/basefs/7:/srv/overlays/dkabc123-42/upper"]
-    assert cfg["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma"]
+    assert cfg["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma --display-for alice:10001"]
     assert cfg["lxc.apparmor.profile"] == ["unconfined"]  # no AppArmor in this kernel: see the next test
 
 
@@ -203,3 +206,53 @@ def test_nodes_sharing_a_machine_name_their_guests_apart_but_share_overlays(tmp_
     assert all(len(veth_name(name)) <= 15 for name in names)
     assert n2.guest_name(7).startswith(n2.guest_prefix()) and not n2.guest_name(7).startswith(n3.guest_prefix())
     assert aio.overlay(7) == n2.overlay(7) == n3.overlay(7)  # a kept writable layer follows the desktop
+
+
+def test_a_neighbour_is_known_only_when_the_table_has_its_exact_address(tmp_path: Path) -> None:
+    table = tmp_path / "arp"
+    table.write_text(
+        "IP address       HW type     Flags       HW address            Mask     Device\n"
+        "10.214.89.11     0x1         0x2         54:52:00:d6:59:0b     *        dke9839\n"
+        "10.214.89.1      0x1         0x0         00:00:00:00:00:00     *        dke9839\n"
+    )
+    assert neighbour_known("10.214.89.11", table) and neighbour_known("10.214.89.1", table)  # incomplete counts
+    assert not neighbour_known("10.214.89.111", table) and not neighbour_known("10.214.89.", table)
+    assert neighbour_known("10.0.0.1", tmp_path / "missing")  # cannot tell: flush to be safe
+
+
+def _image_etc(root: Path) -> Path:
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/nonexistent:/bin/false\n")
+    (etc / "group").write_text("root:x:0:\nshadow:x:42:\nusers:x:100:\n")
+    for name in ("shadow", "gshadow"):
+        (etc / name).write_text("root:*::\n")
+        (etc / name).chmod(0o640)
+    return root
+
+
+def test_the_users_account_is_written_into_the_layer_ahead_as_useradd_would(tmp_path: Path) -> None:
+    basefs, upper = _image_etc(tmp_path / "basefs"), tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    assert write_account(upper, basefs, "alice", 10001)
+    passwd = (upper / "etc/passwd").read_text().splitlines()
+    assert passwd[:2] == (basefs / "etc/passwd").read_text().splitlines()  # the image's accounts first
+    assert passwd[2] == "alice:x:10001:10001::/home/alice:/bin/bash"
+    assert (upper / "etc/group").read_text().splitlines()[-1] == "alice:x:10001:"
+    assert (upper / "etc/shadow").read_text().splitlines()[-1].startswith("alice:!:")  # no password: locked
+    assert (upper / "etc/gshadow").read_text().splitlines()[-1] == "alice:!::"
+    assert stat.S_IMODE((upper / "etc/shadow").stat().st_mode) == 0o640  # the image's mode (and owner)
+    assert (basefs / "etc/passwd").read_text().count("alice") == 0  # the shared image is never written
+    assert not list((upper / "etc").glob(".*"))
+
+    # a kept layer already has it; a name or id the image uses is the agent's to refuse, as before
+    assert not write_account(upper, basefs, "alice", 10001)
+    assert [line for line in (upper / "etc/passwd").read_text().splitlines() if line.startswith("alice:")] == [
+        passwd[2]
+    ]
+    fresh = tmp_path / "fresh"
+    (fresh / "etc").mkdir(parents=True)
+    assert not write_account(fresh, basefs, "nobody", 10002) and not (fresh / "etc/passwd").exists()
+    assert not write_account(fresh, basefs, "bob", 100)  # gid 100 is the image's "users"
+    (basefs / "etc/gshadow").unlink()
+    assert not write_account(fresh, basefs, "carol", 10003)  # an image without one of the files: the agent's job

@@ -209,16 +209,27 @@ def test_a_failed_boot_is_explained_by_the_panic_line_not_the_register_dump() ->
 
 def test_the_agent_is_compiled_only_for_the_image_own_python(tmp_path: Path) -> None:
     import importlib.util
+    import subprocess
+    import sys
 
-    from deckard.drivers.vm_boot import AGENT_PYC, precompile_agent
+    from deckard.drivers.agent_code import AGENT, AGENT_PYC, SOUND_MODULE, agent_command, precompile_agent
 
     root = tmp_path / "rootfs"
     (root / "usr/local/sbin").mkdir(parents=True)
-    (root / "usr/local/sbin/deckard-vma").write_text("#!/usr/bin/python3\nprint('agent')\n")
+    (root / "usr/local/sbin/deckard-vma").write_text("#!/usr/bin/python3\nimport sys\nprint('agent', sys.argv[1:])\n")
+    sound = root / SOUND_MODULE.lstrip("/")
+    sound.parent.mkdir(parents=True)
+    sound.write_text("RATE = 48000\n")
     cache = root / "usr/lib/python3.11/__pycache__"
     cache.mkdir(parents=True)
     (cache / "os.cpython-311.pyc").write_bytes(b"\x00\x00\r\n" + bytes(12))  # another Python's magic
     assert not precompile_agent(root) and not (root / AGENT_PYC.lstrip("/")).exists()
+    assert agent_command(root) == AGENT  # no bytecode: the script, compiled by the guest at each start
     (cache / "os.cpython-311.pyc").write_bytes(importlib.util.MAGIC_NUMBER + bytes(12))
     assert precompile_agent(root)
-    assert (root / AGENT_PYC.lstrip("/")).read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+    pyc = root / AGENT_PYC.lstrip("/")
+    assert pyc.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+    assert agent_command(root) == f"/usr/bin/python3 {AGENT_PYC}"
+    ran = subprocess.run([sys.executable, str(pyc), "--display-for", "a:1"], capture_output=True, text=True)
+    assert ran.stdout == "agent ['--display-for', 'a:1']\n"  # the bytecode runs as the script did
+    assert (sound.parent / "__pycache__" / f"sound.{sys.implementation.cache_tag}.pyc").is_file()

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from deckard.drivers.agent_code import agent_command, precompile_agent
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.cgroups import memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
@@ -110,7 +111,7 @@ class ContainerDriver:
 
     async def _start(self, spec: GuestSpec, basefs: Path) -> GuestInfo:
         lxc_dir = self._lxc_dir(spec.guest_name)
-        upper = await asyncio.to_thread(self._prepare_overlay, spec)
+        upper = await asyncio.to_thread(self._prepare_overlay, spec, basefs)
         await asyncio.to_thread(self._prepare_home, spec.home_dir, basefs, spec.user_uid)
         volumes = await self._mount_volumes(spec)
         for path in (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes)):
@@ -136,6 +137,7 @@ class ContainerDriver:
                 seccomp=seccomp,
                 apparmor=self.apparmor,
                 volumes=volumes,
+                agent=agent_command(basefs),
             )
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC
@@ -160,8 +162,9 @@ class ContainerDriver:
         log.info("container.started", guest=spec.guest_name, pid=info.pid, ip=spec.reach_ip)
         return info
 
-    def _prepare_overlay(self, spec: GuestSpec) -> Path:
-        """The desktop's upper layer with its secrets and names, owned by the desktop's root."""
+    def _prepare_overlay(self, spec: GuestSpec, basefs: Path) -> Path:
+        """The desktop's upper layer with its secrets, names and its user's account, owned by the desktop's
+        root."""
         root = self.paths.overlay(spec.desktop_id)
         if not spec.keep_overlay and root.exists():
             shutil.rmtree(root)
@@ -189,6 +192,7 @@ class ContainerDriver:
         search = f"search {spec.dns_search}\n" if spec.dns_search else ""
         (upper / "etc/resolv.conf").write_text(f"nameserver {spec.gateway}\n{search}options timeout:2 attempts:2\n")
         written += [upper / "etc/hostname", upper / "etc/hosts", upper / "etc/resolv.conf"]
+        write_account(upper, basefs, spec.user_login, spec.user_uid)  # owned like the image's files already
         # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
         # a new layer (or a kept one from before user namespaces) is shifted whole, once; a kept layer only
         # needs what the driver just wrote, not a walk of everything the user's sessions left in it
@@ -250,6 +254,7 @@ class ContainerDriver:
                 nice = ["nice", "-n", "10"] if background else []
                 await _unpack(image_path, tmp, nice)
                 os.chmod(tmp, 0o755)
+                await asyncio.to_thread(precompile_agent, tmp)  # before the shift: the bytecode is the guest's too
                 # a thread cannot be cancelled: wait for it, so nothing writes into tmp while it is removed
                 shift = asyncio.ensure_future(asyncio.to_thread(shift_tree, tmp, self.id_base))
                 try:
@@ -429,6 +434,48 @@ async def _unpack(image_path: Path, dest: Path, prefix: list[str]) -> None:
             f"unpacking the disk image {image_path} failed (tar exit {result.returncode}): {' | '.join(lines)}",
             code="image_unpack_failed",
         )
+
+
+# -- the user's account, ahead of the start -------------------------------------------------------------
+ACCOUNT_FILES = ("passwd", "group", "shadow", "gshadow")
+
+
+def write_account(upper: Path, basefs: Path, login: str, uid: int) -> bool:
+    """Add the desktop's user to the account files of its layer before it starts, as the agent's ``groupadd`` and
+    ``useradd`` would (uid = gid, home ``/home/<login>``, bash, no password): the agent then finds the account and
+    its display starts without them.  Nothing is written when the layer or the image already knows the name, uid
+    or gid (a kept layer, a system account: the agent decides then, as before) or lacks one of the files.  Each
+    file keeps the image's owner and mode; True when the account was written."""
+    texts: dict[str, tuple[Path, str]] = {}
+    for name in ACCOUNT_FILES:
+        source = upper / "etc" / name
+        if not source.is_file():
+            source = basefs / "etc" / name
+        try:
+            texts[name] = (source, source.read_text())
+        except OSError:
+            return False
+    taken = {line.split(":", 1)[0] for name in ("passwd", "group") for line in texts[name][1].splitlines()}
+    ids = {f.split(":")[2] for name in ("passwd", "group") for f in texts[name][1].splitlines() if f.count(":") >= 3}
+    if login in taken or str(uid) in ids:
+        return False
+    days = int(time.time() // 86400)
+    lines = {
+        "passwd": f"{login}:x:{uid}:{uid}::/home/{login}:/bin/bash",
+        "group": f"{login}:x:{uid}:",
+        "shadow": f"{login}:!:{days}:0:99999:7:::",
+        "gshadow": f"{login}:!::",
+    }
+    for name, line in lines.items():
+        source, text = texts[name]
+        st = source.stat()
+        target = upper / "etc" / name
+        tmp = target.with_name(f".{name}.deckard")
+        tmp.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line + "\n")
+        os.chown(tmp, st.st_uid, st.st_gid)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        tmp.replace(target)
+    return True
 
 
 # -- ownership -----------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from deckard.drivers.agent_code import AGENT
 from deckard.drivers.base import GuestSpec
 from deckard.drivers.network import veth_name
 
-AGENT_PATH = "/usr/local/sbin/deckard-vma"
 PIDS_MAX = 2048
 CFS_PERIOD_US = 100_000
 ID_RANGE = 1 << 24  # guest uids/gids 0 … 2^24-1: room for uid_for_user() of millions of users
@@ -113,14 +113,17 @@ def render_config(
     seccomp: Path,
     apparmor: bool = False,
     volumes: Sequence[tuple[Path, str, bool]] = (),
+    agent: str = AGENT,
 ) -> str:
     """The LXC config of one desktop (pure: everything comes from the arguments).  ``volumes``: (where the volume
-    is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``."""
+    is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``;
+    ``agent``: the command that starts the guest agent (``agent_code.agent_command``)."""
     lines = [
         f"# deckard desktop {spec.desktop_id}: generated, do not edit",
         f"lxc.uts.name = {spec.guest_name}",
         f"lxc.rootfs.path = overlay:{basefs}:{upper}",
-        f"lxc.init.cmd = {AGENT_PATH}",
+        # the user's display starts at boot, beside the agent's own start: a connect finds it up or coming
+        f"lxc.init.cmd = {agent} --display-for {spec.user_login}:{spec.user_uid}",
         f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
         f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
         f"lxc.cap.keep = {CAPS_KEEP}",
@@ -176,4 +179,10 @@ def render_config(
 def render_up_hook() -> str:
     """LXC runs this on the host once the veth is on the bridge: args are name, net, up, veth, bridge, host veth."""
     bridge_tool = shutil.which("bridge") or "/usr/sbin/bridge"
-    return f'#!/bin/sh\nexec {bridge_tool} link set dev "${{LXC_NET_PEER:-$6}}" isolated on\n'
+    return (
+        '#!/bin/sh\nport="${LXC_NET_PEER:-$6}"\n'
+        # the port's sysfs flag: no program to start (a start waits for this hook); `bridge` where there is none
+        'flag="/sys/class/net/$port/brport/isolated"\n'
+        'if [ -w "$flag" ]; then echo 1 > "$flag"; exit; fi\n'
+        f'exec {bridge_tool} link set dev "$port" isolated on\n'
+    )

@@ -99,13 +99,26 @@ async def isolate_port(veth: str) -> None:
 
 
 async def port_isolated(veth: str) -> bool:
-    result = await run_command(["bridge", "-d", "link", "show", "dev", veth], check=False)
-    return "isolated on" in result.stdout
+    try:  # the port's flag in sysfs (Linux ≥ 4.18), else what `bridge` says
+        return Path(f"/sys/class/net/{veth}/brport/isolated").read_text().strip() == "1"
+    except OSError:
+        result = await run_command(["bridge", "-d", "link", "show", "dev", veth], check=False)
+        return "isolated on" in result.stdout
 
 
 async def flush_neighbour(ip: str) -> None:
     """Forget the guest's MAC: a new guest with the same IP would otherwise stall for up to 30 s."""
-    await run_command(["ip", "neigh", "flush", "to", ip], check=False)
+    if neighbour_known(ip):  # most often it is not (the last stop flushed it): no program to start then
+        await run_command(["ip", "neigh", "flush", "to", ip], check=False)
+
+
+def neighbour_known(ip: str, table: Path = Path("/proc/net/arp")) -> bool:
+    """Whether this namespace's IPv4 neighbour table has an entry for ``ip`` (True when it cannot tell)."""
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return True
+    return any(line.split(maxsplit=1)[0] == ip for line in lines if line.strip())
 
 
 async def flush_neighbours(ips: Sequence[str]) -> None:

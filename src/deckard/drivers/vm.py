@@ -39,6 +39,7 @@ from typing import Any
 import structlog
 
 from deckard.drivers import firewall
+from deckard.drivers.agent_code import precompile_agent
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.container import ContainerDriver, ensure_traversable
 from deckard.drivers.display import display_password, vnc_password_file
@@ -55,7 +56,6 @@ from deckard.drivers.vm_boot import (
     find_kernel,
     initrd_image,
     kernel_command_line,
-    precompile_agent,
     vmlinux_from_bzimage,
 )
 from deckard.model.errors import Conflict, DriverError

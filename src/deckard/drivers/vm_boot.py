@@ -32,14 +32,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from deckard.drivers.agent_code import AGENT, AGENT_PYC
 from deckard.model.errors import DriverError
 from deckard.model.vm_image import module_load_order, module_name
 
 BOOT_VERSION = "5"  # of the prepared layout below: a node with a newer one prepares the image again
 ROOT_SERIAL, HOME_SERIAL, CONFIG_SERIAL = "deckard-root", "deckard-home", "deckard-config"
 CONFIG_LABEL = "CIDATA"  # cloud-init's NoCloud label, so images that run cloud-init find the same disk
-AGENT = "/usr/local/sbin/deckard-vma"
-AGENT_PYC = "/usr/local/lib/deckard-vma.pyc"
 # what the initrd loads, in this order's dependency closure: disks, network, file systems, power button, entropy
 INITRD_MODULES = (
     "virtio_pci",
@@ -268,26 +267,6 @@ def initrd_image(rootfs: Path, version: str) -> bytes:
         entries.append((f"lib/modules/{module.rsplit('/', 1)[-1]}", stat.S_IFREG | 0o644, data))
     entries.append(("init", stat.S_IFREG | 0o755, render_init(order).encode()))
     return cpio_newc(entries)
-
-
-def precompile_agent(rootfs: Path) -> bool:
-    """Compile the image's agent to :data:`AGENT_PYC` when this Python's bytecode is the image's (same magic
-    number as the image's own standard library); a TCG guest then skips compiling it at every boot."""
-    import importlib.util
-    import py_compile
-
-    source = rootfs / AGENT.lstrip("/")
-    stdlib = sorted((rootfs / "usr/lib").glob("python3.*/__pycache__/os.cpython-*.pyc"))
-    if not source.is_file() or not stdlib or stdlib[-1].read_bytes()[:4] != importlib.util.MAGIC_NUMBER:
-        return False
-    target = rootfs / AGENT_PYC.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        py_compile.compile(str(source), cfile=str(target), doraise=True)
-    except py_compile.PyCompileError:
-        return False
-    target.chmod(0o644)
-    return True
 
 
 def kernel_command_line(extra: Iterable[str] = ()) -> str:

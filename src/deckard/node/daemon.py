@@ -66,6 +66,7 @@ class _AgentHealth:
 
 
 PANIC_MARK = "Kernel panic - not syncing"
+AGENT_LOOK_S = 0.5  # while waiting for a new guest's agent: how often to check the guest is still running
 
 
 def console_summary(text: str, lines: int = 3) -> str:
@@ -442,21 +443,26 @@ class NodeDaemon:
         assert desk.agent_token
         agent = AgentClient(desk.ip, desk.agent_token, timeout=1.0)
         deadline = time.monotonic() + self.cfg.start_timeout
-        delay = 0.02
+        delay = 0.01
         last = "no answer"
+        began = looked = time.monotonic()
         while time.monotonic() < deadline:
             try:
                 await agent.ping()
                 return
             except DeckardError as e:
                 last = e.message
-            guest = await self.driver.inspect(self.paths.guest_name(desk.id))
-            if guest is None or not guest.running:
-                raise DeckardError(
-                    "the desktop's guest exited during start" + await self._console_tail(desk.id), code="guest_exited"
-                )
+            if time.monotonic() - looked >= AGENT_LOOK_S:  # is the guest still there? (a subprocess: not each try)
+                looked = time.monotonic()
+                guest = await self.driver.inspect(self.paths.guest_name(desk.id))
+                if guest is None or not guest.running:
+                    raise DeckardError(
+                        "the desktop's guest exited during start" + await self._console_tail(desk.id),
+                        code="guest_exited",
+                    )
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            if time.monotonic() - began > AGENT_LOOK_S:  # a container's agent answers within ~0.1 s: try often
+                delay = min(delay * 1.3, 0.1)
         raise DeckardError(
             f"the desktop's agent did not answer within {self.cfg.start_timeout:.0f} s ({last})"
             + await self._console_tail(desk.id),

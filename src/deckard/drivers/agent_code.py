@@ -1,0 +1,46 @@
+"""Where an image keeps the guest agent, and the agent's bytecode, compiled once per unpacked image.
+
+The agent is one Python file in an image (``images/builder.py``); run as a script, the image's Python compiles
+its 2,000-odd lines at every start (30 ms here, seconds under a software CPU).  Whoever unpacks an image for
+desktops (the container driver's ``basefs``, the VM driver's root disk) compiles it once into :data:`AGENT_PYC`,
+with the sound module beside it, when this Python's bytecode is the image's, and starts the agent from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import py_compile
+from pathlib import Path
+
+AGENT = "/usr/local/sbin/deckard-vma"
+AGENT_PYC = "/usr/local/lib/deckard-vma.pyc"
+SOUND_MODULE = "/usr/local/lib/deckard-vma/sound.py"  # images/profile.py SOUND_MODULE_PATH; vma/agent.py loads it
+PYTHON = "/usr/bin/python3"
+
+
+def precompile_agent(rootfs: Path) -> bool:
+    """Compile the image's agent to :data:`AGENT_PYC` (and its sound module to its ``__pycache__``) when this
+    Python's bytecode is the image's (same magic number as the image's own standard library)."""
+    source = rootfs / AGENT.lstrip("/")
+    stdlib = sorted((rootfs / "usr/lib").glob("python3.*/__pycache__/os.cpython-*.pyc"))
+    if not source.is_file() or not stdlib or stdlib[-1].read_bytes()[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    target = rootfs / AGENT_PYC.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        py_compile.compile(str(source), cfile=str(target), doraise=True)
+        sound = rootfs / SOUND_MODULE.lstrip("/")
+        if sound.is_file():  # where the agent's import looks for it, checked against the source's time and size
+            compiled = Path(importlib.util.cache_from_source(str(sound)))
+            py_compile.compile(str(sound), cfile=str(compiled), doraise=True)
+            compiled.chmod(0o644)
+            compiled.parent.chmod(0o755)
+    except py_compile.PyCompileError:
+        return False
+    target.chmod(0o644)
+    return True
+
+
+def agent_command(rootfs: Path) -> str:
+    """How to start the agent of this unpacked image: from its bytecode when it has some."""
+    return f"{PYTHON} {AGENT_PYC}" if (rootfs / AGENT_PYC.lstrip("/")).is_file() else AGENT
