@@ -256,3 +256,35 @@ def test_the_users_account_is_written_into_the_layer_ahead_as_useradd_would(tmp_
     assert not write_account(fresh, basefs, "bob", 100)  # gid 100 is the image's "users"
     (basefs / "etc/gshadow").unlink()
     assert not write_account(fresh, basefs, "carol", 10003)  # an image without one of the files: the agent's job
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the layer is handed to the desktop's root (chown): needs root")
+def test_a_kept_layer_cannot_steer_the_nodes_writes_through_links_its_root_left(tmp_path: Path) -> None:
+    """Root in a desktop with a kept layer plants links where the node writes before the next start: the node
+    replaces them and never writes, reads or changes modes through them (a link resolves on the host)."""
+    paths = FarmPaths(tmp_path / "farm")
+    paths.make()
+    basefs = _image_etc(tmp_path / "basefs")
+    victim = tmp_path / "host-file"
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    spec = make_spec(desktop_id=7, keep_overlay=True, dns_search="corp.example")
+    driver = ContainerDriver(paths)
+    etc = driver._prepare_overlay(spec, basefs) / "etc"  # the first start makes the layer
+    for name in ("hostname", "passwd", "deckard/agent-token"):
+        (etc / name).unlink()
+        (etc / name).symlink_to(victim)
+    (etc / ".shadow.deckard").symlink_to(victim)
+    driver._prepare_overlay(spec, basefs)
+    assert victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert not (etc / "hostname").is_symlink() and (etc / "hostname").read_text() == "dkabc123-42\n"
+    assert (etc / "deckard/agent-token").read_text() == "tok\n"
+    assert (etc / "passwd").is_symlink()  # the desktop's own business: no account written through it
+    assert "search corp.example" in (etc / "resolv.conf").read_text()
+
+    (etc / "deckard").rename(tmp_path / "moved")
+    (etc / "deckard").symlink_to(tmp_path)
+    with pytest.raises(DriverError) as caught:
+        driver._prepare_overlay(spec, basefs)
+    assert caught.value.code == "overlay_invalid"
+    assert not (tmp_path / "agent-token").exists()

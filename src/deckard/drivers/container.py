@@ -164,34 +164,33 @@ class ContainerDriver:
 
     def _prepare_overlay(self, spec: GuestSpec, basefs: Path) -> Path:
         """The desktop's upper layer with its secrets, names and its user's account, owned by the desktop's
-        root."""
+        root.  A kept layer is the desktop root's to shape: nothing here follows a link it left (a link resolves
+        on the host), and a directory of ours it replaced by something else fails the start."""
         root = self.paths.overlay(spec.desktop_id)
         if not spec.keep_overlay and root.exists():
             shutil.rmtree(root)
         upper = root / "upper"
-        (upper / "etc/deckard").mkdir(parents=True, exist_ok=True)
+        etc, ours = upper / "etc", upper / "etc/deckard"
+        for directory in (root, upper, etc, ours):
+            real_directory(directory)
         os.chmod(root, 0o711)
-        os.chmod(upper / "etc", 0o755)
-        os.chmod(upper / "etc/deckard", 0o755)
-        secrets = {
-            "agent-token": (spec.agent_token + "\n").encode(),
-            "display-passwd": vnc_password_file(display_password(spec.agent_token)),
+        os.chmod(etc, 0o755)
+        os.chmod(ours, 0o755)
+        files = {
+            ours / "agent-token": (spec.agent_token + "\n").encode(),
+            ours / "display-passwd": vnc_password_file(display_password(spec.agent_token)),
+            etc / "hostname": f"{spec.guest_name}\n".encode(),
+            etc / "hosts": f"127.0.0.1\tlocalhost\n{spec.ip}\t{spec.guest_name}\n".encode(),
+            # the node's resolver listens on the gateway address (drivers/dns.py)
+            etc / "resolv.conf": (
+                f"nameserver {spec.gateway}\n"
+                + (f"search {spec.dns_search}\n" if spec.dns_search else "")
+                + "options timeout:2 attempts:2\n"
+            ).encode(),
         }
-        written = [upper, upper / "etc", upper / "etc/deckard"]
-        for name, data in secrets.items():
-            path = upper / "etc/deckard" / name
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            written.append(path)
-        (upper / "etc/hostname").write_text(spec.guest_name + "\n")
-        (upper / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n{spec.ip}\t{spec.guest_name}\n")
-        # the node's resolver listens on the gateway address (drivers/dns.py)
-        search = f"search {spec.dns_search}\n" if spec.dns_search else ""
-        (upper / "etc/resolv.conf").write_text(f"nameserver {spec.gateway}\n{search}options timeout:2 attempts:2\n")
-        written += [upper / "etc/hostname", upper / "etc/hosts", upper / "etc/resolv.conf"]
+        for path, data in files.items():
+            write_new(path, data, 0o600 if path.parent == ours else 0o644)
+        written = [upper, etc, ours, *files]
         write_account(upper, basefs, spec.user_login, spec.user_uid)  # owned like the image's files already
         # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
         # a new layer (or a kept one from before user namespaces) is shifted whole, once; a kept layer only
@@ -444,17 +443,16 @@ def write_account(upper: Path, basefs: Path, login: str, uid: int) -> bool:
     """Add the desktop's user to the account files of its layer before it starts, as the agent's ``groupadd`` and
     ``useradd`` would (uid = gid, home ``/home/<login>``, bash, no password): the agent then finds the account and
     its display starts without them.  Nothing is written when the layer or the image already knows the name, uid
-    or gid (a kept layer, a system account: the agent decides then, as before) or lacks one of the files.  Each
-    file keeps the image's owner and mode; True when the account was written."""
-    texts: dict[str, tuple[Path, str]] = {}
+    or gid (a kept layer, a system account: the agent decides then, as before), lacks one of the files or has
+    something else than a file there.  Each file keeps the image's owner and mode; True when it was written."""
+    texts: dict[str, tuple[os.stat_result, str]] = {}
     for name in ACCOUNT_FILES:
-        source = upper / "etc" / name
-        if not source.is_file():
-            source = basefs / "etc" / name
-        try:
-            texts[name] = (source, source.read_text())
-        except OSError:
+        found = read_regular(upper / "etc" / name)
+        if found is None and not os.path.lexists(upper / "etc" / name):
+            found = read_regular(basefs / "etc" / name)
+        if found is None:
             return False
+        texts[name] = found
     taken = {line.split(":", 1)[0] for name in ("passwd", "group") for line in texts[name][1].splitlines()}
     ids = {f.split(":")[2] for name in ("passwd", "group") for f in texts[name][1].splitlines() if f.count(":") >= 3}
     if login in taken or str(uid) in ids:
@@ -467,15 +465,51 @@ def write_account(upper: Path, basefs: Path, login: str, uid: int) -> bool:
         "gshadow": f"{login}:!::",
     }
     for name, line in lines.items():
-        source, text = texts[name]
-        st = source.stat()
+        st, text = texts[name]
         target = upper / "etc" / name
         tmp = target.with_name(f".{name}.deckard")
-        tmp.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line + "\n")
-        os.chown(tmp, st.st_uid, st.st_gid)
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        tmp.replace(target)
+        data = (text + ("" if text.endswith("\n") or not text else "\n") + line + "\n").encode()
+        write_new(tmp, data, stat.S_IMODE(st.st_mode), owner=(st.st_uid, st.st_gid))
+        os.replace(tmp, target)  # a rename: it replaces a link, never writes through one
     return True
+
+
+def real_directory(path: Path) -> None:
+    """Make ``path`` a directory if it is missing; a link or anything else there is a ``DriverError``."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+    if not stat.S_ISDIR(path.lstat().st_mode):
+        raise DriverError(
+            f"{path} is not a directory (the desktop's kept layer has a link or a file there): discard the "
+            "desktop's layer (`deckard desktop reset`) or remove it",
+            code="overlay_invalid",
+        )
+
+
+def write_new(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Write ``path`` afresh: whatever is there goes first (a link is removed, never followed) and the file is
+    created exclusively, so a desktop's root cannot steer the host's writes through its layer."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        if owner is not None:
+            os.fchown(f.fileno(), *owner)
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+
+def read_regular(path: Path) -> tuple[os.stat_result, str] | None:
+    """A regular file's status and text, read without following a link; None for anything else or nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return st, f.read().decode(errors="replace")
 
 
 # -- ownership -----------------------------------------------------------------------------------------
