@@ -555,7 +555,8 @@ def test_an_administrator_sets_up_an_authenticator_app_and_the_login_asks_for_it
 def test_tenant_networks_in_the_wat_show_the_apis_refusals_and_put_a_desktop_on_a_network(page: Any, api: Api) -> None:
     """The Networks page makes a private network (after showing the range the API refused next to the field) and
     grants a shared one; a desktop made on the private network shows it and its address there in the desktop list;
-    an OSF is moved onto it; the network, in use, is not deleted and the page says why."""
+    an OSF is moved onto it; a flat network is made (its refused gateway shown at its field), granted and offered
+    to the tenant's OSFs; the private network, in use, is not deleted and the page says why."""
     with api.http(api.token()) as c:
         for path, body in (
             ("/users", {"login": "nina", "password": "Nina-secret-42"}),
@@ -615,6 +616,32 @@ def test_tenant_networks_in_the_wat_show_the_apis_refusals_and_put_a_desktop_on_
     edit.get_by_label("network").select_option(label="corp (10.60.0.0/24, shared)")
     edit.get_by_role("button", name="Save").click()
     page.wait_for_function("() => document.querySelector('dd[data-field=network]')?.textContent === 'corp'")
+
+    # a flat network (the machines' own LAN): its gateway refused at its field, then made, granted and offered
+    goto(page, api.url + "/admin#/networks/new")
+    page.get_by_label("name", exact=True).fill("office")
+    page.get_by_label("range", exact=True).fill("192.168.20.0/24")
+    page.get_by_label("kind").select_option("flat")
+    assert page.get_by_label("tenant (private networks)").is_hidden()
+    page.get_by_label("interface").fill("eth1")
+    page.get_by_label("VLAN tag").fill("20")
+    page.get_by_label("gateway").fill("192.168.21.1")  # outside the range
+    page.get_by_role("button", name="Create").click()
+    page.locator("#gateway-error", has_text="bad_flat_network").wait_for()
+    page.get_by_label("gateway").fill("192.168.20.254")
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_selector("h1:has-text('network office')")
+    assert page.locator("dd[data-field=interface]").inner_text() == "eth1"
+    assert page.locator("dd[data-field=vlan]").inner_text() == "20"
+    assert page.locator("dd[data-field=gateway]").inner_text() == "192.168.20.254"
+    page.get_by_label("Tenant (name or id)").fill("default")
+    page.get_by_role("button", name="Grant").click()
+    page.locator("section[aria-label=Grants] tr[data-tenant=default]").wait_for()
+    goto(page, api.url + "/admin#/osfs")
+    page.locator("table.list a", has_text="netted").click()
+    edit = page.locator("form[aria-label=Edit]")
+    edit.locator("select[name=network][data-loaded=yes]").wait_for(state="attached")
+    assert "office (192.168.20.0/24, flat on eth1.20)" in edit.get_by_label("network").inner_text()
 
     # in use: the delete is refused, and the page says by what
     goto(page, api.url + "/admin#/networks")

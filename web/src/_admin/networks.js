@@ -11,15 +11,36 @@ const DEFAULT_NETWORK = "";
 const INHERITED = "inherited";
 
 // which field of the form an error code is about; any other error is shown under the whole form
-const FIELD_OF = { bad_network_range: "range", network_overlap: "range", bad_name: "name", duplicate: "name", tenant_not_found: "tenant" };
+const FIELD_OF = {
+  bad_network_range: "range",
+  network_overlap: "range",
+  bad_name: "name",
+  duplicate: "name",
+  tenant_not_found: "tenant",
+};
+// which of a flat network's fields its refusal (422 bad_flat_network) is about: its message names it
+const flatField = (message) => (/gateway/i.test(message) ? "gateway" : /VLAN/.test(message) ? "vlan" : "interface");
+// the farm's own kinds: no tenant owns them, the farm's administrators grant them to tenants
+const FARM_KINDS = ["shared", "flat"];
+export const farmOwned = (net) => FARM_KINDS.includes(net.kind);
 
 export function networkCreatePage(root) {
   const name = h("input", { name: "name", required: true, autocomplete: "off" });
   const range = h("input", { name: "range", required: true, autocomplete: "off", placeholder: "10.50.0.0/24", spellcheck: false });
   const description = h("input", { name: "description", autocomplete: "off" });
-  const shared = h("input", { type: "checkbox", name: "shared" });
+  const kind = h(
+    "select",
+    { name: "kind" },
+    h("option", { value: "private" }, "private: one tenant's"),
+    h("option", { value: "shared" }, "shared: the farm's, for the tenants it is granted to"),
+    h("option", { value: "flat" }, "flat: a network of the machines' own (a node interface or VLAN)"),
+  );
   const tenant = h("input", { name: "tenant", autocomplete: "off", placeholder: "default" });
-  const inputs = { name, range, tenant };
+  // flat networks: where the desktops are plugged in, and their router
+  const iface = h("input", { name: "interface", autocomplete: "off", placeholder: "eth1", spellcheck: false, maxlength: 15 });
+  const vlan = h("input", { name: "vlan", type: "number", min: 1, max: 4094, placeholder: "none: untagged" });
+  const gateway = h("input", { name: "gateway", autocomplete: "off", placeholder: "the range's first address", spellcheck: false });
+  const inputs = { name, range, tenant, interface: iface, vlan, gateway };
   const errors = {};
   const form = h("form.card", { "aria-label": "Create network" });
   for (const [label, input, hint] of [
@@ -31,12 +52,28 @@ export function networkCreatePage(root) {
   }
   if (isSuper()) {
     errors.tenant = fieldError(tenant);
-    shared.addEventListener("change", () => (tenant.disabled = shared.checked));
-    form.append(
-      h("div.field", h("label.check", shared, "Shared: the farm's, usable by the tenants it is granted to")),
-      field("tenant (private networks)", tenant),
-      errors.tenant,
+    for (const input of [iface, vlan, gateway]) errors[input.name] = fieldError(input);
+    const flat = h(
+      "fieldset.flat",
+      { hidden: true },
+      h("legend", "Flat network"),
+      field("interface", iface),
+      h("small.muted.hint", "The node interface the desktops are bridged to; a node without it cannot run them."),
+      errors.interface,
+      field("VLAN tag", vlan),
+      errors.vlan,
+      field("gateway", gateway),
+      errors.gateway,
     );
+    const tenantField = field("tenant (private networks)", tenant);
+    const shown = () => {
+      tenant.disabled = kind.value !== "private";
+      tenantField.hidden = kind.value !== "private";
+      flat.hidden = kind.value !== "flat";
+      iface.required = kind.value === "flat";
+    };
+    kind.addEventListener("change", shown);
+    form.append(field("kind", kind), tenantField, errors.tenant, flat);
   }
   form.append(field("description", description));
   const err = h("p.error", { role: "alert" });
@@ -47,14 +84,19 @@ export function networkCreatePage(root) {
     err.textContent = "";
     const body = { name: name.value.trim(), range: range.value.trim() };
     if (description.value.trim()) body.description = description.value.trim();
-    if (shared.checked) body.kind = "shared";
+    if (kind.value !== "private") body.kind = kind.value;
     else if (tenant.value.trim()) body.tenant = tenant.value.trim();
+    if (kind.value === "flat") {
+      body.interface = iface.value.trim();
+      if (vlan.value.trim()) body.vlan = Number(vlan.value);
+      if (gateway.value.trim()) body.gateway = gateway.value.trim();
+    }
     try {
       const net = await post("/networks", body);
       toast(`network ${net.name} created`);
       location.hash = `#/networks/${net.id}`;
     } catch (ex) {
-      const at = FIELD_OF[ex.code];
+      const at = ex.code === "bad_flat_network" ? flatField(ex.message || "") : FIELD_OF[ex.code];
       if (at && errors[at]) showFieldError(inputs[at], errors[at], errText(ex));
       else err.textContent = errText(ex);
     }
@@ -77,10 +119,10 @@ function showFieldError(input, p, text) {
   } else input.removeAttribute("aria-invalid");
 }
 
-// A shared network's box: the tenants it is granted to with Revoke, and a Grant form (farm's administrators only;
-// a tenant administrator sees only whether its own tenant is granted).
+// A shared or flat network's box: the tenants it is granted to with Revoke, and a Grant form (farm's
+// administrators only; a tenant administrator sees only whether its own tenant is granted).
 export function networkBoxes(net, reload) {
-  if (net.kind !== "shared") return [];
+  if (!farmOwned(net)) return [];
   const manage = isSuper() && can("network.update");
   const err = h("p.error", { role: "alert" });
   const base = `/networks/${net.id}/grants`;
@@ -131,7 +173,7 @@ export function networkBoxes(net, reload) {
   return [box];
 }
 
-// The networks a tenant's OSFs and desktops may be on: its private ones and the shared ones granted to it.  A
+// The networks a tenant's OSFs and desktops may be on: its private ones and the shared and flat ones granted to it.  A
 // tenant administrator sees only those; the farm's administrators see all, so they are picked here by tenant.
 async function networksFor(tenantId) {
   const all = (await get("/networks?per_page=1000&sort=name")).items;
@@ -142,11 +184,11 @@ async function networksFor(tenantId) {
   } catch {
     return all; // no tenant.see: offer all, the API refuses the others (network_not_found)
   }
-  return all.filter((n) => n.tenant_id === tenantId || (n.kind === "shared" && (n.tenants || []).includes(tenant)));
+  return all.filter((n) => n.tenant_id === tenantId || (farmOwned(n) && (n.tenants || []).includes(tenant)));
 }
 
 function optionLabel(n, whose) {
-  const owner = n.kind === "shared" ? "shared" : whose ? `tenant ${n.tenant}` : "";
+  const owner = n.kind === "flat" ? `flat on ${n.interface}${n.vlan ? `.${n.vlan}` : ""}` : n.kind === "shared" ? "shared" : whose ? `tenant ${n.tenant}` : "";
   return `${n.name} (${[n.range, owner].filter(Boolean).join(", ")})`;
 }
 

@@ -1,4 +1,5 @@
 // What the WAT knows about each object: columns, filters, actions and forms.  ACL names are the API's.
+import { farmOwned } from "./networks.js";
 const STATES = {
   desktop: ["stopped", "starting", "running", "stopping", "failed"],
   node: ["running", "stopped", "lost", "draining"],
@@ -135,16 +136,16 @@ export const RESOURCES = {
     object: "network",
     path: "/networks",
     label: "name",
-    columns: ["id", "name", "kind", "tenant", "range", "tenants", "description", "tenant_id", "created_at"],
-    defaultColumns: ["name", "kind", "tenant", "range", "tenants", "description"],
-    headers: { tenants: "granted to" },
+    columns: ["id", "name", "kind", "tenant", "range", "tenants", "interface", "vlan", "gateway", "description", "tenant_id", "created_at"],
+    defaultColumns: ["name", "kind", "tenant", "range", "tenants", "interface", "description"],
+    headers: { tenants: "granted to", vlan: "VLAN" },
     computed: ["tenants"], // not a column of the API's list: neither sorted nor filtered on
-    filters: { kind: ["private", "shared"] },
-    numeric: ["id", "tenant_id"],
+    filters: { kind: ["private", "shared", "flat"] },
+    numeric: ["id", "tenant_id", "vlan"],
     bulk: ["delete"],
     create: true,
     editable: ["description"],
-    farmOwned: (row) => row.kind === "shared", // only the farm's administrators change or delete it
+    farmOwned, // shared and flat networks: only the farm's administrators change or delete them
     related: (row) => [`#/desktops?network_id=${row.id}`, "Desktops on this network"],
   },
   admins: {
