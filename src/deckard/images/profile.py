@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from deckard.drivers.agent_code import AGENT, SOUND_MODULE
 from deckard.model.errors import BadInput
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -32,8 +33,9 @@ DEFAULT_PROFILE = "standard"
 """What ``deckard up`` and ``deckard image build`` build unless told otherwise (docs/images.md says why)."""
 
 SESSION_PATH = "etc/deckard/xsession"
-AGENT_PATH = "usr/local/sbin/deckard-vma"
-SOUND_MODULE_PATH = "usr/local/lib/deckard-vma/sound.py"  # vma/sound.py, which the agent loads from there
+# where the image keeps the agent and its sound module, relative to the rootfs (drivers/agent_code.py says why)
+AGENT_PATH = AGENT.lstrip("/")
+SOUND_MODULE_PATH = SOUND_MODULE.lstrip("/")
 META_PATH = "etc/deckard/image.json"
 # written by the builder or by the node at every start: a profile may not replace them
 RESERVED = frozenset(
