@@ -13,6 +13,7 @@ from deckard.cli.output import print_done
 from deckard.cli.session import JsonOpt, ProfileOpt
 from deckard.cli.verbs import list_command, object_command, option
 from deckard.client.api import ApiClient
+from deckard.model.network import FARM_KINDS
 from deckard.model.schemas import Network
 
 app = typer.Typer(
@@ -40,7 +41,7 @@ def _row(net: Network) -> dict[str, Any]:
 def _done(verb: str) -> Any:
     def message(net: Network) -> str:
         granted = ", ".join(net.tenants or []) or "no tenant yet"
-        where = f"{net.kind}, granted to {granted}" if net.kind in ("shared", "flat") else f"tenant {net.tenant}"
+        where = f"{net.kind}, granted to {granted}" if net.kind in FARM_KINDS else f"tenant {net.tenant}"
         return f"network {net.name!r} (id {net.id}, {net.range}, {where}) {verb}"
 
     return message

@@ -38,6 +38,10 @@ def gateway_of(network: str) -> str:
     return str(next(ipaddress.IPv4Network(network).hosts()))
 
 
+NETWORK_KINDS = ("private", "shared", "flat")
+FARM_KINDS = ("shared", "flat")  # no tenant: the farm's administrators make them and grant them to tenants
+
+
 def network_gateway(network: str, router: str | None) -> str:
     """A desktop network's gateway (and resolver): a flat network's own router, else the range's first address
     (the node's, or a tenant network's namespace's)."""

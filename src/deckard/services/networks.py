@@ -36,7 +36,15 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound
-from deckard.model.network import first_free_ip, network_gateway, overlapping, validate_flat, validate_range
+from deckard.model.network import (
+    FARM_KINDS,
+    NETWORK_KINDS,
+    first_free_ip,
+    network_gateway,
+    overlapping,
+    validate_flat,
+    validate_range,
+)
 from deckard.services.context import Actor, require, require_fields, require_supertenant
 from deckard.services.events import publish
 from deckard.services.listing import ListQuery, run_list
@@ -46,8 +54,6 @@ from deckard.services.tenant_lookup import find_tenant, resolve_tenant_for_creat
 
 n = t.networks
 g = t.network_grants
-KINDS = ("private", "shared", "flat")
-FARM_KINDS = ("shared", "flat")  # no tenant: the farm's administrators make them and grant them to tenants
 DEFAULT_NETWORK = "the farm's default network"
 MOVE_HINT = (
     "`deckard desktop update NAME --network OTHER` (stopped desktops), `deckard osf update NAME --network OTHER`"
@@ -194,7 +200,7 @@ async def create_network(
     require(actor, "network.create")
     check_name(name)
     rng = validate_range(range)
-    if kind not in KINDS:
+    if kind not in NETWORK_KINDS:
         raise BadInput(f"unknown network kind {kind!r}: private, shared or flat", code="bad_network_kind")
     flat: dict[str, Any] = {}
     if kind == "flat":
