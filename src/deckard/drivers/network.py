@@ -93,14 +93,22 @@ async def remove_bridge(bridge: str) -> None:
         await run_command(["ip", "link", "del", bridge], check=False)
 
 
+def _isolated_flag(port: str) -> Path:
+    """A bridge port's isolation flag in sysfs (Linux ≥ 4.18; LXC's up hook writes it too, ``lxc_config``)."""
+    return Path(f"/sys/class/net/{port}/brport/isolated")
+
+
 async def isolate_port(veth: str) -> None:
     """Make a bridge port isolated, so it can only talk to the host, not to other desktops."""
-    await run_command(["bridge", "link", "set", "dev", veth, "isolated", "on"])
+    try:  # no program to start where the kernel has the flag
+        _isolated_flag(veth).write_text("1")
+    except OSError:
+        await run_command(["bridge", "link", "set", "dev", veth, "isolated", "on"])
 
 
 async def port_isolated(veth: str) -> bool:
-    try:  # the port's flag in sysfs (Linux ≥ 4.18), else what `bridge` says
-        return Path(f"/sys/class/net/{veth}/brport/isolated").read_text().strip() == "1"
+    try:
+        return _isolated_flag(veth).read_text().strip() == "1"
     except OSError:
         result = await run_command(["bridge", "-d", "link", "show", "dev", veth], check=False)
         return "isolated on" in result.stdout
