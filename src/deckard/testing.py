@@ -65,6 +65,12 @@ def browser_unavailable_reason() -> str | None:
 # veth then leaves a page without its script (a login form that submits itself as a GET)
 SCRIPT_READY_S = 10.0
 UNREADY = "() => !!document.querySelector('script[type=module]') && !document.documentElement.dataset.ready"
+READY = "() => document.documentElement.dataset.ready"
+
+
+def _load_again(e: Exception, attempt: int) -> bool:
+    """Whether a failed load is worth another try: the network changed under it, or its script never ran."""
+    return attempt < 2 and ("ERR_NETWORK_CHANGED" in str(e) or "Timeout" in str(e))
 
 
 def goto(page: Any, url: str) -> None:
@@ -75,10 +81,10 @@ def goto(page: Any, url: str) -> None:
             page.goto(url)
             if not page.evaluate(UNREADY):
                 return
-            page.wait_for_function("() => document.documentElement.dataset.ready", timeout=SCRIPT_READY_S * 1000)
+            page.wait_for_function(READY, timeout=SCRIPT_READY_S * 1000)
             return
         except Exception as e:
-            if ("ERR_NETWORK_CHANGED" not in str(e) and "Timeout" not in str(e)) or attempt == 2:
+            if not _load_again(e, attempt):
                 raise
             page.wait_for_timeout(200)
 
@@ -90,10 +96,10 @@ async def agoto(page: Any, url: str) -> None:
             await page.goto(url)
             if not await page.evaluate(UNREADY):
                 return
-            await page.wait_for_function("() => document.documentElement.dataset.ready", timeout=SCRIPT_READY_S * 1000)
+            await page.wait_for_function(READY, timeout=SCRIPT_READY_S * 1000)
             return
         except Exception as e:
-            if ("ERR_NETWORK_CHANGED" not in str(e) and "Timeout" not in str(e)) or attempt == 2:
+            if not _load_again(e, attempt):
                 raise
             await page.wait_for_timeout(200)
 
