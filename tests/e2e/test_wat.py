@@ -650,3 +650,174 @@ def test_tenant_networks_in_the_wat_show_the_apis_refusals_and_put_a_desktop_on_
     refused = page.locator("p.refused")
     refused.filter(has_text="network_in_use").wait_for()
     assert "onlan" in refused.inner_text()
+
+
+def test_a_warm_pool_is_made_edited_and_deleted_in_the_wat_with_the_apis_refusals_at_their_field(
+    page: Any, browser: Any, api: Api
+) -> None:
+    """The Warm pools page makes a pool of the default OSF through its form (size 0: no guest is started), after
+    showing at the OSF field why an OSF that keeps its layers cannot have one; the list shows it "0 / 0" and
+    "always"; its edit form shows the refused hours at the hours field, then keeps it on weekdays only; a Read-only
+    administrator sees it without Create, Edit or Delete; Delete asks, then removes it."""
+    with api.http(api.token()) as c:
+        for path, body in (
+            ("/osfs", {"name": "kept", "keep_overlay": True}),
+            ("/admins", {"name": "poolviewer", "password": "Viewer-secret-42", "roles": ["Read-only"]}),
+        ):
+            r = c.post(path, json=body)
+            assert r.status_code == 201, r.text
+    page.on("dialog", lambda dialog: dialog.accept())
+    login(page, api)
+    page.locator("#menu a", has_text="Warm pools").click()
+    page.get_by_role("link", name="Create").click()
+    page.locator("select[name=osf][data-loaded=yes]").wait_for(state="attached")
+    assert page.get_by_label("OSF").input_value() == str(
+        next(o["id"] for o in api_get(api, "/osfs") if o["name"] == "default")
+    )  # the first OSF that may have one
+    page.get_by_label("OSF").select_option(label="kept — cannot be warm: keeps its desktops' layers")
+    page.get_by_label("size", exact=True).fill("0")
+    page.get_by_role("button", name="Create").click()
+    page.locator("#osf-error", has_text="pool_unsupported").wait_for()
+    assert page.get_by_label("OSF").get_attribute("aria-invalid") == "true"
+    page.get_by_label("OSF").select_option(label="default")
+    assert page.get_by_label("image tag").input_value() == "default"
+    assert page.get_by_label("time zone").input_value() == "UTC"
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_selector("h1:has-text('Warm pools')")
+    row = page.locator("table.list tbody tr").filter(has=page.locator("td[data-col=osf]", has_text="default"))
+    row.wait_for()
+    assert row.locator("td[data-col=tag]").inner_text() == "default"
+    assert row.locator("td[data-col=size]").inner_text() == "0"
+    assert row.locator("td[data-col=hours]").inner_text() == "always"
+    assert row.locator("td[data-col=fill] .fill-text").inner_text() == "0 / 0"
+    assert row.locator("td[data-col=last_error]").inner_text() == ""
+    [pool] = api_get(api, "/pools")
+    assert (pool["osf"], pool["tag"], pool["size"], pool["hours"], pool["timezone"]) == (
+        "default",
+        "default",
+        0,
+        "",
+        "UTC",
+    )
+
+    # the edit form: a refused hours value under the hours field, then weekdays
+    row.locator("td[data-col=id] a").click()
+    page.wait_for_selector("h1:has-text('pool default:default')")
+    edit = page.locator("form[aria-label=Edit]")
+    edit.get_by_label("hours").fill("someday")
+    edit.get_by_role("button", name="Save").click()
+    page.locator("#hours-error", has_text="bad_login_rule").wait_for()
+    assert "'someday' is not an hours window" in page.locator("#hours-error").inner_text()
+    assert edit.get_by_label("hours").get_attribute("aria-invalid") == "true"
+    assert api_get(api, "/pools")[0]["hours"] == ""
+    edit.get_by_label("hours").fill("Mon-Fri 07:00-19:00")
+    edit.get_by_role("button", name="Save").click()
+    page.wait_for_function(
+        "() => document.querySelector('dd[data-field=hours]')?.textContent === 'Mon-Fri 07:00-19:00'"
+    )
+    assert api_get(api, "/pools")[0]["hours"] == "Mon-Fri 07:00-19:00"
+    page.get_by_role("link", name="← Warm pools").click()
+    row.locator("td[data-col=hours]", has_text="Mon-Fri 07:00-19:00 (UTC)").wait_for()
+
+    # a Read-only administrator (osf.see, no osf.update) sees the pool, changes nothing
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    try:
+        viewer = ctx.new_page()
+        login(viewer, api, "poolviewer", "Viewer-secret-42")
+        viewer.locator("#menu a", has_text="Warm pools").click()
+        viewer.locator("table.list tbody tr td[data-col=fill]").wait_for()
+        assert viewer.locator("a.create").count() == 0
+        assert viewer.locator("table.list input[type=checkbox]").count() == 0
+        viewer.locator("table.list td[data-col=id] a").click()
+        viewer.wait_for_selector("h1:has-text('pool default:default')")
+        viewer.locator("section[aria-label=Fill] .fill-text").wait_for()
+        assert viewer.get_by_role("button", name="Delete").count() == 0
+        assert viewer.locator("form[aria-label=Edit]").count() == 0
+    finally:
+        ctx.close()
+
+    # Delete, after the confirm every page asks
+    row.locator("td[data-col=id] a").click()
+    page.wait_for_selector("h1:has-text('pool default:default')")
+    page.get_by_role("button", name="Delete").click()
+    page.wait_for_selector("table.list td.empty")
+    assert api_get(api, "/pools") == []
+
+
+def api_get(api: Api, path: str) -> list[dict[str, Any]]:
+    with api.http(api.token()) as c:
+        r = c.get(path)
+        r.raise_for_status()
+        return list(r.json()["items"])
+
+
+async def fill_pools(db: Any) -> None:
+    """Three warm pools as a farm at work has them: one full, one filling, one whose guests failed to start (in the
+    database only: no node runs, no guest is started)."""
+    import sqlalchemy as sa
+
+    from deckard.db import schema as t
+    from deckard.model.entities import utcnow
+    from deckard.services.context import SYSTEM
+    from deckard.services.osfs import create_osf
+    from deckard.services.pools import create_pool, pool_failed
+
+    await create_osf(db, SYSTEM, "kiosk")
+    full = await create_pool(db, SYSTEM, "default", size=2)
+    filling = await create_pool(db, SYSTEM, "default", tag="beta", size=4)
+    failing = await create_pool(db, SYSTEM, "kiosk", size=1, hours="Mon-Fri 07:00-19:00", timezone="Europe/Madrid")
+    await pool_failed(db, failing["id"], "the guest's agent did not answer within 120 s")
+    async with db.begin() as conn:
+        node = await conn.execute(
+            sa.insert(t.nodes)
+            .values(name="node-a", state="running", heartbeat_at=utcnow(), created_at=utcnow())
+            .returning(t.nodes.c.id)
+        )
+        node_id = int(node.scalar_one())
+        guests = [(full, "ready"), (full, "ready"), (filling, "ready"), (filling, "starting"), (filling, "starting")]
+        for i, (pool, state) in enumerate(guests):
+            await conn.execute(
+                sa.insert(t.warm_guests).values(
+                    pool_id=pool["id"],
+                    node_id=node_id,
+                    name=f"dkw{i:06x}",
+                    image_id=1,
+                    ip=f"10.77.0.{250 - i}",
+                    agent_token="x" * 32,
+                    state=state,
+                    created_at=utcnow(),
+                )
+            )
+
+
+def test_the_warm_pools_list_shows_each_pools_fill_and_last_error(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Each pool's row: ready guests of those it wants now ("2 / 2", "1 / 4 +2 starting"), its hours and time zone
+    or "always", and why its last guest failed; the README's warm pools screenshot is this farm's."""
+    with ApiThread(tmp_path_factory.mktemp("wat-pools"), fill_pools) as api:
+        want = {(p["osf"], p["tag"]): p for p in api_get(api, "/pools")}
+        login(page, api)
+        goto(page, api.url + "/admin#/pools")
+        page.locator("table.list tbody tr td[data-col=fill]").nth(2).wait_for()
+        rows = page.locator("table.list tbody tr")
+        assert rows.count() == 3
+        for row in rows.all():
+            key = (row.locator("td[data-col=osf]").inner_text(), row.locator("td[data-col=tag]").inner_text())
+            pool = want.pop(key)
+            fill = row.locator("td[data-col=fill]")
+            assert fill.locator(".fill-text").inner_text() == f"{pool['ready']} / {pool['wanted']}", key
+            bars = "td => [...td.querySelectorAll('.fill-bar > span')].map(s => s.getBoundingClientRect().width)"
+            widths = [round(w) for w in fill.evaluate(bars)]
+            of = max(pool["wanted"], pool["ready"] + pool["starting"], 1)
+            assert widths == [round(80 * pool["ready"] / of), round(80 * pool["starting"] / of)], (key, widths)
+            hours = f"{pool['hours']} ({pool['timezone']})" if pool["hours"] else "always"
+            assert row.locator("td[data-col=hours]").inner_text() == hours, key
+            assert row.locator("td[data-col=last_error]").inner_text() == (pool["last_error"] or ""), key
+        assert not want
+        assert page.locator("td[data-col=fill]", has_text="1 / 4 +2 starting").count() == 1
+        failed = page.locator("table.list tbody tr", has_text="kiosk").locator("td[data-col=last_error] .error")
+        assert failed.inner_text() == "the guest's agent did not answer within 120 s"
+        page.evaluate("document.getElementById('toasts').replaceChildren()")
+        shot(page, "pools")
+        page.context.close()  # its open connections would hold the API server's shutdown for seconds

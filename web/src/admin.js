@@ -12,6 +12,7 @@ import { rolePage, configPage } from "./_admin/editors.js";
 import { dashboard } from "./_admin/dashboard.js";
 import { bansPage } from "./_admin/identity.js";
 import { networkCreatePage } from "./_admin/networks.js";
+import { poolCreatePage } from "./_admin/pools.js";
 
 performance.mark("wat:start");
 const app = document.getElementById("app");
@@ -25,6 +26,7 @@ const MENU = [
   ["nodes", "Nodes", "node.see"],
   ["images", "Images", "image.see"],
   ["osfs", "OSFs", "osf.see"],
+  ["pools", "Warm pools", "osf.see"],
   ["volumes", "Volumes", "volume.see"],
   ["networks", "Networks", "network.see"],
   ["connections", "Connections", "connection.see"],
@@ -236,6 +238,7 @@ function route() {
   else if (name === "config") configPage(main);
   else if (name === "bans") bansPage(main);
   else if (name === "networks" && id === "new") networkCreatePage(main);
+  else if (name === "pools" && id === "new") poolCreatePage(main);
   else if (res && id === "new") createPage(main, name, res);
   else if (name === "roles" && id) rolePage(main, id);
   else if (res && id) cleanup = detailPage(main, name, res, id);

@@ -6,6 +6,7 @@ import { actionAcl } from "./resources.js";
 import { userIdentityBox } from "./identity.js";
 import { volumeBoxes } from "./volumes.js";
 import { networkBoxes, networkSelect, networkValue, readNetwork } from "./networks.js";
+import { poolBoxes } from "./pools.js";
 
 function inputFor(name, type, value) {
   if (type === "checkbox") {
@@ -64,6 +65,7 @@ export function detailPage(root, name, res, id) {
   // why an action or the delete was refused (a 409 network_in_use names what to move first): it stays until the next try
   const refused = h("p.error.refused", { role: "alert" });
   clear(root, h("p", h("a", { href: `#/${name}` }, `← ${res.title}`)), body);
+  const caption = () => (res.caption ? res.caption(obj) : obj[res.label] ?? obj.id);
 
   async function load() {
     try {
@@ -75,7 +77,7 @@ export function detailPage(root, name, res, id) {
   }
 
   function render() {
-    const title = `${res.object} ${obj[res.label] ?? obj.id}`;
+    const title = `${res.object} ${caption()}`;
     const dl = h("dl.props", Object.entries(obj).flatMap(([k, v]) => [h("dt", k.replaceAll("_", " ")), h("dd", { dataset: { field: k } }, fmt(v))]));
     const acts = h("div.buttons", { role: "toolbar", "aria-label": "Actions" });
     for (const a of res.actions || []) {
@@ -89,15 +91,16 @@ export function detailPage(root, name, res, id) {
     }
     // a tenant administrator sees the farm's shared networks but may not change them (403 supertenant_only)
     const mayChange = !res.readOnly && !(res.farmOwned?.(obj) && !isSuper());
-    if (mayChange && can(`${res.object}.delete`)) acts.append(h("button.danger", { type: "button", onclick: remove }, "Delete"));
+    if (mayChange && can(actionAcl(res, "delete"))) acts.append(h("button.danger", { type: "button", onclick: remove }, "Delete"));
     const parts = [h("h1", title), acts, refused, dl];
-    const editable = mayChange ? (res.editable || []).filter((k) => can(res.editAcl?.[k] || (k === "blocked" ? `${res.object}.block` : `${res.object}.update`))) : [];
+    const editable = mayChange ? (res.editable || []).filter((k) => can(res.editAcl?.[k] || (k === "blocked" ? `${res.object}.block` : actionAcl(res, "update")))) : [];
     if (editable.length) parts.push(editForm(editable));
     if (res.upload && can("image.upload")) parts.push(uploadBox(obj, load));
     if (res.properties && can("property.see")) parts.push(propertiesBox(res.properties, obj.id));
     if (name === "users") parts.push(userIdentityBox(obj));
     if (name === "volumes") parts.push(...volumeBoxes(obj, load));
     if (name === "networks") parts.push(...networkBoxes(obj, load));
+    if (name === "pools") parts.push(...poolBoxes(obj, load));
     clear(body, ...parts);
   }
 
@@ -151,7 +154,7 @@ export function detailPage(root, name, res, id) {
   }
 
   async function remove() {
-    if (!confirm(`Delete ${res.object} ${obj[res.label] ?? obj.id}?`)) return;
+    if (!confirm(`Delete ${res.object} ${caption()}?`)) return;
     refused.textContent = "";
     try {
       await del(`${res.path}/${obj.id}`);

@@ -42,6 +42,22 @@ export function field(label, input) {
   return h("div.field", h("label", { for: input.id }, label), input);
 }
 
+// The error line under a form field (`<name>-error`, the field's aria-describedby), for the API's refusals of it.
+export function fieldError(input) {
+  const p = h("p.error.field-error", { id: `${input.id || input.name}-error`, role: "alert" });
+  input.setAttribute("aria-describedby", p.id);
+  return p;
+}
+
+// Show (or with "" clear) a field's error; a field in error is marked aria-invalid and takes the focus.
+export function showFieldError(input, p, text) {
+  p.textContent = text;
+  if (text) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  } else input.removeAttribute("aria-invalid");
+}
+
 export function fmt(v) {
   if (v === null || v === undefined) return "";
   if (typeof v === "boolean") return v ? "yes" : "no";

@@ -21,7 +21,8 @@ export function listPage(root, name, res, params) {
   };
   for (const [k, v] of params) if (!["sort", "page"].includes(k)) state.filters[k] = v;
 
-  const canSee = can(`${res.object}.see`);
+  const canSee = can(actionAcl(res, "see"));
+  const caption = (row) => (res.caption ? res.caption(row) : row[res.label] ?? row.id);
   const title = (c) => res.headers?.[c] ?? c.replaceAll("_", " ");
   const bulkActions = (res.bulk || []).filter((a) => can(actionAcl(res, a)));
   const table = h("table.list", { "aria-label": res.title });
@@ -98,6 +99,8 @@ export function listPage(root, name, res, params) {
   }
 
   function cell(row, c) {
+    const own = res.cell?.(row, c);
+    if (own !== undefined) return own;
     const v = row[c];
     if (c === res.label && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, fmt(v) || `#${row.id}`);
     if (c === "id" && !res.readOnly) return h("a", { href: `#/${name}/${row.id}` }, String(v));
@@ -113,7 +116,7 @@ export function listPage(root, name, res, params) {
   function rowEl(row) {
     const tr = h("tr", { dataset: { id: row.id } });
     if (bulkActions.length) {
-      const cb = h("input", { type: "checkbox", "aria-label": `Select ${row[res.label] ?? row.id}` });
+      const cb = h("input", { type: "checkbox", "aria-label": `Select ${caption(row)}` });
       cb.checked = state.selected.has(row.id);
       cb.addEventListener("change", () => {
         cb.checked ? state.selected.add(row.id) : state.selected.delete(row.id);
@@ -192,7 +195,7 @@ export function listPage(root, name, res, params) {
   }
 
   function showResults(action, ids, out) {
-    const names = Object.fromEntries(state.rows.map((r) => [r.id, r[res.label] ?? r.id]));
+    const names = Object.fromEntries(state.rows.map((r) => [r.id, caption(r)]));
     const failed = Object.keys(out.failed || {}).length;
     clear(
       results,
@@ -233,7 +236,7 @@ export function listPage(root, name, res, params) {
   });
 
   const tools = h("div.tools", info, columnChooser(), h("label.inline", "Rows ", perPage));
-  if (res.create && can(`${res.object}.create`)) tools.prepend(h("a.button.primary.create", { href: `#/${name}/new` }, "Create"));
+  if (res.create && can(actionAcl(res, "create"))) tools.prepend(h("a.button.primary.create", { href: `#/${name}/new` }, "Create"));
   if (name === "audit" && can("audit.verify")) tools.prepend(verifyButton());
   clear(root, h("h1", res.title), tools, results, bulkBar, h("div.table-wrap", table), pager);
   if (!canSee) root.append(h("p", "You may not see these objects."));
@@ -257,7 +260,14 @@ export function listPage(root, name, res, params) {
       reload(); // refresh derived columns (node name…) too
     } else reload();
   });
-  return stop;
+  // what changes without an event (a warm pool's guests): re-read every res.poll ms, unless the tab is hidden or
+  // the user is in the table (typing a filter: a redraw would drop it)
+  const poll = res.poll && canSee ? setInterval(() => document.hidden || table.contains(document.activeElement) || load(), res.poll) : null;
+  return () => {
+    stop();
+    clearInterval(poll);
+    clearTimeout(timer);
+  };
 }
 
 function verifyButton() {

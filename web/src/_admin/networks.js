@@ -2,7 +2,7 @@
 // and the network select of OSF and desktop forms.  The API checks ranges, overlaps and who may use what; these
 // forms show its answers next to the field they are about.
 import { get, post, del } from "./api.js";
-import { h, clear, toast, errText, field } from "./dom.js";
+import { h, clear, toast, errText, field, fieldError, showFieldError } from "./dom.js";
 import { can, isSuper } from "./session.js";
 
 // a select's values: a network's id, DEFAULT_NETWORK ("": the API's name for the farm's default network), or
@@ -103,20 +103,6 @@ export function networkCreatePage(root) {
   });
   clear(root, h("p", h("a", { href: "#/networks" }, "← Networks")), h("h1", "New network"), form);
   name.focus();
-}
-
-function fieldError(input) {
-  const p = h("p.error.field-error", { id: `${input.id || input.name}-error`, role: "alert" });
-  input.setAttribute("aria-describedby", p.id);
-  return p;
-}
-
-function showFieldError(input, p, text) {
-  p.textContent = text;
-  if (text) {
-    input.setAttribute("aria-invalid", "true");
-    input.focus();
-  } else input.removeAttribute("aria-invalid");
 }
 
 // A shared or flat network's box: the tenants it is granted to with Revoke, and a Grant form (farm's

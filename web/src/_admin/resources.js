@@ -1,5 +1,6 @@
 // What the WAT knows about each object: columns, filters, actions and forms.  ACL names are the API's.
 import { farmOwned } from "./networks.js";
+import { poolCaption, poolCell } from "./pools.js";
 const STATES = {
   desktop: ["stopped", "starting", "running", "stopping", "failed"],
   node: ["running", "stopped", "lost", "draining"],
@@ -148,6 +149,26 @@ export const RESOURCES = {
     farmOwned, // shared and flat networks: only the farm's administrators change or delete them
     related: (row) => [`#/desktops?network_id=${row.id}`, "Desktops on this network"],
   },
+  // warm pools (docs/pools.md): a setting of an OSF, so its ACLs are the OSF's; the create form, the fill bar and
+  // the edit box are in pools.js.  Guests starting and becoming ready send no event: the list is re-read every 10 s.
+  pools: {
+    title: "Warm pools",
+    object: "pool",
+    path: "/pools",
+    label: "id",
+    caption: poolCaption,
+    columns: ["id", "osf", "tag", "size", "hours", "timezone", "fill", "wanted", "ready", "starting", "last_error", "last_error_at", "tenant_id", "created_at"],
+    defaultColumns: ["id", "osf", "tag", "size", "hours", "fill", "last_error"],
+    headers: { osf: "OSF", fill: "ready / wanted", timezone: "time zone", last_error: "last error" },
+    computed: ["fill", "wanted", "ready", "starting"], // the API's counts, not columns of its list
+    numeric: ["id", "osf_id", "size", "tenant_id"],
+    bulk: ["delete"],
+    create: true,
+    editable: [], // size, hours and time zone: pools.js's edit box shows the API's refusals at their field
+    actionAcl: { see: "osf.see", create: "osf.update", update: "osf.update", delete: "osf.update" },
+    cell: poolCell,
+    poll: 10_000,
+  },
   admins: {
     title: "Administrators",
     object: "admin",
@@ -222,7 +243,8 @@ export const RESOURCES = {
   },
 };
 
-// The ACL an action on an object needs (bulk `delete` → `desktop.delete`, `unblock` → `desktop.block`).
+// The ACL an action on an object needs (bulk `delete` → `desktop.delete`, `unblock` → `desktop.block`); also
+// `see`, `create`, `update` and `delete` for objects whose ACLs are another's (a warm pool's are its OSF's).
 export function actionAcl(res, action) {
   if (res.actionAcl && res.actionAcl[action]) return res.actionAcl[action];
   const a = { unblock: "block", retire: "publish" }[action] || action;
