@@ -3,6 +3,8 @@ VM image keeps of Debian's kernel."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,26 @@ def test_image_digest_is_the_sha256_of_the_file(tmp_path: Path) -> None:
     path = tmp_path / "img"
     path.write_bytes(b"abc")
     assert image_digest(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+async def test_an_image_whose_layers_are_cached_is_packed_while_another_build_holds_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packing only reads cached layers: a farm starting from them does not wait for another profile's build."""
+    monkeypatch.setattr(builder.os, "geteuid", lambda: 0)
+    minimal, cache = load_profile("minimal"), tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"rootfs-{builder.recipe_hash(minimal)}.tar.zst").write_bytes(b"the cached rootfs")
+    held = builder._lock_cache(cache)  # a build of another profile, in another process
+    try:
+        image = await asyncio.wait_for(
+            builder.build_image(tmp_path / "farm", cache_dir=cache, progress=lambda _t, _f: None, profile=minimal),
+            30,
+        )
+    finally:
+        os.close(held)
+    assert image.name == builder.image_filename(minimal)
+    assert image.read_bytes().startswith(b"the cached rootfs")
 
 
 # ---- what a VM image keeps of the kernel -------------------------------------------------------------------

@@ -213,18 +213,14 @@ async def build_image(
         progress("image is up to date", 1.0)
         return target
     # one build at a time per cache: a second builder (another test worker, another farm) waits, then finds
-    # the layers the first one made
-    lock_fd = await asyncio.to_thread(_lock_cache, cache_dir)
+    # the layers the first one made.  Packing only reads cached layers (never changed once renamed into place):
+    # with none to build, no lock, so a farm whose layers are cached does not wait for another profile's build
+    lock_fd = await asyncio.to_thread(_lock_cache, cache_dir) if _missing_layers(cache_dir, profile) else None
     try:
         if target.exists():
             progress("image is up to date", 1.0)
             return target
-        # the layers to build: from the highest one already cached (or debootstrap) up to this profile
-        missing: list[Profile] = []
-        for layer in reversed(profile.chain()):
-            if _layer_path(cache_dir, layer).exists() and (not layer.vm or _kernel_path(cache_dir, layer).exists()):
-                break
-            missing.insert(0, layer)
+        missing = _missing_layers(cache_dir, profile)
         span = 0.96 / len(missing) if missing else 0.0
         for n, layer in enumerate(missing):
             log.info("image.build_layer", profile=layer.name, recipe=recipe_hash(layer), packages=len(layer.packages))
@@ -234,10 +230,21 @@ async def build_image(
         meta = image_metadata(profile, files, kernel)
         await _pack_image(_layer_path(cache_dir, profile), target, files, meta, progress)
     finally:
-        os.close(lock_fd)
+        if lock_fd is not None:
+            os.close(lock_fd)
     progress("image ready", 1.0)
     log.info("image.built", path=str(target), size=target.stat().st_size, profile=profile.name)
     return target
+
+
+def _missing_layers(cache_dir: Path, profile: Profile) -> list[Profile]:
+    """The layers to build: from the highest one already cached (or debootstrap) up to this profile."""
+    missing: list[Profile] = []
+    for layer in reversed(profile.chain()):
+        if _layer_path(cache_dir, layer).exists() and (not layer.vm or _kernel_path(cache_dir, layer).exists()):
+            break
+        missing.insert(0, layer)
+    return missing
 
 
 def _lock_cache(cache_dir: Path) -> int:
