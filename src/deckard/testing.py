@@ -8,11 +8,13 @@ and file the farm made, even after a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -262,13 +264,24 @@ class FarmProcess:
         if self.machines:  # the machine the farm says runs it (a lost machine keeps its guests' directories)
             rows: Any = self.json("desktop", "list")
             node = next(r["node"] for r in rows if r["id"] == desktop_id)
+        warm = self._warm_guest(desktop_id)
         for i, paths in enumerate(self.node_paths(), start=1):
-            here = node == self.machine_node(i) if node else (paths.lxc / paths.guest_name(desktop_id)).exists()
+            name = warm or paths.guest_name(desktop_id)
+            here = node == self.machine_node(i) if node else (paths.lxc / name).exists()
             if here:
                 prefix = ["nsenter", f"--net=/run/netns/{self.machine(i).name}"] if self.machines else []
-                return prefix, paths.lxc, paths.guest_name(desktop_id)
+                return prefix, paths.lxc, name
         paths = self.node_paths()[0]
-        return [], paths.lxc, paths.guest_name(desktop_id)
+        return [], paths.lxc, warm or paths.guest_name(desktop_id)
+
+    def _warm_guest(self, desktop_id: int) -> str | None:
+        """The warm guest the desktop took over (``desktops.guest``), read from a SQLite farm's database."""
+        path = Path(self.sqlite_url.split("///", 1)[-1])
+        if not path.is_file():
+            return None
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as conn:
+            row = conn.execute("SELECT guest FROM desktops WHERE id = ?", (desktop_id,)).fetchone()
+        return str(row[0]) if row and row[0] else None
 
     def pid(self) -> int | None:
         try:

@@ -33,6 +33,7 @@ from deckard.api.routes import (
     networks,
     nodes,
     osfs,
+    pools,
     portal,
     portal_account,
     properties,
@@ -93,7 +94,7 @@ def create_app(db: Database, settings: Settings) -> FastAPI:
     install_access_log(app)
     install_audit_log(app)
     modules = (health, auth, tenants, admins, roles, users, osfs, images, desktops, nodes, config, properties)
-    for module in (*modules, identity, farm, audit, connections, stats, events, volumes, networks):
+    for module in (*modules, identity, farm, audit, connections, stats, events, volumes, networks, pools):
         # Each router straight into the app with its prefix: FastAPI (0.165) checks every route of a router
         # included with no prefix by building its whole context (pydantic adapters and all), which an
         # ``APIRouter(prefix=PREFIX)`` in between made it do twice more per app (0.3 s of each create_app).

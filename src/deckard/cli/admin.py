@@ -21,6 +21,7 @@ from deckard.cli import (
     networks,
     nodes,
     placement,
+    pools,
     properties,
     roles,
     stats,
@@ -45,6 +46,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(desktops.app, name="desktop")
     app.add_typer(images.osf_app, name="osf")
     app.add_typer(networks.app, name="network")
+    app.add_typer(pools.app, name="pool")
     images.add_image_commands(_group(app, "image", "Disk images (QVD's DIs)."))
     nodes.add_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))
     placement.add_node_commands(_group(app, "node", "The farm's nodes (QVD's hosts)."))

@@ -111,10 +111,11 @@ Done = str | Callable[[Any], str]
 Follow = Callable[..., list[Any] | None]
 
 
-def _message(done: Done, ref: Any, obj: Schema | None) -> str:
+def _message(done: Done, ref: Any, obj: Schema | None, given: dict[str, Any] | None = None) -> str:
+    """The confirmation: ``done`` formatted with ``ref``, the options the user gave and the object's fields."""
     if callable(done):
         return done(obj)
-    return done.format(ref=ref, **(fields(obj) if obj is not None else {}))
+    return done.format(**{**(given or {}), "ref": ref, **(fields(obj) if obj is not None else {})})
 
 
 def object_command(
@@ -136,7 +137,7 @@ def object_command(
         if done is None and obj is not None:
             print_object(obj, as_json=as_json)
         else:
-            print_done(_message(done or "", ref, obj), obj, as_json=as_json)
+            print_done(_message(done or "", ref, obj, extra), obj, as_json=as_json)
 
     ref = inspect.Parameter("ref", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=arg)
     return _command(run, doc, [ref, *params])

@@ -139,6 +139,10 @@ class AgentClient:
         seconds because of ``reason`` (idle|max_length)."""
         return await self.call("session_notice", {"reason": reason, "action": action, "in_s": str(max(0, in_s))})
 
+    async def take_over(self, user: str, uid: int, ip: str, timeout: float = 15) -> dict[str, Any]:
+        """A warm guest becomes ``user``'s desktop at ``ip``: their account and session on its display."""
+        return await self.call("take_over", {"user": user, "uid": str(uid), "ip": ip}, timeout=timeout)
+
     async def x_stop(self) -> dict[str, Any]:
         return await self.call("x_stop")
 

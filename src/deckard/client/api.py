@@ -56,6 +56,7 @@ from deckard.model.schemas import (
     Osf,
     Page,
     Placement,
+    Pool,
     Role,
     Schema,
     Stats,
@@ -727,6 +728,25 @@ class ApiClient:
 
     def revoke_network(self, network: str | int, tenant: str | int) -> None:
         self._send("DELETE", f"/networks/{_seg(network)}/grants/{_seg(tenant)}")
+
+    # warm pools (docs/pools.md)
+    def list_pools(self, params: Params = None) -> list[Pool]:
+        return self.list_all("pools", Pool, params)
+
+    def get_pool(self, pool: int) -> Pool:
+        return self._get(Pool, "GET", f"/pools/{int(pool)}")
+
+    def create_pool(self, osf: str, *, tag: str = "default", size: int, hours: str = "", timezone: str = "UTC") -> Pool:
+        body = {"osf": osf, "tag": tag, "size": size, "hours": hours, "timezone": timezone}
+        return self._get(Pool, "POST", "/pools", json=body)
+
+    def update_pool(
+        self, pool: int, *, size: int | None = None, hours: str | None = None, timezone: str | None = None
+    ) -> Pool:
+        return self._get(Pool, "PATCH", f"/pools/{int(pool)}", json=_given(size=size, hours=hours, timezone=timezone))
+
+    def delete_pool(self, pool: int) -> None:
+        self._send("DELETE", f"/pools/{int(pool)}")
 
     # volumes (docs/volumes.md)
     def list_volumes(self, params: Params = None) -> list[Volume]:

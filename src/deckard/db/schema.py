@@ -259,6 +259,8 @@ desktops = sa.Table(
     # maps it 1:1 to ``ip``); both NULL: the farm's default network, where ``ip`` is the guest's own address
     sa.Column("network_id", sa.ForeignKey("networks.id", ondelete="RESTRICT"), nullable=True, index=True),
     sa.Column("network_ip", sa.String(45), nullable=True),
+    # warm pools (0016): the warm guest it took over at its start (``model/warm_pool.py``); NULL: its own guest
+    sa.Column("guest", sa.String(64), nullable=True),
     sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
     sa.CheckConstraint("(network_id IS NULL) = (network_ip IS NULL)", name="network_ip"),
 )
@@ -515,4 +517,34 @@ volume_attachments = sa.Table(
     sa.Column("plugged", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("error_code", sa.String(32), nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+)
+
+# warm pools (0016, docs/pools.md): per OSF and image tag, how many warm guests the farm keeps ready, and those
+# guests (a taken one leaves the table: its desktop's ``guest`` names it from then on)
+warm_pools = sa.Table(
+    "warm_pools",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("osf_id", sa.ForeignKey("osfs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("tag", sa.String(64), nullable=False, server_default="default"),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("hours", sa.Text, nullable=False, server_default=""),  # login rules' windows; "": always
+    sa.Column("timezone", sa.String(64), nullable=False, server_default="UTC"),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),  # why its last warm guest failed to start
+    sa.Column("last_error_at", TS, nullable=True),
+    sa.UniqueConstraint("osf_id", "tag", name="uq_warm_pools_osf_tag"),
+)
+warm_guests = sa.Table(
+    "warm_guests",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("pool_id", sa.ForeignKey("warm_pools.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("image_id", sa.Integer, nullable=False),
+    sa.Column("ip", sa.String(45), nullable=False, unique=True),  # from the farm range, never a desktop's
+    sa.Column("agent_token", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # starting | ready
+    sa.Column("created_at", TS, nullable=False),
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 AGENT_PORT = 3030
 """TCP port of the guest agent (deckard-vma) inside every desktop."""
@@ -65,6 +65,7 @@ class GuestSpec:
     seed: Mapping[str, bytes] | None = None  # cloud-init NoCloud files for guests that read a seed disk (VMs)
     volumes: tuple[VolumeMount, ...] = ()  # attached volumes the guest gets at start
     farm_ip: str = ""  # on a tenant network: the farm address the node reaches the guest at ("" = ``ip``)
+    warm: bool = False  # a warm pool's guest: nobody's yet (no user, no account); ``home_dir`` is its share of homes
 
     @property
     def reach_ip(self) -> str:
@@ -132,4 +133,16 @@ class Driver(Protocol):
     async def close(self) -> None:
         """The node daemon is done with the driver (it stops, or restarts in place).  The guests that still run
         are left to the next daemon: real ones are processes of their own, the fake driver hands its over."""
+        ...
+
+
+@runtime_checkable
+class WarmDriver(Protocol):
+    """A driver whose guests can be warm (``model/warm_pool.py``): started before a user asks, taken over later."""
+
+    async def take_over(
+        self, guest_name: str, *, ip: str, prefix_len: int, gateway: str, home_dir: Path, login: str, uid: int
+    ) -> None:
+        """Give the running warm guest the user's home (at ``/home/<login>``) and the desktop's address; the node
+        then asks its agent for the user's session.  Raises DriverError; the caller kills the guest then."""
         ...

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from deckard.drivers import warm
 from deckard.drivers.agent_code import agent_command, precompile_agent
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.cgroups import memory_usage, remove_cgroups
@@ -112,13 +113,24 @@ class ContainerDriver:
     async def _start(self, spec: GuestSpec, basefs: Path) -> GuestInfo:
         lxc_dir = self._lxc_dir(spec.guest_name)
         upper = await asyncio.to_thread(self._prepare_overlay, spec, basefs)
-        await asyncio.to_thread(self._prepare_home, spec.home_dir, basefs, spec.user_uid)
+        if spec.warm:  # its share of homes, where a user's is mounted at take-over (drivers/warm.py)
+            await asyncio.to_thread(warm.make_share, spec.home_dir)
+        else:
+            await asyncio.to_thread(self._prepare_home, spec.home_dir, basefs, spec.user_uid)
         volumes = await self._mount_volumes(spec)
         for path in (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes)):
             await asyncio.to_thread(ensure_traversable, path, self.paths.home)
         lxc_dir.mkdir(parents=True, exist_ok=True)
         veth = veth_name(spec.guest_name)
-        meta = {"desktop_id": spec.desktop_id, "ip": spec.reach_ip, "veth": veth, "keep_overlay": spec.keep_overlay}
+        meta = {
+            "desktop_id": spec.desktop_id,
+            "ip": spec.reach_ip,
+            "veth": veth,
+            "keep_overlay": spec.keep_overlay,
+            "overlay": str(upper.parent),
+            "basefs": str(basefs),
+            **({"share": str(spec.home_dir)} if spec.warm else {}),
+        }
         (lxc_dir / "deckard.json").write_text(json.dumps(meta))
         up_hook = lxc_dir / "net-up"
         up_hook.write_text(render_up_hook())
@@ -166,7 +178,7 @@ class ContainerDriver:
         """The desktop's upper layer with its secrets, names and its user's account, owned by the desktop's
         root.  A kept layer is the desktop root's to shape: nothing here follows a link it left (a link resolves
         on the host), and a directory of ours it replaced by something else fails the start."""
-        root = self.paths.overlay(spec.desktop_id)
+        root = self._overlay_root(spec)
         if not spec.keep_overlay and root.exists():
             shutil.rmtree(root)
         upper = root / "upper"
@@ -191,7 +203,8 @@ class ContainerDriver:
         for path, data in files.items():
             write_new(path, data, 0o600 if path.parent == ours else 0o644)
         written = [upper, etc, ours, *files]
-        write_account(upper, basefs, spec.user_login, spec.user_uid)  # owned like the image's files already
+        if not spec.warm:  # a warm guest's user comes at take-over: its agent makes the account then
+            write_account(upper, basefs, spec.user_login, spec.user_uid)  # owned like the image's files already
         # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
         # a new layer (or a kept one from before user namespaces) is shifted whole, once; a kept layer only
         # needs what the driver just wrote, not a walk of everything the user's sessions left in it
@@ -201,6 +214,39 @@ class ContainerDriver:
             for path in written:
                 shift_entry(path, self.id_base)
         return upper
+
+    def _overlay_root(self, spec: GuestSpec) -> Path:
+        """A desktop's layer is named after the desktop (a kept one follows it), a warm guest's after the guest."""
+        return self.paths.overlays / spec.guest_name if spec.warm else self.paths.overlay(spec.desktop_id)
+
+    async def take_over(
+        self, guest_name: str, *, ip: str, prefix_len: int, gateway: str, home_dir: Path, login: str, uid: int
+    ) -> None:
+        """The user's home into the running warm guest and the desktop's address onto it (``drivers/warm.py``)."""
+        async with self._lock(guest_name):
+            meta = self._meta(guest_name)
+            state = await self._state(guest_name)
+            if state is None or state[0] != "RUNNING" or state[1] is None or "share" not in meta:
+                raise DriverError(f"{guest_name} is not a running warm guest", code="guest_exited")
+            share, basefs = Path(str(meta["share"])), Path(str(meta["basefs"]))
+            await asyncio.to_thread(self._prepare_home, home_dir, basefs, uid)
+            await asyncio.to_thread(ensure_traversable, home_dir, self.paths.home)
+            await asyncio.to_thread(warm.mount_home, share, login, home_dir)
+            old_ip = str(meta.get("ip", ""))
+            await warm.readdress(state[1], ip, prefix_len, gateway)
+            meta["ip"] = ip  # teardown flushes the address it has now
+            (self._lxc_dir(guest_name) / "deckard.json").write_text(json.dumps(meta))
+            for address in (old_ip, ip):  # the host's neighbour entries of either address are stale now
+                if address:
+                    await flush_neighbour(address)
+
+    def _meta(self, guest_name: str) -> dict[str, object]:
+        """What a start recorded for teardown and take-over (``deckard.json``); {} when it is missing or bad."""
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((self._lxc_dir(guest_name) / "deckard.json").read_text())
+            if isinstance(meta, dict):
+                return meta
+        return {}
 
     def _prepare_home(self, home: Path, basefs: Path, user_uid: int) -> None:
         """A new home belongs to the desktop's root (the agent hands it to the user); an old one is shifted.
@@ -306,15 +352,20 @@ class ContainerDriver:
     async def _cleanup(self, guest_name: str) -> None:
         """Remove what a start left on the host; the guest must not be running."""
         lxc_dir = self._lxc_dir(guest_name)
-        meta: dict[str, object] = {}
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads((lxc_dir / "deckard.json").read_text())
+        meta = self._meta(guest_name)
+        if isinstance(meta.get("share"), str):  # a warm guest's homes: unmounted, never removed with what is in them
+            try:
+                await asyncio.to_thread(warm.release_share, Path(str(meta["share"])))
+            except (OSError, DriverError) as e:  # the share is outside lxc_dir: the rest goes all the same
+                log.error("container.share_left", guest=guest_name, share=meta["share"], error=str(e))
         await delete_link(veth_name(guest_name))
         if isinstance(meta.get("ip"), str):
             await flush_neighbour(str(meta["ip"]))
         # without the record we cannot know the OSF kept the overlay: leave it, the next start decides
         desktop_id = meta.get("desktop_id")
-        if meta.get("keep_overlay") is False and isinstance(desktop_id, int):
+        if meta.get("keep_overlay") is False and isinstance(meta.get("overlay"), str):
+            await asyncio.to_thread(shutil.rmtree, Path(str(meta["overlay"])), True)
+        elif meta.get("keep_overlay") is False and isinstance(desktop_id, int):  # recorded by an older release
             await asyncio.to_thread(shutil.rmtree, self.paths.overlay(desktop_id), True)
         await asyncio.to_thread(remove_cgroups, guest_name)
         await self._unmount_volumes(guest_name)

@@ -123,7 +123,9 @@ def render_config(
         f"lxc.uts.name = {spec.guest_name}",
         f"lxc.rootfs.path = overlay:{basefs}:{upper}",
         # the user's display starts at boot, beside the agent's own start: a connect finds it up or coming
-        f"lxc.init.cmd = {agent} --display-for {spec.user_login}:{spec.user_uid}",
+        f"lxc.init.cmd = {agent} --warm"
+        if spec.warm
+        else f"lxc.init.cmd = {agent} --display-for {spec.user_login}:{spec.user_uid}",
         f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
         f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
         f"lxc.cap.keep = {CAPS_KEEP}",
@@ -145,7 +147,10 @@ def render_config(
         f"lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev,mode=1777,size={max(spec.memory_mib // 2, 64)}m 0 0",
         "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755,size=32m 0 0",
         "lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0",
-        f"lxc.mount.entry = {spec.home_dir} home/{spec.user_login} none bind,create=dir 0 0",
+        # a warm guest's /home is the node's share, where the home of the user who takes it over is mounted later
+        f"lxc.mount.entry = {spec.home_dir} home none rbind,create=dir 0 0"
+        if spec.warm
+        else f"lxc.mount.entry = {spec.home_dir} home/{spec.user_login} none bind,create=dir 0 0",
         *(
             f"lxc.mount.entry = {host} media/{name} none bind,create=dir,nosuid,nodev{',ro' if ro else ''} 0 0"
             for host, name, ro in volumes

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 
-from deckard.drivers.base import Driver, GuestInfo, GuestSpec, VolumeMount
+from deckard.drivers.base import Driver, GuestInfo, GuestSpec, VolumeMount, WarmDriver
 from deckard.model.errors import DriverError
 
 
@@ -47,6 +47,16 @@ class MultiDriver:
 
     async def start(self, spec: GuestSpec) -> GuestInfo:
         return await self._for_spec(spec).start(spec)
+
+    async def take_over(
+        self, guest_name: str, *, ip: str, prefix_len: int, gateway: str, home_dir: Path, login: str, uid: int
+    ) -> None:
+        owner = await self._owner(guest_name)
+        if owner is None or not isinstance(owner[0], WarmDriver):
+            raise DriverError(f"{guest_name} is not a running warm guest", code="guest_exited")
+        await owner[0].take_over(
+            guest_name, ip=ip, prefix_len=prefix_len, gateway=gateway, home_dir=home_dir, login=login, uid=uid
+        )
 
     async def stop(self, guest_name: str, timeout: float = 10.0) -> None:
         owner = await self._owner(guest_name)

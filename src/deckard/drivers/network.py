@@ -36,17 +36,19 @@ class CommandResult:
     stderr: str
 
 
-async def run_command(args: Sequence[str], *, check: bool = True, timeout: float = 60.0) -> CommandResult:
+async def run_command(
+    args: Sequence[str], *, check: bool = True, timeout: float = 60.0, stdin: str | None = None
+) -> CommandResult:
     """Run a host command without blocking the event loop; raise DriverError on failure when ``check``."""
     proc = await asyncio.create_subprocess_exec(
         *args,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "LANG": "C"},
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(None if stdin is None else stdin.encode()), timeout)
     except BaseException as e:  # the timeout, or the caller was cancelled: the command does not outlive the call
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

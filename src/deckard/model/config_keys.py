@@ -504,6 +504,16 @@ KEYS: dict[str, ConfigKey] = {
             pattern=r"largest|none|0(\.[0-9]+)?|1(\.0+)?",
         ),
         ConfigKey(
+            "pools.tenant_max",
+            int,
+            10,
+            "Warm guests a tenant's administrators may keep in all their warm pools together (the farm's "
+            "administrators are not limited); more is refused with `pool_limit`.",
+            per_tenant=True,
+            minimum=0,
+            maximum=10000,
+        ),
+        ConfigKey(
             "placement.reserve_release_s",
             int,
             1800,

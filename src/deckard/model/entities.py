@@ -67,6 +67,8 @@ class Desktop(_FromRow):
     session_id: str | None = None
     start_guest_ms: float | None = None
     start_agent_ms: float | None = None
+    network_id: int | None = None
+    guest: str | None = None  # the warm guest it took over at its start (``model/warm_pool.py``); None: its own
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,18 @@ def first_free_ip(network: str, gateway: str, used: Iterable[str], *, reserved: 
     )
 
 
+def last_free_ip(network: str, used: Iterable[str], *, reserved: int = 10) -> str:
+    """The highest free address of ``network``: warm guests take theirs from the top (``services/pools.py``), desktops
+    from the bottom, so the two meet only when the range is nearly full."""
+    net = ipaddress.IPv4Network(network)
+    taken = set(used)
+    for offset in range(net.num_addresses - 2, reserved, -1):  # the broadcast address and the nodes' hosts aside
+        host = str(net.network_address + offset)
+        if host not in taken:
+            return host
+    raise Conflict(f"the desktop network {network} is full: widen it (network.range)", code="network_full")
+
+
 def gateway_of(network: str) -> str:
     return str(next(ipaddress.IPv4Network(network).hosts()))
 

@@ -146,6 +146,25 @@ class Network(Schema):
     tenants: list[str] | None = Field(default=None, description="Shared networks: the tenants granted.")
 
 
+class Pool(Schema):
+    """A warm pool (``docs/pools.md``): how many started desktops of an OSF and tag the farm keeps for users."""
+
+    id: int
+    osf_id: int | None = None
+    osf: str | None = None
+    tenant_id: int | None = None
+    tag: str | None = None
+    size: int | None = Field(default=None, description="Warm guests kept ready (within its hours, if any).")
+    hours: str | None = Field(default=None, description="When the pool is kept (login rules' windows); '': always.")
+    timezone: str | None = None
+    wanted: int | None = Field(default=None, description="How many it keeps right now (0 outside its hours).")
+    ready: int | None = Field(default=None, description="Warm guests ready to be taken over now.")
+    starting: int | None = Field(default=None, description="Warm guests booting now.")
+    last_error: str | None = Field(default=None, description="Why its last warm guest failed to start, if it did.")
+    last_error_at: dt.datetime | None = None
+    created_at: dt.datetime | None = None
+
+
 class Image(Schema):
     """A disk image; ``path`` and ``digest`` need ``image.see.path`` / ``image.see.digest``."""
 

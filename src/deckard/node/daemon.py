@@ -34,7 +34,7 @@ import structlog
 
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
-from deckard.drivers.base import Driver, GuestSpec
+from deckard.drivers.base import Driver, GuestSpec, WarmDriver
 from deckard.model.entities import Desktop, uid_for_user
 from deckard.model.errors import DeckardError
 from deckard.model.guest_metadata import nocloud_files
@@ -47,12 +47,13 @@ from deckard.node.fencing import Verdict, boot_id, load_fencing, own_fence
 from deckard.node.heartbeat import Beat, Heartbeat
 from deckard.node.host import read_host_figures
 from deckard.node.images import run_image_loop
+from deckard.node.pools import WarmPools
 from deckard.node.session_policy import run_session_policy_loop
 from deckard.node.volumes import NodeVolumes
 from deckard.runtime.metrics import DESKTOP_START_SECONDS, DESKTOP_STARTS, DESKTOP_STOPS
 from deckard.runtime.paths import FarmPaths
 from deckard.runtime.settings import Settings
-from deckard.services import node_ops
+from deckard.services import node_ops, pools
 from deckard.services.events import node_channel
 from deckard.services.guest_metadata import metadata_for_desktop
 from deckard.services.volumes import volume_backend
@@ -113,6 +114,7 @@ class NodeDaemon:
         self._fenced = False  # we killed our guests (self-fencing): reconcile with the database before acting
         self._stop_event: asyncio.Event | None = None
         self.volumes = NodeVolumes(db, driver, self.paths, volume_backend(self.paths))  # hot plug (node/volumes.py)
+        self.pools: WarmPools | None = None  # warm pools (node/pools.py), on a node whose driver has warm guests
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def register(self) -> int:
@@ -138,6 +140,17 @@ class NodeDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         node_id = self.node_id if self.node_id is not None else await self.register()
         structlog.contextvars.bind_contextvars(node=self.cfg.name)
+        if isinstance(self.driver, WarmDriver) and self.egress is not None:  # warm guests need the desktop network
+            self.pools = WarmPools(
+                self.db,
+                self.driver,
+                self.paths,
+                node_id,
+                network=self.network,
+                bridge=self.bridge,
+                may_start=lambda: not self._fenced and not self.restart.is_set(),
+                slots=self._start_slots,
+            )
         if self.egress is not None:  # the policies hold before any desktop is adopted or started
             await self.egress.start(node_id)
         await self.converge()
@@ -162,6 +175,7 @@ class NodeDaemon:
             asyncio.create_task(run_image_loop(self.db, self.driver, stop), name="images"),
             asyncio.create_task(run_session_policy_loop(self.db, node_id, stop, self.cfg), name="sessions"),
             *([asyncio.create_task(self.egress.run(node_id, stop), name="egress")] if self.egress else []),
+            *([asyncio.create_task(self.pools.run(stop), name="pools")] if self.pools else []),
         ]
         try:
             await stop.wait()
@@ -193,6 +207,9 @@ class NodeDaemon:
         await asyncio.gather(
             *(self._stop(d.id, reason=None) for d in desks if d.state != DesktopState.STOPPED), return_exceptions=True
         )
+        for name in await pools.drop_node_guests(self.db, self.node_id):  # the warm guests, out of their pools
+            with contextlib.suppress(Exception):
+                await self.driver.kill(name)
 
     # ---- convergence -----------------------------------------------------------------------------------
     async def converge(self) -> None:
@@ -200,8 +217,9 @@ class NodeDaemon:
         assert self.node_id is not None
         guests = {g.guest_name: g for g in await self.driver.list()}
         keep: set[str] = set()
+        await pools.drop_node_guests(self.db, self.node_id)  # warm guests are started afresh, the old ones killed below
         for desk in await node_ops.desktops_on_node(self.db, self.node_id):
-            name = self.paths.guest_name(desk.id)
+            name = self.guest_of(desk)
             guest = guests.get(name)
             if desk.state == DesktopState.RUNNING and guest is not None and guest.running and desk.agent_token:
                 try:
@@ -355,57 +373,30 @@ class NodeDaemon:
         task.add_done_callback(lambda t: self._work.pop(desktop_id, None) if self._work.get(desktop_id) is t else None)
 
     # ---- one desktop -----------------------------------------------------------------------------------
+    def guest_of(self, desk: Desktop) -> str:
+        """The guest a desktop runs in: its own, or the warm guest it took over."""
+        return desk.guest or self.paths.guest_name(desk.id)
+
     async def _start(self, desktop_id: int) -> None:
         assert self.node_id is not None
         name = self.paths.guest_name(desktop_id)
         bound = log.bind(desktop_id=desktop_id)
         t0 = time.monotonic()
         running = False  # once marked running, a stop that overtakes the rest of this start powers the guest off
+        warm = False
         try:
-            async with self._start_slots:
-                facts = await node_ops.start_facts(self.db, desktop_id)
-                desk = facts.desktop
-                if not desk.agent_token:
-                    raise DeckardError("the desktop has no agent token (claimed twice?)", code="no_token")
-                tenant, bridge = facts.tenant_network, self.bridge
-                if tenant is not None:  # its network's bridge and namespace first: the guest plugs into them
-                    if self.egress is None:
-                        raise DeckardError(
-                            "this node runs no desktop networking (fake driver): it cannot start a desktop on a "
-                            "tenant network",
-                            code="network_unavailable",
-                        )
-                    bridge = await self.egress.join_tenant(tenant, desk.ip, self.node_id)
-                spec = GuestSpec(
-                    desktop_id=desktop_id,
-                    guest_name=name,
-                    image_id=facts.image_id,
-                    image_path=facts.image_path,
-                    ip=tenant.address if tenant else desk.ip,
-                    prefix_len=prefix_len(tenant.network.range if tenant else self.network),
-                    gateway=tenant.network.gateway if tenant else self.gateway,
-                    mac=desk.mac,
-                    bridge=bridge,
-                    farm_ip=desk.ip if tenant else "",
-                    memory_mib=facts.memory_mib,
-                    cpus=facts.cpus,
-                    user_login=facts.user_login,
-                    user_uid=uid_for_user(desk.user_id),
-                    home_dir=self.paths.user_home(facts.tenant, facts.home_key),
-                    agent_token=desk.agent_token,
-                    keep_overlay=facts.keep_overlay,
-                    dns_search=facts.network.dns_search,
-                    driver=facts.driver,
-                    seed=await self._seed(desktop_id) if facts.driver == "vm" else None,
-                    volumes=await self.volumes.for_start(desktop_id),
-                )
-                if self.egress is not None:  # the desktop's policy is loaded while its guest boots
-                    await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))
-                else:
-                    await self.driver.start(spec)
-                t1 = time.monotonic()
-                await self._wait_for_agent(desk)
-                t2 = time.monotonic()
+            facts = await node_ops.start_facts(self.db, desktop_id)
+            if facts.desktop.guest:  # a warm guest (no start slot: nothing boots)
+                name = facts.desktop.guest
+                warm = await self._take_over(facts)
+                if not warm:  # the warm guest is gone or refused: a start of its own instead
+                    name = self.paths.guest_name(desktop_id)
+                    await node_ops.cold_instead(self.db, self.node_id, desktop_id)
+                    facts = await node_ops.start_facts(self.db, desktop_id)
+            if warm:
+                t1 = t2 = time.monotonic()
+            else:
+                t1, t2 = await self._cold_start(facts)
             self._health[desktop_id] = _AgentHealth()
             ok = await node_ops.mark_running(
                 self.db,
@@ -416,8 +407,14 @@ class NodeDaemon:
                 agent_ms=(t2 - t1) * 1000,
             )
             running = True
-            bound.info("desktop.running", guest_ms=round((t1 - t0) * 1000), agent_ms=round((t2 - t1) * 1000), kept=ok)
-            DESKTOP_STARTS.labels(self.cfg.name, "ok").inc()
+            bound.info(
+                "desktop.running",
+                guest_ms=round((t1 - t0) * 1000),
+                agent_ms=round((t2 - t1) * 1000),
+                kept=ok,
+                warm=warm,
+            )
+            DESKTOP_STARTS.labels(self.cfg.name, "warm" if warm else "ok").inc()
             DESKTOP_START_SECONDS.labels(self.cfg.name).observe(t2 - t0)
             with contextlib.suppress(Exception):  # volumes attached while it started are hot-plugged now
                 await self.volumes.reconcile(self.node_id)
@@ -433,6 +430,87 @@ class NodeDaemon:
             with contextlib.suppress(Exception):
                 await self.driver.kill(name)
             await node_ops.mark_failed(self.db, self.node_id, desktop_id, reason)
+
+    async def _take_over(self, facts: node_ops.StartFacts) -> bool:
+        """The desktop takes over the warm guest its start was given (``services/pools.take_warm``): the user's
+        home and the desktop's address into it, the desktop's policy loaded, the user's session on its display.
+        False (the guest killed) when that fails: the caller starts the desktop the usual way."""
+        desk = facts.desktop
+        assert desk.guest and desk.agent_token and isinstance(self.driver, WarmDriver)
+        try:
+            work = [
+                self.driver.take_over(
+                    desk.guest,
+                    ip=desk.ip,
+                    prefix_len=prefix_len(self.network),
+                    gateway=self.gateway,
+                    home_dir=self.paths.user_home(facts.tenant, facts.home_key),
+                    login=facts.user_login,
+                    uid=uid_for_user(desk.user_id),
+                )
+            ]
+            if self.egress is not None:
+                work.append(self.egress.admit(desk.ip, facts.network.rules))
+            await asyncio.gather(*work)
+            await AgentClient(desk.ip, desk.agent_token).take_over(
+                facts.user_login, uid_for_user(desk.user_id), desk.ip
+            )
+            return True
+        except Exception as e:
+            reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+            log.warning("desktop.take_over_failed", desktop_id=desk.id, guest=desk.guest, reason=reason)
+            with contextlib.suppress(Exception):
+                await self.driver.kill(desk.guest)
+            return False
+
+    async def _cold_start(self, facts: node_ops.StartFacts) -> tuple[float, float]:
+        """Start the desktop's own guest and wait for its agent: when the guest was launched, and when it answered."""
+        assert self.node_id is not None
+        desk = facts.desktop
+        desktop_id = desk.id
+        name = self.paths.guest_name(desktop_id)
+        async with self._start_slots:
+            if not desk.agent_token:
+                raise DeckardError("the desktop has no agent token (claimed twice?)", code="no_token")
+            tenant, bridge = facts.tenant_network, self.bridge
+            if tenant is not None:  # its network's bridge and namespace first: the guest plugs into them
+                if self.egress is None:
+                    raise DeckardError(
+                        "this node runs no desktop networking (fake driver): it cannot start a desktop on a "
+                        "tenant network",
+                        code="network_unavailable",
+                    )
+                bridge = await self.egress.join_tenant(tenant, desk.ip, self.node_id)
+            spec = GuestSpec(
+                desktop_id=desktop_id,
+                guest_name=name,
+                image_id=facts.image_id,
+                image_path=facts.image_path,
+                ip=tenant.address if tenant else desk.ip,
+                prefix_len=prefix_len(tenant.network.range if tenant else self.network),
+                gateway=tenant.network.gateway if tenant else self.gateway,
+                mac=desk.mac,
+                bridge=bridge,
+                farm_ip=desk.ip if tenant else "",
+                memory_mib=facts.memory_mib,
+                cpus=facts.cpus,
+                user_login=facts.user_login,
+                user_uid=uid_for_user(desk.user_id),
+                home_dir=self.paths.user_home(facts.tenant, facts.home_key),
+                agent_token=desk.agent_token,
+                keep_overlay=facts.keep_overlay,
+                dns_search=facts.network.dns_search,
+                driver=facts.driver,
+                seed=await self._seed(desktop_id) if facts.driver == "vm" else None,
+                volumes=await self.volumes.for_start(desktop_id),
+            )
+            if self.egress is not None:  # the desktop's policy is loaded while its guest boots
+                await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))
+            else:
+                await self.driver.start(spec)
+            t1 = time.monotonic()
+            await self._wait_for_agent(desk)
+            return t1, time.monotonic()
 
     async def _seed(self, desktop_id: int) -> dict[str, bytes]:
         """A VM's cloud-init NoCloud seed: what the metadata service serves, on its config disk."""
@@ -485,10 +563,10 @@ class NodeDaemon:
         name = self.paths.guest_name(desktop_id)
         result = "failed"
         try:
+            desk = next((d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.id == desktop_id), None)
+            if desk is not None:
+                name = self.guest_of(desk)
             if graceful:
-                desk = next(
-                    (d for d in await node_ops.desktops_on_node(self.db, self.node_id) if d.id == desktop_id), None
-                )
                 if desk is not None and desk.agent_token:
                     with contextlib.suppress(DeckardError):
                         await AgentClient(desk.ip, desk.agent_token, timeout=1.0).poweroff()
@@ -523,7 +601,7 @@ class NodeDaemon:
     async def _check_agent(self, desk: Desktop) -> None:
         assert self.node_id is not None
         health = self._health.setdefault(desk.id, _AgentHealth())
-        guest = await self.driver.inspect(self.paths.guest_name(desk.id))
+        guest = await self.driver.inspect(self.guest_of(desk))
         if guest is None or not guest.running:
             self._spawn(desk.id, self._stop(desk.id, reason="the desktop was shut down from inside", graceful=False))
             return

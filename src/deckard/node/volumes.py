@@ -79,7 +79,7 @@ class NodeVolumes:
         await asyncio.gather(*self._work.values(), return_exceptions=True)
 
     async def _carry_out(self, change: AttachedVolume, desk: Desktop) -> None:
-        guest = self.paths.guest_name(desk.id)
+        guest = desk.guest or self.paths.guest_name(desk.id)
         bound = log.bind(desktop_id=desk.id, volume_id=change.volume_id, command=change.pending)
         try:
             if change.pending == "attach":

@@ -62,7 +62,9 @@ HEARTBEAT_SECONDS = Histogram(
 
 # ---- placement ---------------------------------------------------------------------------------------------
 PLACEMENT_DECISIONS = Counter(
-    "deckard_placement_decisions", "Starts placed on a node (placed) or refused because none fits (no_node)", ["result"]
+    "deckard_placement_decisions",
+    "Starts placed on a node (placed), given a warm guest (warm) or refused because none fits (no_node)",
+    ["result"],
 )
 
 # ---- API ---------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ async def console_log(
     async with db.connect() as conn:
         row = (
             await conn.execute(
-                sa.select(d.c.name, n.c.run_dir)
+                sa.select(d.c.name, d.c.guest, n.c.run_dir)
                 .select_from(d.outerjoin(n, n.c.id == d.c.node_id))
                 .where(d.c.id == desktop_id)
             )
@@ -39,7 +39,8 @@ async def console_log(
     candidates = [paths.logs / "console" / f"desktop-{desktop_id}.log"]  # a VM's, kept by drivers/vm.py
     if row.run_dir:  # a running container's, in its node's run directory
         node_paths = FarmPaths(paths.home, Path(row.run_dir))
-        candidates.append(node_paths.lxc / node_paths.guest_name(desktop_id) / "console.log")
+        guest = row.guest or node_paths.guest_name(desktop_id)  # a warm guest it took over has a name of its own
+        candidates.append(node_paths.lxc / guest / "console.log")
     tail = next((t for t in (read_tail(path, max_bytes) for path in candidates) if t is not None), None)
     text, size = tail or ("", 0)
     return {"desktop": row.name, "text": text, "size": size, "truncated": size > max_bytes, "found": tail is not None}

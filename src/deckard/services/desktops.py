@@ -40,7 +40,8 @@ from deckard.services.events import DESKTOPS, node_channel, publish
 from deckard.services.images import validate_tag
 from deckard.services.listing import ListQuery, run_list
 from deckard.services.networks import next_network_address, resolve_network
-from deckard.services.placement import choose_node
+from deckard.services.placement import best_node, rank_desktop
+from deckard.services.pools import take_warm
 from deckard.services.rows import one_row
 from deckard.services.tenancy import DEFAULT_OSF
 from deckard.services.transitions import command_desktops, transition_session, withdraw_starts
@@ -164,7 +165,7 @@ async def create_desktop(
                 taken = await conn.execute(sa.select(d.c.id).where(d.c.tenant_id == tenant_id, d.c.name == name))
                 if taken.first():
                     raise Conflict(f"a desktop named {name!r} already exists", code="duplicate")
-                used = [r.ip for r in await conn.execute(sa.select(d.c.ip))]
+                used = [r.ip for r in await conn.execute(sa.select(d.c.ip).union_all(sa.select(t.warm_guests.c.ip)))]
                 ip = first_free_ip(network, gateway, used)
                 network_id = await _network_id(conn, tenant_id, osf_id, tenant_network)
                 network_ip = None if network_id is None else await next_network_address(conn, network_id)
@@ -410,15 +411,26 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
         if desk.cmd == DesktopCommand.STOP:
             raise Conflict("the desktop is being stopped: try again in a few seconds", code="desktop_busy")
         check_command(DesktopCommand.START, DesktopState(desk.state))
-        memory = (await conn.execute(sa.select(t.osfs.c.memory_mib).where(t.osfs.c.id == desk.osf_id))).scalar_one()
-        try:
-            node_id = await choose_node(conn, int(memory), desktop_id=desktop_id)
-        except Unavailable:
-            PLACEMENT_DECISIONS.labels("no_node").inc()
-            raise
-        PLACEMENT_DECISIONS.labels("placed").inc()
+        ranked = await rank_desktop(conn, desktop_id)
+        warm = await take_warm(conn, desk, ranked)
+        values: dict[str, Any] = {}
+        if warm is not None:  # the node takes the guest over for the desktop (node/daemon.py)
+            node_id: int = warm.node_id
+            values = {"guest": warm.name, "agent_token": warm.agent_token}
+            PLACEMENT_DECISIONS.labels("warm").inc()
+        else:
+            try:
+                node_id = best_node(ranked)
+            except Unavailable:
+                PLACEMENT_DECISIONS.labels("no_node").inc()
+                raise
+            PLACEMENT_DECISIONS.labels("placed").inc()
         asked = await command_desktops(
-            conn, DesktopCommand.START, d.c.id == desktop_id, d.c.blocked.is_(False), values={"node_id": node_id}
+            conn,
+            DesktopCommand.START,
+            d.c.id == desktop_id,
+            d.c.blocked.is_(False),
+            values={"node_id": node_id, **values},
         )
         if not asked:
             raise Conflict("the desktop changed while starting it: retry", code="desktop_busy")

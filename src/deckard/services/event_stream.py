@@ -37,10 +37,13 @@ SHOWN = ("state", "cmd", "user_state", "blocked", "node_id")  # a state event is
 Event = tuple[str, dict[str, Any]]  # (type, data)
 
 
+SEEN_AS = {"pool": "osf"}  # a warm pool is a setting of its OSF (services/pools.py)
+
+
 def allowed_event(actor: Actor, event: dict[str, Any]) -> dict[str, Any] | None:
     """The event as this actor may see it, or None when it concerns another tenant or an unseen object."""
     obj = str(event.get("object", ""))
-    if f"{obj}.see" not in actor.acls:
+    if f"{SEEN_AS.get(obj, obj)}.see" not in actor.acls:
         return None
     tenant = event.get("tenant_id")
     if tenant is not None and not actor.all_tenants and tenant != actor.tenant_id:

@@ -147,11 +147,24 @@ async def claim_starts(db: Database, node_id: int) -> list[int]:
     """Claim every pending start for this node: stopped|failed + cmd=start → starting, cmd cleared."""
     async with db.begin() as conn:
         ids = await claim_commands(conn, node_id, DesktopCommand.START, values={"failure_reason": None})
-        for desktop_id in ids:  # a fresh agent token at every start
-            await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(agent_token=new_agent_token()))
+        for desktop_id in ids:  # a fresh agent token at every start (a warm guest's came with it)
+            await conn.execute(
+                sa.update(d).where(d.c.id == desktop_id, d.c.guest.is_(None)).values(agent_token=new_agent_token())
+            )
     for desktop_id in ids:
         await db.bus.notify(DESKTOPS, str(desktop_id))
     return ids
+
+
+async def cold_instead(db: Database, node_id: int, desktop_id: int) -> None:
+    """The warm guest a start was given could not be taken over: the desktop starts in a guest of its own, with a
+    fresh agent token (the warm guest's went with it)."""
+    async with db.begin() as conn:
+        await conn.execute(
+            sa.update(d)
+            .where(d.c.id == desktop_id, d.c.node_id == node_id)
+            .values(guest=None, agent_token=new_agent_token())
+        )
 
 
 async def claim_stops(db: Database, node_id: int) -> list[int]:

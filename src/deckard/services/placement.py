@@ -73,6 +73,17 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
         .group_by(d.c.node_id)
     )
     usage = {r.node_id: r for r in await conn.execute(per_node)}
+    # warm guests (services/pools.py) hold their OSF's memory on their node like desktops
+    wg = t.warm_guests
+    warm_q = (
+        sa.select(
+            wg.c.node_id, sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(t.osfs.c.memory_mib), 0).label("mib")
+        )
+        .join(t.warm_pools, t.warm_pools.c.id == wg.c.pool_id)
+        .join(t.osfs, t.osfs.c.id == t.warm_pools.c.osf_id)
+        .group_by(wg.c.node_id)
+    )
+    warm = {r.node_id: (int(r.n), int(r.mib)) for r in await conn.execute(warm_q)}
     stale = float(await config_value(conn, "node.lost_after_s", str(LOST_AFTER_S)))
     now = utcnow()
     out = []
@@ -89,9 +100,9 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
                 mem_free_mib=r.mem_free_mib,
                 cpus=r.cpus,
                 load=r.load,
-                desktops=int(u.n) if u else 0,
+                desktops=(int(u.n) if u else 0) + warm.get(r.id, (0, 0))[0],
                 driver=r.driver,
-                committed_mib=int(u.mib) if u else 0,
+                committed_mib=(int(u.mib) if u else 0) + warm.get(r.id, (0, 0))[1],
                 groups={group: int(u.g)} if (group and u) else {},
             )
         )
@@ -121,6 +132,11 @@ async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
     return rank_nodes(loads, req, reserve=reserve, placer=placer)
 
 
+async def rank_desktop(conn: AsyncConnection, desktop_id: int) -> list[Candidate]:
+    """Every node ranked for a start of this desktop, best first (refused ones last, with their reason)."""
+    return await _rank(conn, await desktop_request(conn, desktop_id))
+
+
 async def node_index(conn: AsyncConnection) -> NodeIndex:
     """Every node in a placement index with the farm's placer and reserve: many decisions on one read of the nodes
     (bulk starts), each drawn with the exhaustive ranking's odds (``model/placement.py``)."""
@@ -146,10 +162,17 @@ async def explain(conn: AsyncConnection, memory_mib: int) -> list[Candidate]:
     return await _rank(conn, Request(memory_mib))
 
 
-async def choose_node(conn: AsyncConnection, memory_mib: int, *, desktop_id: int | None = None) -> int:
-    """The best node for a start, or Unavailable saying why every node was refused."""
-    req = await desktop_request(conn, desktop_id) if desktop_id is not None else Request(memory_mib)
-    ranked = await _rank(conn, req)
+async def choose_node(
+    conn: AsyncConnection, memory_mib: int, *, desktop_id: int | None = None, driver: str | None = None
+) -> int:
+    """The best node for a start (of a desktop, or of a guest of ``driver``), or Unavailable saying why every node
+    was refused."""
+    req = await desktop_request(conn, desktop_id) if desktop_id is not None else Request(memory_mib, driver=driver)
+    return best_node(await _rank(conn, req))
+
+
+def best_node(ranked: list[Candidate]) -> int:
+    """The first of a ranking, or Unavailable saying why every node was refused."""
     if not ranked:
         raise Unavailable("no node has registered: start `deckard node` (or `deckard up`)", code="no_node")
     best = ranked[0]

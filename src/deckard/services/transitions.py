@@ -128,6 +128,7 @@ def _at_rest(to: DesktopState, values: Mapping[str, Any] | None) -> dict[str, An
         cmd=None,
         cmd_at=None,
         agent_token=None,
+        guest=None,
         started_at=None,
         user_state=UserState.DISCONNECTED.value,
         user_state_at=now,

@@ -59,6 +59,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import threading
@@ -108,6 +109,7 @@ NX_LISTENING_TIMEOUT_S = 10.0  # ... and a new session nobody connects to within
 NX_SUSPEND_WAIT_S = 10.0  # a connected session being taken over has this long to suspend
 VIEW_DISPLAY = ":99"  # the Xvnc on which an NX session is shown to VNC viewers (NxSession.attach_vnc)
 DEFAULT_GEOMETRY = "1280x800"
+WARM_DISPLAY_USER = "nobody"  # whom a warm guest's Xvnc runs as until a user takes the guest over
 SESSION_SCRIPT = "/etc/deckard/xsession"
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
 RUN_DIR = Path("/run/deckard")
@@ -133,6 +135,7 @@ SOFTWARE_CPU = _software_cpu()
 MAX_EXEC_S = 30.0
 MAX_EXEC_OUTPUT = 65536
 LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+IPV4_RE = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
 GEOMETRY_RE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
 KEYBOARD_RE = re.compile(r"^[a-z]{2,3}(\([a-z0-9_]{1,24}\))?$")  # an XKB layout (variant): us, de, fr(azerty)
 TCP_ESTABLISHED = "01"
@@ -280,6 +283,23 @@ class XSession:
             return None
 
     # -- start ---------------------------------------------------------------------------------------
+    def prestart(self, geometry: str) -> None:
+        """A warm guest's display (``--warm``): Xvnc up before anyone's account exists, run as ``nobody``; the user
+        who takes the guest over (``start``) gets only their session started on it."""
+        with self.lock:
+            if self.state != "stopped":
+                return
+            self.state = "starting"
+            with undone_on_failure(self._stop_locked, "could not start the warm display"):
+                nobody = pwd.getpwnam(WARM_DISPLAY_USER)
+                clear_display(DISPLAY)
+                RUN_DIR.mkdir(parents=True, exist_ok=True)
+                creds = session_creds(nobody, user_env(nobody))
+                password_file = install_display_secret(nobody)
+                self.xvnc = xvnc = spawn_xvnc(self.children, DISPLAY, geometry, password_file, creds, "xvnc.log")
+                wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
+            self.state = "warm"
+
     def start(self, login: str, uid: int, geometry: str, keyboard: str = "") -> dict[str, Any]:
         t0 = time.monotonic()
         with self.lock:
@@ -287,30 +307,33 @@ class XSession:
                 if keyboard:  # a new connection may come with another keyboard than the display started with
                     self._set_keyboard(keyboard)
                 return {"state": self.current_state(), "user": login, "already": True}
-            if self.state != "stopped":
+            warm = self.state == "warm" and _alive(self.xvnc)
+            if self.state != "stopped" and not warm:
                 self._stop_locked()
             self.state = "provisioning"
             self.user, self.uid = login, uid
             with undone_on_failure(self._stop_locked, "could not start the display"):
-                account = provision_user(self.children, login, uid)
+                account = provision_user(self.children, login, uid, fast=warm)
                 self.state = "starting"
-                self._launch(account, geometry, keyboard)
+                self._launch(account, geometry, keyboard, xvnc_up=warm)
             self.state = "listening"
             threading.Thread(target=self._watch, args=(self.xvnc, self.session), daemon=True).start()
         return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
 
-    def _launch(self, account: pwd.struct_passwd, geometry: str, keyboard: str = "") -> None:
-        clear_display(DISPLAY)
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
-        password_file = install_display_secret(account)
+    def _launch(self, account: pwd.struct_passwd, geometry: str, keyboard: str = "", xvnc_up: bool = False) -> None:
+        """Xvnc (unless a warm guest's is up already) and the user's session on it."""
         env = user_env(account)
         if self.sound is not None:  # before the session, whose applications look for it
             env.update(self.sound.start(account))
         if keyboard:  # the session script applies it with setxkbmap
             env["DECKARD_KEYBOARD"] = keyboard
         creds = session_creds(account, env)
-        self.xvnc = xvnc = spawn_xvnc(self.children, DISPLAY, geometry, password_file, creds, "xvnc.log")
-        wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
+        if not xvnc_up:
+            clear_display(DISPLAY)
+            RUN_DIR.mkdir(parents=True, exist_ok=True)
+            password_file = install_display_secret(account)
+            self.xvnc = xvnc = spawn_xvnc(self.children, DISPLAY, geometry, password_file, creds, "xvnc.log")
+            wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
         session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
         script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
         with open(RUN_DIR / "session.log", "ab") as slog:
@@ -889,12 +912,16 @@ def _end_process_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 # -- user accounts --------------------------------------------------------------------------------
-def provision_user(children: Children, login: str, uid: int) -> pwd.struct_passwd:
-    """Create the account with a fixed uid/gid if missing; give it its (bind-mounted) home on first use."""
+def provision_user(children: Children, login: str, uid: int, *, fast: bool = False) -> pwd.struct_passwd:
+    """Create the account with a fixed uid/gid if missing; give it its (bind-mounted) home on first use.  ``fast``
+    (a warm guest taken over: nobody else edits the account files yet) appends the account's lines itself rather
+    than run groupadd and useradd."""
     try:
         account = pwd.getpwnam(login)
     except KeyError:
         home = f"/home/{login}"
+        if fast and append_account(login, uid):
+            return provision_user(children, login, uid)
         rc, out = children.run(["groupadd", "-f", "-g", str(uid), login])
         if rc != 0:
             raise AgentError("provision_failed", f"groupadd {login} failed: {out}", 500) from None
@@ -920,6 +947,44 @@ def provision_user(children: Children, login: str, uid: int) -> pwd.struct_passw
         os.chown(home_path, account.pw_uid, account.pw_gid)
         home_path.chmod(0o750)
     return account
+
+
+ACCOUNT_FILES = ("passwd", "group", "shadow", "gshadow")
+
+
+def append_account(login: str, uid: int) -> bool:
+    """Add the account to /etc as groupadd and useradd would (uid = gid, home /home/<login>, bash, no password);
+    False, writing nothing, when the name or the id is taken already (useradd decides then).  The node writes the
+    same lines into a cold desktop's layer before it starts (drivers/container.py ``write_account``)."""
+    texts = {}
+    for name in ACCOUNT_FILES:
+        try:
+            texts[name] = Path("/etc", name).read_text()
+        except OSError:
+            return False
+    names = {line.split(":", 1)[0] for name in ("passwd", "group") for line in texts[name].splitlines()}
+    ids = {f.split(":")[2] for name in ("passwd", "group") for f in texts[name].splitlines() if f.count(":") >= 3}
+    if login in names or str(uid) in ids:
+        return False
+    days = int(time.time() // 86400)
+    lines = {
+        "passwd": f"{login}:x:{uid}:{uid}::/home/{login}:/bin/bash",
+        "group": f"{login}:x:{uid}:",
+        "shadow": f"{login}:!:{days}:0:99999:7:::",
+        "gshadow": f"{login}:!::",
+    }
+    for name, line in lines.items():
+        target = Path("/etc", name)
+        st = target.stat()
+        tmp = target.with_name(f".{name}.deckard")
+        text = texts[name]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + ("" if text.endswith("\n") or not text else "\n") + line + "\n")
+        os.chown(tmp, st.st_uid, st.st_gid)
+        tmp.chmod(stat.S_IMODE(st.st_mode))
+        os.replace(tmp, target)
+    return True
 
 
 def install_display_secret(account: pwd.struct_passwd) -> Path:
@@ -1874,15 +1939,7 @@ class Agent:
         }
 
     def rpc_x_start(self, params: dict[str, str]) -> dict[str, Any]:
-        login = params.get("user", "")
-        if not LOGIN_RE.match(login):
-            raise AgentError("bad_input", "user must be a login name (lowercase letters, digits, _.-)")
-        try:
-            uid = int(params.get("uid", ""))
-        except ValueError:
-            raise AgentError("bad_input", "uid must be an integer") from None
-        if not MIN_UID <= uid <= MAX_UID:
-            raise AgentError("bad_input", f"uid must be between {MIN_UID} and {MAX_UID}")
+        login, uid = checked_user(params)
         geometry = params.get("geometry", DEFAULT_GEOMETRY)
         if not GEOMETRY_RE.match(geometry):
             raise AgentError("bad_input", "geometry must look like 1280x800")
@@ -1906,6 +1963,21 @@ class Agent:
         self.x.claimed = True
         result = self.x.start(login, uid, geometry, keyboard)
         return {**result, "protocol": "vnc"}
+
+    def rpc_take_over(self, params: dict[str, str]) -> dict[str, Any]:
+        """A user takes this warm guest over (its node has mounted their home and given it the desktop's address):
+        the address in /etc/hosts, their account, and their session on the display that is already up."""
+        login, uid = checked_user(params)
+        ip = params.get("ip", "")
+        if not IPV4_RE.match(ip) or any(int(part) > 255 for part in ip.split(".")):
+            raise AgentError("bad_input", "ip must be an IPv4 address")
+        if self.x.state != "warm":
+            raise AgentError("not_warm", f"this guest is not a warm one (its display is {self.x.state})", 409)
+        hostname = socket.gethostname()
+        Path("/etc/hosts").write_text(f"127.0.0.1\tlocalhost\n{ip}\t{hostname}\n")
+        result = self.x.start(login, uid, DEFAULT_GEOMETRY)
+        log.info("taken over by %s at %s", login, ip)
+        return result
 
     def rpc_x_stop(self, _params: dict[str, str]) -> dict[str, Any]:
         self.nx.stop()
@@ -1982,6 +2054,20 @@ class Agent:
         mount points those of the disk and of its partitions (``[SWAP]`` for swap).  Read-only; the node asks it
         before it unplugs a volume (``vol-<id>`` serial) so that a mounted one is never pulled away."""
         return {"devices": block_devices()}
+
+
+def checked_user(params: dict[str, str]) -> tuple[str, int]:
+    """The ``user`` and ``uid`` parameters, checked (``bad_input`` otherwise)."""
+    login = params.get("user", "")
+    if not LOGIN_RE.match(login):
+        raise AgentError("bad_input", "user must be a login name (lowercase letters, digits, _.-)")
+    try:
+        uid = int(params.get("uid", ""))
+    except ValueError:
+        raise AgentError("bad_input", "uid must be an integer") from None
+    if not MIN_UID <= uid <= MAX_UID:
+        raise AgentError("bad_input", f"uid must be between {MIN_UID} and {MAX_UID}")
+    return login, uid
 
 
 def _protocol(display: XSession) -> str:
@@ -2282,6 +2368,11 @@ def main(argv: list[str] | None = None) -> int:
         help="start this user's display at once (a VM knows its user at boot; a connect then finds it ready)",
     )
     parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="a warm pool's guest: start the display for nobody yet (a user takes it over with take_over)",
+    )
+    parser.add_argument(
         "--machine",
         choices=("container", "vm"),
         default="container",
@@ -2301,10 +2392,16 @@ def main(argv: list[str] | None = None) -> int:
     in_vm = is_init and args.machine == "vm" and os.getpid() == 1
     if in_vm:
         setup_vm(agent.poweroff)
-    if args.display_for:  # before the server: the display's slow start overlaps ours
+    if args.display_for or args.warm:  # before the server: the display's slow start overlaps ours
 
         def display_then_printer() -> None:
-            agent.early_display(args.display_for)
+            if args.warm:
+                try:
+                    agent.x.prestart(DEFAULT_GEOMETRY)
+                except AgentError as exc:
+                    log.warning("no warm display: %s", exc.message)
+            else:
+                agent.early_display(args.display_for)
             if is_init:  # then the printer: under a software CPU it would only slow the display down
                 agent.printer.start()
 
