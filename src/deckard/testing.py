@@ -197,14 +197,11 @@ class FarmProcess:
     def deckard(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 600
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "deckard.cli.main", *args],
-            env=self.env,
-            text=True,
-            capture_output=True,
-            input=input,
-            timeout=timeout,
-        )
+        """``python -m deckard.cli.main *args`` in a process of its own, forked from one that imported the CLI
+        already (``testing_cli.py``: 0.1 s a command instead of 0.6 s)."""
+        from deckard.testing_cli import run_cli
+
+        proc = run_cli(list(args), self.env, input=input, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"deckard {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
