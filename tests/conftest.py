@@ -20,6 +20,9 @@ import pytest
 from deckard.db.engine import migrate
 from deckard.testing import PG_BIN, PgCluster
 
+# the farm tests' `deckard` commands fork from a process that imported the CLI once (deckard/testing_cli.py)
+os.environ.setdefault("DECKARD_TEST_CLI_FORK", "1")
+
 
 def pg_unavailable_reason() -> str | None:
     if not (PG_BIN / "initdb").exists():

@@ -8,9 +8,10 @@ runs ``deckard.cli.main`` as ``__main__`` as ``python -m`` does, and exits with 
 command then starts (``deckard up``'s farm, nodes) are ordinary processes, as before.
 
 One server per test process, started at the first run and gone with it (it exits when its stdin closes).  It
-holds no thread (a fork copies only the forking one) and no event loop.  ``DECKARD_TEST_CLI_FORK=0`` runs
-``subprocess.run`` instead; so does an environment whose terminal settings differ from the server's (Rich reads
-them at import).
+holds no thread (a fork copies only the forking one) and no event loop.  Only with ``DECKARD_TEST_CLI_FORK=1``
+(tests/conftest.py sets it): benchmarks and demos time what a user's command costs, interpreter start included,
+so without it, or with an environment whose terminal settings differ from the server's (Rich reads them at
+import), ``run_cli`` is ``subprocess.run``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ _server_lock = threading.Lock()
 
 def _server_for(env: dict[str, str]) -> _Server | None:
     global _server
-    if os.environ.get("DECKARD_TEST_CLI_FORK") == "0":
+    if os.environ.get("DECKARD_TEST_CLI_FORK") != "1":
         return None
     with _server_lock:
         if _server is None or _server.proc.poll() is not None:

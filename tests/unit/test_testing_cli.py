@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deckard.testing_cli import run_cli
+from deckard.testing_cli import _server_for, run_cli
 
 
 @pytest.mark.parametrize(
@@ -21,8 +21,12 @@ from deckard.testing_cli import run_cli
         ["desktop", "list", "--json"],  # 1, our error: no profile
     ],
 )
-def test_a_forked_command_answers_like_its_own_process(args: list[str], tmp_path: Path) -> None:
+def test_a_forked_command_answers_like_its_own_process(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DECKARD_TEST_CLI_FORK", "1")
     env = dict(os.environ, NO_COLOR="1", COLUMNS="200", DECKARD_PROFILE=str(tmp_path / "none.json"))
+    assert _server_for(env) is not None  # forked, not spawned
     forked = run_cli(args, env, timeout=60)
     spawned = subprocess.run(
         [sys.executable, "-m", "deckard.cli.main", *args], env=env, text=True, capture_output=True, timeout=60
