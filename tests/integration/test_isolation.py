@@ -139,6 +139,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
             .returning(t.volumes.c.id)
         )
         volume_id = int(res.scalar_one())
+    pool = await call(b.create_pool, str(osf.id), size=0)
     await call(b.set_properties, "user", user.id, {"floor": "3"})
     b_objects = {
         "tenants": ids["beta"],
@@ -149,6 +150,7 @@ async def _setup(farm: Farm) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         "osfs": osf.id,
         "images": image_id,
         "volumes": volume_id,
+        "pools": pool.id,
         "networks": network.id,  # the grant routes get it as {tenant} too: the network is looked up first
         "properties": {"user": user.id, "desktop": desk.id, "osf": osf.id, "image": image_id},
         "auth": (await call(b.create_own_token, "beta-script", 7)).id,
