@@ -94,6 +94,11 @@ _BY_STATUS: dict[int, type[DeckardError]] = {
 }
 
 
+def reason_of(e: BaseException) -> str:
+    """What a failure says to an administrator: a DeckardError's message, else the exception's type and text."""
+    return e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+
+
 def error_class_for_status(status: int) -> type[DeckardError]:
     """The error a client raises for an HTTP status from the API or the broker (the inverse of ``.status``)."""
     return _BY_STATUS.get(status, DeckardError)

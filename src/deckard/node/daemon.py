@@ -36,7 +36,7 @@ from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
 from deckard.drivers.base import Driver, GuestSpec, WarmDriver
 from deckard.model.entities import Desktop, uid_for_user
-from deckard.model.errors import DeckardError
+from deckard.model.errors import DeckardError, reason_of
 from deckard.model.guest_metadata import nocloud_files
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.states import DesktopState, NodeCommand, NodeState
@@ -425,7 +425,7 @@ class NodeDaemon:
             raise
         except Exception as e:
             DESKTOP_STARTS.labels(self.cfg.name, "failed").inc()
-            reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+            reason = reason_of(e)
             bound.warning("desktop.start_failed", reason=reason)
             with contextlib.suppress(Exception):
                 await self.driver.kill(name)
@@ -457,7 +457,7 @@ class NodeDaemon:
             )
             return True
         except Exception as e:
-            reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+            reason = reason_of(e)
             log.warning("desktop.take_over_failed", desktop_id=desk.id, guest=desk.guest, reason=reason)
             with contextlib.suppress(Exception):
                 await self.driver.kill(desk.guest)

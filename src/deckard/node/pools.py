@@ -21,7 +21,7 @@ import structlog
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
 from deckard.drivers.base import Driver, GuestSpec
-from deckard.model.errors import DeckardError
+from deckard.model.errors import DeckardError, reason_of
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.warm_pool import WARM_GUEST_MARK, new_warm_guest_name
 from deckard.runtime.paths import FarmPaths
@@ -155,7 +155,7 @@ class WarmPools:
                 await self.driver.kill(guest.name)
             raise
         except Exception as e:
-            reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+            reason = reason_of(e)
             log.warning("pools.guest_failed", pool_id=spec.pool_id, guest=guest.name, reason=reason)
             self._failed_at[spec.pool_id] = time.monotonic()
             with contextlib.suppress(Exception):

@@ -22,7 +22,7 @@ from deckard.api.resource import ObjectRoutes
 from deckard.api.strict import Ref, RequestModel
 from deckard.images import builder
 from deckard.images.profile import DEFAULT_PROFILE, Profile, load_profile, with_packages, with_vm
-from deckard.model.errors import DeckardError
+from deckard.model.errors import reason_of
 from deckard.model.schemas import Image
 from deckard.runtime.paths import image_digest
 from deckard.runtime.settings import Settings
@@ -111,7 +111,7 @@ async def _run_build(db: DbDep, image_id: int, images_dir: Path, cache_dir: Path
         log.info("image.built", image_id=image_id, path=str(path))
     except Exception as e:
         await asyncio.gather(*pending, return_exceptions=True)
-        reason = e.message if isinstance(e, DeckardError) else f"{type(e).__name__}: {e}"
+        reason = reason_of(e)
         log.warning("image.build_failed", image_id=image_id, reason=reason)
         await images.fail_image(db, image_id, f"build failed: {reason}")
 
