@@ -33,6 +33,13 @@ def _find(api: Any, osf: str, tag: str) -> Pool | None:
     return next((p for p in api.list_pools([("tag", tag)]) if osf in (p.osf, str(p.osf_id))), None)
 
 
+def _existing(api: Any, osf: str, tag: str) -> Pool:
+    pool = _find(api, osf, tag)
+    if pool is None:
+        raise typer.BadParameter(f"the OSF {osf!r} has no warm pool for the tag {tag!r}", param_hint="OSF")
+    return pool
+
+
 def _said(pool: Pool, verb: str) -> str:
     when = f" ({pool.hours}, {pool.timezone})" if pool.hours else ""
     return f"warm pool {pool.id} of OSF {pool.osf!r} tag {pool.tag!r}: {pool.size} desktops{when} {verb}"
@@ -69,9 +76,7 @@ def set_pool(
 def show(osf: OsfArg, tag: TagOpt = "default", as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
     """Show the OSF's pool (of the tag)."""
     with session.api(profile) as api:
-        pool = _find(api, osf, tag)
-    if pool is None:
-        raise typer.BadParameter(f"the OSF {osf!r} has no warm pool for the tag {tag!r}", param_hint="OSF")
+        pool = _existing(api, osf, tag)
     print_done(_said(pool, f"({pool.ready} ready, {pool.starting} starting)"), pool, as_json=as_json)
 
 
@@ -79,8 +84,6 @@ def show(osf: OsfArg, tag: TagOpt = "default", as_json: JsonOpt = False, profile
 def delete(osf: OsfArg, tag: TagOpt = "default", as_json: JsonOpt = False, profile: ProfileOpt = None) -> None:
     """Delete the OSF's pool (of the tag): its warm desktops are stopped."""
     with session.api(profile) as api:
-        pool = _find(api, osf, tag)
-        if pool is None:
-            raise typer.BadParameter(f"the OSF {osf!r} has no warm pool for the tag {tag!r}", param_hint="OSF")
+        pool = _existing(api, osf, tag)
         api.delete_pool(pool.id)
     print_done(_said(pool, "deleted"), pool, as_json=as_json)
