@@ -351,8 +351,17 @@ async def pool_healthy(db: Database, pool_id: int) -> None:
 async def take_warm(conn: AsyncConnection, desk: Desktop, ranked: list[Candidate]) -> WarmGuest | None:
     """In the start's transaction: a ready warm guest of the desktop's pool on the best-ranked node that has one,
     taken out of the pool for this desktop; None when the desktop cannot take one (its pool is empty or missing,
-    it has volumes, or its OSF's desktops cannot come from a warm guest)."""
+    it has volumes, or its OSF's desktops cannot come from a warm guest).  Every start asks: a desktop without a
+    ready guest of its OSF and tag costs one query."""
     if desk.network_id is not None:
+        return None
+    q = (
+        sa.select(w)
+        .join(p, p.c.id == w.c.pool_id)
+        .where(p.c.osf_id == desk.osf_id, p.c.tag == desk.tag, w.c.state == WarmState.READY)
+    )
+    guests = (await conn.execute(q.order_by(w.c.id))).all()
+    if not guests:
         return None
     attached = sa.select(sa.func.count()).where(t.volume_attachments.c.desktop_id == desk.id)
     if int((await conn.execute(attached)).scalar_one()):
@@ -366,14 +375,10 @@ async def take_warm(conn: AsyncConnection, desk: Desktop, ranked: list[Candidate
         image_id, _path = await resolve_image(conn, desk.osf_id, desk.tag)
     except DeckardError:
         return None
-    q = (
-        sa.select(w)
-        .join(p, p.c.id == w.c.pool_id)
-        .where(p.c.osf_id == desk.osf_id, p.c.tag == desk.tag, w.c.state == WarmState.READY, w.c.image_id == image_id)
-    )
     ready: dict[int, list[Any]] = {}
-    for g in await conn.execute(q.order_by(w.c.id)):
-        ready.setdefault(int(g.node_id), []).append(g)
+    for g in guests:
+        if g.image_id == image_id:  # a guest of the tag's previous image is being replaced
+            ready.setdefault(int(g.node_id), []).append(g)
     for candidate in ranked:
         if candidate.score is None or candidate.node.node_id not in ready:
             continue
