@@ -7,6 +7,7 @@ in the session's cluster, made from a template migrated once per session).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from deckard.db.engine import migrate
-from deckard.testing import PG_BIN, PgCluster
+from deckard.testing import PG_BIN, FarmProcess, PgCluster
 
 # the farm tests' `deckard` commands fork from a process that imported the CLI once (deckard/testing_cli.py)
 os.environ.setdefault("DECKARD_TEST_CLI_FORK", "1")
@@ -154,11 +155,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport() -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
     """With DECKARD_FORBID_SKIP=1 a skip is a failure: `make test` runs the node daemon's tests as an
-    unprivileged user that way, so "they run without root" is checked, not assumed."""
+    unprivileged user that way, so "they run without root" is checked, not assumed.  A failed test that used a farm
+    gets the farm's logs in its report."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:  # a farm's logs go with the failure: CI shows the report, and the farm's home is removed after
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, FarmProcess):
+                with contextlib.suppress(OSError):
+                    report.sections.append((f"farm logs ({name})", value.log_excerpt()))
     if os.environ.get("DECKARD_FORBID_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped, but DECKARD_FORBID_SKIP=1 forbids it: {report.longrepr}"

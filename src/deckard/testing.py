@@ -343,6 +343,17 @@ class FarmProcess:
                 parts.append(f"--- {name} (desktop {desktop_id})\n{out.stdout}{out.stderr}")
         return "\n".join(parts)
 
+    def log_excerpt(self, lines: int = 25) -> str:
+        """Every process log of the farm (the all-in-one's and each extra node's): its warnings and errors, then its
+        last lines, for a failed test's report (tests/conftest.py), before ``close`` removes them."""
+        parts = []
+        for log_file in sorted((self.home / "logs").glob("*.log")):
+            text = log_file.read_text(errors="replace").splitlines()
+            loud = [line for line in text if "[warning" in line or "[error" in line or "Traceback" in line]
+            parts.append(f"--- {log_file.name}: warnings and errors (last {lines})\n" + "\n".join(loud[-lines:]))
+            parts.append(f"--- {log_file.name}: last {lines} lines\n" + "\n".join(text[-lines:]))
+        return "\n".join(parts)
+
     def close(self) -> None:
         """Stop the farm and remove everything it made, whatever state it is in."""
         try:
