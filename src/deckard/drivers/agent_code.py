@@ -3,7 +3,7 @@
 The agent is one Python file in an image (``images/builder.py``); run as a script, the image's Python compiles
 its 2,000-odd lines at every start (30 ms here, seconds under a software CPU).  Whoever unpacks an image for
 desktops (the container driver's ``basefs``, the VM driver's root disk) compiles it once into :data:`AGENT_PYC`,
-with the sound module beside it, when this Python's bytecode is the image's, and starts the agent from it.
+with its modules beside it, when this Python's bytecode is the image's, and starts the agent from it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from pathlib import Path
 
 AGENT = "/usr/local/sbin/deckard-vma"
 AGENT_PYC = "/usr/local/lib/deckard-vma.pyc"
-SOUND_MODULE = "/usr/local/lib/deckard-vma/sound.py"  # images/profile.py SOUND_MODULE_PATH; vma/agent.py loads it
+MODULE_DIR = "/usr/local/lib/deckard-vma"  # the agent's other modules: vma/agent.py MODULE_DIR loads them
+AGENT_MODULES = ("sound", "shares", "nx_print")  # vma/<name>.py, installed as MODULE_DIR/<name>.py
+NX_SLAVE = f"{MODULE_DIR}/nx-slave"  # vma/nx_slave.py, nxagent's slave command (vma/agent.py NX_SLAVE_CMD)
+NX_PRINT_BACKEND = "/usr/lib/cups/backend/deckard-nx"  # vma/nx_print.py again, as CUPS runs it
 PYTHON = "/usr/bin/python3"
 
 
 def precompile_agent(rootfs: Path) -> bool:
-    """Compile the image's agent to :data:`AGENT_PYC` (and its sound module to its ``__pycache__``) when this
+    """Compile the image's agent to :data:`AGENT_PYC` (and its modules to their ``__pycache__``) when this
     Python's bytecode is the image's (same magic number as the image's own standard library)."""
     source = rootfs / AGENT.lstrip("/")
     stdlib = sorted((rootfs / "usr/lib").glob("python3.*/__pycache__/os.cpython-*.pyc"))
@@ -29,12 +32,13 @@ def precompile_agent(rootfs: Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         py_compile.compile(str(source), cfile=str(target), doraise=True)
-        sound = rootfs / SOUND_MODULE.lstrip("/")
-        if sound.is_file():  # where the agent's import looks for it, checked against the source's time and size
-            compiled = Path(importlib.util.cache_from_source(str(sound)))
-            py_compile.compile(str(sound), cfile=str(compiled), doraise=True)
-            compiled.chmod(0o644)
-            compiled.parent.chmod(0o755)
+        for name in AGENT_MODULES:
+            module = rootfs / MODULE_DIR.lstrip("/") / f"{name}.py"
+            if module.is_file():  # where the agent's import looks for it, checked against the source's time and size
+                compiled = Path(importlib.util.cache_from_source(str(module)))
+                py_compile.compile(str(module), cfile=str(compiled), doraise=True)
+                compiled.chmod(0o644)
+                compiled.parent.chmod(0o755)
     except py_compile.PyCompileError:
         return False
     target.chmod(0o644)

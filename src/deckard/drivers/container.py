@@ -73,6 +73,9 @@ log = structlog.get_logger()
 UNPACK_TIMEOUT_S = 600.0
 
 
+FUSE_NODE = "/dev/deckard-fuse"  # see ContainerDriver._fuse_device
+
+
 class ContainerDriver:
     """Desktops as LXC containers on this machine, all under ``paths.lxc`` and named ``paths.guest_prefix()*``."""
 
@@ -150,6 +153,7 @@ class ContainerDriver:
                 apparmor=self.apparmor,
                 volumes=volumes,
                 agent=agent_command(basefs),
+                fuse=self._fuse_device(),
             )
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC
@@ -270,6 +274,27 @@ class ContainerDriver:
     async def prepare_image(self, image_id: int, image_path: Path) -> None:
         """Unpack the image ahead of its first start (the node's image loop, ``deckard up``), at low priority."""
         await self.ensure_basefs(image_id, image_path, background=True)
+
+    @staticmethod
+    def _fuse_device() -> Path | None:
+        """A FUSE device node desktops' root may open (mode 0666, as Debian's udev makes /dev/fuse; this host's
+        may be 0600), on /dev so no nodev mount spoils it; None without FUSE or without the right to make it.
+        Opening it grants nothing: mounting takes the capability only a desktop's mounter has (vma/shares.py)."""
+        node, rdev = FUSE_NODE, os.makedev(10, 229)
+        try:
+            st = os.lstat(node)
+        except FileNotFoundError:
+            if not os.path.exists("/dev/fuse"):
+                return None
+            try:
+                os.mknod(node, stat.S_IFCHR | 0o666, rdev)
+                os.chmod(node, 0o666)
+                st = os.lstat(node)
+            except OSError:
+                return None
+        except OSError:
+            return None
+        return Path(node) if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev else None
 
     async def ensure_basefs(self, image_id: int, image_path: Path, *, background: bool = False) -> Path:
         """Unpack an image once into ``basefs/<image_id>-u<id base>``, shifted into the farm's id range

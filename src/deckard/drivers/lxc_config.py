@@ -20,7 +20,10 @@ CFS_PERIOD_US = 100_000
 ID_RANGE = 1 << 24  # guest uids/gids 0 … 2^24-1: room for uid_for_user() of millions of users
 # What root in a desktop keeps (namespaced: it acts on the desktop's own files and processes only): the agent
 # creates the user (chown, fowner), starts the session as that user (setuid, setgid) and ends it (kill).
-CAPS_KEEP = "chown fowner setuid setgid kill"
+# sys_admin and setpcap reach PID 1 only: the agent forks the mounter of shared folders with them and drops both
+# before anything else runs (vma/shares.py), so no other process of the desktop, root or not, ever has them.
+CAPS_KEEP = "chown fowner setuid setgid kill sys_admin setpcap"
+FUSE_DEVICE = "c 10:229 rwm"  # /dev/fuse: only the mounter can mount with it (vma/shares.py)
 # Syscalls a desktop never needs and that reach the kernel's riskiest surface (in the spirit of LXC's and
 # Docker's default profiles); clone3 says ENOSYS so the C library falls back to clone, which is filtered.
 SECCOMP_DENY = [
@@ -114,10 +117,12 @@ def render_config(
     apparmor: bool = False,
     volumes: Sequence[tuple[Path, str, bool]] = (),
     agent: str = AGENT,
+    fuse: Path | None = None,
 ) -> str:
     """The LXC config of one desktop (pure: everything comes from the arguments).  ``volumes``: (where the volume
     is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``;
-    ``agent``: the command that starts the guest agent (``agent_code.agent_command``)."""
+    ``agent``: the command that starts the guest agent (``agent_code.agent_command``); ``fuse``: a FUSE device
+    node its root may open, bound on ``/dev/fuse`` (shared folders)."""
     lines = [
         f"# deckard desktop {spec.desktop_id}: generated, do not edit",
         f"lxc.uts.name = {spec.guest_name}",
@@ -162,6 +167,8 @@ def render_config(
         f"lxc.cgroup.pids.max = {PIDS_MAX}",
         "lxc.cgroup.devices.deny = a",
         *(f"lxc.cgroup.devices.allow = {rule}" for rule in DEVICES_ALLOW),
+        *(f"lxc.cgroup.devices.allow = {FUSE_DEVICE}",) * bool(fuse),
+        *(f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",) * bool(fuse),
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {spec.bridge}",
         "lxc.net.0.flags = up",

@@ -48,8 +48,10 @@ import structlog
 from deckard.images.profile import (
     AGENT_PATH,
     META_PATH,
+    MODULE_PATHS,
+    NX_PRINT_BACKEND_PATH,
+    NX_SLAVE_PATH,
     SESSION_PATH,
-    SOUND_MODULE_PATH,
     ImageFile,
     Profile,
     load_profile,
@@ -65,8 +67,7 @@ BUILDER_VERSION = "3"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
-_AGENT_SOURCE = Path(__file__).parents[1] / "vma" / "agent.py"
-_SOUND_SOURCE = Path(__file__).parents[1] / "vma" / "sound.py"  # the agent loads it from SOUND_MODULE_PATH
+_VMA_SOURCES = Path(__file__).parents[1] / "vma"  # the agent, its modules and the NX slave command
 # Cut from the rootfs: documentation, manuals, translations (but the profile's languages) and apt's caches
 _PRUNE = (
     "usr/share/doc",
@@ -126,14 +127,18 @@ def recipe_hash(profile: Profile | None = None) -> str:
 
 
 def image_files(profile: Profile | None = None) -> list[ImageFile]:
-    """What is added on top of the rootfs, read now: the agent (and its sound module), the session script and the
-    profile's files."""
+    """What is added on top of the rootfs, read now: the agent (its modules, its NX slave command), the session
+    script and the profile's files."""
     profile = profile or default_profile()
-    agent = b"#!/usr/bin/python3\n" + _AGENT_SOURCE.read_bytes()
+    agent = b"#!/usr/bin/python3\n" + (_VMA_SOURCES / "agent.py").read_bytes()
+    nx_slave = b"#!/usr/bin/python3\n" + (_VMA_SOURCES / "nx_slave.py").read_bytes()
+    nx_print = b"#!/usr/bin/python3\n" + (_VMA_SOURCES / "nx_print.py").read_bytes()
     session = profile.session_script() or b""
     return [
         ImageFile(AGENT_PATH, agent, 0o755),
-        ImageFile(SOUND_MODULE_PATH, _SOUND_SOURCE.read_bytes(), 0o644),
+        *(ImageFile(path, (_VMA_SOURCES / f"{name}.py").read_bytes(), 0o644) for name, path in MODULE_PATHS.items()),
+        ImageFile(NX_SLAVE_PATH, nx_slave, 0o755),
+        ImageFile(NX_PRINT_BACKEND_PATH, nx_print, 0o755),
         ImageFile(SESSION_PATH, session, 0o755),
         *profile.all_files(),
     ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from deckard.drivers.agent_code import AGENT, SOUND_MODULE
+from deckard.drivers.agent_code import AGENT, AGENT_MODULES, MODULE_DIR, NX_PRINT_BACKEND, NX_SLAVE
 from deckard.model.errors import BadInput
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -33,16 +33,21 @@ DEFAULT_PROFILE = "standard"
 """What ``deckard up`` and ``deckard image build`` build unless told otherwise (docs/images.md says why)."""
 
 SESSION_PATH = "etc/deckard/xsession"
-# where the image keeps the agent and its sound module, relative to the rootfs (drivers/agent_code.py says why)
+# where the image keeps the agent, its modules and its NX slave command, relative to the rootfs
+# (drivers/agent_code.py says why)
 AGENT_PATH = AGENT.lstrip("/")
-SOUND_MODULE_PATH = SOUND_MODULE.lstrip("/")
+MODULE_PATHS = {name: f"{MODULE_DIR.lstrip('/')}/{name}.py" for name in AGENT_MODULES}
+NX_SLAVE_PATH = NX_SLAVE.lstrip("/")
+NX_PRINT_BACKEND_PATH = NX_PRINT_BACKEND.lstrip("/")
 META_PATH = "etc/deckard/image.json"
 # written by the builder or by the node at every start: a profile may not replace them
 RESERVED = frozenset(
     {
         SESSION_PATH,
         AGENT_PATH,
-        SOUND_MODULE_PATH,
+        *MODULE_PATHS.values(),
+        NX_SLAVE_PATH,
+        NX_PRINT_BACKEND_PATH,
         META_PATH,
         "etc/deckard/agent-token",
         "etc/deckard/display-passwd",

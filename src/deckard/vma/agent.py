@@ -70,31 +70,34 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-SOUND_MODULE = "/usr/local/lib/deckard-vma/sound.py"  # where an image has vma/sound.py (images/builder.py)
+MODULE_DIR = "/usr/local/lib/deckard-vma"  # where an image has the agent's other modules (images/builder.py)
 PULSEAUDIO = "/usr/bin/pulseaudio"
 
 
-def _load_sound() -> Any:
-    """``vma/sound.py``: a module of the package on the host, a file beside the agent in an image (the agent is
-    one file there); None in an image without an audio server (not compiled for nothing: a VM's boot under a
-    software CPU would pay for it) or built before sound."""
+def _load_module(name: str, needs: str = "") -> Any:
+    """``vma/<name>.py``: a module of the package on the host, a file beside the agent in an image (the agent is
+    one file there); None when the image lacks it or lacks ``needs`` (sound without an audio server is not
+    compiled for nothing: a VM's boot under a software CPU would pay for it)."""
     try:
-        from deckard.vma import sound
-
-        return sound
+        return __import__(f"deckard.vma.{name}", fromlist=[name])
     except ImportError:
         pass
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("deckard_vma_sound", SOUND_MODULE)
-    if spec is None or spec.loader is None or not os.path.exists(SOUND_MODULE) or not os.path.exists(PULSEAUDIO):
+    path = f"{MODULE_DIR}/{name}.py"
+    spec = importlib.util.spec_from_file_location(f"deckard_vma_{name}", path)
+    if spec is None or spec.loader is None or not os.path.exists(path) or (needs and not os.path.exists(needs)):
         return None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look a module's names up
     spec.loader.exec_module(module)
     return module
 
 
-SOUND = _load_sound()
+SOUND = _load_module("sound", needs=PULSEAUDIO)
+SHARES = _load_module("shares")  # shared folders from QVD's clients (vma/shares.py)
+NX_PRINT = _load_module("nx_print")  # a QVD client's printers as CUPS queues (vma/nx_print.py)
+NX_SLAVE_CMD = f"{MODULE_DIR}/nx-slave"  # vma/nx_slave.py in an image: nxagent's slave command
 VERSION = "0.1.0"
 DEFAULT_PORT = 3030
 DEFAULT_TOKEN_FILE = "/etc/deckard/agent-token"
@@ -465,6 +468,7 @@ NX_LINKS = ("modem", "isdn", "adsl", "wan", "lan", "local")
 NX_CLIENTS = ("linux", "windows", "macosx")
 NX_KEYBOARD_RE = re.compile(r"^[a-z0-9_+-]{1,32}/[a-z]{2,16}$")
 TIMEZONE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(/[A-Za-z0-9_+-]{1,30}){0,2}$")
+NX_SLAVE_KEY_RE = re.compile(r"^[A-Za-z0-9]{64}$")  # QVD's L7R: 64 letters and digits per connect
 # nxagent flags a client may add, and the pattern of the value each takes (None: no value)
 NX_EXTRA_ARGS: dict[str, re.Pattern[str] | None] = {
     "-dpi": re.compile(r"^[1-9][0-9]{1,2}$"),
@@ -514,6 +518,12 @@ def parse_nx_params(params: dict[str, str]) -> dict[str, Any]:
     timezone = params.get("timezone", "")
     if timezone and (not TIMEZONE_RE.match(timezone) or ".." in timezone):
         raise bad("timezone must be a zone name such as Europe/Madrid")
+    slave_key = params.get("nx_slave_key", "")
+    if slave_key and not NX_SLAVE_KEY_RE.match(slave_key):
+        raise bad("nx_slave_key must be 64 letters and digits")
+    printing = params.get("nx_printing", "0")
+    if printing not in ("0", "1"):
+        raise bad("nx_printing must be 0 or 1")
     words = params.get("nx_extra", "").split()
     extra: list[str] = []
     i = 0
@@ -537,6 +547,8 @@ def parse_nx_params(params: dict[str, str]) -> dict[str, Any]:
         "client": client,
         "timezone": timezone,
         "extra": extra,
+        "slave_key": slave_key,  # shared folders over the slave channel (vma/nx_slave.py); "" turns them off
+        "printing": printing == "1",  # the client's printers as queues here (ClientPrinters)
     }
 
 
@@ -554,6 +566,9 @@ def nx_options_line(opts: dict[str, Any], geometry: str, cookie: str) -> str:
         # resume unless every depth matches; "risky" asks for one in common (24 bits, which all have)
         "tolerancechecks=risky",
         "media=1",  # sound: nxagent offers the client's PulseAudio on 7100 (vma/sound.py's tunnel sink)
+        # the slave channel: the client's shared folders reach NX_SLAVE_CMD (vma/nx_slave.py), and the desktop's
+        # programs reach the client's slave server on 127.0.0.1:11100
+        "slave=1",
         f"listen={NX_PORT}",
     ]
     return "nx/nx," + ",".join(items) + f":{NX_DISPLAY[1:]}\n"
@@ -583,6 +598,9 @@ class NxSession(XSession):
         self.cookie = nx_cookie(token) if token else ""
         self.log_path = RUN_DIR / "nxagent.log"
         self.options_path = RUN_DIR / "nx" / "options"
+        self.slave_key_path = RUN_DIR / "nx" / "slave-key"
+        self.shares: Any = None  # vma/shares.py's ShareServer, when this desktop can mount shared folders
+        self.printers: ClientPrinters | None = None  # the client's printers, in an image with CUPS
         self.xauthority = RUN_DIR / "nx" / "xauthority"
         self.timezone = ""
         self.listening_since: float | None = None
@@ -670,6 +688,7 @@ class NxSession(XSession):
                 self.listening_since = None
                 os.kill(self.xvnc.pid, signal.SIGHUP)  # type: ignore[union-attr]
                 self._wait_listening_locked(time.monotonic() + NX_INITIATING_TIMEOUT_S)
+                self._attach_printers(opts)
                 return {"state": "listening", "user": login, "resumed": True, "protocol": "nx", **self._elapsed(t0)}
             if self.state != "stopped":
                 self._stop_locked()
@@ -683,7 +702,12 @@ class NxSession(XSession):
                 self.state = "listening"
                 self._wait_listening_locked(time.monotonic() + NX_INITIATING_TIMEOUT_S)
             threading.Thread(target=self._watch_nx, args=(self.xvnc, self.session), daemon=True).start()
+            self._attach_printers(opts)
         return {"state": "listening", "user": login, "protocol": "nx", **self._elapsed(t0)}
+
+    def _attach_printers(self, opts: dict[str, Any]) -> None:
+        if self.printers is not None and opts.get("printing"):
+            self.printers.attach(self.nx_state)
 
     @staticmethod
     def _elapsed(t0: float) -> dict[str, int]:
@@ -721,8 +745,21 @@ class NxSession(XSession):
             f.write(nx_options_line(opts, geometry, self.cookie))
         os.chown(tmp, 0, self.uid)
         os.replace(tmp, self.options_path)
+        self._write_slave_key(opts.get("slave_key", ""))
         self.timezone = opts["timezone"]
         self.opts = opts
+
+    def _write_slave_key(self, key: str) -> None:
+        """The key the slave command checks (QVD's ``slave.conf``): this connection's, written before nxagent
+        starts or resumes; none (every request refused) when the connection brought none."""
+        with contextlib.suppress(FileNotFoundError):
+            self.slave_key_path.unlink()
+        if not key:
+            return
+        fd = os.open(self.slave_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        os.chown(self.slave_key_path, 0, pwd.getpwuid(self.uid or 0).pw_gid)
 
     def _launch_nx(
         self,
@@ -749,6 +786,8 @@ class NxSession(XSession):
         env = self.session_env(account)
         if keyboard:
             env["DECKARD_KEYBOARD"] = keyboard
+        if os.access(NX_SLAVE_CMD, os.X_OK):
+            env["NX_SLAVE_CMD"] = NX_SLAVE_CMD  # nxagent runs it, as the user, for each slave connection
         if self.sound is not None and shadow_of is None:  # a shadow's session has Xvnc's server already
             env.update(self.sound.start(account))
         creds = session_creds(account, env)
@@ -778,6 +817,8 @@ class NxSession(XSession):
                 if self.xvnc is not nxagent:
                     return
                 state = self.nx_state()  # read every pass: it notes a session that was ever connected
+                if state in ("suspending", "suspended") and self.printers is not None and self.printers.queues:
+                    self.printers.detach()  # the client went: its printers with it
                 if (self.view_xvnc or self.view_proxy) and not self.viewed():
                     log.info("the NX session's VNC view ended: the session suspends")
                     self._stop_view_locked()
@@ -798,6 +839,10 @@ class NxSession(XSession):
 
     def _stop_locked(self) -> None:
         self._stop_view_locked()
+        if self.shares is not None:
+            self.shares.close_all()
+        if self.printers is not None:
+            self.printers.detach()
         if self.shadow:  # only nxagent is ours: the session it showed goes on in Xvnc
             nxagent, self.session = self.xvnc, None
             if nxagent is not None:
@@ -850,8 +895,8 @@ class NxSession(XSession):
         creds = session_creds(account, env)
         password_file = install_display_secret(account)
         self.view_xvnc = xvnc = spawn_xvnc(self.children, VIEW_DISPLAY, geometry, password_file, creds, "view.log")
-        # nxagent resumes on the local proxy: no compression (link=lan), the viewer's size
-        self._write_options({**self.opts, "link": "lan", "fullscreen": "1"}, geometry)
+        # nxagent resumes on the local proxy: no compression (link=lan), the viewer's size, no slave channel
+        self._write_options({**self.opts, "link": "lan", "fullscreen": "1", "slave_key": ""}, geometry)
         self.listening_since = None
         os.kill(self.xvnc.pid, signal.SIGHUP)  # type: ignore[union-attr]
         wait_for_greeting(VNC_PORT, deadline, lambda: _alive(xvnc))
@@ -1856,6 +1901,74 @@ class PdfPrinter:
         return True
 
 
+class ClientPrinters:
+    """A QVD client's printers as CUPS queues ``QVD-<id>`` while its NX session is attached (QVD's "slave4"
+    printing; vma/nx_print.py is the queues' backend and says how jobs reach the client).
+
+    :meth:`attach` works in the background: it waits for the client to be connected, asks it for its printers
+    over the slave channel and adds a queue for each (the first becomes the default destination, as QVD's
+    ``qvd-printing`` makes it); :meth:`detach` removes them when the client goes.  Each attach replaces the
+    queues of the one before."""
+
+    def __init__(self, children: Children, ppd_dir: Path = RUN_DIR / "print") -> None:
+        self.children = children
+        self.ppd_dir = ppd_dir
+        self.queues: list[str] = []
+        self.lock = threading.Lock()
+        self.generation = 0
+
+    def attach(self, state: Callable[[], str]) -> None:
+        with self.lock:
+            self.generation += 1
+            generation = self.generation
+        threading.Thread(target=self._attach, args=(state, generation), daemon=True, name="nx-printers").start()
+
+    def _attach(self, state: Callable[[], str], generation: int) -> None:
+        deadline = time.monotonic() + NX_INITIATING_TIMEOUT_S
+        while state() != "connected":
+            if time.monotonic() > deadline or self.generation != generation:
+                return
+            time.sleep(0.1)
+        try:
+            printers = NX_PRINT.client_printers()
+        except NX_PRINT.PrintError as exc:
+            log.info("printing: the client's printers are not known: %s", exc)
+            return
+        with self.lock:
+            if self.generation != generation:
+                return
+            self._remove_locked()
+            self.ppd_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            for printer in printers:
+                queue = f"QVD-{printer['qvd_id']}"
+                ppd_file = self.ppd_dir / f"{queue}.ppd"
+                ppd_file.write_text(NX_PRINT.ppd(printer["name"], duplex=printer["duplex"], color=printer["color"]))
+                args = ["lpadmin", "-p", queue, "-E", "-v", f"{NX_PRINT.SCHEME}:/{printer['qvd_id']}", "-P"]
+                args += [str(ppd_file), "-D", printer["name"], "-L", "QVD client", "-o", "printer-is-shared=false"]
+                rc, out = self.children.run(args)
+                if rc != 0:
+                    log.warning("printing: lpadmin -p %s failed (exit %d): %s", queue, rc, out[-300:])
+                    continue
+                if not self.queues:
+                    self.children.run(["lpadmin", "-d", queue])
+                self.queues.append(queue)
+        log.info("printing: the client's printers are queues %s", ", ".join(self.queues) or "(none)")
+
+    def detach(self) -> None:
+        with self.lock:
+            self.generation += 1
+            self._remove_locked()
+
+    def _remove_locked(self) -> None:
+        if not self.queues:
+            return
+        for queue in self.queues:
+            self.children.run(["lpadmin", "-x", queue])
+        self.children.run(["lpadmin", "-d", PDF_QUEUE])
+        log.info("printing: the client's printers were removed (%s)", ", ".join(self.queues))
+        self.queues = []
+
+
 # -- HTTP RPC --------------------------------------------------------------------------------------
 class Agent:
     """The RPC methods; one instance per process."""
@@ -1870,6 +1983,14 @@ class Agent:
         self.printer = PdfPrinter(self.children)
         self.server: ThreadingHTTPServer | None = None
         self._powering_off = threading.Event()
+
+    def share_user(self) -> tuple[str, int, int, str] | None:
+        """Who may mount shared folders now: the user of a running NX session (login, uid, gid, home)."""
+        nx = self.nx
+        if nx.state != "listening" or nx.user is None:
+            return None
+        account = pwd.getpwnam(nx.user)
+        return (nx.user, account.pw_uid, account.pw_gid, account.pw_dir)
 
     def call(self, method: str, params: dict[str, str]) -> dict[str, Any]:
         handler = getattr(self, f"rpc_{method}", None)
@@ -2386,7 +2507,19 @@ def main(argv: list[str] | None = None) -> int:
         # LXC starts init with an almost empty environment; useradd and friends live in sbin
         os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         setup_init()
+    mounter = None
+    if is_init and SHARES is not None and SHARES.has_sys_admin():
+        # before any thread: the mounter is a fork, and capabilities are per thread (vma/shares.py)
+        mounter = SHARES.Mounter.fork()
+        if args.machine == "container" and not SHARES.drop_mount_privileges():
+            log.error("cannot drop CAP_SYS_ADMIN: stopping (root in a desktop must not mount)")
+            return 1
     agent = Agent(read_token(args.token_file), is_init)
+    if mounter is not None:
+        agent.nx.shares = SHARES.ShareServer(mounter, agent.share_user)
+        agent.nx.shares.start()
+    if NX_PRINT is not None and os.access(CUPSD, os.X_OK):
+        agent.nx.printers = ClientPrinters(agent.children)
     if os.getpid() == 1:
         threading.Thread(target=agent.children.reap_forever, daemon=True, name="reaper").start()
     in_vm = is_init and args.machine == "vm" and os.getpid() == 1
