@@ -21,6 +21,8 @@ the RFB handshake the broker terminates for VNC, ``tunnel.py``).
 from __future__ import annotations
 
 import re
+import secrets
+import string
 from dataclasses import dataclass
 
 from deckard.broker.tunnel import HandshakeError
@@ -73,6 +75,7 @@ KNOWN_FAMILIES = (
     "qvd.client.share.",
     "qvd.client.file_sharing.",
 )
+SLAVE_KEY_ALPHABET = string.ascii_letters + string.digits
 MAX_COOKIE_FIELD = 512  # nxcomp's DEFAULT_REMOTE_OPTIONS_LENGTH: a longer field is not nxproxy's
 
 
@@ -101,9 +104,11 @@ class NxOptions:
     client: str = "linux"
     timezone: str | None = None
     extra_args: tuple[str, ...] = ()
+    printing: bool = False  # the client serves its printers on the slave channel (QVD's "slave4" flavour)
 
-    def agent_params(self) -> dict[str, str]:
-        """The ``x_start`` parameters that carry these options to the agent."""
+    def agent_params(self, slave_key: str = "", printing: bool = False) -> dict[str, str]:
+        """The ``x_start`` parameters that carry these options (and the connection's slave key, and whether its
+        printers become the desktop's: the client asked and the administrator allows) to the agent."""
         params = {
             "nx_keyboard": self.keyboard,
             "nx_link": self.link,
@@ -114,7 +119,17 @@ class NxOptions:
             params["timezone"] = self.timezone
         if self.extra_args:
             params["nx_extra"] = " ".join(self.extra_args)
+        if slave_key:
+            params["nx_slave_key"] = slave_key
+        if printing and self.printing:
+            params["nx_printing"] = "1"
         return params
+
+
+def new_slave_key() -> str:
+    """A key to an NX connection's slave channel (QVD's L7R: 64 letters and digits): the client gets it in the
+    ``101`` (``X-QVD-Slave-Key``), the desktop's slave command checks it (vma/nx_slave.py)."""
+    return "".join(secrets.choice(SLAVE_KEY_ALPHABET) for _ in range(64))
 
 
 def parse_extra_args(raw: str) -> tuple[str, ...]:
@@ -183,7 +198,10 @@ def parse_nx_options(client: dict[str, str]) -> NxOptions:
         )
     extra = parse_extra_args(client.get("qvd.client.nxagent.extra_args", ""))
     client_os = OSES.get(os_raw, "linux")
-    return NxOptions(geometry, keyboard, link, fullscreen_raw == "1", client_os, timezone, extra)
+    printing = client.get("qvd.client.printing.enabled", "").lower() in ("1", "true") and client.get(
+        "qvd.client.printing.flavor", "slave4"
+    ) in ("", "slave4")
+    return NxOptions(geometry, keyboard, link, fullscreen_raw == "1", client_os, timezone, extra, printing)
 
 
 class NxHandshakeError(HandshakeError):

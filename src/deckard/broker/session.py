@@ -33,14 +33,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from deckard.broker.http import FrontConnection, HttpChannel
-from deckard.broker.nx import NX_PORT, NxClientHandshake
+from deckard.broker.nx import NX_PORT, NxClientHandshake, new_slave_key
 from deckard.broker.params import ConnectParams
 from deckard.broker.tunnel import Tunnel
 from deckard.client.agent import AgentClient
@@ -51,6 +51,7 @@ from deckard.model.errors import Conflict, DeckardError, Unavailable
 from deckard.model.states import DesktopState
 from deckard.runtime.metrics import BROKER_BYTES, BROKER_CONNECTS, BROKER_TUNNELS, TIME_TO_DESKTOP
 from deckard.runtime.settings import BrokerSettings
+from deckard.services.config import read_configs
 from deckard.services.desktops import load_desktop, request_start
 from deckard.services.events import DESKTOPS
 from deckard.services.node_ops import node_name
@@ -98,6 +99,7 @@ class ConnectRequest:
     desktop: Desktop
     received_at: float  # time.monotonic() when the request arrived
     auth_ms: float
+    slave_key: str = ""  # an NX connect's key to its slave channel (shared folders), given in the 101
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -109,7 +111,9 @@ class ClientSide(Protocol):
 
     def progress(self, message: str) -> None: ...
     def new_tunnel(self) -> Tunnel: ...
-    def switch(self) -> bytes: ...  # leave the handshake; returns client bytes that already followed it
+    # leave the handshake (``headers``: more for the 101, where the protocol has one); returns client bytes that
+    # already followed it
+    def switch(self, headers: Sequence[tuple[str, str]] = ()) -> bytes: ...
     def refuse(self, reason: str, code: str = "") -> None: ...
 
 
@@ -129,8 +133,8 @@ class QvdClient:
     def new_tunnel(self) -> Tunnel:
         return Tunnel(self.front)
 
-    def switch(self) -> bytes:
-        return self.channel.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")])
+    def switch(self, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+        return self.channel.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "QVD/1.0"), *headers])
 
     def refuse(self, reason: str, code: str = "") -> None:
         if self.front.gone:
@@ -194,7 +198,7 @@ class SessionRunner:
         try:
             tunnel, running = await self._bring_up(client, req, watch)
             await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
-            tunnel.start(client.switch())
+            tunnel.start(client.switch([("X-QVD-Slave-Key", req.slave_key)] if req.slave_key else []))
             relaying = True
             BROKER_TUNNELS.inc()
             BROKER_CONNECTS.labels("connected").inc()
@@ -312,6 +316,13 @@ class SessionRunner:
         t = time.monotonic()
         agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
         nx = req.params.nx
+        printing = False
+        if nx:  # what the slave channel may carry for this desktop: shared folders (a key), printing
+            async with self.db.connect() as conn:
+                switches = await read_configs(conn, "nx.", desk.tenant_id, desk.osf_id)
+            if switches["nx.shares.enabled"]:
+                req.slave_key = new_slave_key()
+            printing = bool(switches["nx.printing.enabled"])
         try:
             await self._step(
                 agent.x_start(
@@ -320,7 +331,7 @@ class SessionRunner:
                     geometry=req.params.geometry,
                     timeout=self.settings.display_timeout,
                     keyboard=req.params.keyboard,
-                    extra={"protocol": "nx", **nx.agent_params()} if nx else None,
+                    extra={"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None,
                 ),
                 front,
                 watch,

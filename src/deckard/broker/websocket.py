@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -247,7 +248,7 @@ class WsClient:
     def new_tunnel(self) -> Tunnel:
         return WsTunnel(self.front, max_message=self.max_message)
 
-    def switch(self) -> bytes:
+    def switch(self, headers: Sequence[tuple[str, str]] = ()) -> bytes:  # noqa: ARG002 (no NX over WebSocket)
         return self.channel.leave()  # the 101 went out before the flow started
 
     def refuse(self, reason: str, code: str = "") -> None:  # noqa: ARG002 (a close frame has no room for it)

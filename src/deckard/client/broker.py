@@ -106,6 +106,7 @@ class BrokerConnection:
         self.reader = reader
         self.writer = writer
         self.host = host
+        self.upgrade_headers: dict[str, str] = {}  # the 101's (names in lower case): X-QVD-Slave-Key for NX
 
     @classmethod
     async def open(cls, server: str, ca: Path, *, timeout: float = 15.0) -> BrokerConnection:
@@ -210,6 +211,7 @@ class BrokerConnection:
         resp = await self._read_response(on_progress)
         if resp.status != 101:
             raise error_for(resp)
+        self.upgrade_headers = resp.headers
         return self.reader, self.writer
 
 

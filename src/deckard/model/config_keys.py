@@ -399,6 +399,22 @@ PORTAL_KEYS: tuple[ConfigKey, ...] = (
         per_osf=True,
     ),
     ConfigKey(
+        "nx.shares.enabled",
+        bool,
+        True,
+        "QVD's clients may share their folders into the desktop (`~/Redirected/<name>`) and open its folders, over "
+        "the NX slave channel; off, the broker gives them no slave key and the desktop refuses every share.",
+        per_osf=True,
+    ),
+    ConfigKey(
+        "nx.printing.enabled",
+        bool,
+        True,
+        "QVD's clients that offer their printers (printing flavour `slave4`) get them as the desktop's printers "
+        "(`QVD-<id>` queues, in images with CUPS); off, the desktop never asks the client for them.",
+        per_osf=True,
+    ),
+    ConfigKey(
         "portal.sound.enabled",
         bool,
         True,
