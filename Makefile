@@ -8,13 +8,14 @@ PY ?= python3
 VENV := .venv
 STAMPS := .cache/stamps
 # nxproxy, xvfb, x11-apps (xwd) and pulseaudio (+ -utils: parec): the client side of the NX tests, as QVD's client
-# runs nxproxy and its sound server; fence-agents (fence_ipmilan) + ipmitool fence a lost node through its BMC, and
-# openipmi's ipmi_sim is the BMC the fencing tests power off; glusterfs-server/-client: the shared-storage tests run
-# three storage machines in namespaces (tests/e2e/test_farm_storage_gluster.py)
+# runs nxproxy and its sound server; openssh-sftp-server and openssh-client (sftp): its side of shared folders;
+# fence-agents (fence_ipmilan) + ipmitool fence a lost node through its BMC, and openipmi's ipmi_sim is the BMC the
+# fencing tests power off; glusterfs-server/-client: the shared-storage tests run three storage machines in
+# namespaces (tests/e2e/test_farm_storage_gluster.py)
 APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd postgresql-15 procps psmisc \
 	python3-venv chromium slapd ldap-utils \
 	qemu-system-x86 qemu-utils dosfstools mtools e2fsprogs \
-	nxproxy xvfb x11-apps pulseaudio pulseaudio-utils \
+	nxproxy xvfb x11-apps pulseaudio pulseaudio-utils openssh-sftp-server openssh-client \
 	fence-agents openipmi ipmitool \
 	glusterfs-server glusterfs-client
 HOME_DIR ?= /var/lib/deckard

@@ -21,6 +21,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -78,6 +79,11 @@ class NxViewer:
         self._broker: BrokerConnection | None = None
         # NX bytes relayed to and from the broker (the stream inside TLS), counted since the viewer was made
         self.bytes_down, self.bytes_up = [0], [0]
+        # the client's end of the slave channel (shared folders): nxproxy listens there once attached, and the
+        # key to it comes in the 101 (X-QVD-Slave-Key)
+        self.slave_port = _free_port()
+        self.slave_key = ""
+        self._sftp: list[subprocess.Popen[bytes]] = []
 
     async def __aenter__(self) -> NxViewer:
         self.start_xvfb()
@@ -129,6 +135,7 @@ class NxViewer:
             await conn.close()
             raise
         self._broker = conn
+        self.slave_key = conn.upgrade_headers.get("x-qvd-slave-key", "")
         attached: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -152,6 +159,7 @@ class NxViewer:
         """``nxproxy -S`` (the X-server side of NX, as QVD's client runs it) dialling ``port`` on loopback."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "DISPLAY": f":{self.display}"}
         media = f",media={self.media_port}" if self.media_port else ""
+        media += f",slave={self.slave_port}"
         with open(self.home / "nxproxy.log", "ab") as log:
             self.proxy = subprocess.Popen(
                 ["nxproxy", "-S", f"nx/nx,link=lan,connect=127.0.0.1,port={port}{media}:{self.display}"],
@@ -163,6 +171,78 @@ class NxViewer:
 
     def pixels(self) -> tuple[int, int, bytes]:
         return xwd_pixels(self.display)
+
+    # -- the slave channel, as QVD's client uses it (vma/nx_slave.py is the desktop's end) -----------------------
+    # Each runs in a thread: the NX stream they travel in is pumped by this loop (see :meth:`connect`).
+    async def slave_request(
+        self, method: str, path: str, key: str | None = None, timeout: float = 15
+    ) -> tuple[int, dict[str, str], socket.socket]:
+        """Send one request on a new slave connection (retried while nxproxy does not listen yet, as QVD's client
+        does); returns the status, the headers and the connection, whose next byte follows the head."""
+        return await asyncio.to_thread(self._slave_request, method, path, key, timeout)
+
+    def _slave_request(
+        self, method: str, path: str, key: str | None, timeout: float
+    ) -> tuple[int, dict[str, str], socket.socket]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.slave_port), 2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        sock.settimeout(timeout)
+        key = self.slave_key if key is None else key
+        head = f"{method} {path} HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: qvd:sftp/1.0\r\n"
+        head += f"Authorization: Basic {key}\r\n\r\n" if key else "\r\n"
+        sock.sendall(head.encode())
+        raw = b""
+        while not raw.endswith(b"\r\n\r\n"):  # a byte at a time: SFTP follows at once
+            byte = sock.recv(1)
+            if not byte:
+                break
+            raw += byte
+        lines = raw.decode(errors="replace").split("\r\n")
+        status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/1.1 ") else 0
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        return status, headers, sock
+
+    async def share(
+        self, folder: Path, key: str | None = None
+    ) -> tuple[int, dict[str, str], subprocess.Popen[bytes] | None]:
+        """Share ``folder`` into the desktop (``PUT /shares/<folder>``): on ``101`` this side serves it with
+        ``sftp-server``, as QVD's client does; returns the status, the headers and that server."""
+        status, headers, sock = await self.slave_request("PUT", f"/shares/{folder}", key)
+        if status != 101:
+            sock.close()
+            return status, headers, None
+        return status, headers, self._serve_share(sock, folder)
+
+    def _serve_share(self, sock: socket.socket, folder: Path) -> subprocess.Popen[bytes]:
+        with sock:
+            sock.settimeout(None)
+            server = subprocess.Popen(
+                [SFTP_SERVER, "-e"], cwd=folder, stdin=sock.fileno(), stdout=sock.fileno(), stderr=subprocess.DEVNULL
+            )
+        self._sftp.append(server)
+        return server
+
+    async def fetch_from_desktop(self, folder: str, name: str, target: Path) -> subprocess.CompletedProcess[str]:
+        """Copy ``name`` from the desktop's ``folder`` (``GET /shares/<folder>``) with OpenSSH's ``sftp``, its
+        transport a relay that opens the slave connection first (QVD's client mounts it with sshfs instead)."""
+        relay = self.home / "slave-relay"
+        relay.write_text(_RELAY.format(python=sys.executable, port=self.slave_port, key=self.slave_key, path=folder))
+        relay.chmod(0o700)
+        return await asyncio.to_thread(
+            subprocess.run,
+            ["sftp", "-q", "-b", "-", "-D", str(relay)],
+            input=f"get {name} {target}\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     async def wait_drawn(self, colour: bytes, timeout: float = 20) -> float:
         """Seconds until ``colour`` (R, G, B) shows on the Xvfb, polled every 50 ms; raises on timeout."""
@@ -204,11 +284,51 @@ class NxViewer:
             self._broker = None
 
     async def close(self) -> None:
+        for server in self._sftp:
+            _stop(server)
         await self.disconnect()
         if self.xvfb is not None:
             _stop(self.xvfb)
             self.xvfb = None
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+# sftp -D's "server": open a slave connection, ask for the desktop's folder, then relay the SFTP bytes
+_RELAY = """#!{python}
+import os, select, socket, sys
+sock = socket.create_connection(("127.0.0.1", {port}), 10)
+sock.sendall(b"GET /shares/{path} HTTP/1.1\\r\\nConnection: Upgrade\\r\\nUpgrade: qvd:sftp/1.0\\r\\n"
+             b"Authorization: Basic {key}\\r\\n\\r\\n")
+head = b""
+while not head.endswith(b"\\r\\n\\r\\n"):
+    byte = sock.recv(1)
+    if not byte:
+        sys.exit("the desktop closed the slave connection")
+    head += byte
+if not head.startswith(b"HTTP/1.1 101"):
+    sys.exit(head.decode(errors="replace"))
+while True:
+    ready, _, _ = select.select([0, sock], [], [])
+    if 0 in ready:
+        data = os.read(0, 65536)
+        if not data:
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.sendall(data)
+    if sock in ready:
+        data = sock.recv(65536)
+        if not data:
+            break
+        os.write(1, data)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:

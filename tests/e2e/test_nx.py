@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,6 +159,94 @@ def test_a_client_gone_right_after_the_101_leaves_the_desktop_running_and_its_se
         assert "xterm -title kept" in farm.attach(desk, PROCESSES).stdout
 
     asyncio.run(scenario())
+
+
+def test_a_client_folder_is_mounted_at_redirected_and_a_desktop_folder_reaches_the_client(
+    farm: FarmProcess, desk: int, tmp_path: Path
+) -> None:
+    """QVD's shared folders over the NX slave channel: the client's folder at ``~/Redirected/<name>`` for the user
+    alone (sshfs in the desktop, sftp-server on the client, the mount made by the desktop's mounter), a desktop
+    folder fetched by the client, each request checked against this connection's key, and the share gone when
+    the client goes."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "hello.txt").write_text("from the client\n")
+    mounted = "grep -c ' fuse.sshfs ' /proc/self/mountinfo"
+
+    async def sh(command: str, user: str | None = "nxuser") -> Any:
+        """In the desktop, off this loop: the share's bytes travel in the NX stream the loop pumps."""
+        return await asyncio.to_thread(farm.attach, desk, command, user)
+
+    async def scenario() -> None:
+        async with NxViewer() as viewer:
+            await _drawn(farm, viewer, desk, tries=2)
+            assert len(viewer.slave_key) == 64 and viewer.slave_key.isalnum(), viewer.slave_key
+            # no key, a wrong key: refused, nothing mounted
+            status, headers, sock = await viewer.slave_request("PUT", f"/shares/{folder}", key="")
+            sock.close()
+            assert status == 401 and "realm" in headers.get("www-authenticate", ""), (status, headers)
+            status, _, sock = await viewer.slave_request("PUT", f"/shares/{folder}", key="x" * 64)
+            sock.close()
+            assert status == 403
+            assert (await sh(mounted, None)).stdout.strip() == "0"
+
+            status, headers, server = await viewer.share(folder)
+            assert status == 101 and headers.get("x-qvd-share-ticket") == "docs", (status, headers)
+            seen = await sh("cat ~/Redirected/docs/hello.txt")
+            assert seen.stdout == "from the client\n", (seen, farm.diagnostics(desk))
+            wrote = await sh("echo from the desktop > ~/Redirected/docs/back.txt")
+            assert wrote.returncode == 0, wrote
+            assert (folder / "back.txt").read_text() == "from the desktop\n"
+            # the user's alone: root in the desktop cannot read it
+            assert (await sh("cat /home/nxuser/Redirected/docs/hello.txt", None)).returncode != 0
+            status, _, _ = await viewer.share(folder)  # the same name again while mounted
+            assert status == 409
+
+            # a desktop folder on the client
+            await sh("mkdir -p ~/out && echo report > ~/out/report.txt")
+            fetched = await viewer.fetch_from_desktop("out", "report.txt", tmp_path / "report.txt")
+            assert fetched.returncode == 0, fetched
+            assert (tmp_path / "report.txt").read_text() == "report\n"
+
+            await viewer.disconnect()  # the client goes: nxagent ends sshfs, the agent unmounts
+            _suspended(farm, desk)
+            wait_for(
+                lambda: farm.attach(desk, f"{mounted}; ls ~/Redirected", "nxuser").stdout.split() == ["0"],
+                10,
+                0.2,
+                "the share to be unmounted and its folder removed",
+            )
+            assert server is not None and server.wait(10) is not None
+            old_key = viewer.slave_key
+            await _drawn(farm, viewer, desk, tries=2)  # resumed with a new key
+            assert viewer.slave_key != old_key
+            status, _, sock = await viewer.slave_request("PUT", f"/shares/{folder}", key=old_key)
+            sock.close()
+            assert status == 403
+            status, _, _ = await viewer.share(folder)
+            assert status == 101
+            assert (await sh("cat ~/Redirected/docs/back.txt")).stdout == "from the desktop\n"
+            await viewer.disconnect()
+
+    asyncio.run(scenario())
+
+
+def test_shared_folders_turned_off_give_the_client_no_key(farm: FarmProcess, desk: int, tmp_path: Path) -> None:
+    farm.deckard("config", "set", "nx.shares.enabled", "false")
+    try:
+
+        async def scenario() -> None:
+            async with NxViewer() as viewer:
+                await _drawn(farm, viewer, desk, tries=2)
+                assert viewer.slave_key == ""
+                status, _, sock = await viewer.slave_request("PUT", f"/shares/{tmp_path}", key="x" * 64)
+                sock.close()
+                assert status == 403  # the desktop has no key for this connection: nothing is accepted
+                await viewer.disconnect()
+
+        asyncio.run(scenario())
+    finally:
+        farm.deckard("config", "reset", "nx.shares.enabled")
 
 
 def test_the_nx_session_resumes_in_deckard_connect_and_the_portal_then_back_in_nxproxy(

@@ -44,7 +44,7 @@ def make_spec(**overrides: object) -> GuestSpec:
     return GuestSpec(**values)
 
 
-def config_of(spec: GuestSpec) -> dict[str, list[str]]:
+def config_of(spec: GuestSpec, fuse: Path | None = None) -> dict[str, list[str]]:
     text = render_config(
         spec,
         basefs=Path("/srv/basefs/7"),
@@ -53,6 +53,7 @@ def config_of(spec: GuestSpec) -> dict[str, list[str]]:
         up_hook=Path("/run/deckard/lxc/dkabc123-42/net-up"),
         id_base=5 * ID_RANGE,
         seccomp=Path("/run/deckard/lxc/dkabc123-42/seccomp"),
+        fuse=fuse,
     )
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -97,10 +98,12 @@ def test_rootfs_is_an_overlay_with_the_agent_as_init_starting_the_users_display(
 
 
 def test_desktops_are_unprivileged() -> None:
-    """A user namespace onto the farm's id range, five capabilities, no new privileges, seccomp, masked /proc."""
+    """A user namespace onto the farm's id range, five capabilities (two more for PID 1 alone, which forks the
+    mounter with them and drops them: tests/e2e/test_container_driver.py checks), no new privileges, seccomp,
+    masked /proc."""
     cfg = config_of(make_spec())
     assert cfg["lxc.idmap"] == [f"u 0 {5 * ID_RANGE} {ID_RANGE}", f"g 0 {5 * ID_RANGE} {ID_RANGE}"]
-    assert cfg["lxc.cap.keep"] == ["chown fowner setuid setgid kill"] and "lxc.cap.drop" not in cfg
+    assert cfg["lxc.cap.keep"] == ["chown fowner setuid setgid kill sys_admin setpcap"] and "lxc.cap.drop" not in cfg
     assert cfg["lxc.no_new_privs"] == ["1"]
     assert cfg["lxc.seccomp.profile"] == ["/run/deckard/lxc/dkabc123-42/seccomp"]
     assert "/dev/null proc/kcore none bind,optional 0 0" in cfg["lxc.mount.entry"]
@@ -152,6 +155,13 @@ def test_devices_are_a_whitelist() -> None:
     cfg = config_of(make_spec())
     assert cfg["lxc.cgroup.devices.deny"] == ["a"]
     assert "c 136:* rwm" in cfg["lxc.cgroup.devices.allow"]
+    assert "c 10:229 rwm" not in cfg["lxc.cgroup.devices.allow"]  # FUSE only where the node gives a device node
+
+
+def test_fuse_is_bound_from_the_nodes_device_node() -> None:
+    cfg = config_of(make_spec(), fuse=Path("/dev/deckard-fuse"))
+    assert "c 10:229 rwm" in cfg["lxc.cgroup.devices.allow"]
+    assert "/dev/deckard-fuse dev/fuse none bind,create=file 0 0" in cfg["lxc.mount.entry"]
 
 
 def test_veth_names_fit_linux_and_are_stable() -> None:

@@ -47,7 +47,7 @@ Session: Session resumed at 'Tue Dec  1 05:19:43 2026'.
 
 def test_qvd_clients_settings_become_nxagent_options() -> None:
     opts = parse_nx_options(QVD_CLIENT)
-    assert opts == NxOptions("1024x768", "pc105/es", "adsl", False, "linux", "Europe/Madrid", ())
+    assert opts == NxOptions("1024x768", "pc105/es", "adsl", False, "linux", "Europe/Madrid", (), printing=True)
     assert opts.agent_params() == {
         "nx_keyboard": "pc105/es",
         "nx_link": "adsl",
@@ -55,6 +55,16 @@ def test_qvd_clients_settings_become_nxagent_options() -> None:
         "nx_client": "linux",
         "timezone": "Europe/Madrid",
     }
+
+
+def test_printing_is_asked_for_with_qvds_slave_flavour_and_allowed_by_the_farm() -> None:
+    opts = parse_nx_options(QVD_CLIENT)
+    assert opts.agent_params(printing=True)["nx_printing"] == "1"
+    assert "nx_printing" not in opts.agent_params(printing=False)  # nx.printing.enabled off
+    for flavour in ("ipp", "cups"):  # QVD's older flavours ride on channels Deckard does not open
+        assert not parse_nx_options({**QVD_CLIENT, "qvd.client.printing.flavor": flavour}).printing
+    assert not parse_nx_options({**QVD_CLIENT, "qvd.client.printing.enabled": "0"}).printing
+    assert vma.parse_nx_params(opts.agent_params(printing=True))["printing"] is True
 
 
 def test_a_client_that_sends_nothing_gets_qvds_defaults() -> None:
@@ -169,7 +179,7 @@ def test_the_agent_writes_checked_options_into_nxagents_options_file() -> None:
     line = vma.nx_options_line(opts, "1024x768", "ab" * 16)
     assert line == (
         "nx/nx,link=lan,keyboard=pc105/es,client=windows,geometry=1024x768,fullscreen=1,"
-        f"cookie={'ab' * 16},tolerancechecks=risky,media=1,listen=4100:100\n"
+        f"cookie={'ab' * 16},tolerancechecks=risky,media=1,slave=1,listen=4100:100\n"
     )
 
 

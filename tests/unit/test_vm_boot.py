@@ -212,12 +212,12 @@ def test_the_agent_is_compiled_only_for_the_image_own_python(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from deckard.drivers.agent_code import AGENT, AGENT_PYC, SOUND_MODULE, agent_command, precompile_agent
+    from deckard.drivers.agent_code import AGENT, AGENT_PYC, MODULE_DIR, agent_command, precompile_agent
 
     root = tmp_path / "rootfs"
     (root / "usr/local/sbin").mkdir(parents=True)
     (root / "usr/local/sbin/deckard-vma").write_text("#!/usr/bin/python3\nimport sys\nprint('agent', sys.argv[1:])\n")
-    sound = root / SOUND_MODULE.lstrip("/")
+    sound = root / MODULE_DIR.lstrip("/") / "sound.py"
     sound.parent.mkdir(parents=True)
     sound.write_text("RATE = 48000\n")
     cache = root / "usr/lib/python3.11/__pycache__"
