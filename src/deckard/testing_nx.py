@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import math
 import os
 import select
@@ -68,8 +69,10 @@ def run_in_thread(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 class NxViewer:
     """One Xvfb and, per :meth:`connect`, one nxproxy spliced onto a broker connection."""
 
-    def __init__(self, media_port: int = 0) -> None:
+    def __init__(self, media_port: int = 0, printers: list[dict[str, Any]] | None = None) -> None:
         self.media_port = media_port  # a local PulseAudio's TCP port: the desktop's sound plays there (nxproxy media=)
+        # the printers this client offers on its slave channel (QVD's client slave server: _CLIENT_SLAVE); the jobs
+        # the desktop sends them land in print_dir
         self.display = 0
         self.home = Path(tempfile.mkdtemp(prefix="deckard-nx-"))
         self.xvfb: subprocess.Popen[bytes] | None = None
@@ -84,6 +87,15 @@ class NxViewer:
         self.slave_port = _free_port()
         self.slave_key = ""
         self._sftp: list[subprocess.Popen[bytes]] = []
+        self.print_dir = self.home / "printed"
+        self.slave_cmd: Path | None = None
+        if printers is not None:
+            self.print_dir.mkdir()
+            self.slave_cmd = self.home / "client-slave"
+            self.slave_cmd.write_text(
+                _CLIENT_SLAVE.format(python=sys.executable, printers=json.dumps(printers), out=str(self.print_dir))
+            )
+            self.slave_cmd.chmod(0o700)
 
     async def __aenter__(self) -> NxViewer:
         self.start_xvfb()
@@ -158,6 +170,8 @@ class NxViewer:
     def _start_proxy(self, port: int) -> None:
         """``nxproxy -S`` (the X-server side of NX, as QVD's client runs it) dialling ``port`` on loopback."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "DISPLAY": f":{self.display}"}
+        if self.slave_cmd is not None:
+            env["NX_SLAVE_CMD"] = str(self.slave_cmd)  # the desktop's slave connections reach it (printing)
         media = f",media={self.media_port}" if self.media_port else ""
         media += f",slave={self.slave_port}"
         with open(self.home / "nxproxy.log", "ab") as log:
@@ -321,6 +335,45 @@ while True:
         if not data:
             break
         os.write(1, data)
+"""
+
+
+# QVD's client slave server (qvd-client-slaveserver), its printing part: nxproxy runs it for each connection the
+# desktop opens on the slave channel, the connection on its standard input and output
+_CLIENT_SLAVE = """#!{python}
+import json, os, sys, time
+PRINTERS = json.loads({printers!r})
+OUT = {out!r}
+head = b""
+while not head.endswith(b"\\r\\n\\r\\n"):
+    byte = os.read(0, 1)
+    if not byte:
+        sys.exit(0)
+    head += byte
+lines = head.decode("latin-1").split("\\r\\n")
+method, path = lines[0].split(" ")[:2]
+headers = {{k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}}
+def send(status, reason, body=b"", kind="text/plain"):
+    os.write(1, f"HTTP/1.1 {{status}} {{reason}}\\r\\nContent-Type: {{kind}}\\r\\n"
+                f"Content-Length: {{len(body)}}\\r\\n\\r\\n".encode() + body)
+ids = [p["qvd_id"] for p in PRINTERS]
+if method == "GET" and path == "/printer":
+    send(200, "OK", json.dumps({{"Printers": PRINTERS}}).encode(), "application/json")
+elif method == "POST" and path.startswith("/printer/") and path.endswith("/printjob") and path.split("/")[2] in ids:
+    size, data = int(headers["content-length"]), b""
+    while len(data) < size:
+        chunk = os.read(0, size - len(data))
+        if not chunk:
+            sys.exit(1)
+        data += chunk
+    os.write(1, b"HTTP/1.1 102 Processing\\r\\nX-QVD-SlaveServer-Info: Document is being queued\\r\\n\\r\\n")
+    name = os.path.join(OUT, f"{{path.split('/')[2]}}-{{time.time_ns()}}")
+    with open(name + ".part", "wb") as f:
+        f.write(data)
+    os.rename(name + ".part", name + ".pdf")
+    send(200, "OK", path.split("/")[2].encode())
+else:
+    send(404, "Not Found")
 """
 
 

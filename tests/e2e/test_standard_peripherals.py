@@ -176,6 +176,41 @@ def test_two_jobs_of_one_title_make_two_pdfs(farm: FarmProcess, desktop: int) ->
     assert len(new) == 2 and all(name.startswith("report") and "-job_" in name for name in new), new
 
 
+def test_a_job_printed_in_the_desktop_reaches_a_qvd_clients_printer(farm: FarmProcess, desktop: int) -> None:
+    """QVD's "slave4" printing: a client that asks for printing offers its printers on the NX slave channel; the
+    desktop gets a queue for each (the default while the client is there), CUPS makes each job a PDF and the
+    deckard-nx backend sends it to the client, which prints it; the queues go when the client goes."""
+    reason = nx_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    printers = [{"qvd_id": "laser1", "name": "Office Laser", "duplex": True, "color": False}]
+
+    def queues() -> str:
+        return farm.attach(desktop, "lpstat -v; lpstat -d").stdout
+
+    async def scenario() -> None:
+        async with NxViewer(printers=printers) as viewer:
+            params = {"qvd.client.link": "lan", "qvd.client.printing.enabled": "1"}
+            await viewer.connect(farm.broker, farm.ca, LOGIN, PASSWORD, desktop, params)
+            try:
+                await asyncio.to_thread(wait_for, lambda: "QVD-laser1: deckard-nx:/laser1" in queues(), 30, 0.3)
+            except AssertionError:
+                logs = farm.attach(desktop, "tail -n 20 /run/deckard/*.log").stdout
+                pytest.fail(f"no queue for the client's printer\n{queues()}\n{viewer.log()[-600:]}\n{logs}")
+            assert queues().strip().endswith("system default destination: QVD-laser1")
+            lp = f"printf '{TEXT}\\n' > /tmp/nx-job.txt && lp -d QVD-laser1 -t nx-job /tmp/nx-job.txt"
+            assert (await asyncio.to_thread(farm.attach, desktop, lp, LOGIN)).returncode == 0
+            printed = await asyncio.to_thread(
+                wait_for, lambda: sorted(viewer.print_dir.glob("laser1-*.pdf")), PDF_WAIT_S, 0.3, "the client's job"
+            )
+            assert printed[0].read_bytes().startswith(b"%PDF-"), printed[0].read_bytes()[:40]  # type: ignore[index]
+            await viewer.disconnect()
+
+    run_in_thread(scenario)
+    wait_for(lambda: "QVD-laser1" not in queues(), 20, 0.3, "the client's queue to go")
+    assert queues().strip().endswith("system default destination: PDF")
+
+
 def test_cupsd_listens_on_no_network_port(farm: FarmProcess, desktop: int) -> None:
     out = farm.attach(desktop, f"python3 -c {shlex.quote(SOCKETS_OF_CUPSD)}")
     assert out.returncode == 0, out
