@@ -310,7 +310,9 @@ class FarmProcess:
         return [n for n in out.stdout.split() if n]
 
     def attach(self, desktop_id: int, command: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a shell command inside a desktop (root, or as ``user``) with lxc-attach."""
+        """Run a shell command inside a desktop (root, or as ``user``) with lxc-attach.  Root entered this way has
+        the configuration's capabilities, the mounter's too (drivers/lxc_config.py): to see what root in a desktop
+        can do, run as the agent runs processes (its ``exec``), as tests/e2e/test_container_driver.py does."""
         prefix, lxc, name = self._guest(desktop_id)
         cmd = [*prefix, "lxc-attach", "-n", name, "-P", str(lxc), "--clear-env", "--"]
         cmd += ["su", "-", user, "-c", command] if user else ["sh", "-c", command]

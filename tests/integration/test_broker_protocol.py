@@ -572,12 +572,16 @@ async def test_a_qvd_client_gets_nx_with_its_options_and_the_broker_supplies_the
     cookie = nx_cookie(guest.spec.agent_token)
     assert guest.nx_options == [f"NXPROXY-3.5.0-3.5.99.26 cookie={cookie},stream=default,data=default"]
     x_start = [params for method, params in guest.calls if method == "x_start"][-1]
+    slave_key = headers["x-qvd-slave-key"]  # this connect's key to its slave channel (shared folders)
+    assert len(slave_key) == 64 and slave_key.isalnum()
     assert {k: v for k, v in x_start.items() if k.startswith(("nx_", "protocol"))} == {
         "protocol": "nx",
         "nx_keyboard": "pc105/es",
         "nx_link": "adsl",
         "nx_fullscreen": "0",
         "nx_client": "linux",
+        "nx_slave_key": slave_key,
+        "nx_printing": "1",  # the client asked (qvd.client.printing.enabled=1) and nx.printing.enabled is on
     }
     x_state = guest.agent.call("x_state", {})
     assert (x_state["state"], x_state["protocol"]) == ("connected", "nx")

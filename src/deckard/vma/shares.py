@@ -48,6 +48,7 @@ REDIRECTED = "Redirected"  # QVD's ``vma.user.shares.path``: ~/Redirected
 FUSE_DEVICE = "/dev/fuse"
 MAX_SHARES = 16  # per session: each is a FUSE connection and a process
 MAX_REQUEST = 4096
+MAX_CLIENTS = 8  # slave commands asking at once (each has 5 s): more wait in the socket's backlog
 NAME_RE = re.compile(r"[^/\x00]{1,255}")
 CAP_SETPCAP, CAP_SYS_ADMIN = 8, 21
 MS_NOSUID, MS_NODEV = 2, 4
@@ -302,6 +303,7 @@ class ShareServer:
         self.shares: dict[str, Share] = {}
         self.lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
@@ -318,14 +320,16 @@ class ShareServer:
     def _accept(self) -> None:
         assert self._sock is not None
         while True:
+            self._clients.acquire()
             try:
                 conn, _ = self._sock.accept()
             except OSError:
+                self._clients.release()
                 return
             threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
 
     def _serve_one(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, _released(self._clients):
             conn.settimeout(5)
             try:
                 pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -395,6 +399,14 @@ class ShareServer:
             with self.lock:
                 for share in [s for s in self.shares.values() if not _alive(s.pid)]:
                     self._unmount(share)
+
+
+@contextlib.contextmanager
+def _released(semaphore: threading.BoundedSemaphore) -> Any:
+    try:
+        yield
+    finally:
+        semaphore.release()
 
 
 def _alive(pid: int) -> bool:
