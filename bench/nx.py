@@ -39,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer, is_blank
@@ -175,6 +176,26 @@ async def vnc_workload(farm: FarmProcess, desk: int, viewer_binary: str) -> dict
     return {"kb_s": sent / WORKLOAD_S / 1000, "fps": fps, "reads": reads}
 
 
+def agent_memory(farm: FarmProcess, desk: int) -> dict[str, dict[str, int]]:
+    """The desktop's agent (its init) and the mounter it forked (vma/shares.py), read from the host (the mounter is
+    not dumpable: nothing in the desktop may read it): RSS, PSS and private dirty memory, KiB."""
+    lxc, name = farm.guest_of(desk)
+    info = subprocess.run(["lxc-info", "-P", str(lxc), "-n", name, "-pH"], capture_output=True, text=True, check=True)
+    init = int(info.stdout.strip())
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    mounters = [
+        int(c)
+        for c in children
+        if Path(f"/proc/{c}/cmdline").read_bytes() == Path(f"/proc/{init}/cmdline").read_bytes()
+    ]
+
+    def figures(pid: int) -> dict[str, int]:
+        rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+        return {key: int(rollup[key].split()[0]) for key in ("Rss", "Pss", "Private_Dirty")}
+
+    return {"agent": figures(init), **({"mounter": figures(mounters[0])} if mounters else {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -217,6 +238,7 @@ def main() -> None:
 
         results = asyncio.run(measure())
         loads = asyncio.run(workloads())
+        memory = agent_memory(farm, desk)
     finally:
         farm.close()
     print(f"# {platform.node()}, {args.runs} runs, nxproxy -S on Xvfb through the TLS broker, minimal image")
@@ -235,6 +257,9 @@ def main() -> None:
     for name, load in loads.items():
         reads = f"of {load['reads']:.1f} reads/s"
         print(f"{name:<46} {load['kb_s']:8.1f} kB/s   {load['fps']:5.1f} distinct screens/s ({reads})")
+    print("# the desktop's agent and its mounter of shared folders, KiB")
+    for who, kib in memory.items():
+        print(f"{who:<46} RSS {kib['Rss']:6d}  PSS {kib['Pss']:6d}  private dirty {kib['Private_Dirty']:6d}")
 
 
 if __name__ == "__main__":
