@@ -73,6 +73,18 @@ log = structlog.get_logger()
 UNPACK_TIMEOUT_S = 600.0
 
 
+def _init_alive(recorded: object) -> int | None:
+    """The warm guest's init pid recorded at its start, if that very process still runs (same network namespace:
+    a pid reused by another process has another one)."""
+    if not (isinstance(recorded, list) and len(recorded) == 2 and all(isinstance(x, int) for x in recorded)):
+        return None
+    pid, netns = recorded
+    try:
+        return pid if os.stat(f"/proc/{pid}/ns/net").st_ino == netns else None
+    except OSError:
+        return None
+
+
 FUSE_NODE = "/dev/deckard-fuse"  # see ContainerDriver._fuse_device
 
 
@@ -86,6 +98,7 @@ class ContainerDriver:
         self.id_base = id_base if id_base is not None else farm_id_base(paths.farm_id)
         self.apparmor = apparmor_available()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()  # work a caller need not wait for (held till done)
 
     def _lock(self, guest_name: str) -> asyncio.Lock:
         return self._locks.setdefault(guest_name, asyncio.Lock())
@@ -176,6 +189,9 @@ class ContainerDriver:
                 code="guest_start_failed",
             )
         log.info("container.started", guest=spec.guest_name, pid=info.pid, ip=spec.reach_ip)
+        if spec.warm and info.pid is not None:  # its take-over finds it without asking LXC (lxc-info: ~15 ms)
+            meta["init"] = [info.pid, os.stat(f"/proc/{info.pid}/ns/net").st_ino]
+            (lxc_dir / "deckard.json").write_text(json.dumps(meta))
         return info
 
     def _prepare_overlay(self, spec: GuestSpec, basefs: Path) -> Path:
@@ -228,21 +244,37 @@ class ContainerDriver:
     ) -> None:
         """The user's home into the running warm guest and the desktop's address onto it (``drivers/warm.py``)."""
         async with self._lock(guest_name):
+            t0 = time.monotonic()
+            steps: dict[str, float] = {}
+
+            def step(name: str) -> None:
+                steps[name] = round((time.monotonic() - t0) * 1000 - sum(steps.values()), 1)
+
             meta = self._meta(guest_name)
-            state = await self._state(guest_name)
-            if state is None or state[0] != "RUNNING" or state[1] is None or "share" not in meta:
+            pid = _init_alive(meta.get("init"))
+            if pid is None:
+                state = await self._state(guest_name)
+                pid = state[1] if state is not None and state[0] == "RUNNING" else None
+            if pid is None or "share" not in meta:
                 raise DriverError(f"{guest_name} is not a running warm guest", code="guest_exited")
+            step("state_ms")
             share, basefs = Path(str(meta["share"])), Path(str(meta["basefs"]))
             await asyncio.to_thread(self._prepare_home, home_dir, basefs, uid)
             await asyncio.to_thread(ensure_traversable, home_dir, self.paths.home)
             await asyncio.to_thread(warm.mount_home, share, login, home_dir)
+            step("home_ms")
             old_ip = str(meta.get("ip", ""))
-            await warm.readdress(state[1], ip, prefix_len, gateway)
+            await warm.readdress(pid, ip, prefix_len, gateway)
+            step("address_ms")
             meta["ip"] = ip  # teardown flushes the address it has now
             (self._lxc_dir(guest_name) / "deckard.json").write_text(json.dumps(meta))
-            for address in (old_ip, ip):  # the host's neighbour entries of either address are stale now
-                if address:
-                    await flush_neighbour(address)
+            await flush_neighbour(ip)  # an entry of an earlier guest at this address would stall the agent's call
+            if old_ip:  # the next guest at the old address needs the host to forget this one: not on the user's clock
+                task = asyncio.create_task(flush_neighbour(old_ip))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            step("neighbours_ms")
+            log.info("container.taken_over", guest=guest_name, ip=ip, **steps)
 
     def _meta(self, guest_name: str) -> dict[str, object]:
         """What a start recorded for teardown and take-over (``deckard.json``); {} when it is missing or bad."""

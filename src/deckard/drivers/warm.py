@@ -10,7 +10,7 @@ it) cannot put anything there before the mount.
 
 The address: a warm guest has one of its own from the top of the farm range; the desktop that takes it over keeps
 its own, so the node readdresses the guest's ``eth0`` from inside its network namespace (a container has no
-``CAP_NET_ADMIN`` to do it itself).
+``CAP_NET_ADMIN`` to do it itself), from a thread of its own (:func:`readdress`).
 
 Nothing here removes a file: a share is only ever unmounted and ``rmdir``-ed, so a mount that did not go away
 makes the removal fail instead of reaching into the user's home.
@@ -18,18 +18,25 @@ makes the removal fail instead of reaching into the user's home.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+import fcntl
 import os
+import socket
+import struct
+import threading
 from pathlib import Path
 
-from deckard.drivers.network import run_command
 from deckard.model.errors import DriverError
 
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
+CLONE_NEWNET = 0x40000000
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8916, 0x891C, 0x890B
+RTF_UP, RTF_GATEWAY = 0x1, 0x2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -87,8 +94,64 @@ def release_share(share: Path) -> None:
 
 
 async def readdress(pid: int, ip: str, prefix_len: int, gateway: str) -> None:
-    """Give the container whose init is ``pid`` the address ``ip``, in place of its own, and its default route."""
-    batch = f"address flush dev eth0\naddress add {ip}/{prefix_len} dev eth0\nroute replace default via {gateway}\n"
-    result = await run_command(["nsenter", "-t", str(pid), "-n", "ip", "-batch", "-"], check=False, stdin=batch)
-    if result.returncode != 0:
-        raise DriverError(f"readdressing the warm guest failed: {result.stderr.strip()}", code="guest_start_failed")
+    """Give the container whose init is ``pid`` the address ``ip``, in place of its own, and its default route.
+
+    In this process (~2 ms, where ``nsenter ip`` took two programs): a thread of its own enters the container's
+    network namespace (only that thread: namespaces are per thread), changes ``eth0``'s address and mask with the
+    classic ioctls and puts the default route back (changing the address drops it), then ends: a thread that could
+    not come back to the host's namespace is gone with it, never reused."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def work() -> None:
+        try:
+            _readdress_in(f"/proc/{pid}/ns/net", ip, prefix_len, gateway)
+        except BaseException as exc:  # handed to the waiting coroutine
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=work, daemon=True, name=f"readdress-{pid}").start()
+    try:
+        await done
+    except OSError as exc:
+        raise DriverError(f"readdressing the warm guest failed: {exc}", code="guest_start_failed") from None
+
+
+def _sockaddr(ip: str) -> bytes:
+    return struct.pack("=H2s4s8x", socket.AF_INET, b"", socket.inet_aton(ip))
+
+
+def _ifreq(device: str, ip: str) -> bytes:
+    return struct.pack("16s", device.encode()) + _sockaddr(ip) + bytes(8)
+
+
+def _readdress_in(netns: str, ip: str, prefix_len: int, gateway: str) -> None:
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+        finally:
+            os.close(target)
+        try:
+            mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF))
+            # struct rtentry (x86-64): the default route via the gateway, on whichever device reaches it
+            route = struct.pack(
+                "=Q16s16s16sHh4xQQh6xQQQH6x",
+                0, _sockaddr("0.0.0.0"), _sockaddr(gateway), _sockaddr("0.0.0.0"),
+                RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0,
+            )  # fmt: skip
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # a socket of the container's namespace
+                fcntl.ioctl(sock, SIOCSIFADDR, _ifreq("eth0", ip))
+                fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq("eth0", mask))
+                try:
+                    fcntl.ioctl(sock, SIOCADDRT, route)
+                except FileExistsError:
+                    pass
+        finally:
+            _libc.setns(own, CLONE_NEWNET)  # if this failed, the thread ends in the container's namespace: harmless
+    finally:
+        os.close(own)

@@ -449,11 +449,20 @@ class NodeDaemon:
                     uid=uid_for_user(desk.user_id),
                 )
             ]
+            t0 = time.monotonic()
             if self.egress is not None:
                 work.append(self.egress.admit(desk.ip, facts.network.rules))
             await asyncio.gather(*work)
+            t1 = time.monotonic()
             await AgentClient(desk.ip, desk.agent_token).take_over(
                 facts.user_login, uid_for_user(desk.user_id), desk.ip
+            )
+            log.info(
+                "desktop.taken_over",
+                desktop_id=desk.id,
+                guest=desk.guest,
+                guest_and_policy_ms=round((t1 - t0) * 1000, 1),
+                agent_ms=round((time.monotonic() - t1) * 1000, 1),
             )
             return True
         except Exception as e:
