@@ -96,11 +96,13 @@ class Table:
     desktops: Mapping[str, tuple[Rule, ...]]  # desktop IP → its policy's rules
     metadata_port: int = METADATA_PORT  # the guests' metadata service on the gateway address
     overlay: bool = False  # the bridge has a VXLAN port (``drivers/overlay.py``)
+    # policies whose chains exist before any desktop has them (a warm pool's: its take-over adds an address only)
+    prepared: Sequence[tuple[Rule, ...]] = ()
 
     def render(self) -> str:
         name = table_name(self.bridge)
         gw = self.protected.gateway
-        chains: dict[str, tuple[Rule, ...]] = {}
+        chains: dict[str, tuple[Rule, ...]] = {policy_chain(rules): rules for rules in self.prepared}
         verdicts = []
         for ip, rules in sorted(self.desktops.items()):
             chain = policy_chain(rules)
@@ -232,6 +234,18 @@ async def load_text(name: str, text: str, *, netns: str | None = None) -> None:
         tmp.unlink(missing_ok=True)
     if result.returncode != 0:
         raise DriverError(f"nft refused the desktop filter: {result.stderr.strip()[-500:]}", code="firewall_failed")
+
+
+async def add_desktop(bridge: str, ip: str, chain: str) -> None:
+    """Add one desktop to the loaded table's verdict map, its policy's chain already there: one ``nft`` command
+    (~10 ms) instead of loading the whole table (~35 ms).  DriverError ``firewall_failed`` if nft refuses (the
+    chain is missing, the address is mapped to another chain)."""
+    if not available():
+        raise DriverError("nft is not installed", code="firewall_unavailable")
+    element = f"{{ {ip} : jump {chain} }}"
+    result = await run_command(["nft", "add", "element", "inet", table_name(bridge), "desktops", element], check=False)
+    if result.returncode != 0:
+        raise DriverError(f"nft refused the desktop {ip}: {result.stderr.strip()[-300:]}", code="firewall_failed")
 
 
 async def remove(bridge: str) -> None:

@@ -51,10 +51,12 @@ class MultiDriver:
     async def take_over(
         self, guest_name: str, *, ip: str, prefix_len: int, gateway: str, home_dir: Path, login: str, uid: int
     ) -> None:
-        owner = await self._owner(guest_name)
-        if owner is None or not isinstance(owner[0], WarmDriver):
+        # straight to the driver that keeps warm guests, which checks the guest itself: asking each driver whose
+        # guest it is first (``_owner``: lxc-info) put ~20 ms on the user's clock
+        warm = [driver for driver in self.drivers.values() if isinstance(driver, WarmDriver)]
+        if not warm:
             raise DriverError(f"{guest_name} is not a running warm guest", code="guest_exited")
-        await owner[0].take_over(
+        await warm[0].take_over(
             guest_name, ip=ip, prefix_len=prefix_len, gateway=gateway, home_dir=home_dir, login=login, uid=uid
         )
 

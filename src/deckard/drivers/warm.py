@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import socket
@@ -131,6 +132,9 @@ def _readdress_in(netns: str, ip: str, prefix_len: int, gateway: str) -> None:
     try:
         target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # never the node's own namespace (a process not, or no longer, the guest's init): its eth0 is the host's
+            if os.fstat(target).st_ino == os.fstat(own).st_ino:
+                raise OSError(errno.EINVAL, f"{netns} is the node's own network namespace, not a guest's")
             if _libc.setns(target, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")

@@ -150,6 +150,7 @@ class NodeDaemon:
                 bridge=self.bridge,
                 may_start=lambda: not self._fenced and not self.restart.is_set(),
                 slots=self._start_slots,
+                egress=self.egress,
             )
         if self.egress is not None:  # the policies hold before any desktop is adopted or started
             await self.egress.start(node_id)
@@ -435,12 +436,15 @@ class NodeDaemon:
         """The desktop takes over the warm guest its start was given (``services/pools.take_warm``): the user's
         home and the desktop's address into it, the desktop's policy loaded, the user's session on its display.
         False (the guest killed) when that fails: the caller starts the desktop the usual way."""
-        desk = facts.desktop
-        assert desk.guest and desk.agent_token and isinstance(self.driver, WarmDriver)
+        desk, driver, guest, token = facts.desktop, self.driver, facts.desktop.guest, facts.desktop.agent_token
+        assert guest and token and isinstance(driver, WarmDriver)
         try:
-            work = [
-                self.driver.take_over(
-                    desk.guest,
+            t0 = time.monotonic()
+            done: dict[str, float] = {}
+
+            async def guest_then_agent() -> None:
+                await driver.take_over(
+                    guest,
                     ip=desk.ip,
                     prefix_len=prefix_len(self.network),
                     gateway=self.gateway,
@@ -448,28 +452,24 @@ class NodeDaemon:
                     login=facts.user_login,
                     uid=uid_for_user(desk.user_id),
                 )
-            ]
-            t0 = time.monotonic()
-            if self.egress is not None:
-                work.append(self.egress.admit(desk.ip, facts.network.rules))
-            await asyncio.gather(*work)
-            t1 = time.monotonic()
-            await AgentClient(desk.ip, desk.agent_token).take_over(
-                facts.user_login, uid_for_user(desk.user_id), desk.ip
-            )
-            log.info(
-                "desktop.taken_over",
-                desktop_id=desk.id,
-                guest=desk.guest,
-                guest_and_policy_ms=round((t1 - t0) * 1000, 1),
-                agent_ms=round((time.monotonic() - t1) * 1000, 1),
-            )
+                done["guest_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                await AgentClient(desk.ip, token).take_over(facts.user_login, uid_for_user(desk.user_id), desk.ip)
+                done["agent_ms"] = round((time.monotonic() - t0) * 1000, 1)
+
+            async def policy() -> None:
+                if self.egress is not None:
+                    await self.egress.admit(desk.ip, facts.network.rules)
+                done["policy_ms"] = round((time.monotonic() - t0) * 1000, 1)
+
+            # side by side: until its policy is in, the filter knows no such address and the session sends nothing
+            await asyncio.gather(guest_then_agent(), policy())
+            log.info("desktop.taken_over", desktop_id=desk.id, guest=guest, **done)
             return True
         except Exception as e:
             reason = reason_of(e)
-            log.warning("desktop.take_over_failed", desktop_id=desk.id, guest=desk.guest, reason=reason)
+            log.warning("desktop.take_over_failed", desktop_id=desk.id, guest=guest, reason=reason)
             with contextlib.suppress(Exception):
-                await self.driver.kill(desk.guest)
+                await driver.kill(guest)
             return False
 
     async def _cold_start(self, facts: node_ops.StartFacts) -> tuple[float, float]:
@@ -508,6 +508,7 @@ class NodeDaemon:
                 home_dir=self.paths.user_home(facts.tenant, facts.home_key),
                 agent_token=desk.agent_token,
                 keep_overlay=facts.keep_overlay,
+                mounter=facts.mounter,
                 dns_search=facts.network.dns_search,
                 driver=facts.driver,
                 seed=await self._seed(desktop_id) if facts.driver == "vm" else None,

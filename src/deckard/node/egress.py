@@ -26,6 +26,7 @@ from deckard.drivers.dns import Resolver
 from deckard.drivers.network import flush_neighbours
 from deckard.model.egress import Protected, Rule
 from deckard.model.entities import utcnow
+from deckard.model.errors import DriverError
 from deckard.model.network import gateway_of
 from deckard.model.states import NodeState
 from deckard.node.metadata import MetadataServer
@@ -41,6 +42,7 @@ MOVED_MARGIN_S = 30.0
 # an unchanged table is loaded again this often: a ruleset flushed by hand, or a table another node of this
 # machine loaded a moment earlier, is made whole again
 RELOAD_S = 30.0
+MAX_PREPARED = 32  # policies loaded ahead for warm pools (Egress.prepare): the oldest go first
 
 
 class Egress:
@@ -62,6 +64,7 @@ class Egress:
         self.metadata: MetadataServer | None = None  # made at start, when the node's id is known
         self._protected: Protected | None = None
         self._desktops: dict[str, tuple[Rule, ...]] = {}
+        self._prepared: dict[str, tuple[Rule, ...]] = {}  # chain → rules of policies loaded ahead (:meth:`prepare`)
         self.node_name = settings.node.name
         # tenant networks this node has (``drivers/tenant_net.py``): each → what it maps (farm → network address)
         self._tenants: dict[TenantNetworkRow, dict[str, str]] = {}
@@ -191,16 +194,47 @@ class Egress:
                 self._tenants_at = now
 
     async def admit(self, ip: str, rules: tuple[Rule, ...]) -> None:
-        """A desktop starts: its address gets its policy (a stopped one leaves at the next refresh)."""
+        """A desktop starts: its address gets its policy (a stopped one leaves at the next refresh).  When the
+        policy's chain is loaded already (another desktop has it, or :meth:`prepare`), only the address is added."""
         async with self._lock:
+            chain = firewall.policy_chain(rules)
+            loaded = chain in self._prepared or any(firewall.policy_chain(r) == chain for r in self._desktops.values())
+            quick = loaded and ip not in self._desktops and bool(self._loaded)
             self._desktops[ip] = rules
+            if quick:
+                try:
+                    await firewall.add_desktop(self.bridge, ip, chain)
+                    self._loaded = self._table().render()  # what the kernel has now: the next refresh keeps it
+                    return
+                except DriverError as e:
+                    log.info("network.quick_admit_failed", ip=ip, error=e.message)
             await self._load()
+
+    async def prepare(self, rules: tuple[Rule, ...]) -> None:
+        """Load a policy's chain before any desktop has it (a warm pool's, at its guests' start), so the take-over
+        that gives it a desktop only adds an address (:meth:`admit`).  Up to :data:`MAX_PREPARED` are kept."""
+        async with self._lock:
+            chain = firewall.policy_chain(rules)
+            if chain in self._prepared:
+                return
+            self._prepared[chain] = rules
+            while len(self._prepared) > MAX_PREPARED:
+                del self._prepared[next(iter(self._prepared))]
+            await self._load()
+
+    def _table(self) -> firewall.Table:
+        assert self._protected is not None, "refresh() first"
+        return firewall.Table(
+            self.bridge,
+            self._protected,
+            dict(self._desktops),
+            overlay=bool(self.overlay_address),
+            prepared=tuple(self._prepared.values()),
+        )
 
     async def _load(self) -> None:
         assert self._protected is not None, "refresh() first"
-        text = firewall.Table(
-            self.bridge, self._protected, dict(self._desktops), overlay=bool(self.overlay_address)
-        ).render()
+        text = self._table().render()
         if text == self._loaded and time.monotonic() - self._loaded_at < RELOAD_S:
             return
         await firewall.load(self.bridge, text)

@@ -24,8 +24,9 @@ from deckard.drivers.base import Driver, GuestSpec
 from deckard.model.errors import DeckardError, reason_of
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.warm_pool import WARM_GUEST_MARK, new_warm_guest_name
+from deckard.node.egress import Egress
 from deckard.runtime.paths import FarmPaths
-from deckard.services import node_ops, pools
+from deckard.services import network_policy, node_ops, pools
 from deckard.services.desktops import new_agent_token
 
 log = structlog.get_logger()
@@ -47,11 +48,13 @@ class WarmPools:
         bridge: str,
         may_start: Callable[[], bool],
         slots: asyncio.Semaphore,
+        egress: Egress | None = None,
     ) -> None:
         self.db, self.driver, self.paths, self.node_id = db, driver, paths, node_id
         self.network, self.bridge = network, bridge
         self.may_start = may_start  # False while the node is fenced
         self.slots = slots  # the node's start slots: a user's start never waits behind many warm ones
+        self.egress = egress  # loads the pool's policy ahead: the take-over then only adds an address
         self._starting: dict[int, asyncio.Task[None]] = {}  # pool id → the start of its next guest
         self._failed_at: dict[int, float] = {}
         self._had_guests = True  # the first pass looks for guests a previous daemon left
@@ -116,6 +119,8 @@ class WarmPools:
     async def _boot(self, guest: pools.WarmGuest, spec: pools.PoolSpec) -> None:
         t0 = time.monotonic()
         try:
+            if self.egress is not None:
+                await self.egress.prepare(await network_policy.osf_policy(self.db, spec.osf_id))
             async with self.slots:
                 await self.driver.start(
                     GuestSpec(

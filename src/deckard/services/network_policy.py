@@ -116,6 +116,14 @@ async def read_desktop_network(conn: AsyncConnection, tenant_id: int, osf_id: in
     return DesktopNetwork(parse_policy(text), source, values["network.dns.search"][0])
 
 
+async def osf_policy(db: Database, osf_id: int) -> tuple[Rule, ...]:
+    """The egress policy the desktops of an OSF get (``network.egress`` for its tenant and the OSF): a warm pool's,
+    loaded by the node ahead so a take-over only adds the desktop's address (node/egress.py ``prepare``)."""
+    async with db.connect() as conn:
+        tenant_id = (await conn.execute(sa.select(t.osfs.c.tenant_id).where(t.osfs.c.id == osf_id))).scalar_one()
+        return (await read_desktop_network(conn, tenant_id, osf_id)).rules
+
+
 _db_hosts: dict[str, tuple[tuple[ipaddress.IPv4Network, str], ...]] = {}
 
 
