@@ -350,8 +350,21 @@ class FarmProcess:
         last lines, for a failed test's report (tests/conftest.py), before ``close`` removes them."""
         parts = []
         for log_file in sorted((self.home / "logs").glob("*.log")):
-            text = log_file.read_text(errors="replace").splitlines()
-            loud = [line for line in text if "[warning" in line or "[error" in line or "Traceback" in line]
+            # a test's polls (API requests) and the heartbeat's minute lines say nothing about a failure
+            text = [
+                line
+                for line in log_file.read_text(errors="replace").splitlines()
+                if '"api.request"' not in line and '"node.heartbeat_stats"' not in line
+            ]
+            loud = [
+                line
+                for line in text
+                if '"level": "warning"' in line
+                or '"level": "error"' in line
+                or "[warning" in line
+                or "[error" in line
+                or "Traceback" in line
+            ]
             parts.append(f"--- {log_file.name}: warnings and errors (last {lines})\n" + "\n".join(loud[-lines:]))
             parts.append(f"--- {log_file.name}: last {lines} lines\n" + "\n".join(text[-lines:]))
         return "\n".join(parts)

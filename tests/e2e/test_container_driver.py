@@ -9,6 +9,7 @@ the bridge even when a test fails.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -371,7 +372,8 @@ async def test_root_in_a_desktop_cannot_reach_the_host(
     driver: ContainerDriver, farm: FarmPaths, image_path: Path, bridge: tuple[str, str]
 ) -> None:
     """uid 0 inside is an unprivileged host uid; no open_by_handle_at, BPF, perf, modules, namespaces, mounts."""
-    spec = make_spec(farm, image_path, bridge, 1, "alice", 10001)
+    # with the mounter of shared folders (nx.shares.in_containers), the case where the desktop's init has more
+    spec = dataclasses.replace(make_spec(farm, image_path, bridge, 1, "alice", 10001), mounter=True)
     info = await driver.start(spec)
     await wait_for_agent(spec)
     await call_agent(spec, "x_start", user="alice", uid=10001)  # the home exists and is alice's

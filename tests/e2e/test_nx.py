@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,17 @@ PROCESSES = "for p in /proc/[0-9]*; do echo \"$(stat -c %U $p) $(tr '\\0' ' ' < 
 
 
 @pytest.fixture(scope="module")
-def desk(farm: FarmProcess) -> int:
+def desk(farm: FarmProcess) -> Iterator[int]:
     reason = nx_unavailable_reason()
     if reason:
         pytest.skip(reason)
     farm.deckard("user", "add", "nxuser", "--password", PASSWORD)
     farm.deckard("desktop", "add", "nx-desk", "--user", "nxuser")
-    return int(farm.desktop("nx-desk")["id"])
+    farm.deckard("config", "set", "nx.shares.in_containers", "true")  # before its first start (the first test)
+    try:
+        yield int(farm.desktop("nx-desk")["id"])
+    finally:
+        farm.deckard("config", "reset", "nx.shares.in_containers")
 
 
 def _user_state(farm: FarmProcess, state: str, timeout: float = 15) -> None:

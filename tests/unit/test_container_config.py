@@ -98,12 +98,10 @@ def test_rootfs_is_an_overlay_with_the_agent_as_init_starting_the_users_display(
 
 
 def test_desktops_are_unprivileged() -> None:
-    """A user namespace onto the farm's id range, five capabilities (two more for PID 1 alone, which forks the
-    mounter with them and drops them: tests/e2e/test_container_driver.py checks), no new privileges, seccomp,
-    masked /proc."""
+    """A user namespace onto the farm's id range, five capabilities, no new privileges, seccomp, masked /proc."""
     cfg = config_of(make_spec())
     assert cfg["lxc.idmap"] == [f"u 0 {5 * ID_RANGE} {ID_RANGE}", f"g 0 {5 * ID_RANGE} {ID_RANGE}"]
-    assert cfg["lxc.cap.keep"] == ["chown fowner setuid setgid kill sys_admin setpcap"] and "lxc.cap.drop" not in cfg
+    assert cfg["lxc.cap.keep"] == ["chown fowner setuid setgid kill"] and "lxc.cap.drop" not in cfg
     assert cfg["lxc.no_new_privs"] == ["1"]
     assert cfg["lxc.seccomp.profile"] == ["/run/deckard/lxc/dkabc123-42/seccomp"]
     assert "/dev/null proc/kcore none bind,optional 0 0" in cfg["lxc.mount.entry"]
@@ -158,8 +156,17 @@ def test_devices_are_a_whitelist() -> None:
     assert "c 10:229 rwm" not in cfg["lxc.cgroup.devices.allow"]  # FUSE only where the node gives a device node
 
 
-def test_fuse_is_bound_from_the_nodes_device_node() -> None:
-    cfg = config_of(make_spec(), fuse=Path("/dev/deckard-fuse"))
+def test_the_mounter_and_fuse_only_where_shared_folders_may_be_mounted() -> None:
+    """``nx.shares.in_containers`` (GuestSpec.mounter): PID 1 gets sys_admin and setpcap to fork the mounter and
+    drop them (tests/e2e/test_container_driver.py checks the drop), and /dev/fuse from the node's device node."""
+    fuse = Path("/dev/deckard-fuse")
+    for spec, node in ((make_spec(), fuse), (make_spec(mounter=True), None)):
+        cfg = config_of(spec, fuse=node)  # off, or no FUSE on the node: nothing more than the five
+        assert cfg["lxc.cap.keep"] == ["chown fowner setuid setgid kill"]
+        assert "c 10:229 rwm" not in cfg["lxc.cgroup.devices.allow"]
+        assert not any("dev/fuse" in m for m in cfg["lxc.mount.entry"])
+    cfg = config_of(make_spec(mounter=True), fuse=fuse)
+    assert cfg["lxc.cap.keep"] == ["chown fowner setuid setgid kill sys_admin setpcap"]
     assert "c 10:229 rwm" in cfg["lxc.cgroup.devices.allow"]
     assert "/dev/deckard-fuse dev/fuse none bind,create=file 0 0" in cfg["lxc.mount.entry"]
 

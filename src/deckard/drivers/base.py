@@ -66,6 +66,7 @@ class GuestSpec:
     volumes: tuple[VolumeMount, ...] = ()  # attached volumes the guest gets at start
     farm_ip: str = ""  # on a tenant network: the farm address the node reaches the guest at ("" = ``ip``)
     warm: bool = False  # a warm pool's guest: nobody's yet (no user, no account); ``home_dir`` is its share of homes
+    mounter: bool = False  # a container's init may fork the mounter of shared folders (``nx.shares.in_containers``)
 
     @property
     def reach_ip(self) -> str:

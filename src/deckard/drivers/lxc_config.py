@@ -20,9 +20,12 @@ CFS_PERIOD_US = 100_000
 ID_RANGE = 1 << 24  # guest uids/gids 0 … 2^24-1: room for uid_for_user() of millions of users
 # What root in a desktop keeps (namespaced: it acts on the desktop's own files and processes only): the agent
 # creates the user (chown, fowner), starts the session as that user (setuid, setgid) and ends it (kill).
-# sys_admin and setpcap reach PID 1 only: the agent forks the mounter of shared folders with them and drops both
-# before anything else runs (vma/shares.py), so no other process of the desktop, root or not, ever has them.
-CAPS_KEEP = "chown fowner setuid setgid kill sys_admin setpcap"
+CAPS_KEEP = "chown fowner setuid setgid kill"
+# Where shared folders may be mounted (``nx.shares.in_containers``), sys_admin and setpcap as well, for PID 1: the
+# agent forks the mounter of shared folders with them and drops both before anything else runs (vma/shares.py),
+# so no other process of the desktop, root or not, has them.  An init that is not Deckard's agent would keep them:
+# hence off by default.
+MOUNTER_CAPS = "sys_admin setpcap"
 FUSE_DEVICE = "c 10:229 rwm"  # /dev/fuse: only the mounter can mount with it (vma/shares.py)
 # Syscalls a desktop never needs and that reach the kernel's riskiest surface (in the spirit of LXC's and
 # Docker's default profiles); clone3 says ENOSYS so the C library falls back to clone, which is filtered.
@@ -133,7 +136,7 @@ def render_config(
         else f"lxc.init.cmd = {agent} --display-for {spec.user_login}:{spec.user_uid}",
         f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
         f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
-        f"lxc.cap.keep = {CAPS_KEEP}",
+        f"lxc.cap.keep = {CAPS_KEEP} {MOUNTER_CAPS}" if spec.mounter and fuse else f"lxc.cap.keep = {CAPS_KEEP}",
         "lxc.no_new_privs = 1",
         f"lxc.seccomp.profile = {seccomp}",
         # this kernel has no AppArmor (reference/platform.md): then the namespaces and seccomp above are the wall
@@ -167,8 +170,8 @@ def render_config(
         f"lxc.cgroup.pids.max = {PIDS_MAX}",
         "lxc.cgroup.devices.deny = a",
         *(f"lxc.cgroup.devices.allow = {rule}" for rule in DEVICES_ALLOW),
-        *(f"lxc.cgroup.devices.allow = {FUSE_DEVICE}",) * bool(fuse),
-        *(f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",) * bool(fuse),
+        *(f"lxc.cgroup.devices.allow = {FUSE_DEVICE}",) * bool(spec.mounter and fuse),
+        *(f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",) * bool(spec.mounter and fuse),
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {spec.bridge}",
         "lxc.net.0.flags = up",

@@ -407,6 +407,15 @@ PORTAL_KEYS: tuple[ConfigKey, ...] = (
         per_osf=True,
     ),
     ConfigKey(
+        "nx.shares.in_containers",
+        bool,
+        False,
+        "Container desktops (OSFs that do not keep their overlay) may mount QVD clients' shared folders: their init "
+        "gets CAP_SYS_ADMIN in the desktop's own user namespace to fork the mounter and drops it at once. A desktop "
+        "whose init is not Deckard's (an uploaded image) would keep it: turn on only if you trust every image "
+        "(docs/security.md). Applies at each desktop's next start.",
+    ),
+    ConfigKey(
         "nx.printing.enabled",
         bool,
         True,

@@ -29,6 +29,7 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.fence import FenceConfig
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
+from deckard.services.config import read_config
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
@@ -266,6 +267,7 @@ class StartFacts:
     network: DesktopNetwork
     driver: str = "container"  # the OSF's: which of the node's drivers runs the desktop
     tenant_network: TenantAddress | None = None  # on a tenant network: which, and the desktop's address in it
+    mounter: bool = False  # ``nx.shares.in_containers`` on and the OSF keeps no overlay (docs/security.md)
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
@@ -301,6 +303,8 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
             row.osf_driver,
             await tenant_address(conn, desktop_id),
+            # a kept overlay lets root leave another init (or python3) for the next start: never with the mounter
+            bool(await read_config(conn, "nx.shares.in_containers", None)) and not row.keep_overlay,
         )
 
 
