@@ -2507,6 +2507,7 @@ def main(argv: list[str] | None = None) -> int:
         # LXC starts init with an almost empty environment; useradd and friends live in sbin
         os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         setup_init()
+    RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)  # the logs of the display, sound and printing are here
     mounter = None
     if is_init and SHARES is not None and SHARES.has_sys_admin():
         # before any thread: the mounter is a fork, and capabilities are per thread (vma/shares.py)
