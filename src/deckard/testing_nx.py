@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from deckard.client.broker import BrokerConnection
+from deckard.testing import free_port
 
 SIZE = (1024, 768)
 
@@ -84,7 +85,7 @@ class NxViewer:
         self.bytes_down, self.bytes_up = [0], [0]
         # the client's end of the slave channel (shared folders): nxproxy listens there once attached, and the
         # key to it comes in the 101 (X-QVD-Slave-Key)
-        self.slave_port = _free_port()
+        self.slave_port = free_port()
         self.slave_key = ""
         self._sftp: list[subprocess.Popen[bytes]] = []
         self.print_dir = self.home / "printed"
@@ -375,13 +376,6 @@ elif method == "POST" and path.startswith("/printer/") and path.endswith("/print
 else:
     send(404, "Not Found")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:

@@ -126,6 +126,7 @@ def render_config(
     is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``;
     ``agent``: the command that starts the guest agent (``agent_code.agent_command``); ``fuse``: a FUSE device
     node its root may open, bound on ``/dev/fuse`` (shared folders)."""
+    mounter = spec.mounter and fuse is not None  # its capabilities and /dev/fuse come together or not at all
     lines = [
         f"# deckard desktop {spec.desktop_id}: generated, do not edit",
         f"lxc.uts.name = {spec.guest_name}",
@@ -136,7 +137,7 @@ def render_config(
         else f"lxc.init.cmd = {agent} --display-for {spec.user_login}:{spec.user_uid}",
         f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
         f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
-        f"lxc.cap.keep = {CAPS_KEEP} {MOUNTER_CAPS}" if spec.mounter and fuse else f"lxc.cap.keep = {CAPS_KEEP}",
+        f"lxc.cap.keep = {CAPS_KEEP} {MOUNTER_CAPS}" if mounter else f"lxc.cap.keep = {CAPS_KEEP}",
         "lxc.no_new_privs = 1",
         f"lxc.seccomp.profile = {seccomp}",
         # this kernel has no AppArmor (reference/platform.md): then the namespaces and seccomp above are the wall
@@ -170,8 +171,14 @@ def render_config(
         f"lxc.cgroup.pids.max = {PIDS_MAX}",
         "lxc.cgroup.devices.deny = a",
         *(f"lxc.cgroup.devices.allow = {rule}" for rule in DEVICES_ALLOW),
-        *(f"lxc.cgroup.devices.allow = {FUSE_DEVICE}",) * bool(spec.mounter and fuse),
-        *(f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",) * bool(spec.mounter and fuse),
+        *(
+            (
+                f"lxc.cgroup.devices.allow = {FUSE_DEVICE}",
+                f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",
+            )
+            if mounter
+            else ()
+        ),
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {spec.bridge}",
         "lxc.net.0.flags = up",

@@ -198,7 +198,7 @@ class Egress:
         policy's chain is loaded already (another desktop has it, or :meth:`prepare`), only the address is added."""
         async with self._lock:
             chain = firewall.policy_chain(rules)
-            loaded = chain in self._prepared or any(firewall.policy_chain(r) == chain for r in self._desktops.values())
+            loaded = chain in self._prepared or rules in self._desktops.values()  # its chain is in the table
             quick = loaded and ip not in self._desktops and bool(self._loaded)
             self._desktops[ip] = rules
             if quick:

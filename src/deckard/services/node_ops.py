@@ -303,8 +303,11 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
             row.osf_driver,
             await tenant_address(conn, desktop_id),
-            # a kept overlay lets root leave another init (or python3) for the next start: never with the mounter
-            bool(await read_config(conn, "nx.shares.in_containers", None)) and not row.keep_overlay,
+            # a kept overlay lets root leave another init (or python3) for the next start: never with the mounter;
+            # the setting is read only where it can matter (a container that keeps no overlay)
+            not row.keep_overlay
+            and row.osf_driver == "container"
+            and bool(await read_config(conn, "nx.shares.in_containers", None)),
         )
 
 

@@ -78,11 +78,13 @@ def _load_module(name: str, needs: str = "") -> Any:
     """``vma/<name>.py``: a module of the package on the host, a file beside the agent in an image (the agent is
     one file there); None when the image lacks it or lacks ``needs`` (sound without an audio server is not
     compiled for nothing: a VM's boot under a software CPU would pay for it)."""
+    import importlib
+    import importlib.util
+
     try:
-        return __import__(f"deckard.vma.{name}", fromlist=[name])
+        return importlib.import_module(f"deckard.vma.{name}")
     except ImportError:
         pass
-    import importlib.util
 
     path = f"{MODULE_DIR}/{name}.py"
     spec = importlib.util.spec_from_file_location(f"deckard_vma_{name}", path)
