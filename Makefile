@@ -21,7 +21,7 @@ APT_PACKAGES := lxc debootstrap iproute2 iptables nftables dnsmasq-base zstd pos
 HOME_DIR ?= /var/lib/deckard
 PYTEST_ARGS ?=
 
-.PHONY: up down test test-unprivileged lint unit integration e2e chaos bench deps lock clean-cache
+.PHONY: up down test test-unprivileged lint unit integration e2e chaos bench deps lock wheelhouse clean-cache
 
 up: deps
 	ln -sf $(CURDIR)/$(VENV)/bin/deckard /usr/local/bin/deckard
@@ -41,13 +41,24 @@ $(STAMPS)/apt: Makefile
 	fi
 	@touch $@
 
-# requirements.lock pins every Python package make up and make test install (as pip constraints)
+# requirements.lock pins every Python package make up and make test install (as pip constraints).  They come from
+# the machine's wheelhouse when it holds every pin (no network needed: an air-gapped machine, or a second clone),
+# else from the package index.  `make wheelhouse` fills it while the index is reachable.
+WHEELHOUSE ?= /var/cache/deckard/wheels
 $(STAMPS)/venv: pyproject.toml requirements.lock
 	@mkdir -p $(STAMPS)
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c requirements.lock -e '.[dev]'
+	@if [ -d $(WHEELHOUSE) ] && $(VENV)/bin/pip install -q --no-index --find-links $(WHEELHOUSE) \
+			-c requirements.lock -e '.[dev]' 2>/dev/null; then \
+		echo "installed the pinned Python packages from $(WHEELHOUSE)"; \
+	else \
+		$(VENV)/bin/pip install -q --upgrade pip && $(VENV)/bin/pip install -q -c requirements.lock -e '.[dev]'; \
+	fi
 	@touch $@
+
+wheelhouse: $(STAMPS)/venv
+	mkdir -p $(WHEELHOUSE)
+	$(VENV)/bin/pip download -q -d $(WHEELHOUSE) --only-binary=:all: -r <(grep -v '^#' requirements.lock) 'setuptools>=68'
 
 # after changing dependencies in pyproject.toml: resolve them afresh and write the pins
 lock:
@@ -61,13 +72,13 @@ lock:
 $(STAMPS)/web: web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/* web/src/*/*)
 	@mkdir -p $(STAMPS)
 	@command -v npm >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm)
-	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+	cd web && npm ci --prefer-offline --no-audit --no-fund --loglevel=error && npm run --silent build
 	@touch $@
 
 # the OpenID provider the identity tests log in with (npm oidc-provider, run by tests/oidc_provider.py)
 $(STAMPS)/test-oidc: tests/oidc/package.json tests/oidc/package-lock.json
 	@mkdir -p $(STAMPS)
-	cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error
+	cd tests/oidc && npm ci --prefer-offline --no-audit --no-fund --loglevel=error
 	@touch $@
 
 lint: deps

@@ -130,15 +130,32 @@ def standard_image() -> Path:
     reason = e2e_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from deckard.images.builder import build_image
     from deckard.images.profile import load_profile
 
+    return _built(load_profile("standard"))
+
+
+@pytest.fixture(scope="session")
+def minimal_image() -> Path:
+    """The minimal profile's image file: what every farm's default OSF runs (a test imports it for another OSF)."""
+    reason = e2e_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from deckard.images.profile import load_profile
+
+    return _built(load_profile("minimal"))
+
+
+def _built(profile: Any) -> Path:
+    """``profile``'s image file for this agent, from the image cache (built once); images of older agents or
+    recipes go (dead weight of 150-400 MB each)."""
+    from deckard.images.builder import build_image
+
     out = image_cache() / "built"
-    path = asyncio.run(
-        build_image(out, cache_dir=image_cache(), progress=lambda _t, _f: None, profile=load_profile("standard"))
-    )
-    for old in out.glob("deckard-standard-*.tar.zst"):  # images of older agents are dead weight (300 MB each)
-        if old != path:
+    path = asyncio.run(build_image(out, cache_dir=image_cache(), progress=_quiet, profile=profile))
+    kind = path.name.rsplit("-", 2)[0]  # deckard-<profile>[-vm]
+    for old in out.glob(f"{kind}-*.tar.zst"):
+        if old != path and old.name.rsplit("-", 2)[0] == kind:
             old.unlink(missing_ok=True)
     return path
 
@@ -164,16 +181,9 @@ def vm_image() -> Path:
     reason = vm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from deckard.images.builder import build_image
     from deckard.images.profile import load_profile, with_vm
 
-    out = image_cache() / "built"
-    profile = with_vm(load_profile("minimal"))
-    path = asyncio.run(build_image(out, cache_dir=image_cache(), progress=_quiet, profile=profile))
-    for old in out.glob("deckard-minimal-vm-*.tar.zst"):  # images of older agents are dead weight
-        if old != path:
-            old.unlink(missing_ok=True)
-    return path
+    return _built(with_vm(load_profile("minimal")))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The container driver against real LXC: a desktop starts, shows a real desktop over VNC, keeps only its home.
 
 Needs root, the LXC tools and debootstrap.  The image is built once by the image builder and cached in
-``.cache/images`` (``DECKARD_IMAGE_CACHE`` overrides), so after the first run only the guests cost time.
+``/var/cache/deckard/images`` (``DECKARD_IMAGE_CACHE`` overrides), so after the first run only the guests cost time.
 Each test runs on its own bridge and farm directory; fixtures remove containers, overlays, cgroups and
 the bridge even when a test fails.
 """
@@ -34,10 +34,11 @@ from deckard.drivers.network import (
     veth_name,
 )
 from deckard.runtime.paths import FarmPaths
+from deckard.testing import image_cache
 
 pytestmark = pytest.mark.e2e
 
-CACHE_DIR = Path(os.environ.get("DECKARD_IMAGE_CACHE") or Path(__file__).parents[2] / ".cache" / "images")
+CACHE_DIR = image_cache()
 MIB = 1024 * 1024
 
 

@@ -25,7 +25,7 @@ from deckard.client import broker as qvd
 from deckard.client.rfb import colour_share, grab_framebuffer
 from deckard.drivers.firewall import table_name
 from deckard.model.network import gateway_of
-from deckard.testing import FarmProcess, Upstream, e2e_unavailable_reason, image_cache, wait_for
+from deckard.testing import FarmProcess, Upstream, e2e_unavailable_reason, wait_for
 
 PASSWORD = "net-Pa55word!"
 
@@ -179,14 +179,13 @@ def test_firefox_in_a_standard_desktop_shows_a_page_served_upstream(
 TENANT_RANGE = "10.88.0.0/24"
 
 
-def _tenant_desktop(farm: FarmProcess, tenant: str, user: str) -> dict:
+def _tenant_desktop(farm: FarmProcess, minimal_image: Path, tenant: str, user: str) -> dict:
     """A running desktop of ``tenant`` on its private network ``lan`` (TENANT_RANGE, the same for every tenant)."""
     name = f"{user}-desk"
     if not any(d["name"] == name for d in farm.json("desktop", "list")):  # type: ignore[union-attr]
         farm.deckard("config", "set", "tenancy.multi", "true")
         farm.deckard("tenant", "add", tenant)
-        image = next(p for p in (image_cache() / "built").glob("deckard-minimal-*.tar.zst") if "-vm-" not in p.name)
-        farm.deckard("image", "import", str(image), "--osf", f"default@{tenant}")
+        farm.deckard("image", "import", str(minimal_image), "--osf", f"default@{tenant}")
         farm.deckard("network", "create", "lan", "--range", TENANT_RANGE, "--tenant", tenant)
         farm.deckard("user", "add", user, "--password", PASSWORD, "--tenant", tenant)
         users: Any = farm.json("user", "list")
@@ -200,10 +199,10 @@ def _tenant_desktop(farm: FarmProcess, tenant: str, user: str) -> dict:
 
 
 def test_two_tenants_with_the_same_range_each_reach_out_and_never_each_other(
-    farm: FarmProcess, upstream: Upstream
+    farm: FarmProcess, upstream: Upstream, minimal_image: Path
 ) -> None:
-    a = _tenant_desktop(farm, "acme", "ann")
-    b = _tenant_desktop(farm, "beta", "bob")
+    a = _tenant_desktop(farm, minimal_image, "acme", "ann")
+    b = _tenant_desktop(farm, minimal_image, "beta", "bob")
     assert a["network_ip"] == b["network_ip"] == "10.88.0.11" and a["ip"] != b["ip"]
     for desk in (a, b):
         inside = farm.attach(desk["id"], "cat /etc/resolv.conf /proc/net/fib_trie").stdout
@@ -218,8 +217,8 @@ def test_two_tenants_with_the_same_range_each_reach_out_and_never_each_other(
         assert farm.probe(a["id"], host, port).startswith("blocked"), (host, port)
 
 
-def test_the_broker_reaches_a_tenant_desktop_at_its_farm_address(farm: FarmProcess) -> None:
-    desk = _tenant_desktop(farm, "acme", "ann")
+def test_the_broker_reaches_a_tenant_desktop_at_its_farm_address(farm: FarmProcess, minimal_image: Path) -> None:
+    desk = _tenant_desktop(farm, minimal_image, "acme", "ann")
 
     async def look() -> tuple[int, int]:
         reader, writer = await qvd.connect(farm.broker, "ann@acme", PASSWORD, farm.ca, desk["id"])
