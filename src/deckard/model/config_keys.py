@@ -57,6 +57,16 @@ IDENTITY_KEYS = (
         per_tenant=True,
     ),
     ConfigKey(
+        "auth.local.remember_s",
+        int,
+        300,
+        "For this long after a user's local password was checked, the same password is confirmed again without "
+        "argon2 (a MAC kept in the broker's memory; a changed password is never confirmed so). 0: check every time.",
+        minimum=0,
+        maximum=3600,
+        per_tenant=True,
+    ),
+    ConfigKey(
         "auth.failure_floor_ms",
         int,
         250,
