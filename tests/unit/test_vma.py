@@ -143,7 +143,14 @@ def test_poweroff_answers_then_the_agent_exits(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_vnc_connected_reads_established_connections() -> None:
+@pytest.mark.parametrize("netlink", [True, False], ids=["sock_diag", "proc"])
+def test_vnc_connected_reads_established_connections(netlink: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not netlink:  # a desktop where netlink is refused reads the text tables
+
+        def refused(_port: int) -> bool:
+            raise PermissionError("netlink refused")
+
+        monkeypatch.setattr(vma, "_established_on", refused)
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()

@@ -259,9 +259,13 @@ class ContainerDriver:
                 raise DriverError(f"{guest_name} is not a running warm guest", code="guest_exited")
             step("state_ms")
             share, basefs = Path(str(meta["share"])), Path(str(meta["basefs"]))
-            await asyncio.to_thread(self._prepare_home, home_dir, basefs, uid)
-            await asyncio.to_thread(ensure_traversable, home_dir, self.paths.home)
-            await asyncio.to_thread(warm.mount_home, share, login, home_dir)
+
+            def home() -> None:  # one trip to a worker thread: each trip waits on a busy event loop
+                self._prepare_home(home_dir, basefs, uid)
+                ensure_traversable(home_dir, self.paths.home)
+                warm.mount_home(share, login, home_dir)
+
+            await asyncio.to_thread(home)
             step("home_ms")
             old_ip = str(meta.get("ip", ""))
             await warm.readdress(pid, ip, prefix_len, gateway)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import structlog
 
+from deckard.drivers import nftlib
 from deckard.drivers.network import run_command
 from deckard.model.egress import ANY, Protected, Rule
 from deckard.model.errors import DriverError
@@ -207,7 +208,7 @@ async def guard_port(port: str, mac: str, ip: str) -> None:
 
 async def remove_port_guard(port: str) -> None:
     if available():
-        await run_command(["nft", "delete", "table", "bridge", guard_name(port)], check=False)
+        await run_nft(f"delete table bridge {guard_name(port)}\n")
 
 
 async def load(bridge: str, text: str) -> None:
@@ -223,36 +224,47 @@ async def load_text(name: str, text: str, *, netns: str | None = None) -> None:
             "nft is not installed: desktops would have no network policy; install the nftables package",
             code="firewall_unavailable",
         )
+    returncode, stderr = await run_nft(text, name=name, netns=netns)
+    if returncode != 0:
+        raise DriverError(f"nft refused the desktop filter: {stderr.strip()[-500:]}", code="firewall_failed")
+
+
+async def run_nft(commands: str, *, name: str = "commands", netns: str | None = None) -> tuple[int, str]:
+    """Run ``commands`` (``nft -f``'s language) as one transaction: in this process through libnftables
+    (``drivers/nftlib.py``), or with the ``nft`` command in network namespace ``netns`` or without the library.
+    Returns nft's exit status and error text."""
+    if netns is None:
+        done = await nftlib.run(commands)
+        if done is not None:
+            return done.returncode, done.stderr
     fd, path = tempfile.mkstemp(prefix=f".{name}-", suffix=".nft")  # nodes may share a bridge
     tmp = Path(path)
     with os.fdopen(fd, "w") as f:
-        f.write(text)
+        f.write(commands)
     try:
         inside = ["ip", "netns", "exec", netns] if netns else []
         result = await run_command([*inside, "nft", "-f", str(tmp)], check=False)
     finally:
         tmp.unlink(missing_ok=True)
-    if result.returncode != 0:
-        raise DriverError(f"nft refused the desktop filter: {result.stderr.strip()[-500:]}", code="firewall_failed")
+    return result.returncode, result.stderr
 
 
 async def add_desktop(bridge: str, ip: str, chain: str) -> None:
-    """Add one desktop to the loaded table's verdict map, its policy's chain already there: one ``nft`` command
-    (~10 ms) instead of loading the whole table (~35 ms).  DriverError ``firewall_failed`` if nft refuses (the
+    """Add one desktop to the loaded table's verdict map, its policy's chain already there: one element (~0.2 ms
+    in this process) instead of loading the whole table.  DriverError ``firewall_failed`` if nft refuses (the
     chain is missing, the address is mapped to another chain)."""
     if not available():
         raise DriverError("nft is not installed", code="firewall_unavailable")
-    element = f"{{ {ip} : jump {chain} }}"
-    result = await run_command(["nft", "add", "element", "inet", table_name(bridge), "desktops", element], check=False)
-    if result.returncode != 0:
-        raise DriverError(f"nft refused the desktop {ip}: {result.stderr.strip()[-300:]}", code="firewall_failed")
+    returncode, stderr = await run_nft(f"add element inet {table_name(bridge)} desktops {{ {ip} : jump {chain} }}\n")
+    if returncode != 0:
+        raise DriverError(f"nft refused the desktop {ip}: {stderr.strip()[-300:]}", code="firewall_failed")
 
 
 async def remove(bridge: str) -> None:
     """Remove the bridge's filter (tests, a farm taken down for good) and any older guard chain."""
     await remove_legacy_guard(bridge)
     if available():
-        await run_command(["nft", "delete", "table", "inet", table_name(bridge)], check=False)
+        await run_nft(f"delete table inet {table_name(bridge)}\n")
 
 
 async def remove_legacy_guard(bridge: str) -> None:

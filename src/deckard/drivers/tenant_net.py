@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from deckard.drivers.firewall import elements, load_text, whole_table
+from deckard.drivers.firewall import elements, load_text, run_nft, whole_table
 from deckard.drivers.network import isolate_port, link_exists, run_command
 from deckard.model.errors import DriverError
 from deckard.model.network import gateway_of, network_gateway, prefix_len
@@ -316,7 +316,7 @@ async def remove(n: Names) -> None:
         if link_exists(link):
             await run_command(["ip", "link", "del", link], check=False)
     if not any(other.scope == n.scope for other in _namespaces(n.farm_bridge)):
-        await run_command(["nft", "delete", "table", "inet", host_table(n.scope)], check=False)
+        await run_nft(f"delete table inet {host_table(n.scope)}\n")
     log.info("network.tenant_namespace_removed", netns=n.netns)
 
 
