@@ -166,8 +166,10 @@ class FakeAgent(vma.Agent):
             self.guest.loop.call_soon_threadsafe(self.guest.exit)
 
 
-class _BufferedHandler(vma.Handler):
-    """The agent's HTTP handler run over one request already read into memory (no socket of its own)."""
+class _Buffered:
+    """Mixed into the agent's HTTP handler: it runs over one request already read into memory (no socket)."""
+
+    request: bytes
 
     def setup(self) -> None:
         self.rfile = io.BytesIO(self.request)
@@ -198,7 +200,7 @@ class FakeGuest:
         self._nx_server: socket.socket | None = None
         self._nx_servers: list[asyncio.Server] = []
         self.agent = FakeAgent(self)
-        self._handler = type("FakeGuestHandler", (_BufferedHandler,), {"agent": self.agent})
+        self._handler = type("FakeGuestHandler", (_Buffered, vma.handler_class()), {"agent": self.agent})
         self._agent_server: asyncio.Server | None = None
         self._display_sock: socket.socket | None = None  # bound at x_start; served once its server is up
         self._display_server: asyncio.Server | None = None

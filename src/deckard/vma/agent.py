@@ -65,10 +65,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
+
+if TYPE_CHECKING:  # loaded at first use (handler_class)
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODULE_DIR = "/usr/local/lib/deckard-vma"  # where an image has the agent's other modules (images/builder.py)
 PULSEAUDIO = "/usr/bin/pulseaudio"
@@ -2288,228 +2290,252 @@ def block_devices(sys_block: str = "/sys/block", proc: str = "/proc") -> list[di
     return devices
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = f"deckard-vma/{VERSION}"
-    agent: Agent  # set on the subclass made by serve()
+def handler_class() -> type[BaseHTTPRequestHandler]:
+    """The agent's HTTP handler class, made at first use: ``http.server`` and what it imports (email, http.client,
+    html, mimetypes: ~20 ms of the agent's start) load after ``main`` has set the early display going, so Xvnc
+    boots beside them instead of after them (measured in a container: Xvnc spawned at 46 ms instead of ~66)."""
+    global _HANDLER
+    if _HANDLER is None:
+        _HANDLER = _make_handler()
+    return _HANDLER
 
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path in ("/files/list", "/files/get"):
-            self._handle_files()
-        elif path == "/sound":
-            self._handle_sound()
-        else:
+
+_HANDLER: type[BaseHTTPRequestHandler] | None = None
+
+
+def _make_handler() -> type[BaseHTTPRequestHandler]:
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"deckard-vma/{VERSION}"
+        agent: Agent  # set on the subclass made by serve()
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path in ("/files/list", "/files/get"):
+                self._handle_files()
+            elif path == "/sound":
+                self._handle_sound()
+            else:
+                self._handle()
+
+        def do_POST(self) -> None:
             self._handle()
 
-    def do_POST(self) -> None:
-        self._handle()
+        def do_PUT(self) -> None:
+            self._handle_files()
 
-    def do_PUT(self) -> None:
-        self._handle_files()
-
-    def _handle(self) -> None:
-        t0 = time.monotonic()
-        url = urlsplit(self.path)
-        params = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        status, body = 200, {}
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            if not self._authorized():
-                raise AgentError("unauthenticated", "missing or wrong agent token", 401)
-            if raw and self.headers.get_content_type() == "application/json":
-                params.update({k: str(v) for k, v in json.loads(raw).items()})
-            elif raw:
-                params.update({k: v[-1] for k, v in parse_qs(raw.decode()).items()})
-            if not url.path.startswith("/vma/"):
-                raise AgentError("not_found", "RPC paths are /vma/<method>", 404)
-            body = {"ok": True, **self.agent.call(url.path[5:], params)}
-        except AgentError as exc:
-            status, body = exc.status, {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-        except Exception as exc:
-            log.exception("internal error")
-            status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
-        self._send_json(status, body)
-        self._log(url.path, status, t0)
-
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _log(self, path: str, status: int, t0: float, extra: str = "") -> None:
-        ms = (time.monotonic() - t0) * 1000
-        log.info("%s %s %s %d %.1fms%s", self.client_address[0], self.command, path, status, ms, extra)
-
-    # -- file routes: /files/list, /files/get, /files/put (see FILE_WORKER) ------------------------------
-    def _handle_files(self) -> None:
-        t0 = time.monotonic()
-        url = urlsplit(self.path)
-        params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        route = (self.command, url.path)
-        status, body, extra = 200, None, ""
-        try:
-            if not self._authorized():
-                raise AgentError("unauthenticated", "missing or wrong agent token", 401)
-            if route not in (("GET", "/files/list"), ("GET", "/files/get"), ("PUT", "/files/put")):
-                raise AgentError("not_found", "file routes are GET /files/list, GET /files/get, PUT /files/put", 404)
-            account = file_account(params.get("login", ""))
-            if url.path == "/files/list":
-                rel_dir = check_rel_path(params.get("dir", DEFAULT_LIST_DIR), file=False)
-                body = list_files(self.agent.children, account, rel_dir, params.get("hidden") == "1")
-            elif url.path == "/files/get":
-                extra = self._send_file(account, check_rel_path(params.get("path", ""), file=True))
-            else:
-                body = self._receive_file(account, check_rel_path(params.get("path", ""), file=True))
-        except AgentError as exc:
-            status, body = exc.status, {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-        except Exception as exc:
-            log.exception("internal error")
-            status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
-        if body is not None:
-            with contextlib.suppress(OSError):  # the client may be gone (a cut upload)
-                self._send_json(status, body)
-            if self.command == "PUT" and status != 200:
-                self._discard_body()
-        self._log(url.path, status, t0, extra)
-
-    def _settimeout(self) -> None:
-        connection = getattr(self, "connection", None)
-        if isinstance(connection, socket.socket):
-            connection.settimeout(FILE_IDLE_S)
-
-    def _send_file(self, account: pwd.struct_passwd, rel: str) -> str:
-        """Stream the file; errors before the first byte are JSON, after it the connection is cut."""
-        self._settimeout()
-        worker = FileWorker(self.agent.children, account, ["get", account.pw_dir, rel])
-        try:
-            size = worker.read_reply().get("size")
-            if not isinstance(size, int) or size < 0:
-                raise AgentError("internal", "the file worker answered nonsense", 500)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
-            self.send_header("X-Deckard-File-Name", quote(rel.rsplit("/", 1)[-1], safe=""))
-            self.end_headers()
-            left = size
+        def _handle(self) -> None:
+            t0 = time.monotonic()
+            url = urlsplit(self.path)
+            params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            status, body = 200, {}
             try:
-                while left:
-                    chunk = worker.read(min(FILE_CHUNK, left))
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
-                    left -= len(chunk)
-            except (OSError, AgentError) as exc:
-                self.close_connection = True
-                return f" cut after {size - left} of {size} bytes: {exc}"
-            if left:
-                self.close_connection = True
-                return f" cut after {size - left} of {size} bytes: the file shrank"
-            return f" {size} bytes"
-        finally:
-            worker.finish()
-
-    def _receive_file(self, account: pwd.struct_passwd, rel: str) -> dict[str, Any]:
-        """Copy the request body to the worker, a chunk at a time, then answer what it wrote."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or "Content-Length" not in self.headers:
-            raise AgentError("length_required", "send the file with a Content-Length (chunked is not supported)", 411)
-        try:
-            size = int(self.headers["Content-Length"])
-            limit = int(self.headers.get("X-Deckard-Max-Bytes", "-1"))
-        except ValueError:
-            raise AgentError("bad_input", "Content-Length and X-Deckard-Max-Bytes must be integers") from None
-        if size < 0:
-            raise AgentError("bad_input", "Content-Length must not be negative")
-        if 0 <= limit < size:
-            raise AgentError("too_large", f"the file is larger than the {limit} bytes allowed: send a smaller one", 413)
-        self._settimeout()
-        worker = FileWorker(self.agent.children, account, ["put", account.pw_dir, rel, str(size)])
-        try:
-            worker.read_reply()  # ready: the path is good and the temporary file exists
-            left = size
-            while left:
-                try:
-                    chunk = self.rfile.read(min(FILE_CHUNK, left))
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    break  # the worker reports the short body
-                left -= len(chunk)
-                if not worker.write(chunk):
-                    break  # the worker failed (a full disk): its reply says why
-            worker.close_input()
-            path = worker.read_reply().get("path")
-        finally:
-            worker.finish()
-        if not isinstance(path, str):
-            raise AgentError("internal", "the file worker answered nonsense", 500)
-        return {"ok": True, "path": path, "size": size}
-
-    def _discard_body(self) -> None:
-        """After an early error answer: the answer goes out with a FIN after it, then the unread body is read and
-        dropped for up to ``DISCARD_S`` (until the client, which has the answer, closes).  Closing with unread
-        bytes would reset the connection, and a reset can destroy the answer before the client reads it."""
-        self.close_connection = True
-        connection = getattr(self, "connection", None)
-        if not isinstance(connection, socket.socket):
-            return
-        with contextlib.suppress(OSError):
-            self.wfile.flush()
-            connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + DISCARD_S
-            while (wait := deadline - time.monotonic()) > 0:
-                connection.settimeout(wait)
-                if not self.rfile.read1(FILE_CHUNK):
-                    break
-
-    # -- /sound?login=: the desktop's sound as Opus (see vma/sound.py) ----------------------------------------
-    def _handle_sound(self) -> None:
-        t0 = time.monotonic()
-        params = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
-        status, extra, started = 200, "", False
-
-        def start_response() -> Any:
-            nonlocal started
-            started = True
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-deckard-opus")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()  # no length: the stream ends with the connection
-            self.close_connection = True
-            return self.wfile
-
-        try:
-            if not self._authorized():
-                raise AgentError("unauthenticated", "missing or wrong agent token", 401)
-            account = file_account(params.get("login", ""))
-            if self.agent.sound is None:
-                raise AgentError("no_sound", "this desktop has no sound (its image has no audio server)", 503)
-            self._settimeout()
-            extra = SOUND.serve_stream(self.agent.sound, account, start_response, self.connection)
-        except Exception as exc:
-            if isinstance(exc, AgentError) or (SOUND is not None and isinstance(exc, SOUND.SoundError)):
-                status, code, message = exc.status, exc.code, exc.message
-            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                if not self._authorized():
+                    raise AgentError("unauthenticated", "missing or wrong agent token", 401)
+                if raw and self.headers.get_content_type() == "application/json":
+                    params.update({k: str(v) for k, v in json.loads(raw).items()})
+                elif raw:
+                    params.update({k: v[-1] for k, v in parse_qs(raw.decode()).items()})
+                if not url.path.startswith("/vma/"):
+                    raise AgentError("not_found", "RPC paths are /vma/<method>", 404)
+                body = {"ok": True, **self.agent.call(url.path[5:], params)}
+            except AgentError as exc:
+                status, body = exc.status, {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+            except Exception as exc:
                 log.exception("internal error")
-                status, code, message = 500, "internal", str(exc)
-            if started:
-                self.close_connection = True  # the body had begun: cutting it is the only way to say it failed
-            else:
-                self._send_json(status, {"ok": False, "error": {"code": code, "message": message}})
-        self._log("/sound", status, t0, extra)
+                status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
+            self._send_json(status, body)
+            self._log(url.path, status, t0)
 
-    def _authorized(self) -> bool:
-        token = self.agent.token
-        header = self.headers.get("Authorization", "")
-        if not token or not header.startswith("Bearer "):
-            return False
-        return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+        def _send_json(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per request is written by _handle
+        def _log(self, path: str, status: int, t0: float, extra: str = "") -> None:
+            ms = (time.monotonic() - t0) * 1000
+            log.info("%s %s %s %d %.1fms%s", self.client_address[0], self.command, path, status, ms, extra)
+
+        # -- file routes: /files/list, /files/get, /files/put (see FILE_WORKER) ------------------------------
+        def _handle_files(self) -> None:
+            t0 = time.monotonic()
+            url = urlsplit(self.path)
+            params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            route = (self.command, url.path)
+            status, body, extra = 200, None, ""
+            try:
+                if not self._authorized():
+                    raise AgentError("unauthenticated", "missing or wrong agent token", 401)
+                if route not in (("GET", "/files/list"), ("GET", "/files/get"), ("PUT", "/files/put")):
+                    raise AgentError(
+                        "not_found", "file routes are GET /files/list, GET /files/get, PUT /files/put", 404
+                    )
+                account = file_account(params.get("login", ""))
+                if url.path == "/files/list":
+                    rel_dir = check_rel_path(params.get("dir", DEFAULT_LIST_DIR), file=False)
+                    body = list_files(self.agent.children, account, rel_dir, params.get("hidden") == "1")
+                elif url.path == "/files/get":
+                    extra = self._send_file(account, check_rel_path(params.get("path", ""), file=True))
+                else:
+                    body = self._receive_file(account, check_rel_path(params.get("path", ""), file=True))
+            except AgentError as exc:
+                status, body = exc.status, {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+            except Exception as exc:
+                log.exception("internal error")
+                status, body = 500, {"ok": False, "error": {"code": "internal", "message": str(exc)}}
+            if body is not None:
+                with contextlib.suppress(OSError):  # the client may be gone (a cut upload)
+                    self._send_json(status, body)
+                if self.command == "PUT" and status != 200:
+                    self._discard_body()
+            self._log(url.path, status, t0, extra)
+
+        def _settimeout(self) -> None:
+            connection = getattr(self, "connection", None)
+            if isinstance(connection, socket.socket):
+                connection.settimeout(FILE_IDLE_S)
+
+        def _send_file(self, account: pwd.struct_passwd, rel: str) -> str:
+            """Stream the file; errors before the first byte are JSON, after it the connection is cut."""
+            self._settimeout()
+            worker = FileWorker(self.agent.children, account, ["get", account.pw_dir, rel])
+            try:
+                size = worker.read_reply().get("size")
+                if not isinstance(size, int) or size < 0:
+                    raise AgentError("internal", "the file worker answered nonsense", 500)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(size))
+                self.send_header("X-Deckard-File-Name", quote(rel.rsplit("/", 1)[-1], safe=""))
+                self.end_headers()
+                left = size
+                try:
+                    while left:
+                        chunk = worker.read(min(FILE_CHUNK, left))
+                        if not chunk:
+                            break
+                        self.wfile.write(chunk)
+                        left -= len(chunk)
+                except (OSError, AgentError) as exc:
+                    self.close_connection = True
+                    return f" cut after {size - left} of {size} bytes: {exc}"
+                if left:
+                    self.close_connection = True
+                    return f" cut after {size - left} of {size} bytes: the file shrank"
+                return f" {size} bytes"
+            finally:
+                worker.finish()
+
+        def _receive_file(self, account: pwd.struct_passwd, rel: str) -> dict[str, Any]:
+            """Copy the request body to the worker, a chunk at a time, then answer what it wrote."""
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or "Content-Length" not in self.headers:
+                raise AgentError(
+                    "length_required", "send the file with a Content-Length (chunked is not supported)", 411
+                )
+            try:
+                size = int(self.headers["Content-Length"])
+                limit = int(self.headers.get("X-Deckard-Max-Bytes", "-1"))
+            except ValueError:
+                raise AgentError("bad_input", "Content-Length and X-Deckard-Max-Bytes must be integers") from None
+            if size < 0:
+                raise AgentError("bad_input", "Content-Length must not be negative")
+            if 0 <= limit < size:
+                raise AgentError(
+                    "too_large", f"the file is larger than the {limit} bytes allowed: send a smaller one", 413
+                )
+            self._settimeout()
+            worker = FileWorker(self.agent.children, account, ["put", account.pw_dir, rel, str(size)])
+            try:
+                worker.read_reply()  # ready: the path is good and the temporary file exists
+                left = size
+                while left:
+                    try:
+                        chunk = self.rfile.read(min(FILE_CHUNK, left))
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        break  # the worker reports the short body
+                    left -= len(chunk)
+                    if not worker.write(chunk):
+                        break  # the worker failed (a full disk): its reply says why
+                worker.close_input()
+                path = worker.read_reply().get("path")
+            finally:
+                worker.finish()
+            if not isinstance(path, str):
+                raise AgentError("internal", "the file worker answered nonsense", 500)
+            return {"ok": True, "path": path, "size": size}
+
+        def _discard_body(self) -> None:
+            """After an early error answer: the answer goes out with a FIN after it, then the unread body is read and
+            dropped for up to ``DISCARD_S`` (until the client, which has the answer, closes).  Closing with unread
+            bytes would reset the connection, and a reset can destroy the answer before the client reads it."""
+            self.close_connection = True
+            connection = getattr(self, "connection", None)
+            if not isinstance(connection, socket.socket):
+                return
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                connection.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + DISCARD_S
+                while (wait := deadline - time.monotonic()) > 0:
+                    connection.settimeout(wait)
+                    if not self.rfile.read1(FILE_CHUNK):
+                        break
+
+        # -- /sound?login=: the desktop's sound as Opus (see vma/sound.py) ----------------------------------------
+        def _handle_sound(self) -> None:
+            t0 = time.monotonic()
+            params = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+            status, extra, started = 200, "", False
+
+            def start_response() -> Any:
+                nonlocal started
+                started = True
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-deckard-opus")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()  # no length: the stream ends with the connection
+                self.close_connection = True
+                return self.wfile
+
+            try:
+                if not self._authorized():
+                    raise AgentError("unauthenticated", "missing or wrong agent token", 401)
+                account = file_account(params.get("login", ""))
+                if self.agent.sound is None:
+                    raise AgentError("no_sound", "this desktop has no sound (its image has no audio server)", 503)
+                self._settimeout()
+                extra = SOUND.serve_stream(self.agent.sound, account, start_response, self.connection)
+            except Exception as exc:
+                if isinstance(exc, AgentError) or (SOUND is not None and isinstance(exc, SOUND.SoundError)):
+                    status, code, message = exc.status, exc.code, exc.message
+                else:
+                    log.exception("internal error")
+                    status, code, message = 500, "internal", str(exc)
+                if started:
+                    self.close_connection = True  # the body had begun: cutting it is the only way to say it failed
+                else:
+                    self._send_json(status, {"ok": False, "error": {"code": code, "message": message}})
+            self._log("/sound", status, t0, extra)
+
+        def _authorized(self) -> bool:
+            token = self.agent.token
+            header = self.headers.get("Authorization", "")
+            if not token or not header.startswith("Bearer "):
+                return False
+            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per request is written by _handle
+
+    return Handler
 
 
 def read_token(path: str) -> str | None:
@@ -2595,7 +2621,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
         signal.signal(sig, on_signal)
 
-    handler = type("BoundHandler", (Handler,), {"agent": agent})
+    from http.server import ThreadingHTTPServer
+
+    handler = type("BoundHandler", (handler_class(),), {"agent": agent})
     ThreadingHTTPServer.allow_reuse_address = True
     server = ThreadingHTTPServer((args.bind, args.port), handler)
     server.daemon_threads = True
