@@ -109,6 +109,39 @@ def test_a_user_takes_a_warm_guest_over_with_their_home_account_and_address(farm
     _stop(farm, "wann-desk")
 
 
+# the processes of a desktop holding CAP_SYS_ADMIN (bit 21 of CapEff): the mounter of shared folders alone, or none
+SYS_ADMIN_HOLDERS = (
+    "import glob\n"
+    "caps = lambda p: int(dict(l.split(':', 1) for l in open(p).read().splitlines())['CapEff'], 16)\n"
+    "print(sum(caps(p) >> 21 & 1 for p in glob.glob('/proc/[0-9]*/status')))"
+)
+
+
+@pytest.mark.usefixtures("pool")
+def test_a_warm_guest_has_the_mounter_of_shared_folders_exactly_when_the_farm_allows_it(farm: FarmProcess) -> None:
+    """``nx.shares.in_containers`` (docs/clients.md, "Shared folders"): a desktop taken from the pool gets the
+    mounter as a cold start would, and turning the setting off replaces the guests started with it."""
+    _ready(farm)
+    before = set(_warm_guests(farm))
+    farm.deckard("config", "set", "nx.shares.in_containers", "true")
+    try:
+        wait_for(lambda: _pool(farm)["ready"] >= 1 and not before & set(_warm_guests(farm)), 120, 0.2, "a new guest")
+        cid = farm.user_with_desktop("wcid", PASSWORD, "wcid-desk", "--tag", "warm")
+        _connect(farm, "wcid", cid["id"])
+        holders = farm.attach(cid["id"], f'python3 -c "{SYS_ADMIN_HOLDERS}"; test -S /run/deckard/shares.sock')
+        assert (holders.stdout.split(), holders.returncode) == (["1"], 0), holders.stdout + holders.stderr
+        _stop(farm, "wcid-desk")
+        _ready(farm)
+        with_mounter = set(_warm_guests(farm))
+    finally:
+        farm.deckard("config", "set", "nx.shares.in_containers", "false")
+    wait_for(lambda: _pool(farm)["ready"] >= 1 and not with_mounter & set(_warm_guests(farm)), 120, 0.2, "a new guest")
+    _connect(farm, "wcid", cid["id"])
+    holders = farm.attach(cid["id"], f'python3 -c "{SYS_ADMIN_HOLDERS}"')
+    assert holders.stdout.split() == ["0"], holders.stdout + holders.stderr
+    _stop(farm, "wcid-desk")
+
+
 @pytest.mark.usefixtures("pool")
 def test_deleting_the_pool_stops_its_guests_and_leaves_no_mount(farm: FarmProcess) -> None:
     _ready(farm)

@@ -16,8 +16,11 @@ import sqlalchemy as sa
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
+from deckard.drivers.base import GuestInfo
 from deckard.model.states import DesktopState
-from deckard.services import node_ops, pools
+from deckard.node.pools import WarmPools
+from deckard.runtime.paths import FarmPaths
+from deckard.services import config, node_ops, pools
 from deckard.services.context import SYSTEM
 from deckard.services.desktops import create_desktop, request_start
 from deckard.services.images import register_image
@@ -118,3 +121,53 @@ async def test_a_shrunk_pool_trims_its_newest_guest_and_a_started_desktop_never_
         state = (await conn.execute(sa.select(t.desktops.c.state).where(t.desktops.c.id == desk))).scalar_one()
         left = (await conn.execute(sa.select(sa.func.count()).select_from(t.warm_guests))).scalar_one()
     assert state == DesktopState.STOPPED and left == 2  # the start is a command for the node; no guest taken
+
+
+class _Guests:
+    """The driver's part a pool pass uses: the guests running, and killing one (a layer's test double)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.running, self.killed = set(names), []
+
+    async def list(self) -> list[GuestInfo]:
+        return [GuestInfo(guest_name=name, running=True) for name in sorted(self.running)]
+
+    async def kill(self, name: str) -> None:
+        self.killed.append(name)
+        self.running.discard(name)
+
+
+async def test_guests_started_before_the_shared_folders_setting_changed_are_replaced(
+    db: Database, tmp_path: Path
+) -> None:
+    """``nx.shares.in_containers`` decides whether a guest's init may keep CAP_SYS_ADMIN for the mounter: a pool's
+    new guests follow it, and guests started the other way leave the pool (an administrator turning it off must
+    not see a desktop taken over with it afterwards)."""
+    node_id, _desks = await _farm(db, tmp_path, users=0)
+    await pools.create_pool(db, SYSTEM, "default", size=1)
+    plans, _own = await pools.node_plan(db, node_id)
+    assert [spec.mounter for _plan, spec in plans if spec] == [False]
+    await config.set_config(db, SYSTEM, "nx.shares.in_containers", True)
+    plans, _own = await pools.node_plan(db, node_id)
+    assert [spec.mounter for _plan, spec in plans if spec] == [True]
+
+    (guest,) = await _warm_guests(db, node_id, 1)
+    driver = _Guests([guest.name])
+    node = WarmPools(
+        db,
+        driver,  # type: ignore[arg-type]
+        FarmPaths(tmp_path / "farm"),
+        node_id,
+        network=NETWORK,
+        bridge="none",
+        may_start=lambda: False,  # this pass only trims
+        slots=asyncio.Semaphore(1),
+    )
+    node._mounter[guest.name] = True  # as if this node had booted it with the mounter
+    await node.reconcile()
+    assert driver.killed == [], "started as the setting says: kept"
+    await config.set_config(db, SYSTEM, "nx.shares.in_containers", False)
+    await node.reconcile()
+    assert driver.killed == [guest.name]
+    _plans, own = await pools.node_plan(db, node_id)
+    assert own == [], "out of the pool: no start takes it"

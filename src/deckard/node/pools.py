@@ -57,6 +57,7 @@ class WarmPools:
         self.egress = egress  # loads the pool's policy ahead: the take-over then only adds an address
         self._starting: dict[int, asyncio.Task[None]] = {}  # pool id → the start of its next guest
         self._failed_at: dict[int, float] = {}
+        self._mounter: dict[str, bool] = {}  # guest name → started with the mounter (a node restart drops them all)
         self._had_guests = True  # the first pass looks for guests a previous daemon left
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -80,6 +81,14 @@ class WarmPools:
         self._had_guests = bool(plans or own)  # after the last pool goes: one more pass stops what it left
         running = {g.guest_name for g in await self.driver.list() if g.running}
         trim = {name for plan, _spec in plans for name in plan.trim}
+        # the farm's administrator changed nx.shares.in_containers: guests started the other way are replaced
+        by_pool = {plan.pool_id: spec for plan, spec in plans}
+        names = {g.name for g in own}
+        self._mounter = {name: had for name, had in self._mounter.items() if name in names}
+        for g in own:
+            spec = by_pool.get(g.pool_id)
+            if spec is not None and self._mounter.get(g.name, spec.mounter) != spec.mounter:
+                trim.add(g.name)
         dead = [g.name for g in own if g.name not in running and g.pool_id not in self._starting]
         if dead:
             log.info("pools.guests_gone", guests=dead)
@@ -142,8 +151,10 @@ class WarmPools:
                         home_dir=self.paths.node_run_dir / "warm" / guest.name,
                         agent_token=guest.agent_token,
                         warm=True,
+                        mounter=spec.mounter,
                     )
                 )
+                self._mounter[guest.name] = spec.mounter
                 await self._wait_warm(guest)
             if await pools.warm_ready(self.db, guest.id):
                 await pools.pool_healthy(self.db, spec.pool_id)

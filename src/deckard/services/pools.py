@@ -214,6 +214,9 @@ class PoolSpec:
     cpus: float
     image_id: int
     image_path: Path
+    # its guests may mount a QVD client's shared folders (``nx.shares.in_containers``, as a cold start decides in
+    # ``node_ops.start_facts``: pools are only for containers that keep no overlay)
+    mounter: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +238,7 @@ async def node_plan(db: Database, node_id: int) -> tuple[list[tuple[PoolPlan, Po
     async with db.connect() as conn:
         pools = (await conn.execute(sa.select(p, o).join(o, o.c.id == p.c.osf_id).order_by(p.c.id))).all()
         guests = (await conn.execute(sa.select(w).order_by(w.c.id))).all()
+        mounter = bool(await read_config(conn, "nx.shares.in_containers", None)) if pools else False
         plans: list[tuple[PoolPlan, PoolSpec | None]] = []
         for row in pools:
             m = row._mapping
@@ -250,7 +254,7 @@ async def node_plan(db: Database, node_id: int) -> tuple[list[tuple[PoolPlan, Po
                 except DeckardError:
                     wanted = 0  # no image for the tag (or a blocked one): nothing to keep warm
                 else:
-                    spec = PoolSpec(m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path)
+                    spec = PoolSpec(m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path, mounter)
                     stale = {g.name for g in mine if g.image_id != image_id}  # the tag moved to a new image
             current = [(int(g.id), str(g.name), int(g.node_id)) for g in mine if g.name not in stale]
             trim = excess(current, wanted, node_id) + tuple(
