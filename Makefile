@@ -56,9 +56,13 @@ $(STAMPS)/venv: pyproject.toml requirements.lock
 	fi
 	@touch $@
 
+# without an index, the pins installed in .venv are packed back into wheels (tools/wheels_from_venv.py); the build
+# backend (setuptools>=68) is not in the venv: copy its wheel in beside them
 wheelhouse: $(STAMPS)/venv
 	mkdir -p $(WHEELHOUSE)
-	$(VENV)/bin/pip download -q -d $(WHEELHOUSE) --only-binary=:all: -r <(grep -v '^#' requirements.lock) 'setuptools>=68'
+	$(VENV)/bin/pip download -q -d $(WHEELHOUSE) --only-binary=:all: -r <(grep -v '^#' requirements.lock) 'setuptools>=68' \
+		|| $(VENV)/bin/python tools/wheels_from_venv.py \
+			"$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" $(WHEELHOUSE) requirements.lock
 
 # after changing dependencies in pyproject.toml: resolve them afresh and write the pins
 lock:
@@ -82,8 +86,8 @@ $(STAMPS)/test-oidc: tests/oidc/package.json tests/oidc/package-lock.json
 	@touch $@
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
