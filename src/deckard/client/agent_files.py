@@ -237,7 +237,10 @@ class _Exchange(asyncio.BufferedProtocol):
         self._wake.set()
         self._writable.set()
         if self.transport is not None:
-            self.transport.close()
+            # abort, not close: the agent has ended, so what is left of the request body is dropped.  A close with
+            # data still buffered could also end the transport later without counting it lost, and the caller's
+            # abort() then found no event loop on it (CPython 3.11's _write_ready): an AttributeError in CI
+            self.transport.abort()
 
     # -- the caller's side ---------------------------------------------------------------------------------------
     async def send(self, data: bytes) -> bool:
