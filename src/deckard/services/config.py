@@ -67,6 +67,13 @@ async def read_config(conn: AsyncConnection, key: str, tenant_id: int | None, os
     return _resolve(k, await _rows(conn, tenant_id, [key], osf_id), tenant_id)[0]
 
 
+async def mounter_allowed(conn: AsyncConnection, *, driver: str, keep_overlay: bool) -> bool:
+    """Whether a desktop's init may fork the mounter of QVD clients' shared folders (``nx.shares.in_containers``,
+    docs/security.md): a container that keeps no overlay (a kept one lets root leave another init, or another
+    ``python3``, for the next start), on a farm that allows it.  The setting is read only where it can matter."""
+    return driver == "container" and not keep_overlay and bool(await read_config(conn, "nx.shares.in_containers", None))
+
+
 async def read_configs_sourced(
     conn: AsyncConnection, prefix: str, tenant_id: int | None, osf_id: int | None = None
 ) -> dict[str, tuple[Any, str]]:

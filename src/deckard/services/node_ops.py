@@ -29,7 +29,7 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.fence import FenceConfig
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
-from deckard.services.config import read_config
+from deckard.services.config import mounter_allowed
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
@@ -303,11 +303,7 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
             await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
             row.osf_driver,
             await tenant_address(conn, desktop_id),
-            # a kept overlay lets root leave another init (or python3) for the next start: never with the mounter;
-            # the setting is read only where it can matter (a container that keeps no overlay)
-            not row.keep_overlay
-            and row.osf_driver == "container"
-            and bool(await read_config(conn, "nx.shares.in_containers", None)),
+            await mounter_allowed(conn, driver=row.osf_driver, keep_overlay=row.keep_overlay),
         )
 
 

@@ -32,7 +32,7 @@ from deckard.model.errors import BadInput, Conflict, DeckardError, NotFound
 from deckard.model.network import last_free_ip
 from deckard.model.placement import Candidate
 from deckard.model.warm_pool import PoolPlan, WarmState, check_pool, excess, wanted_now
-from deckard.services.config import read_config
+from deckard.services.config import mounter_allowed, read_config
 from deckard.services.context import Actor, require, require_fields
 from deckard.services.events import publish
 from deckard.services.images import resolve_image, validate_tag
@@ -214,9 +214,7 @@ class PoolSpec:
     cpus: float
     image_id: int
     image_path: Path
-    # its guests may mount a QVD client's shared folders (``nx.shares.in_containers``, as a cold start decides in
-    # ``node_ops.start_facts``: pools are only for containers that keep no overlay)
-    mounter: bool = False
+    mounter: bool = False  # its guests may mount QVD clients' shared folders (``config.mounter_allowed``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +236,6 @@ async def node_plan(db: Database, node_id: int) -> tuple[list[tuple[PoolPlan, Po
     async with db.connect() as conn:
         pools = (await conn.execute(sa.select(p, o).join(o, o.c.id == p.c.osf_id).order_by(p.c.id))).all()
         guests = (await conn.execute(sa.select(w).order_by(w.c.id))).all()
-        mounter = bool(await read_config(conn, "nx.shares.in_containers", None)) if pools else False
         plans: list[tuple[PoolPlan, PoolSpec | None]] = []
         for row in pools:
             m = row._mapping
@@ -254,6 +251,7 @@ async def node_plan(db: Database, node_id: int) -> tuple[list[tuple[PoolPlan, Po
                 except DeckardError:
                     wanted = 0  # no image for the tag (or a blocked one): nothing to keep warm
                 else:
+                    mounter = await mounter_allowed(conn, driver=m[o.c.driver], keep_overlay=m[o.c.keep_overlay])
                     spec = PoolSpec(m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path, mounter)
                     stale = {g.name for g in mine if g.image_id != image_id}  # the tag moved to a new image
             current = [(int(g.id), str(g.name), int(g.node_id)) for g in mine if g.name not in stale]
