@@ -1143,33 +1143,30 @@ NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
 
 
 def _established_on(port: int) -> bool:
-    """One ``inet_diag`` dump per address family of the TCP connections established, looking for local ``port``."""
+    """An ``inet_diag`` dump of the established TCP connections per address family, looking for local ``port``."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(2)
-        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
-            # inet_diag_req_v2: family, protocol, ext, pad, states; then inet_diag_sockid (48 bytes), left empty
-            req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << int(TCP_ESTABLISHED, 16)) + bytes(48)
-            sock.send(
-                struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req
-            )
-            found, done = False, False
-            while not done:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                offset = 0
-                while offset + 16 <= len(data):
-                    length, kind = struct.unpack_from("=IH", data, offset)
-                    if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
-                        done = True
-                        break
-                    # inet_diag_msg: family, state, timer, retrans, then the socket id's source port (big-endian)
-                    if offset + 22 <= len(data) and struct.unpack_from("!H", data, offset + 20)[0] == port:
-                        found = True
-                    offset += (length + 3) & ~3
-            if found:
-                return True
-    return False
+        return any(
+            port in _local_ports(sock, family, seq) for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1)
+        )
+
+
+def _local_ports(sock: socket.socket, family: int, seq: int) -> set[int]:
+    """The local ports of one family's established TCP connections, from one dump."""
+    # inet_diag_req_v2: family, protocol, ext, pad, states; then inet_diag_sockid (48 bytes), left empty
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << int(TCP_ESTABLISHED, 16)) + bytes(48)
+    sock.send(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
+    ports: set[int] = set()
+    while data := sock.recv(65536):
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
+                return ports
+            if offset + 22 <= len(data):  # inet_diag_msg: family, state, timer, retrans, then the source port
+                ports.add(struct.unpack_from("!H", data, offset + 20)[0])
+            offset += (length + 3) & ~3
+    return ports
 
 
 def _established_on_from_proc(port: int) -> bool:
