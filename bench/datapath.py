@@ -132,7 +132,7 @@ async def _measure(open_viewer: Callable[[], Awaitable[tuple[RawViewer, Any]]], 
 
 
 async def measure(
-    farm: FarmProcess, desktop_id: int, seconds: float, runs: int, tools: tuple[str, str]
+    farm: FarmProcess, desktop_id: int, seconds: float, runs: int, tools: tuple[str, str], only: set[str]
 ) -> dict[str, Any]:
     socat, websockify = tools
     panel = Panel(farm, desktop_id)
@@ -195,6 +195,9 @@ async def measure(
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in plan}
         for run in range(runs):
             for name, (opener, pid) in plan.items():
+                if only and name not in only:
+                    continue
+                print(f"datapath: run {run + 1}/{runs} {name:10} measuring (pid {pid})", flush=True)
                 rows[name].append(await _measure(opener, pid, seconds))
                 print(
                     f"datapath: run {run + 1}/{runs} {name:10} {rows[name][-1]['mb_s']:7.1f} MB/s "
@@ -208,15 +211,22 @@ async def measure(
     med = {
         name: {k: round(statistics.median(r[k] for r in runs_), 2) for k in ("mb_s", "cpu_s_per_gb")}
         for name, runs_ in rows.items()
+        if runs_
     }
+
+    def ratio(name: str, reference: str, key: str) -> float | None:
+        if name not in med or reference not in med:
+            return None
+        return round(med[name][key] / med[reference][key], 2)
+
     return {
         "seconds": seconds,
         "runs": runs,
         "relays": med,
-        "tls_mb_s_ratio": round(med["broker_tls"]["mb_s"] / med["socat"]["mb_s"], 2),
-        "tls_cpu_ratio": round(med["broker_tls"]["cpu_s_per_gb"] / med["socat"]["cpu_s_per_gb"], 2),
-        "ws_mb_s_ratio": round(med["broker_ws"]["mb_s"] / med["websockify"]["mb_s"], 2),
-        "ws_cpu_ratio": round(med["broker_ws"]["cpu_s_per_gb"] / med["websockify"]["cpu_s_per_gb"], 2),
+        "tls_mb_s_ratio": ratio("broker_tls", "socat", "mb_s"),
+        "tls_cpu_ratio": ratio("broker_tls", "socat", "cpu_s_per_gb"),
+        "ws_mb_s_ratio": ratio("broker_ws", "websockify", "mb_s"),
+        "ws_cpu_ratio": ratio("broker_ws", "websockify", "cpu_s_per_gb"),
     }
 
 
@@ -236,14 +246,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--relays", default="", help="comma-separated subset of broker_tls,socat,broker_ws,websockify")
     args = ap.parse_args()
     tools = _tools()
+    only = {r for r in args.relays.split(",") if r}
     farm = FarmProcess()
     out: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()}"}
     try:
         farm.up()
         desk = farm.user_with_desktop("bench", PASSWORD, "bench-desk")
-        out.update(asyncio.run(measure(farm, int(desk["id"]), args.seconds, args.runs, tools)))
+        out.update(asyncio.run(measure(farm, int(desk["id"]), args.seconds, args.runs, tools, only)))
     finally:
         farm.close()
     if args.json:

@@ -34,6 +34,8 @@ MAX_HEAD = 16 * 1024  # default request head limit (BrokerSettings.max_request_h
 MAX_BODY = 64 * 1024  # the protocol has no request bodies; tolerate small ones, refuse floods
 INBOX_LIMIT = 64 * 1024  # stop reading from a client that sends faster than we parse
 READ_CHUNK = 64 * 1024  # bytes read from a client at once: under the broker's fixed 128 KiB mmap threshold
+DIRECT_CHUNK = 256 * 1024  # desktop bytes read at once when the client's transport takes them without a copy
+FRAME_HEADROOM = 16  # room for a WebSocket frame header (at most 10 bytes) before those bytes
 WRITE_HIGH_WATER = 1024 * 1024  # large transport buffers keep the relay from stalling on every pause
 HOST_HEADER = b"Host: deckard-broker\r\n"
 
@@ -89,6 +91,23 @@ class _ReadBuffer(threading.local):
 
 
 _read_buffer = _ReadBuffer()
+
+
+class _DirectBuffer(threading.local):
+    """This thread's buffer for desktop bytes that go to a client without a copy (``tunnel.py``): large, since
+    nothing is allocated per read, with room before it for a WebSocket frame header."""
+
+    def __init__(self) -> None:
+        self.whole = memoryview(bytearray(FRAME_HEADROOM + DIRECT_CHUNK))
+        self.body = self.whole[FRAME_HEADROOM:]
+
+
+_direct_buffer = _DirectBuffer()
+
+
+def direct_buffer() -> tuple[memoryview, memoryview]:
+    """(the whole buffer, the part after the header room) of this thread: see ``_DirectBuffer``."""
+    return _direct_buffer.whole, _direct_buffer.body
 
 
 def read_buffer() -> memoryview:
@@ -210,7 +229,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         chunks, self._inbox, self._inbox_size = self._inbox, [], 0
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if not self.gone and self.transport is not None:
             self.transport.write(data)
 

@@ -36,6 +36,7 @@ import structlog
 from deckard.broker.http import FrontConnection
 from deckard.broker.qvd import QvdProtocol
 from deckard.broker.session import Ports, SessionRunner
+from deckard.broker.tlsfront import accept_tls
 from deckard.db.engine import Database
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT
 from deckard.runtime.limits import AddressCounts
@@ -188,14 +189,11 @@ class Broker:
 
     async def _handshake(self, conn: socket.socket, front: FrontConnection) -> None:
         """TLS (bounded by ``first_request_timeout``); then the protocol's ``connection_made`` serves it."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(
-                lambda: front,
-                conn,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.settings.first_request_timeout if self.ssl_context else None,
-            )
+            if self.ssl_context is None:
+                await asyncio.get_running_loop().connect_accepted_socket(lambda: front, conn)
+            else:
+                await accept_tls(conn, self.ssl_context, front, self.settings.first_request_timeout)
         except (OSError, TimeoutError, ssl.SSLError, asyncio.CancelledError):
             with contextlib.suppress(OSError):
                 conn.close()

@@ -38,7 +38,7 @@ import re
 import struct
 from typing import Protocol, cast
 
-from deckard.broker.http import WRITE_HIGH_WATER, FrontConnection, read_buffer, taken
+from deckard.broker.http import WRITE_HIGH_WATER, FrontConnection, direct_buffer, read_buffer, taken
 from deckard.client.rfb import SECURITY_NONE, SECURITY_VNC_AUTH
 from deckard.drivers.display import vnc_auth_response
 
@@ -230,10 +230,15 @@ class _DesktopSide(asyncio.BufferedProtocol):
             self.ready.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002  (the buffer has one size)
+        if self.tunnel.direct:
+            return direct_buffer()[1]
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(taken(nbytes))
+        if self.tunnel.direct:
+            self.tunnel.to_client_direct(nbytes)
+        else:
+            self.data_received(taken(nbytes))
 
     def data_received(self, data: bytes) -> None:
         if self.handshake.done:
@@ -296,6 +301,9 @@ class Tunnel:
         self._target: tuple[str, int, float] | None = None  # open_later: dial the desktop after the handshake
         self._opening: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []  # client bytes that came while the desktop was being dialled
+        # desktop bytes go to the client straight from the thread's direct buffer (set once relaying): only
+        # through a transport that copies what it cannot send at once (tlsfront.TlsTransport), as uvloop's do not
+        self.direct = False
 
     async def open(self, host: str, port: int, timeout: float, password: str | None = None) -> None:
         """Connect to the display server and authenticate (raises OSError, including HandshakeError, or
@@ -344,6 +352,7 @@ class Tunnel:
         for chunk in self._early:
             self._to_client(chunk)
         self._early.clear()
+        self.direct = bool(getattr(self.front.transport, "copies_unsent", False))
         if self._desktop_closed or self.front.gone:
             self.close(self.reason or "closed before the relay started")
 
@@ -395,6 +404,11 @@ class Tunnel:
     def _to_client(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.front.write(data)
+
+    def to_client_direct(self, nbytes: int) -> None:
+        """The ``nbytes`` the desktop just read into the direct buffer, to the client (``direct``)."""
+        self.bytes_out += nbytes
+        self.front.write(direct_buffer()[1][:nbytes])
 
     def desktop_lost(self, exc: Exception | None) -> None:
         self._desktop_closed = True

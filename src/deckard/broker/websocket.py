@@ -46,7 +46,7 @@ from deckard.broker.frames import (
     close_payload,
     frame_header,
 )
-from deckard.broker.http import FrontConnection, HttpChannel
+from deckard.broker.http import FRAME_HEADROOM, FrontConnection, HttpChannel, direct_buffer
 from deckard.broker.params import GEOMETRY, ConnectParams, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
 from deckard.broker.tunnel import Tunnel
@@ -205,6 +205,17 @@ class WsTunnel(Tunnel):
     def _to_client(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self._send_frame(OP_BINARY, data)
+
+    def to_client_direct(self, nbytes: int) -> None:
+        """As the plain tunnel's, with the frame header written into the room before the payload: one write."""
+        self.bytes_out += nbytes
+        tr = self.front.transport
+        if tr is not None and not tr.is_closing() and not self._close_sent:
+            header = frame_header(OP_BINARY, nbytes)
+            start = FRAME_HEADROOM - len(header)
+            whole = direct_buffer()[0]
+            whole[start:FRAME_HEADROOM] = header
+            tr.write(whole[start : FRAME_HEADROOM + nbytes])
 
     def _send_frame(self, opcode: int, payload: bytes) -> None:
         tr = self.front.transport

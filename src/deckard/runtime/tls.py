@@ -135,6 +135,7 @@ def ensure_server_cert(tls_dir: Path, out_dir: Path, names: list[str], key_type:
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # TLS 1.2: a client cannot make the server handshake again mid-stream
     ctx.load_cert_chain(cert, key)
     return ctx
 
