@@ -263,6 +263,7 @@ class Broker:
                     await task
         if self._handshakes:
             await asyncio.wait(set(self._handshakes), timeout=CLOSE_GRACE)
+        await self.sessions.watch.close()
         if self._trim is not None:
             self._trim.cancel()
             self._trim = None

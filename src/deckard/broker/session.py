@@ -52,15 +52,16 @@ from deckard.model.states import DesktopState
 from deckard.runtime.metrics import BROKER_BYTES, BROKER_CONNECTS, BROKER_TUNNELS, TIME_TO_DESKTOP
 from deckard.runtime.settings import BrokerSettings
 from deckard.services.config import read_configs
-from deckard.services.desktops import load_desktop, request_start
+from deckard.services.desktops import request_start
 from deckard.services.events import DESKTOPS
 from deckard.services.node_ops import node_name
 from deckard.services.sessions import (
     Progress,
+    SessionOwner,
     close_session,
     mark_connected,
     open_session,
-    session_is_current,
+    session_owners,
     wait_until_running,
 )
 
@@ -72,6 +73,85 @@ DISPLAY_CONNECT_TIMEOUT = 5.0
 # the agent's refusals that are the client's to act on, passed on with their own code
 AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
 SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
+
+
+def ended_because(owner: SessionOwner | None, session_id: str) -> tuple[str, str] | None:
+    """(result, reason) once ``session_id`` no longer holds its desktop (``owner``: the desktop now), else None."""
+    if owner is None:
+        return "ended", "the desktop was deleted"
+    if owner.session_id == session_id:
+        return None
+    if owner.session_id is not None:
+        return "taken_over", "another connection took over this desktop"
+    if owner.state == DesktopState.FAILED:  # the node clears the session when a start fails
+        return "failed", f"the desktop failed to start: {owner.failure_reason}"
+    return "ended", f"the desktop's session ended (desktop {owner.state})"
+
+
+class SessionWatch:
+    """One watch over every session of a broker: a session ends itself when its id no longer holds its desktop.
+
+    Why one and not one per session: each watch looked again at every change notified on the ``desktops``
+    channel and, with SQLite (whose channel does not cross processes), every ``interval`` anyway, so 500 idle
+    tunnels made 2,000 queries a second and their tasks a sixth of a core.  Here a notification about a watched
+    desktop looks at that desktop at once; every ``interval`` (and on a notification that names no desktop) one
+    query looks at all of them.
+    """
+
+    def __init__(self, db: Database, interval: float) -> None:
+        self.db = db
+        self.interval = interval
+        self._waiting: dict[int, dict[str, asyncio.Future[tuple[str, str]]]] = {}  # desktop → session → end
+        self._task: asyncio.Task[None] | None = None
+
+    async def ended(self, desktop_id: int, session_id: str) -> tuple[str, str]:
+        """(result, reason) once ``session_id`` no longer holds ``desktop_id``."""
+        loop = asyncio.get_running_loop()
+        end: asyncio.Future[tuple[str, str]] = loop.create_future()
+        self._waiting.setdefault(desktop_id, {})[session_id] = end
+        if self._task is None:
+            self._task = loop.create_task(self._run(), name="broker-session-watch")
+        try:
+            return await end
+        finally:
+            sessions = self._waiting.get(desktop_id, {})
+            if sessions.get(session_id) is end:
+                del sessions[session_id]
+                if not sessions:
+                    del self._waiting[desktop_id]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        async with self.db.bus.subscribe(DESKTOPS) as sub:
+            while True:
+                payload = await sub.wait(self.interval)
+                if not self._waiting:
+                    continue
+                if payload is None or payload == "" or loop.time() - last >= self.interval:
+                    ids, last = list(self._waiting), loop.time()
+                elif payload.isdigit() and int(payload) in self._waiting:
+                    ids = [int(payload)]
+                else:
+                    continue
+                try:
+                    # shielded: a cancel in the middle of a query would leave SQLite's write lock held
+                    owners = await asyncio.shield(session_owners(self.db, ids))
+                except Exception as e:  # database hiccup: keep the tunnels, look again soon
+                    log.warning("broker.session_watch_failed", desktops=len(ids), error=str(e))
+                    continue
+                for desktop_id in ids:
+                    for session_id, end in list(self._waiting.get(desktop_id, {}).items()):
+                        outcome = ended_because(owners.get(desktop_id), session_id)
+                        if outcome is not None and not end.done():
+                            end.set_result(outcome)
 
 
 class ClientGone(Exception):
@@ -159,6 +239,8 @@ class SessionRunner:
         self.ports = ports
         self.shutting_down = False
         self._node_names: dict[int, str] = {}  # node id → name, for the metrics' node label
+        # with PostgreSQL notifications are reliable: the watch polls only as a safety net
+        self.watch = SessionWatch(db, max(poll, SHARED_BUS_SAFETY_POLL) if db.shared_across_processes else poll)
 
     async def _observe_connect(self, running: Desktop, timings: dict[str, float]) -> None:
         """One time-to-desktop observation per phase (after the ``101``: not on the user's clock)."""
@@ -367,39 +449,6 @@ class SessionRunner:
         timings["t_total_ms"] = _ms(req.received_at)
         return tunnel, running
 
-    async def _still_ours(self, desktop_id: int, session_id: str) -> Desktop | None:
-        """None while the session owns the desktop, else the desktop as it is now."""
-        if await session_is_current(self.db, desktop_id, session_id):
-            return None
-        async with self.db.connect() as conn:
-            return await load_desktop(conn, desktop_id)
-
     async def _watch(self, desktop_id: int, session_id: str) -> tuple[str, str]:
         """Return (result, reason) once this session no longer owns the desktop."""
-        interval = max(self.poll, SHARED_BUS_SAFETY_POLL) if self.db.shared_across_processes else self.poll
-        key = str(desktop_id)
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        async with self.db.bus.subscribe(DESKTOPS) as sub:
-            while True:
-                payload = await sub.wait(interval)
-                if payload not in (None, "", key) and loop.time() - last < interval:
-                    continue
-                last = loop.time()
-                try:
-                    # shielded: a cancel in the middle of a query would leave SQLite's write lock held
-                    now = await asyncio.shield(self._still_ours(desktop_id, session_id))
-                    if now is None:
-                        continue
-                except asyncio.CancelledError:
-                    raise
-                except DeckardError:
-                    return "ended", "the desktop was deleted"
-                except Exception as e:  # database hiccup: keep the tunnel, look again soon
-                    log.warning("broker.session_watch_failed", desktop_id=desktop_id, error=str(e))
-                    continue
-                if now.session_id is not None:
-                    return "taken_over", "another connection took over this desktop"
-                if now.state == DesktopState.FAILED:  # the node clears the session when a start fails
-                    return "failed", f"the desktop failed to start: {now.failure_reason}"
-                return "ended", f"the desktop's session ended (desktop {now.state})"
+        return await self.watch.ended(desktop_id, session_id)

@@ -98,10 +98,24 @@ async def open_session(
     return session_id, conn_id
 
 
-async def session_is_current(db: Database, desktop_id: int, session_id: str) -> bool:
+@dataclass(frozen=True)
+class SessionOwner:
+    """Who holds a desktop's session now, and the state that says why a session ended."""
+
+    session_id: str | None
+    state: DesktopState
+    failure_reason: str | None
+
+
+async def session_owners(db: Database, desktop_ids: list[int]) -> dict[int, SessionOwner]:
+    """The session holder of each of ``desktop_ids`` in one query (a deleted desktop is missing)."""
+    owners: dict[int, SessionOwner] = {}
     async with db.connect() as conn:
-        row = (await conn.execute(sa.select(d.c.session_id).where(d.c.id == desktop_id))).first()
-    return bool(row and row.session_id == session_id)
+        for i in range(0, len(desktop_ids), 500):  # bounded IN lists
+            query = sa.select(d.c.id, d.c.session_id, d.c.state, d.c.failure_reason)
+            for row in await conn.execute(query.where(d.c.id.in_(desktop_ids[i : i + 500]))):
+                owners[int(row.id)] = SessionOwner(row.session_id, DesktopState(row.state), row.failure_reason)
+    return owners
 
 
 async def _session_moved(conn: AsyncConnection, desktop_id: int, session_id: str, to: UserState) -> bool:
