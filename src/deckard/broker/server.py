@@ -13,7 +13,11 @@ NAT is not limited to 64 desktops, while anonymous ones are).  Over a cap, the s
 
 Why ``malloc_trim``: after a burst of thousands of connections closes, glibc keeps the freed heap in its
 arenas and the process's RSS stays high; giving it back once the burst is over keeps the farm's memory near
-idle (``bench/abuse.py`` measures it).  Why ``mallopt``: streams move 256 KiB buffers; glibc's adaptive mmap
+idle (``bench/abuse.py`` and ``bench/tunnels.py`` measure it).  A garbage collection comes first: a tunnel's
+objects (client connection, relay, desktop side) refer to each other, so an idle process would otherwise keep
+them until the collector's next full pass, which allocation counts may not call for in a long while.
+
+Why ``mallopt``: streams move 256 KiB buffers; glibc's adaptive mmap
 threshold soon serves them from the heap, and each thread (database drivers, executors) gets an arena of its
 own, so the heap kept every stream's high-water mark: ten full-screen streams took the farm from 208 to 297 MB.
 With big buffers always mapped (freed straight back) and two arenas, the same streams keep it between 128 and
@@ -26,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import socket
 import ssl
 import struct
@@ -213,6 +218,7 @@ class Broker:
     def _trim_heap(self) -> None:
         self._trim = None
         self._peak = self.open_connections
+        gc.collect()  # a tunnel's objects refer to each other: without a collection their memory waits for one
         release_freed_memory()
 
     def _serve(self, front: FrontConnection) -> None:

@@ -16,6 +16,12 @@ then TLS ``close_notify``), ``abort``, ``connection_lost`` exactly once.  Two Op
   finish keeps its own copy (only then is anything copied);
 * OpenSSL may hold decrypted bytes the socket no longer signals (``pending``), so a read runs until OpenSSL
   wants more from the socket, a few records at a time, and schedules itself again when it stops early.
+
+Because a write copies nothing it can send, the relay hands it desktop bytes straight from its read buffer
+(``copies_unsent``; ``tunnel.py``).  A write of several records is corked: OpenSSL writes each 16 KiB record
+on its own, and the kernel would push each through the stack as a segment of its own.  What is left of the
+cost is the encryption and the system calls, as for socat; going below that needs kernel TLS, which the
+machines here lack (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
