@@ -382,10 +382,27 @@ class Slapd:
     # -- misbehaviour ------------------------------------------------------------------------------------------
 
     def pause(self) -> None:
-        """Freeze slapd (SIGSTOP): the kernel still accepts connections, but nothing answers."""
+        """Freeze slapd (SIGSTOP): the kernel still accepts connections, but nothing answers.
+
+        Returns once every thread of slapd has stopped: ``kill`` only queues the signal, and on a loaded machine a
+        thread busy when it came went on answering a request sent just after (a frozen directory that let a
+        login through, seen in CI)."""
         assert self.process is not None, "slapd is not running"
         self.process.send_signal(signal.SIGSTOP)
         self.paused = True
+        deadline = time.monotonic() + 10
+        while not self._all_threads_stopped():
+            if time.monotonic() > deadline:
+                raise RuntimeError("slapd did not stop within 10 s of SIGSTOP")
+            time.sleep(0.005)
+
+    def _all_threads_stopped(self) -> bool:
+        assert self.process is not None
+        states = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        return bool(states) and all(state in ("T", "t") for state in states)
 
     def resume(self) -> None:
         if self.process is not None and self.paused:

@@ -17,11 +17,10 @@ idle (``bench/abuse.py`` and ``bench/tunnels.py`` measure it).  A garbage collec
 objects (client connection, relay, desktop side) refer to each other, so an idle process would otherwise keep
 them until the collector's next full pass, which allocation counts may not call for in a long while.
 
-Why ``mallopt``: streams move 256 KiB buffers; glibc's adaptive mmap
-threshold soon serves them from the heap, and each thread (database drivers, executors) gets an arena of its
-own, so the heap kept every stream's high-water mark: ten full-screen streams took the farm from 208 to 297 MB.
-With big buffers always mapped (freed straight back) and two arenas, the same streams keep it between 128 and
-138 MB (``bench/soak.py``).
+Why ``mallopt``: streams move 256 KiB buffers; glibc's adaptive mmap threshold soon serves them from the heap,
+and each thread (database drivers, executors) gets an arena of its own, so the heap kept every stream's
+high-water mark: ten full-screen streams took the farm from 208 to 297 MB.  With big buffers always mapped
+(freed straight back) and two arenas, the same streams keep it between 128 and 138 MB (``bench/soak.py``).
 """
 
 from __future__ import annotations
