@@ -109,7 +109,7 @@ class SessionWatch:
         loop = asyncio.get_running_loop()
         end: asyncio.Future[tuple[str, str]] = loop.create_future()
         self._waiting.setdefault(desktop_id, {})[session_id] = end
-        if self._task is None:
+        if self._task is None or self._task.done():  # first session, or the watch died of an unexpected error
             self._task = loop.create_task(self._run(), name="broker-session-watch")
         try:
             return await end
