@@ -73,6 +73,7 @@ DISPLAY_CONNECT_TIMEOUT = 5.0
 # the agent's refusals that are the client's to act on, passed on with their own code
 AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
 SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
+CLOSE_WAIT = 2.0  # seconds the broker's close waits for the session watch to end
 
 
 def ended_because(owner: SessionOwner | None, session_id: str) -> tuple[str, str] | None:
@@ -103,6 +104,7 @@ class SessionWatch:
         self.interval = interval
         self._waiting: dict[int, dict[str, asyncio.Future[tuple[str, str]]]] = {}  # desktop → session → end
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def ended(self, desktop_id: int, session_id: str) -> tuple[str, str]:
         """(result, reason) once ``session_id`` no longer holds ``desktop_id``."""
@@ -121,17 +123,17 @@ class SessionWatch:
                     del self._waiting[desktop_id]
 
     async def close(self) -> None:
-        if self._task is not None:
+        self._closed = True  # Python 3.11's wait_for can swallow a cancel that meets a notification: the loop
+        if self._task is not None:  # checks this flag too, and the wait for it is bounded
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
             self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         last = loop.time()
         async with self.db.bus.subscribe(DESKTOPS) as sub:
-            while True:
+            while not self._closed:
                 payload = await sub.wait(self.interval)
                 if not self._waiting:
                     continue
