@@ -32,8 +32,11 @@ class Subscription:
         self.queue: asyncio.Queue[str] = asyncio.Queue()
 
     async def wait(self, timeout: float) -> str | None:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the payload when a cancel meets it, and a
+        # loop stopped by cancelling it then never stops (a broker's close hung so in CI)
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.queue.get()
         except TimeoutError:
             return None
 
