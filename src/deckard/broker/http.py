@@ -105,9 +105,9 @@ class _DirectBuffer(threading.local):
 _direct_buffer = _DirectBuffer()
 
 
-def direct_buffer() -> tuple[memoryview, memoryview]:
-    """(the whole buffer, the part after the header room) of this thread: see ``_DirectBuffer``."""
-    return _direct_buffer.whole, _direct_buffer.body
+def direct_buffer() -> _DirectBuffer:
+    """This thread's direct buffer: ``whole``, and ``body`` after the header room (see ``_DirectBuffer``)."""
+    return _direct_buffer
 
 
 def read_buffer() -> memoryview:

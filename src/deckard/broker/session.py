@@ -137,7 +137,7 @@ class SessionWatch:
                 payload = await sub.wait(self.interval)
                 if not self._waiting:
                     continue
-                if payload is None or payload == "" or loop.time() - last >= self.interval:
+                if not payload or loop.time() - last >= self.interval:  # a timeout, or news of no desktop
                     ids, last = list(self._waiting), loop.time()
                 elif payload.isdigit() and int(payload) in self._waiting:
                     ids = [int(payload)]
@@ -273,7 +273,7 @@ class SessionRunner:
             auth_ms=req.auth_ms,
         )
         bound = log.bind(desktop_id=desk.id, session=session_id, login=req.login, peer=front.peer)
-        watch = asyncio.create_task(self._watch(desk.id, session_id), name=f"session-watch-{session_id}")
+        watch = asyncio.create_task(self.watch.ended(desk.id, session_id), name=f"session-watch-{session_id}")
         result, reason, tunnel = "failed", "", None
         relaying = False  # counted among the open tunnels
         refusal = None  # the 503 text, sent once the outcome is recorded
@@ -450,7 +450,3 @@ class SessionRunner:
             raise SessionLost
         timings["t_total_ms"] = _ms(req.received_at)
         return tunnel, running
-
-    async def _watch(self, desktop_id: int, session_id: str) -> tuple[str, str]:
-        """Return (result, reason) once this session no longer owns the desktop."""
-        return await self.watch.ended(desktop_id, session_id)

@@ -152,7 +152,7 @@ class TlsTransport(asyncio.Transport):
             except ssl.SSLZeroReturnError:
                 n = 0
             except (OSError, ssl.SSLError) as e:
-                self._fail(e)
+                self._end(e, notify=False)
                 return
             if n == 0:
                 self._eof()
@@ -189,7 +189,7 @@ class TlsTransport(asyncio.Transport):
             except _WANT:
                 sent = 0
             except (OSError, ssl.SSLError) as e:
-                self._fail(e)
+                self._end(e, notify=False)
                 return
             if sent == len(data):
                 return
@@ -230,7 +230,7 @@ class TlsTransport(asyncio.Transport):
             except _WANT:
                 return
             except (OSError, ssl.SSLError) as e:
-                self._fail(e)
+                self._end(e, notify=False)
                 return
             self._buffered -= sent
             if sent < len(self._unfinished):
@@ -248,7 +248,7 @@ class TlsTransport(asyncio.Transport):
             self._protocol_paused = False
             self._protocol.resume_writing()
         if self._closing:
-            self._finish()
+            self._end(None, notify=True)
 
     def get_write_buffer_size(self) -> int:
         return self._buffered
@@ -274,16 +274,10 @@ class TlsTransport(asyncio.Transport):
         self._closing = True
         self._unwatch_reads()
         if self._unfinished is None:
-            self._finish()
+            self._end(None, notify=True)
 
     def abort(self) -> None:
         self._end(None, notify=False)
-
-    def _fail(self, exc: Exception) -> None:
-        self._end(exc, notify=False)
-
-    def _finish(self) -> None:
-        self._end(None, notify=True)
 
     def _end(self, exc: Exception | None, *, notify: bool) -> None:
         if self._lost:

@@ -231,7 +231,7 @@ class _DesktopSide(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002  (the buffer has one size)
         if self.tunnel.direct:
-            return direct_buffer()[1]
+            return direct_buffer().body
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -408,7 +408,7 @@ class Tunnel:
     def to_client_direct(self, nbytes: int) -> None:
         """The ``nbytes`` the desktop just read into the direct buffer, to the client (``direct``)."""
         self.bytes_out += nbytes
-        self.front.write(direct_buffer()[1][:nbytes])
+        self.front.write(direct_buffer().body[:nbytes])
 
     def desktop_lost(self, exc: Exception | None) -> None:
         self._desktop_closed = True

@@ -209,17 +209,20 @@ class WsTunnel(Tunnel):
     def to_client_direct(self, nbytes: int) -> None:
         """As the plain tunnel's, with the frame header written into the room before the payload: one write."""
         self.bytes_out += nbytes
-        tr = self.front.transport
-        if tr is not None and not tr.is_closing() and not self._close_sent:
+        if (tr := self._frame_transport()) is not None:
             header = frame_header(OP_BINARY, nbytes)
             start = FRAME_HEADROOM - len(header)
-            whole = direct_buffer()[0]
+            whole = direct_buffer().whole
             whole[start:FRAME_HEADROOM] = header
             tr.write(whole[start : FRAME_HEADROOM + nbytes])
 
-    def _send_frame(self, opcode: int, payload: bytes) -> None:
+    def _frame_transport(self) -> asyncio.Transport | None:
+        """The client's transport while frames may still go out (open, and no close frame sent)."""
         tr = self.front.transport
-        if tr is not None and not tr.is_closing() and not self._close_sent:
+        return tr if tr is not None and not tr.is_closing() and not self._close_sent else None
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        if (tr := self._frame_transport()) is not None:
             tr.writelines((frame_header(opcode, len(payload)), payload))
 
     def send_text(self, text: str) -> None:
