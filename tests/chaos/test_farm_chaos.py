@@ -262,6 +262,12 @@ async def test_node_cut_off_from_the_database_self_fences_and_the_others_take_ov
                     )
                 print(farm.nodes["ok"].log.read_text()[-3000:])
                 raise
+
+            async def fenced() -> bool:  # the others may mark it lost a moment before it fences itself
+                cut = farm.nodes["cut"]
+                return "node.self_fenced" in cut.log.read_text() or cut.proc.poll() is not None
+
+            await _wait(fenced, 10, "the cut node fenced itself")
             log = farm.nodes["cut"].log.read_text()
             assert "node.self_fenced" in log or farm.nodes["cut"].proc.poll() is not None
             for desktop_id in ids:
