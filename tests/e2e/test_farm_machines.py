@@ -19,8 +19,8 @@ import pytest
 
 from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer, is_blank
-from deckard.drivers.overlay import node_address
-from deckard.model.network import gateway_of
+from deckard.drivers.overlay import node_address, vxlan_name
+from deckard.model.network import gateway_of, mac_for_ip
 from deckard.testing import PG_BIN, FarmProcess, PgCluster, e2e_unavailable_reason, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -141,6 +141,12 @@ def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_wit
     lost = next(n for n in farm.json("node", "list") if n["name"] == farm.machine_node(2))  # type: ignore[union-attr]
     # fenced through its BMC (ipmi_sim, runtime/bmc.py) with fence_ipmilan, the power-off confirmed, then released
     assert lost["fence_agent"] == "fence_ipmilan" and lost["lost_reason"].startswith("fenced"), lost
+    # the live machines' overlay forgot where the desktop's MAC was (the port had learned it at machine 2): the
+    # first frames to it, wherever it starts, flood to the live machines instead of going to a dead one
+    behind = f"{mac_for_ip(desk['ip'])} dst {farm.machine(2).address} "
+    for machine in (1, 3):
+        fdb = farm.machine(machine).run("bridge", "fdb", "show", "dev", vxlan_name(farm.bridge)).stdout
+        assert behind not in fdb, (machine, fdb)
     asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on another machine
     moved = farm.desktop("mia-lost")
     assert (moved["state"], moved["ip"]) == ("running", desk["ip"]) and moved["node"] != farm.machine_node(2), moved

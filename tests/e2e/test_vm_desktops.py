@@ -80,7 +80,8 @@ def _wait_state(farm: FarmProcess, name: str, state: str, timeout: float = BOOT_
 async def _see_desktop(farm: FarmProcess, desktop_id: int) -> None:
     reader, writer = await asyncio.wait_for(qvd.connect(farm.broker, "vera", PASSWORD, farm.ca, desktop_id), BOOT_S)
     try:
-        width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=30), 60)
+        # a TCG guest's first xterm took over 30 s on a fresh machine building the standard image alongside
+        width, height, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=75), 90)
         assert width > 0 and height > 0
         assert not is_blank(pixels), "the VM desktop's framebuffer is blank"
     finally:

@@ -107,3 +107,32 @@ async def test_a_silent_agent_times_out_and_a_closed_port_is_refused(agent: Agen
     with pytest.raises(Unavailable) as e:
         await AgentClient("127.0.0.1", "t", port=port).call("ping")
     assert e.value.code == "agent_unreachable" and "cannot reach" in e.value.message
+
+
+async def test_a_connection_not_taken_is_told_apart_and_the_displays_start_waits_longer_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SYN that goes nowhere (a desktop moved to a machine the overlay has not learned yet): an ordinary call
+    gives up after the client's timeout and says it was the connection; ``x_start`` waits up to
+    ``X_START_CONNECT_S`` for it, the kernel's retries meanwhile."""
+    waited: list[float] = []
+
+    async def never(*_address: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        await asyncio.sleep(3600)
+        raise AssertionError
+
+    async def timed(aw: object, timeout: float) -> object:
+        waited.append(timeout)
+        return await real_wait_for(aw, 0.05)  # type: ignore[arg-type]
+
+    real_wait_for = asyncio.wait_for
+    monkeypatch.setattr(agent_client.asyncio, "open_connection", never)
+    monkeypatch.setattr(agent_client.asyncio, "wait_for", timed)
+    client = AgentClient("192.0.2.1", "t", timeout=4.0)
+    with pytest.raises(Unavailable) as e:
+        await client.ping()
+    assert e.value.code == "agent_unreachable" and "took no connection within 4 s (ping)" in e.value.message
+    with pytest.raises(Unavailable) as e:
+        await client.x_start("ann", 2001, timeout=35)
+    assert f"took no connection within {agent_client.X_START_CONNECT_S:g} s (x_start)" in e.value.message
+    assert waited == [4.0, agent_client.X_START_CONNECT_S]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterable
+
 import pytest
 
+from deckard.drivers import overlay
 from deckard.drivers.overlay import Segment, node_address, node_addresses, vxlan_name
 from deckard.model.errors import DriverError
 
@@ -30,3 +34,34 @@ def test_the_overlay_filter_keeps_the_gateway_local_and_carries_only_node_traffi
     inbound = text.split("chain in_from_overlay {")[1].split("}")[0]
     assert inbound.strip().splitlines()[-1].strip() == "drop"  # anything but node traffic and its ARP
     assert "meta mark set 0x6b76" in inbound  # a node's call is let past the desktops' egress filter
+
+
+async def test_a_peer_that_leaves_takes_the_macs_learned_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost machine's flooding entry goes, and so do the desktops' MACs the port learned there: a frame for one
+    floods to the live peers (the machine it starts on next) instead of going to the dead one for 300 s."""
+    shown = "\n".join(
+        [
+            "00:00:00:00:00:00 dst 192.0.2.12 self permanent",
+            "00:00:00:00:00:00 dst 192.0.2.13 self permanent",
+            "54:52:00:d4:ea:0f dst 192.0.2.12 self",  # learned behind the machine that leaves
+            "54:52:00:d4:ea:0e dst 192.0.2.13 self",  # behind one that stays
+            "54:52:00:d4:ea:0d dst 192.0.2.12 self permanent",  # put there by hand: not ours to drop
+            "54:52:00:d4:ea:0f master dke1",  # the bridge's own entry (the port, not a machine)
+        ]
+    )
+    commands: list[list[str]] = []
+    batches: list[tuple[str, list[str]]] = []
+
+    async def run(argv: list[str], **_options: object) -> subprocess.CompletedProcess[str]:
+        commands.append(argv)
+        return subprocess.CompletedProcess(argv, 0, shown if argv[:2] == ["bridge", "fdb"] and "show" in argv else "")
+
+    async def batch(program: str, lines: Iterable[str]) -> None:
+        batches.append((program, list(lines)))
+
+    monkeypatch.setattr(overlay, "run_command", run)
+    monkeypatch.setattr(overlay, "run_batch", batch)
+    await overlay.set_peers("vxdke1", ["192.0.2.13", "192.0.2.14"])
+    assert ["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vxdke1", "dst", "192.0.2.14"] in commands
+    assert ["bridge", "fdb", "del", "00:00:00:00:00:00", "dev", "vxdke1", "dst", "192.0.2.12"] in commands
+    assert batches == [("bridge", ["fdb del 54:52:00:d4:ea:0f dev vxdke1 self"])]

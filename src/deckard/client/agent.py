@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 from deckard.model.errors import Unavailable
 
 AGENT_PORT = 3030  # same value as deckard.drivers.base.AGENT_PORT; the client layer may not import drivers
+X_START_CONNECT_S = 10.0  # the connection of the display's start may take longer than other calls' (x_start)
 MAX_REPLY = 16 * 1024 * 1024  # the largest RPC reply read (an exec's output is capped lower by the agent)
 STATUS_RE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 
@@ -33,16 +34,26 @@ class _NotHttp(Exception):
     """The reply was not an HTTP response (or larger than any the agent sends)."""
 
 
-async def _exchange(ip: str, port: int, request: bytes, connect_timeout: float) -> tuple[int, bytes]:
-    """Send ``request`` and read the whole reply (the agent closes after it): status and body."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), connect_timeout)
+class _NoConnection(Exception):
+    """The agent's port took no connection in time (a guest gone, or a path to it not yet learned)."""
+
+
+async def _exchange(ip: str, port: int, request: bytes, connect_timeout: float, limit: float) -> tuple[int, bytes]:
+    """Send ``request`` and read the whole reply (the agent closes after it): status and body.  The connection is
+    made within ``connect_timeout`` (else :class:`_NoConnection`), all of it within ``limit`` (else TimeoutError)."""
+    deadline = asyncio.get_running_loop().time() + limit
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), connect_timeout)
+    except TimeoutError:
+        raise _NoConnection from None
     reply = bytearray()
     try:
-        writer.write(request)
-        while chunk := await reader.read(65536):
-            reply += chunk
-            if len(reply) > MAX_REPLY:
-                raise _NotHttp
+        async with asyncio.timeout_at(deadline):
+            writer.write(request)
+            while chunk := await reader.read(65536):
+                reply += chunk
+                if len(reply) > MAX_REPLY:
+                    raise _NotHttp
     finally:
         writer.close()
     head, sep, body = bytes(reply).partition(b"\r\n\r\n")
@@ -65,19 +76,29 @@ class AgentClient:
         return f"AgentClient({self.ip}:{self.port})"
 
     async def call(
-        self, method: str, params: dict[str, str] | None = None, timeout: float | None = None
+        self,
+        method: str,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+        *,
+        connect_timeout: float | None = None,
     ) -> dict[str, Any]:
-        """One RPC; returns the reply object (``ok`` is true) or raises Unavailable."""
+        """One RPC; returns the reply object (``ok`` is true) or raises Unavailable.  The connection must be made
+        within ``connect_timeout`` (the client's timeout unless given), the reply come within ``timeout``."""
         limit = self.timeout if timeout is None else timeout
+        connect = min(limit, self.timeout if connect_timeout is None else connect_timeout)
         where = f"{self.ip}:{self.port}"
         query = f"?{urlencode(params)}" if params else ""
         request = (
             f"GET /vma/{method}{query} HTTP/1.0\r\nHost: {where}\r\nAuthorization: Bearer {self._token}\r\n\r\n"
         ).encode()
         try:
-            status, raw = await asyncio.wait_for(
-                _exchange(self.ip, self.port, request, min(limit, self.timeout)), limit
-            )
+            status, raw = await _exchange(self.ip, self.port, request, connect, limit)
+        except _NoConnection:
+            raise Unavailable(
+                f"the desktop agent at {where} took no connection within {connect:g} s ({method})",
+                code="agent_unreachable",
+            ) from None
         except TimeoutError:
             raise Unavailable(
                 f"the desktop agent at {where} did not answer {method} within {limit:g} s",
@@ -141,7 +162,9 @@ class AgentClient:
             params["geometry"] = geometry
         if keyboard:
             params["keyboard"] = keyboard
-        return await self.call("x_start", params, timeout=timeout)
+        # the first call to a desktop that has just started on another machine may go out before the overlay
+        # has learned where it now lives: the kernel's SYN retries (1, 3, 7 s) get through once it has
+        return await self.call("x_start", params, timeout=timeout, connect_timeout=X_START_CONNECT_S)
 
     async def spy_notice(self, admin: str, interactive: bool = False) -> dict[str, Any]:
         """Tell the desktop's user that an administrator is watching (a banner on their display)."""

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +131,20 @@ def neighbour_known(ip: str, table: Path = Path("/proc/net/arp")) -> bool:
     return any(line.split(maxsplit=1)[0] == ip for line in lines if line.strip())
 
 
-async def flush_neighbours(ips: Sequence[str]) -> None:
-    """:func:`flush_neighbour` for many addresses in one ``ip -batch``."""
-    fd, path = tempfile.mkstemp(prefix=".deckard-neigh-", suffix=".batch")
+async def run_batch(program: str, commands: Iterable[str]) -> None:
+    """Many ``ip`` or ``bridge`` commands in one process (``-force -batch``: one failing does not stop the rest)."""
+    fd, path = tempfile.mkstemp(prefix=f".deckard-{program}-", suffix=".batch")
     with os.fdopen(fd, "w") as f:
-        f.writelines(f"neigh flush to {ip}\n" for ip in ips)
+        f.writelines(f"{command}\n" for command in commands)
     try:
-        await run_command(["ip", "-force", "-batch", path], check=False)
+        await run_command([program, "-force", "-batch", path], check=False)
     finally:
         os.unlink(path)
+
+
+async def flush_neighbours(ips: Sequence[str]) -> None:
+    """:func:`flush_neighbour` for many addresses in one ``ip -batch``."""
+    await run_batch("ip", (f"neigh flush to {ip}" for ip in ips))
 
 
 async def delete_link(name: str) -> None:

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from deckard.drivers.firewall import OVERLAY_MARK, load_text, whole_table
-from deckard.drivers.network import IFNAMSIZ, link_exists, run_command
+from deckard.drivers.network import IFNAMSIZ, link_exists, run_batch, run_command
 from deckard.model.errors import DriverError
 from deckard.model.network import gateway_of
 
@@ -145,17 +145,36 @@ async def join(segment: Segment, me: str, peers: Iterable[str]) -> None:
     await set_peers(vx, peers)
 
 
+def _fdb(text: str) -> list[tuple[str, str, bool]]:
+    """``bridge fdb show dev VX`` → (MAC, underlay destination, permanent) of the device's own entries."""
+    entries = []
+    for line in text.splitlines():
+        mac, _, rest = line.partition(" ")
+        if m := re.search(r"\bdst (\S+)", rest):
+            entries.append((mac, m.group(1), "permanent" in rest.split()))
+    return entries
+
+
 async def set_peers(vx: str, peers: Iterable[str]) -> None:
-    """The flooding entries: exactly one per peer's underlay address."""
+    """The flooding entries: exactly one per peer's underlay address.  A peer that leaves (a lost machine) takes
+    the MACs learned behind it along: frames for a desktop that ran there flood to the live peers, reaching the
+    machine it starts on next, instead of going to one that may be powered off until the entry ages (300 s)."""
     want = set(peers)
-    have = {
-        m.group(1)
-        for line in (await run_command(["bridge", "fdb", "show", "dev", vx])).stdout.splitlines()
-        if line.startswith(ZERO_MAC) and (m := re.search(r"\bdst (\S+)", line))
-    }
+    entries = _fdb((await run_command(["bridge", "fdb", "show", "dev", vx])).stdout)
+    have = {dst for mac, dst, _ in entries if mac == ZERO_MAC}
     for peer in sorted(want - have):
         await run_command(["bridge", "fdb", "append", ZERO_MAC, "dev", vx, "dst", peer])
         log.info("network.overlay_peer_added", vxlan=vx, peer=peer)
     for peer in sorted(have - want):
         await run_command(["bridge", "fdb", "del", ZERO_MAC, "dev", vx, "dst", peer], check=False)
         log.info("network.overlay_peer_removed", vxlan=vx, peer=peer)
+    behind = sorted(mac for mac, dst, permanent in entries if mac != ZERO_MAC and not permanent and dst not in want)
+    await forget_macs(vx, behind)
+
+
+async def forget_macs(vx: str, macs: Sequence[str]) -> None:
+    """Drop what the VXLAN port learned about where ``macs`` live (one ``bridge -batch``): the next frame to one
+    floods to every peer and the answer teaches the new place."""
+    if not macs:
+        return
+    await run_batch("bridge", (f"fdb del {mac} dev {vx} self" for mac in macs))

@@ -27,7 +27,7 @@ from deckard.drivers.network import flush_neighbours
 from deckard.model.egress import Protected, Rule
 from deckard.model.entities import utcnow
 from deckard.model.errors import DriverError
-from deckard.model.network import gateway_of
+from deckard.model.network import gateway_of, mac_for_ip
 from deckard.model.states import NodeState
 from deckard.node.metadata import MetadataServer
 from deckard.runtime.settings import Settings
@@ -144,8 +144,9 @@ class Egress:
         where = await node_ops.desktops_elsewhere(self.db, node_id, self._placed_since)
         if self._placed is not None:  # the first look only learns where they are
             moved = sorted(ip for ip, node in where.items() if self._placed.get(ip) != node)
-            if moved:
+            if moved:  # the MACs too: a frame that still goes out floods to every peer, not to the machine left
                 await flush_neighbours(moved)
+                await overlay.forget_macs(overlay.vxlan_name(self.bridge), [mac_for_ip(ip) for ip in moved])
                 log.info("network.overlay_desktops_moved", addresses=moved[:20], count=len(moved))
             where = {**self._placed, **where}  # remembered while released too: it may start anywhere next
         self._placed, self._placed_since = where, now - dt.timedelta(seconds=MOVED_MARGIN_S)
