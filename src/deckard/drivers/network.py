@@ -5,7 +5,7 @@ the host reaches every desktop directly.  Desktops must not reach each other: ea
 is an *isolated* bridge port, and isolated ports only talk to non-isolated ones (the bridge itself, i.e. the
 host).  What a desktop may reach through the node is the packet filter's to say (``drivers/firewall.py``).
 
-Also home of :func:`run_command`, the one way drivers run a host command (asyncio subprocess, output
+Also home of :func:`run_command`, the one way drivers run a host command (without blocking the loop, output
 captured, a DriverError that quotes the tool's own words on failure).
 """
 
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,22 +40,27 @@ class CommandResult:
 async def run_command(
     args: Sequence[str], *, check: bool = True, timeout: float = 60.0, stdin: str | None = None
 ) -> CommandResult:
-    """Run a host command without blocking the event loop; raise DriverError on failure when ``check``."""
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    """Run a host command without blocking the event loop; raise DriverError on failure when ``check``.
+
+    Started by :class:`subprocess.Popen` (``vfork`` and ``exec``: about a millisecond) and collected on the loop
+    (its pipes and a pidfd), not through the loop's subprocess transport: uvloop's forks the whole process, about
+    10 ms in a farm's process with the loop stopped meanwhile, and a desktop's start runs several commands."""
+    proc = subprocess.Popen(  # noqa: ASYNC220 -- the point: vfork and exec return at once, the waiting is async
+        args,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "LANG": "C"},
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(None if stdin is None else stdin.encode()), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await _communicate(proc, None if stdin is None else stdin.encode())
     except BaseException as e:  # the timeout, or the caller was cancelled: the command does not outlive the call
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        await _reaped(proc)
         if isinstance(e, TimeoutError):
-            raise DriverError(f"{args[0]} did not finish within {timeout:.0f} s", code="command_timeout") from None
+            raise DriverError(f"{args[0]} did not finish within {timeout:g} s", code="command_timeout") from None
         raise
     result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
     if check and result.returncode != 0:
@@ -64,6 +70,89 @@ async def run_command(
             details={"command": list(args), "stderr": result.stderr[-2000:]},
         )
     return result
+
+
+async def _reaped(proc: subprocess.Popen[bytes]) -> None:
+    """Wait on the loop (a pidfd) until ``proc`` exits, and reap it."""
+    if proc.poll() is not None:
+        return
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    pidfd = os.pidfd_open(proc.pid)
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    proc.wait()  # at once: it has exited
+
+
+async def _communicate(proc: subprocess.Popen[bytes], data: bytes | None) -> tuple[bytes, bytes]:
+    """``proc.communicate(data)`` on the event loop: the output read and the input written as the pipes allow;
+    returns once both output pipes are closed and the process is reaped."""
+    assert proc.stdout is not None and proc.stderr is not None
+    loop = asyncio.get_running_loop()
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    output = {out_fd: bytearray(), err_fd: bytearray()}
+    open_fds = set(output)
+    closed = loop.create_future()
+    pending = memoryview(data or b"")
+
+    def readable(fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            output[fd] += chunk
+            return
+        loop.remove_reader(fd)
+        open_fds.discard(fd)
+        if not open_fds and not closed.done():
+            closed.set_result(None)
+
+    def writable() -> None:
+        nonlocal pending
+        assert proc.stdin is not None
+        try:
+            pending = pending[os.write(proc.stdin.fileno(), pending) :]
+        except BlockingIOError:
+            return
+        except OSError:  # the command closed its input (a broken pipe): the rest is not wanted
+            pending = pending[len(pending) :]
+        if not pending:
+            loop.remove_writer(proc.stdin.fileno())
+            proc.stdin.close()
+
+    try:
+        for fd in output:
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, readable, fd)
+        if proc.stdin is not None:
+            if pending:
+                os.set_blocking(proc.stdin.fileno(), False)
+                loop.add_writer(proc.stdin.fileno(), writable)
+            else:
+                proc.stdin.close()
+        await closed
+        await _reaped(proc)
+    finally:
+        for fd in output:
+            loop.remove_reader(fd)
+        if proc.stdin is not None and not proc.stdin.closed:
+            loop.remove_writer(proc.stdin.fileno())
+            proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    return bytes(output[out_fd]), bytes(output[err_fd])
 
 
 def veth_name(guest_name: str) -> str:
