@@ -229,7 +229,7 @@ def test_the_agent_is_compiled_only_for_the_image_own_python(tmp_path: Path) -> 
     assert precompile_agent(root)
     pyc = root / AGENT_PYC.lstrip("/")
     assert pyc.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
-    assert agent_command(root) == f"/usr/bin/python3 {AGENT_PYC}"
+    assert agent_command(root) == f"/usr/bin/python3 -I -S {AGENT_PYC}"
     ran = subprocess.run([sys.executable, str(pyc), "--display-for", "a:1"], capture_output=True, text=True)
     assert ran.stdout == "agent ['--display-for', 'a:1']\n"  # the bytecode runs as the script did
     assert (sound.parent / "__pycache__" / f"sound.{sys.implementation.cache_tag}.pyc").is_file()

@@ -49,7 +49,6 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
-import hmac
 import json
 import logging
 import os
@@ -67,7 +66,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, urlsplit
 
 if TYPE_CHECKING:  # loaded at first use (handler_class)
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -487,6 +485,8 @@ NX_LOG_TAIL = 16384  # bytes of nxagent's log read to derive the state: the last
 
 def nx_cookie(token: str) -> str:
     """The nxagent cookie of this start, derived from the agent token as the broker derives it."""
+    import hmac  # here, not at the top: with hashlib (OpenSSL) ~5 ms of the start that Xvnc would wait for
+
     return hmac.new(token.encode(), b"deckard-nx-cookie-v1", "sha256").hexdigest()[:32]
 
 
@@ -2301,7 +2301,9 @@ _HANDLER: type[BaseHTTPRequestHandler] | None = None
 
 
 def _make_handler() -> type[BaseHTTPRequestHandler]:
+    from hmac import compare_digest
     from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, quote, urlsplit
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"deckard-vma/{VERSION}"
@@ -2527,7 +2529,7 @@ def _make_handler() -> type[BaseHTTPRequestHandler]:
             header = self.headers.get("Authorization", "")
             if not token or not header.startswith("Bearer "):
                 return False
-            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+            return compare_digest(header[7:].strip().encode(), token.encode())
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per request is written by _handle

@@ -38,8 +38,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("deckard-vma")
 
@@ -210,13 +209,14 @@ def _serve(sock: socket.socket) -> None:
                 os.close(fd)
 
 
-@dataclass
 class Mounter:
-    """The agent's end of the mounter: requests go one at a time."""
+    """The agent's end of the mounter: requests go one at a time.  (No dataclasses in the agent's modules: with
+    ``inspect`` they were a fifth of the agent's imports, which a desktop's start waits for.)"""
 
-    sock: socket.socket
-    pid: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.lock = threading.Lock()
 
     @classmethod
     def fork(cls) -> Mounter:
@@ -283,8 +283,7 @@ def has_sys_admin() -> bool:
 
 
 # ---- the agent's half: the socket the slave command asks ----------------------------------------------------
-@dataclass
-class Share:
+class Share(NamedTuple):
     name: str
     pid: int  # the slave command that asked; it becomes sshfs (exec), whose end is the share's end
     home: str
