@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,12 @@ Runner = Callable[[Coroutine[Any, Any, None]], None]
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    return asyncio.run if request.param == "asyncio" else uvloop.run
+def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """The loop to run the test on; afterwards, no child of this process that was not there before (a worker may
+    have children of its own from earlier tests: a CLI server, a directory)."""
+    before = _children()
+    yield asyncio.run if request.param == "asyncio" else uvloop.run
+    assert not _children() - before, "a command outlived its call"
 
 
 def _children() -> set[int]:
@@ -56,7 +60,6 @@ def test_output_input_and_exit_codes(run: Runner) -> None:
             await run_command(["deckard-no-such-program"])
 
     run(main())
-    assert not _children()
 
 
 def test_a_timeout_or_a_cancel_kills_the_command_and_reaps_it(run: Runner) -> None:
@@ -73,7 +76,6 @@ def test_a_timeout_or_a_cancel_kills_the_command_and_reaps_it(run: Runner) -> No
         assert time.monotonic() - t0 < 5
 
     run(main())
-    assert not _children()
 
 
 def test_commands_run_side_by_side_and_the_loop_keeps_turning(run: Runner) -> None:
@@ -96,4 +98,3 @@ def test_commands_run_side_by_side_and_the_loop_keeps_turning(run: Runner) -> No
         assert ticks >= 5, "the loop stood still while the commands ran"
 
     run(main())
-    assert not _children()
