@@ -227,3 +227,19 @@ def test_the_xauthority_entry_is_what_xauth_writes() -> None:
     family, n = struct.unpack_from(">HH", entry)
     assert (family, entry[4 : 4 + n]) == (256, b"desk")
     assert entry.endswith(struct.pack(">H", 16) + bytes(16)) and b"MIT-MAGIC-COOKIE-1" in entry
+
+
+def test_a_proxy_connected_before_nxagent_says_so_keeps_the_new_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listening timeout stops a new NX session nobody connected to; a client's proxy holding a connection to
+    nxagent's port counts even before nxagent's log says "Session started" (a shadow session on a loaded machine)."""
+    session = vma.NxSession(vma.Children(), "t0ken")
+    ports: list[int] = []
+
+    def connected(port: int) -> bool:
+        ports.append(port)
+        return port == vma.NX_PORT and len(ports) > 1
+
+    monkeypatch.setattr(vma, "vnc_connected", connected)
+    assert not session._proxy_connected()  # nobody yet: the timeout may stop it
+    assert session._proxy_connected() and session.connected_once
+    assert ports == [vma.NX_PORT, vma.NX_PORT]
