@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deckard.drivers.agent_code import AGENT, AGENT_PYC, PYTHON, PYTHON_FLAGS
+from deckard.drivers.agent_code import AGENT, AGENT_PYC, AGENT_PYC_COMMAND
 from deckard.model.errors import DriverError
 from deckard.model.vm_image import module_load_order, module_name
 
@@ -214,7 +214,7 @@ echo "deckard-init: starting the agent at $($bb cut -d' ' -f1 /newroot/proc/upti
 # the user is known at boot: the agent starts their display at once, so a connect finds it ready; the agent is
 # run from its bytecode when the node could compile it for the image's Python (no compiling at every boot)
 agent={AGENT}
-[ -f /newroot{AGENT_PYC} ] && agent="{PYTHON} {PYTHON_FLAGS} {AGENT_PYC}"
+[ -f /newroot{AGENT_PYC} ] && agent="{AGENT_PYC_COMMAND}"
 exec $bb switch_root /newroot $agent --machine vm --display-for "$USER_LOGIN:$USER_UID"
 """
 
