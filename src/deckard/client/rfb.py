@@ -3,9 +3,9 @@
 The end-to-end tests (driver, broker tunnel, browser) need more than "port 5900 is open": an Xvnc with a
 dead session still answers, with a black screen.  This client does the RFB 3.8 handshake (security None
 through the broker, VNC authentication with the desktop's secret when it talks to a desktop directly),
-asks for the whole framebuffer in raw encoding at 32 bits per pixel, and :func:`is_blank` says whether
-every pixel has the same colour.  It works over any asyncio stream, so it runs directly against a guest
-or through the broker's tunnel.
+asks for the whole framebuffer in raw encoding at 32 bits per pixel (then, to wait for a drawing, its changes),
+and :func:`is_blank` says whether every pixel has the same colour.  It works over any asyncio stream, so it runs
+directly against a guest or through the broker's tunnel.
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ async def grab_framebuffer(
 ) -> tuple[int, int, bytes]:
     """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX.
 
-    With ``until_drawn`` > 0, ask for fresh frames for up to that many seconds until the screen is drawn: not
-    one flat colour (a session draws its windows a moment after the display starts listening), or what
-    ``drawn(pixels)`` looks for.
+    With ``until_drawn`` > 0, follow the screen's changes (incremental updates, as a viewer does: each arrives as
+    soon as it is drawn) for up to that many seconds until it is drawn: not one flat colour (a session draws its
+    windows a moment after the display starts listening), or what ``drawn(pixels)`` looks for.
     """
     done = drawn or (lambda frame: not is_blank(frame))
     width, height, _ = await handshake(reader, writer, password=password)
@@ -94,44 +94,56 @@ async def grab_framebuffer(
     pixel_format = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
     writer.write(b"\x00\x00\x00\x00" + pixel_format)
     writer.write(struct.pack(">BxHi", 2, 1, ENCODING_RAW))
-    deadline = asyncio.get_running_loop().time() + until_drawn
-    while True:
-        frame = await _read_frame(reader, writer, width, height)
-        if done(frame) or asyncio.get_running_loop().time() >= deadline:
-            return width, height, frame
-        await asyncio.sleep(0.2)
-
-
-async def _read_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, width: int, height: int) -> bytes:
-    writer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))  # non-incremental: the whole screen
-    await writer.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + until_drawn
     frame = bytearray(width * height * BYTES_PER_PIXEL)
+    _request(writer, width, height, incremental=False)  # the whole screen first
     covered = 0
     while covered < width * height:
-        (msg_type,) = struct.unpack(">B", await reader.readexactly(1))
-        if msg_type == 0:  # FramebufferUpdate
-            (nrects,) = struct.unpack(">xH", await reader.readexactly(3))
-            for _ in range(nrects):
-                x, y, w, h, encoding = struct.unpack(">HHHHi", await reader.readexactly(12))
-                if encoding != ENCODING_RAW:
-                    raise RFBError(f"server sent encoding {encoding}, we asked for raw only")
-                data = await reader.readexactly(w * h * BYTES_PER_PIXEL)
-                row = w * BYTES_PER_PIXEL
-                for line in range(h):
-                    start = ((y + line) * width + x) * BYTES_PER_PIXEL
-                    frame[start : start + row] = data[line * row : (line + 1) * row]
-                covered += w * h
-        elif msg_type == 1:  # SetColourMapEntries: not used in true colour, skip it
-            _, _, count = struct.unpack(">BHH", await reader.readexactly(5))
-            await reader.readexactly(count * 6)
-        elif msg_type == 2:  # Bell
-            continue
-        elif msg_type == 3:  # ServerCutText
-            await reader.readexactly(3)
-            await _read_reason(reader)
-        else:
-            raise RFBError(f"unexpected server message type {msg_type}")
-    return bytes(frame)
+        covered += await _read_update(reader, frame, width)
+    # then what changes, as a viewer asks for it: the server answers as soon as something is drawn
+    while loop.time() < deadline and not done(bytes(frame)):
+        _request(writer, width, height, incremental=True)
+        await writer.drain()
+        try:
+            await asyncio.wait_for(_read_update(reader, frame, width), deadline - loop.time())
+        except TimeoutError:
+            break
+    return width, height, bytes(frame)
+
+
+def _request(writer: asyncio.StreamWriter, width: int, height: int, *, incremental: bool) -> None:
+    writer.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, width, height))
+
+
+async def _read_update(reader: asyncio.StreamReader, frame: bytearray, width: int) -> int:
+    """Read one server message into ``frame``; returns how many pixels a FramebufferUpdate covered (0 for others)."""
+    (msg_type,) = struct.unpack(">B", await reader.readexactly(1))
+    if msg_type == 1:  # SetColourMapEntries: not used in true colour, skip it
+        _, _, count = struct.unpack(">BHH", await reader.readexactly(5))
+        await reader.readexactly(count * 6)
+        return 0
+    if msg_type == 2:  # Bell
+        return 0
+    if msg_type == 3:  # ServerCutText
+        await reader.readexactly(3)
+        await _read_reason(reader)
+        return 0
+    if msg_type != 0:
+        raise RFBError(f"unexpected server message type {msg_type}")
+    (nrects,) = struct.unpack(">xH", await reader.readexactly(3))
+    covered = 0
+    for _ in range(nrects):
+        x, y, w, h, encoding = struct.unpack(">HHHHi", await reader.readexactly(12))
+        if encoding != ENCODING_RAW:
+            raise RFBError(f"server sent encoding {encoding}, we asked for raw only")
+        data = await reader.readexactly(w * h * BYTES_PER_PIXEL)
+        row = w * BYTES_PER_PIXEL
+        for line in range(h):
+            start = ((y + line) * width + x) * BYTES_PER_PIXEL
+            frame[start : start + row] = data[line * row : (line + 1) * row]
+        covered += w * h
+    return covered
 
 
 def colour_share(pixels: bytes, rgb: tuple[int, int, int], tolerance: int = 8, step: int = 7) -> float:
