@@ -25,6 +25,7 @@ from deckard.drivers.base import GuestSpec
 from deckard.drivers.fake_guest import FakeGuest
 from deckard.model.errors import Unavailable
 from deckard.model.states import DesktopState, NodeState
+from deckard.services import node_ops
 from deckard.services.context import SYSTEM
 from deckard.services.desktops import create_desktop, request_start, request_stop
 from deckard.services.images import register_image
@@ -105,11 +106,11 @@ async def test_a_stop_right_after_running_still_powers_the_guest_off(
     assert farm.node.daemon is not None
     reconcile = farm.node.daemon.volumes.reconcile
 
-    async def slow_in_the_start(node_id: int) -> int:
+    async def slow_in_the_start(node_id: int, changes: list[node_ops.AttachedVolume] | None = None) -> int:
         task = asyncio.current_task()
         if task is not None and task.get_name().startswith("desktop-"):  # the start's tail, not the command loop
             await asyncio.Event().wait()
-        return await reconcile(node_id)
+        return await reconcile(node_id, changes)
 
     monkeypatch.setattr(farm.node.daemon.volumes, "reconcile", slow_in_the_start)
     desk = await farm.start(farm.desktops[0])

@@ -52,6 +52,25 @@ async def test_start_is_claimed_exactly_once_by_racing_claimers(db: Database) ->
     assert row["state"] == "starting" and row["cmd"] is None
 
 
+async def test_a_node_sees_what_it_has_to_claim_in_one_read(db: Database) -> None:
+    """An idle pass of the node's loop (four a second on SQLite) reads once and writes nothing."""
+    node_id = await _farm(db)
+    idle = await node_ops.pending_work(db, node_id)
+    assert (idle.node_command, idle.desktop_commands, idle.volume_changes) == (False, frozenset(), [])
+    desk_id = await desktops.find_desktop_id(db, SYSTEM, "alice-desk")
+    await desktops.request_start(db, desk_id)
+    assert (await node_ops.pending_work(db, node_id)).desktop_commands == {"start"}
+    assert (await node_ops.pending_work(db, node_id + 1)).desktop_commands == frozenset()  # another node's: not ours
+    await node_ops.claim_starts(db, node_id)
+    await node_ops.mark_running(db, node_id, desk_id, image_id=None, guest_ms=1, agent_ms=1)  # type: ignore[arg-type]
+    assert (await node_ops.pending_work(db, node_id)).desktop_commands == frozenset()
+    await desktops.request_stop(db, desk_id)
+    assert (await node_ops.pending_work(db, node_id)).desktop_commands == {"stop"}
+    async with db.begin() as conn:
+        await conn.execute(sa.update(t.nodes).where(t.nodes.c.id == node_id).values(cmd="drain"))
+    assert (await node_ops.pending_work(db, node_id)).node_command
+
+
 async def test_start_of_a_running_desktop_is_refused_with_a_code(db: Database) -> None:
     node_id = await _farm(db)
     desk_id = await desktops.find_desktop_id(db, SYSTEM, "alice-desk")

@@ -39,7 +39,7 @@ from deckard.model.entities import Desktop, uid_for_user
 from deckard.model.errors import DeckardError, reason_of
 from deckard.model.guest_metadata import nocloud_files
 from deckard.model.network import gateway_of, prefix_len
-from deckard.model.states import DesktopState, NodeCommand, NodeState
+from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
 from deckard.node.cluster import ClusterMonitor
 from deckard.node.egress import Egress
 from deckard.node.expiry import run_expiry_loop
@@ -320,7 +320,8 @@ class NodeDaemon:
         if self._fenced:
             return  # no new guest while we may have been declared lost
         t0 = time.monotonic()
-        node_cmd = await node_ops.claim_node_command(self.db, self.node_id)
+        work = await node_ops.pending_work(self.db, self.node_id)
+        node_cmd = await node_ops.claim_node_command(self.db, self.node_id) if work.node_command else None
         if node_cmd in (NodeCommand.STOP, NodeCommand.RESTART) and self._stop_event is not None:
             log.info(f"node.{node_cmd}_requested")
             if node_cmd == NodeCommand.RESTART:
@@ -329,13 +330,17 @@ class NodeDaemon:
             return
         if node_cmd == NodeCommand.DRAIN:
             await self._notify_drain()
-        stops = await node_ops.claim_stops(self.db, self.node_id)
-        for desktop_id in stops:
-            self._spawn(desktop_id, self._stop_claimed(desktop_id))
-        starts = await node_ops.claim_starts(self.db, self.node_id)
-        for desktop_id in starts:
-            self._spawn(desktop_id, self._start(desktop_id))
-        volume_changes = await self.volumes.reconcile(self.node_id)
+        stops: list[int] = []
+        starts: list[int] = []
+        if DesktopCommand.STOP in work.desktop_commands:
+            stops = await node_ops.claim_stops(self.db, self.node_id)
+            for desktop_id in stops:
+                self._spawn(desktop_id, self._stop_claimed(desktop_id))
+        if DesktopCommand.START in work.desktop_commands:
+            starts = await node_ops.claim_starts(self.db, self.node_id)
+            for desktop_id in starts:
+                self._spawn(desktop_id, self._start(desktop_id))
+        volume_changes = await self.volumes.reconcile(self.node_id, work.volume_changes)
         if node_cmd or stops or starts or volume_changes:
             log.info(
                 "node.reconcile",

@@ -48,10 +48,11 @@ class NodeVolumes:
         """The volumes a starting guest gets (settling the commands written while it was stopped or starting)."""
         return tuple(self.mount(v) for v in await node_ops.start_volumes(self.db, desktop_id))
 
-    async def reconcile(self, node_id: int) -> int:
-        """Start a task for every hot-plug command of this node's running desktops not already being done;
-        returns how many were started."""
-        changes = await node_ops.pending_volume_changes(self.db, node_id)
+    async def reconcile(self, node_id: int, changes: list[node_ops.AttachedVolume] | None = None) -> int:
+        """Start a task for every hot-plug command of this node's running desktops not already being done (read
+        here unless the caller read them: ``changes``); returns how many were started."""
+        if changes is None:
+            changes = await node_ops.pending_volume_changes(self.db, node_id)
         if not changes:
             return 0
         desks = {d.id: d for d in await node_ops.desktops_on_node(self.db, node_id)}

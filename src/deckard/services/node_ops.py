@@ -22,6 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
@@ -271,40 +272,43 @@ class StartFacts:
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
-    async with db.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.select(
-                    d,
-                    t.users.c.login,
-                    t.users.c.home_key,
-                    t.osfs.c.memory_mib,
-                    t.osfs.c.cpus,
-                    t.osfs.c.keep_overlay,
-                    t.osfs.c.driver.label("osf_driver"),
-                )
-                .join(t.users, t.users.c.id == d.c.user_id)
-                .join(t.osfs, t.osfs.c.id == d.c.osf_id)
-                .where(d.c.id == desktop_id)
+    return await db.read(lambda conn: _start_facts(conn, desktop_id))  # on the loop's thread (a start waits on it)
+
+
+async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
+    row = (
+        await conn.execute(
+            sa.select(
+                d,
+                t.users.c.login,
+                t.users.c.home_key,
+                t.osfs.c.memory_mib,
+                t.osfs.c.cpus,
+                t.osfs.c.keep_overlay,
+                t.osfs.c.driver.label("osf_driver"),
             )
-        ).one()
-        desk = Desktop.from_row(row._mapping)
-        image_id, image_path = await resolve_image(conn, desk.osf_id, desk.tag)
-        return StartFacts(
-            desk,
-            row.login,
-            await tenant_name(conn, desk.tenant_id),
-            row.home_key,
-            row.memory_mib,
-            row.cpus,
-            row.keep_overlay,
-            image_id,
-            image_path,
-            await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
-            row.osf_driver,
-            await tenant_address(conn, desktop_id),
-            await mounter_allowed(conn, driver=row.osf_driver, keep_overlay=row.keep_overlay),
+            .join(t.users, t.users.c.id == d.c.user_id)
+            .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+            .where(d.c.id == desktop_id)
         )
+    ).one()
+    desk = Desktop.from_row(row._mapping)
+    image_id, image_path = await resolve_image(conn, desk.osf_id, desk.tag)
+    return StartFacts(
+        desk,
+        row.login,
+        await tenant_name(conn, desk.tenant_id),
+        row.home_key,
+        row.memory_mib,
+        row.cpus,
+        row.keep_overlay,
+        image_id,
+        image_path,
+        await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
+        row.osf_driver,
+        await tenant_address(conn, desktop_id),
+        await mounter_allowed(conn, driver=row.osf_driver, keep_overlay=row.keep_overlay),
+    )
 
 
 # ---- volumes (docs/volumes.md): what the node hands a guest at start, and the hot-plug commands ---------------
@@ -346,21 +350,41 @@ async def start_volumes(db: Database, desktop_id: int) -> list[AttachedVolume]:
 
 async def pending_volume_changes(db: Database, node_id: int) -> list[AttachedVolume]:
     """Hot-plug commands for this node's running desktops (starting ones are settled by ``start_volumes``)."""
-    async with db.connect() as conn:
-        rows = await conn.execute(
-            sa.select(
-                va.c.desktop_id, va.c.volume_id, va.c.read_only, va.c.pending, t.volumes.c.tenant_id, t.volumes.c.name
-            )
-            .join(d, d.c.id == va.c.desktop_id)
-            .join(t.volumes, t.volumes.c.id == va.c.volume_id)
-            .where(d.c.node_id == node_id, d.c.state == DesktopState.RUNNING, va.c.pending.in_(("attach", "detach")))
+    return await db.read(lambda conn: _volume_changes(conn, node_id))
+
+
+async def _volume_changes(conn: AsyncConnection, node_id: int) -> list[AttachedVolume]:
+    rows = await conn.execute(
+        sa.select(
+            va.c.desktop_id, va.c.volume_id, va.c.read_only, va.c.pending, t.volumes.c.tenant_id, t.volumes.c.name
         )
-        return [
-            AttachedVolume(
-                int(r.desktop_id), int(r.volume_id), int(r.tenant_id), bool(r.read_only), r.pending, name=r.name
-            )
-            for r in rows
-        ]
+        .join(d, d.c.id == va.c.desktop_id)
+        .join(t.volumes, t.volumes.c.id == va.c.volume_id)
+        .where(d.c.node_id == node_id, d.c.state == DesktopState.RUNNING, va.c.pending.in_(("attach", "detach")))
+    )
+    return [
+        AttachedVolume(int(r.desktop_id), int(r.volume_id), int(r.tenant_id), bool(r.read_only), r.pending, name=r.name)
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class PendingWork:
+    """What a node's pass has to claim, read in one snapshot: an idle pass (four a second on SQLite) then writes
+    nothing, and a busy one opens only the write transactions it needs."""
+
+    node_command: bool
+    desktop_commands: frozenset[str]  # start | stop
+    volume_changes: list[AttachedVolume]
+
+
+async def pending_work(db: Database, node_id: int) -> PendingWork:
+    async def reads(conn: AsyncConnection) -> PendingWork:
+        node_cmd = (await conn.execute(sa.select(n.c.cmd).where(n.c.id == node_id))).scalar_one_or_none()
+        cmds = await conn.execute(sa.select(d.c.cmd).where(d.c.node_id == node_id, d.c.cmd.is_not(None)).distinct())
+        return PendingWork(node_cmd is not None, frozenset(cmds.scalars()), await _volume_changes(conn, node_id))
+
+    return await db.read(reads)
 
 
 async def volume_plugged(db: Database, desktop_id: int, volume_id: int, *, live: bool) -> None:

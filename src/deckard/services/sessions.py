@@ -194,8 +194,7 @@ PROGRESS_TEXT: dict[str, str] = {
 
 
 async def _read_desktop(db: Database, desktop_id: int) -> Desktop:
-    async with db.connect() as conn:
-        return await load_desktop(conn, desktop_id)
+    return await db.read(lambda conn: load_desktop(conn, desktop_id))  # on the loop's thread: no hand-off to wait on
 
 
 async def wait_until_running(
