@@ -44,7 +44,7 @@ def make_spec(**overrides: object) -> GuestSpec:
     return GuestSpec(**values)
 
 
-def config_of(spec: GuestSpec, fuse: Path | None = None) -> dict[str, list[str]]:
+def config_of(spec: GuestSpec, fuse: Path | None = None, boot: str | None = None) -> dict[str, list[str]]:
     text = render_config(
         spec,
         basefs=Path("/srv/basefs/7"),
@@ -54,6 +54,7 @@ def config_of(spec: GuestSpec, fuse: Path | None = None) -> dict[str, list[str]]
         id_base=5 * ID_RANGE,
         seccomp=Path("/run/deckard/lxc/dkabc123-42/seccomp"),
         fuse=fuse,
+        boot=boot,
     )
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -95,6 +96,16 @@ def test_rootfs_is_an_overlay_with_the_agent_as_init_starting_the_users_display(
     assert cfg["lxc.rootfs.path"] == ["overlay:/srv/basefs/7:/srv/overlays/dkabc123-42/upper"]
     assert cfg["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma --display-for alice:10001"]
     assert cfg["lxc.apparmor.profile"] == ["unconfined"]  # no AppArmor in this kernel: see the next test
+
+
+def test_an_image_with_the_boot_script_starts_the_users_display_before_the_agent() -> None:
+    """The boot script (``agent_code.boot_script``) is init for a desktop's own guest; a warm guest (nobody's
+    display yet) and a guest with the mounter (its capabilities are the agent's to drop first) start the agent."""
+    boot = "/bin/sh /usr/local/lib/deckard-vma/boot"
+    assert config_of(make_spec(), boot=boot)["lxc.init.cmd"] == [f"{boot} alice 10001"]
+    assert config_of(make_spec(warm=True), boot=boot)["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma --warm"]
+    with_mounter = config_of(make_spec(mounter=True), fuse=Path("/dev/deckard-fuse"), boot=boot)
+    assert with_mounter["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma --display-for alice:10001"]
 
 
 def test_desktops_are_unprivileged() -> None:

@@ -9,13 +9,16 @@ with its modules beside it, when this Python's bytecode is the image's, and star
 from __future__ import annotations
 
 import importlib.util
+import pwd
 import py_compile
+import shlex
 from pathlib import Path
 
 AGENT = "/usr/local/sbin/deckard-vma"
 AGENT_PYC = "/usr/local/lib/deckard-vma.pyc"
 MODULE_DIR = "/usr/local/lib/deckard-vma"  # the agent's other modules: vma/agent.py MODULE_DIR loads them
 AGENT_MODULES = ("sound", "shares", "nx_print")  # vma/<name>.py, installed as MODULE_DIR/<name>.py
+BOOT_SCRIPT = f"{MODULE_DIR}/boot"  # a desktop container's init: the user's Xvnc, then the agent (boot_script)
 NX_SLAVE = f"{MODULE_DIR}/nx-slave"  # vma/nx_slave.py, nxagent's slave command (vma/agent.py NX_SLAVE_CMD)
 NX_PRINT_BACKEND = "/usr/lib/cups/backend/deckard-nx"  # vma/nx_print.py again, as CUPS runs it
 PYTHON = "/usr/bin/python3"
@@ -52,3 +55,45 @@ def precompile_agent(rootfs: Path) -> bool:
 def agent_command(rootfs: Path) -> str:
     """How to start the agent of this unpacked image: from its bytecode when it has some."""
     return AGENT_PYC_COMMAND if (rootfs / AGENT_PYC.lstrip("/")).is_file() else AGENT
+
+
+def boot_script(agent: str) -> str:
+    """A container's init for a desktop whose user is known at boot (``$1`` login, ``$2`` uid): it starts the
+    user's Xvnc as the agent would (same command line, environment, session and secret), then becomes the agent,
+    which adopts it (``--xvnc-pid``).  Xvnc's start (~50 ms) then overlaps the agent's interpreter and imports
+    instead of following them.  Without ``setpriv`` or ``setsid`` in the image the agent starts Xvnc itself."""
+    from deckard.vma import agent as vma  # the agent's own names: one definition of the display
+
+    mark = "\x00"
+    account = pwd.struct_passwd((mark, "x", 0, 0, "", f"/home/{mark}", "/bin/bash"))
+    env = []
+    for key, value in vma.user_env(account).items():
+        assert not set(value) & set('"$`\\'), value
+        env.append(f'{key}="{value.replace(mark, "$login")}"')
+    secret = f"{vma.RUN_DIR}/display-passwd"
+    xvnc = shlex.join(vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, secret, software_cpu=False))
+    return f"""#!/bin/sh
+# deckard: a desktop container's init, written when the node unpacked the image (drivers/agent_code.py)
+login="$1" uid="$2" xvnc=""
+if command -v setpriv >/dev/null && command -v setsid >/dev/null &&
+  install -d -m 755 {vma.RUN_DIR} && install -d -m 1777 {vma.X11_SOCKET_DIR} &&
+  install -m 600 -o "$uid" -g "$uid" {vma.DISPLAY_SECRET_FILE} {secret}; then
+  setsid setpriv --reuid="$uid" --regid="$uid" --clear-groups env -i {" ".join(env)} \\
+    {xvnc} </dev/null >>{vma.RUN_DIR}/xvnc.log 2>&1 &
+  xvnc="--xvnc-pid $!"
+fi
+exec {agent} --display-for "$login:$uid" $xvnc
+"""
+
+
+def install_boot_script(rootfs: Path) -> None:
+    """Write :data:`BOOT_SCRIPT` into an unpacked image for :func:`agent_command`'s agent."""
+    target = rootfs / BOOT_SCRIPT.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(boot_script(agent_command(rootfs)))
+    target.chmod(0o755)
+
+
+def boot_command(rootfs: Path) -> str | None:
+    """A container's init command when its image has the boot script (followed by the login and uid)."""
+    return f"/bin/sh {BOOT_SCRIPT}" if (rootfs / BOOT_SCRIPT.lstrip("/")).is_file() else None

@@ -43,7 +43,7 @@ from pathlib import Path
 import structlog
 
 from deckard.drivers import warm
-from deckard.drivers.agent_code import agent_command, precompile_agent
+from deckard.drivers.agent_code import agent_command, boot_command, install_boot_script, precompile_agent
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.cgroups import memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
@@ -167,6 +167,7 @@ class ContainerDriver:
                 volumes=volumes,
                 agent=agent_command(basefs),
                 fuse=self._fuse_device(),
+                boot=boot_command(basefs),
             )
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC
@@ -361,6 +362,7 @@ class ContainerDriver:
                 await _unpack(image_path, tmp, nice)
                 os.chmod(tmp, 0o755)
                 await asyncio.to_thread(precompile_agent, tmp)  # before the shift: the bytecode is the guest's too
+                await asyncio.to_thread(install_boot_script, tmp)
                 # a thread cannot be cancelled: wait for it, so nothing writes into tmp while it is removed
                 shift = asyncio.ensure_future(asyncio.to_thread(shift_tree, tmp, self.id_base))
                 try:

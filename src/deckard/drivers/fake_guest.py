@@ -22,6 +22,7 @@ import io
 import os
 import socket
 import socketserver
+import subprocess
 import time
 from typing import Any, cast
 
@@ -50,7 +51,14 @@ class FakeXSession(vma.XSession):
             return "connected"
         return self.state
 
-    def start(self, login: str, uid: int, geometry: str, keyboard: str = "") -> dict[str, Any]:  # noqa: ARG002
+    def start(  # a fake display has no geometry, keyboard nor Xvnc
+        self,
+        login: str,
+        uid: int,
+        geometry: str,  # noqa: ARG002
+        keyboard: str = "",  # noqa: ARG002
+        xvnc: subprocess.Popen[bytes] | None = None,  # noqa: ARG002
+    ) -> dict[str, Any]:
         with self.lock:
             if self.state == "listening" and self.user == login:
                 return {"state": self.current_state(), "user": login, "already": True}

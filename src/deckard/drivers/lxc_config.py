@@ -121,20 +121,26 @@ def render_config(
     volumes: Sequence[tuple[Path, str, bool]] = (),
     agent: str = AGENT,
     fuse: Path | None = None,
+    boot: str | None = None,
 ) -> str:
     """The LXC config of one desktop (pure: everything comes from the arguments).  ``volumes``: (where the volume
     is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``;
     ``agent``: the command that starts the guest agent (``agent_code.agent_command``); ``fuse``: a FUSE device
-    node its root may open, bound on ``/dev/fuse`` (shared folders)."""
+    node its root may open, bound on ``/dev/fuse`` (shared folders); ``boot``: the image's boot script, which
+    starts the user's display before the agent (``agent_code.boot_command``)."""
     mounter = spec.mounter and fuse is not None  # its capabilities and /dev/fuse come together or not at all
+    if spec.warm:  # Xvnc for nobody yet: a user takes the guest over
+        init = f"{agent} --warm"
+    elif boot is not None and not mounter:  # (the mounter's capabilities are dropped by the agent, before any child)
+        init = f"{boot} {spec.user_login} {spec.user_uid}"
+    else:
+        init = f"{agent} --display-for {spec.user_login}:{spec.user_uid}"
     lines = [
         f"# deckard desktop {spec.desktop_id}: generated, do not edit",
         f"lxc.uts.name = {spec.guest_name}",
         f"lxc.rootfs.path = overlay:{basefs}:{upper}",
-        # the user's display starts at boot, beside the agent's own start: a connect finds it up or coming
-        f"lxc.init.cmd = {agent} --warm"
-        if spec.warm
-        else f"lxc.init.cmd = {agent} --display-for {spec.user_login}:{spec.user_uid}",
+        # the user's display starts at boot, before or beside the agent's own start: a connect finds it up or coming
+        f"lxc.init.cmd = {init}",
         f"lxc.idmap = u 0 {id_base} {ID_RANGE}",
         f"lxc.idmap = g 0 {id_base} {ID_RANGE}",
         f"lxc.cap.keep = {CAPS_KEEP} {MOUNTER_CAPS}" if mounter else f"lxc.cap.keep = {CAPS_KEEP}",

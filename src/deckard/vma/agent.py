@@ -178,6 +178,13 @@ class Children:
         self._spawned.set()
         return proc
 
+    def adopt(self, pid: int, what: str) -> subprocess.Popen[bytes]:
+        """A child this process inherited rather than spawned (``Adopted``), reaped through it like the others."""
+        proc = Adopted(pid, what)
+        with self._lock:
+            self._procs[pid] = proc
+        return proc
+
     def run(self, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
         """Run a short command to completion; return (exit code, combined output)."""
         proc = self.spawn(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -217,6 +224,18 @@ class Children:
             else:
                 # its owner is inside Popen.wait() and will reap it in a moment
                 time.sleep(0.01)
+
+
+class Adopted(subprocess.Popen):  # type: ignore[type-arg]
+    """A child the agent did not spawn: the Xvnc a container's boot script starts before the agent's interpreter
+    (``--xvnc-pid``; the script then execs the agent, whose child it stays).  Popen's ``poll``, ``wait`` and
+    signals work on any child by its pid; this sets only what they use instead of starting a process."""
+
+    def __init__(self, pid: int, what: str) -> None:  # no Popen.__init__: the process runs already
+        self.pid, self.args, self.returncode = pid, what, None
+        self.stdin = self.stdout = self.stderr = None
+        self._waitpid_lock = threading.Lock()
+        self._child_created = False  # Popen.__del__ would otherwise look for what it never set
 
 
 @contextlib.contextmanager
@@ -305,7 +324,10 @@ class XSession:
                 wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
             self.state = "warm"
 
-    def start(self, login: str, uid: int, geometry: str, keyboard: str = "") -> dict[str, Any]:
+    def start(
+        self, login: str, uid: int, geometry: str, keyboard: str = "", xvnc: subprocess.Popen[bytes] | None = None
+    ) -> dict[str, Any]:
+        """The user's display; ``xvnc``: theirs started already (the boot script's), to wait for and use."""
         t0 = time.monotonic()
         with self.lock:
             if self.state == "listening" and self.user == login and _alive(self.xvnc):
@@ -318,9 +340,13 @@ class XSession:
             self.state = "provisioning"
             self.user, self.uid = login, uid
             with undone_on_failure(self._stop_locked, "could not start the display"):
+                if xvnc is not None:
+                    self.xvnc = xvnc  # stopped with the rest if the start fails
                 account = provision_user(self.children, login, uid, fast=warm)
                 self.state = "starting"
-                self._launch(account, geometry, keyboard, xvnc_up=warm)
+                if xvnc is not None:
+                    wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
+                self._launch(account, geometry, keyboard, xvnc_up=warm or xvnc is not None)
             self.state = "listening"
             threading.Thread(target=self._watch, args=(self.xvnc, self.session), daemon=True).start()
         return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
@@ -1105,15 +1131,20 @@ def clear_display(display: str) -> None:
 def spawn_xvnc(
     children: Children, display: str, geometry: str, password_file: Path, creds: dict[str, Any], log_name: str
 ) -> subprocess.Popen[bytes]:
-    """Xvnc on ``display`` for VNC viewers on VNC_PORT (VNC authentication with the display secret), run as the
-    user; X clients reach it on its unix socket only."""
+    """Xvnc on ``display`` for VNC viewers on VNC_PORT, run as the user (``creds``)."""
+    with open(RUN_DIR / log_name, "ab") as xlog:
+        args = xvnc_args(display, geometry, str(password_file), SOFTWARE_CPU)
+        return children.spawn(args, stdout=xlog, stderr=subprocess.STDOUT, **creds)
+
+
+def xvnc_args(display: str, geometry: str, password_file: str, software_cpu: bool) -> list[str]:
+    """Xvnc's command line: VNC authentication with the display secret, X clients on its unix socket only.  A
+    container's boot script starts the same (``drivers/agent_code.py``)."""
     opts = ["-depth", "24", "-desktop", "Deckard", "-AlwaysShared", "-nolisten", "tcp"]
-    if SOFTWARE_CPU:  # OpenGL on an emulated CPU is unusable, and loading Mesa doubles Xvnc's start there
+    if software_cpu:  # OpenGL on an emulated CPU is unusable, and loading Mesa doubles Xvnc's start there
         opts += ["-extension", "GLX"]
     args = ["Xvnc", display, "-rfbport", str(VNC_PORT), "-SecurityTypes", "VncAuth"]
-    args += ["-PasswordFile", str(password_file), "-geometry", geometry, *opts]
-    with open(RUN_DIR / log_name, "ab") as xlog:
-        return children.spawn(args, stdout=xlog, stderr=subprocess.STDOUT, **creds)
+    return [*args, "-PasswordFile", password_file, "-geometry", geometry, *opts]
 
 
 def wait_for_greeting(port: int, deadline: float, alive: Callable[[], bool]) -> None:
@@ -2186,17 +2217,21 @@ class Agent:
         text = session_notice_text(reason, action, in_s)
         return {"notified": self.active().notify(text, timeout=max(in_s, 10))}
 
-    def early_display(self, login_uid: str) -> None:
-        """Start the display for ``LOGIN:UID`` before anyone asks (``--display-for``); a failure only logs."""
+    def early_display(self, login_uid: str, xvnc: subprocess.Popen[bytes] | None = None) -> None:
+        """Start the display for ``LOGIN:UID`` before anyone asks (``--display-for``), on ``xvnc`` when the boot
+        script started it (``--xvnc-pid``); a failure only logs (a connect starts the display again)."""
         login, _, uid_text = login_uid.partition(":")
         try:
             uid = int(uid_text)
             if not LOGIN_RE.match(login) or not MIN_UID <= uid <= MAX_UID:
                 raise ValueError(login_uid)
-            self.x.start(login, uid, DEFAULT_GEOMETRY)
+            self.x.start(login, uid, DEFAULT_GEOMETRY, xvnc=xvnc)
             log.info("display started early for %s", login)
         except (AgentError, ValueError) as exc:
             log.warning("no early display for %s: %s", login_uid, exc)
+            if xvnc is not None and self.x.xvnc is not xvnc and _alive(xvnc):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(xvnc.pid, signal.SIGKILL)  # nobody's display: a connect starts its own
 
     def rpc_poweroff(self, _params: dict[str, str]) -> dict[str, Any]:
         # answer first: the caller must learn that the poweroff was accepted before the agent goes away
@@ -2567,6 +2602,12 @@ def main(argv: list[str] | None = None) -> int:
         help="start this user's display at once (a VM knows its user at boot; a connect then finds it ready)",
     )
     parser.add_argument(
+        "--xvnc-pid",
+        type=int,
+        default=0,
+        help="the --display-for user's Xvnc, started by the boot script before this interpreter (a child of ours)",
+    )
+    parser.add_argument(
         "--warm",
         action="store_true",
         help="a warm pool's guest: start the display for nobody yet (a user takes it over with take_over)",
@@ -2599,7 +2640,8 @@ def main(argv: list[str] | None = None) -> int:
         agent.nx.shares.start()
     if NX_PRINT is not None and os.access(CUPSD, os.X_OK):
         agent.nx.printers = ClientPrinters(agent.children)
-    if os.getpid() == 1:
+    xvnc = agent.children.adopt(args.xvnc_pid, "Xvnc") if args.xvnc_pid > 0 and args.display_for else None
+    if os.getpid() == 1:  # after the adoption: the reaper would take Xvnc's exit for an orphan's
         threading.Thread(target=agent.children.reap_forever, daemon=True, name="reaper").start()
     in_vm = is_init and args.machine == "vm" and os.getpid() == 1
     if in_vm:
@@ -2613,7 +2655,7 @@ def main(argv: list[str] | None = None) -> int:
                 except AgentError as exc:
                     log.warning("no warm display: %s", exc.message)
             else:
-                agent.early_display(args.display_for)
+                agent.early_display(args.display_for, xvnc)
             if is_init:  # then the printer: under a software CPU it would only slow the display down
                 agent.printer.start()
 
