@@ -466,6 +466,26 @@ async def test_a_second_connect_takes_over_and_closes_the_first_tunnel(farm: Far
     await first.close()
 
 
+async def test_a_display_already_up_is_dialled_beside_x_start_and_that_connection_is_the_tunnel(farm: Farm) -> None:
+    """The broker opens the display connection while ``x_start`` runs; when ``x_start`` finds the display up, that
+    connection carries the session (one connection per connect, never a second one)."""
+    desk_id = farm.alice_desk["id"]
+    first = await RawClient.open(farm)
+    assert (await first.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(first.reader, first.writer)
+    guest = farm.guest(desk_id)
+    assert guest.display_connects == 1  # the display was started by this x_start: the early dial was refused
+    await first.close()
+    second = await RawClient.open(farm)
+    assert (await second.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(second.reader, second.writer)
+    second.writer.write(b"through")
+    assert await second.reader.readexactly(7) == b"through"
+    assert guest.display_connects == 2
+    assert [m for m, _ in guest.calls].count("x_start") == 2
+    await second.close()
+
+
 async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start_goes_on(farm: Farm) -> None:
     farm.node.driver.start_delay = 1.0
     desk_id = farm.alice_desk["id"]

@@ -407,46 +407,94 @@ class SessionRunner:
             if switches["nx.shares.enabled"]:
                 req.slave_key = new_slave_key()
             printing = bool(switches["nx.printing.enabled"])
+        token = running.agent_token or ""
+        port, secret = self.ports.display, display_password(token)
+        early: tuple[Tunnel, asyncio.Future[None]] | None = None
+        if not nx:  # the display is most often up already (started at boot, a warm guest's): its RFB handshake goes
+            # beside x_start, and a display that x_start had to start itself gets a connection of its own after it
+            first = client.new_tunnel()
+            early = (first, asyncio.ensure_future(first.open(running.ip, port, DISPLAY_CONNECT_TIMEOUT, secret)))
         try:
-            await self._step(
-                agent.x_start(
-                    user=req.user.login,
-                    uid=uid_for_user(req.user.id),
-                    geometry=req.params.geometry,
-                    timeout=self.settings.display_timeout,
-                    keyboard=req.params.keyboard,
-                    extra={"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None,
-                ),
-                front,
-                watch,
-            )
-        except Unavailable as e:
-            agent_code = e.details.get("agent_code")
-            if agent_code in AGENT_CONFLICTS:
-                raise Conflict(e.message, code=str(agent_code)) from None
+            try:
+                started = await self._step(
+                    agent.x_start(
+                        user=req.user.login,
+                        uid=uid_for_user(req.user.id),
+                        geometry=req.params.geometry,
+                        timeout=self.settings.display_timeout,
+                        keyboard=req.params.keyboard,
+                        extra={"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None,
+                    ),
+                    front,
+                    watch,
+                )
+            except Unavailable as e:
+                agent_code = e.details.get("agent_code")
+                if agent_code in AGENT_CONFLICTS:
+                    raise Conflict(e.message, code=str(agent_code)) from None
+                raise
+        except BaseException:
+            if early is not None:
+                await _abandon(*early)
             raise
         timings["t_display_ms"] = _ms(t)
 
-        token = running.agent_token or ""
         if nx:  # dialled once nxproxy's options are in: nxagent aborts on a proxy that leaves mid-negotiation
             tunnel = Tunnel(front, NxClientHandshake(nx_cookie(token)), greeting=b"")
             tunnel.open_later(running.ip, self.ports.nx, DISPLAY_CONNECT_TIMEOUT)
             timings["t_total_ms"] = _ms(req.received_at)
             return tunnel, running
-        tunnel = client.new_tunnel()
-        port, secret = self.ports.display, display_password(token)
-        try:
-            await self._step(tunnel.open(running.ip, port, DISPLAY_CONNECT_TIMEOUT, secret), front, watch)
-        except (OSError, TimeoutError) as e:
-            raise Unavailable(
-                f"cannot connect to the desktop's display at {running.ip}:{port} ({e or 'timeout'})",
-                code="display_unreachable",
-            ) from None
-        except BaseException:
-            tunnel.discard()
-            raise
+        assert early is not None
+        reused = await self._early_tunnel(*early, bool(started.get("already")), front, watch)
+        if reused is not None:
+            tunnel = reused
+        else:
+            tunnel = client.new_tunnel()
+            try:
+                await self._step(tunnel.open(running.ip, port, DISPLAY_CONNECT_TIMEOUT, secret), front, watch)
+            except (OSError, TimeoutError) as e:
+                raise Unavailable(
+                    f"cannot connect to the desktop's display at {running.ip}:{port} ({e or 'timeout'})",
+                    code="display_unreachable",
+                ) from None
+            except BaseException:
+                tunnel.discard()
+                raise
         if watch.done():
             tunnel.discard()
             raise SessionLost
         timings["t_total_ms"] = _ms(req.received_at)
         return tunnel, running
+
+    async def _early_tunnel(
+        self,
+        tunnel: Tunnel,
+        opening: asyncio.Future[None],
+        already: bool,
+        front: FrontConnection,
+        watch: asyncio.Task[Any],
+    ) -> Tunnel | None:
+        """The connection opened beside ``x_start`` when it reached the display that ``x_start`` found running
+        (``already``); None when it failed or reached a display started since (a new connection is opened then)."""
+        if not opening.done() and tunnel.desktop is None:  # still dialling: a SYN the kernel will only retry in a
+            await _abandon(tunnel, opening)  # second (x_start paid it too, on a path not yet learned); dial anew
+            return None
+        try:
+            await self._step(opening, front, watch)
+        except (OSError, TimeoutError):
+            tunnel.discard()
+            return None
+        except BaseException:
+            tunnel.discard()
+            raise
+        if already:
+            return tunnel
+        tunnel.discard()
+        return None
+
+
+async def _abandon(tunnel: Tunnel, opening: asyncio.Future[None]) -> None:
+    """Stop a display connection being opened and drop it (the connect failed before it was needed)."""
+    opening.cancel()
+    await asyncio.gather(opening, return_exceptions=True)
+    tunnel.discard()

@@ -199,6 +199,7 @@ class FakeGuest:
         self.auth_failures = 0  # display connections refused by VNC authentication
         self.display_bytes = 0  # what reached the display after authentication
         self.viewers: set[asyncio.StreamWriter] = set()  # authenticated display connections
+        self.display_connects = 0  # display connections accepted, ever
         # the user's last keyboard or mouse input (monotonic), as an X server counts it: from the display's start;
         # tests move it with ``set_idle`` (None: the agent cannot tell, like a display without MIT-SCREEN-SAVER)
         self.input_at: float | None = time.monotonic()
@@ -347,6 +348,7 @@ class FakeGuest:
         writer.close()
 
     async def _serve_display(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.display_connects += 1
         self._display_conns.add(writer)
         writer.write(RFB_VERSION)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
