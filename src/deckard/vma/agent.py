@@ -114,6 +114,7 @@ NX_LISTENING_TIMEOUT_S = 10.0  # ... and a new session nobody connects to within
 NX_SUSPEND_WAIT_S = 10.0  # a connected session being taken over has this long to suspend
 VIEW_DISPLAY = ":99"  # the Xvnc on which an NX session is shown to VNC viewers (NxSession.attach_vnc)
 DEFAULT_GEOMETRY = "1280x800"
+SESSION_AFTER_SERVER_S = 2.0  # the longest a boot script's display waits for the agent's server to start its session
 WARM_DISPLAY_USER = "nobody"  # whom a warm guest's Xvnc runs as until a user takes the guest over
 SESSION_SCRIPT = "/etc/deckard/xsession"
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
@@ -2646,9 +2647,12 @@ def main(argv: list[str] | None = None) -> int:
     in_vm = is_init and args.machine == "vm" and os.getpid() == 1
     if in_vm:
         setup_vm(agent.poweroff)
+    serving = threading.Event()
     if args.display_for or args.warm:  # before the server: the display's slow start overlaps ours
 
         def display_then_printer() -> None:
+            if xvnc is not None:  # Xvnc is starting already: the session's programs, whose start takes the CPU
+                serving.wait(SESSION_AFTER_SERVER_S)  # our own start needs, begin once we answer
             if args.warm:
                 try:
                     agent.x.prestart(DEFAULT_GEOMETRY)
@@ -2678,6 +2682,7 @@ def main(argv: list[str] | None = None) -> int:
     server.daemon_threads = True
     agent.server = server
     log.info("listening on %s:%d (version %s, init=%s)", args.bind, server.server_address[1], VERSION, is_init)
+    serving.set()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
