@@ -247,9 +247,11 @@ async def desktops_elsewhere(db: Database, node_id: int, since: dt.datetime | No
 
 
 async def desktops_on_node(db: Database, node_id: int) -> list[Desktop]:
-    async with db.connect() as conn:
+    async def reads(conn: AsyncConnection) -> list[Desktop]:
         rows = await conn.execute(sa.select(d).where(d.c.node_id == node_id))
         return [Desktop.from_row(r._mapping) for r in rows]
+
+    return await db.read(reads)
 
 
 @dataclass(frozen=True)

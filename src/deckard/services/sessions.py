@@ -45,11 +45,10 @@ async def user_desktops(db: Database, user: User) -> list[dict[str, Any]]:
 
 async def desktop_for_user(db: Database, user: User, desktop_id: int) -> Desktop:
     """The desktop if the user may connect to it: 404 when unknown, 403 when another user's or blocked."""
-    async with db.connect() as conn:
-        try:
-            desk = await load_desktop(conn, desktop_id)
-        except NotFound:
-            raise NotFound(f"there is no desktop with id {desktop_id}", code="desktop_not_found") from None
+    try:
+        desk = await db.read(lambda conn: load_desktop(conn, desktop_id))
+    except NotFound:
+        raise NotFound(f"there is no desktop with id {desktop_id}", code="desktop_not_found") from None
     if desk.user_id != user.id:
         # same answer as QVD: the desktop exists but is not this user's
         raise PermissionDenied("this desktop belongs to another user", code="not_your_desktop")
@@ -109,13 +108,16 @@ class SessionOwner:
 
 async def session_owners(db: Database, desktop_ids: list[int]) -> dict[int, SessionOwner]:
     """The session holder of each of ``desktop_ids`` in one query (a deleted desktop is missing)."""
-    owners: dict[int, SessionOwner] = {}
-    async with db.connect() as conn:
+
+    async def reads(conn: AsyncConnection) -> dict[int, SessionOwner]:
+        owners: dict[int, SessionOwner] = {}
         for i in range(0, len(desktop_ids), 500):  # bounded IN lists
             query = sa.select(d.c.id, d.c.session_id, d.c.state, d.c.failure_reason)
             for row in await conn.execute(query.where(d.c.id.in_(desktop_ids[i : i + 500]))):
                 owners[int(row.id)] = SessionOwner(row.session_id, DesktopState(row.state), row.failure_reason)
-    return owners
+        return owners
+
+    return await db.read(reads)
 
 
 async def _session_moved(conn: AsyncConnection, desktop_id: int, session_id: str, to: UserState) -> bool:
