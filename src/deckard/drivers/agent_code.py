@@ -64,12 +64,8 @@ def boot_script(agent: str) -> str:
     instead of following them.  Without ``setpriv`` or ``setsid`` in the image the agent starts Xvnc itself."""
     from deckard.vma import agent as vma  # the agent's own names: one definition of the display
 
-    mark = "\x00"
-    account = pwd.struct_passwd((mark, "x", 0, 0, "", f"/home/{mark}", "/bin/bash"))
-    env = []
-    for key, value in vma.user_env(account).items():
-        assert not set(value) & set('"$`\\'), value
-        env.append(f'{key}="{value.replace(mark, "$login")}"')
+    account = pwd.struct_passwd(("$login", "x", 0, 0, "", "/home/$login", "/bin/bash"))  # as write_account has it
+    env = " ".join(f'{key}="{value}"' for key, value in vma.user_env(account).items())  # sh expands "$login"
     secret = f"{vma.RUN_DIR}/display-passwd"
     xvnc = shlex.join(vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, secret, software_cpu=False))
     return f"""#!/bin/sh
@@ -78,7 +74,7 @@ login="$1" uid="$2" xvnc=""
 if command -v setpriv >/dev/null && command -v setsid >/dev/null &&
   install -d -m 755 {vma.RUN_DIR} && install -d -m 1777 {vma.X11_SOCKET_DIR} &&
   install -m 600 -o "$uid" -g "$uid" {vma.DISPLAY_SECRET_FILE} {secret}; then
-  setsid setpriv --reuid="$uid" --regid="$uid" --clear-groups env -i {" ".join(env)} \\
+  setsid setpriv --reuid="$uid" --regid="$uid" --clear-groups env -i {env} \\
     {xvnc} </dev/null >>{vma.RUN_DIR}/xvnc.log 2>&1 &
   xvnc="--xvnc-pid $!"
 fi

@@ -46,7 +46,7 @@ async def user_desktops(db: Database, user: User) -> list[dict[str, Any]]:
 async def desktop_for_user(db: Database, user: User, desktop_id: int) -> Desktop:
     """The desktop if the user may connect to it: 404 when unknown, 403 when another user's or blocked."""
     try:
-        desk = await db.read(lambda conn: load_desktop(conn, desktop_id))
+        desk = await _read_desktop(db, desktop_id)
     except NotFound:
         raise NotFound(f"there is no desktop with id {desktop_id}", code="desktop_not_found") from None
     if desk.user_id != user.id:
@@ -208,7 +208,8 @@ async def wait_until_running(
     last_state = None
     async with db.bus.subscribe(DESKTOPS) as sub:
         while True:
-            # shielded: a waiter cancelled mid-read (the client left) must not strand SQLite's write lock
+            # shielded: a waiter cancelled mid-read (the client left) must not strand a connection (a read falls
+            # back to one when SQLite's file is busy, and there it holds the write lock)
             desk = await asyncio.shield(_read_desktop(db, desktop_id))
             if desk.state != last_state:
                 last_state = desk.state
