@@ -39,7 +39,7 @@ from deckard.runtime.settings import BrokerSettings
 from deckard.runtime.tls import client_context, ensure_tls, server_context
 from deckard.services import identity, personal_tokens, second_factor
 from deckard.services.context import SYSTEM
-from deckard.services.desktops import create_desktop, set_blocked
+from deckard.services.desktops import create_desktop, request_stop, set_blocked
 from deckard.services.images import register_image
 from deckard.services.tenancy import bootstrap_farm
 from deckard.services.users import create_user, update_user
@@ -484,6 +484,99 @@ async def test_a_display_already_up_is_dialled_beside_x_start_and_that_connectio
     assert guest.display_connects == 2
     assert [m for m, _ in guest.calls].count("x_start") == 2
     await second.close()
+
+
+async def test_a_display_up_at_boot_is_relayed_before_the_agent_answers_and_x_start_follows(farm: Farm) -> None:
+    """A guest whose display comes up with it (a container's boot script): the user's viewer gets the display
+    while the agent is still starting, and the broker's ``x_start`` (the user checked, the keyboard set) follows
+    once the agent answers, on the same tunnel."""
+    farm.node.driver.display_at_boot = True
+    farm.node.driver.agent_delay = 1.0
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    status, _, _, _ = await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
+    assert status == 101
+    await viewer_handshake(c.reader, c.writer)
+    c.writer.write(b"before the agent")
+    assert await c.reader.readexactly(16) == b"before the agent"
+    desk = await farm.desktop_row(desk_id)
+    assert (desk.state, desk.user_state) == ("starting", "connected")
+    assert desk.display_at is not None
+    guest = farm.guest(desk_id)
+    assert "x_start" not in [m for m, _ in guest.calls]
+
+    async def x_started() -> bool:
+        return "x_start" in [m for m, _ in guest.calls]
+
+    await farm.wait_for("the broker's x_start once the agent answers", x_started)
+    assert (await farm.desktop_row(desk_id)).state == "running"
+    c.writer.write(b"after")
+    assert await c.reader.readexactly(5) == b"after"
+    assert guest.display_connects == 1
+    row = (await farm.connection_rows(desk_id))[-1]
+    assert row.connected_at is not None and row.ended_at is None
+    await c.close()
+    # the next start of the desktop dials only once its new guest has shown the display again
+    farm.node.driver.display_at_boot = False
+    farm.node.driver.agent_delay = 0.0
+    await request_stop(farm.db, desk_id)
+
+    async def stopped() -> bool:
+        return bool((await farm.desktop_row(desk_id)).state == "stopped")
+
+    await farm.wait_for("the desktop to stop", stopped)
+    assert (await farm.desktop_row(desk_id)).display_at is not None  # kept at rest, cleared by the next claim
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(c.reader, c.writer)
+    assert [m for m, _ in farm.guest(desk_id).calls].count("x_start") == 1
+    assert (await farm.desktop_row(desk_id)).display_at is None
+    await c.close()
+
+
+async def test_a_start_that_fails_after_its_display_was_relayed_ends_the_tunnel_with_the_reason(farm: Farm) -> None:
+    farm.node.driver.display_at_boot = True
+    farm.node.driver.agent_delay = 30.0  # the agent never answers: the guest exits during the start instead
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(c.reader, c.writer)
+    farm.guest(desk_id).exit()
+    assert await closed_by_peer(c.reader)
+
+    async def recorded() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows[-1] if rows[-1].ended_at is not None else None
+
+    row = await farm.wait_for("the connection to be recorded", recorded)
+    assert row.result == "failed" and "exited during start" in row.reason
+    desk = await farm.desktop_row(desk_id)
+    assert (desk.state, desk.user_state) == ("failed", "disconnected")
+    await c.close()
+
+
+async def test_an_x_start_refused_after_the_display_was_relayed_ends_the_tunnel_with_the_agents_reason(
+    farm: Farm,
+) -> None:
+    farm.node.driver.display_at_boot = True
+    farm.node.driver.agent_delay = 0.5
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(c.reader, c.writer)
+    guest = farm.guest(desk_id)
+    guest.agent.x.state = "stopped"  # the agent lost the display before the broker's x_start came
+    guest.x_start_error = "Xvnc exited at start; see /run/deckard/xvnc.log"
+    assert await closed_by_peer(c.reader)
+
+    async def recorded() -> Any:
+        rows = await farm.connection_rows(desk_id)
+        return rows[-1] if rows[-1].ended_at is not None else None
+
+    row = await farm.wait_for("the connection to be recorded", recorded)
+    assert row.result == "failed" and "Xvnc exited at start" in row.reason
+    assert (await farm.desktop_row(desk_id)).user_state == "disconnected"
+    await c.close()
 
 
 async def test_client_leaving_during_the_start_is_recorded_aborted_and_the_start_goes_on(farm: Farm) -> None:

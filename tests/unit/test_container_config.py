@@ -14,9 +14,17 @@ import pytest
 
 from deckard.drivers import load_driver
 from deckard.drivers.base import GuestSpec
+from deckard.drivers.cgroups import favordynmods_mount
 from deckard.drivers.container import ContainerDriver, shift_tree, write_account
 from deckard.drivers.fake import FakeDriver
-from deckard.drivers.lxc_config import ID_RANGE, farm_id_base, render_config, render_seccomp, render_up_hook
+from deckard.drivers.lxc_config import (
+    ID_RANGE,
+    display_at_boot,
+    farm_id_base,
+    render_config,
+    render_seccomp,
+    render_up_hook,
+)
 from deckard.drivers.network import IFNAMSIZ, neighbour_known, veth_name
 from deckard.model.errors import BadInput, DriverError
 from deckard.runtime.paths import FarmPaths
@@ -106,6 +114,13 @@ def test_an_image_with_the_boot_script_starts_the_users_display_before_the_agent
     assert config_of(make_spec(warm=True), boot=boot)["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma --warm"]
     with_mounter = config_of(make_spec(mounter=True), fuse=Path("/dev/deckard-fuse"), boot=boot)
     assert with_mounter["lxc.init.cmd"] == ["/usr/local/sbin/deckard-vma --display-for alice:10001"]
+    # what the driver tells the node: only the first shows its display before its agent answers (``display_at``)
+    fuse = Path("/dev/deckard-fuse")
+    assert display_at_boot(make_spec(), boot, fuse)
+    assert not display_at_boot(make_spec(warm=True), boot, fuse)
+    assert not display_at_boot(make_spec(mounter=True), boot, fuse)
+    assert display_at_boot(make_spec(mounter=True), boot, None)  # no FUSE here: no mounter either
+    assert not display_at_boot(make_spec(), None, fuse)  # an image from before the boot script
 
 
 def test_desktops_are_unprivileged() -> None:
@@ -316,3 +331,14 @@ def test_a_kept_layer_cannot_steer_the_nodes_writes_through_links_its_root_left(
         driver._prepare_overlay(spec, basefs)
     assert caught.value.code == "overlay_invalid"
     assert not (tmp_path / "agent-token").exists()
+
+
+def test_the_cgroup2_mount_is_found_with_whether_moves_are_cheap_already() -> None:
+    """``favordynmods`` is cgroup2's option (a hybrid host has cgroup2 beside its v1 hierarchies); v1-only: None."""
+    hybrid = (
+        "cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n"
+    )
+    assert favordynmods_mount(hybrid) == ("/sys/fs/cgroup/unified", False)
+    assert favordynmods_mount("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,favordynmods 0 0\n") == ("/sys/fs/cgroup", True)
+    assert favordynmods_mount("cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0\n") is None

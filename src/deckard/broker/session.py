@@ -13,8 +13,10 @@ This is QVD's L7R session flow (``reference/qvd.md`` §1, steps 2-5) with Deckar
 
 Every outcome is written to the connection history with per-phase timings (milliseconds):
 ``t_auth_ms`` authentication, ``t_claim_ms`` taking the desktop and placing the start, ``t_start_ms``
-waiting until it runs, ``t_agent_ms`` the node's guest-to-agent time of the start this connect caused,
-``t_display_ms`` the agent's ``x_start``, ``t_total_ms`` request received → ``101`` sent.  The same outcome is
+waiting until it runs (or, for a guest that shows its display at boot, until the node launched it),
+``t_agent_ms`` the node's guest-to-agent time of the start this connect caused, ``t_display_ms`` the agent's
+``x_start`` (or dialling the display shown at boot until its Xvnc listens), ``t_total_ms`` request received →
+``101`` sent.  The same outcome is
 one ``broker.connection`` log line (result, code, reason, phases, desktop, node, image, bytes) when the
 connection ends; ``broker.connected`` marks the ``101`` of a session that may last hours.
 
@@ -70,6 +72,8 @@ log = structlog.get_logger("deckard.broker")
 T = TypeVar("T")
 
 DISPLAY_CONNECT_TIMEOUT = 5.0
+FINISH_WAIT = 2.0  # seconds a relay the display ended before its start finished waits for the start's outcome
+DIAL_RETRY_S = 0.005  # how often a display shown at boot is dialled until its Xvnc listens (refused meanwhile)
 # the agent's refusals that are the client's to act on, passed on with their own code
 AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
 SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
@@ -279,8 +283,9 @@ class SessionRunner:
         refusal = None  # the 503 text, sent once the outcome is recorded
         refusal_code = ""
         running: Desktop | None = None  # the desktop once up: its node and image go in the outcome's log line
+        finish: asyncio.Task[None] | None = None  # what is left of the connect once relaying (``_bring_up``)
         try:
-            tunnel, running = await self._bring_up(client, req, watch)
+            tunnel, running, finish = await self._bring_up(client, req, watch)
             await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
             tunnel.start(client.switch([("X-QVD-Slave-Key", req.slave_key)] if req.slave_key else []))
             relaying = True
@@ -290,7 +295,16 @@ class SessionRunner:
             await self._observe_connect(running, req.timings)
             relay_end: set[asyncio.Future[Any]] = {tunnel.done, watch}
             await asyncio.wait(relay_end, return_when=asyncio.FIRST_COMPLETED)
-            if watch.done() and not tunnel.done.done():
+            closed_first = not watch.done()
+            if closed_first and finish is not None and not finish.done():
+                # the display went before the start finished: the start's outcome says why (its guest died)
+                outcome: set[asyncio.Future[Any]] = {finish, watch}
+                await asyncio.wait(outcome, timeout=FINISH_WAIT, return_when=asyncio.FIRST_COMPLETED)
+                closed_first = not watch.done()
+            failed = finish.exception() if finish is not None and finish.done() else None
+            if isinstance(failed, DeckardError):  # it closed the tunnel
+                result, reason, refusal_code = "failed", failed.message, failed.code
+            elif not closed_first:
                 result, reason = watch.result()
                 tunnel.close(reason)
                 await tunnel.done
@@ -316,11 +330,16 @@ class SessionRunner:
                 BROKER_TUNNELS.dec()
             else:
                 BROKER_CONNECTS.labels(result).inc()
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watch
-            if tunnel is not None and result != "closed" and not tunnel.done.done() and not tunnel.front.relay:
-                tunnel.discard()
+            for task in (watch, finish):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            if tunnel is not None and result != "closed" and not tunnel.done.done():
+                if not tunnel.front.relay:
+                    tunnel.discard()
+                elif result == "failed":  # a failure once relaying (the database, a bug): the tunnel ends with it
+                    tunnel.close(reason)
         bytes_in = tunnel.bytes_in if tunnel else 0
         bytes_out = tunnel.bytes_out if tunnel else 0
         if relaying:
@@ -371,7 +390,9 @@ class SessionRunner:
 
     async def _bring_up(
         self, client: ClientSide, req: ConnectRequest, watch: asyncio.Task[Any]
-    ) -> tuple[Tunnel, Desktop]:
+    ) -> tuple[Tunnel, Desktop, asyncio.Task[None] | None]:
+        """The desktop started and its display dialled: the tunnel, the desktop as it was then, and the task that
+        finishes the connect while the relay runs (None: nothing left)."""
         front = client.front
         desk = req.desktop
         timings = req.timings
@@ -384,22 +405,36 @@ class SessionRunner:
         await request_start(self.db, desk.id, allow_running=True)
         timings["t_claim_ms"] = _ms(t)
 
+        nx = req.params.nx
         t = time.monotonic()
         running = await self._step(
             wait_until_running(
-                self.db, desk.id, timeout=self.settings.start_timeout, poll=self.poll, on_progress=progress
+                self.db,
+                desk.id,
+                timeout=self.settings.start_timeout,
+                poll=self.poll,
+                on_progress=progress,
+                display_first=not nx,
             ),
             front,
             watch,
         )
         timings["t_start_ms"] = _ms(t)
+        await progress(Progress("display", "Waiting for the display to come up"))
+        if running.state != DesktopState.RUNNING:  # its display came up at boot: dialled while its agent starts
+            t = time.monotonic()
+            relayed = await self._display_before_agent(client, req, running, watch)
+            if relayed is not None:
+                timings["t_display_ms"] = _ms(t)
+                timings["t_total_ms"] = _ms(req.received_at)
+                return relayed[0], running, relayed[1]
+            t = time.monotonic()  # the agent answered first: the usual path
+            running = await self._step(self._until_running(desk.id), front, watch)
+            timings["t_start_ms"] += _ms(t)
         if desk.state != DesktopState.RUNNING and running.start_agent_ms is not None:
             timings["t_agent_ms"] = round(running.start_agent_ms, 1)
 
-        await progress(Progress("display", "Waiting for the display to come up"))
         t = time.monotonic()
-        agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
-        nx = req.params.nx
         printing = False
         if nx:  # what the slave channel may carry for this desktop: shared folders (a key), printing
             async with self.db.connect() as conn:
@@ -417,13 +452,10 @@ class SessionRunner:
         try:
             try:
                 started = await self._step(
-                    agent.x_start(
-                        user=req.user.login,
-                        uid=uid_for_user(req.user.id),
-                        geometry=req.params.geometry,
-                        timeout=self.settings.display_timeout,
-                        keyboard=req.params.keyboard,
-                        extra={"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None,
+                    self._x_start(
+                        running,
+                        req,
+                        {"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None,
                     ),
                     front,
                     watch,
@@ -443,7 +475,7 @@ class SessionRunner:
             tunnel = Tunnel(front, NxClientHandshake(nx_cookie(token)), greeting=b"")
             tunnel.open_later(running.ip, self.ports.nx, DISPLAY_CONNECT_TIMEOUT)
             timings["t_total_ms"] = _ms(req.received_at)
-            return tunnel, running
+            return tunnel, running, None
         assert early is not None
         reused = await self._early_tunnel(*early, bool(started.get("already")), front, watch)
         if reused is not None:
@@ -464,7 +496,80 @@ class SessionRunner:
             tunnel.discard()
             raise SessionLost
         timings["t_total_ms"] = _ms(req.received_at)
-        return tunnel, running
+        return tunnel, running, None
+
+    def _until_running(self, desktop_id: int) -> Awaitable[Desktop]:
+        return wait_until_running(self.db, desktop_id, timeout=self.settings.start_timeout, poll=self.poll)
+
+    def _x_start(self, running: Desktop, req: ConnectRequest, extra: dict[str, str] | None = None) -> Awaitable[Any]:
+        agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
+        return agent.x_start(
+            user=req.user.login,
+            uid=uid_for_user(req.user.id),
+            geometry=req.params.geometry,
+            timeout=self.settings.display_timeout,
+            keyboard=req.params.keyboard,
+            extra=extra,
+        )
+
+    async def _display_before_agent(
+        self, client: ClientSide, req: ConnectRequest, booting: Desktop, watch: asyncio.Task[Any]
+    ) -> tuple[Tunnel, asyncio.Task[None]] | None:
+        """Dial the display a starting guest showed at boot (``display_at``) while its agent starts: refused until
+        Xvnc listens, dialled again every :data:`DIAL_RETRY_S`.  Returns the tunnel and the task that finishes the
+        connect once the agent answers (its ``x_start``: the user checked, the keyboard set), or None when the
+        agent answered first (the caller goes the usual way)."""
+        front = client.front
+        ready = asyncio.ensure_future(self._until_running(booting.id))
+        secret = display_password(booting.agent_token or "")
+        try:
+            while not ready.done():
+                tunnel = client.new_tunnel()
+                try:
+                    await self._step(
+                        tunnel.open(booting.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret), front, watch
+                    )
+                except ConnectionRefusedError:  # Xvnc is not listening yet
+                    tunnel.discard()
+                    await self._step(asyncio.wait({ready}, timeout=DIAL_RETRY_S), front, watch)
+                    continue
+                except (OSError, TimeoutError) as e:
+                    tunnel.discard()
+                    raise Unavailable(
+                        f"cannot connect to the desktop's display at {booting.ip}:{self.ports.display} "
+                        f"({e or 'timeout'})",
+                        code="display_unreachable",
+                    ) from None
+                except BaseException:
+                    tunnel.discard()
+                    raise
+                finish = asyncio.create_task(self._finish_start(tunnel, ready, req), name=f"finish-{booting.id}")
+                return tunnel, finish
+        except BaseException:
+            ready.cancel()
+            await asyncio.gather(ready, return_exceptions=True)
+            raise
+        ready.exception()  # a failed start is the usual path's to report (it reads the desktop again)
+        return None
+
+    async def _finish_start(self, tunnel: Tunnel, ready: Awaitable[Desktop], req: ConnectRequest) -> None:
+        """The rest of a connect relayed before the agent answered: its ``x_start`` once it runs.  A failure
+        closes the tunnel with its reason and is raised (the connection's outcome)."""
+        try:
+            try:
+                await self._x_start(await ready, req)
+            except Unavailable as e:
+                agent_code = e.details.get("agent_code")
+                if agent_code in AGENT_CONFLICTS:
+                    raise Conflict(e.message, code=str(agent_code)) from None
+                raise
+        except DeckardError as e:
+            tunnel.close(e.message)
+            raise
+        except Exception:
+            log.exception("broker.finish_crashed")
+            tunnel.close("internal error in the broker")
+            raise
 
     async def _early_tunnel(
         self,

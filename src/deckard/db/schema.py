@@ -261,6 +261,9 @@ desktops = sa.Table(
     sa.Column("network_ip", sa.String(45), nullable=True),
     # warm pools (0016): the warm guest it took over at its start (``model/warm_pool.py``); NULL: its own guest
     sa.Column("guest", sa.String(64), nullable=True),
+    # the display before the agent (0017): when the node launched a guest whose init starts the user's display
+    # (the broker may dial it while the agent starts); a start's claim clears it
+    sa.Column("display_at", TS, nullable=True),
     sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
     sa.CheckConstraint("(network_id IS NULL) = (network_ip IS NULL)", name="network_ip"),
 )

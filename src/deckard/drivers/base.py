@@ -83,6 +83,8 @@ class GuestInfo:
     pid: int | None = None
     ip: str | None = None
     memory_bytes: int | None = None
+    # its init starts the user's display itself (a container's boot script): up before the agent answers
+    display_at_boot: bool = False
 
 
 class Driver(Protocol):

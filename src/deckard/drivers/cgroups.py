@@ -1,4 +1,5 @@
-"""The cgroups of desktop containers on this host's v1 hierarchies: what they use, and removing what LXC leaves."""
+"""The cgroups of desktop containers on this host's v1 hierarchies: what they use, removing what LXC leaves, and
+the kernel's one switch that makes moving a process into a cgroup cheap (:func:`favordynmods_mount`)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,18 @@ def remove_cgroups(guest_name: str) -> None:
                 for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
                     with contextlib.suppress(OSError):
                         os.rmdir(dirpath)
+
+
+def favordynmods_mount(mounts: str) -> tuple[str, bool] | None:
+    """The cgroup2 mount in ``mounts`` (/proc/self/mounts' text) and whether it has ``favordynmods`` already; None
+    when there is none (a host with v1 hierarchies only).
+
+    Why it matters: on a host that does not favour dynamic changes, every move of a process into a cgroup (each
+    ``lxc-start`` moves its monitor and the guest's init) waits for an RCU grace period, 11 ms on these machines,
+    on the start's path.  ``favordynmods`` (Linux 6.1, cgroup2's mount option; the lock it governs is shared by v1
+    and v2) makes the move 0.1 ms at the cost of a slightly dearer fork and exit.  Only cgroup2 takes the option."""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] == "cgroup2":
+            return fields[1], "favordynmods" in fields[3].split(",")
+    return None

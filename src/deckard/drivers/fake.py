@@ -8,7 +8,9 @@ node runs its whole agent path against it (wait for the agent, pings, zombie, po
 whole connect path.  Its desktops need loopback addresses: the farm's desktop network must be in 127.0.0.0/8.
 
 Faults are injected through the driver object, as incus's mock does: ``start_delay`` (a slow boot),
-``start_error`` (every start fails), ``x_start_error`` (the agents started from now on refuse ``x_start``), and
+``start_error`` (every start fails), ``x_start_error`` (the agents started from now on refuse ``x_start``),
+``agent_delay`` (their agents answer late) and ``display_at_boot`` (their display is up at boot, as a container's
+boot script has it), and
 per guest ``guest(name).kill_agent()`` (the agent dies, the guest runs on) and ``guest(name).exit()`` (the
 guest shuts down from inside).
 
@@ -50,6 +52,8 @@ class FakeDriver:
         self.start_delay = start_delay  # simulated boot time, for tests of waiting and progress
         self.start_error: str | None = None  # every start fails with this message (a broken image, a full disk)
         self.x_start_error: str | None = None  # agents started from now on answer x_start with x_start_failed
+        self.agent_delay = 0.0  # the agents of guests started from now on answer this many seconds after boot
+        self.display_at_boot = False  # guests started from now on show their user's display at boot (a boot script)
         self.guests: dict[str, FakeGuest] = {}
         self._resumed = False  # the guests handed over by the previous driver of this node are back up
 
@@ -121,7 +125,7 @@ class FakeDriver:
             )
         guest = FakeGuest(spec, x_start_error=self.x_start_error)
         try:
-            await guest.boot()
+            await guest.boot(agent_delay=self.agent_delay, display=self.display_at_boot and not spec.warm)
         except OSError as e:
             raise DriverError(
                 f"cannot bind the fake desktop's agent on {spec.ip}:{AGENT_PORT} ({e.strerror})",
@@ -181,4 +185,5 @@ class FakeDriver:
             running=running,
             ip=guest.spec.ip,
             memory_bytes=FAKE_MEMORY_BYTES if running else None,
+            display_at_boot=guest.display_at_boot,
         )

@@ -200,6 +200,7 @@ class FakeGuest:
         self.display_bytes = 0  # what reached the display after authentication
         self.viewers: set[asyncio.StreamWriter] = set()  # authenticated display connections
         self.display_connects = 0  # display connections accepted, ever
+        self.display_at_boot = False  # its display came up with it, before its agent (``boot(display=True)``)
         # the user's last keyboard or mouse input (monotonic), as an X server counts it: from the display's start;
         # tests move it with ``set_idle`` (None: the agent cannot tell, like a display without MIT-SCREEN-SAVER)
         self.input_at: float | None = time.monotonic()
@@ -211,14 +212,41 @@ class FakeGuest:
         self.agent = FakeAgent(self)
         self._handler = type("FakeGuestHandler", (_Buffered, vma.handler_class()), {"agent": self.agent})
         self._agent_server: asyncio.Server | None = None
+        # a slow agent's start (``boot(agent_delay=…)``): its timer and its bound socket
+        self._agent_later: tuple[asyncio.TimerHandle, socket.socket] | None = None
         self._display_sock: socket.socket | None = None  # bound at x_start; served once its server is up
         self._display_server: asyncio.Server | None = None
 
     # ---- life ----------------------------------------------------------------------------------------
-    async def boot(self) -> None:
-        """Bring the agent up on the desktop's address; OSError when the address cannot be bound."""
-        self._agent_server = await asyncio.start_server(self._serve_agent, self.spec.ip, AGENT_PORT)
+    async def boot(self, *, agent_delay: float = 0.0, display: bool = False) -> None:
+        """Bring the agent up on the desktop's address (``agent_delay`` seconds later: a slow agent, whose port
+        refuses until then) and with ``display`` the user's display at once (a boot script's); OSError when the
+        address cannot be bound."""
+        if agent_delay:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.spec.ip, AGENT_PORT))  # bound, not listening: connections are refused until it serves
+            sock.setblocking(False)
+            self._agent_later = (self.loop.call_later(agent_delay, lambda: self._serve_agent_later(sock)), sock)
+        else:
+            self._agent_server = await asyncio.start_server(self._serve_agent, self.spec.ip, AGENT_PORT)
         self.running = True
+        if display:
+            self.resume_display(self.spec.user_login, self.spec.user_uid)
+            self.display_at_boot = True
+
+    def _serve_agent_later(self, sock: socket.socket) -> None:
+        self._agent_later = None
+
+        def served(task: asyncio.Task[asyncio.Server]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                sock.close()
+            elif self.running:
+                self._agent_server = task.result()
+            else:  # the guest ended meanwhile
+                task.result().close()
+
+        self.loop.create_task(asyncio.start_server(self._serve_agent, sock=sock)).add_done_callback(served)
 
     @property
     def agent_alive(self) -> bool:
@@ -226,6 +254,11 @@ class FakeGuest:
 
     def kill_agent(self) -> None:
         """The agent dies and the guest runs on (what the node must detect as a zombie)."""
+        if self._agent_later is not None:  # one still to come never does
+            timer, sock = self._agent_later
+            timer.cancel()
+            sock.close()
+            self._agent_later = None
         if self._agent_server is not None:
             self._agent_server.close()
             self._agent_server = None

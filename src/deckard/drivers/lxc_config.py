@@ -108,6 +108,12 @@ def apparmor_available() -> bool:
     return Path("/sys/module/apparmor/parameters/enabled").is_file() and shutil.which("apparmor_parser") is not None
 
 
+def display_at_boot(spec: GuestSpec, boot: str | None, fuse: Path | None) -> bool:
+    """The guest's init is the image's boot script (``boot``), which starts the user's display before the agent:
+    not for a warm guest (nobody's yet), nor with the mounter, whose capabilities the agent drops before any child."""
+    return boot is not None and not spec.warm and not (spec.mounter and fuse is not None)
+
+
 def render_config(
     spec: GuestSpec,
     *,
@@ -131,7 +137,7 @@ def render_config(
     mounter = spec.mounter and fuse is not None  # its capabilities and /dev/fuse come together or not at all
     if spec.warm:  # Xvnc for nobody yet: a user takes the guest over
         init = f"{agent} --warm"
-    elif boot is not None and not mounter:  # (the mounter's capabilities are dropped by the agent, before any child)
+    elif boot is not None and display_at_boot(spec, boot, fuse):
         init = f"{boot} {spec.user_login} {spec.user_uid}"
     else:
         init = f"{agent} --display-for {spec.user_login}:{spec.user_uid}"

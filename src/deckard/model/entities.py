@@ -69,6 +69,7 @@ class Desktop(_FromRow):
     start_agent_ms: float | None = None
     network_id: int | None = None
     guest: str | None = None  # the warm guest it took over at its start (``model/warm_pool.py``); None: its own
+    display_at: dt.datetime | None = None  # starting: its guest's display came up at boot (the agent may not yet)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,7 +148,9 @@ async def claim_node_command(db: Database, node_id: int) -> NodeCommand | None:
 async def claim_starts(db: Database, node_id: int) -> list[int]:
     """Claim every pending start for this node: stopped|failed + cmd=start → starting, cmd cleared."""
     async with db.begin() as conn:
-        ids = await claim_commands(conn, node_id, DesktopCommand.START, values={"failure_reason": None})
+        ids = await claim_commands(
+            conn, node_id, DesktopCommand.START, values={"failure_reason": None, "display_at": None}
+        )
         for desktop_id in ids:  # a fresh agent token at every start (a warm guest's came with it)
             await conn.execute(
                 sa.update(d).where(d.c.id == desktop_id, d.c.guest.is_(None)).values(agent_token=new_agent_token())
@@ -189,6 +191,21 @@ async def _observe(
         await db.bus.notify(DESKTOPS, str(desktop_id))
 
     return await _refused_is_false(write(), desktop_id=desktop_id, node_id=node_id, to=str(to))
+
+
+async def mark_display_up(db: Database, node_id: int, desktop_id: int, *, image_id: int) -> bool:
+    """A starting desktop's guest shows its user's display before its agent answers (a container's boot script):
+    the broker may dial it now.  False when the desktop is no longer starting here."""
+    async with db.begin() as conn:
+        res = await conn.execute(
+            sa.update(d)
+            .where(d.c.id == desktop_id, d.c.node_id == node_id, d.c.state == DesktopState.STARTING.value)
+            .values(display_at=utcnow(), image_id=image_id)
+        )
+    if not res.rowcount:
+        return False
+    await db.bus.notify(DESKTOPS, str(desktop_id))
+    return True
 
 
 async def mark_running(

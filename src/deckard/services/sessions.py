@@ -200,9 +200,18 @@ async def _read_desktop(db: Database, desktop_id: int) -> Desktop:
 
 
 async def wait_until_running(
-    db: Database, desktop_id: int, *, timeout: float, poll: float, on_progress: Any = None
+    db: Database,
+    desktop_id: int,
+    *,
+    timeout: float,
+    poll: float,
+    on_progress: Any = None,
+    display_first: bool = False,
 ) -> Desktop:
-    """Wait on notifications (not sleeps) until the desktop runs; Unavailable with the reason if it fails."""
+    """Wait on notifications (not sleeps) until the desktop runs; Unavailable with the reason if it fails.
+
+    ``display_first``: a starting desktop whose guest showed its display at boot (``display_at``) is returned as
+    it is, before its agent answers (the broker dials that display meanwhile)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last_state = None
@@ -216,6 +225,8 @@ async def wait_until_running(
                 if on_progress is not None:
                     await on_progress(Progress(desk.state, PROGRESS_TEXT.get(desk.state, desk.state)))
             if desk.state == DesktopState.RUNNING and desk.cmd is None and desk.agent_token:
+                return desk
+            if display_first and desk.state == DesktopState.STARTING and desk.display_at and desk.agent_token:
                 return desk
             if desk.state == DesktopState.FAILED and desk.cmd is None:
                 raise Unavailable(f"the desktop failed to start: {desk.failure_reason}", code="start_failed")
