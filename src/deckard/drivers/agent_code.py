@@ -76,7 +76,8 @@ if command -v setpriv >/dev/null && command -v setsid >/dev/null &&
   install -m 600 -o "$uid" -g "$uid" {vma.DISPLAY_SECRET_FILE} {secret}; then
   setsid setpriv --reuid="$uid" --regid="$uid" --clear-groups env -i {env} \\
     {xvnc} </dev/null >>{vma.RUN_DIR}/xvnc.log 2>&1 &
-  xvnc="--xvnc-pid $!"
+  xvnc="--xvnc-pid $!" n=0
+  while [ ! -e {vma.X11_SOCKET_DIR}/X0 ] && [ $n -lt 100 ]; do sleep 0.005; n=$((n+1)); done
 fi
 exec {agent} --display-for "$login:$uid" $xvnc
 """
