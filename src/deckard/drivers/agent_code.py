@@ -59,9 +59,11 @@ def agent_command(rootfs: Path) -> str:
 
 def boot_script(agent: str) -> str:
     """A container's init for a desktop whose user is known at boot (``$1`` login, ``$2`` uid): it starts the
-    user's Xvnc as the agent would (same command line, environment, session and secret), then becomes the agent,
-    which adopts it (``--xvnc-pid``).  Xvnc's start (~50 ms) then overlaps the agent's interpreter and imports
-    instead of following them.  Without ``setpriv`` or ``setsid`` in the image the agent starts Xvnc itself."""
+    user's Xvnc as the agent would (same command line, environment, session and secret), waits for its X socket
+    (at most 0.5 s) and becomes the agent, which adopts it (``--xvnc-pid``).  The broker dials that display while
+    the agent starts (``desktops.display_at``), so Xvnc's start comes first: started beside the agent's
+    interpreter, the two shared the CPU and the greeting came ~10 ms later.  Without ``setpriv`` or ``setsid`` in
+    the image the agent starts Xvnc itself."""
     from deckard.vma import agent as vma  # the agent's own names: one definition of the display
 
     account = pwd.struct_passwd(("$login", "x", 0, 0, "", "/home/$login", "/bin/bash"))  # as write_account has it
