@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -195,3 +196,20 @@ def test_exec_runs_a_command_and_caps_its_input(agent_url: str) -> None:
     ):
         status, body = call(f"{agent_url}/vma/exec?{query}")
         assert status in (400, 504) and body["error"]["code"] == code, (query, body)
+
+
+def test_x_start_waits_for_the_display_started_at_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect's ``x_start`` that comes while the boot script's display is still being adopted waits for it: it
+    must find that display (``already``), not start a second one beside it and end the first."""
+    agent = vma.Agent("token", is_init=False)
+    started: list[str] = []
+    monkeypatch.setattr(agent.x, "start", lambda login, *_a, **_k: started.append(login) or {"state": "listening"})
+    agent.boot_display_done.clear()
+    answer: list[dict] = []
+    caller = threading.Thread(target=lambda: answer.append(agent.rpc_x_start({"user": "ann", "uid": "10001"})))
+    caller.start()
+    time.sleep(0.2)
+    assert started == [] and caller.is_alive()
+    agent.boot_display_done.set()
+    caller.join(5)
+    assert started == ["ann"] and answer[0]["protocol"] == "vnc"

@@ -114,6 +114,7 @@ NX_LISTENING_TIMEOUT_S = 10.0  # ... and a new session nobody connects to within
 NX_SUSPEND_WAIT_S = 10.0  # a connected session being taken over has this long to suspend
 VIEW_DISPLAY = ":99"  # the Xvnc on which an NX session is shown to VNC viewers (NxSession.attach_vnc)
 DEFAULT_GEOMETRY = "1280x800"
+BOOT_DISPLAY_WAIT_S = 35.0  # the longest x_start waits for the display started at boot (X_START_TIMEOUT and more)
 SESSION_AFTER_SERVER_S = 2.0  # the longest a boot script's display waits for the agent's server to start its session
 WARM_DISPLAY_USER = "nobody"  # whom a warm guest's Xvnc runs as until a user takes the guest over
 SESSION_SCRIPT = "/etc/deckard/xsession"
@@ -2067,6 +2068,10 @@ class Agent:
         self.printer = PdfPrinter(self.children)
         self.server: ThreadingHTTPServer | None = None
         self._powering_off = threading.Event()
+        # set once the display started at boot (``--display-for``, ``--warm``) is up or has failed: a connect's
+        # x_start waits for it instead of starting a second display beside it
+        self.boot_display_done = threading.Event()
+        self.boot_display_done.set()
 
     def share_user(self) -> tuple[str, int, int, str] | None:
         """Who may mount shared folders now: the user of a running NX session (login, uid, gid, home)."""
@@ -2145,6 +2150,7 @@ class Agent:
 
     def rpc_x_start(self, params: dict[str, str]) -> dict[str, Any]:
         login, uid = checked_user(params)
+        self.boot_display_done.wait(BOOT_DISPLAY_WAIT_S)
         geometry = params.get("geometry", DEFAULT_GEOMETRY)
         if not GEOMETRY_RE.match(geometry):
             raise AgentError("bad_input", "geometry must look like 1280x800")
@@ -2173,6 +2179,7 @@ class Agent:
         """A user takes this warm guest over (its node has mounted their home and given it the desktop's address):
         the address in /etc/hosts, their account, and their session on the display that is already up."""
         login, uid = checked_user(params)
+        self.boot_display_done.wait(BOOT_DISPLAY_WAIT_S)
         ip = params.get("ip", "")
         if not IPV4_RE.match(ip) or any(int(part) > 255 for part in ip.split(".")):
             raise AgentError("bad_input", "ip must be an IPv4 address")
@@ -2649,17 +2656,21 @@ def main(argv: list[str] | None = None) -> int:
         setup_vm(agent.poweroff)
     serving = threading.Event()
     if args.display_for or args.warm:  # before the server: the display's slow start overlaps ours
+        agent.boot_display_done.clear()
 
         def display_then_printer() -> None:
-            if xvnc is not None:  # Xvnc is starting already: the session's programs, whose start takes the CPU
-                serving.wait(SESSION_AFTER_SERVER_S)  # our own start needs, begin once we answer
-            if args.warm:
-                try:
-                    agent.x.prestart(DEFAULT_GEOMETRY)
-                except AgentError as exc:
-                    log.warning("no warm display: %s", exc.message)
-            else:
-                agent.early_display(args.display_for, xvnc)
+            try:
+                if xvnc is not None:  # Xvnc is starting already: the session's programs, whose start takes the CPU
+                    serving.wait(SESSION_AFTER_SERVER_S)  # our own start needs, begin once we answer
+                if args.warm:
+                    try:
+                        agent.x.prestart(DEFAULT_GEOMETRY)
+                    except AgentError as exc:
+                        log.warning("no warm display: %s", exc.message)
+                else:
+                    agent.early_display(args.display_for, xvnc)
+            finally:
+                agent.boot_display_done.set()
             if is_init:  # then the printer: under a software CPU it would only slow the display down
                 agent.printer.start()
 
