@@ -247,6 +247,8 @@ def main() -> None:
         results["up_s"] = round(time.perf_counter() - t0, 2)
         desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
         results["first_desktop_s"] = round(asyncio.run(first_byte(farm, "bench", desk_id)), 3)
+        row = asyncio.run(last_connection(farm))
+        results["first_desktop_phases_ms"] = {p: row[p] for p in PHASES if row.get(p) is not None}
         asyncio.run(see(farm, "bench", desk_id))
         results.update(cold_starts(farm, "bench-desk", desk_id, args.runs))
         results.update(floor(farm, args.runs))
@@ -366,6 +368,7 @@ def finish(args: argparse.Namespace, results: dict[str, object]) -> None:
     assert isinstance(ttd, dict)
     print(f"machine: {results['machine']}  profile: {results['profile']}")
     print(f"deckard up: {results['up_s']} s; first desktop after it: {results['first_desktop_s']} s to first RFB byte")
+    print(f"  its phases (ms): {results['first_desktop_phases_ms']}")
     print(
         f"time to desktop (stopped → first RFB byte): median {ttd['median']:.3f} s "
         f"(min {ttd['min']:.3f}, max {ttd['max']:.3f}, {ttd['runs']} runs)  target ≤ 1.5 s"
