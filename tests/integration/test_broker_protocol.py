@@ -84,6 +84,15 @@ class Farm:
             q = sa.select(t.connections).where(t.connections.c.desktop_id == desktop_id).order_by(t.connections.c.id)
             return list(await conn.execute(q))
 
+    async def ended_connection(self, desktop_id: int) -> Any:
+        """The desktop's last connection once it is recorded as ended."""
+
+        async def ended() -> Any:
+            rows = await self.connection_rows(desktop_id)
+            return rows[-1] if rows and rows[-1].ended_at is not None else None
+
+        return await self.wait_for("the connection to be recorded", ended)
+
     async def desktop_row(self, desktop_id: int) -> Any:
         async with self.db.connect() as conn:
             return (await conn.execute(sa.select(t.desktops).where(t.desktops.c.id == desktop_id))).one()
@@ -543,12 +552,7 @@ async def test_a_start_that_fails_after_its_display_was_relayed_ends_the_tunnel_
     await viewer_handshake(c.reader, c.writer)
     farm.guest(desk_id).exit()
     assert await closed_by_peer(c.reader)
-
-    async def recorded() -> Any:
-        rows = await farm.connection_rows(desk_id)
-        return rows[-1] if rows[-1].ended_at is not None else None
-
-    row = await farm.wait_for("the connection to be recorded", recorded)
+    row = await farm.ended_connection(desk_id)
     assert row.result == "failed" and "exited during start" in row.reason
     desk = await farm.desktop_row(desk_id)
     assert (desk.state, desk.user_state) == ("failed", "disconnected")
@@ -568,12 +572,7 @@ async def test_an_x_start_refused_after_the_display_was_relayed_ends_the_tunnel_
     guest.agent.x.state = "stopped"  # the agent lost the display before the broker's x_start came
     guest.x_start_error = "Xvnc exited at start; see /run/deckard/xvnc.log"
     assert await closed_by_peer(c.reader)
-
-    async def recorded() -> Any:
-        rows = await farm.connection_rows(desk_id)
-        return rows[-1] if rows[-1].ended_at is not None else None
-
-    row = await farm.wait_for("the connection to be recorded", recorded)
+    row = await farm.ended_connection(desk_id)
     assert row.result == "failed" and "Xvnc exited at start" in row.reason
     assert (await farm.desktop_row(desk_id)).user_state == "disconnected"
     await c.close()

@@ -450,21 +450,13 @@ class SessionRunner:
             first = client.new_tunnel()
             early = (first, asyncio.ensure_future(first.open(running.ip, port, DISPLAY_CONNECT_TIMEOUT, secret)))
         try:
-            try:
-                started = await self._step(
-                    self._x_start(
-                        running,
-                        req,
-                        {"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None,
-                    ),
-                    front,
-                    watch,
-                )
-            except Unavailable as e:
-                agent_code = e.details.get("agent_code")
-                if agent_code in AGENT_CONFLICTS:
-                    raise Conflict(e.message, code=str(agent_code)) from None
-                raise
+            started = await self._step(
+                self._x_start(
+                    running, req, {"protocol": "nx", **nx.agent_params(req.slave_key, printing)} if nx else None
+                ),
+                front,
+                watch,
+            )
         except BaseException:
             if early is not None:
                 await _abandon(*early)
@@ -501,16 +493,23 @@ class SessionRunner:
     def _until_running(self, desktop_id: int) -> Awaitable[Desktop]:
         return wait_until_running(self.db, desktop_id, timeout=self.settings.start_timeout, poll=self.poll)
 
-    def _x_start(self, running: Desktop, req: ConnectRequest, extra: dict[str, str] | None = None) -> Awaitable[Any]:
+    async def _x_start(self, running: Desktop, req: ConnectRequest, extra: dict[str, str] | None = None) -> Any:
+        """The agent's ``x_start`` for this connect; its refusals that are the client's to act on as Conflict."""
         agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
-        return agent.x_start(
-            user=req.user.login,
-            uid=uid_for_user(req.user.id),
-            geometry=req.params.geometry,
-            timeout=self.settings.display_timeout,
-            keyboard=req.params.keyboard,
-            extra=extra,
-        )
+        try:
+            return await agent.x_start(
+                user=req.user.login,
+                uid=uid_for_user(req.user.id),
+                geometry=req.params.geometry,
+                timeout=self.settings.display_timeout,
+                keyboard=req.params.keyboard,
+                extra=extra,
+            )
+        except Unavailable as e:
+            agent_code = e.details.get("agent_code")
+            if agent_code in AGENT_CONFLICTS:
+                raise Conflict(e.message, code=str(agent_code)) from None
+            raise
 
     async def _display_before_agent(
         self, client: ClientSide, req: ConnectRequest, booting: Desktop, watch: asyncio.Task[Any]
@@ -544,6 +543,7 @@ class SessionRunner:
                     tunnel.discard()
                     raise
                 finish = asyncio.create_task(self._finish_start(tunnel, ready, req), name=f"finish-{booting.id}")
+                finish.add_done_callback(lambda _: ready.cancel())  # cancelled before it ran: the wait goes too
                 return tunnel, finish
         except BaseException:
             ready.cancel()
@@ -552,17 +552,11 @@ class SessionRunner:
         ready.exception()  # a failed start is the usual path's to report (it reads the desktop again)
         return None
 
-    async def _finish_start(self, tunnel: Tunnel, ready: Awaitable[Desktop], req: ConnectRequest) -> None:
+    async def _finish_start(self, tunnel: Tunnel, ready: asyncio.Future[Desktop], req: ConnectRequest) -> None:
         """The rest of a connect relayed before the agent answered: its ``x_start`` once it runs.  A failure
         closes the tunnel with its reason and is raised (the connection's outcome)."""
         try:
-            try:
-                await self._x_start(await ready, req)
-            except Unavailable as e:
-                agent_code = e.details.get("agent_code")
-                if agent_code in AGENT_CONFLICTS:
-                    raise Conflict(e.message, code=str(agent_code)) from None
-                raise
+            await self._x_start(await ready, req)
         except DeckardError as e:
             tunnel.close(e.message)
             raise

@@ -524,21 +524,19 @@ class NodeDaemon:
             else:
                 info = await self.driver.start(spec)
             t1 = time.monotonic()
-            if not info.display_at_boot:
-                await self._wait_for_agent(desk)
-                return t1, time.monotonic()
-            # its display comes up without the agent: the broker may dial it while we wait for the agent
-            shown = asyncio.ensure_future(
-                node_ops.mark_display_up(self.db, self.node_id, desktop_id, image_id=facts.image_id)
-            )
+            shown = None
+            if info.display_at_boot:  # the broker may dial its display while we wait for the agent
+                shown = asyncio.ensure_future(
+                    node_ops.mark_display_up(self.db, self.node_id, desktop_id, image_id=facts.image_id)
+                )
             try:
                 await self._wait_for_agent(desk)
-                t2 = time.monotonic()
             finally:
-                (failed,) = await asyncio.gather(shown, return_exceptions=True)  # written before ``running`` is
-                if isinstance(failed, Exception):  # the broker then waits for the agent, as for any guest
-                    log.warning("node.display_up_not_recorded", desktop_id=desktop_id, error=str(failed))
-            return t1, t2
+                if shown is not None:  # written before ``running`` is
+                    (failed,) = await asyncio.gather(shown, return_exceptions=True)
+                    if isinstance(failed, Exception):  # the broker then waits for the agent, as for any guest
+                        log.warning("node.display_up_not_recorded", desktop_id=desktop_id, error=str(failed))
+            return t1, time.monotonic()
 
     async def _seed(self, desktop_id: int) -> dict[str, bytes]:
         """A VM's cloud-init NoCloud seed: what the metadata service serves, on its config disk."""
