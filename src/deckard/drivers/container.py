@@ -153,14 +153,24 @@ class ContainerDriver:
 
     async def _start(self, spec: GuestSpec, basefs: Path) -> GuestInfo:
         lxc_dir = self._lxc_dir(spec.guest_name)
-        upper = await asyncio.to_thread(self._prepare_overlay, spec, basefs)
-        if spec.warm:  # its share of homes, where a user's is mounted at take-over (drivers/warm.py)
-            await asyncio.to_thread(warm.make_share, spec.home_dir)
-        else:
-            await asyncio.to_thread(self._prepare_home, spec.home_dir, basefs, spec.user_uid)
+
+        def layers() -> Path:  # one trip to a worker thread: each trip waits on the event loop
+            upper = self._prepare_overlay(spec, basefs)
+            if spec.warm:  # its share of homes, where a user's is mounted at take-over (drivers/warm.py)
+                warm.make_share(spec.home_dir)
+            else:
+                self._prepare_home(spec.home_dir, basefs, spec.user_uid)
+            return upper
+
+        upper = await asyncio.to_thread(layers)
         volumes = await self._mount_volumes(spec)
-        for path in (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes)):
-            await asyncio.to_thread(ensure_traversable, path, self.paths.home)
+        reached = (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes))
+
+        def traversable() -> None:
+            for path in reached:
+                ensure_traversable(path, self.paths.home)
+
+        await asyncio.to_thread(traversable)
         lxc_dir.mkdir(parents=True, exist_ok=True)
         veth = veth_name(spec.guest_name)
         meta = {
@@ -316,15 +326,18 @@ class ContainerDriver:
         return {}
 
     def _prepare_home(self, home: Path, basefs: Path, user_uid: int) -> None:
-        """A new home belongs to the desktop's root (the agent hands it to the user); an old one is shifted.
+        """A new home is made here and given to the user with the image's ``/etc/skel`` (as the agent would), so it
+        is theirs when their display is shown, before the agent runs; an old one is shifted once.
 
-        On a FUSE filesystem (a GlusterFS storage root) only the host's root may change an owner — the server
-        checks the caller's host uid, not the desktop's namespace — so there the node hands a new home to the
-        user itself, with the image's ``/etc/skel``, and the agent finds it ready."""
+        A home the desktop's root still owns (one made before this, left ungiven) is the agent's to hand over —
+        nothing here writes into a directory root in a desktop could have shaped — except on a FUSE filesystem (a
+        GlusterFS storage root), where only the host's root may change an owner (the server checks the caller's
+        host uid, not the desktop's namespace), so the node hands it over there too."""
         if not home.exists():
             home.parent.mkdir(parents=True, exist_ok=True)
             home.mkdir(mode=0o700)
-            os.chown(home, self.id_base, self.id_base)
+            give_home(home, basefs / "etc" / "skel", self.id_base + user_uid)  # empty, made just now
+            return
         st = home.lstat()
         if not stat.S_ISDIR(st.st_mode):
             raise DriverError(f"the home {home} is not a directory", code="home_invalid")
