@@ -495,6 +495,7 @@ async def test_a_display_already_up_is_dialled_beside_x_start_and_that_connectio
     await second.close()
 
 
+@pytest.mark.databases("sqlite", "postgresql")
 async def test_a_display_up_at_boot_is_relayed_before_the_agent_answers_and_x_start_follows(farm: Farm) -> None:
     """A guest whose display comes up with it (a container's boot script): the user's viewer gets the display
     while the agent is still starting, and the broker's ``x_start`` (the user checked, the keyboard set) follows
