@@ -544,6 +544,23 @@ async def test_a_display_up_at_boot_is_relayed_before_the_agent_answers_and_x_st
     await c.close()
 
 
+async def test_a_display_said_up_at_boot_that_never_listens_is_started_by_x_start_once_the_agent_answers(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The boot script's Xvnc died (or never came): the dials before the agent are only a head start, so the
+    connect goes the usual way once the agent answers and its ``x_start`` starts the display."""
+    monkeypatch.setattr(FakeGuest, "resume_display", lambda *_args: None)  # said up at boot, never listening
+    farm.node.driver.display_at_boot = True
+    farm.node.driver.agent_delay = 0.3
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(c.reader, c.writer)
+    assert (await farm.desktop_row(desk_id)).state == "running"
+    assert [m for m, _ in farm.guest(desk_id).calls].count("x_start") == 1
+    await c.close()
+
+
 async def test_a_start_that_fails_after_its_display_was_relayed_ends_the_tunnel_with_the_reason(farm: Farm) -> None:
     farm.node.driver.display_at_boot = True
     farm.node.driver.agent_delay = 30.0  # the agent never answers: the guest exits during the start instead

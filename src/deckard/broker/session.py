@@ -74,6 +74,7 @@ T = TypeVar("T")
 DISPLAY_CONNECT_TIMEOUT = 5.0
 FINISH_WAIT = 2.0  # seconds a relay the display ended before its start finished waits for the start's outcome
 DIAL_RETRY_S = 0.005  # how often a display shown at boot is dialled until its Xvnc listens (refused meanwhile)
+BOOT_DIAL_TIMEOUT = 1.0  # one such dial: a SYN left unanswered is sent again by a new dial, not in a second
 # the agent's refusals that are the client's to act on, passed on with their own code
 AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
 SHARED_BUS_SAFETY_POLL = 5.0  # with PostgreSQL notifications are reliable: poll only as a safety net
@@ -517,7 +518,7 @@ class SessionRunner:
         """Dial the display a starting guest showed at boot (``display_at``) while its agent starts: refused until
         Xvnc listens, dialled again every :data:`DIAL_RETRY_S`.  Returns the tunnel and the task that finishes the
         connect once the agent answers (its ``x_start``: the user checked, the keyboard set), or None when the
-        agent answered first (the caller goes the usual way)."""
+        agent answered first (the caller goes the usual way, which says what is wrong if the display still fails)."""
         front = client.front
         ready = asyncio.ensure_future(self._until_running(booting.id))
         secret = display_password(booting.agent_token or "")
@@ -526,19 +527,12 @@ class SessionRunner:
                 tunnel = client.new_tunnel()
                 try:
                     await self._step(
-                        tunnel.open(booting.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret), front, watch
+                        tunnel.open(booting.ip, self.ports.display, BOOT_DIAL_TIMEOUT, secret), front, watch
                     )
-                except ConnectionRefusedError:  # Xvnc is not listening yet
-                    tunnel.discard()
+                except (OSError, TimeoutError):  # refused until Xvnc listens; whatever else is wrong the usual path
+                    tunnel.discard()  # reports once the agent answers (this one is only ever a head start)
                     await self._step(asyncio.wait({ready}, timeout=DIAL_RETRY_S), front, watch)
                     continue
-                except (OSError, TimeoutError) as e:
-                    tunnel.discard()
-                    raise Unavailable(
-                        f"cannot connect to the desktop's display at {booting.ip}:{self.ports.display} "
-                        f"({e or 'timeout'})",
-                        code="display_unreachable",
-                    ) from None
                 except BaseException:
                     tunnel.discard()
                     raise
