@@ -227,6 +227,18 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 10) -> b
 # ---------------------------------------------------------------- tests
 
 
+async def relayed_before_the_agent(farm: Farm, agent_delay: float) -> tuple[RawClient, int]:
+    """Connect to alice's desktop, whose guest shows its display at boot and whose agent answers ``agent_delay``
+    seconds later: the client after the ``101`` and its viewer's handshake, and the desktop's id."""
+    farm.node.driver.display_at_boot = True
+    farm.node.driver.agent_delay = agent_delay
+    desk_id = farm.alice_desk["id"]
+    c = await RawClient.open(farm)
+    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(c.reader, c.writer)
+    return c, desk_id
+
+
 async def test_ping_answers_i_am_alive_without_credentials_or_host(farm: Farm) -> None:
     c = await RawClient.open(farm)
     status, headers, body, _ = await c.request("/qvd/ping")
@@ -500,13 +512,7 @@ async def test_a_display_up_at_boot_is_relayed_before_the_agent_answers_and_x_st
     """A guest whose display comes up with it (a container's boot script): the user's viewer gets the display
     while the agent is still starting, and the broker's ``x_start`` (the user checked, the keyboard set) follows
     once the agent answers, on the same tunnel."""
-    farm.node.driver.display_at_boot = True
-    farm.node.driver.agent_delay = 1.0
-    desk_id = farm.alice_desk["id"]
-    c = await RawClient.open(farm)
-    status, _, _, _ = await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE})
-    assert status == 101
-    await viewer_handshake(c.reader, c.writer)
+    c, desk_id = await relayed_before_the_agent(farm, 1.0)
     c.writer.write(b"before the agent")
     assert await c.reader.readexactly(16) == b"before the agent"
     desk = await farm.desktop_row(desk_id)
@@ -550,24 +556,14 @@ async def test_a_display_said_up_at_boot_that_never_listens_is_started_by_x_star
     """The boot script's Xvnc died (or never came): the dials before the agent are only a head start, so the
     connect goes the usual way once the agent answers and its ``x_start`` starts the display."""
     monkeypatch.setattr(FakeGuest, "resume_display", lambda *_args: None)  # said up at boot, never listening
-    farm.node.driver.display_at_boot = True
-    farm.node.driver.agent_delay = 0.3
-    desk_id = farm.alice_desk["id"]
-    c = await RawClient.open(farm)
-    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
-    await viewer_handshake(c.reader, c.writer)
+    c, desk_id = await relayed_before_the_agent(farm, 0.3)
     assert (await farm.desktop_row(desk_id)).state == "running"
     assert [m for m, _ in farm.guest(desk_id).calls].count("x_start") == 1
     await c.close()
 
 
 async def test_a_start_that_fails_after_its_display_was_relayed_ends_the_tunnel_with_the_reason(farm: Farm) -> None:
-    farm.node.driver.display_at_boot = True
-    farm.node.driver.agent_delay = 30.0  # the agent never answers: the guest exits during the start instead
-    desk_id = farm.alice_desk["id"]
-    c = await RawClient.open(farm)
-    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
-    await viewer_handshake(c.reader, c.writer)
+    c, desk_id = await relayed_before_the_agent(farm, 30.0)  # the agent never answers: the guest exits instead
     farm.guest(desk_id).exit()
     assert await closed_by_peer(c.reader)
     row = await farm.ended_connection(desk_id)
@@ -580,12 +576,7 @@ async def test_a_start_that_fails_after_its_display_was_relayed_ends_the_tunnel_
 async def test_an_x_start_refused_after_the_display_was_relayed_ends_the_tunnel_with_the_agents_reason(
     farm: Farm,
 ) -> None:
-    farm.node.driver.display_at_boot = True
-    farm.node.driver.agent_delay = 0.5
-    desk_id = farm.alice_desk["id"]
-    c = await RawClient.open(farm)
-    assert (await c.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
-    await viewer_handshake(c.reader, c.writer)
+    c, desk_id = await relayed_before_the_agent(farm, 0.5)
     guest = farm.guest(desk_id)
     guest.agent.x.state = "stopped"  # the agent lost the display before the broker's x_start came
     guest.x_start_error = "Xvnc exited at start; see /run/deckard/xvnc.log"

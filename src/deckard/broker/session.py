@@ -424,13 +424,15 @@ class SessionRunner:
         await progress(Progress("display", "Waiting for the display to come up"))
         if running.state != DesktopState.RUNNING:  # its display came up at boot: dialled while its agent starts
             t = time.monotonic()
-            relayed = await self._display_before_agent(client, req, running, watch)
+            ready = asyncio.ensure_future(
+                wait_until_running(self.db, desk.id, timeout=self.settings.start_timeout, poll=self.poll)
+            )
+            relayed = await self._display_before_agent(client, req, running, ready, watch)
             if relayed is not None:
                 timings["t_display_ms"] = _ms(t)
                 timings["t_total_ms"] = _ms(req.received_at)
                 return relayed[0], running, relayed[1]
-            t = time.monotonic()  # the agent answered first: the usual path
-            running = await self._step(self._until_running(desk.id), front, watch)
+            running = await self._step(ready, front, watch)  # the agent answered first: the usual path
             timings["t_start_ms"] += _ms(t)
         if desk.state != DesktopState.RUNNING and running.start_agent_ms is not None:
             timings["t_agent_ms"] = round(running.start_agent_ms, 1)
@@ -491,9 +493,6 @@ class SessionRunner:
         timings["t_total_ms"] = _ms(req.received_at)
         return tunnel, running, None
 
-    def _until_running(self, desktop_id: int) -> Awaitable[Desktop]:
-        return wait_until_running(self.db, desktop_id, timeout=self.settings.start_timeout, poll=self.poll)
-
     async def _x_start(self, running: Desktop, req: ConnectRequest, extra: dict[str, str] | None = None) -> Any:
         """The agent's ``x_start`` for this connect; its refusals that are the client's to act on as Conflict."""
         agent = AgentClient(running.ip, running.agent_token or "", port=self.ports.agent)
@@ -513,14 +512,19 @@ class SessionRunner:
             raise
 
     async def _display_before_agent(
-        self, client: ClientSide, req: ConnectRequest, booting: Desktop, watch: asyncio.Task[Any]
+        self,
+        client: ClientSide,
+        req: ConnectRequest,
+        booting: Desktop,
+        ready: asyncio.Future[Desktop],
+        watch: asyncio.Task[Any],
     ) -> tuple[Tunnel, asyncio.Task[None]] | None:
         """Dial the display a starting guest showed at boot (``display_at``) while its agent starts: refused until
         Xvnc listens, dialled again every :data:`DIAL_RETRY_S`.  Returns the tunnel and the task that finishes the
         connect once the agent answers (its ``x_start``: the user checked, the keyboard set), or None when the
-        agent answered first (the caller goes the usual way, which says what is wrong if the display still fails)."""
+        agent answered first (``ready``, the wait for it, is done: the caller goes the usual way, which says what is
+        wrong if the start failed or the display still does not answer)."""
         front = client.front
-        ready = asyncio.ensure_future(self._until_running(booting.id))
         secret = display_password(booting.agent_token or "")
         try:
             while not ready.done():
@@ -543,7 +547,6 @@ class SessionRunner:
             ready.cancel()
             await asyncio.gather(ready, return_exceptions=True)
             raise
-        ready.exception()  # a failed start is the usual path's to report (it reads the desktop again)
         return None
 
     async def _finish_start(self, tunnel: Tunnel, ready: asyncio.Future[Desktop], req: ConnectRequest) -> None:

@@ -137,7 +137,7 @@ def render_config(
     mounter = spec.mounter and fuse is not None  # its capabilities and /dev/fuse come together or not at all
     if spec.warm:  # Xvnc for nobody yet: a user takes the guest over
         init = f"{agent} --warm"
-    elif boot is not None and display_at_boot(spec, boot, fuse):
+    elif display_at_boot(spec, boot, fuse):
         init = f"{boot} {spec.user_login} {spec.user_uid}"
     else:
         init = f"{agent} --display-for {spec.user_login}:{spec.user_uid}"

@@ -533,9 +533,10 @@ class NodeDaemon:
                 await self._wait_for_agent(desk)
             finally:
                 if shown is not None:  # written before ``running`` is
-                    (failed,) = await asyncio.gather(shown, return_exceptions=True)
-                    if isinstance(failed, Exception):  # the broker then waits for the agent, as for any guest
-                        log.warning("node.display_up_not_recorded", desktop_id=desktop_id, error=str(failed))
+                    try:
+                        await shown
+                    except Exception as e:  # the broker then waits for the agent, as for any guest
+                        log.warning("node.display_up_not_recorded", desktop_id=desktop_id, error=str(e))
             return t1, time.monotonic()
 
     async def _seed(self, desktop_id: int) -> dict[str, bytes]:

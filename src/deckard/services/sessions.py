@@ -224,10 +224,8 @@ async def wait_until_running(
                 last_state = desk.state
                 if on_progress is not None:
                     await on_progress(Progress(desk.state, PROGRESS_TEXT.get(desk.state, desk.state)))
-            if desk.state == DesktopState.RUNNING and desk.cmd is None and desk.agent_token:
-                return desk
-            booted = desk.state == DesktopState.STARTING and desk.display_at is not None
-            if display_first and booted and desk.cmd is None and desk.agent_token:
+            booted = display_first and desk.state == DesktopState.STARTING and desk.display_at is not None
+            if (desk.state == DesktopState.RUNNING or booted) and desk.cmd is None and desk.agent_token:
                 return desk
             if desk.state == DesktopState.FAILED and desk.cmd is None:
                 raise Unavailable(f"the desktop failed to start: {desk.failure_reason}", code="start_failed")
