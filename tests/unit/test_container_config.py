@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from deckard.drivers import load_driver
 from deckard.drivers.base import GuestSpec
 from deckard.drivers.cgroups import favordynmods_mount
-from deckard.drivers.container import ContainerDriver, shift_tree, write_account
+from deckard.drivers.container import ContainerDriver, shift_tree, started_info, write_account
 from deckard.drivers.fake import FakeDriver
 from deckard.drivers.lxc_config import (
     ID_RANGE,
@@ -121,6 +124,47 @@ def test_an_image_with_the_boot_script_starts_the_users_display_before_the_agent
     assert not display_at_boot(make_spec(mounter=True), boot, fuse)
     assert display_at_boot(make_spec(mounter=True), boot, None)  # no FUSE here: no mounter either
     assert not display_at_boot(make_spec(), None, fuse)  # an image from before the boot script
+
+
+def test_the_agents_run_directory_and_the_x_sockets_are_the_containers_mounts() -> None:
+    """Made by LXC at start (the boot script execs nothing to make them), fresh at every start like ``/run``."""
+    mounts = config_of(make_spec())["lxc.mount.entry"]
+    assert "tmpfs run/deckard tmpfs rw,nosuid,nodev,mode=755,size=32m,create=dir 0 0" in mounts
+    assert "tmpfs tmp/.X11-unix tmpfs rw,nosuid,nodev,mode=1777,size=1m,create=dir 0 0" in mounts
+    order = [m.split()[1] for m in mounts]
+    assert order.index("run") < order.index("run/deckard") and order.index("tmp") < order.index("tmp/.X11-unix")
+
+
+def test_a_started_guest_is_known_from_the_monitor_lxc_start_named(tmp_path: Path) -> None:
+    """No ``lxc-info`` between the start and the display's record: ``lxc-start --pidfile`` names its monitor, whose
+    one child is the guest's init."""
+    pid_file = tmp_path / "monitor.pid"
+    assert started_info("g", pid_file, "10.0.0.5") is None  # no file: the caller asks LXC
+    monitor = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert monitor.stdout is not None
+        init = int(monitor.stdout.readline())
+        pid_file.write_text(f"{monitor.pid}\n")
+        info = started_info("g", pid_file, "10.0.0.5")
+        assert info is not None and info.running and (info.pid, info.ip) == (init, "10.0.0.5")
+        os.kill(init, 9)  # the init gone: no child left, the caller asks LXC
+        assert wait_until(lambda: started_info("g", pid_file, "10.0.0.5") is None)
+    finally:
+        monitor.kill()
+        monitor.wait()
+    pid_file.write_text(f"{monitor.pid}\n")  # the monitor gone as well
+    assert started_info("g", pid_file, "10.0.0.5") is None
+    pid_file.write_text("not a pid\n")
+    assert started_info("g", pid_file, "10.0.0.5") is None
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_desktops_are_unprivileged() -> None:
@@ -314,7 +358,11 @@ def test_a_kept_layer_cannot_steer_the_nodes_writes_through_links_its_root_left(
     spec = make_spec(desktop_id=7, keep_overlay=True, dns_search="corp.example")
     driver = ContainerDriver(paths)
     etc = driver._prepare_overlay(spec, basefs) / "etc"  # the first start makes the layer
-    for name in ("hostname", "passwd", "deckard/agent-token"):
+    user_secret = etc / "deckard/display-passwd.user"  # the boot script's Xvnc reads it as the user: theirs, read-only
+    assert user_secret.read_bytes() == (etc / "deckard/display-passwd").read_bytes()
+    assert stat.S_IMODE(user_secret.stat().st_mode) == 0o400
+    assert (user_secret.stat().st_uid, user_secret.stat().st_gid) == (driver.id_base + 10001,) * 2
+    for name in ("hostname", "passwd", "deckard/agent-token", "deckard/display-passwd.user"):
         (etc / name).unlink()
         (etc / name).symlink_to(victim)
     (etc / ".shadow.deckard").symlink_to(victim)
@@ -322,6 +370,7 @@ def test_a_kept_layer_cannot_steer_the_nodes_writes_through_links_its_root_left(
     assert victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
     assert not (etc / "hostname").is_symlink() and (etc / "hostname").read_text() == "dkabc123-42\n"
     assert (etc / "deckard/agent-token").read_text() == "tok\n"
+    assert not user_secret.is_symlink() and user_secret.stat().st_size == 8
     assert (etc / "passwd").is_symlink()  # the desktop's own business: no account written through it
     assert "search corp.example" in (etc / "resolv.conf").read_text()
 

@@ -1,30 +1,104 @@
 """A container's boot script (``drivers/agent_code.boot_script``) and the agent's adoption of the Xvnc it starts.
 
 The script runs as a desktop's init (the e2e tests boot every container with it); here: that it is valid ``sh``,
-starts the display with the agent's own command line and environment, and hands Xvnc's pid to the agent.
+starts the display with the agent's own command line and environment, waits for it (bounded) with stand-ins for
+setpriv, Xvnc and the agent, and hands Xvnc's pid to the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import signal
 import subprocess
+import time
+from pathlib import Path
 
-from deckard.drivers.agent_code import AGENT_PYC_COMMAND, boot_script
+from deckard.drivers.agent_code import AGENT_PYC_COMMAND, BOOT_DISPLAY_WAIT_S, boot_script
 from deckard.vma import agent as vma
 
 
 def test_the_boot_script_is_valid_sh_and_starts_the_agents_display_then_the_agent() -> None:
     script = boot_script(AGENT_PYC_COMMAND)
     assert subprocess.run(["sh", "-n"], input=script.encode(), check=False).returncode == 0
-    xvnc = vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, f"{vma.RUN_DIR}/display-passwd", software_cpu=False)
-    assert shlex.join(xvnc) in script
-    assert 'setsid setpriv --reuid="$uid" --regid="$uid" --clear-groups env -i ' in script
+    xvnc = vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, vma.BOOT_DISPLAY_SECRET_FILE, software_cpu=False)
+    assert shlex.join(xvnc) + " -displayfd 3" in script
+    assert 'setpriv --reuid="$uid" --regid="$uid" --clear-groups' in script
+    assert "setsid" not in script and "install " not in script and "env -i" not in script  # no exec but setpriv
     account = vma.pwd.struct_passwd(("$login", "x", 0, 0, "", "/home/$login", "/bin/bash"))
     for key, value in vma.user_env(account).items():  # the environment the agent gives Xvnc, for this login
         assert f'{key}="{value}"' in script
-    assert f'install -m 600 -o "$uid" -g "$uid" {vma.DISPLAY_SECRET_FILE} {vma.RUN_DIR}/display-passwd' in script
     assert script.rstrip().endswith(f'exec {AGENT_PYC_COMMAND} --display-for "$login:$uid" $xvnc')
+
+
+FAKE_SETPRIV = """#!/bin/sh
+while [ "${1#--}" != "$1" ]; do shift; done
+exec "$@"
+"""
+# stands for Xvnc: ready (its display number on -displayfd's descriptor after a moment), dead at once, or hung
+FAKE_XVNC = """#!/bin/sh
+case "$FAKE_XVNC" in
+  ready) sleep 0.3; echo 0 >&3; exec sleep 30 ;;
+  dead) exit 1 ;;
+  hung) exec sleep 30 ;;
+esac
+"""
+
+
+def run_boot(tmp_path: Path, behaviour: str, *, secret: bool = True) -> tuple[float, list[str], int | None]:
+    """The boot script with its paths under ``tmp_path`` and stand-ins for setpriv, Xvnc and the agent: how long
+    until the agent started, its arguments, and the pid the script wrote for Xvnc."""
+    bin_dir, run, x11 = tmp_path / "bin", tmp_path / "run", tmp_path / "x11"
+    for path in (bin_dir, run, x11):
+        path.mkdir()
+    for name, text in (("setpriv", FAKE_SETPRIV), ("Xvnc", FAKE_XVNC)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    if secret:
+        (tmp_path / "secret").write_bytes(bytes(8))
+    agent = tmp_path / "agent"
+    agent.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/agent.args\n')
+    agent.chmod(0o755)
+    script = (
+        boot_script(str(agent))
+        .replace(vma.BOOT_DISPLAY_SECRET_FILE, str(tmp_path / "secret"))
+        .replace(str(vma.RUN_DIR), str(run))
+        .replace(vma.X11_SOCKET_DIR, str(x11))
+        .replace('PATH="/usr/local/bin:/usr/bin:/bin"', f'PATH="{bin_dir}:/usr/bin:/bin"')
+    )
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_XVNC": behaviour}
+    t0 = time.monotonic()
+    subprocess.run(["sh", "-c", script, "boot", "alice", str(os.getuid())], env=env, check=True, timeout=20)
+    took = time.monotonic() - t0
+    pid_file = run / "xvnc.pid"
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return took, (tmp_path / "agent.args").read_text().split(), pid
+
+
+def test_the_boot_script_becomes_the_agent_once_xvnc_is_ready_and_hands_it_xvncs_pid(tmp_path: Path) -> None:
+    took, args, pid = run_boot(tmp_path, "ready")
+    assert pid is not None and args == ["--display-for", f"alice:{os.getuid()}", "--xvnc-pid", str(pid)]
+    assert 0.3 <= took < BOOT_DISPLAY_WAIT_S  # after the display said it was ready, not before
+
+
+def test_an_xvnc_that_dies_at_start_holds_the_agent_back_only_so_long(tmp_path: Path) -> None:
+    took, args, pid = run_boot(tmp_path, "dead")  # the agent adopts a dead Xvnc: it starts the display itself
+    assert pid is not None and args[-2:] == ["--xvnc-pid", str(pid)] and took < BOOT_DISPLAY_WAIT_S + 1.5
+
+
+def test_a_hung_xvnc_holds_the_agent_back_only_so_long(tmp_path: Path) -> None:
+    took, args, pid = run_boot(tmp_path, "hung")
+    assert pid is not None and args[-2:] == ["--xvnc-pid", str(pid)]
+    assert BOOT_DISPLAY_WAIT_S <= took < BOOT_DISPLAY_WAIT_S + 1.5
+
+
+def test_without_the_users_secret_the_agent_starts_the_display(tmp_path: Path) -> None:
+    _took, args, pid = run_boot(tmp_path, "ready", secret=False)
+    assert pid is None and args == ["--display-for", f"alice:{os.getuid()}"]
 
 
 def test_an_adopted_child_is_polled_signalled_and_reaped_like_a_spawned_one() -> None:
@@ -39,6 +113,21 @@ def test_an_adopted_child_is_polled_signalled_and_reaped_like_a_spawned_one() ->
         assert not vma._alive(adopted)
         children.forget(adopted)
         spawned.returncode = adopted.returncode  # reaped through the adoption
+    finally:
+        if adopted.returncode is None:
+            spawned.kill()
+            spawned.wait()
+
+
+def test_an_adopted_xvnc_outside_a_group_of_its_own_is_signalled_by_its_pid() -> None:
+    """The boot script's Xvnc shares the init's process group: ``signal_group`` reaches it all the same (and the
+    group it is in, ours here, is left alone: its pid names no group)."""
+    spawned = subprocess.Popen(["sleep", "30"])  # in pytest's process group, as the boot script's Xvnc is in init's
+    adopted = vma.Children().adopt(spawned.pid, "Xvnc")
+    try:
+        vma.signal_group(adopted, signal.SIGTERM)
+        assert adopted.wait(timeout=10) == -signal.SIGTERM
+        spawned.returncode = adopted.returncode
     finally:
         if adopted.returncode is None:
             spawned.kill()

@@ -57,29 +57,37 @@ def agent_command(rootfs: Path) -> str:
     return AGENT_PYC_COMMAND if (rootfs / AGENT_PYC.lstrip("/")).is_file() else AGENT
 
 
+# the longest the boot script holds the agent back for its Xvnc, which then adopts it: long enough for a loaded node's
+# Xvnc to start, and what one that died at start costs (the wait's timer holds the pipe Xvnc would have closed)
+BOOT_DISPLAY_WAIT_S = 1
+
+
 def boot_script(agent: str) -> str:
     """A container's init for a desktop whose user is known at boot (``$1`` login, ``$2`` uid): it starts the
-    user's Xvnc as the agent would (same command line, environment, session and secret), waits for its X socket
-    (at most 0.5 s) and becomes the agent, which adopts it (``--xvnc-pid``).  The broker dials that display while
-    the agent starts (``desktops.display_at``), so Xvnc's start comes first: started beside the agent's
-    interpreter, the two shared the CPU and the greeting came ~10 ms later.  Without ``setpriv`` or ``setsid`` in
-    the image the agent starts Xvnc itself."""
+    user's Xvnc as the agent would (same command line and session; the user's copy of the display secret, which the
+    node wrote) and becomes the agent once Xvnc is ready (``-displayfd``: it writes its display number then; at most
+    :data:`BOOT_DISPLAY_WAIT_S`), which adopts it (``--xvnc-pid``).  The broker dials that display while the agent
+    starts (``desktops.display_at``), so Xvnc's start comes first and has the CPU to itself: nothing but ``setpriv``
+    is exec'd before it (its directories are the container's mounts, ``lxc_config.render_config``), and the wait is
+    a ``read`` on a pipe, not a polling loop of ``sleep`` programs.  Xvnc stays in the init's process group (the
+    agent signals an adopted Xvnc by its pid as well).  Without ``setpriv``, the secret or the directories, the
+    agent starts Xvnc itself."""
     from deckard.vma import agent as vma  # the agent's own names: one definition of the display
 
     account = pwd.struct_passwd(("$login", "x", 0, 0, "", "/home/$login", "/bin/bash"))  # as write_account has it
     env = " ".join(f'{key}="{value}"' for key, value in vma.user_env(account).items())  # sh expands "$login"
-    secret = f"{vma.RUN_DIR}/display-passwd"
+    secret = vma.BOOT_DISPLAY_SECRET_FILE
     xvnc = shlex.join(vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, secret, software_cpu=False))
+    run, pid_file = vma.RUN_DIR, f"{vma.RUN_DIR}/xvnc.pid"
     return f"""#!/bin/sh
 # deckard: a desktop container's init, written when the node unpacked the image (drivers/agent_code.py)
 login="$1" uid="$2" xvnc=""
-if command -v setpriv >/dev/null && command -v setsid >/dev/null &&
-  install -d -m 755 {vma.RUN_DIR} && install -d -m 1777 {vma.X11_SOCKET_DIR} &&
-  install -m 600 -o "$uid" -g "$uid" {vma.DISPLAY_SECRET_FILE} {secret}; then
-  setsid setpriv --reuid="$uid" --regid="$uid" --clear-groups env -i {env} \\
-    {xvnc} </dev/null >>{vma.RUN_DIR}/xvnc.log 2>&1 &
-  xvnc="--xvnc-pid $!" n=0
-  while [ ! -e {vma.X11_SOCKET_DIR}/X0 ] && [ $n -lt 100 ]; do sleep 0.005; n=$((n+1)); done
+if command -v setpriv >/dev/null && [ -f {secret} ] && [ -d {run} ] && [ -d {vma.X11_SOCKET_DIR} ]; then
+  {{ {env} setpriv --reuid="$uid" --regid="$uid" --clear-groups \\
+      {xvnc} -displayfd 3 3>&1 </dev/null >>{run}/xvnc.log 2>&1 &
+    echo $! >{pid_file}
+    (sleep {BOOT_DISPLAY_WAIT_S}; echo) & }} | {{ read -r _; }}
+  read -r pid <{pid_file} && xvnc="--xvnc-pid $pid"
 fi
 exec {agent} --display-for "$login:$uid" $xvnc
 """

@@ -69,6 +69,7 @@ from deckard.drivers.network import (
 from deckard.drivers.volumes import mount_on_host, unmount_from_host
 from deckard.model.errors import DriverError
 from deckard.runtime.paths import FarmPaths, read_tail
+from deckard.vma.agent import BOOT_DISPLAY_SECRET_FILE
 
 log = structlog.get_logger()
 
@@ -85,6 +86,21 @@ def _init_alive(recorded: object) -> int | None:
         return pid if os.stat(f"/proc/{pid}/ns/net").st_ino == netns else None
     except OSError:
         return None
+
+
+def started_info(guest_name: str, pid_file: Path, ip: str) -> GuestInfo | None:
+    """A guest ``lxc-start`` just started, without ``lxc-info`` (a program, 2-3 ms, between the start and the
+    display's record): ``--pidfile`` names LXC's monitor, whose one child is the guest's init.  None when that is
+    not so (the init gone already, the file missing): the caller asks LXC."""
+    try:
+        monitor = int(pid_file.read_text().strip())
+        children = Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
+    except (OSError, ValueError):
+        return None
+    if len(children) != 1:
+        return None
+    pid = int(children[0])
+    return GuestInfo(guest_name=guest_name, running=True, pid=pid, ip=ip, memory_bytes=memory_usage(pid))
 
 
 FUSE_NODE = "/dev/deckard-fuse"  # see ContainerDriver._fuse_device
@@ -208,8 +224,9 @@ class ContainerDriver:
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC
         await flush_neighbour(spec.reach_ip)
+        pid_file = lxc_dir / "monitor.pid"
         result = await run_command(
-            ["lxc-start", *self._lxc_args(spec.guest_name), "-f", str(config), "-d"], check=False
+            ["lxc-start", *self._lxc_args(spec.guest_name), "-f", str(config), "-d", "-p", str(pid_file)], check=False
         )
         if result.returncode != 0:
             raise DriverError(
@@ -219,7 +236,7 @@ class ContainerDriver:
         if not await port_isolated(veth):
             # the up hook did not run (an older LXC?): isolate now, before the caller uses the guest
             await isolate_port(veth)
-        info = await self._info(spec.guest_name)
+        info = started_info(spec.guest_name, pid_file, spec.reach_ip) or await self._info(spec.guest_name)
         if info is None or not info.running:
             raise DriverError(
                 f"{spec.guest_name} stopped right after start: {self._log_tail(spec.guest_name)}",
@@ -262,6 +279,10 @@ class ContainerDriver:
         written = [upper, etc, ours, *files]
         if not spec.warm:  # a warm guest's user comes at take-over: its agent makes the account then
             write_account(upper, basefs, spec.user_login, spec.user_uid)  # owned like the image's files already
+            # the user's copy of the display secret, for the Xvnc the boot script starts as them (agent_code.py)
+            user_secret = upper / BOOT_DISPLAY_SECRET_FILE.lstrip("/")
+            write_new(user_secret, files[ours / "display-passwd"], 0o400, owner=(spec.user_uid, spec.user_uid))
+            written.append(user_secret)
         # LXC mounts the overlay as the desktop's root, which makes the work directory beside the upper one:
         # a new layer (or a kept one from before user namespaces) is shifted whole, once; a kept layer only
         # needs what the driver just wrote, not a walk of everything the user's sessions left in it

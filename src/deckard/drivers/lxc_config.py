@@ -14,6 +14,7 @@ from pathlib import Path
 from deckard.drivers.agent_code import AGENT
 from deckard.drivers.base import GuestSpec
 from deckard.drivers.network import veth_name
+from deckard.vma.agent import RUN_DIR, X11_SOCKET_DIR
 
 PIDS_MAX = 2048
 CFS_PERIOD_US = 100_000
@@ -167,6 +168,9 @@ def render_config(
         # a fresh /tmp at every start: a persistent overlay would keep a stale /tmp/.X0-lock
         f"lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev,mode=1777,size={max(spec.memory_mib // 2, 64)}m 0 0",
         "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755,size=32m 0 0",
+        # the agent's run directory and the X sockets' made by the mounts: the boot script execs nothing for them
+        f"lxc.mount.entry = tmpfs {str(RUN_DIR).lstrip('/')} tmpfs rw,nosuid,nodev,mode=755,size=32m,create=dir 0 0",
+        f"lxc.mount.entry = tmpfs {X11_SOCKET_DIR.lstrip('/')} tmpfs rw,nosuid,nodev,mode=1777,size=1m,create=dir 0 0",
         "lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0",
         # a warm guest's /home is the node's share, where the home of the user who takes it over is mounted later
         f"lxc.mount.entry = {spec.home_dir} home none rbind,create=dir 0 0"

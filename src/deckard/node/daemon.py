@@ -517,7 +517,7 @@ class NodeDaemon:
                 dns_search=facts.network.dns_search,
                 driver=facts.driver,
                 seed=await self._seed(desktop_id) if facts.driver == "vm" else None,
-                volumes=await self.volumes.for_start(desktop_id),
+                volumes=await self.volumes.for_start(desktop_id) if facts.volumes else (),
             )
             if self.egress is not None:  # the desktop's policy is loaded while its guest boots
                 _, info = await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))

@@ -40,6 +40,7 @@ from deckard.services.transitions import claim_commands, transition_desktop, tra
 
 log = structlog.get_logger()
 d = t.desktops
+va = t.volume_attachments
 n = t.nodes
 
 
@@ -288,6 +289,7 @@ class StartFacts:
     driver: str = "container"  # the OSF's: which of the node's drivers runs the desktop
     tenant_network: TenantAddress | None = None  # on a tenant network: which, and the desktop's address in it
     mounter: bool = False  # ``nx.shares.in_containers`` on and the OSF keeps no overlay (docs/security.md)
+    volumes: bool = True  # the desktop has volume attachments (``start_volumes`` settles them; none: no write)
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
@@ -305,6 +307,7 @@ async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
                 t.osfs.c.cpus,
                 t.osfs.c.keep_overlay,
                 t.osfs.c.driver.label("osf_driver"),
+                sa.exists().where(va.c.desktop_id == d.c.id).label("has_volumes"),
             )
             .join(t.users, t.users.c.id == d.c.user_id)
             .join(t.osfs, t.osfs.c.id == d.c.osf_id)
@@ -327,11 +330,11 @@ async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
         row.osf_driver,
         await tenant_address(conn, desktop_id),
         await mounter_allowed(conn, driver=row.osf_driver, keep_overlay=row.keep_overlay),
+        bool(row.has_volumes),
     )
 
 
 # ---- volumes (docs/volumes.md): what the node hands a guest at start, and the hot-plug commands ---------------
-va = t.volume_attachments
 
 
 @dataclass(frozen=True)

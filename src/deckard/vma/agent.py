@@ -104,6 +104,8 @@ VERSION = "0.1.0"
 DEFAULT_PORT = 3030
 DEFAULT_TOKEN_FILE = "/etc/deckard/agent-token"
 DISPLAY_SECRET_FILE = "/etc/deckard/display-passwd"
+# the user's own copy, written by the node for a container whose boot script starts the display (drivers/agent_code)
+BOOT_DISPLAY_SECRET_FILE = "/etc/deckard/display-passwd.user"
 DISPLAY = ":0"
 VNC_PORT = 5900
 X_START_TIMEOUT = 30.0  # a VM under a software CPU takes seconds to get its X server up
@@ -238,6 +240,16 @@ class Adopted(subprocess.Popen):  # type: ignore[type-arg]
         self.stdin = self.stdout = self.stderr = None
         self._waitpid_lock = threading.Lock()
         self._child_created = False  # Popen.__del__ would otherwise look for what it never set
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """``sig`` to ``proc``'s process group, and to ``proc`` itself when it was adopted: the boot script starts its
+    Xvnc without a group of its own (one exec less before the display)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    if isinstance(proc, Adopted):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            proc.send_signal(sig)
 
 
 @contextlib.contextmanager
@@ -420,8 +432,7 @@ class XSession:
         for proc in (self.session, self.xvnc):
             if _alive(proc):
                 assert proc is not None
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, sig)
+                signal_group(proc, sig)
         if self.uid is not None and self.uid != os.getuid():
             kill_user_processes(self.uid, sig)
 
@@ -2238,8 +2249,7 @@ class Agent:
         except (AgentError, ValueError) as exc:
             log.warning("no early display for %s: %s", login_uid, exc)
             if xvnc is not None and self.x.xvnc is not xvnc and _alive(xvnc):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(xvnc.pid, signal.SIGKILL)  # nobody's display: a connect starts its own
+                signal_group(xvnc, signal.SIGKILL)  # nobody's display: a connect starts its own
 
     def rpc_poweroff(self, _params: dict[str, str]) -> dict[str, Any]:
         # answer first: the caller must learn that the poweroff was accepted before the agent goes away
