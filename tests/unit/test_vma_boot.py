@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from deckard.drivers.agent_code import AGENT_PYC_COMMAND, BOOT_DISPLAY_WAIT_S, boot_script
+from deckard.drivers.agent_code import AGENT_PYC_COMMAND, XVNC_READY_WAIT_S, boot_script
 from deckard.vma import agent as vma
 
 
@@ -82,18 +82,18 @@ def run_boot(tmp_path: Path, behaviour: str, *, secret: bool = True) -> tuple[fl
 def test_the_boot_script_becomes_the_agent_once_xvnc_is_ready_and_hands_it_xvncs_pid(tmp_path: Path) -> None:
     took, args, pid = run_boot(tmp_path, "ready")
     assert pid is not None and args == ["--display-for", f"alice:{os.getuid()}", "--xvnc-pid", str(pid)]
-    assert 0.3 <= took < BOOT_DISPLAY_WAIT_S  # after the display said it was ready, not before
+    assert 0.3 <= took < XVNC_READY_WAIT_S  # after the display said it was ready, not before
 
 
 def test_an_xvnc_that_dies_at_start_holds_the_agent_back_only_so_long(tmp_path: Path) -> None:
     took, args, pid = run_boot(tmp_path, "dead")  # the agent adopts a dead Xvnc: it starts the display itself
-    assert pid is not None and args[-2:] == ["--xvnc-pid", str(pid)] and took < BOOT_DISPLAY_WAIT_S + 1.5
+    assert pid is not None and args[-2:] == ["--xvnc-pid", str(pid)] and took < XVNC_READY_WAIT_S + 1.5
 
 
 def test_a_hung_xvnc_holds_the_agent_back_only_so_long(tmp_path: Path) -> None:
     took, args, pid = run_boot(tmp_path, "hung")
     assert pid is not None and args[-2:] == ["--xvnc-pid", str(pid)]
-    assert BOOT_DISPLAY_WAIT_S <= took < BOOT_DISPLAY_WAIT_S + 1.5
+    assert XVNC_READY_WAIT_S <= took < XVNC_READY_WAIT_S + 1.5
 
 
 def test_without_the_users_secret_the_agent_starts_the_display(tmp_path: Path) -> None:

@@ -59,14 +59,14 @@ def agent_command(rootfs: Path) -> str:
 
 # the longest the boot script holds the agent back for its Xvnc, which then adopts it: long enough for a loaded node's
 # Xvnc to start, and what one that died at start costs (the wait's timer holds the pipe Xvnc would have closed)
-BOOT_DISPLAY_WAIT_S = 1
+XVNC_READY_WAIT_S = 1
 
 
 def boot_script(agent: str) -> str:
     """A container's init for a desktop whose user is known at boot (``$1`` login, ``$2`` uid): it starts the
     user's Xvnc as the agent would (same command line and session; the user's copy of the display secret, which the
     node wrote) and becomes the agent once Xvnc is ready (``-displayfd``: it writes its display number then; at most
-    :data:`BOOT_DISPLAY_WAIT_S`), which adopts it (``--xvnc-pid``).  The broker dials that display while the agent
+    :data:`XVNC_READY_WAIT_S`), which adopts it (``--xvnc-pid``).  The broker dials that display while the agent
     starts (``desktops.display_at``), so Xvnc's start comes first and has the CPU to itself: nothing but ``setpriv``
     is exec'd before it (its directories are the container's mounts, ``lxc_config.render_config``), and the wait is
     a ``read`` on a pipe, not a polling loop of ``sleep`` programs.  Xvnc stays in the init's process group (the
@@ -86,7 +86,7 @@ if command -v setpriv >/dev/null && [ -f {secret} ] && [ -d {run} ] && [ -d {vma
   {{ {env} setpriv --reuid="$uid" --regid="$uid" --clear-groups \\
       {xvnc} -displayfd 3 3>&1 </dev/null >>{run}/xvnc.log 2>&1 &
     echo $! >{pid_file}
-    (sleep {BOOT_DISPLAY_WAIT_S}; echo) & }} | {{ read -r _; }}
+    (sleep {XVNC_READY_WAIT_S}; echo) & }} | {{ read -r _; }}
   read -r pid <{pid_file} && xvnc="--xvnc-pid $pid"
 fi
 exec {agent} --display-for "$login:$uid" $xvnc

@@ -99,8 +99,14 @@ def started_info(guest_name: str, pid_file: Path, ip: str) -> GuestInfo | None:
         return None
     if len(children) != 1:
         return None
-    pid = int(children[0])
-    return GuestInfo(guest_name=guest_name, running=True, pid=pid, ip=ip, memory_bytes=memory_usage(pid))
+    return running_info(guest_name, int(children[0]), ip)
+
+
+def running_info(guest_name: str, pid: int | None, ip: str | None) -> GuestInfo:
+    """A running guest's info from its init's pid (its memory with it; None: LXC did not say)."""
+    return GuestInfo(
+        guest_name=guest_name, running=True, pid=pid, ip=ip, memory_bytes=memory_usage(pid) if pid else None
+    )
 
 
 FUSE_NODE = "/dev/deckard-fuse"  # see ContainerDriver._fuse_device
@@ -574,14 +580,7 @@ class ContainerDriver:
         state = await self._state(guest_name)
         if state is None or state[0] != "RUNNING":
             return GuestInfo(guest_name=guest_name, running=False, ip=str(ip) if ip else None)
-        pid = state[1]
-        return GuestInfo(
-            guest_name=guest_name,
-            running=True,
-            pid=pid,
-            ip=str(ip) if ip else None,
-            memory_bytes=memory_usage(pid) if pid else None,
-        )
+        return running_info(guest_name, state[1], str(ip) if ip else None)
 
     def _log_tail(self, guest_name: str) -> str:
         try:

@@ -524,20 +524,23 @@ class NodeDaemon:
             else:
                 info = await self.driver.start(spec)
             t1 = time.monotonic()
-            shown = None
-            if info.display_at_boot:  # the broker may dial its display while we wait for the agent
-                shown = asyncio.ensure_future(
-                    node_ops.mark_display_up(self.db, self.node_id, desktop_id, image_id=facts.image_id)
-                )
+            # the broker may dial a display shown at boot while we wait for the agent; recorded before ``running``
+            shown = asyncio.create_task(self._display_up(desktop_id, facts.image_id)) if info.display_at_boot else None
             try:
                 await self._wait_for_agent(desk)
             finally:
-                if shown is not None:  # written before ``running`` is
-                    try:
-                        await shown
-                    except Exception as e:  # the broker then waits for the agent, as for any guest
-                        log.warning("node.display_up_not_recorded", desktop_id=desktop_id, error=str(e))
+                if shown is not None:
+                    await shown
             return t1, time.monotonic()
+
+    async def _display_up(self, desktop_id: int, image_id: int) -> None:
+        """Record that the guest shows its user's display (``display_at``); if that fails the broker waits for the
+        agent, as for any guest."""
+        assert self.node_id is not None
+        try:
+            await node_ops.mark_display_up(self.db, self.node_id, desktop_id, image_id=image_id)
+        except Exception as e:
+            log.warning("node.display_up_not_recorded", desktop_id=desktop_id, error=str(e))
 
     async def _seed(self, desktop_id: int) -> dict[str, bytes]:
         """A VM's cloud-init NoCloud seed: what the metadata service serves, on its config disk."""
