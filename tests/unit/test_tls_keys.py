@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,24 @@ def test_changing_the_key_type_replaces_the_server_certificate_and_keeps_the_ca(
     assert isinstance(_server_key(cert), rsa.RSAPublicKey) and ca.read_bytes() == ca_before
     with pytest.raises(ValueError):
         ensure_tls(tmp_path, key_type="dsa")
+
+
+def test_processes_starting_together_make_one_ca_and_a_certificate_it_signed(tmp_path: Path) -> None:
+    """A farm's nodes on one machine start at once and share ``tls/``: each reads a whole CA, the same one, and the
+    server certificate left is signed by it (reading another's half-written ``ca.pem`` failed a start)."""
+    tls, go = tmp_path / "tls", tmp_path / "go"
+    code = (  # imported first, then all at once
+        "import sys, time, pathlib; from deckard.runtime.tls import ensure_tls\n"
+        "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.001)\n"
+        "ensure_tls(pathlib.Path(sys.argv[1]))"
+    )
+    args = [sys.executable, "-c", code, str(tls), str(go)]
+    procs = [subprocess.Popen(args, stderr=subprocess.PIPE) for _ in range(8)]
+    time.sleep(1.0)
+    go.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()[-500:]
+    ca = x509.load_pem_x509_certificate((tls / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((tls / "server.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)

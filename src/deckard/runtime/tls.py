@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import socket
@@ -67,6 +68,14 @@ def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None, key_type: st
     if key_type not in KEY_TYPES:
         raise ValueError(f"unknown TLS key type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
     tls_dir.mkdir(parents=True, exist_ok=True)
+    # the processes of one farm that start together (its nodes on one machine) make the CA and the certificate one
+    # after the other: another's half-written ca.pem read here was a start failing on a malformed PEM
+    with open(tls_dir / ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        return _ensure_tls(tls_dir, extra_names or [], key_type)
+
+
+def _ensure_tls(tls_dir: Path, extra_names: list[str], key_type: str) -> tuple[Path, Path, Path]:
     ca_pem, ca_key = tls_dir / "ca.pem", tls_dir / "ca.key"
     if not ca_pem.exists() or not ca_key.exists():
         now = dt.datetime.now(dt.UTC)
@@ -87,7 +96,7 @@ def ensure_tls(tls_dir: Path, extra_names: list[str] | None = None, key_type: st
         _write_private(ca_key, _key_pem(key))
         ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (tls_dir / "server.pem").unlink(missing_ok=True)
-    srv_pem, srv_key = ensure_server_cert(tls_dir, tls_dir, extra_names or [], key_type)
+    srv_pem, srv_key = ensure_server_cert(tls_dir, tls_dir, extra_names, key_type)
     return ca_pem, srv_pem, srv_key
 
 
