@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,36 @@ async def test_a_chunked_body_is_counted_and_cut_off_past_the_limit_and_rss_stay
         assert sent < 32 << 20, f"the server kept reading: {sent} bytes went in"
         assert rss_bytes() - before < 50 << 20
         writer.close()
+
+
+def send_all_then_read(port: int, context: ssl.SSLContext, length: int) -> tuple[bytes, OSError | None]:
+    """A blocking client that declares ``length``, sends all of it after the server has answered, and only then
+    reads: (what it read, the error its sending met)."""
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
+        s.sendall(b"POST /api/v1/users HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % length)
+        time.sleep(0.3)  # the 413 is in this socket, unread
+        sent_error = None
+        try:
+            s.sendall(b"0" * length)
+        except OSError as e:
+            sent_error = e
+        out = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out, sent_error
+
+
+async def test_a_refused_body_is_read_and_dropped_so_that_the_client_gets_the_413(tmp_path: Path) -> None:
+    """Lingering close: the server reads the rest of a refused body before it closes; a socket closed with unread
+    bytes resets the connection, and a client still sending (httpx sends all before it reads) may lose the 413."""
+    async with sqlite_api(tmp_path) as api:
+        out, sent_error = await asyncio.to_thread(send_all_then_read, api.port, api.ssl, 2 << 20)
+        assert sent_error is None
+        assert out.startswith(b"HTTP/1.1 413 ") and b"body_too_large" in out
 
 
 async def test_json_routes_take_1_mib_and_the_upload_route_more(tmp_path: Path) -> None:

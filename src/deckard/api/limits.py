@@ -5,11 +5,16 @@ authentication) runs, so ``POST /auth/login`` with 200 MB cost 300 MB of RSS to 
 layer sits outside the app and
 
 * refuses at once (413 ``body_too_large``, in the usual error envelope, ``Connection: close``) a request whose
-  ``Content-Length`` is above the limit of its route — not one byte of the body is read, and closing the
-  connection makes the server drop whatever the client still sends;
+  ``Content-Length`` is above the limit of its route — the app never sees it;
 * counts the bytes of a body that comes without a length (chunked) or lies about it, and once past the limit
   answers 413 the same way and tells the app the client went away (``http.disconnect``), so at most one chunk
   past the limit is ever held.
+
+Either way the answer goes out whole first, and then the connection *lingers* (nginx's lingering close): what the
+client still sends is read and dropped, up to ``DRAIN_MAX_BYTES`` or ``DRAIN_MAX_S``, before it is closed.  A
+socket closed with unread bytes in it sends a TCP reset, and a reset can reach the client before it has read the
+413, which it then never sees (it saw a "connection reset" instead).  A client that asked ``Expect: 100-continue``
+has sent no body and gets no lingering.
 
 Limits are per path pattern (first match wins, then the default): JSON routes get a small one, the image
 upload route (which streams to disk and has its own per-tenant quota) a large one.
@@ -21,6 +26,8 @@ came in a single read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -33,6 +40,8 @@ log = structlog.get_logger("deckard.api")
 
 CODE = "body_too_large"
 HEAD_CODE = "headers_too_large"
+DRAIN_MAX_BYTES = 8 << 20  # a refused body still read and dropped so that the 413 reaches its client
+DRAIN_MAX_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,13 +106,13 @@ class BodyLimit:
             head += sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
             if head > self.max_header_bytes:
                 log.info("api.headers_too_large", path=scope["path"][:200], size=head, limit=self.max_header_bytes)
-                await _send_413(send, self.max_header_bytes, 431)
+                await _refuse(scope, receive, send, self.max_header_bytes, 431)
                 return
         limit = self.limit_for(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             log.info("api.body_too_large", path=scope["path"], declared=declared, limit=limit)
-            await _send_413(send, limit)
+            await _refuse(scope, receive, send, limit)
             return
 
         received = 0
@@ -121,7 +130,7 @@ class BodyLimit:
                     refused = True
                     log.info("api.body_too_large", path=scope["path"], received=received, limit=limit)
                     if not started:
-                        await _send_413(send, limit)
+                        await _refuse(scope, receive, send, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -144,7 +153,21 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, limit: int, status: int = 413) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int, status: int = 413) -> None:
+    """Sends the refusal whole, then reads and drops the rest of the request (bounded) and only then ends the
+    response, which closes the connection; see the module docstring."""
     start, body = _too_large(limit, status)
     await send(start)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    if not any(name == b"expect" for name, _ in scope.get("headers", ())):
+        drained = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_MAX_S):
+                while drained <= DRAIN_MAX_BYTES:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    drained += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
