@@ -80,7 +80,9 @@ def gluster_farm(machines: GlusterMachines, volume: dict[str, Any]) -> Iterator[
         farm.up()
         yield farm
     finally:
-        farm.close()
+        farm.close()  # its home's rmtree stops at the mount point: unmounted, it goes too
+        subprocess.run(["umount", "-l", str(farm.home / "storage")], capture_output=True, check=False)
+        shutil.rmtree(farm.home, ignore_errors=True)
 
 
 async def _first_byte(farm: FarmProcess, desktop_id: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class TwoNodes:
 
 def same_storage(node: InProcessNode, like: InProcessNode) -> InProcessNode:
     """``node`` with ``like``'s farm home (the shared storage: images, overlays, homes) and its own run directory."""
+    shutil.rmtree(node.settings.home, ignore_errors=True)  # its own, made by InProcessNode.fake, is not used
     settings = node.settings.model_copy(
         update={
             "home": like.settings.home,
