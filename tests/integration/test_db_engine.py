@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from deckard.db import engine
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
@@ -74,15 +76,84 @@ async def test_what_a_read_writes_is_never_kept(db: Database) -> None:
 
 
 @pytest.mark.databases("sqlite")
-async def test_sqlite_reads_run_inline_and_writes_on_aiosqlite(db: Database) -> None:
+async def test_sqlite_reads_and_hot_writes_run_inline_and_other_writes_on_aiosqlite(db: Database) -> None:
     async def driver(conn: AsyncConnection) -> str:
         raw = await conn.get_raw_connection()
         return type(raw.driver_connection).__name__
 
     assert await db.read(driver) == "InlineConnection"
+    async with db.write() as conn:
+        assert await driver(conn) == "InlineConnection"
     async with db.begin() as conn:
         raw = await conn.get_raw_connection()
         assert type(raw.driver_connection).__module__.startswith("aiosqlite")
+
+
+@pytest.mark.databases("sqlite")
+async def test_a_hot_write_waits_for_another_processs_lock_on_aiosqlite_and_the_loop_keeps_running(
+    db: Database,
+) -> None:
+    """The inline writer never waits on the loop's thread: a file another process writes sends it to aiosqlite."""
+    await bootstrap_farm(db)
+    holder = sqlite3.connect(db.url.split(":///", 1)[1], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def release() -> None:
+        await asyncio.sleep(0.5)
+        holder.execute("COMMIT")
+        holder.close()
+
+    tick_task = asyncio.create_task(ticker())
+    release_task = asyncio.create_task(release())
+    try:
+        started = time.monotonic()
+        async with db.write() as conn:
+            await conn.execute(sa.insert(t.tenants).values(name="waited", created_at=utcnow()))
+        assert time.monotonic() - started >= 0.4 and ticks >= 20
+        assert "waited" in await db.read(_names)
+    finally:
+        tick_task.cancel()
+        await release_task
+
+
+async def test_a_hot_write_that_fails_keeps_nothing_and_the_next_one_goes_on(db: Database) -> None:
+    await bootstrap_farm(db)
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            await conn.execute(sa.insert(t.tenants).values(name="lost", created_at=utcnow()))
+            raise RuntimeError("a service refuses half-way")
+    async with db.write() as conn:
+        await conn.execute(sa.insert(t.tenants).values(name="kept", created_at=utcnow()))
+    names = await db.read(_names)
+    assert "kept" in names and "lost" not in names
+
+
+@pytest.mark.databases("sqlite")
+async def test_the_hot_writers_log_is_checkpointed_on_aiosqlites_thread(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inline writer does not checkpoint (a commit would copy pages and sync the file on the loop's thread);
+    once the log passes the threshold a passive checkpoint runs elsewhere and the pages reach the file."""
+    monkeypatch.setattr(engine, "WAL_CHECKPOINT_BYTES", 256 << 10)
+    await bootstrap_farm(db)
+    path = Path(db.url.split(":///", 1)[1])
+    before = path.stat().st_size
+    for i in range(40):
+        async with db.write() as conn:
+            await conn.execute(
+                sa.insert(t.tenants).values(name=f"big{i}", created_at=utcnow(), description="x" * 16000)
+            )
+    checkpoint = db._checkpoint
+    assert checkpoint is not None
+    await asyncio.wait_for(checkpoint, 10)
+    assert path.stat().st_size - before > 256 << 10
 
 
 @pytest.mark.databases("sqlite")
@@ -122,14 +193,15 @@ async def test_a_busy_file_sends_the_read_to_aiosqlite_and_the_loop_keeps_runnin
         await release_task
 
 
-async def test_many_writers_at_once_all_commit_in_turn(db: Database) -> None:
+@pytest.mark.parametrize("open_", ["begin", "write"])
+async def test_many_writers_at_once_all_commit_in_turn(db: Database, open_: str) -> None:
     await bootstrap_farm(db)
     inside = 0
     most = 0
 
     async def writer(i: int) -> None:
         nonlocal inside, most
-        async with db.begin() as conn:
+        async with getattr(db, open_)() as conn:
             inside += 1
             most = max(most, inside)
             await conn.execute(sa.insert(t.tenants).values(name=f"w{i}", created_at=utcnow()))
@@ -175,6 +247,31 @@ async def test_a_task_cancelled_mid_query_ends_its_transaction(db: Database, ope
     assert time.monotonic() - t0 < 10, "the cancelled task's transaction held the write lock"
     async with db.connect() as conn:
         assert "after" in await _names(conn)
+
+
+async def test_a_task_cancelled_inside_a_hot_write_ends_its_transaction(db: Database) -> None:
+    """The inline writer's statements finish before the loop runs anything else: a cancel lands between them,
+    and the transaction ends with it (the next writer goes on at once)."""
+    await bootstrap_farm(db)
+    inside = asyncio.Event()
+
+    async def held() -> None:
+        async with db.write() as conn:
+            await conn.execute(sa.insert(t.tenants).values(name="cancelled", created_at=utcnow()))
+            inside.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(held())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    t0 = time.monotonic()
+    async with db.write() as conn:
+        await conn.execute(sa.insert(t.tenants).values(name="after", created_at=utcnow()))
+    assert time.monotonic() - t0 < 1
+    names = await db.read(_names)
+    assert "after" in names and "cancelled" not in names
 
 
 @pytest.mark.databases("postgresql")

@@ -29,6 +29,7 @@ from deckard.db.notify import Bus, PgBus
 MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
 WRITER_WAIT_S = 30  # how long a SQLite writer waits for its turn before "database is locked"
+WAL_CHECKPOINT_BYTES = 4 << 20  # SQLite's automatic checkpoint: 1,000 pages of 4 KiB
 
 
 def sync_url(url: str) -> str:
@@ -84,6 +85,9 @@ class Database:
             kwargs = {"connect_args": {"timeout": 30}}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self._inline: AsyncEngine | None = None
+        self._inline_writer: AsyncEngine | None = None
+        self._wal: Path | None = None
+        self._checkpoint: asyncio.Task[None] | None = None
         self._writers: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine.sync_engine, busy_ms=WRITER_WAIT_S * 1000, immediate=True)
@@ -91,6 +95,11 @@ class Database:
             if path and not path.startswith(":memory:") and "?" not in path:
                 self._inline = create_async_engine(self.url, async_creator=inline_sqlite.creator(path))
                 _inline_setup(self._inline.sync_engine)
+                self._inline_writer = create_async_engine(
+                    self.url, async_creator=inline_sqlite.creator(path), pool_size=1, max_overflow=0
+                )
+                _sqlite_setup(self._inline_writer.sync_engine, busy_ms=0, immediate=True, checkpoints=False)
+                self._wal = Path(f"{path}-wal")
         self.bus: Bus = PgBus(libpq_url(self.url)) if self.dialect == "postgresql" else Bus()
 
     @property
@@ -107,9 +116,12 @@ class Database:
 
     async def close(self) -> None:
         await self.bus.close()
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
         await self.engine.dispose()
-        if self._inline is not None:
-            await self._inline.dispose()
+        for inline in (self._inline, self._inline_writer):
+            if inline is not None:
+                await inline.dispose()
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -117,8 +129,49 @@ class Database:
             async with self._transaction() as conn:
                 yield conn
             return
-        # SQLite has one writer at a time: this process's writers queue here, in order, rather than in SQLite's
-        # busy handler, whose growing sleeps on aiosqlite's threads cost CPU and make the last comer wait longest
+        async with self._writer_turn(), self._transaction() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """``begin()`` for a short transaction on a hot path (a connect, a start): a few statements on the rows
+        it names, nothing that scans a table.
+
+        On a SQLite file it runs on the event loop's own thread (``db/inline_sqlite.py``) when the file's write
+        lock is free at once: a commit in WAL mode with ``synchronous=NORMAL`` appends to the log without a
+        sync, and aiosqlite's four thread hand-offs per statement cost more than the statements (a start's claim
+        took 3-4 ms, most of it hand-offs).  Its log is checkpointed on aiosqlite's thread, never on the loop's
+        (``_checkpoint_soon``).  When another process holds the lock it is ``begin()``, which waits for it.
+        Elsewhere it is ``begin()``."""
+        if self._inline_writer is None:
+            async with self.begin() as conn:
+                yield conn
+            return
+        async with self._writer_turn():
+            inline: AsyncConnection | None = await self._inline_writer.connect()
+            assert inline is not None
+            try:
+                await inline.begin()
+            except OperationalError as e:
+                await inline.close()
+                if not _busy(e):
+                    raise
+                inline = None
+            if inline is None:  # another process writes: wait for it on aiosqlite's thread
+                async with self._transaction() as conn:
+                    yield conn
+                return
+            try:
+                yield inline
+                await inline.commit()
+            finally:
+                await inline.close()
+        self._checkpoint_soon()
+
+    @asynccontextmanager
+    async def _writer_turn(self) -> AsyncIterator[None]:
+        """SQLite has one writer at a time: this process's writers queue here, in order, rather than in SQLite's
+        busy handler, whose growing sleeps on aiosqlite's threads cost CPU and make the last comer wait longest."""
         loop = asyncio.get_running_loop()
         if self._writers is None or self._writers[0] is not loop:  # a Database used from another loop (tests)
             self._writers = (loop, asyncio.Lock())
@@ -129,10 +182,32 @@ class Database:
         except TimeoutError:
             raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked")) from None
         try:
-            async with self._transaction() as conn:
-                yield conn
+            yield
         finally:
             writers.release()
+
+    def _checkpoint_soon(self) -> None:
+        """Once the write-ahead log passes SQLite's own threshold (the inline writer does not checkpoint, so that
+        a commit never copies pages and syncs the file on the loop's thread), a passive checkpoint on aiosqlite's
+        thread: it waits for nobody, and writers go on meanwhile."""
+        if self._wal is None or (self._checkpoint is not None and not self._checkpoint.done()):
+            return
+        try:
+            if self._wal.stat().st_size < WAL_CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return
+
+        path = self.url.split(":///", 1)[1]
+
+        def checkpoint() -> None:
+            try:
+                with contextlib.closing(sqlite3.connect(path, timeout=WRITER_WAIT_S, isolation_level=None)) as conn:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:  # the next commit tries again
+                return
+
+        self._checkpoint = asyncio.get_running_loop().create_task(asyncio.to_thread(checkpoint))
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
@@ -223,7 +298,7 @@ def heartbeat_engine(url: str, timeout_s: float) -> sa.Engine:
     return engine
 
 
-def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool) -> None:
+def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool, checkpoints: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: object, _record: object) -> None:
         # autocommit off at the driver level so SQLAlchemy's BEGIN (made IMMEDIATE below) takes the write lock
@@ -233,6 +308,8 @@ def _sqlite_setup(engine: sa.Engine, *, busy_ms: int, immediate: bool) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         cur.execute("PRAGMA synchronous=NORMAL")
+        if not checkpoints:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     @event.listens_for(engine, "invalidate")

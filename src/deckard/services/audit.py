@@ -148,7 +148,7 @@ class _GroupCommit:
     async def _write(self, records: list[dict[str, Any]]) -> list[int]:
         log = t.audit_log
         ids = []
-        async with self.db.begin() as conn:
+        async with self.db.write() as conn:
             if self.db.dialect == "postgresql":
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCK)))
             prev = (await conn.execute(sa.select(log.c.hash).order_by(log.c.id.desc()).limit(1))).scalar_one_or_none()

@@ -398,7 +398,7 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
 
     With ``allow_running`` (the broker), a desktop already starting or running is fine and returns its node.
     """
-    async with db.begin() as conn:
+    async with db.write() as conn:
         desk = await load_desktop(conn, desktop_id)
         if desk.blocked:
             raise PermissionDenied(  # 403 as in the broker (QVD: "offline for maintenance"): one code, one status

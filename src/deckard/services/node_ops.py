@@ -148,7 +148,7 @@ async def claim_node_command(db: Database, node_id: int) -> NodeCommand | None:
 
 async def claim_starts(db: Database, node_id: int) -> list[int]:
     """Claim every pending start for this node: stopped|failed + cmd=start → starting, cmd cleared."""
-    async with db.begin() as conn:
+    async with db.write() as conn:
         ids = await claim_commands(
             conn, node_id, DesktopCommand.START, values={"failure_reason": None, "display_at": None}
         )
@@ -187,7 +187,7 @@ async def _observe(
     """This node reports an observed state of a desktop it holds; False (nothing changed) when refused."""
 
     async def write() -> None:
-        async with db.begin() as conn:
+        async with db.write() as conn:
             await transition_desktop(conn, desktop_id, to, node_id=node_id, values=values)
         await db.bus.notify(DESKTOPS, str(desktop_id))
 
@@ -197,7 +197,7 @@ async def _observe(
 async def mark_display_up(db: Database, node_id: int, desktop_id: int, *, image_id: int) -> bool:
     """A starting desktop's guest shows its user's display before its agent answers (a container's boot script):
     the broker may dial it now.  False when the desktop is no longer starting here."""
-    async with db.begin() as conn:
+    async with db.write() as conn:
         res = await conn.execute(
             sa.update(d)
             .where(d.c.id == desktop_id, d.c.node_id == node_id, d.c.state == DesktopState.STARTING.value)

@@ -71,7 +71,7 @@ async def open_session(
     """Take the desktop's display for a new connection; returns (session id, connection history id)."""
     session_id = secrets.token_hex(8)
     now = utcnow()
-    async with db.begin() as conn:
+    async with db.write() as conn:
         await transition_session(
             conn,
             desk.id,
@@ -140,7 +140,7 @@ async def mark_connected(
     The connection records where its desktop runs now (node and image, from the desktop's row): the dashboard's
     time-to-desktop per image and per node.  A connection that never got this far keeps NULL for both."""
     where = {col: sa.select(d.c[col]).where(d.c.id == desktop_id).scalar_subquery() for col in ("node_id", "image_id")}
-    async with db.begin() as conn:
+    async with db.write() as conn:
         moved = await _session_moved(conn, desktop_id, session_id, UserState.CONNECTED)
         await conn.execute(sa.update(c).where(c.c.id == conn_id).values(connected_at=utcnow(), **where, **timings))
     await db.bus.notify(DESKTOPS, str(desktop_id))
@@ -160,7 +160,7 @@ async def close_session(
     timings: dict[str, float] | None = None,
 ) -> bool:
     """Record the end of a connection; the desktop is disconnected only if this session still owns it (True)."""
-    async with db.begin() as conn:
+    async with db.write() as conn:
         moved = await _session_moved(conn, desktop_id, session_id, UserState.DISCONNECTED)
         if moved:
             await conn.execute(sa.update(d).where(d.c.id == desktop_id).values(session_id=None, session_node_id=None))
