@@ -97,6 +97,15 @@ class Farm:
         async with self.db.connect() as conn:
             return (await conn.execute(sa.select(t.desktops).where(t.desktops.c.id == desktop_id))).one()
 
+    async def connected_row(self, desktop_id: int) -> Any:
+        """The desktop's row once its user is connected: the broker records it just after the ``101``."""
+
+        async def connected() -> Any:
+            row = await self.desktop_row(desktop_id)
+            return row if row.user_state == "connected" else None
+
+        return await self.wait_for("the user to be recorded connected", connected)
+
     async def wait_for(self, what: str, check: Any, timeout: float = 10.0) -> Any:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -276,7 +285,7 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
     x_starts = [params for method, params in guest.calls if method == "x_start"]
     uid = str(uid_for_user(farm.alice_id))  # QVD's pc105/es keyboard reaches the session as the XKB layout
     assert x_starts[-1] == {"user": "alice", "uid": uid, "geometry": "1024x768", "keyboard": "es"}
-    assert (await farm.desktop_row(desk_id)).user_state == "connected"
+    await farm.connected_row(desk_id)
 
     await c.close()
 
@@ -482,7 +491,7 @@ async def test_a_second_connect_takes_over_and_closes_the_first_tunnel(farm: Far
     assert rows[0].result == "taken_over"
     assert "took over" in rows[0].reason
     assert rows[1].ended_at is None
-    assert (await farm.desktop_row(desk_id)).user_state == "connected"
+    await farm.connected_row(desk_id)
     await second.close()
     await first.close()
 
@@ -515,8 +524,8 @@ async def test_a_display_up_at_boot_is_relayed_before_the_agent_answers_and_x_st
     c, desk_id = await relayed_before_the_agent(farm, 1.0)
     c.writer.write(b"before the agent")
     assert await c.reader.readexactly(16) == b"before the agent"
-    desk = await farm.desktop_row(desk_id)
-    assert (desk.state, desk.user_state) == ("starting", "connected")
+    desk = await farm.connected_row(desk_id)
+    assert desk.state == "starting"
     assert desk.display_at is not None
     guest = farm.guest(desk_id)
     assert "x_start" not in [m for m, _ in guest.calls]

@@ -144,8 +144,8 @@ async def test_browser_connects_with_a_ticket_gets_progress_then_vnc_bytes_both_
     ws.send(b"hello")
     ws.send(big)
     assert await ws.binary(5 + len(big)) == b"hello" + big
-    row = await farm.desktop_row(desk_id)
-    assert row.user_state == "connected" and row.session_id
+    row = await farm.connected_row(desk_id)
+    assert row.session_id
     ws.send(struct.pack("!H", 1000), opcode=8)
     op, data = await ws.frame()
     assert op == 8 and struct.unpack("!H", data[:2])[0] == 1000

@@ -287,11 +287,12 @@ class SessionRunner:
         finish: asyncio.Task[None] | None = None  # what is left of the connect once relaying (``_bring_up``)
         try:
             tunnel, running, finish = await self._bring_up(client, req, watch)
-            await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
+            # the 101 first, then the record: the user's clock stops at the display, not at the database
             tunnel.start(client.switch([("X-QVD-Slave-Key", req.slave_key)] if req.slave_key else []))
             relaying = True
             BROKER_TUNNELS.inc()
             BROKER_CONNECTS.labels("connected").inc()
+            await mark_connected(self.db, desk.id, session_id, conn_id, req.timings)
             bound.info("broker.connected", **req.timings)
             await self._observe_connect(running, req.timings)
             relay_end: set[asyncio.Future[Any]] = {tunnel.done, watch}
