@@ -164,8 +164,9 @@ class ContainerDriver:
                 info = await self._info(spec.guest_name)
                 if info is not None:
                     return info
-            # whatever an earlier start left (a crashed node, a stopped guest) goes first
-            await self._kill(spec.guest_name)
+            # whatever an earlier start left (a crashed node, a stopped guest) goes first; a clean stop left nothing
+            if current is not None or self._left_behind(spec.guest_name):
+                await self._kill(spec.guest_name)
             basefs = await self.ensure_basefs(spec.image_id, spec.image_path)
             try:
                 return await self._start(spec, basefs)
@@ -477,6 +478,11 @@ class ContainerDriver:
         if state is not None and state[0] != "STOPPED":
             await run_command(["lxc-stop", *self._lxc_args(guest_name), "-k"], check=False, timeout=30)
         await self._cleanup(guest_name)
+
+    def _left_behind(self, guest_name: str) -> bool:
+        """Whether a start left anything :meth:`_cleanup` removes: every such thing (veth, cgroups, the meta
+        record) comes with the guest's LXC directory, which the cleanup removes last, or is a mounted volume."""
+        return self._lxc_dir(guest_name).exists() or self._volumes_dir(guest_name).exists()
 
     async def _cleanup(self, guest_name: str) -> None:
         """Remove what a start left on the host; the guest must not be running."""
