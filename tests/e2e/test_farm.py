@@ -21,6 +21,7 @@ from deckard.client import broker as qvd
 from deckard.client.rfb import grab_framebuffer, is_blank
 from deckard.db import schema as t
 from deckard.db.engine import Database
+from deckard.images import keymap
 from deckard.model.errors import PermissionDenied, Unauthenticated, Unavailable
 from deckard.services.images import register_image
 from deckard.testing import FarmProcess, wait_for
@@ -69,6 +70,10 @@ def test_user_connects_to_a_real_desktop_whose_home_persists(farm: FarmProcess) 
     assert any("Starting" in p or "starting" in p for p in progress), progress
     running = _wait_state(farm, "alice-desk", "running", 10)
     assert running["user_state"] in ("connected", "disconnected")
+    # the display's start-up keymap came compiled with the image (images/keymap.py): nothing compiled it now
+    xvnc_log = farm.attach(desk["id"], "cat /run/deckard/xvnc.log").stdout
+    assert "TigerVNC" in xvnc_log and keymap.MISS not in xvnc_log
+    assert farm.attach(desk["id"], f"test -x {keymap.REAL} && test -f {keymap.CACHE_DIR}/default.xkm").returncode == 0
 
     assert farm.attach(desk["id"], "echo kept > ~/kept.txt", user="alice").returncode == 0
     assert farm.attach(desk["id"], "echo gone > /usr/gone.txt").returncode == 0

@@ -45,6 +45,7 @@ from typing import Any
 
 import structlog
 
+from deckard.images import keymap
 from deckard.images.profile import (
     AGENT_PATH,
     META_PATH,
@@ -63,7 +64,7 @@ log = structlog.get_logger()
 
 Progress = Callable[[str, float], None]
 
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"  # 4: the display's start-up keymap compiled at build (images/keymap.py)
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -308,6 +309,8 @@ async def _build_layer(layer: Profile, dest: Path, parent: Path | None, progress
             kernel = await asyncio.to_thread(_prune_kernel, rootfs)
             await _run(["chroot", str(rootfs), "depmod", kernel], env=_chroot_env())
             _kernel_path(dest.parent, layer).write_text(kernel + "\n")
+        progress("compiling the display's keymap", 0.875)
+        await keymap.cache_keymap(rootfs, _chroot_env())
         await _run(["umount", str(rootfs / "proc")])
         proc_mounted = False
         progress("pruning the rootfs", 0.88)
