@@ -228,8 +228,8 @@ def test_a_client_folder_is_mounted_at_redirected_and_a_desktop_folder_reaches_t
             status, _, sock = await viewer.slave_request("PUT", f"/shares/{folder}", key=old_key)
             sock.close()
             assert status == 403
-            status, _, _ = await viewer.share(folder)
-            assert status == 101
+            status, headers, _ = await viewer.share(folder)
+            assert status == 101, (status, headers, farm.diagnostics(desk))
             assert (await sh("cat ~/Redirected/docs/back.txt")).stdout == "from the desktop\n"
             await viewer.disconnect()
 

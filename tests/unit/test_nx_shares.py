@@ -185,3 +185,17 @@ def _refusals(top: Path) -> None:
     assert os.getuid() == 0 and Path("/proc/self/status").read_text().count("\n") > 0  # fs ids are back to root
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     assert status["Uid"].split()[3] == "0" and status["Gid"].split()[3] == "0"
+
+
+def test_a_bug_in_the_slave_command_is_a_500_not_a_silent_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QVD's client sees why its share failed (a CI run once got a connection closed without a word)."""
+
+    def broken(_key: str) -> None:
+        raise ValueError("the agent's answer was not JSON")
+
+    written: list[bytes] = []
+    monkeypatch.setattr(nx_slave, "serve", broken)
+    monkeypatch.setattr(nx_slave, "_write", written.append)
+    monkeypatch.setattr(nx_slave, "read_key", lambda: "k" * 64)
+    assert nx_slave.main() == 1
+    assert written and written[0].startswith(b"HTTP/1.1 500 ") and b"ValueError" in written[0]

@@ -23,6 +23,7 @@ Standard library only; the image carries it as :data:`PATH` (``images/builder.py
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -224,6 +225,11 @@ def main() -> int:
         return 1
     except OSError as exc:  # an exec that failed, a connection gone
         print(f"deckard-nx-slave: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: the client gets a 500, not a connection closed without a word
+        print(f"deckard-nx-slave: internal error: {exc!r}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            _write(response(500, (), f"internal error in the desktop ({type(exc).__name__})\n"))
         return 1
     return 0
 
