@@ -1,9 +1,17 @@
-"""Why a broker's session ends (``broker.session.ended_because``), from the desktop's row as the watch reads it."""
+"""Why a broker's session ends (``broker.session.ended_because``), from the desktop's row as the watch reads it,
+and when the watch judges a session."""
 
 from __future__ import annotations
 
-from deckard.broker.session import ended_because
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from deckard.broker.session import SessionWatch, ended_because
+from deckard.db.notify import Bus
 from deckard.model.states import DesktopState
+from deckard.services.events import DESKTOPS
 from deckard.services.sessions import SessionOwner
 
 
@@ -25,3 +33,39 @@ def test_no_session_says_why_from_the_state() -> None:
 
 def test_a_deleted_desktop_ends_the_session() -> None:
     assert ended_because(None, "s1") == ("ended", "the desktop was deleted")
+
+
+async def test_a_session_that_starts_waiting_while_the_owners_are_read_is_judged_by_the_next_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch's read may be from before a new connection took the desktop: it must not end that connection
+    as taken over (a CI run's browser connect was so ended by a read started just before it)."""
+    from deckard.broker import session as broker_session
+
+    owner = {"now": "old"}
+    gate, reading = asyncio.Event(), asyncio.Event()
+
+    async def owners(_db: object, ids: list[int]) -> dict[int, SessionOwner]:
+        seen = owner["now"]  # read when the query starts, returned once the gate opens
+        reading.set()
+        await gate.wait()
+        return {i: SessionOwner(seen, DesktopState.RUNNING, None) for i in ids}
+
+    monkeypatch.setattr(broker_session, "session_owners", owners)
+    bus = Bus()
+    watch = SessionWatch(SimpleNamespace(bus=bus), interval=30)  # type: ignore[arg-type]
+    old = asyncio.create_task(watch.ended(1, "old"))
+    await asyncio.sleep(0.01)
+    await bus.notify(DESKTOPS, "1")
+    await asyncio.wait_for(reading.wait(), 5)
+    owner["now"] = "new"  # the new connection takes the desktop while the read is on its way
+    new = asyncio.create_task(watch.ended(1, "new"))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert not new.done() and not old.done()  # the read saw "old": it holds, and "new" waits for the next read
+    await bus.notify(DESKTOPS, "1")
+    assert await asyncio.wait_for(old, 5) == ("taken_over", "another connection took over this desktop")
+    assert not new.done()
+    new.cancel()
+    await watch.close()

@@ -148,14 +148,18 @@ class SessionWatch:
                     ids = [int(payload)]
                 else:
                     continue
+                # the sessions waiting now: one that starts waiting during the query opened after the query began
+                # to read, and the owners it reads may be from before it took the desktop (a CI run's new
+                # connect was ended as "taken over" so); the next pass judges it
+                judged = [(desktop_id, list(self._waiting.get(desktop_id, {}).items())) for desktop_id in ids]
                 try:
                     # shielded: a cancel in the middle of a query would leave SQLite's write lock held
                     owners = await asyncio.shield(session_owners(self.db, ids))
                 except Exception as e:  # database hiccup: keep the tunnels, look again soon
                     log.warning("broker.session_watch_failed", desktops=len(ids), error=str(e))
                     continue
-                for desktop_id in ids:
-                    for session_id, end in list(self._waiting.get(desktop_id, {}).items()):
+                for desktop_id, sessions in judged:
+                    for session_id, end in sessions:
                         outcome = ended_because(owners.get(desktop_id), session_id)
                         if outcome is not None and not end.done():
                             end.set_result(outcome)
