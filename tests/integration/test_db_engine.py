@@ -8,8 +8,10 @@ instead of blocking the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,23 @@ from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import utcnow
 from deckard.services.tenancy import bootstrap_farm
+
+
+@contextlib.asynccontextmanager
+async def loop_ticks() -> AsyncIterator[list[int]]:
+    """How many times a 10 ms ticker ran meanwhile: the event loop must go on while a statement waits for a lock."""
+    ticks = [0]
+
+    async def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        yield ticks
+    finally:
+        task.cancel()
 
 
 async def _names(conn: AsyncConnection) -> set[str]:
@@ -97,29 +116,21 @@ async def test_a_hot_write_waits_for_another_processs_lock_on_aiosqlite_and_the_
     await bootstrap_farm(db)
     holder = sqlite3.connect(db.url.split(":///", 1)[1], isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
 
     async def release() -> None:
         await asyncio.sleep(0.5)
         holder.execute("COMMIT")
         holder.close()
 
-    tick_task = asyncio.create_task(ticker())
     release_task = asyncio.create_task(release())
     try:
-        started = time.monotonic()
-        async with db.write() as conn:
-            await conn.execute(sa.insert(t.tenants).values(name="waited", created_at=utcnow()))
-        assert time.monotonic() - started >= 0.4 and ticks >= 20
+        async with loop_ticks() as ticks:
+            started = time.monotonic()
+            async with db.write() as conn:
+                await conn.execute(sa.insert(t.tenants).values(name="waited", created_at=utcnow()))
+            assert time.monotonic() - started >= 0.4 and ticks[0] >= 20
         assert "waited" in await db.read(_names)
     finally:
-        tick_task.cancel()
         await release_task
 
 
@@ -166,13 +177,6 @@ async def test_a_busy_file_sends_the_read_to_aiosqlite_and_the_loop_keeps_runnin
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")
     holder.execute("SELECT count(*) FROM tenants").fetchall()
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
 
     async def release() -> None:
         await asyncio.sleep(0.5)
@@ -181,15 +185,14 @@ async def test_a_busy_file_sends_the_read_to_aiosqlite_and_the_loop_keeps_runnin
         holder.execute("SELECT 1").fetchall()  # the exclusive lock goes with the next access
         holder.close()
 
-    tick_task = asyncio.create_task(ticker())
     release_task = asyncio.create_task(release())
     try:
-        started = time.monotonic()
-        names = await asyncio.wait_for(db.read(_names), 10)
-        assert names and time.monotonic() - started >= 0.4  # it waited for the lock, on aiosqlite's thread
-        assert ticks >= 20  # while the loop went on
+        async with loop_ticks() as ticks:
+            started = time.monotonic()
+            names = await asyncio.wait_for(db.read(_names), 10)
+            assert names and time.monotonic() - started >= 0.4  # it waited for the lock, on aiosqlite's thread
+            assert ticks[0] >= 20  # while the loop went on
     finally:
-        tick_task.cancel()
         await release_task
 
 
