@@ -116,7 +116,7 @@ class Database:
 
     async def close(self) -> None:
         await self.bus.close()
-        if self._checkpoint is not None:
+        if self._checkpoint is not None and self._checkpoint.get_loop() is asyncio.get_running_loop():
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         await self.engine.dispose()
         for inline in (self._inline, self._inline_writer):
@@ -140,7 +140,7 @@ class Database:
         On a SQLite file it runs on the event loop's own thread (``db/inline_sqlite.py``) when the file's write
         lock is free at once: a commit in WAL mode with ``synchronous=NORMAL`` appends to the log without a
         sync, and aiosqlite's four thread hand-offs per statement cost more than the statements (a start's claim
-        took 3-4 ms, most of it hand-offs).  Its log is checkpointed on aiosqlite's thread, never on the loop's
+        took 3-4 ms, most of it hand-offs).  Its log is checkpointed on a worker thread, never on the loop's
         (``_checkpoint_soon``).  When another process holds the lock it is ``begin()``, which waits for it.
         Elsewhere it is ``begin()``."""
         if self._inline_writer is None:
@@ -148,16 +148,16 @@ class Database:
                 yield conn
             return
         async with self._writer_turn():
-            inline: AsyncConnection | None = await self._inline_writer.connect()
-            assert inline is not None
+            inline = await self._inline_writer.connect()
+            busy = False
             try:
                 await inline.begin()
             except OperationalError as e:
                 await inline.close()
                 if not _busy(e):
                     raise
-                inline = None
-            if inline is None:  # another process writes: wait for it on aiosqlite's thread
+                busy = True
+            if busy:  # another process writes: wait for it on aiosqlite's thread
                 async with self._transaction() as conn:
                     yield conn
                 return
@@ -188,7 +188,7 @@ class Database:
 
     def _checkpoint_soon(self) -> None:
         """Once the write-ahead log passes SQLite's own threshold (the inline writer does not checkpoint, so that
-        a commit never copies pages and syncs the file on the loop's thread), a passive checkpoint on aiosqlite's
+        a commit never copies pages and syncs the file on the loop's thread), a passive checkpoint on a worker
         thread: it waits for nobody, and writers go on meanwhile."""
         if self._wal is None or (self._checkpoint is not None and not self._checkpoint.done()):
             return
