@@ -148,16 +148,8 @@ class Database:
                 yield conn
             return
         async with self._writer_turn():
-            inline = await self._inline_writer.connect()
-            busy = False
-            try:
-                await inline.begin()
-            except OperationalError as e:
-                await inline.close()
-                if not _busy(e):
-                    raise
-                busy = True
-            if busy:  # another process writes: wait for it on aiosqlite's thread
+            inline = await self._inline_begin()
+            if inline is None:  # another process writes: wait for it on aiosqlite's thread
                 async with self._transaction() as conn:
                     yield conn
                 return
@@ -167,6 +159,22 @@ class Database:
             finally:
                 await inline.close()
         self._checkpoint_soon()
+
+    async def _inline_begin(self) -> AsyncConnection | None:
+        """The inline writer in a transaction that holds the write lock, or None when the lock is taken (a new
+        connection's set-up may meet it too)."""
+        assert self._inline_writer is not None
+        conn: AsyncConnection | None = None
+        try:
+            conn = await self._inline_writer.connect()
+            await conn.begin()
+            return conn
+        except OperationalError as e:
+            if conn is not None:
+                await conn.close()
+            if not _busy(e):
+                raise
+            return None
 
     @asynccontextmanager
     async def _writer_turn(self) -> AsyncIterator[None]:
