@@ -141,12 +141,17 @@ def test_a_machine_powered_off_is_fenced_and_its_desktop_starts_on_the_other_wit
     lost = next(n for n in farm.json("node", "list") if n["name"] == farm.machine_node(2))  # type: ignore[union-attr]
     # fenced through its BMC (ipmi_sim, runtime/bmc.py) with fence_ipmilan, the power-off confirmed, then released
     assert lost["fence_agent"] == "fence_ipmilan" and lost["lost_reason"].startswith("fenced"), lost
-    # the live machines' overlay forgot where the desktop's MAC was (the port had learned it at machine 2): the
-    # first frames to it, wherever it starts, flood to the live machines instead of going to a dead one
+    # the live machines' overlay forgets where the desktop's MAC was (the port had learned it at machine 2) at its
+    # next pass (every 2 s): the first frames to it, wherever it starts, flood to the live machines instead of going
+    # to a dead one
     behind = f"{mac_for_ip(desk['ip'])} dst {farm.machine(2).address} "
     for machine in (1, 3):
-        fdb = farm.machine(machine).run("bridge", "fdb", "show", "dev", vxlan_name(farm.bridge)).stdout
-        assert behind not in fdb, (machine, fdb)
+
+        def forgotten(machine: int = machine) -> bool:
+            fdb = farm.machine(machine).run("bridge", "fdb", "show", "dev", vxlan_name(farm.bridge)).stdout
+            return behind not in fdb
+
+        wait_for(forgotten, 10, 0.2, f"machine {machine}'s overlay to forget the desktop's MAC behind machine 2")
     asyncio.run(_see(farm, 1, desk["id"]))  # the next connect starts it on another machine
     moved = farm.desktop("mia-lost")
     assert (moved["state"], moved["ip"]) == ("running", desk["ip"]) and moved["node"] != farm.machine_node(2), moved
