@@ -86,7 +86,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self._inline: AsyncEngine | None = None
         self._inline_writer: AsyncEngine | None = None
-        self._wal: Path | None = None
+        self._sqlite_file: str | None = None  # a file the inline connections may use (not :memory:)
         self._checkpoint: asyncio.Task[None] | None = None
         self._writers: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         if self.dialect == "sqlite":
@@ -99,7 +99,7 @@ class Database:
                     self.url, async_creator=inline_sqlite.creator(path), pool_size=1, max_overflow=0
                 )
                 _sqlite_setup(self._inline_writer.sync_engine, busy_ms=0, immediate=True, checkpoints=False)
-                self._wal = Path(f"{path}-wal")
+                self._sqlite_file = path
         self.bus: Bus = PgBus(libpq_url(self.url)) if self.dialect == "postgresql" else Bus()
 
     @property
@@ -198,15 +198,14 @@ class Database:
         """Once the write-ahead log passes SQLite's own threshold (the inline writer does not checkpoint, so that
         a commit never copies pages and syncs the file on the loop's thread), a passive checkpoint on a worker
         thread: it waits for nobody, and writers go on meanwhile."""
-        if self._wal is None or (self._checkpoint is not None and not self._checkpoint.done()):
+        path = self._sqlite_file
+        if path is None or (self._checkpoint is not None and not self._checkpoint.done()):
             return
         try:
-            if self._wal.stat().st_size < WAL_CHECKPOINT_BYTES:
+            if os.stat(f"{path}-wal").st_size < WAL_CHECKPOINT_BYTES:
                 return
         except OSError:
             return
-
-        path = self.url.split(":///", 1)[1]
 
         def checkpoint() -> None:
             try:

@@ -74,8 +74,7 @@ async def cache_keymap(rootfs: Path, env: dict[str, str]) -> bool:
             return False
     cache = rootfs / CACHE_DIR.lstrip("/")
     cache.mkdir(parents=True, exist_ok=True)
-    for name in ("default.xkb", "default.xkm"):
-        (cache / name).unlink(missing_ok=True)
+    _forget(cache)
     _install(xkbcomp, capture_wrapper())
     try:
         learnt = await _run_xvnc_once(rootfs, env) and (cache / "default.xkb").is_file()
@@ -87,10 +86,14 @@ async def cache_keymap(rootfs: Path, env: dict[str, str]) -> bool:
         _install(xkbcomp, wrapper())
         _clean_display_files(rootfs)
     if not learnt:
-        for name in ("default.xkb", "default.xkm"):
-            (cache / name).unlink(missing_ok=True)
+        _forget(cache)
         log.warning("image.keymap_not_cached", reason="the image's Xvnc did not start in the build chroot")
     return learnt
+
+
+def _forget(cache: Path) -> None:
+    for name in ("default.xkb", "default.xkm"):
+        (cache / name).unlink(missing_ok=True)
 
 
 def _install(path: Path, text: str) -> None:

@@ -216,20 +216,14 @@ def read_key() -> str:
 def main() -> int:
     try:
         serve(read_key())
-    except SlaveError as exc:
-        print(f"deckard-nx-slave: {exc.status} {exc.message}", file=sys.stderr)
-        try:
-            _write(response(exc.status, exc.headers, exc.message + "\n"))
-        except OSError:
-            pass
-        return 1
     except OSError as exc:  # an exec that failed, a connection gone
         print(f"deckard-nx-slave: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # a bug: the client gets a 500, not a connection closed without a word
-        print(f"deckard-nx-slave: internal error: {exc!r}", file=sys.stderr)
+    except Exception as exc:  # a refusal, or a bug: the client gets a 500, not a connection closed without a word
+        refusal = exc if isinstance(exc, SlaveError) else SlaveError(500, f"internal error ({type(exc).__name__})")
+        print(f"deckard-nx-slave: {refusal.status} {refusal.message} ({exc!r})", file=sys.stderr)
         with contextlib.suppress(OSError):
-            _write(response(500, (), f"internal error in the desktop ({type(exc).__name__})\n"))
+            _write(response(refusal.status, refusal.headers, refusal.message + "\n"))
         return 1
     return 0
 
