@@ -74,6 +74,9 @@ def test_user_connects_to_a_real_desktop_whose_home_persists(farm: FarmProcess) 
     xvnc_log = farm.attach(desk["id"], "cat /run/deckard/xvnc.log").stdout
     assert "TigerVNC" in xvnc_log and keymap.MISS not in xvnc_log
     assert farm.attach(desk["id"], f"test -x {keymap.REAL} && test -f {keymap.CACHE_DIR}/default.xkm").returncode == 0
+    # the image's font caches held once unpacked: the session's window manager scanned no font nor wrote caches in
+    # the new user's home (images/builder._font_caches; with stale caches it did both, 0.2 s at every first login)
+    assert farm.attach(desk["id"], "test -e ~/.cache/fontconfig", user="alice").returncode != 0
 
     assert farm.attach(desk["id"], "echo kept > ~/kept.txt", user="alice").returncode == 0
     assert farm.attach(desk["id"], "echo gone > /usr/gone.txt").returncode == 0

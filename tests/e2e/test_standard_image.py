@@ -94,6 +94,12 @@ def test_a_standard_desktop_runs_xfce_and_firefox_with_the_clients_keyboard(
         wait_for(lambda: farm.attach(desktop_id, "pgrep -u ada -x xfce4-panel").returncode == 0, 30, 0.5, "panel")
         query = farm.attach(desktop_id, "DISPLAY=:0 setxkbmap -query", user="ada").stdout
         assert "layout:     de" in query, query
+        # xfwm4's settings come with the image (images/profiles/standard/xfwm4.xml): a user who never ran a session
+        # has them, so their first session's window manager does not write (and grab its keys again for) each one
+        fresh = farm.attach(
+            desktop_id, "cd / && HOME=$(mktemp -d) dbus-run-session -- xfconf-query -c xfwm4 -p /general/theme"
+        )
+        assert fresh.stdout.strip() == "Default", fresh.stdout + fresh.stderr
 
         farm.attach(desktop_id, f'printf "%s" "{PAGE}" > /tmp/page.html && chmod 644 /tmp/page.html')
         shot = farm.attach(

@@ -143,3 +143,16 @@ def test_a_vm_layer_without_exactly_one_kernel_is_refused(tmp_path: Path) -> Non
         (tmp_path / "boot" / f"vmlinuz-{kver}").write_text("")
     with pytest.raises(builder.ImageBuildError, match=r"6\.1\.0-27-amd64"):
         builder._prune_kernel(tmp_path)
+
+
+def test_directory_mtimes_are_cut_to_the_second_as_tar_keeps_them(tmp_path: Path) -> None:
+    """fontconfig's caches hold their directory's mtime to the nanosecond: made for what tar will keep, they hold."""
+    fonts = tmp_path / "usr/share/fonts/truetype"
+    fonts.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(fonts)
+    for path in (tmp_path, fonts, fonts.parent):
+        os.utime(path, ns=(1_700_000_000_123_456_789, 1_700_000_000_987_654_321))
+    builder._whole_second_mtimes(tmp_path)
+    for path in (tmp_path, fonts, fonts.parent, tmp_path / "usr"):
+        assert os.stat(path).st_mtime_ns % 1_000_000_000 == 0, path
+    assert os.stat(fonts).st_mtime_ns == 1_700_000_000_000_000_000

@@ -64,7 +64,7 @@ log = structlog.get_logger()
 
 Progress = Callable[[str, float], None]
 
-BUILDER_VERSION = "4"  # 4: the display's start-up keymap compiled at build (images/keymap.py)
+BUILDER_VERSION = "5"  # 4: the display's start-up keymap compiled at build (images/keymap.py); 5: font caches
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -315,6 +315,7 @@ async def _build_layer(layer: Profile, dest: Path, parent: Path | None, progress
         proc_mounted = False
         progress("pruning the rootfs", 0.88)
         await asyncio.to_thread(_prune, rootfs, layer.languages())
+        await _font_caches(rootfs, progress)
         progress("compressing the rootfs", 0.9)
         plain = tmp / "rootfs.tar"
         await _run(["tar", "--numeric-owner", "-b1", "-C", str(rootfs), "-cf", str(plain), "."])
@@ -329,6 +330,24 @@ async def _build_layer(layer: Profile, dest: Path, parent: Path | None, progress
             log.error("image.cleanup_skipped", reason="proc still mounted", path=str(tmp))
         else:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+
+async def _font_caches(rootfs: Path, progress: Progress) -> None:
+    """fontconfig's caches, valid once the image is unpacked: a cache holds its directory's mtime to the
+    nanosecond, which tar keeps only to the second, so an image's caches all looked stale and every user's first
+    session scanned every font and wrote caches in their home (jwm's first frame 0.23-0.31 s instead of 0.04).
+    Each directory's mtime is cut to the second here, as tar will, and the caches are made for those."""
+    if not (rootfs / "usr/bin/fc-cache").exists():
+        return
+    progress("caching the fonts", 0.885)
+    await asyncio.to_thread(_whole_second_mtimes, rootfs)
+    await _run(["chroot", str(rootfs), "fc-cache", "--system-only", "--force"], env=_chroot_env())
+
+
+def _whole_second_mtimes(rootfs: Path) -> None:
+    for top, _dirs, _files in os.walk(rootfs):
+        st = os.lstat(top)
+        os.utime(top, ns=(st.st_atime_ns, st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000), follow_symlinks=False)
 
 
 def _prepare_chroot(rootfs: Path, languages: Sequence[str]) -> None:
