@@ -67,6 +67,10 @@ def cgroup_memory(guest: str) -> tuple[int, int]:
     return usage, int(stat.get("total_rss", 0)) + int(stat.get("total_mapped_file", 0))
 
 
+def median_of(seconds: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(seconds), 3), "runs": len(seconds)}
+
+
 def wait_state(farm: FarmProcess, name: str, state: str) -> None:
     wait_for(lambda: (d := farm.desktop(name))["state"] == state and d["cmd"] is None, 60, 0.1, state)
 
@@ -258,7 +262,7 @@ def main() -> None:
             farm.deckard("desktop", "stop", "bench-desk")
             wait_state(farm, "bench-desk", "stopped")
             drawn.append(asyncio.run(until_drawn(farm, "bench", desk_id)))
-        results["time_to_drawn_s"] = {"median": round(statistics.median(drawn), 3), "runs": len(drawn)}
+        results["time_to_drawn_s"] = median_of(drawn)
         first_drawn = []
         for n in range(3):
             login = f"newcomer{n}"
@@ -266,7 +270,7 @@ def main() -> None:
             first_drawn.append(asyncio.run(until_drawn(farm, login, new_id)))
             farm.deckard("desktop", "stop", f"{login}-desk")
             wait_state(farm, f"{login}-desk", "stopped")
-        results["new_user_drawn_s"] = {"median": round(statistics.median(first_drawn), 3), "runs": len(first_drawn)}
+        results["new_user_drawn_s"] = median_of(first_drawn)
 
         asyncio.run(see(farm, "bench", desk_id))
         time.sleep(idle_s)  # let the session come up and go idle
