@@ -339,6 +339,58 @@ async def test_wrong_password_is_401_with_the_basic_challenge(farm: Farm) -> Non
     await c.close()
 
 
+async def desktop_in(farm: Farm, desktop_id: int, states: tuple[str, ...]) -> Any:
+    async def there() -> Any:
+        row = await farm.desktop_row(desktop_id)
+        return row if row.state in states and row.cmd is None else None
+
+    return await farm.wait_for(f"the desktop to be {' or '.join(states)}", there)
+
+
+async def test_a_head_start_runs_beside_the_password_check_and_a_wrong_password_stops_it(farm: Farm) -> None:
+    """The desktop named by a connect starts while the password is checked; the wrong password's 401 (after the
+    failure floor) stops it again, and the failure it counts ends head starts for the account until a login
+    succeeds: a guesser starts one desktop, not one per guess."""
+    desk_id = farm.alice_desk["id"]
+    target = f"/qvd/connect_to_vm?id={desk_id}"
+    c = await RawClient.open(farm)
+    c.send(target, {"Authorization": basic("alice", "wrong"), **UPGRADE})
+    await desktop_in(farm, desk_id, ("starting", "running"))  # before the 401: the failure floor holds it back
+    status, headers, _, _ = await c.response()
+    assert (status, headers["x-deckard-error"]) == (401, "bad_credentials")
+    row = await desktop_in(farm, desk_id, ("stopped",))
+    assert row.failure_reason == "stopped: the login that started it failed"
+    assert await farm.connection_rows(desk_id) == []
+
+    c.send(target, {"Authorization": basic("alice", "wrong again"), **UPGRADE})
+    assert (await c.response())[0] == 401
+    row = await farm.desktop_row(desk_id)
+    assert (row.state, row.cmd, row.failure_reason) == ("stopped", None, "stopped: the login that started it failed")
+    assert (await c.request(target, {**ALICE, **UPGRADE}))[0] == 101  # the right password still connects
+    await viewer_handshake(c.reader, c.writer)
+    await c.close()
+
+
+async def test_a_connect_during_a_failed_logins_head_start_keeps_the_desktop(farm: Farm) -> None:
+    """Someone guessing alice's password starts her desktop just as she connects: her session has it, so the
+    guess's 401 stops nothing."""
+    desk_id = farm.alice_desk["id"]
+    guesser = await RawClient.open(farm)
+    guesser.send(f"/qvd/connect_to_vm?id={desk_id}", {"Authorization": basic("alice", "guess"), **UPGRADE})
+    await desktop_in(farm, desk_id, ("starting", "running"))
+    alice = await RawClient.open(farm)
+    assert (await alice.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
+    await viewer_handshake(alice.reader, alice.writer)
+    assert (await guesser.response())[0] == 401
+    await guesser.close()
+    await asyncio.sleep(0.3)  # a withdrawal would be written by now
+    row = await farm.desktop_row(desk_id)
+    assert (row.state, row.cmd, row.user_state) == ("running", None, "connected")
+    alice.writer.write(b"still here")
+    assert await asyncio.wait_for(alice.reader.readexactly(10), 5) == b"still here"
+    await alice.close()
+
+
 async def test_qvd_clients_log_in_with_a_personal_token_and_a_totp_header(farm: Farm) -> None:
     """``--token`` sends ``Bearer base64(token)``; a second factor goes in ``Auth-<hex("totp")>``, and the connect
     that follows the list on one connection does not spend the code again."""

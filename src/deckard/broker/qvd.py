@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -31,7 +32,7 @@ from deckard.broker.auth import REALM_CHALLENGE, Basic, auth_params, parse_autho
 from deckard.broker.files import FILES_PATH, FilesConnect
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.nx import DISPLAY_HEADER, display_of
-from deckard.broker.params import parse_connect_params, parse_desktop_id
+from deckard.broker.params import ConnectParams, parse_connect_params, parse_desktop_id
 from deckard.broker.session import ConnectRequest, SessionRunner
 from deckard.broker.sound import SOUND_PATH, SoundConnect
 from deckard.broker.websocket import WebSocketConnect, is_websocket
@@ -41,7 +42,7 @@ from deckard.model.errors import Conflict, DeckardError
 from deckard.model.states import DESKTOP_AT_REST, DesktopCommand, DesktopState
 from deckard.services import identity
 from deckard.services.desktops import request_stop
-from deckard.services.sessions import desktop_for_user, user_desktops
+from deckard.services.sessions import desktop_for_user, head_start, user_desktops, withdraw_head_start
 
 log = structlog.get_logger("deckard.broker")
 
@@ -180,10 +181,12 @@ class QvdProtocol:
             ms=round((time.monotonic() - req.received_at) * 1000, 1),
         )
 
-    async def _authenticate(self, front: FrontConnection, req: Request) -> tuple[User, str]:
+    async def _authenticate(
+        self, front: FrontConnection, req: Request, on_known: Callable[[int], None] | None = None
+    ) -> tuple[User, str]:
         """The login chain (``services/identity.py``) for Basic or Bearer credentials.  QVD's client sends the same
         credentials with each request of a connection (list, then connect): the second reuses the first's result,
-        so a one-time second-factor code is not refused as a replay."""
+        so a one-time second-factor code is not refused as a replay.  ``on_known``: ``login_password``'s."""
         header = req.headers.get("authorization")
         extra = auth_params(req.headers)
         memo = hashlib.sha256(repr((header, sorted(extra.items()))).encode()).digest()
@@ -192,7 +195,13 @@ class QvdProtocol:
         creds = parse_authorization(header)
         if isinstance(creds, Basic):
             result = await identity.login_password(
-                self.db, creds.login, creds.password, source=front.peer, factors=extra, network=self.network
+                self.db,
+                creds.login,
+                creds.password,
+                source=front.peer,
+                factors=extra,
+                network=self.network,
+                on_known=on_known,
             )
             login = creds.login
         else:
@@ -237,6 +246,8 @@ class QvdProtocol:
     async def _connect(self, channel: HttpChannel, req: Request) -> None:
         """QVD's checks in QVD's order, then the session flow (which answers 101 or 503 itself)."""
         login = ""
+        head: asyncio.Task[bool] | None = None  # the desktop's start, asked for while the password is checked
+        connecting = False
         try:
             if "upgrade" not in req.header_tokens("connection") or "qvd/1.0" not in req.header_tokens("upgrade"):
                 self._send(
@@ -249,12 +260,46 @@ class QvdProtocol:
                     ),
                 )
                 return
-            user, login = await self._authenticate(channel.front, req)
+
+            try:
+                wanted: ConnectParams | None = self._params(req)
+            except DeckardError:
+                wanted = None  # reported once logged in (QVD's order)
+
+            def start_early(user_id: int) -> None:
+                nonlocal head
+                if wanted is not None:
+                    head = asyncio.create_task(head_start(self.db, user_id, wanted.desktop_id), name="head-start")
+
+            user, login = await self._authenticate(
+                channel.front, req, on_known=start_early if self.settings.head_start else None
+            )
             channel.front.mark_authenticated()
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
-            params = parse_connect_params(req.query, display_of(req.headers.get(DISPLAY_HEADER)))
+            params = wanted or self._params(req)
             desk = await desktop_for_user(self.db, user, params.desktop_id)
+            if head is not None:
+                await head  # its start command is in: the session's own finds it
+            connecting = True
         except DeckardError as e:
             self._send(channel, req, error_reply(e), login)
             return
+        finally:
+            if head is not None and not connecting:  # the login failed (or the client left): no desktop for it
+                assert wanted is not None
+                await asyncio.shield(self._withdraw(head, wanted.desktop_id, channel.front.peer))
         await self.sessions.run(channel, ConnectRequest(user, login, params, desk, req.received_at, auth_ms))
+
+    @staticmethod
+    def _params(req: Request) -> ConnectParams:
+        return parse_connect_params(req.query, display_of(req.headers.get(DISPLAY_HEADER)))
+
+    async def _withdraw(self, head: asyncio.Task[bool], desktop_id: int, peer: str) -> None:
+        """Stop the desktop a failed login's head start asked for (``sessions.withdraw_head_start``)."""
+        try:
+            if not await head:
+                return
+            await withdraw_head_start(self.db, desktop_id)
+            log.info("broker.head_start_withdrawn", desktop_id=desktop_id, peer=peer)
+        except Exception as e:  # the desktop stays started; its idle policy or an administrator stops it
+            log.warning("broker.head_start_not_withdrawn", peer=peer, error=str(e))

@@ -38,6 +38,9 @@ class BrokerSettings(BaseModel):
     trim_heap: bool = True
     # the farm's TLS keys (runtime/tls.py): RSA 3072, which QVD's clients accept, or ECDSA P-256
     tls_key: Literal["rsa3072", "ec256"] = "rsa3072"
+    # a connect's desktop starts while its user's password is checked (``sessions.head_start``): at most one
+    # start per wrong password, stopped again, and none once a failure is counted against the account
+    head_start: bool = True
 
 
 class ApiSettings(BaseModel):

@@ -21,7 +21,7 @@ import dataclasses
 import datetime as dt
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -393,13 +393,21 @@ async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: Farm
     return await _changed(db, actor, desktop_id, reset=True)
 
 
-async def request_start(db: Database, desktop_id: int, *, allow_running: bool = False) -> int | None:
+async def request_start(
+    db: Database, desktop_id: int, *, allow_running: bool = False, owner: int | None = None
+) -> int | None:
     """Place the desktop and write the start command in one transaction; return the node id.
 
     With ``allow_running`` (the broker), a desktop already starting or running is fine and returns its node.
+    With ``owner`` (a head start: ``sessions.head_start``), only that user's desktop, at rest, unblocked and with
+    no command, is started; otherwise nothing is written and None returned.
     """
     async with db.write() as conn:
         desk = await load_desktop(conn, desktop_id)
+        if owner is not None and (
+            desk.user_id != owner or desk.blocked or desk.cmd is not None or desk.state not in DESKTOP_AT_REST
+        ):
+            return None
         if desk.blocked:
             raise PermissionDenied(  # 403 as in the broker (QVD: "offline for maintenance"): one code, one status
                 "the desktop is blocked (offline for maintenance): ask your administrator", code="desktop_blocked"
@@ -439,15 +447,18 @@ async def request_start(db: Database, desktop_id: int, *, allow_running: bool = 
     return node_id
 
 
-async def request_stop(db: Database, desktop_id: int, *, reason: str | None = None) -> None:
+async def request_stop(
+    db: Database, desktop_id: int, *, reason: str | None = None, keep_if: Callable[[Desktop], bool] | None = None
+) -> None:
     """Write the stop command; a stop already asked for is a success (a repeat, declared here).
 
     ``reason`` says why an automatic stop happens (a session policy): it stays the desktop's ``failure_reason``
-    once stopped, until its next start.
+    once stopped, until its next start.  ``keep_if`` leaves the desktop as it is when true of it, read in the
+    same transaction (a head start withdrawn unless someone connected since: ``sessions.withdraw_head_start``).
     """
     async with db.begin() as conn:
         desk = await load_desktop(conn, desktop_id)
-        if desk.cmd == DesktopCommand.STOP:
+        if desk.cmd == DesktopCommand.STOP or (keep_if is not None and keep_if(desk)):
             return
         # not claimed yet: withdraw the start instead of racing the node
         if desk.cmd == DesktopCommand.START and await withdraw_starts(conn, d.c.id == desktop_id):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -127,6 +127,18 @@ async def _run_chain(attempt: _Attempt, config: Mapping[str, Any], creds: Creden
     return decision
 
 
+async def _run_chain_waiting(
+    attempt: _Attempt, config: Mapping[str, Any], creds: Credentials, waiting: Callable[[], None]
+) -> Decision:
+    """:func:`_run_chain`, calling ``waiting`` once it turns out to wait (a chain decided in its first step, as
+    for a password confirmed a moment ago, never calls it)."""
+    chain = asyncio.ensure_future(_run_chain(attempt, config, creds))
+    await asyncio.sleep(0)  # the chain's first step runs
+    if not chain.done():
+        waiting()
+    return await chain
+
+
 # ---- steps ----------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +151,12 @@ class _Known:
     row: Any  # the users row of the login as typed (with ``tenant_blocked``), or None
     enrolled: bool  # the user has a confirmed second factor
     config: dict[str, Any]
-    counters: bool  # the login has failure counters that a success must clear
+    counted: frozenset[str]  # the login's lockout counters that hold failures (``lockout.check``)
+
+    @property
+    def counters(self) -> bool:
+        """Counters a success must clear (the account's, the pair's)."""
+        return bool(self.counted & {"pair", "account"})
 
 
 async def _look_up(db: Database, login: str, tenant: str, keys: lockout.Keys) -> _Known:
@@ -162,13 +179,13 @@ async def _look_up(db: Database, login: str, tenant: str, keys: lockout.Keys) ->
     )
     lockout.precheck(db, keys)
 
-    async def reads(conn: AsyncConnection) -> tuple[Any, int | None, bool, dict[str, Any]]:
+    async def reads(conn: AsyncConnection) -> tuple[Any, int | None, frozenset[str], dict[str, Any]]:
         found = (await conn.execute(q)).first()
         tenant_id = int(found.tid) if found is not None else None
-        counters = await lockout.check(db, conn, replace(keys, tenant_id=tenant_id))
-        return found, tenant_id, counters, await read_configs(conn, "auth.", tenant_id)
+        counted = await lockout.check(db, conn, replace(keys, tenant_id=tenant_id))
+        return found, tenant_id, counted, await read_configs(conn, "auth.", tenant_id)
 
-    found, tenant_id, counters, config = await db.read(reads)
+    found, tenant_id, counted, config = await db.read(reads)
     _refusal_delay_ms[db.url] = int(config["auth.lockout.refusal_delay_ms"])
     row = found if found is not None and found.id is not None else None
     return _Known(
@@ -177,7 +194,7 @@ async def _look_up(db: Database, login: str, tenant: str, keys: lockout.Keys) ->
         row,
         row is not None and row.factor_confirmed_at is not None,
         config,
-        counters,
+        counted,
     )
 
 
@@ -240,15 +257,31 @@ async def _account(
     return User.from_row(row._mapping), row
 
 
-def _check_rules(row: Any, config: Mapping[str, Any], source: str) -> None:
+def _rules_refusal(row: Any, config: Mapping[str, Any], source: str) -> tuple[str, str] | None:
     rules = LoginRules(
         networks=row.allowed_networks or config["auth.rules.networks"],
         hours=row.allowed_hours or config["auth.rules.hours"],
         timezone=config["auth.rules.timezone"],
     )
-    refusal = rules.refusal(source, utcnow())
+    return rules.refusal(source, utcnow())
+
+
+def _check_rules(row: Any, config: Mapping[str, Any], source: str) -> None:
+    refusal = _rules_refusal(row, config, source)
     if refusal is not None:
         raise PermissionDenied(refusal[1], code=refusal[0])
+
+
+def _only_password_left(known: _Known, source: str) -> bool:
+    """The look-up shows nothing that would refuse this login or ask a second step of it: only the password is
+    left to check (``login_password``'s ``on_known``).  Not after any failure counted against the account, the
+    address or the pair: a guesser's first wrong password ends the head starts until a login succeeds."""
+    row, config = known.row, known.config
+    if row is None or known.tenant_id is None or known.tenant_blocked or row.blocked or known.counted:
+        return False
+    if known.enrolled or config["auth.totp.required"]:
+        return False
+    return _rules_refusal(row, config, source) is None
 
 
 async def _second_factor(
@@ -305,10 +338,14 @@ async def login_password(
     via: str = "broker",
     factors: Mapping[str, str] | None = None,
     network: str | None = None,
+    on_known: Callable[[int], None] | None = None,
 ) -> LoginResult:
     """A name (``user``, ``user@tenant``, ``user#tenant``) and password through the tenant's chain.  ``factors``
     carries a second-factor code (``{"totp": "123456"}``) when the client sends it with the login; ``network``
-    is the desktop network, needed to give an auto-provisioned user a first desktop."""
+    is the desktop network, needed to give an auto-provisioned user a first desktop.  ``on_known`` is called
+    with the account's user id while a password check that has to wait is running (argon2 in a thread, a
+    directory's answer; not one confirmed a moment ago), when nothing else could refuse the login: the broker's
+    head start (``sessions.head_start``), which its caller undoes if the login fails."""
     login, tenant = split_login(full_login.strip().lower())
     attempt = _Attempt(db, login, tenant, source, via, "password", started=time.monotonic(), network=network)
     config: dict[str, Any] | None = None
@@ -322,6 +359,9 @@ async def login_password(
         if known.tenant_id is None:  # no such tenant: the same work as a wrong password, the same answer
             await _run_chain(attempt, {**config, "auth.chain": "local"}, creds)
             decision = Decision.reject("local")
+        elif on_known is not None and _only_password_left(known, source):
+            user_id = int(known.row.id)
+            decision = await _run_chain_waiting(attempt, config, creds, lambda: on_known(user_id))
         else:
             decision = await _run_chain(attempt, config, creds)
         if decision.verdict != Verdict.ACCEPT or decision.identity is None:

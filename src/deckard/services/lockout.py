@@ -186,10 +186,11 @@ def precheck(db: Database, keys: Keys) -> None:
     _refuse_waits(keys, {k: u for k in watched if (u := _seen_waits.get((db.url, k))) is not None and u > now}, now)
 
 
-async def check(db: Database, conn: AsyncConnection, keys: Keys) -> bool:
+async def check(db: Database, conn: AsyncConnection, keys: Keys) -> frozenset[str]:
     """``begin_attempt`` for a login that counts failures after (``count_first`` False), inside a connection the
-    caller already holds: refuses while anything waits; returns whether the pair or account has counters that a
-    success must clear (``succeeded``)."""
+    caller already holds: refuses while anything waits; returns which of the login's counters (``"pair"``,
+    ``"source"``, ``"account"``) hold failures (those of the pair and account a success must clear:
+    ``succeeded``)."""
     assert not keys.count_first
     lf = t.login_failures
     now = utcnow()
@@ -198,7 +199,8 @@ async def check(db: Database, conn: AsyncConnection, keys: Keys) -> bool:
     waits = {str(r.key): u for r in rows if (u := aware(r.locked_until)) is not None and u > now}
     _remember(db, waits, now)
     _refuse_waits(keys, waits, now)
-    return any(str(r.key) in (keys.pair, keys.account) for r in rows)
+    counted = {str(r.key) for r in rows}
+    return frozenset(kind for kind in ("pair", "source", "account") if getattr(keys, kind) in counted)
 
 
 async def begin_attempt(db: Database, keys: Keys) -> None:

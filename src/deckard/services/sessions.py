@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from deckard.db import schema as t
 from deckard.db.engine import Database
 from deckard.model.entities import Desktop, User, utcnow
-from deckard.model.errors import Conflict, InvalidTransition, NotFound, PermissionDenied, Unavailable
+from deckard.model.errors import Conflict, DeckardError, InvalidTransition, NotFound, PermissionDenied, Unavailable
 from deckard.model.states import DesktopState, UserState
-from deckard.services.desktops import load_desktop
+from deckard.services.desktops import load_desktop, request_start, request_stop
 from deckard.services.events import DESKTOPS
 from deckard.services.transitions import transition_session
 
@@ -55,6 +55,26 @@ async def desktop_for_user(db: Database, user: User, desktop_id: int) -> Desktop
     if desk.blocked:
         raise PermissionDenied("the desktop is offline for maintenance: ask your administrator", code="desktop_blocked")
     return desk
+
+
+async def head_start(db: Database, user_id: int, desktop_id: int) -> bool:
+    """Ask for the start of a user's desktop at rest while the login that names it is still being checked (the
+    broker, ``identity.login_password``'s ``on_known``): the password's hash and the guest's boot run side by
+    side.  Only for a login that could succeed at once (no second step, no failures counted against it), so a
+    guesser starts at most one desktop before a wrong password stops it again and counts against the account.
+    True when a start was asked for; refusals are the connect's to report, once logged in."""
+    try:
+        return await request_start(db, desktop_id, owner=user_id) is not None
+    except DeckardError:
+        return False
+
+
+async def withdraw_head_start(db: Database, desktop_id: int) -> None:
+    """The login that asked for a head start failed: stop the desktop again, unless a connect has taken it
+    since (its session id; at rest a desktop has none)."""
+    await request_stop(
+        db, desktop_id, reason="stopped: the login that started it failed", keep_if=lambda desk: bool(desk.session_id)
+    )
 
 
 async def open_session(
