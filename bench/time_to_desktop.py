@@ -15,8 +15,10 @@ Runs a real all-in-one farm (``deckard.testing.FarmProcess``: its own home, port
 
 Beside 1, in the same run, **the floor**: a bare container of the same unpacked image (the same overlay, user
 namespace and bridge, none of Deckard: no agent, no broker, no database) whose init starts Xvnc and JWM; ``lxc-start``
-→ the RFB banner read from its address, N times.  The report gives Deckard's time over the floor's, and each of the
-broker's phases as a share of the floor (issue 16: cold ≤ 1.5x the floor, the first connect after ``up`` ≤ 2x).
+→ the RFB banner read from its address, N times, each just before a cold start, with the desktop stopped (so
+a machine that slows down or speeds up during the run moves both alike).  The report gives Deckard's time over the
+floor's, and each of the broker's phases as a share of the floor (issue 16: cold ≤ 1.5x the floor, the first
+connect after ``up`` ≤ 2x).
 
 ``--vm`` measures VM desktops instead (an OSF with ``--driver vm``, the profile built with ``--format vm``):
 0. the VM image prepared by the node (rootfs → ext4 qcow2, kernel, initrd), once;
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import itertools
 import json
 import os
 import platform
@@ -42,7 +45,9 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -84,13 +89,19 @@ async def first_byte(farm: FarmProcess, login: str, desktop_id: int) -> float:
     return elapsed
 
 
-async def last_connection(farm: FarmProcess) -> dict:
+async def last_connection(farm: FarmProcess) -> dict[str, Any]:
+    """The last connection's row once its phases are in (the broker writes them just after the ``101``)."""
     db = Database(farm.sqlite_url)
     await db.start(run_migrations=False)
     try:
-        async with db.connect() as conn:
-            row = (await conn.execute(sa.select(t.connections).order_by(t.connections.c.id.desc()).limit(1))).one()
-            return dict(row._mapping)
+        for _ in range(100):
+            async with db.connect() as conn:
+                q = sa.select(t.connections).order_by(t.connections.c.id.desc()).limit(1)
+                row = dict((await conn.execute(q)).one()._mapping)
+            if row.get("t_total_ms") is not None:
+                break
+            await asyncio.sleep(0.01)
+        return row
     finally:
         await db.close()
 
@@ -165,16 +176,18 @@ async def banner(ip: str, deadline: float) -> None:
             writer.close()
 
 
-def floor(farm: FarmProcess, runs: int) -> dict[str, object]:
-    """The floor, ``runs`` times: ``lxc-start`` of the bare container → the RFB banner through the bridge."""
+def floor_runner(farm: FarmProcess) -> Callable[[], tuple[float, float]]:
+    """The floor, one run per call: ``lxc-start`` of the bare container → the RFB banner through the bridge;
+    returns (``lxc-start``'s own time, the whole)."""
     paths = FarmPaths(farm.home)
     id_base = farm_id_base(paths.farm_id)
     (basefs,) = sorted(paths.basefs.glob(f"*-u{id_base}"))[-1:]
     ip = str(list(ipaddress.ip_network(farm.network).hosts())[-2])  # far from the few desktops this run makes
     lxc = Path(farm.home) / "floor-lxc"
-    totals, started = [], []
-    for n in range(runs):
-        name = f"floor{os.getpid() % 100000}-{n}"
+    runs = itertools.count()
+
+    def run() -> tuple[float, float]:
+        name = f"floor{os.getpid() % 100000}-{next(runs)}"
         work = lxc / name
         upper = work / "upper"
         upper.mkdir(parents=True)
@@ -188,25 +201,36 @@ def floor(farm: FarmProcess, runs: int) -> dict[str, object]:
         try:
             t0 = time.perf_counter()
             subprocess.run(["lxc-start", "-n", name, "-P", str(lxc), "-f", str(config), "-d"], check=True)
-            started.append(time.perf_counter() - t0)
+            started = time.perf_counter() - t0
             asyncio.run(banner(ip, t0 + 30))
-            totals.append(time.perf_counter() - t0)
+            return started, time.perf_counter() - t0
         finally:
             subprocess.run(["lxc-stop", "-n", name, "-P", str(lxc), "-k"], check=False, capture_output=True)
             shutil.rmtree(work, ignore_errors=True)
+
+    return run
+
+
+def floor_figures(samples: list[tuple[float, float]]) -> dict[str, object]:
+    started, totals = [s for s, _ in samples], [w for _, w in samples]
     return {
-        "floor_s": {"median": round(statistics.median(totals), 3), "min": round(min(totals), 3), "runs": runs},
+        "floor_s": {"median": round(statistics.median(totals), 3), "min": round(min(totals), 3), "runs": len(totals)},
         "floor_lxc_start_ms": round(statistics.median(started) * 1000, 1),
     }
 
 
-def cold_starts(farm: FarmProcess, name: str, desk_id: int, runs: int) -> dict[str, object]:
-    """Stop the desktop and connect again, ``runs`` times: connect → first RFB byte, and the broker's phases."""
+def cold_starts(
+    farm: FarmProcess, name: str, desk_id: int, runs: int, before: Callable[[], object] = lambda: None
+) -> dict[str, object]:
+    """Stop the desktop and connect again, ``runs`` times: connect → first RFB byte, and the broker's phases;
+    ``before`` runs before each connect, once the desktop has stopped (the floor's runs: each on a machine as
+    quiet as the connect that follows it, and as it is then)."""
     totals: list[float] = []
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     for _ in range(runs):
         farm.deckard("desktop", "stop", name)
         wait_state(farm, name, "stopped")
+        before()
         totals.append(asyncio.run(first_byte(farm, "bench", desk_id)))
         row = asyncio.run(last_connection(farm))
         for p in PHASES:
@@ -255,8 +279,9 @@ def main() -> None:
         row = asyncio.run(last_connection(farm))
         results["first_desktop_phases_ms"] = {p: row[p] for p in PHASES if row.get(p) is not None}
         asyncio.run(see(farm, "bench", desk_id))
-        results.update(cold_starts(farm, "bench-desk", desk_id, args.runs))
-        results.update(floor(farm, args.runs))
+        floor_run, floor_samples = floor_runner(farm), []
+        results.update(cold_starts(farm, "bench-desk", desk_id, args.runs, lambda: floor_samples.append(floor_run())))
+        results.update(floor_figures(floor_samples))
         drawn = []
         for _ in range(3):
             farm.deckard("desktop", "stop", "bench-desk")

@@ -43,7 +43,9 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def runs_of(farm: FarmProcess, desk_id: int, runs: int, measure: object, warm: bool) -> tuple[list[float], dict]:
+def runs_of(
+    farm: FarmProcess, desk_id: int, runs: int, measure: object, warm: bool
+) -> tuple[list[float], dict[str, float]]:
     totals: list[float] = []
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     for _ in range(runs):
