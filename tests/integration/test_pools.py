@@ -22,7 +22,7 @@ from deckard.node.pools import WarmPools
 from deckard.runtime.paths import FarmPaths
 from deckard.services import config, node_ops, pools
 from deckard.services.context import SYSTEM
-from deckard.services.desktops import create_desktop, request_start
+from deckard.services.desktops import create_desktop, request_start, request_stop
 from deckard.services.images import register_image
 from deckard.services.tenancy import bootstrap_farm
 from deckard.services.users import create_user
@@ -96,6 +96,24 @@ async def test_two_starts_racing_for_the_last_ready_guest_never_both_get_it(
         tokens = dict((await conn.execute(sa.select(t.desktops.c.guest, t.desktops.c.agent_token))).all())
     assert left == 0, "the taken guest left its pool"
     assert tokens[guest.name] == guest.agent_token, "the desktop calls the guest's agent with the guest's token"
+
+
+async def test_a_start_withdrawn_before_its_node_claimed_it_leaves_the_warm_guest_it_was_given(
+    db: Database, tmp_path: Path
+) -> None:
+    """A start taken back at once (a stop, or a failed login's head start) leaves the desktop at rest as it was:
+    no guest, no agent token; the guest, out of its pool and nobody's, is the node's to stop."""
+    node_id, (desk,) = await _farm(db, tmp_path, users=1)
+    await pools.create_pool(db, SYSTEM, "default", size=1)
+    (guest,) = await _warm_guests(db, node_id, 1)
+    await request_start(db, desk)
+    assert await _guest_of(db, desk) == guest.name
+    await request_stop(db, desk)
+    async with db.connect() as conn:
+        row = (await conn.execute(sa.select(t.desktops).where(t.desktops.c.id == desk))).one()
+    assert (row.state, row.cmd, row.node_id, row.guest, row.agent_token) == ("stopped", None, None, None, None)
+    taken = {d.guest for d in await node_ops.desktops_on_node(db, node_id) if d.guest}
+    assert guest.name not in taken, "the pool's pass stops it as an orphan"
 
 
 async def test_a_shrunk_pool_trims_its_newest_guest_and_a_started_desktop_never_takes_one_of_another_tag(

@@ -182,11 +182,12 @@ async def claim_commands(
 
 
 async def withdraw_starts(conn: AsyncConnection, *where: Where) -> list[int]:
-    """Take back start commands no node has claimed yet (the desktop stays at rest, without a node)."""
+    """Take back start commands no node has claimed yet (the desktop stays at rest, without a node, and without
+    the warm guest and agent token a start may have been given: the pool's node stops that guest, nobody's now)."""
     q = (
         sa.update(d)
         .where(*where, d.c.cmd == DesktopCommand.START.value, d.c.state.in_(sorted(DESKTOP_AT_REST)))
-        .values(cmd=None, cmd_at=None, node_id=None)
+        .values(cmd=None, cmd_at=None, node_id=None, guest=None, agent_token=None)
         .returning(d.c.id)
     )
     return [int(x) for x in (await conn.execute(q)).scalars()]
