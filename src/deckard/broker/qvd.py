@@ -278,8 +278,8 @@ class QvdProtocol:
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
             params = wanted or self._params(req)
             desk = await desktop_for_user(self.db, user, params.desktop_id)
-            if head is not None:
-                await head  # its start command is in: the session's own finds it
+            if head is not None:  # its start command in first: the session's own finds it (or, if it failed, asks)
+                await asyncio.gather(head, return_exceptions=True)
             connecting = True
         except DeckardError as e:
             self._send(channel, req, error_reply(e), login)

@@ -133,7 +133,11 @@ async def _run_chain_waiting(
     """:func:`_run_chain`, calling ``waiting`` once it turns out to wait (a chain decided in its first step, as
     for a password confirmed a moment ago, never calls it)."""
     chain = asyncio.ensure_future(_run_chain(attempt, config, creds))
-    await asyncio.sleep(0)  # the chain's first step runs
+    try:
+        await asyncio.sleep(0)  # the chain's first step runs
+    except BaseException:
+        chain.cancel()
+        raise
     if not chain.done():
         waiting()
     return await chain
