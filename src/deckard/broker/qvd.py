@@ -278,8 +278,10 @@ class QvdProtocol:
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
             params = wanted or self._params(req)
             desk = await desktop_for_user(self.db, user, params.desktop_id)
-            if head is not None:  # its start command in first: the session's own finds it (or, if it failed, asks)
-                await asyncio.gather(head, return_exceptions=True)
+            started = False  # by the head start: the session's own claim finds the command in (or, if not, asks)
+            if head is not None:
+                (asked,) = await asyncio.gather(head, return_exceptions=True)
+                started = asked is True
             connecting = True
         except DeckardError as e:
             self._send(channel, req, error_reply(e), login)
@@ -288,7 +290,8 @@ class QvdProtocol:
             if head is not None and not connecting:  # the login failed (or the client left): no desktop for it
                 assert wanted is not None
                 await asyncio.shield(self._withdraw(head, wanted.desktop_id, channel.front.peer))
-        await self.sessions.run(channel, ConnectRequest(user, login, params, desk, req.received_at, auth_ms))
+        connect = ConnectRequest(user, login, params, desk, req.received_at, auth_ms, head_started=started)
+        await self.sessions.run(channel, connect)
 
     @staticmethod
     def _params(req: Request) -> ConnectParams:

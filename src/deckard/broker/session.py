@@ -190,6 +190,7 @@ class ConnectRequest:
     desktop: Desktop
     received_at: float  # time.monotonic() when the request arrived
     auth_ms: float
+    head_started: bool = False  # its desktop's start was asked for while the password was checked (qvd.py)
     slave_key: str = ""  # an NX connect's key to its slave channel (shared folders), given in the 101
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -439,7 +440,7 @@ class SessionRunner:
                 return relayed[0], running, relayed[1]
             running = await self._step(ready, front, watch)  # the agent answered first: the usual path
             timings["t_start_ms"] += _ms(t)
-        if desk.state != DesktopState.RUNNING and running.start_agent_ms is not None:
+        if (req.head_started or desk.state != DesktopState.RUNNING) and running.start_agent_ms is not None:
             timings["t_agent_ms"] = round(running.start_agent_ms, 1)
 
         t = time.monotonic()

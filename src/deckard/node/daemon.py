@@ -422,6 +422,8 @@ class NodeDaemon:
             )
             DESKTOP_STARTS.labels(self.cfg.name, "warm" if warm else "ok").inc()
             DESKTOP_START_SECONDS.labels(self.cfg.name).observe(t2 - t0)
+            with contextlib.suppress(Exception):  # a VM's boot, readable at once (deckard desktop console-log)
+                await self.driver.console_log(name, 0)
             with contextlib.suppress(Exception):  # volumes attached while it started are hot-plugged now
                 await self.volumes.reconcile(self.node_id)
         except asyncio.CancelledError:
