@@ -422,8 +422,7 @@ class NodeDaemon:
             )
             DESKTOP_STARTS.labels(self.cfg.name, "warm" if warm else "ok").inc()
             DESKTOP_START_SECONDS.labels(self.cfg.name).observe(t2 - t0)
-            with contextlib.suppress(Exception):  # a VM's boot, readable at once (deckard desktop console-log)
-                await self.driver.console_log(name, 0)
+            await self._keep_console(name)  # its boot, readable at once
             with contextlib.suppress(Exception):  # volumes attached while it started are hot-plugged now
                 await self.volumes.reconcile(self.node_id)
         except asyncio.CancelledError:
@@ -579,6 +578,12 @@ class NodeDaemon:
             code="agent_timeout",
         )
 
+    async def _keep_console(self, guest_name: str) -> None:
+        """A VM's console ring copied to its log, where ``deckard desktop console-log`` reads it (a container's
+        console is a file already: nothing to do)."""
+        with contextlib.suppress(Exception):
+            await self.driver.console_log(guest_name, 0)
+
     async def _console_tail(self, desktop_id: int) -> str:
         """What the guest's console says about the failure, for its reason ("" when it said nothing)."""
         with contextlib.suppress(Exception):
@@ -637,8 +642,7 @@ class NodeDaemon:
         if guest is None or not guest.running:
             self._spawn(desk.id, self._stop(desk.id, reason="the desktop was shut down from inside", graceful=False))
             return
-        with contextlib.suppress(Exception):  # a VM's console ring is copied to its log (deckard desktop console-log)
-            await self.driver.console_log(guest.guest_name, 0)
+        await self._keep_console(guest.guest_name)
         try:
             assert desk.agent_token
             await AgentClient(desk.ip, desk.agent_token, timeout=2.0).ping()
