@@ -71,7 +71,7 @@ from deckard.model.schemas import (
     WhoAmI,
 )
 from deckard.model.states import ImageState
-from deckard.runtime.tls import client_context
+from deckard.runtime.tls import new_client_context
 
 API_PREFIX = "/api/v1"
 NODE_WAIT_TIMEOUT = 90.0  # attach/detach wait up to a minute for the desktop's node (services/volumes.py)
@@ -136,7 +136,7 @@ class ApiClient:
         self.token = token
         verify: ssl.SSLContext | bool = True  # None: the system's trust store
         if ca is not None:
-            verify = client_context(ca)
+            verify = new_client_context(ca)
             # a pinned server certificate (``deckard login``) is a trust anchor of its own, not only a CA
             verify.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         if transport is None:
