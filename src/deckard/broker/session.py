@@ -73,7 +73,10 @@ T = TypeVar("T")
 
 DISPLAY_CONNECT_TIMEOUT = 5.0
 FINISH_WAIT = 2.0  # seconds a relay the display ended before its start finished waits for the start's outcome
-DIAL_RETRY_S = 0.005  # how often a display shown at boot is dialled until its Xvnc listens (refused meanwhile)
+# a display shown at boot is dialled until its Xvnc listens (refused meanwhile) again after a twentieth of the time
+# it has been refused, between these bounds: a quick Xvnc is found within a millisecond or two of listening (at a
+# fixed 5 ms, 2.5 ms late on average), a slow one on a busy node costs tens of dials, not hundreds
+DIAL_RETRY_S = (0.001, 0.02)
 BOOT_DIAL_TIMEOUT = 1.0  # one such dial: a SYN left unanswered is sent again by a new dial, not in a second
 # the agent's refusals that are the client's to act on, passed on with their own code
 AGENT_CONFLICTS = frozenset({"display_in_use_by_other_protocol", "display_busy", "nx_unavailable"})
@@ -526,12 +529,14 @@ class SessionRunner:
         watch: asyncio.Task[Any],
     ) -> tuple[Tunnel, asyncio.Task[None]] | None:
         """Dial the display a starting guest showed at boot (``display_at``) while its agent starts: refused until
-        Xvnc listens, dialled again every :data:`DIAL_RETRY_S`.  Returns the tunnel and the task that finishes the
+        Xvnc listens, dialled again after :data:`DIAL_RETRY_S`.  Returns the tunnel and the task that finishes the
         connect once the agent answers (its ``x_start``: the user checked, the keyboard set), or None when the
         agent answered first (``ready``, the wait for it, is done: the caller goes the usual way, which says what is
         wrong if the start failed or the display still does not answer)."""
         front = client.front
         secret = display_password(booting.agent_token or "")
+        loop = asyncio.get_running_loop()
+        since = loop.time()
         try:
             while not ready.done():
                 tunnel = client.new_tunnel()
@@ -541,7 +546,8 @@ class SessionRunner:
                     )
                 except (OSError, TimeoutError):  # refused until Xvnc listens; whatever else is wrong the usual path
                     tunnel.discard()  # reports once the agent answers (this one is only ever a head start)
-                    await self._step(asyncio.wait({ready}, timeout=DIAL_RETRY_S), front, watch)
+                    retry = min(max((loop.time() - since) / 20, DIAL_RETRY_S[0]), DIAL_RETRY_S[1])
+                    await self._step(asyncio.wait({ready}, timeout=retry), front, watch)
                     continue
                 except BaseException:
                     tunnel.discard()
