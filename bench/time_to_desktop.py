@@ -45,9 +45,9 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -58,7 +58,10 @@ from deckard.db.engine import Database
 from deckard.drivers.lxc_config import ID_RANGE, farm_id_base
 from deckard.images.profile import builtin_profiles
 from deckard.runtime.paths import FarmPaths
+from deckard.runtime.process import event_loop_factory
 from deckard.testing import FarmProcess, wait_for
+
+T = TypeVar("T")
 
 PASSWORD = "bench-pass"
 PHASES = ["t_auth_ms", "t_claim_ms", "t_start_ms", "t_agent_ms", "t_display_ms", "t_total_ms"]
@@ -78,6 +81,13 @@ def median_of(seconds: list[float]) -> dict[str, float]:
 
 def wait_state(farm: FarmProcess, name: str, state: str) -> None:
     wait_for(lambda: (d := farm.desktop(name))["state"] == state and d["cmd"] is None, 60, 0.1, state)
+
+
+def run_client(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client's side on the loop ``deckard connect`` runs on (uvloop where installed): Deckard's connects
+    and the floor's alike."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(coro)
 
 
 async def first_byte(farm: FarmProcess, login: str, desktop_id: int) -> float:
@@ -202,7 +212,7 @@ def floor_runner(farm: FarmProcess) -> Callable[[], tuple[float, float]]:
             t0 = time.perf_counter()
             subprocess.run(["lxc-start", "-n", name, "-P", str(lxc), "-f", str(config), "-d"], check=True)
             started = time.perf_counter() - t0
-            asyncio.run(banner(ip, t0 + 30))
+            run_client(banner(ip, t0 + 30))
             return started, time.perf_counter() - t0
         finally:
             subprocess.run(["lxc-stop", "-n", name, "-P", str(lxc), "-k"], check=False, capture_output=True)
@@ -231,8 +241,8 @@ def cold_starts(
         farm.deckard("desktop", "stop", name)
         wait_state(farm, name, "stopped")
         before()
-        totals.append(asyncio.run(first_byte(farm, "bench", desk_id)))
-        row = asyncio.run(last_connection(farm))
+        totals.append(run_client(first_byte(farm, "bench", desk_id)))
+        row = run_client(last_connection(farm))
         for p in PHASES:
             if row.get(p) is not None:
                 phases[p].append(row[p])
@@ -275,10 +285,10 @@ def main() -> None:
         farm.up()
         results["up_s"] = round(time.perf_counter() - t0, 2)
         desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
-        results["first_desktop_s"] = round(asyncio.run(first_byte(farm, "bench", desk_id)), 3)
-        row = asyncio.run(last_connection(farm))
+        results["first_desktop_s"] = round(run_client(first_byte(farm, "bench", desk_id)), 3)
+        row = run_client(last_connection(farm))
         results["first_desktop_phases_ms"] = {p: row[p] for p in PHASES if row.get(p) is not None}
-        asyncio.run(see(farm, "bench", desk_id))
+        run_client(see(farm, "bench", desk_id))
         floor_run, floor_samples = floor_runner(farm), []
         results.update(cold_starts(farm, "bench-desk", desk_id, args.runs, lambda: floor_samples.append(floor_run())))
         results.update(floor_figures(floor_samples))
@@ -286,18 +296,18 @@ def main() -> None:
         for _ in range(3):
             farm.deckard("desktop", "stop", "bench-desk")
             wait_state(farm, "bench-desk", "stopped")
-            drawn.append(asyncio.run(until_drawn(farm, "bench", desk_id)))
+            drawn.append(run_client(until_drawn(farm, "bench", desk_id)))
         results["time_to_drawn_s"] = median_of(drawn)
         first_drawn = []
         for n in range(3):
             login = f"newcomer{n}"
             new_id = farm.user_with_desktop(login, PASSWORD, f"{login}-desk")["id"]
-            first_drawn.append(asyncio.run(until_drawn(farm, login, new_id)))
+            first_drawn.append(run_client(until_drawn(farm, login, new_id)))
             farm.deckard("desktop", "stop", f"{login}-desk")
             wait_state(farm, f"{login}-desk", "stopped")
         results["new_user_drawn_s"] = median_of(first_drawn)
 
-        asyncio.run(see(farm, "bench", desk_id))
+        run_client(see(farm, "bench", desk_id))
         time.sleep(idle_s)  # let the session come up and go idle
         usage, rss = cgroup_memory(FarmPaths(farm.home).guest_name(desk_id))
         results["idle_desktop_memory_mib"] = {"cgroup_usage": round(usage / 2**20, 1), "rss": round(rss / 2**20, 1)}
@@ -315,7 +325,7 @@ def vm_main(args: argparse.Namespace) -> None:
     from deckard.testing import image_cache
 
     runs = min(args.runs, 5) if args.runs == 10 else args.runs  # a TCG boot is ~8 s: 5 runs by default
-    image = asyncio.run(
+    image = run_client(
         build_image(
             image_cache() / "built",
             cache_dir=image_cache(),
@@ -340,11 +350,11 @@ def vm_main(args: argparse.Namespace) -> None:
         paths = FarmPaths(farm.home)
         wait_for(lambda: any(paths.basefs.glob("*-vm*/disk.qcow2")), 600, 0.2, "the VM image")
         results["image_prepared_s"] = round(time.perf_counter() - t0, 1)
-        asyncio.run(see(farm, "bench", desk_id))  # the first boot formats the home disk
+        run_client(see(farm, "bench", desk_id))  # the first boot formats the home disk
         results.update(cold_starts(farm, "bench-vm", desk_id, runs))
         farm.deckard("desktop", "stop", "bench-vm")
         wait_state(farm, "bench-vm", "stopped")
-        results["time_to_drawn_s"] = round(asyncio.run(until_drawn(farm, "bench", desk_id)), 2)
+        results["time_to_drawn_s"] = round(run_client(until_drawn(farm, "bench", desk_id)), 2)
         time.sleep(args.idle if args.idle is not None else 10.0)
         pid = int((paths.vm / paths.guest_name(desk_id) / "qemu.pid").read_text())
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -384,7 +394,7 @@ def many_desktops(farm: FarmProcess, n: int) -> dict[str, object]:
         return await asyncio.gather(*(see(farm, login, did) for login, did in ids.items()))
 
     t0 = time.perf_counter()
-    seen = asyncio.run(all_at_once())
+    seen = run_client(all_at_once())
     wall = time.perf_counter() - t0
     guests = [FarmPaths(farm.home).guest_name(did) for did in ids.values()]
     mem = [cgroup_memory(g) for g in guests]

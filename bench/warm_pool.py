@@ -17,7 +17,6 @@ Usage: ``.venv/bin/python bench/warm_pool.py [--runs 10] [--json]`` (root; LXC).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import statistics
 import time
 
 from deckard.testing import FarmProcess, wait_for
-from time_to_desktop import PASSWORD, PHASES, first_byte, last_connection, until_drawn, wait_state
+from time_to_desktop import PASSWORD, PHASES, first_byte, last_connection, run_client, until_drawn, wait_state
 
 
 def pool_ready(farm: FarmProcess) -> bool:
@@ -51,8 +50,8 @@ def runs_of(
     for _ in range(runs):
         if warm:
             wait_for(lambda: pool_ready(farm), 120, 0.05, "a ready warm guest")
-        totals.append(asyncio.run(measure(farm, "bench", desk_id)))  # type: ignore[operator]
-        row = asyncio.run(last_connection(farm))
+        totals.append(run_client(measure(farm, "bench", desk_id)))  # type: ignore[operator]
+        row = run_client(last_connection(farm))
         for p in PHASES:
             if row.get(p) is not None:
                 phases[p].append(row[p])
@@ -74,7 +73,7 @@ def main() -> None:
     try:
         farm.up()
         desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
-        asyncio.run(first_byte(farm, "bench", desk_id))  # the farm's first connect pays its own warm-up
+        run_client(first_byte(farm, "bench", desk_id))  # the farm's first connect pays its own warm-up
         farm.deckard("desktop", "stop", "bench-desk")
         wait_state(farm, "bench-desk", "stopped")
         farm.deckard("pool", "set", "default", "--size", "1")
