@@ -273,3 +273,32 @@ def test_desktops_cannot_open_connections_to_the_node(farm: FarmProcess) -> None
         )
         out = farm.attach(desk["id"], f'python3 -c "{probe}"')
     assert "blocked" in out.stdout, out
+
+
+def test_an_osf_turns_opengl_off_and_on_for_its_desktops_displays(farm: FarmProcess) -> None:
+    """``display.glx`` off: the desktop's Xvnc (started at boot, then adopted by the agent) runs without GLX and
+    never loads Mesa; back on, the next start has it again (the flag the node left in the layer is gone)."""
+    desk = farm.user_with_desktop("gina", PASSWORD, "gina-desk")
+    # Xvnc's command line and whether Mesa's software renderer is mapped into it, seen from inside the desktop
+    show = (
+        'for p in /proc/[0-9]*; do case "$(tr "\\0" " " <$p/cmdline 2>/dev/null)" in Xvnc*) '
+        'tr "\\0" " " <$p/cmdline; echo; grep -c swrast_dri $p/maps;; esac; done'
+    )
+
+    def xvnc() -> tuple[str, int]:
+        farm.deckard("desktop", "start", "gina-desk")
+        _wait_state(farm, "gina-desk", "running")
+        asyncio.run(_see_desktop(farm, "gina", desk["id"]))  # the display shown, the agent's own included
+        out = farm.attach(desk["id"], show, user="gina").stdout.split("\n")  # its maps are the user's to read
+        farm.deckard("desktop", "stop", "gina-desk")
+        _wait_state(farm, "gina-desk", "stopped")
+        return out[0], int(out[1])
+
+    farm.deckard("config", "set", "display.glx", "false", "--osf", "default")
+    try:
+        args, mesa = xvnc()
+        assert "-extension GLX" in args and mesa == 0, (args, mesa)
+    finally:
+        farm.deckard("config", "reset", "display.glx", "--osf", "default")
+    args, mesa = xvnc()
+    assert "-extension GLX" not in args and mesa > 0, (args, mesa)

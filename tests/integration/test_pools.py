@@ -155,19 +155,27 @@ class _Guests:
         self.running.discard(name)
 
 
-async def test_guests_started_before_the_shared_folders_setting_changed_are_replaced(
-    db: Database, tmp_path: Path
+@pytest.mark.parametrize(("key", "default"), [("nx.shares.in_containers", False), ("display.glx", True)])
+async def test_guests_started_before_a_setting_of_theirs_changed_are_replaced(
+    db: Database, tmp_path: Path, key: str, default: bool
 ) -> None:
-    """``nx.shares.in_containers`` decides whether a guest's init may keep CAP_SYS_ADMIN for the mounter: a pool's
-    new guests follow it, and guests started the other way leave the pool (an administrator turning it off must
-    not see a desktop taken over with it afterwards)."""
+    """``nx.shares.in_containers`` decides whether a guest's init may keep CAP_SYS_ADMIN for the mounter, and
+    ``display.glx`` whether its display has OpenGL: a pool's new guests follow them, and guests started the other
+    way leave the pool (an administrator turning the mounter off must not see a desktop taken over with it
+    afterwards)."""
     node_id, _desks = await _farm(db, tmp_path, users=0)
     await pools.create_pool(db, SYSTEM, "default", size=1)
+
+    def how(spec: pools.PoolSpec) -> tuple[bool, bool]:
+        return (spec.mounter, spec.glx)
+
+    flip = 0 if key == "nx.shares.in_containers" else 1
     plans, _own = await pools.node_plan(db, node_id)
-    assert [spec.mounter for _plan, spec in plans if spec] == [False]
-    await config.set_config(db, SYSTEM, "nx.shares.in_containers", True)
+    assert [how(spec)[flip] for _plan, spec in plans if spec] == [default]
+    await config.set_config(db, SYSTEM, key, not default)
     plans, _own = await pools.node_plan(db, node_id)
-    assert [spec.mounter for _plan, spec in plans if spec] == [True]
+    assert [how(spec)[flip] for _plan, spec in plans if spec] == [not default]
+    started = how(next(spec for _plan, spec in plans if spec))
 
     (guest,) = await _warm_guests(db, node_id, 1)
     driver = _Guests([guest.name])
@@ -181,10 +189,10 @@ async def test_guests_started_before_the_shared_folders_setting_changed_are_repl
         may_start=lambda: False,  # this pass only trims
         slots=asyncio.Semaphore(1),
     )
-    node._mounter[guest.name] = True  # as if this node had booted it with the mounter
+    node._started_as[guest.name] = started  # as if this node had booted it as the setting says now
     await node.reconcile()
     assert driver.killed == [], "started as the setting says: kept"
-    await config.set_config(db, SYSTEM, "nx.shares.in_containers", False)
+    await config.set_config(db, SYSTEM, key, default)
     await node.reconcile()
     assert driver.killed == [guest.name]
     _plans, own = await pools.node_plan(db, node_id)

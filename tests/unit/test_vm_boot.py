@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lzma
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from deckard.model.errors import DriverError
 from deckard.model.placement import serves
 from deckard.model.vm_image import VM_MODULES, module_load_order
 from deckard.runtime.paths import FarmPaths
+from deckard.vma.agent import NO_GLX_FILE
 
 MODULES_DEP = """\
 kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
@@ -117,6 +119,20 @@ def test_init_finds_disks_by_serial_and_hands_over_to_the_agent() -> None:
     assert "agent=/usr/local/sbin/deckard-vma" in init  # or its bytecode, when the node compiled it
     assert 'switch_root /newroot $agent --machine vm --display-for "$USER_LOGIN:$USER_UID"' in init
     assert init.index("53ef") < init.index("mkfs.ext4")  # formats only a home that has no file system yet
+
+
+def test_the_init_leaves_the_agent_word_when_the_display_has_no_opengl(tmp_path: Path) -> None:
+    """``display.glx`` off reaches a VM's agent as a file its init leaves on the root disk, and only then (a root
+    disk keeps the last start's: it goes when the setting is back on)."""
+    lines = [line for line in render_init([]).splitlines() if NO_GLX_FILE in line]
+    script = "\n".join(lines).replace("/newroot", str(tmp_path)).replace("$bb ", "")
+    flag = tmp_path / NO_GLX_FILE.lstrip("/")
+    flag.parent.mkdir(parents=True)
+    for glx, present in (("0", True), ("1", False), ("0", True)):
+        subprocess.run(["sh", "-c", script], env={"GLX": glx, "PATH": "/usr/bin:/bin"}, check=False)
+        assert flag.is_file() == present, glx
+    on, off = (GuestConf("dk1-2", "10.0.0.5", 24, "10.0.0.1", "ada", 70001, glx=glx).render() for glx in (True, False))
+    assert "GLX=1\n" in on and "GLX=0\n" in off
 
 
 def test_guest_conf_quotes_every_value_for_the_shell() -> None:

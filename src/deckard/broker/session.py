@@ -75,7 +75,7 @@ DISPLAY_CONNECT_TIMEOUT = 5.0
 FINISH_WAIT = 2.0  # seconds a relay the display ended before its start finished waits for the start's outcome
 # a display shown at boot is dialled until its Xvnc listens (refused meanwhile) again after a twentieth of the time
 # it has been refused, between these bounds: a quick Xvnc is found within a millisecond or two of listening (at a
-# fixed 5 ms, 2.5 ms late on average), a slow one on a busy node costs tens of dials, not hundreds
+# fixed 5 ms, 2.5 ms late on average), a slow one on a busy node fewer dials (~110 in a second instead of 200)
 DIAL_RETRY_S = (0.001, 0.02)
 BOOT_DIAL_TIMEOUT = 1.0  # one such dial: a SYN left unanswered is sent again by a new dial, not in a second
 # the agent's refusals that are the client's to act on, passed on with their own code

@@ -9,9 +9,11 @@ with its modules beside it, when this Python's bytecode is the image's, and star
 from __future__ import annotations
 
 import importlib.util
+import os
 import pwd
 import py_compile
 import shlex
+import stat
 from pathlib import Path
 
 AGENT = "/usr/local/sbin/deckard-vma"
@@ -77,14 +79,15 @@ def boot_script(agent: str) -> str:
     account = pwd.struct_passwd(("$login", "x", 0, 0, "", "/home/$login", "/bin/bash"))  # as write_account has it
     env = " ".join(f'{key}="{value}"' for key, value in vma.user_env(account).items())  # sh expands "$login"
     secret = vma.BOOT_DISPLAY_SECRET_FILE
-    xvnc = shlex.join(vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, secret, software_cpu=False))
+    xvnc = shlex.join(vma.xvnc_args(vma.DISPLAY, vma.DEFAULT_GEOMETRY, secret, glx=True))
     run, pid_file = vma.RUN_DIR, f"{vma.RUN_DIR}/xvnc.pid"
     return f"""#!/bin/sh
 # deckard: a desktop container's init, written when the node unpacked the image (drivers/agent_code.py)
-login="$1" uid="$2" xvnc=""
+login="$1" uid="$2" xvnc="" glx=""
+[ -f {vma.NO_GLX_FILE} ] && glx="-extension GLX"
 if command -v setpriv >/dev/null && [ -f {secret} ] && [ -d {run} ] && [ -d {vma.X11_SOCKET_DIR} ]; then
   {{ {env} setpriv --reuid="$uid" --regid="$uid" --clear-groups \\
-      {xvnc} -displayfd 3 3>&1 </dev/null >>{run}/xvnc.log 2>&1 &
+      {xvnc} $glx -displayfd 3 3>&1 </dev/null >>{run}/xvnc.log 2>&1 &
     echo $! >{pid_file}
     (sleep {XVNC_READY_WAIT_S}; echo) & }} | {{ read -r _; }}
   read -r pid <{pid_file} && xvnc="--xvnc-pid $pid"
@@ -99,6 +102,27 @@ def install_boot_script(rootfs: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(boot_script(agent_command(rootfs)))
     target.chmod(0o755)
+
+
+def refresh_boot_script(rootfs: Path) -> bool:
+    """Rewrite an unpacked image's boot script when this node's differs (an image unpacked by an older node): same
+    owner, one rename (a container booting meanwhile reads the old one or the new).  False when it was current or
+    the image has none (its agent starts the display itself)."""
+    target = rootfs / BOOT_SCRIPT.lstrip("/")
+    try:
+        st = target.lstat()
+        current = target.read_text() if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        return False
+    wanted = boot_script(agent_command(rootfs))
+    if current is None or current == wanted:
+        return False
+    fresh = target.with_name(target.name + ".new")
+    fresh.write_text(wanted)
+    os.chown(fresh, st.st_uid, st.st_gid)
+    fresh.chmod(0o755)
+    fresh.replace(target)
+    return True
 
 
 def boot_command(rootfs: Path) -> str | None:

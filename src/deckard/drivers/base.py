@@ -67,6 +67,7 @@ class GuestSpec:
     farm_ip: str = ""  # on a tenant network: the farm address the node reaches the guest at ("" = ``ip``)
     warm: bool = False  # a warm pool's guest: nobody's yet (no user, no account); ``home_dir`` is its share of homes
     mounter: bool = False  # a container's init may fork the mounter of shared folders (``nx.shares.in_containers``)
+    glx: bool = True  # OpenGL on the display (``display.glx``): off, the node tells the guest (``vma.NO_GLX_FILE``)
 
     @property
     def reach_ip(self) -> str:

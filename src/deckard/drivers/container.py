@@ -44,7 +44,13 @@ from pathlib import Path
 import structlog
 
 from deckard.drivers import warm
-from deckard.drivers.agent_code import agent_command, boot_command, install_boot_script, precompile_agent
+from deckard.drivers.agent_code import (
+    agent_command,
+    boot_command,
+    install_boot_script,
+    precompile_agent,
+    refresh_boot_script,
+)
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
 from deckard.drivers.cgroups import favordynmods_mount, memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
@@ -69,7 +75,7 @@ from deckard.drivers.network import (
 from deckard.drivers.volumes import mount_on_host, unmount_from_host
 from deckard.model.errors import DriverError
 from deckard.runtime.paths import FarmPaths, read_tail
-from deckard.vma.agent import BOOT_DISPLAY_SECRET_FILE
+from deckard.vma.agent import BOOT_DISPLAY_SECRET_FILE, NO_GLX_FILE
 
 log = structlog.get_logger()
 
@@ -124,6 +130,7 @@ class ContainerDriver:
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()  # work a caller need not wait for (held till done)
         self._host_tuned = False
+        self._boot_current: set[Path] = set()  # unpacked images whose boot script this node checked
 
     def _lock(self, guest_name: str) -> asyncio.Lock:
         return self._locks.setdefault(guest_name, asyncio.Lock())
@@ -281,6 +288,12 @@ class ContainerDriver:
                 + "options timeout:2 attempts:2\n"
             ).encode(),
         }
+        no_glx = upper / NO_GLX_FILE.lstrip("/")  # the display without OpenGL (``display.glx``): the guest reads it
+        if not spec.glx:
+            files[no_glx] = b""
+        else:  # a kept layer has the last start's (in ``ours``, a real directory: no link followed)
+            with contextlib.suppress(FileNotFoundError):
+                no_glx.unlink()
         for path, data in files.items():
             write_new(path, data, 0o600 if path.parent == ours else 0o644)
         written = [upper, etc, ours, *files]
@@ -405,6 +418,10 @@ class ContainerDriver:
         (flock + temp dir + rename); return its path.  ``background``: tar runs niced (a start may be waiting)."""
         target = self.paths.basefs / f"{image_id}-u{self.id_base}"
         if target.is_dir():
+            if target not in self._boot_current:  # unpacked by an older node: its boot script may be older too
+                if await asyncio.to_thread(refresh_boot_script, target):
+                    log.info("container.boot_script_updated", basefs=str(target))
+                self._boot_current.add(target)
             return target
         if not image_path.is_file():
             raise DriverError(

@@ -328,7 +328,14 @@ class VmDriver:
 
     async def _config_disk(self, spec: GuestSpec, run: Path) -> Path:
         conf = GuestConf(
-            spec.guest_name, spec.ip, spec.prefix_len, spec.gateway, spec.user_login, spec.user_uid, spec.dns_search
+            spec.guest_name,
+            spec.ip,
+            spec.prefix_len,
+            spec.gateway,
+            spec.user_login,
+            spec.user_uid,
+            spec.dns_search,
+            glx=spec.glx,
         )
         files = config_files(
             conf,

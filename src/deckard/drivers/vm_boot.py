@@ -35,8 +35,9 @@ from pathlib import Path
 from deckard.drivers.agent_code import AGENT, AGENT_PYC, AGENT_PYC_COMMAND
 from deckard.model.errors import DriverError
 from deckard.model.vm_image import module_load_order, module_name
+from deckard.vma.agent import NO_GLX_FILE
 
-BOOT_VERSION = "5"  # of the prepared layout below: a node with a newer one prepares the image again
+BOOT_VERSION = "6"  # of the prepared layout below: a node with a newer one prepares the image again
 ROOT_SERIAL, HOME_SERIAL, CONFIG_SERIAL = "deckard-root", "deckard-home", "deckard-config"
 CONFIG_LABEL = "CIDATA"  # cloud-init's NoCloud label, so images that run cloud-init find the same disk
 # what the initrd loads, in this order's dependency closure: disks, network, file systems, power button, entropy
@@ -85,6 +86,7 @@ class GuestConf:
     user_login: str
     user_uid: int
     dns_search: str = ""
+    glx: bool = True  # OpenGL on the display (``display.glx``); off: the init leaves ``vma.NO_GLX_FILE`` for the agent
 
     def render(self) -> str:
         values = {
@@ -95,6 +97,7 @@ class GuestConf:
             "USER_LOGIN": self.user_login,
             "USER_UID": str(self.user_uid),
             "DNS_SEARCH": self.dns_search,
+            "GLX": "1" if self.glx else "0",
         }
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
@@ -185,6 +188,8 @@ for f in agent-token display-passwd; do
   $bb chmod 600 "/newroot/etc/deckard/$f"
 done
 $bb umount /cfg
+$bb rm -f /newroot{NO_GLX_FILE}
+[ "$GLX" = 0 ] && : >/newroot{NO_GLX_FILE}
 echo "$HOSTNAME" >/newroot/etc/hostname
 printf '127.0.0.1\\tlocalhost\\n%s\\t%s\\n' "$IP" "$HOSTNAME" >/newroot/etc/hosts
 {{

@@ -515,6 +515,7 @@ class NodeDaemon:
                 agent_token=desk.agent_token,
                 keep_overlay=facts.keep_overlay,
                 mounter=facts.mounter,
+                glx=facts.glx,
                 dns_search=facts.network.dns_search,
                 driver=facts.driver,
                 seed=await self._seed(desktop_id) if facts.driver == "vm" else None,

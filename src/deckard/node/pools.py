@@ -57,7 +57,8 @@ class WarmPools:
         self.egress = egress  # loads the pool's policy ahead: the take-over then only adds an address
         self._starting: dict[int, asyncio.Task[None]] = {}  # pool id → the start of its next guest
         self._failed_at: dict[int, float] = {}
-        self._mounter: dict[str, bool] = {}  # guest name → started with the mounter (a node restart drops them all)
+        # guest name → how it was started: (with the mounter, with OpenGL); a node restart drops every guest
+        self._started_as: dict[str, tuple[bool, bool]] = {}
         self._had_guests = True  # the first pass looks for guests a previous daemon left
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -81,13 +82,13 @@ class WarmPools:
         self._had_guests = bool(plans or own)  # after the last pool goes: one more pass stops what it left
         running = {g.guest_name for g in await self.driver.list() if g.running}
         trim = {name for plan, _spec in plans for name in plan.trim}
-        # the farm's administrator changed nx.shares.in_containers: guests started the other way are replaced
+        # the farm's administrator changed nx.shares.in_containers or display.glx: guests started the other way go
         by_pool = {plan.pool_id: spec for plan, spec in plans}
         names = {g.name for g in own}
-        self._mounter = {name: had for name, had in self._mounter.items() if name in names}
+        self._started_as = {name: how for name, how in self._started_as.items() if name in names}
         for g in own:
             spec = by_pool.get(g.pool_id)
-            if spec is not None and self._mounter.get(g.name, spec.mounter) != spec.mounter:
+            if spec is not None and self._started_as.get(g.name, (spec.mounter, spec.glx)) != (spec.mounter, spec.glx):
                 trim.add(g.name)
         dead = [g.name for g in own if g.name not in running and g.pool_id not in self._starting]
         if dead:
@@ -152,9 +153,10 @@ class WarmPools:
                         agent_token=guest.agent_token,
                         warm=True,
                         mounter=spec.mounter,
+                        glx=spec.glx,
                     )
                 )
-                self._mounter[guest.name] = spec.mounter
+                self._started_as[guest.name] = (spec.mounter, spec.glx)
                 await self._wait_warm(guest)
             if await pools.warm_ready(self.db, guest.id):
                 await pools.pool_healthy(self.db, spec.pool_id)

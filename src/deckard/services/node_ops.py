@@ -30,7 +30,7 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.fence import FenceConfig
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
-from deckard.services.config import mounter_allowed
+from deckard.services.config import mounter_allowed, read_config
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
@@ -290,6 +290,7 @@ class StartFacts:
     tenant_network: TenantAddress | None = None  # on a tenant network: which, and the desktop's address in it
     mounter: bool = False  # ``nx.shares.in_containers`` on and the OSF keeps no overlay (docs/security.md)
     volumes: bool = True  # the desktop has volume attachments (``start_volumes`` settles them; none: no write)
+    glx: bool = True  # OpenGL on its display (``display.glx``)
 
 
 async def start_facts(db: Database, desktop_id: int) -> StartFacts:
@@ -331,6 +332,7 @@ async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
         await tenant_address(conn, desktop_id),
         await mounter_allowed(conn, driver=row.osf_driver, keep_overlay=row.keep_overlay),
         bool(row.has_volumes),
+        bool(await read_config(conn, "display.glx", desk.tenant_id, desk.osf_id)),
     )
 
 

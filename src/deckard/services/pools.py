@@ -215,6 +215,7 @@ class PoolSpec:
     image_id: int
     image_path: Path
     mounter: bool = False  # its guests may mount QVD clients' shared folders (``config.mounter_allowed``)
+    glx: bool = True  # OpenGL on its guests' displays (``display.glx``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,10 @@ async def node_plan(db: Database, node_id: int) -> tuple[list[tuple[PoolPlan, Po
                     wanted = 0  # no image for the tag (or a blocked one): nothing to keep warm
                 else:
                     mounter = await mounter_allowed(conn, driver=m[o.c.driver], keep_overlay=m[o.c.keep_overlay])
-                    spec = PoolSpec(m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path, mounter)
+                    glx = bool(await read_config(conn, "display.glx", m[o.c.tenant_id], m[o.c.id]))
+                    spec = PoolSpec(
+                        m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path, mounter, glx
+                    )
                     stale = {g.name for g in mine if g.image_id != image_id}  # the tag moved to a new image
             current = [(int(g.id), str(g.name), int(g.node_id)) for g in mine if g.name not in stale]
             trim = excess(current, wanted, node_id) + tuple(
