@@ -138,7 +138,7 @@ async def see(farm: FarmProcess, login: str, desktop_id: int) -> bool:
 
 
 FLOOR_INIT = """#!/bin/sh
-Xvnc :0 -rfbport 5900 -SecurityTypes None -geometry 1280x800 -depth 24 -nolisten tcp >/dev/null 2>&1 &
+Xvnc :0 -rfbport 5900 -SecurityTypes None -geometry 1280x800 -depth 24 -nolisten tcp {glx}>/dev/null 2>&1 &
 until [ -e /tmp/.X11-unix/X0 ]; do sleep 0.01; done
 DISPLAY=:0 exec jwm
 """
@@ -186,9 +186,9 @@ async def banner(ip: str, deadline: float) -> None:
             writer.close()
 
 
-def floor_runner(farm: FarmProcess) -> Callable[[], tuple[float, float]]:
+def floor_runner(farm: FarmProcess, *, glx: bool = True) -> Callable[[], tuple[float, float]]:
     """The floor, one run per call: ``lxc-start`` of the bare container → the RFB banner through the bridge;
-    returns (``lxc-start``'s own time, the whole)."""
+    returns (``lxc-start``'s own time, the whole).  Its Xvnc has OpenGL as the farm's desktops have (``glx``)."""
     paths = FarmPaths(farm.home)
     id_base = farm_id_base(paths.farm_id)
     (basefs,) = sorted(paths.basefs.glob(f"*-u{id_base}"))[-1:]
@@ -201,7 +201,7 @@ def floor_runner(farm: FarmProcess) -> Callable[[], tuple[float, float]]:
         work = lxc / name
         upper = work / "upper"
         upper.mkdir(parents=True)
-        (upper / "floor.sh").write_text(FLOOR_INIT)
+        (upper / "floor.sh").write_text(FLOOR_INIT.format(glx="" if glx else "-extension GLX "))
         (upper / "floor.sh").chmod(0o755)
         for path in (work, upper, upper / "floor.sh"):
             os.chown(path, id_base, id_base)
@@ -268,6 +268,7 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=1024, help="--vm: the guest's RAM in MiB (1024)")
     ap.add_argument("--cpus", type=int, default=1, help="--vm: the guest's vCPUs (1)")
     ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="--vm: QEMU's accelerator")
+    ap.add_argument("--no-glx", action="store_true", help="desktops (and the floor) without OpenGL: display.glx off")
     args = ap.parse_args()
     if args.vm:
         vm_main(args)
@@ -279,17 +280,20 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()} "
         f"{platform.processor() or ''} cpus={__import__('os').cpu_count()}",
         "profile": args.profile,
+        "glx": not args.no_glx,
     }
     try:
         t0 = time.perf_counter()
         farm.up()
         results["up_s"] = round(time.perf_counter() - t0, 2)
+        if args.no_glx:
+            farm.deckard("config", "set", "display.glx", "false", "--osf", "default")
         desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
         results["first_desktop_s"] = round(run_client(first_byte(farm, "bench", desk_id)), 3)
         row = run_client(last_connection(farm))
         results["first_desktop_phases_ms"] = {p: row[p] for p in PHASES if row.get(p) is not None}
         run_client(see(farm, "bench", desk_id))
-        floor_run, floor_samples = floor_runner(farm), []
+        floor_run, floor_samples = floor_runner(farm, glx=not args.no_glx), []
         results.update(cold_starts(farm, "bench-desk", desk_id, args.runs, lambda: floor_samples.append(floor_run())))
         results.update(floor_figures(floor_samples))
         drawn = []
@@ -414,7 +418,8 @@ def finish(args: argparse.Namespace, results: dict[str, object]) -> None:
         return
     ttd = results["time_to_desktop_s"]
     assert isinstance(ttd, dict)
-    print(f"machine: {results['machine']}  profile: {results['profile']}")
+    glx = "" if results.get("glx", True) else "  display.glx: off (desktops and floor)"
+    print(f"machine: {results['machine']}  profile: {results['profile']}{glx}")
     print(f"deckard up: {results['up_s']} s; first desktop after it: {results['first_desktop_s']} s to first RFB byte")
     print(f"  its phases (ms): {results['first_desktop_phases_ms']}")
     print(
