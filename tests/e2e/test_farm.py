@@ -278,7 +278,7 @@ def test_desktops_cannot_open_connections_to_the_node(farm: FarmProcess) -> None
 def test_an_osf_turns_opengl_off_and_on_for_its_desktops_displays(farm: FarmProcess) -> None:
     """``display.glx`` off: the desktop's Xvnc (started at boot, then adopted by the agent) runs without GLX and
     never loads Mesa; back on, the next start has it again (the flag the node left in the layer is gone)."""
-    desk = farm.user_with_desktop("gina", PASSWORD, "gina-desk")
+    desk = farm.user_with_desktop("hugo", PASSWORD, "hugo-desk")
     # Xvnc's command line and whether Mesa's software renderer is mapped into it, seen from inside the desktop
     show = (
         'for p in /proc/[0-9]*; do case "$(tr "\\0" " " <$p/cmdline 2>/dev/null)" in Xvnc*) '
@@ -286,12 +286,12 @@ def test_an_osf_turns_opengl_off_and_on_for_its_desktops_displays(farm: FarmProc
     )
 
     def xvnc() -> tuple[str, int]:
-        farm.deckard("desktop", "start", "gina-desk")
-        _wait_state(farm, "gina-desk", "running")
-        asyncio.run(_see_desktop(farm, "gina", desk["id"]))  # the display shown, the agent's own included
-        out = farm.attach(desk["id"], show, user="gina").stdout.split("\n")  # its maps are the user's to read
-        farm.deckard("desktop", "stop", "gina-desk")
-        _wait_state(farm, "gina-desk", "stopped")
+        farm.deckard("desktop", "start", "hugo-desk")
+        _wait_state(farm, "hugo-desk", "running")
+        asyncio.run(_see_desktop(farm, "hugo", desk["id"]))  # the display shown, the agent's own included
+        out = farm.attach(desk["id"], show, user="hugo").stdout.split("\n")  # its maps are the user's to read
+        farm.deckard("desktop", "stop", "hugo-desk")
+        _wait_state(farm, "hugo-desk", "stopped")
         return out[0], int(out[1])
 
     farm.deckard("config", "set", "display.glx", "false", "--osf", "default")
