@@ -169,7 +169,7 @@ async def measure(
         async def broker_ws() -> tuple[RawViewer, Any]:
             ws = await websockets.connect(await panel.ticket("connect"), ssl=panel.ctx, max_size=None)
             stream = WsBytes(ws)  # skips the broker's progress lines (text) before the display's first bytes
-            viewer = RawViewer(stream.read, stream.send)
+            viewer = RawViewer(stream.read, stream.send, stream.skip)
             await viewer.handshake()
             return viewer, ws.close
 
@@ -182,7 +182,7 @@ async def measure(
                 server_hostname="127.0.0.1",
             )
             stream = WsBytes(ws)
-            viewer = RawViewer(stream.read, stream.send)
+            viewer = RawViewer(stream.read, stream.send, stream.skip)
             await viewer.handshake(password)
             return viewer, ws.close
 

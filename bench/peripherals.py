@@ -155,7 +155,7 @@ class Panel:
         flight."""
         async with websockets.connect(await self.ticket("connect"), ssl=self.ctx, max_size=None) as ws:
             rfb = WsBytes(ws)
-            viewer = RawViewer(rfb.read, rfb.send)
+            viewer = RawViewer(rfb.read, rfb.send, rfb.skip)
             await viewer.handshake()
             got, took = await viewer.stream(seconds)
             return got / took / 1e6
