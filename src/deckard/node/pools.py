@@ -27,6 +27,7 @@ from deckard.model.warm_pool import WARM_GUEST_MARK, new_warm_guest_name
 from deckard.node.egress import Egress
 from deckard.runtime.paths import FarmPaths
 from deckard.services import network_policy, node_ops, pools
+from deckard.services.config import GuestSwitches
 from deckard.services.desktops import new_agent_token
 
 log = structlog.get_logger()
@@ -57,8 +58,8 @@ class WarmPools:
         self.egress = egress  # loads the pool's policy ahead: the take-over then only adds an address
         self._starting: dict[int, asyncio.Task[None]] = {}  # pool id → the start of its next guest
         self._failed_at: dict[int, float] = {}
-        # guest name → how it was started: (with the mounter, with OpenGL); a node restart drops every guest
-        self._started_as: dict[str, tuple[bool, bool]] = {}
+        # guest name → the switches it was started with; a node restart drops every guest
+        self._started_as: dict[str, GuestSwitches] = {}
         self._had_guests = True  # the first pass looks for guests a previous daemon left
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -88,7 +89,7 @@ class WarmPools:
         self._started_as = {name: how for name, how in self._started_as.items() if name in names}
         for g in own:
             spec = by_pool.get(g.pool_id)
-            if spec is not None and self._started_as.get(g.name, (spec.mounter, spec.glx)) != (spec.mounter, spec.glx):
+            if spec is not None and self._started_as.get(g.name, spec.switches) != spec.switches:
                 trim.add(g.name)
         dead = [g.name for g in own if g.name not in running and g.pool_id not in self._starting]
         if dead:
@@ -156,7 +157,7 @@ class WarmPools:
                         glx=spec.glx,
                     )
                 )
-                self._started_as[guest.name] = (spec.mounter, spec.glx)
+                self._started_as[guest.name] = spec.switches
                 await self._wait_warm(guest)
             if await pools.warm_ready(self.db, guest.id):
                 await pools.pool_healthy(self.db, spec.pool_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -67,11 +67,24 @@ async def read_config(conn: AsyncConnection, key: str, tenant_id: int | None, os
     return _resolve(k, await _rows(conn, tenant_id, [key], osf_id), tenant_id)[0]
 
 
-async def mounter_allowed(conn: AsyncConnection, *, driver: str, keep_overlay: bool) -> bool:
-    """Whether a desktop's init may fork the mounter of QVD clients' shared folders (``nx.shares.in_containers``,
-    docs/security.md): a container that keeps no overlay (a kept one lets root leave another init, or another
-    ``python3``, for the next start), on a farm that allows it.  The setting is read only where it can matter."""
-    return driver == "container" and not keep_overlay and bool(await read_config(conn, "nx.shares.in_containers", None))
+class GuestSwitches(NamedTuple):
+    """What a guest's start takes from the settings (a warm pool compares them to replace guests started the
+    other way)."""
+
+    mounter: bool  # its init may fork the mounter of QVD clients' shared folders
+    glx: bool  # OpenGL on its display (``display.glx``)
+
+
+async def guest_switches(
+    conn: AsyncConnection, tenant_id: int, osf_id: int, *, driver: str, keep_overlay: bool
+) -> GuestSwitches:
+    """Both switches in one read of the layers.  The mounter (``nx.shares.in_containers``, docs/security.md): only
+    for a container that keeps no overlay (a kept one lets root leave another init, or another ``python3``, for
+    the next start), on a farm that allows it."""
+    mounter, glx = KEYS["nx.shares.in_containers"], KEYS["display.glx"]
+    rows = await _rows(conn, tenant_id, [mounter.name, glx.name], osf_id)
+    allowed = driver == "container" and not keep_overlay and bool(_resolve(mounter, rows, tenant_id)[0])
+    return GuestSwitches(allowed, bool(_resolve(glx, rows, tenant_id)[0]))
 
 
 async def read_configs_sourced(

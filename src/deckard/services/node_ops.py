@@ -30,7 +30,7 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.fence import FenceConfig
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
-from deckard.services.config import mounter_allowed, read_config
+from deckard.services.config import guest_switches
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
@@ -317,6 +317,9 @@ async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
     ).one()
     desk = Desktop.from_row(row._mapping)
     image_id, image_path = await resolve_image(conn, desk.osf_id, desk.tag)
+    switches = await guest_switches(
+        conn, desk.tenant_id, desk.osf_id, driver=row.osf_driver, keep_overlay=row.keep_overlay
+    )
     return StartFacts(
         desk,
         row.login,
@@ -330,9 +333,9 @@ async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
         await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
         row.osf_driver,
         await tenant_address(conn, desktop_id),
-        await mounter_allowed(conn, driver=row.osf_driver, keep_overlay=row.keep_overlay),
+        switches.mounter,
         bool(row.has_volumes),
-        bool(await read_config(conn, "display.glx", desk.tenant_id, desk.osf_id)),
+        switches.glx,
     )
 
 

@@ -32,7 +32,7 @@ from deckard.model.errors import BadInput, Conflict, DeckardError, NotFound
 from deckard.model.network import last_free_ip
 from deckard.model.placement import Candidate
 from deckard.model.warm_pool import PoolPlan, WarmState, check_pool, excess, wanted_now
-from deckard.services.config import mounter_allowed, read_config
+from deckard.services.config import GuestSwitches, guest_switches, read_config
 from deckard.services.context import Actor, require, require_fields
 from deckard.services.events import publish
 from deckard.services.images import resolve_image, validate_tag
@@ -214,8 +214,12 @@ class PoolSpec:
     cpus: float
     image_id: int
     image_path: Path
-    mounter: bool = False  # its guests may mount QVD clients' shared folders (``config.mounter_allowed``)
+    mounter: bool = False  # its guests may mount QVD clients' shared folders (``config.guest_switches``)
     glx: bool = True  # OpenGL on its guests' displays (``display.glx``)
+
+    @property
+    def switches(self) -> GuestSwitches:
+        return GuestSwitches(self.mounter, self.glx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,10 +256,11 @@ async def node_plan(db: Database, node_id: int) -> tuple[list[tuple[PoolPlan, Po
                 except DeckardError:
                     wanted = 0  # no image for the tag (or a blocked one): nothing to keep warm
                 else:
-                    mounter = await mounter_allowed(conn, driver=m[o.c.driver], keep_overlay=m[o.c.keep_overlay])
-                    glx = bool(await read_config(conn, "display.glx", m[o.c.tenant_id], m[o.c.id]))
+                    switches = await guest_switches(
+                        conn, m[o.c.tenant_id], m[o.c.id], driver=m[o.c.driver], keep_overlay=m[o.c.keep_overlay]
+                    )
                     spec = PoolSpec(
-                        m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path, mounter, glx
+                        m[p.c.id], m[o.c.id], m[o.c.memory_mib], m[o.c.cpus], image_id, image_path, *switches
                     )
                     stale = {g.name for g in mine if g.image_id != image_id}  # the tag moved to a new image
             current = [(int(g.id), str(g.name), int(g.node_id)) for g in mine if g.name not in stale]
