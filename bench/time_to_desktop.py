@@ -45,9 +45,9 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -58,10 +58,8 @@ from deckard.db.engine import Database
 from deckard.drivers.lxc_config import ID_RANGE, farm_id_base
 from deckard.images.profile import builtin_profiles
 from deckard.runtime.paths import FarmPaths
-from deckard.runtime.process import event_loop_factory
+from deckard.runtime.process import run  # the loop deckard connect runs on: Deckard's connects and the floor's
 from deckard.testing import FarmProcess, wait_for
-
-T = TypeVar("T")
 
 PASSWORD = "bench-pass"
 PHASES = ["t_auth_ms", "t_claim_ms", "t_start_ms", "t_agent_ms", "t_display_ms", "t_total_ms"]
@@ -81,13 +79,6 @@ def median_of(seconds: list[float]) -> dict[str, float]:
 
 def wait_state(farm: FarmProcess, name: str, state: str) -> None:
     wait_for(lambda: (d := farm.desktop(name))["state"] == state and d["cmd"] is None, 60, 0.1, state)
-
-
-def run_client(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a client's side on the loop ``deckard connect`` runs on (uvloop where installed): Deckard's connects
-    and the floor's alike."""
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(coro)
 
 
 async def first_byte(farm: FarmProcess, login: str, desktop_id: int) -> float:
@@ -196,7 +187,7 @@ def floor_runner(farm: FarmProcess, *, glx: bool = True) -> Callable[[], tuple[f
     lxc = Path(farm.home) / "floor-lxc"
     runs = itertools.count()
 
-    def run() -> tuple[float, float]:
+    def once() -> tuple[float, float]:
         name = f"floor{os.getpid() % 100000}-{next(runs)}"
         work = lxc / name
         upper = work / "upper"
@@ -212,13 +203,13 @@ def floor_runner(farm: FarmProcess, *, glx: bool = True) -> Callable[[], tuple[f
             t0 = time.perf_counter()
             subprocess.run(["lxc-start", "-n", name, "-P", str(lxc), "-f", str(config), "-d"], check=True)
             started = time.perf_counter() - t0
-            run_client(banner(ip, t0 + 30))
+            run(banner(ip, t0 + 30))
             return started, time.perf_counter() - t0
         finally:
             subprocess.run(["lxc-stop", "-n", name, "-P", str(lxc), "-k"], check=False, capture_output=True)
             shutil.rmtree(work, ignore_errors=True)
 
-    return run
+    return once
 
 
 def floor_figures(samples: list[tuple[float, float]]) -> dict[str, object]:
@@ -241,8 +232,8 @@ def cold_starts(
         farm.deckard("desktop", "stop", name)
         wait_state(farm, name, "stopped")
         before()
-        totals.append(run_client(first_byte(farm, "bench", desk_id)))
-        row = run_client(last_connection(farm))
+        totals.append(run(first_byte(farm, "bench", desk_id)))
+        row = run(last_connection(farm))
         for p in PHASES:
             if row.get(p) is not None:
                 phases[p].append(row[p])
@@ -289,10 +280,10 @@ def main() -> None:
         if args.no_glx:
             farm.deckard("config", "set", "display.glx", "false", "--osf", "default")
         desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
-        results["first_desktop_s"] = round(run_client(first_byte(farm, "bench", desk_id)), 3)
-        row = run_client(last_connection(farm))
+        results["first_desktop_s"] = round(run(first_byte(farm, "bench", desk_id)), 3)
+        row = run(last_connection(farm))
         results["first_desktop_phases_ms"] = {p: row[p] for p in PHASES if row.get(p) is not None}
-        run_client(see(farm, "bench", desk_id))
+        run(see(farm, "bench", desk_id))
         floor_run, floor_samples = floor_runner(farm, glx=not args.no_glx), []
         results.update(cold_starts(farm, "bench-desk", desk_id, args.runs, lambda: floor_samples.append(floor_run())))
         results.update(floor_figures(floor_samples))
@@ -300,18 +291,18 @@ def main() -> None:
         for _ in range(3):
             farm.deckard("desktop", "stop", "bench-desk")
             wait_state(farm, "bench-desk", "stopped")
-            drawn.append(run_client(until_drawn(farm, "bench", desk_id)))
+            drawn.append(run(until_drawn(farm, "bench", desk_id)))
         results["time_to_drawn_s"] = median_of(drawn)
         first_drawn = []
         for n in range(3):
             login = f"newcomer{n}"
             new_id = farm.user_with_desktop(login, PASSWORD, f"{login}-desk")["id"]
-            first_drawn.append(run_client(until_drawn(farm, login, new_id)))
+            first_drawn.append(run(until_drawn(farm, login, new_id)))
             farm.deckard("desktop", "stop", f"{login}-desk")
             wait_state(farm, f"{login}-desk", "stopped")
         results["new_user_drawn_s"] = median_of(first_drawn)
 
-        run_client(see(farm, "bench", desk_id))
+        run(see(farm, "bench", desk_id))
         time.sleep(idle_s)  # let the session come up and go idle
         usage, rss = cgroup_memory(FarmPaths(farm.home).guest_name(desk_id))
         results["idle_desktop_memory_mib"] = {"cgroup_usage": round(usage / 2**20, 1), "rss": round(rss / 2**20, 1)}
@@ -329,7 +320,7 @@ def vm_main(args: argparse.Namespace) -> None:
     from deckard.testing import image_cache
 
     runs = min(args.runs, 5) if args.runs == 10 else args.runs  # a TCG boot is ~8 s: 5 runs by default
-    image = run_client(
+    image = run(
         build_image(
             image_cache() / "built",
             cache_dir=image_cache(),
@@ -354,11 +345,11 @@ def vm_main(args: argparse.Namespace) -> None:
         paths = FarmPaths(farm.home)
         wait_for(lambda: any(paths.basefs.glob("*-vm*/disk.qcow2")), 600, 0.2, "the VM image")
         results["image_prepared_s"] = round(time.perf_counter() - t0, 1)
-        run_client(see(farm, "bench", desk_id))  # the first boot formats the home disk
+        run(see(farm, "bench", desk_id))  # the first boot formats the home disk
         results.update(cold_starts(farm, "bench-vm", desk_id, runs))
         farm.deckard("desktop", "stop", "bench-vm")
         wait_state(farm, "bench-vm", "stopped")
-        results["time_to_drawn_s"] = round(run_client(until_drawn(farm, "bench", desk_id)), 2)
+        results["time_to_drawn_s"] = round(run(until_drawn(farm, "bench", desk_id)), 2)
         time.sleep(args.idle if args.idle is not None else 10.0)
         pid = int((paths.vm / paths.guest_name(desk_id) / "qemu.pid").read_text())
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -398,7 +389,7 @@ def many_desktops(farm: FarmProcess, n: int) -> dict[str, object]:
         return await asyncio.gather(*(see(farm, login, did) for login, did in ids.items()))
 
     t0 = time.perf_counter()
-    seen = run_client(all_at_once())
+    seen = run(all_at_once())
     wall = time.perf_counter() - t0
     guests = [FarmPaths(farm.home).guest_name(did) for did in ids.values()]
     mem = [cgroup_memory(g) for g in guests]

@@ -23,8 +23,9 @@ import platform
 import statistics
 import time
 
+from deckard.runtime.process import run
 from deckard.testing import FarmProcess, wait_for
-from time_to_desktop import PASSWORD, PHASES, first_byte, last_connection, run_client, until_drawn, wait_state
+from time_to_desktop import PASSWORD, PHASES, first_byte, last_connection, until_drawn, wait_state
 
 
 def pool_ready(farm: FarmProcess) -> bool:
@@ -50,8 +51,8 @@ def runs_of(
     for _ in range(runs):
         if warm:
             wait_for(lambda: pool_ready(farm), 120, 0.05, "a ready warm guest")
-        totals.append(run_client(measure(farm, "bench", desk_id)))  # type: ignore[operator]
-        row = run_client(last_connection(farm))
+        totals.append(run(measure(farm, "bench", desk_id)))  # type: ignore[operator]
+        row = run(last_connection(farm))
         for p in PHASES:
             if row.get(p) is not None:
                 phases[p].append(row[p])
@@ -73,7 +74,7 @@ def main() -> None:
     try:
         farm.up()
         desk_id = farm.user_with_desktop("bench", PASSWORD, "bench-desk")["id"]
-        run_client(first_byte(farm, "bench", desk_id))  # the farm's first connect pays its own warm-up
+        run(first_byte(farm, "bench", desk_id))  # the farm's first connect pays its own warm-up
         farm.deckard("desktop", "stop", "bench-desk")
         wait_state(farm, "bench-desk", "stopped")
         farm.deckard("pool", "set", "default", "--size", "1")

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from deckard.client.broker import BrokerConnection, list_desktops, resolve_desktop, split_server
 from deckard.model.errors import DeckardError
-from deckard.runtime.process import event_loop_factory
+from deckard.runtime.process import run
 
 T = TypeVar("T")
 
@@ -182,8 +182,7 @@ def _as_user(
         split_server(server)
         ca_path = find_ca(ca)
         password = read_password(user, server)
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # the farm's loop: a quicker handshake
-            return runner.run(work(ca_path, password))
+        return run(work(ca_path, password))  # the farm's loop: a quicker handshake
     except KeyboardInterrupt:
         if ctrl_c == 0:
             console.print("\nDisconnected")
