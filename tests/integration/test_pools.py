@@ -166,16 +166,13 @@ async def test_guests_started_before_a_setting_of_theirs_changed_are_replaced(
     node_id, _desks = await _farm(db, tmp_path, users=0)
     await pools.create_pool(db, SYSTEM, "default", size=1)
 
-    def how(spec: pools.PoolSpec) -> tuple[bool, bool]:
-        return (spec.mounter, spec.glx)
-
     flip = 0 if key == "nx.shares.in_containers" else 1
     plans, _own = await pools.node_plan(db, node_id)
-    assert [how(spec)[flip] for _plan, spec in plans if spec] == [default]
+    assert [spec.switches[flip] for _plan, spec in plans if spec] == [default]
     await config.set_config(db, SYSTEM, key, not default)
     plans, _own = await pools.node_plan(db, node_id)
-    assert [how(spec)[flip] for _plan, spec in plans if spec] == [not default]
-    started = how(next(spec for _plan, spec in plans if spec))
+    assert [spec.switches[flip] for _plan, spec in plans if spec] == [not default]
+    started = next(spec for _plan, spec in plans if spec).switches
 
     (guest,) = await _warm_guests(db, node_id, 1)
     driver = _Guests([guest.name])

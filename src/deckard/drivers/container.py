@@ -455,6 +455,7 @@ class ContainerDriver:
                     await asyncio.gather(shift, return_exceptions=True)
                     raise
                 tmp.rename(target)
+                self._boot_current.add(target)  # its boot script is this node's
                 log.info("container.image_unpacked", image_id=image_id, seconds=round(time.monotonic() - t0, 2))
                 # the same image unpacked by a release before user namespaces is never used again
                 legacy = self.paths.basefs / str(image_id)
