@@ -107,6 +107,11 @@ async def append_audit(
     return await _commits_of(db).append(record)
 
 
+# built once: every login appends (services/config.py says why)
+_LAST_HASH = sa.select(t.audit_log.c.hash).order_by(t.audit_log.c.id.desc()).limit(1)
+_APPEND = sa.insert(t.audit_log).returning(t.audit_log.c.id)
+
+
 class _GroupCommit:
     """Appends of one farm database, written a batch per transaction (group commit).
 
@@ -146,18 +151,15 @@ class _GroupCommit:
                     done.set_result(record_id)
 
     async def _write(self, records: list[dict[str, Any]]) -> list[int]:
-        log = t.audit_log
         ids = []
         async with self.db.write() as conn:
             if self.db.dialect == "postgresql":
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCK)))
-            prev = (await conn.execute(sa.select(log.c.hash).order_by(log.c.id.desc()).limit(1))).scalar_one_or_none()
+            prev = (await conn.execute(_LAST_HASH)).scalar_one_or_none()
             prev_hash = str(prev) if prev else GENESIS
             for record in records:
                 record_hash_ = record_hash(prev_hash, record)
-                res = await conn.execute(
-                    sa.insert(log).values(**record, prev_hash=prev_hash, hash=record_hash_).returning(log.c.id)
-                )
+                res = await conn.execute(_APPEND, {**record, "prev_hash": prev_hash, "hash": record_hash_})
                 ids.append(int(res.scalar_one()))
                 prev_hash = record_hash_
         return ids

@@ -44,7 +44,7 @@ from deckard.services.placement import best_node, rank_desktop
 from deckard.services.pools import take_warm
 from deckard.services.rows import one_row
 from deckard.services.tenancy import DEFAULT_OSF
-from deckard.services.transitions import command_desktops, transition_session, withdraw_starts
+from deckard.services.transitions import command_desktop, command_desktops, transition_session, withdraw_starts
 from deckard.services.users import check_login, find_user_id, tenant_filter
 
 d = t.desktops
@@ -239,8 +239,11 @@ async def list_desktops(
     return visible_rows(actor, "desktop", rows), total
 
 
+_DESKTOP = sa.select(d).where(d.c.id == sa.bindparam("desktop_id"))  # built once: connects and starts read it
+
+
 async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:
-    row = (await conn.execute(sa.select(d).where(d.c.id == desktop_id))).first()
+    row = (await conn.execute(_DESKTOP, {"desktop_id": desktop_id})).first()
     if not row:
         raise NotFound(f"no desktop with id {desktop_id}", code="desktop_not_found")
     return Desktop.from_row(row._mapping)
@@ -433,14 +436,7 @@ async def request_start(
                 PLACEMENT_DECISIONS.labels("no_node").inc()
                 raise
             PLACEMENT_DECISIONS.labels("placed").inc()
-        asked = await command_desktops(
-            conn,
-            DesktopCommand.START,
-            d.c.id == desktop_id,
-            d.c.blocked.is_(False),
-            values={"node_id": node_id, **values},
-        )
-        if not asked:
+        if not await command_desktop(conn, desktop_id, DesktopCommand.START, values={"node_id": node_id, **values}):
             raise Conflict("the desktop changed while starting it: retry", code="desktop_busy")
     await db.bus.notify(node_channel(node_id), str(desktop_id))
     await db.bus.notify(DESKTOPS, str(desktop_id))

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,6 +69,8 @@ class LoginResult:
     user: User
     plugin: str  # local | ldap | oidc | token: who decided
     factor: str = ""  # "" | totp | recovery
+    # ``login_password(record_later=True)``: the success's audit record, for the caller to write (it must)
+    record: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -163,28 +165,30 @@ class _Known:
         return bool(self.counted & {"pair", "account"})
 
 
+_sf = t.second_factors
+_ACCOUNT = (  # built once: every login reads it (services/config.py says why)
+    sa.select(
+        t.tenants.c.id.label("tid"),
+        t.tenants.c.blocked.label("tenant_blocked"),
+        t.users,
+        _sf.c.confirmed_at.label("factor_confirmed_at"),
+    )
+    .select_from(
+        t.tenants.outerjoin(
+            t.users, (t.users.c.tenant_id == t.tenants.c.id) & (t.users.c.login == sa.bindparam("login"))
+        ).outerjoin(_sf, (_sf.c.principal == "user") & (_sf.c.principal_id == t.users.c.id))
+    )
+    .where(t.tenants.c.name == sa.bindparam("tenant"))
+)
+
+
 async def _look_up(db: Database, login: str, tenant: str, keys: lockout.Keys) -> _Known:
     """Tenant, account, second factor, the tenant's ``auth.*`` configuration and the lockout, in one connection:
     a login's reads cost one pool checkout instead of seven.  Raises the lockout's refusal."""
-    sf = t.second_factors
-    q = (
-        sa.select(
-            t.tenants.c.id.label("tid"),
-            t.tenants.c.blocked.label("tenant_blocked"),
-            t.users,
-            sf.c.confirmed_at.label("factor_confirmed_at"),
-        )
-        .select_from(
-            t.tenants.outerjoin(
-                t.users, (t.users.c.tenant_id == t.tenants.c.id) & (t.users.c.login == login)
-            ).outerjoin(sf, (sf.c.principal == "user") & (sf.c.principal_id == t.users.c.id))
-        )
-        .where(t.tenants.c.name == tenant)
-    )
     lockout.precheck(db, keys)
 
     async def reads(conn: AsyncConnection) -> tuple[Any, int | None, frozenset[str], dict[str, Any]]:
-        found = (await conn.execute(q)).first()
+        found = (await conn.execute(_ACCOUNT, {"login": login, "tenant": tenant})).first()
         tenant_id = int(found.tid) if found is not None else None
         counted = await lockout.check(db, conn, replace(keys, tenant_id=tenant_id))
         return found, tenant_id, counted, await read_configs(conn, "auth.", tenant_id)
@@ -343,13 +347,16 @@ async def login_password(
     factors: Mapping[str, str] | None = None,
     network: str | None = None,
     on_known: Callable[[int], None] | None = None,
+    record_later: bool = False,
 ) -> LoginResult:
     """A name (``user``, ``user@tenant``, ``user#tenant``) and password through the tenant's chain.  ``factors``
     carries a second-factor code (``{"totp": "123456"}``) when the client sends it with the login; ``network``
     is the desktop network, needed to give an auto-provisioned user a first desktop.  ``on_known`` is called
     with the account's user id while a password check that has to wait is running (argon2 in a thread, a
     directory's answer; not one confirmed a moment ago), when nothing else could refuse the login: the broker's
-    head start (``sessions.head_start``), which its caller undoes if the login fails."""
+    head start (``sessions.head_start``), which its caller undoes if the login fails.  ``record_later``: a success's
+    audit record is the result's ``record`` for the caller to write once it has asked for what is urgent (the
+    broker: a desktop's start); a refusal's is written at once."""
     login, tenant = split_login(full_login.strip().lower())
     attempt = _Attempt(db, login, tenant, source, via, "password", started=time.monotonic(), network=network)
     config: dict[str, Any] | None = None
@@ -392,6 +399,8 @@ async def login_password(
         await attempt.record(e)
         await _pad(attempt, config, e)
         raise
+    if record_later:
+        return LoginResult(user, attempt.plugin, attempt.factor, record=lambda: attempt.record(None))
     await attempt.record(None)
     return LoginResult(user, attempt.plugin, attempt.factor)
 

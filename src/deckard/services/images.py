@@ -105,14 +105,16 @@ async def register_image(
         return as_dict(out)
 
 
+_TAGGED = (  # built once: every start resolves its image (services/config.py says why)
+    sa.select(i.c.id, i.c.path, i.c.blocked)
+    .join(t.image_tags, t.image_tags.c.image_id == i.c.id)
+    .where(t.image_tags.c.osf_id == sa.bindparam("osf_id"), t.image_tags.c.tag == sa.bindparam("tag"))
+)
+
+
 async def resolve_image(conn: AsyncConnection, osf_id: int, tag: str) -> tuple[int, Path]:
     """The image a desktop of this OSF and tag starts from; NotFound says what to do."""
-    q = (
-        sa.select(i.c.id, i.c.path, i.c.blocked)
-        .join(t.image_tags, t.image_tags.c.image_id == i.c.id)
-        .where(t.image_tags.c.osf_id == osf_id, t.image_tags.c.tag == tag)
-    )
-    row = (await conn.execute(q)).first()
+    row = (await conn.execute(_TAGGED, {"osf_id": osf_id, "tag": tag})).first()
     if not row:
         osf = (await conn.execute(sa.select(t.osfs.c.name, t.osfs.c.driver).where(t.osfs.c.id == osf_id))).one()
         build = f"deckard image build{' --format vm' if osf.driver == 'vm' else ''} --osf {osf.name}"

@@ -186,16 +186,21 @@ def precheck(db: Database, keys: Keys) -> None:
     _refuse_waits(keys, {k: u for k in watched if (u := _seen_waits.get((db.url, k))) is not None and u > now}, now)
 
 
+# built once: every login reads it (services/config.py says why)
+_WATCHED = sa.select(t.login_failures.c.key, t.login_failures.c.locked_until).where(
+    t.login_failures.c.key.in_(sa.bindparam("keys", expanding=True))
+)
+
+
 async def check(db: Database, conn: AsyncConnection, keys: Keys) -> frozenset[str]:
     """``begin_attempt`` for a login that counts failures after (``count_first`` False), inside a connection the
     caller already holds: refuses while anything waits; returns which of the login's counters (``"pair"``,
     ``"source"``, ``"account"``) hold failures (those of the pair and account a success must clear:
     ``succeeded``)."""
     assert not keys.count_first
-    lf = t.login_failures
     now = utcnow()
     watched = [k for k in (keys.pair, keys.source, keys.account) if k]
-    rows = (await conn.execute(sa.select(lf.c.key, lf.c.locked_until).where(lf.c.key.in_(watched)))).all()
+    rows = (await conn.execute(_WATCHED, {"keys": watched})).all()
     waits = {str(r.key): u for r in rows if (u := aware(r.locked_until)) is not None and u > now}
     _remember(db, waits, now)
     _refuse_waits(keys, waits, now)

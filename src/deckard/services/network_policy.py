@@ -81,14 +81,16 @@ def _tenant_columns() -> list[sa.ColumnElement[Any]]:
     return [d.c.ip, d.c.network_ip, d.c.network_id, nt.c.range, nt.c.interface, nt.c.vlan, nt.c.gateway]
 
 
+_TENANT_ADDRESS = (  # built once: every start reads it (services/config.py says why)
+    sa.select(*_tenant_columns())
+    .join(t.networks, t.networks.c.id == d.c.network_id)
+    .where(d.c.id == sa.bindparam("desktop_id"))
+)
+
+
 async def tenant_address(conn: AsyncConnection, desktop_id: int) -> TenantAddress | None:
     """None: the desktop is on the farm network."""
-    nt = t.networks
-    row = (
-        await conn.execute(
-            sa.select(*_tenant_columns()).join(nt, nt.c.id == d.c.network_id).where(d.c.id == desktop_id)
-        )
-    ).first()
+    row = (await conn.execute(_TENANT_ADDRESS, {"desktop_id": desktop_id})).first()
     if row is None or row.network_ip is None:
         return None
     return TenantAddress(_network_row(row), str(row.network_ip))

@@ -146,6 +146,13 @@ async def claim_node_command(db: Database, node_id: int) -> NodeCommand | None:
         return NodeCommand(cmd) if res.rowcount else None
 
 
+_NEW_TOKEN = (
+    sa.update(d)
+    .where(d.c.id == sa.bindparam("desktop_id"), d.c.guest.is_(None))
+    .values(agent_token=sa.bindparam("token"))
+)
+
+
 async def claim_starts(db: Database, node_id: int) -> list[int]:
     """Claim every pending start for this node: stopped|failed + cmd=start → starting, cmd cleared."""
     async with db.write() as conn:
@@ -153,9 +160,7 @@ async def claim_starts(db: Database, node_id: int) -> list[int]:
             conn, node_id, DesktopCommand.START, values={"failure_reason": None, "display_at": None}
         )
         for desktop_id in ids:  # a fresh agent token at every start (a warm guest's came with it)
-            await conn.execute(
-                sa.update(d).where(d.c.id == desktop_id, d.c.guest.is_(None)).values(agent_token=new_agent_token())
-            )
+            await conn.execute(_NEW_TOKEN, {"desktop_id": desktop_id, "token": new_agent_token()})
     for desktop_id in ids:
         await db.bus.notify(DESKTOPS, str(desktop_id))
     return ids
@@ -194,15 +199,23 @@ async def _observe(
     return await _refused_is_false(write(), desktop_id=desktop_id, node_id=node_id, to=str(to))
 
 
+_DISPLAY_UP = (  # built once: the start's path (services/config.py says why)
+    sa.update(d)
+    .where(
+        d.c.id == sa.bindparam("desktop_id"),
+        d.c.node_id == sa.bindparam("node"),  # not "node_id": SQLAlchemy keeps column names for SET values
+        d.c.state == DesktopState.STARTING.value,
+    )
+    .values(display_at=sa.bindparam("at"), image_id=sa.bindparam("image"))
+)
+
+
 async def mark_display_up(db: Database, node_id: int, desktop_id: int, *, image_id: int) -> bool:
     """A starting desktop's guest shows its user's display before its agent answers (a container's boot script):
     the broker may dial it now.  False when the desktop is no longer starting here."""
     async with db.write() as conn:
-        res = await conn.execute(
-            sa.update(d)
-            .where(d.c.id == desktop_id, d.c.node_id == node_id, d.c.state == DesktopState.STARTING.value)
-            .values(display_at=utcnow(), image_id=image_id)
-        )
+        params = {"desktop_id": desktop_id, "node": node_id, "at": utcnow(), "image": image_id}
+        res = await conn.execute(_DISPLAY_UP, params)
     if not res.rowcount:
         return False
     await db.bus.notify(DESKTOPS, str(desktop_id))
@@ -297,24 +310,25 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
     return await db.read(lambda conn: _start_facts(conn, desktop_id))  # on the loop's thread (a start waits on it)
 
 
+_START_ROW = (  # built once: a start waits on it (config.py says why)
+    sa.select(
+        d,
+        t.users.c.login,
+        t.users.c.home_key,
+        t.osfs.c.memory_mib,
+        t.osfs.c.cpus,
+        t.osfs.c.keep_overlay,
+        t.osfs.c.driver.label("osf_driver"),
+        sa.exists().where(va.c.desktop_id == d.c.id).label("has_volumes"),
+    )
+    .join(t.users, t.users.c.id == d.c.user_id)
+    .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+    .where(d.c.id == sa.bindparam("desktop_id"))
+)
+
+
 async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
-    row = (
-        await conn.execute(
-            sa.select(
-                d,
-                t.users.c.login,
-                t.users.c.home_key,
-                t.osfs.c.memory_mib,
-                t.osfs.c.cpus,
-                t.osfs.c.keep_overlay,
-                t.osfs.c.driver.label("osf_driver"),
-                sa.exists().where(va.c.desktop_id == d.c.id).label("has_volumes"),
-            )
-            .join(t.users, t.users.c.id == d.c.user_id)
-            .join(t.osfs, t.osfs.c.id == d.c.osf_id)
-            .where(d.c.id == desktop_id)
-        )
-    ).one()
+    row = (await conn.execute(_START_ROW, {"desktop_id": desktop_id})).one()
     desk = Desktop.from_row(row._mapping)
     image_id, image_path = await resolve_image(conn, desk.osf_id, desk.tag)
     switches = await guest_switches(
@@ -380,15 +394,20 @@ async def pending_volume_changes(db: Database, node_id: int) -> list[AttachedVol
     return await db.read(lambda conn: _volume_changes(conn, node_id))
 
 
-async def _volume_changes(conn: AsyncConnection, node_id: int) -> list[AttachedVolume]:
-    rows = await conn.execute(
-        sa.select(
-            va.c.desktop_id, va.c.volume_id, va.c.read_only, va.c.pending, t.volumes.c.tenant_id, t.volumes.c.name
-        )
-        .join(d, d.c.id == va.c.desktop_id)
-        .join(t.volumes, t.volumes.c.id == va.c.volume_id)
-        .where(d.c.node_id == node_id, d.c.state == DesktopState.RUNNING, va.c.pending.in_(("attach", "detach")))
+_VOLUME_CHANGES = (  # built once, as what a node's pass reads (pending_work)
+    sa.select(va.c.desktop_id, va.c.volume_id, va.c.read_only, va.c.pending, t.volumes.c.tenant_id, t.volumes.c.name)
+    .join(d, d.c.id == va.c.desktop_id)
+    .join(t.volumes, t.volumes.c.id == va.c.volume_id)
+    .where(
+        d.c.node_id == sa.bindparam("node_id"),
+        d.c.state == DesktopState.RUNNING,
+        va.c.pending.in_(("attach", "detach")),
     )
+)
+
+
+async def _volume_changes(conn: AsyncConnection, node_id: int) -> list[AttachedVolume]:
+    rows = await conn.execute(_VOLUME_CHANGES, {"node_id": node_id})
     return [
         AttachedVolume(int(r.desktop_id), int(r.volume_id), int(r.tenant_id), bool(r.read_only), r.pending, name=r.name)
         for r in rows
@@ -405,10 +424,15 @@ class PendingWork:
     volume_changes: list[AttachedVolume]
 
 
+# built once: a node's pass reads them several times a second, and before every start (services/config.py)
+_NODE_COMMAND = sa.select(n.c.cmd).where(n.c.id == sa.bindparam("node_id"))
+_DESKTOP_COMMANDS = sa.select(d.c.cmd).where(d.c.node_id == sa.bindparam("node_id"), d.c.cmd.is_not(None)).distinct()
+
+
 async def pending_work(db: Database, node_id: int) -> PendingWork:
     async def reads(conn: AsyncConnection) -> PendingWork:
-        node_cmd = (await conn.execute(sa.select(n.c.cmd).where(n.c.id == node_id))).scalar_one_or_none()
-        cmds = await conn.execute(sa.select(d.c.cmd).where(d.c.node_id == node_id, d.c.cmd.is_not(None)).distinct())
+        node_cmd = (await conn.execute(_NODE_COMMAND, {"node_id": node_id})).scalar_one_or_none()
+        cmds = await conn.execute(_DESKTOP_COMMANDS, {"node_id": node_id})
         return PendingWork(node_cmd is not None, frozenset(cmds.scalars()), await _volume_changes(conn, node_id))
 
     return await db.read(reads)

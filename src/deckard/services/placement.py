@@ -42,10 +42,48 @@ HEARTBEAT_STALE = dt.timedelta(seconds=LOST_AFTER_S)
 d = t.desktops
 
 
+# built once: every start places its desktop (services/config.py says why)
+_GLOBAL_VALUE = sa.select(t.config.c.value).where(t.config.c.tenant_id == 0, t.config.c.key == sa.bindparam("key"))
+
+
+def _per_node(grouped: bool) -> sa.Select[Any]:
+    """Desktops, memory and (``grouped``) members of the ``group`` parameter's placement group, per node."""
+    members = sa.func.count().filter(d.c.placement_group == sa.bindparam("group")) if grouped else sa.literal(0)
+    return (
+        sa.select(
+            d.c.node_id,
+            sa.func.count().label("n"),
+            sa.func.coalesce(sa.func.sum(t.osfs.c.memory_mib), 0).label("mib"),
+            members.label("g"),
+        )
+        .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+        .where(d.c.node_id.is_not(None), d.c.state != DesktopState.STOPPED)
+        .group_by(d.c.node_id)
+    )
+
+
+_PER_NODE = {False: _per_node(False), True: _per_node(True)}
+# warm guests (services/pools.py) hold their OSF's memory on their node like desktops
+_WARM_PER_NODE = (
+    sa.select(
+        t.warm_guests.c.node_id,
+        sa.func.count().label("n"),
+        sa.func.coalesce(sa.func.sum(t.osfs.c.memory_mib), 0).label("mib"),
+    )
+    .join(t.warm_pools, t.warm_pools.c.id == t.warm_guests.c.pool_id)
+    .join(t.osfs, t.osfs.c.id == t.warm_pools.c.osf_id)
+    .group_by(t.warm_guests.c.node_id)
+)
+_NODES = sa.select(t.nodes)
+_REQUEST = (
+    sa.select(t.osfs.c.memory_mib, t.osfs.c.driver, d.c.placement_group, d.c.placement_policy)
+    .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+    .where(d.c.id == sa.bindparam("desktop_id"))
+)
+
+
 async def config_value(conn: AsyncConnection, key: str, default: str) -> str:
-    row = (
-        await conn.execute(sa.select(t.config.c.value).where(t.config.c.tenant_id == 0, t.config.c.key == key))
-    ).first()
+    row = (await conn.execute(_GLOBAL_VALUE, {"key": key})).first()
     return str(row.value) if row else default
 
 
@@ -60,34 +98,12 @@ def parse_reserve(value: str, *, released: bool) -> Reserve:
 
 async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list[NodeLoad]:
     """Every node with its live figures, the memory its desktops hold and (for ``group``) its group members."""
-    busy = d.c.state != DesktopState.STOPPED
-    per_node = (
-        sa.select(
-            d.c.node_id,
-            sa.func.count().label("n"),
-            sa.func.coalesce(sa.func.sum(t.osfs.c.memory_mib), 0).label("mib"),
-            sa.func.count().filter(d.c.placement_group == group).label("g") if group else sa.literal(0).label("g"),
-        )
-        .join(t.osfs, t.osfs.c.id == d.c.osf_id)
-        .where(d.c.node_id.is_not(None), busy)
-        .group_by(d.c.node_id)
-    )
-    usage = {r.node_id: r for r in await conn.execute(per_node)}
-    # warm guests (services/pools.py) hold their OSF's memory on their node like desktops
-    wg = t.warm_guests
-    warm_q = (
-        sa.select(
-            wg.c.node_id, sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(t.osfs.c.memory_mib), 0).label("mib")
-        )
-        .join(t.warm_pools, t.warm_pools.c.id == wg.c.pool_id)
-        .join(t.osfs, t.osfs.c.id == t.warm_pools.c.osf_id)
-        .group_by(wg.c.node_id)
-    )
-    warm = {r.node_id: (int(r.n), int(r.mib)) for r in await conn.execute(warm_q)}
+    usage = {r.node_id: r for r in await conn.execute(_PER_NODE[bool(group)], {"group": group} if group else {})}
+    warm = {r.node_id: (int(r.n), int(r.mib)) for r in await conn.execute(_WARM_PER_NODE)}
     stale = float(await config_value(conn, "node.lost_after_s", str(LOST_AFTER_S)))
     now = utcnow()
     out = []
-    for r in await conn.execute(sa.select(t.nodes)):
+    for r in await conn.execute(_NODES):
         hb = aware(r.heartbeat_at)
         u = usage.get(r.id)
         out.append(
@@ -146,13 +162,7 @@ async def node_index(conn: AsyncConnection) -> NodeIndex:
 
 
 async def desktop_request(conn: AsyncConnection, desktop_id: int) -> Request:
-    row = (
-        await conn.execute(
-            sa.select(t.osfs.c.memory_mib, t.osfs.c.driver, d.c.placement_group, d.c.placement_policy)
-            .join(t.osfs, t.osfs.c.id == d.c.osf_id)
-            .where(d.c.id == desktop_id)
-        )
-    ).first()
+    row = (await conn.execute(_REQUEST, {"desktop_id": desktop_id})).first()
     if row is None:
         raise NotFound(f"desktop {desktop_id} not found", code="not_found")
     return Request(int(row.memory_mib), driver=row.driver, group=row.placement_group, policy=row.placement_policy)

@@ -359,6 +359,17 @@ async def pool_healthy(db: Database, pool_id: int) -> None:
         )
 
 
+_READY_GUESTS = (  # built once: every start asks (services/config.py says why)
+    sa.select(w)
+    .join(p, p.c.id == w.c.pool_id)
+    .where(p.c.osf_id == sa.bindparam("osf_id"), p.c.tag == sa.bindparam("tag"), w.c.state == WarmState.READY)
+    .order_by(w.c.id)
+)
+_ATTACHED = sa.select(sa.func.count()).where(t.volume_attachments.c.desktop_id == sa.bindparam("desktop_id"))
+_OSF_KIND = sa.select(o.c.driver, o.c.keep_overlay, o.c.network_id).where(o.c.id == sa.bindparam("osf_id"))
+_TAKEN = sa.delete(w).where(w.c.id == sa.bindparam("guest_id"), w.c.state == WarmState.READY)
+
+
 async def take_warm(conn: AsyncConnection, desk: Desktop, ranked: list[Candidate]) -> WarmGuest | None:
     """In the start's transaction: a ready warm guest of the desktop's pool on the best-ranked node that has one,
     taken out of the pool for this desktop; None when the desktop cannot take one (its pool is empty or missing,
@@ -366,20 +377,12 @@ async def take_warm(conn: AsyncConnection, desk: Desktop, ranked: list[Candidate
     ready guest of its OSF and tag costs one query."""
     if desk.network_id is not None:
         return None
-    q = (
-        sa.select(w)
-        .join(p, p.c.id == w.c.pool_id)
-        .where(p.c.osf_id == desk.osf_id, p.c.tag == desk.tag, w.c.state == WarmState.READY)
-    )
-    guests = (await conn.execute(q.order_by(w.c.id))).all()
+    guests = (await conn.execute(_READY_GUESTS, {"osf_id": desk.osf_id, "tag": desk.tag})).all()
     if not guests:
         return None
-    attached = sa.select(sa.func.count()).where(t.volume_attachments.c.desktop_id == desk.id)
-    if int((await conn.execute(attached)).scalar_one()):
+    if int((await conn.execute(_ATTACHED, {"desktop_id": desk.id})).scalar_one()):
         return None  # a container gets its volumes at boot
-    osf = (
-        await conn.execute(sa.select(o.c.driver, o.c.keep_overlay, o.c.network_id).where(o.c.id == desk.osf_id))
-    ).one()
+    osf = (await conn.execute(_OSF_KIND, {"osf_id": desk.osf_id})).one()
     if unsupported(dict(osf._mapping)) is not None:
         return None
     try:
@@ -394,7 +397,7 @@ async def take_warm(conn: AsyncConnection, desk: Desktop, ranked: list[Candidate
         if candidate.score is None or candidate.node.node_id not in ready:
             continue
         guest = ready[candidate.node.node_id][0]
-        gone = await conn.execute(sa.delete(w).where(w.c.id == guest.id, w.c.state == WarmState.READY))
+        gone = await conn.execute(_TAKEN, {"guest_id": guest.id})
         if gone.rowcount:  # another start took it first otherwise: the next node's
             return _warm(guest)
     return None

@@ -77,6 +77,9 @@ async def withdraw_head_start(db: Database, desktop_id: int) -> None:
     )
 
 
+_NEW_CONNECTION = sa.insert(c).returning(c.c.id)  # built once: every connect (services/config.py says why)
+
+
 async def open_session(
     db: Database,
     desk: Desktop,
@@ -99,8 +102,8 @@ async def open_session(
             values={"user_state_at": now, "session_id": session_id, "session_node_id": broker_node_id},
         )
         res = await conn.execute(
-            sa.insert(c)
-            .values(
+            _NEW_CONNECTION,
+            dict(
                 desktop_id=desk.id,
                 user_id=user.id,
                 login=login,
@@ -109,8 +112,7 @@ async def open_session(
                 protocol=protocol,
                 started_at=now,
                 t_auth_ms=auth_ms,
-            )
-            .returning(c.c.id)
+            ),
         )
         conn_id = int(res.scalar_one())
     await db.bus.notify(DESKTOPS, str(desk.id))
@@ -126,14 +128,18 @@ class SessionOwner:
     failure_reason: str | None
 
 
+_OWNERS = sa.select(d.c.id, d.c.session_id, d.c.state, d.c.failure_reason).where(
+    d.c.id.in_(sa.bindparam("ids", expanding=True))
+)  # built once: the brokers' session watch reads it every pass
+
+
 async def session_owners(db: Database, desktop_ids: list[int]) -> dict[int, SessionOwner]:
     """The session holder of each of ``desktop_ids`` in one query (a deleted desktop is missing)."""
 
     async def reads(conn: AsyncConnection) -> dict[int, SessionOwner]:
         owners: dict[int, SessionOwner] = {}
         for i in range(0, len(desktop_ids), 500):  # bounded IN lists
-            query = sa.select(d.c.id, d.c.session_id, d.c.state, d.c.failure_reason)
-            for row in await conn.execute(query.where(d.c.id.in_(desktop_ids[i : i + 500]))):
+            for row in await conn.execute(_OWNERS, {"ids": desktop_ids[i : i + 500]}):
                 owners[int(row.id)] = SessionOwner(row.session_id, DesktopState(row.state), row.failure_reason)
         return owners
 

@@ -40,8 +40,11 @@ async def tenant_id_by_name(conn: AsyncConnection, name: str) -> int:
     return int(row.id)
 
 
+_NAME = sa.select(t.tenants.c.name).where(t.tenants.c.id == sa.bindparam("tenant_id"))  # built once: starts read it
+
+
 async def tenant_name(conn: AsyncConnection, tenant_id: int) -> str:
-    row = (await conn.execute(sa.select(t.tenants.c.name).where(t.tenants.c.id == tenant_id))).first()
+    row = (await conn.execute(_NAME, {"tenant_id": tenant_id})).first()
     if not row:
         raise NotFound(f"no tenant with id {tenant_id}")
     return str(row.name)

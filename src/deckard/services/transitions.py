@@ -75,15 +75,57 @@ _NODE = _Machine[NodeState]("node", "node", t.nodes, t.nodes.c.state, None, NODE
 _IMAGE = _Machine[ImageState]("disk image", "image", t.disk_images, t.disk_images.c.state, None, IMAGE_TRANSITIONS)
 
 
+def _sets(m: _Machine[S], to: S, values: Mapping[str, Any]) -> dict[str, Any]:
+    sets: dict[str, Any] = {**values, m.state.key: to.value}
+    if m.stamp is not None:
+        sets.setdefault(m.stamp.key, utcnow())
+    return sets
+
+
 async def _move(
     conn: AsyncConnection, m: _Machine[S], to: S, where: Sequence[Where], values: Mapping[str, Any]
 ) -> list[sa.Row[Any]]:
     allowed = sorted(sources(m.transitions, to))
-    sets: dict[str, Any] = {**values, m.state.key: to.value}
-    if m.stamp is not None:
-        sets.setdefault(m.stamp.key, utcnow())
-    q = sa.update(m.table).where(*where, m.state.in_(allowed)).values(sets).returning(*m.table.c)
+    q = sa.update(m.table).where(*where, m.state.in_(allowed)).values(_sets(m, to, values)).returning(*m.table.c)
     return list(await conn.execute(q))
+
+
+# A statement SQLAlchemy builds anew at each call costs ~0.1 ms of Python to build and key, more than SQLite takes
+# to run it, and a connect and a start make a dozen state writes: each shape of write (machine, target state,
+# guards, columns written) is built once, with parameters for the values.  Shapes are few: callers name them in code.
+_SHAPES: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], sa.Update] = {}
+
+
+def _shaped(m: _Machine[S], to: S, guards: tuple[str, ...], columns: tuple[str, ...]) -> sa.Update:
+    """``UPDATE … SET <columns> WHERE id AND <guards> AND state IN (<sources of to>) RETURNING *``: values bound
+    as ``set_<column>``, guards as ``is_<column>``, the id as ``row_id``."""
+    shape = (m.noun, to.value, guards, columns)
+    q = _SHAPES.get(shape)
+    if q is None:
+        table = m.table
+        q = _SHAPES[shape] = (
+            sa.update(table)
+            .where(
+                table.c.id == sa.bindparam("row_id"),
+                *(table.c[k] == sa.bindparam(f"is_{k}") for k in guards),
+                m.state.in_(sorted(sources(m.transitions, to))),
+            )
+            .values({k: sa.bindparam(f"set_{k}") for k in columns})
+            .returning(*table.c)
+        )
+    return q
+
+
+_CLAIMS: dict[tuple[str, tuple[str, ...]], sa.Update] = {}  # claim_commands' shapes
+_COMMANDS: dict[tuple[str, tuple[str, ...]], sa.Update] = {}  # command_desktop's
+
+
+def _expressions(values: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, sa.ClauseElement) for v in values.values())
+
+
+def _set_params(sets: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"set_{k}": v for k, v in sets.items()}
 
 
 async def _move_one(
@@ -96,8 +138,15 @@ async def _move_one(
     where: Sequence[Where] = (),
 ) -> sa.Row[Any]:
     table: sa.Table = m.table
-    owned = [table.c.id == row_id, *(table.c[k] == v for k, v in guards.items()), *where]
-    rows = await _move(conn, m, to, owned, values)
+    sets = _sets(m, to, values)
+    if not where and None not in guards.values() and not _expressions(guards) and not _expressions(sets):
+        q = _shaped(m, to, tuple(guards), tuple(sorted(sets)))
+        params = _set_params(sets)
+        params.update({f"is_{k}": v for k, v in guards.items()}, row_id=row_id)
+        rows = list(await conn.execute(q, params))
+    else:
+        owned = [table.c.id == row_id, *(table.c[k] == v for k, v in guards.items()), *where]
+        rows = await _move(conn, m, to, owned, values)
     if rows:
         return rows[0]
     now = (await conn.execute(sa.select(table).where(table.c.id == row_id))).mappings().first()
@@ -172,13 +221,54 @@ async def command_desktops(
     return [int(x) for x in (await conn.execute(q)).scalars()]
 
 
+async def command_desktop(
+    conn: AsyncConnection, desktop_id: int, cmd: DesktopCommand, *, values: Mapping[str, Any] | None = None
+) -> bool:
+    """``command_desktops`` for one unblocked desktop (a start), its statement built once per shape: whether it
+    took the command."""
+    sets = {"cmd": cmd.value, "cmd_at": utcnow(), **(values or {})}
+    if _expressions(sets):
+        return bool(await command_desktops(conn, cmd, d.c.id == desktop_id, d.c.blocked.is_(False), values=values))
+    shape = (cmd.value, tuple(sorted(sets)))
+    q = _COMMANDS.get(shape)
+    if q is None:
+        q = _COMMANDS[shape] = (
+            sa.update(d)
+            .where(
+                d.c.id == sa.bindparam("row_id"),
+                d.c.blocked.is_(False),
+                d.c.state.in_(sorted(COMMAND_ALLOWED_FROM[cmd])),
+                d.c.cmd.is_(None),
+            )
+            .values({k: sa.bindparam(f"set_{k}") for k in shape[1]})
+            .returning(d.c.id)
+        )
+    return (await conn.execute(q, {"row_id": desktop_id, **_set_params(sets)})).first() is not None
+
+
 async def claim_commands(
     conn: AsyncConnection, node_id: int, cmd: DesktopCommand, *, values: Mapping[str, Any] | None = None
 ) -> list[int]:
     """The node claims its pending ``cmd`` commands, exactly once: the desktop moves on and the command clears."""
     to = COMMAND_CLAIMED_AS[cmd]
     claimed = {"cmd": None, "cmd_at": None, **(values or {})}
-    return await transition_desktops(conn, to, d.c.node_id == node_id, d.c.cmd == cmd.value, values=claimed)
+    sets = _sets(_DESKTOP, to, _at_rest(to, claimed))
+    if _expressions(sets):
+        return await transition_desktops(conn, to, d.c.node_id == node_id, d.c.cmd == cmd.value, values=claimed)
+    shape = (cmd.value, tuple(sorted(sets)))
+    q = _CLAIMS.get(shape)
+    if q is None:  # built once per shape, as ``_shaped``
+        q = _CLAIMS[shape] = (
+            sa.update(d)
+            .where(
+                d.c.node_id == sa.bindparam("claimer"),  # a column's name is SQLAlchemy's for SET values
+                d.c.cmd == cmd.value,
+                d.c.state.in_(sorted(sources(DESKTOP_TRANSITIONS, to))),
+            )
+            .values({k: sa.bindparam(f"set_{k}") for k in shape[1]})
+            .returning(d.c.id)
+        )
+    return [int(x) for x in (await conn.execute(q, {"claimer": node_id, **_set_params(sets)})).scalars()]
 
 
 async def withdraw_starts(conn: AsyncConnection, *where: Where) -> list[int]:
