@@ -307,6 +307,32 @@ async def test_qvd_client_lists_then_connects_on_one_connection_and_bytes_flow_b
     assert (desk.state, desk.user_state) == ("running", "disconnected")
 
 
+async def test_every_connects_login_is_audited_once_also_when_the_connect_is_refused_after_it(farm: Farm) -> None:
+    """The broker writes a connect's login record while the desktop boots (``LoginRecord``): it is there for a
+    connect that got its desktop and for one refused after the login (no such desktop), once each."""
+    c = await RawClient.open(farm)
+    status, *_ = await c.request(f"/qvd/connect_to_vm?id={farm.alice_desk['id']}&{QVD_PARAMS}", {**ALICE, **UPGRADE})
+    assert status == 101
+    await c.close()
+    c = await RawClient.open(farm)
+    status, headers, _, _ = await c.request(f"/qvd/connect_to_vm?id=999999&{QVD_PARAMS}", {**ALICE, **UPGRADE})
+    assert status == 404 and headers["x-deckard-error"] == "desktop_not_found"
+    await c.close()
+
+    log = t.audit_log
+
+    async def two_logins() -> list[Any] | None:
+        async with farm.db.connect() as conn:
+            q = sa.select(log).where(log.c.action == "user.login", log.c.admin_name == "user:alice")
+            rows = list(await conn.execute(q))
+        return rows if len(rows) >= 2 else None
+
+    rows = await farm.wait_for("two login records", two_logins)
+    await asyncio.sleep(0.2)  # and no third
+    assert len(await two_logins() or []) == 2
+    assert [(r.result, json.loads(r.arguments)["via"]) for r in rows] == [("ok", "broker"), ("ok", "broker")]
+
+
 async def test_client_module_lists_and_connects_with_progress(farm: Farm) -> None:
     desktops = await broker_client.list_desktops(farm.server, "alice", "pw-alice", farm.ca)
     chosen = broker_client.resolve_desktop(desktops, None)

@@ -33,7 +33,7 @@ from deckard.broker.files import FILES_PATH, FilesConnect
 from deckard.broker.http import BadRequest, FrontConnection, HttpChannel
 from deckard.broker.nx import DISPLAY_HEADER, display_of
 from deckard.broker.params import ConnectParams, parse_connect_params, parse_desktop_id
-from deckard.broker.session import ConnectRequest, SessionRunner
+from deckard.broker.session import ConnectRequest, LoginRecord, SessionRunner
 from deckard.broker.sound import SOUND_PATH, SoundConnect
 from deckard.broker.websocket import WebSocketConnect, is_websocket
 from deckard.db.engine import Database
@@ -182,11 +182,16 @@ class QvdProtocol:
         )
 
     async def _authenticate(
-        self, front: FrontConnection, req: Request, on_known: Callable[[int], None] | None = None
+        self,
+        front: FrontConnection,
+        req: Request,
+        on_known: Callable[[int], None] | None = None,
+        record: LoginRecord | None = None,
     ) -> tuple[User, str]:
         """The login chain (``services/identity.py``) for Basic or Bearer credentials.  QVD's client sends the same
         credentials with each request of a connection (list, then connect): the second reuses the first's result,
-        so a one-time second-factor code is not refused as a replay.  ``on_known``: ``login_password``'s."""
+        so a one-time second-factor code is not refused as a replay.  ``on_known``: ``login_password``'s;
+        ``record``: a password login's audit record is left to it (a connect writes it while the desktop boots)."""
         header = req.headers.get("authorization")
         extra = auth_params(req.headers)
         memo = hashlib.sha256(repr((header, sorted(extra.items()))).encode()).digest()
@@ -202,7 +207,10 @@ class QvdProtocol:
                 factors=extra,
                 network=self.network,
                 on_known=on_known,
+                record_later=record is not None,
             )
+            if record is not None:
+                record.hold(result.record)
             login = creds.login
         else:
             result = await identity.login_token(self.db, creds.token, source=front.peer)
@@ -247,6 +255,7 @@ class QvdProtocol:
         """QVD's checks in QVD's order, then the session flow (which answers 101 or 503 itself)."""
         login = ""
         head: asyncio.Task[bool] | None = None  # the desktop's start, asked for while the password is checked
+        record = LoginRecord()  # written once the start is asked for (session.py), and in any case at the end
         connecting = False
         try:
             if "upgrade" not in req.header_tokens("connection") or "qvd/1.0" not in req.header_tokens("upgrade"):
@@ -272,7 +281,7 @@ class QvdProtocol:
                     head = asyncio.create_task(head_start(self.db, user_id, wanted.desktop_id), name="head-start")
 
             user, login = await self._authenticate(
-                channel.front, req, on_known=start_early if self.settings.head_start else None
+                channel.front, req, on_known=start_early if self.settings.head_start else None, record=record
             )
             channel.front.mark_authenticated()
             auth_ms = round((time.monotonic() - req.received_at) * 1000, 1)
@@ -290,8 +299,15 @@ class QvdProtocol:
             if head is not None and not connecting:  # the login failed (or the client left): no desktop for it
                 assert wanted is not None
                 await asyncio.shield(self._withdraw(head, wanted.desktop_id, channel.front.peer))
-        connect = ConnectRequest(user, login, params, desk, req.received_at, auth_ms, head_started=started)
-        await self.sessions.run(channel, connect)
+            if not connecting:
+                await record.written()
+        connect = ConnectRequest(
+            user, login, params, desk, req.received_at, auth_ms, head_started=started, login_record=record
+        )
+        try:
+            await self.sessions.run(channel, connect)
+        finally:
+            await record.written()
 
     @staticmethod
     def _params(req: Request) -> ConnectParams:

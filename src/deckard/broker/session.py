@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -183,6 +183,28 @@ class Ports:
     nx: int = NX_PORT
 
 
+class LoginRecord:
+    """A connect's login audit record (``identity.login_password(record_later=True)``), written while the desktop
+    boots rather than before its start is asked for: the record and the start share the farm's one event loop.
+    ``start`` is idempotent; ``written`` starts it if nobody did and waits for it (every connect ends with it)."""
+
+    def __init__(self) -> None:
+        self._write: Callable[[], Awaitable[None]] | None = None
+        self._task: asyncio.Future[None] | None = None
+
+    def hold(self, write: Callable[[], Awaitable[None]] | None) -> None:
+        self._write = write
+
+    def start(self) -> None:
+        if self._write is not None and self._task is None:
+            self._task = asyncio.ensure_future(self._write())
+
+    async def written(self) -> None:
+        self.start()
+        if self._task is not None:
+            await asyncio.shield(self._task)  # the record is written even if this connect is cancelled
+
+
 @dataclass
 class ConnectRequest:
     """What the HTTP layer hands over once the user is authenticated and the parameters are valid."""
@@ -196,6 +218,7 @@ class ConnectRequest:
     head_started: bool = False  # its desktop's start was asked for while the password was checked (qvd.py)
     slave_key: str = ""  # an NX connect's key to its slave channel (shared folders), given in the 101
     timings: dict[str, float] = field(default_factory=dict)
+    login_record: LoginRecord = field(default_factory=LoginRecord)
 
 
 class ClientSide(Protocol):
@@ -430,6 +453,7 @@ class SessionRunner:
             watch,
         )
         timings["t_start_ms"] = _ms(t)
+        req.login_record.start()  # the guest boots: the loop has time for it now
         await progress(Progress("display", "Waiting for the display to come up"))
         if running.state != DesktopState.RUNNING:  # its display came up at boot: dialled while its agent starts
             t = time.monotonic()

@@ -184,23 +184,23 @@ class ContainerDriver:
     async def _start(self, spec: GuestSpec, basefs: Path) -> GuestInfo:
         lxc_dir = self._lxc_dir(spec.guest_name)
 
+        def traversable(*paths: Path) -> None:
+            for path in paths:
+                ensure_traversable(path, self.paths.home)
+
         def layers() -> Path:  # one trip to a worker thread: each trip waits on the event loop
             upper = self._prepare_overlay(spec, basefs)
             if spec.warm:  # its share of homes, where a user's is mounted at take-over (drivers/warm.py)
                 warm.make_share(spec.home_dir)
             else:
                 self._prepare_home(spec.home_dir, basefs, spec.user_uid)
+            traversable(basefs, upper, spec.home_dir)
             return upper
 
         upper = await asyncio.to_thread(layers)
         volumes = await self._mount_volumes(spec)
-        reached = (basefs, upper, spec.home_dir, *(host for host, _name, _ro in volumes))
-
-        def traversable() -> None:
-            for path in reached:
-                ensure_traversable(path, self.paths.home)
-
-        await asyncio.to_thread(traversable)
+        if volumes:
+            await asyncio.to_thread(traversable, *(host for host, _name, _ro in volumes))
         lxc_dir.mkdir(parents=True, exist_ok=True)
         veth = veth_name(spec.guest_name)
         meta = {

@@ -521,8 +521,9 @@ class NodeDaemon:
                 seed=await self._seed(desktop_id) if facts.driver == "vm" else None,
                 volumes=await self.volumes.for_start(desktop_id) if facts.volumes else (),
             )
-            if self.egress is not None:  # the desktop's policy is loaded while its guest boots
-                _, info = await asyncio.gather(self.egress.admit(desk.ip, facts.network.rules), self.driver.start(spec))
+            if self.egress is not None:  # the desktop's policy is loaded while its guest boots: the guest's start
+                # first, whose first wait (its layer, on a worker thread) lets the policy's rendering run beside it
+                info, _ = await asyncio.gather(self.driver.start(spec), self.egress.admit(desk.ip, facts.network.rules))
             else:
                 info = await self.driver.start(spec)
             t1 = time.monotonic()
