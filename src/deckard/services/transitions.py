@@ -24,7 +24,7 @@ whoever stopped it (the node, or the monitor that fenced a lost node).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -91,41 +91,49 @@ async def _move(
 
 
 # A statement SQLAlchemy builds anew at each call costs ~0.1 ms of Python to build and key, more than SQLite takes
-# to run it, and a connect and a start make a dozen state writes: each shape of write (machine, target state,
-# guards, columns written) is built once, with parameters for the values.  Shapes are few: callers name them in code.
-_SHAPES: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], sa.Update] = {}
+# to run it, and a connect and a start make a dozen state writes: each shape of write (what it is for, target,
+# guards, columns written) is built once, its values bound as ``set_<column>``.  Shapes are few: callers name them
+# in code.  Values that are SQL expressions take the statement built anew.
+_BUILT: dict[tuple[Any, ...], sa.Update] = {}
 
 
-def _shaped(m: _Machine[S], to: S, guards: tuple[str, ...], columns: tuple[str, ...]) -> sa.Update:
-    """``UPDATE … SET <columns> WHERE id AND <guards> AND state IN (<sources of to>) RETURNING *``: values bound
-    as ``set_<column>``, guards as ``is_<column>``, the id as ``row_id``."""
-    shape = (m.noun, to.value, guards, columns)
-    q = _SHAPES.get(shape)
+def _built_once(shape: tuple[Any, ...], build: Callable[[], sa.Update]) -> sa.Update:
+    q = _BUILT.get(shape)
     if q is None:
-        table = m.table
-        q = _SHAPES[shape] = (
-            sa.update(table)
-            .where(
-                table.c.id == sa.bindparam("row_id"),
-                *(table.c[k] == sa.bindparam(f"is_{k}") for k in guards),
-                m.state.in_(sorted(sources(m.transitions, to))),
-            )
-            .values({k: sa.bindparam(f"set_{k}") for k in columns})
-            .returning(*table.c)
-        )
+        q = _BUILT[shape] = build()
     return q
 
 
-_CLAIMS: dict[tuple[str, tuple[str, ...]], sa.Update] = {}  # claim_commands' shapes
-_COMMANDS: dict[tuple[str, tuple[str, ...]], sa.Update] = {}  # command_desktop's
+def _bound(columns: Iterable[str]) -> dict[str, Any]:
+    """The SET of a statement built once: each column's value a parameter (:func:`_set_params`)."""
+    return {k: sa.bindparam(f"set_{k}") for k in columns}
+
+
+def _set_params(sets: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"set_{k}": v for k, v in sets.items()}
 
 
 def _expressions(values: Mapping[str, Any]) -> bool:
     return any(isinstance(v, sa.ClauseElement) for v in values.values())
 
 
-def _set_params(sets: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"set_{k}": v for k, v in sets.items()}
+def _shaped(m: _Machine[S], to: S, guards: tuple[str, ...], columns: tuple[str, ...]) -> sa.Update:
+    """``UPDATE … SET <columns> WHERE id AND <guards> AND state IN (<sources of to>) RETURNING *``: guards bound
+    as ``is_<column>``, the id as ``row_id``."""
+    table = m.table
+    return _built_once(
+        ("move", m.noun, to.value, guards, columns),
+        lambda: (
+            sa.update(table)
+            .where(
+                table.c.id == sa.bindparam("row_id"),
+                *(table.c[k] == sa.bindparam(f"is_{k}") for k in guards),
+                m.state.in_(sorted(sources(m.transitions, to))),
+            )
+            .values(_bound(columns))
+            .returning(*table.c)
+        ),
+    )
 
 
 async def _move_one(
@@ -229,10 +237,10 @@ async def command_desktop(
     sets = {"cmd": cmd.value, "cmd_at": utcnow(), **(values or {})}
     if _expressions(sets):
         return bool(await command_desktops(conn, cmd, d.c.id == desktop_id, d.c.blocked.is_(False), values=values))
-    shape = (cmd.value, tuple(sorted(sets)))
-    q = _COMMANDS.get(shape)
-    if q is None:
-        q = _COMMANDS[shape] = (
+    columns = tuple(sorted(sets))
+    q = _built_once(
+        ("command", cmd.value, columns),
+        lambda: (
             sa.update(d)
             .where(
                 d.c.id == sa.bindparam("row_id"),
@@ -240,9 +248,10 @@ async def command_desktop(
                 d.c.state.in_(sorted(COMMAND_ALLOWED_FROM[cmd])),
                 d.c.cmd.is_(None),
             )
-            .values({k: sa.bindparam(f"set_{k}") for k in shape[1]})
+            .values(_bound(columns))
             .returning(d.c.id)
-        )
+        ),
+    )
     return (await conn.execute(q, {"row_id": desktop_id, **_set_params(sets)})).first() is not None
 
 
@@ -255,19 +264,20 @@ async def claim_commands(
     sets = _sets(_DESKTOP, to, _at_rest(to, claimed))
     if _expressions(sets):
         return await transition_desktops(conn, to, d.c.node_id == node_id, d.c.cmd == cmd.value, values=claimed)
-    shape = (cmd.value, tuple(sorted(sets)))
-    q = _CLAIMS.get(shape)
-    if q is None:  # built once per shape, as ``_shaped``
-        q = _CLAIMS[shape] = (
+    columns = tuple(sorted(sets))
+    q = _built_once(
+        ("claim", cmd.value, columns),
+        lambda: (
             sa.update(d)
             .where(
                 d.c.node_id == sa.bindparam("claimer"),  # a column's name is SQLAlchemy's for SET values
                 d.c.cmd == cmd.value,
                 d.c.state.in_(sorted(sources(DESKTOP_TRANSITIONS, to))),
             )
-            .values({k: sa.bindparam(f"set_{k}") for k in shape[1]})
+            .values(_bound(columns))
             .returning(d.c.id)
-        )
+        ),
+    )
     return [int(x) for x in (await conn.execute(q, {"claimer": node_id, **_set_params(sets)})).scalars()]
 
 
