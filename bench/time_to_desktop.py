@@ -67,10 +67,15 @@ MEMORY_TARGET_MIB = {"minimal": 120, "standard": 250}
 
 
 def cgroup_memory(guest: str) -> tuple[int, int]:
+    """The guest's memory charge and its private + mapped part, on a v1 memory hierarchy or on pure cgroup2."""
     base = Path("/sys/fs/cgroup/memory") / f"lxc.payload.{guest}"
-    usage = int((base / "memory.usage_in_bytes").read_text())
+    if base.is_dir():
+        usage = int((base / "memory.usage_in_bytes").read_text())
+        stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
+        return usage, int(stat.get("total_rss", 0)) + int(stat.get("total_mapped_file", 0))
+    base = Path("/sys/fs/cgroup") / f"lxc.payload.{guest}"
     stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
-    return usage, int(stat.get("total_rss", 0)) + int(stat.get("total_mapped_file", 0))
+    return int((base / "memory.current").read_text()), int(stat.get("anon", 0)) + int(stat.get("file_mapped", 0))
 
 
 def median_of(seconds: list[float]) -> dict[str, float]:

@@ -17,7 +17,7 @@ import pytest
 
 from deckard.drivers import load_driver
 from deckard.drivers.base import GuestSpec
-from deckard.drivers.cgroups import favordynmods_mount
+from deckard.drivers.cgroups import favordynmods_mount, pure_cgroup2
 from deckard.drivers.container import ContainerDriver, shift_tree, started_info, write_account
 from deckard.drivers.fake import FakeDriver
 from deckard.drivers.lxc_config import (
@@ -55,7 +55,9 @@ def make_spec(**overrides: object) -> GuestSpec:
     return GuestSpec(**values)
 
 
-def config_of(spec: GuestSpec, fuse: Path | None = None, boot: str | None = None) -> dict[str, list[str]]:
+def config_of(
+    spec: GuestSpec, fuse: Path | None = None, boot: str | None = None, cgroup2: bool = False
+) -> dict[str, list[str]]:
     text = render_config(
         spec,
         basefs=Path("/srv/basefs/7"),
@@ -66,6 +68,7 @@ def config_of(spec: GuestSpec, fuse: Path | None = None, boot: str | None = None
         seccomp=Path("/run/deckard/lxc/dkabc123-42/seccomp"),
         fuse=fuse,
         boot=boot,
+        cgroup2=cgroup2,
     )
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -81,8 +84,31 @@ def test_limits_come_from_the_osf() -> None:
     assert cfg["lxc.cgroup.cpu.cfs_period_us"] == ["100000"]
     assert cfg["lxc.cgroup.cpu.cfs_quota_us"] == ["150000"]
     assert int(cfg["lxc.cgroup.pids.max"][0]) > 0
-    # cgroup v1 keys only: this host ignores lxc.cgroup2.*
+    # cgroup v1 keys only: a host with v1 hierarchies ignores lxc.cgroup2.*
     assert not [key for key in cfg if key.startswith("lxc.cgroup2.")]
+
+
+def test_a_pure_cgroup2_host_gets_the_same_limits_in_its_own_keys() -> None:
+    """LXC ignores lxc.cgroup.* on a pure cgroup2 host (Debian 12 as installed): the desktop would run unlimited."""
+    fuse = Path("/dev/deckard-fuse")
+    v1 = config_of(make_spec(mounter=True), fuse=fuse)
+    cfg = config_of(make_spec(mounter=True), fuse=fuse, cgroup2=True)
+    assert not [key for key in cfg if key.startswith("lxc.cgroup.")]
+    assert cfg["lxc.cgroup2.memory.max"] == [str(768 * 1024 * 1024)]
+    assert cfg["lxc.cgroup2.cpu.max"] == ["150000 100000"]
+    assert cfg["lxc.cgroup2.pids.max"] == v1["lxc.cgroup.pids.max"]
+    assert cfg["lxc.cgroup2.devices.deny"] == ["a"]
+    assert cfg["lxc.cgroup2.devices.allow"] == v1["lxc.cgroup.devices.allow"]
+    assert "c 10:229 rwm" in cfg["lxc.cgroup2.devices.allow"]
+    assert {k: v for k, v in cfg.items() if "cgroup" not in k} == {k: v for k, v in v1.items() if "cgroup" not in k}
+
+
+def test_the_cgroup_layout_is_told_as_lxc_tells_it() -> None:
+    """One ``0::`` line: pure cgroup2; v1 lines (with or without a unified one beside them): v1 keys."""
+    assert pure_cgroup2("0::/system.slice/deckard.service\n")
+    assert not pure_cgroup2("12:pids:/\n4:memory:/x\n1:name=systemd:/\n0::/\n")
+    assert not pure_cgroup2("4:memory:/x\n")
+    assert not pure_cgroup2("")
 
 
 def test_identity_network_and_isolation_hook() -> None:

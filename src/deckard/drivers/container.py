@@ -52,7 +52,7 @@ from deckard.drivers.agent_code import (
     refresh_boot_script,
 )
 from deckard.drivers.base import GuestInfo, GuestSpec, VolumeMount
-from deckard.drivers.cgroups import favordynmods_mount, memory_usage, remove_cgroups
+from deckard.drivers.cgroups import favordynmods_mount, host_pure_cgroup2, memory_usage, remove_cgroups
 from deckard.drivers.display import display_password, vnc_password_file
 from deckard.drivers.gluster import fs_type
 from deckard.drivers.lxc_config import (
@@ -127,6 +127,7 @@ class ContainerDriver:
         self.paths = paths
         self.id_base = id_base if id_base is not None else farm_id_base(paths.farm_id)
         self.apparmor = apparmor_available()
+        self.cgroup2 = host_pure_cgroup2()  # which keys the desktops' limits take (drivers/cgroups.py)
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()  # work a caller need not wait for (held till done)
         self._host_tuned = False
@@ -152,13 +153,14 @@ class ContainerDriver:
         except OSError:
             found = None
         if found is None or found[1]:
-            log.info("container.cgroup_moves", favordynmods=bool(found and found[1]))
+            log.info("container.cgroup_moves", favordynmods=bool(found and found[1]), cgroup2=self.cgroup2)
             return
         result = await run_command(["mount", "-o", "remount,favordynmods", found[0]], check=False)
         log.info(
             "container.cgroup_moves",
             favordynmods=result.returncode == 0,
             mount=found[0],
+            cgroup2=self.cgroup2,  # the limits' keys: lxc.cgroup2.* (pure cgroup2) or lxc.cgroup.* (v1 hierarchies)
             error=result.stderr.strip()[-300:] or None,
         )
 
@@ -234,6 +236,7 @@ class ContainerDriver:
                 agent=agent_command(basefs),
                 fuse=fuse,
                 boot=boot,
+                cgroup2=self.cgroup2,
             )
         )
         # an older guest with this IP may still be in the neighbour table with its old MAC

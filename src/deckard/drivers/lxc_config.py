@@ -115,6 +115,27 @@ def display_at_boot(spec: GuestSpec, boot: str | None, fuse: Path | None) -> boo
     return boot is not None and not spec.warm and not (spec.mounter and fuse is not None)
 
 
+def cgroup_limits(spec: GuestSpec, cgroup2: bool, devices: Sequence[str]) -> list[str]:
+    """The desktop's memory, CPU, pids and device limits in the keys of the host's cgroup layout: LXC ignores the
+    other layout's keys, leaving the desktop unlimited (``drivers/cgroups.py`` says how the layout is told)."""
+    memory, quota = spec.memory_mib * 1024 * 1024, max(int(spec.cpus * CFS_PERIOD_US), 1000)
+    if cgroup2:  # devices: LXC turns the list into an eBPF program on the desktop's cgroup
+        head = [
+            f"lxc.cgroup2.memory.max = {memory}",
+            f"lxc.cgroup2.cpu.max = {quota} {CFS_PERIOD_US}",
+            f"lxc.cgroup2.pids.max = {PIDS_MAX}",
+        ]
+    else:
+        head = [
+            f"lxc.cgroup.memory.limit_in_bytes = {memory}",
+            f"lxc.cgroup.cpu.cfs_period_us = {CFS_PERIOD_US}",
+            f"lxc.cgroup.cpu.cfs_quota_us = {quota}",
+            f"lxc.cgroup.pids.max = {PIDS_MAX}",
+        ]
+    prefix = "lxc.cgroup2" if cgroup2 else "lxc.cgroup"
+    return [*head, f"{prefix}.devices.deny = a", *(f"{prefix}.devices.allow = {rule}" for rule in devices)]
+
+
 def render_config(
     spec: GuestSpec,
     *,
@@ -129,12 +150,14 @@ def render_config(
     agent: str = AGENT,
     fuse: Path | None = None,
     boot: str | None = None,
+    cgroup2: bool = False,
 ) -> str:
     """The LXC config of one desktop (pure: everything comes from the arguments).  ``volumes``: (where the volume
     is mounted on the host, its name, read-only) for each attached volume, bind-mounted on ``/media/<name>``;
     ``agent``: the command that starts the guest agent (``agent_code.agent_command``); ``fuse``: a FUSE device
     node its root may open, bound on ``/dev/fuse`` (shared folders); ``boot``: the image's boot script, which
-    starts the user's display before the agent (``agent_code.boot_command``)."""
+    starts the user's display before the agent (``agent_code.boot_command``); ``cgroup2``: the host has only the
+    unified cgroup hierarchy (``cgroups.host_pure_cgroup2``)."""
     mounter = spec.mounter and fuse is not None  # its capabilities and /dev/fuse come together or not at all
     if spec.warm:  # Xvnc for nobody yet: a user takes the guest over
         init = f"{agent} --warm"
@@ -180,21 +203,8 @@ def render_config(
             f"lxc.mount.entry = {host} media/{name} none bind,create=dir,nosuid,nodev{',ro' if ro else ''} 0 0"
             for host, name, ro in volumes
         ),
-        # cgroup v1 keys: this host keeps every useful controller on v1, where lxc.cgroup2.* is ignored
-        f"lxc.cgroup.memory.limit_in_bytes = {spec.memory_mib * 1024 * 1024}",
-        f"lxc.cgroup.cpu.cfs_period_us = {CFS_PERIOD_US}",
-        f"lxc.cgroup.cpu.cfs_quota_us = {max(int(spec.cpus * CFS_PERIOD_US), 1000)}",
-        f"lxc.cgroup.pids.max = {PIDS_MAX}",
-        "lxc.cgroup.devices.deny = a",
-        *(f"lxc.cgroup.devices.allow = {rule}" for rule in DEVICES_ALLOW),
-        *(
-            (
-                f"lxc.cgroup.devices.allow = {FUSE_DEVICE}",
-                f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",
-            )
-            if mounter
-            else ()
-        ),
+        *cgroup_limits(spec, cgroup2, devices=(*DEVICES_ALLOW, *((FUSE_DEVICE,) if mounter else ()))),
+        *((f"lxc.mount.entry = {fuse} dev/fuse none bind,create=file 0 0",) if mounter else ()),
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {spec.bridge}",
         "lxc.net.0.flags = up",
