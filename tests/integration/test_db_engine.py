@@ -171,6 +171,30 @@ async def test_the_hot_writers_log_is_checkpointed_on_aiosqlites_thread(
     assert path.stat().st_size - before > 256 << 10
 
 
+async def test_release_idle_closes_the_pooled_sqlite_connections_and_they_open_again(db: Database) -> None:
+    """After a burst the broker gives back what the idle connections hold (a page cache each, on SQLite); a
+    connection in use meanwhile stays usable, and the next statements open new ones."""
+    async with db.connect(), db.connect():  # two at once: both go back to the pool (on SQLite, no transaction)
+        pass
+    async with db.write() as conn:
+        await conn.execute(sa.select(1))
+    assert await db.read(_names) == set()
+    pools = [e.sync_engine.pool for e in (db.engine, db._inline, db._inline_writer) if e is not None]
+    idle = [pool.checkedin() for pool in pools]
+    await db.release_idle()
+    if db.dialect == "sqlite":
+        assert idle == [2, 1, 1] and [pool.checkedin() for pool in pools] == [0, 0, 0]
+    else:  # the server's memory, not this process's: the pool is kept
+        assert [pool.checkedin() for pool in pools] == idle
+    async with db.connect() as busy:  # in use while the pools are released: it goes on
+        await busy.execute(sa.select(1))
+        await db.release_idle()
+        assert (await busy.execute(sa.select(1))).scalar() == 1
+    async with db.write() as conn:
+        await conn.execute(sa.insert(t.tenants).values(name="after", created_at=utcnow()))
+    assert await db.read(_names) == {"after"}
+
+
 @pytest.mark.databases("sqlite")
 async def test_a_busy_file_sends_the_read_to_aiosqlite_and_the_loop_keeps_running(db: Database) -> None:
     await bootstrap_farm(db)

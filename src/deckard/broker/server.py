@@ -13,9 +13,11 @@ NAT is not limited to 64 desktops, while anonymous ones are).  Over a cap, the s
 
 Why ``malloc_trim``: after a burst of thousands of connections closes, glibc keeps the freed heap in its
 arenas and the process's RSS stays high; giving it back once the burst is over keeps the farm's memory near
-idle (``bench/abuse.py`` and ``bench/tunnels.py`` measure it).  A garbage collection comes first: a tunnel's
-objects (client connection, relay, desktop side) refer to each other, so an idle process would otherwise keep
-them until the collector's next full pass, which allocation counts may not call for in a long while.
+idle (``bench/abuse.py`` and ``bench/tunnels.py`` measure it).  The database's idle pooled connections go first
+(``Database.release_idle``: on SQLite each holds a page cache, filled by the burst's logins), then a garbage
+collection: a tunnel's objects (client connection, relay, desktop side) refer to each other, so an idle process
+would otherwise keep them until the collector's next full pass, which allocation counts may not call for in a
+long while.
 
 Why ``mallopt``: streams move 256 KiB buffers; glibc's adaptive mmap threshold soon serves them from the heap,
 and each thread (database drivers, executors) gets an arena of its own, so the heap kept every stream's
@@ -217,6 +219,12 @@ class Broker:
     def _trim_heap(self) -> None:
         self._trim = None
         self._peak = self.open_connections
+        task = asyncio.get_running_loop().create_task(self._give_back_memory(), name="broker-trim")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _give_back_memory(self) -> None:
+        await self.db.release_idle()  # the logins' database connections first: their memory is freed with them
         gc.collect()  # a tunnel's objects refer to each other: without a collection their memory waits for one
         release_freed_memory()
 
