@@ -106,16 +106,12 @@ class Limits:
 
 def limits(pid: int) -> Limits:
     """The memory, CPU and pids limits of ``pid``'s cgroups on either layout (the e2e tests check LXC set them)."""
-    cpu = _cgroup_dir(pid, "cpu")
-    if cpu is not None and cpu[1]:  # cgroup2: "<quota> <period>" in one file
-        quota, _, period = (_read(pid, "cpu", "", "cpu.max") or "").partition(" ")
-    else:
-        quota = _read(pid, "cpu", "cpu.cfs_quota_us", "") or ""
-        period = _read(pid, "cpu", "cpu.cfs_period_us", "") or ""
+    quota = _read(pid, "cpu", "cpu.cfs_quota_us", "cpu.max")  # cgroup2's cpu.max: "<quota> <period>"
+    period = (_read(pid, "cpu", "cpu.cfs_period_us", "cpu.max") or "").split()[-1:]
     return Limits(
         memory_bytes=_number(_read(pid, "memory", "memory.limit_in_bytes", "memory.max")),
         cpu_quota_us=_number(quota),
-        cpu_period_us=_number(period),
+        cpu_period_us=_number(" ".join(period)),
         pids=_number(_read(pid, "pids", "pids.max", "pids.max")),
     )
 
