@@ -54,7 +54,8 @@ class Farm:
             q = sa.select(t.nodes.c.state).where(t.nodes.c.id == self.node.daemon.node_id)
             return str((await conn.execute(q)).scalar_one())
 
-    async def wait_state(self, desktop_id: int, state: DesktopState, timeout: float = 5.0) -> Any:
+    async def wait_state(self, desktop_id: int, state: DesktopState, timeout: float = 20.0) -> Any:
+        # generous: a fake start is ~0.1 s, but a CI machine running the e2e tests beside took over 5 s once
         return await wait_for(f"desktop {desktop_id} {state}", lambda: self._in_state(desktop_id, state), timeout)
 
     async def _in_state(self, desktop_id: int, state: DesktopState) -> Any:
