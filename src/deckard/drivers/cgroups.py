@@ -107,11 +107,11 @@ class Limits:
 def limits(pid: int) -> Limits:
     """The memory, CPU and pids limits of ``pid``'s cgroups on either layout (the e2e tests check LXC set them)."""
     quota = _read(pid, "cpu", "cpu.cfs_quota_us", "cpu.max")  # cgroup2's cpu.max: "<quota> <period>"
-    period = (_read(pid, "cpu", "cpu.cfs_period_us", "cpu.max") or "").split()[-1:]
+    period = (_read(pid, "cpu", "cpu.cfs_period_us", "cpu.max") or "").rpartition(" ")[2]
     return Limits(
         memory_bytes=_number(_read(pid, "memory", "memory.limit_in_bytes", "memory.max")),
         cpu_quota_us=_number(quota),
-        cpu_period_us=_number(" ".join(period)),
+        cpu_period_us=_number(period),
         pids=_number(_read(pid, "pids", "pids.max", "pids.max")),
     )
 

@@ -113,6 +113,17 @@ def _set_params(sets: Mapping[str, Any]) -> dict[str, Any]:
     return {f"set_{k}": v for k, v in sets.items()}
 
 
+def _ids_built_once(
+    shape: tuple[Any, ...], sets: Mapping[str, Any], where: Callable[[], tuple[Where, ...]]
+) -> sa.Update:
+    """``UPDATE desktops SET <the columns of sets> WHERE <where> RETURNING id``, built once per shape and columns
+    (``where`` is called only then); execute it with :func:`_set_params` of ``sets``."""
+    columns = tuple(sorted(sets))
+    return _built_once(
+        (*shape, columns), lambda: sa.update(d).where(*where()).values(_bound(columns)).returning(d.c.id)
+    )
+
+
 def _expressions(values: Mapping[str, Any]) -> bool:
     return any(isinstance(v, sa.ClauseElement) for v in values.values())
 
@@ -237,19 +248,14 @@ async def command_desktop(
     sets = {"cmd": cmd.value, "cmd_at": utcnow(), **(values or {})}
     if _expressions(sets):
         return bool(await command_desktops(conn, cmd, d.c.id == desktop_id, d.c.blocked.is_(False), values=values))
-    columns = tuple(sorted(sets))
-    q = _built_once(
-        ("command", cmd.value, columns),
+    q = _ids_built_once(
+        ("command", cmd.value),
+        sets,
         lambda: (
-            sa.update(d)
-            .where(
-                d.c.id == sa.bindparam("row_id"),
-                d.c.blocked.is_(False),
-                d.c.state.in_(sorted(COMMAND_ALLOWED_FROM[cmd])),
-                d.c.cmd.is_(None),
-            )
-            .values(_bound(columns))
-            .returning(d.c.id)
+            d.c.id == sa.bindparam("row_id"),
+            d.c.blocked.is_(False),
+            d.c.state.in_(sorted(COMMAND_ALLOWED_FROM[cmd])),
+            d.c.cmd.is_(None),
         ),
     )
     return (await conn.execute(q, {"row_id": desktop_id, **_set_params(sets)})).first() is not None
@@ -264,18 +270,13 @@ async def claim_commands(
     sets = _sets(_DESKTOP, to, _at_rest(to, claimed))
     if _expressions(sets):
         return await transition_desktops(conn, to, d.c.node_id == node_id, d.c.cmd == cmd.value, values=claimed)
-    columns = tuple(sorted(sets))
-    q = _built_once(
-        ("claim", cmd.value, columns),
+    q = _ids_built_once(
+        ("claim", cmd.value),
+        sets,
         lambda: (
-            sa.update(d)
-            .where(
-                d.c.node_id == sa.bindparam("claimer"),  # a column's name is SQLAlchemy's for SET values
-                d.c.cmd == cmd.value,
-                d.c.state.in_(sorted(sources(DESKTOP_TRANSITIONS, to))),
-            )
-            .values(_bound(columns))
-            .returning(d.c.id)
+            d.c.node_id == sa.bindparam("claimer"),  # a column's name is SQLAlchemy's for SET values
+            d.c.cmd == cmd.value,
+            d.c.state.in_(sorted(sources(DESKTOP_TRANSITIONS, to))),
         ),
     )
     return [int(x) for x in (await conn.execute(q, {"claimer": node_id, **_set_params(sets)})).scalars()]
