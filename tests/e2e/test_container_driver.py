@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ import pytest
 from deckard.client.rfb import RFBError, grab_framebuffer, handshake, is_blank
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT, GuestSpec
 from deckard.drivers.cgroups import CGROUP_ROOT, Limits, limits, memory_stat, remove_cgroups
-from deckard.drivers.container import ContainerDriver
+from deckard.drivers.container import ContainerDriver, recorded_init
 from deckard.drivers.display import display_password
 from deckard.drivers.lxc_config import CFS_PERIOD_US, PIDS_MAX
 from deckard.drivers.network import (
@@ -266,6 +267,15 @@ async def test_desktop_starts_shows_a_desktop_and_keeps_only_the_home(
     # the desktop's user's display comes up at boot, before anyone asks (a connect finds it up or coming)
     early = await call_agent(spec, "x_state")
     assert early["state"] in ("provisioning", "starting", "listening") and early["user"] == "alice", early
+
+    # its state comes from the init noted at start (no lxc-info) until that init is gone; then LXC says
+    running = await driver.inspect(spec.guest_name)
+    assert running is not None and running.running and running.pid == recorded_init(farm.lxc / spec.guest_name)
+    assert [g.guest_name for g in await driver.list() if g.running] == [spec.guest_name]
+    stopped = subprocess.run(["lxc-stop", "-n", spec.guest_name, "-P", str(farm.lxc), "-k"], capture_output=True)
+    assert stopped.returncode == 0, stopped.stderr
+    gone = await driver.inspect(spec.guest_name)
+    assert gone is not None and not gone.running and recorded_init(farm.lxc / spec.guest_name) is None
 
     await driver.kill(spec.guest_name)
     await driver.kill(spec.guest_name)  # idempotent

@@ -18,7 +18,15 @@ import pytest
 from deckard.drivers import load_driver
 from deckard.drivers.base import GuestSpec
 from deckard.drivers.cgroups import favordynmods_mount, pure_cgroup2
-from deckard.drivers.container import ContainerDriver, shift_tree, started_info, write_account
+from deckard.drivers.container import (
+    INIT_FILE,
+    ContainerDriver,
+    record_init,
+    recorded_init,
+    shift_tree,
+    started_info,
+    write_account,
+)
 from deckard.drivers.fake import FakeDriver
 from deckard.drivers.lxc_config import (
     ID_RANGE,
@@ -417,3 +425,22 @@ def test_the_cgroup2_mount_is_found_with_whether_moves_are_cheap_already() -> No
     assert favordynmods_mount(hybrid) == ("/sys/fs/cgroup/unified", False)
     assert favordynmods_mount("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,favordynmods 0 0\n") == ("/sys/fs/cgroup", True)
     assert favordynmods_mount("cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0\n") is None
+
+
+def test_a_noted_init_is_running_only_while_that_very_process_lives(tmp_path: Path) -> None:
+    """The driver reads a guest's state from the init it noted at start (no lxc-info at every heartbeat): the
+    note names the pid and its network namespace, so a pid given to another process, a torn note or none at
+    all send the caller to LXC (None)."""
+    assert recorded_init(tmp_path) is None  # no note
+    record_init(tmp_path, os.getpid())
+    assert recorded_init(tmp_path) == os.getpid()
+    pid, netns = (tmp_path / INIT_FILE).read_text().split()
+    (tmp_path / INIT_FILE).write_text(f"{pid} {int(netns) + 1}\n")  # the pid now in another namespace: reused
+    assert recorded_init(tmp_path) is None
+    (tmp_path / INIT_FILE).unlink()
+    child = subprocess.Popen(["true"])
+    child.wait()
+    record_init(tmp_path, child.pid)  # gone before the note: nothing is written
+    assert not (tmp_path / INIT_FILE).exists() and recorded_init(tmp_path) is None
+    (tmp_path / INIT_FILE).write_text("12")  # torn
+    assert recorded_init(tmp_path) is None
