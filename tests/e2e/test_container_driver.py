@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -272,7 +271,7 @@ async def test_desktop_starts_shows_a_desktop_and_keeps_only_the_home(
     running = await driver.inspect(spec.guest_name)
     assert running is not None and running.running and running.pid == recorded_init(farm.lxc / spec.guest_name)
     assert [g.guest_name for g in await driver.list() if g.running] == [spec.guest_name]
-    stopped = subprocess.run(["lxc-stop", "-n", spec.guest_name, "-P", str(farm.lxc), "-k"], capture_output=True)
+    stopped = await run_command(["lxc-stop", "-n", spec.guest_name, "-P", str(farm.lxc), "-k"], check=False)
     assert stopped.returncode == 0, stopped.stderr
     gone = await driver.inspect(spec.guest_name)
     assert gone is not None and not gone.running and recorded_init(farm.lxc / spec.guest_name) is None
