@@ -587,7 +587,7 @@ class ContainerDriver:
 
     async def _state(self, guest_name: str) -> tuple[str, int | None] | None:
         """(STATE, init pid), or None when LXC does not know the guest.  A guest whose recorded init still runs is
-        RUNNING without asking LXC: ``lxc-info`` is a program (3-7 ms of CPU), and the node asks about every guest
+        RUNNING without asking LXC: ``lxc-info`` is a program (~2 ms of CPU), and the node asks about every guest
         at each heartbeat and agent check; the others are LXC's answer (their init noted for the next time)."""
         lxc_dir = self._lxc_dir(guest_name)
         if not (lxc_dir / "config").exists():
