@@ -23,8 +23,9 @@ Desktops are unprivileged (``docs/security.md`` says what root in a desktop can 
   where they reach the host and the leaky ``/proc`` files masked; AppArmor where the kernel has it.
 
 On the host each guest leaves: ``run/lxc/<guest>/`` (config, logs, ``deckard.json`` with what teardown
-needs, ``deckard.init`` naming its running init), its overlay, a veth on the bridge, cgroup directories under
-every v1 controller, and a neighbour entry.  ``stop``/``kill`` remove all of them and are safe to repeat.
+needs, ``deckard.init`` naming its running init), its overlay, a veth on the bridge, its cgroup directories
+(under every v1 controller, or in the one cgroup2 hierarchy), and a neighbour entry.  ``stop``/``kill`` remove all
+of them and are safe to repeat.
 """
 
 from __future__ import annotations
