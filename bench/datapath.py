@@ -51,22 +51,28 @@ WEBSOCKIFY_VERSION = "0.13.0"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def socat_path() -> str:
+    """socat, installed from apt the first time (``bench/tunnels.py`` uses it too)."""
+    if shutil.which("socat") is None:
+        print("bench: installing socat (apt)", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "socat"], check=True, stdout=subprocess.DEVNULL)
+    return str(shutil.which("socat"))
+
+
 def _tools() -> tuple[str, str]:
     """socat and websockify, installed the first time."""
-    if shutil.which("socat") is None:
-        print("datapath: installing socat (apt)", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "socat"], check=True, stdout=subprocess.DEVNULL)
+    socat = socat_path()
     websockify = TOOLS / "bin" / "websockify"
     if not websockify.exists():
         print(f"datapath: installing websockify {WEBSOCKIFY_VERSION} into {TOOLS}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True)
         pip = [str(TOOLS / "bin" / "pip"), "install", "-q", f"websockify=={WEBSOCKIFY_VERSION}"]
         subprocess.run(pip, check=True)
-    return str(shutil.which("socat")), str(websockify)
+    return socat, str(websockify)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live descendants (and of its waited-for children)."""
+def tree_cpu_seconds(*pids: int) -> float:
+    """User + system CPU of ``pids`` and their live descendants (and of their waited-for children)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -75,7 +81,7 @@ def _cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, todo = 0.0, [pid]
+    total, todo = 0.0, list(pids)
     while todo:
         p = todo.pop()
         try:
@@ -100,12 +106,12 @@ def _start_relays(
             **quiet,  # type: ignore[call-overload]
         ),
     ]
-    _wait_listening(socat_port)
-    _wait_listening(ws_port)
+    wait_listening(socat_port)
+    wait_listening(ws_port)
     return relays
 
 
-def _wait_listening(port: int, deadline: float = 20.0) -> None:
+def wait_listening(port: int, deadline: float = 20.0) -> None:
     import socket
 
     end = time.monotonic() + deadline
@@ -123,9 +129,9 @@ async def _measure(open_viewer: Callable[[], Awaitable[tuple[RawViewer, Any]]], 
     viewer, closer = await open_viewer()
     try:
         await viewer.stream(0.5)  # warm-up: buffers, Xvnc's first full frame
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = tree_cpu_seconds(pid)
         got, took = await viewer.stream(seconds)
-        cpu = _cpu_seconds(pid) - cpu0
+        cpu = tree_cpu_seconds(pid) - cpu0
     finally:
         await closer()
     return {"mb_s": got / took / 1e6, "cpu_s_per_gb": cpu / (got / 1e9)}

@@ -12,7 +12,9 @@ the broker, plus the farm's idle work (printed apart and subtracted where said).
    time; the display echoes it): node 1's CPU over the window, less its idle CPU, gives streams per core (target
    ≥ 500 of 1 MiB/s), and the round trips give p50/p99.  The same streams then go to the same displays
    **directly** (plain TCP, the viewer doing VNC authentication itself): the difference of the two p99s is what
-   the broker adds (target ≤ 1 ms);
+   the broker adds (target ≤ 1 ms).  Then once more through **socat** (``socat -b262144 OPENSSL-LISTEN:…,fork``
+   with the broker's certificate, one per display, as ``bench/datapath.py`` runs it; the viewer does VNC
+   authentication itself): socat's CPU gives its streams per core, the reference a Python relay is held to;
 3. **idle tunnels**: ``--tunnels`` tunnels held open and silent: (RSS - idle) / tunnels, idle being measured
    again after the streams.  Target: ≤ 64 KiB per idle tunnel;
 4. **after**: every tunnel closed, node 1's RSS again; then ``--rounds`` - 1 more rounds of opening and closing
@@ -37,15 +39,18 @@ import resource
 import sqlite3
 import statistics
 import struct
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from datapath import socat_path, tree_cpu_seconds, wait_listening  # bench/datapath.py
 from deckard.client.broker import connect
 from deckard.drivers.display import display_password, vnc_auth_response
-from deckard.testing import FarmProcess, wait_for
+from deckard.runtime.tls import client_context
+from deckard.testing import FarmProcess, free_port, wait_for
 
 PASSWORD = "bench-pass"
 RFB = b"RFB 003.008\n"
@@ -82,7 +87,12 @@ async def through_broker(farm: FarmProcess, desktop_id: int) -> Stream:
 
 async def direct(ip: str, token: str) -> Stream:
     """The same display without the broker: VNC authentication with the desktop's secret, then the echo."""
-    reader, writer = await asyncio.open_connection(ip, 5900)
+    return await vnc_login(await asyncio.open_connection(ip, 5900), token)
+
+
+async def vnc_login(conn: Stream, token: str) -> Stream:
+    """The viewer's side of VNC authentication with the desktop's secret (what the broker does for its clients)."""
+    reader, writer = conn
     await reader.readexactly(12)
     writer.write(RFB)
     await reader.readexactly(2)
@@ -91,7 +101,21 @@ async def direct(ip: str, token: str) -> Stream:
     writer.write(vnc_auth_response(display_password(token), challenge))
     if await reader.readexactly(4) != b"\x00\x00\x00\x00":
         raise RuntimeError("the display refused the VNC secret")
-    return reader, writer
+    return conn
+
+
+def start_socats(socat: str, farm: FarmProcess, targets: list[list[str]]) -> list[tuple[subprocess.Popen[bytes], int]]:
+    """One ``socat -b262144 OPENSSL-LISTEN:…,fork`` per display, with the broker's certificate, listening."""
+    tls = farm.home / "tls"
+    socats = []
+    for ip, _token in targets:
+        port = free_port()
+        listen = f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={tls / 'server.pem'}"
+        argv = [socat, "-b262144", f"{listen},key={tls / 'server.key'},verify=0", f"TCP:{ip}:5900"]
+        socats.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port))
+    for _proc, port in socats:
+        wait_listening(port)
+    return socats
 
 
 async def stream(conn: Stream, seconds: float, rtts: list[float]) -> None:
@@ -175,6 +199,32 @@ async def run(farm: FarmProcess, ids: list[int], pid: int, args: argparse.Namesp
     print(f"tunnels: {args.streams} streams straight to the displays: {out['direct']}", flush=True)
     await close_all(plain)
     out["added_p99_ms"] = round(out["streams"]["p99_ms"] - out["direct"]["p99_ms"], 3)
+
+    # the reference a user would otherwise put in front of the displays: socat, as bench/datapath.py runs it
+    socats = await asyncio.to_thread(start_socats, socat_path(), farm, targets)
+    try:
+        ctx = client_context(farm.ca)
+
+        async def through_socat(i: int) -> Stream:
+            port = socats[i][1]
+            conn = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+            return await vnc_login(conn, targets[i][1])
+
+        via_socat = await opened(len(socats), through_socat)
+        pids = [proc.pid for proc, _port in socats]
+        rtts = []
+        cpu0, t0 = tree_cpu_seconds(*pids), time.monotonic()
+        await asyncio.gather(*(stream(c, args.seconds, rtts) for c in via_socat))
+        cpu = (tree_cpu_seconds(*pids) - cpu0) / (time.monotonic() - t0)
+        await close_all(via_socat)
+    finally:
+        for proc, _port in socats:
+            proc.kill()
+            proc.wait()
+    out["socat"] = {"cpu_per_s": round(cpu, 3), "streams_per_core": round(args.streams / cpu), **percentiles(rtts)}
+    for key in ("streams_per_core", "streams_per_core_with_idle"):  # the broker's process less its idle work, or not
+        out["streams"][f"{key}_to_socat"] = round(out["streams"][key] / out["socat"]["streams_per_core"], 2)
+    print(f"tunnels: {args.streams} streams through socat (TLS): {out['socat']}", flush=True)
     await asyncio.sleep(8)
     idle = own_rss_mb(pid)  # the idle figure again, now that the streams' buffers have been used once
     out["idle"]["rss_mb_after_streams"] = round(idle, 1)
@@ -239,7 +289,9 @@ def main() -> None:
     print(f"  idle tunnel: {idle_tunnels['kib_per_tunnel']} KiB of broker memory (target <= 64)")
     print(
         f"  {streams['streams']} streams of 1 MiB/s each way: {streams['streams_per_core']} streams per core "
-        f"({streams['streams_per_core_with_idle']} with the farm's idle work; target >= 500)"
+        f"({streams['streams_per_core_with_idle']} with the farm's idle work; target >= 500); "
+        f"socat (TLS) on the same displays: {out['socat']['streams_per_core']} "
+        f"({streams['streams_per_core_to_socat']}x; {streams['streams_per_core_with_idle_to_socat']}x with idle work)"
     )
     print(
         f"  round trip p50/p99: {streams['p50_ms']}/{streams['p99_ms']} ms through the broker, "
