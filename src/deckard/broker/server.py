@@ -45,6 +45,7 @@ from deckard.broker.session import Ports, SessionRunner
 from deckard.broker.tlsfront import accept_tls
 from deckard.db.engine import Database
 from deckard.drivers.base import AGENT_PORT, DISPLAY_PORT
+from deckard.drivers.display import load_des
 from deckard.runtime.limits import AddressCounts
 from deckard.runtime.settings import BrokerSettings
 
@@ -143,6 +144,7 @@ class Broker:
         sock.setblocking(False)
         if self.settings.trim_heap:
             bound_the_heap()
+        load_des()  # the first tunnel's VNC authentication
         self._listener = sock
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock), name="broker-accept")
         log.info("broker.listening", host=host, port=self.port, tls=self.ssl_context is not None)

@@ -47,6 +47,12 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     return _des_ecb(password.encode(), challenge[:16])
 
 
+def load_des() -> None:
+    """Have OpenSSL load DES now (its legacy provider: 2-10 ms the first time in a process), so that a node's
+    first desktop start and a broker's first display connection do not pay it (called as they start)."""
+    vnc_password_file("")
+
+
 def vnc_password_file(password: str) -> bytes:
     """The 8 bytes of a VNC password file (``-rfbauth``/``PasswordFile``) holding ``password``."""
     return _des_ecb(_PASSWORD_FILE_KEY, password.encode()[:8].ljust(8, b"\0"))

@@ -35,6 +35,7 @@ import structlog
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
 from deckard.drivers.base import Driver, GuestSpec, WarmDriver
+from deckard.drivers.display import load_des
 from deckard.model.entities import Desktop, uid_for_user
 from deckard.model.errors import DeckardError, reason_of
 from deckard.model.guest_metadata import nocloud_files
@@ -155,6 +156,7 @@ class NodeDaemon:
         if self.egress is not None:  # the policies hold before any desktop is adopted or started
             await self.egress.start(node_id)
         await self.converge()
+        load_des()  # the first start's display password
         await node_ops.set_node_state(self.db, node_id, NodeState.RUNNING)
         log.info("node.running", node_id=node_id, driver=self.driver.name)
         self.ready.set()
