@@ -26,7 +26,7 @@ from rich.console import Console
 
 from deckard.cli.storage import ensure_node_storage, storage_ready
 from deckard.runtime.paths import DEFAULT_HOME, FarmPaths
-from deckard.runtime.process import Parts, Shutdown, pid_alive, run_process
+from deckard.runtime.process import Parts, Shutdown, freeze_heap, pid_alive, run_process
 from deckard.runtime.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -439,6 +439,7 @@ async def _serve(
             parts.on_stop(broker.close)
             parts.run("node", node.run(shutdown.stop))
             await parts.until(node.ready, 120)
+        freeze_heap()
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
         await parts.wait()

@@ -18,6 +18,7 @@ The rules:
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -80,6 +81,19 @@ def run_process(main: Callable[[Shutdown], Awaitable[None]], *, restart_argv: Se
     run(supervise(shutdown))
     if restart_argv is not None and shutdown.restart.is_set():
         reexec(restart_argv)
+
+
+def freeze_heap() -> None:
+    """Once a long-running process has started: collect, then hide what is left from the cyclic collector.
+
+    What is alive then (~200,000 objects in ``deckard up``: the modules, the API's routes, the database's tables)
+    lives as long as the process, yet every full collection walked all of it: 90-160 ms on the build machine with
+    the event loop stopped (a connect, the node's start work and every tunnel waiting behind it), whenever the
+    objects made since had grown by a quarter.  Frozen (``gc.freeze``), they are still freed when their last
+    reference goes, and what is made afterwards is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def reexec(argv: Sequence[str]) -> None:
