@@ -113,9 +113,19 @@ def start_socats(socat: str, farm: FarmProcess, targets: list[list[str]]) -> lis
         listen = f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={tls / 'server.pem'}"
         argv = [socat, "-b262144", f"{listen},key={tls / 'server.key'},verify=0", f"TCP:{ip}:5900"]
         socats.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port))
-    for _proc, port in socats:
-        wait_listening(port)
+    try:
+        for _proc, port in socats:
+            wait_listening(port)
+    except BaseException:
+        stop_socats(socats)
+        raise
     return socats
+
+
+def stop_socats(socats: list[tuple[subprocess.Popen[bytes], int]]) -> None:
+    for proc, _port in socats:
+        proc.kill()
+        proc.wait()
 
 
 async def stream(conn: Stream, seconds: float, rtts: list[float]) -> None:
@@ -218,9 +228,7 @@ async def run(farm: FarmProcess, ids: list[int], pid: int, args: argparse.Namesp
         cpu = (tree_cpu_seconds(*pids) - cpu0) / (time.monotonic() - t0)
         await close_all(via_socat)
     finally:
-        for proc, _port in socats:
-            proc.kill()
-            proc.wait()
+        stop_socats(socats)
     out["socat"] = {"cpu_per_s": round(cpu, 3), "streams_per_core": round(args.streams / cpu), **percentiles(rtts)}
     for key in ("streams_per_core", "streams_per_core_with_idle"):  # the broker's process less its idle work, or not
         out["streams"][f"{key}_to_socat"] = round(out["streams"][key] / out["socat"]["streams_per_core"], 2)
