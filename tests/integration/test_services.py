@@ -148,3 +148,22 @@ async def test_a_vm_osf_needs_room_to_boot_and_keeps_it(db: Database) -> None:
     with pytest.raises(BadInput):
         await osfs.update_osf(db, SYSTEM, "vm", {"memory_mib": 200})
     assert (await osfs.update_osf(db, SYSTEM, "vm", {"memory_mib": 768}))["memory_mib"] == 768
+
+
+async def test_a_burst_of_starts_spreads_over_the_nodes_before_any_is_claimed(db: Database) -> None:
+    """Starts placed and not yet claimed count on their node: six at once on two like nodes go three and three."""
+    await bootstrap_farm(db)
+    await users.create_user(db, SYSTEM, "alice", "s3cret!")
+    ids = [(await desktops.create_desktop(db, SYSTEM, f"d{i}", "alice", network=NET))["id"] for i in range(6)]
+    nodes = []
+    for name, free in (("n1", 8000), ("n2", 7990)):  # n1 a little better: without the count it took all six
+        node_id = await node_ops.register_node(
+            db, name, "10.250.0.1", "", cpus=2, mem_total_mib=8000, mem_free_mib=free, load=0.5
+        )
+        await node_ops.set_node_state(db, node_id, "running")
+        nodes.append(node_id)
+    placed = [await desktops.request_start(db, desk_id) for desk_id in ids]
+    assert sorted(placed.count(n) for n in nodes) == [3, 3], placed
+    async with db.connect() as conn:
+        loads = (await conn.execute(sa.select(t.nodes.c.name, t.nodes.c.load))).all()
+    assert sorted(loads) == [("n1", 0.5), ("n2", 0.5)], "a node registers with its host's load"

@@ -128,6 +128,7 @@ class NodeDaemon:
             cpus=h.cpus,
             mem_total_mib=h.mem_total_mib,
             mem_free_mib=h.mem_free_mib,
+            load=h.load,
             driver=self.driver.name,
             run_dir=str(self.paths.node_run_dir),
             boot_id=boot_id(),

@@ -63,6 +63,7 @@ async def register_node(
     cpus: float,
     mem_total_mib: int,
     mem_free_mib: int,
+    load: float = 0.0,
     driver: str = "container",
     run_dir: str = "",
     boot_id: str = "",
@@ -85,6 +86,7 @@ async def register_node(
         cpus=cpus,
         mem_total_mib=mem_total_mib,
         mem_free_mib=mem_free_mib,
+        load=load,  # the host's, at once: a node registered with none looked idle and drew every start
         cmd=None,
     )
     if fence is not None:

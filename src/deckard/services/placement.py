@@ -32,7 +32,7 @@ from deckard.model.placement import (
     Reserve,
     rank_nodes,
 )
-from deckard.model.states import DesktopState, NodeState
+from deckard.model.states import DesktopCommand, DesktopState, NodeState
 from deckard.services.config import read_config
 from deckard.services.context import Actor, require
 
@@ -57,7 +57,8 @@ def _per_node(grouped: bool) -> sa.Select[Any]:
             members.label("g"),
         )
         .join(t.osfs, t.osfs.c.id == d.c.osf_id)
-        .where(d.c.node_id.is_not(None), d.c.state != DesktopState.STOPPED)
+        # a start placed and not yet claimed counts: a burst of starts spreads instead of all taking the best node
+        .where(d.c.node_id.is_not(None), sa.or_(d.c.state != DesktopState.STOPPED, d.c.cmd == DesktopCommand.START))
         .group_by(d.c.node_id)
     )
 
