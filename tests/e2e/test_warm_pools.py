@@ -9,6 +9,7 @@ farm keep starting the usual way.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,28 @@ def _connect(farm: FarmProcess, login: str, desktop_id: int) -> None:
     asyncio.run(see())
 
 
+# who runs the desktop's shell, its terminal and what its menu started (``sleep 4321``): comm -> owners
+OWNERS = (
+    "import glob, pwd\n"
+    "seen = {}\n"
+    "for d in glob.glob('/proc/[0-9]*'):\n"
+    "    try:\n"
+    "        comm, cmd = open(d + '/comm').read().strip(), open(d + '/cmdline').read()\n"
+    "        uid = int(open(d + '/status').read().split('Uid:')[1].split()[0])\n"
+    "    except (OSError, IndexError):\n"
+    "        continue\n"  # a process that ended while the others were read
+    "    if comm in ('jwm', 'xterm') or cmd == 'sleep\\x004321\\x00':\n"
+    "        seen.setdefault(comm, set()).add(pwd.getpwuid(uid).pw_name)\n"
+    "print(sorted((k, sorted(v)) for k, v in seen.items()))"
+)
+
+
+def _owners(farm: FarmProcess, desktop_id: int) -> dict[str, set[str]] | None:
+    out = farm.attach(desktop_id, f'python3 -c "{OWNERS}"').stdout
+    owners = {comm: set(users) for comm, users in ast.literal_eval(out.strip() or "[]")}
+    return owners if "sleep" in owners else None
+
+
 def _stop(farm: FarmProcess, name: str) -> None:
     farm.deckard("desktop", "stop", name)
     wait_for(lambda: farm.desktop(name)["state"] == "stopped", 60, 0.2, f"{name} to stop")
@@ -87,6 +110,12 @@ def test_a_user_takes_a_warm_guest_over_with_their_home_account_and_address(farm
     seen = farm.attach(ann["id"], f'grep -c " {desk["ip"]}$" /proc/net/fib_trie; ls /home; python3 -c "{jwm}"')
     assert seen.stdout.split()[1:] == ["wann", "1"], seen.stdout + seen.stderr  # only her home; her session runs
     assert int(seen.stdout.split()[0]) >= 1, seen.stdout  # the desktop's own address
+    # the desktop's shell was drawn before she came, as nobody; her programs are hers, those of its menu too
+    farm.attach(ann["id"], "setpriv --reuid=nobody --regid=nogroup --clear-groups deckard-open sleep 4321")
+    owners = wait_for(lambda: _owners(farm, ann["id"]), 10, 0.1, "the menu's program")
+    assert owners == {"jwm": {"nobody"}, "xterm": {"wann"}, "sleep": {"wann"}}, owners
+    own = farm.attach(ann["id"], "deckard-open id -un", user="wann")  # her own: it is the program itself
+    assert own.stdout.split() == ["wann"], own.stdout + own.stderr
     farm.attach(ann["id"], "echo secret > /tmp/ann-secret; echo here > /etc/ann-was-here")
     # the pool is filled again with a new guest
     wait_for(lambda: set(_warm_guests(farm)) - warm_before - {guest}, 120, 0.2, "a new warm guest")

@@ -13,7 +13,9 @@ import pytest
 from deckard.images import builder
 from deckard.images.profile import (
     AGENT_PATH,
+    OPENER_PATH,
     SESSION_PATH,
+    SHELL_PATH,
     VM_PACKAGES,
     ImageFile,
     Profile,
@@ -54,8 +56,10 @@ def test_minimal_has_what_the_agent_needs_and_a_jwm_session() -> None:
     minimal = load_profile("minimal")
     for package in ("tigervnc-standalone-server", "python3", "passwd", "libxss1", "jwm"):
         assert package in minimal.packages
-    assert b"exec jwm" in (minimal.session_script() or b"")
-    assert b"setxkbmap" in (minimal.session_script() or b"")
+    # the window manager is the desktop shell a warm guest draws alone; the session runs it after the user's part
+    assert b"exec jwm" in (minimal.shell_script() or b"")
+    session = minimal.session_script() or b""
+    assert b"setxkbmap" in session and b"DECKARD_SHELL_UP" in session and b". /etc/deckard/xshell" in session
     assert b"<JWM>" in next(f.data for f in minimal.all_files() if f.dest == "etc/jwm/system.jwmrc")
 
 
@@ -66,6 +70,7 @@ def test_standard_is_an_xfce_desktop_with_firefox_languages_and_its_own_session(
     assert "de_DE.UTF-8" in standard.all_locales() and {"de", "pt_BR"} <= set(standard.languages())
     session = standard.session_script() or b""
     assert b"xfce4-session" in session and b"setxkbmap" in session
+    assert standard.shell_script() is None  # its own session: minimal's JWM shell does not come along
     files = {f.dest: f for f in standard.all_files()}
     # minimal's files come along; Firefox gets its policies (no first-run pages, no sandbox nag)
     assert "etc/jwm/system.jwmrc" in files
@@ -103,6 +108,8 @@ def test_anything_else_is_not_a_package_name(name: str) -> None:
         ("etc//x", "relative"),
         ("lib/x", "usr/lib/x"),
         (SESSION_PATH, "set `session`"),
+        (SHELL_PATH, "set `shell`"),
+        (OPENER_PATH, "belongs to Deckard"),
         (AGENT_PATH, "belongs to Deckard"),
         ("etc/resolv.conf", "belongs to Deckard"),
     ],
@@ -123,6 +130,7 @@ def test_file_destinations_stay_inside_the_image_and_off_deckards_files(dest: st
         ('session = "/etc/passwd"\n', "relative to the profile"),
         ('session = "missing.sh"\n', "cannot read"),
         ('packages = ["htop"]\n', "no session script"),
+        ('packages = ["htop"]\nshell = "session.sh"\n', "goes with the `session` script"),
         ('locales = ["german"]\nsession = "session.sh"\n', "ll_CC.UTF-8"),
         ('parent = "nope"\n', "neither beside it nor built in"),
         ('session = "session.sh"\n[files]\n"etc/x" = { source = "session.sh", mode = "rwx" }\n', "octal"),
@@ -214,7 +222,10 @@ def test_files_change_the_image_name_but_not_the_cached_rootfs() -> None:
 def test_the_agent_and_the_session_script_are_installed_executable() -> None:
     files = {f.dest: f for f in builder.image_files(load_profile("minimal"))}
     assert files[AGENT_PATH].data.startswith(b"#!/usr/bin/python3\n") and files[AGENT_PATH].mode == 0o755
-    assert files[SESSION_PATH].mode == 0o755 and b"jwm" in files[SESSION_PATH].data
+    assert files[SESSION_PATH].mode == 0o755 and b"xshell" in files[SESSION_PATH].data
+    assert files[SHELL_PATH].mode == 0o755 and b"exec jwm" in files[SHELL_PATH].data
+    assert files[OPENER_PATH].data.startswith(b"#!/usr/bin/python3 -IS\n") and files[OPENER_PATH].mode == 0o755
+    assert SHELL_PATH not in {f.dest for f in builder.image_files(load_profile("standard"))}
 
 
 def test_added_packages_are_one_more_layer_on_top_of_the_profile() -> None:

@@ -23,6 +23,7 @@ AGENT_MODULES = ("sound", "shares", "nx_print")  # vma/<name>.py, installed as M
 BOOT_SCRIPT = f"{MODULE_DIR}/boot"  # a desktop container's init: the user's Xvnc, then the agent (boot_script)
 NX_SLAVE = f"{MODULE_DIR}/nx-slave"  # vma/nx_slave.py, nxagent's slave command (vma/agent.py NX_SLAVE_CMD)
 NX_PRINT_BACKEND = "/usr/lib/cups/backend/deckard-nx"  # vma/nx_print.py again, as CUPS runs it
+OPENER = "/usr/local/bin/deckard-open"  # vma/opener.py: a desktop shell's menus start the user's programs with it
 PYTHON = "/usr/bin/python3"
 # the agent needs only the standard library: no ``site`` (the image's dist-packages and their .pth files, 4 ms of
 # the interpreter's 17 ms start in the minimal image) and no environment variables or user directories

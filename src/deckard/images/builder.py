@@ -52,7 +52,9 @@ from deckard.images.profile import (
     MODULE_PATHS,
     NX_PRINT_BACKEND_PATH,
     NX_SLAVE_PATH,
+    OPENER_PATH,
     SESSION_PATH,
+    SHELL_PATH,
     ImageFile,
     Profile,
     load_profile,
@@ -128,19 +130,23 @@ def recipe_hash(profile: Profile | None = None) -> str:
 
 
 def image_files(profile: Profile | None = None) -> list[ImageFile]:
-    """What is added on top of the rootfs, read now: the agent (its modules, its NX slave command), the session
-    script and the profile's files."""
+    """What is added on top of the rootfs, read now: the agent (its modules, its NX slave command, deckard-open),
+    the session script and the profile's files."""
     profile = profile or default_profile()
     agent = b"#!/usr/bin/python3\n" + (_VMA_SOURCES / "agent.py").read_bytes()
     nx_slave = b"#!/usr/bin/python3\n" + (_VMA_SOURCES / "nx_slave.py").read_bytes()
     nx_print = b"#!/usr/bin/python3\n" + (_VMA_SOURCES / "nx_print.py").read_bytes()
+    opener = b"#!/usr/bin/python3 -IS\n" + (_VMA_SOURCES / "opener.py").read_bytes()  # no site: ~4 ms sooner
     session = profile.session_script() or b""
+    shell = profile.shell_script()
     return [
         ImageFile(AGENT_PATH, agent, 0o755),
         *(ImageFile(path, (_VMA_SOURCES / f"{name}.py").read_bytes(), 0o644) for name, path in MODULE_PATHS.items()),
         ImageFile(NX_SLAVE_PATH, nx_slave, 0o755),
         ImageFile(NX_PRINT_BACKEND_PATH, nx_print, 0o755),
+        ImageFile(OPENER_PATH, opener, 0o755),
         ImageFile(SESSION_PATH, session, 0o755),
+        *([ImageFile(SHELL_PATH, shell, 0o755)] if shell is not None else []),
         *profile.all_files(),
     ]
 

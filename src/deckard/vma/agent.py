@@ -118,8 +118,15 @@ VIEW_DISPLAY = ":99"  # the Xvnc on which an NX session is shown to VNC viewers 
 DEFAULT_GEOMETRY = "1280x800"
 BOOT_DISPLAY_WAIT_S = 35.0  # the longest x_start waits for the display started at boot (X_START_TIMEOUT and more)
 SESSION_AFTER_SERVER_S = 2.0  # the longest a boot script's display waits for the agent's server to start its session
-WARM_DISPLAY_USER = "nobody"  # whom a warm guest's Xvnc runs as until a user takes the guest over
+WARM_DISPLAY_USER = "nobody"  # whom a warm guest's Xvnc (and shell) run as, before a user takes the guest over
 SESSION_SCRIPT = "/etc/deckard/xsession"
+# an image's desktop shell alone (window manager, panel: nothing of a user's), which a warm guest draws before its
+# user is known; the session script then runs with DECKARD_SHELL_UP=1 and starts only the user's part (docs/images.md)
+SHELL_SCRIPT = "/etc/deckard/xshell"
+# where deckard-open (vma/opener.py), run by a warm guest's shell, asks for a program of the display's user
+LAUNCH_SOCKET = "/run/deckard/launch.sock"
+MAX_LAUNCH_REQUEST = 16384
+LAUNCH_REQUEST_S = 2.0  # the longest one caller of deckard-open holds the others up
 EXPIRE_HOOK = "/etc/deckard/hooks/expire"
 RUN_DIR = Path("/run/deckard")
 X11_SOCKET_DIR = "/tmp/.X11-unix"
@@ -309,6 +316,9 @@ class XSession:
         self.uid: int | None = None
         self.xvnc: subprocess.Popen[bytes] | None = None
         self.session: subprocess.Popen[bytes] | None = None
+        # the environment of the user's programs when the display's shell is not theirs (a warm guest's, run as
+        # WARM_DISPLAY_USER): what its menu asks for (``launch``) starts as the user, with this
+        self.launch_env: dict[str, str] | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def current_state(self) -> str:
@@ -332,8 +342,9 @@ class XSession:
 
     # -- start ---------------------------------------------------------------------------------------
     def prestart(self, geometry: str) -> None:
-        """A warm guest's display (``--warm``): Xvnc up before anyone's account exists, run as ``nobody``; the user
-        who takes the guest over (``start``) gets only their session started on it."""
+        """A warm guest's display (``--warm``): Xvnc up before anyone's account exists, run as ``nobody``, and the
+        image's desktop shell on it when it has one (SHELL_SCRIPT), run as ``nobody`` too; the user who takes the
+        guest over (``start``) gets only their session (or its user's part) started on it."""
         with self.lock:
             if self.state != "stopped":
                 return
@@ -346,6 +357,8 @@ class XSession:
                 password_file = install_display_secret(nobody)
                 self.xvnc = xvnc = spawn_xvnc(self.children, DISPLAY, geometry, password_file, creds, "xvnc.log")
                 wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
+                if os.path.exists(SHELL_SCRIPT):  # the desktop drawn before its user is known: nothing of theirs
+                    self.session = self._spawn_session(SHELL_SCRIPT, {**creds, "env": {**creds["env"], "HOME": "/"}})
             self.state = "warm"
 
     def start(
@@ -359,8 +372,12 @@ class XSession:
                     self._set_keyboard(keyboard)
                 return {"state": self.current_state(), "user": login, "already": True}
             warm = self.state == "warm" and _alive(self.xvnc)
+            shell = self.session if warm and _alive(self.session) else None
             if self.state != "stopped" and not warm:
                 self._stop_locked()
+            elif warm and shell is None and self.session is not None:  # the shell died: the user's session runs one
+                self.children.forget(self.session)
+                self.session = None
             self.state = "provisioning"
             self.user, self.uid = login, uid
             with undone_on_failure(self._stop_locked, "could not start the display"):
@@ -370,13 +387,21 @@ class XSession:
                 self.state = "starting"
                 if xvnc is not None:
                     wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
-                self._launch(account, geometry, keyboard, xvnc_up=warm or xvnc is not None)
+                self._launch(account, geometry, keyboard, xvnc_up=warm or xvnc is not None, shell_up=shell is not None)
             self.state = "listening"
             threading.Thread(target=self._watch, args=(self.xvnc, self.session), daemon=True).start()
         return {"state": "listening", "user": login, "elapsed_ms": round((time.monotonic() - t0) * 1000)}
 
-    def _launch(self, account: pwd.struct_passwd, geometry: str, keyboard: str = "", xvnc_up: bool = False) -> None:
-        """Xvnc (unless a warm guest's is up already) and the user's session on it."""
+    def _launch(
+        self,
+        account: pwd.struct_passwd,
+        geometry: str,
+        keyboard: str = "",
+        xvnc_up: bool = False,
+        shell_up: bool = False,
+    ) -> None:
+        """Xvnc (unless a warm guest's is up already) and the user's session on it; with ``shell_up`` (a warm
+        guest's shell draws the desktop already) only the session's part that is the user's, left to run on."""
         env = user_env(account)
         if self.sound is not None:  # before the session, whose applications look for it
             env.update(self.sound.start(account))
@@ -389,18 +414,22 @@ class XSession:
             password_file = install_display_secret(account)
             self.xvnc = xvnc = spawn_xvnc(self.children, DISPLAY, geometry, password_file, creds, "xvnc.log")
             wait_for_greeting(VNC_PORT, time.monotonic() + X_START_TIMEOUT, lambda: _alive(xvnc))
-        session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
-        script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
-        with open(RUN_DIR / "session.log", "ab") as slog:
-            self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
-
-    def _set_keyboard(self, keyboard: str) -> None:
-        """``setxkbmap`` as the user on the running display (checked by the caller: KEYBOARD_RE)."""
-        try:
-            account = pwd.getpwnam(self.user or "")
-        except KeyError:
+        if shell_up:
+            self.launch_env = dict(env)
+            env["DECKARD_SHELL_UP"] = "1"  # the session script starts the user's programs and ends
+            self._reap_later(self._spawn_session(SESSION_SCRIPT, creds))
             return
-        proc = self._spawn_x_client(account, ["setxkbmap", keyboard], subprocess.DEVNULL)
+        self.session = self._spawn_session(SESSION_SCRIPT, creds)
+
+    def _spawn_session(self, script: str, creds: dict[str, Any]) -> subprocess.Popen[bytes]:
+        """``script`` (the session's or the shell's) from the home of ``creds``' user, logged to session.log."""
+        session = f"exec /bin/sh {script}" if os.path.exists(script) else FALLBACK_SESSION
+        args = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
+        with open(RUN_DIR / "session.log", "ab") as slog:
+            return self.children.spawn(args, stdout=slog, stderr=subprocess.STDOUT, **creds)
+
+    def _reap_later(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for a short process from a thread of its own (30 s at most), then forget it."""
 
         def wait() -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -408,6 +437,31 @@ class XSession:
             self.children.forget(proc)
 
         threading.Thread(target=wait, daemon=True).start()
+
+    def launch(self, peer_uid: int, argv: list[str]) -> None:
+        """A program the display's shell asks for (``deckard-open`` in its menu) when that shell is not the user's
+        (a warm guest's, run as WARM_DISPLAY_USER): started as the user, from their home, with their session's
+        environment.  Nobody else may ask: a user's own shell starts its programs itself."""
+        with self.lock:
+            if peer_uid != pwd.getpwnam(WARM_DISPLAY_USER).pw_uid:
+                raise AgentError("forbidden", f"only the shell of a warm guest ({WARM_DISPLAY_USER}) asks here", 403)
+            if self.state != "listening" or self.launch_env is None or self.user is None:
+                raise AgentError("no_session", "no user has taken this display over", 409)
+            account = pwd.getpwnam(self.user)
+            env = dict(self.launch_env)
+        # the shell backgrounds the program and ends: the program is the init's orphan then, as a session's are
+        args = ["/bin/sh", "-c", 'cd "$HOME" 2>/dev/null; "$@" &', "deckard-open", *argv]
+        with open(RUN_DIR / "session.log", "ab") as slog:
+            proc = self.children.spawn(args, stdout=slog, stderr=subprocess.STDOUT, **session_creds(account, env))
+        self._reap_later(proc)
+
+    def _set_keyboard(self, keyboard: str) -> None:
+        """``setxkbmap`` as the user on the running display (checked by the caller: KEYBOARD_RE)."""
+        try:
+            account = pwd.getpwnam(self.user or "")
+        except KeyError:
+            return
+        self._reap_later(self._spawn_x_client(account, ["setxkbmap", keyboard], subprocess.DEVNULL))
 
     def _spawn_x_client(self, account: pwd.struct_passwd, args: list[str], output: int) -> subprocess.Popen[bytes]:
         """A short X client on the session's display, as the user; its output to ``output`` (DEVNULL or PIPE)."""
@@ -464,6 +518,7 @@ class XSession:
                 self.children.forget(proc)
         self.xvnc = self.session = None
         self.user = self.uid = None
+        self.launch_env = None
         self.state = "stopped"
         self.claimed = False
 
@@ -497,6 +552,54 @@ class XSession:
             self.children.spawn([EXPIRE_HOOK, self.user or ""], stdin=subprocess.DEVNULL)
             return "hook"
         return self._xmessage(["-center", "-timeout", "300", "Your desktop has expired: save your work and log out."])
+
+
+def serve_launches(session: XSession, path: str = LAUNCH_SOCKET) -> None:
+    """Answer ``deckard-open`` (vma/opener.py) on the unix socket ``path``, forever: one JSON list of strings (the
+    program and its arguments) and a newline in, ``ok`` or ``error <code>: <message>`` out.  The caller is who the
+    kernel says it is (``SO_PEERCRED``); one request at a time, each given LAUNCH_REQUEST_S, so no caller holds the
+    others up for longer."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o666)  # anyone may ask; the agent decides by the caller's uid
+    server.listen(16)
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                session.launch(uid, _launch_request(conn, time.monotonic() + LAUNCH_REQUEST_S))
+                conn.sendall(b"ok\n")
+            except AgentError as exc:
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"error {exc.code}: {exc.message}\n".encode())
+            except OSError as exc:
+                log.info("launch request dropped: %s", exc)
+
+
+def _launch_request(conn: socket.socket, deadline: float) -> list[str]:
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            raise AgentError("timeout", f"a launch request is sent within {LAUNCH_REQUEST_S:g} s") from None
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_LAUNCH_REQUEST:
+            raise AgentError("too_large", f"a launch request is at most {MAX_LAUNCH_REQUEST} bytes")
+    try:
+        argv = json.loads(data)
+    except ValueError:
+        raise AgentError("bad_input", "a launch request is a JSON list of strings") from None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a and "\0" not in a for a in argv):
+        raise AgentError("bad_input", "a launch request is a non-empty JSON list of non-empty strings")
+    return argv
 
 
 # -- NX: nxagent for QVD's clients ------------------------------------------------------------------
@@ -2676,6 +2779,8 @@ def main(argv: list[str] | None = None) -> int:
     if in_vm:
         setup_vm(agent.poweroff)
     serving = threading.Event()
+    if args.warm:  # only a warm guest's shell is not the user's (XSession.launch)
+        threading.Thread(target=serve_launches, args=(agent.x,), daemon=True, name="launches").start()
     if args.display_for or args.warm:  # before the server: the display's slow start overlaps ours
         agent.boot_display_done.clear()
 
