@@ -19,15 +19,13 @@ Usage: ``.venv/bin/python bench/warm_pool.py [--runs 10] [--json]`` (root; LXC).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import statistics
 import time
 
-from deckard.client import broker as qvd
-from deckard.client.rfb import colour_share, grab_framebuffer
+from deckard.client.rfb import colour_share
 from deckard.runtime.process import run
 from deckard.testing import FarmProcess, wait_for
 from time_to_desktop import PASSWORD, PHASES, first_byte, last_connection, until_drawn, wait_state
@@ -41,14 +39,7 @@ def has_window(pixels: bytes) -> bool:
 
 async def until_window(farm: FarmProcess, login: str, desktop_id: int) -> float:
     """Connect request → the user's own first window drawn (the session's xterm)."""
-    t0 = time.perf_counter()
-    reader, writer = await qvd.connect(farm.broker, login, PASSWORD, farm.ca, desktop_id)
-    try:
-        _w, _h, pixels = await asyncio.wait_for(grab_framebuffer(reader, writer, until_drawn=30, drawn=has_window), 60)
-        assert has_window(pixels), "the user's terminal was not drawn within 30 s"
-        return time.perf_counter() - t0
-    finally:
-        writer.close()
+    return await until_drawn(farm, login, desktop_id, has_window)
 
 
 def pool_ready(farm: FarmProcess) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -66,14 +67,16 @@ async def test_grab_follows_the_screens_changes_until_it_is_drawn() -> None:
     requests: list[int] = []
     loop = asyncio.get_running_loop()
     async with _viewer_of_fake_display(requests) as (reader, writer):
-        t0 = loop.time()
-        width, height, pixels = await grab_framebuffer(reader, writer, until_drawn=10)
+        t0, before = loop.time(), time.perf_counter()
+        received: list[float] = []
+        width, height, pixels = await grab_framebuffer(reader, writer, until_drawn=10, received=received)
         took = loop.time() - t0
     assert (width, height) == (WIDTH, HEIGHT) and len(pixels) == WIDTH * HEIGHT * BYTES_PER_PIXEL
     assert not is_blank(pixels)
     assert pixels[(1 * WIDTH + 2) * BYTES_PER_PIXEL : (1 * WIDTH + 2) * BYTES_PER_PIXEL + 3] == b"\xff\xff\xff"
     assert pixels[:3] == b"\x10\x20\x30"  # the rest of the first full frame stays
     assert requests == [0, 1]  # one full frame, then one incremental request answered as soon as drawn
+    assert len(received) == 2 and before <= received[0] <= received[1] <= time.perf_counter()  # when each came
     assert took < 5
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Callable
 
 from deckard.drivers.display import vnc_auth_response
@@ -84,12 +85,15 @@ async def grab_framebuffer(
     until_drawn: float = 0.0,
     password: str | None = None,
     drawn: Callable[[bytes], bool] | None = None,
+    received: list[float] | None = None,
 ) -> tuple[int, int, bytes]:
     """Handshake, then return (width, height, pixels) with pixels as 32-bit little-endian BGRX.
 
     With ``until_drawn`` > 0, follow the screen's changes (incremental updates, as a viewer does: each arrives as
     soon as it is drawn) for up to that many seconds until it is drawn: not one flat colour (a session draws its
-    windows a moment after the display starts listening), or what ``drawn(pixels)`` looks for.
+    windows a moment after the display starts listening), or what ``drawn(pixels)`` looks for.  ``received``
+    gets the ``time.perf_counter()`` at which each update was read in full: when the frame arrived, without the
+    checks of it that follow (a benchmark's figure is the former).
     """
     done = drawn or (lambda frame: not is_blank(frame))
     width, height, _ = await handshake(reader, writer, password=password)
@@ -105,6 +109,8 @@ async def grab_framebuffer(
     covered = 0
     while covered < width * height:
         covered += await _read_update(reader, frame, width)
+    if received is not None:
+        received.append(time.perf_counter())
     # then what changes, as a viewer asks for it: the server answers as soon as something is drawn
     while loop.time() < deadline and not done(bytes(frame)):
         _request(writer, width, height, incremental=True)
@@ -113,6 +119,8 @@ async def grab_framebuffer(
             await asyncio.wait_for(_read_update(reader, frame, width), deadline - loop.time())
         except TimeoutError:
             break
+        if received is not None:
+            received.append(time.perf_counter())
     return width, height, bytes(frame)
 
 
