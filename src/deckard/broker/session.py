@@ -15,7 +15,8 @@ Every outcome is written to the connection history with per-phase timings (milli
 ``t_auth_ms`` authentication, ``t_claim_ms`` taking the desktop and placing the start, ``t_start_ms``
 waiting until it runs (or, for a guest that shows its display at boot, until the node launched it),
 ``t_agent_ms`` the node's guest-to-agent time of the start this connect caused, ``t_display_ms`` the agent's
-``x_start`` (or dialling the display shown at boot until its Xvnc listens), ``t_total_ms`` request received →
+``x_start`` (or dialling the display shown at boot until its Xvnc listens, or a warm guest's just taken over:
+``x_start`` then finishes beside the relay), ``t_total_ms`` request received →
 ``101`` sent.  The same outcome is
 one ``broker.connection`` log line (result, code, reason, phases, desktop, node, image, bytes) when the
 connection ends; ``broker.connected`` marks the ``101`` of a session that may last hours.
@@ -469,6 +470,13 @@ class SessionRunner:
             timings["t_start_ms"] += _ms(t)
         if (req.head_started or desk.state != DesktopState.RUNNING) and running.start_agent_ms is not None:
             timings["t_agent_ms"] = round(running.start_agent_ms, 1)
+        if not nx and running.guest and desk.state != DesktopState.RUNNING:
+            t = time.monotonic()
+            taken = await self._taken_over_display(client, req, running, watch)
+            if taken is not None:
+                timings["t_display_ms"] = _ms(t)
+                timings["t_total_ms"] = _ms(req.received_at)
+                return taken[0], running, taken[1]
 
         t = time.monotonic()
         printing = False
@@ -584,6 +592,29 @@ class SessionRunner:
             await asyncio.gather(ready, return_exceptions=True)
             raise
         return None
+
+    async def _taken_over_display(
+        self, client: ClientSide, req: ConnectRequest, running: Desktop, watch: asyncio.Task[Any]
+    ) -> tuple[Tunnel, asyncio.Task[None]] | None:
+        """The display of a warm guest this connect's start took over (``running.guest``): the take-over started
+        this user's session on it, so it is relayed as soon as it is dialled, and ``x_start`` (the user checked,
+        the keyboard set) finishes beside the relay, as for a display shown at boot.  None when the dial failed:
+        the caller goes the usual way, which says what is wrong."""
+        tunnel = client.new_tunnel()
+        secret = display_password(running.agent_token or "")
+        try:
+            await self._step(
+                tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret), client.front, watch
+            )
+        except (OSError, TimeoutError):
+            tunnel.discard()
+            return None
+        except BaseException:
+            tunnel.discard()
+            raise
+        ready: asyncio.Future[Desktop] = asyncio.get_running_loop().create_future()
+        ready.set_result(running)
+        return tunnel, asyncio.create_task(self._finish_start(tunnel, ready, req), name=f"finish-{running.id}")
 
     async def _finish_start(self, tunnel: Tunnel, ready: asyncio.Future[Desktop], req: ConnectRequest) -> None:
         """The rest of a connect relayed before the agent answered: its ``x_start`` once it runs.  A failure
