@@ -602,16 +602,9 @@ class SessionRunner:
         the caller goes the usual way, which says what is wrong."""
         tunnel = client.new_tunnel()
         secret = display_password(running.agent_token or "")
-        try:
-            await self._step(
-                tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret), client.front, watch
-            )
-        except (OSError, TimeoutError):
-            tunnel.discard()
+        opening = tunnel.open(running.ip, self.ports.display, DISPLAY_CONNECT_TIMEOUT, secret)
+        if not await self._opened(tunnel, opening, client.front, watch):
             return None
-        except BaseException:
-            tunnel.discard()
-            raise
         ready: asyncio.Future[Desktop] = asyncio.get_running_loop().create_future()
         ready.set_result(running)
         return tunnel, asyncio.create_task(self._finish_start(tunnel, ready, req), name=f"finish-{running.id}")
@@ -642,18 +635,26 @@ class SessionRunner:
         if not opening.done() and tunnel.desktop is None:  # still dialling: a SYN the kernel will only retry in a
             await _abandon(tunnel, opening)  # second (x_start paid it too, on a path not yet learned); dial anew
             return None
-        try:
-            await self._step(opening, front, watch)
-        except (OSError, TimeoutError):
-            tunnel.discard()
+        if not await self._opened(tunnel, opening, front, watch):
             return None
-        except BaseException:
-            tunnel.discard()
-            raise
         if already:
             return tunnel
         tunnel.discard()
         return None
+
+    async def _opened(
+        self, tunnel: Tunnel, opening: Awaitable[None], front: FrontConnection, watch: asyncio.Task[Any]
+    ) -> bool:
+        """Whether the tunnel's dial (``opening``) reached the display; a tunnel whose dial failed is discarded."""
+        try:
+            await self._step(opening, front, watch)
+        except (OSError, TimeoutError):
+            tunnel.discard()
+            return False
+        except BaseException:
+            tunnel.discard()
+            raise
+        return True
 
 
 async def _abandon(tunnel: Tunnel, opening: asyncio.Future[None]) -> None:
