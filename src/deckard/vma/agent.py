@@ -421,10 +421,14 @@ class XSession:
             return
         self.session = self._spawn_session(SESSION_SCRIPT, creds)
 
-    def _spawn_session(self, script: str, creds: dict[str, Any]) -> subprocess.Popen[bytes]:
-        """``script`` (the session's or the shell's) from the home of ``creds``' user, logged to session.log."""
+    def _spawn_session(self, script: str, creds: dict[str, Any], wait: str = "") -> subprocess.Popen[bytes]:
+        """``script`` (the session's or the shell's) from the home of ``creds``' user, after the shell line
+        ``wait`` if any."""
         session = f"exec /bin/sh {script}" if os.path.exists(script) else FALLBACK_SESSION
-        args = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{session}']
+        return self._spawn_logged(["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{wait}{session}'], creds)
+
+    def _spawn_logged(self, args: list[str], creds: dict[str, Any]) -> subprocess.Popen[bytes]:
+        """``args`` as ``creds`` say, their output appended to session.log."""
         with open(RUN_DIR / "session.log", "ab") as slog:
             return self.children.spawn(args, stdout=slog, stderr=subprocess.STDOUT, **creds)
 
@@ -451,9 +455,7 @@ class XSession:
             env = dict(self.launch_env)
         # the shell backgrounds the program and ends: the program is the init's orphan then, as a session's are
         args = ["/bin/sh", "-c", 'cd "$HOME" 2>/dev/null; "$@" &', "deckard-open", *argv]
-        with open(RUN_DIR / "session.log", "ab") as slog:
-            proc = self.children.spawn(args, stdout=slog, stderr=subprocess.STDOUT, **session_creds(account, env))
-        self._reap_later(proc)
+        self._reap_later(self._spawn_logged(args, session_creds(account, env)))
 
     def _set_keyboard(self, keyboard: str) -> None:
         """``setxkbmap`` as the user on the running display (checked by the caller: KEYBOARD_RE)."""
@@ -958,12 +960,9 @@ class NxSession(XSession):
         if shadow_of is not None:  # the session is Xvnc's: it lives and ends there
             self.session = shadow_of.session
             return
-        session = f"exec /bin/sh {SESSION_SCRIPT}" if os.path.exists(SESSION_SCRIPT) else FALLBACK_SESSION
         # nxagent takes X clients only once the client's proxy is attached (xinit's wait, in QVD's VMA)
-        wait = f"while [ ! -S {X11_SOCKET_DIR}/X{number} ]; do sleep 0.05; done"
-        script = ["/bin/sh", "-c", f'cd "$HOME" || exit 1\n{wait}\n{session}']
-        with open(RUN_DIR / "session.log", "ab") as slog:
-            self.session = self.children.spawn(script, stdout=slog, stderr=subprocess.STDOUT, **creds)
+        wait = f"while [ ! -S {X11_SOCKET_DIR}/X{number} ]; do sleep 0.05; done\n"
+        self.session = self._spawn_session(SESSION_SCRIPT, creds, wait)
 
     def _watch_nx(self, nxagent: subprocess.Popen[bytes] | None, session: subprocess.Popen[bytes] | None) -> None:
         """Logging out or nxagent ending ends the display; so does a new session nobody connects to in time."""
