@@ -63,6 +63,20 @@ async def test_reset_discards_the_overlay_of_a_stopped_desktop_and_refuses_a_run
     assert e.value.code == "desktop_running" and overlay.exists()
 
 
+async def test_delete_takes_the_desktops_layer_with_it(farm: Farm, tmp_path: Any) -> None:
+    api, (desk,) = await _desktops(farm, 1)
+    overlay = FarmPaths(tmp_path).overlay(desk.id)
+    (overlay / "upper").mkdir(parents=True)
+    (overlay / "upper" / "junk").write_text("x")
+    await _set(farm, desk.id, state="running")
+    with pytest.raises(Conflict):
+        await call(api.delete_desktop, desk.name)
+    assert overlay.exists()
+    await _set(farm, desk.id, state="stopped")
+    await call(api.delete_desktop, desk.name)
+    assert not overlay.exists()
+
+
 async def test_disconnect_clears_the_session_so_the_tunnel_closes(farm: Farm) -> None:
     api, (desk,) = await _desktops(farm, 1)
     await _set(farm, desk.id, state="running", session_id="abc123", user_state="connected")

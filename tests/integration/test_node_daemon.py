@@ -136,6 +136,15 @@ async def test_start_runs_the_guest_and_waits_for_its_agent(farm: Farm) -> None:
     await wait_for("the agent loop to ping the running desktop", pinged_again, 3)
 
 
+async def test_only_a_desktops_first_start_tells_the_driver_to_discard_what_is_at_its_layers_path(farm: Farm) -> None:
+    desk = await farm.start(farm.desktops[0])
+    assert farm.guest(desk.id).spec.first_start
+    await request_stop(farm.db, desk.id)
+    await farm.wait_state(desk.id, DesktopState.STOPPED)
+    await farm.start(desk.id)
+    assert not farm.guest(desk.id).spec.first_start
+
+
 async def test_stop_powers_the_guest_off_and_the_desktop_is_stopped(farm: Farm) -> None:
     desk = await farm.start(farm.desktops[0])
     guest = farm.guest(desk.id)

@@ -6,6 +6,7 @@ LXC honours it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -380,6 +381,28 @@ def test_the_users_account_is_written_into_the_layer_ahead_as_useradd_would(tmp_
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the layer is handed to the desktop's root (chown): needs root")
+def test_a_desktops_first_start_discards_a_layer_an_earlier_desktop_left_at_its_path(tmp_path: Path) -> None:
+    """SQLite gives a deleted desktop's id to the next desktop made: an OSF that keeps layers must not hand the
+    new desktop (maybe another tenant's) the deleted one's files.  Later starts keep the layer."""
+    paths = FarmPaths(tmp_path / "farm")
+    paths.make()
+    basefs = _image_etc(tmp_path / "basefs")
+    driver = ContainerDriver(paths)
+    earlier = make_spec(desktop_id=7, keep_overlay=True, user_login="mallory", user_uid=10009)
+    left = driver._prepare_overlay(earlier, basefs) / "var/secret"
+    left.parent.mkdir(parents=True)
+    left.write_text("the deleted desktop's\n")
+    spec = make_spec(desktop_id=7, keep_overlay=True, first_start=True)
+    etc = driver._prepare_overlay(spec, basefs) / "etc"
+    assert not left.exists()
+    assert "mallory" not in (etc / "passwd").read_text() and "alice:x:10001" in (etc / "passwd").read_text()
+    mine = etc.parent / "var/mine"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("kept\n")
+    driver._prepare_overlay(dataclasses.replace(spec, first_start=False), basefs)
+    assert mine.read_text() == "kept\n"
+
+
 def test_a_kept_layer_cannot_steer_the_nodes_writes_through_links_its_root_left(tmp_path: Path) -> None:
     """Root in a desktop with a kept layer plants links where the node writes before the next start: the node
     replaces them and never writes, reads or changes modes through them (a link resolves on the host)."""

@@ -281,4 +281,8 @@ _verb(
     lambda api, ref: api.reset_desktop(ref),
     "Discard stopped desktops' overlays: their next start is a clean image.",
 )
-_verb("delete", lambda api, ref: api.delete_desktop(ref), "Delete stopped desktops (their users' homes are kept).")
+_verb(
+    "delete",
+    lambda api, ref: api.delete_desktop(ref),
+    "Delete stopped desktops and their writable layers (their users' homes are kept).",
+)

@@ -7,7 +7,8 @@ A desktop's root filesystem is an overlay: the image unpacked once per image id 
 (read-only lower layer, shared by every desktop of that image, unpacked ahead of its first start by
 ``prepare_image``, which the node's image loop calls for every tagged image) and a per-desktop ``upper``
 directory under ``overlays/dk<farm>-<desktop id>`` (the same whichever node runs it) that is thrown away at
-every start unless the OSF keeps it.  The user's home is a bind mount kept across starts.  The guest agent is the
+every start unless the OSF keeps it, and at a desktop's first start whatever (an earlier desktop's with the same id:
+``GuestSpec.first_start``).  The user's home is a bind mount kept across starts.  The guest agent is the
 container's init; before start the driver writes its token, the display secret and the hostname into the
 upper layer.
 
@@ -278,7 +279,7 @@ class ContainerDriver:
         root.  A kept layer is the desktop root's to shape: nothing here follows a link it left (a link resolves
         on the host), and a directory of ours it replaced by something else fails the start."""
         root = self._overlay_root(spec)
-        if not spec.keep_overlay and root.exists():
+        if (spec.first_start or not spec.keep_overlay) and root.exists():
             shutil.rmtree(root)
         upper = root / "upper"
         etc, ours = upper / "etc", upper / "etc/deckard"

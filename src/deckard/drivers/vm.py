@@ -296,7 +296,13 @@ class VmDriver:
         overlay = root / "disk.qcow2"
         backing = base / "disk.qcow2"
         marker = root / "base"
-        kept = spec.keep_overlay and overlay.exists() and marker.is_file() and marker.read_text() == str(backing)
+        kept = (
+            spec.keep_overlay
+            and not spec.first_start  # an earlier desktop's, whose id this one has (GuestSpec.first_start)
+            and overlay.exists()
+            and marker.is_file()
+            and marker.read_text() == str(backing)
+        )
         if not kept:
             if root.exists():
                 await asyncio.to_thread(shutil.rmtree, root)

@@ -65,7 +65,7 @@ class Desktop(_FromRow):
     agent_token: str | None = None
     failure_reason: str | None = None
     session_id: str | None = None
-    start_guest_ms: float | None = None
+    start_guest_ms: float | None = None  # its last start's figures, kept while it rests; None: it has never run
     start_agent_ms: float | None = None
     network_id: int | None = None
     guest: str | None = None  # the warm guest it took over at its start (``model/warm_pool.py``); None: its own

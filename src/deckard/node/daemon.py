@@ -517,6 +517,7 @@ class NodeDaemon:
                 home_dir=self.paths.user_home(facts.tenant, facts.home_key),
                 agent_token=desk.agent_token,
                 keep_overlay=facts.keep_overlay,
+                first_start=desk.start_guest_ms is None,
                 mounter=facts.mounter,
                 glx=facts.glx,
                 dns_search=facts.network.dns_search,

@@ -138,7 +138,7 @@ async def bulk_desktops(
         "block": lambda i: desktops.set_blocked(db, actor, i, True),
         "unblock": lambda i: desktops.set_blocked(db, actor, i, False),
         "disconnect": lambda i: desktops.disconnect_desktop(db, actor, i),
-        "delete": lambda i: desktops.delete_desktop(db, actor, i),
+        "delete": lambda i: desktops.delete_desktop(db, actor, i, paths),
     }
     if action == "reset":
         if paths is None:

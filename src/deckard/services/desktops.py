@@ -249,13 +249,18 @@ async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:
     return Desktop.from_row(row._mapping)
 
 
-async def delete_desktop(db: Database, actor: Actor, desktop_id: int) -> None:
+async def delete_desktop(db: Database, actor: Actor, desktop_id: int, paths: FarmPaths | None = None) -> None:
+    """Delete a stopped desktop and, given the farm's ``paths``, its writable layer (kept by an OSF that keeps
+    layers; the user's home stays).  A desktop made later with the same id (SQLite reuses a deleted row's) never
+    gets a layer left at that path either: its first start discards it (``GuestSpec.first_start``)."""
     require(actor, "desktop.delete")
     row = await _row(db, actor, desktop_id)
     async with db.begin() as conn:
         res = await conn.execute(sa.delete(d).where(d.c.id == desktop_id, d.c.state.in_(AT_REST), d.c.cmd.is_(None)))
         if res.rowcount == 0:
             raise Conflict("the desktop is running or busy: stop it first", code="desktop_running")
+    if paths is not None:
+        await asyncio.to_thread(shutil.rmtree, paths.overlay(desktop_id), True)
     await db.bus.notify(DESKTOPS, str(desktop_id))
     await publish(db, "deleted", "desktop", desktop_id, row["tenant_id"], name=row["name"])
 

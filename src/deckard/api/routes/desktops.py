@@ -168,7 +168,8 @@ desktop.add_patch(
     "Rename, describe, retag, or change the OSF or network (the last three only while stopped: 409 desktop_running)",
 )
 desktop.add_delete(
-    lambda s, i: desktops.delete_desktop(s.db, s.actor, i), "Delete a stopped desktop (409 desktop_running otherwise)"
+    lambda s, i: desktops.delete_desktop(s.db, s.actor, i, s.settings.paths),
+    "Delete a stopped desktop and its writable layer; the user's home stays (409 desktop_running while it runs)",
 )
 desktop.add_action(
     "start",
