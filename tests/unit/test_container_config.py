@@ -21,6 +21,7 @@ from deckard.drivers.base import GuestSpec
 from deckard.drivers.cgroups import favordynmods_mount, pure_cgroup2
 from deckard.drivers.container import (
     INIT_FILE,
+    LAYER_AHEAD,
     ContainerDriver,
     record_init,
     recorded_init,
@@ -401,6 +402,73 @@ def test_a_desktops_first_start_discards_a_layer_an_earlier_desktop_left_at_its_
     mine.write_text("kept\n")
     driver._prepare_overlay(dataclasses.replace(spec, first_start=False), basefs)
     assert mine.read_text() == "kept\n"
+
+
+def test_a_layer_made_ahead_gets_only_its_starts_secrets_when_made_for_that_start(tmp_path: Path) -> None:
+    """A stopped desktop's next layer is made while nobody waits; its start writes only the secrets in.  A layer
+    made for another user, name or address, one a start already used, or a desktop's first start, is made anew."""
+    paths = FarmPaths(tmp_path / "farm")
+    paths.make()
+    basefs = _image_etc(tmp_path / "basefs")
+    driver = ContainerDriver(paths)
+    spec = make_spec(desktop_id=7, glx=False)
+
+    def ahead(made_for: GuestSpec) -> Path:
+        upper = driver._prepare_overlay(dataclasses.replace(made_for, agent_token=""), basefs, ahead=True)
+        (upper / "marker").write_text("made ahead\n")
+        return upper
+
+    upper = ahead(spec)
+    etc, note = upper / "etc", upper.parent / LAYER_AHEAD
+    assert not (etc / "deckard/agent-token").exists() and not (etc / "deckard/display-passwd.user").exists()
+    assert "alice:x:10001" in (etc / "passwd").read_text() and (etc / "hostname").read_text() == "dkabc123-42\n"
+    assert (etc / "deckard/no-glx").exists() and (etc / "hostname").stat().st_uid == driver.id_base
+    assert (note.stat().st_uid, stat.S_IMODE(note.stat().st_mode)) == (0, 0o600)
+
+    assert driver._prepare_overlay(spec, basefs) == upper
+    assert (upper / "marker").exists() and not note.exists()  # taken: the layer is this start's now
+    assert (etc / "deckard/agent-token").read_text() == "tok\n"
+    user_secret = etc / "deckard/display-passwd.user"
+    assert (user_secret.stat().st_uid, stat.S_IMODE(user_secret.stat().st_mode)) == (driver.id_base + 10001, 0o400)
+    assert user_secret.read_bytes() == (etc / "deckard/display-passwd").read_bytes()
+    assert (etc / "deckard/agent-token").stat().st_uid == driver.id_base
+
+    driver._prepare_overlay(spec, basefs)  # a used layer: made anew, as every layer an OSF does not keep
+    assert not (upper / "marker").exists()
+
+    for other in (
+        make_spec(desktop_id=7, glx=False, user_login="bob", user_uid=10002),
+        make_spec(desktop_id=7, glx=False, ip="10.0.0.43"),
+        make_spec(desktop_id=7, glx=True),
+        make_spec(desktop_id=7, glx=False, first_start=True),
+    ):
+        ahead(spec)
+        driver._prepare_overlay(other, basefs)
+        assert not (upper / "marker").exists() and not note.exists()
+        assert (etc / "hostname").read_text() == "dkabc123-42\n"
+        assert f"{other.user_login}:x:{other.user_uid}" in (etc / "passwd").read_text()
+        assert (etc / "deckard/no-glx").exists() != other.glx
+
+
+async def test_a_guest_stopped_by_this_node_gets_its_next_layer_made_ahead(tmp_path: Path) -> None:
+    paths = FarmPaths(tmp_path / "farm")
+    paths.make()
+    driver = ContainerDriver(paths)
+    _image_etc(paths.basefs / f"7-u{driver.id_base}")
+    spec = make_spec(desktop_id=7, image_id=7)
+    driver._prepare_next(spec.guest_name)  # a guest this node did not start (it restarted since): nothing
+    await driver.close()
+    assert not paths.overlay(7).exists()
+    for unlike in (dataclasses.replace(spec, keep_overlay=True), dataclasses.replace(spec, warm=True)):
+        driver._remember(unlike)  # a kept layer stays as it is; a warm guest's layer goes with it
+        driver._prepare_next(spec.guest_name)
+        await driver.close()
+        assert not paths.overlay(7).exists()
+    driver._remember(spec)
+    driver._prepare_next(spec.guest_name)
+    await driver.close()
+    assert (paths.overlay(7) / LAYER_AHEAD).is_file()
+    assert not (paths.overlay(7) / "upper/etc/deckard/agent-token").exists()  # no secret kept for a stopped guest
 
 
 def test_a_kept_layer_cannot_steer_the_nodes_writes_through_links_its_root_left(tmp_path: Path) -> None:
