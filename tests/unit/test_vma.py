@@ -213,3 +213,31 @@ def test_x_start_waits_for_the_display_started_at_boot(monkeypatch: pytest.Monke
     agent.boot_display_done.set()
     caller.join(5)
     assert started == ["ann"] and answer[0]["protocol"] == "vnc"
+
+
+def test_a_poweroff_waits_for_the_processes_left_only_until_they_are_gone(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    for name in ("1", "self", "meminfo", "42"):
+        (proc / name).mkdir(parents=True)
+    t0 = time.monotonic()
+    assert not vma.alone_within(0.05, proc)  # one left: the grace runs out
+    assert time.monotonic() - t0 >= 0.05
+    threading.Timer(0.05, (proc / "42").rmdir).start()
+    t0 = time.monotonic()
+    assert vma.alone_within(5, proc) and time.monotonic() - t0 < 1  # gone: no wait beyond it
+
+
+def test_the_agents_server_stops_at_once_not_at_its_next_poll() -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 30})
+    serving.start()
+    try:
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        vma.shut_down(server)
+        serving.join(5)
+        assert not serving.is_alive() and time.monotonic() - t0 < 2
+    finally:
+        server.server_close()

@@ -2381,18 +2381,46 @@ class Agent:
             # as PID 1 of the container: every process left is ours to end
             with contextlib.suppress(ProcessLookupError):
                 os.kill(-1, signal.SIGTERM)
-            time.sleep(0.5)
+            alone_within(POWEROFF_GRACE_S)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(-1, signal.SIGKILL)
             os.sync()
         if self.server is not None:
-            self.server.shutdown()
+            shut_down(self.server)
 
     def rpc_block_devices(self, _params: dict[str, str]) -> dict[str, Any]:
         """The guest's disks, as ``lsblk`` lists them: ``{name, serial, size, read_only, mountpoints}`` each, the
         mount points those of the disk and of its partitions (``[SWAP]`` for swap).  Read-only; the node asks it
         before it unplugs a volume (``vol-<id>`` serial) so that a mounted one is never pulled away."""
         return {"devices": block_devices()}
+
+
+POWEROFF_GRACE_S = 0.5  # what the processes left at a poweroff have to end on SIGTERM before they are killed
+
+
+def alone_within(seconds: float, proc: Path = Path("/proc")) -> bool:
+    """Wait until this PID 1 is the only process of its namespace (the reaper collects the others as they end),
+    ``seconds`` at most; whether it is.  Most end within milliseconds of a SIGTERM: a stop need not wait longer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(OSError):
+            if not any(entry.name.isdigit() and entry.name != "1" for entry in os.scandir(proc)):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def shut_down(server: Any) -> None:
+    """Stop ``server.serve_forever`` now rather than at its next poll (half a second when idle): connections of its
+    own wake it until ``shutdown`` returns."""
+    stopping = threading.Thread(target=server.shutdown, daemon=True)
+    stopping.start()
+    host, port = server.server_address[:2]
+    while stopping.is_alive():
+        with contextlib.suppress(OSError), socket.create_connection((host or "127.0.0.1", port), timeout=0.2):
+            pass
+        stopping.join(0.05)
 
 
 def checked_user(params: dict[str, str]) -> tuple[str, int]:
