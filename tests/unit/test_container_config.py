@@ -449,6 +449,11 @@ def test_a_layer_made_ahead_gets_only_its_starts_secrets_when_made_for_that_star
         assert f"{other.user_login}:x:{other.user_uid}" in (etc / "passwd").read_text()
         assert (etc / "deckard/no-glx").exists() != other.glx
 
+    kept = make_spec(desktop_id=7, glx=False, keep_overlay=True, user_login="bob", user_uid=10002)
+    ahead(spec)
+    driver._prepare_overlay(kept, basefs)  # kept as it is, but used now: the note goes
+    assert (upper / "marker").exists() and not note.exists()
+
 
 async def test_a_guest_stopped_by_this_node_gets_its_next_layer_made_ahead(tmp_path: Path) -> None:
     paths = FarmPaths(tmp_path / "farm")

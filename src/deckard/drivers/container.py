@@ -294,6 +294,9 @@ class ContainerDriver:
             return upper
         if (ahead or spec.first_start or not spec.keep_overlay) and root.exists():
             shutil.rmtree(root)
+        elif not ahead:  # a kept layer a note was left in (made ahead for another start): it is a used one now
+            with contextlib.suppress(FileNotFoundError):
+                (root / LAYER_AHEAD).unlink()
         for directory in (root, upper, etc, ours):
             real_directory(directory)
         os.chmod(root, 0o711)
