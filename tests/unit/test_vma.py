@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -217,12 +218,14 @@ def test_x_start_waits_for_the_display_started_at_boot(monkeypatch: pytest.Monke
 
 def test_a_poweroff_waits_for_the_processes_left_only_until_they_are_gone(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
-    for name in ("1", "self", "meminfo", "42"):
+    for name, ppid in (("1", 0), ("2", 0), ("3", 2), ("42", 1)):  # init, kthreadd and a kernel thread, a process
         (proc / name).mkdir(parents=True)
+        (proc / name / "stat").write_text(f"{name} (a (b) c) S {ppid} 1 1 0 -1\n")
+    (proc / "self").mkdir()
     t0 = time.monotonic()
     assert not vma.alone_within(0.05, proc)  # one left: the grace runs out
     assert time.monotonic() - t0 >= 0.05
-    threading.Timer(0.05, (proc / "42").rmdir).start()
+    threading.Timer(0.05, shutil.rmtree, (proc / "42",)).start()
     t0 = time.monotonic()
     assert vma.alone_within(5, proc) and time.monotonic() - t0 < 1  # gone: no wait beyond it
 

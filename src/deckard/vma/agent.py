@@ -2399,16 +2399,29 @@ POWEROFF_GRACE_S = 0.5  # what the processes left at a poweroff have to end on S
 
 
 def alone_within(seconds: float, proc: Path = Path("/proc")) -> bool:
-    """Wait until this PID 1 is the only process of its namespace (the reaper collects the others as they end),
-    ``seconds`` at most; whether it is.  Most end within milliseconds of a SIGTERM: a stop need not wait longer."""
+    """Wait until this PID 1 is the only process of its namespace (the reaper collects the others as they end;
+    a VM's kernel threads, children of its ``kthreadd``, do not count), ``seconds`` at most; whether it is.  Most
+    end within milliseconds of a SIGTERM: a stop need not wait longer."""
     deadline = time.monotonic() + seconds
     while True:
         with contextlib.suppress(OSError):
-            if not any(entry.name.isdigit() and entry.name != "1" for entry in os.scandir(proc)):
+            if not any(_a_process(entry) for entry in os.scandir(proc)):
                 return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
+
+
+def _a_process(entry: os.DirEntry[str]) -> bool:
+    """Whether a ``/proc`` entry is a process other than PID 1 and the kernel's threads (``kthreadd``, PID 2, and
+    its children)."""
+    if not entry.name.isdigit() or entry.name in ("1", "2"):
+        return False
+    try:
+        ppid = Path(entry.path, "stat").read_text().rpartition(")")[2].split()[1]
+    except (OSError, IndexError):
+        return False  # gone meanwhile
+    return ppid != "2"
 
 
 def shut_down(server: Any) -> None:
