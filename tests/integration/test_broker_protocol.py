@@ -26,6 +26,7 @@ import pyotp
 import pytest
 import sqlalchemy as sa
 
+from deckard.auth import local as local_auth
 from deckard.broker.server import Broker
 from deckard.broker.tunnel import RESIZE_ENCODINGS
 from deckard.client import broker as broker_client
@@ -397,9 +398,20 @@ async def test_a_head_start_runs_beside_the_password_check_and_a_wrong_password_
     await c.close()
 
 
-async def test_a_connect_during_a_failed_logins_head_start_keeps_the_desktop(farm: Farm) -> None:
+async def test_a_connect_during_a_failed_logins_head_start_keeps_the_desktop(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Someone guessing alice's password starts her desktop just as she connects: her session has it, so the
     guess's 401 stops nothing."""
+    alice_in = asyncio.Event()  # the guess is checked until alice is connected (on a loaded machine it could end first)
+    verify = local_auth.verify_password_async
+
+    async def slow_guess(password_hash: str | None, password: str) -> bool:
+        if password == "guess":
+            await alice_in.wait()
+        return await verify(password_hash, password)
+
+    monkeypatch.setattr(local_auth, "verify_password_async", slow_guess)
     desk_id = farm.alice_desk["id"]
     guesser = await RawClient.open(farm)
     guesser.send(f"/qvd/connect_to_vm?id={desk_id}", {"Authorization": basic("alice", "guess"), **UPGRADE})
@@ -407,6 +419,7 @@ async def test_a_connect_during_a_failed_logins_head_start_keeps_the_desktop(far
     alice = await RawClient.open(farm)
     assert (await alice.request(f"/qvd/connect_to_vm?id={desk_id}", {**ALICE, **UPGRADE}))[0] == 101
     await viewer_handshake(alice.reader, alice.writer)
+    alice_in.set()
     assert (await guesser.response())[0] == 401
     await guesser.close()
     await asyncio.sleep(0.3)  # a withdrawal would be written by now
