@@ -1,7 +1,8 @@
 """Revision 0015 (tenant networks) on a farm that already has desktops, on SQLite and PostgreSQL: the desktops, OSFs
 and the rows that refer to them survive the rebuild of their tables and stay on the default network with their
 addresses; an address in a tenant network is unique in that network, a farm address in the farm; the revision goes
-down and up again; and the migrated schema is the one ``db/schema.py`` declares."""
+down and up again; and the migrated schema is the one ``db/schema.py`` declares.  Revision 0018 (ids never reused)
+on the same farm: a deleted user's or desktop's id is not handed out again."""
 
 from __future__ import annotations
 
@@ -150,3 +151,35 @@ def test_the_migrated_schema_is_the_one_schema_py_declares(engine: sa.Engine) ->
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
+
+
+def test_a_deleted_users_or_desktops_id_is_never_handed_out_again(engine: sa.Engine) -> None:
+    """A user's id is their uid in every desktop, a desktop's names its layer: SQLite gave a deleted newest row's id
+    to the next row made (revision 0018 rebuilds both tables with ``AUTOINCREMENT``; PostgreSQL never did)."""
+    _seeded_then_upgraded(engine)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # the seed's rows came with their ids: the sequences follow them
+            for table in ("users", "desktops"):
+                conn.execute(sa.text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 1)"))
+        assert conn.execute(sa.text("SELECT user_id FROM desktops WHERE id = 1")).scalar_one() == 1  # kept
+        made = []
+        for login in ("bob", "carol"):
+            made.append(
+                conn.execute(
+                    sa.text("INSERT INTO users (tenant_id, login, created_at) VALUES (1, :login, :now) RETURNING id"),
+                    {"login": login, "now": NOW},
+                ).scalar_one()
+            )
+            conn.execute(sa.text("DELETE FROM users WHERE id = :id"), {"id": made[-1]})
+        for n in (1, 2):
+            made.append(
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO desktops (tenant_id, name, user_id, osf_id, ip, mac, created_at) "
+                        "VALUES (1, :name, 1, 1, :ip, '54:52:00:00:00:01', :now) RETURNING id"
+                    ),
+                    {"name": f"new{n}", "ip": f"10.231.0.{20 + n}", "now": NOW},
+                ).scalar_one()
+            )
+            conn.execute(sa.text("DELETE FROM desktops WHERE id = :id"), {"id": made[-1]})
+    assert made == [2, 3, 2, 3]

@@ -68,6 +68,7 @@ users = sa.Table(
     # public SSH keys (0011): a JSON list of authorized_keys lines, handed to the user's desktops at boot
     sa.Column("ssh_keys", sa.Text, nullable=False, server_default="[]"),
     sa.UniqueConstraint("tenant_id", "login", name="uq_users_tenant_login"),
+    sqlite_autoincrement=True,  # ids never reused (0018): a uid, a layer's name
 )
 
 administrators = sa.Table(
@@ -266,6 +267,7 @@ desktops = sa.Table(
     sa.Column("display_at", TS, nullable=True),
     sa.UniqueConstraint("tenant_id", "name", name="uq_desktops_tenant_name"),
     sa.CheckConstraint("(network_id IS NULL) = (network_ip IS NULL)", name="network_ip"),
+    sqlite_autoincrement=True,  # ids never reused (0018): a uid, a layer's name
 )
 
 # an address in a tenant network is unique in that network: two tenants' networks may use the same range

@@ -59,8 +59,8 @@ class GuestSpec:
     home_dir: Path  # on the host, bind-mounted on /home/<user_login> and kept across starts
     agent_token: str
     keep_overlay: bool = False  # OSF persistence policy; the overlay is discarded at start otherwise
-    # the desktop's first start: a layer at its path is not its own but an earlier desktop's (SQLite gives a deleted
-    # desktop's id to the next desktop made), so it is discarded even where the OSF keeps layers
+    # the desktop's first start: a layer at its path is not its own but an earlier desktop's (SQLite gave a deleted
+    # desktop's id to the next desktop made before revision 0018), so it is discarded even where the OSF keeps layers
     first_start: bool = False
     dns_search: str = ""  # search domains of the desktop's resolv.conf (its resolver is the gateway)
     env: dict[str, str] = field(default_factory=dict)

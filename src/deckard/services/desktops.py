@@ -251,8 +251,8 @@ async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:
 
 async def delete_desktop(db: Database, actor: Actor, desktop_id: int, paths: FarmPaths | None = None) -> None:
     """Delete a stopped desktop and, given the farm's ``paths``, its writable layer (kept by an OSF that keeps
-    layers; the user's home stays).  A desktop made later with the same id (SQLite reuses a deleted row's) never
-    gets a layer left at that path either: its first start discards it (``GuestSpec.first_start``)."""
+    layers; the user's home stays).  Ids are never reused (revision 0018), and a desktop's first start discards a
+    layer left at its path all the same (``GuestSpec.first_start``)."""
     require(actor, "desktop.delete")
     row = await _row(db, actor, desktop_id)
     async with db.begin() as conn:
