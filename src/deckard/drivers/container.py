@@ -143,6 +143,7 @@ class ContainerDriver:
         self._host_tuned = False
         self._boot_current: set[Path] = set()  # unpacked images whose boot script this node checked
         self._next: dict[str, GuestSpec] = {}  # guests started here whose next layer is made ahead (_remember)
+        self._ahead: set[asyncio.Task[None]] = set()  # layers being made ahead: close() waits for them
 
     def _lock(self, guest_name: str) -> asyncio.Lock:
         return self._locks.setdefault(guest_name, asyncio.Lock())
@@ -366,7 +367,7 @@ class ContainerDriver:
 
         async def prepare() -> None:
             async with self._lock(guest_name):
-                basefs = self.paths.basefs / f"{spec.image_id}-u{self.id_base}"
+                basefs = self._basefs_path(spec.image_id)
                 if self._left_behind(guest_name) or not basefs.is_dir():
                     return
                 try:
@@ -375,8 +376,8 @@ class ContainerDriver:
                     log.info("container.layer_ahead_failed", guest=guest_name, error=str(e))
 
         task = asyncio.create_task(prepare(), name=f"layer-ahead-{guest_name}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._ahead.add(task)
+        task.add_done_callback(self._ahead.discard)
 
     def _overlay_root(self, spec: GuestSpec) -> Path:
         """A desktop's layer is named after the desktop (a kept one follows it), a warm guest's after the guest."""
@@ -479,7 +480,7 @@ class ContainerDriver:
     async def ensure_basefs(self, image_id: int, image_path: Path, *, background: bool = False) -> Path:
         """Unpack an image once into ``basefs/<image_id>-u<id base>``, shifted into the farm's id range
         (flock + temp dir + rename); return its path.  ``background``: tar runs niced (a start may be waiting)."""
-        target = self.paths.basefs / f"{image_id}-u{self.id_base}"
+        target = self._basefs_path(image_id)
         if target.is_dir():
             if target not in self._boot_current:  # unpacked by an older node: its boot script may be older too
                 if await asyncio.to_thread(refresh_boot_script, target):
@@ -530,6 +531,10 @@ class ContainerDriver:
         finally:
             os.close(lock_fd)
         return target
+
+    def _basefs_path(self, image_id: int) -> Path:
+        """Where an image is unpacked for this farm's id range (:meth:`ensure_basefs`)."""
+        return self.paths.basefs / f"{image_id}-u{self.id_base}"
 
     @staticmethod
     def _flock(path: Path) -> int:
@@ -604,8 +609,7 @@ class ContainerDriver:
     async def close(self) -> None:
         """The containers are processes of their own and outlive the daemon; layers being made ahead are finished
         (a worker thread cannot be stopped half-way)."""
-        ahead = [task for task in self._background if task.get_name().startswith("layer-ahead-")]
-        await asyncio.gather(*ahead, return_exceptions=True)
+        await asyncio.gather(*self._ahead, return_exceptions=True)
 
     # -- volumes (docs/volumes.md): mounted on the host at start, bind-mounted on /media/<name> --------------
     async def attach_volume(self, guest_name: str, volume: VolumeMount) -> bool:  # noqa: ARG002

@@ -260,7 +260,7 @@ async def delete_desktop(db: Database, actor: Actor, desktop_id: int, paths: Far
         if res.rowcount == 0:
             raise Conflict("the desktop is running or busy: stop it first", code="desktop_running")
     if paths is not None:
-        await asyncio.to_thread(shutil.rmtree, paths.overlay(desktop_id), True)
+        await _discard_layer(paths, desktop_id)
     await db.bus.notify(DESKTOPS, str(desktop_id))
     await publish(db, "deleted", "desktop", desktop_id, row["tenant_id"], name=row["name"])
 
@@ -397,8 +397,13 @@ async def reset_desktop(db: Database, actor: Actor, desktop_id: int, paths: Farm
     row = await _row(db, actor, desktop_id)
     if row["state"] not in DESKTOP_AT_REST or row["cmd"] is not None:
         raise Conflict("the desktop is running or busy: stop it before resetting it", code="desktop_running")
-    await asyncio.to_thread(shutil.rmtree, paths.overlay(desktop_id), True)
+    await _discard_layer(paths, desktop_id)
     return await _changed(db, actor, desktop_id, reset=True)
+
+
+async def _discard_layer(paths: FarmPaths, desktop_id: int) -> None:
+    """Remove a desktop's writable layer from the storage root (``FarmPaths.overlay``), whatever it holds."""
+    await asyncio.to_thread(shutil.rmtree, paths.overlay(desktop_id), True)
 
 
 async def request_start(

@@ -2404,8 +2404,8 @@ def alone_within(seconds: float, proc: Path = Path("/proc")) -> bool:
     end within milliseconds of a SIGTERM: a stop need not wait longer."""
     deadline = time.monotonic() + seconds
     while True:
-        with contextlib.suppress(OSError):
-            if not any(_a_process(entry) for entry in os.scandir(proc)):
+        with contextlib.suppress(OSError), os.scandir(proc) as entries:
+            if not any(_a_process(entry) for entry in entries):
                 return True
         if time.monotonic() >= deadline:
             return False
