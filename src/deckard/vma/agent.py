@@ -562,12 +562,14 @@ def serve_launches(session: XSession, path: str = LAUNCH_SOCKET) -> None:
     kernel says it is (``SO_PEERCRED``); one request at a time, each given LAUNCH_REQUEST_S, so no caller holds the
     others up for longer."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    fresh = f"{path}.new"  # bound and listening before it takes the name: a caller is never refused meanwhile
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(fresh)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, 0o666)  # anyone may ask; the agent decides by the caller's uid
+    server.bind(fresh)
+    os.chmod(fresh, 0o666)  # anyone may ask; the agent decides by the caller's uid
     server.listen(16)
+    os.replace(fresh, path)
     while True:
         conn, _ = server.accept()
         with conn:
