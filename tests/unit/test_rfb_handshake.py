@@ -37,17 +37,19 @@ def test_display_password_is_eight_printable_characters_that_change_with_the_tok
 
 
 def test_desktop_handshake_answers_vnc_authentication_with_the_secret_however_the_bytes_are_cut() -> None:
+    """The broker's version goes first, unasked (``opening``); then only the answers the desktop's bytes call for."""
     server = b"RFB 003.008\n" + b"\x02\x01\x02" + CHALLENGE + struct.pack("!I", 0)
-    expected = RFB_GREETING + b"\x02" + vnc_auth_response("s3cret!!", CHALLENGE)
+    expected = b"\x02" + vnc_auth_response("s3cret!!", CHALLENGE)
     for cut in range(len(server) + 1):
         hs = DesktopHandshake("s3cret!!")
+        assert hs.opening == RFB_GREETING
         assert _feed_in_pieces(hs, server, cut) == expected, cut
         assert hs.done
 
 
 def test_desktop_handshake_takes_security_none_only_when_that_is_all_the_display_offers() -> None:
     hs = DesktopHandshake("s3cret!!")
-    assert hs.feed(b"RFB 003.008\n\x01\x01\x00\x00\x00\x00") == RFB_GREETING + b"\x01"
+    assert hs.feed(b"RFB 003.008\n\x01\x01\x00\x00\x00\x00") == b"\x01"
     assert hs.done
 
 

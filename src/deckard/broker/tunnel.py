@@ -68,6 +68,7 @@ class _NoHandshake:
     """The desktop side of NX: nxagent says nothing until the client's options have reached it."""
 
     done = True
+    opening = b""
 
     def feed(self, data: bytes) -> bytes:  # noqa: ARG002 (never called: done from the start)
         raise HandshakeError("the desktop spoke before the client")
@@ -89,6 +90,11 @@ class DesktopHandshake:
     waits for ``ClientInit``.  VNC authentication is used when the desktop offers it and we have the secret;
     security None only when that is all the desktop offers (an image from before display secrets).
     """
+
+    # what the broker sends as soon as it is connected, before the desktop's own version: RFB's client version is
+    # the same whatever the server's (3.8, or the server is refused), and the server reads it once it has sent
+    # its own, so the security types come with the desktop's greeting, a round trip sooner
+    opening = RFB_GREETING
 
     def __init__(self, password: str | None) -> None:
         self._password = password
@@ -119,7 +125,7 @@ class DesktopHandshake:
             if m is None or int(m.group(1)) < 8:
                 raise HandshakeError(f"the desktop's display is not an RFB 3.8 server: {chunk!r}")
             self._stage, self._need = "count", 1
-            return RFB_GREETING
+            return b""  # the broker's version went at the connection's start (opening)
         if stage == "count":
             if chunk[0] == 0:
                 self._stage, self._need = "reason_length", 4
@@ -226,6 +232,8 @@ class _DesktopSide(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.handshake.opening:
+            transport.write(self.handshake.opening)
         if self.handshake.done and not self.ready.done():
             self.ready.set_result(None)
 
