@@ -18,9 +18,11 @@ from collections.abc import Callable
 
 import structlog
 
+from deckard.client import rfb
 from deckard.client.agent import AgentClient
 from deckard.db.engine import Database
-from deckard.drivers.base import Driver, GuestSpec
+from deckard.drivers.base import DISPLAY_PORT, Driver, GuestSpec
+from deckard.drivers.display import display_password
 from deckard.model.errors import DeckardError, reason_of
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.warm_pool import WARM_GUEST_MARK, new_warm_guest_name
@@ -35,6 +37,7 @@ log = structlog.get_logger()
 PASS_S = 2.0
 RETRY_S = 30.0  # after a warm guest of a pool failed to start
 READY_TIMEOUT_S = 60.0
+FIRST_VIEWER_TIMEOUT_S = 5.0
 
 
 class WarmPools:
@@ -159,6 +162,7 @@ class WarmPools:
                 )
                 self._started_as[guest.name] = spec.switches
                 await self._wait_warm(guest)
+                await first_viewer(guest.ip, guest.agent_token)
             if await pools.warm_ready(self.db, guest.id):
                 await pools.pool_healthy(self.db, spec.pool_id)
                 log.info(
@@ -202,3 +206,20 @@ class WarmPools:
         raise DeckardError(
             f"the warm guest was not ready within {READY_TIMEOUT_S:.0f} s ({last})", code="agent_timeout"
         )
+
+
+async def first_viewer(ip: str, agent_token: str, port: int = DISPLAY_PORT) -> bool:
+    """Be a warm guest's first viewer, before any user: Xvnc lets its first viewer in only once it has copied its
+    whole framebuffer (the base its change tracking compares with; 3-8 ms here, once per Xvnc), which the user who
+    takes the guest over would otherwise wait for.  False (logged) when that failed: the user then pays the copy."""
+    try:
+        async with asyncio.timeout(FIRST_VIEWER_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(ip, port)
+            try:
+                await rfb.handshake(reader, writer, password=display_password(agent_token))
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, rfb.RFBError, asyncio.IncompleteReadError) as e:
+        log.info("pools.first_viewer_failed", ip=ip, error=str(e) or type(e).__name__)
+        return False
+    return True
