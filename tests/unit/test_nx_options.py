@@ -243,3 +243,18 @@ def test_a_proxy_connected_before_nxagent_says_so_keeps_the_new_session(monkeypa
     assert not session._proxy_connected()  # nobody yet: the timeout may stop it
     assert session._proxy_connected() and session.connected_once
     assert ports == [vma.NX_PORT, vma.NX_PORT]
+
+
+def test_a_session_whose_log_says_it_ended_is_not_the_display_any_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logout ends nxagent's session: its log says so before its process is gone and before the watcher's next
+    pass; meanwhile a VNC connect must get a new Xvnc session, not a refusal (``display_busy``)."""
+    agent = vma.Agent("t0ken", is_init=False)
+    nx = agent.nx
+    nx.state, nx.user = "listening", "nxuser"
+    stopped: list[bool] = []
+    monkeypatch.setattr(nx, "server_alive", lambda: True)
+    monkeypatch.setattr(nx, "stop", lambda: (stopped.append(True), setattr(nx, "state", "stopped")))
+    monkeypatch.setattr(nx, "nx_state", lambda: "suspended")
+    assert agent.active() is nx and not stopped  # a suspended session stays the display
+    monkeypatch.setattr(nx, "nx_state", lambda: "stopped")
+    assert agent.active() is agent.x and stopped == [True]

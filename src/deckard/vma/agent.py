@@ -2255,8 +2255,10 @@ class Agent:
 
     def active(self) -> XSession:
         """The display that is up (NX or VNC; never both): the one states, notices and idle times come from."""
-        if self.nx.state == "listening" and not self.nx.server_alive():
-            self.nx.stop()  # nxagent has just died: its watcher would notice within half a second
+        if self.nx.state == "listening" and (not self.nx.server_alive() or self.nx.nx_state() == "stopped"):
+            # nxagent has just died, or ended its session (a logout: its log says so before its process is gone):
+            # its watcher would notice within half a second, and a VNC connect meanwhile would be refused
+            self.nx.stop()
         return self.nx if self.nx.state != "stopped" and not self.nx.shadow else self.x
 
     def rpc_ping(self, _params: dict[str, str]) -> dict[str, Any]:
