@@ -162,7 +162,7 @@ class WarmPools:
                 )
                 self._started_as[guest.name] = spec.switches
                 await self._wait_warm(guest)
-                await first_viewer(guest.ip, guest.agent_token)
+            await first_viewer(guest.ip, guest.agent_token)  # after the start slot: a user's start may want it
             if await pools.warm_ready(self.db, guest.id):
                 await pools.pool_healthy(self.db, spec.pool_id)
                 log.info(
