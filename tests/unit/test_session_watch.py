@@ -69,3 +69,45 @@ async def test_a_session_that_starts_waiting_while_the_owners_are_read_is_judged
     assert not new.done()
     new.cancel()
     await watch.close()
+
+
+async def test_a_batch_of_ids_naming_a_watched_desktop_is_judged_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk stop or a lost node's release notifies its desktops as one comma-separated payload: the session on
+    one of them ends then, not at the watch's next interval."""
+    from deckard.broker import session as broker_session
+
+    read: list[list[int]] = []
+
+    async def owners(_db: object, ids: list[int]) -> dict[int, SessionOwner]:
+        read.append(ids)
+        return {i: SessionOwner(None, DesktopState.STOPPED, None) for i in ids}
+
+    monkeypatch.setattr(broker_session, "session_owners", owners)
+    bus = Bus()
+    watch = SessionWatch(SimpleNamespace(bus=bus), interval=30)  # type: ignore[arg-type]
+    ended = asyncio.create_task(watch.ended(7, "s1"))
+    await asyncio.sleep(0.01)
+    await bus.notify(DESKTOPS, "3,4")  # none of ours: nothing is read
+    await asyncio.sleep(0.01)
+    assert read == [] and not ended.done()
+    await bus.notify(DESKTOPS, "5,7,9")
+    assert await asyncio.wait_for(ended, 5) == ("ended", "the desktop's session ended (desktop stopped)")
+    assert read == [[7]]
+    await watch.close()
+
+
+async def test_a_waiter_wakes_for_its_own_desktop_and_passes_over_the_others() -> None:
+    bus = Bus()
+    async with bus.subscribe(DESKTOPS) as sub:
+        waiting = asyncio.create_task(sub.wait_about("7", 5))
+        for other in ("3", "17", "70,71"):
+            await bus.notify(DESKTOPS, other)
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await bus.notify(DESKTOPS, "6,7")
+        assert await asyncio.wait_for(waiting, 1) is True
+        waiting = asyncio.create_task(sub.wait_about("7", 5))
+        await bus.notify(DESKTOPS, "")  # news of no desktop in particular: look
+        assert await asyncio.wait_for(waiting, 1) is True
+        await bus.notify(DESKTOPS, "8")
+        assert await sub.wait_about("7", 0.05) is False  # the timeout: the caller reads anyway

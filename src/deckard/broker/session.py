@@ -148,10 +148,10 @@ class SessionWatch:
                     continue
                 if not payload or loop.time() - last >= self.interval:  # a timeout, or news of no desktop
                     ids, last = list(self._waiting), loop.time()
-                elif payload.isdigit() and int(payload) in self._waiting:
-                    ids = [int(payload)]
-                else:
-                    continue
+                else:  # one desktop's id, or a batch's (a bulk stop, a lost node's release)
+                    ids = [int(i) for i in payload.split(",") if i.isdigit() and int(i) in self._waiting]
+                    if not ids:
+                        continue
                 # the sessions waiting now: one that starts waiting during the query opened after the query began
                 # to read, and the owners it reads may be from before it took the desktop (a CI run's new
                 # connect was ended as "taken over" so); the next pass judges it

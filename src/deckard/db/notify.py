@@ -40,6 +40,20 @@ class Subscription:
         except TimeoutError:
             return None
 
+    async def wait_about(self, key: str, timeout: float) -> bool:
+        """Wait for a payload that names ``key`` (one of its comma-separated items) or nothing in particular
+        (``""``): True; False after ``timeout``.  Payloads about others are passed over, so a waiter re-reads
+        the database for its own changes only (a broker's connect among hundreds starting at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            payload = await self.wait(left)
+            if payload is None:
+                return False
+            if not payload or key in payload.split(","):
+                return True
+        return False
+
     def drain(self) -> None:
         while not self.queue.empty():
             self.queue.get_nowait()

@@ -262,4 +262,4 @@ async def wait_until_running(
                 raise Unavailable(
                     f"the desktop did not start within {timeout:.0f} s (state {desk.state})", code="start_timeout"
                 )
-            await sub.wait(min(left, poll))
+            await sub.wait_about(str(desktop_id), min(left, poll))
