@@ -184,7 +184,8 @@ async def banner(ip: str, deadline: float) -> None:
             await asyncio.sleep(0.002)
             continue
         try:
-            if (await asyncio.wait_for(reader.readexactly(12), 5)).startswith(b"RFB "):
+            left = max(1.0, deadline - time.perf_counter())  # many at once (login_storm.py): Xvnc may be slow
+            if (await asyncio.wait_for(reader.readexactly(12), left)).startswith(b"RFB "):
                 return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the port was up before Xvnc answered: again
@@ -192,18 +193,19 @@ async def banner(ip: str, deadline: float) -> None:
             writer.close()
 
 
-def floor_runner(farm: FarmProcess, *, glx: bool = True) -> Callable[[], tuple[float, float]]:
+def floor_runner(farm: FarmProcess, *, glx: bool = True, slot: int = 0) -> Callable[[], tuple[float, float]]:
     """The floor, one run per call: ``lxc-start`` of the bare container → the RFB banner through the bridge;
-    returns (``lxc-start``'s own time, the whole).  Its Xvnc has OpenGL as the farm's desktops have (``glx``)."""
+    returns (``lxc-start``'s own time, the whole).  Its Xvnc has OpenGL as the farm's desktops have (``glx``).
+    Runners of different ``slot`` may run at once (their own address and names)."""
     paths = FarmPaths(farm.home)
     id_base = farm_id_base(paths.farm_id)
     (basefs,) = sorted(paths.basefs.glob(f"*-u{id_base}"))[-1:]
-    ip = str(list(ipaddress.ip_network(farm.network).hosts())[-2])  # far from the few desktops this run makes
+    ip = str(list(ipaddress.ip_network(farm.network).hosts())[-2 - slot])  # far from the desktops this run makes
     lxc = Path(farm.home) / "floor-lxc"
     runs = itertools.count()
 
     def once() -> tuple[float, float]:
-        name = f"floor{os.getpid() % 100000}-{next(runs)}"
+        name = f"floor{os.getpid() % 100000}-{slot}-{next(runs)}"
         work = lxc / name
         upper = work / "upper"
         upper.mkdir(parents=True)
