@@ -155,8 +155,10 @@ async def test_an_idle_user_is_warned_input_cancels_it_and_then_they_are_disconn
         row = await farm.row(desk.id)
         return row if row.user_state == UserState.DISCONNECTED else None
 
-    row = await wait_for("the idle disconnect", disconnected, 2 + SLACK_S + 1)
-    assert 1.9 <= time.monotonic() - moved <= 2 + SLACK_S
+    row = await wait_for("the idle disconnect", disconnected, 2 + 2 * SLACK_S)
+    # not before the idle time counted from the input; after it within two passes' slack (a loaded CI machine
+    # once took 4.6 s: the notice, then the disconnect, each a pass late)
+    assert 1.9 <= time.monotonic() - moved <= 2 + 2 * SLACK_S
     assert (row.state, row.session_id, row.idle_warned_at) == (DesktopState.RUNNING, None, None)
     assert len(notices(guest)) == 2  # warned again before the disconnect
     record = await audit_record(farm.db, desk.id, "desktop.disconnect")

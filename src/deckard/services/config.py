@@ -9,7 +9,7 @@ values are stored as JSON text and always come back with the key's type.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -82,24 +82,43 @@ class GuestSwitches(NamedTuple):
     glx: bool  # OpenGL on its display (``display.glx``)
 
 
+GUEST_SWITCH_KEYS = ("nx.shares.in_containers", "display.glx")
+
+
+def guest_switches_of(values: dict[str, tuple[Any, str]], *, driver: str, keep_overlay: bool) -> GuestSwitches:
+    """The switches from :data:`GUEST_SWITCH_KEYS` as :func:`read_keys_sourced` resolved them.  The mounter
+    (``nx.shares.in_containers``, docs/security.md): only for a container that keeps no overlay (a kept one lets
+    root leave another init, or another ``python3``, for the next start), on a farm that allows it."""
+    allowed = driver == "container" and not keep_overlay and bool(values["nx.shares.in_containers"][0])
+    return GuestSwitches(allowed, bool(values["display.glx"][0]))
+
+
 async def guest_switches(
     conn: AsyncConnection, tenant_id: int, osf_id: int, *, driver: str, keep_overlay: bool
 ) -> GuestSwitches:
-    """Both switches in one read of the layers.  The mounter (``nx.shares.in_containers``, docs/security.md): only
-    for a container that keeps no overlay (a kept one lets root leave another init, or another ``python3``, for
-    the next start), on a farm that allows it."""
-    mounter, glx = KEYS["nx.shares.in_containers"], KEYS["display.glx"]
-    rows = await _rows(conn, tenant_id, [mounter.name, glx.name], osf_id)
-    allowed = driver == "container" and not keep_overlay and bool(_resolve(mounter, rows, tenant_id)[0])
-    return GuestSwitches(allowed, bool(_resolve(glx, rows, tenant_id)[0]))
+    """Both switches in one read of the layers."""
+    values = await read_keys_sourced(conn, GUEST_SWITCH_KEYS, tenant_id, osf_id)
+    return guest_switches_of(values, driver=driver, keep_overlay=keep_overlay)
+
+
+async def read_keys_sourced(
+    conn: AsyncConnection, names: Iterable[str], tenant_id: int | None, osf_id: int | None = None
+) -> dict[str, tuple[Any, str]]:
+    """The named keys resolved in one query per layer table: ``{key: (value, source)}``, the source being the
+    layer the value came from (``default``, ``global``, ``tenant`` or ``osf``)."""
+    return await _sourced(conn, [config_key(name) for name in names], tenant_id, osf_id)
 
 
 async def read_configs_sourced(
     conn: AsyncConnection, prefix: str, tenant_id: int | None, osf_id: int | None = None
 ) -> dict[str, tuple[Any, str]]:
-    """Every key under ``prefix`` resolved in one query per layer table: ``{key: (value, source)}``, the source
-    being the layer the value came from (``default``, ``global``, ``tenant`` or ``osf``)."""
-    keys = [k for k in KEYS.values() if k.name.startswith(prefix)]
+    """Every key under ``prefix``, as :func:`read_keys_sourced` resolves them."""
+    return await _sourced(conn, [k for k in KEYS.values() if k.name.startswith(prefix)], tenant_id, osf_id)
+
+
+async def _sourced(
+    conn: AsyncConnection, keys: list[ConfigKey], tenant_id: int | None, osf_id: int | None
+) -> dict[str, tuple[Any, str]]:
     rows = await _rows(conn, tenant_id, [k.name for k in keys], osf_id)
     return {k.name: _resolve(k, rows, tenant_id) for k in keys}
 

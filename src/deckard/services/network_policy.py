@@ -25,7 +25,7 @@ from deckard.model.egress import PROTOS, Protected, Rule, decide, opens_farm, pa
 from deckard.model.errors import BadInput
 from deckard.model.network import gateway_of, network_gateway
 from deckard.model.states import DesktopState
-from deckard.services.config import ValueCheck, read_config, read_configs_sourced
+from deckard.services.config import ValueCheck, read_config, read_keys_sourced
 from deckard.services.context import Actor, require
 from deckard.services.desktops import find_desktop_id
 
@@ -112,10 +112,17 @@ async def tenant_view(db: Database, node_id: int) -> dict[TenantNetworkRow, dict
     return out
 
 
-async def read_desktop_network(conn: AsyncConnection, tenant_id: int, osf_id: int) -> DesktopNetwork:
-    values = await read_configs_sourced(conn, "network.", tenant_id, osf_id)
+NETWORK_KEYS = ("network.egress", "network.dns.search")
+
+
+def desktop_network_of(values: dict[str, tuple[Any, str]]) -> DesktopNetwork:
+    """A desktop's network settings from :data:`NETWORK_KEYS` as ``config.read_keys_sourced`` resolved them."""
     text, source = values["network.egress"]
     return DesktopNetwork(parse_policy(text), source, values["network.dns.search"][0])
+
+
+async def read_desktop_network(conn: AsyncConnection, tenant_id: int, osf_id: int) -> DesktopNetwork:
+    return desktop_network_of(await read_keys_sourced(conn, NETWORK_KEYS, tenant_id, osf_id))
 
 
 async def osf_policy(db: Database, osf_id: int) -> tuple[Rule, ...]:

@@ -30,12 +30,17 @@ from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.fence import FenceConfig
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
-from deckard.services.config import guest_switches
+from deckard.services.config import GUEST_SWITCH_KEYS, guest_switches_of, read_keys_sourced
 from deckard.services.desktops import new_agent_token
 from deckard.services.events import DESKTOPS
 from deckard.services.images import resolve_image
-from deckard.services.network_policy import DesktopNetwork, TenantAddress, read_desktop_network, tenant_address
-from deckard.services.tenancy import tenant_name
+from deckard.services.network_policy import (
+    NETWORK_KEYS,
+    DesktopNetwork,
+    TenantAddress,
+    desktop_network_of,
+    tenant_address,
+)
 from deckard.services.transitions import claim_commands, transition_desktop, transition_node
 
 log = structlog.get_logger()
@@ -321,34 +326,37 @@ _START_ROW = (  # built once: a start waits on it (config.py says why)
         t.osfs.c.cpus,
         t.osfs.c.keep_overlay,
         t.osfs.c.driver.label("osf_driver"),
+        t.tenants.c.name.label("tenant_name"),
         sa.exists().where(va.c.desktop_id == d.c.id).label("has_volumes"),
     )
     .join(t.users, t.users.c.id == d.c.user_id)
     .join(t.osfs, t.osfs.c.id == d.c.osf_id)
+    .join(t.tenants, t.tenants.c.id == d.c.tenant_id)
     .where(d.c.id == sa.bindparam("desktop_id"))
 )
 
 
 async def _start_facts(conn: AsyncConnection, desktop_id: int) -> StartFacts:
+    """Four short reads (a start waits on them): the desktop with its user, OSF and tenant; its image; the
+    settings a guest starts with (one read of the layers); its tenant network's address, when it has one."""
     row = (await conn.execute(_START_ROW, {"desktop_id": desktop_id})).one()
     desk = Desktop.from_row(row._mapping)
     image_id, image_path = await resolve_image(conn, desk.osf_id, desk.tag)
-    switches = await guest_switches(
-        conn, desk.tenant_id, desk.osf_id, driver=row.osf_driver, keep_overlay=row.keep_overlay
-    )
+    values = await read_keys_sourced(conn, (*GUEST_SWITCH_KEYS, *NETWORK_KEYS), desk.tenant_id, desk.osf_id)
+    switches = guest_switches_of(values, driver=row.osf_driver, keep_overlay=row.keep_overlay)
     return StartFacts(
         desk,
         row.login,
-        await tenant_name(conn, desk.tenant_id),
+        row.tenant_name,
         row.home_key,
         row.memory_mib,
         row.cpus,
         row.keep_overlay,
         image_id,
         image_path,
-        await read_desktop_network(conn, desk.tenant_id, desk.osf_id),
+        desktop_network_of(values),
         row.osf_driver,
-        await tenant_address(conn, desktop_id),
+        await tenant_address(conn, desktop_id) if desk.network_id is not None else None,
         switches.mounter,
         bool(row.has_volumes),
         switches.glx,

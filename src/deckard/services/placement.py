@@ -33,7 +33,7 @@ from deckard.model.placement import (
     rank_nodes,
 )
 from deckard.model.states import DesktopCommand, DesktopState, NodeState
-from deckard.services.config import read_config
+from deckard.services.config import read_keys_sourced
 from deckard.services.context import Actor, require
 
 LOST_AFTER_S = 10.0
@@ -126,6 +126,9 @@ async def node_loads(conn: AsyncConnection, *, group: str | None = None) -> list
     return out
 
 
+_POLICY_KEYS = ("placement.reserve", "placement.placer", "placement.reserve_release_s")
+
+
 async def _policy(conn: AsyncConnection, loads: list[NodeLoad]) -> tuple[Reserve, str]:
     """The farm's reserve (``placement.reserve``) and placer (``placement.placer``) for these nodes.
 
@@ -133,14 +136,15 @@ async def _policy(conn: AsyncConnection, loads: list[NodeLoad]) -> tuple[Reserve
     long enough for its desktops to start on the others, not for ever (a machine that never comes back would
     otherwise leave the farm without a reserve for the next failure).
     """
+    values = await read_keys_sourced(conn, _POLICY_KEYS, None)
     released = False
     if any(n.state == NodeState.LOST for n in loads):
-        window = dt.timedelta(seconds=int(await read_config(conn, "placement.reserve_release_s", None)))
+        window = dt.timedelta(seconds=int(values["placement.reserve_release_s"][0]))
         recent = t.nodes.c.lost_at >= utcnow() - window
         q = sa.select(sa.func.count()).where(t.nodes.c.state == NodeState.LOST, recent)
         released = int((await conn.execute(q)).scalar_one()) > 0
-    reserve = parse_reserve(await read_config(conn, "placement.reserve", None), released=released)
-    return reserve, await read_config(conn, "placement.placer", None)
+    reserve = parse_reserve(values["placement.reserve"][0], released=released)
+    return reserve, values["placement.placer"][0]
 
 
 async def _rank(conn: AsyncConnection, req: Request) -> list[Candidate]:
