@@ -44,6 +44,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -193,6 +194,9 @@ async def banner(ip: str, deadline: float) -> None:
             writer.close()
 
 
+_NEIGH_FLUSH = threading.Lock()
+
+
 def floor_runner(farm: FarmProcess, *, glx: bool = True, slot: int = 0) -> Callable[[], tuple[float, float]]:
     """The floor, one run per call: ``lxc-start`` of the bare container → the RFB banner through the bridge;
     returns (``lxc-start``'s own time, the whole).  Its Xvnc has OpenGL as the farm's desktops have (``glx``).
@@ -215,7 +219,8 @@ def floor_runner(farm: FarmProcess, *, glx: bool = True, slot: int = 0) -> Calla
             os.chown(path, id_base, id_base)
         config = work / "config"
         config.write_text(floor_config(name, basefs, upper, id_base, farm, ip))
-        subprocess.run(["ip", "neigh", "flush", "to", ip], check=False)
+        with _NEIGH_FLUSH:  # a flush beside another's dump is cut short ("Dump was interrupted"): one at a time
+            subprocess.run(["ip", "neigh", "flush", "to", ip], check=False, capture_output=True)
         try:
             t0 = time.perf_counter()
             subprocess.run(["lxc-start", "-n", name, "-P", str(lxc), "-f", str(config), "-d"], check=True)
