@@ -119,3 +119,65 @@ def test_client_handshake_drops_garbage_before_any_byte_reaches_the_desktop(stre
         for i in range(len(stream)):
             to_desktop += hs.feed(stream[i : i + 1])[1]
     assert to_desktop == b""
+
+
+def test_desktop_handshake_is_answered_once_only_the_displays_verdict_is_left() -> None:
+    hs = DesktopHandshake("s3cret!!")
+    hs.feed(b"RFB 003.008\n\x01\x02")
+    assert not hs.answered  # the challenge is still to come
+    hs.feed(CHALLENGE)
+    assert hs.answered and not hs.done
+    hs.feed(struct.pack("!I", 0))
+    assert hs.answered and hs.done
+
+
+@pytest.mark.parametrize(
+    ("version", "security", "types", "result"),
+    [
+        (b"RFB 003.008\n", b"\x01", b"\x01\x01", b"\x00\x00\x00\x00"),
+        (b"RFB 003.007\n", b"\x01", b"\x01\x01", b""),  # 3.7 sends no result for None
+        (b"RFB 003.003\n", b"", b"", b"\x00\x00\x00\x01"),  # 3.3: the server's type is the step held
+    ],
+)
+def test_client_handshake_holds_the_viewers_result_until_the_display_accepted_the_broker(
+    version: bytes, security: bytes, types: bytes, result: bytes
+) -> None:
+    """The two handshakes run side by side: a viewer that sends everything at once gets no result, and none of
+    its bytes go to the display, until the display's own verdict is in."""
+    stream = version + security + b"\x01" + SET_PIXEL_FORMAT
+    for cut in range(len(stream) + 1):
+        hs = ClientHandshake()
+        hs.desktop_ready = False
+        got_client, got_desktop = _client_through(hs, stream, cut)
+        assert (got_client, got_desktop) == (types, b""), cut
+        assert not hs.done
+        assert hs.release(True) == (result, b"\x01" + RESIZE_ENCODINGS + SET_PIXEL_FORMAT), cut
+        assert hs.done and hs.desktop_ready
+
+
+def test_client_handshake_released_before_the_viewer_got_there_does_not_hold() -> None:
+    hs = ClientHandshake()
+    hs.desktop_ready = False
+    assert hs.feed(b"RFB 003.008\n") == (b"\x01\x01", b"")
+    assert hs.release(True) == (b"", b"")
+    assert hs.feed(b"\x01\x01") == (b"\x00\x00\x00\x00", b"\x01" + RESIZE_ENCODINGS)
+
+
+@pytest.mark.parametrize(
+    ("version", "security", "refusal"),
+    [
+        (b"RFB 003.008\n", b"\x01", b"\x00\x00\x00\x01\x00\x00\x00\x03why"),
+        (b"RFB 003.007\n", b"\x01", b""),  # nothing to say it with: the tunnel just closes
+        (b"RFB 003.003\n", b"", b"\x00\x00\x00\x00\x00\x00\x00\x03why"),
+    ],
+)
+def test_client_handshake_tells_the_viewer_when_the_display_refused_the_broker(
+    version: bytes, security: bytes, refusal: bytes
+) -> None:
+    hs = ClientHandshake()
+    hs.desktop_ready = False
+    hs.feed(version + security + b"\x01")
+    assert hs.release(False, "why") == (refusal, b"")
+    with pytest.raises(HandshakeError, match="refused the broker"):
+        hs.feed(SET_PIXEL_FORMAT)
+    assert not hs.done

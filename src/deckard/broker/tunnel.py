@@ -103,6 +103,11 @@ class DesktopHandshake:
         self._need = 12
         self.done = False
 
+    @property
+    def answered(self) -> bool:
+        """The display has greeted and has every answer of the broker's: only its verdict (the result) is left."""
+        return self.done or self._stage == "result"
+
     def feed(self, data: bytes) -> bytes:
         """What to send the desktop after ``data``; raises :class:`HandshakeError`."""
         if self.done and data:
@@ -167,21 +172,38 @@ class ClientHandshake:
     ``(to_client, to_desktop)``; ``to_desktop`` stays empty until ``ClientInit``, which it carries followed by
     :data:`RESIZE_ENCODINGS` and whatever the viewer sent after it.  Versions 3.3 to 3.8 are served as RFB
     says (an unknown minor version is 3.3, a later one 3.8).
+
+    While ``desktop_ready`` is False (the desktop's display has greeted the broker but not yet accepted its
+    answer: :meth:`Tunnel.start`) the viewer's security result is held, and so is anything it sends after it;
+    :meth:`release` gives it (or a refusal) once the display's verdict is in.  The two handshakes so run side by
+    side, and no viewer byte reaches the display before the broker is through with it.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._stage = "version"  # version → security → init → done
+        self._stage = "version"  # version → security → (held) → init → done
         self._minor = 8
+        self._held = b""  # the security result the viewer is owed once the display has accepted the broker
+        self.desktop_ready = True
         self.done = False
+
+    def _grant(self, to_client: bytearray, result: bytes) -> None:
+        """The viewer's security step is through: its result (3.8), its security type (3.3) or nothing (3.7)."""
+        if self.desktop_ready:
+            to_client += result
+            self._stage = "init"
+        else:
+            self._held, self._stage = result, "held"
 
     def feed(self, data: bytes) -> tuple[bytes, bytes]:
         if self.done:
             return b"", data
+        if self._stage == "refused":
+            raise HandshakeError("the desktop's display refused the broker")
         buf = self._buf
         buf += data
         to_client = bytearray()
-        while buf and not self.done:
+        while buf and not self.done and self._stage != "held":
             if self._stage == "version":
                 if len(buf) < 12:
                     if not RFB_GREETING.startswith(bytes(buf[:4])):
@@ -194,8 +216,7 @@ class ClientHandshake:
                 minor = int(m.group(1))
                 self._minor = 8 if minor >= 8 else 7 if minor == 7 else 3
                 if self._minor == 3:
-                    to_client += _u32(SECURITY_NONE)
-                    self._stage = "init"
+                    self._grant(to_client, _u32(SECURITY_NONE))
                 else:
                     to_client += bytes([1, SECURITY_NONE])
                     self._stage = "security"
@@ -206,16 +227,31 @@ class ClientHandshake:
                     if self._minor == 8:
                         to_client += _failure("the broker offers security type None only")
                     raise HandshakeError(f"the client chose security type {choice}, not None")
-                if self._minor == 8:
-                    to_client += _u32(0)
-                self._stage = "init"
+                self._grant(to_client, _u32(0) if self._minor == 8 else b"")
             else:
                 self.done = True
                 rest = bytes(buf[1:])
                 to_desktop = bytes(buf[:1]) + RESIZE_ENCODINGS + rest
                 buf.clear()
                 return bytes(to_client), to_desktop
+        if len(buf) > MAX_PENDING:
+            raise HandshakeError("the client sent too much before the desktop's display answered")
         return bytes(to_client), b""
+
+    def release(self, ok: bool, reason: str = "") -> tuple[bytes, bytes]:
+        """The display's verdict on the broker: ``(to_client, to_desktop)`` as :meth:`feed` — the held result and
+        what the viewer sent after it, or (``ok`` False) RFB's refusal with ``reason`` where the version has one."""
+        self.desktop_ready = True
+        if self._stage != "held":
+            return b"", b""
+        if not ok:
+            self._stage = "refused"
+            if self._minor == 8:
+                return _failure(reason), b""
+            return (_u32(0) + _failure(reason)[4:], b"") if self._minor == 3 else (b"", b"")
+        held, self._held, self._stage = self._held, b"", "init"
+        to_client, to_desktop = self.feed(b"")
+        return held + to_client, to_desktop
 
 
 class _DesktopSide(asyncio.BufferedProtocol):
@@ -226,7 +262,10 @@ class _DesktopSide(asyncio.BufferedProtocol):
         self.tunnel = tunnel
         self.transport: asyncio.Transport | None = None
         self.handshake: DesktopHandshake | _NoHandshake = _NoHandshake() if raw else DesktopHandshake(password)
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # the display has greeted and has the broker's answers (``DesktopHandshake.answered``): what ``open`` waits
+        # for; its verdict goes to the tunnel (``desktop_accepted``, or ``desktop_lost`` with ``failure``)
+        self.greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.failure = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
@@ -234,8 +273,8 @@ class _DesktopSide(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.handshake.opening:
             transport.write(self.handshake.opening)
-        if self.handshake.done and not self.ready.done():
-            self.ready.set_result(None)
+        if self.handshake.done and not self.greeted.done():
+            self.greeted.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002  (the buffer has one size)
         if self.tunnel.direct:
@@ -252,26 +291,31 @@ class _DesktopSide(asyncio.BufferedProtocol):
         if self.handshake.done:
             self.tunnel.from_desktop(data)
             return
+        handshake = self.handshake
+        assert isinstance(handshake, DesktopHandshake)
         try:
-            reply = self.handshake.feed(data)
+            reply = handshake.feed(data)
         except HandshakeError as e:
-            if not self.ready.done():
-                self.ready.set_exception(e)
+            self.failure = str(e)
+            if not self.greeted.done():
+                self.greeted.set_exception(e)
             if self.transport is not None:
                 self.transport.abort()
             return
         if reply and self.transport is not None:
             self.transport.write(reply)
-        if self.handshake.done and not self.ready.done():
-            self.ready.set_result(None)
+        if handshake.answered and not self.greeted.done():
+            self.greeted.set_result(None)
+        if handshake.done:
+            self.tunnel.desktop_accepted()
 
     def eof_received(self) -> bool | None:
         self.tunnel.close("desktop closed the connection")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"the display closed during the handshake: {exc or 'EOF'}"))
+        if not self.greeted.done():
+            self.greeted.set_exception(ConnectionError(f"the display closed during the handshake: {exc or 'EOF'}"))
         self.tunnel.desktop_lost(exc)
 
     def pause_writing(self) -> None:
@@ -315,14 +359,17 @@ class Tunnel:
 
     async def open(self, host: str, port: int, timeout: float, password: str | None = None) -> None:
         """Connect to the display server and authenticate (raises OSError, including HandshakeError, or
-        TimeoutError)."""
+        TimeoutError).  Returns once the display has greeted and has the broker's answer to its challenge: its
+        verdict, a few milliseconds later on a display still starting, comes while the viewer's own handshake runs
+        (the viewer's security result waits for it, ``ClientHandshake``); a refusal then closes the tunnel with
+        RFB's reason."""
         loop = asyncio.get_running_loop()
 
         async def connect() -> None:
             _transport, self.desktop = await loop.create_connection(
                 lambda: _DesktopSide(self, password, self._raw), host, port
             )
-            await self.desktop.ready
+            await self.desktop.greeted
 
         await asyncio.wait_for(connect(), timeout)
 
@@ -353,6 +400,8 @@ class Tunnel:
         """Begin relaying: the ``101`` has been written to the client just before."""
         self._started = True
         self.front.relay = self
+        if isinstance(self.handshake, ClientHandshake) and self.desktop is not None:
+            self.handshake.desktop_ready = self.desktop.handshake.done
         if self._greeting:
             self._to_client(self._greeting)
         if early_from_client:
@@ -360,7 +409,7 @@ class Tunnel:
         for chunk in self._early:
             self._to_client(chunk)
         self._early.clear()
-        self.direct = bool(getattr(self.front.transport, "copies_unsent", False))
+        self._go_direct()
         if self._desktop_closed or self.front.gone:
             self.close(self.reason or "closed before the relay started")
 
@@ -418,10 +467,37 @@ class Tunnel:
         self.bytes_out += nbytes
         self.front.write(direct_buffer().body[:nbytes])
 
+    def _go_direct(self) -> None:
+        """Desktop bytes straight from the read buffer to the client, once relaying and the display's handshake
+        is through (what it says before is the handshake's, not the viewer's)."""
+        through = self.desktop is None or self.desktop.handshake.done
+        self.direct = through and bool(getattr(self.front.transport, "copies_unsent", False))
+
+    def desktop_accepted(self) -> None:
+        """The display accepted the broker: the viewer gets its held security result, the display what the viewer
+        sent after it."""
+        if not self._started:
+            return
+        self._go_direct()
+        if not isinstance(self.handshake, ClientHandshake):
+            return
+        to_client, to_desktop = self.handshake.release(True)
+        if to_client:
+            self._to_client(to_client)
+        dt = self.desktop.transport if self.desktop else None
+        if to_desktop and dt is not None and not dt.is_closing():
+            dt.write(to_desktop)
+
     def desktop_lost(self, exc: Exception | None) -> None:
         self._desktop_closed = True
         if self._started:
-            self.close(f"desktop connection lost: {exc}" if exc else "desktop closed the connection")
+            lost = f"desktop connection lost: {exc}" if exc else "desktop closed the connection"
+            reason = (self.desktop.failure if self.desktop else "") or lost
+            if isinstance(self.handshake, ClientHandshake) and not self.handshake.desktop_ready:
+                to_client, _ = self.handshake.release(False, reason)  # the viewer is told why, where RFB can
+                if to_client:
+                    self._to_client(to_client)
+            self.close(reason)
         self._maybe_done()
 
     # ending
