@@ -25,7 +25,7 @@ from deckard.model.egress import PROTOS, Protected, Rule, decide, opens_farm, pa
 from deckard.model.errors import BadInput
 from deckard.model.network import gateway_of, network_gateway
 from deckard.model.states import DesktopState
-from deckard.services.config import ValueCheck, read_config, read_keys_sourced
+from deckard.services.config import ValueCheck, get_config, read_config, read_keys_sourced
 from deckard.services.context import Actor, require
 from deckard.services.desktops import find_desktop_id
 
@@ -131,6 +131,12 @@ async def osf_policy(db: Database, osf_id: int) -> tuple[Rule, ...]:
     async with db.connect() as conn:
         tenant_id = (await conn.execute(sa.select(t.osfs.c.tenant_id).where(t.osfs.c.id == osf_id))).scalar_one()
         return (await read_desktop_network(conn, tenant_id, osf_id)).rules
+
+
+async def farm_policy(db: Database) -> tuple[Rule, ...]:
+    """The farm's own egress policy (``network.egress`` of the global layer), which every desktop whose tenant and
+    OSF set none gets: loaded by each node at its start, so a first start only adds its desktop's address."""
+    return parse_policy(await get_config(db, "network.egress"))
 
 
 _db_hosts: dict[str, tuple[tuple[ipaddress.IPv4Network, str], ...]] = {}
