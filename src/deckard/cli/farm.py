@@ -439,6 +439,7 @@ async def _serve(
             parts.on_stop(broker.close)
             parts.run("node", node.run(shutdown.stop))
             await parts.until(node.ready, 120)
+        await db.prepare()  # the first connect after a restart compiles none of its path's statements built once
         freeze_heap()
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))

@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import aware, utcnow
 from deckard.services.context import Actor, require
 from deckard.services.listing import ListQuery, run_list
@@ -108,7 +108,7 @@ async def append_audit(
 
 
 # built once: every login appends (services/config.py says why)
-_LAST_HASH = sa.select(t.audit_log.c.hash).order_by(t.audit_log.c.id.desc()).limit(1)
+_LAST_HASH = prepared(sa.select(t.audit_log.c.hash).order_by(t.audit_log.c.id.desc()).limit(1))
 _APPEND = sa.insert(t.audit_log).returning(t.audit_log.c.id)
 
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.config_keys import KEYS, ConfigKey, config_key, parse_value
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput
@@ -39,12 +39,16 @@ Rows = dict[tuple[int | str, str], Any]  # (tenant id, key) → value; ("osf", k
 
 # built once (every start and login reads the layers): SQLAlchemy builds and keys a statement made anew at each
 # call, ~0.1 ms of Python a statement, more than SQLite takes to run it
-_LAYER_ROWS = sa.select(t.config.c.tenant_id, t.config.c.key, t.config.c.value).where(
-    t.config.c.tenant_id.in_(sa.bindparam("layers", expanding=True)),
-    t.config.c.key.in_(sa.bindparam("keys", expanding=True)),
+_LAYER_ROWS = prepared(
+    sa.select(t.config.c.tenant_id, t.config.c.key, t.config.c.value).where(
+        t.config.c.tenant_id.in_(sa.bindparam("layers", expanding=True)),
+        t.config.c.key.in_(sa.bindparam("keys", expanding=True)),
+    )
 )
-_OSF_ROWS = sa.select(t.osf_config.c.key, t.osf_config.c.value).where(
-    t.osf_config.c.osf_id == sa.bindparam("osf_id"), t.osf_config.c.key.in_(sa.bindparam("keys", expanding=True))
+_OSF_ROWS = prepared(
+    sa.select(t.osf_config.c.key, t.osf_config.c.value).where(
+        t.osf_config.c.osf_id == sa.bindparam("osf_id"), t.osf_config.c.key.in_(sa.bindparam("keys", expanding=True))
+    )
 )
 
 

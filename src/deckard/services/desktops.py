@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import BadInput, Conflict, NotFound, PermissionDenied, Unavailable
 from deckard.model.network import first_free_ip, gateway_of, mac_for_ip
@@ -239,7 +239,7 @@ async def list_desktops(
     return visible_rows(actor, "desktop", rows), total
 
 
-_DESKTOP = sa.select(d).where(d.c.id == sa.bindparam("desktop_id"))  # built once: connects and starts read it
+_DESKTOP = prepared(sa.select(d).where(d.c.id == sa.bindparam("desktop_id")))  # built once: connects and starts read it
 
 
 async def load_desktop(conn: AsyncConnection, desktop_id: int) -> Desktop:

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.auth.chain import AuthUnavailable, Credentials, Decision, Identity, Verdict
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import User, utcnow
 from deckard.model.errors import DeckardError, PermissionDenied, Unauthenticated
 from deckard.model.login_rules import LoginRules
@@ -166,7 +166,7 @@ class _Known:
 
 
 _sf = t.second_factors
-_ACCOUNT = (  # built once: every login reads it (services/config.py says why)
+_ACCOUNT = prepared(  # built once: every login reads it (services/config.py says why)
     sa.select(
         t.tenants.c.id.label("tid"),
         t.tenants.c.blocked.label("tenant_blocked"),

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import utcnow
 from deckard.model.errors import BadInput, Conflict, InvalidTransition, NotFound
 from deckard.model.states import DESKTOP_AT_REST, DesktopState, ImageState
@@ -105,7 +105,7 @@ async def register_image(
         return as_dict(out)
 
 
-_TAGGED = (  # built once: every start resolves its image (services/config.py says why)
+_TAGGED = prepared(  # built once: every start resolves its image (services/config.py says why)
     sa.select(i.c.id, i.c.path, i.c.blocked)
     .join(t.image_tags, t.image_tags.c.image_id == i.c.id)
     .where(t.image_tags.c.osf_id == sa.bindparam("osf_id"), t.image_tags.c.tag == sa.bindparam("tag"))

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import aware, utcnow
 from deckard.model.errors import NotFound, PermissionDenied, Unauthenticated
 from deckard.services.config import read_configs
@@ -187,8 +187,10 @@ def precheck(db: Database, keys: Keys) -> None:
 
 
 # built once: every login reads it (services/config.py says why)
-_WATCHED = sa.select(t.login_failures.c.key, t.login_failures.c.locked_until).where(
-    t.login_failures.c.key.in_(sa.bindparam("keys", expanding=True))
+_WATCHED = prepared(
+    sa.select(t.login_failures.c.key, t.login_failures.c.locked_until).where(
+        t.login_failures.c.key.in_(sa.bindparam("keys", expanding=True))
+    )
 )
 
 

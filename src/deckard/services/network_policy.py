@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.egress import PROTOS, Protected, Rule, decide, opens_farm, parse_forbidden, parse_policy
 from deckard.model.errors import BadInput
 from deckard.model.network import gateway_of, network_gateway
@@ -81,7 +81,7 @@ def _tenant_columns() -> list[sa.ColumnElement[Any]]:
     return [d.c.ip, d.c.network_ip, d.c.network_id, nt.c.range, nt.c.interface, nt.c.vlan, nt.c.gateway]
 
 
-_TENANT_ADDRESS = (  # built once: every start reads it (services/config.py says why)
+_TENANT_ADDRESS = prepared(  # built once: every start reads it (services/config.py says why)
     sa.select(*_tenant_columns())
     .join(t.networks, t.networks.c.id == d.c.network_id)
     .where(d.c.id == sa.bindparam("desktop_id"))

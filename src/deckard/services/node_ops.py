@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import Conflict, NotFound
 from deckard.model.fence import FenceConfig
@@ -153,7 +153,7 @@ async def claim_node_command(db: Database, node_id: int) -> NodeCommand | None:
         return NodeCommand(cmd) if res.rowcount else None
 
 
-_NEW_TOKEN = (
+_NEW_TOKEN = prepared(
     sa.update(d)
     .where(d.c.id == sa.bindparam("desktop_id"), d.c.guest.is_(None))
     .values(agent_token=sa.bindparam("token"))
@@ -206,7 +206,7 @@ async def _observe(
     return await _refused_is_false(write(), desktop_id=desktop_id, node_id=node_id, to=str(to))
 
 
-_DISPLAY_UP = (  # built once: the start's path (services/config.py says why)
+_DISPLAY_UP = prepared(  # built once: the start's path (services/config.py says why)
     sa.update(d)
     .where(
         d.c.id == sa.bindparam("desktop_id"),
@@ -317,7 +317,7 @@ async def start_facts(db: Database, desktop_id: int) -> StartFacts:
     return await db.read(lambda conn: _start_facts(conn, desktop_id))  # on the loop's thread (a start waits on it)
 
 
-_START_ROW = (  # built once: a start waits on it (config.py says why)
+_START_ROW = prepared(  # built once: a start waits on it (config.py says why)
     sa.select(
         d,
         t.users.c.login,
@@ -404,7 +404,7 @@ async def pending_volume_changes(db: Database, node_id: int) -> list[AttachedVol
     return await db.read(lambda conn: _volume_changes(conn, node_id))
 
 
-_VOLUME_CHANGES = (  # built once, as what a node's pass reads (pending_work)
+_VOLUME_CHANGES = prepared(  # built once, as what a node's pass reads (pending_work)
     sa.select(va.c.desktop_id, va.c.volume_id, va.c.read_only, va.c.pending, t.volumes.c.tenant_id, t.volumes.c.name)
     .join(d, d.c.id == va.c.desktop_id)
     .join(t.volumes, t.volumes.c.id == va.c.volume_id)
@@ -435,8 +435,10 @@ class PendingWork:
 
 
 # built once: a node's pass reads them several times a second, and before every start (services/config.py)
-_NODE_COMMAND = sa.select(n.c.cmd).where(n.c.id == sa.bindparam("node_id"))
-_DESKTOP_COMMANDS = sa.select(d.c.cmd).where(d.c.node_id == sa.bindparam("node_id"), d.c.cmd.is_not(None)).distinct()
+_NODE_COMMAND = prepared(sa.select(n.c.cmd).where(n.c.id == sa.bindparam("node_id")))
+_DESKTOP_COMMANDS = prepared(
+    sa.select(d.c.cmd).where(d.c.node_id == sa.bindparam("node_id"), d.c.cmd.is_not(None)).distinct()
+)
 
 
 async def pending_work(db: Database, node_id: int) -> PendingWork:

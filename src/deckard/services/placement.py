@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import aware, utcnow
 from deckard.model.errors import BadInput, NotFound, Unavailable
 from deckard.model.placement import (
@@ -43,7 +43,9 @@ d = t.desktops
 
 
 # built once: every start places its desktop (services/config.py says why)
-_GLOBAL_VALUE = sa.select(t.config.c.value).where(t.config.c.tenant_id == 0, t.config.c.key == sa.bindparam("key"))
+_GLOBAL_VALUE = prepared(
+    sa.select(t.config.c.value).where(t.config.c.tenant_id == 0, t.config.c.key == sa.bindparam("key"))
+)
 
 
 def _per_node(grouped: bool) -> sa.Select[Any]:
@@ -63,9 +65,9 @@ def _per_node(grouped: bool) -> sa.Select[Any]:
     )
 
 
-_PER_NODE = {False: _per_node(False), True: _per_node(True)}
+_PER_NODE = {False: prepared(_per_node(False)), True: prepared(_per_node(True))}
 # warm guests (services/pools.py) hold their OSF's memory on their node like desktops
-_WARM_PER_NODE = (
+_WARM_PER_NODE = prepared(
     sa.select(
         t.warm_guests.c.node_id,
         sa.func.count().label("n"),
@@ -75,8 +77,8 @@ _WARM_PER_NODE = (
     .join(t.osfs, t.osfs.c.id == t.warm_pools.c.osf_id)
     .group_by(t.warm_guests.c.node_id)
 )
-_NODES = sa.select(t.nodes)
-_REQUEST = (
+_NODES = prepared(sa.select(t.nodes))
+_REQUEST = prepared(
     sa.select(t.osfs.c.memory_mib, t.osfs.c.driver, d.c.placement_group, d.c.placement_policy)
     .join(t.osfs, t.osfs.c.id == d.c.osf_id)
     .where(d.c.id == sa.bindparam("desktop_id"))

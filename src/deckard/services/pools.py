@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import Desktop, utcnow
 from deckard.model.errors import BadInput, Conflict, DeckardError, NotFound
 from deckard.model.network import last_free_ip
@@ -359,15 +359,15 @@ async def pool_healthy(db: Database, pool_id: int) -> None:
         )
 
 
-_READY_GUESTS = (  # built once: every start asks (services/config.py says why)
+_READY_GUESTS = prepared(  # built once: every start asks (services/config.py says why)
     sa.select(w)
     .join(p, p.c.id == w.c.pool_id)
     .where(p.c.osf_id == sa.bindparam("osf_id"), p.c.tag == sa.bindparam("tag"), w.c.state == WarmState.READY)
     .order_by(w.c.id)
 )
-_ATTACHED = sa.select(sa.func.count()).where(t.volume_attachments.c.desktop_id == sa.bindparam("desktop_id"))
-_OSF_KIND = sa.select(o.c.driver, o.c.keep_overlay, o.c.network_id).where(o.c.id == sa.bindparam("osf_id"))
-_TAKEN = sa.delete(w).where(w.c.id == sa.bindparam("guest_id"), w.c.state == WarmState.READY)
+_ATTACHED = prepared(sa.select(sa.func.count()).where(t.volume_attachments.c.desktop_id == sa.bindparam("desktop_id")))
+_OSF_KIND = prepared(sa.select(o.c.driver, o.c.keep_overlay, o.c.network_id).where(o.c.id == sa.bindparam("osf_id")))
+_TAKEN = prepared(sa.delete(w).where(w.c.id == sa.bindparam("guest_id"), w.c.state == WarmState.READY))
 
 
 async def take_warm(conn: AsyncConnection, desk: Desktop, ranked: list[Candidate]) -> WarmGuest | None:

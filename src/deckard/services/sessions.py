@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import Desktop, User, utcnow
 from deckard.model.errors import Conflict, DeckardError, InvalidTransition, NotFound, PermissionDenied, Unavailable
 from deckard.model.states import DesktopState, UserState
@@ -128,8 +128,10 @@ class SessionOwner:
     failure_reason: str | None
 
 
-_OWNERS = sa.select(d.c.id, d.c.session_id, d.c.state, d.c.failure_reason).where(
-    d.c.id.in_(sa.bindparam("ids", expanding=True))
+_OWNERS = prepared(
+    sa.select(d.c.id, d.c.session_id, d.c.state, d.c.failure_reason).where(
+        d.c.id.in_(sa.bindparam("ids", expanding=True))
+    )
 )  # built once: the brokers' session watch reads it every pass
 
 

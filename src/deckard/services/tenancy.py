@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.auth.local import hash_password
 from deckard.db import schema as t
-from deckard.db.engine import Database
+from deckard.db.engine import Database, prepared
 from deckard.model.entities import utcnow
 from deckard.model.errors import NotFound
 from deckard.services.roles import ensure_predefined_roles, ensure_supertenant
@@ -40,7 +40,9 @@ async def tenant_id_by_name(conn: AsyncConnection, name: str) -> int:
     return int(row.id)
 
 
-_NAME = sa.select(t.tenants.c.name).where(t.tenants.c.id == sa.bindparam("tenant_id"))  # built once: starts read it
+_NAME = prepared(
+    sa.select(t.tenants.c.name).where(t.tenants.c.id == sa.bindparam("tenant_id"))
+)  # built once: starts read it
 
 
 async def tenant_name(conn: AsyncConnection, tenant_id: int) -> str:
