@@ -60,6 +60,12 @@ def prepared(statement: S) -> S:
     return statement
 
 
+def _null_parameters(statement: sa.Executable) -> dict[str, object]:
+    """A NULL for each of ``statement``'s named parameters (an empty list for an IN's)."""
+    binds = statement.compile().binds.values()  # type: ignore[attr-defined]
+    return {b.key: [] if b.expanding else None for b in binds if b.required}
+
+
 def libpq_url(url: str) -> str:
     return "postgresql://" + url.split("://", 1)[1]
 
@@ -154,14 +160,14 @@ class Database:
         each runs once with NULL parameters, which match no row, and is rolled back (writes not on the read-only
         inline connections).  Returns how many ran; one that fails was compiled all the same."""
         ran = 0
+        nulls = [_null_parameters(statement) for statement in _PREPARED]
         for engine in self.engines:
             async with engine.connect() as conn:
-                for statement in _PREPARED:
+                for statement, params in zip(_PREPARED, nulls, strict=True):
                     if statement.is_dml and engine is self._inline:
                         continue
-                    binds = statement.compile().binds.values()  # type: ignore[attr-defined]
                     try:
-                        await conn.execute(statement, {b.key: [] if b.expanding else None for b in binds if b.required})
+                        await conn.execute(statement, params)
                         ran += 1
                     except sa.exc.DBAPIError as e:
                         log.debug("db.prepare_failed", statement=str(statement)[:80], error=str(e.orig))
