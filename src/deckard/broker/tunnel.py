@@ -78,9 +78,15 @@ def _u32(value: int) -> bytes:
     return struct.pack("!I", value)
 
 
-def _failure(reason: str) -> bytes:
+def _reason_string(reason: str) -> bytes:
+    """RFB's reason: its length, then its text."""
     data = reason.encode()
-    return _u32(1) + _u32(len(data)) + data
+    return _u32(len(data)) + data
+
+
+def _failure(reason: str) -> bytes:
+    """A failed SecurityResult (3.8) with its reason."""
+    return _u32(1) + _reason_string(reason)
 
 
 class DesktopHandshake:
@@ -248,7 +254,8 @@ class ClientHandshake:
             self._stage = "refused"
             if self._minor == 8:
                 return _failure(reason), b""
-            return (_u32(0) + _failure(reason)[4:], b"") if self._minor == 3 else (b"", b"")
+            # 3.3: security type 0 ("failed") and the reason in place of the type; 3.7 has no result for None
+            return (_u32(0) + _reason_string(reason), b"") if self._minor == 3 else (b"", b"")
         held, self._held, self._stage = self._held, b"", "init"
         to_client, to_desktop = self.feed(b"")
         return held + to_client, to_desktop
@@ -433,6 +440,9 @@ class Tunnel:
             elif sum(map(len, self._pending)) > MAX_PENDING:
                 self.close("the client sent too much before the desktop's display answered")
             return
+        self._to_desktop(data)
+
+    def _to_desktop(self, data: bytes) -> None:
         dt = self.desktop.transport if self.desktop else None
         if dt is not None and not dt.is_closing():
             dt.write(data)
@@ -484,9 +494,8 @@ class Tunnel:
         to_client, to_desktop = self.handshake.release(True)
         if to_client:
             self._to_client(to_client)
-        dt = self.desktop.transport if self.desktop else None
-        if to_desktop and dt is not None and not dt.is_closing():
-            dt.write(to_desktop)
+        if to_desktop:
+            self._to_desktop(to_desktop)
 
     def desktop_lost(self, exc: Exception | None) -> None:
         self._desktop_closed = True
