@@ -352,6 +352,17 @@ async def fill_busy_farm(db: Any, home: Path) -> None:
                 }
             )
         await conn.execute(sa.insert(t.connections), rows)
+        # a day of the nodes' samples, a minute apart: quiet at night, then the morning's rise to this moment's 8
+        minute = now.replace(second=0, microsecond=0)
+        samples = []
+        for m in range(1, 24 * 60):
+            rise = max(0.0, math.sin(math.pi / 2 * (16 - m / 60) / 16))  # 0 until 16 h ago, 1 now
+            running = round(2 + 6 * rise) + (rnd.random() < 0.005)  # now and then one more
+            connected = min(running, round(running * 0.4) + (rnd.random() < 0.01))
+            nodes = 2 if 300 <= m < 360 else 3  # node-c was away for an hour, five hours ago
+            at = minute - dt.timedelta(minutes=m)
+            samples.append({"at": at, "tenant_id": 0, "running": running, "connected": connected, "nodes": nodes})
+        await conn.execute(sa.insert(t.activity), samples)
 
 
 def test_dashboard_of_a_busy_farm_shows_time_to_desktop_by_image_and_by_node(
@@ -381,6 +392,9 @@ def test_dashboard_of_a_busy_farm_shows_time_to_desktop_by_image_and_by_node(
                     want_cell = f"{js_round(f['p50'])} / {js_round(f['p95'])}" if f["count"] else "—"
                     assert cell == want_cell, (group, phase)
         assert page.locator("#chart-ttd canvas").is_visible()
+        low, high = chart_range(page, "live")  # the farm's day of samples, not a tab's few seconds
+        now = time.time()
+        assert now - 86400 - 60 < low < now - 86400 + 600 and now - 5 <= high < now + 60, (low, high, now)
         shot(page, "dashboard")
         page.locator("#ttd-by-node a", has_text="node-c").click()
         page.wait_for_selector("h1:has-text('node-c')")

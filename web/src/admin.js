@@ -190,7 +190,6 @@ async function logout() {
     /* the token may be gone already */
   }
   setToken(null);
-  sessionStorage.removeItem("deckard.admin.series");
   location.hash = "";
   loginView("Logged out.");
 }

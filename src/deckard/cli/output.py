@@ -98,3 +98,17 @@ def print_done(message: str, obj: Shown | None = None, *, as_json: bool) -> None
         print_json(obj if obj is not None else {})
     else:
         _out().print(message, markup=False)
+
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[int | None], width: int = 48) -> str:
+    """``values`` in at most ``width`` characters, each the highest of its share, from ▁ (0) to █ (the highest of
+    all); a share with no value is a space (a gap in the samples)."""
+    if not values:
+        return ""
+    groups = [values[i * len(values) // width : (i + 1) * len(values) // width] for i in range(width)]
+    peaks = [max((v for v in g if v is not None), default=None) for g in groups if g]
+    top = max((p for p in peaks if p is not None), default=0)
+    return "".join(" " if p is None else BARS[round(p / top * (len(BARS) - 1)) if top else 0] for p in peaks)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from deckard.cli.output import print_rows
+from deckard.cli.output import print_rows, sparkline
 from deckard.cli.session import JsonOpt, ProfileOpt
 from deckard.cli.verbs import fetch_and_print
 from deckard.model.schemas import PhaseFigures, Stats, TimeToDesktop
@@ -40,6 +40,12 @@ def _print_stats(s: Stats) -> None:
     typer.echo(f"users:    {users['total']}, {users['connected']} connected, {users['blocked']} blocked")
     node_states = ", ".join(f"{k} {v}" for k, v in sorted(nodes["by_state"].items())) or "none"
     typer.echo(f"nodes:    {nodes['total']} ({node_states}), {nodes['blocked']} blocked")
+    counts = [p.running for p in s.activity.points]
+    if counts:
+        minutes = len(counts) * s.activity.step_s // 60
+        span = f"{minutes} min" if minutes < 120 else f"{minutes // 60} h"
+        peak = max((c for c in counts if c is not None), default=0)
+        typer.echo(f"running:  {sparkline(counts)}  desktops over the last {span}, at most {peak}")
     day = s.time_to_desktop_ms["last_24h"]
     typer.echo(
         f"time to desktop (24 h, {day['count']} connections): "

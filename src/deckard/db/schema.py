@@ -367,6 +367,19 @@ login_failures = sa.Table(
     sa.Column("locked_until", TS, nullable=True),
 )
 
+# ---- activity: the farm's counts once a minute, for the dashboard's chart (services/activity.py) -------------
+
+activity = sa.Table(
+    "activity",
+    metadata,
+    sa.Column("at", TS, primary_key=True),  # the minute sampled
+    # 0: the whole farm; a tenant's own row only in the minutes it had a desktop running or a user connected
+    sa.Column("tenant_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("running", sa.Integer, nullable=False),  # desktops running
+    sa.Column("connected", sa.Integer, nullable=False),  # users connected
+    sa.Column("nodes", sa.Integer, nullable=False),  # nodes running (the farm's, in every row)
+)
+
 # ---- audit: every administrator action, hash-chained so tampering shows -------------------------------------
 
 audit_log = sa.Table(

@@ -364,6 +364,18 @@ class NetworkDecision(Schema):
     policy: list[str] = Field(description="The desktop's rules, in order.")
 
 
+class ActivityPoint(Schema):
+    at: dt.datetime = Field(description="The start of the step.")
+    running: int | None = Field(description="Desktops running: the step's highest; null when nothing was sampled.")
+    connected: int | None = Field(description="Users connected: the step's highest; null when nothing was sampled.")
+    nodes: int | None = Field(description="Nodes running in the farm: the step's highest; null when not sampled.")
+
+
+class Activity(Schema):
+    step_s: int = Field(description="Seconds each point covers: whole minutes, at most 288 points.")
+    points: list[ActivityPoint] = Field(description="From the first sample of the last 24 h, in time order.")
+
+
 class Stats(Schema):
     at: dt.datetime
     desktops: dict[str, Any] = Field(description="`total`, `by_state` {state: n}, `blocked`.")
@@ -374,6 +386,7 @@ class Stats(Schema):
     )
     busiest_nodes: list[dict[str, Any]]
     near_expiry: list[dict[str, Any]] = Field(description="Desktops whose soft or hard expiry is within 24 h.")
+    activity: Activity = Field(description="Desktops running, users connected and nodes running over the last 24 h.")
 
 
 class PhaseFigures(Schema):

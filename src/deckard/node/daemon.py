@@ -41,6 +41,7 @@ from deckard.model.errors import DeckardError, reason_of
 from deckard.model.guest_metadata import nocloud_files
 from deckard.model.network import gateway_of, prefix_len
 from deckard.model.states import DesktopCommand, DesktopState, NodeCommand, NodeState
+from deckard.node.activity import run_activity_loop
 from deckard.node.cluster import ClusterMonitor
 from deckard.node.egress import Egress
 from deckard.node.expiry import run_expiry_loop
@@ -176,6 +177,7 @@ class NodeDaemon:
             asyncio.create_task(self._command_loop(stop), name="commands"),
             asyncio.create_task(self._agent_loop(stop), name="agents"),
             asyncio.create_task(run_expiry_loop(self.db, node_id, stop), name="expiry"),
+            asyncio.create_task(run_activity_loop(self.db, node_id, stop), name="activity"),
             asyncio.create_task(run_image_loop(self.db, self.driver, stop), name="images"),
             asyncio.create_task(run_session_policy_loop(self.db, node_id, stop, self.cfg), name="sessions"),
             *([asyncio.create_task(self.egress.run(node_id, stop), name="egress")] if self.egress else []),

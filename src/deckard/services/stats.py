@@ -22,6 +22,7 @@ from deckard.model.errors import BadInput
 from deckard.model.session_policy import describe_duration, parse_duration
 from deckard.model.states import DesktopState, UserState
 from deckard.runtime.metrics import PHASES  # the connection history's t_<phase>_ms
+from deckard.services import activity
 from deckard.services.context import Actor, require
 from deckard.services.users import tenant_filter
 
@@ -138,6 +139,7 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
         },
         "busiest_nodes": busiest,
         "near_expiry": near_expiry,
+        "activity": await activity.history(db, actor, now),
     }
 
 

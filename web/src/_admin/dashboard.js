@@ -1,15 +1,15 @@
-// Dashboard: /stats counts + uPlot charts.  The over-time series is kept client-side (sessionStorage), fed by
-// /stats every 10 s and, debounced, after events; time-to-desktop percentiles come from /stats hourly buckets,
-// their phases per image and per node from /stats/time-to-desktop (phases.js), read with /stats.
+// Dashboard: /stats counts + uPlot charts, read every 10 s and, debounced, after events.  The activity chart is the
+// farm's own history (/stats activity: a sample a minute, kept by the nodes) and the counts of this moment;
+// time-to-desktop percentiles come from /stats hourly buckets, their phases per image and per node from
+// /stats/time-to-desktop (phases.js), read with /stats.
 import uPlot from "uplot";
 import { get } from "./api.js";
 import { h, clear, fmt, errText } from "./dom.js";
 import { onEvent } from "./session.js";
 import { renderPhases, TTD_PHASE_WINDOW } from "./phases.js";
 
-const SERIES_KEY = "deckard.admin.series";
-const MAX_POINTS = 720;
 const LIVE_WINDOW_S = 600; // the activity axis spans at least the last 10 minutes, up to now
+const COUNT_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000]; // whole desktops
 const TTD_WINDOW_S = 86400; // time-to-desktop buckets cover the last 24 h (services/stats.py)
 
 // The x range of a time chart: its data, widened to at least [now - window, now].  uPlot's own range for a single
@@ -18,14 +18,6 @@ export function timeRange(xs, windowS, nowS = Date.now() / 1000) {
   const first = xs.length ? xs[0] : nowS;
   const last = xs.length ? xs[xs.length - 1] : nowS;
   return [Math.min(first, nowS - windowS), Math.max(last, nowS)];
-}
-
-function loadSeries() {
-  try {
-    return JSON.parse(sessionStorage.getItem(SERIES_KEY)) || [];
-  } catch {
-    return [];
-  }
 }
 
 function chartSize(el) {
@@ -62,7 +54,6 @@ export function dashboard(root) {
     h("div.grid", h("section.card", h("h2", "Busiest nodes"), busiest), h("section.card", h("h2", "Desktops near expiry"), expiry), h("section.card", h("h2", "Blocked"), blocked)),
   );
 
-  const series = loadSeries();
   let plotLive = null, plotTtd = null;
   const drawn = new Set(); // "live", "ttd": drawn as a chart or as an empty state
   const markDrawn = (which) => {
@@ -80,8 +71,10 @@ export function dashboard(root) {
     markDrawn(which);
   };
 
-  function liveData() {
-    return [series.map((p) => p.t), series.map((p) => p.running), series.map((p) => p.connected), series.map((p) => p.nodes)];
+  // the farm's samples (null in a step nothing was sampled: a gap) and, last, the counts of this moment
+  function liveData(s, now) {
+    const pts = [...s.activity.points.map((p) => ({ ...p, t: Date.parse(p.at) / 1000 })), { t: Date.parse(s.at) / 1000, ...now }];
+    return [pts.map((p) => p.t), pts.map((p) => p.running), pts.map((p) => p.connected), pts.map((p) => p.nodes)];
   }
 
   function render(s) {
@@ -96,21 +89,17 @@ export function dashboard(root) {
       card("nodes", s.nodes.total, `${nodesRunning} running`),
       card("time to desktop p50 (24 h)", s.time_to_desktop_ms.last_24h.p50 == null ? "—" : `${s.time_to_desktop_ms.last_24h.p50} ms`, `${s.time_to_desktop_ms.last_24h.count} connections`),
     );
-    series.push({ t: Date.parse(s.at) / 1000, running: st.running || 0, connected: s.users.connected || 0, nodes: nodesRunning });
-    while (series.length > MAX_POINTS) series.shift();
-    sessionStorage.setItem(SERIES_KEY, JSON.stringify(series));
+    const activity = liveData(s, { running: st.running || 0, connected: s.users.connected || 0, nodes: nodesRunning });
 
     const hourly = s.time_to_desktop_ms.hourly || [];
     const ttdData = [hourly.map((b) => Date.parse(b.hour) / 1000), hourly.map((b) => b.p50), hourly.map((b) => b.p90), hourly.map((b) => b.p99)];
     const emptyFarm = s.desktops.total === 0 && s.nodes.total === 0;
-    plotLive = showChart(live, liveEmpty, emptyFarm, plotLive, liveData(), () => {
-      const pts = { show: true, size: 5 };
-      return new uPlot(
-        { ...chartSize(live), series: [{}, { label: "running desktops", stroke: "#2a7ae2", points: pts }, { label: "connected users", stroke: "#1b9e4b", points: pts }, { label: "running nodes", stroke: "#b35c00", points: pts }], axes: [{}, { label: "count" }], scales: { x: { time: true, range: (u) => timeRange(u.data[0], LIVE_WINDOW_S) }, y: { range: (u, mn, mx) => [0, Math.max(1, mx)] } }, hooks: { draw: [(u) => drew(u, live, "live")] } },
-        liveData(),
-        live,
-      );
-    }, "live");
+    // points drawn where there is room for them (uPlot's default): a young farm's few samples, not a day's
+    plotLive = showChart(live, liveEmpty, emptyFarm, plotLive, activity, () => new uPlot(
+      { ...chartSize(live), series: [{}, { label: "running desktops", stroke: "#2a7ae2", width: 2 }, { label: "connected users", stroke: "#1b9e4b", width: 2 }, { label: "running nodes", stroke: "#b35c00", dash: [6, 4] }], axes: [{}, { label: "count", incrs: COUNT_STEPS }], scales: { x: { time: true, range: (u) => timeRange(u.data[0], LIVE_WINDOW_S) }, y: { range: (u, mn, mx) => [0, Math.max(1, mx)] } }, hooks: { draw: [(u) => drew(u, live, "live")] } },
+      activity,
+      live,
+    ), "live");
     plotTtd = showChart(ttd, ttdEmpty, hourly.length === 0, plotTtd, ttdData, () => new uPlot(
       { ...chartSize(ttd), series: [{}, { label: "p50", stroke: "#2a7ae2", points: { show: true } }, { label: "p90", stroke: "#d08700", points: { show: true } }, { label: "p99", stroke: "#c62828", points: { show: true } }], axes: [{}, { label: "ms" }], scales: { x: { time: true, range: (u) => timeRange(u.data[0], TTD_WINDOW_S) }, y: { range: (u, mn, mx) => [0, Math.max(100, (mx ?? 0) * 1.15)] } }, hooks: { draw: [(u) => drew(u, ttd, "ttd")] } },
       ttdData,
