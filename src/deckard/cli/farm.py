@@ -380,6 +380,7 @@ async def _serve(
     """The parts of this process: the API and/or a node daemon with its broker, over one database."""
     from deckard.api.app import create_app
     from deckard.api.server import serve_api
+    from deckard.auth import local as local_auth
     from deckard.broker.server import Broker
     from deckard.drivers import load_driver
     from deckard.drivers.network import ensure_bridge
@@ -440,6 +441,7 @@ async def _serve(
             parts.run("node", node.run(shutdown.stop))
             await parts.until(node.ready, 120)
         await db.prepare()  # the first connect after a restart compiles none of its path's statements built once
+        await asyncio.to_thread(local_auth.warm)  # nor makes the decoy hash, nor faults in argon2's memory
         freeze_heap()
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
