@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import threading
 import time
@@ -51,10 +52,10 @@ def verify_password(password_hash: str | None, password: str) -> bool:
 # argon2 fills ``memory_cost`` KiB (19 MiB) at each check.  libargon2 takes it from malloc, and the broker's process
 # maps every big allocation afresh (broker/server.py ``bound_the_heap``: streams' buffers go back to the system at
 # free), so each login faulted in 4,865 zeroed pages: 27-31 ms a check, 8-20 ms of it in the kernel, against 17 ms
-# in memory already there.  A few arenas are kept (made at their first use, or by ``warm``); a check that finds
-# them all in use runs as before.  libargon2 wipes the memory after each run, as it does before a free.
+# in memory already there.  A server keeps ``ARENAS`` arenas, made at its start (``warm``; elsewhere at first use);
+# a check that finds them all in use runs as before.  libargon2 wipes the memory after each run, as before a free.
 
-ARENAS = 2  # checks at once with kept memory (a login storm's first logins on two cores), ~19 MiB each
+ARENAS = min(2, os.cpu_count() or 1)  # checks at once in kept memory (a login storm on two cores), 19 MiB each
 
 
 class _Arenas:
@@ -64,15 +65,24 @@ class _Arenas:
         self._made = 0
         self._lock = threading.Lock()
 
+    def _make(self) -> tuple[bytearray, Any]:
+        self._made += 1
+        memory = bytearray(self.kib * 1024)  # zeroed: its pages are faulted in once, here
+        return memory, ffi.from_buffer("uint8_t[]", memory)
+
+    def fill(self) -> None:
+        """Every arena made now (a server's start), none later: the process's memory does not grow at a storm."""
+        with self._lock:
+            while self._made < self.count:
+                self._free.append(self._make())
+
     @contextlib.contextmanager
     def taken(self) -> Iterator[tuple[bytearray, Any] | None]:
         with self._lock:
             if self._free:
                 arena = self._free.pop()
             elif self._made < self.count:
-                self._made += 1
-                memory = bytearray(self.kib * 1024)  # zeroed: its pages are faulted in once, here
-                arena = (memory, ffi.from_buffer("uint8_t[]", memory))
+                arena = self._make()
             else:
                 arena = None
         try:
@@ -152,7 +162,8 @@ def _verify_in(arena: tuple[bytearray, Any], encoded: str, password: str) -> boo
 
 
 def warm() -> None:
-    """A server's start: the decoy hash made and one arena faulted in, so its first login costs what the next do."""
+    """A server's start: the arenas made and the decoy hash too, so its first login costs what the next do."""
+    _ARENAS.fill()
     verify_password(None, "")
 
 
