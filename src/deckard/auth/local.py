@@ -112,7 +112,8 @@ def _release(memory: Any, size: int) -> None:
     """The arena stays (libargon2 has wiped it)."""
 
 
-_ALLOCATE = ffi.callback("int(uint8_t **, size_t)", _allocate)  # libargon2's allocate_cbk and free_cbk
+# libargon2's allocate_cbk and free_cbk (an exception in one is an allocation error, not a 0 taken for "done")
+_ALLOCATE = ffi.callback("int(uint8_t **, size_t)", _allocate, error=ARGON2_MEMORY_ALLOCATION_ERROR)
 _RELEASE = ffi.callback("void(uint8_t *, size_t)", _release)
 
 
