@@ -20,6 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from deckard.db import schema as t
 from deckard.db.engine import Database
@@ -81,21 +82,22 @@ async def record(db: Database, now: dt.datetime | None = None) -> bool:
     return True
 
 
-async def history(db: Database, actor: Actor, now: dt.datetime, window: dt.timedelta = WINDOW) -> dict[str, Any]:
-    """The samples of the last ``window`` the actor may see, as points (``points``)."""
+async def history(
+    conn: AsyncConnection, actor: Actor, now: dt.datetime, window: dt.timedelta = WINDOW
+) -> dict[str, Any]:
+    """The samples of the last ``window`` the actor may see, as points (``points``), on the caller's connection."""
     since = now - window
-    async with db.connect() as conn:
-        farm = list(
-            await conn.execute(
-                sa.select(a.c.at, a.c.running, a.c.connected, a.c.nodes)
-                .where(a.c.tenant_id == FARM, a.c.at >= since)
-                .order_by(a.c.at)
-            )
+    farm = list(
+        await conn.execute(
+            sa.select(a.c.at, a.c.running, a.c.connected, a.c.nodes)
+            .where(a.c.tenant_id == FARM, a.c.at >= since)
+            .order_by(a.c.at)
         )
-        own: dict[Any, Any] = {}  # by the column's own value: the farm's row of the minute has the same
-        if not actor.all_tenants:
-            tenant = sa.select(a.c.at, a.c.running, a.c.connected).where(a.c.tenant_id == actor.tenant_id)
-            own = {r.at: r for r in await conn.execute(tenant.where(a.c.at >= since))}
+    )
+    own: dict[Any, Any] = {}  # by the column's own value: the farm's row of the minute has the same
+    if not actor.all_tenants:
+        tenant = sa.select(a.c.at, a.c.running, a.c.connected).where(a.c.tenant_id == actor.tenant_id)
+        own = {r.at: r for r in await conn.execute(tenant.where(a.c.at >= since))}
     samples = []
     for r in farm:
         at = aware(r.at)

@@ -121,6 +121,7 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
             }
             for r in expiring
         ]
+        history = await activity.history(conn, actor, now)
     day: list[float] = []
     hours: dict[dt.datetime, list[float]] = defaultdict(list)
     for started, total in timings:
@@ -139,7 +140,7 @@ async def farm_stats(db: Database, actor: Actor) -> dict[str, Any]:
         },
         "busiest_nodes": busiest,
         "near_expiry": near_expiry,
-        "activity": await activity.history(db, actor, now),
+        "activity": history,
     }
 
 
