@@ -344,6 +344,8 @@ class FarmProcess:
             for name in ("xvnc.log", "nxagent.log", "session.log"):
                 out = self.attach(desktop_id, f"tail -n {lines} /run/deckard/{name} 2>&1")
                 parts.append(f"--- {name} (desktop {desktop_id})\n{out.stdout}{out.stderr}")
+            out = self.attach(desktop_id, GUEST_PROCESSES)  # a display without its windows: which programs run
+            parts.append(f"--- processes (desktop {desktop_id})\n{out.stdout}{out.stderr}")
         return "\n".join(parts)
 
     def log_excerpt(self, lines: int = 25) -> str:
@@ -421,6 +423,10 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.1, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# every process's command line in a desktop (its image has no ps), with its owner: for ``FarmProcess.attach``
+GUEST_PROCESSES = "for p in /proc/[0-9]*; do echo \"$(stat -c %U $p) $(tr '\\0' ' ' < $p/cmdline)\"; done 2>/dev/null"
 
 
 # ---- a farm of many nodes on one throwaway PostgreSQL (chaos tests, benchmarks, demos) -------------------

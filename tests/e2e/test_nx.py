@@ -20,6 +20,7 @@ from deckard.client import broker as qvd
 from deckard.client.agent import AgentClient
 from deckard.client.rfb import colour_share, grab_framebuffer, is_blank
 from deckard.model.errors import BadInput
+from deckard.testing import GUEST_PROCESSES as PROCESSES  # every process in the desktop, with its owner
 from deckard.testing import FarmProcess, goto, wait_for
 from deckard.testing_nx import NxViewer, colours, nx_unavailable_reason, run_in_thread
 
@@ -47,8 +48,6 @@ CANVAS_STATS = """() => {
   for (let i = 0; i < d.length; i += 4 * 7) { n++; if (d[i] > 200 && d[i + 1] > 200 && d[i + 2] > 200) light++; }
   return {width: c.width, height: c.height, light: light / n};
 }"""
-# every process's command line in the desktop (the image has no ps), with its owner
-PROCESSES = "for p in /proc/[0-9]*; do echo \"$(stat -c %U $p) $(tr '\\0' ' ' < $p/cmdline)\"; done 2>/dev/null"
 
 
 @pytest.fixture(scope="module")
